@@ -1,0 +1,348 @@
+"""Shared test fixtures: a fake Telegram Bot API on 127.0.0.1 and helpers to run the bot.
+
+The fake is a real HTTP server (stdlib http.server in a thread), so the bot's
+httpx client, connection pool and error handling are exercised for real.  It
+records every call and can be scripted to fail, stall or hold updates for
+getUpdates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+import trt_bot
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKEN = "123456789:AAHtestTOKENsecretPART_abcdefghijklmno"
+KIE_KEY = "kie-test-key-0123456789abcdef"
+SECRETS = (TOKEN, TOKEN.split(":")[1], KIE_KEY)
+
+
+# -- the suite-wide log capture that proves no secret is ever logged ----------
+
+class RecordCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+ALL_RECORDS = RecordCollector()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def capture_every_log_record_at_debug():
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(ALL_RECORDS)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    yield ALL_RECORDS
+    root.removeHandler(ALL_RECORDS)
+    root.setLevel(old_level)
+
+
+def formatted(record: logging.LogRecord) -> str:
+    return logging.Formatter("%(name)s %(message)s").format(record)
+
+
+# -- a fake Telegram Bot API --------------------------------------------------
+
+class FakeBotApi:
+    """Answers Bot API methods like Telegram does and records each call.
+
+    ``calls`` holds (method, params) in arrival order.  ``fail(method, status,
+    body)`` queues a scripted answer for the next call of that method;
+    ``stall(method)`` makes that method hang until ``release(method)``.
+    """
+
+    def __init__(self, token: str = TOKEN):
+        self.token = token
+        self.calls: list[tuple[str, dict]] = []
+        self.webhook_info: dict[str, Any] = {"url": "", "pending_update_count": 0, "has_custom_certificate": False}
+        self.pending_updates: list[dict] = []
+        self._scripted: dict[str, list[tuple[int, dict]]] = {}
+        self._stalled: dict[str, threading.Event] = {}
+        self._cond = threading.Condition()
+        self._message_id = 1000
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        for event in self._stalled.values():
+            event.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    # scripting
+    def fail(self, method: str, status: int, body: dict) -> None:
+        with self._cond:
+            self._scripted.setdefault(method, []).append((status, body))
+
+    def stall(self, method: str) -> None:
+        self._stalled[method] = threading.Event()
+
+    def release(self, method: str) -> None:
+        self._stalled.pop(method).set()
+
+    def push_updates(self, *updates: dict) -> None:
+        with self._cond:
+            self.pending_updates.extend(updates)
+            self._cond.notify_all()
+
+    # observing
+    def calls_of(self, method: str) -> list[dict]:
+        with self._cond:
+            return [params for name, params in self.calls if name == method]
+
+    def texts_to(self, chat_id: int) -> list[str]:
+        return [p.get("text", "") for p in self.calls_of("sendMessage") if p.get("chat_id") == chat_id]
+
+    def clear(self) -> None:
+        with self._cond:
+            self.calls.clear()
+
+    # serving
+    def _answer(self, method: str, params: dict) -> tuple[int, dict]:
+        stalled = self._stalled.get(method)
+        if stalled is not None:
+            stalled.wait(60)
+        with self._cond:
+            self.calls.append((method, params))
+            self._cond.notify_all()
+            if self._scripted.get(method):
+                return self._scripted[method].pop(0)
+        if method == "getUpdates":
+            return 200, {"ok": True, "result": self._get_updates(params)}
+        return 200, {"ok": True, "result": self._result(method, params)}
+
+    def _result(self, method: str, params: dict) -> Any:
+        if method in ("sendMessage", "sendPhoto", "sendDocument", "editMessageText"):
+            with self._cond:
+                self._message_id += 1
+                message_id = self._message_id
+            chat_id = params.get("chat_id")
+            return {"message_id": message_id, "date": int(time.time()), "chat": {"id": chat_id, "type": "private"}}
+        if method == "getWebhookInfo":
+            return dict(self.webhook_info)
+        if method == "setWebhook":
+            pending = 0 if params.get("drop_pending_updates") else self.webhook_info.get("pending_update_count", 0)
+            self.webhook_info = {"url": params["url"], "pending_update_count": pending,
+                                 "allowed_updates": params.get("allowed_updates", []), "max_connections": 40}
+            return True
+        if method == "deleteWebhook":
+            self.webhook_info = {"url": "", "pending_update_count": 0}
+            return True
+        if method == "getMe":
+            return {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}
+        return True
+
+    def _get_updates(self, params: dict) -> list[dict]:
+        offset = int(params.get("offset") or 0)
+        deadline = time.monotonic() + min(float(params.get("timeout") or 0), 5.0)
+        with self._cond:
+            self.pending_updates = [u for u in self.pending_updates if u["update_id"] >= offset]
+            while not self.pending_updates and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return list(self.pending_updates)
+
+    def _handler_class(self):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                prefix = f"/bot{fake.token}/"
+                if not self.path.startswith(prefix):
+                    return self._send(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+                method = self.path[len(prefix):]
+                params = parse_body(self.headers.get("Content-Type", ""), body)
+                status, payload = fake._answer(method, params)
+                self._send(status, payload)
+
+            do_GET = do_POST
+
+            def _send(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        return Handler
+
+
+def parse_body(content_type: str, body: bytes) -> dict:
+    """JSON or multipart/form-data (files come back as bytes) into a dict."""
+    if content_type.startswith("multipart/form-data"):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+        params: dict[str, Any] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            params[name] = payload if part.get_filename() else payload.decode()
+        return params
+    return json.loads(body) if body else {}
+
+
+@pytest.fixture
+def fake_tg():
+    fake = FakeBotApi()
+    yield fake
+    fake.close()
+
+
+# -- running the bot ------------------------------------------------------------
+
+def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "TELEGRAM_BOT_TOKEN": TOKEN,
+        "TELEGRAM_API_BASE": fake.base_url,
+        "BOT_MODE": "webhook",
+        "WEBHOOK_BASE_URL": "https://bot.example.com",
+        "DATABASE_URL": f"sqlite:///{database}",
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "SINGLE_MODEL_ONLY": "1",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+async def make_app(fake_tg, tmp_path):
+    """Start in-process bots: ``await make_app(**env_overrides)``; all stopped at the end."""
+    apps: list[trt_bot.App] = []
+
+    async def start(**overrides: str) -> trt_bot.App:
+        env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), **overrides)
+        config = trt_bot.load_config(env)
+        app = trt_bot.App(config)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+def update_message(update_id: int, chat_id: int, text: str, lang: str = "ru") -> dict:
+    user = {"id": chat_id, "is_bot": False, "first_name": "U", "language_code": lang}
+    return {"update_id": update_id, "message": {"message_id": update_id, "date": int(time.time()),
+                                                "chat": {"id": chat_id, "type": "private"}, "from": user,
+                                                "text": text}}
+
+
+def update_callback(update_id: int, chat_id: int, data: str, lang: str = "ru") -> dict:
+    user = {"id": chat_id, "is_bot": False, "first_name": "U", "language_code": lang}
+    return {"update_id": update_id, "callback_query": {
+        "id": f"cq{update_id}", "from": user, "chat_instance": "1", "data": data,
+        "message": {"message_id": 1, "date": int(time.time()), "chat": {"id": chat_id, "type": "private"}}}}
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Wait until predicate() is truthy; fail the test with its last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BotProcess:
+    """trt_bot.py as a real subprocess, its log collected for assertions."""
+
+    def __init__(self, env: dict[str, str]):
+        self.port = int(env["PORT"])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(os.path.dirname(env["DATABASE_URL"][len("sqlite:///"):]), f"bot-{self.port}.log")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
+        full_env.update(env)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "trt_bot.py")],
+                                            env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    async def wait_healthy(self, timeout: float = 15.0) -> None:
+        import httpx
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"bot exited with {self.process.returncode}:\n{self.log}")
+                try:
+                    if (await client.get(self.base_url + "/health")).status_code == 200:
+                        return
+                except Exception:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"bot not healthy within {timeout}s:\n{self.log}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def bot_processes():
+    started: list[BotProcess] = []
+
+    def start(env: dict[str, str]) -> BotProcess:
+        process = BotProcess(env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        for secret in SECRETS:
+            assert secret not in process.log, "a secret reached the bot's log output"

@@ -1,0 +1,1893 @@
+"""trt_bot: a Telegram bot that turns a text prompt into an image through Kie.ai.
+
+One file, read top-down in the order data flows through it.  Find a section by
+grepping for its banner (``#####``):
+
+   1. Configuration        environment variables -> a frozen Config
+   2. Errors               the base exception and log masking of secrets
+   3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
+   4. HTTP server          asyncio.start_server, timeouts, connection limits
+   5. Storage              SQLite on its own thread: schema, inbox, state
+   6. Telegram client      raw Bot API over httpx, retries, typed errors
+   7. Update pipeline      durable ack, spill, ordered workers
+   8. Conversation         texts, keyboards, command and button handlers
+   9. Application          routes, webhook set-up, polling, main()
+
+Run it with ``python trt_bot.py`` (see README.md for the environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import hmac
+import html
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import urllib.parse
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import httpx
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("trt_bot")
+
+
+###############################################################################
+# 1. Configuration
+#    Owns reading the environment once, validating it and deriving secrets.
+###############################################################################
+
+TOKEN_PATTERN = re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,100}")
+SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the bot reads from its environment, validated."""
+
+    telegram_token: str
+    kie_api_key: str = ""
+    bot_mode: str = "polling"
+    webhook_base_url: str = ""
+    webhook_secret: str = ""
+    port: int = 10000
+    host: str = "0.0.0.0"
+    database_path: str = ":memory:"
+    single_model_only: bool = False
+    queue_size: int = 100
+    queue_workers: int = 3
+    kie_callback_path: str = "callbacks/kie"
+    kie_callback_token: str = ""
+    kie_hmac_key: str = ""
+    telegram_api_base: str = "https://api.telegram.org"
+    kie_api_base: str = "https://api.kie.ai"
+    admin_ids: frozenset[int] = frozenset()
+    diag_token: str = ""
+    gen_timeout_s: float = 300.0
+    flush_pending_over: int = 10
+    log_level: str = "INFO"
+    shutdown_grace_s: float = 25.0
+    handler_timeout_s: float = 30.0
+
+    @property
+    def webhook_path(self) -> str:
+        """The secret-bearing path Telegram posts to.
+
+        It is a digest of the secret token, so a changed secret changes the URL
+        and ``ensure_webhook`` notices (getWebhookInfo never returns the secret).
+        """
+        digest = hashlib.sha256(b"trt-webhook-path:" + self.webhook_secret.encode())
+        return "/webhook/" + digest.hexdigest()[:32]
+
+    @property
+    def webhook_url(self) -> str:
+        return self.webhook_base_url.rstrip("/") + self.webhook_path
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line, response or error."""
+        values = [self.telegram_token, self.telegram_token.partition(":")[2], self.kie_api_key]
+        return [v for v in values if len(v) >= 8]
+
+
+class ConfigError(Exception):
+    """A setting the operator must fix; main() prints it and exits with code 2."""
+
+
+def derive_secret(token: str, purpose: str) -> str:
+    """A stable secret for ``purpose`` that reveals nothing about the bot token."""
+    return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build a Config from environment variables or raise ConfigError."""
+    token = env.get("TELEGRAM_BOT_TOKEN", "").strip()
+    if not token:
+        raise ConfigError(
+            "TELEGRAM_BOT_TOKEN is not set: create a bot with @BotFather "
+            "(https://t.me/BotFather) and export TELEGRAM_BOT_TOKEN=<its token>"
+        )
+    if not TOKEN_PATTERN.fullmatch(token):
+        raise ConfigError(
+            "TELEGRAM_BOT_TOKEN is malformed: expected '<digits>:<secret>' exactly as "
+            "@BotFather shows it (check for quotes or spaces)"
+        )
+    base_url = (env.get("WEBHOOK_BASE_URL") or env.get("RENDER_EXTERNAL_URL") or "").strip()
+    mode = (env.get("BOT_MODE") or ("webhook" if base_url else "polling")).strip().lower()
+    if mode not in ("webhook", "polling"):
+        raise ConfigError(f"BOT_MODE must be 'webhook' or 'polling', got {mode!r}")
+    if mode == "webhook" and not base_url.startswith("https://"):
+        raise ConfigError(
+            "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
+            "starting with https://, for example https://my-bot.onrender.com"
+        )
+    secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip() or derive_secret(token, "webhook-secret")
+    if not SECRET_TOKEN_PATTERN.fullmatch(secret):
+        raise ConfigError("WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - and at most 256 characters")
+    return Config(
+        telegram_token=token,
+        kie_api_key=env.get("KIE_API_KEY", "").strip(),
+        bot_mode=mode,
+        webhook_base_url=base_url,
+        webhook_secret=secret,
+        port=_int_setting(env, "PORT", 10000, 0, 65535),
+        host=env.get("HOST", "0.0.0.0").strip() or "0.0.0.0",
+        database_path=parse_database_url(env.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL),
+        single_model_only=env.get("SINGLE_MODEL_ONLY", "0").strip().lower() in TRUE_WORDS,
+        queue_size=_int_setting(env, "UPDATE_QUEUE_SIZE", 100, 1, 1_000_000),
+        queue_workers=_int_setting(env, "UPDATE_QUEUE_WORKERS", 3, 1, 1000),
+        kie_callback_path=env.get("KIE_CALLBACK_PATH", "callbacks/kie").strip().strip("/") or "callbacks/kie",
+        kie_callback_token=env.get("KIE_CALLBACK_TOKEN", "").strip() or derive_secret(token, "kie-callback"),
+        kie_hmac_key=env.get("KIE_WEBHOOK_HMAC_KEY", "").strip(),
+        telegram_api_base=_url_setting(env, "TELEGRAM_API_BASE", "https://api.telegram.org"),
+        kie_api_base=_url_setting(env, "KIE_API_BASE", "https://api.kie.ai"),
+        admin_ids=_admin_ids(env.get("ADMIN_IDS", "")),
+        diag_token=env.get("DIAG_TOKEN", "").strip(),
+        gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 10, 86400)),
+        flush_pending_over=_int_setting(env, "WEBHOOK_FLUSH_PENDING_OVER", 10, -1, 10**9),
+        log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
+        shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
+    )
+
+
+def parse_database_url(url: str) -> str:
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(
+            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
+            f"got a URL starting with {url.split(':', 1)[0]!r}"
+        )
+    return url[len(prefix):]
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value}")
+    return value
+
+
+def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
+    value = (env.get(name, "").strip() or default).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must start with http:// or https://, got {value!r}")
+    return value
+
+
+def _admin_ids(raw: str) -> frozenset[int]:
+    try:
+        return frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"ADMIN_IDS must be comma-separated Telegram user ids, got {raw!r}") from None
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+###############################################################################
+# 2. Errors
+#    Owns the base exception every section raises under, and the log filter
+#    that keeps the bot token and the Kie key out of every log record.
+###############################################################################
+
+
+class TrtError(Exception):
+    """Base of the errors this module raises on purpose."""
+
+
+# Loggers that may format a request URL (which carries the bot token) or an
+# exception mentioning it.  httpx logs every request URL at INFO.
+MASKED_LOGGERS = (
+    "trt_bot",
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "asyncio",
+)
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Rewrites a record's message and traceback with every secret replaced by ***.
+
+    It sits on the loggers that emit records (not on handlers), so every handler,
+    pytest's capture included, sees the masked record.
+    """
+
+    def __init__(self, secrets: Iterable[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message, self.secrets)
+        if masked != message or record.args:
+            record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secrets(record.exc_text, self.secrets)
+        return True
+
+
+def install_secret_masking(secrets: Iterable[str]) -> SecretMaskingFilter:
+    """Attach (or refresh) the masking filter on every logger that can leak."""
+    masking = SecretMaskingFilter(secrets)
+    for name in MASKED_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, SecretMaskingFilter)]:
+            masking.secrets = list(dict.fromkeys(masking.secrets + old.secrets))
+            logger.removeFilter(old)
+    for name in MASKED_LOGGERS:
+        logging.getLogger(name).addFilter(masking)
+    return masking
+
+
+###############################################################################
+# 3. HTTP parsing
+#    Owns turning bytes into requests and responses into bytes.  No sockets:
+#    the server feeds bytes in and writes bytes out (the sans-I/O style of h11).
+###############################################################################
+
+# Limits, with what other servers do.  They are parameters so tests can shrink them.
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; h11 uses 16 KiB, nginx 8 KiB per line
+MAX_BODY_BYTES = 1024 * 1024  # Telegram updates are a few KiB; Kie callbacks smaller
+
+_TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_HEADER_NAME = re.compile(_TOKEN_CHARS)
+_BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+
+STATUS_REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class HttpError(TrtError):
+    """A request we refuse; ``status`` is the answer, ``reason`` goes in the body."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes = b""
+    keep_alive: bool = True
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.target.partition("?")[2]))
+
+
+class RequestParser:
+    """Incremental HTTP/1.1 request parser.
+
+    ``feed()`` bytes as they arrive; ``next_request()`` returns a complete
+    Request, or None when more bytes are needed, or raises HttpError.  Several
+    pipelined requests in one feed come out one per call.  After an HttpError
+    the connection must be closed: the parser cannot know where the next
+    request starts.
+    """
+
+    def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES):
+        self.max_head = max_head
+        self.max_body = max_body
+        self._buffer = bytearray()
+        self._head: tuple[str, str, str, dict[str, str], bool] | None = None
+        self._body_length = 0
+
+    @property
+    def has_partial_request(self) -> bool:
+        return bool(self._buffer) or self._head is not None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_request(self) -> Request | None:
+        if self._head is None and not self._parse_head():
+            return None
+        if len(self._buffer) < self._body_length:
+            return None
+        method, target, version, headers, keep_alive = self._head  # type: ignore[misc]
+        body = bytes(self._buffer[: self._body_length])
+        del self._buffer[: self._body_length]
+        self._head = None
+        return Request(method, target, version, headers, body, keep_alive)
+
+    def _parse_head(self) -> bool:
+        # RFC 9112 2.2: a server SHOULD ignore empty lines before a request line.
+        while self._buffer[:2] == b"\r\n":
+            del self._buffer[:2]
+        if self._buffer[:1] in (b"\x16", b"\x00"):
+            raise HttpError(400, "not HTTP (TLS or binary data on a plain-text port)")
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > self.max_head:
+                raise HttpError(431, "request headers too large")
+            return False
+        if end > self.max_head:
+            raise HttpError(431, "request headers too large")
+        head = bytes(self._buffer[:end])
+        del self._buffer[: end + 4]
+        self._head = self._parse_head_bytes(head)
+        return True
+
+    def _parse_head_bytes(self, head: bytes) -> tuple[str, str, str, dict[str, str], bool]:
+        request_line, *header_lines = head.split(b"\r\n")
+        match = _REQUEST_LINE.fullmatch(request_line)
+        if not match:
+            raise HttpError(400, "malformed request line")
+        method, target, major, minor = match.groups()
+        if major != b"1":
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        if not (target.startswith(b"/") or target == b"*"):
+            raise HttpError(400, "request target must be a path")
+        headers: dict[str, str] = {}
+        lengths: set[bytes] = set()
+        for line in header_lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not _HEADER_NAME.fullmatch(name):
+                raise HttpError(400, "malformed header line")
+            value = value.strip(b" \t")
+            if _BAD_VALUE_CHARS.search(value):
+                raise HttpError(400, "invalid character in header value")
+            key = name.decode("ascii").lower()
+            if key == "content-length":
+                lengths.update(part.strip(b" \t") for part in value.split(b","))
+            headers[key] = value.decode("latin-1")
+        self._body_length = self._body_length_from(headers, lengths)
+        version = f"1.{minor.decode()}"
+        connection = headers.get("connection", "").lower()
+        keep_alive = "close" not in connection if version == "1.1" else "keep-alive" in connection
+        return method.decode("ascii"), target.decode("ascii"), version, headers, keep_alive
+
+    def _body_length_from(self, headers: dict[str, str], lengths: set[bytes]) -> int:
+        if "transfer-encoding" in headers:
+            if lengths:
+                raise HttpError(400, "both Content-Length and Transfer-Encoding")
+            if headers["transfer-encoding"].strip().lower() == "chunked":
+                raise HttpError(411, "chunked bodies are not accepted: send Content-Length")
+            raise HttpError(501, "unsupported Transfer-Encoding")
+        if not lengths:
+            return 0
+        if len(lengths) > 1:
+            raise HttpError(400, "conflicting Content-Length values")
+        (raw,) = lengths
+        if not _DIGITS.fullmatch(raw):
+            raise HttpError(400, "invalid Content-Length")
+        length = int(raw)
+        if length > self.max_body:
+            raise HttpError(413, "request body too large")
+        return length
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(payload: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(status, body, "application/json", headers)
+
+
+def text_response(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, (text + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+
+def render_response(response: Response, keep_alive: bool = True, head_only: bool = False) -> bytes:
+    """Serialize a response; for HEAD the length is the GET body's, the body is left out."""
+    lines = [
+        f"HTTP/1.1 {response.status} {STATUS_REASONS.get(response.status, 'Unknown')}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+    ]
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+###############################################################################
+# 4. HTTP server
+#    Owns sockets: reading with timeouts, bounding connections, writing
+#    responses.  What a request means is the application's business (section 9).
+###############################################################################
+
+IDLE_TIMEOUT_S = 75.0  # keep-alive connections Telegram reuses; nginx's default is 75 s
+REQUEST_TIMEOUT_S = 10.0  # a whole request head and body must arrive within this (slowloris)
+MAX_CONNECTIONS = 1000  # Telegram uses at most 100 (max_connections); the rest is ops and Kie
+READ_CHUNK = 64 * 1024
+
+RequestHandler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpServer:
+    """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
+
+    ``handler`` turns a Request into a Response; if it raises, the client gets
+    a 500 with no detail and the error is logged.
+    """
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        max_head: int = MAX_HEAD_BYTES,
+        max_body: int = MAX_BODY_BYTES,
+    ):
+        self.handler = handler
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.max_head = max_head
+        self.max_body = max_body
+        self.open_connections = 0
+        self.closing = False
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._idle: set[asyncio.Task] = set()  # waiting for the next request on a kept-alive connection
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen and return the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; close idle connections; give busy ones ``grace`` seconds, then cut them."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for task in self._idle:
+            task.cancel()
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if self.open_connections >= self.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self.open_connections += 1
+        self._connections.add(task)  # type: ignore[arg-type]
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await self._serve_requests(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.open_connections -= 1
+            self._connections.discard(task)  # type: ignore[arg-type]
+            await _close_writer(writer)
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """503 for a connection over the bound.  The request is read first (briefly):
+        closing a socket with unread data makes the kernel send RST, and the
+        client would see a reset instead of the 503."""
+        try:
+            async with asyncio.timeout(1.0):
+                await reader.read(READ_CHUNK)
+        except (TimeoutError, ConnectionError):
+            pass
+        writer.write(render_response(text_response(503, "too many connections"), keep_alive=False))
+        await _close_writer(writer)
+
+    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = RequestParser(self.max_head, self.max_body)
+        while True:
+            try:
+                request = await self._read_request(reader, parser)
+            except HttpError as error:
+                writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
+                return
+            if request is None:
+                return
+            try:
+                response = await self.handler(request)
+            except Exception:
+                log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
+                response = text_response(500, "internal error")
+            keep_alive = request.keep_alive and not self.closing
+            writer.write(render_response(response, keep_alive, request.method == "HEAD"))
+            if writer.transport.get_write_buffer_size() > READ_CHUNK:
+                await writer.drain()
+            if not request.keep_alive or self.closing:
+                await writer.drain()
+                return
+
+    async def _read_request(self, reader: asyncio.StreamReader, parser: RequestParser) -> Request | None:
+        """The next request, or None when the peer closed or idled out between requests."""
+        deadline = time.monotonic() + self.request_timeout if parser.has_partial_request else None
+        while (request := parser.next_request()) is None:
+            if deadline is None:
+                if self.closing:
+                    return None
+                timeout, idle = self.idle_timeout, True
+            else:
+                timeout, idle = deadline - time.monotonic(), False
+            task = asyncio.current_task()
+            if idle:
+                self._idle.add(task)  # type: ignore[arg-type]
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                if idle:
+                    return None
+                raise HttpError(408, "request not received in time") from None
+            finally:
+                self._idle.discard(task)  # type: ignore[arg-type]
+            if not data:
+                return None  # closed, possibly mid-request: nothing to answer
+            if deadline is None:
+                deadline = time.monotonic() + self.request_timeout
+            parser.feed(data)
+        return request
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    except (ConnectionError, TimeoutError, asyncio.CancelledError, OSError):
+        pass
+
+
+###############################################################################
+# 5. Storage
+#    Owns the SQLite file: the schema and its versions, the one thread every
+#    query runs on, group commits, the update inbox and conversation state.
+###############################################################################
+
+SQLITE_BUSY_TIMEOUT_MS = 1000  # longer than this counts as "locked too long": go degraded
+INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to drop duplicates
+
+# Each entry upgrades the schema by one version (PRAGMA user_version).
+# Append new versions; never edit a released one.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the update inbox, conversation state, users
+        """CREATE TABLE inbox (
+               update_id   INTEGER PRIMARY KEY,
+               chat_key    INTEGER NOT NULL,
+               body        BLOB NOT NULL,
+               received_at REAL NOT NULL,
+               done_at     REAL)""",
+        "CREATE INDEX inbox_pending ON inbox(update_id) WHERE done_at IS NULL",
+        "CREATE INDEX inbox_done ON inbox(done_at) WHERE done_at IS NOT NULL",
+        """CREATE TABLE conversations (
+               user_id    INTEGER PRIMARY KEY,
+               state      TEXT NOT NULL,
+               updated_at REAL NOT NULL)""",
+        """CREATE TABLE users (
+               user_id    INTEGER PRIMARY KEY,
+               lang       TEXT NOT NULL DEFAULT '',
+               first_seen REAL NOT NULL,
+               last_seen  REAL NOT NULL,
+               blocked    INTEGER NOT NULL DEFAULT 0)""",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class DatabaseUnavailable(TrtError):
+    """The database cannot be used right now; callers fall back to memory."""
+
+
+def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Open (creating the folder if needed) and migrate the database at ``path``."""
+    if path != ":memory:":
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives the process being killed; only
+        # an OS crash or power loss can lose the last commits (no fsync each).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise TrtError(f"database schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[number - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
+
+
+class Database:
+    """The one SQLite connection, used only from its own thread.
+
+    Every query runs on that thread, so the event loop never waits on the disk
+    or a lock.  ``write`` runs a function inside BEGIN IMMEDIATE ... COMMIT;
+    ``read`` runs it outside a transaction.  When SQLite fails, ``ok`` turns
+    False, the error is logged once, and callers get DatabaseUnavailable until
+    ``reopen`` succeeds.
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self.ok = False
+        self.last_error = "not opened yet"
+        self._conn: sqlite3.Connection | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-sqlite")
+
+    async def open(self) -> bool:
+        """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
+        try:
+            await self._on_thread(self._reopen)
+        except (sqlite3.Error, OSError, TrtError) as error:
+            self._mark_broken(error)
+            return False
+        self.ok, self.last_error = True, ""
+        return True
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._call(self._in_transaction, fn, *args)
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._call(fn, *args)
+
+    async def close(self) -> None:
+        try:
+            await self._on_thread(self._close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.ok:
+            raise DatabaseUnavailable(self.last_error)
+        try:
+            return await self._on_thread(self._with_connection, fn, *args)
+        except sqlite3.Error as error:
+            self._mark_broken(error)
+            raise DatabaseUnavailable(str(error)) from error
+
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _with_connection(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._conn is None:
+            raise sqlite3.OperationalError("database is closed")
+        return fn(self._conn, *args)
+
+    @staticmethod
+    def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _reopen(self) -> None:
+        self._close()
+        self._conn = open_sqlite(self.path, self.busy_timeout_ms)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _mark_broken(self, error: BaseException) -> None:
+        if self.ok or self.last_error == "not opened yet":
+            log.error("[DB] unusable, running degraded (memory only): %s", error)
+        self.ok, self.last_error = False, str(error) or type(error).__name__
+
+
+class GroupCommit:
+    """Writes items from many coroutines in shared transactions.
+
+    ``submit(item)`` returns a future for that item's result.  While one batch
+    is being written, new items gather into the next one, so under load one
+    commit (and one thread hop) serves many requests.  ``write_batch(conn,
+    items)`` returns one result per item.
+    """
+
+    def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list], max_batch: int = 500):
+        self.db = db
+        self.write_batch = write_batch
+        self.max_batch = max_batch
+        self.batches = 0
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
+
+    def submit(self, item: Any) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return future
+
+    async def _write_all(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+                try:
+                    results = await self.db.write(self.write_batch, [item for item, _ in batch])
+                except Exception as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                self.batches += 1
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._writer = None
+
+
+@dataclasses.dataclass(slots=True)
+class InboxItem:
+    """One update on its way from the webhook to a handler."""
+
+    update_id: int
+    chat_key: int
+    update: dict
+    body: bytes
+    received_at: float
+    durable: bool = True
+
+
+def inbox_insert(conn: sqlite3.Connection, items: list[InboxItem]) -> list[bool]:
+    """Insert updates; per item, True if new, False if the update_id was seen."""
+    insert = "INSERT OR IGNORE INTO inbox(update_id, chat_key, body, received_at) VALUES (?,?,?,?)"
+    results = []
+    for item in items:
+        cursor = conn.execute(insert, (item.update_id, item.chat_key, item.body, item.received_at))
+        results.append(cursor.rowcount == 1)
+    return results
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DoneMark:
+    """An update handled; who sent it, and whether our reply found them blocking the bot."""
+
+    update_id: int
+    user_id: int = 0
+    lang: str = ""
+    blocked: bool = False
+
+
+def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[None]:
+    """Mark updates handled and remember their senders in ``users``."""
+    now = time.time()
+    conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
+    conn.executemany(
+        """INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
+           ON CONFLICT(user_id) DO UPDATE SET last_seen=excluded.last_seen, blocked=excluded.blocked,
+               lang=CASE WHEN excluded.lang='' THEN users.lang ELSE excluded.lang END""",
+        [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id],
+    )
+    return [None] * len(marks)
+
+
+def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
+    """The oldest unhandled updates, in update_id (arrival) order."""
+    return conn.execute(
+        "SELECT update_id, chat_key, body, received_at FROM inbox WHERE done_at IS NULL ORDER BY update_id LIMIT ?",
+        (limit,),
+    ).fetchall()
+
+
+def inbox_backlog(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM inbox WHERE done_at IS NULL").fetchone()[0]
+
+
+def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
+    return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
+
+
+class ConversationStore:
+    """Where each user is in a dialog: a dict in memory, written through to SQLite.
+
+    Reads never touch the disk.  A write that fails (database down) is logged
+    and kept in memory: the dialog goes on, it just would not survive a restart.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._states: dict[int, dict] = {}
+        self._writes = GroupCommit(db, self._write_states)
+
+    async def load(self) -> int:
+        rows = await self.db.read(lambda conn: conn.execute("SELECT user_id, state FROM conversations").fetchall())
+        self._states = {user_id: json.loads(state) for user_id, state in rows}
+        return len(self._states)
+
+    def get(self, user_id: int) -> dict | None:
+        return self._states.get(user_id)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    async def set(self, user_id: int, state: dict | None) -> None:
+        """Replace a user's state (None ends the dialog) and persist it."""
+        if state is None and user_id not in self._states:
+            return
+        if state is None:
+            del self._states[user_id]
+        else:
+            self._states[user_id] = state
+        if not self.db.ok:
+            return
+        try:
+            await self._writes.submit((user_id, state))
+        except DatabaseUnavailable:
+            pass  # already logged by Database; memory stays authoritative
+
+    @staticmethod
+    def _write_states(conn: sqlite3.Connection, items: list[tuple[int, dict | None]]) -> list[None]:
+        now = time.time()
+        for user_id, state in items:
+            if state is None:
+                conn.execute("DELETE FROM conversations WHERE user_id=?", (user_id,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO conversations(user_id, state, updated_at) VALUES (?,?,?)",
+                    (user_id, json.dumps(state, ensure_ascii=False), now),
+                )
+        return [None] * len(items)
+
+
+###############################################################################
+# 6. Telegram client
+#    Owns talking to the Bot API: one shared httpx client, response parsing,
+#    the retry policy.  The token lives only in request URLs.
+###############################################################################
+
+TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
+TELEGRAM_ATTEMPTS = 4  # for 5xx and network errors: 0.5 s, 1 s, 2 s between tries
+MAX_RETRY_AFTER_S = 30.0  # flood control asking for longer is reported, not slept through
+
+
+class TelegramError(TrtError):
+    """The Bot API refused a call (``error_code`` as Telegram gives it, or the HTTP status)."""
+
+    def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None):
+        super().__init__(f"{method}: {error_code} {description}")
+        self.method = method
+        self.error_code = error_code
+        self.description = description
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_code == 429 or self.error_code >= 500
+
+
+class TelegramNetworkError(TelegramError):
+    """The call did not get an answer (connection refused, timeout, reset)."""
+
+    def __init__(self, method: str, cause: BaseException):
+        super().__init__(method, 599, f"network error ({type(cause).__name__})")
+
+
+def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any:
+    """The ``result`` of a Bot API answer, or TelegramError with what Telegram said."""
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise TelegramError(method, status_code, f"HTTP {status_code} without a Bot API body")
+    if payload.get("ok") is True:
+        return payload.get("result")
+    error_code = payload.get("error_code")
+    parameters = payload.get("parameters") or {}
+    retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+    return_code = error_code if isinstance(error_code, int) else status_code
+    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
+
+
+def _encode_form_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class TelegramClient:
+    """Calls Bot API methods; retries 429 (after ``retry_after``), 5xx and network errors.
+
+    400/403/404 are raised at once as TelegramError: retrying cannot help.
+    """
+
+    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, attempts: int = TELEGRAM_ATTEMPTS):
+        self._url = f"{api_base}/bot{token}/"
+        self.http = http
+        self.attempts = attempts
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
+
+    async def call(
+        self,
+        method: str,
+        params: dict | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        delay = 0.5
+        for attempt in range(1, self.attempts + 1):
+            try:
+                result = await self._call_once(method, params or {}, files, timeout)
+            except TelegramError as error:
+                self.calls[method, str(error.error_code)] += 1
+                if not error.retryable or attempt == self.attempts:
+                    raise
+                if error.error_code == 429:
+                    wait = float(error.retry_after or 1)
+                    if wait > MAX_RETRY_AFTER_S:
+                        raise
+                else:
+                    wait, delay = delay, delay * 2
+                log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, attempt, wait)
+                await asyncio.sleep(wait)
+                continue
+            self.calls[method, "ok"] += 1
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
+        try:
+            if files:
+                data = {key: _encode_form_value(value) for key, value in params.items()}
+                response = await self.http.post(self._url + method, data=data, files=files, **extra)
+            else:
+                body = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
+                headers = {"Content-Type": "application/json"}
+                response = await self.http.post(self._url + method, content=body, headers=headers, **extra)
+        except httpx.HTTPError as error:
+            raise TelegramNetworkError(method, error) from None
+        return parse_bot_api_response(method, response.status_code, response.content)
+
+    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> Any:
+        params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
+        if reply_markup is not None:
+            params["reply_markup"] = reply_markup
+        return await self.call("sendMessage", params)
+
+    async def answer_callback(self, callback_query_id: str, text: str = "") -> None:
+        params: dict[str, Any] = {"callback_query_id": callback_query_id}
+        if text:
+            params["text"] = text
+        try:
+            await self.call("answerCallbackQuery", params)
+        except TelegramError as error:
+            # A query older than ~15 minutes cannot be answered; the rest of the handling still matters.
+            log.info("[TG] answerCallbackQuery: %s", error.description)
+
+
+###############################################################################
+# 7. Update pipeline
+#    Owns an update from the moment it arrives until a handler is done with it:
+#    the durable ack, duplicates, spilling to the inbox when memory is full,
+#    the ordered workers, timeouts and the counters /health shows.
+###############################################################################
+
+CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
+INBOX_MAX_BACKLOG = 100_000  # beyond this the webhook answers 503 and Telegram keeps the update
+REFILL_INTERVAL_S = 1.0  # also how soon updates stored by another instance get picked up
+PRUNE_INTERVAL_S = 600.0
+RECENT_MEMORY_IDS = 10_000  # duplicates remembered while the database is down
+
+# Update kinds keyed by their chat, and kinds keyed by the user who sent them
+# (callback queries are keyed by the user, as Telegram orders them).
+CHAT_KEYED = ("message", "edited_message", "channel_post", "edited_channel_post", "business_message",
+              "my_chat_member", "chat_member", "chat_join_request", "message_reaction")
+USER_KEYED = ("callback_query", "inline_query", "chosen_inline_result", "shipping_query",
+              "pre_checkout_query", "poll_answer", "chat_boost")
+
+
+def update_chat_key(update: dict) -> int:
+    """The key whose updates must be handled one at a time, in order."""
+    for kind in CHAT_KEYED:
+        chat = (update.get(kind) or {}).get("chat") if isinstance(update.get(kind), dict) else None
+        if isinstance(chat, dict) and isinstance(chat.get("id"), int):
+            return chat["id"]
+    for kind in USER_KEYED:
+        body = update.get(kind)
+        if isinstance(body, dict):
+            user = body.get("from") or body.get("user") or {}
+            if isinstance(user, dict) and isinstance(user.get("id"), int):
+                return user["id"]
+    return -abs(update.get("update_id", 0)) - 1  # unkeyed: no other update shares it
+
+
+def update_sender(update: dict) -> tuple[int, str]:
+    """(user id, language code) of whoever caused the update; (0, '') if nobody."""
+    for body in update.values():
+        if isinstance(body, dict) and isinstance(body.get("from"), dict):
+            sender = body["from"]
+            if isinstance(sender.get("id"), int):
+                return sender["id"], str(sender.get("language_code") or "")
+    return 0, ""
+
+
+def parse_update(body: bytes) -> dict:
+    """The update in a webhook body, or HttpError(400)."""
+    try:
+        update = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "body is not valid JSON") from None
+    if not isinstance(update, dict):
+        raise HttpError(400, "update must be a JSON object")
+    update_id = update.get("update_id")
+    if not isinstance(update_id, int) or isinstance(update_id, bool):
+        raise HttpError(400, "update_id must be an integer")
+    return update
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    received: int = 0  # new updates accepted
+    processed: int = 0  # handled (including those that raised)
+    dropped: int = 0  # discarded on purpose: expired or unreadable
+    errors: int = 0  # handlers that raised or timed out
+    duplicates: int = 0  # redeliveries acknowledged without processing
+    spilled: int = 0  # stored while memory was full; picked up later
+    memory_only: int = 0  # accepted while the database was down
+    rejected: int = 0  # answered 503 (backlog or memory full)
+    blocked: int = 0  # replies refused because the user blocked the bot
+
+
+UpdateHandler = Callable[[dict], Awaitable[None]]
+
+
+class UpdatePipeline:
+    """Durable, ordered delivery of updates to ``handler``.
+
+    ``ingest`` returns the HTTP status for the webhook: 200 once the update is
+    committed to the inbox (or, with the database down, held in memory), 503
+    when it cannot be kept.  Workers take updates from a bounded asyncio.Queue;
+    updates of one chat never run at once and run in arrival order.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        handler: UpdateHandler,
+        *,
+        queue_size: int = 100,
+        workers: int = 3,
+        handler_timeout: float = 30.0,
+        max_backlog: int = INBOX_MAX_BACKLOG,
+    ):
+        self.db = db
+        self.handler = handler
+        self.queue_size = queue_size
+        self.worker_count = workers
+        self.handler_timeout = handler_timeout
+        self.max_backlog = max_backlog
+        self.should_process = True  # False while another instance holds the lease
+        self.stats = PipelineStats()
+        self.backlog = 0  # unhandled rows in the inbox
+        self.workers_active = 0
+        self.on_handled: Callable[[float], None] = lambda seconds: None
+        self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=queue_size)
+        self._inserts = GroupCommit(db, inbox_insert)
+        self._done_marks = GroupCommit(db, inbox_mark_done)
+        self._in_memory: set[int] = set()  # queued, parked or being handled
+        self._admitting: set[int] = set()  # being committed by ingest; refill must not take them
+        self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
+        self._unmarked: list[DoneMark] = []  # done marks that failed to commit
+        self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
+        self._spilling = False
+        self._refill_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._accepting = True
+
+    # -- the ack path -------------------------------------------------------
+
+    async def ingest(self, update: dict, body: bytes) -> int:
+        update_id = update["update_id"]
+        item = InboxItem(update_id, update_chat_key(update), update, body, time.time())
+        if self.db.ok:
+            if self.backlog >= self.max_backlog:
+                self.stats.rejected += 1
+                return 503
+            self._admitting.add(update_id)
+            try:
+                is_new = await self._inserts.submit(item)
+            except DatabaseUnavailable:
+                pass  # fall through to memory
+            else:
+                if not is_new:
+                    self.stats.duplicates += 1
+                    return 200
+                self.stats.received += 1
+                self.backlog += 1
+                self._admit(item)
+                return 200
+            finally:
+                self._admitting.discard(update_id)
+        return self._ingest_in_memory(item)
+
+    def _admit(self, item: InboxItem) -> None:
+        if self._accepting and self.should_process and not self._spilling and self._has_room():
+            self._enqueue(item)
+        else:
+            self._spilling = True
+            self.stats.spilled += 1
+            self._refill_wakeup.set()
+
+    def _ingest_in_memory(self, item: InboxItem) -> int:
+        """Degraded mode: availability over durability, as long as memory has room."""
+        if item.update_id in self._recent_memory_ids:
+            self.stats.duplicates += 1
+            return 200
+        if not (self._accepting and self.should_process and self._has_room()):
+            self.stats.rejected += 1
+            return 503
+        self._recent_memory_ids[item.update_id] = None
+        if len(self._recent_memory_ids) > RECENT_MEMORY_IDS:
+            self._recent_memory_ids.popitem(last=False)
+        item.durable = False
+        self.stats.received += 1
+        self.stats.memory_only += 1
+        self._enqueue(item)
+        return 200
+
+    def _has_room(self) -> bool:
+        return len(self._in_memory) < self.queue_size
+
+    def _enqueue(self, item: InboxItem) -> None:
+        self._in_memory.add(item.update_id)
+        self._queue.put_nowait(item)  # never full: it holds at most len(_in_memory) items
+
+    # -- workers ----------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.db.ok:
+            try:
+                self.backlog = await self.db.read(inbox_backlog)
+            except DatabaseUnavailable:
+                pass
+        self._spilling = self.backlog > 0
+        self._tasks = [asyncio.create_task(self._worker(), name=f"worker-{n}") for n in range(self.worker_count)]
+        self._tasks.append(asyncio.create_task(self._refill_forever(), name="inbox-refill"))
+        log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
+                 self.worker_count, self.queue_size, self.backlog)
+
+    async def _worker(self) -> None:
+        while True:
+            item: InboxItem | None = await self._queue.get()
+            key = item.chat_key
+            parked = self._busy_chats.get(key)
+            if parked is not None:  # another worker is on this chat; it takes this one next
+                parked.append(item)
+                continue
+            self._busy_chats[key] = parked = collections.deque()
+            try:
+                while item is not None:
+                    await self._process(item)
+                    item = parked.popleft() if parked else None
+            finally:
+                del self._busy_chats[key]
+
+    async def _process(self, item: InboxItem) -> None:
+        self.workers_active += 1
+        started = time.monotonic()
+        blocked = False
+        try:
+            if "callback_query" in item.update and time.time() - item.received_at > CALLBACK_QUERY_TTL_S:
+                self.stats.dropped += 1
+            else:
+                async with asyncio.timeout(self.handler_timeout):
+                    await self.handler(item.update)
+        except TelegramError as error:
+            if error.error_code == 403:
+                blocked = True
+                self.stats.blocked += 1
+                log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
+            else:
+                self.stats.errors += 1
+                log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
+        except TimeoutError:
+            self.stats.errors += 1
+            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.handler_timeout)
+        except Exception:
+            self.stats.errors += 1
+            log.exception("[QUEUE] update %d: handler failed", item.update_id)
+        finally:
+            self.workers_active -= 1
+            self.stats.processed += 1
+            self.on_handled(time.monotonic() - started)
+            self._in_memory.discard(item.update_id)
+            if item.durable:
+                user_id, lang = update_sender(item.update)
+                self._submit_done_marks([DoneMark(item.update_id, user_id, lang, blocked)])
+            if self._spilling and self.queue_size - len(self._in_memory) >= max(1, self.queue_size // 4):
+                self._refill_wakeup.set()
+
+    async def _write_quietly(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await self.db.write(fn, *args)
+        except DatabaseUnavailable:
+            pass
+
+    def _submit_done_marks(self, marks: list[DoneMark]) -> None:
+        for mark in marks:
+            self._awaiting_done.add(mark.update_id)
+            self._done_marks.submit(mark).add_done_callback(
+                lambda future, mark=mark: self._on_done_mark(mark, future))
+
+    def _on_done_mark(self, mark: DoneMark, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._unmarked.append(mark)  # kept out of refill until the database is back
+            return
+        self._awaiting_done.discard(mark.update_id)
+        self.backlog = max(0, self.backlog - 1)
+
+    # -- the inbox ---------------------------------------------------------
+
+    async def _refill_forever(self) -> None:
+        last_prune = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._refill_wakeup.wait(), REFILL_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._refill_wakeup.clear()
+            if not self.db.ok:
+                continue
+            if self._unmarked:
+                retry, self._unmarked = self._unmarked, []
+                self._submit_done_marks(retry)
+            if self._accepting and self.should_process:
+                await self._refill()
+            if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
+                last_prune = time.monotonic()
+                await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
+
+    async def _refill(self) -> None:
+        """Move the oldest stored updates into memory while there is room."""
+        room = self.queue_size - len(self._in_memory)
+        if room <= 0:
+            return
+        limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
+        try:
+            rows, self.backlog = await self.db.read(_pending_and_backlog, limit)
+        except DatabaseUnavailable:
+            return
+        taken, more_left = 0, len(rows) == limit
+        for update_id, chat_key, body, received_at in rows:
+            if taken == room:
+                more_left = True
+                break
+            # Checked now, not before the read: ids change hands while we wait.
+            if update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting:
+                continue
+            try:
+                update = json.loads(body)
+            except ValueError:
+                self.stats.dropped += 1
+                self._submit_done_marks([DoneMark(update_id)])
+                continue
+            self._enqueue(InboxItem(update_id, chat_key, update, body, received_at))
+            taken += 1
+        self._spilling = more_left
+
+    def wake(self) -> None:
+        """Look at the inbox now (after the database recovers or the lease is won)."""
+        self._refill_wakeup.set()
+
+    # -- shutdown and metrics ------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
+        self._accepting = False
+        deadline = time.monotonic() + grace
+        while self._in_memory and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        lost = sum(1 for uid in self._in_memory if uid in self._recent_memory_ids)
+        if lost:
+            log.error("[QUEUE] %d memory-only updates were not handled before shutdown", lost)
+        deadline = time.monotonic() + 2.0
+        while self._awaiting_done and self.db.ok and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._in_memory) - self.workers_active
+
+    def snapshot(self) -> dict:
+        stats = self.stats
+        return {
+            "total_received": stats.received,
+            "total_processed": stats.processed,
+            "total_dropped": stats.dropped,
+            "total_errors": stats.errors,
+            "workers_active": self.workers_active,
+            "queue_depth": self.queue_depth,
+            "queue_max": self.queue_size,
+            "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
+            "duplicates": stats.duplicates,
+            "spilled": stats.spilled,
+            "memory_only": stats.memory_only,
+            "rejected": stats.rejected,
+            "inbox_backlog": self.backlog,
+        }
+
+
+def _pending_and_backlog(conn: sqlite3.Connection, limit: int) -> tuple[list, int]:
+    return inbox_pending(conn, limit), inbox_backlog(conn)
+
+
+###############################################################################
+# 8. Conversation
+#    Owns what the user sees: texts in both languages, keyboards, and the
+#    handlers for commands, messages and button presses.
+###############################################################################
+
+RU_LANGUAGES = frozenset({"ru", "uk", "be", "kk"})
+
+TEXTS: dict[str, dict[str, str]] = {
+    "ru": {
+        "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
+                 "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, выберите формат — "
+                 "и через полминуты пришлю результат.",
+        "help": "ℹ️ <b>Как пользоваться</b>\n"
+                "1. Нажмите «🖼 Создать картинку».\n"
+                "2. Опишите картинку одним сообщением (до 1000 символов).\n"
+                "3. Выберите формат — и ждите картинку.\n\n"
+                "/start — меню, /cancel — отменить, /help — эта справка.",
+        "cancelled": "Отменено. Меню — ниже.",
+        "hint": "Чтобы нарисовать картинку, нажмите «🖼 Создать картинку».",
+        "stale_button": "Эта кнопка больше не действует.",
+        "coming_soon": "Генерация картинок скоро появится.",
+        "btn_create": "🖼 Создать картинку",
+        "btn_help": "ℹ️ Помощь",
+    },
+    "en": {
+        "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
+                 "Tap “🖼 Create a picture”, describe what you want to see, pick a format, "
+                 "and in half a minute you get the image.",
+        "help": "ℹ️ <b>How to use</b>\n"
+                "1. Tap “🖼 Create a picture”.\n"
+                "2. Describe the picture in one message (up to 1000 characters).\n"
+                "3. Pick a format and wait for the picture.\n\n"
+                "/start — menu, /cancel — cancel, /help — this help.",
+        "cancelled": "Cancelled. The menu is below.",
+        "hint": "To draw a picture, tap “🖼 Create a picture”.",
+        "stale_button": "This button no longer works.",
+        "coming_soon": "Picture generation is coming soon.",
+        "btn_create": "🖼 Create a picture",
+        "btn_help": "ℹ️ Help",
+    },
+}
+
+# Shown when building the real menu fails: no lookups, nothing that can raise.
+FALLBACK_MENU = {"inline_keyboard": [[{"text": "🖼 Создать картинку", "callback_data": "new"}]]}
+
+
+def user_language(user: dict | None) -> str:
+    """'ru' for Russian-reading users and when Telegram does not say; 'en' otherwise."""
+    code = str((user or {}).get("language_code") or "").split("-")[0].lower()
+    return "ru" if not code or code in RU_LANGUAGES else "en"
+
+
+def button(text: str, data: str) -> dict:
+    return {"text": text, "callback_data": data}
+
+
+def main_menu(lang: str) -> dict:
+    t = TEXTS[lang]
+    return {"inline_keyboard": [[button(t["btn_create"], "new")], [button(t["btn_help"], "help")]]}
+
+
+def parse_command(text: str) -> str | None:
+    """'/start@MyBot payload' -> '/start'; None when the text is not a command."""
+    if not text.startswith("/"):
+        return None
+    return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
+
+
+@dataclasses.dataclass
+class Context:
+    """Who an update came from and where to answer."""
+
+    chat_id: int
+    user_id: int
+    lang: str
+    t: dict[str, str]
+    callback_id: str = ""
+
+
+class Conversation:
+    """Routes each update to a handler: commands and dialog steps by table."""
+
+    def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore):
+        self.config = config
+        self.telegram = telegram
+        self.states = states
+        self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
+            "/start": self.on_start,
+            "/help": self.on_help,
+            "/cancel": self.on_cancel,
+        }
+        self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
+            "new": self.on_create_button,
+            "help": self.on_help_button,
+        }
+
+    async def handle(self, update: dict) -> None:
+        if isinstance(update.get("message"), dict):
+            await self.on_message(update["message"])
+        elif isinstance(update.get("callback_query"), dict):
+            await self.on_callback_query(update["callback_query"])
+
+    async def on_message(self, message: dict) -> None:
+        chat, user = message.get("chat") or {}, message.get("from") or {}
+        if not isinstance(chat.get("id"), int):
+            return
+        lang = user_language(user)
+        ctx = Context(chat["id"], user.get("id") or chat["id"], lang, TEXTS[lang])
+        text = message.get("text")
+        command = parse_command(text) if isinstance(text, str) else None
+        if command in self.commands:
+            await self.commands[command](ctx, message)
+        else:
+            await self.on_text(ctx, message)
+
+    async def on_callback_query(self, query: dict) -> None:
+        user = query.get("from") or {}
+        chat_id = ((query.get("message") or {}).get("chat") or {}).get("id") or user.get("id")
+        lang = user_language(user)
+        ctx = Context(chat_id, user.get("id") or 0, lang, TEXTS[lang], str(query.get("id", "")))
+        data = query.get("data")
+        verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
+        handler = self.buttons.get(verb)
+        if handler is None or not isinstance(chat_id, int):
+            await self.telegram.answer_callback(ctx.callback_id, ctx.t["stale_button"])
+            return
+        await handler(ctx, argument)
+
+    # -- commands -----------------------------------------------------------
+
+    async def on_start(self, ctx: Context, message: dict) -> None:
+        """Must answer whatever else is broken: no database read, a fallback menu."""
+        try:
+            menu = main_menu(ctx.lang)
+        except Exception:
+            log.exception("[BOT] main menu failed; sending the fallback")
+            menu = FALLBACK_MENU
+        try:
+            await self.states.set(ctx.user_id, None)
+        except Exception:
+            log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
+        await self.telegram.send_message(ctx.chat_id, ctx.t["start"], menu)
+
+    async def on_help(self, ctx: Context, message: dict) -> None:
+        await self.telegram.send_message(ctx.chat_id, ctx.t["help"], main_menu(ctx.lang))
+
+    async def on_cancel(self, ctx: Context, message: dict) -> None:
+        await self.states.set(ctx.user_id, None)
+        await self.telegram.send_message(ctx.chat_id, ctx.t["cancelled"], main_menu(ctx.lang))
+
+    async def on_text(self, ctx: Context, message: dict) -> None:
+        await self.telegram.send_message(ctx.chat_id, ctx.t["hint"], main_menu(ctx.lang))
+
+    # -- buttons --------------------------------------------------------------
+
+    async def on_create_button(self, ctx: Context, argument: str) -> None:
+        await self.telegram.answer_callback(ctx.callback_id, ctx.t["coming_soon"])
+
+    async def on_help_button(self, ctx: Context, argument: str) -> None:
+        await self.telegram.answer_callback(ctx.callback_id)
+        await self.telegram.send_message(ctx.chat_id, ctx.t["help"], main_menu(ctx.lang))
+
+
+###############################################################################
+# 9. Application
+#    Owns wiring the sections together: HTTP routes, webhook set-up or polling,
+#    database recovery, start-up and shutdown order, and main().
+###############################################################################
+
+ALLOWED_UPDATES = ["message", "callback_query"]
+POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
+DIAG_CACHE_S = 5.0
+DB_RETRY_S = 2.0
+OK_BODY = b'{"ok":true}'
+
+
+def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
+    """What ensure_webhook should do: ('keep' | 'set' | 'flush', why)."""
+    pending = info.get("pending_update_count") or 0
+    last_error = info.get("last_error_message") or ""
+    if flush_over >= 0 and last_error:
+        return "flush", f"last error: {last_error}"
+    if flush_over >= 0 and pending > flush_over:
+        return "flush", f"{pending} pending updates (over {flush_over})"
+    if info.get("url") != url:
+        return "set", "URL differs"
+    if sorted(info.get("allowed_updates") or []) != sorted(allowed_updates):
+        return "set", "allowed updates differ"
+    return "keep", "webhook already matches"
+
+
+def mask_webhook_url(url: str) -> str:
+    """https://host/webhook/<secret> -> https://host/webhook/***"""
+    return re.sub(r"/webhook/[^/?#]+", "/webhook/***", url)
+
+
+async def ensure_webhook(telegram: TelegramClient, config: Config) -> str:
+    """Make Telegram's webhook match ours, flushing a stuck backlog; returns the action taken."""
+    info = await telegram.call("getWebhookInfo") or {}
+    action, reason = plan_webhook(info, config.webhook_url, ALLOWED_UPDATES, config.flush_pending_over)
+    if action != "keep":
+        params = {
+            "url": config.webhook_url,
+            "secret_token": config.webhook_secret,
+            "allowed_updates": ALLOWED_UPDATES,
+            "drop_pending_updates": action == "flush",
+        }
+        await telegram.call("setWebhook", params)
+    if action == "flush":
+        log.warning("[WEBHOOK] flushed %d pending updates (%s)", info.get("pending_update_count") or 0, reason)
+    log.info("[WEBHOOK] configured %s (%s: %s)", mask_webhook_url(config.webhook_url), action, reason)
+    return action
+
+
+class App:
+    """The running bot: one HTTP server, one database, one pipeline, one Bot API client."""
+
+    def __init__(self, config: Config, http: httpx.AsyncClient | None = None):
+        self.config = config
+        self.started_at = time.monotonic()
+        self.port: int | None = None
+        self.stopping = False
+        self.poll_timeout = POLL_TIMEOUT_S
+        self.db = Database(config.database_path)
+        self.http = http or httpx.AsyncClient(
+            timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        )
+        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http)
+        self.states = ConversationStore(self.db)
+        self.conversation = Conversation(config, self.telegram, self.states)
+        self.pipeline = UpdatePipeline(
+            self.db,
+            self.conversation.handle,
+            queue_size=config.queue_size,
+            workers=config.queue_workers,
+            handler_timeout=config.handler_timeout_s,
+        )
+        self.server = HttpServer(self.handle_request)
+        self.routes: dict[str, dict[str, RequestHandler]] = {
+            config.webhook_path: {"POST": self.on_webhook},
+            "/health": {"GET": self.on_health},
+            "/diag/webhook": {"GET": self.on_diag_webhook},
+            "/": {"GET": self.on_root},
+        }
+        self._webhook_secret = config.webhook_secret.encode()
+        self._webhook_info: tuple[float, dict] | None = None
+        self._background: list[asyncio.Task] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        install_secret_masking(self.config.secrets)
+        # Bind first: Render marks a deploy failed when the port opens late.
+        self.port = await self.server.start(self.config.host, self.config.port)
+        log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
+        if await self.db.open():
+            await self._load_state()
+        await self.pipeline.start()
+        self._spawn(self._watch_database(), "db-watch")
+        if self.config.bot_mode == "webhook":
+            self._spawn(self._configure_webhook(), "webhook-setup")
+        else:
+            self._spawn(self._poll_forever(), "polling")
+
+    async def stop(self) -> None:
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        log.info("[APP] shutting down")
+        await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.pipeline.stop(grace=max(0.0, deadline - time.monotonic()))
+        await self.http.aclose()
+        await self.db.close()
+        log.info("[APP] stopped")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def _load_state(self) -> None:
+        try:
+            dialogs = await self.states.load()
+        except DatabaseUnavailable:
+            return
+        log.info("[DB] ready at %s (schema v%d, %d open dialogs)", self.config.database_path, SCHEMA_VERSION, dialogs)
+
+    async def _watch_database(self) -> None:
+        """Reopen an unusable database every few seconds and return to durable mode."""
+        while True:
+            await asyncio.sleep(DB_RETRY_S)
+            if not self.db.ok and await self.db.open():
+                log.warning("[DB] recovered; back to durable mode")
+                self.pipeline.wake()
+
+    async def _configure_webhook(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await ensure_webhook(self.telegram, self.config)
+                return
+            except TelegramError as error:
+                log.error("[WEBHOOK] set-up failed (%s); retrying in %.0fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _poll_forever(self) -> None:
+        """Long-poll getUpdates into the same inbox the webhook feeds."""
+        await self._retry_until_done("deleteWebhook", {"drop_pending_updates": False})
+        log.info("[POLL] polling getUpdates")
+        offset, delay = None, 1.0
+        while True:
+            params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
+            if offset is not None:
+                params["offset"] = offset
+            try:
+                updates = await self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10)
+            except TelegramError as error:
+                if error.error_code == 409:
+                    log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
+                                "retrying in %.0fs", delay)
+                else:
+                    log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            for update in updates or []:
+                if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
+                    continue
+                body = json.dumps(update, ensure_ascii=False, separators=(",", ":")).encode()
+                if await self.pipeline.ingest(update, body) != 200:
+                    await asyncio.sleep(1.0)  # full: ask again later from this update on
+                    break
+                offset = update["update_id"] + 1
+
+    async def _retry_until_done(self, method: str, params: dict) -> Any:
+        delay = 1.0
+        while True:
+            try:
+                return await self.telegram.call(method, params)
+            except TelegramError as error:
+                log.error("[TG] %s failed (%s); retrying in %.0fs", method, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    # -- HTTP routes -----------------------------------------------------------
+
+    async def handle_request(self, request: Request) -> Response:
+        """Route a request; the one place an HttpError becomes a response."""
+        methods = self.routes.get(request.path)
+        if methods is None:
+            if request.path.startswith("/webhook/"):
+                return text_response(401, "wrong webhook secret")
+            return text_response(404, "not found")
+        handler = methods.get("GET" if request.method == "HEAD" and "GET" in methods else request.method)
+        if handler is None:
+            allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
+            return text_response(405, "method not allowed", (("Allow", allow),))
+        try:
+            return await handler(request)
+        except HttpError as error:
+            return text_response(error.status, error.reason)
+
+    async def on_webhook(self, request: Request) -> Response:
+        given = request.headers.get("x-telegram-bot-api-secret-token", "").encode()
+        if not hmac.compare_digest(given, self._webhook_secret):
+            return text_response(401, "wrong secret token")
+        update = parse_update(request.body)
+        if self.stopping:
+            return text_response(503, "shutting down", (("Retry-After", "5"),))
+        if await self.pipeline.ingest(update, request.body) == 200:
+            return Response(200, OK_BODY, "application/json")
+        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+
+    async def on_health(self, request: Request) -> Response:
+        workers_dead = any(task.done() for task in self.pipeline._tasks)
+        status = "stopping" if self.stopping else "ok" if self.db.ok else "degraded"
+        payload = {
+            "status": status,
+            "uptime": int(time.monotonic() - self.started_at),
+            "active": self.pipeline.should_process,
+            "webhook_mode": self.config.bot_mode == "webhook",
+            "lock_acquired": self.pipeline.should_process,
+            "db_schema_ready": self.db.ok,
+            "queue": self.pipeline.snapshot(),
+            "version": __version__,
+        }
+        if not self.db.ok:
+            payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
+        return json_response(payload, 503 if self.stopping or workers_dead else 200)
+
+    async def on_diag_webhook(self, request: Request) -> Response:
+        now = time.monotonic()
+        if self._webhook_info is None or now - self._webhook_info[0] > DIAG_CACHE_S:
+            try:
+                info = await self.telegram.call("getWebhookInfo") or {}
+            except TelegramError as error:
+                return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
+            self._webhook_info = (now, info)
+        info = self._webhook_info[1]
+        return json_response({
+            "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.config.secrets),
+            "pending_update_count": info.get("pending_update_count", 0),
+            "last_error_message": info.get("last_error_message") or "",
+            "last_error_date": info.get("last_error_date"),
+            "max_connections": info.get("max_connections"),
+        })
+
+    async def on_root(self, request: Request) -> Response:
+        return text_response(200, f"trt_bot {__version__}")
+
+
+async def serve(config: Config) -> int:
+    """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
+    app = App(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await app.start()
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def configure_logging(config: Config) -> None:
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level != "DEBUG":
+        # One line per Bot API request is noise at INFO; the URLs are masked either way.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    install_secret_masking(config.secrets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["check"]):
+        print("usage: python trt_bot.py [check]", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(os.environ)
+    except ConfigError as error:
+        print(f"trt_bot: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
