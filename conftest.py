@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, Callable
 
 import pytest
@@ -63,9 +64,61 @@ def formatted(record: logging.LogRecord) -> str:
     return logging.Formatter("%(name)s %(message)s").format(record)
 
 
-# -- a fake Telegram Bot API --------------------------------------------------
+# -- fakes of Telegram and Kie.ai -------------------------------------------------
 
-class FakeBotApi:
+class FakeServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 that hands each request to ``answer``.
+
+    ``answer(http_method, path, query, headers, body)`` returns (status, payload):
+    a dict goes out as JSON, bytes as an image.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def _handler_class(self):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in separate writes
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _dispatch(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                path, _, query = self.path.partition("?")
+                status, payload = fake.answer(self.command, path, dict(urllib.parse.parse_qsl(query)),
+                                              self.headers, body)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "image/png" if isinstance(payload, bytes) else "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = _dispatch
+
+        return Handler
+
+
+class FakeBotApi(FakeServer):
     """Answers Bot API methods like Telegram does and records each call.
 
     ``calls`` holds (method, params) in arrival order.  ``fail(method, status,
@@ -80,18 +133,13 @@ class FakeBotApi:
         self.pending_updates: list[dict] = []
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
-        self._cond = threading.Condition()
         self._message_id = 1000
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        super().__init__()
 
     def close(self) -> None:
         for event in self._stalled.values():
             event.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().close()
 
     # scripting
     def fail(self, method: str, status: int, body: dict) -> None:
@@ -122,7 +170,12 @@ class FakeBotApi:
             self.calls.clear()
 
     # serving
-    def _answer(self, method: str, params: dict) -> tuple[int, dict]:
+    def answer(self, http_method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        prefix = f"/bot{self.token}/"
+        if not path.startswith(prefix):
+            return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        method = path[len(prefix):]
+        params = parse_body(headers.get("Content-Type", ""), body)
         stalled = self._stalled.get(method)
         if stalled is not None:
             stalled.wait(60)
@@ -165,40 +218,77 @@ class FakeBotApi:
                 self._cond.wait(deadline - time.monotonic())
             return list(self.pending_updates)
 
-    def _handler_class(self):
-        fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+PNG_BYTES = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15"
+             b"\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
 
-            def log_message(self, *args: Any) -> None:
-                pass
 
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                prefix = f"/bot{fake.token}/"
-                if not self.path.startswith(prefix):
-                    return self._send(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
-                method = self.path[len(prefix):]
-                params = parse_body(self.headers.get("Content-Type", ""), body)
-                status, payload = fake._answer(method, params)
-                self._send(status, payload)
+class FakeKie(FakeServer):
+    """The Kie.ai Market API: createTask, recordInfo, credits, and the result images.
 
-            do_GET = do_POST
+    Tasks stay "generating" until ``complete(task_id)`` or ``fail_task(task_id)``.
+    ``script(endpoint, status, body)`` queues an answer for the next call of
+    ``createTask`` / ``recordInfo`` / ``credit``.
+    """
 
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+    def __init__(self, key: str = KIE_KEY):
+        self.key = key
+        self.created: list[dict] = []  # createTask bodies
+        self.record_calls: list[str] = []  # task ids asked about
+        self.tasks: dict[str, dict] = {}
+        self.credits = 1234.5
+        self._scripted: dict[str, list[tuple[int, dict]]] = {}
+        super().__init__()
 
-        return Handler
+    def script(self, endpoint: str, status: int, body: dict) -> None:
+        with self._cond:
+            self._scripted.setdefault(endpoint, []).append((status, body))
+
+    def image_url(self, name: str = "result.png") -> str:
+        return f"{self.base_url}/images/{name}"
+
+    def complete(self, task_id: str, url: str | None = None) -> None:
+        with self._cond:
+            self.tasks[task_id].update(state="success", resultJson=json.dumps({"resultUrls": [url or self.image_url()]}))
+
+    def fail_task(self, task_id: str, code: str = "500", message: str = "internal error") -> None:
+        with self._cond:
+            self.tasks[task_id].update(state="fail", failCode=code, failMsg=message)
+
+    def callback_body(self, task_id: str) -> dict:
+        """What Kie POSTs to callBackUrl once the task is finished."""
+        with self._cond:
+            record = dict(self.tasks[task_id])
+        return {"code": 200 if record["state"] == "success" else 501, "msg": "Playground task completed.",
+                "data": record}
+
+    def answer(self, method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        if path.startswith("/images/"):
+            return 200, PNG_BYTES
+        endpoint = path.rsplit("/", 1)[-1]
+        with self._cond:
+            if headers.get("Authorization") != f"Bearer {self.key}":
+                return 200, {"code": 401, "msg": "You do not have access permissions"}
+            if endpoint == "createTask":
+                self.created.append(json.loads(body))
+            elif endpoint == "recordInfo":
+                self.record_calls.append(query.get("taskId", ""))
+            if self._scripted.get(endpoint):
+                return self._scripted[endpoint].pop(0)
+            if endpoint == "createTask":
+                task_id = f"task{len(self.created):05d}"
+                request = self.created[-1]
+                self.tasks[task_id] = {"taskId": task_id, "model": request["model"], "state": "generating",
+                                       "param": json.dumps(request), "resultJson": "", "failCode": "", "failMsg": ""}
+                return 200, {"code": 200, "msg": "success", "data": {"taskId": task_id}}
+            if endpoint == "recordInfo":
+                record = self.tasks.get(query.get("taskId", ""))
+                if record is None:
+                    return 200, {"code": 404, "msg": "Task not found"}
+                return 200, {"code": 200, "message": "success", "data": dict(record)}
+            if endpoint == "credit":
+                return 200, {"code": 200, "msg": "success", "data": self.credits}
+        return 404, {"code": 404, "msg": "no such endpoint"}
 
 
 def parse_body(content_type: str, body: bytes) -> dict:
@@ -218,6 +308,13 @@ def parse_body(content_type: str, body: bytes) -> dict:
 @pytest.fixture
 def fake_tg():
     fake = FakeBotApi()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def fake_kie():
+    fake = FakeKie()
     yield fake
     fake.close()
 
@@ -346,3 +443,9 @@ def bot_processes():
         process.kill()
         for secret in SECRETS:
             assert secret not in process.log, "a secret reached the bot's log output"
+
+
+def pytest_collection_modifyitems(items):
+    """The suite-wide secret check reads every record the other tests logged: run it last."""
+    last = [item for item in items if item.name == "test_no_log_record_in_the_whole_suite_contains_a_secret"]
+    items[:] = [item for item in items if item not in last] + last

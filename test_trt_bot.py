@@ -42,7 +42,7 @@ async def post_update(app: trt_bot.App, update: dict, client: httpx.AsyncClient 
     headers = secret_header(app) if headers is None else headers
     if client is not None:
         return await client.post(url, json=update, headers=headers)
-    async with httpx.AsyncClient() as own:
+    async with httpx.AsyncClient(verify=False) as own:  # plain HTTP: skip loading CA certificates (~20 ms)
         return await own.post(url, json=update, headers=headers)
 
 

@@ -7,11 +7,13 @@ grepping for its banner (``#####``):
    2. Errors               the base exception and log masking of secrets
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, timeouts, connection limits
-   5. Storage              SQLite on its own thread: schema, inbox, state
+   5. Storage              SQLite on its own thread: schema, inbox, dialog state
    6. Telegram client      raw Bot API over httpx, retries, typed errors
-   7. Update pipeline      durable ack, spill, ordered workers
-   8. Conversation         texts, keyboards, command and button handlers
-   9. Application          routes, webhook set-up, polling, main()
+   7. Kie client           createTask / recordInfo / credits, backoff, pacing
+   8. Update pipeline      durable ack, spill, ordered workers
+   9. Conversation         model catalog, texts, keyboards, the dialog
+  10. Generation jobs      job state machine, submit, callback + poller, delivery
+  11. Application          routes, webhook set-up, polling, main()
 
 Run it with ``python trt_bot.py`` (see README.md for the environment).
 """
@@ -19,16 +21,20 @@ Run it with ``python trt_bot.py`` (see README.md for the environment).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import html
 import json
 import logging
 import os
+import random
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -78,6 +84,8 @@ class Config:
     admin_ids: frozenset[int] = frozenset()
     diag_token: str = ""
     gen_timeout_s: float = 300.0
+    gen_hourly_limit: int = 20
+    kie_max_tasks: int = 100
     flush_pending_over: int = 10
     log_level: str = "INFO"
     shutdown_grace_s: float = 25.0
@@ -157,7 +165,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         kie_api_base=_url_setting(env, "KIE_API_BASE", "https://api.kie.ai"),
         admin_ids=_admin_ids(env.get("ADMIN_IDS", "")),
         diag_token=env.get("DIAG_TOKEN", "").strip(),
-        gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 10, 86400)),
+        gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 1, 86400)),
+        gen_hourly_limit=_int_setting(env, "GEN_HOURLY_LIMIT", 20, 1, 100_000),
+        kie_max_tasks=_int_setting(env, "KIE_MAX_CONCURRENT_TASKS", 100, 1, 10_000),
         flush_pending_over=_int_setting(env, "WEBHOOK_FLUSH_PENDING_OVER", 10, -1, 10**9),
         log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
         shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
@@ -658,6 +668,28 @@ MIGRATIONS: list[list[str]] = [
                last_seen  REAL NOT NULL,
                blocked    INTEGER NOT NULL DEFAULT 0)""",
     ],
+    [  # 2: generation jobs (columns mirror the Job dataclass in section 10)
+        """CREATE TABLE jobs (
+               id                TEXT PRIMARY KEY,
+               user_id           INTEGER NOT NULL,
+               chat_id           INTEGER NOT NULL,
+               lang              TEXT NOT NULL,
+               model             TEXT NOT NULL,
+               prompt            TEXT NOT NULL,
+               ratio             TEXT NOT NULL,
+               option            TEXT NOT NULL,
+               state             TEXT NOT NULL,
+               outcome           TEXT NOT NULL,
+               task_id           TEXT NOT NULL,
+               result_url        TEXT NOT NULL,
+               error             TEXT NOT NULL,
+               status_message_id INTEGER NOT NULL,
+               created_at        REAL NOT NULL,
+               updated_at        REAL NOT NULL)""",
+        "CREATE INDEX jobs_open ON jobs(state) WHERE state != 'delivered'",
+        "CREATE INDEX jobs_user_time ON jobs(user_id, created_at)",
+        "CREATE INDEX jobs_time ON jobs(created_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1069,7 +1101,213 @@ class TelegramClient:
 
 
 ###############################################################################
-# 7. Update pipeline
+# 7. Kie client
+#    Owns talking to Kie.ai: the {code, msg, data} envelope, task records,
+#    typed errors, retries with backoff and jitter, and request pacing.
+###############################################################################
+
+KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
+KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
+KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
+
+# Kie answers HTTP 200 with an error in ``code``; these are the codes it documents.
+KIE_ERROR_KINDS = {
+    401: "unauthorized",  # bad key
+    402: "no_credits",
+    404: "not_found",
+    422: "invalid",  # the request failed validation
+    429: "rate_limited",
+    433: "key_limit",  # a sub-key's usage cap
+    455: "maintenance",
+    500: "server_error",
+    501: "generation_failed",
+    505: "disabled",
+}
+KIE_RETRYABLE_CODES = frozenset({429, 455, 500})
+
+
+class KieError(TrtError):
+    """Kie refused or failed a call; ``code`` is Kie's (or the HTTP status, 0 for network)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"Kie {code}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def kind(self) -> str:
+        return KIE_ERROR_KINDS.get(self.code, "network" if self.code == 0 else "server_error")
+
+    @property
+    def retryable(self) -> bool:
+        return self.code == 0 or self.code in KIE_RETRYABLE_CODES or self.code >= 500 and self.code not in (501, 505)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """What Kie says about a task: pending, success (with URLs) or fail."""
+
+    task_id: str
+    state: str  # "pending" | "success" | "fail"
+    urls: tuple[str, ...] = ()
+    fail_code: str = ""
+    fail_message: str = ""
+
+
+KIE_PENDING_STATES = frozenset({"waiting", "queuing", "generating"})
+
+
+def parse_kie_envelope(status_code: int, content: bytes) -> Any:
+    """``data`` of a Kie answer, or KieError (``code`` is read even on HTTP 200)."""
+    try:
+        payload = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise KieError(status_code if status_code >= 400 else 500, f"HTTP {status_code} without a Kie body")
+    code = payload.get("code", status_code)
+    message = str(payload.get("msg") or payload.get("message") or "")
+    if not isinstance(code, int):
+        code = status_code
+    if code != 200:
+        raise KieError(code, message)
+    if status_code >= 400:
+        raise KieError(status_code, message)
+    return payload.get("data")
+
+
+def parse_task_record(data: Any) -> TaskRecord:
+    """A recordInfo ``data`` (or a callback's) as a TaskRecord; KieError if unreadable."""
+    if not isinstance(data, dict):
+        raise KieError(500, "task record is not an object")
+    task_id = str(data.get("taskId") or data.get("task_id") or "")
+    state = str(data.get("state") or "")
+    if state in KIE_PENDING_STATES:
+        return TaskRecord(task_id, "pending")
+    if state == "fail":
+        return TaskRecord(task_id, "fail", (), str(data.get("failCode") or ""), str(data.get("failMsg") or ""))
+    if state == "success":
+        result = data.get("resultJson")
+        if isinstance(result, str):
+            try:
+                result = json.loads(result) if result else {}
+            except ValueError:
+                raise KieError(500, "resultJson is not valid JSON") from None
+        urls = (result or {}).get("resultUrls") if isinstance(result, dict) else None
+        urls = tuple(u for u in urls or () if isinstance(u, str) and u.startswith(("http://", "https://")))
+        if not urls:
+            return TaskRecord(task_id, "fail", (), "no_result", "the task succeeded without an image URL")
+        return TaskRecord(task_id, "success", urls)
+    raise KieError(500, f"unknown task state {state!r}")
+
+
+def kie_signature_valid(key: str, task_id: str, timestamp: str, signature: str) -> bool:
+    """Kie's X-Webhook-Signature: base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp))."""
+    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
+    return bool(timestamp) and hmac.compare_digest(base64.b64encode(digest), signature.encode())
+
+
+def backoff_delays(base: float = 1.0, cap: float = 20.0) -> Iterable[float]:
+    """Exponential backoff with full jitter: 0..1 s, 0..2 s, 0..4 s, ... up to ``cap``."""
+    attempt = 0
+    while True:
+        yield random.uniform(0, min(cap, base * 2**attempt))
+        attempt += 1
+
+
+class RateLimiter:
+    """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
+
+    def __init__(self, calls: int, period: float):
+        self.calls = calls
+        self.period = period
+        self._stamps: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._stamps and now - self._stamps[0] >= self.period:
+                    self._stamps.popleft()
+                if len(self._stamps) < self.calls:
+                    self._stamps.append(now)
+                    return
+                await asyncio.sleep(self._stamps[0] + self.period - now)
+
+
+class KieClient:
+    """createTask, recordInfo and credits, with transient failures retried within a budget.
+
+    Network errors, timeouts, HTTP 5xx and codes 429/455/500 are retried;
+    401/402/422/501/505 raise KieError at once.
+    """
+
+    def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, budget_s: float = KIE_RETRY_BUDGET_S):
+        self.api_base = api_base
+        self.http = http
+        self.budget_s = budget_s
+        self.configured = bool(api_key)
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.create_pace = RateLimiter(*KIE_CREATE_PACE)
+        self.record_pace = RateLimiter(*KIE_RECORD_PACE)
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (endpoint, outcome)
+
+    async def create_task(self, model: str, inputs: dict, callback_url: str = "") -> str:
+        body: dict[str, Any] = {"model": model, "input": inputs}
+        if callback_url:
+            body["callBackUrl"] = callback_url
+        data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace, json_body=body)
+        task_id = (data or {}).get("taskId") if isinstance(data, dict) else None
+        if not task_id:
+            raise KieError(500, "createTask answered without a taskId")
+        return str(task_id)
+
+    async def record_info(self, task_id: str, budget_s: float | None = None) -> TaskRecord:
+        """The task's record; ``budget_s=0`` tries once (a poller asks again later anyway)."""
+        data = await self._request("GET", "/api/v1/jobs/recordInfo", self.record_pace, params={"taskId": task_id},
+                                   budget_s=budget_s)
+        return parse_task_record(data)
+
+    async def credits(self) -> float:
+        data = await self._request("GET", "/api/v1/chat/credit", None)
+        if not isinstance(data, (int, float)) or isinstance(data, bool):
+            raise KieError(500, "credit answer is not a number")
+        return data
+
+    async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
+                       params: dict | None = None, budget_s: float | None = None) -> Any:
+        endpoint = path.rsplit("/", 1)[-1]
+        deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
+        for delay in backoff_delays():
+            if pace is not None:
+                await pace.acquire()
+            try:
+                data = await self._request_once(method, path, json_body, params)
+            except KieError as error:
+                self.calls[endpoint, error.kind] += 1
+                if not error.retryable or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.calls[endpoint, "ok"] += 1
+            return data
+        raise AssertionError("unreachable: backoff_delays never ends")
+
+    async def _request_once(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
+        content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
+        try:
+            response = await self.http.request(method, self.api_base + path, content=content, params=params,
+                                               headers=self._headers, timeout=KIE_TIMEOUT)
+        except httpx.HTTPError as error:
+            raise KieError(0, f"network error ({type(error).__name__})") from None
+        return parse_kie_envelope(response.status_code, response.content)
+
+
+###############################################################################
+# 8. Update pipeline
 #    Owns an update from the moment it arrives until a handler is done with it:
 #    the durable ack, duplicates, spilling to the inbox when memory is full,
 #    the ordered workers, timeouts and the counters /health shows.
@@ -1429,18 +1667,74 @@ def _pending_and_backlog(conn: sqlite3.Connection, limit: int) -> tuple[list, in
 
 
 ###############################################################################
-# 8. Conversation
-#    Owns what the user sees: texts in both languages, keyboards, and the
-#    handlers for commands, messages and button presses.
+# 9. Conversation
+#    Owns what the user sees: the model catalog, texts in both languages,
+#    keyboards, and the handlers for commands, messages and button presses.
 ###############################################################################
 
+PROMPT_MAX_CHARS = 1000  # z-image's limit; the catalog's other models accept more
+CAPTION_MAX_CHARS = 1024  # Telegram's photo caption limit
 RU_LANGUAGES = frozenset({"ru", "uk", "be", "kk"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOption:
+    """A required choice a model adds after the ratio (quality, resolution)."""
+
+    field: str
+    title: dict[str, str]  # per language
+    choices: tuple[tuple[str, dict[str, str]], ...]  # (value sent to Kie, label per language)
+
+    def label(self, value: str, lang: str) -> str:
+        return dict(self.choices)[value][lang]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageModel:
+    """A Kie Market text-to-image model: adding one is adding a row to CATALOG."""
+
+    key: str  # short id used in button data
+    kie_model: str  # the ``model`` sent to createTask
+    title: str
+    ratios: tuple[str, ...]
+    option: ModelOption | None = None
+    fixed_input: tuple[tuple[str, Any], ...] = ()
+
+    def inputs(self, prompt: str, ratio: str, option: str = "") -> dict[str, Any]:
+        data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
+        if self.option is not None:
+            data[self.option.field] = option
+        return data
+
+
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"))
+
+# Ratios and options as Kie's model pages list them for text-to-image.
+CATALOG: tuple[ImageModel, ...] = (
+    Z_IMAGE,
+    ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),)),
+    ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
+               ModelOption("quality", {"ru": "качество", "en": "quality"},
+                           (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
+                            ("high", {"ru": "Высокое (4K)", "en": "High (4K)"})))),
+    ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
+               ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
+                           (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"})))),
+    ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3")),
+    ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4")),
+)
+
+MODELS_BY_KEY = {model.key: model for model in CATALOG}
 
 TEXTS: dict[str, dict[str, str]] = {
     "ru": {
         "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
                  "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, выберите формат — "
                  "и через полминуты пришлю результат.",
+        "start_catalog": "\n\nИли сначала выберите модель ниже.",
         "help": "ℹ️ <b>Как пользоваться</b>\n"
                 "1. Нажмите «🖼 Создать картинку».\n"
                 "2. Опишите картинку одним сообщением (до 1000 символов).\n"
@@ -1449,14 +1743,45 @@ TEXTS: dict[str, dict[str, str]] = {
         "cancelled": "Отменено. Меню — ниже.",
         "hint": "Чтобы нарисовать картинку, нажмите «🖼 Создать картинку».",
         "stale_button": "Эта кнопка больше не действует.",
-        "coming_soon": "Генерация картинок скоро появится.",
+        "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением (до {limit} символов).\n"
+                      "Например: <i>кот-космонавт, акварель</i>",
+        "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
+        "prompt_too_long": "Слишком длинное описание: {length} символов, а можно до {limit}. "
+                           "Сократите и пришлите снова.",
+        "prompt_not_text": "Пришлите описание текстом — картинки и стикеры я не понимаю.",
+        "ask_ratio": "Выберите формат для «{prompt}»:",
+        "ask_option": "Выберите {option}:",
+        "generating": "⏳ Генерирую…",
+        "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
+        "hourly_limit": "Можно не больше {limit} картинок в час. Следующую — через {minutes} мин.",
+        "not_configured": "Генерация пока не настроена: администратору нужно указать ключ Kie.ai.",
+        "fail_moderation": "🚫 Запрос отклонён модерацией. Попробуйте описать иначе.",
+        "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
+        "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
+        "fail_unavailable": "🛠 Генерация временно недоступна. Мы уже разбираемся.",
+        "fail_invalid": "Сервис не принял запрос. Попробуйте изменить описание.",
+        "fail_failed": "😔 Не получилось нарисовать картинку.",
+        "fail_delivery": "Картинка готова, но отправить её не удалось.",
         "btn_create": "🖼 Создать картинку",
         "btn_help": "ℹ️ Помощь",
+        "btn_cancel": "✖️ Отмена",
+        "btn_again": "🔁 Ещё вариант",
+        "btn_new": "🖼 Новая картинка",
+        "btn_retry": "🔁 Попробовать снова",
+        "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
+        "stats": "📊 <b>Статистика</b>\n"
+                 "Пользователей: {users} (заблокировали бота: {blocked})\n"
+                 "Генераций сегодня: {jobs_today}\n"
+                 "Сейчас в работе: {in_flight}\n"
+                 "Апдейты: получено {received}, обработано {processed}, ошибок {errors}, "
+                 "в очереди {queue_depth}, в инбоксе {backlog}\n"
+                 "Кредиты Kie.ai: {credits}",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
                  "Tap “🖼 Create a picture”, describe what you want to see, pick a format, "
                  "and in half a minute you get the image.",
+        "start_catalog": "\n\nOr pick a model below first.",
         "help": "ℹ️ <b>How to use</b>\n"
                 "1. Tap “🖼 Create a picture”.\n"
                 "2. Describe the picture in one message (up to 1000 characters).\n"
@@ -1465,9 +1790,39 @@ TEXTS: dict[str, dict[str, str]] = {
         "cancelled": "Cancelled. The menu is below.",
         "hint": "To draw a picture, tap “🖼 Create a picture”.",
         "stale_button": "This button no longer works.",
-        "coming_soon": "Picture generation is coming soon.",
+        "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message (up to {limit} characters).\n"
+                      "For example: <i>an astronaut cat, watercolour</i>",
+        "prompt_empty": "The description is empty. Tell me in words what to draw.",
+        "prompt_too_long": "That description is {length} characters long; the limit is {limit}. "
+                           "Please shorten it and send it again.",
+        "prompt_not_text": "Please send the description as text; I cannot read pictures or stickers.",
+        "ask_ratio": "Pick a format for “{prompt}”:",
+        "ask_option": "Pick the {option}:",
+        "generating": "⏳ Generating…",
+        "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
+        "hourly_limit": "You can make up to {limit} pictures an hour. Next one in {minutes} min.",
+        "not_configured": "Generation is not set up yet: the admin needs to add a Kie.ai key.",
+        "fail_moderation": "🚫 The request was rejected by moderation. Try describing it differently.",
+        "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
+        "fail_timeout": "⌛ Generation took too long and was stopped.",
+        "fail_unavailable": "🛠 Generation is temporarily unavailable. We are on it.",
+        "fail_invalid": "The service did not accept the request. Try changing the description.",
+        "fail_failed": "😔 The picture could not be generated.",
+        "fail_delivery": "The picture is ready but could not be sent.",
         "btn_create": "🖼 Create a picture",
         "btn_help": "ℹ️ Help",
+        "btn_cancel": "✖️ Cancel",
+        "btn_again": "🔁 Another variant",
+        "btn_new": "🖼 New picture",
+        "btn_retry": "🔁 Try again",
+        "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
+        "stats": "📊 <b>Stats</b>\n"
+                 "Users: {users} (blocked the bot: {blocked})\n"
+                 "Generations today: {jobs_today}\n"
+                 "In flight: {in_flight}\n"
+                 "Updates: received {received}, processed {processed}, errors {errors}, "
+                 "queued {queue_depth}, in inbox {backlog}\n"
+                 "Kie.ai credits: {credits}",
     },
 }
 
@@ -1485,9 +1840,47 @@ def button(text: str, data: str) -> dict:
     return {"text": text, "callback_data": data}
 
 
-def main_menu(lang: str) -> dict:
+def keyboard(*rows: list[dict]) -> dict:
+    return {"inline_keyboard": [row for row in rows if row]}
+
+
+def in_rows(buttons: list[dict], per_row: int) -> list[list[dict]]:
+    return [buttons[i:i + per_row] for i in range(0, len(buttons), per_row)]
+
+
+def main_menu(lang: str, models: tuple[ImageModel, ...] = (Z_IMAGE,)) -> dict:
     t = TEXTS[lang]
-    return {"inline_keyboard": [[button(t["btn_create"], "new")], [button(t["btn_help"], "help")]]}
+    model_rows = in_rows([button(f"🎨 {m.title}", f"model:{m.key}") for m in models], 2) if len(models) > 1 else []
+    return keyboard([button(t["btn_create"], "new")], *model_rows, [button(t["btn_help"], "help")])
+
+
+def ratio_keyboard(model: ImageModel, lang: str) -> dict:
+    ratios = [button(ratio, f"ratio:{ratio}") for ratio in model.ratios]
+    return keyboard(*in_rows(ratios, 3), [button(TEXTS[lang]["btn_cancel"], "cancel")])
+
+
+def option_keyboard(option: ModelOption, lang: str) -> dict:
+    choices = [button(labels[lang], f"opt:{value}") for value, labels in option.choices]
+    return keyboard(choices, [button(TEXTS[lang]["btn_cancel"], "cancel")])
+
+
+def result_keyboard(job_id: str, lang: str, failed: bool = False) -> dict:
+    t = TEXTS[lang]
+    again = button(t["btn_retry"] if failed else t["btn_again"], f"again:{job_id}")
+    return keyboard([again], [button(t["btn_new"], "new")])
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_prompt(text: str) -> tuple[str, dict[str, Any]] | None:
+    """None if the prompt is usable, else (text key, format values) explaining why not."""
+    if not text.strip():
+        return "prompt_empty", {}
+    if len(text) > PROMPT_MAX_CHARS:
+        return "prompt_too_long", {"length": len(text), "limit": PROMPT_MAX_CHARS}
+    return None
 
 
 def parse_command(text: str) -> str | None:
@@ -1499,29 +1892,47 @@ def parse_command(text: str) -> str | None:
 
 @dataclasses.dataclass
 class Context:
-    """Who an update came from and where to answer."""
+    """Who an update came from, where to answer, and whether a button press was answered."""
 
     chat_id: int
     user_id: int
     lang: str
     t: dict[str, str]
     callback_id: str = ""
+    answered: bool = False
 
 
 class Conversation:
-    """Routes each update to a handler: commands and dialog steps by table."""
+    """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore):
+    The dialog state per user is {"step": "prompt" | "ratio" | "option",
+    "model": key, "prompt": ..., "ratio": ...}.  Button data is untrusted: a
+    value not in the tables or not matching the user's step is answered
+    politely and changes nothing.
+    """
+
+    def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
+                 generations: Generations):
         self.config = config
         self.telegram = telegram
         self.states = states
+        self.generations = generations
+        self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
+        self.models_by_key = {model.key: model for model in self.models}
+        self.queue_stats: Callable[[], dict] = dict  # set by App to the pipeline's snapshot
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start,
             "/help": self.on_help,
             "/cancel": self.on_cancel,
+            "/stats": self.on_stats,
         }
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button,
+            "model": self.on_model_button,
+            "ratio": self.on_ratio_button,
+            "opt": self.on_option_button,
+            "again": self.on_again_button,
+            "cancel": self.on_cancel_button,
             "help": self.on_help_button,
         }
 
@@ -1541,8 +1952,10 @@ class Conversation:
         command = parse_command(text) if isinstance(text, str) else None
         if command in self.commands:
             await self.commands[command](ctx, message)
+        elif (self.states.get(ctx.user_id) or {}).get("step") == "prompt":
+            await self.on_prompt(ctx, text)
         else:
-            await self.on_text(ctx, message)
+            await self.send_hint(ctx)
 
     async def on_callback_query(self, query: dict) -> None:
         user = query.get("from") or {}
@@ -1552,48 +1965,670 @@ class Conversation:
         data = query.get("data")
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
-        if handler is None or not isinstance(chat_id, int):
-            await self.telegram.answer_callback(ctx.callback_id, ctx.t["stale_button"])
-            return
-        await handler(ctx, argument)
+        try:
+            if handler is not None and isinstance(chat_id, int) and ctx.user_id:
+                await handler(ctx, argument)
+        finally:
+            if not ctx.answered:  # every query gets an answer, forged and failing ones too
+                await self.answer(ctx, ctx.t["stale_button"])
+
+    async def answer(self, ctx: Context, text: str = "") -> None:
+        ctx.answered = True
+        await self.telegram.answer_callback(ctx.callback_id, text)
+
+    async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
+        await self.telegram.send_message(ctx.chat_id, ctx.t[key].format(**values), markup)
 
     # -- commands -----------------------------------------------------------
 
     async def on_start(self, ctx: Context, message: dict) -> None:
         """Must answer whatever else is broken: no database read, a fallback menu."""
         try:
-            menu = main_menu(ctx.lang)
+            menu = main_menu(ctx.lang, self.models)
+            text = ctx.t["start"] + (ctx.t["start_catalog"] if len(self.models) > 1 else "")
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
-            menu = FALLBACK_MENU
+            menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
         try:
             await self.states.set(ctx.user_id, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
-        await self.telegram.send_message(ctx.chat_id, ctx.t["start"], menu)
+        await self.telegram.send_message(ctx.chat_id, text, menu)
 
     async def on_help(self, ctx: Context, message: dict) -> None:
-        await self.telegram.send_message(ctx.chat_id, ctx.t["help"], main_menu(ctx.lang))
+        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
 
-    async def on_cancel(self, ctx: Context, message: dict) -> None:
+    async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         await self.states.set(ctx.user_id, None)
-        await self.telegram.send_message(ctx.chat_id, ctx.t["cancelled"], main_menu(ctx.lang))
+        await self.send(ctx, "cancelled", main_menu(ctx.lang, self.models))
 
-    async def on_text(self, ctx: Context, message: dict) -> None:
-        await self.telegram.send_message(ctx.chat_id, ctx.t["hint"], main_menu(ctx.lang))
+    async def on_stats(self, ctx: Context, message: dict) -> None:
+        if ctx.user_id not in self.config.admin_ids:
+            await self.send_hint(ctx)
+            return
+        usage = await self.generations.usage()
+        queue = self.queue_stats()
+        jobs_today = ", ".join(f"{outcome} {n}" for outcome, n in sorted(usage["jobs_today"].items())) or "0"
+        await self.send(ctx, "stats", **{**usage, "jobs_today": jobs_today}, received=queue.get("total_received"),
+                        processed=queue.get("total_processed"), errors=queue.get("total_errors"),
+                        queue_depth=queue.get("queue_depth"), backlog=queue.get("inbox_backlog"))
 
-    # -- buttons --------------------------------------------------------------
+    async def send_hint(self, ctx: Context) -> None:
+        await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
+
+    # -- the dialog ---------------------------------------------------------
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.telegram.answer_callback(ctx.callback_id, ctx.t["coming_soon"])
+        await self.ask_prompt(ctx, Z_IMAGE)
+
+    async def on_model_button(self, ctx: Context, key: str) -> None:
+        model = self.models_by_key.get(key)
+        if model is not None:
+            await self.ask_prompt(ctx, model)
+
+    async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
+        await self.answer(ctx)
+        if not self.generations.kie.configured:
+            await self.send(ctx, "not_configured")
+            return
+        await self.states.set(ctx.user_id, {"step": "prompt", "model": model.key})
+        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
+        await self.send(ctx, "ask_prompt", cancel, model=model.title, limit=PROMPT_MAX_CHARS)
+
+    async def on_prompt(self, ctx: Context, text: Any) -> None:
+        if not isinstance(text, str):
+            await self.send(ctx, "prompt_not_text")
+            return
+        problem = check_prompt(text)
+        if problem is not None:
+            await self.send(ctx, problem[0], **problem[1])
+            return
+        state = self.states.get(ctx.user_id) or {}
+        model = self.models_by_key.get(state.get("model", ""), Z_IMAGE)
+        await self.states.set(ctx.user_id, {"step": "ratio", "model": model.key, "prompt": text.strip()})
+        await self.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(text.strip(), 200)))
+
+    async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
+        state = self.states.get(ctx.user_id) or {}
+        model = self.models_by_key.get(state.get("model", ""))
+        if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
+            return  # a stale or forged button: answered as stale, nothing changes
+        if model.option is None:
+            await self.answer(ctx)
+            await self.generate(ctx, model, state["prompt"], ratio)
+            return
+        await self.answer(ctx)
+        await self.states.set(ctx.user_id, {**state, "step": "option", "ratio": ratio})
+        await self.send(ctx, "ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
+
+    async def on_option_button(self, ctx: Context, value: str) -> None:
+        state = self.states.get(ctx.user_id) or {}
+        model = self.models_by_key.get(state.get("model", ""))
+        if state.get("step") != "option" or model is None or model.option is None:
+            return
+        if value not in dict(model.option.choices):
+            return
+        await self.answer(ctx)
+        await self.generate(ctx, model, state["prompt"], state["ratio"], value)
+
+    async def on_again_button(self, ctx: Context, job_id: str) -> None:
+        job = await self.generations.find(job_id, ctx.user_id)
+        model = self.models_by_key.get(job.model) if job is not None else None
+        if job is None or model is None:
+            return
+        await self.answer(ctx)
+        await self.generate(ctx, model, job.prompt, job.ratio, job.option)
+
+    async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "") -> None:
+        refusal = self.generations.refusal(ctx.user_id)
+        if refusal is not None:
+            await self.send(ctx, refusal[0], **refusal[1])
+            return
+        await self.states.set(ctx.user_id, None)
+        await self.generations.start(ctx, model, prompt, ratio, option)
+
+    async def on_cancel_button(self, ctx: Context, argument: str) -> None:
+        await self.answer(ctx)
+        await self.on_cancel(ctx)
 
     async def on_help_button(self, ctx: Context, argument: str) -> None:
-        await self.telegram.answer_callback(ctx.callback_id)
-        await self.telegram.send_message(ctx.chat_id, ctx.t["help"], main_menu(ctx.lang))
+        await self.answer(ctx)
+        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
 
 
 ###############################################################################
-# 9. Application
+# 10. Generation jobs
+#    Owns a generation from the button press to the photo: the job table and
+#    its state machine, submitting to Kie under the fairness limits, the
+#    callback and the paced poller, delivery, and admin alerts.
+###############################################################################
+
+SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
+POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
+POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
+POLL_EVERY_AFTERWARDS = 30.0
+DELIVERY_RETRY_S = 30.0
+PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
+DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+
+# The state machine: a transition not listed here is refused, which is what
+# makes a callback, a duplicate callback and the poller deliver one photo.
+JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "created": ("submitted", "failed", "timed_out"),  # waiting for a Kie slot and createTask
+    "submitted": ("succeeded", "failed", "timed_out"),  # Kie has the task id
+    "succeeded": ("delivered",),  # result URL known, photo not sent yet
+    "failed": ("delivered",),  # failure known, user not told yet
+    "timed_out": ("delivered",),
+    "delivered": (),  # the user has the photo or the explanation
+}
+OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
+
+# What the user is told, by Kie error kind (see KIE_ERROR_KINDS).
+FAILURE_BY_KIE_KIND = {
+    "unauthorized": "unavailable", "no_credits": "unavailable", "disabled": "unavailable", "key_limit": "unavailable",
+    "rate_limited": "busy", "maintenance": "busy", "server_error": "busy", "network": "busy",
+    "invalid": "invalid", "generation_failed": "failed", "not_found": "failed",
+}
+INCIDENT_CODES = {401: "the Kie API key was rejected (401)", 402: "the Kie account is out of credits (402)"}
+MODERATION_WORDS = ("moderat", "prohibit", "nsfw", "sensitive", "safety", "policy", "violat", "inappropriate")
+
+
+def failure_for_record(record: TaskRecord) -> str:
+    """Why a failed task failed, in user terms: 'moderation' or 'failed'."""
+    message = record.fail_message.lower()
+    return "moderation" if any(word in message for word in MODERATION_WORDS) else "failed"
+
+
+def poll_interval(age_s: float) -> float:
+    for younger_than, every in POLL_SCHEDULE:
+        if age_s < younger_than:
+            return every
+    return POLL_EVERY_AFTERWARDS
+
+
+@dataclasses.dataclass
+class Job:
+    """One generation; its fields are the columns of the ``jobs`` table."""
+
+    id: str
+    user_id: int
+    chat_id: int
+    lang: str
+    model: str  # ImageModel.key
+    prompt: str
+    ratio: str
+    option: str = ""
+    state: str = "created"
+    outcome: str = ""  # success | failed | timed_out, once known
+    task_id: str = ""
+    result_url: str = ""
+    error: str = ""  # failure kind shown to the user (fail_<error> in TEXTS)
+    status_message_id: int = 0  # the ⏳ message
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
+
+
+def jobs_save(conn: sqlite3.Connection, rows: list[tuple]) -> list[None]:
+    columns = ",".join(JOB_COLUMNS)
+    marks = ",".join("?" * len(JOB_COLUMNS))
+    conn.executemany(f"INSERT OR REPLACE INTO jobs({columns}) VALUES ({marks})", rows)
+    return [None] * len(rows)
+
+
+def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
+    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered'").fetchall()
+
+
+def jobs_created_since(conn: sqlite3.Connection, since: float) -> list[tuple[int, float]]:
+    return conn.execute("SELECT user_id, created_at FROM jobs WHERE created_at >= ? ORDER BY created_at",
+                        (since,)).fetchall()
+
+
+def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
+    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone()
+
+
+def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
+    users, blocked = conn.execute("SELECT count(*), coalesce(sum(blocked), 0) FROM users").fetchone()
+    outcomes = conn.execute("SELECT outcome, count(*) FROM jobs WHERE created_at >= ? GROUP BY outcome",
+                            (since,)).fetchall()
+    return {"users": users, "blocked": blocked, "jobs_today": {outcome or "in_flight": n for outcome, n in outcomes}}
+
+
+class DownloadError(TrtError):
+    """The result image could not be fetched for upload (HTTP error or too large)."""
+
+
+async def download_bounded(http: httpx.AsyncClient, url: str, limit: int) -> bytes:
+    """GET ``url`` into memory, refusing more than ``limit`` bytes."""
+    try:
+        async with http.stream("GET", url, timeout=KIE_TIMEOUT) as response:
+            if response.status_code != 200:
+                raise DownloadError(f"HTTP {response.status_code}")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise DownloadError(f"image larger than {limit} bytes")
+                chunks.append(chunk)
+    except httpx.HTTPError as error:
+        raise DownloadError(type(error).__name__) from None
+    return b"".join(chunks)
+
+
+def image_file_name(url: str) -> tuple[str, str]:
+    """A file name and MIME type for an uploaded result, from the URL's extension."""
+    extension = os.path.splitext(urllib.parse.urlsplit(url).path)[1].lower()
+    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(extension, "image/png")
+    return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Done-callback for writes nobody awaits: failures are logged by Database already."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Generations:
+    """Every job of this process, from creation to delivery.
+
+    Jobs are held in memory (the authority inside the process, so transitions
+    are atomic) and written through to SQLite, from which ``resume`` reloads
+    unfinished ones after a restart.
+    """
+
+    def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
+                 http: httpx.AsyncClient):
+        self.config = config
+        self.db = db
+        self.telegram = telegram
+        self.kie = kie
+        self.http = http
+        self.callback_url = (
+            f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?token={config.kie_callback_token}"
+            if config.webhook_base_url else ""
+        )
+        self.jobs: dict[str, Job] = {}  # unfinished jobs
+        self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
+        self.on_finished: Callable[[Job, float], None] = lambda job, seconds: None
+        self.in_kie = 0  # jobs holding one of config.kie_max_tasks slots
+        self._by_task: dict[str, str] = {}
+        self._active_by_user: dict[int, str] = {}
+        self._recent_by_user: dict[int, collections.deque[float]] = {}
+        self._submissions: asyncio.Queue[str] = asyncio.Queue()
+        self._slot_freed = asyncio.Event()
+        self._poll_heap: list[tuple[float, int, str]] = []
+        self._poll_sequence = 0
+        self._poll_wakeup = asyncio.Event()
+        self._polling: set[str] = set()
+        self._delivering: set[str] = set()
+        self._redeliver_at: dict[str, float] = {}
+        self._incident: int | None = None  # Kie error code of an ongoing incident
+        self._writes = GroupCommit(db, jobs_save)
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def resume(self) -> None:
+        """Load unfinished jobs and start submitting, polling and delivering."""
+        try:
+            rows = await self.db.read(jobs_unfinished)
+            recent = await self.db.read(jobs_created_since, time.time() - 3600)
+        except DatabaseUnavailable:
+            rows, recent = [], []
+        for user_id, created_at in recent:
+            self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
+        for row in rows:
+            job = Job(*row)
+            if job.id in self.jobs:
+                continue
+            self._track(job)
+            if job.state == "created":
+                self._submissions.put_nowait(job.id)
+            elif job.state == "submitted":
+                self.in_kie += 1
+                self._schedule_poll(job, 0.0)  # callbacks may have come while we were down
+            else:
+                self._spawn(self._deliver(job))
+        if rows:
+            log.info("[JOB] resumed %d unfinished jobs", len(rows))
+        self._loops = [asyncio.create_task(self._submit_forever(), name=f"submitter-{n}") for n in range(SUBMITTERS)]
+        self._loops.append(asyncio.create_task(self._poll_forever(), name="job-poller"))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop submitting and polling; let deliveries under way finish within ``grace``.
+
+        Whatever is cut short stays in the jobs table and resumes on the next start.
+        """
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- starting a job ----------------------------------------------------
+
+    def refusal(self, user_id: int) -> tuple[str, dict[str, Any]] | None:
+        """Why ``user_id`` may not start a generation now (text key, values), or None."""
+        if user_id in self._active_by_user:
+            return "busy_user", {}
+        if user_id in self.config.admin_ids:
+            return None
+        stamps = self._recent_by_user.get(user_id)
+        now = time.time()
+        while stamps and now - stamps[0] >= 3600:
+            stamps.popleft()
+        if stamps and len(stamps) >= self.config.gen_hourly_limit:
+            minutes = max(1, int((stamps[0] + 3600 - now) / 60) + 1)
+            return "hourly_limit", {"limit": self.config.gen_hourly_limit, "minutes": minutes}
+        return None
+
+    async def start(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str) -> Job:
+        """Create a job (durably) and queue it; the handler returns at once."""
+        status = await self.telegram.send_message(ctx.chat_id, ctx.t["generating"])
+        now = time.time()
+        job = Job(secrets.token_hex(8), ctx.user_id, ctx.chat_id, ctx.lang, model.key, prompt, ratio, option,
+                  status_message_id=(status or {}).get("message_id", 0) if isinstance(status, dict) else 0,
+                  created_at=now, updated_at=now)
+        self._track(job)
+        self._recent_by_user.setdefault(job.user_id, collections.deque()).append(now)
+        try:
+            await self._save(job)
+        except DatabaseUnavailable:
+            pass  # memory keeps it; it just will not survive a restart
+        log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
+        self._submissions.put_nowait(job.id)
+        return job
+
+    async def find(self, job_id: str, user_id: int) -> Job | None:
+        """A job of ``user_id`` by id (for "🔁"), None if unknown or someone else's."""
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            return None
+        job = self.jobs.get(job_id)
+        if job is None:
+            try:
+                row = await self.db.read(job_row, job_id)
+            except DatabaseUnavailable:
+                row = None
+            job = Job(*row) if row else None
+        return job if job is not None and job.user_id == user_id else None
+
+    def _track(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self._active_by_user[job.user_id] = job.id
+        if job.task_id:
+            self._by_task[job.task_id] = job.id
+
+    def _forget(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self._by_task.pop(job.task_id, None)
+        self._redeliver_at.pop(job.id, None)
+        if self._active_by_user.get(job.user_id) == job.id:
+            del self._active_by_user[job.user_id]
+
+    def _save(self, job: Job) -> asyncio.Future:
+        future = self._writes.submit(dataclasses.astuple(job))
+        future.add_done_callback(_consume)
+        return future
+
+    def _move(self, job: Job, state: str, **changes: Any) -> bool:
+        """Apply a transition if JOB_TRANSITIONS allows it; False (and no change) otherwise."""
+        if state not in JOB_TRANSITIONS[job.state]:
+            return False
+        if job.state == "submitted":
+            self._release_slot()
+        job.state = state
+        for name, value in changes.items():
+            setattr(job, name, value)
+        job.updated_at = time.time()
+        if state in OUTCOMES:
+            job.outcome = OUTCOMES[state]
+            self.finished[job.outcome] += 1
+            self.on_finished(job, job.updated_at - job.created_at)
+            log.info("[JOB] %s %s after %.1fs%s", job.id, state, job.updated_at - job.created_at,
+                     f" ({job.error})" if job.error else "")
+        self._save(job)
+        return True
+
+    # -- submitting ----------------------------------------------------------
+
+    def _release_slot(self) -> None:
+        self.in_kie -= 1
+        self._slot_freed.set()
+
+    async def _submit_forever(self) -> None:
+        while True:
+            job = self.jobs.get(await self._submissions.get())
+            if job is None or job.state != "created":
+                continue
+            while self.in_kie >= self.config.kie_max_tasks:  # the global bound on tasks at Kie
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            self.in_kie += 1
+            await self._submit(job)
+
+    async def _submit(self, job: Job) -> None:
+        model = MODELS_BY_KEY[job.model]
+        try:
+            task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
+                                                 self.callback_url)
+        except KieError as error:
+            self._release_slot()
+            log.warning("[JOB] %s: createTask failed: %s", job.id, error)
+            if self._move(job, "failed", error=FAILURE_BY_KIE_KIND.get(error.kind, "failed")):
+                self._spawn(self._deliver(job))
+            if error.code in INCIDENT_CODES:
+                await self._alert_admins(error.code)
+            return
+        if self._incident is not None:
+            log.warning("[JOB] Kie works again; incident %d over", self._incident)
+            self._incident = None
+        if not self._move(job, "submitted", task_id=task_id):  # timed out while createTask ran
+            self._release_slot()
+            return
+        self._by_task[task_id] = job.id
+        self._schedule_poll(job, time.time() + poll_interval(0.0))
+
+    async def _alert_admins(self, code: int) -> None:
+        """One alert per incident: the next successful createTask ends it."""
+        if self._incident is not None:
+            return
+        self._incident = code
+        log.error("[JOB] Kie incident: %s; alerting %d admins", INCIDENT_CODES[code], len(self.config.admin_ids))
+        for admin_id in sorted(self.config.admin_ids):
+            try:
+                await self.telegram.send_message(admin_id, TEXTS["ru"]["admin_alert"].format(reason=INCIDENT_CODES[code]))
+            except TelegramError as error:
+                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
+
+    # -- completion: callback and poller --------------------------------------
+
+    def on_callback(self, task_id: str, data: Any) -> None:
+        """A Kie callback (already authenticated): apply it, or poll when it is unreadable."""
+        job = self.jobs.get(self._by_task.get(task_id, ""))
+        if job is None:
+            log.info("[JOB] callback for a task that is unknown or finished: %s", task_id)
+            return
+        try:
+            record = parse_task_record(data)
+        except KieError:
+            self._schedule_poll(job, 0.0)
+            return
+        self._apply(job, record)
+
+    def _apply(self, job: Job, record: TaskRecord) -> None:
+        if record.state == "success":
+            moved = self._move(job, "succeeded", result_url=record.urls[0])
+        elif record.state == "fail":
+            moved = self._move(job, "failed", error=failure_for_record(record))
+        else:
+            return
+        if moved:
+            self._spawn(self._deliver(job))
+
+    def _schedule_poll(self, job: Job, when: float) -> None:
+        self._poll_sequence += 1
+        heapq.heappush(self._poll_heap, (when, self._poll_sequence, job.id))
+        self._poll_wakeup.set()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            now = time.time()
+            self._expire_overdue(now)
+            self._retry_deliveries(now)
+            while self._poll_heap and self._poll_heap[0][0] <= now and len(self._polling) < POLLS_AT_ONCE:
+                job = self.jobs.get(heapq.heappop(self._poll_heap)[2])
+                if job is not None and job.state == "submitted" and job.id not in self._polling:
+                    self._polling.add(job.id)
+                    self._spawn(self._poll(job))
+            delay = 1.0
+            if self._poll_heap and len(self._polling) < POLLS_AT_ONCE:
+                delay = min(delay, max(0.0, self._poll_heap[0][0] - now))
+            self._poll_wakeup.clear()
+            try:
+                await asyncio.wait_for(self._poll_wakeup.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _poll(self, job: Job) -> None:
+        try:
+            record = await self.kie.record_info(job.task_id, budget_s=0)
+        except KieError as error:
+            log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
+            record = None
+        finally:
+            self._polling.discard(job.id)
+            self._poll_wakeup.set()
+        if job.state != "submitted":
+            return
+        if record is not None and record.state != "pending":
+            self._apply(job, record)
+        else:
+            self._schedule_poll(job, time.time() + poll_interval(time.time() - job.created_at))
+
+    def _expire_overdue(self, now: float) -> None:
+        for job in list(self.jobs.values()):
+            if job.state in ("created", "submitted") and now - job.created_at > self.config.gen_timeout_s:
+                if self._move(job, "timed_out", error="timeout"):
+                    self._spawn(self._deliver(job))
+
+    # -- delivery --------------------------------------------------------------
+
+    def _retry_deliveries(self, now: float) -> None:
+        for job_id, when in list(self._redeliver_at.items()):
+            job = self.jobs.get(job_id)
+            if when <= now and job is not None:
+                del self._redeliver_at[job_id]
+                self._spawn(self._deliver(job))
+
+    async def _deliver(self, job: Job) -> None:
+        """Send the photo or the failure once; the state machine guards against twice."""
+        if job.id in self._delivering or job.state not in OUTCOMES:
+            return
+        self._delivering.add(job.id)
+        try:
+            if job.state == "succeeded":
+                await self._send_result(job)
+            else:
+                await self._send_failure(job)
+        except TelegramError as error:
+            if error.retryable:
+                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
+                self._redeliver_at[job.id] = time.time() + DELIVERY_RETRY_S
+                return
+            log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
+        finally:
+            self._delivering.discard(job.id)
+        self._move(job, "delivered")
+        self._forget(job)
+
+    async def _send_result(self, job: Job) -> None:
+        params = {
+            "chat_id": job.chat_id,
+            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
+            "parse_mode": "HTML",
+            "reply_markup": result_keyboard(job.id, job.lang),
+        }
+        try:
+            try:
+                await self.telegram.call("sendPhoto", {**params, "photo": job.result_url})
+            except TelegramError as error:
+                if error.error_code != 400:
+                    raise
+                log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
+                await self._upload_result(job, params)
+        except DownloadError as error:
+            log.warning("[JOB] %s: could not download the result: %s", job.id, error)
+            job.error = "delivery"
+            await self._send_failure(job)
+            return
+        await self._delete_status_message(job)
+
+    async def _upload_result(self, job: Job, params: dict) -> None:
+        image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES)
+        name, mime = image_file_name(job.result_url)
+        if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
+            try:
+                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)})
+                return
+            except TelegramError as error:
+                if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
+                    raise
+        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)})
+
+    async def _send_failure(self, job: Job) -> None:
+        text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
+        markup = result_keyboard(job.id, job.lang, failed=True)
+        if job.status_message_id:
+            try:
+                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                             "message_id": job.status_message_id,
+                                                             "parse_mode": "HTML", "reply_markup": markup})
+                return
+            except TelegramError as error:
+                if error.error_code != 400:
+                    raise
+        await self.telegram.send_message(job.chat_id, text, markup)
+
+    async def _delete_status_message(self, job: Job) -> None:
+        if not job.status_message_id:
+            return
+        try:
+            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
+        except TelegramError as error:
+            log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
+
+    # -- reporting -------------------------------------------------------------
+
+    async def usage(self) -> dict[str, Any]:
+        """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
+        midnight = time.time() // 86400 * 86400
+        try:
+            counts = await self.db.read(usage_counts, midnight)
+        except DatabaseUnavailable:
+            counts = {"users": "?", "blocked": "?", "jobs_today": {}}
+        try:
+            credits: Any = await self.kie.credits() if self.kie.configured else "—"
+        except KieError as error:
+            credits = f"— ({error.kind})"
+        return {**counts, "in_flight": len(self.jobs), "credits": credits}
+
+###############################################################################
+# 11. Application
 #    Owns wiring the sections together: HTTP routes, webhook set-up or polling,
 #    database recovery, start-up and shutdown order, and main().
 ###############################################################################
@@ -1657,8 +2692,10 @@ class App:
             timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
         )
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http)
+        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http)
         self.states = ConversationStore(self.db)
-        self.conversation = Conversation(config, self.telegram, self.states)
+        self.generations = Generations(config, self.db, self.telegram, self.kie, self.http)
+        self.conversation = Conversation(config, self.telegram, self.states, self.generations)
         self.pipeline = UpdatePipeline(
             self.db,
             self.conversation.handle,
@@ -1666,9 +2703,11 @@ class App:
             workers=config.queue_workers,
             handler_timeout=config.handler_timeout_s,
         )
+        self.conversation.queue_stats = self.pipeline.snapshot
         self.server = HttpServer(self.handle_request)
         self.routes: dict[str, dict[str, RequestHandler]] = {
             config.webhook_path: {"POST": self.on_webhook},
+            "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
             "/health": {"GET": self.on_health},
             "/diag/webhook": {"GET": self.on_diag_webhook},
             "/": {"GET": self.on_root},
@@ -1687,6 +2726,7 @@ class App:
         if await self.db.open():
             await self._load_state()
         await self.pipeline.start()
+        await self.generations.resume()
         self._spawn(self._watch_database(), "db-watch")
         if self.config.bot_mode == "webhook":
             self._spawn(self._configure_webhook(), "webhook-setup")
@@ -1705,6 +2745,7 @@ class App:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.pipeline.stop(grace=max(0.0, deadline - time.monotonic()))
+        await self.generations.stop(grace=max(0.0, deadline - time.monotonic()))
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
@@ -1806,6 +2847,28 @@ class App:
         if await self.pipeline.ingest(update, request.body) == 200:
             return Response(200, OK_BODY, "application/json")
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+
+    async def on_kie_callback(self, request: Request) -> Response:
+        """Kie's completion callback: the URL token always, the HMAC signature when configured."""
+        token = request.query.get("token", "").encode()
+        if not hmac.compare_digest(token, self.config.kie_callback_token.encode()):
+            return text_response(401, "wrong callback token")
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "callback must be a JSON object")
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
+        if not task_id:
+            raise HttpError(400, "no taskId in the callback")
+        if self.config.kie_hmac_key and not kie_signature_valid(
+                self.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
+                request.headers.get("x-webhook-signature", "")):
+            return text_response(403, "bad webhook signature")
+        self.generations.on_callback(task_id, data)
+        return json_response({"code": 200, "msg": "success"})
 
     async def on_health(self, request: Request) -> Response:
         workers_dead = any(task.done() for task in self.pipeline._tasks)

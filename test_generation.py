@@ -1,0 +1,484 @@
+"""Behaviour of image generation: sections 7 (Kie client), 9 (the dialog) and 10 (jobs) of trt_bot.py.
+
+End-to-end tests drive the bot through its webhook like Telegram does, with
+the fake Bot API and the fake Kie.ai from conftest.py on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import sqlite3
+import time
+import urllib.parse
+
+import httpx
+import pytest
+import respx
+
+import trt_bot
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, bot_env, eventually, free_port, update_callback,
+                      update_message)
+from test_trt_bot import post_update
+
+_update_ids = itertools.count(10_000)
+
+
+def gen_env(fake_kie, **more: str) -> dict[str, str]:
+    return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
+
+
+@pytest.fixture
+def fast_jobs(monkeypatch):
+    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
+    monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
+    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
+
+
+async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",
+                option: str = "", lang: str = "ru") -> None:
+    """What a user does: the create (or model) button, the prompt, the ratio, maybe an option."""
+    await post_update(app, update_callback(next(_update_ids), user, f"model:{model}" if model else "new", lang))
+    await post_update(app, update_message(next(_update_ids), user, prompt, lang))
+    await post_update(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
+    if option:
+        await post_update(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+
+
+async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
+                         headers: dict | None = None) -> httpx.Response:
+    """POST the finished task to the bot's callback URL, as Kie does."""
+    url = f"http://127.0.0.1:{app.port}/{app.config.kie_callback_path}"
+    params = {"token": app.config.kie_callback_token if token is None else token}
+    async with httpx.AsyncClient() as client:
+        return await client.post(url, params=params, json=fake_kie.callback_body(task_id), headers=headers or {})
+
+
+def buttons_of(params: dict) -> list[tuple[str, str]]:
+    return [(b["text"], b["callback_data"]) for row in params["reply_markup"]["inline_keyboard"] for b in row]
+
+
+def sent_texts(fake_tg, user: int) -> list[str]:
+    edits = [p["text"] for p in fake_tg.calls_of("editMessageText") if p["chat_id"] == user]
+    return fake_tg.texts_to(user) + edits
+
+
+###############################################################################
+# 7. Kie client
+###############################################################################
+
+KIE = "https://api.kie.ai"
+
+
+def test_kie_envelope_code_is_read_even_on_http_200():
+    assert trt_bot.parse_kie_envelope(200, b'{"code":200,"msg":"success","data":{"taskId":"t"}}') == {"taskId": "t"}
+    with pytest.raises(trt_bot.KieError) as caught:
+        trt_bot.parse_kie_envelope(200, b'{"code":402,"message":"Insufficient Credits"}')
+    assert (caught.value.code, caught.value.kind, caught.value.message) == (402, "no_credits", "Insufficient Credits")
+    assert not caught.value.retryable
+    with pytest.raises(trt_bot.KieError) as caught:
+        trt_bot.parse_kie_envelope(502, b"<html>bad gateway</html>")
+    assert caught.value.code == 502 and caught.value.retryable
+
+
+@pytest.mark.parametrize("code, retryable", [(401, False), (402, False), (422, False), (501, False), (505, False),
+                                             (429, True), (455, True), (500, True), (0, True), (503, True)])
+def test_kie_errors_are_classified_for_retry(code, retryable):
+    assert trt_bot.KieError(code, "x").retryable is retryable
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"taskId": "t", "state": "queuing"}, trt_bot.TaskRecord("t", "pending")),
+    ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":["https://cdn/x.png"]}'},
+     trt_bot.TaskRecord("t", "success", ("https://cdn/x.png",))),
+    ({"taskId": "t", "state": "success", "resultJson": {"resultUrls": ["https://cdn/y.png"]}},
+     trt_bot.TaskRecord("t", "success", ("https://cdn/y.png",))),
+    ({"task_id": "t", "state": "fail", "failCode": "422", "failMsg": "prohibited content"},
+     trt_bot.TaskRecord("t", "fail", (), "422", "prohibited content")),
+    ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":[]}'},
+     trt_bot.TaskRecord("t", "fail", (), "no_result", "the task succeeded without an image URL")),
+])
+def test_task_records_parse_to_pending_success_or_fail(data, expected):
+    assert trt_bot.parse_task_record(data) == expected
+
+
+def test_unreadable_task_records_raise():
+    for data in (None, {"state": "exploded"}, {"state": "success", "resultJson": "{nope"}):
+        with pytest.raises(trt_bot.KieError):
+            trt_bot.parse_task_record(data)
+
+
+def test_webhook_signature_is_base64_hmac_of_task_id_and_timestamp():
+    signature = base64.b64encode(hmac.new(b"k", b"task1.1769670760", hashlib.sha256).digest()).decode()
+    assert trt_bot.kie_signature_valid("k", "task1", "1769670760", signature)
+    assert not trt_bot.kie_signature_valid("k", "task2", "1769670760", signature)
+    assert not trt_bot.kie_signature_valid("k", "task1", "1769670761", signature)
+    assert not trt_bot.kie_signature_valid("k", "task1", "", signature)
+
+
+@respx.mock
+async def test_kie_client_retries_transient_failures_and_not_permanent_ones(fast_jobs):
+    create = respx.post(f"{KIE}/api/v1/jobs/createTask").mock(side_effect=[
+        httpx.ConnectError("refused"),
+        httpx.Response(200, json={"code": 455, "msg": "Service Unavailable"}),
+        httpx.Response(200, json={"code": 200, "msg": "success", "data": {"taskId": "t9"}}),
+    ])
+    credit = respx.get(f"{KIE}/api/v1/chat/credit").mock(
+        return_value=httpx.Response(200, json={"code": 401, "msg": "You do not have access permissions"}))
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient())
+    assert await client.create_task("z-image", {"prompt": "p", "aspect_ratio": "1:1"}) == "t9"
+    assert create.call_count == 3
+    assert create.calls.last.request.headers["authorization"] == f"Bearer {KIE_KEY}"
+    with pytest.raises(trt_bot.KieError) as caught:
+        await client.credits()
+    assert credit.call_count == 1 and caught.value.kind == "unauthorized" and KIE_KEY not in str(caught.value)
+
+
+@respx.mock
+async def test_kie_client_gives_up_when_the_retry_budget_is_spent(fast_jobs):
+    route = respx.get(f"{KIE}/api/v1/jobs/recordInfo").mock(return_value=httpx.Response(500, text="oops"))
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), budget_s=0.05)
+    with pytest.raises(trt_bot.KieError) as caught:
+        await client.record_info("t1")
+    assert caught.value.code == 500 and route.call_count >= 2
+
+
+async def test_rate_limiter_admits_at_most_its_calls_per_period(monkeypatch):
+    clock = [0.0]
+
+    async def virtual_sleep(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(trt_bot.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", virtual_sleep)
+    limiter = trt_bot.RateLimiter(20, 10.0)
+    stamps = []
+    for _ in range(45):
+        await limiter.acquire()
+        stamps.append(clock[0])
+    for i in range(len(stamps) - 20):
+        assert stamps[i + 20] - stamps[i] >= 10.0  # any 21 calls span at least one period
+    assert stamps[19] == 0.0  # the first 20 go at once
+
+
+###############################################################################
+# 9. Conversation: the z-image flow
+###############################################################################
+
+async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 50, "кот-космонавт", "16:9")
+    await eventually(lambda: fake_kie.created)
+    (task,) = fake_kie.created
+    assert task["model"] == "z-image" and task["input"] == {"prompt": "кот-космонавт", "aspect_ratio": "16:9"}
+    callback_url = urllib.parse.urlsplit(task["callBackUrl"])
+    token = urllib.parse.parse_qs(callback_url.query)["token"][0]
+    assert task["callBackUrl"].startswith("https://bot.example.com/callbacks/kie?token=")
+    assert token == app.config.kie_callback_token and all(secret not in token for secret in SECRETS)
+
+    asked_prompt, asked_ratio, generating = fake_tg.calls_of("sendMessage")
+    assert "Опишите картинку" in asked_prompt["text"]
+    assert [data for _, data in buttons_of(asked_ratio)][:5] == [f"ratio:{r}" for r in ("1:1", "16:9", "9:16", "4:3", "3:4")]
+    assert generating["text"] == "⏳ Генерирую…"
+    assert len(fake_tg.calls_of("answerCallbackQuery")) == 2
+
+    fake_kie.complete("task00001", fake_kie.image_url("cat.png"))
+    response = await kie_calls_back(app, fake_kie, "task00001")
+    assert response.status_code == 200 and response.json() == {"code": 200, "msg": "success"}
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    (photo,) = fake_tg.calls_of("sendPhoto")
+    assert photo["photo"] == fake_kie.image_url("cat.png") and photo["caption"] == "кот-космонавт"
+    assert [text for text, _ in buttons_of(photo)] == ["🔁 Ещё вариант", "🖼 Новая картинка"]
+    await eventually(lambda: fake_tg.calls_of("deleteMessage"))
+    assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1003  # the ⏳ message
+    assert fake_kie.record_calls == []  # the callback did it; the poller was not needed
+
+
+async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs):
+    app = await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="")
+    app.poll_timeout = 1
+    fake_tg.push_updates(update_callback(1, 51, "new", "en"), update_message(2, 51, "a red fox", "en"),
+                         update_callback(3, 51, "ratio:1:1", "en"))
+    await eventually(lambda: fake_kie.created)
+    assert "callBackUrl" not in fake_kie.created[0]  # no public URL, so no callback
+    assert fake_tg.texts_to(51)[-1] == "⏳ Generating…"
+    fake_kie.complete("task00001")
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert fake_tg.calls_of("sendPhoto")[0]["photo"] == fake_kie.image_url()
+    assert [text for text, _ in buttons_of(fake_tg.calls_of("sendPhoto")[0])] == ["🔁 Another variant", "🖼 New picture"]
+    assert "task00001" in fake_kie.record_calls
+
+
+async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(make_app, fake_tg, fake_kie, fast_jobs):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 52)
+    await eventually(lambda: app.generations.in_kie == 1)
+    fake_kie.complete("task00001")
+    responses = await asyncio.gather(*(kie_calls_back(app, fake_kie, "task00001") for _ in range(3)))
+    assert {r.status_code for r in responses} == {200}
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await asyncio.sleep(0.5)  # let the poller and a late callback try too
+    assert len(fake_tg.calls_of("sendPhoto")) == 1
+    assert (await kie_calls_back(app, fake_kie, "task00001")).status_code == 200  # after delivery: still no second
+    await asyncio.sleep(0.1)
+    assert len(fake_tg.calls_of("sendPhoto")) == 1
+
+
+async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
+    await order(app, 53)
+    await eventually(lambda: app.generations.in_kie == 1)
+    fake_kie.complete("task00001")
+    assert (await kie_calls_back(app, fake_kie, "task00001", token="guess")).status_code == 401
+    assert (await kie_calls_back(app, fake_kie, "task00001", token="")).status_code == 401
+    assert (await kie_calls_back(app, fake_kie, "task00001")).status_code == 403  # no signature
+    forged = {"X-Webhook-Timestamp": "1769670760", "X-Webhook-Signature": "KxDlpbbq0GDOKqm0+FuJpJWTzY8baHSjhEt4kwElqQI="}
+    assert (await kie_calls_back(app, fake_kie, "task00001", headers=forged)).status_code == 403
+    await asyncio.sleep(0.2)
+    assert fake_tg.calls_of("sendPhoto") == []
+    timestamp = str(int(time.time()))
+    signature = base64.b64encode(hmac.new(b"hmac-key", f"task00001.{timestamp}".encode(), hashlib.sha256).digest())
+    signed = {"X-Webhook-Timestamp": timestamp, "X-Webhook-Signature": signature.decode()}
+    assert (await kie_calls_back(app, fake_kie, "task00001", headers=signed)).status_code == 200
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+
+
+async def test_malformed_callbacks_get_400_and_unknown_tasks_change_nothing(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    url = f"http://127.0.0.1:{app.port}/{app.config.kie_callback_path}?token={app.config.kie_callback_token}"
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(url, content=b"{not json")).status_code == 400
+        assert (await client.post(url, json=[1, 2])).status_code == 400
+        assert (await client.post(url, json={"code": 200, "data": {}})).status_code == 400
+        unknown = {"code": 200, "data": {"taskId": "nobody", "state": "success",
+                                         "resultJson": '{"resultUrls":["https://x/y.png"]}'}}
+        assert (await client.post(url, json=unknown)).status_code == 200
+    await asyncio.sleep(0.1)
+    assert fake_tg.calls_of("sendPhoto") == []
+
+
+async def test_kie_500_then_success_is_retried_and_delivered(make_app, fake_tg, fake_kie, fast_jobs):
+    fake_kie.script("createTask", 200, {"code": 500, "msg": "Server Error"})
+    fake_kie.script("createTask", 502, {"error": "bad gateway"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 54)
+    await eventually(lambda: fake_kie.tasks)
+    assert len(fake_kie.created) == 3
+    (task_id,) = fake_kie.tasks
+    fake_kie.complete(task_id)
+    await kie_calls_back(app, fake_kie, task_id)
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+
+
+async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, fake_tg, fake_kie, fast_jobs):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 55, "что-то запретное", "1:1")
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.fail_task("task00001", "400", "Your prompt contains prohibited content")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("editMessageText"))
+    await asyncio.sleep(0.3)  # the poller must not add a second explanation
+    (failure,) = fake_tg.calls_of("editMessageText")
+    assert "модерацией" in failure["text"] and failure["message_id"] == 1003
+    (retry, new) = buttons_of(failure)
+    assert retry[0] == "🔁 Попробовать снова" and retry[1].startswith("again:") and new == ("🖼 Новая картинка", "new")
+    assert fake_tg.calls_of("sendPhoto") == []
+    await post_update(app, update_callback(next(_update_ids), 55, retry[1]))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["input"] == {"prompt": "что-то запретное", "aspect_ratio": "1:1"}
+
+
+async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fake_tg, fake_kie):
+    for _ in range(5):
+        fake_kie.script("createTask", 200, {"code": 402, "msg": "Insufficient Credits"})
+    app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900, 901"))
+    await asyncio.gather(*(order(app, user) for user in range(60, 65)))
+    await eventually(lambda: len(fake_tg.calls_of("editMessageText")) == 5)
+    assert all("временно недоступна" in p["text"] for p in fake_tg.calls_of("editMessageText"))
+    await asyncio.sleep(0.2)
+    alerts = [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] in (900, 901)]
+    assert sorted(p["chat_id"] for p in alerts) == [900, 901] and "402" in alerts[0]["text"]
+    assert len(fake_kie.created) == 5  # 402 is not retried
+
+
+async def test_a_generation_that_takes_too_long_is_stopped_and_explained(make_app, fake_tg, fake_kie, fast_jobs):
+    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="1"))
+    await order(app, 56)
+    await eventually(lambda: fake_tg.calls_of("editMessageText"), timeout=10)
+    assert "слишком много времени" in fake_tg.calls_of("editMessageText")[0]["text"]
+    fake_kie.complete("task00001")  # too late: changes nothing
+    await kie_calls_back(app, fake_kie, "task00001")
+    await asyncio.sleep(0.2)
+    assert fake_tg.calls_of("sendPhoto") == [] and app.generations.finished["timed_out"] == 1
+
+
+async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_app, fake_tg, fake_kie):
+    fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400,
+                                    "description": "Bad Request: wrong file identifier/HTTP URL specified"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 57)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001", fake_kie.image_url("big.png"))
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 2)
+    by_url, uploaded = fake_tg.calls_of("sendPhoto")
+    assert by_url["photo"] == fake_kie.image_url("big.png")
+    assert uploaded["photo"] == PNG_BYTES and uploaded["caption"] == "кот-космонавт"
+
+
+@pytest.mark.parametrize("data", ["ratio:16:9", "opt:high", "model:zimage", "again:0123456789abcdef",
+                                  "again:../../etc/passwd", "ratio:", "new:extra"])
+async def test_forged_or_stale_buttons_are_answered_politely_and_start_nothing(make_app, fake_tg, fake_kie, data):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 70, data))
+    await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))
+    await asyncio.sleep(0.1)
+    assert fake_kie.created == [] and app.generations.jobs == {}
+
+
+async def test_a_ratio_the_model_does_not_offer_is_refused(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    for data in ("new", None, "ratio:21:9", "ratio:1:1"):
+        update = (update_message(next(_update_ids), 71, "лес") if data is None
+                  else update_callback(next(_update_ids), 71, data))
+        await post_update(app, update)
+    await eventually(lambda: fake_kie.created)
+    answers = [p.get("text", "") for p in fake_tg.calls_of("answerCallbackQuery")]
+    assert answers[1] == "Эта кнопка больше не действует." and fake_kie.created[0]["input"]["aspect_ratio"] == "1:1"
+
+
+async def test_bad_prompts_are_explained_and_the_dialog_waits_for_a_good_one(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 72, "new"))
+    await post_update(app, update_message(2, 72, "x" * 1001))
+    await post_update(app, update_message(3, 72, "   "))
+    sticker = update_message(4, 72, "")
+    del sticker["message"]["text"]
+    sticker["message"]["sticker"] = {"file_id": "s"}
+    await post_update(app, sticker)
+    await post_update(app, update_message(5, 72, "<b>кот</b> & co"))
+    await eventually(lambda: len(fake_tg.texts_to(72)) == 5)
+    _, too_long, empty, not_text, ratio = fake_tg.texts_to(72)
+    assert "1001" in too_long and "1000" in too_long
+    assert "пустое" in empty and "текстом" in not_text
+    assert "&lt;b&gt;кот&lt;/b&gt; &amp; co" in ratio and "<b>кот" not in ratio
+
+
+async def test_the_prompt_is_escaped_in_the_caption(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 73, "<i>fish</i> & <script>")
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert fake_tg.calls_of("sendPhoto")[0]["caption"] == "&lt;i&gt;fish&lt;/i&gt; &amp; &lt;script&gt;"
+    assert fake_kie.created[0]["input"]["prompt"] == "<i>fish</i> & <script>"  # Kie gets the text as typed
+
+
+async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await post_update(app, update_message(1, 74, "/start"))
+    await eventually(lambda: fake_tg.calls_of("sendMessage"))
+    menu = [data for _, data in buttons_of(fake_tg.calls_of("sendMessage")[0])]
+    assert menu[0] == "new" and {f"model:{m.key}" for m in trt_bot.CATALOG} <= set(menu) and len(trt_bot.CATALOG) >= 5
+    await order(app, 74, "горы", "21:9", model="seedream45", option="high")
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["model"] == "seedream/4.5-text-to-image"
+    assert fake_kie.created[0]["input"] == {"prompt": "горы", "aspect_ratio": "21:9", "quality": "high"}
+    option_question = fake_tg.texts_to(74)[-2]
+    assert "качество" in option_question
+
+
+def test_every_catalog_row_is_consistent():
+    keys = [model.key for model in trt_bot.CATALOG]
+    assert len(set(keys)) == len(keys) and trt_bot.CATALOG[0] is trt_bot.Z_IMAGE
+    for model in trt_bot.CATALOG:
+        assert model.ratios and all(len(f"ratio:{r}".encode()) <= 64 for r in model.ratios)
+        if model.option is not None:
+            assert all(len(f"opt:{value}".encode()) <= 64 for value, _ in model.option.choices)
+            assert all(set(labels) == {"ru", "en"} for _, labels in model.option.choices)
+    assert set(trt_bot.TEXTS["ru"]) == set(trt_bot.TEXTS["en"])
+
+
+async def test_one_generation_at_a_time_and_an_hourly_limit(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="2"))
+    await order(app, 75)
+    await order(app, 75, "второй")
+    await eventually(lambda: any("ещё рисуется" in t for t in fake_tg.texts_to(75)))
+    assert len(fake_kie.created) == 1
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await eventually(lambda: not app.generations.jobs)
+    await order(app, 75, "третий")
+    await eventually(lambda: len(fake_kie.created) == 2)
+    fake_kie.complete("task00002")
+    await kie_calls_back(app, fake_kie, "task00002")
+    await eventually(lambda: not app.generations.jobs)
+    await order(app, 75, "четвёртый")
+    await eventually(lambda: any("не больше 2 картинок в час" in t for t in fake_tg.texts_to(75)))
+    assert len(fake_kie.created) == 2
+
+
+async def test_without_a_kie_key_generation_says_it_is_not_configured(make_app, fake_tg):
+    app = await make_app()
+    await post_update(app, update_callback(1, 76, "new"))
+    await eventually(lambda: fake_tg.texts_to(76))
+    assert "не настроена" in fake_tg.texts_to(76)[0]
+
+
+async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900"))
+    await post_update(app, update_message(1, 900, "/stats"))
+    await post_update(app, update_message(2, 77, "/stats"))
+    await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77))
+    assert "Статистика" in fake_tg.texts_to(900)[0] and "1234.5" in fake_tg.texts_to(900)[0]
+    assert "Статистика" not in fake_tg.texts_to(77)[0]
+
+
+###############################################################################
+# 10. Generation jobs: durability and load
+###############################################################################
+
+async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    async with httpx.AsyncClient():
+        await asyncio.gather(*(order(app, 10_000 + user) for user in range(200)))
+    await eventually(lambda: len(app.generations.jobs) == 200, timeout=30)
+    await post_update(app, update_message(next(_update_ids), 99, "/start"))
+    await eventually(lambda: fake_tg.texts_to(99), timeout=5)
+    assert "Привет" in fake_tg.texts_to(99)[0]
+
+
+def job_states(database: str) -> list[str]:
+    with sqlite3.connect(database) as conn:
+        return [state for (state,) in conn.execute("SELECT state FROM jobs")]
+
+
+async def test_a_job_survives_sigkill_and_its_photo_is_delivered_once_after_restart(fake_tg, fake_kie, tmp_path,
+                                                                                     bot_processes):
+    database = str(tmp_path / "bot.sqlite3")
+    env = {**bot_env(fake_tg, database, PORT=str(free_port())), **gen_env(fake_kie)}
+    first = bot_processes(env)
+    await first.wait_healthy()
+    config = trt_bot.load_config(env)
+    url = first.base_url + config.webhook_path
+    headers = {"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret}
+    async with httpx.AsyncClient() as client:
+        for update in (update_callback(1, 80, "new"), update_message(2, 80, "маяк"),
+                       update_callback(3, 80, "ratio:9:16")):
+            assert (await client.post(url, json=update, headers=headers)).status_code == 200
+    await eventually(lambda: job_states(database) == ["submitted"], timeout=15)
+    first.kill()
+    fake_kie.complete("task00001")
+    second = bot_processes({**env, "PORT": str(free_port())})
+    await second.wait_healthy()
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=15)
+    await eventually(lambda: job_states(database) == ["delivered"])
+    await asyncio.sleep(0.5)
+    assert len(fake_tg.calls_of("sendPhoto")) == 1 and len(fake_kie.created) == 1
+    assert "[JOB] resumed 1 unfinished jobs" in second.log
+    assert TOKEN not in second.log and KIE_KEY not in second.log
