@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
@@ -29,6 +30,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import itertools
 import json
 import logging
 import os
@@ -90,6 +92,7 @@ class Config:
     log_level: str = "INFO"
     shutdown_grace_s: float = 25.0
     handler_timeout_s: float = 30.0
+    lease_ttl_s: float = 15.0
 
     @property
     def webhook_path(self) -> str:
@@ -143,9 +146,12 @@ def load_config(env: Mapping[str, str]) -> Config:
             "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
             "starting with https://, for example https://my-bot.onrender.com"
         )
-    secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip() or derive_secret(token, "webhook-secret")
+    # A base64 value (Render's generateValue makes one) is used in its URL-safe form:
+    # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
+    secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip().replace("+", "-").replace("/", "_").rstrip("=")
+    secret = secret or derive_secret(token, "webhook-secret")
     if not SECRET_TOKEN_PATTERN.fullmatch(secret):
-        raise ConfigError("WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - and at most 256 characters")
+        raise ConfigError("WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - (or base64) and at most 256 characters")
     return Config(
         telegram_token=token,
         kie_api_key=env.get("KIE_API_KEY", "").strip(),
@@ -171,6 +177,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         flush_pending_over=_int_setting(env, "WEBHOOK_FLUSH_PENDING_OVER", 10, -1, 10**9),
         log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
         shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
+        lease_ttl_s=float(_int_setting(env, "LEASE_TTL_S", 15, 2, 600)),
     )
 
 
@@ -690,6 +697,13 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_user_time ON jobs(user_id, created_at)",
         "CREATE INDEX jobs_time ON jobs(created_at)",
     ],
+    [  # 3: the lease that makes one process on this database the active one (section 11)
+        """CREATE TABLE lease (
+               name        TEXT PRIMARY KEY,
+               owner       TEXT NOT NULL,
+               acquired_at REAL NOT NULL,
+               expires_at  REAL NOT NULL)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -921,6 +935,50 @@ def inbox_backlog(conn: sqlite3.Connection) -> int:
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
+
+
+PROCESS_TOKEN = secrets.token_hex(3)  # tells this process from an earlier one that had the same pid
+
+
+def lease_owner_is_gone(holder: str, me: str) -> bool:
+    """Whether ``holder`` (host:pid:suffix) is a process on this host that no longer runs.
+
+    A crashed or killed holder need not be waited out.  Owners on other hosts
+    are assumed alive until their lease expires.
+    """
+    host, pid_text, suffix = (holder.split(":") + ["", "", ""])[:3]
+    if host != me.split(":")[0] or not pid_text.isdigit():
+        return False
+    if int(pid_text) == os.getpid():
+        # Our pid: another App in this process is alive; an earlier process
+        # with the same pid (a restarted container) is not.
+        return suffix.split("-")[0] != PROCESS_TOKEN
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float) -> tuple[bool, str, float]:
+    """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
+
+    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A live
+    holder's lease is never taken.
+    """
+    row = conn.execute("SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'").fetchone()
+    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner):
+        return False, row[0], row[2]
+    acquired_at = row[1] if row is not None and row[0] == owner else now
+    conn.execute("INSERT OR REPLACE INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)",
+                 (owner, acquired_at, now + ttl))
+    return True, owner, now + ttl
+
+
+def lease_release(conn: sqlite3.Connection, owner: str) -> None:
+    conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
 
 
 class ConversationStore:
@@ -2249,10 +2307,12 @@ class Generations:
         self.kie = kie
         self.http = http
         self.callback_url = (
-            f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?token={config.kie_callback_token}"
+            f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
+            + urllib.parse.urlencode({"token": config.kie_callback_token})
             if config.webhook_base_url else ""
         )
         self.jobs: dict[str, Job] = {}  # unfinished jobs
+        self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
         self.on_finished: Callable[[Job, float], None] = lambda job, seconds: None
         self.in_kie = 0  # jobs holding one of config.kie_max_tasks slots
@@ -2276,6 +2336,8 @@ class Generations:
 
     async def resume(self) -> None:
         """Load unfinished jobs and start submitting, polling and delivering."""
+        if self._loops:
+            return
         try:
             rows = await self.db.read(jobs_unfinished)
             recent = await self.db.read(jobs_created_since, time.time() - 3600)
@@ -2315,6 +2377,15 @@ class Generations:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def pause(self) -> None:
+        """Stop and forget every job: another instance became active and resumes them."""
+        await self.stop(grace=5.0)
+        for container in (self.jobs, self._by_task, self._active_by_user, self._recent_by_user, self._redeliver_at):
+            container.clear()
+        self._poll_heap.clear()
+        self._submissions = asyncio.Queue()
+        self.in_kie = 0
+
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
@@ -2345,6 +2416,7 @@ class Generations:
                   status_message_id=(status or {}).get("message_id", 0) if isinstance(status, dict) else 0,
                   created_at=now, updated_at=now)
         self._track(job)
+        self.created += 1
         self._recent_by_user.setdefault(job.user_id, collections.deque()).append(now)
         try:
             await self._save(job)
@@ -2629,8 +2701,10 @@ class Generations:
 
 ###############################################################################
 # 11. Application
-#    Owns wiring the sections together: HTTP routes, webhook set-up or polling,
-#    database recovery, start-up and shutdown order, and main().
+#    Owns wiring the sections together: the single-active-instance lease,
+#    HTTP routes and diagnostics (/health, /diag/*, /metrics), webhook set-up
+#    or polling, database recovery, start-up and shutdown order, ``check``
+#    and main().
 ###############################################################################
 
 ALLOWED_UPDATES = ["message", "callback_query"]
@@ -2638,6 +2712,7 @@ POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0
 DB_RETRY_S = 2.0
 OK_BODY = b'{"ok":true}'
+PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
 
 
 def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
@@ -2678,16 +2753,137 @@ async def ensure_webhook(telegram: TelegramClient, config: Config) -> str:
     return action
 
 
+def iso_utc(timestamp: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
+
+
+class InstanceLease:
+    """Which process on this database is the active one, decided by a lease row.
+
+    ``check()`` takes the lease if it is free or expired and renews it if it is
+    ours; it never takes a live holder's.  The holder renews every third of the
+    TTL; others retry every PASSIVE_RETRY_S, so a released lease changes hands
+    within a second and a dead holder's within the TTL and a second.
+    """
+
+    def __init__(self, db: Database, ttl: float):
+        self.db = db
+        self.ttl = ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{PROCESS_TOKEN}-{secrets.token_hex(2)}"
+        self.held = False
+        self.holder = ""  # who holds it, as last seen
+        self.expires_at = 0.0
+        self.last_check = 0.0
+        self._checked = False
+
+    @property
+    def interval(self) -> float:
+        return self.ttl / 3 if self.held else min(PASSIVE_RETRY_S, self.ttl / 3)
+
+    async def check(self) -> bool | None:
+        """True if we hold the lease, False if another live process does, None if the database is unusable."""
+        try:
+            held, holder, expires_at = await self.db.write(lease_claim, self.owner, self.ttl, time.time())
+        except DatabaseUnavailable:
+            return None
+        was_held, first = self.held, not self._checked
+        self.held, self.holder, self.expires_at = held, holder, expires_at
+        self.last_check, self._checked = time.time(), True
+        if held and not was_held:
+            log.info("[LOCK] acquired by %s", self.owner)
+        elif not held and (was_held or first):
+            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
+        return held
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            await self.db.write(lease_release, self.owner)
+        except DatabaseUnavailable:
+            return  # it expires by itself
+        self.held = False
+        log.info("[LOCK] released by %s", self.owner)
+
+
+# -- metrics: the Prometheus text exposition format ---------------------------
+
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GENERATION_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+
+Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
+
+
+class Histogram:
+    """Observations counted into fixed buckets, rendered cumulatively as Prometheus expects."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.buckets):
+            self.counts[index] += 1
+        self.count += 1
+        self.sum += value
+
+    def samples(self) -> list[Sample]:
+        cumulative = list(itertools.accumulate(self.counts))
+        rows: list[Sample] = [("_bucket", {"le": repr(bound)}, n) for bound, n in zip(self.buckets, cumulative)]
+        return rows + [("_bucket", {"le": "+Inf"}, self.count), ("_sum", {}, self.sum), ("_count", {}, self.count)]
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(families: list[tuple[str, str, str, list[Sample]]]) -> bytes:
+    """(name, type, help, samples) per metric family -> Prometheus text format 0.0.4."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for suffix, labels, value in samples:
+            label_text = ",".join(f'{key}="{_label_value(str(v))}"' for key, v in labels.items())
+            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+# Pipeline counters exported as trt_updates_<name>_total.
+UPDATE_COUNTERS = (
+    ("received", "Updates accepted (new update ids)."),
+    ("processed", "Updates handled, including those whose handler failed."),
+    ("duplicates", "Redelivered updates acknowledged without processing."),
+    ("spilled", "Updates stored while memory was full, handled later."),
+    ("dropped", "Updates discarded on purpose (expired or unreadable)."),
+    ("errors", "Handlers that raised or timed out."),
+    ("memory_only", "Updates accepted while the database was unusable."),
+    ("rejected", "Updates answered 503 (inbox or memory full)."),
+    ("blocked", "Replies refused because the user blocked the bot."),
+)
+
+
 class App:
-    """The running bot: one HTTP server, one database, one pipeline, one Bot API client."""
+    """The running bot: one HTTP server, one database, one pipeline, one Bot API client.
+
+    It is *active* (processes updates, polls, runs jobs) while it holds the
+    lease, or when the database is unusable from the start (then nothing is
+    shared to coordinate through).  A passive instance still stores webhook
+    updates in the shared inbox for the active one.
+    """
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None):
         self.config = config
         self.started_at = time.monotonic()
         self.port: int | None = None
         self.stopping = False
+        self.active = False
         self.poll_timeout = POLL_TIMEOUT_S
         self.db = Database(config.database_path)
+        self.lease = InstanceLease(self.db, config.lease_ttl_s)
         self.http = http or httpx.AsyncClient(
             timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
         )
@@ -2704,16 +2900,24 @@ class App:
             handler_timeout=config.handler_timeout_s,
         )
         self.conversation.queue_stats = self.pipeline.snapshot
+        self.ack_seconds = Histogram(ACK_BUCKETS)
+        self.handling_seconds = Histogram(HANDLING_BUCKETS)
+        self.generation_seconds = Histogram(GENERATION_BUCKETS)
+        self.pipeline.on_handled = self.handling_seconds.observe
+        self.generations.on_finished = lambda job, seconds: self.generation_seconds.observe(seconds)
         self.server = HttpServer(self.handle_request)
         self.routes: dict[str, dict[str, RequestHandler]] = {
             config.webhook_path: {"POST": self.on_webhook},
             "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
             "/health": {"GET": self.on_health},
-            "/diag/webhook": {"GET": self.on_diag_webhook},
+            "/diag/webhook": {"GET": self.guarded(self.on_diag_webhook)},
+            "/diag/lock": {"GET": self.guarded(self.on_diag_lock)},
+            "/metrics": {"GET": self.guarded(self.on_metrics)},
             "/": {"GET": self.on_root},
         }
         self._webhook_secret = config.webhook_secret.encode()
         self._webhook_info: tuple[float, dict] | None = None
+        self._webhook_setup: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------
@@ -2724,28 +2928,36 @@ class App:
         self.port = await self.server.start(self.config.host, self.config.port)
         log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
         if await self.db.open():
-            await self._load_state()
+            log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
+        role = await self.lease.check()
+        self.pipeline.should_process = role is not False
         await self.pipeline.start()
-        await self.generations.resume()
+        if role is not False:
+            await self._activate()
         self._spawn(self._watch_database(), "db-watch")
-        if self.config.bot_mode == "webhook":
-            self._spawn(self._configure_webhook(), "webhook-setup")
-        else:
+        self._spawn(self._hold_lease(), "lease")
+        if self.config.bot_mode == "polling":
             self._spawn(self._poll_forever(), "polling")
 
     async def stop(self) -> None:
-        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default)."""
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
+
+        The lease is released last, after in-memory work is finished, so the
+        successor never picks up an update this process is still handling.
+        """
         if self.stopping:
             return
         self.stopping = True
         deadline = time.monotonic() + self.config.shutdown_grace_s
         log.info("[APP] shutting down")
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        for task in self._background:
+        tasks = [*self._background, *([self._webhook_setup] if self._webhook_setup else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipeline.stop(grace=max(0.0, deadline - time.monotonic()))
         await self.generations.stop(grace=max(0.0, deadline - time.monotonic()))
+        await self.lease.release()
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
@@ -2753,12 +2965,39 @@ class App:
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
 
-    async def _load_state(self) -> None:
-        try:
-            dialogs = await self.states.load()
-        except DatabaseUnavailable:
-            return
-        log.info("[DB] ready at %s (schema v%d, %d open dialogs)", self.config.database_path, SCHEMA_VERSION, dialogs)
+    async def _activate(self) -> None:
+        """Become the processing instance: fresh state from the database, jobs, the webhook."""
+        self.active = True
+        self.pipeline.should_process = True
+        if self.db.ok:
+            try:
+                log.info("[DB] %d open dialogs loaded", await self.states.load())
+            except DatabaseUnavailable:
+                pass
+        await self.generations.resume()
+        self.pipeline.wake()
+        if self.config.bot_mode == "webhook" and self._webhook_setup is None:
+            self._webhook_setup = asyncio.create_task(self._configure_webhook(), name="webhook-setup")
+
+    async def _deactivate(self) -> None:
+        self.active = False
+        self.pipeline.should_process = False
+        await self.generations.pause()
+
+    async def _hold_lease(self) -> None:
+        """Renew the lease (or try for it) for the life of the process.
+
+        When the database is unusable the role stays as it was: a process that
+        cannot read the shared inbox or jobs cannot handle them twice, and
+        /start keeps working from memory.
+        """
+        while True:
+            await asyncio.sleep(self.lease.interval)
+            role = await self.lease.check()
+            if role is True and not self.active:
+                await self._activate()
+            elif role is False and self.active:
+                await self._deactivate()
 
     async def _watch_database(self) -> None:
         """Reopen an unusable database every few seconds and return to durable mode."""
@@ -2780,11 +3019,16 @@ class App:
             delay = min(delay * 2, 60.0)
 
     async def _poll_forever(self) -> None:
-        """Long-poll getUpdates into the same inbox the webhook feeds."""
+        """Long-poll getUpdates into the same inbox the webhook feeds (only while active)."""
+        while not self.active:
+            await asyncio.sleep(PASSIVE_RETRY_S)
         await self._retry_until_done("deleteWebhook", {"drop_pending_updates": False})
         log.info("[POLL] polling getUpdates")
         offset, delay = None, 1.0
         while True:
+            if not self.active:
+                await asyncio.sleep(PASSIVE_RETRY_S)
+                continue
             params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
             if offset is not None:
                 params["offset"] = offset
@@ -2837,14 +3081,32 @@ class App:
         except HttpError as error:
             return text_response(error.status, error.reason)
 
+    def guarded(self, handler: RequestHandler) -> RequestHandler:
+        """With DIAG_TOKEN set, require it as a Bearer token or ?token=."""
+        if not self.config.diag_token:
+            return handler
+        expected = self.config.diag_token.encode()
+
+        async def check_token(request: Request) -> Response:
+            authorization = request.headers.get("authorization", "")
+            given = authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
+            if not hmac.compare_digest(given.encode(), expected):
+                return text_response(401, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))
+            return await handler(request)
+
+        return check_token
+
     async def on_webhook(self, request: Request) -> Response:
+        started = time.perf_counter()
         given = request.headers.get("x-telegram-bot-api-secret-token", "").encode()
         if not hmac.compare_digest(given, self._webhook_secret):
             return text_response(401, "wrong secret token")
         update = parse_update(request.body)
         if self.stopping:
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        if await self.pipeline.ingest(update, request.body) == 200:
+        status = await self.pipeline.ingest(update, request.body)
+        self.ack_seconds.observe(time.perf_counter() - started)
+        if status == 200:
             return Response(200, OK_BODY, "application/json")
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
@@ -2867,6 +3129,7 @@ class App:
                 self.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
                 request.headers.get("x-webhook-signature", "")):
             return text_response(403, "bad webhook signature")
+        # A passive instance knows no jobs; the active one's poller finds the result.
         self.generations.on_callback(task_id, data)
         return json_response({"code": 200, "msg": "success"})
 
@@ -2876,11 +3139,12 @@ class App:
         payload = {
             "status": status,
             "uptime": int(time.monotonic() - self.started_at),
-            "active": self.pipeline.should_process,
+            "active": self.active,
             "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.pipeline.should_process,
+            "lock_acquired": self.lease.held,
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
+            "jobs_in_flight": len(self.generations.jobs),
             "version": __version__,
         }
         if not self.db.ok:
@@ -2904,8 +3168,131 @@ class App:
             "max_connections": info.get("max_connections"),
         })
 
+    async def on_diag_lock(self, request: Request) -> Response:
+        lease = self.lease
+        return json_response({
+            "active": self.active,
+            "should_process": self.pipeline.should_process,
+            "lock_acquired": lease.held,
+            "last_check": iso_utc(lease.last_check),
+            "instance_id": lease.owner,
+            "owner": lease.holder or None,
+            "expires_at": iso_utc(lease.expires_at),
+            "ttl_s": lease.ttl,
+            "database_ok": self.db.ok,
+        })
+
+    async def on_metrics(self, request: Request) -> Response:
+        return Response(200, exposition(self.metric_families()), "text/plain; version=0.0.4; charset=utf-8")
+
+    def metric_families(self) -> list[tuple[str, str, str, list[Sample]]]:
+        stats = dataclasses.asdict(self.pipeline.stats)
+        families: list[tuple[str, str, str, list[Sample]]] = [
+            (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
+            for name, help_text in UPDATE_COUNTERS
+        ]
+        families += [
+            ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
+             [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(self.telegram.calls.items())]),
+            ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
+             [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.kie.calls.items())]),
+            ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
+            ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
+             [("", {"outcome": o}, self.generations.finished[o]) for o in ("success", "failed", "timed_out")]),
+            ("trt_queue_depth", "gauge", "Updates in memory waiting for a worker.",
+             [("", {}, self.pipeline.queue_depth)]),
+            ("trt_inbox_backlog", "gauge", "Unhandled updates in the SQLite inbox.", [("", {}, self.pipeline.backlog)]),
+            ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
+            ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.", [("", {}, len(self.generations.jobs))]),
+            ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.", [("", {}, self.active)]),
+            ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
+            ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, self.server.open_connections)]),
+            ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, time.monotonic() - self.started_at)]),
+            ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
+             self.ack_seconds.samples()),
+            ("trt_update_handling_seconds", "histogram", "Time a handler took per update.",
+             self.handling_seconds.samples()),
+            ("trt_generation_seconds", "histogram", "Time from job creation to its outcome.",
+             self.generation_seconds.samples()),
+        ]
+        return families
+
     async def on_root(self, request: Request) -> Response:
         return text_response(200, f"trt_bot {__version__}")
+
+
+CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
+    """``python trt_bot.py check``: the configuration, the database, Telegram and Kie.ai.
+
+    Prints one line per check, problems with what to do; returns the exit
+    code: 0 when all is well, 1 when something needs fixing.
+    """
+    problems = 0
+
+    def report(status: str, subject: str, detail: str) -> None:
+        nonlocal problems
+        problems += status == "FAIL"
+        out(mask_secrets(f"[{status:>4}] {subject}: {detail}", config.secrets))
+
+    where = mask_webhook_url(config.webhook_url) if config.bot_mode == "webhook" else "getUpdates long polling"
+    report("ok", "configuration", f"{config.bot_mode} mode ({where}), database {config.database_path}, "
+                                  f"{'z-image only' if config.single_model_only else f'{len(CATALOG)} models'}")
+    try:
+        await asyncio.to_thread(lambda: open_sqlite(config.database_path).close())
+        report("ok", "database", f"opened, schema v{SCHEMA_VERSION}")
+    except (sqlite3.Error, OSError, TrtError) as error:
+        report("FAIL", "database", f"cannot open {config.database_path} ({error}): check DATABASE_URL and that "
+                                   "its folder exists and is writable (a mounted disk on Render)")
+    async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
+        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, attempts=1)
+        try:
+            me = await telegram.call("getMe") or {}
+            report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
+            await _check_webhook(config, telegram, report)
+        except TelegramError as error:
+            if error.error_code in (401, 404):
+                report("FAIL", "Telegram", f"the bot token was rejected ({error.error_code} {error.description}): "
+                                           "copy TELEGRAM_BOT_TOKEN again from @BotFather (/token)")
+            else:
+                report("FAIL", "Telegram", f"{config.telegram_api_base} did not answer getMe ({error.description}): "
+                                           "check the network or TELEGRAM_API_BASE")
+        await _check_kie(config, KieClient(config.kie_api_key, config.kie_api_base, http, budget_s=0), report)
+    out("all good" if not problems else f"{problems} problem(s) to fix")
+    return 1 if problems else 0
+
+
+async def _check_webhook(config: Config, telegram: TelegramClient, report: Callable[[str, str, str], None]) -> None:
+    info = await telegram.call("getWebhookInfo") or {}
+    url = mask_webhook_url(info.get("url") or "") or "none"
+    pending, error = info.get("pending_update_count") or 0, info.get("last_error_message") or ""
+    status = "ok" if not error else "warn"
+    detail = f"{url}, {pending} pending" + (f", last error: {error}" if error else "")
+    if config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
+        status, detail = "warn", detail + "; the bot will register its own URL when it starts"
+    elif config.bot_mode == "polling" and info.get("url"):
+        status, detail = "warn", detail + "; polling mode deletes this webhook when it starts"
+    report(status, "webhook", detail)
+
+
+async def _check_kie(config: Config, kie: KieClient, report: Callable[[str, str, str], None]) -> None:
+    if not kie.configured:
+        report("warn", "Kie.ai", "KIE_API_KEY is not set: the bot runs, generation answers 'not configured'")
+        return
+    try:
+        credits = await kie.credits()
+    except KieError as error:
+        fixes = {
+            401: "the key was rejected: copy KIE_API_KEY again from your Kie.ai dashboard",
+            402: "the account has no credits: top them up in your Kie.ai dashboard",
+            0: f"{config.kie_api_base} did not answer: check the network or KIE_API_BASE",
+        }
+        report("FAIL", "Kie.ai", f"{error}: {fixes.get(error.code, 'Kie.ai is failing; try again later')}")
+        return
+    report("ok" if credits > 0 else "FAIL", "Kie.ai", f"key accepted, {credits:g} credits"
+           + ("" if credits > 0 else ": top them up in your Kie.ai dashboard"))
 
 
 async def serve(config: Config) -> int:
@@ -2949,7 +3336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config)
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        return runner.run(serve(config))
+        return runner.run(run_check(config) if args == ["check"] else serve(config))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,298 @@
+"""Operating the bot: section 11 of trt_bot.py (the lease, /diag/lock, /metrics, ``check``) and the
+deploy files (Dockerfile, render.yaml).
+
+Two-instance tests run real bot processes on one SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import trt_bot
+from conftest import HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, update_message
+from test_trt_bot import post_update, run_bot_cli
+
+SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
+
+
+async def get_json(base_url: str, path: str, **headers: str) -> dict:
+    async with httpx.AsyncClient(verify=False) as client:
+        return (await client.get(base_url + path, headers=headers)).json()
+
+
+###############################################################################
+# 11. The lease: one active instance per database
+###############################################################################
+
+@pytest.fixture
+def lease_db():
+    conn = trt_bot.open_sqlite(":memory:")
+    yield conn
+    conn.close()
+
+
+def test_a_free_or_expired_lease_is_taken_and_a_live_one_is_not(lease_db):
+    me, other = "hostA:1:aaa", "hostB:2:bbb"
+    assert trt_bot.lease_claim(lease_db, other, 15, now=1000) == (True, other, 1015)
+    assert trt_bot.lease_claim(lease_db, me, 15, now=1010) == (False, other, 1015)  # live holder: never stolen
+    assert trt_bot.lease_claim(lease_db, other, 15, now=1012) == (True, other, 1027)  # the holder renews
+    assert trt_bot.lease_claim(lease_db, me, 15, now=1028) == (True, me, 1043)  # expired: taken
+    trt_bot.lease_release(lease_db, other)  # releasing someone else's lease does nothing
+    assert trt_bot.lease_claim(lease_db, other, 15, now=1030)[0] is False
+    trt_bot.lease_release(lease_db, me)
+    assert trt_bot.lease_claim(lease_db, other, 15, now=1031)[0] is True
+
+
+def test_a_dead_holder_on_this_host_is_not_waited_out(lease_db):
+    host = os.uname().nodename
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = f"{host}:{os.getpid()}:{trt_bot.PROCESS_TOKEN}-0001"
+    trt_bot.lease_claim(lease_db, f"{host}:{dead.pid}:abcdef-0001", 15, now=1000)
+    assert trt_bot.lease_claim(lease_db, me, 15, now=1001)[0] is True
+    # an earlier process that had our pid (a restarted container) is gone too
+    trt_bot.lease_release(lease_db, me)
+    trt_bot.lease_claim(lease_db, f"{host}:{os.getpid()}:000000-0001", 15, now=1002)
+    assert trt_bot.lease_claim(lease_db, me, 15, now=1003)[0] is True
+    # but another instance in this very process is alive
+    trt_bot.lease_claim(lease_db, f"{host}:{os.getpid()}:{trt_bot.PROCESS_TOKEN}-0002", 15, now=1100)
+    assert trt_bot.lease_claim(lease_db, me, 15, now=1101)[0] is False
+
+
+async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
+    env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
+    first = bot_processes(env)
+    await first.wait_healthy()
+    second = bot_processes({**env, "PORT": str(free_port())})
+    await second.wait_healthy()
+    return first, second, trt_bot.load_config(env)
+
+
+async def post_to(bot, config, update: dict) -> int:
+    async with httpx.AsyncClient(verify=False) as client:
+        response = await client.post(bot.base_url + config.webhook_path, json=update,
+                                     headers={"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret})
+    return response.status_code
+
+
+async def test_two_processes_on_one_database_process_each_update_once(fake_tg, tmp_path, bot_processes):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+    lock_first, lock_second = await get_json(first.base_url, "/diag/lock"), await get_json(second.base_url, "/diag/lock")
+    assert (lock_first["active"], lock_first["lock_acquired"]) == (True, True)
+    assert (lock_second["active"], lock_second["lock_acquired"], lock_second["should_process"]) == (False, False, False)
+    assert lock_second["owner"] == lock_first["instance_id"] != lock_second["instance_id"]
+    health_second = await get_json(second.base_url, "/health")
+    assert (health_second["active"], health_second["lock_acquired"]) == (False, False)
+    for n in range(1, 41):  # Telegram's posts land on either instance
+        assert await post_to(first if n % 2 else second, config, update_message(n, 700 + n, "/start")) == 200
+    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) >= 40, timeout=15)
+    await asyncio.sleep(1.0)
+    chats = [p["chat_id"] for p in fake_tg.calls_of("sendMessage")]
+    assert sorted(chats) == list(range(701, 741))  # every reply once, the passive one's posts included
+    assert "[LOCK] acquired" in first.log and "[LOCK] passive" in second.log
+
+
+async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+    first.kill()
+    for n in range(1, 6):  # arrive while nobody is active yet: stored, not lost
+        assert await post_to(second, config, update_message(n, 800 + n, "/start")) == 200
+    await eventually(lambda: fake_tg.calls_of("sendMessage"), timeout=5)  # within the 3 s lease and a retry
+    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 5)
+    lock = await get_json(second.base_url, "/diag/lock")
+    assert (lock["active"], lock["lock_acquired"], lock["owner"]) == (True, True, lock["instance_id"])
+    assert (await get_json(second.base_url, "/health"))["active"] is True
+
+
+async def test_when_the_active_process_stops_gracefully_the_other_takes_over_at_once(fake_tg, tmp_path,
+                                                                                      bot_processes):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, LEASE_TTL_S="60")
+    assert first.terminate() == 0
+    assert "[LOCK] released" in first.log
+
+    async def second_is_active():
+        return (await get_json(second.base_url, "/diag/lock"))["active"]
+
+    for _ in range(40):  # a couple of seconds, far less than the 60 s lease
+        if await second_is_active():
+            break
+        await asyncio.sleep(0.1)
+    assert await second_is_active()
+    assert await post_to(second, config, update_message(1, 900, "/start")) == 200
+    await eventually(lambda: fake_tg.texts_to(900))
+
+
+###############################################################################
+# 11. /metrics and DIAG_TOKEN
+###############################################################################
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return values
+
+
+async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(make_app, fake_tg):
+    app = await make_app(DIAG_TOKEN="diag-secret")
+    base = f"http://127.0.0.1:{app.port}"
+    bearer = {"Authorization": "Bearer diag-secret"}
+    async with httpx.AsyncClient(base_url=base, verify=False) as client:
+        before = metric_values((await client.get("/metrics", headers=bearer)).text)
+        await post_update(app, update_message(1, 42, "/start"))
+        await eventually(lambda: fake_tg.calls_of("sendMessage"))
+        await eventually(lambda: app.pipeline.stats.processed == 1)
+        response = await client.get("/metrics", headers=bearer)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    after = metric_values(response.text)
+    assert after["trt_updates_received_total", ()] == before["trt_updates_received_total", ()] + 1
+    assert after["trt_updates_processed_total", ()] == 1
+    assert after["trt_telegram_calls_total", (("method", "sendMessage"), ("outcome", "ok"))] == 1
+    assert after["trt_webhook_ack_seconds_count", ()] == 1 and after["trt_update_handling_seconds_count", ()] == 1
+    assert after["trt_webhook_ack_seconds_bucket", (("le", "+Inf"),)] == 1
+    assert after["trt_active", ()] == 1 and after["trt_database_ok", ()] == 1
+    assert ("trt_jobs_finished_total", (("outcome", "success"),)) in after
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/diag/lock", "/diag/webhook"])
+async def test_diag_token_guards_diagnostics_but_not_health(make_app, path):
+    app = await make_app(DIAG_TOKEN="diag-secret")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}", verify=False) as client:
+        assert (await client.get(path)).status_code == 401
+        assert (await client.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get(path, headers={"Authorization": "Bearer diag-secret"})).status_code == 200
+        assert (await client.get(path, params={"token": "diag-secret"})).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+
+
+def test_histogram_buckets_are_cumulative_and_labels_escaped():
+    histogram = trt_bot.Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 7.0):
+        histogram.observe(value)
+    text = trt_bot.exposition([("x_seconds", "histogram", "h", histogram.samples()),
+                               ("y_total", "counter", "c", [("", {"m": 'a"b\\c'}, 2)])]).decode()
+    assert 'x_seconds_bucket{le="0.1"} 2.0' in text and 'x_seconds_bucket{le="1.0"} 3.0' in text
+    assert 'x_seconds_bucket{le="+Inf"} 4.0' in text and "x_seconds_sum 7.65" in text
+    assert 'y_total{m="a\\"b\\\\c"} 2.0' in text
+    assert {f.name for f in text_string_to_metric_families(text)} == {"x_seconds", "y"}
+
+
+###############################################################################
+# 11. python trt_bot.py check
+###############################################################################
+
+def check_env(fake_tg, fake_kie, tmp_path, **overrides: str) -> dict[str, str]:
+    env = {**bot_env(fake_tg, str(tmp_path / "bot.sqlite3")), "KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url}
+    env.update(overrides)
+    return env
+
+
+def test_check_reports_all_good_and_exits_0(fake_tg, fake_kie, tmp_path):
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path), "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "@trt_test_bot" in result.stdout and "1234.5 credits" in result.stdout
+    assert "https://bot.example.com/webhook/***" in result.stdout and result.stdout.strip().endswith("all good")
+    assert all(secret not in result.stdout + result.stderr for secret in SECRETS)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({"TELEGRAM_BOT_TOKEN": "987654321:AAHotherTOKENwhichTelegramDoesNotKnowXYZ"}, "TELEGRAM_BOT_TOKEN"),
+    ({"KIE_API_KEY": "kie-wrong-key-000000000000"}, "Kie.ai"),
+])
+def test_check_names_the_problem_and_exits_1(fake_tg, fake_kie, tmp_path, overrides, problem):
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, **overrides), "check")
+    assert result.returncode == 1
+    failures = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert len(failures) == 1 and problem in failures[0] and "rejected" in failures[0]
+    output = result.stdout + result.stderr
+    assert all(secret not in output for secret in (*SECRETS, *overrides.values(), "AAHotherTOKEN"))
+
+
+def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=f"sqlite:///{blocker}/x.db"), "check")
+    assert result.returncode == 1 and "[FAIL] database" in result.stdout
+
+
+###############################################################################
+# Deploy files
+###############################################################################
+
+def load_render_yaml() -> dict:
+    with open(os.path.join(HERE, "render.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def test_render_yaml_validates_against_renders_blueprint_schema():
+    if not os.path.exists(SCHEMA_PATH):
+        pytest.skip(f"Render's Blueprint schema is not at {SCHEMA_PATH}")
+    import jsonschema
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        validator = jsonschema.Draft202012Validator(json.load(f))
+    blueprint = load_render_yaml()
+    assert list(validator.iter_errors(blueprint)) == []
+    broken = json.loads(json.dumps(blueprint))
+    broken["services"][0]["plan"] = "enormous"
+    assert list(validator.iter_errors(broken)), "the schema must catch a bad plan (so the check can fail)"
+
+
+def test_render_yaml_matches_the_bot():
+    (service,) = load_render_yaml()["services"]
+    env = {var["key"]: var for var in service["envVars"]}
+    assert service["healthCheckPath"] == "/health" and service["runtime"] == "docker"
+    for secret in ("TELEGRAM_BOT_TOKEN", "KIE_API_KEY", "WEBHOOK_SECRET_TOKEN"):
+        assert env[secret].get("sync") is False or env[secret].get("generateValue") is True
+        assert "value" not in env[secret]
+    grace = int(env["SHUTDOWN_GRACE_S"]["value"])
+    assert grace < service["maxShutdownDelaySeconds"] <= grace + 10  # Render waits for the drain, then some
+    database = trt_bot.parse_database_url(env["DATABASE_URL"]["value"])
+    assert os.path.dirname(database) == service["disk"]["mountPath"]
+    config = trt_bot.load_config({var: spec["value"] for var, spec in env.items() if "value" in spec}
+                                 | {"TELEGRAM_BOT_TOKEN": TOKEN, "RENDER_EXTERNAL_URL": "https://x.onrender.com",
+                                    "WEBHOOK_SECRET_TOKEN": "q1+/Zx3w9Y0abcDEF/ghIJ+klmNOPqrSTuvWXyz0123="})
+    assert config.bot_mode == "webhook" and trt_bot.SECRET_TOKEN_PATTERN.fullmatch(config.webhook_secret)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    with open(os.path.join(HERE, "Dockerfile"), encoding="utf-8") as f:
+        text = re.sub(r"\\\n", " ", f.read())
+    return [tuple(line.split(None, 1)) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_runs_trt_bot_as_non_root_with_an_exec_form_cmd():
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.12-slim")
+    users = [arg for op, arg in instructions if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    (cmd,) = [arg for op, arg in instructions if op == "CMD"]
+    assert json.loads(cmd) == ["python", "trt_bot.py"]
+    env = " ".join(arg for op, arg in instructions if op == "ENV")
+    assert "PYTHONUNBUFFERED=1" in env and "sqlite:////var/data/" in env
+    assert any(op == "RUN" and "--no-cache-dir" in arg for op, arg in instructions)
+
+
+async def test_dockerfile_healthcheck_probes_health_without_curl(make_app):
+    (healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    assert command[0] == "python" and "curl" not in healthcheck
+    app = await make_app()
+
+    def probe(port: int) -> int:
+        return subprocess.run(command, env={**os.environ, "PORT": str(port)}, capture_output=True, timeout=10).returncode
+
+    assert await asyncio.to_thread(probe, app.port) == 0
+    assert await asyncio.to_thread(probe, free_port()) != 0  # nothing listening: unhealthy
