@@ -7,6 +7,7 @@ HTTP out to the fake Bot API in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -275,66 +276,55 @@ async def test_wrong_method_lists_allowed_ones_and_head_mirrors_get(make_app):
     assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
 
 
-async def test_slowloris_client_is_cut_off_with_408():
-    async def echo(request):
-        return trt_bot.text_response(200, "hi")
+async def say_hi(request: trt_bot.Request) -> trt_bot.Response:
+    return trt_bot.text_response(200, "hi")
 
-    server = trt_bot.HttpServer(echo, request_timeout=0.3, idle_timeout=5)
+
+@contextlib.asynccontextmanager
+async def running_server(handler=say_hi, **limits):
+    """A bare HttpServer on a free port, for the server's own limits."""
+    server = trt_bot.HttpServer(handler, **limits)
     port = await server.start("127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nX-Slow: ")
-        started = time.monotonic()
-        answer = await asyncio.wait_for(reader.read(), 5)
-        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+        yield server, port
     finally:
         await server.close()
 
 
-async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
-    async def echo(request):
-        return trt_bot.text_response(200, "hi")
+async def test_slowloris_client_is_cut_off_with_408():
+    async with running_server(request_timeout=0.3, idle_timeout=5) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nX-Slow: ")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408")
 
-    server = trt_bot.HttpServer(echo, idle_timeout=0.2)
-    port = await server.start("127.0.0.1", 0)
-    try:
+
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
+    async with running_server(idle_timeout=0.2) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
         rest = await asyncio.wait_for(reader.read(), 5)  # EOF once the idle timeout passes
         assert first.startswith(b"HTTP/1.1 200") and rest == b""
-    finally:
-        await server.close()
 
 
 async def test_connections_over_the_bound_get_503():
-    async def echo(request):
-        return trt_bot.text_response(200, "hi")
-
-    server = trt_bot.HttpServer(echo, max_connections=2)
-    port = await server.start("127.0.0.1", 0)
-    try:
+    async with running_server(max_connections=2) as (server, port):
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         await eventually(lambda: server.open_connections == 2)
         answer = await raw_exchange(port, b"GET / HTTP/1.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503")
         for _, writer in held:
             writer.close()
-    finally:
-        await server.close()
 
 
 async def test_a_handler_that_raises_gives_500_without_a_traceback():
     async def broken(request):
         raise ValueError(f"secret detail {TOKEN}")
 
-    server = trt_bot.HttpServer(broken)
-    port = await server.start("127.0.0.1", 0)
-    try:
+    async with running_server(broken) as (_, port):
         answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 500") and b"secret detail" not in answer
-    finally:
-        await server.close()
 
 
 ###############################################################################

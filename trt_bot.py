@@ -4,7 +4,7 @@ One file, read top-down in the order data flows through it.  Find a section by
 grepping for its banner (``#####``):
 
    1. Configuration        environment variables -> a frozen Config
-   2. Errors               the base exception and log masking of secrets
+   2. Logging              the log format; secrets masked in every record
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, timeouts, connection limits
    5. Storage              SQLite on its own thread: schema, inbox, dialog state
@@ -50,6 +50,10 @@ import httpx
 __version__ = "1.0.0"
 
 log = logging.getLogger("trt_bot")
+
+
+class TrtError(Exception):
+    """Base of the errors this module raises on purpose; each section defines its own below."""
 
 
 ###############################################################################
@@ -115,7 +119,7 @@ class Config:
         return [v for v in values if len(v) >= 8]
 
 
-class ConfigError(Exception):
+class ConfigError(TrtError):
     """A setting the operator must fix; main() prints it and exits with code 2."""
 
 
@@ -227,15 +231,10 @@ def _log_level(raw: str) -> str:
 
 
 ###############################################################################
-# 2. Errors
-#    Owns the base exception every section raises under, and the log filter
-#    that keeps the bot token and the Kie key out of every log record.
+# 2. Logging
+#    Owns the log format and the filter that keeps the bot token and the Kie
+#    key out of every log record, httpx's request lines included.
 ###############################################################################
-
-
-class TrtError(Exception):
-    """Base of the errors this module raises on purpose."""
-
 
 # Loggers that may format a request URL (which carries the bot token) or an
 # exception mentioning it.  httpx logs every request URL at INFO.
@@ -291,6 +290,15 @@ def install_secret_masking(secrets: Iterable[str]) -> SecretMaskingFilter:
     for name in MASKED_LOGGERS:
         logging.getLogger(name).addFilter(masking)
     return masking
+
+
+def configure_logging(config: Config) -> None:
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level != "DEBUG":
+        # One line per Bot API request is noise at INFO; the URLs are masked either way.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    install_secret_masking(config.secrets)
+
 
 
 ###############################################################################
@@ -3314,14 +3322,6 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def configure_logging(config: Config) -> None:
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.log_level != "DEBUG":
-        # One line per Bot API request is noise at INFO; the URLs are masked either way.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-    install_secret_masking(config.secrets)
 
 
 def main(argv: list[str] | None = None) -> int:
