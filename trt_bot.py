@@ -33,6 +33,7 @@ import html
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -312,10 +313,12 @@ MAX_HEAD_BYTES = 16 * 1024  # request line + headers; h11 uses 16 KiB, nginx 8 K
 MAX_BODY_BYTES = 1024 * 1024  # Telegram updates are a few KiB; Kie callbacks smaller
 
 _TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_VALUE_CHARS = rb"[\t\x20-\x7e\x80-\xff]*"  # RFC 9110 field-value: VCHAR, SP, HTAB, obs-text
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN_CHARS + rb":" + _VALUE_CHARS + rb"\r\n)*")  # every line at once
 _HEADER_NAME = re.compile(_TOKEN_CHARS)
 _BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 STATUS_REASONS = {
     200: "OK",
@@ -412,14 +415,14 @@ class RequestParser:
             return False
         if end > self.max_head:
             raise HttpError(431, "request headers too large")
-        head = bytes(self._buffer[:end])
+        head = bytes(self._buffer[: end + 2])  # the request line and header lines, each with its CRLF
         del self._buffer[: end + 4]
         self._head = self._parse_head_bytes(head)
         return True
 
     def _parse_head_bytes(self, head: bytes) -> tuple[str, str, str, dict[str, str], bool]:
-        request_line, *header_lines = head.split(b"\r\n")
-        match = _REQUEST_LINE.fullmatch(request_line)
+        line_end = head.find(b"\r\n")
+        match = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if not match:
             raise HttpError(400, "malformed request line")
         method, target, major, minor = match.groups()
@@ -427,43 +430,53 @@ class RequestParser:
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         if not (target.startswith(b"/") or target == b"*"):
             raise HttpError(400, "request target must be a path")
+        if not _HEADER_BLOCK.fullmatch(head, line_end + 2):
+            raise _header_error(head[line_end + 2:])
         headers: dict[str, str] = {}
-        lengths: set[bytes] = set()
-        for line in header_lines:
-            name, colon, value = line.partition(b":")
-            if not colon or not _HEADER_NAME.fullmatch(name):
-                raise HttpError(400, "malformed header line")
-            value = value.strip(b" \t")
-            if _BAD_VALUE_CHARS.search(value):
-                raise HttpError(400, "invalid character in header value")
-            key = name.decode("ascii").lower()
-            if key == "content-length":
-                lengths.update(part.strip(b" \t") for part in value.split(b","))
-            headers[key] = value.decode("latin-1")
-        self._body_length = self._body_length_from(headers, lengths)
-        version = f"1.{minor.decode()}"
+        for line in head[line_end + 2: -2].decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip(" \t")
+        headers.pop("", None)  # the empty line of a request without headers
+        self._body_length = self._body_length_from(headers, head)
+        version = "1.1" if minor == b"1" else f"1.{minor.decode()}"
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection if version == "1.1" else "keep-alive" in connection
         return method.decode("ascii"), target.decode("ascii"), version, headers, keep_alive
 
-    def _body_length_from(self, headers: dict[str, str], lengths: set[bytes]) -> int:
+    def _body_length_from(self, headers: dict[str, str], head: bytes) -> int:
+        length_text = headers.get("content-length")
         if "transfer-encoding" in headers:
-            if lengths:
+            if length_text is not None:
                 raise HttpError(400, "both Content-Length and Transfer-Encoding")
-            if headers["transfer-encoding"].strip().lower() == "chunked":
+            if headers["transfer-encoding"].lower() == "chunked":
                 raise HttpError(411, "chunked bodies are not accepted: send Content-Length")
             raise HttpError(501, "unsupported Transfer-Encoding")
-        if not lengths:
+        if length_text is None:
             return 0
-        if len(lengths) > 1:
-            raise HttpError(400, "conflicting Content-Length values")
-        (raw,) = lengths
-        if not _DIGITS.fullmatch(raw):
+        if "," in length_text or head.lower().count(b"\ncontent-length:") > 1:
+            # Repeated Content-Length (as headers or a list) is fine only if every value agrees.
+            values = {value.strip(" \t") for line in head.decode("latin-1").split("\r\n")
+                      if line.lower().startswith("content-length:") for value in line[15:].split(",")}
+            if len(values) > 1:
+                raise HttpError(400, "conflicting Content-Length values")
+            length_text = values.pop()
+        if not _DIGITS.fullmatch(length_text):
             raise HttpError(400, "invalid Content-Length")
-        length = int(raw)
+        length = int(length_text)
         if length > self.max_body:
             raise HttpError(413, "request body too large")
         return length
+
+
+def _header_error(block: bytes) -> HttpError:
+    """Which rule a header block broke (the slow path, only for bad requests)."""
+    for line in block.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if line and (not colon or not _HEADER_NAME.fullmatch(name)):
+            return HttpError(400, "malformed header line")
+        if _BAD_VALUE_CHARS.search(value):
+            return HttpError(400, "invalid character in header value")
+    return HttpError(400, "malformed header line")
 
 
 @dataclasses.dataclass
@@ -511,11 +524,31 @@ READ_CHUNK = 64 * 1024
 RequestHandler = Callable[[Request], Awaitable[Response]]
 
 
+class _Connection:
+    """A served connection's read deadline, enforced by HttpServer's sweeper."""
+
+    __slots__ = ("writer", "deadline", "idle")
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.deadline = math.inf  # no deadline while a handler runs
+        self.idle = True  # between requests (as opposed to in the middle of one)
+
+    def expire(self) -> None:
+        """Cut the connection; a request that trickled in too slowly gets a 408 first."""
+        self.deadline = math.inf
+        if not self.idle:
+            self.writer.write(render_response(text_response(408, "request not received in time"), keep_alive=False))
+        self.writer.close()  # the pending read sees end of stream and the connection ends
+
+
 class HttpServer:
     """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
 
     ``handler`` turns a Request into a Response; if it raises, the client gets
-    a 500 with no detail and the error is logged.
+    a 500 with no detail and the error is logged.  One sweeper task enforces
+    every connection's read deadline (idle between requests, or a request that
+    trickles in), so a read costs no timer of its own.
     """
 
     def __init__(
@@ -537,12 +570,13 @@ class HttpServer:
         self.open_connections = 0
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.Task] = set()
-        self._idle: set[asyncio.Task] = set()  # waiting for the next request on a kept-alive connection
+        self._connections: dict[asyncio.Task, _Connection] = {}
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen and return the bound port (useful with port 0)."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float = 5.0) -> None:
@@ -550,8 +584,11 @@ class HttpServer:
         self.closing = True
         if self._server is not None:
             self._server.close()
-        for task in self._idle:
-            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in self._connections.values():
+            if connection.idle:
+                connection.writer.close()
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=grace)
             for task in pending:
@@ -559,23 +596,31 @@ class HttpServer:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
 
+    async def _sweep_forever(self) -> None:
+        interval = min(1.0, self.request_timeout / 4, self.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in [c for c in self._connections.values() if c.deadline < now]:
+                connection.expire()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if self.open_connections >= self.max_connections:
             await self._refuse(reader, writer)
             return
         self.open_connections += 1
-        self._connections.add(task)  # type: ignore[arg-type]
+        connection = self._connections[task] = _Connection(writer)  # type: ignore[index]
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await self._serve_requests(reader, writer)
+            await self._serve_requests(reader, writer, connection)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self.open_connections -= 1
-            self._connections.discard(task)  # type: ignore[arg-type]
+            del self._connections[task]  # type: ignore[arg-type]
             await _close_writer(writer)
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -590,11 +635,12 @@ class HttpServer:
         writer.write(render_response(text_response(503, "too many connections"), keep_alive=False))
         await _close_writer(writer)
 
-    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              connection: _Connection) -> None:
         parser = RequestParser(self.max_head, self.max_body)
         while True:
             try:
-                request = await self._read_request(reader, parser)
+                request = await self._read_request(reader, parser, connection)
             except HttpError as error:
                 writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
                 return
@@ -609,37 +655,27 @@ class HttpServer:
             writer.write(render_response(response, keep_alive, request.method == "HEAD"))
             if writer.transport.get_write_buffer_size() > READ_CHUNK:
                 await writer.drain()
-            if not request.keep_alive or self.closing:
+            if not keep_alive:
                 await writer.drain()
                 return
 
-    async def _read_request(self, reader: asyncio.StreamReader, parser: RequestParser) -> Request | None:
-        """The next request, or None when the peer closed or idled out between requests."""
-        deadline = time.monotonic() + self.request_timeout if parser.has_partial_request else None
+    async def _read_request(self, reader: asyncio.StreamReader, parser: RequestParser,
+                            connection: _Connection) -> Request | None:
+        """The next request, or None when the peer closed or the sweeper cut the connection."""
+        connection.idle = not parser.has_partial_request
+        timeout = self.idle_timeout if connection.idle else self.request_timeout
+        connection.deadline = time.monotonic() + timeout
         while (request := parser.next_request()) is None:
-            if deadline is None:
-                if self.closing:
-                    return None
-                timeout, idle = self.idle_timeout, True
-            else:
-                timeout, idle = deadline - time.monotonic(), False
-            task = asyncio.current_task()
-            if idle:
-                self._idle.add(task)  # type: ignore[arg-type]
-            try:
-                async with asyncio.timeout(max(timeout, 0.0)):
-                    data = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                if idle:
-                    return None
-                raise HttpError(408, "request not received in time") from None
-            finally:
-                self._idle.discard(task)  # type: ignore[arg-type]
+            if connection.idle and self.closing:
+                return None
+            data = await reader.read(READ_CHUNK)
             if not data:
-                return None  # closed, possibly mid-request: nothing to answer
-            if deadline is None:
-                deadline = time.monotonic() + self.request_timeout
+                return None  # closed (by the peer or the sweeper), possibly mid-request
+            if connection.idle:
+                connection.idle = False
+                connection.deadline = time.monotonic() + self.request_timeout
             parser.feed(data)
+        connection.idle, connection.deadline = False, math.inf
         return request
 
 
@@ -844,42 +880,56 @@ class Database:
 class GroupCommit:
     """Writes items from many coroutines in shared transactions.
 
-    ``submit(item)`` returns a future for that item's result.  While one batch
-    is being written, new items gather into the next one, so under load one
-    commit (and one thread hop) serves many requests.  ``write_batch(conn,
-    items)`` returns one result per item.
+    ``submit(item)`` returns a future for that item's result; ``add(item)`` is
+    fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
+    While one batch is being written, new items gather into the next one, so
+    under load one commit (and one thread hop) serves many requests.
+    ``write_batch(conn, items)`` returns one result per item.
     """
 
-    def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list], max_batch: int = 500):
+    def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
+                 on_batch: Callable[[list, BaseException | None], None] | None = None, max_batch: int = 500):
         self.db = db
         self.write_batch = write_batch
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.batches = 0
-        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._pending: list[tuple[Any, asyncio.Future | None]] = []
         self._writer: asyncio.Task | None = None
 
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
+        self._queue(item, future)
+        return future
+
+    def add(self, item: Any) -> None:
+        self._queue(item, None)
+
+    def _queue(self, item: Any, future: asyncio.Future | None) -> None:
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())
-        return future
 
     async def _write_all(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+                items = [item for item, _ in batch]
                 try:
-                    results = await self.db.write(self.write_batch, [item for item, _ in batch])
+                    results = await self.db.write(self.write_batch, items)
                 except Exception as error:
                     for _, future in batch:
-                        if not future.done():
+                        if future is not None and not future.done():
                             future.set_exception(error)
+                    if self.on_batch is not None:
+                        self.on_batch(items, error)
                     continue
                 self.batches += 1
                 for (_, future), result in zip(batch, results):
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(result)
+                if self.on_batch is not None:
+                    self.on_batch(items, None)
         finally:
             self._writer = None
 
@@ -920,10 +970,13 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     """Mark updates handled and remember their senders in ``users``."""
     now = time.time()
     conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
+    # last_seen is kept to the hour, so most updates of a known user write nothing.
     conn.executemany(
         """INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
            ON CONFLICT(user_id) DO UPDATE SET last_seen=excluded.last_seen, blocked=excluded.blocked,
-               lang=CASE WHEN excluded.lang='' THEN users.lang ELSE excluded.lang END""",
+               lang=CASE WHEN excluded.lang='' THEN users.lang ELSE excluded.lang END
+           WHERE users.blocked != excluded.blocked OR users.last_seen < excluded.last_seen - 3600
+               OR (excluded.lang != '' AND users.lang != excluded.lang)""",
         [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id],
     )
     return [None] * len(marks)
@@ -1480,13 +1533,15 @@ class UpdatePipeline:
         self.on_handled: Callable[[float], None] = lambda seconds: None
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=queue_size)
         self._inserts = GroupCommit(db, inbox_insert)
-        self._done_marks = GroupCommit(db, inbox_mark_done)
+        self._done_marks = GroupCommit(db, inbox_mark_done, on_batch=self._on_done_marks)
         self._in_memory: set[int] = set()  # queued, parked or being handled
         self._admitting: set[int] = set()  # being committed by ingest; refill must not take them
         self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
         self._unmarked: list[DoneMark] = []  # done marks that failed to commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
+        self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
+        self._overdue: set[asyncio.Task] = set()  # workers whose handler we cancelled
         self._spilling = False
         self._refill_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -1584,12 +1639,18 @@ class UpdatePipeline:
         self.workers_active += 1
         started = time.monotonic()
         blocked = False
+        task = asyncio.current_task()
+        self._deadlines[task] = started + self.handler_timeout  # type: ignore[index]
         try:
             if "callback_query" in item.update and time.time() - item.received_at > CALLBACK_QUERY_TTL_S:
                 self.stats.dropped += 1
             else:
-                async with asyncio.timeout(self.handler_timeout):
-                    await self.handler(item.update)
+                await self.handler(item.update)
+        except asyncio.CancelledError:
+            if task not in self._overdue or task.cancelling() > 1:  # type: ignore[union-attr]
+                raise  # shutdown, not (only) our cut
+            self.stats.errors += 1
+            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.handler_timeout)
         except TelegramError as error:
             if error.error_code == 403:
                 blocked = True
@@ -1598,13 +1659,14 @@ class UpdatePipeline:
             else:
                 self.stats.errors += 1
                 log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
-        except TimeoutError:
-            self.stats.errors += 1
-            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.handler_timeout)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
+            del self._deadlines[task]  # type: ignore[arg-type]
+            if task in self._overdue:  # withdraw our cancel request, landed or swallowed
+                self._overdue.discard(task)  # type: ignore[arg-type]
+                task.uncancel()  # type: ignore[union-attr]
             self.workers_active -= 1
             self.stats.processed += 1
             self.on_handled(time.monotonic() - started)
@@ -1624,15 +1686,14 @@ class UpdatePipeline:
     def _submit_done_marks(self, marks: list[DoneMark]) -> None:
         for mark in marks:
             self._awaiting_done.add(mark.update_id)
-            self._done_marks.submit(mark).add_done_callback(
-                lambda future, mark=mark: self._on_done_mark(mark, future))
+            self._done_marks.add(mark)
 
-    def _on_done_mark(self, mark: DoneMark, future: asyncio.Future) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self._unmarked.append(mark)  # kept out of refill until the database is back
+    def _on_done_marks(self, marks: list[DoneMark], error: BaseException | None) -> None:
+        if error is not None:
+            self._unmarked.extend(marks)  # kept out of refill until the database is back
             return
-        self._awaiting_done.discard(mark.update_id)
-        self.backlog = max(0, self.backlog - 1)
+        self._awaiting_done.difference_update(mark.update_id for mark in marks)
+        self.backlog = max(0, self.backlog - len(marks))
 
     # -- the inbox ---------------------------------------------------------
 
@@ -1644,6 +1705,7 @@ class UpdatePipeline:
             except TimeoutError:
                 pass
             self._refill_wakeup.clear()
+            self._cut_overdue_handlers()
             if not self.db.ok:
                 continue
             if self._unmarked:
@@ -1654,6 +1716,19 @@ class UpdatePipeline:
             if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()
                 await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
+
+    def _cut_overdue_handlers(self) -> None:
+        """Cancel handlers past ``handler_timeout``.
+
+        One check a second for all workers instead of a timer per update (an
+        asyncio.timeout costs a few microseconds on every update); the cut
+        lands at most a second late.
+        """
+        now = time.monotonic()
+        for task, deadline in self._deadlines.items():
+            if deadline < now and task not in self._overdue:
+                self._overdue.add(task)
+                task.cancel()
 
     async def _refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
@@ -2293,12 +2368,6 @@ def image_file_name(url: str) -> tuple[str, str]:
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
 
 
-def _consume(future: asyncio.Future) -> None:
-    """Done-callback for writes nobody awaits: failures are logged by Database already."""
-    if not future.cancelled():
-        future.exception()
-
-
 class Generations:
     """Every job of this process, from creation to delivery.
 
@@ -2427,7 +2496,7 @@ class Generations:
         self.created += 1
         self._recent_by_user.setdefault(job.user_id, collections.deque()).append(now)
         try:
-            await self._save(job)
+            await self._writes.submit(dataclasses.astuple(job))  # durable before the update counts as handled
         except DatabaseUnavailable:
             pass  # memory keeps it; it just will not survive a restart
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
@@ -2460,10 +2529,9 @@ class Generations:
         if self._active_by_user.get(job.user_id) == job.id:
             del self._active_by_user[job.user_id]
 
-    def _save(self, job: Job) -> asyncio.Future:
-        future = self._writes.submit(dataclasses.astuple(job))
-        future.add_done_callback(_consume)
-        return future
+    def _save(self, job: Job) -> None:
+        """Write the job's current state; failures are logged by Database, memory stays authoritative."""
+        self._writes.add(dataclasses.astuple(job))
 
     def _move(self, job: Job, state: str, **changes: Any) -> bool:
         """Apply a transition if JOB_TRANSITIONS allows it; False (and no change) otherwise."""
