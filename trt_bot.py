@@ -982,6 +982,19 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
+def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+    """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
+
+    Under load the marks of handled updates ride along with the commit of
+    arriving ones: one transaction and one thread hop for both.
+    """
+    marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+    news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
+    if marks:
+        inbox_mark_done(conn, marks)
+    return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
+
+
 def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
     """The oldest unhandled updates, in update_id (arrival) order."""
     return conn.execute(
@@ -1436,6 +1449,7 @@ CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback querie
 INBOX_MAX_BACKLOG = 100_000  # beyond this the webhook answers 503 and Telegram keeps the update
 REFILL_INTERVAL_S = 1.0  # also how soon updates stored by another instance get picked up
 PRUNE_INTERVAL_S = 600.0
+BACKLOG_RECOUNT_S = 30.0  # the count is kept in memory; recounting picks up other instances' updates
 RECENT_MEMORY_IDS = 10_000  # duplicates remembered while the database is down
 
 # Update kinds keyed by their chat, and kinds keyed by the user who sent them
@@ -1532,8 +1546,7 @@ class UpdatePipeline:
         self.workers_active = 0
         self.on_handled: Callable[[float], None] = lambda seconds: None
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=queue_size)
-        self._inserts = GroupCommit(db, inbox_insert)
-        self._done_marks = GroupCommit(db, inbox_mark_done, on_batch=self._on_done_marks)
+        self._inbox = GroupCommit(db, inbox_write, on_batch=self._on_inbox_written)
         self._in_memory: set[int] = set()  # queued, parked or being handled
         self._admitting: set[int] = set()  # being committed by ingest; refill must not take them
         self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
@@ -1558,7 +1571,7 @@ class UpdatePipeline:
                 return 503
             self._admitting.add(update_id)
             try:
-                is_new = await self._inserts.submit(item)
+                is_new = await self._inbox.submit(item)
             except DatabaseUnavailable:
                 pass  # fall through to memory
             else:
@@ -1686,9 +1699,12 @@ class UpdatePipeline:
     def _submit_done_marks(self, marks: list[DoneMark]) -> None:
         for mark in marks:
             self._awaiting_done.add(mark.update_id)
-            self._done_marks.add(mark)
+            self._inbox.add(mark)
 
-    def _on_done_marks(self, marks: list[DoneMark], error: BaseException | None) -> None:
+    def _on_inbox_written(self, entries: list[InboxItem | DoneMark], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+        if not marks:
+            return
         if error is not None:
             self._unmarked.extend(marks)  # kept out of refill until the database is back
             return
@@ -1698,7 +1714,7 @@ class UpdatePipeline:
     # -- the inbox ---------------------------------------------------------
 
     async def _refill_forever(self) -> None:
-        last_prune = 0.0
+        last_prune = last_count = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._refill_wakeup.wait(), REFILL_INTERVAL_S)
@@ -1713,6 +1729,12 @@ class UpdatePipeline:
                 self._submit_done_marks(retry)
             if self._accepting and self.should_process:
                 await self._refill()
+            if time.monotonic() - last_count > BACKLOG_RECOUNT_S:  # counts what other instances stored too
+                last_count = time.monotonic()
+                try:
+                    self.backlog = await self.db.read(inbox_backlog)
+                except DatabaseUnavailable:
+                    pass
             if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()
                 await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
@@ -1737,7 +1759,7 @@ class UpdatePipeline:
             return
         limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
         try:
-            rows, self.backlog = await self.db.read(_pending_and_backlog, limit)
+            rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
             return
         taken, more_left = 0, len(rows) == limit
@@ -1801,10 +1823,6 @@ class UpdatePipeline:
             "rejected": stats.rejected,
             "inbox_backlog": self.backlog,
         }
-
-
-def _pending_and_backlog(conn: sqlite3.Connection, limit: int) -> tuple[list, int]:
-    return inbox_pending(conn, limit), inbox_backlog(conn)
 
 
 ###############################################################################
@@ -2634,10 +2652,14 @@ class Generations:
         self._poll_wakeup.set()
 
     async def _poll_forever(self) -> None:
+        last_prune = time.time()
         while True:
             now = time.time()
             self._expire_overdue(now)
             self._retry_deliveries(now)
+            if now - last_prune > 600:
+                last_prune = now
+                self._forget_old_usage(now)
             while self._poll_heap and self._poll_heap[0][0] <= now and len(self._polling) < POLLS_AT_ONCE:
                 job = self.jobs.get(heapq.heappop(self._poll_heap)[2])
                 if job is not None and job.state == "submitted" and job.id not in self._polling:
@@ -2667,6 +2689,11 @@ class Generations:
             self._apply(job, record)
         else:
             self._schedule_poll(job, time.time() + poll_interval(time.time() - job.created_at))
+
+    def _forget_old_usage(self, now: float) -> None:
+        """Drop hourly-limit stamps older than an hour, so idle users cost no memory."""
+        for user_id in [u for u, stamps in self._recent_by_user.items() if not stamps or now - stamps[-1] >= 3600]:
+            del self._recent_by_user[user_id]
 
     def _expire_overdue(self, now: float) -> None:
         for job in list(self.jobs.values()):
