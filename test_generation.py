@@ -482,3 +482,25 @@ async def test_a_job_survives_sigkill_and_its_photo_is_delivered_once_after_rest
     assert len(fake_tg.calls_of("sendPhoto")) == 1 and len(fake_kie.created) == 1
     assert "[JOB] resumed 1 unfinished jobs" in second.log
     assert TOKEN not in second.log and KIE_KEY not in second.log
+
+
+async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it_recovers(
+        make_app, fake_tg, fake_kie, tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
+    path = str(tmp_path / "bot.sqlite3")
+    conn = trt_bot.open_sqlite(path)
+    job = trt_bot.Job("00112233aabbccdd", 81, 81, "ru", "zimage", "маяк", "1:1", state="succeeded",
+                      result_url=fake_kie.image_url(), created_at=time.time(), updated_at=time.time())
+    conn.execute("BEGIN")
+    trt_bot.jobs_save(conn, [tuple(vars(job).values())])
+    conn.execute("COMMIT")
+    conn.execute("BEGIN EXCLUSIVE")  # another process holds the file: the bot starts degraded
+    app = await make_app(**gen_env(fake_kie))
+    assert app.db.ok is False and app.active
+    await post_update(app, update_message(1, 82, "/start"))
+    await eventually(lambda: fake_tg.texts_to(82))  # /start works meanwhile
+    assert fake_tg.calls_of("sendPhoto") == []
+    conn.execute("ROLLBACK")
+    conn.close()
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=10)
+    assert fake_tg.calls_of("sendPhoto")[0]["chat_id"] == 81

@@ -1075,9 +1075,6 @@ class ConversationStore:
     def get(self, user_id: int) -> dict | None:
         return self._states.get(user_id)
 
-    def __len__(self) -> int:
-        return len(self._states)
-
     async def set(self, user_id: int, state: dict | None) -> None:
         """Replace a user's state (None ends the dialog) and persist it."""
         if state is None and user_id not in self._states:
@@ -1803,6 +1800,10 @@ class UpdatePipeline:
             await asyncio.sleep(0.01)
 
     @property
+    def workers_alive(self) -> bool:
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    @property
     def queue_depth(self) -> int:
         return len(self._in_memory) - self.workers_active
 
@@ -2414,6 +2415,7 @@ class Generations:
         self._by_task: dict[str, str] = {}
         self._active_by_user: dict[int, str] = {}
         self._recent_by_user: dict[int, collections.deque[float]] = {}
+        self._usage_loaded = False
         self._submissions: asyncio.Queue[str] = asyncio.Queue()
         self._slot_freed = asyncio.Event()
         self._poll_heap: list[tuple[float, int, str]] = []
@@ -2430,16 +2432,19 @@ class Generations:
     # -- lifecycle -----------------------------------------------------------
 
     async def resume(self) -> None:
-        """Load unfinished jobs and start submitting, polling and delivering."""
-        if self._loops:
-            return
+        """Load unfinished jobs not yet in memory, and run the submitters and the poller.
+
+        Called on becoming active, and again when the database comes back
+        after being unusable; jobs already in memory are left as they are.
+        """
         try:
             rows = await self.db.read(jobs_unfinished)
-            recent = await self.db.read(jobs_created_since, time.time() - 3600)
+            if not self._usage_loaded:  # once: later jobs are counted as they are created
+                for user_id, created_at in await self.db.read(jobs_created_since, time.time() - 3600):
+                    self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
+                self._usage_loaded = True
         except DatabaseUnavailable:
-            rows, recent = [], []
-        for user_id, created_at in recent:
-            self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
+            rows = []
         for row in rows:
             job = Job(*row)
             if job.id in self.jobs:
@@ -2454,6 +2459,8 @@ class Generations:
                 self._spawn(self._deliver(job))
         if rows:
             log.info("[JOB] resumed %d unfinished jobs", len(rows))
+        if self._loops:
+            return
         self._loops = [asyncio.create_task(self._submit_forever(), name=f"submitter-{n}") for n in range(SUBMITTERS)]
         self._loops.append(asyncio.create_task(self._poll_forever(), name="job-poller"))
 
@@ -2480,6 +2487,7 @@ class Generations:
         self._poll_heap.clear()
         self._submissions = asyncio.Queue()
         self.in_kie = 0
+        self._usage_loaded = False
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.create_task(coro)  # type: ignore[arg-type]
@@ -3109,6 +3117,8 @@ class App:
             if not self.db.ok and await self.db.open():
                 log.warning("[DB] recovered; back to durable mode")
                 self.pipeline.wake()
+                if self.active:
+                    await self.generations.resume()
 
     async def _configure_webhook(self) -> None:
         delay = 1.0
@@ -3237,7 +3247,7 @@ class App:
         return json_response({"code": 200, "msg": "success"})
 
     async def on_health(self, request: Request) -> Response:
-        workers_dead = any(task.done() for task in self.pipeline._tasks)
+        workers_dead = not self.pipeline.workers_alive
         status = "stopping" if self.stopping else "ok" if self.db.ok else "degraded"
         payload = {
             "status": status,
