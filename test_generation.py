@@ -329,6 +329,20 @@ async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_ap
     assert uploaded["photo"] == PNG_BYTES and uploaded["caption"] == "кот-космонавт"
 
 
+async def test_an_image_too_large_for_a_photo_is_sent_as_a_document(make_app, fake_tg, fake_kie, monkeypatch):
+    monkeypatch.setattr(trt_bot, "PHOTO_UPLOAD_MAX_BYTES", len(PNG_BYTES) - 1)
+    fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400,
+                                    "description": "Bad Request: failed to get HTTP URL content"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 58)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001", fake_kie.image_url("huge.png"))
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("sendDocument"))
+    (document,) = fake_tg.calls_of("sendDocument")
+    assert document["document"] == PNG_BYTES and len(fake_tg.calls_of("sendPhoto")) == 1  # the URL try only
+
+
 @pytest.mark.parametrize("data", ["ratio:16:9", "opt:high", "model:zimage", "again:0123456789abcdef",
                                   "again:../../etc/passwd", "ratio:", "new:extra"])
 async def test_forged_or_stale_buttons_are_answered_politely_and_start_nothing(make_app, fake_tg, fake_kie, data):

@@ -2213,11 +2213,10 @@ class Conversation:
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
             return  # a stale or forged button: answered as stale, nothing changes
+        await self.answer(ctx)
         if model.option is None:
-            await self.answer(ctx)
             await self.generate(ctx, model, state["prompt"], ratio)
             return
-        await self.answer(ctx)
         await self.states.set(ctx.user_id, {**state, "step": "option", "ratio": ratio})
         await self.send(ctx, "ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
 
@@ -2225,7 +2224,7 @@ class Conversation:
         state = self.states.get(ctx.user_id) or {}
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "option" or model is None or model.option is None:
-            return
+            return  # (a saved dialog can outlive a catalog change)
         if value not in dict(model.option.choices):
             return
         await self.answer(ctx)
