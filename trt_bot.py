@@ -322,7 +322,6 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 
 STATUS_REASONS = {
     200: "OK",
-    204: "No Content",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -331,7 +330,6 @@ STATUS_REASONS = {
     408: "Request Timeout",
     411: "Length Required",
     413: "Content Too Large",
-    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
