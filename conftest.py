@@ -387,16 +387,19 @@ def free_port() -> int:
 
 
 class BotProcess:
-    """trt_bot.py as a real subprocess, its log collected for assertions."""
+    """trt_bot.py as a real subprocess, its log collected for assertions.
 
-    def __init__(self, env: dict[str, str]):
+    ``wrapper`` is a command the bot runs under (``unshare ...``).
+    """
+
+    def __init__(self, env: dict[str, str], wrapper: tuple[str, ...] = ()):
         self.port = int(env["PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.path.dirname(env["DATABASE_URL"][len("sqlite:///"):]), f"bot-{self.port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
         full_env.update(env)
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "trt_bot.py")],
+            self.process = subprocess.Popen([*wrapper, sys.executable, os.path.join(HERE, "trt_bot.py")],
                                             env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
 
     @property
@@ -433,8 +436,8 @@ class BotProcess:
 def bot_processes():
     started: list[BotProcess] = []
 
-    def start(env: dict[str, str]) -> BotProcess:
-        process = BotProcess(env)
+    def start(env: dict[str, str], wrapper: tuple[str, ...] = ()) -> BotProcess:
+        process = BotProcess(env, wrapper)
         started.append(process)
         return process
 

@@ -7,13 +7,17 @@ Two-instance tests run real bot processes on one SQLite file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -55,20 +59,78 @@ def test_a_free_or_expired_lease_is_taken_and_a_live_one_is_not(lease_db):
     assert trt_bot.lease_claim(lease_db, other, 15, now=1031)[0] is True
 
 
-def test_a_dead_holder_on_this_host_is_not_waited_out(lease_db):
-    host = os.uname().nodename
+ME = trt_bot.ProcessIdentity("web", 1, "me", "4026531836", "boot-a", "500").owner()
+
+
+def holder(pid: int = 7, namespace: str = "4026531836", boot: str = "boot-a", start: str = "400") -> str:
+    return trt_bot.ProcessIdentity("web", pid, "it", namespace, boot, start).owner()
+
+
+@pytest.mark.parametrize("label, holder_owner, me, probed, gone", [
+    ("its pid no longer runs", holder(), ME, (False, ""), True),
+    ("its pid runs a process started later", holder(), ME, (True, "900"), True),
+    ("an earlier process that had my pid", holder(pid=1), ME, (True, "500"), True),
+    ("it runs, started when it said", holder(), ME, (True, "400"), False),
+    ("it runs, start time unreadable", holder(), ME, (True, ""), False),
+    ("another App in my process", holder(pid=1, start="500"), ME, (True, "500"), False),
+    ("another PID namespace, same pid (two containers)", holder(pid=1, namespace="4026532179"), ME, (False, ""), False),
+    ("another boot", holder(boot="boot-b"), ME, (False, ""), False),
+    ("it could not read its namespace", holder(namespace=""), ME, (False, ""), False),
+    ("I cannot read mine", holder(namespace=""), holder(pid=2, namespace=""), (False, ""), False),
+    ("it did not record its start time", holder(start=""), ME, (True, "900"), False),
+    ("an owner written by an older version", "web:7:abcdef-0001", ME, (False, ""), False),
+    ("garbage", "web:99999999999999999999:x:4026531836:boot-a:1", ME, (False, ""), False),
+])
+def test_a_holder_is_taken_for_gone_only_when_provably_gone(label, holder_owner, me, probed, gone):
+    asked = []
+
+    def probe(pid: int) -> tuple[bool, str]:
+        asked.append(pid)
+        return probed
+
+    assert trt_bot.lease_owner_is_gone(holder_owner, me, probe) is gone, label
+    assert all(pid == trt_bot.ProcessIdentity.parse(holder_owner).pid for pid in asked)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_probe_tells_a_running_process_from_an_exited_or_zombie_one():
+    runs, start_time = trt_bot.probe_pid(os.getpid())
+    assert runs and start_time == trt_bot.current_process_identity("me").start_time
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited but not reaped until wait()
+    try:
+        deadline = time.monotonic() + 10
+        while process_state(zombie.pid) != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        assert trt_bot.probe_pid(zombie.pid) == (False, "")
+    finally:
+        zombie.wait()
+    assert trt_bot.probe_pid(zombie.pid) == (False, "")
+
+
+def test_a_dead_holder_in_my_pid_namespace_is_not_waited_out(lease_db):
+    me = trt_bot.current_process_identity("me")
+    assert me.pid_namespace and me.boot_id and me.start_time, "this test needs Linux's /proc"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    me = f"{host}:{os.getpid()}:{trt_bot.PROCESS_TOKEN}-0001"
-    trt_bot.lease_claim(lease_db, f"{host}:{dead.pid}:abcdef-0001", 15, now=1000)
-    assert trt_bot.lease_claim(lease_db, me, 15, now=1001)[0] is True
-    # an earlier process that had our pid (a restarted container) is gone too
-    trt_bot.lease_release(lease_db, me)
-    trt_bot.lease_claim(lease_db, f"{host}:{os.getpid()}:000000-0001", 15, now=1002)
-    assert trt_bot.lease_claim(lease_db, me, 15, now=1003)[0] is True
+    trt_bot.lease_claim(lease_db, dataclasses.replace(me, pid=dead.pid, instance="dead").owner(), 15, now=1000)
+    assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1001)[0] is True
+    # an earlier process that had my pid (a restarted container) is gone too
+    trt_bot.lease_release(lease_db, me.owner())
+    trt_bot.lease_claim(lease_db, dataclasses.replace(me, instance="old", start_time="1").owner(), 15, now=1002)
+    assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1003)[0] is True
     # but another instance in this very process is alive
-    trt_bot.lease_claim(lease_db, f"{host}:{os.getpid()}:{trt_bot.PROCESS_TOKEN}-0002", 15, now=1100)
-    assert trt_bot.lease_claim(lease_db, me, 15, now=1101)[0] is False
+    trt_bot.lease_claim(lease_db, dataclasses.replace(me, instance="other").owner(), 15, now=1100)
+    assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1101)[0] is False
+    # and so is a holder with my pid in another PID namespace, until its lease expires
+    other_container = dataclasses.replace(me, instance="twin", pid_namespace="1", start_time="1").owner()
+    trt_bot.lease_claim(lease_db, other_container, 15, now=1200)
+    assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1201)[0] is False
+    assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1216)[0] is True
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
@@ -132,6 +194,52 @@ async def test_when_the_active_process_stops_gracefully_the_other_takes_over_at_
     assert await second_is_active()
     assert await post_to(second, config, update_message(1, 900, "/start")) == 200
     await eventually(lambda: fake_tg.texts_to(900))
+
+
+UNSHARE_PID = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
+def why_separate_pid_namespaces_are_unavailable() -> str:
+    """The reason a process cannot be started in a PID namespace of its own here, or ""."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    tried = subprocess.run([*UNSHARE_PID, "true"], capture_output=True, text=True, timeout=10)
+    if tried.returncode != 0:
+        return f"unshare --pid is not permitted here: {tried.stderr.strip()}"
+    return ""
+
+
+async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_active(fake_tg, tmp_path, bot_processes):
+    # Regression: two containers with one hostname, each the pid 1 of its own PID namespace, took each
+    # other for a dead holder and stole the lease at every renewal: 20 updates got 40 replies.
+    reason = why_separate_pid_namespaces_are_unavailable()
+    if reason:
+        pytest.skip(reason)
+    env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), LEASE_TTL_S="3")
+    first = bot_processes(env, UNSHARE_PID)
+    await first.wait_healthy()
+    second = bot_processes({**env, "PORT": str(free_port())}, UNSHARE_PID)
+    await second.wait_healthy()
+    config = trt_bot.load_config(env)
+    ids = [(await get_json(bot.base_url, "/diag/lock"))["instance_id"] for bot in (first, second)]
+    assert all(instance.startswith(f"{socket.gethostname()}:1:") for instance in ids)  # same host, same pid
+    for n in range(1, 21):
+        assert await post_to(first if n % 2 else second, config, update_message(n, 1100 + n, "/start")) == 200
+    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) >= 20, timeout=15)
+    renewed_after = trt_bot.iso_utc(time.time() + 3 * 1.0)  # three renewals: three chances to steal the lease
+
+    async def both_checked_since() -> bool:
+        locks = [await get_json(bot.base_url, "/diag/lock") for bot in (first, second)]
+        return all(lock["last_check"] > renewed_after for lock in locks)
+
+    for _ in range(100):
+        if await both_checked_since():
+            break
+        await asyncio.sleep(0.1)
+    locks = [await get_json(bot.base_url, "/diag/lock") for bot in (first, second)]
+    assert [lock["active"] for lock in locks] == [True, False]
+    assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(1101, 1121))
+    assert "[LOCK] acquired" not in second.log
 
 
 ###############################################################################

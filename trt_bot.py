@@ -1009,39 +1009,107 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-PROCESS_TOKEN = secrets.token_hex(3)  # tells this process from an earlier one that had the same pid
+PID_MAX_LIMIT = 4_194_304  # Linux's ceiling for pid_max; a larger "pid" is garbage, not a process
 
 
-def lease_owner_is_gone(holder: str, me: str) -> bool:
-    """Whether ``holder`` (host:pid:suffix) is a process on this host that no longer runs.
+@dataclasses.dataclass(frozen=True)
+class ProcessIdentity:
+    """Who holds the lease, written so another process can tell whether it has exited.
 
-    A crashed or killed holder need not be waited out.  Owners on other hosts
-    are assumed alive until their lease expires.
+    A pid means something only inside its PID namespace and until the machine
+    reboots, and pids are reused: so the identity carries the namespace, the
+    boot and the process's start time (empty when /proc cannot tell them).
     """
-    host, pid_text, suffix = (holder.split(":") + ["", "", ""])[:3]
-    if host != me.split(":")[0] or not pid_text.isdigit():
-        return False
-    if int(pid_text) == os.getpid():
-        # Our pid: another App in this process is alive; an earlier process
-        # with the same pid (a restarted container) is not.
-        return suffix.split("-")[0] != PROCESS_TOKEN
+
+    host: str
+    pid: int
+    instance: str  # tells two Apps in one process apart
+    pid_namespace: str = ""  # the inode of /proc/self/ns/pid
+    boot_id: str = ""  # /proc/sys/kernel/random/boot_id
+    start_time: str = ""  # /proc/<pid>/stat field 22: clock ticks after boot
+
+    def owner(self) -> str:
+        return ":".join((self.host, str(self.pid), self.instance, self.pid_namespace, self.boot_id, self.start_time))
+
+    @classmethod
+    def parse(cls, owner: str) -> ProcessIdentity | None:
+        """The identity in an owner string, or None (an older format, or garbage)."""
+        parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
+        if len(parts) != 6 or not parts[1].isdigit():
+            return None
+        host, pid, instance, pid_namespace, boot_id, start_time = parts
+        if not 0 < int(pid) <= PID_MAX_LIMIT:
+            return None
+        return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
+
+
+PidProbe = Callable[[int], tuple[bool, str]]
+
+
+def probe_pid(pid: int) -> tuple[bool, str]:
+    """(runs, start time) of ``pid`` in this PID namespace; the start time is "" when unreadable.
+
+    A zombie has exited: it only waits for its parent to reap it.
+    """
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False, ""
     except OSError:
+        pass  # it exists but belongs to another user
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # the name in parentheses may hold anything
+    except OSError:
+        return True, ""
+    if len(fields) < 20:
+        return True, ""
+    if fields[0] in (b"Z", b"X"):
+        return False, ""
+    return True, fields[19].decode("ascii", "replace")  # field 22; fields[0] is field 3
+
+
+def current_process_identity(instance: str) -> ProcessIdentity:
+    pid = os.getpid()
+    pid_namespace = boot_id = start_time = ""
+    try:
+        # A /proc mounted for another PID namespace would answer for other processes.
+        if os.readlink("/proc/self") == str(pid):
+            pid_namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                boot_id = f.read().strip()
+            start_time = probe_pid(pid)[1]
+    except OSError:
+        pid_namespace = boot_id = start_time = ""
+    return ProcessIdentity(socket.gethostname(), pid, instance, pid_namespace, boot_id, start_time)
+
+
+def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
+    """Whether the process that wrote ``holder`` has provably exited, judged by the process ``me``.
+
+    Only a holder in my own PID namespace during this boot can be judged:
+    gone when its pid no longer runs or now runs a process started at
+    another time.  Any other holder may be alive: it is waited out until its
+    lease expires (two containers on one host can both be pid 1).
+    """
+    theirs, mine = ProcessIdentity.parse(holder), ProcessIdentity.parse(me)
+    if theirs is None or mine is None or not mine.pid_namespace or not mine.boot_id:
         return False
-    return False
+    if (theirs.pid_namespace, theirs.boot_id) != (mine.pid_namespace, mine.boot_id):
+        return False
+    runs, start_time = probe(theirs.pid)
+    return not runs or bool(start_time and theirs.start_time and start_time != theirs.start_time)
 
 
-def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float) -> tuple[bool, str, float]:
+def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
+                probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
     """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
 
-    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A live
-    holder's lease is never taken.
+    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A holder
+    that may be alive keeps its lease until it expires.
     """
     row = conn.execute("SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'").fetchone()
-    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner):
+    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
         return False, row[0], row[2]
     acquired_at = row[1] if row is not None and row[0] == owner else now
     conn.execute("INSERT OR REPLACE INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)",
@@ -2869,15 +2937,16 @@ class InstanceLease:
     """Which process on this database is the active one, decided by a lease row.
 
     ``check()`` takes the lease if it is free or expired and renews it if it is
-    ours; it never takes a live holder's.  The holder renews every third of the
-    TTL; others retry every PASSIVE_RETRY_S, so a released lease changes hands
-    within a second and a dead holder's within the TTL and a second.
+    ours; it never takes a holder's that may be alive.  The holder renews every
+    third of the TTL; others retry every PASSIVE_RETRY_S, so a released lease
+    changes hands within a second, a dead holder's within the TTL and a
+    second, and a holder provably gone (see ``lease_owner_is_gone``) at once.
     """
 
     def __init__(self, db: Database, ttl: float):
         self.db = db
         self.ttl = ttl
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{PROCESS_TOKEN}-{secrets.token_hex(2)}"
+        self.owner = current_process_identity(secrets.token_hex(4)).owner()
         self.held = False
         self.holder = ""  # who holds it, as last seen
         self.expires_at = 0.0
