@@ -719,23 +719,32 @@ async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make
 # 9. Application: webhook set-up, polling, diagnostics, shutdown
 ###############################################################################
 
-@pytest.mark.parametrize("info, action", [
-    ({"url": "U", "pending_update_count": 0, "allowed_updates": trt_bot.ALLOWED_UPDATES}, "keep"),
-    ({"url": "U", "pending_update_count": 0, "allowed_updates": trt_bot.ALLOWED_UPDATES,
-      "last_error_message": "Read timeout expired"}, "flush"),
-    ({"url": "U", "pending_update_count": 125, "allowed_updates": trt_bot.ALLOWED_UPDATES}, "flush"),
-    ({"url": "U", "pending_update_count": 10, "allowed_updates": trt_bot.ALLOWED_UPDATES}, "keep"),
-    ({"url": "https://old.example.com/hook", "pending_update_count": 0}, "set"),
-    ({"url": "U", "pending_update_count": 0, "allowed_updates": ["message"]}, "set"),
+MATCHING = {"url": "U", "allowed_updates": trt_bot.ALLOWED_UPDATES}
+
+
+@pytest.mark.parametrize("info, action, says", [
+    ({**MATCHING, "pending_update_count": 0}, "keep", "kept 0 pending updates, at most 10"),
+    ({**MATCHING, "pending_update_count": 125}, "flush", "125 pending updates, over WEBHOOK_FLUSH_PENDING_OVER=10"),
+    ({**MATCHING, "pending_update_count": 10}, "keep", "kept 10 pending updates"),
+    ({"url": "https://old.example.com/hook", "pending_update_count": 3}, "set", "URL differs; kept 3 pending"),
+    ({"url": "U", "pending_update_count": 0, "allowed_updates": ["message"]}, "set", "allowed updates differ"),
+    # Regression: any last error (every deploy gap leaves one) used to drop the backlog.
+    ({**MATCHING, "pending_update_count": 0, "last_error_message": "Read timeout expired"}, "keep",
+     "kept 0 pending updates, at most 10 (the last error, 'Read timeout expired', is no reason to drop them)"),
+    ({**MATCHING, "pending_update_count": 3, "last_error_message": "Connection refused"}, "keep",
+     "kept 3 pending updates"),
+    ({**MATCHING, "pending_update_count": 11, "last_error_message": "Connection refused"}, "flush", "11 pending"),
 ])
-def test_plan_webhook_decides_from_webhook_info(info, action):
+def test_plan_webhook_drops_only_a_backlog_over_the_threshold_and_says_why(info, action, says):
     assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 10)[0] == action
+    assert says in trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 10)[1]
 
 
 def test_flush_can_be_disabled():
-    info = {"url": "U", "pending_update_count": 500, "last_error_message": "x",
-            "allowed_updates": trt_bot.ALLOWED_UPDATES}
-    assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, -1)[0] == "keep"
+    info = {**MATCHING, "pending_update_count": 500, "last_error_message": "x"}
+    assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, -1) == (
+        "keep", "webhook already matches; kept 500 pending updates, WEBHOOK_FLUSH_PENDING_OVER=-1 never drops "
+                "(the last error, 'x', is no reason to drop them)")
 
 
 async def test_ensure_webhook_leaves_a_matching_webhook_alone(make_app, fake_tg):
@@ -748,11 +757,22 @@ async def test_ensure_webhook_leaves_a_matching_webhook_alone(make_app, fake_tg)
     assert fake_tg.calls_of("setWebhook") == []
 
 
+async def test_a_deploy_gaps_backlog_and_last_error_are_kept_and_the_log_says_so(make_app, fake_tg, caplog):
+    # Regression: a last error, which every deploy gap leaves, flushed the 3 updates users sent meanwhile.
+    config = trt_bot.load_config(bot_env(fake_tg, ":memory:"))
+    fake_tg.webhook_info = {"url": config.webhook_url, "pending_update_count": 3, "allowed_updates":
+                            trt_bot.ALLOWED_UPDATES, "last_error_message": "Connection refused"}
+    await make_app()
+    configured = await eventually(lambda: [r.getMessage() for r in caplog.records if "[WEBHOOK] configured" in
+                                           r.getMessage()])
+    assert fake_tg.calls_of("setWebhook") == [] and fake_tg.webhook_info["pending_update_count"] == 3
+    assert "(keep: webhook already matches; kept 3 pending updates, at most 10 (the last error" in configured[0]
+    assert not [r for r in caplog.records if "[WEBHOOK] flushed" in r.getMessage()]
+
+
 @pytest.mark.parametrize("info, dropped", [
     ({"url": "https://other.example.com/x", "pending_update_count": 0}, False),
     ({"url": "SAME", "pending_update_count": 11, "allowed_updates": trt_bot.ALLOWED_UPDATES}, True),
-    ({"url": "SAME", "pending_update_count": 0, "last_error_message": "Read timeout expired",
-      "allowed_updates": trt_bot.ALLOWED_UPDATES}, True),
 ])
 async def test_ensure_webhook_registers_or_flushes_without_leaking_the_token(make_app, fake_tg, info, dropped):
     config = trt_bot.load_config(bot_env(fake_tg, ":memory:"))

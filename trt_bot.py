@@ -2892,18 +2892,25 @@ PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a rel
 
 
 def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
-    """What ensure_webhook should do: ('keep' | 'set' | 'flush', why)."""
+    """What ensure_webhook should do: ('keep' | 'set' | 'flush', why, with the counts).
+
+    Only the size of the backlog decides a flush.  ``last_error_message`` does
+    not: Telegram keeps reporting the last error long after a deploy gap has
+    passed, and the updates users sent during that gap are worth keeping.
+    """
     pending = info.get("pending_update_count") or 0
     last_error = info.get("last_error_message") or ""
-    if flush_over >= 0 and last_error:
-        return "flush", f"last error: {last_error}"
     if flush_over >= 0 and pending > flush_over:
-        return "flush", f"{pending} pending updates (over {flush_over})"
+        return "flush", f"{pending} pending updates, over WEBHOOK_FLUSH_PENDING_OVER={flush_over}"
+    limit = "WEBHOOK_FLUSH_PENDING_OVER=-1 never drops" if flush_over < 0 else f"at most {flush_over}"
+    kept = f"kept {pending} pending updates, {limit}"
+    if last_error:
+        kept += f" (the last error, {last_error!r}, is no reason to drop them)"
     if info.get("url") != url:
-        return "set", "URL differs"
+        return "set", f"URL differs; {kept}"
     if sorted(info.get("allowed_updates") or []) != sorted(allowed_updates):
-        return "set", "allowed updates differ"
-    return "keep", "webhook already matches"
+        return "set", f"allowed updates differ; {kept}"
+    return "keep", f"webhook already matches; {kept}"
 
 
 def mask_webhook_url(url: str) -> str:
@@ -2924,7 +2931,7 @@ async def ensure_webhook(telegram: TelegramClient, config: Config) -> str:
         }
         await telegram.call("setWebhook", params)
     if action == "flush":
-        log.warning("[WEBHOOK] flushed %d pending updates (%s)", info.get("pending_update_count") or 0, reason)
+        log.warning("[WEBHOOK] flushed: dropped %s", reason)
     log.info("[WEBHOOK] configured %s (%s: %s)", mask_webhook_url(config.webhook_url), action, reason)
     return action
 
