@@ -31,6 +31,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "123456789:AAHtestTOKENsecretPART_abcdefghijklmno"
 KIE_KEY = "kie-test-key-0123456789abcdef"
 SECRETS = (TOKEN, TOKEN.split(":")[1], KIE_KEY)
+DIAG_TOKEN = "diag-secret"
+KIE_HMAC_KEY = "hmac-key"
+
+
+def _derived_secrets() -> tuple[str, ...]:
+    """What the bot derives from the secrets (the webhook secret and path, the callback token), the other
+    secrets the tests set, and their URL-encoded forms: worked out from the env the tests use."""
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY, "DIAG_TOKEN": DIAG_TOKEN,
+                                  "KIE_WEBHOOK_HMAC_KEY": KIE_HMAC_KEY})
+    values = (config.webhook_secret, config.webhook_path.rpartition("/")[2], config.kie_callback_token,
+              DIAG_TOKEN, KIE_HMAC_KEY)
+    forms = (lambda v: v, lambda v: urllib.parse.quote(v, safe=""), urllib.parse.quote_plus)
+    return tuple(dict.fromkeys(form(value) for value in values for form in forms))
+
+
+DERIVED_SECRETS = _derived_secrets()
 
 
 # -- the suite-wide log capture that proves no secret is ever logged ----------
@@ -444,7 +460,7 @@ def bot_processes():
     yield start
     for process in started:
         process.kill()
-        for secret in SECRETS:
+        for secret in SECRETS + DERIVED_SECRETS:
             assert secret not in process.log, "a secret reached the bot's log output"
 
 

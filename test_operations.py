@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
-from conftest import HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, update_message
+from conftest import DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, update_message
 from test_trt_bot import post_update, run_bot_cli
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
@@ -255,9 +255,9 @@ def metric_values(text: str) -> dict[tuple[str, tuple], float]:
 
 
 async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(make_app, fake_tg):
-    app = await make_app(DIAG_TOKEN="diag-secret")
+    app = await make_app(DIAG_TOKEN=DIAG_TOKEN)
     base = f"http://127.0.0.1:{app.port}"
-    bearer = {"Authorization": "Bearer diag-secret"}
+    bearer = {"Authorization": f"Bearer {DIAG_TOKEN}"}
     async with httpx.AsyncClient(base_url=base, verify=False) as client:
         before = metric_values((await client.get("/metrics", headers=bearer)).text)
         await post_update(app, update_message(1, 42, "/start"))
@@ -277,12 +277,12 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(make_app, 
 
 @pytest.mark.parametrize("path", ["/metrics", "/diag/lock", "/diag/webhook"])
 async def test_diag_token_guards_diagnostics_but_not_health(make_app, path):
-    app = await make_app(DIAG_TOKEN="diag-secret")
+    app = await make_app(DIAG_TOKEN=DIAG_TOKEN)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}", verify=False) as client:
         assert (await client.get(path)).status_code == 401
         assert (await client.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
-        assert (await client.get(path, headers={"Authorization": "Bearer diag-secret"})).status_code == 200
-        assert (await client.get(path, params={"token": "diag-secret"})).status_code == 200
+        assert (await client.get(path, headers={"Authorization": f"Bearer {DIAG_TOKEN}"})).status_code == 200
+        assert (await client.get(path, params={"token": DIAG_TOKEN})).status_code == 200
         assert (await client.get("/health")).status_code == 200
 
 

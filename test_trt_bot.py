@@ -16,14 +16,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import httpx
 import pytest
 import respx
 
 import trt_bot
-from conftest import (HERE, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, bot_env, eventually, formatted, free_port,
-                      update_callback, update_message)
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, bot_env, eventually,
+                      formatted, free_port, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -86,6 +87,8 @@ def test_missing_token_exits_2_with_one_line_saying_how_to_get_one():
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "carrier-pigeon"}, "BOT_MODE"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "postgres://db/x"}, "DATABASE_URL"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "webhook"}, "WEBHOOK_BASE_URL"),
+    ({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": "health"}, "KIE_CALLBACK_PATH"),
+    ({"TELEGRAM_BOT_TOKEN": TOKEN, "DIAG_TOKEN": "short"}, "DIAG_TOKEN"),
 ])
 def test_bad_setting_exits_2_naming_what_to_fix(env, names):
     result = run_bot_cli(env)
@@ -104,6 +107,41 @@ def test_derived_secrets_are_stable_url_safe_and_not_the_token():
         for secret in SECRETS[:2]:
             assert secret not in derived
     assert config.webhook_url.startswith("https://x.onrender.com/webhook/")
+
+
+@pytest.mark.parametrize("path, says", [
+    ("health", "collides with the bot's own route /health"),
+    ("/metrics/", "collides with the bot's own route /metrics"),
+    ("/", "collides with the bot's own route /"),
+    ("diag", "collides with the bot's own route /diag/..."),
+    ("diag/kie", "collides with the bot's own route /diag/..."),
+    ("webhook/kie", "collides with the bot's own route /webhook/..."),
+    ("webhook", "collides with the bot's own route /webhook/..."),
+    ("callbacks/kie?x=1", "may hold only"),
+    ("callbacks/k%69e", "may hold only"),
+    ("callbacks//kie", "may hold only"),
+    ("callbacks/../health", "may hold only"),
+    ("кие", "may hold only"),
+    ("a" * 101, "may hold only"),
+])
+def test_a_callback_path_that_shadows_a_builtin_route_or_has_odd_characters_is_refused(path, says):
+    with pytest.raises(trt_bot.ConfigError, match="KIE_CALLBACK_PATH") as refused:
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path})
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("path, route", [("", "callbacks/kie"), ("/kie/done/", "kie/done"), ("health-kie", "health-kie"),
+                                         ("webhooks/kie", "webhooks/kie"), ("k.i~e_1-2", "k.i~e_1-2")])
+def test_a_callback_path_of_its_own_is_accepted_without_its_slashes(path, route):
+    assert trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path}).kie_callback_path == route
+
+
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET_TOKEN", "KIE_CALLBACK_TOKEN", "DIAG_TOKEN", "KIE_WEBHOOK_HMAC_KEY",
+                                  "KIE_API_KEY"])
+def test_a_secret_setting_shorter_than_8_characters_is_refused(name):
+    with pytest.raises(trt_bot.ConfigError, match=name):
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: "abc1234"})
+    assert trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: "abcd1234"})
 
 
 def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
@@ -140,6 +178,51 @@ def test_masking_filter_hides_token_in_message_args_and_traceback():
     text = "\n".join(formatted(r) for r in seen)
     assert "bot***" in text and "boom ***" in text
     assert all(secret not in text for secret in SECRETS)
+
+
+def test_every_secret_and_what_is_derived_from_one_is_masked_in_its_url_encoded_forms_too():
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "WEBHOOK_BASE_URL": "https://bot.example.com",
+                                  "KIE_API_KEY": KIE_KEY, "KIE_CALLBACK_TOKEN": "cb/token+with=marks",
+                                  "DIAG_TOKEN": "diag token&more", "KIE_WEBHOOK_HMAC_KEY": "hmac-key-0123"})
+    callback_url = "https://bot.example.com/callbacks/kie?" + urllib.parse.urlencode({"token": "cb/token+with=marks"})
+    lines = [config.webhook_url, config.webhook_secret, callback_url, "cb/token+with=marks",
+             urllib.parse.quote("cb/token+with=marks", safe=""), "Bearer diag token&more",
+             "/metrics?" + urllib.parse.urlencode({"token": "diag token&more"}), "hmac-key-0123", TOKEN, KIE_KEY]
+    masked = [trt_bot.mask_secrets(line, config.secrets) for line in lines]
+    assert masked[0] == "https://bot.example.com/webhook/***" and masked[2].endswith("?token=***")
+    for line in masked:
+        assert "***" in line
+        for secret in ("cb/token", "token+with", "cb%2Ftoken", "diag token", "diag+token", "hmac-key-0123",
+                       config.webhook_secret, config.webhook_path_secret, *SECRETS):
+            assert secret not in line
+
+
+async def test_a_handler_error_on_the_webhook_path_logs_the_path_masked(make_app, caplog, monkeypatch):
+    # Regression: the traceback line named the secret-derived webhook path.
+    app = await make_app()
+
+    async def broken(update: dict, body: bytes) -> int:
+        raise RuntimeError("ingest broke")
+
+    monkeypatch.setattr(app.pipeline, "ingest", broken)
+    assert (await post_update(app, update_message(1, 42, "/start"))).status_code == 500
+    (failure,) = [r for r in caplog.records if "[HTTP] handler failed" in r.getMessage()]
+    assert failure.getMessage() == "[HTTP] handler failed for POST /webhook/***"
+    assert "ingest broke" in formatted(failure) and app.config.webhook_path_secret not in formatted(failure)
+
+
+async def test_a_kie_error_echoing_the_callback_url_is_logged_with_the_token_masked(make_app, fake_tg, fake_kie,
+                                                                                    caplog):
+    # Regression: Kie echoed callBackUrl in an error message and the log showed token=<callback token>.
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, KIE_CALLBACK_TOKEN="cb/token+with=marks")
+    callback_url = "https://bot.example.com/callbacks/kie?" + urllib.parse.urlencode({"token": "cb/token+with=marks"})
+    fake_kie.script("createTask", 200, {"code": 422, "msg": f"callBackUrl {callback_url} is not allowed"})
+    await post_update(app, update_callback(1, 77, "new"))
+    await post_update(app, update_message(2, 77, "a cat"))
+    await post_update(app, update_callback(3, 77, "ratio:1:1"))
+    echoed = await eventually(lambda: [formatted(r) for r in caplog.records if "is not allowed" in r.getMessage()])
+    assert all("callbacks/kie?token=*** is not allowed" in line for line in echoed)
+    assert not [r for r in caplog.records if "token%2B" in formatted(r) or "cb/token" in formatted(r)]
 
 
 ###############################################################################
@@ -848,5 +931,5 @@ def test_no_log_record_in_the_whole_suite_contains_a_secret():
     # Runs last in this file: every record the suite produced, at DEBUG, httpx's included.
     assert len(ALL_RECORDS.records) > 100
     assert any(r.name == "httpx" for r in ALL_RECORDS.records)
-    leaked = [formatted(r) for r in ALL_RECORDS.records if any(s in formatted(r) for s in SECRETS)]
+    leaked = [formatted(r) for r in ALL_RECORDS.records if any(s in formatted(r) for s in SECRETS + DERIVED_SECRETS)]
     assert leaked == []

@@ -64,8 +64,15 @@ class TrtError(Exception):
 
 TOKEN_PATTERN = re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,100}")
 SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+MIN_SECRET_CHARS = 8  # a shorter secret is guessable, and masking it in logs would hide ordinary words
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
+DEFAULT_CALLBACK_PATH = "callbacks/kie"
+# Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
+CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1,100}){0,9}")
+# Routes the bot serves itself (section 11), which KIE_CALLBACK_PATH must not shadow;
+# True: everything under the route too.
+BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Config:
     single_model_only: bool = False
     queue_size: int = 100
     queue_workers: int = 3
-    kie_callback_path: str = "callbacks/kie"
+    kie_callback_path: str = DEFAULT_CALLBACK_PATH
     kie_callback_token: str = ""
     kie_hmac_key: str = ""
     telegram_api_base: str = "https://api.telegram.org"
@@ -100,14 +107,17 @@ class Config:
     lease_ttl_s: float = 15.0
 
     @property
-    def webhook_path(self) -> str:
-        """The secret-bearing path Telegram posts to.
+    def webhook_path_secret(self) -> str:
+        """The secret part of the path Telegram posts to.
 
         It is a digest of the secret token, so a changed secret changes the URL
         and ``ensure_webhook`` notices (getWebhookInfo never returns the secret).
         """
-        digest = hashlib.sha256(b"trt-webhook-path:" + self.webhook_secret.encode())
-        return "/webhook/" + digest.hexdigest()[:32]
+        return hashlib.sha256(b"trt-webhook-path:" + self.webhook_secret.encode()).hexdigest()[:32]
+
+    @property
+    def webhook_path(self) -> str:
+        return "/webhook/" + self.webhook_path_secret
 
     @property
     def webhook_url(self) -> str:
@@ -115,13 +125,25 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never reach a log line, response or error."""
-        values = [self.telegram_token, self.telegram_token.partition(":")[2], self.kie_api_key]
-        return [v for v in values if len(v) >= 8]
+        """Values that must never reach a log line, response or error.
+
+        Every secret, everything derived from one, and the forms they take
+        URL-encoded (a callback URL's ``?token=``); longest first, so masking a
+        short one never leaves part of a longer one showing.
+        """
+        values = {self.telegram_token, self.telegram_token.partition(":")[2], self.kie_api_key,
+                  self.webhook_secret, self.webhook_path_secret, self.kie_callback_token, self.diag_token,
+                  self.kie_hmac_key} - {""}
+        encoded = {quote(value) for value in values for quote in (_url_quote, urllib.parse.quote_plus)}
+        return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
 
 
 class ConfigError(TrtError):
     """A setting the operator must fix; main() prints it and exits with code 2."""
+
+
+def _url_quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
 
 
 def derive_secret(token: str, purpose: str) -> str:
@@ -155,11 +177,12 @@ def load_config(env: Mapping[str, str]) -> Config:
     # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
     secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip().replace("+", "-").replace("/", "_").rstrip("=")
     secret = secret or derive_secret(token, "webhook-secret")
-    if not SECRET_TOKEN_PATTERN.fullmatch(secret):
-        raise ConfigError("WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - (or base64) and at most 256 characters")
+    if not SECRET_TOKEN_PATTERN.fullmatch(secret) or len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(f"WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - (or base64), "
+                          f"{MIN_SECRET_CHARS} to 256 characters")
     return Config(
         telegram_token=token,
-        kie_api_key=env.get("KIE_API_KEY", "").strip(),
+        kie_api_key=_secret_setting(env, "KIE_API_KEY"),
         bot_mode=mode,
         webhook_base_url=base_url,
         webhook_secret=secret,
@@ -169,13 +192,13 @@ def load_config(env: Mapping[str, str]) -> Config:
         single_model_only=env.get("SINGLE_MODEL_ONLY", "0").strip().lower() in TRUE_WORDS,
         queue_size=_int_setting(env, "UPDATE_QUEUE_SIZE", 100, 1, 1_000_000),
         queue_workers=_int_setting(env, "UPDATE_QUEUE_WORKERS", 3, 1, 1000),
-        kie_callback_path=env.get("KIE_CALLBACK_PATH", "callbacks/kie").strip().strip("/") or "callbacks/kie",
-        kie_callback_token=env.get("KIE_CALLBACK_TOKEN", "").strip() or derive_secret(token, "kie-callback"),
-        kie_hmac_key=env.get("KIE_WEBHOOK_HMAC_KEY", "").strip(),
+        kie_callback_path=_callback_path(env.get("KIE_CALLBACK_PATH", "")),
+        kie_callback_token=_secret_setting(env, "KIE_CALLBACK_TOKEN") or derive_secret(token, "kie-callback"),
+        kie_hmac_key=_secret_setting(env, "KIE_WEBHOOK_HMAC_KEY"),
         telegram_api_base=_url_setting(env, "TELEGRAM_API_BASE", "https://api.telegram.org"),
         kie_api_base=_url_setting(env, "KIE_API_BASE", "https://api.kie.ai"),
         admin_ids=_admin_ids(env.get("ADMIN_IDS", "")),
-        diag_token=env.get("DIAG_TOKEN", "").strip(),
+        diag_token=_secret_setting(env, "DIAG_TOKEN"),
         gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 1, 86400)),
         gen_hourly_limit=_int_setting(env, "GEN_HOURLY_LIMIT", 20, 1, 100_000),
         kie_max_tasks=_int_setting(env, "KIE_MAX_CONCURRENT_TASKS", 100, 1, 10_000),
@@ -210,6 +233,31 @@ def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high
     return value
 
 
+def _secret_setting(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if value and len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{name} must be at least {MIN_SECRET_CHARS} characters (a shorter secret is guessable); "
+                          "generate one with: openssl rand -hex 16")
+    return value
+
+
+def _callback_path(raw: str) -> str:
+    """KIE_CALLBACK_PATH without its slashes: unreserved characters, and not one of the bot's own routes."""
+    if not raw.strip():
+        return DEFAULT_CALLBACK_PATH
+    path = raw.strip().strip("/")
+    route = "/" + path
+    for builtin, with_subtree in BUILTIN_ROUTES.items():
+        if route == builtin or (with_subtree and route.startswith(builtin + "/")):
+            shadowed = builtin + ("/..." if with_subtree else "")
+            raise ConfigError(f"KIE_CALLBACK_PATH {raw.strip()!r} collides with the bot's own route {shadowed}: "
+                              f"pick another, for example {DEFAULT_CALLBACK_PATH}")
+    if not CALLBACK_PATH_PATTERN.fullmatch(path) or {".", ".."} & set(path.split("/")):
+        raise ConfigError(f"KIE_CALLBACK_PATH may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
+                          f"by /, none of them . or .., got {raw.strip()!r}")
+    return path
+
+
 def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
     value = (env.get(name, "").strip() or default).rstrip("/")
     if not value.startswith(("http://", "https://")):
@@ -233,12 +281,13 @@ def _log_level(raw: str) -> str:
 
 ###############################################################################
 # 2. Logging
-#    Owns the log format and the filter that keeps the bot token and the Kie
-#    key out of every log record, httpx's request lines included.
+#    Owns the log format and the filter that keeps every secret (Config.secrets)
+#    out of every log record, httpx's request lines included.
 ###############################################################################
 
-# Loggers that may format a request URL (which carries the bot token) or an
-# exception mentioning it.  httpx logs every request URL at INFO.
+# Loggers that may format a request URL (which carries the bot token, the
+# webhook path or the callback token) or an exception mentioning one.  httpx
+# logs every request URL at INFO.
 MASKED_LOGGERS = (
     "trt_bot",
     "httpx",
@@ -266,7 +315,8 @@ class SecretMaskingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]):
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        # Longest first: masking a short secret never leaves part of a longer one showing.
+        self.secrets = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -281,13 +331,14 @@ class SecretMaskingFilter(logging.Filter):
 
 
 def install_secret_masking(secrets: Iterable[str]) -> SecretMaskingFilter:
-    """Attach (or refresh) the masking filter on every logger that can leak."""
-    masking = SecretMaskingFilter(secrets)
+    """Attach (or refresh) the masking filter on every logger that can leak; secrets masked before are kept."""
+    known = set(secrets)
     for name in MASKED_LOGGERS:
         logger = logging.getLogger(name)
         for old in [f for f in logger.filters if isinstance(f, SecretMaskingFilter)]:
-            masking.secrets = list(dict.fromkeys(masking.secrets + old.secrets))
+            known.update(old.secrets)
             logger.removeFilter(old)
+    masking = SecretMaskingFilter(known)
     for name in MASKED_LOGGERS:
         logging.getLogger(name).addFilter(masking)
     return masking
