@@ -147,6 +147,7 @@ class FakeBotApi(FakeServer):
         self.calls: list[tuple[str, dict]] = []
         self.webhook_info: dict[str, Any] = {"url": "", "pending_update_count": 0, "has_custom_certificate": False}
         self.pending_updates: list[dict] = []
+        self.commands: dict[str, list[dict]] = {}  # the command menu per language_code ("" = default)
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
         self._message_id = 1000
@@ -221,6 +222,11 @@ class FakeBotApi(FakeServer):
         if method == "deleteWebhook":
             self.webhook_info = {"url": "", "pending_update_count": 0}
             return True
+        if method == "setMyCommands":
+            self.commands[params.get("language_code", "")] = params["commands"]
+            return True
+        if method == "getMyCommands":
+            return self.commands.get(params.get("language_code", ""), [])
         if method == "getMe":
             return {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}
         return True

@@ -164,6 +164,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     chats = [p["chat_id"] for p in fake_tg.calls_of("sendMessage")]
     assert sorted(chats) == list(range(701, 741))  # every reply once, the passive one's posts included
     assert "[LOCK] acquired" in first.log and "[LOCK] passive" in second.log
+    assert "[COMMANDS] menu" in first.log and "[COMMANDS]" not in second.log  # only the active one sets the menu
 
 
 async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes):
@@ -296,6 +297,81 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped():
     assert 'x_seconds_bucket{le="+Inf"} 4.0' in text and "x_seconds_sum 7.65" in text
     assert 'y_total{m="a\\"b\\\\c"} 2.0' in text
     assert {f.name for f in text_string_to_metric_families(text)} == {"x_seconds", "y"}
+
+
+###############################################################################
+# 11. Red flags: Telegram's pending count and a growing inbox backlog
+###############################################################################
+
+def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once():
+    flags = trt_bot.RedFlags(pending_over=50, growth_checks=3)
+    changes = [flags.observe_pending(n) for n in (10, 51, 80, 60, 50, 40, 90)]
+    assert [change and change[0] for change in changes] == [None, "raised", None, None, "cleared", None, "raised"]
+    assert flags.warnings == [changes[-1][1]] and "Telegram holds 90 pending updates (over 50)" in changes[-1][1]
+    assert changes[4][1] == "Telegram holds 50 pending updates (at most 50)"
+
+
+def test_a_backlog_growing_check_after_check_is_raised_until_it_goes_down():
+    flags = trt_bot.RedFlags(pending_over=50, growth_checks=3)
+    backlogs = (0, 5, 10, 20, 30, 30, 40, 35, 36, 37, 0)
+    changes = [flags.observe_backlog(n) for n in backlogs]
+    assert [change and change[0] for change in changes] == [None, None, None, "raised", None, None, None, "cleared",
+                                                            None, None, None]
+    assert changes[3][1] == "the inbox backlog grew at 3 checks in a row, to 20 updates: the workers do not keep up"
+    assert changes[7][1] == "the inbox backlog is going down (35 updates)" and flags.warnings == []
+
+
+async def health_of(app) -> dict:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
+
+
+def flag_records(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[FLAG]") and text in r.getMessage()]
+
+
+@pytest.fixture
+def quick_red_flags(monkeypatch):
+    monkeypatch.setattr(trt_bot, "RED_FLAG_CHECK_S", 0.05)
+    monkeypatch.setattr(trt_bot, "WEBHOOK_CHECK_S", 0.05)
+    monkeypatch.setattr(trt_bot, "DIAG_CACHE_S", 0.0)
+    monkeypatch.setattr(trt_bot, "BACKLOG_GROWTH_FLAG_CHECKS", 3)
+
+
+async def test_telegram_holding_over_50_updates_is_warned_once_and_shown_in_health(make_app, fake_tg, caplog,
+                                                                                   quick_red_flags):
+    app = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    fake_tg.webhook_info["pending_update_count"] = 73
+    await eventually(lambda: flag_records(caplog, "Telegram holds 73"))
+    asked = len(fake_tg.calls_of("getWebhookInfo"))
+    await eventually(lambda: len(fake_tg.calls_of("getWebhookInfo")) >= asked + 3)  # checked again, still over
+    assert len(flag_records(caplog, "pending updates")) == 1
+    assert [w for w in (await health_of(app))["warnings"] if "Telegram holds 73 pending updates (over 50)" in w]
+    fake_tg.webhook_info["pending_update_count"] = 2
+    await eventually(lambda: flag_records(caplog, "cleared"))
+    asked = len(fake_tg.calls_of("getWebhookInfo"))
+    await eventually(lambda: len(fake_tg.calls_of("getWebhookInfo")) >= asked + 3)
+    assert flag_records(caplog, "cleared") == ["[FLAG] cleared: Telegram holds 2 pending updates (at most 50)"]
+    assert (await health_of(app))["warnings"] == [] and (await health_of(app))["status"] == "ok"
+
+
+async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_when_it_drains(make_app, fake_tg, caplog,
+                                                                                           quick_red_flags):
+    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="1")
+    fake_tg.stall("sendMessage")  # the one worker is stuck: every update waits in the inbox
+    async with httpx.AsyncClient() as client:
+        for n in range(1, 1000):
+            await post_update(app, update_message(n, 2000 + n, "/start"), client)
+            if flag_records(caplog, "the inbox backlog grew"):
+                break
+            await asyncio.sleep(0.02)  # a few updates between checks, so each check sees it grow
+    assert (await health_of(app))["warnings"][0].startswith("the inbox backlog grew at ")
+    fake_tg.release("sendMessage")
+    await eventually(lambda: flag_records(caplog, "cleared: the inbox backlog is going down"))
+    await eventually(lambda: app.pipeline.backlog == 0)
+    assert len(flag_records(caplog, "the inbox backlog grew")) == 1
+    assert (await health_of(app))["warnings"] == []
 
 
 ###############################################################################

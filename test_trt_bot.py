@@ -894,6 +894,14 @@ async def test_health_has_the_documented_shape(make_app):
     assert set(health["queue"]) >= {"total_received", "total_processed", "total_dropped", "total_errors",
                                     "workers_active", "queue_depth", "queue_max", "drop_rate"}
     assert health["status"] == "ok" and health["webhook_mode"] is True and health["queue"]["queue_max"] == 100
+    assert health["warnings"] == []
+
+
+async def test_every_builtin_route_is_refused_as_the_callback_path(make_app):
+    app = await make_app()
+    for path in app.routes.keys() - {"/" + app.config.kie_callback_path}:
+        with pytest.raises(trt_bot.ConfigError, match="collides with the bot's own route"):
+            trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path})
 
 
 async def test_diag_webhook_masks_the_url_and_caches(make_app, fake_tg):
@@ -906,6 +914,103 @@ async def test_diag_webhook_masks_the_url_and_caches(make_app, fake_tg):
     assert first["url"] == "https://bot.example.com/webhook/***"
     assert first["last_error_message"].startswith("Wrong response") and first["max_connections"] == 40
     assert len(fake_tg.calls_of("getWebhookInfo")) == 2  # ensure_webhook's + one for both diag calls
+    assert "Wrong response" in first["last_error_message"]
+
+
+def count_requests(app: trt_bot.App, monkeypatch) -> list[int]:
+    """How many requests have reached the app's router so far, as a one-item list the test can read."""
+    entered, route = [0], app.server.handler
+
+    async def counted(request: trt_bot.Request) -> trt_bot.Response:
+        entered[0] += 1
+        return await route(request)
+
+    monkeypatch.setattr(app.server, "handler", counted)
+    return entered
+
+
+async def get_many(app: trt_bot.App, path: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}", limits=limits, timeout=30) as client:
+        return await asyncio.gather(*(client.get(path) for _ in range(n)))
+
+
+async def test_50_concurrent_diag_webhook_requests_make_one_getwebhookinfo_call(make_app, fake_tg, monkeypatch):
+    # Regression: each request called getWebhookInfo itself while the first was in flight (50 -> 50 calls).
+    app = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    before = len(fake_tg.calls_of("getWebhookInfo"))
+    entered = count_requests(app, monkeypatch)
+    fake_tg.stall("getWebhookInfo")
+    requests = asyncio.ensure_future(get_many(app, "/diag/webhook", 50))
+    await eventually(lambda: entered[0] == 50)  # every request is waiting for Telegram now
+    fake_tg.release("getWebhookInfo")
+    responses = await requests
+    assert [r.status_code for r in responses] == [200] * 50
+    assert {r.json()["url"] for r in responses} == {"https://bot.example.com/webhook/***"}
+    assert len(fake_tg.calls_of("getWebhookInfo")) == before + 1
+
+
+async def test_a_failed_getwebhookinfo_reaches_every_waiter_and_is_not_cached(make_app, fake_tg, monkeypatch):
+    app = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    before = len(fake_tg.calls_of("getWebhookInfo"))
+    entered = count_requests(app, monkeypatch)
+    fake_tg.fail("getWebhookInfo", 400, {"ok": False, "error_code": 400, "description": "Bad Request: nope"})
+    fake_tg.stall("getWebhookInfo")
+    requests = asyncio.ensure_future(get_many(app, "/diag/webhook", 10))
+    await eventually(lambda: entered[0] == 10)
+    fake_tg.release("getWebhookInfo")
+    failed = await requests
+    assert {(r.status_code, r.json()["error"]) for r in failed} == {(502, "getWebhookInfo: 400 Bad Request: nope")}
+    assert len(fake_tg.calls_of("getWebhookInfo")) == before + 1
+    (again,) = await get_many(app, "/diag/webhook", 1)  # the failure was not kept: Telegram is asked again
+    assert again.status_code == 200 and len(fake_tg.calls_of("getWebhookInfo")) == before + 2
+
+
+async def test_a_waiter_that_gives_up_does_not_cancel_the_shared_call():
+    release, started = asyncio.Event(), []
+
+    async def slow() -> str:
+        started.append(1)
+        await release.wait()
+        return "info"
+
+    shared = trt_bot.SharedCall(slow, max_age=5)
+    impatient, patient = asyncio.ensure_future(shared.get()), asyncio.ensure_future(shared.get())
+    await eventually(lambda: started)
+    impatient.cancel()
+    release.set()
+    assert await patient == "info" and await shared.get() == "info"
+    assert impatient.cancelled() and shared.calls == 1
+
+
+async def test_the_command_menu_is_set_in_russian_and_english_once(make_app, fake_tg, caplog):
+    fake_tg.commands = {"en": [{"command": "start", "description": "an old menu"}]}
+    first = await make_app()
+    await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu" in r.getMessage()])
+    ru, en = fake_tg.calls_of("setMyCommands")
+    assert "language_code" not in ru and "scope" not in ru and en["language_code"] == "en"
+    assert [c["command"] for c in ru["commands"]] == [c["command"] for c in en["commands"]] == ["start", "help",
+                                                                                              "cancel"]
+    assert ru["commands"][0]["description"] == "Меню и новая картинка"
+    assert [p.get("language_code") for p in fake_tg.calls_of("getMyCommands")] == [None, "en"]
+    await first.stop()
+    fake_tg.clear()
+    await make_app()  # a restart finds the menu in place and leaves it alone
+    await eventually(lambda: len(fake_tg.calls_of("getMyCommands")) == 2)
+    await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu already up to date" in r.getMessage()])
+    assert fake_tg.calls_of("setMyCommands") == []
+
+
+async def test_a_failing_command_menu_set_up_is_retried_without_holding_up_start(make_app, fake_tg, caplog):
+    fake_tg.fail("getMyCommands", 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
+    fake_tg.fail("setMyCommands", 400, {"ok": False, "error_code": 400, "description": "Bad Request: try later"})
+    app = await make_app()
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{app.port}/health")).status_code == 200
+    await eventually(lambda: [r for r in caplog.records if "[COMMANDS] set-up failed" in r.getMessage()])
+    await eventually(lambda: set(fake_tg.commands) == {"", "en"})
 
 
 async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_processes):

@@ -2936,10 +2936,26 @@ class Generations:
 
 ALLOWED_UPDATES = ["message", "callback_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
-DIAG_CACHE_S = 5.0
+DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 2.0
 OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
+SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
+PENDING_UPDATES_FLAG_OVER = 50  # Telegram holding more: it cannot reach us, or we acknowledge too slowly
+BACKLOG_GROWTH_FLAG_CHECKS = 6  # the inbox backlog grew at this many checks in a row: workers do not keep up
+RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two of the pipeline's recounts
+WEBHOOK_CHECK_S = 60.0  # how often getWebhookInfo is asked for the pending count (webhook mode)
+
+# The menu Telegram shows behind the "/" button, per language_code ("" is everyone
+# without a menu of their own).  /stats is for admins and stays out of it.
+COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
+    "": [{"command": "start", "description": "Меню и новая картинка"},
+         {"command": "help", "description": "Как пользоваться"},
+         {"command": "cancel", "description": "Отменить"}],
+    "en": [{"command": "start", "description": "Menu and a new picture"},
+           {"command": "help", "description": "How to use"},
+           {"command": "cancel", "description": "Cancel"}],
+}
 
 
 def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
@@ -2985,6 +3001,111 @@ async def ensure_webhook(telegram: TelegramClient, config: Config) -> str:
         log.warning("[WEBHOOK] flushed: dropped %s", reason)
     log.info("[WEBHOOK] configured %s (%s: %s)", mask_webhook_url(config.webhook_url), action, reason)
     return action
+
+
+def _command_pairs(commands: Any) -> list[tuple[Any, Any]]:
+    listed = commands if isinstance(commands, list) else []
+    return [(c.get("command"), c.get("description")) for c in listed if isinstance(c, dict)]
+
+
+async def ensure_commands(telegram: TelegramClient) -> list[str]:
+    """Make the command menu match COMMAND_MENUS; returns the languages it had to set.
+
+    Each language's menu is read first and set only when it differs, so a
+    restart changes nothing Telegram already has.
+    """
+    changed = []
+    for language, commands in COMMAND_MENUS.items():
+        scope = {"language_code": language} if language else {}
+        if _command_pairs(await telegram.call("getMyCommands", scope)) != _command_pairs(commands):
+            await telegram.call("setMyCommands", {"commands": commands, **scope})
+            changed.append(language or "default")
+    log.info("[COMMANDS] menu %s", f"set for: {', '.join(changed)}" if changed else "already up to date")
+    return changed
+
+
+class SharedCall:
+    """At most one call in flight; every caller that comes meanwhile waits for it and gets its outcome.
+
+    A success is reused for ``max_age`` seconds.  A failure reaches every
+    caller that waited for it and is not kept: the next caller calls again.
+    A caller that gives up (is cancelled) does not cancel the call for the others.
+    """
+
+    def __init__(self, call: Callable[[], Awaitable[Any]], max_age: float):
+        self.call = call
+        self.max_age = max_age
+        self.calls = 0
+        self._fresh: tuple[float, Any] | None = None  # (when, value)
+        self._in_flight: asyncio.Task | None = None
+
+    async def get(self) -> Any:
+        if self._fresh is not None and time.monotonic() - self._fresh[0] <= self.max_age:
+            return self._fresh[1]
+        if self._in_flight is None:
+            self._in_flight = asyncio.create_task(self._call_once(), name="shared-call")
+            # Every caller may have given up by the time it fails: retrieve the error here.
+            self._in_flight.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(self._in_flight)
+
+    def cancel(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+
+    async def _call_once(self) -> Any:
+        self.calls += 1
+        try:
+            value = await self.call()
+            self._fresh = (time.monotonic(), value)
+            return value
+        finally:
+            self._in_flight = None
+
+
+class RedFlags:
+    """The warning signs of the report, as plain state: fed observations, it says what to log.
+
+    A flag is raised once when its condition starts and cleared once when it
+    ends, however many checks see it in between.  ``warnings`` is what
+    /health shows.  The observe_* methods return ('raised' | 'cleared', text)
+    when a flag changes, else None.
+    """
+
+    def __init__(self, pending_over: int, growth_checks: int):
+        self.pending_over = pending_over
+        self.growth_checks = growth_checks
+        self.raised: dict[str, str] = {}  # flag -> what it says, with the latest figures
+        self._backlog: int | None = None
+        self._growth = 0  # checks in a row at which the backlog grew
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.raised.values())
+
+    def observe_pending(self, pending: int) -> tuple[str, str] | None:
+        if pending > self.pending_over:
+            return self._raise("pending_updates", f"Telegram holds {pending} pending updates (over "
+                               f"{self.pending_over}): it cannot reach the bot, or acknowledgements are slow; "
+                               "see /diag/webhook")
+        return self._clear("pending_updates", f"Telegram holds {pending} pending updates (at most {self.pending_over})")
+
+    def observe_backlog(self, backlog: int) -> tuple[str, str] | None:
+        previous, self._backlog = self._backlog, backlog
+        self._growth = self._growth + 1 if previous is not None and backlog > previous else 0
+        if self._growth >= self.growth_checks:
+            return self._raise("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
+                               f"to {backlog} updates: the workers do not keep up")
+        if backlog == 0 or (previous is not None and backlog < previous):
+            return self._clear("inbox_backlog", f"the inbox backlog is going down ({backlog} updates)")
+        return None
+
+    def _raise(self, flag: str, text: str) -> tuple[str, str] | None:
+        first = flag not in self.raised
+        self.raised[flag] = text
+        return ("raised", text) if first else None
+
+    def _clear(self, flag: str, text: str) -> tuple[str, str] | None:
+        return ("cleared", text) if self.raised.pop(flag, None) is not None else None
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -3151,8 +3272,11 @@ class App:
             "/": {"GET": self.on_root},
         }
         self._webhook_secret = config.webhook_secret.encode()
-        self._webhook_info: tuple[float, dict] | None = None
+        self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S)
+        self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
+        self.red_flag_check_s, self.webhook_check_s = RED_FLAG_CHECK_S, WEBHOOK_CHECK_S
         self._webhook_setup: asyncio.Task | None = None
+        self._commands_setup: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------
@@ -3171,6 +3295,7 @@ class App:
             await self._activate()
         self._spawn(self._watch_database(), "db-watch")
         self._spawn(self._hold_lease(), "lease")
+        self._spawn(self._watch_red_flags(), "red-flags")
         if self.config.bot_mode == "polling":
             self._spawn(self._poll_forever(), "polling")
 
@@ -3186,9 +3311,10 @@ class App:
         deadline = time.monotonic() + self.config.shutdown_grace_s
         log.info("[APP] shutting down")
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        tasks = [*self._background, *([self._webhook_setup] if self._webhook_setup else [])]
+        tasks = [*self._background, *(t for t in (self._webhook_setup, self._commands_setup) if t is not None)]
         for task in tasks:
             task.cancel()
+        self.webhook_info.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipeline.stop(grace=max(0.0, deadline - time.monotonic()))
         await self.generations.stop(grace=max(0.0, deadline - time.monotonic()))
@@ -3212,7 +3338,11 @@ class App:
         await self.generations.resume()
         self.pipeline.wake()
         if self.config.bot_mode == "webhook" and self._webhook_setup is None:
-            self._webhook_setup = asyncio.create_task(self._configure_webhook(), name="webhook-setup")
+            self._webhook_setup = asyncio.create_task(
+                self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config)), name="webhook-setup")
+        if self._commands_setup is None:
+            self._commands_setup = asyncio.create_task(
+                self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), name="commands-setup")
 
     async def _deactivate(self) -> None:
         self.active = False
@@ -3244,16 +3374,42 @@ class App:
                 if self.active:
                     await self.generations.resume()
 
-    async def _configure_webhook(self) -> None:
+    async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
+        """Run a set-up step against the Bot API until it succeeds, in the background: start-up never waits."""
         delay = 1.0
         while True:
             try:
-                await ensure_webhook(self.telegram, self.config)
+                await attempt()
                 return
             except TelegramError as error:
-                log.error("[WEBHOOK] set-up failed (%s); retrying in %.0fs", error, delay)
+                log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, SETUP_RETRY_MAX_S)
+
+    async def _watch_red_flags(self) -> None:
+        """Sample the inbox backlog, and in webhook mode Telegram's pending count; log each incident once."""
+        last_webhook_check = time.monotonic()
+        while True:
+            await asyncio.sleep(self.red_flag_check_s)
+            self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
+            if self.config.bot_mode != "webhook" or time.monotonic() - last_webhook_check < self.webhook_check_s:
+                continue
+            last_webhook_check = time.monotonic()
+            try:
+                pending = (await self.webhook_info.get()).get("pending_update_count")
+            except TelegramError:
+                continue  # the Telegram client has logged it; the flag stays as it was
+            self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+
+    @staticmethod
+    def _log_red_flag(change: tuple[str, str] | None) -> None:
+        if change is None:
+            return
+        event, text = change
+        if event == "raised":
+            log.warning("[FLAG] %s", text)
+        else:
+            log.info("[FLAG] cleared: %s", text)
 
     async def _poll_forever(self) -> None:
         """Long-poll getUpdates into the same inbox the webhook feeds (only while active)."""
@@ -3382,25 +3538,26 @@ class App:
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
+            "warnings": self.red_flags.warnings,
             "version": __version__,
         }
         if not self.db.ok:
             payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
         return json_response(payload, 503 if self.stopping or workers_dead else 200)
 
+    async def _get_webhook_info(self) -> dict:
+        info = await self.telegram.call("getWebhookInfo")
+        return info if isinstance(info, dict) else {}
+
     async def on_diag_webhook(self, request: Request) -> Response:
-        now = time.monotonic()
-        if self._webhook_info is None or now - self._webhook_info[0] > DIAG_CACHE_S:
-            try:
-                info = await self.telegram.call("getWebhookInfo") or {}
-            except TelegramError as error:
-                return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
-            self._webhook_info = (now, info)
-        info = self._webhook_info[1]
+        try:
+            info = await self.webhook_info.get()
+        except TelegramError as error:
+            return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
         return json_response({
             "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.config.secrets),
             "pending_update_count": info.get("pending_update_count", 0),
-            "last_error_message": info.get("last_error_message") or "",
+            "last_error_message": mask_secrets(info.get("last_error_message") or "", self.config.secrets),
             "last_error_date": info.get("last_error_date"),
             "max_connections": info.get("max_connections"),
         })
