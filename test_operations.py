@@ -237,6 +237,8 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
         if await both_checked_since():
             break
         await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the two processes did not renew or try for the lease within 10 s")
     locks = [await get_json(bot.base_url, "/diag/lock") for bot in (first, second)]
     assert [lock["active"] for lock in locks] == [True, False]
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(1101, 1121))

@@ -130,8 +130,10 @@ def test_a_callback_path_that_shadows_a_builtin_route_or_has_odd_characters_is_r
     assert says in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("path, route", [("", "callbacks/kie"), ("/kie/done/", "kie/done"), ("health-kie", "health-kie"),
-                                         ("webhooks/kie", "webhooks/kie"), ("k.i~e_1-2", "k.i~e_1-2")])
+@pytest.mark.parametrize("path, route", [
+    ("", "callbacks/kie"), ("/kie/done/", "kie/done"), ("health-kie", "health-kie"), ("webhooks/kie", "webhooks/kie"),
+    ("k.i~e_1-2", "k.i~e_1-2"),
+])
 def test_a_callback_path_of_its_own_is_accepted_without_its_slashes(path, route):
     assert trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path}).kie_callback_path == route
 
@@ -206,9 +208,9 @@ async def test_a_handler_error_on_the_webhook_path_logs_the_path_masked(make_app
 
     monkeypatch.setattr(app.pipeline, "ingest", broken)
     assert (await post_update(app, update_message(1, 42, "/start"))).status_code == 500
-    (failure,) = [r for r in caplog.records if "[HTTP] handler failed" in r.getMessage()]
-    assert failure.getMessage() == "[HTTP] handler failed for POST /webhook/***"
-    assert "ingest broke" in formatted(failure) and app.config.webhook_path_secret not in formatted(failure)
+    failures = [formatted(r) for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [line for line in failures if "ingest broke" in line and "/webhook/***" in line]
+    assert not [line for line in failures if app.config.webhook_path_secret in line]
 
 
 async def test_a_kie_error_echoing_the_callback_url_is_logged_with_the_token_masked(make_app, fake_tg, fake_kie,

@@ -1121,6 +1121,7 @@ def probe_pid(pid: int) -> tuple[bool, str]:
 
 
 def current_process_identity(instance: str) -> ProcessIdentity:
+    """This process's identity; the /proc parts stay empty where /proc cannot vouch for them."""
     pid = os.getpid()
     pid_namespace = boot_id = start_time = ""
     try:
@@ -2929,9 +2930,9 @@ class Generations:
 ###############################################################################
 # 11. Application
 #    Owns wiring the sections together: the single-active-instance lease,
-#    HTTP routes and diagnostics (/health, /diag/*, /metrics), webhook set-up
-#    or polling, database recovery, start-up and shutdown order, ``check``
-#    and main().
+#    HTTP routes and diagnostics (/health and its red flags, /diag/*,
+#    /metrics), webhook and command-menu set-up or polling, database
+#    recovery, start-up and shutdown order, ``check`` and main().
 ###############################################################################
 
 ALLOWED_UPDATES = ["message", "callback_query"]
