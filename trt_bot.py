@@ -688,10 +688,19 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
 ###############################################################################
 # 5. Storage
 #    Owns the SQLite file: the schema and its versions, the one thread every
-#    query runs on, group commits, the update inbox and conversation state.
+#    query runs on, noticing the file deleted or replaced under it, group
+#    commits, the update inbox and conversation state.
 ###############################################################################
 
-SQLITE_BUSY_TIMEOUT_MS = 1000  # longer than this counts as "locked too long": go degraded
+# Longer than this counts as "locked too long": the write fails and the ack goes to memory (degraded).
+# The webhook's ack budget is ~100 ms; SQLite's busy handler retries within it, so another process holding
+# the lock for a few tens of milliseconds is waited out.
+SQLITE_BUSY_TIMEOUT_MS = 100
+# FULL: every commit is fsynced before it is reported, so an acknowledged update
+# survives an OS crash or power loss too, not only the process being killed
+# (NORMAL in WAL mode).  Group commit shares one fsync among concurrent acks;
+# bench/durability.py measures what it costs.
+SQLITE_SYNCHRONOUS = "FULL"
 INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to drop duplicates
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
@@ -754,6 +763,49 @@ class DatabaseUnavailable(TrtError):
     """The database cannot be used right now; callers fall back to memory."""
 
 
+class RowRejected(TrtError):
+    """SQLite refused a row for what it holds (a number out of range, text it cannot encode).
+
+    The database is fine and the rest of the batch is written; writing the
+    same row again would fail again, so it is not retried.
+    """
+
+
+# Errors about the values of a row, not about the database.  Anything else
+# from SQLite (locked, disk I/O, read-only, full, not a database) makes the
+# database unusable until it is reopened.
+ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+              ValueError, OverflowError, TypeError)
+SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
+DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")  # the files SQLite writes in WAL mode, through handles it keeps open
+
+
+def fits_sqlite_integer(value: object) -> bool:
+    return isinstance(value, int) and SQLITE_INTEGER_MIN <= value <= SQLITE_INTEGER_MAX
+
+
+def file_identity(path: str) -> tuple | None:
+    """(st_dev, st_ino) of the database file and its -wal and -shm; None for ``:memory:``.
+
+    SQLite writes through the handles it opened, so a file deleted or replaced
+    on disk goes on taking commits that no restart will see.  A changed
+    identity is how that is noticed.
+    """
+    if path == ":memory:":
+        return None
+    return tuple(_inode(path + suffix) for suffix in DATABASE_FILE_SUFFIXES)
+
+
+def _inode(path: str) -> tuple[int, int] | str | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # cannot see the file, so cannot vouch for it
+        return f"unreadable ({error.strerror})"
+    return status.st_dev, status.st_ino
+
+
 def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
@@ -763,9 +815,7 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sql
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives the process being killed; only
-        # an OS crash or power loss can lose the last commits (no fsync each).
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
         migrate(conn)
     except BaseException:
         conn.close()
@@ -791,14 +841,33 @@ def migrate(conn: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
+# What must outlive the database file being deleted or replaced under us: unhandled
+# updates, jobs not yet delivered, dialogs.  Read from the old file (still open)
+# and added to the new one; rows the new file already has are kept.
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"))
+
+
+def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+    return {table: conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchall() for table, where in SALVAGED_ROWS}
+
+
+def restore_rows(conn: sqlite3.Connection, salvage: dict[str, list[tuple]]) -> int:
+    for table, rows in salvage.items():
+        if rows:
+            conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({','.join('?' * len(rows[0]))})", rows)
+    return sum(map(len, salvage.values()))
+
+
 class Database:
     """The one SQLite connection, used only from its own thread.
 
     Every query runs on that thread, so the event loop never waits on the disk
     or a lock.  ``write`` runs a function inside BEGIN IMMEDIATE ... COMMIT;
-    ``read`` runs it outside a transaction.  When SQLite fails, ``ok`` turns
-    False, the error is logged once, and callers get DatabaseUnavailable until
-    ``reopen`` succeeds.
+    ``read`` runs it outside a transaction.  When SQLite fails, or the file at
+    ``path`` is no longer the one it writes, ``ok`` turns False, the error is
+    logged once, and callers get DatabaseUnavailable until ``open`` succeeds
+    again (calls already queued fail at once, without waiting on a lock).  A
+    row SQLite refuses raises RowRejected and leaves the database usable.
     """
 
     def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
@@ -807,16 +876,20 @@ class Database:
         self.ok = False
         self.last_error = "not opened yet"
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple | None = None  # file_identity() when opened
+        self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-sqlite")
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
+        return await self._on_thread(self._open)
+
+    async def verify(self) -> bool:
+        """Whether the file at ``path`` is still the one SQLite writes; if not, the database turns unusable."""
         try:
-            await self._on_thread(self._reopen)
-        except (sqlite3.Error, OSError, TrtError) as error:
-            self._mark_broken(error)
+            await self._call(self._verify_file)
+        except DatabaseUnavailable:
             return False
-        self.ok, self.last_error = True, ""
         return True
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -834,25 +907,27 @@ class Database:
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.ok:
             raise DatabaseUnavailable(self.last_error)
-        try:
-            return await self._on_thread(self._with_connection, fn, *args)
-        except sqlite3.Error as error:
-            self._mark_broken(error)
-            raise DatabaseUnavailable(str(error)) from error
+        return await self._on_thread(self._with_connection, fn, *args)
 
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _with_connection(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._conn is None:
-            raise sqlite3.OperationalError("database is closed")
-        return fn(self._conn, *args)
+        if self._conn is None or not self.ok:  # queued behind the call that failed
+            raise DatabaseUnavailable(self.last_error)
+        try:
+            return fn(self._conn, *args)
+        except ROW_ERRORS as error:
+            raise RowRejected(f"{type(error).__name__}: {error}") from error
+        except (sqlite3.Error, DatabaseUnavailable) as error:
+            self._mark_broken(error)
+            raise DatabaseUnavailable(self.last_error) from error
 
-    @staticmethod
-    def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    def _in_transaction(self, conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args)
+            self._verify_file(conn)  # before COMMIT: what is reported written is in the file on disk
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -860,9 +935,55 @@ class Database:
             raise
         return result
 
+    def _verify_file(self, conn: sqlite3.Connection) -> None:
+        if self._identity is not None and file_identity(self.path) != self._identity:
+            raise DatabaseUnavailable(f"{self.path} was deleted or replaced: commits to it would not survive a restart")
+
+    def _open(self) -> bool:
+        try:
+            self._reopen()
+        except (sqlite3.Error, OSError, TrtError) as error:
+            self._mark_broken(error)
+            return False
+        self.ok, self.last_error = True, ""
+        return True
+
     def _reopen(self) -> None:
-        self._close()
-        self._conn = open_sqlite(self.path, self.busy_timeout_ms)
+        if self._conn is not None:
+            identity = file_identity(self.path)
+            if identity != self._identity:
+                self._salvage = self._read_salvage()  # now: the old file is gone once its connection closes
+            self._close()
+            if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
+                self._remove_stale_companions()
+        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        self._identity = file_identity(self.path)
+        if self._salvage:
+            try:
+                restored = self._in_transaction(conn, restore_rows, self._salvage)
+            except BaseException:
+                conn.close()
+                raise
+            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
+                        restored, self.path)
+        self._conn, self._salvage = conn, None
+
+    def _read_salvage(self) -> dict[str, list[tuple]]:
+        try:
+            return salvage_rows(self._conn)  # type: ignore[arg-type]
+        except sqlite3.Error as error:
+            log.error("[DB] the lost database file cannot be read any more (%s); what only it held is gone", error)
+            return {}
+
+    def _remove_stale_companions(self) -> None:
+        """Delete a -wal or -shm left by the lost file (another process on it keeps them alive).
+
+        Paired with a new file at ``path``, SQLite would take the old file's
+        pages for the new one's: corruption.
+        """
+        for suffix, identity in zip(DATABASE_FILE_SUFFIXES[1:], self._identity[1:]):  # type: ignore[index]
+            if identity is not None and _inode(self.path + suffix) == identity:
+                os.unlink(self.path + suffix)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -882,7 +1003,9 @@ class GroupCommit:
     fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
     While one batch is being written, new items gather into the next one, so
     under load one commit (and one thread hop) serves many requests.
-    ``write_batch(conn, items)`` returns one result per item.
+    ``write_batch(conn, items)`` returns one result per item.  A row SQLite
+    refuses fails alone: the batch is split until that row is found, its
+    future gets RowRejected (logged once), and the others are written.
     """
 
     def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
@@ -912,24 +1035,38 @@ class GroupCommit:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                items = [item for item, _ in batch]
-                try:
-                    results = await self.db.write(self.write_batch, items)
-                except Exception as error:
-                    for _, future in batch:
-                        if future is not None and not future.done():
-                            future.set_exception(error)
-                    if self.on_batch is not None:
-                        self.on_batch(items, error)
-                    continue
-                self.batches += 1
-                for (_, future), result in zip(batch, results):
-                    if future is not None and not future.done():
-                        future.set_result(result)
-                if self.on_batch is not None:
-                    self.on_batch(items, None)
+                await self._write(batch)
         finally:
             self._writer = None
+
+    async def _write(self, batch: list[tuple[Any, asyncio.Future | None]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            results = await self.db.write(self.write_batch, items)
+        except RowRejected as error:
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                await self._write(batch[:middle])
+                await self._write(batch[middle:])
+                return
+            log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
+            self._settle(batch, None, error)
+        except Exception as error:
+            self._settle(batch, None, error)
+        else:
+            self.batches += 1
+            self._settle(batch, results, None)
+
+    def _settle(self, batch: list[tuple[Any, asyncio.Future | None]], results: list | None,
+                error: BaseException | None) -> None:
+        for index, (_, future) in enumerate(batch):
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(results[index])  # type: ignore[index]
+                else:
+                    future.set_exception(error)
+        if self.on_batch is not None:
+            self.on_batch([item for item, _ in batch], error)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1056,8 +1193,9 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
 class ConversationStore:
     """Where each user is in a dialog: a dict in memory, written through to SQLite.
 
-    Reads never touch the disk.  A write that fails (database down) is logged
-    and kept in memory: the dialog goes on, it just would not survive a restart.
+    Reads never touch the disk.  A write that fails (database down, a value
+    SQLite refuses) is logged and kept in memory: the dialog goes on, it just
+    would not survive a restart.
     """
 
     def __init__(self, db: Database):
@@ -1085,8 +1223,8 @@ class ConversationStore:
             return
         try:
             await self._writes.submit((user_id, state))
-        except DatabaseUnavailable:
-            pass  # already logged by Database; memory stays authoritative
+        except (DatabaseUnavailable, RowRejected):
+            pass  # already logged by Database or GroupCommit; memory stays authoritative
 
     @staticmethod
     def _write_states(conn: sqlite3.Connection, items: list[tuple[int, dict | None]]) -> list[None]:
@@ -2818,7 +2956,7 @@ class Generations:
 ALLOWED_UPDATES = ["message", "callback_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0
-DB_RETRY_S = 2.0
+DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
 OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
 
@@ -3108,9 +3246,12 @@ class App:
                 await self._deactivate()
 
     async def _watch_database(self) -> None:
-        """Reopen an unusable database every few seconds and return to durable mode."""
+        """Notice the database file being deleted or replaced, even with no traffic, and reopen an
+        unusable database (a new file if the old one is gone) to return to durable mode."""
         while True:
             await asyncio.sleep(DB_RETRY_S)
+            if self.db.ok:
+                await self.db.verify()
             if not self.db.ok and await self.db.open():
                 log.warning("[DB] recovered; back to durable mode")
                 self.pipeline.wake()
