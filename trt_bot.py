@@ -1138,8 +1138,9 @@ def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, 
     ).fetchall()
 
 
-def inbox_backlog(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM inbox WHERE done_at IS NULL").fetchone()[0]
+def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """(update_id, chat_key) of every unhandled update."""
+    return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
 
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
@@ -1593,19 +1594,22 @@ USER_KEYED = ("callback_query", "inline_query", "chosen_inline_result", "shippin
               "pre_checkout_query", "poll_answer", "chat_boost")
 
 
+LANGUAGE_CODE_MAX = 35  # an IETF language tag; anything longer is not one and is not stored
+
+
 def update_chat_key(update: dict) -> int:
-    """The key whose updates must be handled one at a time, in order."""
+    """The key whose updates must be handled one at a time, in order (always fits SQLite's INTEGER)."""
     for kind in CHAT_KEYED:
         chat = (update.get(kind) or {}).get("chat") if isinstance(update.get(kind), dict) else None
-        if isinstance(chat, dict) and isinstance(chat.get("id"), int):
+        if isinstance(chat, dict) and fits_sqlite_integer(chat.get("id")):
             return chat["id"]
     for kind in USER_KEYED:
         body = update.get(kind)
         if isinstance(body, dict):
             user = body.get("from") or body.get("user") or {}
-            if isinstance(user, dict) and isinstance(user.get("id"), int):
+            if isinstance(user, dict) and fits_sqlite_integer(user.get("id")):
                 return user["id"]
-    return -abs(update.get("update_id", 0)) - 1  # unkeyed: no other update shares it
+    return ~update.get("update_id", 0)  # unkeyed: no other update shares it (~ stays in INTEGER's range)
 
 
 def update_sender(update: dict) -> tuple[int, str]:
@@ -1613,22 +1617,42 @@ def update_sender(update: dict) -> tuple[int, str]:
     for body in update.values():
         if isinstance(body, dict) and isinstance(body.get("from"), dict):
             sender = body["from"]
-            if isinstance(sender.get("id"), int):
-                return sender["id"], str(sender.get("language_code") or "")
+            if fits_sqlite_integer(sender.get("id")):
+                lang = sender.get("language_code")
+                return sender["id"], lang if isinstance(lang, str) and len(lang) <= LANGUAGE_CODE_MAX else ""
     return 0, ""
 
 
+# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8
+# (so SQLite, and the Bot API's JSON) cannot hold it.  Bodies without such an
+# escape, nearly all of them, are not walked.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
+
+
 def parse_update(body: bytes) -> dict:
-    """The update in a webhook body, or HttpError(400)."""
+    """The update in a webhook body, fit to be stored, or HttpError(400)."""
     try:
         update = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        if SURROGATE_ESCAPE.search(body):
+            update = _without_lone_surrogates(update)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "body is not valid JSON") from None
     if not isinstance(update, dict):
         raise HttpError(400, "update must be a JSON object")
-    update_id = update.get("update_id")
-    if not isinstance(update_id, int) or isinstance(update_id, bool):
-        raise HttpError(400, "update_id must be an integer")
+    if not fits_sqlite_integer(update.get("update_id")) or isinstance(update["update_id"], bool):
+        raise HttpError(400, "update_id must be an integer in the signed 64-bit range")
     return update
 
 
@@ -1652,9 +1676,12 @@ class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
     ``ingest`` returns the HTTP status for the webhook: 200 once the update is
-    committed to the inbox (or, with the database down, held in memory), 503
-    when it cannot be kept.  Workers take updates from a bounded asyncio.Queue;
-    updates of one chat never run at once and run in arrival order.
+    committed to the inbox (or, with the database down, held in memory), 400
+    when SQLite refuses what it holds, 503 when it cannot be kept.  Workers
+    take updates from a bounded asyncio.Queue; updates of one chat never run at
+    once and run in arrival order, whether the database works or not: while a
+    chat has updates waiting in the inbox (spilled), a memory-only update of
+    that chat would overtake them, so it gets 503 and Telegram sends it again.
     """
 
     def __init__(
@@ -1685,6 +1712,10 @@ class UpdatePipeline:
         self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
         self._unmarked: list[DoneMark] = []  # done marks that failed to commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # chat key -> how many of its updates wait in the inbox, not in memory.  Never too low (an
+        # update could overtake them); too high only until the inbox is next read to its end.
+        self._stored: collections.Counter[int] = collections.Counter()
+        self._recount_due = True
         self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
         self._overdue: set[asyncio.Task] = set()  # workers whose handler we cancelled
@@ -1707,6 +1738,8 @@ class UpdatePipeline:
                 is_new = await self._inbox.submit(item)
             except DatabaseUnavailable:
                 pass  # fall through to memory
+            except RowRejected:
+                return 400  # logged by GroupCommit; storing it again would fail again
             else:
                 if not is_new:
                     self.stats.duplicates += 1
@@ -1724,6 +1757,7 @@ class UpdatePipeline:
             self._enqueue(item)
         else:
             self._spilling = True
+            self._stored[item.chat_key] += 1
             self.stats.spilled += 1
             self._refill_wakeup.set()
 
@@ -1732,7 +1766,7 @@ class UpdatePipeline:
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
             return 200
-        if not (self._accepting and self.should_process and self._has_room()):
+        if not (self._accepting and self.should_process and self._has_room()) or self._stored[item.chat_key]:
             self.stats.rejected += 1
             return 503
         self._recent_memory_ids[item.update_id] = None
@@ -1754,12 +1788,7 @@ class UpdatePipeline:
     # -- workers ----------------------------------------------------------
 
     async def start(self) -> None:
-        if self.db.ok:
-            try:
-                self.backlog = await self.db.read(inbox_backlog)
-            except DatabaseUnavailable:
-                pass
-        self._spilling = self.backlog > 0
+        await self._recount()
         self._tasks = [asyncio.create_task(self._worker(), name=f"worker-{n}") for n in range(self.worker_count)]
         self._tasks.append(asyncio.create_task(self._refill_forever(), name="inbox-refill"))
         log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
@@ -1838,6 +1867,10 @@ class UpdatePipeline:
         marks = [entry for entry in entries if isinstance(entry, DoneMark)]
         if not marks:
             return
+        if isinstance(error, RowRejected):
+            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
+            self._submit_done_marks([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+            return
         if error is not None:
             self._unmarked.extend(marks)  # kept out of refill until the database is back
             return
@@ -1860,14 +1893,11 @@ class UpdatePipeline:
             if self._unmarked:
                 retry, self._unmarked = self._unmarked, []
                 self._submit_done_marks(retry)
+            if self._recount_due or time.monotonic() - last_count > BACKLOG_RECOUNT_S:
+                last_count = time.monotonic()
+                await self._recount()
             if self._accepting and self.should_process:
                 await self._refill()
-            if time.monotonic() - last_count > BACKLOG_RECOUNT_S:  # counts what other instances stored too
-                last_count = time.monotonic()
-                try:
-                    self.backlog = await self.db.read(inbox_backlog)
-                except DatabaseUnavailable:
-                    pass
             if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()
                 await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
@@ -1885,12 +1915,35 @@ class UpdatePipeline:
                 self._overdue.add(task)
                 task.cancel()
 
+    async def _recount(self) -> None:
+        """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory.
+
+        Picks up what a previous run or another instance stored, and what a
+        lost database file left in its successor.
+        """
+        try:
+            rows = await self.db.read(inbox_unhandled)
+        except DatabaseUnavailable:
+            return
+        self._recount_due = False
+        self.backlog = len(rows)
+        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self._holds(update_id))
+        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
+            self._stored[chat_key] = max(self._stored[chat_key], count)
+        if waiting:
+            self._spilling = True
+
+    def _holds(self, update_id: int) -> bool:
+        """Whether the update is in memory, being admitted, or handled with its done mark on the way."""
+        return update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting
+
     async def _refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
         room = self.queue_size - len(self._in_memory)
         if room <= 0:
             return
         limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
+        spilled_before = self.stats.spilled
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -1900,21 +1953,30 @@ class UpdatePipeline:
             if taken == room:
                 more_left = True
                 break
-            # Checked now, not before the read: ids change hands while we wait.
-            if update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting:
+            if self._holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
+            if self._stored[chat_key] > 1:
+                self._stored[chat_key] -= 1
+            else:
+                self._stored.pop(chat_key, None)
             try:
-                update = json.loads(body)
-            except ValueError:
+                update = parse_update(body)
+            except HttpError:
                 self.stats.dropped += 1
                 self._submit_done_marks([DoneMark(update_id)])
                 continue
             self._enqueue(InboxItem(update_id, chat_key, update, body, received_at))
             taken += 1
-        self._spilling = more_left
+        if more_left:
+            self._spilling = True
+        elif self.stats.spilled == spilled_before:
+            # Every unhandled update was in this read and none spilled since: none waits outside memory.
+            self._spilling = False
+            self._stored.clear()
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
+        self._recount_due = True
         self._refill_wakeup.set()
 
     # -- shutdown and metrics ------------------------------------------------
@@ -3298,8 +3360,13 @@ class App:
             for update in updates or []:
                 if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
                     continue
-                body = json.dumps(update, ensure_ascii=False, separators=(",", ":")).encode()
-                if await self.pipeline.ingest(update, body) != 200:
+                body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
+                try:
+                    status = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
+                except HttpError as error:
+                    log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
+                    status = 400
+                if status == 503:
                     await asyncio.sleep(1.0)  # full: ask again later from this update on
                     break
                 offset = update["update_id"] + 1
@@ -3359,6 +3426,8 @@ class App:
         self.ack_seconds.observe(time.perf_counter() - started)
         if status == 200:
             return Response(200, OK_BODY, "application/json")
+        if status == 400:
+            return text_response(400, "update cannot be stored")
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
     async def on_kie_callback(self, request: Request) -> Response:
