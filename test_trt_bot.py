@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -46,6 +47,18 @@ async def post_update(app: trt_bot.App, update: dict, client: httpx.AsyncClient 
         return await client.post(url, json=update, headers=headers)
     async with httpx.AsyncClient(verify=False) as own:  # plain HTTP: skip loading CA certificates (~20 ms)
         return await own.post(url, json=update, headers=headers)
+
+
+async def eventually_async(fetch, predicate, timeout: float = 10.0):
+    """Like ``eventually`` for a value that needs awaiting: poll ``fetch()`` until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        await asyncio.sleep(0.05)
 
 
 async def raw_exchange(port: int, data: bytes, *, chunk: int | None = None, read_until_close: bool = True) -> bytes:
@@ -425,6 +438,13 @@ async def test_schema_is_versioned_and_migrating_twice_is_harmless(tmp_path):
     conn.close()
 
 
+def test_commits_are_fsynced_before_they_are_reported(tmp_path):
+    # NORMAL (1) in WAL mode loses the last commits when the machine loses power.
+    conn = trt_bot.open_sqlite(str(tmp_path / "x.sqlite3"))
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    conn.close()
+
+
 async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(tmp_path):
     db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
     assert await db.open()
@@ -458,7 +478,68 @@ async def test_an_unopenable_database_is_reported_not_raised(tmp_path):
     db = trt_bot.Database(str(blocker / "bot.sqlite3"))
     assert await db.open() is False and not db.ok and db.last_error
     with pytest.raises(trt_bot.DatabaseUnavailable):
-        await db.read(trt_bot.inbox_backlog)
+        await db.read(trt_bot.inbox_unhandled)
+    await db.close()
+
+
+async def test_a_row_sqlite_refuses_fails_alone_and_the_rest_of_its_batch_is_written(tmp_path):
+    # Used to fail every item of the shared commit, with the database still "ok".
+    db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
+    assert await db.open()
+    inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
+    items = [trt_bot.InboxItem(n, 2**70 if n == 13 else n, {}, b"{}", time.time()) for n in range(40)]
+    first_record = len(ALL_RECORDS.records)
+    results = await asyncio.gather(*(inserts.submit(item) for item in items), return_exceptions=True)
+    assert isinstance(results[13], trt_bot.RowRejected)
+    assert results[:13] + results[14:] == [True] * 39 and db.ok
+    assert len(await db.read(trt_bot.inbox_unhandled)) == 39
+    refusals = [r for r in ALL_RECORDS.records[first_record:] if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
+    await db.close()
+
+
+def hold_write_lock(path: str) -> sqlite3.Connection:
+    """Another connection (as another process would) holding SQLite's write lock until it rolls back."""
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    return locker
+
+
+async def test_a_lock_held_briefly_by_another_connection_is_waited_out_not_degraded(tmp_path):
+    path = str(tmp_path / "x.sqlite3")
+    db = trt_bot.Database(path)
+    assert await db.open()
+    locker = hold_write_lock(path)
+    threading.Timer(0.05, locker.execute, ("ROLLBACK",)).start()
+    assert await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())]) == [True]
+    assert db.ok
+    locker.close()
+    await db.close()
+
+
+async def test_a_deleted_database_file_is_noticed_and_a_new_file_takes_over_what_it_held(tmp_path):
+    path = str(tmp_path / "x.sqlite3")
+    db = trt_bot.Database(path)
+    assert await db.open()
+    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", time.time()) for n in (1, 2, 3)])
+    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1)])
+    for suffix in ("", "-wal", "-shm"):
+        os.unlink(path + suffix)
+    assert await db.verify() is False and not db.ok and "deleted or replaced" in db.last_error
+    assert await db.open()
+    with sqlite3.connect(path) as fresh:  # the file now on disk holds the unhandled updates
+        assert fresh.execute("SELECT update_id FROM inbox WHERE done_at IS NULL").fetchall() == [(2,), (3,)]
+    await db.close()
+
+
+async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_acknowledged(tmp_path):
+    path = str(tmp_path / "x.sqlite3")
+    db = trt_bot.Database(path)
+    assert await db.open()
+    os.unlink(path)
+    with pytest.raises(trt_bot.DatabaseUnavailable):
+        await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())])
+    assert not db.ok
     await db.close()
 
 
@@ -705,22 +786,99 @@ async def test_start_answers_when_the_database_cannot_be_opened(make_app, fake_t
     assert health["queue"]["memory_only"] == 1
 
 
-async def test_a_database_locked_too_long_degrades_then_recovers(make_app, fake_tg, tmp_path, monkeypatch):
+async def test_a_locked_database_degrades_within_the_ack_budget_then_recovers(make_app, fake_tg, tmp_path,
+                                                                            monkeypatch):
     monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
     app = await make_app()
-    locker = sqlite3.connect(str(tmp_path / "bot.sqlite3"), isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")  # another process hogging the write lock
-    try:
-        assert (await post_update(app, update_message(1, 42, "/start"))).status_code == 200
-        await eventually(lambda: fake_tg.texts_to(42))
-        assert app.db.ok is False and app.pipeline.stats.memory_only == 1
-    finally:
+    first_record = len(ALL_RECORDS.records)
+    locker = hold_write_lock(str(tmp_path / "bot.sqlite3"))
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()  # before the rollback: an ack seen while this is unset came while the lock was held
         locker.execute("ROLLBACK")
-        locker.close()
+
+    # Held for less than the one-second busy timeout acks used to wait out: such an ack came after the release.
+    holder = threading.Timer(0.8, release)
+    holder.start()
+    response = await post_update(app, update_message(1, 42, "/start"))
+    acked_while_locked = not released.is_set()
+    holder.cancel()
+    holder.join()
+    if not released.is_set():
+        release()
+    assert response.status_code == 200 and acked_while_locked
+    await eventually(lambda: fake_tg.texts_to(42))
+    assert app.pipeline.stats.memory_only == 1
     await eventually(lambda: app.db.ok, timeout=5)
     assert (await post_update(app, update_message(2, 43, "/start"))).status_code == 200
     await eventually(lambda: fake_tg.texts_to(43))
     assert app.pipeline.stats.memory_only == 1  # the second one was durable again
+    incidents = [r for r in ALL_RECORDS.records[first_record:] if r.name == "trt_bot" and r.levelno >= logging.ERROR]
+    assert len(incidents) == 1, [r.getMessage() for r in incidents]  # one line, not one per retry
+    locker.close()
+
+
+async def test_a_chats_order_holds_across_a_switch_to_degraded_mode_and_back(make_app, tmp_path, monkeypatch):
+    # Used to run a spilled update after a later one of the same chat accepted in memory-only mode.
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
+    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2")
+    first_done = asyncio.Event()
+    handled: list[tuple[int, int]] = []
+
+    async def recording_handler(update: dict) -> None:
+        if update["update_id"] == 1:
+            await first_done.wait()
+        handled.append((update["message"]["chat"]["id"], update["update_id"]))
+
+    app.pipeline.handler = recording_handler
+    for update_id, chat in ((1, 7), (2, 8), (3, 7)):  # 1 is being handled, 2 waits in memory, 3 spills
+        assert (await post_update(app, update_message(update_id, chat, "x"))).status_code == 200
+    assert app.pipeline.stats.spilled == 1
+    locker = hold_write_lock(str(tmp_path / "bot.sqlite3"))
+    try:
+        await post_update(app, update_message(4, 9, "x"))  # finds the database locked: degraded from here
+        assert not app.db.ok
+        first_done.set()
+        await eventually(lambda: len(handled) == 2)  # 1 and 2 from memory; 3 is out of reach in the inbox
+        later = await post_update(app, update_message(5, 7, "x"))
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert later.status_code == 503 and later.headers["Retry-After"]  # Telegram keeps it and sends it again
+    await eventually(lambda: app.db.ok, timeout=5)
+    assert (await post_update(app, update_message(5, 7, "x"))).status_code == 200
+    await eventually(lambda: len(handled) == 4)
+    assert [update_id for chat, update_id in handled if chat == 7] == [1, 3, 5]
+
+
+async def test_a_lone_surrogate_in_an_update_fails_nothing_else_and_is_not_retried(make_app, fake_tg, tmp_path):
+    # Used to fail every shared commit the sender's language joined, every second, forever.
+    app = await make_app()
+    poisoned = update_message(1, 61, "/start")
+    poisoned["message"]["from"]["language_code"] = "\ud800"
+    url = f"http://127.0.0.1:{app.port}{app.config.webhook_path}"
+    async with httpx.AsyncClient(headers=secret_header(app)) as client:
+        bad = client.post(url, content=json.dumps(poisoned).encode())  # JSON's "\ud800" escape
+        others = [post_update(app, update_message(n, 60 + n, "/start"), client) for n in range(2, 22)]
+        responses = await asyncio.gather(bad, *others)
+    assert [r.status_code for r in responses] == [200] * 21
+    await eventually(lambda: {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} >= set(range(61, 82)))
+
+    def unhandled() -> int:
+        with contextlib.closing(sqlite3.connect(str(tmp_path / "bot.sqlite3"))) as conn:
+            return conn.execute("SELECT count(*) FROM inbox WHERE done_at IS NULL").fetchone()[0]
+
+    await eventually(lambda: unhandled() == 0)  # every update marked done: none is handled again after a restart
+
+
+async def test_an_update_id_outside_sqlites_integer_range_is_400(make_app):
+    app = await make_app()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}", headers=secret_header(app)) as client:
+        for update_id in (2**70, -2**70, 2**63):
+            response = await client.post(app.config.webhook_path, content=b'{"update_id":%d}' % update_id)
+            assert response.status_code == 400, update_id
+    assert app.pipeline.stats.received == 0
 
 
 async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes):
@@ -743,6 +901,46 @@ async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_resta
     await eventually(lambda: {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} >= set(range(501, 521)),
                      timeout=20)
     assert len(fake_tg.calls_of("sendMessage")) == 20
+
+
+async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowledged_is_lost(fake_tg, tmp_path,
+                                                                                             bot_processes):
+    # Used to go unnoticed: /health said ok, and after kill -9 none of the acknowledged updates was answered.
+    fake_tg.stall("sendMessage")
+    database = tmp_path / "bot.sqlite3"
+    env = bot_env(fake_tg, str(database), PORT=str(free_port()))
+    first = bot_processes(env)
+    await first.wait_healthy()
+    config = trt_bot.load_config(env)
+    headers = {"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret}
+    async with httpx.AsyncClient(base_url=first.base_url, headers=headers) as client:
+
+        async def status() -> dict:
+            return (await client.get("/health")).json()
+
+        async def post(update_ids: range) -> None:
+            for n in update_ids:
+                response = await client.post(config.webhook_path, json=update_message(n, 700 + n, "/start"))
+                assert response.status_code == 200
+
+        await post(range(1, 6))
+        for suffix in ("", "-wal", "-shm"):
+            os.unlink(f"{database}{suffix}")
+        database.mkdir()  # keeps a new file from being created until it goes
+        health = await eventually_async(status, lambda h: h["status"] == "degraded", timeout=10)
+        assert health["database_error"] and "was deleted or replaced" in first.log
+        database.rmdir()
+        await eventually_async(status, lambda h: h["status"] == "ok", timeout=10)
+        await post(range(6, 11))
+    assert database.is_file()
+    first.kill()
+    fake_tg.release("sendMessage")
+    await asyncio.sleep(0.3)  # let the killed process's stalled calls drain out of the fake
+    fake_tg.clear()
+    second = bot_processes({**env, "PORT": str(free_port())})
+    await second.wait_healthy()
+    await eventually(lambda: {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} >= set(range(701, 711)),
+                     timeout=20)
 
 
 ###############################################################################

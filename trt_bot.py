@@ -739,10 +739,19 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
 ###############################################################################
 # 5. Storage
 #    Owns the SQLite file: the schema and its versions, the one thread every
-#    query runs on, group commits, the update inbox and conversation state.
+#    query runs on, noticing the file deleted or replaced under it, group
+#    commits, the update inbox and conversation state.
 ###############################################################################
 
-SQLITE_BUSY_TIMEOUT_MS = 1000  # longer than this counts as "locked too long": go degraded
+# Longer than this counts as "locked too long": the write fails and the ack goes to memory (degraded).
+# The webhook's ack budget is ~100 ms; SQLite's busy handler retries within it, so another process holding
+# the lock for a few tens of milliseconds is waited out.
+SQLITE_BUSY_TIMEOUT_MS = 100
+# FULL: every commit is fsynced before it is reported, so an acknowledged update
+# survives an OS crash or power loss too, not only the process being killed
+# (NORMAL in WAL mode).  Group commit shares one fsync among concurrent acks;
+# bench/durability.py measures what it costs.
+SQLITE_SYNCHRONOUS = "FULL"
 INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to drop duplicates
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
@@ -805,6 +814,49 @@ class DatabaseUnavailable(TrtError):
     """The database cannot be used right now; callers fall back to memory."""
 
 
+class RowRejected(TrtError):
+    """SQLite refused a row for what it holds (a number out of range, text it cannot encode).
+
+    The database is fine and the rest of the batch is written; writing the
+    same row again would fail again, so it is not retried.
+    """
+
+
+# Errors about the values of a row, not about the database.  Anything else
+# from SQLite (locked, disk I/O, read-only, full, not a database) makes the
+# database unusable until it is reopened.
+ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+              ValueError, OverflowError, TypeError)
+SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
+DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")  # the files SQLite writes in WAL mode, through handles it keeps open
+
+
+def fits_sqlite_integer(value: object) -> bool:
+    return isinstance(value, int) and SQLITE_INTEGER_MIN <= value <= SQLITE_INTEGER_MAX
+
+
+def file_identity(path: str) -> tuple | None:
+    """(st_dev, st_ino) of the database file and its -wal and -shm; None for ``:memory:``.
+
+    SQLite writes through the handles it opened, so a file deleted or replaced
+    on disk goes on taking commits that no restart will see.  A changed
+    identity is how that is noticed.
+    """
+    if path == ":memory:":
+        return None
+    return tuple(_inode(path + suffix) for suffix in DATABASE_FILE_SUFFIXES)
+
+
+def _inode(path: str) -> tuple[int, int] | str | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # cannot see the file, so cannot vouch for it
+        return f"unreadable ({error.strerror})"
+    return status.st_dev, status.st_ino
+
+
 def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
@@ -814,9 +866,7 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sql
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives the process being killed; only
-        # an OS crash or power loss can lose the last commits (no fsync each).
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
         migrate(conn)
     except BaseException:
         conn.close()
@@ -842,14 +892,33 @@ def migrate(conn: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
+# What must outlive the database file being deleted or replaced under us: unhandled
+# updates, jobs not yet delivered, dialogs.  Read from the old file (still open)
+# and added to the new one; rows the new file already has are kept.
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"))
+
+
+def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+    return {table: conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchall() for table, where in SALVAGED_ROWS}
+
+
+def restore_rows(conn: sqlite3.Connection, salvage: dict[str, list[tuple]]) -> int:
+    for table, rows in salvage.items():
+        if rows:
+            conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({','.join('?' * len(rows[0]))})", rows)
+    return sum(map(len, salvage.values()))
+
+
 class Database:
     """The one SQLite connection, used only from its own thread.
 
     Every query runs on that thread, so the event loop never waits on the disk
     or a lock.  ``write`` runs a function inside BEGIN IMMEDIATE ... COMMIT;
-    ``read`` runs it outside a transaction.  When SQLite fails, ``ok`` turns
-    False, the error is logged once, and callers get DatabaseUnavailable until
-    ``reopen`` succeeds.
+    ``read`` runs it outside a transaction.  When SQLite fails, or the file at
+    ``path`` is no longer the one it writes, ``ok`` turns False, the error is
+    logged once, and callers get DatabaseUnavailable until ``open`` succeeds
+    again (calls already queued fail at once, without waiting on a lock).  A
+    row SQLite refuses raises RowRejected and leaves the database usable.
     """
 
     def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
@@ -858,16 +927,20 @@ class Database:
         self.ok = False
         self.last_error = "not opened yet"
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple | None = None  # file_identity() when opened
+        self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-sqlite")
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
+        return await self._on_thread(self._open)
+
+    async def verify(self) -> bool:
+        """Whether the file at ``path`` is still the one SQLite writes; if not, the database turns unusable."""
         try:
-            await self._on_thread(self._reopen)
-        except (sqlite3.Error, OSError, TrtError) as error:
-            self._mark_broken(error)
+            await self._call(self._verify_file)
+        except DatabaseUnavailable:
             return False
-        self.ok, self.last_error = True, ""
         return True
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -885,25 +958,27 @@ class Database:
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.ok:
             raise DatabaseUnavailable(self.last_error)
-        try:
-            return await self._on_thread(self._with_connection, fn, *args)
-        except sqlite3.Error as error:
-            self._mark_broken(error)
-            raise DatabaseUnavailable(str(error)) from error
+        return await self._on_thread(self._with_connection, fn, *args)
 
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _with_connection(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._conn is None:
-            raise sqlite3.OperationalError("database is closed")
-        return fn(self._conn, *args)
+        if self._conn is None or not self.ok:  # queued behind the call that failed
+            raise DatabaseUnavailable(self.last_error)
+        try:
+            return fn(self._conn, *args)
+        except ROW_ERRORS as error:
+            raise RowRejected(f"{type(error).__name__}: {error}") from error
+        except (sqlite3.Error, DatabaseUnavailable) as error:
+            self._mark_broken(error)
+            raise DatabaseUnavailable(self.last_error) from error
 
-    @staticmethod
-    def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    def _in_transaction(self, conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args)
+            self._verify_file(conn)  # before COMMIT: what is reported written is in the file on disk
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -911,9 +986,55 @@ class Database:
             raise
         return result
 
+    def _verify_file(self, conn: sqlite3.Connection) -> None:
+        if self._identity is not None and file_identity(self.path) != self._identity:
+            raise DatabaseUnavailable(f"{self.path} was deleted or replaced: commits to it would not survive a restart")
+
+    def _open(self) -> bool:
+        try:
+            self._reopen()
+        except (sqlite3.Error, OSError, TrtError) as error:
+            self._mark_broken(error)
+            return False
+        self.ok, self.last_error = True, ""
+        return True
+
     def _reopen(self) -> None:
-        self._close()
-        self._conn = open_sqlite(self.path, self.busy_timeout_ms)
+        if self._conn is not None:
+            identity = file_identity(self.path)
+            if identity != self._identity:
+                self._salvage = self._read_salvage()  # now: the old file is gone once its connection closes
+            self._close()
+            if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
+                self._remove_stale_companions()
+        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        self._identity = file_identity(self.path)
+        if self._salvage:
+            try:
+                restored = self._in_transaction(conn, restore_rows, self._salvage)
+            except BaseException:
+                conn.close()
+                raise
+            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
+                        restored, self.path)
+        self._conn, self._salvage = conn, None
+
+    def _read_salvage(self) -> dict[str, list[tuple]]:
+        try:
+            return salvage_rows(self._conn)  # type: ignore[arg-type]
+        except sqlite3.Error as error:
+            log.error("[DB] the lost database file cannot be read any more (%s); what only it held is gone", error)
+            return {}
+
+    def _remove_stale_companions(self) -> None:
+        """Delete a -wal or -shm left by the lost file (another process on it keeps them alive).
+
+        Paired with a new file at ``path``, SQLite would take the old file's
+        pages for the new one's: corruption.
+        """
+        for suffix, identity in zip(DATABASE_FILE_SUFFIXES[1:], self._identity[1:]):  # type: ignore[index]
+            if identity is not None and _inode(self.path + suffix) == identity:
+                os.unlink(self.path + suffix)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -933,7 +1054,9 @@ class GroupCommit:
     fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
     While one batch is being written, new items gather into the next one, so
     under load one commit (and one thread hop) serves many requests.
-    ``write_batch(conn, items)`` returns one result per item.
+    ``write_batch(conn, items)`` returns one result per item.  A row SQLite
+    refuses fails alone: the batch is split until that row is found, its
+    future gets RowRejected (logged once), and the others are written.
     """
 
     def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
@@ -963,24 +1086,38 @@ class GroupCommit:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                items = [item for item, _ in batch]
-                try:
-                    results = await self.db.write(self.write_batch, items)
-                except Exception as error:
-                    for _, future in batch:
-                        if future is not None and not future.done():
-                            future.set_exception(error)
-                    if self.on_batch is not None:
-                        self.on_batch(items, error)
-                    continue
-                self.batches += 1
-                for (_, future), result in zip(batch, results):
-                    if future is not None and not future.done():
-                        future.set_result(result)
-                if self.on_batch is not None:
-                    self.on_batch(items, None)
+                await self._write(batch)
         finally:
             self._writer = None
+
+    async def _write(self, batch: list[tuple[Any, asyncio.Future | None]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            results = await self.db.write(self.write_batch, items)
+        except RowRejected as error:
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                await self._write(batch[:middle])
+                await self._write(batch[middle:])
+                return
+            log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
+            self._settle(batch, None, error)
+        except Exception as error:
+            self._settle(batch, None, error)
+        else:
+            self.batches += 1
+            self._settle(batch, results, None)
+
+    def _settle(self, batch: list[tuple[Any, asyncio.Future | None]], results: list | None,
+                error: BaseException | None) -> None:
+        for index, (_, future) in enumerate(batch):
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(results[index])  # type: ignore[index]
+                else:
+                    future.set_exception(error)
+        if self.on_batch is not None:
+            self.on_batch([item for item, _ in batch], error)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1052,8 +1189,9 @@ def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, 
     ).fetchall()
 
 
-def inbox_backlog(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM inbox WHERE done_at IS NULL").fetchone()[0]
+def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """(update_id, chat_key) of every unhandled update."""
+    return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
 
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
@@ -1176,8 +1314,9 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
 class ConversationStore:
     """Where each user is in a dialog: a dict in memory, written through to SQLite.
 
-    Reads never touch the disk.  A write that fails (database down) is logged
-    and kept in memory: the dialog goes on, it just would not survive a restart.
+    Reads never touch the disk.  A write that fails (database down, a value
+    SQLite refuses) is logged and kept in memory: the dialog goes on, it just
+    would not survive a restart.
     """
 
     def __init__(self, db: Database):
@@ -1205,8 +1344,8 @@ class ConversationStore:
             return
         try:
             await self._writes.submit((user_id, state))
-        except DatabaseUnavailable:
-            pass  # already logged by Database; memory stays authoritative
+        except (DatabaseUnavailable, RowRejected):
+            pass  # already logged by Database or GroupCommit; memory stays authoritative
 
     @staticmethod
     def _write_states(conn: sqlite3.Connection, items: list[tuple[int, dict | None]]) -> list[None]:
@@ -1575,19 +1714,22 @@ USER_KEYED = ("callback_query", "inline_query", "chosen_inline_result", "shippin
               "pre_checkout_query", "poll_answer", "chat_boost")
 
 
+LANGUAGE_CODE_MAX = 35  # an IETF language tag; anything longer is not one and is not stored
+
+
 def update_chat_key(update: dict) -> int:
-    """The key whose updates must be handled one at a time, in order."""
+    """The key whose updates must be handled one at a time, in order (always fits SQLite's INTEGER)."""
     for kind in CHAT_KEYED:
         chat = (update.get(kind) or {}).get("chat") if isinstance(update.get(kind), dict) else None
-        if isinstance(chat, dict) and isinstance(chat.get("id"), int):
+        if isinstance(chat, dict) and fits_sqlite_integer(chat.get("id")):
             return chat["id"]
     for kind in USER_KEYED:
         body = update.get(kind)
         if isinstance(body, dict):
             user = body.get("from") or body.get("user") or {}
-            if isinstance(user, dict) and isinstance(user.get("id"), int):
+            if isinstance(user, dict) and fits_sqlite_integer(user.get("id")):
                 return user["id"]
-    return -abs(update.get("update_id", 0)) - 1  # unkeyed: no other update shares it
+    return ~update.get("update_id", 0)  # unkeyed: no other update shares it (~ stays in INTEGER's range)
 
 
 def update_sender(update: dict) -> tuple[int, str]:
@@ -1595,22 +1737,42 @@ def update_sender(update: dict) -> tuple[int, str]:
     for body in update.values():
         if isinstance(body, dict) and isinstance(body.get("from"), dict):
             sender = body["from"]
-            if isinstance(sender.get("id"), int):
-                return sender["id"], str(sender.get("language_code") or "")
+            if fits_sqlite_integer(sender.get("id")):
+                lang = sender.get("language_code")
+                return sender["id"], lang if isinstance(lang, str) and len(lang) <= LANGUAGE_CODE_MAX else ""
     return 0, ""
 
 
+# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8
+# (so SQLite, and the Bot API's JSON) cannot hold it.  Bodies without such an
+# escape, nearly all of them, are not walked.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
+
+
 def parse_update(body: bytes) -> dict:
-    """The update in a webhook body, or HttpError(400)."""
+    """The update in a webhook body, fit to be stored, or HttpError(400)."""
     try:
         update = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        if SURROGATE_ESCAPE.search(body):
+            update = _without_lone_surrogates(update)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "body is not valid JSON") from None
     if not isinstance(update, dict):
         raise HttpError(400, "update must be a JSON object")
-    update_id = update.get("update_id")
-    if not isinstance(update_id, int) or isinstance(update_id, bool):
-        raise HttpError(400, "update_id must be an integer")
+    if not fits_sqlite_integer(update.get("update_id")) or isinstance(update["update_id"], bool):
+        raise HttpError(400, "update_id must be an integer in the signed 64-bit range")
     return update
 
 
@@ -1634,9 +1796,12 @@ class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
     ``ingest`` returns the HTTP status for the webhook: 200 once the update is
-    committed to the inbox (or, with the database down, held in memory), 503
-    when it cannot be kept.  Workers take updates from a bounded asyncio.Queue;
-    updates of one chat never run at once and run in arrival order.
+    committed to the inbox (or, with the database down, held in memory), 400
+    when SQLite refuses what it holds, 503 when it cannot be kept.  Workers
+    take updates from a bounded asyncio.Queue; updates of one chat never run at
+    once and run in arrival order, whether the database works or not: while a
+    chat has updates waiting in the inbox (spilled), a memory-only update of
+    that chat would overtake them, so it gets 503 and Telegram sends it again.
     """
 
     def __init__(
@@ -1667,6 +1832,10 @@ class UpdatePipeline:
         self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
         self._unmarked: list[DoneMark] = []  # done marks that failed to commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # chat key -> how many of its updates wait in the inbox, not in memory.  Never too low (an
+        # update could overtake them); too high only until the inbox is next read to its end.
+        self._stored: collections.Counter[int] = collections.Counter()
+        self._recount_due = True
         self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
         self._overdue: set[asyncio.Task] = set()  # workers whose handler we cancelled
@@ -1689,6 +1858,8 @@ class UpdatePipeline:
                 is_new = await self._inbox.submit(item)
             except DatabaseUnavailable:
                 pass  # fall through to memory
+            except RowRejected:
+                return 400  # logged by GroupCommit; storing it again would fail again
             else:
                 if not is_new:
                     self.stats.duplicates += 1
@@ -1706,6 +1877,7 @@ class UpdatePipeline:
             self._enqueue(item)
         else:
             self._spilling = True
+            self._stored[item.chat_key] += 1
             self.stats.spilled += 1
             self._refill_wakeup.set()
 
@@ -1714,7 +1886,7 @@ class UpdatePipeline:
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
             return 200
-        if not (self._accepting and self.should_process and self._has_room()):
+        if not (self._accepting and self.should_process and self._has_room()) or self._stored[item.chat_key]:
             self.stats.rejected += 1
             return 503
         self._recent_memory_ids[item.update_id] = None
@@ -1736,12 +1908,7 @@ class UpdatePipeline:
     # -- workers ----------------------------------------------------------
 
     async def start(self) -> None:
-        if self.db.ok:
-            try:
-                self.backlog = await self.db.read(inbox_backlog)
-            except DatabaseUnavailable:
-                pass
-        self._spilling = self.backlog > 0
+        await self._recount()
         self._tasks = [asyncio.create_task(self._worker(), name=f"worker-{n}") for n in range(self.worker_count)]
         self._tasks.append(asyncio.create_task(self._refill_forever(), name="inbox-refill"))
         log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
@@ -1820,6 +1987,10 @@ class UpdatePipeline:
         marks = [entry for entry in entries if isinstance(entry, DoneMark)]
         if not marks:
             return
+        if isinstance(error, RowRejected):
+            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
+            self._submit_done_marks([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+            return
         if error is not None:
             self._unmarked.extend(marks)  # kept out of refill until the database is back
             return
@@ -1842,14 +2013,11 @@ class UpdatePipeline:
             if self._unmarked:
                 retry, self._unmarked = self._unmarked, []
                 self._submit_done_marks(retry)
+            if self._recount_due or time.monotonic() - last_count > BACKLOG_RECOUNT_S:
+                last_count = time.monotonic()
+                await self._recount()
             if self._accepting and self.should_process:
                 await self._refill()
-            if time.monotonic() - last_count > BACKLOG_RECOUNT_S:  # counts what other instances stored too
-                last_count = time.monotonic()
-                try:
-                    self.backlog = await self.db.read(inbox_backlog)
-                except DatabaseUnavailable:
-                    pass
             if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()
                 await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
@@ -1867,12 +2035,35 @@ class UpdatePipeline:
                 self._overdue.add(task)
                 task.cancel()
 
+    async def _recount(self) -> None:
+        """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory.
+
+        Picks up what a previous run or another instance stored, and what a
+        lost database file left in its successor.
+        """
+        try:
+            rows = await self.db.read(inbox_unhandled)
+        except DatabaseUnavailable:
+            return
+        self._recount_due = False
+        self.backlog = len(rows)
+        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self._holds(update_id))
+        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
+            self._stored[chat_key] = max(self._stored[chat_key], count)
+        if waiting:
+            self._spilling = True
+
+    def _holds(self, update_id: int) -> bool:
+        """Whether the update is in memory, being admitted, or handled with its done mark on the way."""
+        return update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting
+
     async def _refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
         room = self.queue_size - len(self._in_memory)
         if room <= 0:
             return
         limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
+        spilled_before = self.stats.spilled
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -1882,21 +2073,30 @@ class UpdatePipeline:
             if taken == room:
                 more_left = True
                 break
-            # Checked now, not before the read: ids change hands while we wait.
-            if update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting:
+            if self._holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
+            if self._stored[chat_key] > 1:
+                self._stored[chat_key] -= 1
+            else:
+                self._stored.pop(chat_key, None)
             try:
-                update = json.loads(body)
-            except ValueError:
+                update = parse_update(body)
+            except HttpError:
                 self.stats.dropped += 1
                 self._submit_done_marks([DoneMark(update_id)])
                 continue
             self._enqueue(InboxItem(update_id, chat_key, update, body, received_at))
             taken += 1
-        self._spilling = more_left
+        if more_left:
+            self._spilling = True
+        elif self.stats.spilled == spilled_before:
+            # Every unhandled update was in this read and none spilled since: none waits outside memory.
+            self._spilling = False
+            self._stored.clear()
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
+        self._recount_due = True
         self._refill_wakeup.set()
 
     # -- shutdown and metrics ------------------------------------------------
@@ -2938,7 +3138,7 @@ class Generations:
 ALLOWED_UPDATES = ["message", "callback_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
-DB_RETRY_S = 2.0
+DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
 OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
 SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
@@ -3366,9 +3566,12 @@ class App:
                 await self._deactivate()
 
     async def _watch_database(self) -> None:
-        """Reopen an unusable database every few seconds and return to durable mode."""
+        """Notice the database file being deleted or replaced, even with no traffic, and reopen an
+        unusable database (a new file if the old one is gone) to return to durable mode."""
         while True:
             await asyncio.sleep(DB_RETRY_S)
+            if self.db.ok:
+                await self.db.verify()
             if not self.db.ok and await self.db.open():
                 log.warning("[DB] recovered; back to durable mode")
                 self.pipeline.wake()
@@ -3441,8 +3644,13 @@ class App:
             for update in updates or []:
                 if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
                     continue
-                body = json.dumps(update, ensure_ascii=False, separators=(",", ":")).encode()
-                if await self.pipeline.ingest(update, body) != 200:
+                body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
+                try:
+                    status = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
+                except HttpError as error:
+                    log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
+                    status = 400
+                if status == 503:
                     await asyncio.sleep(1.0)  # full: ask again later from this update on
                     break
                 offset = update["update_id"] + 1
@@ -3502,6 +3710,8 @@ class App:
         self.ack_seconds.observe(time.perf_counter() - started)
         if status == 200:
             return Response(200, OK_BODY, "application/json")
+        if status == 400:
+            return text_response(400, "update cannot be stored")
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
     async def on_kie_callback(self, request: Request) -> Response:
