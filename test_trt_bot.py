@@ -186,6 +186,13 @@ BAD_REQUESTS = [
     ("body over the limit", b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
     ("headers over the limit, head complete", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n", 431),
     ("headers over the limit, head unfinished", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000, 431),
+    # These used to raise UnicodeDecodeError (no answer, a traceback in the log) or wait 10 s for a 408.
+    ("non-ASCII byte in the target", b"GET /health\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("non-ASCII byte in the method", b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("bare LF request line", b"GET / HTTP/1.1\n\n", 400),
+    ("bare LF after a header", b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
+    ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nX: a\r\n\r\n", 400),
+    ("two Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
 ]
 
 
@@ -206,6 +213,40 @@ def test_request_parses_whole_or_one_byte_at_a_time(how):
     assert request.headers["host"] == "a"
 
 
+def test_bare_lf_is_refused_as_soon_as_it_arrives_not_after_a_blank_line():
+    parser = trt_bot.RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r")
+    assert parser.next_head() is None
+    parser.feed(b"\nHost: a\n")
+    with pytest.raises(trt_bot.HttpError) as caught:
+        parser.next_head()
+    assert caught.value.status == 400
+
+
+def test_http10_request_may_omit_host():
+    (request,) = parse_all(b"GET / HTTP/1.0\r\n\r\n")
+    assert request.version == "1.0"
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_head_comes_out_before_its_body_and_the_request_once_the_body_is_complete(how):
+    parser = trt_bot.RequestParser()
+    head, heads = GOOD[:-2], []
+    for piece in ([head[i:i + 1] for i in range(len(head))] if how == "bytewise" else [head]):
+        parser.feed(piece)
+        heads.append(parser.next_head())
+    assert heads[-1] is not None and not any(heads[:-1])
+    assert (heads[-1].path, heads[-1].content_length, heads[-1].body) == ("/x", 2, b"")
+    assert parser.next_request() is None
+    parser.feed(b"{}")
+    assert parser.next_request() is heads[-1] and heads[-1].body == b"{}"
+
+
+def test_undecodable_query_escapes_never_raise():
+    (request,) = parse_all(b"GET /x?token=%ff%fe&%=&a=%zz&&b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert request.query == {"token": "\ufffd\ufffd", "a": "%zz"}
+
+
 def test_pipelined_requests_come_out_one_per_call_and_partial_body_waits():
     requests = parse_all(GOOD + b"GET /h?token=abc HTTP/1.0\r\n\r\n" + GOOD[:-1])
     assert [r.path for r in requests] == ["/x", "/h"]
@@ -213,12 +254,12 @@ def test_pipelined_requests_come_out_one_per_call_and_partial_body_waits():
 
 
 def test_leading_empty_lines_and_repeated_equal_content_length_are_accepted():
-    (request,) = parse_all(b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi")
+    (request,) = parse_all(b"\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi")
     assert request.body == b"hi"
 
 
 def test_connection_close_and_http10_keep_alive_are_honoured():
-    (close,) = parse_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    (close,) = parse_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     (keep,) = parse_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert close.keep_alive is False and keep.keep_alive is True
 
@@ -248,13 +289,13 @@ async def test_two_pipelined_requests_on_one_connection_are_both_answered(make_a
 
 async def test_request_split_into_one_byte_writes_is_served(make_app):
     app = await make_app()
-    answer = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", chunk=1)
+    answer = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", chunk=1)
     assert answer.startswith(b"HTTP/1.1 200 OK")
 
 
 @pytest.mark.parametrize("data, status", [
-    (b"BREW /coffee HTTP/1.1\r\nConnection: close\r\n\r\n", b"404"),
-    (b"DELETE /health HTTP/1.1\r\nConnection: close\r\n\r\n", b"405"),
+    (b"BREW /coffee HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404"),
+    (b"DELETE /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
     (b"GET /x HTTP/1.1\r\nContent-Length: zz\r\n\r\n", b"400"),
     (b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", b"413"),
     (b"GET / HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
@@ -302,7 +343,7 @@ async def test_slowloris_client_is_cut_off_with_408():
 async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
     async with running_server(idle_timeout=0.2) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
         rest = await asyncio.wait_for(reader.read(), 5)  # EOF once the idle timeout passes
         assert first.startswith(b"HTTP/1.1 200") and rest == b""
@@ -312,7 +353,7 @@ async def test_connections_over_the_bound_get_503():
     async with running_server(max_connections=2) as (server, port):
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         await eventually(lambda: server.open_connections == 2)
-        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\n\r\n")
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503")
         for _, writer in held:
             writer.close()
@@ -323,7 +364,7 @@ async def test_a_handler_that_raises_gives_500_without_a_traceback():
         raise ValueError(f"secret detail {TOKEN}")
 
     async with running_server(broken) as (_, port):
-        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 500") and b"secret detail" not in answer
 
 

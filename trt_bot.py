@@ -314,10 +314,13 @@ MAX_BODY_BYTES = 1024 * 1024  # Telegram updates are a few KiB; Kie callbacks sm
 
 _TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _VALUE_CHARS = rb"[\t\x20-\x7e\x80-\xff]*"  # RFC 9110 field-value: VCHAR, SP, HTAB, obs-text
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([!-~]+) HTTP/([0-9])\.([0-9])")  # RFC 9112: ASCII only
 _HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN_CHARS + rb":" + _VALUE_CHARS + rb"\r\n)*")  # every line at once
 _HEADER_NAME = re.compile(_TOKEN_CHARS)
 _BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 2.2 lets a server accept a bare LF as a line end; we refuse it at once
+# rather than wait for a CRLF CRLF that never comes (the client would get 408 10 s later).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 STATUS_REASONS = {
@@ -355,6 +358,7 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     keep_alive: bool = True
+    content_length: int = 0  # what the head announced; ``body`` holds it once the request is complete
 
     @property
     def path(self) -> str:
@@ -362,25 +366,29 @@ class Request:
 
     @property
     def query(self) -> dict[str, str]:
+        """The query string's fields; %-escapes that are not UTF-8 come out as U+FFFD, never an error."""
         return dict(urllib.parse.parse_qsl(self.target.partition("?")[2]))
 
 
 class RequestParser:
     """Incremental HTTP/1.1 request parser.
 
-    ``feed()`` bytes as they arrive; ``next_request()`` returns a complete
-    Request, or None when more bytes are needed, or raises HttpError.  Several
-    pipelined requests in one feed come out one per call.  After an HttpError
-    the connection must be closed: the parser cannot know where the next
-    request starts.
+    ``feed()`` bytes as they arrive.  ``next_head()`` returns the request now
+    arriving as soon as its head (request line and headers) is complete, its
+    body still to come, so the server can judge it before reading the body;
+    ``next_request()`` returns the same Request once its body is complete too.
+    Both return None when more bytes are needed and raise HttpError for a
+    malformed head.  Several pipelined requests in one feed come out one per
+    call.  After an HttpError the connection must be closed: the parser cannot
+    know where the next request starts.
     """
 
     def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES):
         self.max_head = max_head
         self.max_body = max_body
         self._buffer = bytearray()
-        self._head: tuple[str, str, str, dict[str, str], bool] | None = None
-        self._body_length = 0
+        self._head: Request | None = None  # the request whose body is still arriving
+        self._scanned = 0  # bytes of an unfinished head already searched for its end and for bare LFs
 
     @property
     def has_partial_request(self) -> bool:
@@ -389,36 +397,44 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_request(self) -> Request | None:
-        if self._head is None and not self._parse_head():
-            return None
-        if len(self._buffer) < self._body_length:
-            return None
-        method, target, version, headers, keep_alive = self._head  # type: ignore[misc]
-        body = bytes(self._buffer[: self._body_length])
-        del self._buffer[: self._body_length]
-        self._head = None
-        return Request(method, target, version, headers, body, keep_alive)
+    def next_head(self) -> Request | None:
+        if self._head is None:
+            self._head = self._parse_head()
+        return self._head
 
-    def _parse_head(self) -> bool:
+    def next_request(self) -> Request | None:
+        request = self.next_head()
+        if request is None or len(self._buffer) < request.content_length:
+            return None
+        if request.content_length:
+            request.body = bytes(self._buffer[: request.content_length])
+            del self._buffer[: request.content_length]
+        self._head = None
+        return request
+
+    def _parse_head(self) -> Request | None:
         # RFC 9112 2.2: a server SHOULD ignore empty lines before a request line.
         while self._buffer[:2] == b"\r\n":
             del self._buffer[:2]
+            self._scanned = 0
         if self._buffer[:1] in (b"\x16", b"\x00"):
             raise HttpError(400, "not HTTP (TLS or binary data on a plain-text port)")
-        end = self._buffer.find(b"\r\n\r\n")
+        end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        if _BARE_LF.search(self._buffer, self._scanned, len(self._buffer) if end < 0 else end):
+            raise HttpError(400, "bare LF: lines must end with CRLF")
         if end < 0:
             if len(self._buffer) > self.max_head:
                 raise HttpError(431, "request headers too large")
-            return False
+            self._scanned = len(self._buffer)
+            return None
         if end > self.max_head:
             raise HttpError(431, "request headers too large")
         head = bytes(self._buffer[: end + 2])  # the request line and header lines, each with its CRLF
         del self._buffer[: end + 4]
-        self._head = self._parse_head_bytes(head)
-        return True
+        self._scanned = 0
+        return self._parse_head_bytes(head)
 
-    def _parse_head_bytes(self, head: bytes) -> tuple[str, str, str, dict[str, str], bool]:
+    def _parse_head_bytes(self, head: bytes) -> Request:
         line_end = head.find(b"\r\n")
         match = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if not match:
@@ -435,11 +451,16 @@ class RequestParser:
             name, _, value = line.partition(":")
             headers[name.lower()] = value.strip(" \t")
         headers.pop("", None)  # the empty line of a request without headers
-        self._body_length = self._body_length_from(headers, head)
+        content_length = self._body_length_from(headers, head)
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1 (HTTP/1.0 may omit it), else 400.
+        hosts = head.lower().count(b"\nhost:")
+        if hosts > 1 or (hosts == 0 and minor != b"0"):
+            raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
         version = "1.1" if minor == b"1" else f"1.{minor.decode()}"
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection if version == "1.1" else "keep-alive" in connection
-        return method.decode("ascii"), target.decode("ascii"), version, headers, keep_alive
+        return Request(method.decode("ascii"), target.decode("ascii"), version, headers, b"", keep_alive,
+                       content_length)
 
     def _body_length_from(self, headers: dict[str, str], head: bytes) -> int:
         length_text = headers.get("content-length")
