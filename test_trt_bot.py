@@ -327,6 +327,7 @@ HEAD_REFUSALS = [
     # (request target, extra header lines, status); each head announces a 1 MiB body that never comes
     ("{webhook}", "", b"401"),
     ("{webhook}", "X-Telegram-Bot-Api-Secret-Token: wrong\r\n", b"401"),
+    ("{webhook}", "X-Telegram-Bot-Api-Secret-Token: \u00ff\r\n", b"401"),
     ("/webhook/guess", "", b"401"),
     ("/nowhere", "", b"404"),
     ("/health", "", b"405"),
@@ -409,12 +410,16 @@ async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
 
 
 async def test_a_client_that_does_not_read_is_cut_after_the_write_timeout():
+    handled = []
+
     async def large(request: trt_bot.Request) -> trt_bot.Response:
+        handled.append(request)
         return trt_bot.Response(200, b"x" * 256 * 1024)
 
     async with running_server(large, write_timeout=0.3, request_timeout=60, idle_timeout=60) as (server, port):
         reader, writer = await open_non_reading_client(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-        await eventually(lambda: server.open_connections == 1)
+        await eventually(lambda: server.phase_counts()["writing"] == 1)
+        assert len(handled) < 100  # no further request is read while answers pile up unread
         await eventually(lambda: server.open_connections == 0)  # used to wait in drain() forever
         received = await asyncio.wait_for(read_until_closed(reader), 10)
         assert received < 100 * 256 * 1024

@@ -550,7 +550,7 @@ READ_CHUNK = 64 * 1024
 RETRY_LATER = (("Retry-After", "5"),)
 
 RequestHandler = Callable[[Request], Awaitable[Response]]
-HeadCheck = Callable[[Request], "Response | None"]
+HeadCheck = Callable[[Request], Response | None]
 
 # A connection's phases.  Each has a deadline the sweeper enforces (a handler's
 # is its own timer).  A newcomer to a full server evicts a closing connection
