@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -284,6 +285,13 @@ BAD_REQUESTS = [
     ("body over the limit", b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
     ("headers over the limit, head complete", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n", 431),
     ("headers over the limit, head unfinished", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000, 431),
+    # These used to raise UnicodeDecodeError (no answer, a traceback in the log) or wait 10 s for a 408.
+    ("non-ASCII byte in the target", b"GET /health\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("non-ASCII byte in the method", b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("bare LF request line", b"GET / HTTP/1.1\n\n", 400),
+    ("bare LF after a header", b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
+    ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nX: a\r\n\r\n", 400),
+    ("two Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
 ]
 
 
@@ -304,6 +312,40 @@ def test_request_parses_whole_or_one_byte_at_a_time(how):
     assert request.headers["host"] == "a"
 
 
+def test_bare_lf_is_refused_as_soon_as_it_arrives_not_after_a_blank_line():
+    parser = trt_bot.RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r")
+    assert parser.next_head() is None
+    parser.feed(b"\nHost: a\n")
+    with pytest.raises(trt_bot.HttpError) as caught:
+        parser.next_head()
+    assert caught.value.status == 400
+
+
+def test_http10_request_may_omit_host():
+    (request,) = parse_all(b"GET / HTTP/1.0\r\n\r\n")
+    assert request.version == "1.0"
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_head_comes_out_before_its_body_and_the_request_once_the_body_is_complete(how):
+    parser = trt_bot.RequestParser()
+    head, heads = GOOD[:-2], []
+    for piece in ([head[i:i + 1] for i in range(len(head))] if how == "bytewise" else [head]):
+        parser.feed(piece)
+        heads.append(parser.next_head())
+    assert heads[-1] is not None and not any(heads[:-1])
+    assert (heads[-1].path, heads[-1].content_length, heads[-1].body) == ("/x", 2, b"")
+    assert parser.next_request() is None
+    parser.feed(b"{}")
+    assert parser.next_request() is heads[-1] and heads[-1].body == b"{}"
+
+
+def test_undecodable_query_escapes_never_raise():
+    (request,) = parse_all(b"GET /x?token=%ff%fe&%=&a=%zz&&b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert request.query == {"token": "\ufffd\ufffd", "a": "%zz"}
+
+
 def test_pipelined_requests_come_out_one_per_call_and_partial_body_waits():
     requests = parse_all(GOOD + b"GET /h?token=abc HTTP/1.0\r\n\r\n" + GOOD[:-1])
     assert [r.path for r in requests] == ["/x", "/h"]
@@ -311,12 +353,12 @@ def test_pipelined_requests_come_out_one_per_call_and_partial_body_waits():
 
 
 def test_leading_empty_lines_and_repeated_equal_content_length_are_accepted():
-    (request,) = parse_all(b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi")
+    (request,) = parse_all(b"\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi")
     assert request.body == b"hi"
 
 
 def test_connection_close_and_http10_keep_alive_are_honoured():
-    (close,) = parse_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    (close,) = parse_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     (keep,) = parse_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert close.keep_alive is False and keep.keep_alive is True
 
@@ -346,23 +388,28 @@ async def test_two_pipelined_requests_on_one_connection_are_both_answered(make_a
 
 async def test_request_split_into_one_byte_writes_is_served(make_app):
     app = await make_app()
-    answer = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", chunk=1)
+    answer = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", chunk=1)
     assert answer.startswith(b"HTTP/1.1 200 OK")
 
 
 @pytest.mark.parametrize("data, status", [
-    (b"BREW /coffee HTTP/1.1\r\nConnection: close\r\n\r\n", b"404"),
-    (b"DELETE /health HTTP/1.1\r\nConnection: close\r\n\r\n", b"405"),
+    (b"BREW /coffee HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404"),
+    (b"DELETE /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
     (b"GET /x HTTP/1.1\r\nContent-Length: zz\r\n\r\n", b"400"),
     (b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", b"413"),
     (b"GET / HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"411"),
+    (b"GET /health\xff HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),  # used to get no answer and log a traceback
+    (b"GET / HTTP/1.1\n\n", b"400"),  # used to wait 10 s for a 408
+    (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 without Host
 ])
 async def test_bad_input_over_a_socket_gets_its_status_without_a_traceback(make_app, data, status):
     app = await make_app()
+    seen = len(ALL_RECORDS.records)
     answer = await raw_exchange(app.port, data)
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status
     assert b"Traceback" not in answer
+    assert not [formatted(r) for r in ALL_RECORDS.records[seen:] if r.levelno >= logging.ERROR]
 
 
 async def test_wrong_method_lists_allowed_ones_and_head_mirrors_get(make_app):
@@ -372,6 +419,40 @@ async def test_wrong_method_lists_allowed_ones_and_head_mirrors_get(make_app):
         head = await client.head("/health")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD"
     assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+
+
+HEAD_REFUSALS = [
+    # (request target, extra header lines, status); each head announces a 1 MiB body that never comes
+    ("{webhook}", "", b"401"),
+    ("{webhook}", "X-Telegram-Bot-Api-Secret-Token: wrong\r\n", b"401"),
+    ("{webhook}", "X-Telegram-Bot-Api-Secret-Token: \u00ff\r\n", b"401"),
+    ("/webhook/guess", "", b"401"),
+    ("/nowhere", "", b"404"),
+    ("/health", "", b"405"),
+    ("/callbacks/kie?token=wrong", "", b"401"),
+    ("/callbacks/kie?token=%ff%fe", "", b"401"),
+]
+
+
+@pytest.mark.parametrize("target, headers, status", HEAD_REFUSALS)
+async def test_a_wrong_route_or_secret_is_answered_from_the_head_without_reading_the_body(
+        make_app, target, headers, status):
+    app = await make_app()
+    head = (f"POST {target.format(webhook=app.config.webhook_path)} HTTP/1.1\r\nHost: x\r\n{headers}"
+            f"Content-Length: 1048576\r\n\r\n")
+    answer = await raw_exchange(app.port, head.encode())  # used to wait for the body, then 408
+    assert answer.split(b" ", 2)[1] == status and b"Connection: close" in answer
+
+
+async def test_diagnostics_with_a_wrong_or_undecodable_token_get_401(make_app):
+    app = await make_app(DIAG_TOKEN="diag-token-0123456789")
+    for head in (b"GET /diag/lock?token=%ff%fe HTTP/1.1\r\nHost: x\r\n",
+                 b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xe9t\xe9\r\n"):
+        answer = await raw_exchange(app.port, head + b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in answer
+    answer = await raw_exchange(app.port, b"GET /diag/lock?token=diag-token-0123456789 HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
 
 
 async def say_hi(request: trt_bot.Request) -> trt_bot.Response:
@@ -389,6 +470,26 @@ async def running_server(handler=say_hi, **limits):
         await server.close()
 
 
+async def open_non_reading_client(port: int, requests: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a tiny receive window that sends ``requests`` (pipelined) and never reads the answers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(requests)
+    return reader, writer
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> int:
+    """How many bytes arrive before the server closes or resets the connection."""
+    received = 0
+    with contextlib.suppress(ConnectionResetError):
+        while data := await reader.read(1 << 20):
+            received += len(data)
+    return received
+
+
 async def test_slowloris_client_is_cut_off_with_408():
     async with running_server(request_timeout=0.3, idle_timeout=5) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -400,20 +501,122 @@ async def test_slowloris_client_is_cut_off_with_408():
 async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
     async with running_server(idle_timeout=0.2) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
         rest = await asyncio.wait_for(reader.read(), 5)  # EOF once the idle timeout passes
         assert first.startswith(b"HTTP/1.1 200") and rest == b""
 
 
-async def test_connections_over_the_bound_get_503():
-    async with running_server(max_connections=2) as (server, port):
+async def test_a_client_that_does_not_read_is_cut_after_the_write_timeout():
+    handled = []
+
+    async def large(request: trt_bot.Request) -> trt_bot.Response:
+        handled.append(request)
+        return trt_bot.Response(200, b"x" * 256 * 1024)
+
+    async with running_server(large, write_timeout=0.3, request_timeout=60, idle_timeout=60) as (server, port):
+        reader, writer = await open_non_reading_client(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        await eventually(lambda: server.phase_counts()["writing"] == 1)
+        assert len(handled) < 100  # no further request is read while answers pile up unread
+        await eventually(lambda: server.open_connections == 0)  # used to wait in drain() forever
+        received = await asyncio.wait_for(read_until_closed(reader), 10)
+        assert received < 100 * 256 * 1024
+        writer.close()
+
+
+async def test_clients_that_do_not_read_cannot_starve_the_webhook(make_app, fake_tg):
+    app = await make_app()
+    app.server.max_connections, app.server.max_unsent = 3, 1024
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    clients = [await open_non_reading_client(app.port, health * 20000) for _ in range(3)]
+    await eventually(lambda: app.server.phase_counts()["writing"] == 3)  # each stalled on answers it does not read
+    response = await post_update(app, update_message(1, 42, "/start"))  # used to get 503: no place left
+    assert response.status_code == 200
+    for _, writer in clients:
+        writer.transport.abort()
+
+
+async def test_a_newcomer_to_a_full_server_evicts_the_longest_idle_connection():
+    async with running_server(max_connections=2) as (_, port):
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-        await eventually(lambda: server.open_connections == 2)
-        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 503")
+        for reader, writer in held:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")  # used to be 503
+        (oldest_reader, _), (newer_reader, newer_writer) = held
+        assert await asyncio.wait_for(oldest_reader.read(), 5) == b""
+        newer_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(newer_reader.readuntil(b"hi\n"), 5)).startswith(b"HTTP/1.1 200")
         for _, writer in held:
             writer.close()
+
+
+async def test_a_full_server_refuses_with_503_only_when_every_connection_is_mid_request():
+    entered, release = [], asyncio.Event()
+
+    async def slow(request: trt_bot.Request) -> trt_bot.Response:
+        entered.append(request)
+        await release.wait()
+        return trt_bot.text_response(200, "late")
+
+    async with running_server(slow, max_connections=2) as (_, port):
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for _, writer in held:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: len(entered) == 2)
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
+        release.set()
+        for reader, writer in held:
+            assert (await asyncio.wait_for(reader.readuntil(b"late\n"), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+
+async def test_request_bodies_held_in_memory_are_bounded_across_connections():
+    post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n"
+    async with running_server(max_buffered_body=100) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post + b"\r\n")  # its body is still to come
+        await eventually(lambda: server.buffered_body == 60)
+        answer = await raw_exchange(port, post + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
+        writer.write(b"x" * 60)
+        assert (await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)).startswith(b"HTTP/1.1 200")
+        await eventually(lambda: server.buffered_body == 0)
+        answer = await raw_exchange(port, post + b"Connection: close\r\n\r\n" + b"x" * 60)
+        assert answer.startswith(b"HTTP/1.1 200")
+        writer.close()
+
+
+async def test_closing_the_server_ends_every_connection_quietly():
+    entered, never = [], asyncio.Event()
+
+    async def stuck(request: trt_bot.Request) -> trt_bot.Response:
+        entered.append(request)
+        await never.wait()
+        return trt_bot.text_response(200, "never")
+
+    seen = len(ALL_RECORDS.records)
+    server = trt_bot.HttpServer(stuck, max_connections=1)
+    port = await server.start("127.0.0.1", 0)
+    _, busy = await asyncio.open_connection("127.0.0.1", port)
+    busy.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: entered)
+    tasks_before = len(asyncio.all_tasks())
+    _, refused = await asyncio.open_connection("127.0.0.1", port)  # over the bound, sends nothing
+    await eventually(lambda: len(asyncio.all_tasks()) > tasks_before)
+    await server.close(grace=0.2)
+    # What the event loop's shutdown does to tasks still running: used to log CancelledError tracebacks.
+    leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert not [formatted(r) for r in ALL_RECORDS.records[seen:] if r.levelno >= logging.ERROR]
+    assert not leftovers
+    busy.close()
+    refused.close()
 
 
 async def test_a_handler_that_raises_gives_500_without_a_traceback():
@@ -421,8 +624,17 @@ async def test_a_handler_that_raises_gives_500_without_a_traceback():
         raise ValueError(f"secret detail {TOKEN}")
 
     async with running_server(broken) as (_, port):
-        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 500") and b"secret detail" not in answer
+
+
+async def test_a_handler_that_overruns_its_deadline_gets_503():
+    async def hanging(request):
+        await asyncio.Event().wait()
+
+    async with running_server(hanging, handler_timeout=0.2) as (_, port):
+        answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
 
 
 ###############################################################################

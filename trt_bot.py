@@ -365,10 +365,13 @@ MAX_BODY_BYTES = 1024 * 1024  # Telegram updates are a few KiB; Kie callbacks sm
 
 _TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _VALUE_CHARS = rb"[\t\x20-\x7e\x80-\xff]*"  # RFC 9110 field-value: VCHAR, SP, HTAB, obs-text
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb") ([!-~]+) HTTP/([0-9])\.([0-9])")  # RFC 9112: ASCII only
 _HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN_CHARS + rb":" + _VALUE_CHARS + rb"\r\n)*")  # every line at once
 _HEADER_NAME = re.compile(_TOKEN_CHARS)
 _BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 2.2 lets a server accept a bare LF as a line end; we refuse it at once
+# rather than wait for a CRLF CRLF that never comes (the client would get 408 10 s later).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 STATUS_REASONS = {
@@ -406,6 +409,7 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     keep_alive: bool = True
+    content_length: int = 0  # what the head announced; ``body`` holds it once the request is complete
 
     @property
     def path(self) -> str:
@@ -413,25 +417,29 @@ class Request:
 
     @property
     def query(self) -> dict[str, str]:
+        """The query string's fields; %-escapes that are not UTF-8 come out as U+FFFD, never an error."""
         return dict(urllib.parse.parse_qsl(self.target.partition("?")[2]))
 
 
 class RequestParser:
     """Incremental HTTP/1.1 request parser.
 
-    ``feed()`` bytes as they arrive; ``next_request()`` returns a complete
-    Request, or None when more bytes are needed, or raises HttpError.  Several
-    pipelined requests in one feed come out one per call.  After an HttpError
-    the connection must be closed: the parser cannot know where the next
-    request starts.
+    ``feed()`` bytes as they arrive.  ``next_head()`` returns the request now
+    arriving as soon as its head (request line and headers) is complete, its
+    body still to come, so the server can judge it before reading the body;
+    ``next_request()`` returns the same Request once its body is complete too.
+    Both return None when more bytes are needed and raise HttpError for a
+    malformed head.  Several pipelined requests in one feed come out one per
+    call.  After an HttpError the connection must be closed: the parser cannot
+    know where the next request starts.
     """
 
     def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES):
         self.max_head = max_head
         self.max_body = max_body
         self._buffer = bytearray()
-        self._head: tuple[str, str, str, dict[str, str], bool] | None = None
-        self._body_length = 0
+        self._head: Request | None = None  # the request whose body is still arriving
+        self._scanned = 0  # bytes of an unfinished head already searched for its end and for bare LFs
 
     @property
     def has_partial_request(self) -> bool:
@@ -440,36 +448,44 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_request(self) -> Request | None:
-        if self._head is None and not self._parse_head():
-            return None
-        if len(self._buffer) < self._body_length:
-            return None
-        method, target, version, headers, keep_alive = self._head  # type: ignore[misc]
-        body = bytes(self._buffer[: self._body_length])
-        del self._buffer[: self._body_length]
-        self._head = None
-        return Request(method, target, version, headers, body, keep_alive)
+    def next_head(self) -> Request | None:
+        if self._head is None:
+            self._head = self._parse_head()
+        return self._head
 
-    def _parse_head(self) -> bool:
+    def next_request(self) -> Request | None:
+        request = self.next_head()
+        if request is None or len(self._buffer) < request.content_length:
+            return None
+        if request.content_length:
+            request.body = bytes(self._buffer[: request.content_length])
+            del self._buffer[: request.content_length]
+        self._head = None
+        return request
+
+    def _parse_head(self) -> Request | None:
         # RFC 9112 2.2: a server SHOULD ignore empty lines before a request line.
         while self._buffer[:2] == b"\r\n":
             del self._buffer[:2]
+            self._scanned = 0
         if self._buffer[:1] in (b"\x16", b"\x00"):
             raise HttpError(400, "not HTTP (TLS or binary data on a plain-text port)")
-        end = self._buffer.find(b"\r\n\r\n")
+        end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        if _BARE_LF.search(self._buffer, self._scanned, len(self._buffer) if end < 0 else end):
+            raise HttpError(400, "bare LF: lines must end with CRLF")
         if end < 0:
             if len(self._buffer) > self.max_head:
                 raise HttpError(431, "request headers too large")
-            return False
+            self._scanned = len(self._buffer)
+            return None
         if end > self.max_head:
             raise HttpError(431, "request headers too large")
         head = bytes(self._buffer[: end + 2])  # the request line and header lines, each with its CRLF
         del self._buffer[: end + 4]
-        self._head = self._parse_head_bytes(head)
-        return True
+        self._scanned = 0
+        return self._parse_head_bytes(head)
 
-    def _parse_head_bytes(self, head: bytes) -> tuple[str, str, str, dict[str, str], bool]:
+    def _parse_head_bytes(self, head: bytes) -> Request:
         line_end = head.find(b"\r\n")
         match = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if not match:
@@ -486,11 +502,16 @@ class RequestParser:
             name, _, value = line.partition(":")
             headers[name.lower()] = value.strip(" \t")
         headers.pop("", None)  # the empty line of a request without headers
-        self._body_length = self._body_length_from(headers, head)
+        content_length = self._body_length_from(headers, head)
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1 (HTTP/1.0 may omit it), else 400.
+        hosts = head.lower().count(b"\nhost:")
+        if hosts > 1 or (hosts == 0 and minor != b"0"):
+            raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
         version = "1.1" if minor == b"1" else f"1.{minor.decode()}"
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection if version == "1.1" else "keep-alive" in connection
-        return method.decode("ascii"), target.decode("ascii"), version, headers, keep_alive
+        return Request(method.decode("ascii"), target.decode("ascii"), version, headers, b"", keep_alive,
+                       content_length)
 
     def _body_length_from(self, headers: dict[str, str], head: bytes) -> int:
         length_text = headers.get("content-length")
@@ -561,65 +582,104 @@ def render_response(response: Response, keep_alive: bool = True, head_only: bool
 
 ###############################################################################
 # 4. HTTP server
-#    Owns sockets: reading with timeouts, bounding connections, writing
-#    responses.  What a request means is the application's business (section 9).
+#    Owns sockets: reading and writing under a deadline in every phase of a
+#    connection, bounding connections (evicting idle and stalled ones first),
+#    pipelining and the request bodies held in memory.  What a request means is
+#    the application's business (section 11); it judges each request's head
+#    before the body is read.
 ###############################################################################
 
 IDLE_TIMEOUT_S = 75.0  # keep-alive connections Telegram reuses; nginx's default is 75 s
 REQUEST_TIMEOUT_S = 10.0  # a whole request head and body must arrive within this (slowloris)
+HANDLER_TIMEOUT_S = 60.0  # longer than every handler's own deadlines (a Bot API read times out at 30 s)
+WRITE_TIMEOUT_S = 10.0  # a stalled response must drain within this (nginx's send_timeout is 60 s)
+LINGER_S = 1.0  # a closing connection's time for its last bytes to leave, a turned-away one's to read its 503
 MAX_CONNECTIONS = 1000  # Telegram uses at most 100 (max_connections); the rest is ops and Kie
+MAX_UNSENT_BYTES = 64 * 1024  # per connection; past it no further request is read until the peer reads
+MAX_BUFFERED_BODY_BYTES = 32 * 1024 * 1024  # every connection's bodies together: 32 of the largest allowed
 READ_CHUNK = 64 * 1024
+RETRY_LATER = (("Retry-After", "5"),)
 
 RequestHandler = Callable[[Request], Awaitable[Response]]
+HeadCheck = Callable[[Request], Response | None]
+
+# A connection's phases.  Each has a deadline the sweeper enforces (a handler's
+# is its own timer).  A newcomer to a full server evicts a closing connection
+# first, then an idle one or one stalled on a peer that does not read, never one
+# in the middle of a request.
+PHASES = IDLE, READING, HANDLING, WRITING, CLOSING = "idle", "reading", "handling", "writing", "closing"
+EVICTABLE_PHASES = frozenset({IDLE, WRITING})
+REQUEST_TIMEOUT_RESPONSE = render_response(text_response(408, "request not received in time"), keep_alive=False)
 
 
 class _Connection:
-    """A served connection's read deadline, enforced by HttpServer's sweeper."""
+    """A served connection: what it is doing and the deadline by which it must be done."""
 
-    __slots__ = ("writer", "deadline", "idle")
+    __slots__ = ("writer", "phase", "deadline", "counted")
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
-        self.deadline = math.inf  # no deadline while a handler runs
-        self.idle = True  # between requests (as opposed to in the middle of one)
-
-    def expire(self) -> None:
-        """Cut the connection; a request that trickled in too slowly gets a 408 first."""
+        self.phase = IDLE
         self.deadline = math.inf
-        if not self.idle:
-            self.writer.write(render_response(text_response(408, "request not received in time"), keep_alive=False))
-        self.writer.close()  # the pending read sees end of stream and the connection ends
+        self.counted = False  # holds one of the server's max_connections places (until it is cut or ends)
 
 
 class HttpServer:
     """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
 
-    ``handler`` turns a Request into a Response; if it raises, the client gets
-    a 500 with no detail and the error is logged.  One sweeper task enforces
-    every connection's read deadline (idle between requests, or a request that
-    trickles in), so a read costs no timer of its own.
+    ``check_head`` judges a request from its head alone: a Response it returns
+    is sent at once and the body is never read (if one was announced, the
+    connection then closes: the body may still be on its way).  ``handler``
+    turns a complete Request into a Response; if it raises, the client gets a
+    500 with no detail and the error is logged; if it takes over
+    ``handler_timeout``, a 503.
+
+    Every phase of a connection has a deadline: idle between requests, reading
+    a request, handling it, writing a response the peer does not read, closing.
+    One sweeper task enforces them (the handler's is its own timer), so a read
+    or a write costs no timer of its own.  At ``max_connections`` a newcomer
+    evicts a closing connection, else the one idle or stalled longest; only
+    when every connection is in the middle of a request is it refused with 503.
+    Request bodies held in memory total at most ``max_buffered_body`` bytes; a
+    request that would pass that gets 503.
     """
 
     def __init__(
         self,
         handler: RequestHandler,
         *,
+        check_head: HeadCheck | None = None,
         idle_timeout: float = IDLE_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
+        handler_timeout: float = HANDLER_TIMEOUT_S,
+        write_timeout: float = WRITE_TIMEOUT_S,
+        linger: float = LINGER_S,
         max_connections: int = MAX_CONNECTIONS,
+        max_unsent: int = MAX_UNSENT_BYTES,
+        max_buffered_body: int = MAX_BUFFERED_BODY_BYTES,
         max_head: int = MAX_HEAD_BYTES,
         max_body: int = MAX_BODY_BYTES,
     ):
         self.handler = handler
+        self.check_head = check_head
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
+        self.handler_timeout = handler_timeout
+        self.write_timeout = write_timeout
+        self.linger = linger
         self.max_connections = max_connections
+        self.max_unsent = max_unsent
+        self.max_buffered_body = max_buffered_body
         self.max_head = max_head
         self.max_body = max_body
-        self.open_connections = 0
+        self.open_connections = 0  # connections holding a place
+        self.buffered_body = 0  # body bytes reserved by the requests being read or handled
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
         self._connections: dict[asyncio.Task, _Connection] = {}
+        # Connections a newcomer may evict, oldest first (in the order they entered their phase):
+        self._leaving: dict[_Connection, None] = {}  # closing, still holding a place
+        self._evictable: dict[_Connection, None] = {}  # idle, or writing to a peer that does not read
         self._sweeper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -629,111 +689,216 @@ class HttpServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting; close idle connections; give busy ones ``grace`` seconds, then cut them."""
+        """Stop accepting; close idle connections; give the others ``grace`` seconds, then cut them.
+
+        Every connection has ended when this returns, so the event loop's
+        shutdown finds none to cancel.
+        """
         self.closing = True
         if self._server is not None:
             self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for connection in self._connections.values():
-            if connection.idle:
-                connection.writer.close()
+        for connection in [c for c in self._connections.values() if c.phase == IDLE]:
+            self._cut(connection)
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=grace)
             for task in pending:
+                self._connections[task].writer.transport.abort()
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
+
+    def phase_counts(self) -> dict[str, int]:
+        """How many connections are in each phase (every phase listed)."""
+        counts = dict.fromkeys(PHASES, 0)
+        for connection in self._connections.values():
+            counts[connection.phase] += 1
+        return counts
 
     async def _sweep_forever(self) -> None:
-        interval = min(1.0, self.request_timeout / 4, self.idle_timeout / 4)
+        interval = min(1.0, self.request_timeout / 4, self.idle_timeout / 4, self.write_timeout / 4,
+                       self.linger / 4)
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for connection in [c for c in self._connections.values() if c.deadline < now]:
-                connection.expire()
+                self._cut(connection)
+
+    def _enter(self, connection: _Connection, phase: str, timeout: float) -> None:
+        connection.phase = phase
+        connection.deadline = time.monotonic() + timeout
+        self._evictable.pop(connection, None)
+        self._leaving.pop(connection, None)
+        if phase in EVICTABLE_PHASES:
+            self._evictable[connection] = None
+        elif phase == CLOSING and connection.counted:
+            self._leaving[connection] = None
+
+    def _free_place(self, connection: _Connection) -> None:
+        if connection.counted:
+            connection.counted = False
+            self.open_connections -= 1
+
+    def _cut(self, connection: _Connection, evict: bool = False) -> None:
+        """End a connection whose deadline passed, or evict one; either way its place is free at once.
+
+        A request that trickled in too slowly gets a 408 first.  An evicted
+        connection, one stalled writing or one still closing is reset: a polite
+        close would wait for the peer to read.
+        """
+        if evict or connection.phase in (WRITING, CLOSING):
+            connection.writer.transport.abort()
+        else:
+            if connection.phase == READING:
+                connection.writer.write(REQUEST_TIMEOUT_RESPONSE)
+            connection.writer.close()  # the pending read sees end of stream and the connection ends
+        self._free_place(connection)
+        self._enter(connection, CLOSING, self.linger)
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may be served: a place is free, or one was freed by
+        evicting a closing connection, else the one idle or stalled longest."""
+        if self.open_connections < self.max_connections:
+            return True
+        victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
+        if victim is None:
+            return False
+        self._cut(victim, evict=True)
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if self.open_connections >= self.max_connections:
-            await self._refuse(reader, writer)
-            return
-        self.open_connections += 1
         connection = self._connections[task] = _Connection(writer)  # type: ignore[index]
-        sock = writer.get_extra_info("socket")
+        try:
+            try:
+                if self._make_room():
+                    connection.counted = True
+                    self.open_connections += 1
+                    await self._serve_requests(reader, connection)
+                else:
+                    await self._turn_away(connection)
+            finally:
+                await self._finish(connection)
+        except (OSError, asyncio.CancelledError):
+            pass  # the peer went away, or the server is shutting down: nothing to report
+        finally:
+            self._free_place(connection)
+            self._evictable.pop(connection, None)
+            self._leaving.pop(connection, None)
+            del self._connections[task]  # type: ignore[arg-type]
+
+    async def _serve_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
+        sock = connection.writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await self._serve_requests(reader, writer, connection)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self.open_connections -= 1
-            del self._connections[task]  # type: ignore[arg-type]
-            await _close_writer(writer)
-
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """503 for a connection over the bound.  The request is read first (briefly):
-        closing a socket with unread data makes the kernel send RST, and the
-        client would see a reset instead of the 503."""
-        try:
-            async with asyncio.timeout(1.0):
-                await reader.read(READ_CHUNK)
-        except (TimeoutError, ConnectionError):
-            pass
-        writer.write(render_response(text_response(503, "too many connections"), keep_alive=False))
-        await _close_writer(writer)
-
-    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                              connection: _Connection) -> None:
+        connection.writer.transport.set_write_buffer_limits(high=self.max_unsent)
         parser = RequestParser(self.max_head, self.max_body)
-        while True:
-            try:
-                request = await self._read_request(reader, parser, connection)
-            except HttpError as error:
-                writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
-                return
-            if request is None:
-                return
-            try:
-                response = await self.handler(request)
-            except Exception:
-                log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
-                response = text_response(500, "internal error")
-            keep_alive = request.keep_alive and not self.closing
-            writer.write(render_response(response, keep_alive, request.method == "HEAD"))
-            if writer.transport.get_write_buffer_size() > READ_CHUNK:
-                await writer.drain()
-            if not keep_alive:
-                await writer.drain()
-                return
+        while await self._serve_one(reader, parser, connection):
+            pass
 
-    async def _read_request(self, reader: asyncio.StreamReader, parser: RequestParser,
-                            connection: _Connection) -> Request | None:
-        """The next request, or None when the peer closed or the sweeper cut the connection."""
-        connection.idle = not parser.has_partial_request
-        timeout = self.idle_timeout if connection.idle else self.request_timeout
-        connection.deadline = time.monotonic() + timeout
-        while (request := parser.next_request()) is None:
-            if connection.idle and self.closing:
+    async def _serve_one(self, reader: asyncio.StreamReader, parser: RequestParser,
+                         connection: _Connection) -> bool:
+        """Read, judge, handle and answer one request; False when the connection is done."""
+        if parser.has_partial_request:
+            self._enter(connection, READING, self.request_timeout)
+        else:
+            self._enter(connection, IDLE, self.idle_timeout)
+        try:
+            head = await self._read(reader, parser, parser.next_head, connection)
+        except HttpError as error:
+            connection.writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
+            return False
+        if head is None:
+            return False
+        refusal = self.check_head(head) if self.check_head is not None else None
+        if refusal is None and head.content_length > self.max_buffered_body - self.buffered_body:
+            refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
+        if refusal is not None:
+            if head.content_length:  # unread, perhaps still arriving: answer and close
+                connection.writer.write(render_response(refusal, keep_alive=False))
+                return False
+            parser.next_request()  # a head without a body is the whole request
+            return await self._respond(connection, head, refusal)
+        self.buffered_body += head.content_length
+        try:
+            request = await self._read(reader, parser, parser.next_request, connection)
+            if request is None:
+                return False
+            response = await self._handle(request, connection)
+        finally:
+            self.buffered_body -= head.content_length
+        return await self._respond(connection, request, response)
+
+    async def _read(self, reader: asyncio.StreamReader, parser: RequestParser,
+                    step: Callable[[], Request | None], connection: _Connection) -> Request | None:
+        """step()'s first answer, reading as needed; None when the peer closed or the connection was cut."""
+        while (result := step()) is None:
+            if connection.phase == IDLE and self.closing:
                 return None
             data = await reader.read(READ_CHUNK)
-            if not data:
-                return None  # closed (by the peer or the sweeper), possibly mid-request
-            if connection.idle:
-                connection.idle = False
-                connection.deadline = time.monotonic() + self.request_timeout
+            if not data or connection.phase == CLOSING:
+                return None
+            if connection.phase == IDLE:
+                self._enter(connection, READING, self.request_timeout)
             parser.feed(data)
-        connection.idle, connection.deadline = False, math.inf
-        return request
+        return result
 
+    async def _handle(self, request: Request, connection: _Connection) -> Response:
+        self._enter(connection, HANDLING, math.inf)  # bounded by the handler's own timer, below
+        deadline = asyncio.timeout(self.handler_timeout)
+        try:
+            async with deadline:
+                return await self.handler(request)
+        except Exception:
+            if deadline.expired():
+                log.warning("[HTTP] handler for %s %s took over %gs", request.method, request.path,
+                            self.handler_timeout)
+                return text_response(503, "the answer took too long", RETRY_LATER)
+            log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
+            return text_response(500, "internal error")
 
-async def _close_writer(writer: asyncio.StreamWriter) -> None:
-    try:
-        writer.close()
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
-    except (ConnectionError, TimeoutError, asyncio.CancelledError, OSError):
-        pass
+    async def _respond(self, connection: _Connection, request: Request, response: Response) -> bool:
+        """Send a response; True when the connection stays open for the next request.
+
+        While more than ``max_unsent`` bytes wait for the peer to read, no
+        further request is read; they must drain within ``write_timeout``.
+        """
+        writer = connection.writer
+        if writer.transport.is_closing():
+            return False  # the peer is gone; pipelined requests still parsed get no answer
+        keep_alive = request.keep_alive and not self.closing
+        writer.write(render_response(response, keep_alive, request.method == "HEAD"))
+        if not keep_alive:
+            self._enter(connection, CLOSING, self.write_timeout)  # the last bytes get the write timeout
+            return False
+        if writer.transport.get_write_buffer_size() > self.max_unsent:
+            self._enter(connection, WRITING, self.write_timeout)
+            await writer.drain()
+            return connection.phase == WRITING  # not cut meanwhile
+        return True
+
+    async def _turn_away(self, connection: _Connection) -> None:
+        """503 for a connection over the bound, closed after ``linger`` without reading anything.
+
+        Closing at once would reset the request the client is sending, and
+        the reset can reach it before the 503; nothing is read, so waiting
+        costs no memory.
+        """
+        writer = connection.writer
+        writer.transport.pause_reading()
+        writer.write(render_response(text_response(503, "too many connections", RETRY_LATER), keep_alive=False))
+        writer.write_eof()
+        self._enter(connection, CLOSING, self.linger)
+        await writer.wait_closed()  # the sweeper closes it at the deadline
+
+    async def _finish(self, connection: _Connection) -> None:
+        """Close; unsent bytes have until the closing phase's deadline to leave, then the sweeper resets."""
+        if connection.phase != CLOSING:
+            self._enter(connection, CLOSING, self.linger)
+        connection.writer.close()
+        await connection.writer.wait_closed()
 
 
 ###############################################################################
@@ -3462,16 +3627,23 @@ class App:
         self.generation_seconds = Histogram(GENERATION_BUCKETS)
         self.pipeline.on_handled = self.handling_seconds.observe
         self.generations.on_finished = lambda job, seconds: self.generation_seconds.observe(seconds)
-        self.server = HttpServer(self.handle_request)
+        self.server = HttpServer(self.handle_request, check_head=self.check_head)
         self.routes: dict[str, dict[str, RequestHandler]] = {
             config.webhook_path: {"POST": self.on_webhook},
             "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
             "/health": {"GET": self.on_health},
-            "/diag/webhook": {"GET": self.guarded(self.on_diag_webhook)},
-            "/diag/lock": {"GET": self.guarded(self.on_diag_lock)},
-            "/metrics": {"GET": self.guarded(self.on_metrics)},
+            "/diag/webhook": {"GET": self.on_diag_webhook},
+            "/diag/lock": {"GET": self.on_diag_lock},
+            "/metrics": {"GET": self.on_metrics},
             "/": {"GET": self.on_root},
         }
+        # What a request must carry, by path: judged from its head, before the body is read.
+        self.guards: dict[str, HeadCheck] = {
+            config.webhook_path: self._require_webhook_secret,
+            "/" + config.kie_callback_path: self._require_callback_token,
+        }
+        if config.diag_token:
+            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), self._require_diag_token))
         self._webhook_secret = config.webhook_secret.encode()
         self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S)
         self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
@@ -3667,8 +3839,23 @@ class App:
 
     # -- HTTP routes -----------------------------------------------------------
 
+    def check_head(self, request: Request) -> Response | None:
+        """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
+        verdict = self._route(request)
+        return verdict if isinstance(verdict, Response) else None
+
     async def handle_request(self, request: Request) -> Response:
-        """Route a request; the one place an HttpError becomes a response."""
+        """Route a complete request; the one place an HttpError becomes a response."""
+        verdict = self._route(request)
+        if isinstance(verdict, Response):
+            return verdict
+        try:
+            return await verdict(request)
+        except HttpError as error:
+            return text_response(error.status, error.reason)
+
+    def _route(self, request: Request) -> RequestHandler | Response:
+        """The handler for a request, or the refusal its head alone earns (path, method, secret)."""
         methods = self.routes.get(request.path)
         if methods is None:
             if request.path.startswith("/webhook/"):
@@ -3678,31 +3865,32 @@ class App:
         if handler is None:
             allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
             return text_response(405, "method not allowed", (("Allow", allow),))
-        try:
-            return await handler(request)
-        except HttpError as error:
-            return text_response(error.status, error.reason)
+        guard = self.guards.get(request.path)
+        refusal = guard(request) if guard is not None else None
+        return handler if refusal is None else refusal
 
-    def guarded(self, handler: RequestHandler) -> RequestHandler:
-        """With DIAG_TOKEN set, require it as a Bearer token or ?token=."""
-        if not self.config.diag_token:
-            return handler
-        expected = self.config.diag_token.encode()
+    def _require_webhook_secret(self, request: Request) -> Response | None:
+        given = request.headers.get("x-telegram-bot-api-secret-token", "").encode()
+        if hmac.compare_digest(given, self._webhook_secret):
+            return None
+        return text_response(401, "wrong secret token")
 
-        async def check_token(request: Request) -> Response:
-            authorization = request.headers.get("authorization", "")
-            given = authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
-            if not hmac.compare_digest(given.encode(), expected):
-                return text_response(401, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))
-            return await handler(request)
+    def _require_callback_token(self, request: Request) -> Response | None:
+        given = request.query.get("token", "").encode()
+        if hmac.compare_digest(given, self.config.kie_callback_token.encode()):
+            return None
+        return text_response(401, "wrong callback token")
 
-        return check_token
+    def _require_diag_token(self, request: Request) -> Response | None:
+        """Diagnostics with DIAG_TOKEN set: the token as a Bearer token or ?token=."""
+        authorization = request.headers.get("authorization", "")
+        given = authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
+        if hmac.compare_digest(given.encode(), self.config.diag_token.encode()):
+            return None
+        return text_response(401, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))
 
     async def on_webhook(self, request: Request) -> Response:
         started = time.perf_counter()
-        given = request.headers.get("x-telegram-bot-api-secret-token", "").encode()
-        if not hmac.compare_digest(given, self._webhook_secret):
-            return text_response(401, "wrong secret token")
         update = parse_update(request.body)
         if self.stopping:
             return text_response(503, "shutting down", (("Retry-After", "5"),))
@@ -3715,10 +3903,7 @@ class App:
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
     async def on_kie_callback(self, request: Request) -> Response:
-        """Kie's completion callback: the URL token always, the HMAC signature when configured."""
-        token = request.query.get("token", "").encode()
-        if not hmac.compare_digest(token, self.config.kie_callback_token.encode()):
-            return text_response(401, "wrong callback token")
+        """Kie's completion callback; its URL token was checked from the head, the HMAC signature is here."""
         try:
             body = json.loads(request.body)
         except (ValueError, UnicodeDecodeError):
@@ -3812,6 +3997,8 @@ class App:
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.", [("", {}, self.active)]),
             ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, self.server.open_connections)]),
+            ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
+             [("", {"phase": phase}, n) for phase, n in self.server.phase_counts().items()]),
             ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, time.monotonic() - self.started_at)]),
             ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
              self.ack_seconds.samples()),
