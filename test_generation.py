@@ -788,6 +788,15 @@ async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_ap
     assert never_retrieved(unretrieved_task_errors) == []
 
 
+async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkeypatch, caplog):
+    def broken(self, now):
+        raise RuntimeError("a bug in the poller")
+
+    monkeypatch.setattr(trt_bot.Generations, "_retry_deliveries", broken)
+    await make_app(**gen_env(fake_kie))
+    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-poller failed"])
+
+
 async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
                                                                        tmp_path):
     # "succeeded" used to have no timeout: sendPhoto was retried every 30 s forever.
@@ -827,6 +836,19 @@ async def test_a_job_past_its_delivery_budget_at_restart_is_told_and_finished_no
     assert "отправить её не удалось" in fake_tg.texts_to(91)[0] and fake_tg.calls_of("sendPhoto") == []
     await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
     assert not app.generations.jobs
+
+
+async def test_a_failure_already_shown_before_a_restart_is_not_sent_again(make_app, fake_tg, fake_kie, tmp_path):
+    # The ⏳ message already said why; re-editing it gets "message is not modified", which used to add a new message.
+    store_job(str(tmp_path / "bot.sqlite3"), trt_bot.Job(
+        "00112233aabbcc02", 95, 95, "ru", "zimage", "маяк", "1:1", state="failed", outcome="failed", error="busy",
+        status_message_id=1003, created_at=time.time(), updated_at=time.time()))
+    fake_tg.fail("editMessageText", 400, {"ok": False, "error_code": 400, "description": "Bad Request: message is "
+                                          "not modified: specified new message content and reply markup are exactly "
+                                          "the same as a current content and reply markup of the message"})
+    await make_app(**gen_env(fake_kie))
+    await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
+    assert len(fake_tg.calls_of("editMessageText")) == 1 and fake_tg.texts_to(95) == []
 
 
 async def test_a_photo_that_may_have_gone_out_before_a_crash_is_offered_not_sent_again(fake_tg, fake_kie, tmp_path,

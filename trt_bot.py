@@ -2671,6 +2671,8 @@ class Generations:
             return
         self._loops = [asyncio.create_task(self._submit_forever(), name=f"submitter-{n}") for n in range(SUBMITTERS)]
         self._loops.append(asyncio.create_task(self._poll_forever(), name="job-poller"))
+        for task in self._loops:
+            task.add_done_callback(self._task_done)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop submitting and polling; let deliveries under way finish within ``grace``.
@@ -2704,7 +2706,7 @@ class Generations:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task) -> None:
-        """Every job task's exception is retrieved and logged here, never left to the garbage collector."""
+        """Every task's exception is retrieved and logged here, never left to the garbage collector."""
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("[JOB] %s failed", task.get_name(), exc_info=task.exception())
