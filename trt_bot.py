@@ -2343,7 +2343,8 @@ class Conversation:
 # 10. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
 #    its state machine, submitting to Kie under the fairness limits, the
-#    callback and the paced poller, delivery, and admin alerts.
+#    callback hint and the paced poller, delivery within its budget (result
+#    downloads from public addresses only), and admin alerts.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
