@@ -308,7 +308,7 @@ async def test_a_callback_is_only_a_hint_the_result_comes_from_record_info(make_
     forged = {"code": 200, "data": {"taskId": "task00001", "state": "success",
                                     "resultJson": '{"resultUrls":["http://127.0.0.1:9/internal-secret"]}'}}
     assert (await kie_calls_back(app, fake_kie, "task00001", body=forged)).status_code == 200
-    await eventually(lambda: fake_kie.record_calls == ["task00001"])  # asked Kie: still generating
+    await eventually(lambda: "task00001" in fake_kie.record_calls)  # asked Kie: still generating
     assert app.generations.jobs and app.generations.jobs[next(iter(app.generations.jobs))].state == "submitted"
     fake_kie.complete("task00001", fake_kie.image_url("real.png"))
     await kie_calls_back(app, fake_kie, "task00001", body=forged)
