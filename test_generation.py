@@ -688,16 +688,12 @@ async def test_a_result_that_trickles_is_cut_off_at_the_download_deadline():
         server.close()
 
 
-def test_private_result_downloads_are_off_unless_asked_for_and_the_setting_is_validated():
-    env = bot_env(FakeBotApiAddress, ":memory:")
+def test_private_result_downloads_are_off_unless_asked_for_and_the_setting_is_validated(fake_tg):
+    env = bot_env(fake_tg, ":memory:")
     assert trt_bot.load_config(env).result_download_allow_private is False
     assert trt_bot.load_config({**env, "RESULT_DOWNLOAD_ALLOW_PRIVATE": "yes"}).result_download_allow_private is True
     with pytest.raises(trt_bot.ConfigError, match="RESULT_DOWNLOAD_ALLOW_PRIVATE"):
         trt_bot.load_config({**env, "RESULT_DOWNLOAD_ALLOW_PRIVATE": "maybe"})
-
-
-class FakeBotApiAddress:
-    base_url = "http://127.0.0.1:9"
 
 
 async def test_a_result_on_an_internal_address_is_never_downloaded_for_upload(make_app, fake_tg, fake_kie):
