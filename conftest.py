@@ -373,7 +373,22 @@ async def make_app(fake_tg, tmp_path):
 
     yield start
     for app in apps:
-        await app.stop()
+        await stop_within(app, APP_STOP_DEADLINE_S)
+
+
+APP_STOP_DEADLINE_S = 60.0  # well past SHUTDOWN_GRACE_S: a stop that takes longer is hung
+
+
+async def stop_within(app: trt_bot.App, seconds: float) -> None:
+    """Stop ``app``, or fail with the stack of every task still running: a hung shutdown is a bug."""
+    try:
+        await asyncio.wait_for(asyncio.shield(app.stop()), seconds)
+    except TimeoutError:
+        stacks = []
+        for task in asyncio.all_tasks():
+            frames = "".join(f"\n    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack())
+            stacks.append(f"{task.get_name()}{frames}")
+        pytest.fail(f"App.stop() did not finish within {seconds}s; tasks:\n" + "\n".join(stacks))
 
 
 def update_message(update_id: int, chat_id: int, text: str, lang: str = "ru") -> dict:

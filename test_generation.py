@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import gc
 import hashlib
 import hmac
+import ipaddress
 import itertools
+import re
+import socket
 import sqlite3
+import threading
 import time
 import urllib.parse
 
@@ -49,12 +55,19 @@ async def order(app, user: int, prompt: str = "кот-космонавт", ratio
 
 
 async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
-                         headers: dict | None = None) -> httpx.Response:
-    """POST the finished task to the bot's callback URL, as Kie does."""
+                         headers: dict | None = None, body: dict | None = None) -> httpx.Response:
+    """POST the finished task (or ``body``) to the bot's callback URL, as Kie does."""
     url = f"http://127.0.0.1:{app.port}/{app.config.kie_callback_path}"
     params = {"token": app.config.kie_callback_token if token is None else token}
     async with httpx.AsyncClient() as client:
-        return await client.post(url, params=params, json=fake_kie.callback_body(task_id), headers=headers or {})
+        return await client.post(url, params=params, json=fake_kie.callback_body(task_id) if body is None else body,
+                                  headers=headers or {})
+
+
+def signed(key: str, task_id: str, timestamp: int | str) -> dict[str, str]:
+    """The headers Kie adds to a callback when a webhook HMAC key is set."""
+    signature = base64.b64encode(hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest())
+    return {"X-Webhook-Timestamp": str(timestamp), "X-Webhook-Signature": signature.decode()}
 
 
 def buttons_of(params: dict) -> list[tuple[str, str]]:
@@ -105,6 +118,20 @@ def test_task_records_parse_to_pending_success_or_fail(data, expected):
     assert trt_bot.parse_task_record(data) == expected
 
 
+def test_result_urls_are_kept_only_when_well_formed_http_with_a_host():
+    # http://[::1/x.png used to be kept, and made httpx raise InvalidURL while delivering
+    hostile = ["http://[::1/x.png", "ftp://cdn.example/x.png", "https:///x.png", "http://user:pw@cdn.example/x.png",
+               "http://cdn.example:99999/x.png", "http://cdn example/x.png", "http://cdn.example/\nx.png",
+               "javascript:alert(1)", "https://" + "a" * 2100 + ".example/x.png", 42, None]
+    record = trt_bot.parse_task_record({"taskId": "t", "state": "success",
+                                        "resultJson": {"resultUrls": [*hostile, "https://cdn.example/ok.png"]}})
+    assert record.urls == ("https://cdn.example/ok.png",)
+    assert trt_bot.parse_task_record({"taskId": "t", "state": "success",
+                                      "resultJson": {"resultUrls": hostile}}).fail_code == "no_result"
+    for url in ("http://[::1]:8080/x.png", "https://tempfile.aiquickdraw.com/s/abc_0.png?x=1"):
+        assert trt_bot.split_result_url(url) is not None
+
+
 def test_unreadable_task_records_raise():
     for data in (None, {"state": "exploded"}, {"state": "success", "resultJson": "{nope"}):
         with pytest.raises(trt_bot.KieError):
@@ -117,6 +144,20 @@ def test_webhook_signature_is_base64_hmac_of_task_id_and_timestamp():
     assert not trt_bot.kie_signature_valid("k", "task2", "1769670760", signature)
     assert not trt_bot.kie_signature_valid("k", "task1", "1769670761", signature)
     assert not trt_bot.kie_signature_valid("k", "task1", "", signature)
+
+
+def test_signed_callback_timestamps_are_fresh_only_within_the_window():
+    now = 1_769_670_760.4
+    assert trt_bot.kie_timestamp_fresh("1769670760", now)
+    assert trt_bot.kie_timestamp_fresh(str(int(now) - 299), now) and trt_bot.kie_timestamp_fresh(str(int(now) + 299), now)
+    for stale in ("1", str(int(now) - 301), str(int(now) + 301), "1769670760000", "", "-1769670760", "1769670760.0",
+                  "１７６９６７０７６０", "0x6975"):
+        assert not trt_bot.kie_timestamp_fresh(stale, now), stale
+    headers = signed("k", "task1", "1")
+    assert trt_bot.kie_signature_valid("k", "task1", "1", headers["X-Webhook-Signature"])
+    assert not trt_bot.kie_callback_signed("k", "task1", "1", headers["X-Webhook-Signature"], now)  # a replay
+    fresh = signed("k", "task1", int(now))
+    assert trt_bot.kie_callback_signed("k", "task1", str(int(now)), fresh["X-Webhook-Signature"], now)
 
 
 @respx.mock
@@ -194,7 +235,7 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
     assert [text for text, _ in buttons_of(photo)] == ["🔁 Ещё вариант", "🖼 Новая картинка"]
     await eventually(lambda: fake_tg.calls_of("deleteMessage"))
     assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1003  # the ⏳ message
-    assert fake_kie.record_calls == []  # the callback did it; the poller was not needed
+    assert fake_kie.record_calls == ["task00001"]  # the callback's hint, checked over our own key
 
 
 async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs):
@@ -246,6 +287,35 @@ async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, 
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
 
 
+async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
+    await order(app, 59)
+    await eventually(lambda: app.generations.in_kie == 1)
+    for stale in ("1", int(time.time()) - 3600, int(time.time()) + 3600):  # "1" used to pass
+        response = await kie_calls_back(app, fake_kie, "task00001", headers=signed("hmac-key", "task00001", stale))
+        assert response.status_code == 403
+    assert fake_kie.record_calls == []
+    fake_kie.complete("task00001")
+    fresh = signed("hmac-key", "task00001", int(time.time()))
+    assert (await kie_calls_back(app, fake_kie, "task00001", headers=fresh)).status_code == 200
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+
+
+async def test_a_callback_is_only_a_hint_the_result_comes_from_record_info(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 69)
+    await eventually(lambda: app.generations.in_kie == 1)
+    forged = {"code": 200, "data": {"taskId": "task00001", "state": "success",
+                                    "resultJson": '{"resultUrls":["http://127.0.0.1:9/internal-secret"]}'}}
+    assert (await kie_calls_back(app, fake_kie, "task00001", body=forged)).status_code == 200
+    await eventually(lambda: "task00001" in fake_kie.record_calls)  # asked Kie: still generating
+    assert app.generations.jobs and app.generations.jobs[next(iter(app.generations.jobs))].state == "submitted"
+    fake_kie.complete("task00001", fake_kie.image_url("real.png"))
+    await kie_calls_back(app, fake_kie, "task00001", body=forged)
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert [p["photo"] for p in fake_tg.calls_of("sendPhoto")] == [fake_kie.image_url("real.png")]
+
+
 async def test_malformed_callbacks_get_400_and_unknown_tasks_change_nothing(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     url = f"http://127.0.0.1:{app.port}/{app.config.kie_callback_path}?token={app.config.kie_callback_token}"
@@ -257,7 +327,7 @@ async def test_malformed_callbacks_get_400_and_unknown_tasks_change_nothing(make
                                          "resultJson": '{"resultUrls":["https://x/y.png"]}'}}
         assert (await client.post(url, json=unknown)).status_code == 200
     await asyncio.sleep(0.1)
-    assert fake_tg.calls_of("sendPhoto") == []
+    assert fake_tg.calls_of("sendPhoto") == [] and fake_kie.record_calls == []
 
 
 async def test_kie_500_then_success_is_retried_and_delivered(make_app, fake_tg, fake_kie, fast_jobs):
@@ -318,7 +388,7 @@ async def test_a_generation_that_takes_too_long_is_stopped_and_explained(make_ap
 async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_app, fake_tg, fake_kie):
     fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400,
                                     "description": "Bad Request: wrong file identifier/HTTP URL specified"})
-    app = await make_app(**gen_env(fake_kie))
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))  # the fake is on 127.0.0.1
     await order(app, 57)
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001", fake_kie.image_url("big.png"))
@@ -333,7 +403,7 @@ async def test_an_image_too_large_for_a_photo_is_sent_as_a_document(make_app, fa
     monkeypatch.setattr(trt_bot, "PHOTO_UPLOAD_MAX_BYTES", len(PNG_BYTES) - 1)
     fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400,
                                     "description": "Bad Request: failed to get HTTP URL content"})
-    app = await make_app(**gen_env(fake_kie))
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
     await order(app, 58)
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001", fake_kie.image_url("huge.png"))
@@ -344,7 +414,8 @@ async def test_an_image_too_large_for_a_photo_is_sent_as_a_document(make_app, fa
 
 
 @pytest.mark.parametrize("data", ["ratio:16:9", "opt:high", "model:zimage", "again:0123456789abcdef",
-                                  "again:../../etc/passwd", "ratio:", "new:extra"])
+                                  "again:../../etc/passwd", "ratio:", "new:extra", "resend:0123456789abcdef",
+                                  "resend:"])
 async def test_forged_or_stale_buttons_are_answered_politely_and_start_nothing(make_app, fake_tg, fake_kie, data):
     app = await make_app(**gen_env(fake_kie))
     await post_update(app, update_callback(1, 70, data))
@@ -518,3 +589,349 @@ async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it
     conn.close()
     await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=10)
     assert fake_tg.calls_of("sendPhoto")[0]["chat_id"] == 81
+
+
+# -- result downloads: public addresses only ---------------------------------------
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("2606:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("239.255.255.250", False), ("240.0.0.1", False), ("255.255.255.255", False), ("198.18.0.1", False),
+    ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False), ("ff0e::1", False), ("2001:db8::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::127.0.0.1", False),
+    ("2002:7f00:1::", False), ("2002:a9fe:a9fe::", False),  # 6to4 around 127.0.0.1 and 169.254.169.254
+    ("64:ff9b::7f00:1", False), ("64:ff9b:1::a00:1", False),  # NAT64 to 127.0.0.1 and 10.0.0.1
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo
+])
+def test_addresses_are_public_only_when_global_and_nothing_internal_is_embedded(address, public):
+    assert trt_bot.address_is_public(ipaddress.ip_address(address)) is public
+
+
+def test_a_name_that_resolves_to_any_internal_address_is_refused():
+    assert str(trt_bot.choose_download_address(["93.184.216.34", "2606:4700::1111"], False)) == "93.184.216.34"
+    for addresses in (["93.184.216.34", "10.0.0.1"], ["127.0.0.1"], [], ["not-an-address"]):
+        with pytest.raises(trt_bot.DownloadError):
+            trt_bot.choose_download_address(addresses, False)
+    assert str(trt_bot.choose_download_address(["127.0.0.1"], True)) == "127.0.0.1"  # RESULT_DOWNLOAD_ALLOW_PRIVATE
+
+
+def test_the_download_url_names_the_checked_address():
+    parts = urllib.parse.urlsplit("https://cdn.example:8443/a/b%20c.png?sig=1")
+    assert trt_bot.pinned_url(parts, ipaddress.ip_address("2606:4700::1111")) == \
+        "https://[2606:4700::1111]:8443/a/b%20c.png?sig=1"
+    assert trt_bot.pinned_url(urllib.parse.urlsplit("http://cdn.example"), ipaddress.ip_address("93.184.216.34")) == \
+        "http://93.184.216.34/"
+
+
+@respx.mock
+async def test_a_download_connects_to_the_address_it_checked_and_follows_no_redirect():
+    answers = [["93.184.216.34"], ["127.0.0.1"]]  # a rebinding DNS: public when checked, internal afterwards
+    asked = []
+
+    async def rebinding_resolver(host, port):
+        asked.append((host, port))
+        return answers[len(asked) - 1]
+
+    route = respx.get("https://93.184.216.34/x.png").mock(return_value=httpx.Response(200, content=PNG_BYTES))
+    async with httpx.AsyncClient() as http:
+        image = await trt_bot.download_bounded(http, "https://cdn.example/x.png", 1000, resolve=rebinding_resolver)
+    assert image == PNG_BYTES and asked == [("cdn.example", 443)]
+    request = route.calls.last.request
+    assert request.headers["host"] == "cdn.example" and request.extensions["sni_hostname"] == "cdn.example"
+
+    answers[1] = ["93.184.216.34"]
+    respx.get("http://93.184.216.34/moved.png").mock(
+        return_value=httpx.Response(302, headers={"Location": "http://127.0.0.1/secret"}))
+    internal = respx.get("http://127.0.0.1/secret").mock(return_value=httpx.Response(200, content=b"secret"))
+    async with httpx.AsyncClient(follow_redirects=True) as http:
+        with pytest.raises(trt_bot.DownloadError, match="302"):
+            await trt_bot.download_bounded(http, "http://cdn.example/moved.png", 1000, resolve=rebinding_resolver)
+    assert not internal.called
+
+
+async def test_a_malformed_unresolvable_or_internal_result_url_is_a_download_error():
+    async def no_such_host(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async with httpx.AsyncClient() as http:
+        for url in ("http://[::1/x.png", "http://127.0.0.1:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png"):
+            with pytest.raises(trt_bot.DownloadError):  # not httpx.InvalidURL
+                await trt_bot.download_bounded(http, url, 1000)
+        with pytest.raises(trt_bot.DownloadError, match="cannot resolve"):  # not socket.gaierror
+            await trt_bot.download_bounded(http, "http://cdn.example/x.png", 1000, resolve=no_such_host)
+
+
+async def test_a_result_that_trickles_is_cut_off_at_the_download_deadline():
+    stop = asyncio.Event()
+
+    async def trickle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.is_set():
+            writer.write(b"x")
+            await writer.drain()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.1)
+            except TimeoutError:
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/slow.png"
+    try:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(trt_bot.DownloadError, match="within 0.5s"):
+                await trt_bot.download_bounded(http, url, 10_000, deadline_s=0.5, allow_private=True)
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_private_result_downloads_are_off_unless_asked_for_and_the_setting_is_validated(fake_tg):
+    env = bot_env(fake_tg, ":memory:")
+    assert trt_bot.load_config(env).result_download_allow_private is False
+    assert trt_bot.load_config({**env, "RESULT_DOWNLOAD_ALLOW_PRIVATE": "yes"}).result_download_allow_private is True
+    with pytest.raises(trt_bot.ConfigError, match="RESULT_DOWNLOAD_ALLOW_PRIVATE"):
+        trt_bot.load_config({**env, "RESULT_DOWNLOAD_ALLOW_PRIVATE": "maybe"})
+
+
+async def test_a_result_on_an_internal_address_is_never_downloaded_for_upload(make_app, fake_tg, fake_kie):
+    # It used to be: Telegram refuses the URL, the bot fetches it from 127.0.0.1 and uploads it to the chat.
+    fetched = []
+    answer = fake_kie.answer
+    fake_kie.answer = lambda method, path, *rest: (fetched.append(path), answer(method, path, *rest))[1]
+    fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400,
+                                    "description": "Bad Request: wrong file identifier/HTTP URL specified"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 86)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001", fake_kie.image_url("internal-secret.png"))
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("editMessageText"))
+    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    assert not [path for path in fetched if path.startswith("/images/")]
+    assert len(fake_tg.calls_of("sendPhoto")) == 1 and fake_tg.calls_of("sendDocument") == []
+    await eventually(lambda: not app.generations.jobs)
+
+
+# -- every job ends, whatever Kie, the result host or Telegram do --------------------
+
+@pytest.fixture
+async def unretrieved_task_errors():
+    """What asyncio reports about tasks whose exception nobody retrieved (checked after a gc)."""
+    loop = asyncio.get_running_loop()
+    reports: list[str] = []
+    loop.set_exception_handler(lambda loop, context: reports.append(context.get("message", "")))
+    yield reports
+    loop.set_exception_handler(None)
+
+
+def never_retrieved(reports: list[str]) -> list[str]:
+    gc.collect()
+    return [message for message in reports if "never retrieved" in message]
+
+
+async def test_a_hostile_result_url_ends_the_job_with_an_explanation(make_app, fake_tg, fake_kie,
+                                                                    unretrieved_task_errors):
+    # http://[::1/x.png used to raise httpx.InvalidURL out of delivery: the job stayed "succeeded",
+    # the ⏳ message was never edited, the user stayed busy, and restarts replayed it.
+    fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400, "description": "Bad Request: wrong HTTP URL"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 87)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001", "http://[::1/x.png")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("editMessageText"))
+    assert "Не получилось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: not app.generations.jobs)
+    assert app.generations.refusal(87) is None
+    assert never_retrieved(unretrieved_task_errors) == []
+
+
+async def test_an_unexpected_delivery_error_still_tells_the_user_and_is_logged(make_app, fake_tg, fake_kie, monkeypatch,
+                                                                               caplog, unretrieved_task_errors):
+    def broken(url):
+        raise RuntimeError("a bug in delivery")
+
+    monkeypatch.setattr(trt_bot, "image_file_name", broken)
+    fake_tg.fail("sendPhoto", 400, {"ok": False, "error_code": 400, "description": "Bad Request: wrong HTTP URL"})
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    await order(app, 88)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: fake_tg.calls_of("editMessageText"))
+    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: not app.generations.jobs)
+    (failure,) = [r for r in caplog.records if "delivery failed unexpectedly" in r.getMessage()]
+    assert failure.exc_info and "a bug in delivery" in str(failure.exc_info[1])
+    assert never_retrieved(unretrieved_task_errors) == []
+
+
+async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_app, fake_tg, fake_kie, monkeypatch,
+                                                                         caplog, unretrieved_task_errors, fast_jobs):
+    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="1"))
+
+    async def broken_record_info(task_id, budget_s=None):
+        raise RuntimeError("a bug in polling")
+
+    monkeypatch.setattr(app.kie, "record_info", broken_record_info)
+    await order(app, 89)
+    await eventually(lambda: any("a bug in polling" in str(r.exc_info and r.exc_info[1]) for r in caplog.records))
+    await eventually(lambda: fake_tg.calls_of("editMessageText"))  # still ends: timed out and told
+    assert "слишком много времени" in fake_tg.calls_of("editMessageText")[0]["text"]
+    assert never_retrieved(unretrieved_task_errors) == []
+
+
+async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkeypatch, caplog):
+    def broken(self, now):
+        raise RuntimeError("a bug in the poller")
+
+    monkeypatch.setattr(trt_bot.Generations, "_retry_deliveries", broken)
+    await make_app(**gen_env(fake_kie))
+    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-poller failed"])
+
+
+async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
+                                                                       tmp_path):
+    # "succeeded" used to have no timeout: sendPhoto was retried every 30 s forever.
+    monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
+    for _ in range(500):
+        fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
+    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
+    app.telegram.attempts = 1
+    app.generations.delivery_budget_s, app.generations.delivery_notice_s = 1.0, 0.5
+    await order(app, 90)
+    await eventually(lambda: fake_kie.tasks)
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: not app.generations.jobs, timeout=15)
+    assert len(fake_tg.calls_of("sendPhoto")) > 1  # it did retry, within the budget
+    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
+
+
+def store_job(database: str, job: trt_bot.Job) -> None:
+    """Write a job row as an earlier process would have left it."""
+    conn = trt_bot.open_sqlite(database)
+    conn.execute("BEGIN")
+    trt_bot.jobs_save(conn, [dataclasses.astuple(job)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def test_a_job_past_its_delivery_budget_at_restart_is_told_and_finished_not_replayed(
+        make_app, fake_tg, fake_kie, tmp_path):
+    long_ago = time.time() - 86400
+    store_job(str(tmp_path / "bot.sqlite3"), trt_bot.Job(
+        "00112233aabbcc01", 91, 91, "ru", "zimage", "маяк", "1:1", state="succeeded", outcome="success",
+        result_url=fake_kie.image_url(), created_at=long_ago, updated_at=long_ago))
+    app = await make_app(**gen_env(fake_kie))
+    await eventually(lambda: fake_tg.texts_to(91))
+    assert "отправить её не удалось" in fake_tg.texts_to(91)[0] and fake_tg.calls_of("sendPhoto") == []
+    await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
+    assert not app.generations.jobs
+
+
+async def test_a_failure_already_shown_before_a_restart_is_not_sent_again(make_app, fake_tg, fake_kie, tmp_path):
+    # The ⏳ message already said why; re-editing it gets "message is not modified", which used to add a new message.
+    store_job(str(tmp_path / "bot.sqlite3"), trt_bot.Job(
+        "00112233aabbcc02", 95, 95, "ru", "zimage", "маяк", "1:1", state="failed", outcome="failed", error="busy",
+        status_message_id=1003, created_at=time.time(), updated_at=time.time()))
+    fake_tg.fail("editMessageText", 400, {"ok": False, "error_code": 400, "description": "Bad Request: message is "
+                                          "not modified: specified new message content and reply markup are exactly "
+                                          "the same as a current content and reply markup of the message"})
+    await make_app(**gen_env(fake_kie))
+    await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
+    assert len(fake_tg.calls_of("editMessageText")) == 1 and fake_tg.texts_to(95) == []
+
+
+async def test_a_photo_that_may_have_gone_out_before_a_crash_is_offered_not_sent_again(fake_tg, fake_kie, tmp_path,
+                                                                                       bot_processes):
+    # Killed after sendPhoto reached Telegram but before "delivered" was committed: a restart used to send it again.
+    database = str(tmp_path / "bot.sqlite3")
+    env = {**bot_env(fake_tg, database, PORT=str(free_port())), **gen_env(fake_kie)}
+    config = trt_bot.load_config(env)
+    first = bot_processes(env)
+    await first.wait_healthy()
+    async with httpx.AsyncClient() as client:
+        webhook = {"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret}
+        for update in (update_callback(1, 92, "new"), update_message(2, 92, "маяк"),
+                       update_callback(3, 92, "ratio:9:16")):
+            assert (await client.post(first.base_url + config.webhook_path, json=update, headers=webhook)).status_code == 200
+        await eventually(lambda: job_states(database) == ["submitted"], timeout=15)
+
+        photo_arrived, photo_answered = threading.Event(), threading.Event()
+        answer = fake_tg.answer
+
+        def telegram_slow_to_answer_sendphoto(method, path, *rest):
+            if path.endswith("/sendPhoto"):
+                photo_arrived.set()
+                photo_answered.wait(30)
+            return answer(method, path, *rest)
+
+        fake_tg.answer = telegram_slow_to_answer_sendphoto
+        fake_kie.complete("task00001")
+        callback = f"{first.base_url}/{config.kie_callback_path}?token={config.kie_callback_token}"
+        assert (await client.post(callback, json=fake_kie.callback_body("task00001"))).status_code == 200
+        await eventually(photo_arrived.is_set, timeout=15)
+        first.kill()
+        photo_answered.set()  # Telegram delivers the photo although its client is gone
+        await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 1)
+        fake_tg.answer = answer
+
+        second = bot_processes({**env, "PORT": str(free_port())})
+        await second.wait_healthy()
+        await eventually(lambda: any("нет выше" in text for text in sent_texts(fake_tg, 92)), timeout=15)
+        await eventually(lambda: job_states(database) == ["delivered"])
+        assert len(fake_tg.calls_of("sendPhoto")) == 1
+        (offer,) = [p for p in fake_tg.calls_of("editMessageText") + fake_tg.calls_of("sendMessage")
+                    if "нет выше" in p.get("text", "")]
+        (resend, _) = buttons_of(offer)
+        assert resend[0] == "📥 Прислать картинку" and resend[1].startswith("resend:")
+
+        press = update_callback(4, 92, resend[1])
+        assert (await client.post(second.base_url + config.webhook_path, json=press, headers=webhook)).status_code == 200
+        await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 2, timeout=15)
+        again = fake_tg.calls_of("sendPhoto")[1]
+        assert again["chat_id"] == 92 and again["photo"] == fake_kie.image_url()
+
+
+async def test_a_delivery_while_the_database_is_unusable_is_not_repeated_when_it_returns(
+        make_app, fake_tg, fake_kie, tmp_path, monkeypatch):
+    # The row still said "submitted": when the database came back, the job was resumed and its photo sent again.
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
+    database = str(tmp_path / "bot.sqlite3")
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 93)
+    await eventually(lambda: job_states(database) == ["submitted"])
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the file: every write fails
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await eventually(lambda: any("нет выше" in text for text in sent_texts(fake_tg, 93)), timeout=15)
+    assert not app.db.ok and fake_tg.calls_of("sendPhoto") == []  # sending now could not be made at most once
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await eventually(lambda: app.db.ok and job_states(database) == ["delivered"], timeout=15)
+    assert fake_tg.calls_of("sendPhoto") == [] and not app.generations.jobs
+
+
+# -- admin alerts ------------------------------------------------------------------
+
+async def test_admin_alerts_speak_each_admins_language(make_app, fake_tg, fake_kie, tmp_path):
+    app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900,901"))
+    await post_update(app, update_message(next(_update_ids), 901, "/start", "en-GB"))
+
+    def language_of_901():
+        with sqlite3.connect(str(tmp_path / "bot.sqlite3")) as conn:
+            return conn.execute("SELECT lang FROM users WHERE user_id=901").fetchone()
+
+    await eventually(language_of_901)
+    fake_kie.script("createTask", 200, {"code": 402, "msg": "Insufficient Credits"})
+    await order(app, 94)
+    await eventually(lambda: fake_tg.texts_to(900) and len(fake_tg.texts_to(901)) == 2)
+    (russian,), english = fake_tg.texts_to(900), fake_tg.texts_to(901)[1]
+    assert "закончились кредиты (402)" in russian and not re.search(r"[A-Za-z]{3,}", russian.replace("Kie.ai", ""))
+    assert "out of credits (402)" in english and not re.search("[а-яА-Я]", english)

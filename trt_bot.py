@@ -30,6 +30,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import ipaddress
 import itertools
 import json
 import logging
@@ -66,6 +67,7 @@ TOKEN_PATTERN = re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,100}")
 SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 MIN_SECRET_CHARS = 8  # a shorter secret is guessable, and masking it in logs would hide ordinary words
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
@@ -105,6 +107,7 @@ class Config:
     shutdown_grace_s: float = 25.0
     handler_timeout_s: float = 30.0
     lease_ttl_s: float = 15.0
+    result_download_allow_private: bool = False  # downloads may reach loopback/private hosts (tests' fakes)
 
     @property
     def webhook_path_secret(self) -> str:
@@ -206,6 +209,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
         shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
         lease_ttl_s=float(_int_setting(env, "LEASE_TTL_S", 15, 2, 600)),
+        result_download_allow_private=_bool_setting(env, "RESULT_DOWNLOAD_ALLOW_PRIVATE", False),
     )
 
 
@@ -256,6 +260,15 @@ def _callback_path(raw: str) -> str:
         raise ConfigError(f"KIE_CALLBACK_PATH may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
                           f"by /, none of them . or .., got {raw.strip()!r}")
     return path
+
+
+def _bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in TRUE_WORDS | FALSE_WORDS:
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+    return raw in TRUE_WORDS
 
 
 def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
@@ -1653,14 +1666,21 @@ class TelegramClient:
 
 ###############################################################################
 # 7. Kie client
-#    Owns talking to Kie.ai: the {code, msg, data} envelope, task records,
-#    typed errors, retries with backoff and jitter, and request pacing.
+#    Owns talking to Kie.ai: the {code, msg, data} envelope, task records and
+#    their result URLs, callback signatures, typed errors, retries with
+#    backoff and jitter, and request pacing.
 ###############################################################################
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
 KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
 KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
+# Kie signs the moment it sends a callback (Unix seconds); a signed callback
+# older or newer than this is a replay or a badly wrong clock.
+KIE_CALLBACK_WINDOW_S = 300.0
+RESULT_URL_MAX_CHARS = 2048  # Kie's CDN URLs are ~150; more is not a result URL
+HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+URL_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces or control characters
 
 # Kie answers HTTP 200 with an error in ``code``; these are the codes it documents.
 KIE_ERROR_KINDS = {
@@ -1746,17 +1766,62 @@ def parse_task_record(data: Any) -> TaskRecord:
             except ValueError:
                 raise KieError(500, "resultJson is not valid JSON") from None
         urls = (result or {}).get("resultUrls") if isinstance(result, dict) else None
-        urls = tuple(u for u in urls or () if isinstance(u, str) and u.startswith(("http://", "https://")))
+        urls = tuple(u for u in urls if split_result_url(u) is not None) if isinstance(urls, list) else ()
         if not urls:
             return TaskRecord(task_id, "fail", (), "no_result", "the task succeeded without an image URL")
         return TaskRecord(task_id, "success", urls)
     raise KieError(500, f"unknown task state {state!r}")
 
 
+def split_result_url(url: Any) -> urllib.parse.SplitResult | None:
+    """``url`` split into parts if it is a well-formed http(s) URL with a host and no credentials, else None.
+
+    Result URLs come from outside (Kie's record), so anything an HTTP client
+    could choke on (``http://[::1/x.png``) or misread is refused here, once.
+    """
+    if not isinstance(url, str) or len(url) > RESULT_URL_MAX_CHARS or not URL_CHARACTERS.fullmatch(url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError unless the port is a number from 0 to 65535
+    except ValueError:
+        return None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or "@" in parts.netloc or not _is_host(host):
+        return None
+    return parts
+
+
+def _is_host(host: str) -> bool:
+    return _is_ip_literal(host) or len(host) <= 253 and HOST_NAME_PATTERN.fullmatch(host) is not None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def kie_signature_valid(key: str, task_id: str, timestamp: str, signature: str) -> bool:
     """Kie's X-Webhook-Signature: base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp))."""
     digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
     return bool(timestamp) and hmac.compare_digest(base64.b64encode(digest), signature.encode())
+
+
+def kie_timestamp_fresh(timestamp: str, now: float, window_s: float = KIE_CALLBACK_WINDOW_S) -> bool:
+    """Whether X-Webhook-Timestamp (Unix seconds, as Kie documents it) is within ``window_s`` of ``now``."""
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
+        return False
+    return abs(int(timestamp) - now) <= window_s
+
+
+def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, now: float,
+                        window_s: float = KIE_CALLBACK_WINDOW_S) -> bool:
+    """A fresh, correctly signed callback: a replayed one is refused once its timestamp is out of the window."""
+    signed = kie_signature_valid(key, task_id, timestamp, signature)  # always computed: constant time
+    return kie_timestamp_fresh(timestamp, now, window_s) and signed
 
 
 def backoff_delays(base: float = 1.0, cap: float = 20.0) -> Iterable[float]:
@@ -2405,13 +2470,17 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_invalid": "Сервис не принял запрос. Попробуйте изменить описание.",
         "fail_failed": "😔 Не получилось нарисовать картинку.",
         "fail_delivery": "Картинка готова, но отправить её не удалось.",
+        "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
         "btn_create": "🖼 Создать картинку",
         "btn_help": "ℹ️ Помощь",
         "btn_cancel": "✖️ Отмена",
         "btn_again": "🔁 Ещё вариант",
         "btn_new": "🖼 Новая картинка",
         "btn_retry": "🔁 Попробовать снова",
+        "btn_resend": "📥 Прислать картинку",
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
+        "incident_key_rejected": "ключ API отклонён (401)",
+        "incident_no_credits": "на аккаунте закончились кредиты (402)",
         "stats": "📊 <b>Статистика</b>\n"
                  "Пользователей: {users} (заблокировали бота: {blocked})\n"
                  "Генераций сегодня: {jobs_today}\n"
@@ -2452,13 +2521,17 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_invalid": "The service did not accept the request. Try changing the description.",
         "fail_failed": "😔 The picture could not be generated.",
         "fail_delivery": "The picture is ready but could not be sent.",
+        "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
         "btn_create": "🖼 Create a picture",
         "btn_help": "ℹ️ Help",
         "btn_cancel": "✖️ Cancel",
         "btn_again": "🔁 Another variant",
         "btn_new": "🖼 New picture",
         "btn_retry": "🔁 Try again",
+        "btn_resend": "📥 Send the picture",
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
+        "incident_key_rejected": "the API key was rejected (401)",
+        "incident_no_credits": "the account is out of credits (402)",
         "stats": "📊 <b>Stats</b>\n"
                  "Users: {users} (blocked the bot: {blocked})\n"
                  "Generations today: {jobs_today}\n"
@@ -2511,6 +2584,11 @@ def result_keyboard(job_id: str, lang: str, failed: bool = False) -> dict:
     t = TEXTS[lang]
     again = button(t["btn_retry"] if failed else t["btn_again"], f"again:{job_id}")
     return keyboard([again], [button(t["btn_new"], "new")])
+
+
+def resend_keyboard(job_id: str, lang: str) -> dict:
+    t = TEXTS[lang]
+    return keyboard([button(t["btn_resend"], f"resend:{job_id}")], [button(t["btn_new"], "new")])
 
 
 def shorten(text: str, limit: int) -> str:
@@ -2575,6 +2653,7 @@ class Conversation:
             "ratio": self.on_ratio_button,
             "opt": self.on_option_button,
             "again": self.on_again_button,
+            "resend": self.on_resend_button,
             "cancel": self.on_cancel_button,
             "help": self.on_help_button,
         }
@@ -2721,6 +2800,13 @@ class Conversation:
         await self.answer(ctx)
         await self.generate(ctx, model, job.prompt, job.ratio, job.option)
 
+    async def on_resend_button(self, ctx: Context, job_id: str) -> None:
+        job = await self.generations.find(job_id, ctx.user_id)
+        if job is None or job.state != "delivered" or job.outcome != "success":
+            return
+        await self.answer(ctx)
+        await self.generations.resend(job)
+
     async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "") -> None:
         refusal = self.generations.refusal(ctx.user_id)
         if refusal is not None:
@@ -2742,7 +2828,8 @@ class Conversation:
 # 10. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
 #    its state machine, submitting to Kie under the fairness limits, the
-#    callback and the paced poller, delivery, and admin alerts.
+#    callback hint and the paced poller, delivery within its budget (result
+#    downloads from public addresses only), and admin alerts.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
@@ -2750,8 +2837,15 @@ POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
 DELIVERY_RETRY_S = 30.0
+# After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
+# failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
+# kept for telling the user it failed, so every job ends by then.
+DELIVERY_BUDGET_S = 120.0
+DELIVERY_NOTICE_S = 15.0
+RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
+UNSAVED_JOB_ROWS_MAX = 10_000  # job rows kept for a database that comes back; beyond it the oldest go
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 
 # The state machine: a transition not listed here is refused, which is what
@@ -2759,7 +2853,10 @@ JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "created": ("submitted", "failed", "timed_out"),  # waiting for a Kie slot and createTask
     "submitted": ("succeeded", "failed", "timed_out"),  # Kie has the task id
-    "succeeded": ("delivered",),  # result URL known, photo not sent yet
+    "succeeded": ("sending", "delivered"),  # result URL known; delivered directly when the budget ran out
+    # Committed before sendPhoto: after a crash the photo may be out, so it is not sent again blindly.
+    "sending": ("delivered", "unsure"),
+    "unsure": ("delivered",),  # found "sending" after a restart: the user gets a button to have it re-sent
     "failed": ("delivered",),  # failure known, user not told yet
     "timed_out": ("delivered",),
     "delivered": (),  # the user has the photo or the explanation
@@ -2772,7 +2869,7 @@ FAILURE_BY_KIE_KIND = {
     "rate_limited": "busy", "maintenance": "busy", "server_error": "busy", "network": "busy",
     "invalid": "invalid", "generation_failed": "failed", "not_found": "failed",
 }
-INCIDENT_CODES = {401: "the Kie API key was rejected (401)", 402: "the Kie account is out of credits (402)"}
+INCIDENT_CODES = {401: "incident_key_rejected", 402: "incident_no_credits"}  # Kie code -> TEXTS key for admins
 MODERATION_WORDS = ("moderat", "prohibit", "nsfw", "sensitive", "safety", "policy", "violat", "inappropriate")
 
 
@@ -2841,23 +2938,115 @@ def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
     return {"users": users, "blocked": blocked, "jobs_today": {outcome or "in_flight": n for outcome, n in outcomes}}
 
 
+def language_codes(conn: sqlite3.Connection, user_ids: list[int]) -> dict[int, str]:
+    """The Telegram language code last seen from each of ``user_ids`` (absent when never seen)."""
+    marks = ",".join("?" * len(user_ids))
+    return dict(conn.execute(f"SELECT user_id, lang FROM users WHERE user_id IN ({marks})", user_ids).fetchall())
+
+
+# -- result downloads: public addresses only ------------------------------------
+
 class DownloadError(TrtError):
-    """The result image could not be fetched for upload (HTTP error or too large)."""
+    """The result image could not be fetched for upload (refused address, HTTP error, too large, too slow)."""
 
 
-async def download_bounded(http: httpx.AsyncClient, url: str, limit: int) -> bytes:
-    """GET ``url`` into memory, refusing more than ``limit`` bytes."""
+# Prefixes whose addresses carry an IPv4 address that the traffic really goes to.
+NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def address_is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a download may connect to ``address``: globally routable, and so is any IPv4 address it embeds.
+
+    ``is_global`` alone is not enough: it is True for multicast, and for 6to4
+    or NAT64 addresses that lead to 127.0.0.1.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None and not address_is_public(embedded):
+            return False
+    return address.is_global and not (address.is_private or address.is_loopback or address.is_link_local
+                                      or address.is_multicast or address.is_reserved or address.is_unspecified)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # the client's address
+    if any(address in prefix for prefix in NAT64_PREFIXES) or int(address) >> 32 == 0:  # NAT64, IPv4-compatible
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return None
+
+
+def choose_download_address(addresses: Iterable[str],
+                            allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to connect to, from what the host name resolved to; DownloadError unless all are public.
+
+    All, not the first: a name that resolves to a public and an internal
+    address is refused whole, whichever one a client would pick.
+    """
     try:
-        async with http.stream("GET", url, timeout=KIE_TIMEOUT) as response:
-            if response.status_code != 200:
-                raise DownloadError(f"HTTP {response.status_code}")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise DownloadError(f"image larger than {limit} bytes")
-                chunks.append(chunk)
-    except httpx.HTTPError as error:
+        resolved = [ipaddress.ip_address(text) for text in addresses]
+    except ValueError:
+        raise DownloadError("the host resolved to an unreadable address") from None
+    if not resolved:
+        raise DownloadError("the host has no address")
+    if not allow_private and not all(address_is_public(address) for address in resolved):
+        raise DownloadError("the host resolves to a non-public address")
+    return resolved[0]
+
+
+def pinned_url(parts: urllib.parse.SplitResult, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The URL with its host replaced by ``address``, so the connection goes where the check said."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urllib.parse.urlunsplit((parts.scheme, host + port, parts.path or "/", parts.query, ""))
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
+                           deadline_s: float = RESULT_DOWNLOAD_DEADLINE_S, allow_private: bool = False,
+                           resolve: Callable[[str, int], Awaitable[list[str]]] = resolve_host) -> bytes:
+    """GET ``url`` into memory: at most ``limit`` bytes, within ``deadline_s`` in all, from public addresses only.
+
+    The host is resolved once and the request goes to the address that was
+    checked, with the name kept in the Host header and TLS SNI (so the
+    certificate is still verified for it): a DNS answer that changes in
+    between cannot point it elsewhere.  Redirects are not followed, and the
+    connection is not reused for another name.  Every failure is a DownloadError.
+    """
+    parts = split_result_url(url)
+    if parts is None:
+        raise DownloadError("not a well-formed http(s) URL")
+    host = parts.hostname or ""
+    sni = {"sni_hostname": host} if parts.scheme == "https" and not _is_ip_literal(host) else {}
+    try:
+        async with asyncio.timeout(deadline_s):
+            resolved = await resolve(host, parts.port or DEFAULT_PORTS[parts.scheme])
+            address = choose_download_address(resolved, allow_private)
+            headers = {"Host": parts.netloc, "Connection": "close"}
+            async with http.stream("GET", pinned_url(parts, address), headers=headers, extensions=sni,
+                                   timeout=KIE_TIMEOUT, follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise DownloadError(f"HTTP {response.status_code}")
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise DownloadError(f"image larger than {limit} bytes")
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise DownloadError(f"not finished within {deadline_s:g}s") from None
+    except OSError as error:  # the name did not resolve
+        raise DownloadError(f"cannot resolve the host ({type(error).__name__})") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise DownloadError(type(error).__name__) from None
     return b"".join(chunks)
 
@@ -2874,16 +3063,22 @@ class Generations:
 
     Jobs are held in memory (the authority inside the process, so transitions
     are atomic) and written through to SQLite, from which ``resume`` reloads
-    unfinished ones after a restart.
+    unfinished ones after a restart.  Rows the database could not take are
+    kept and written when it comes back, so it never resurrects a stale state.
+    Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by
+    ``delivery_budget_s`` after that, whatever Kie, the result host or Telegram do.
     """
 
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
-                 http: httpx.AsyncClient):
+                 http: httpx.AsyncClient, delivery_budget_s: float = DELIVERY_BUDGET_S,
+                 delivery_notice_s: float = DELIVERY_NOTICE_S):
         self.config = config
         self.db = db
         self.telegram = telegram
         self.kie = kie
         self.http = http
+        self.delivery_budget_s = delivery_budget_s
+        self.delivery_notice_s = delivery_notice_s
         self.callback_url = (
             f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
             + urllib.parse.urlencode({"token": config.kie_callback_token})
@@ -2904,12 +3099,22 @@ class Generations:
         self._poll_sequence = 0
         self._poll_wakeup = asyncio.Event()
         self._polling: set[str] = set()
+        self._rechecks: set[str] = set()  # polled when a callback came: ask again, the answer may predate it
         self._delivering: set[str] = set()
         self._redeliver_at: dict[str, float] = {}
+        self._stored: set[str] = set()  # unfinished jobs the database has a row of
+        self._unsaved: dict[str, tuple] = {}  # job id -> latest row the database failed to take
         self._incident: int | None = None  # Kie error code of an ongoing incident
-        self._writes = GroupCommit(db, jobs_save)
+        self._writes = GroupCommit(db, jobs_save, on_batch=self._on_rows_written)
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
+        self._delivery_steps: dict[str, Callable[[Job], Awaitable[None]]] = {
+            "succeeded": self._send_result,
+            "sending": self._send_result,  # again after a retryable error in this process
+            "unsure": self._offer_resend,
+            "failed": self._send_failure,
+            "timed_out": self._send_failure,
+        }
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -2917,9 +3122,11 @@ class Generations:
         """Load unfinished jobs not yet in memory, and run the submitters and the poller.
 
         Called on becoming active, and again when the database comes back
-        after being unusable; jobs already in memory are left as they are.
+        after being unusable; jobs already in memory are left as they are,
+        and what they became meanwhile is written first.
         """
         try:
+            await self._write_unsaved()
             rows = await self.db.read(jobs_unfinished)
             if not self._usage_loaded:  # once: later jobs are counted as they are created
                 for user_id, created_at in await self.db.read(jobs_created_since, time.time() - 3600):
@@ -2927,24 +3134,31 @@ class Generations:
                 self._usage_loaded = True
         except DatabaseUnavailable:
             rows = []
+        resumed = 0
         for row in rows:
             job = Job(*row)
             if job.id in self.jobs:
                 continue
+            resumed += 1
             self._track(job)
+            self._stored.add(job.id)
             if job.state == "created":
                 self._submissions.put_nowait(job.id)
             elif job.state == "submitted":
                 self.in_kie += 1
                 self._schedule_poll(job, 0.0)  # callbacks may have come while we were down
             else:
+                if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
+                    self._move(job, "unsure")
                 self._spawn(self._deliver(job))
-        if rows:
-            log.info("[JOB] resumed %d unfinished jobs", len(rows))
+        if resumed:
+            log.info("[JOB] resumed %d unfinished jobs", resumed)
         if self._loops:
             return
         self._loops = [asyncio.create_task(self._submit_forever(), name=f"submitter-{n}") for n in range(SUBMITTERS)]
         self._loops.append(asyncio.create_task(self._poll_forever(), name="job-poller"))
+        for task in self._loops:
+            task.add_done_callback(self._task_done)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop submitting and polling; let deliveries under way finish within ``grace``.
@@ -2964,7 +3178,8 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for container in (self.jobs, self._by_task, self._active_by_user, self._recent_by_user, self._redeliver_at):
+        for container in (self.jobs, self._by_task, self._active_by_user, self._recent_by_user, self._redeliver_at,
+                          self._stored, self._unsaved):
             container.clear()
         self._poll_heap.clear()
         self._submissions = asyncio.Queue()
@@ -2974,7 +3189,13 @@ class Generations:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Every task's exception is retrieved and logged here, never left to the garbage collector."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[JOB] %s failed", task.get_name(), exc_info=task.exception())
 
     # -- starting a job ----------------------------------------------------
 
@@ -3034,6 +3255,7 @@ class Generations:
         self.jobs.pop(job.id, None)
         self._by_task.pop(job.task_id, None)
         self._redeliver_at.pop(job.id, None)
+        self._stored.discard(job.id)
         if self._active_by_user.get(job.user_id) == job.id:
             del self._active_by_user[job.user_id]
 
@@ -3041,7 +3263,28 @@ class Generations:
         """Write the job's current state; failures are logged by Database, memory stays authoritative."""
         self._writes.add(dataclasses.astuple(job))
 
-    def _move(self, job: Job, state: str, **changes: Any) -> bool:
+    def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
+        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
+        for row in rows:
+            job_id = row[0]
+            self._unsaved.pop(job_id, None)
+            if error is not None:
+                self._unsaved[job_id] = row
+            elif job_id in self.jobs:
+                self._stored.add(job_id)
+        while len(self._unsaved) > UNSAVED_JOB_ROWS_MAX:
+            dropped = self._unsaved.pop(next(iter(self._unsaved)))
+            log.warning("[JOB] %s: its latest state is lost (more than %d jobs changed while the database "
+                        "was unusable)", dropped[0], UNSAVED_JOB_ROWS_MAX)
+
+    async def _write_unsaved(self) -> None:
+        rows = list(self._unsaved.values())
+        if rows:
+            await self.db.write(jobs_save, rows)
+            self._on_rows_written(rows, None)
+            log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
+
+    def _move(self, job: Job, state: str, *, save: bool = True, **changes: Any) -> bool:
         """Apply a transition if JOB_TRANSITIONS allows it; False (and no change) otherwise."""
         if state not in JOB_TRANSITIONS[job.state]:
             return False
@@ -3057,7 +3300,8 @@ class Generations:
             self.on_finished(job, job.updated_at - job.created_at)
             log.info("[JOB] %s %s after %.1fs%s", job.id, state, job.updated_at - job.created_at,
                      f" ({job.error})" if job.error else "")
-        self._save(job)
+        if save:
+            self._save(job)
         return True
 
     # -- submitting ----------------------------------------------------------
@@ -3078,7 +3322,12 @@ class Generations:
             await self._submit(job)
 
     async def _submit(self, job: Job) -> None:
-        model = MODELS_BY_KEY[job.model]
+        model = MODELS_BY_KEY.get(job.model)
+        if model is None:  # a stored job of a model since removed from CATALOG
+            self._release_slot()
+            if self._move(job, "failed", error="failed"):
+                self._spawn(self._deliver(job))
+            return
         try:
             task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
                                                  self.callback_url)
@@ -3100,31 +3349,36 @@ class Generations:
         self._schedule_poll(job, time.time() + poll_interval(0.0))
 
     async def _alert_admins(self, code: int) -> None:
-        """One alert per incident: the next successful createTask ends it."""
+        """One alert per incident (the next successful createTask ends it), in each admin's language."""
         if self._incident is not None:
             return
         self._incident = code
-        log.error("[JOB] Kie incident: %s; alerting %d admins", INCIDENT_CODES[code], len(self.config.admin_ids))
-        for admin_id in sorted(self.config.admin_ids):
+        admin_ids = sorted(self.config.admin_ids)
+        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][INCIDENT_CODES[code]], len(admin_ids))
+        try:
+            languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
+        except DatabaseUnavailable:
+            languages = {}
+        for admin_id in admin_ids:
+            t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
             try:
-                await self.telegram.send_message(admin_id, TEXTS["ru"]["admin_alert"].format(reason=INCIDENT_CODES[code]))
+                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[INCIDENT_CODES[code]]))
             except TelegramError as error:
                 log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
 
     # -- completion: callback and poller --------------------------------------
 
-    def on_callback(self, task_id: str, data: Any) -> None:
-        """A Kie callback (already authenticated): apply it, or poll when it is unreadable."""
+    def on_callback(self, task_id: str) -> None:
+        """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
+
+        Its body is never trusted for the outcome or the result URLs; a task
+        that is unknown or already finished changes nothing.
+        """
         job = self.jobs.get(self._by_task.get(task_id, ""))
-        if job is None:
-            log.info("[JOB] callback for a task that is unknown or finished: %s", task_id)
+        if job is None or job.state != "submitted":
+            log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
             return
-        try:
-            record = parse_task_record(data)
-        except KieError:
-            self._schedule_poll(job, 0.0)
-            return
-        self._apply(job, record)
+        self._poll_now(job)
 
     def _apply(self, job: Job, record: TaskRecord) -> None:
         if record.state == "success":
@@ -3141,6 +3395,13 @@ class Generations:
         heapq.heappush(self._poll_heap, (when, self._poll_sequence, job.id))
         self._poll_wakeup.set()
 
+    def _poll_now(self, job: Job) -> None:
+        if job.id in self._polling:
+            self._rechecks.add(job.id)
+            return
+        self._polling.add(job.id)
+        self._spawn(self._poll(job))
+
     async def _poll_forever(self) -> None:
         last_prune = time.time()
         while True:
@@ -3153,8 +3414,7 @@ class Generations:
             while self._poll_heap and self._poll_heap[0][0] <= now and len(self._polling) < POLLS_AT_ONCE:
                 job = self.jobs.get(heapq.heappop(self._poll_heap)[2])
                 if job is not None and job.state == "submitted" and job.id not in self._polling:
-                    self._polling.add(job.id)
-                    self._spawn(self._poll(job))
+                    self._poll_now(job)
             delay = 1.0
             if self._poll_heap and len(self._polling) < POLLS_AT_ONCE:
                 delay = min(delay, max(0.0, self._poll_heap[0][0] - now))
@@ -3165,13 +3425,21 @@ class Generations:
                 pass
 
     async def _poll(self, job: Job) -> None:
+        """Ask Kie about the job, again if a callback came meanwhile; apply a finished record."""
+        record = None
         try:
-            record = await self.kie.record_info(job.task_id, budget_s=0)
-        except KieError as error:
-            log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
-            record = None
+            while job.state == "submitted":
+                self._rechecks.discard(job.id)
+                try:
+                    record = await self.kie.record_info(job.task_id, budget_s=0)
+                except KieError as error:
+                    log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
+                    record = None
+                if (record is not None and record.state != "pending") or job.id not in self._rechecks:
+                    break
         finally:
             self._polling.discard(job.id)
+            self._rechecks.discard(job.id)
             self._poll_wakeup.set()
         if job.state != "submitted":
             return
@@ -3200,42 +3468,82 @@ class Generations:
                 del self._redeliver_at[job_id]
                 self._spawn(self._deliver(job))
 
+    def _give_up_at(self, job: Job) -> float:
+        """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
+        return job.created_at + self.config.gen_timeout_s + self.delivery_budget_s - self.delivery_notice_s
+
     async def _deliver(self, job: Job) -> None:
-        """Send the photo or the failure once; the state machine guards against twice."""
-        if job.id in self._delivering or job.state not in OUTCOMES:
+        """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
+        step = self._delivery_steps.get(job.state)
+        if job.id in self._delivering or step is None:
             return
         self._delivering.add(job.id)
         try:
-            if job.state == "succeeded":
-                await self._send_result(job)
-            else:
-                await self._send_failure(job)
-        except TelegramError as error:
-            if error.retryable:
-                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
-                self._redeliver_at[job.id] = time.time() + DELIVERY_RETRY_S
-                return
-            log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
+            finished = await self._attempt_delivery(job, step)
         finally:
             self._delivering.discard(job.id)
-        self._move(job, "delivered")
-        self._forget(job)
+        if finished:
+            self._move(job, "delivered")
+            self._forget(job)
+
+    async def _attempt_delivery(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
+        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
+        give_up_at = self._give_up_at(job)
+        try:
+            if time.time() >= give_up_at:
+                raise TimeoutError
+            async with asyncio.timeout(give_up_at - time.time()):
+                await step(job)
+            return True
+        except TelegramError as error:
+            if not error.retryable:
+                log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
+                return True
+            if time.time() < give_up_at:
+                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
+                self._redeliver_at[job.id] = min(time.time() + DELIVERY_RETRY_S, give_up_at)
+                return False
+            reason = f"Telegram keeps failing: {error}"
+        except TimeoutError:
+            reason = "its delivery budget ran out"
+        except Exception:
+            log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
+            reason = "an unexpected error"
+        await self._tell_undelivered(job, reason)
+        return True
+
+    async def _tell_undelivered(self, job: Job, reason: str) -> None:
+        """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
+        log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
+        if job.state in ("succeeded", "sending"):
+            job.error = "delivery"
+        step = self._offer_resend if job.state == "unsure" else self._send_failure
+        try:
+            async with asyncio.timeout(self.delivery_notice_s):
+                await step(job)
+        except Exception as error:
+            log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    async def _commit_intent(self, job: Job) -> bool:
+        """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
+
+        False when that cannot be committed for a job the database already
+        holds: its row still says "succeeded", and sending now could be repeated.
+        """
+        self._move(job, "sending", save=False)
+        try:
+            await self._writes.submit(dataclasses.astuple(job))
+        except DatabaseUnavailable:
+            return job.id not in self._stored
+        return True
 
     async def _send_result(self, job: Job) -> None:
-        params = {
-            "chat_id": job.chat_id,
-            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
-            "parse_mode": "HTML",
-            "reply_markup": result_keyboard(job.id, job.lang),
-        }
+        if job.state == "succeeded" and not await self._commit_intent(job):
+            self._move(job, "unsure")
+            await self._offer_resend(job)
+            return
         try:
-            try:
-                await self.telegram.call("sendPhoto", {**params, "photo": job.result_url})
-            except TelegramError as error:
-                if error.error_code != 400:
-                    raise
-                log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
-                await self._upload_result(job, params)
+            await self._send_photo(job)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result: %s", job.id, error)
             job.error = "delivery"
@@ -3243,8 +3551,33 @@ class Generations:
             return
         await self._delete_status_message(job)
 
+    async def resend(self, job: Job) -> None:
+        """Send a finished job's picture again, because its user asked (see "unsure")."""
+        try:
+            await self._send_photo(job)
+        except DownloadError as error:
+            log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
+            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
+                                             result_keyboard(job.id, job.lang, failed=True))
+
+    async def _send_photo(self, job: Job) -> None:
+        params = {
+            "chat_id": job.chat_id,
+            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
+            "parse_mode": "HTML",
+            "reply_markup": result_keyboard(job.id, job.lang),
+        }
+        try:
+            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url})
+        except TelegramError as error:
+            if error.error_code != 400:
+                raise
+            log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
+            await self._upload_result(job, params)
+
     async def _upload_result(self, job: Job, params: dict) -> None:
-        image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES)
+        image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
+                                       allow_private=self.config.result_download_allow_private)
         name, mime = image_file_name(job.result_url)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
@@ -3256,8 +3589,14 @@ class Generations:
         await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)})
 
     async def _send_failure(self, job: Job) -> None:
-        text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
-        markup = result_keyboard(job.id, job.lang, failed=True)
+        await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
+                         result_keyboard(job.id, job.lang, failed=True))
+
+    async def _offer_resend(self, job: Job) -> None:
+        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.lang))
+
+    async def _tell(self, job: Job, text: str, markup: dict) -> None:
+        """Turn the ⏳ message into ``text``, or send it when that message is gone."""
         if job.status_message_id:
             try:
                 await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
@@ -3267,6 +3606,8 @@ class Generations:
             except TelegramError as error:
                 if error.error_code != 400:
                     raise
+                if "not modified" in error.description:  # told already, before a restart
+                    return
         await self.telegram.send_message(job.chat_id, text, markup)
 
     async def _delete_status_message(self, job: Job) -> None:
@@ -3903,7 +4244,10 @@ class App:
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
     async def on_kie_callback(self, request: Request) -> Response:
-        """Kie's completion callback; its URL token was checked from the head, the HMAC signature is here."""
+        """Kie's completion callback, a hint to ask recordInfo.
+
+        Its URL token was checked from the head; a fresh signature is checked here when KIE_WEBHOOK_HMAC_KEY is set.
+        """
         try:
             body = json.loads(request.body)
         except (ValueError, UnicodeDecodeError):
@@ -3914,12 +4258,12 @@ class App:
         task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
         if not task_id:
             raise HttpError(400, "no taskId in the callback")
-        if self.config.kie_hmac_key and not kie_signature_valid(
+        if self.config.kie_hmac_key and not kie_callback_signed(
                 self.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
-                request.headers.get("x-webhook-signature", "")):
-            return text_response(403, "bad webhook signature")
+                request.headers.get("x-webhook-signature", ""), time.time()):
+            return text_response(403, "bad or stale webhook signature")
         # A passive instance knows no jobs; the active one's poller finds the result.
-        self.generations.on_callback(task_id, data)
+        self.generations.on_callback(task_id)
         return json_response({"code": 200, "msg": "success"})
 
     async def on_health(self, request: Request) -> Response:
