@@ -844,6 +844,24 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
 # 7. Update pipeline (end to end through the webhook)
 ###############################################################################
 
+async def test_a_loop_waiting_on_an_event_ends_when_cancelled_as_the_event_fires():
+    # Regression: asyncio.wait_for on Python 3.11 returned the event's result and
+    # swallowed the cancel, so the job poller outlived App.stop() and shutdown hung.
+    event = asyncio.Event()
+
+    async def wake_up_forever() -> None:
+        while True:
+            await trt_bot.wait_for_event(event, 5.0)
+            event.clear()
+
+    task = asyncio.create_task(wake_up_forever())
+    await asyncio.sleep(0)  # the loop is now waiting on the event
+    event.set()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5.0)
+    assert done and task.cancelled()
+
+
 async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app, fake_tg):
     app = await make_app()
     response = await post_update(app, update_message(1, 42, "/start"))

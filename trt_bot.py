@@ -2019,6 +2019,21 @@ class PipelineStats:
     blocked: int = 0  # replies refused because the user blocked the bot
 
 
+async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passes; True if it was set.
+
+    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that
+    swallows a cancellation arriving as the event fires (CPython gh-86296), and
+    a loop built on it outlives its own cancellation, hanging shutdown.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 UpdateHandler = Callable[[dict], Awaitable[None]]
 
 
@@ -2232,10 +2247,7 @@ class UpdatePipeline:
     async def _refill_forever(self) -> None:
         last_prune = last_count = time.monotonic()
         while True:
-            try:
-                await asyncio.wait_for(self._refill_wakeup.wait(), REFILL_INTERVAL_S)
-            except TimeoutError:
-                pass
+            await wait_for_event(self._refill_wakeup, REFILL_INTERVAL_S)
             self._refill_wakeup.clear()
             self._cut_overdue_handlers()
             if not self.db.ok:
@@ -3419,10 +3431,7 @@ class Generations:
             if self._poll_heap and len(self._polling) < POLLS_AT_ONCE:
                 delay = min(delay, max(0.0, self._poll_heap[0][0] - now))
             self._poll_wakeup.clear()
-            try:
-                await asyncio.wait_for(self._poll_wakeup.wait(), delay)
-            except TimeoutError:
-                pass
+            await wait_for_event(self._poll_wakeup, delay)
 
     async def _poll(self, job: Job) -> None:
         """Ask Kie about the job, again if a callback came meanwhile; apply a finished record."""
