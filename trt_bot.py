@@ -2275,8 +2275,10 @@ class Conversation:
         if refusal is not None:
             await self.send(ctx, refusal[0], **refusal[1])
             return
-        await self.states.set(ctx.user_id, None)
+        # The dialog ends only once the job is stored: a press replayed after kill -9 then
+        # finds either the job (busy) or the dialog still at this step, never nothing.
         await self.generations.start(ctx, model, prompt, ratio, option)
+        await self.states.set(ctx.user_id, None)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
