@@ -510,12 +510,11 @@ class FaultPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Performed:
-    """A Bot API call Telegram carried out: which bot process (life) made it, and its answer."""
+    """A Bot API call Telegram carried out, and which bot process (life) made it."""
 
     life: int
     method: str
     params: dict
-    result: Any
 
 
 class FaultyBotApi(FakeBotApi):
@@ -526,8 +525,8 @@ class FaultyBotApi(FakeBotApi):
     never do) with that life.  Faults: "500", "502" (an HTML error page), "429"
     (retry after 1 s), "stall" (no answer for ``stall_s``, then the connection
     drops) and "drop" (the connection closes at once); ``outage(seconds)``
-    answers every call 502 for a while.  ``withhold(method)``
-    keeps such calls unanswered and unperformed until ``give_back(method)``.
+    answers every call 502 for a while.  ``withhold(method)`` keeps such calls
+    unanswered, then drops them unperformed at ``give_back(method)``;
     ``hold_answer(predicate)`` performs matching calls but holds their answers.
     """
 
@@ -578,6 +577,8 @@ class FaultyBotApi(FakeBotApi):
         match = re.fullmatch(r"/life(\d+)(/.*)", path)
         life, path = (int(match[1]), match[2]) if match else (0, path)
         method = path.rsplit("/", 1)[-1]
+        if len(body) < int(headers.get("Content-Length") or 0):
+            raise DropConnection  # the caller died while sending: Telegram would not act on half a request
         params = parse_body(headers.get("Content-Type", ""), body)
         if self.delay_s:
             self._closing.wait(self.delay_s)
@@ -589,7 +590,8 @@ class FaultyBotApi(FakeBotApi):
             with self._cond:
                 self.outage_calls += 1
             return 502, b"<html><h1>502 Bad Gateway</h1></html>"
-        fault = self.plan.draw(f"{method}:{params.get('chat_id', params.get('callback_query_id'))}") if self.plan else None
+        addressee = params.get("chat_id", params.get("callback_query_id"))
+        fault = self.plan.draw(f"{method}:{addressee}") if self.plan else None
         if fault == "stall":
             self._closing.wait(self.stall_s)
         if fault in ("stall", "drop"):
@@ -602,7 +604,7 @@ class FaultyBotApi(FakeBotApi):
         status, payload = super().answer(http_method, path, query, headers, body)
         if status == 200:
             with self._cond:
-                self.performed.append(Performed(life, method, params, payload.get("result")))
+                self.performed.append(Performed(life, method, params))
         for predicate, event in list(self._held):
             if predicate(method, params):
                 event.wait(60)
