@@ -2275,8 +2275,8 @@ class Conversation:
         if refusal is not None:
             await self.send(ctx, refusal[0], **refusal[1])
             return
-        # The dialog ends only once the job is stored: a press replayed after kill -9 then
-        # finds either the job (busy) or the dialog still at this step, never nothing.
+        # The dialog ends only once the job is stored, so a press replayed after kill -9
+        # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx, model, prompt, ratio, option)
         await self.states.set(ctx.user_id, None)
 
