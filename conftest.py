@@ -489,3 +489,259 @@ def pytest_collection_modifyitems(items):
     """The suite-wide secret check reads every record the other tests logged: run it last."""
     last = [item for item in items if item.name == "test_no_log_record_in_the_whole_suite_contains_a_secret"]
     items[:] = [item for item in items if item not in last] + last
+
+
+###############################################################################
+# Fault injection (used by test_faults.py): fakes that fail on purpose, bot
+# processes that log outside the database's folder, and the totals printed at
+# the end of the run.
+###############################################################################
+
+# Imported here, next to their only users, so that this block merges cleanly with changes above it.
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+
+
+class DropConnection(Exception):
+    """Raised by a fake's ``answer``: close the connection without answering."""
+
+
+def _dropping(handler_class: type) -> type:
+    class Handler(handler_class):  # type: ignore[misc, valid-type]
+        def _dispatch(self) -> None:
+            try:
+                super()._dispatch()
+            except DropConnection:
+                self.close_connection = True
+
+        do_GET = do_POST = _dispatch
+
+    return Handler
+
+
+class FaultPlan:
+    """Which calls fail and how, reproducibly from a seed.
+
+    A call is named by a key (say "sendMessage:42"); the n-th call with that key
+    fails or not by a draw seeded with (seed, key, n), so the same seed injects
+    the same faults whatever order concurrent calls arrive in.
+    """
+
+    def __init__(self, seed: int, rate: float, kinds: tuple[str, ...]):
+        self.seed = seed
+        self.rate = rate
+        self.kinds = kinds
+        self.injected: collections.Counter[str] = collections.Counter()
+        self._seen: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def draw(self, key: str) -> str | None:
+        with self._lock:
+            self._seen[key] += 1
+            rng = random.Random(f"{self.seed}|{key}|{self._seen[key]}")
+            if rng.random() >= self.rate:
+                return None
+            kind = rng.choice(self.kinds)
+            self.injected[kind] += 1
+            return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Performed:
+    """A Bot API call Telegram carried out, and which bot process (life) made it."""
+
+    life: int
+    method: str
+    params: dict
+
+
+class FaultyBotApi(FakeBotApi):
+    """The fake Bot API, failing as ``plan`` says, and telling the calls of successive bot processes apart.
+
+    A bot started with ``api_base(life)`` as TELEGRAM_API_BASE calls under
+    ``/life<N>``; ``performed`` lists the calls that took effect (failed ones
+    never do) with that life.  Faults: "500", "502" (an HTML error page), "429"
+    (retry after 1 s), "stall" (no answer for ``stall_s``, then the connection
+    drops) and "drop" (the connection closes at once); ``outage(seconds)``
+    answers every call 502 for a while.  ``withhold(method)`` keeps such calls
+    unanswered, then drops them unperformed at ``give_back(method)``;
+    ``hold_answer(predicate)`` performs matching calls but holds their answers.
+    """
+
+    def __init__(self, plan: FaultPlan | None = None, token: str = TOKEN, stall_s: float = 2.0):
+        self.plan = plan
+        self.stall_s = stall_s
+        self.delay_s = 0.0  # every call answers this much later (a slow Telegram)
+        self.outage_calls = 0
+        self._outage_until = 0.0
+        self.performed: list[Performed] = []
+        self._withheld: dict[str, threading.Event] = {}
+        self._held: list[tuple[Callable[[str, dict], bool], threading.Event]] = []
+        self._closing = threading.Event()
+        super().__init__(token)
+
+    def close(self) -> None:
+        self._closing.set()
+        for event in [*self._withheld.values(), *(event for _, event in self._held)]:
+            event.set()
+        super().close()
+
+    def api_base(self, life: int) -> str:
+        return f"{self.base_url}/life{life}"
+
+    def outage(self, seconds: float) -> None:
+        self._outage_until = time.monotonic() + seconds
+
+    def withhold(self, method: str) -> None:
+        self._withheld[method] = threading.Event()
+
+    def give_back(self, method: str) -> None:
+        self._withheld.pop(method).set()
+
+    def hold_answer(self, predicate: Callable[[str, dict], bool]) -> threading.Event:
+        """Perform calls matching ``predicate(method, params)``; answer them once the returned event is set."""
+        event = threading.Event()
+        self._held.append((predicate, event))
+        return event
+
+    def performed_of(self, *methods: str) -> list[Performed]:
+        with self._cond:
+            return [call for call in self.performed if call.method in methods]
+
+    def _handler_class(self):
+        return _dropping(super()._handler_class())
+
+    def answer(self, http_method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        match = re.fullmatch(r"/life(\d+)(/.*)", path)
+        life, path = (int(match[1]), match[2]) if match else (0, path)
+        method = path.rsplit("/", 1)[-1]
+        if len(body) < int(headers.get("Content-Length") or 0):
+            raise DropConnection  # the caller died while sending: Telegram would not act on half a request
+        params = parse_body(headers.get("Content-Type", ""), body)
+        if self.delay_s:
+            self._closing.wait(self.delay_s)
+        withheld = self._withheld.get(method)
+        if withheld is not None:
+            withheld.wait(60)
+            raise DropConnection
+        if time.monotonic() < self._outage_until:
+            with self._cond:
+                self.outage_calls += 1
+            return 502, b"<html><h1>502 Bad Gateway</h1></html>"
+        addressee = params.get("chat_id", params.get("callback_query_id"))
+        fault = self.plan.draw(f"{method}:{addressee}") if self.plan else None
+        if fault == "stall":
+            self._closing.wait(self.stall_s)
+        if fault in ("stall", "drop"):
+            raise DropConnection
+        if fault == "429":
+            return 429, {"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 1",
+                         "parameters": {"retry_after": 1}}
+        if fault in ("500", "502"):
+            return int(fault), f"<html><h1>{fault}</h1></html>".encode()
+        status, payload = super().answer(http_method, path, query, headers, body)
+        if status == 200:
+            with self._cond:
+                self.performed.append(Performed(life, method, params))
+        for predicate, event in list(self._held):
+            if predicate(method, params):
+                event.wait(60)
+        return status, payload
+
+
+class FaultyKie(FakeKie):
+    """The fake Kie.ai, failing createTask and recordInfo as ``plans[endpoint]`` says.
+
+    Faults: "http500", "http502" (an HTTP error), "code500", "code455" (HTTP 200
+    with Kie's error code), "drop" (the connection closes unanswered) and, for
+    createTask, "lost_answer" (the task is created, the answer never arrives).
+    A prompt in ``refused_prompts`` gets code 422 from createTask.
+    """
+
+    KEYS = {"createTask": lambda query, body: json.loads(body)["input"]["prompt"],
+            "recordInfo": lambda query, body: query.get("taskId", "")}
+
+    def __init__(self, plans: dict[str, FaultPlan] | None = None, key: str = KIE_KEY):
+        self.plans = plans or {}
+        self.refused_prompts: set[str] = set()
+        super().__init__(key)
+
+    def task_prompts(self) -> dict[str, str]:
+        """The prompt of every task created so far, by task id."""
+        with self._cond:
+            return {task_id: json.loads(task["param"])["input"]["prompt"] for task_id, task in self.tasks.items()}
+
+    def _handler_class(self):
+        return _dropping(super()._handler_class())
+
+    def answer(self, method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        endpoint = path.rsplit("/", 1)[-1]
+        if path.startswith("/images/") or endpoint not in self.KEYS:
+            return super().answer(method, path, query, headers, body)
+        key = self.KEYS[endpoint](query, body)
+        plan = self.plans.get(endpoint)
+        fault = plan.draw(f"{endpoint}:{key}") if plan else None
+        if fault == "lost_answer":
+            super().answer(method, path, query, headers, body)
+            raise DropConnection
+        if fault == "drop":
+            raise DropConnection
+        if fault in ("http500", "http502"):
+            return int(fault[4:]), b"<html>upstream error</html>"
+        if fault in ("code500", "code455"):
+            return 200, {"code": int(fault[4:]), "msg": "Server Error" if fault == "code500" else "Maintenance"}
+        if endpoint == "createTask" and key in self.refused_prompts:
+            return 200, {"code": 422, "msg": "input.prompt failed validation"}
+        return super().answer(method, path, query, headers, body)
+
+
+class FaultBotProcess(BotProcess):
+    """A BotProcess whose log is kept in ``log_dir``: the disk tests fill the database's folder or make it read-only."""
+
+    def __init__(self, env: dict[str, str], log_dir: str):
+        self.port = int(env["PORT"])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(log_dir, f"bot-{self.port}.log")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
+        full_env.update(env)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "trt_bot.py")],
+                                            env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def fault_bots(tmp_path):
+    """Start FaultBotProcess-es (logs in tmp_path); all killed at the end, their logs checked for secrets."""
+    started: list[FaultBotProcess] = []
+
+    def start(env: dict[str, str]) -> FaultBotProcess:
+        process = FaultBotProcess(env, str(tmp_path))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        for secret in SECRETS:
+            assert secret not in process.log, "a secret reached the bot's log output"
+
+
+# What the fault-injection tests did and found, printed after the run.
+FAULT_TOTALS: collections.Counter[str] = collections.Counter()  # rounds, updates, faults, lost, duplicated, ...
+FAULT_KINDS: collections.Counter[str] = collections.Counter()  # faults injected, by kind
+FAULT_SEEDS: set[int] = set()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FAULT_TOTALS:
+        return
+    totals = FAULT_TOTALS
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(FAULT_KINDS.items()))
+    terminalreporter.write_sep("-", "fault injection totals")
+    terminalreporter.write_line(
+        f"seed {', '.join(map(str, sorted(FAULT_SEEDS)))}: rounds {totals['rounds']}, updates {totals['updates']}, "
+        f"jobs {totals['jobs']}, faults injected {sum(FAULT_KINDS.values())}, lost {totals['lost']}, "
+        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}")
+    terminalreporter.write_line(f"faults by kind: {kinds}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -806,6 +807,83 @@ async def test_502_and_network_errors_are_retried(telegram, monkeypatch):
 
 
 @respx.mock
+async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram, monkeypatch):
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+    failures = [httpx.Response(502, text="<html>Bad Gateway</html>"), httpx.ConnectError("refused"),
+                httpx.ReadTimeout("stalled"), httpx.RemoteProtocolError("dropped"),
+                bot_api_error(500, "Internal Server Error"), bot_api_error(429, "Too Many Requests", retry_after=0)]
+    route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(
+        side_effect=failures + [httpx.Response(200, json={"ok": True, "result": {"message_id": 5}})])
+    client = await telegram()
+    assert await client.send_message(1, "hi") == {"message_id": 5} and route.call_count == 7
+    route.side_effect = itertools.repeat(httpx.Response(503, text="down"))
+    client.retry = trt_bot.RetryPolicy(budget_s=0.3, base_s=0.01, cap_s=0.05)
+    with pytest.raises(trt_bot.TelegramError) as caught:
+        await client.send_message(1, "hi")
+    assert caught.value.error_code == 503 and route.call_count > 7 + 2  # retried, then given up at the budget
+
+
+@respx.mock
+async def test_a_429_asking_for_longer_than_the_budget_left_is_raised_at_once(telegram, monkeypatch):
+    slept: list[float] = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", fake_sleep)
+    route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(
+        return_value=bot_api_error(429, "Too Many Requests: retry after 40", retry_after=40))
+    client = trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), trt_bot.RetryPolicy(budget_s=30))
+    with pytest.raises(trt_bot.TelegramError) as caught:
+        await client.send_message(1, "hi")
+    assert (caught.value.error_code, caught.value.retry_after, route.call_count, slept) == (429, 40, 1, [])
+
+
+@respx.mock
+async def test_a_429_with_an_unreadable_retry_after_waits_a_second(telegram, monkeypatch):
+    slept: list[float] = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", fake_sleep)
+    route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(side_effect=[
+        bot_api_error(429, "Too Many Requests", retry_after="soon"),  # type: ignore[arg-type]
+        httpx.Response(200, json={"ok": True, "result": {"message_id": 5}}),
+    ])
+    client = await telegram()
+    assert await client.send_message(1, "hi") == {"message_id": 5}
+    assert route.call_count == 2 and slept == [1.0]
+
+
+@respx.mock
+async def test_a_send_whose_answer_was_lost_is_sent_again_at_least_once(telegram, monkeypatch):
+    """Telegram may have shown the first one: a reply can arrive twice, but is never lost."""
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+    route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(side_effect=[
+        httpx.ReadTimeout("the answer did not come"),
+        httpx.Response(200, json={"ok": True, "result": {"message_id": 5}}),
+    ])
+    client = await telegram()
+    assert await client.send_message(1, "hi") == {"message_id": 5} and route.call_count == 2
+
+
+def test_retry_policy_backs_off_exponentially_with_jitter_inside_the_budget():
+    policy = trt_bot.RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0)
+    server_error = trt_bot.TelegramError("sendMessage", 502, "Bad Gateway")
+    longest = [policy.delay(server_error, retry, 20.0, jitter=lambda low, high: high) for retry in range(1, 8)]
+    assert longest == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert policy.delay(server_error, 3, 20.0, jitter=lambda low, high: low) == 0.0
+    assert policy.delay(server_error, 5, 7.9, jitter=lambda low, high: high) is None  # past the budget: give up
+    network = trt_bot.TelegramNetworkError("sendMessage", httpx.ReadTimeout("x"))
+    assert policy.delay(network, 1, 20.0, jitter=lambda low, high: high) == 0.5
+    flood = trt_bot.TelegramError("sendMessage", 429, "Too Many Requests", retry_after=3)
+    assert policy.delay(flood, 1, 20.0) == 3.0 and policy.delay(flood, 1, 2.5) is None
+    for code in (400, 401, 403, 404, 409):
+        assert policy.delay(trt_bot.TelegramError("sendMessage", code, "no"), 1, 20.0) is None
+
+
+@respx.mock
 @pytest.mark.parametrize("code", [400, 403, 404])
 async def test_client_errors_are_not_retried(telegram, code):
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(
@@ -838,6 +916,11 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
     with pytest.raises(trt_bot.TelegramError) as caught:
         trt_bot.parse_bot_api_response("m", 502, b"<html>")
     assert caught.value.error_code == 502 and caught.value.retryable
+    for unreadable in (b'"soon"', b'-1', b'true', b'null'):
+        with pytest.raises(trt_bot.TelegramError) as caught:
+            trt_bot.parse_bot_api_response("m", 429, b'{"ok":false,"error_code":429,"parameters":{"retry_after":'
+                                                     + unreadable + b'}}')
+        assert caught.value.retry_after is None
 
 
 ###############################################################################

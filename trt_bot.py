@@ -1546,8 +1546,11 @@ class ConversationStore:
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
-TELEGRAM_ATTEMPTS = 4  # for 5xx and network errors: 0.5 s, 1 s, 2 s between tries
-MAX_RETRY_AFTER_S = 30.0  # flood control asking for longer is reported, not slept through
+# Long enough to ride out a Bot API hiccup or a short flood wait; short enough that a reply's
+# retries end inside the 30 s handler timeout, and a 429 asking for more is raised, not slept through.
+TELEGRAM_RETRY_BUDGET_S = 20.0
+TELEGRAM_BACKOFF_BASE_S = 0.5  # first retry within 0.5 s, then 1, 2, 4 s ...
+TELEGRAM_BACKOFF_CAP_S = 8.0  # ... never more than 8 s between two tries
 
 
 class TelegramError(TrtError):
@@ -1585,8 +1588,39 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     error_code = payload.get("error_code")
     parameters = payload.get("parameters") or {}
     retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+    if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
+        retry_after = None
     return_code = error_code if isinstance(error_code, int) else status_code
     raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed Bot API call is tried again: transient failures, with backoff, within a time budget.
+
+    429, 5xx, network errors and timeouts are transient; anything else (400,
+    403, 404, ...) cannot get better by asking again.  A 429 waits what
+    Telegram asks; the others back off exponentially with full jitter, so
+    calls that failed together do not come back together.
+    """
+
+    budget_s: float = TELEGRAM_RETRY_BUDGET_S
+    base_s: float = TELEGRAM_BACKOFF_BASE_S
+    cap_s: float = TELEGRAM_BACKOFF_CAP_S
+
+    def delay(self, error: TelegramError, retry: int, remaining_s: float,
+              jitter: Callable[[float, float], float] = random.uniform) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...); None: raise ``error`` now.
+
+        A wait that would end after the budget (``remaining_s``) means giving up.
+        """
+        if not error.retryable:
+            return None
+        if error.error_code == 429:
+            wait = float(error.retry_after if error.retry_after is not None else 1)
+        else:
+            wait = jitter(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
+        return wait if wait <= remaining_s else None
 
 
 def _encode_form_value(value: Any) -> str:
@@ -1594,15 +1628,19 @@ def _encode_form_value(value: Any) -> str:
 
 
 class TelegramClient:
-    """Calls Bot API methods; retries 429 (after ``retry_after``), 5xx and network errors.
+    """Calls Bot API methods, retrying transient failures as ``retry`` says.
 
     400/403/404 are raised at once as TelegramError: retrying cannot help.
+    A call whose answer was lost (a timeout, a dropped connection) is sent
+    again although Telegram may have performed it: a message can then arrive
+    twice, but is never lost.  That is the pipeline's promise too (an update
+    handled when the process died is handled again after the restart).
     """
 
-    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, attempts: int = TELEGRAM_ATTEMPTS):
+    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = RetryPolicy()):
         self._url = f"{api_base}/bot{token}/"
         self.http = http
-        self.attempts = attempts
+        self.retry = retry
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
 
     async def call(
@@ -1612,26 +1650,22 @@ class TelegramClient:
         files: dict[str, tuple[str, bytes, str]] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        delay = 0.5
-        for attempt in range(1, self.attempts + 1):
+        deadline = time.monotonic() + self.retry.budget_s
+        retries = 0
+        while True:
             try:
                 result = await self._call_once(method, params or {}, files, timeout)
             except TelegramError as error:
                 self.calls[method, str(error.error_code)] += 1
-                if not error.retryable or attempt == self.attempts:
+                retries += 1
+                wait = self.retry.delay(error, retries, deadline - time.monotonic())
+                if wait is None:
                     raise
-                if error.error_code == 429:
-                    wait = float(error.retry_after or 1)
-                    if wait > MAX_RETRY_AFTER_S:
-                        raise
-                else:
-                    wait, delay = delay, delay * 2
-                log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, attempt, wait)
+                log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retries, wait)
                 await asyncio.sleep(wait)
-                continue
-            self.calls[method, "ok"] += 1
-            return result
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            else:
+                self.calls[method, "ok"] += 1
+                return result
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
@@ -2824,8 +2858,10 @@ class Conversation:
         if refusal is not None:
             await self.send(ctx, refusal[0], **refusal[1])
             return
-        await self.states.set(ctx.user_id, None)
+        # The dialog ends only once the job is stored, so a press replayed after kill -9
+        # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx, model, prompt, ratio, option)
+        await self.states.set(ctx.user_id, None)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
@@ -4392,7 +4428,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
         report("FAIL", "database", f"cannot open {config.database_path} ({error}): check DATABASE_URL and that "
                                    "its folder exists and is writable (a mounted disk on Render)")
     async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
-        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, attempts=1)
+        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, RetryPolicy(budget_s=0))
         try:
             me = await telegram.call("getMe") or {}
             report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
