@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, bot_env, eventually, free_port, update_callback,
-                      update_message)
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
+                      eventually, free_port, update_callback, update_message)
 from test_trt_bot import post_update
 
 _update_ids = itertools.count(10_000)
@@ -397,6 +397,38 @@ async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_ap
     by_url, uploaded = fake_tg.calls_of("sendPhoto")
     assert by_url["photo"] == fake_kie.image_url("big.png")
     assert uploaded["photo"] == PNG_BYTES and uploaded["caption"] == "кот-космонавт"
+
+
+class LosesPhotoAnswers(FakeBotApi):
+    """Telegram performs sendPhoto, then the connection drops: the bot never hears the answer."""
+
+    def _handler_class(self):
+        return _dropping(super()._handler_class())
+
+    def answer(self, http_method, path, query, headers, body):
+        status, payload = super().answer(http_method, path, query, headers, body)
+        if path.endswith("/sendPhoto"):
+            raise DropConnection
+        return status, payload
+
+
+async def test_a_photo_whose_answer_was_lost_is_not_sent_again_but_offered(fake_kie, tmp_path):
+    # Regression: the Bot API client retried the lost answer, so the user could get the photo twice.
+    fake = LosesPhotoAnswers()
+    app = trt_bot.App(trt_bot.load_config(bot_env(fake, str(tmp_path / "bot.sqlite3"), **gen_env(fake_kie))))
+    await app.start()
+    try:
+        await order(app, 61)
+        await eventually(lambda: fake_kie.created)
+        fake_kie.complete("task00001")
+        await kie_calls_back(app, fake_kie, "task00001")
+        offer = await eventually(lambda: [p for p in fake.calls_of("editMessageText") if "Если её нет" in p["text"]])
+        assert [data for _, data in buttons_of(offer[0])][0].startswith("resend:")
+        assert len(fake.calls_of("sendPhoto")) == 1
+        assert not app.generations.jobs  # the job is finished: delivered, with the offer shown
+    finally:
+        await app.stop()
+        fake.close()
 
 
 async def test_an_image_too_large_for_a_photo_is_sent_as_a_document(make_app, fake_tg, fake_kie, monkeypatch):

@@ -807,6 +807,22 @@ async def test_502_and_network_errors_are_retried(telegram, monkeypatch):
 
 
 @respx.mock
+async def test_a_call_that_must_not_repeat_is_retried_only_when_it_never_reached_telegram(telegram, monkeypatch):
+    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+    ok = httpx.Response(200, json={"ok": True, "result": {"message_id": 9}})
+    route = respx.post(f"{API}/bot{TOKEN}/sendPhoto").mock(side_effect=[httpx.ConnectError("refused"), ok])
+    client = await telegram()
+    assert await client.call("sendPhoto", {"chat_id": 1}, repeatable=False) == {"message_id": 9}
+    assert route.call_count == 2  # refused before it was sent: safe to send again
+
+    route.side_effect = [httpx.ReadTimeout("no answer"), ok]
+    route.reset()
+    with pytest.raises(trt_bot.TelegramNetworkError) as lost:
+        await client.call("sendPhoto", {"chat_id": 1}, repeatable=False)
+    assert lost.value.maybe_performed and route.call_count == 1  # Telegram may have it: not sent twice
+
+
+@respx.mock
 async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram, monkeypatch):
     monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
     failures = [httpx.Response(502, text="<html>Bad Gateway</html>"), httpx.ConnectError("refused"),

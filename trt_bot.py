@@ -1568,11 +1568,20 @@ class TelegramError(TrtError):
         return self.error_code == 429 or self.error_code >= 500
 
 
+# Failures before the request left us: Telegram cannot have performed the call.
+UNSENT_REQUEST_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 class TelegramNetworkError(TelegramError):
-    """The call did not get an answer (connection refused, timeout, reset)."""
+    """The call did not get an answer (connection refused, timeout, reset).
+
+    ``maybe_performed``: the request may have reached Telegram and been carried
+    out, only its answer lost (a read timeout, a dropped connection).
+    """
 
     def __init__(self, method: str, cause: BaseException):
         super().__init__(method, 599, f"network error ({type(cause).__name__})")
+        self.maybe_performed = not isinstance(cause, UNSENT_REQUEST_ERRORS)
 
 
 def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any:
@@ -1634,7 +1643,9 @@ class TelegramClient:
     A call whose answer was lost (a timeout, a dropped connection) is sent
     again although Telegram may have performed it: a message can then arrive
     twice, but is never lost.  That is the pipeline's promise too (an update
-    handled when the process died is handled again after the restart).
+    handled when the process died is handled again after the restart).  With
+    ``repeatable=False`` (a photo, which must arrive at most once) such a
+    loss is raised at once instead, for the caller to decide.
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = RetryPolicy()):
@@ -1649,6 +1660,7 @@ class TelegramClient:
         params: dict | None = None,
         files: dict[str, tuple[str, bytes, str]] | None = None,
         timeout: float | None = None,
+        repeatable: bool = True,
     ) -> Any:
         deadline = time.monotonic() + self.retry.budget_s
         retries = 0
@@ -1659,7 +1671,7 @@ class TelegramClient:
                 self.calls[method, str(error.error_code)] += 1
                 retries += 1
                 wait = self.retry.delay(error, retries, deadline - time.monotonic())
-                if wait is None:
+                if wait is None or (not repeatable and isinstance(error, TelegramNetworkError) and error.maybe_performed):
                     raise
                 log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retries, wait)
                 await asyncio.sleep(wait)
@@ -3594,6 +3606,14 @@ class Generations:
             job.error = "delivery"
             await self._send_failure(job)
             return
+        except TelegramNetworkError as error:
+            if not error.maybe_performed:
+                raise
+            # Telegram may have the photo already; sending it again could show it twice.
+            log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
+            self._move(job, "unsure")
+            await self._offer_resend(job)
+            return
         await self._delete_status_message(job)
 
     async def resend(self, job: Job) -> None:
@@ -3613,7 +3633,7 @@ class Generations:
             "reply_markup": result_keyboard(job.id, job.lang),
         }
         try:
-            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url})
+            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
         except TelegramError as error:
             if error.error_code != 400:
                 raise
@@ -3626,12 +3646,12 @@ class Generations:
         name, mime = image_file_name(job.result_url)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
-                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)})
+                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
                 return
             except TelegramError as error:
                 if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
                     raise
-        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)})
+        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
 
     async def _send_failure(self, job: Job) -> None:
         await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
