@@ -1181,6 +1181,43 @@ async def test_a_chats_order_holds_across_a_switch_to_degraded_mode_and_back(mak
     assert [update_id for chat, update_id in handled if chat == 7] == [1, 3, 5]
 
 
+async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_order(fake_tg, tmp_path):
+    # Used to: a killed run stored update 1 but Telegram never got its 200 and sent it again just as the new
+    # run's refill read the inbox. The refill skipped 1 (its insert was under way), concluded nothing waited,
+    # and the chat's next update ran first.
+    database = str(tmp_path / "bot.sqlite3")
+    first, second = update_message(1, 7, "first"), update_message(2, 7, "second")
+    conn = trt_bot.open_sqlite(database)
+    trt_bot.inbox_insert(conn, [trt_bot.InboxItem(1, 7, first, json.dumps(first).encode(), time.time())])
+    conn.close()
+    app = trt_bot.App(trt_bot.load_config(bot_env(fake_tg, database)))
+    handled: list[int] = []
+
+    async def recording_handler(update: dict) -> None:
+        handled.append(update["update_id"])
+
+    real_read = app.db.read
+    redelivery: list[asyncio.Task] = []
+
+    async def read_while_update_1_comes_again(fn, *args):
+        if fn is trt_bot.inbox_pending and not redelivery:
+            redelivery.append(asyncio.create_task(app.pipeline.ingest(first, json.dumps(first).encode())))
+            await asyncio.sleep(0)  # the redelivery's insert is under way while the inbox is read
+        return await real_read(fn, *args)
+
+    app.pipeline.handler = recording_handler
+    app.db.read = read_while_update_1_comes_again
+    await app.start()
+    try:
+        await eventually(lambda: redelivery)
+        assert await redelivery[0] == 200
+        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == 200
+        await eventually(lambda: len(handled) == 2)
+        assert handled == [1, 2]
+    finally:
+        await app.stop()
+
+
 async def test_a_lone_surrogate_in_an_update_fails_nothing_else_and_is_not_retried(make_app, fake_tg, tmp_path):
     # Used to fail every shared commit the sender's language joined, every second, forever.
     app = await make_app()

@@ -2127,6 +2127,7 @@ class UpdatePipeline:
         # update could overtake them); too high only until the inbox is next read to its end.
         self._stored: collections.Counter[int] = collections.Counter()
         self._recount_due = True
+        self._stored_marks = 0  # _mark_stored calls so far: a refill that saw none during its read saw everything
         self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
         self._overdue: set[asyncio.Task] = set()  # workers whose handler we cancelled
@@ -2154,6 +2155,10 @@ class UpdatePipeline:
             else:
                 if not is_new:
                     self.stats.duplicates += 1
+                    if update_id not in self._in_memory and update_id not in self._awaiting_done:
+                        # Perhaps stored by a run that died before handling it, and skipped by a refill
+                        # that read it while this insert was under way: the inbox must be read again.
+                        self._mark_stored(item.chat_key)
                     return 200
                 self.stats.received += 1
                 self.backlog += 1
@@ -2167,10 +2172,15 @@ class UpdatePipeline:
         if self._accepting and self.should_process and not self._spilling and self._has_room():
             self._enqueue(item)
         else:
-            self._spilling = True
-            self._stored[item.chat_key] += 1
             self.stats.spilled += 1
-            self._refill_wakeup.set()
+            self._mark_stored(item.chat_key)
+
+    def _mark_stored(self, chat_key: int) -> None:
+        """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
+        self._spilling = True
+        self._stored[chat_key] += 1
+        self._stored_marks += 1
+        self._refill_wakeup.set()
 
     def _ingest_in_memory(self, item: InboxItem) -> int:
         """Degraded mode: availability over durability, as long as memory has room."""
@@ -2351,7 +2361,7 @@ class UpdatePipeline:
         if room <= 0:
             return
         limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
-        spilled_before = self.stats.spilled
+        marks_before = self._stored_marks
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -2377,8 +2387,8 @@ class UpdatePipeline:
             taken += 1
         if more_left:
             self._spilling = True
-        elif self.stats.spilled == spilled_before:
-            # Every unhandled update was in this read and none spilled since: none waits outside memory.
+        elif self._stored_marks == marks_before:
+            # Every unhandled update was in this read and none was stored since: none waits outside memory.
             self._spilling = False
             self._stored.clear()
 
