@@ -405,6 +405,44 @@ def update_callback(update_id: int, chat_id: int, data: str, lang: str = "ru") -
         "message": {"message_id": 1, "date": int(time.time()), "chat": {"id": chat_id, "type": "private"}}}}
 
 
+class ManualClock(trt_bot.Clock):
+    """A clock that moves only when a test calls ``advance``; ``sleep`` returns once it has moved far enough."""
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        waker = asyncio.get_running_loop().create_future()
+        entry = (self.now + seconds, waker)
+        self._sleepers.append(entry)
+        try:
+            await waker
+        finally:
+            if entry in self._sleepers:
+                self._sleepers.remove(entry)
+
+    @property
+    def sleepers(self) -> int:
+        """How many coroutines are asleep on this clock (wait for it before advancing)."""
+        return len(self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for wake_at, waker in list(self._sleepers):
+            if wake_at <= self.now and not waker.done():
+                waker.set_result(None)
+
+
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Wait until predicate() is truthy; fail the test with its last value otherwise."""
     deadline = time.monotonic() + timeout

@@ -58,6 +58,27 @@ class TrtError(Exception):
     """Base of the errors this module raises on purpose; each section defines its own below."""
 
 
+class Clock:
+    """Time as the bot sees it, passed to every part that waits or stamps, so tests can drive it.
+
+    ``time()`` is wall time (stored timestamps), ``monotonic()`` measures
+    deadlines and intervals, ``sleep()`` waits.  Tests pass a clock they move
+    by hand instead of patching ``time`` or ``asyncio.sleep``.
+    """
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK = Clock()
+
+
 ###############################################################################
 # 1. Configuration
 #    Owns reading the environment once, validating it and deriving secrets.
