@@ -801,21 +801,32 @@ def disk_env(fake_tg: FaultyBotApi, database: str) -> dict[str, str]:
                    KIE_API_BASE="http://127.0.0.1:9")
 
 
+FAULT_LASTS_S = 2.0  # how long a fault lasts while Telegram keeps sending
+
+
 async def phase(client: httpx.AsyncClient, lives: Lives, chats: list[Chat], per_chat: int = 3,
-                fault: Callable[[], Any] | None = None) -> None:
+                fault: Callable[[], Any] | None = None, repair: Callable[[], Any] | None = None) -> None:
     """Each chat: "create", then too-long prompts; all acknowledged, then all answered.
 
-    ``fault()`` runs once half of them are acknowledged, while the earlier ones
-    still wait in memory or in the inbox.
+    ``fault()`` runs once a third of them are acknowledged, while the earlier
+    ones still wait in memory or in the inbox; ``repair()`` FAULT_LASTS_S
+    later (or once all are acknowledged), not after every acknowledgement:
+    while the database is unusable, a chat with updates stored in the inbox
+    gets 503 (a memory-only update would overtake them), and Telegram keeps
+    resending it until the database is back.
     """
     for chat in chats:
         chat.too_long_prompts(per_chat)
+    start = sum(chat.acked for chat in chats)
+    a_third = start + (sum(len(chat.updates) for chat in chats) - start) / 3
     sending = asyncio.create_task(send_all(client, lives.target, chats))
     try:
         if fault is not None:
-            halfway = sum(chat.acked for chat in chats) + (per_chat + 1) * len(chats) // 2
-            await eventually(lambda: sum(chat.acked for chat in chats) >= halfway or sending.done(), timeout=30)
+            await eventually(lambda: sum(chat.acked for chat in chats) >= a_third or sending.done(), timeout=30)
             fault()
+        if repair is not None:
+            await asyncio.wait([sending], timeout=FAULT_LASTS_S)
+            repair()
         await asyncio.wait_for(sending, 30)
     finally:
         sending.cancel()
@@ -855,9 +866,9 @@ async def test_a_full_disk_degrades_then_the_bot_is_durable_again_in_order(small
     chats = [Chat(7000 + n) for n in range(4)]
     await lives.start().wait_healthy()
     fillers: list[str] = []
-    await phase(client, lives, chats, per_chat=6, fault=lambda: fillers.append(fill_up(small_disk)))
+    await phase(client, lives, chats, per_chat=12, fault=lambda: fillers.append(fill_up(small_disk)),
+                repair=lambda: os.remove(fillers[0]))
     FAULT_KINDS["disk full"] += 1
-    await phase(client, lives, chats, per_chat=6, fault=lambda: os.remove(fillers[0]))
     assert "[DB] unusable" in lives.current.log  # the full disk was noticed
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)
@@ -915,10 +926,10 @@ async def test_a_locked_database_degrades_then_the_bot_is_durable_again_in_order
     try:
         for _ in range(2):
             # another process takes the write lock, then lets it go, each while updates are coming in
-            await phase(client, lives, chats, per_chat=6, fault=lambda: locker.execute("BEGIN EXCLUSIVE"))
+            await phase(client, lives, chats, per_chat=9, fault=lambda: locker.execute("BEGIN EXCLUSIVE"),
+                        repair=lambda: locker.execute("ROLLBACK"))
             FAULT_KINDS["database locked"] += 1
             assert "[DB] unusable" in lives.current.log  # the lock was noticed
-            await phase(client, lives, chats, per_chat=6, fault=lambda: locker.execute("ROLLBACK"))
     finally:
         if locker.in_transaction:
             locker.execute("ROLLBACK")
