@@ -1440,8 +1440,7 @@ async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(ma
     fake_tg.fail("getUpdates", 409, {"ok": False, "error_code": 409,
                                      "description": "Conflict: terminated by other getUpdates request"})
     fake_tg.push_updates(update_message(10, 1, "/start"), update_message(11, 2, "/start"))
-    app = await make_app(BOT_MODE="polling", WEBHOOK_BASE_URL="")
-    app.poll_timeout = 1
+    app = await make_app(BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1)
     await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 2)
     fake_tg.push_updates(update_message(12, 3, "/help"))
     await eventually(lambda: fake_tg.texts_to(3))
@@ -1465,7 +1464,7 @@ async def test_health_has_the_documented_shape(make_app):
 
 async def test_every_builtin_route_is_refused_as_the_callback_path(make_app):
     app = await make_app()
-    for path in app.routes.keys() - {"/" + app.config.kie_callback_path}:
+    for path in app.routes.table.keys() - {"/" + app.config.kie_callback_path}:
         with pytest.raises(trt_bot.ConfigError, match="collides with the bot's own route"):
             trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path})
 
