@@ -3719,6 +3719,9 @@ async def ensure_commands(telegram: TelegramClient) -> list[str]:
     return changed
 
 
+Spawn = Callable[[Awaitable[None], str], None]  # runs a coroutine as a named task the App cancels at shutdown
+
+
 class BotSetUp:
     """The webhook and the command menu made to match ours, once, when this process first becomes active.
 
@@ -3726,8 +3729,7 @@ class BotSetUp:
     succeeds: start-up never waits for the Bot API.
     """
 
-    def __init__(self, config: Config, telegram: TelegramClient, spawn: Callable[[Awaitable[None], str], None],
-                 clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK):
         self.config = config
         self.telegram = telegram
         self.spawn = spawn
