@@ -4060,8 +4060,6 @@ class Role:
         await self.lease.release()
 
 
-
-
 # -- metrics: the Prometheus text exposition format ---------------------------
 
 ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
