@@ -360,13 +360,14 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
 
 @pytest.fixture
 async def make_app(fake_tg, tmp_path):
-    """Start in-process bots: ``await make_app(**env_overrides)``; all stopped at the end."""
+    """Start in-process bots: ``await make_app(**env, poll_timeout=..., clock=...)``; all stopped at the end."""
     apps: list[trt_bot.App] = []
 
-    async def start(**overrides: str) -> trt_bot.App:
+    async def start(*, poll_timeout: float = trt_bot.POLL_TIMEOUT_S, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK,
+                    **overrides: str) -> trt_bot.App:
         env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), **overrides)
         config = trt_bot.load_config(env)
-        app = trt_bot.App(config)
+        app = trt_bot.App(config, clock=clock, poll_timeout=poll_timeout)
         await app.start()
         apps.append(app)
         return app

@@ -244,8 +244,7 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
 
 
 async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs):
-    app = await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="")
-    app.poll_timeout = 1
+    app = await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1)
     fake_tg.push_updates(update_callback(1, 51, "new", "en"), update_message(2, 51, "a red fox", "en"),
                          update_callback(3, 51, "ratio:1:1", "en"))
     await eventually(lambda: fake_kie.created)
@@ -618,7 +617,7 @@ async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it
     conn.execute("COMMIT")
     conn.execute("BEGIN EXCLUSIVE")  # another process holds the file: the bot starts degraded
     app = await make_app(**gen_env(fake_kie))
-    assert app.db.ok is False and app.active
+    assert app.db.ok is False and app.role.active
     await post_update(app, update_message(1, 82, "/start"))
     await eventually(lambda: fake_tg.texts_to(82))  # /start works meanwhile
     assert fake_tg.calls_of("sendPhoto") == []

@@ -25,7 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
-from conftest import DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, update_message
+from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, ManualClock, bot_env, eventually, free_port,
+                      stop_within, update_message)
 from test_trt_bot import post_update, run_bot_cli
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
@@ -131,6 +132,29 @@ def test_a_dead_holder_in_my_pid_namespace_is_not_waited_out(lease_db):
     trt_bot.lease_claim(lease_db, other_container, 15, now=1200)
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1201)[0] is False
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1216)[0] is True
+
+
+async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_path):
+    # Two apps on one database, each with a clock of its own: only the clock moves the lease, and the role
+    # (and with it whether the pipeline processes) follows the lease both ways.
+    config = trt_bot.load_config(bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), LEASE_TTL_S="3"))
+    first_clock, second_clock = ManualClock(), ManualClock()
+    first, second = trt_bot.App(config, clock=first_clock), trt_bot.App(config, clock=second_clock)
+    try:
+        await first.start()
+        await second.start()
+        assert (first.role.active, first.pipeline.should_process) == (True, True)
+        assert (second.role.active, second.pipeline.should_process) == (False, False)
+        await eventually(lambda: second_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
+        second_clock.advance(3.5)  # the first's lease has expired on the second's clock: taken
+        await eventually(lambda: (second.role.active, second.pipeline.should_process) == (True, True))
+        assert first.role.active  # its clock stands still: it has not looked since
+        await eventually(lambda: first_clock.sleepers >= 3)
+        first_clock.advance(1.0)  # the holder's renewal finds the lease taken: it turns passive
+        await eventually(lambda: (first.role.active, first.pipeline.should_process) == (False, False))
+    finally:
+        await stop_within(first, 60)
+        await stop_within(second, 60)
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):

@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, bot_env, eventually,
-                      formatted, free_port, update_callback, update_message)
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env,
+                      eventually, formatted, free_port, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -1365,7 +1365,7 @@ async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make
 
 
 ###############################################################################
-# 9. Application: webhook set-up, polling, diagnostics, shutdown
+# 11. Application: webhook set-up, polling, diagnostics, shutdown
 ###############################################################################
 
 MATCHING = {"url": "U", "allowed_updates": trt_bot.ALLOWED_UPDATES}
@@ -1435,13 +1435,16 @@ async def test_ensure_webhook_registers_or_flushes_without_leaking_the_token(mak
         assert secret not in registered["url"] and secret not in registered["secret_token"]
 
 
-async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(make_app, fake_tg, monkeypatch):
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(make_app, fake_tg, caplog):
     fake_tg.fail("getUpdates", 409, {"ok": False, "error_code": 409,
                                      "description": "Conflict: terminated by other getUpdates request"})
     fake_tg.push_updates(update_message(10, 1, "/start"), update_message(11, 2, "/start"))
-    app = await make_app(BOT_MODE="polling", WEBHOOK_BASE_URL="")
-    app.poll_timeout = 1
+    clock = ManualClock()
+    app = await make_app(BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1, clock=clock)
+    await eventually(lambda: [r for r in caplog.records if "[POLL] 409 Conflict" in r.getMessage()])
+    await eventually(lambda: clock.sleepers >= 4)  # the database, lease and red-flag loops, and the 409's backoff
+    assert len(fake_tg.calls_of("getUpdates")) == 1  # asleep on the clock: it asks again once the clock moves
+    clock.advance(1.0)  # the backoff is over: polling goes on
     await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 2)
     fake_tg.push_updates(update_message(12, 3, "/help"))
     await eventually(lambda: fake_tg.texts_to(3))
@@ -1465,7 +1468,7 @@ async def test_health_has_the_documented_shape(make_app):
 
 async def test_every_builtin_route_is_refused_as_the_callback_path(make_app):
     app = await make_app()
-    for path in app.routes.keys() - {"/" + app.config.kie_callback_path}:
+    for path in app.routes.table.keys() - {"/" + app.config.kie_callback_path}:
         with pytest.raises(trt_bot.ConfigError, match="collides with the bot's own route"):
             trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": path})
 

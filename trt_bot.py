@@ -1397,119 +1397,6 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-PID_MAX_LIMIT = 4_194_304  # Linux's ceiling for pid_max; a larger "pid" is garbage, not a process
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessIdentity:
-    """Who holds the lease, written so another process can tell whether it has exited.
-
-    A pid means something only inside its PID namespace and until the machine
-    reboots, and pids are reused: so the identity carries the namespace, the
-    boot and the process's start time (empty when /proc cannot tell them).
-    """
-
-    host: str
-    pid: int
-    instance: str  # tells two Apps in one process apart
-    pid_namespace: str = ""  # the inode of /proc/self/ns/pid
-    boot_id: str = ""  # /proc/sys/kernel/random/boot_id
-    start_time: str = ""  # /proc/<pid>/stat field 22: clock ticks after boot
-
-    def owner(self) -> str:
-        return ":".join((self.host, str(self.pid), self.instance, self.pid_namespace, self.boot_id, self.start_time))
-
-    @classmethod
-    def parse(cls, owner: str) -> ProcessIdentity | None:
-        """The identity in an owner string, or None (an older format, or garbage)."""
-        parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
-        if len(parts) != 6 or not parts[1].isdigit():
-            return None
-        host, pid, instance, pid_namespace, boot_id, start_time = parts
-        if not 0 < int(pid) <= PID_MAX_LIMIT:
-            return None
-        return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
-
-
-PidProbe = Callable[[int], tuple[bool, str]]
-
-
-def probe_pid(pid: int) -> tuple[bool, str]:
-    """(runs, start time) of ``pid`` in this PID namespace; the start time is "" when unreadable.
-
-    A zombie has exited: it only waits for its parent to reap it.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False, ""
-    except OSError:
-        pass  # it exists but belongs to another user
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()  # the name in parentheses may hold anything
-    except OSError:
-        return True, ""
-    if len(fields) < 20:
-        return True, ""
-    if fields[0] in (b"Z", b"X"):
-        return False, ""
-    return True, fields[19].decode("ascii", "replace")  # field 22; fields[0] is field 3
-
-
-def current_process_identity(instance: str) -> ProcessIdentity:
-    """This process's identity; the /proc parts stay empty where /proc cannot vouch for them."""
-    pid = os.getpid()
-    pid_namespace = boot_id = start_time = ""
-    try:
-        # A /proc mounted for another PID namespace would answer for other processes.
-        if os.readlink("/proc/self") == str(pid):
-            pid_namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                boot_id = f.read().strip()
-            start_time = probe_pid(pid)[1]
-    except OSError:
-        pid_namespace = boot_id = start_time = ""
-    return ProcessIdentity(socket.gethostname(), pid, instance, pid_namespace, boot_id, start_time)
-
-
-def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
-    """Whether the process that wrote ``holder`` has provably exited, judged by the process ``me``.
-
-    Only a holder in my own PID namespace during this boot can be judged:
-    gone when its pid no longer runs or now runs a process started at
-    another time.  Any other holder may be alive: it is waited out until its
-    lease expires (two containers on one host can both be pid 1).
-    """
-    theirs, mine = ProcessIdentity.parse(holder), ProcessIdentity.parse(me)
-    if theirs is None or mine is None or not mine.pid_namespace or not mine.boot_id:
-        return False
-    if (theirs.pid_namespace, theirs.boot_id) != (mine.pid_namespace, mine.boot_id):
-        return False
-    runs, start_time = probe(theirs.pid)
-    return not runs or bool(start_time and theirs.start_time and start_time != theirs.start_time)
-
-
-def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
-                probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
-    """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
-
-    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A holder
-    that may be alive keeps its lease until it expires.
-    """
-    row = conn.execute("SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'").fetchone()
-    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
-        return False, row[0], row[2]
-    acquired_at = row[1] if row is not None and row[0] == owner else now
-    conn.execute("INSERT OR REPLACE INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)",
-                 (owner, acquired_at, now + ttl))
-    return True, owner, now + ttl
-
-
-def lease_release(conn: sqlite3.Connection, owner: str) -> None:
-    conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
-
-
 class ConversationStore:
     """Where each user is in a dialog: a dict in memory, written through to SQLite.
 
@@ -2125,6 +2012,7 @@ class UpdatePipeline:
         workers: int = 3,
         handler_timeout: float = 30.0,
         max_backlog: int = INBOX_MAX_BACKLOG,
+        on_handled: Callable[[float], None] = lambda seconds: None,
     ):
         self.db = db
         self.handler = handler
@@ -2136,7 +2024,7 @@ class UpdatePipeline:
         self.stats = PipelineStats()
         self.backlog = 0  # unhandled rows in the inbox
         self.workers_active = 0
-        self.on_handled: Callable[[float], None] = lambda seconds: None
+        self.on_handled = on_handled  # told how long each handler took
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=queue_size)
         self._inbox = GroupCommit(db, inbox_write, on_batch=self._on_inbox_written)
         self._in_memory: set[int] = set()  # queued, parked or being handled
@@ -2722,14 +2610,14 @@ class Conversation:
     """
 
     def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
-                 generations: Generations):
+                 generations: Generations, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
         self.states = states
         self.generations = generations
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
-        self.queue_stats: Callable[[], dict] = dict  # set by App to the pipeline's snapshot
+        self.queue_stats = queue_stats  # the pipeline's figures, for /stats
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start,
             "/help": self.on_help,
@@ -3162,7 +3050,8 @@ class Generations:
 
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
                  http: httpx.AsyncClient, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S):
+                 delivery_notice_s: float = DELIVERY_NOTICE_S,
+                 on_finished: Callable[[Job, float], None] = lambda job, seconds: None):
         self.config = config
         self.db = db
         self.telegram = telegram
@@ -3178,7 +3067,7 @@ class Generations:
         self.jobs: dict[str, Job] = {}  # unfinished jobs
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
-        self.on_finished: Callable[[Job, float], None] = lambda job, seconds: None
+        self.on_finished = on_finished  # told each job's outcome and how long it took
         self.in_kie = 0  # jobs holding one of config.kie_max_tasks slots
         self._by_task: dict[str, str] = {}
         self._active_by_user: dict[int, str] = {}
@@ -3731,10 +3620,11 @@ class Generations:
 
 ###############################################################################
 # 11. Application
-#    Owns wiring the sections together: the single-active-instance lease,
-#    HTTP routes and diagnostics (/health and its red flags, /diag/*,
-#    /metrics), webhook and command-menu set-up or polling, database
-#    recovery, start-up and shutdown order, ``check`` and main().
+#    Owns wiring the sections together and their start-up and shutdown order:
+#    the single-active-instance lease (its SQL too) and the role it gives,
+#    webhook and command-menu set-up or long polling, HTTP routes and
+#    diagnostics (/health and its red flags, /diag/*), /metrics, database
+#    recovery, ``check`` and main().
 ###############################################################################
 
 ALLOWED_UPDATES = ["message", "callback_query"]
@@ -3760,6 +3650,8 @@ COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
            {"command": "cancel", "description": "Cancel"}],
 }
 
+
+# -- webhook and command-menu set-up, long polling -----------------------------
 
 def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
     """What ensure_webhook should do: ('keep' | 'set' | 'flush', why, with the counts).
@@ -3827,6 +3719,487 @@ async def ensure_commands(telegram: TelegramClient) -> list[str]:
     return changed
 
 
+Spawn = Callable[[Awaitable[None], str], None]  # runs a coroutine as a named task the App cancels at shutdown
+
+
+class BotSetUp:
+    """The webhook and the command menu made to match ours, once, when this process first becomes active.
+
+    Each step runs in the background (a task handed to ``spawn``) until it
+    succeeds: start-up never waits for the Bot API.
+    """
+
+    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK):
+        self.config = config
+        self.telegram = telegram
+        self.spawn = spawn
+        self.clock = clock
+        self.started = False
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        if self.config.bot_mode == "webhook":
+            self.spawn(self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config)), "webhook-setup")
+        self.spawn(self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), "commands-setup")
+
+    async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
+        """Run a set-up step against the Bot API until it succeeds."""
+        delay = 1.0
+        while True:
+            try:
+                await attempt()
+                return
+            except TelegramError as error:
+                log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, delay)
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, SETUP_RETRY_MAX_S)
+
+
+class LongPolling:
+    """Polling mode: getUpdates long polling into the same inbox the webhook feeds, only while active."""
+
+    def __init__(self, telegram: TelegramClient, pipeline: UpdatePipeline, role: Role, clock: Clock = SYSTEM_CLOCK,
+                 poll_timeout: float = POLL_TIMEOUT_S):
+        self.telegram = telegram
+        self.pipeline = pipeline
+        self.role = role
+        self.clock = clock
+        self.poll_timeout = poll_timeout
+
+    async def run(self) -> None:
+        """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
+        while not self.role.active:
+            await self.clock.sleep(PASSIVE_RETRY_S)
+        await self._retry_until_done("deleteWebhook", {"drop_pending_updates": False})
+        log.info("[POLL] polling getUpdates")
+        offset, delay = None, 1.0
+        while True:
+            if not self.role.active:
+                await self.clock.sleep(PASSIVE_RETRY_S)
+                continue
+            params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
+            if offset is not None:
+                params["offset"] = offset
+            try:
+                updates = await self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10)
+            except TelegramError as error:
+                if error.error_code == 409:
+                    log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
+                                "retrying in %.0fs", delay)
+                else:
+                    log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            offset = await self._ingest(updates or [], offset)
+
+    async def _ingest(self, updates: list, offset: int | None) -> int | None:
+        """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
+        for update in updates:
+            if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
+                continue
+            body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
+            try:
+                status = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
+            except HttpError as error:
+                log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
+                status = 400
+            if status == 503:
+                await self.clock.sleep(1.0)  # full: ask again later from this update on
+                break
+            offset = update["update_id"] + 1
+        return offset
+
+    async def _retry_until_done(self, method: str, params: dict) -> Any:
+        delay = 1.0
+        while True:
+            try:
+                return await self.telegram.call(method, params)
+            except TelegramError as error:
+                log.error("[TG] %s failed (%s); retrying in %.0fs", method, error, delay)
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+
+# -- role: the lease that makes one process on a database the active one --------
+
+PID_MAX_LIMIT = 4_194_304  # Linux's ceiling for pid_max; a larger "pid" is garbage, not a process
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessIdentity:
+    """Who holds the lease, written so another process can tell whether it has exited.
+
+    A pid means something only inside its PID namespace and until the machine
+    reboots, and pids are reused: so the identity carries the namespace, the
+    boot and the process's start time (empty when /proc cannot tell them).
+    """
+
+    host: str
+    pid: int
+    instance: str  # tells two Apps in one process apart
+    pid_namespace: str = ""  # the inode of /proc/self/ns/pid
+    boot_id: str = ""  # /proc/sys/kernel/random/boot_id
+    start_time: str = ""  # /proc/<pid>/stat field 22: clock ticks after boot
+
+    def owner(self) -> str:
+        return ":".join((self.host, str(self.pid), self.instance, self.pid_namespace, self.boot_id, self.start_time))
+
+    @classmethod
+    def parse(cls, owner: str) -> ProcessIdentity | None:
+        """The identity in an owner string, or None (an older format, or garbage)."""
+        parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
+        if len(parts) != 6 or not parts[1].isdigit():
+            return None
+        host, pid, instance, pid_namespace, boot_id, start_time = parts
+        if not 0 < int(pid) <= PID_MAX_LIMIT:
+            return None
+        return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
+
+
+PidProbe = Callable[[int], tuple[bool, str]]
+
+
+def probe_pid(pid: int) -> tuple[bool, str]:
+    """(runs, start time) of ``pid`` in this PID namespace; the start time is "" when unreadable.
+
+    A zombie has exited: it only waits for its parent to reap it.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, ""
+    except OSError:
+        pass  # it exists but belongs to another user
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # the name in parentheses may hold anything
+    except OSError:
+        return True, ""
+    if len(fields) < 20:
+        return True, ""
+    if fields[0] in (b"Z", b"X"):
+        return False, ""
+    return True, fields[19].decode("ascii", "replace")  # field 22; fields[0] is field 3
+
+
+def current_process_identity(instance: str) -> ProcessIdentity:
+    """This process's identity; the /proc parts stay empty where /proc cannot vouch for them."""
+    pid = os.getpid()
+    pid_namespace = boot_id = start_time = ""
+    try:
+        # A /proc mounted for another PID namespace would answer for other processes.
+        if os.readlink("/proc/self") == str(pid):
+            pid_namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                boot_id = f.read().strip()
+            start_time = probe_pid(pid)[1]
+    except OSError:
+        pid_namespace = boot_id = start_time = ""
+    return ProcessIdentity(socket.gethostname(), pid, instance, pid_namespace, boot_id, start_time)
+
+
+def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
+    """Whether the process that wrote ``holder`` has provably exited, judged by the process ``me``.
+
+    Only a holder in my own PID namespace during this boot can be judged:
+    gone when its pid no longer runs or now runs a process started at
+    another time.  Any other holder may be alive: it is waited out until its
+    lease expires (two containers on one host can both be pid 1).
+    """
+    theirs, mine = ProcessIdentity.parse(holder), ProcessIdentity.parse(me)
+    if theirs is None or mine is None or not mine.pid_namespace or not mine.boot_id:
+        return False
+    if (theirs.pid_namespace, theirs.boot_id) != (mine.pid_namespace, mine.boot_id):
+        return False
+    runs, start_time = probe(theirs.pid)
+    return not runs or bool(start_time and theirs.start_time and start_time != theirs.start_time)
+
+
+def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
+                probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
+    """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
+
+    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A holder
+    that may be alive keeps its lease until it expires.
+    """
+    row = conn.execute("SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'").fetchone()
+    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
+        return False, row[0], row[2]
+    acquired_at = row[1] if row is not None and row[0] == owner else now
+    conn.execute("INSERT OR REPLACE INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)",
+                 (owner, acquired_at, now + ttl))
+    return True, owner, now + ttl
+
+
+def lease_release(conn: sqlite3.Connection, owner: str) -> None:
+    conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
+
+
+class InstanceLease:
+    """Which process on this database is the active one, decided by a lease row.
+
+    ``claim()`` takes the lease if it is free or expired and renews it if it
+    is ours; it never takes a holder's that may be alive.  The holder renews
+    every third of the TTL; others retry every PASSIVE_RETRY_S, so a released
+    lease changes hands within a second, a dead holder's within the TTL and a
+    second, and a holder provably gone (see ``lease_owner_is_gone``) at once.
+    """
+
+    def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
+        self.db = db
+        self.ttl = ttl
+        self.clock = clock
+        self.owner = current_process_identity(secrets.token_hex(4)).owner()
+        self.held = False
+        self.holder = ""  # who holds it, as last seen
+        self.expires_at = 0.0
+        self.last_check = 0.0
+        self._checked = False
+
+    @property
+    def interval(self) -> float:
+        return self.ttl / 3 if self.held else min(PASSIVE_RETRY_S, self.ttl / 3)
+
+    async def claim(self) -> bool | None:
+        """Take or renew the lease (a write): True if we hold it now, False if another live process does,
+        None if the database is unusable."""
+        try:
+            held, holder, expires_at = await self.db.write(lease_claim, self.owner, self.ttl, self.clock.time())
+        except DatabaseUnavailable:
+            return None
+        was_held, first = self.held, not self._checked
+        self.held, self.holder, self.expires_at = held, holder, expires_at
+        self.last_check, self._checked = self.clock.time(), True
+        if held and not was_held:
+            log.info("[LOCK] acquired by %s", self.owner)
+        elif not held and (was_held or first):
+            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
+        return held
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            await self.db.write(lease_release, self.owner)
+        except DatabaseUnavailable:
+            return  # it expires by itself
+        self.held = False
+        log.info("[LOCK] released by %s", self.owner)
+
+
+class Role:
+    """Whether this process is the active one, and becoming or ceasing to be it.
+
+    It is *active* (processes updates, polls, runs jobs, sets up the webhook
+    and the menu) while it holds the lease, or when the database is unusable
+    from the start (then nothing is shared to coordinate through).  A passive
+    instance still stores webhook updates in the shared inbox for the active
+    one.  The only owner of ``pipeline.should_process``.
+    """
+
+    def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
+                 generations: Generations, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
+        self.lease = lease
+        self.db = db
+        self.states = states
+        self.pipeline = pipeline
+        self.generations = generations
+        self.set_up = set_up
+        self.clock = clock
+        self.active = False
+
+    async def claim_at_start(self) -> bool | None:
+        """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
+        role = await self.lease.claim()
+        self.pipeline.should_process = role is not False
+        return role
+
+    async def activate(self) -> None:
+        """Become the processing instance: fresh state from the database, jobs, the webhook."""
+        self.active = True
+        self.pipeline.should_process = True
+        if self.db.ok:
+            try:
+                log.info("[DB] %d open dialogs loaded", await self.states.load())
+            except DatabaseUnavailable:
+                pass
+        await self.generations.resume()
+        self.pipeline.wake()
+        self.set_up.start()
+
+    async def deactivate(self) -> None:
+        self.active = False
+        self.pipeline.should_process = False
+        await self.generations.pause()
+
+    async def hold(self) -> None:
+        """Renew the lease (or try for it) for the life of the process.
+
+        When the database is unusable the role stays as it was: a process that
+        cannot read the shared inbox or jobs cannot handle them twice, and
+        /start keeps working from memory.
+        """
+        while True:
+            await self.clock.sleep(self.lease.interval)
+            role = await self.lease.claim()
+            if role is True and not self.active:
+                await self.activate()
+            elif role is False and self.active:
+                await self.deactivate()
+
+    async def release(self) -> None:
+        """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
+        await self.lease.release()
+
+
+# -- metrics: the Prometheus text exposition format ---------------------------
+
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GENERATION_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+
+Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
+Family = tuple[str, str, str, list[Sample]]  # (name, type, help, samples)
+
+
+class Histogram:
+    """Observations counted into fixed buckets, rendered cumulatively as Prometheus expects."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.buckets):
+            self.counts[index] += 1
+        self.count += 1
+        self.sum += value
+
+    def samples(self) -> list[Sample]:
+        cumulative = list(itertools.accumulate(self.counts))
+        rows: list[Sample] = [("_bucket", {"le": repr(bound)}, n) for bound, n in zip(self.buckets, cumulative)]
+        return rows + [("_bucket", {"le": "+Inf"}, self.count), ("_sum", {}, self.sum), ("_count", {}, self.count)]
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(families: list[Family]) -> bytes:
+    """(name, type, help, samples) per metric family -> Prometheus text format 0.0.4."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for suffix, labels, value in samples:
+            label_text = ",".join(f'{key}="{_label_value(str(v))}"' for key, v in labels.items())
+            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+# Pipeline counters exported as trt_updates_<name>_total.
+UPDATE_COUNTERS = (
+    ("received", "Updates accepted (new update ids)."),
+    ("processed", "Updates handled, including those whose handler failed."),
+    ("duplicates", "Redelivered updates acknowledged without processing."),
+    ("spilled", "Updates stored while memory was full, handled later."),
+    ("dropped", "Updates discarded on purpose (expired or unreadable)."),
+    ("errors", "Handlers that raised or timed out."),
+    ("memory_only", "Updates accepted while the database was unusable."),
+    ("rejected", "Updates answered 503 (inbox or memory full)."),
+    ("blocked", "Replies refused because the user blocked the bot."),
+)
+
+
+class Timings:
+    """How long things take, as histograms the parts feed while they work; built before them, read by /metrics."""
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK):
+        self.clock = clock
+        self.started_at = clock.monotonic()
+        self.ack_seconds = Histogram(ACK_BUCKETS)
+        self.handling_seconds = Histogram(HANDLING_BUCKETS)
+        self.generation_seconds = Histogram(GENERATION_BUCKETS)
+
+    def uptime(self) -> float:
+        return self.clock.monotonic() - self.started_at
+
+    def job_finished(self, job: Job, seconds: float) -> None:
+        self.generation_seconds.observe(seconds)
+
+
+class Metrics:
+    """/metrics: every part's counters and gauges, and the timings, as Prometheus metric families."""
+
+    def __init__(self, timings: Timings, db: Database, pipeline: UpdatePipeline, telegram: TelegramClient,
+                 kie: KieClient, generations: Generations, role: Role):
+        self.timings = timings
+        self.db = db
+        self.pipeline = pipeline
+        self.telegram = telegram
+        self.kie = kie
+        self.generations = generations
+        self.role = role
+
+    def families(self, server: HttpServer) -> list[Family]:
+        return self._counters() + self._gauges(server) + self._histograms()
+
+    def _counters(self) -> list[Family]:
+        stats = dataclasses.asdict(self.pipeline.stats)
+        families: list[Family] = [
+            (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
+            for name, help_text in UPDATE_COUNTERS
+        ]
+        return families + [
+            ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
+             [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(self.telegram.calls.items())]),
+            ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
+             [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.kie.calls.items())]),
+            ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
+            ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
+             [("", {"outcome": o}, self.generations.finished[o]) for o in ("success", "failed", "timed_out")]),
+        ]
+
+    def _gauges(self, server: HttpServer) -> list[Family]:
+        return [
+            ("trt_queue_depth", "gauge", "Updates in memory waiting for a worker.",
+             [("", {}, self.pipeline.queue_depth)]),
+            ("trt_inbox_backlog", "gauge", "Unhandled updates in the SQLite inbox.", [("", {}, self.pipeline.backlog)]),
+            ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
+            ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.",
+             [("", {}, len(self.generations.jobs))]),
+            ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
+             [("", {}, self.role.active)]),
+            ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
+            ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
+            ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
+             [("", {"phase": phase}, n) for phase, n in server.phase_counts().items()]),
+            ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, self.timings.uptime())]),
+        ]
+
+    def _histograms(self) -> list[Family]:
+        return [
+            ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
+             self.timings.ack_seconds.samples()),
+            ("trt_update_handling_seconds", "histogram", "Time a handler took per update.",
+             self.timings.handling_seconds.samples()),
+            ("trt_generation_seconds", "histogram", "Time from job creation to its outcome.",
+             self.timings.generation_seconds.samples()),
+        ]
+
+
+# -- HTTP routes and diagnostics ------------------------------------------------
+
 class SharedCall:
     """At most one call in flight; every caller that comes meanwhile waits for it and gets its outcome.
 
@@ -3835,15 +4208,16 @@ class SharedCall:
     A caller that gives up (is cancelled) does not cancel the call for the others.
     """
 
-    def __init__(self, call: Callable[[], Awaitable[Any]], max_age: float):
+    def __init__(self, call: Callable[[], Awaitable[Any]], max_age: float, clock: Clock = SYSTEM_CLOCK):
         self.call = call
         self.max_age = max_age
+        self.clock = clock
         self.calls = 0
         self._fresh: tuple[float, Any] | None = None  # (when, value)
         self._in_flight: asyncio.Task | None = None
 
     async def get(self) -> Any:
-        if self._fresh is not None and time.monotonic() - self._fresh[0] <= self.max_age:
+        if self._fresh is not None and self.clock.monotonic() - self._fresh[0] <= self.max_age:
             return self._fresh[1]
         if self._in_flight is None:
             self._in_flight = asyncio.create_task(self._call_once(), name="shared-call")
@@ -3859,7 +4233,7 @@ class SharedCall:
         self.calls += 1
         try:
             value = await self.call()
-            self._fresh = (time.monotonic(), value)
+            self._fresh = (self.clock.monotonic(), value)
             return value
         finally:
             self._in_flight = None
@@ -3911,303 +4285,86 @@ class RedFlags:
         return ("cleared", text) if self.raised.pop(flag, None) is not None else None
 
 
-def iso_utc(timestamp: float | None) -> str | None:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
+class Diagnostics:
+    """What the bot tells its operator: /health, /diag/webhook, /diag/lock, and red flags in the log.
 
-
-class InstanceLease:
-    """Which process on this database is the active one, decided by a lease row.
-
-    ``check()`` takes the lease if it is free or expired and renews it if it is
-    ours; it never takes a holder's that may be alive.  The holder renews every
-    third of the TTL; others retry every PASSIVE_RETRY_S, so a released lease
-    changes hands within a second, a dead holder's within the TTL and a
-    second, and a holder provably gone (see ``lease_owner_is_gone``) at once.
+    getWebhookInfo is asked through one SharedCall, so /diag/webhook requests
+    arriving together and the red-flag check share an answer.
     """
 
-    def __init__(self, db: Database, ttl: float):
-        self.db = db
-        self.ttl = ttl
-        self.owner = current_process_identity(secrets.token_hex(4)).owner()
-        self.held = False
-        self.holder = ""  # who holds it, as last seen
-        self.expires_at = 0.0
-        self.last_check = 0.0
-        self._checked = False
-
-    @property
-    def interval(self) -> float:
-        return self.ttl / 3 if self.held else min(PASSIVE_RETRY_S, self.ttl / 3)
-
-    async def check(self) -> bool | None:
-        """True if we hold the lease, False if another live process does, None if the database is unusable."""
-        try:
-            held, holder, expires_at = await self.db.write(lease_claim, self.owner, self.ttl, time.time())
-        except DatabaseUnavailable:
-            return None
-        was_held, first = self.held, not self._checked
-        self.held, self.holder, self.expires_at = held, holder, expires_at
-        self.last_check, self._checked = time.time(), True
-        if held and not was_held:
-            log.info("[LOCK] acquired by %s", self.owner)
-        elif not held and (was_held or first):
-            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
-        return held
-
-    async def release(self) -> None:
-        if not self.held:
-            return
-        try:
-            await self.db.write(lease_release, self.owner)
-        except DatabaseUnavailable:
-            return  # it expires by itself
-        self.held = False
-        log.info("[LOCK] released by %s", self.owner)
-
-
-# -- metrics: the Prometheus text exposition format ---------------------------
-
-ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-GENERATION_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
-
-Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
-
-
-class Histogram:
-    """Observations counted into fixed buckets, rendered cumulatively as Prometheus expects."""
-
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self.buckets, value)
-        if index < len(self.buckets):
-            self.counts[index] += 1
-        self.count += 1
-        self.sum += value
-
-    def samples(self) -> list[Sample]:
-        cumulative = list(itertools.accumulate(self.counts))
-        rows: list[Sample] = [("_bucket", {"le": repr(bound)}, n) for bound, n in zip(self.buckets, cumulative)]
-        return rows + [("_bucket", {"le": "+Inf"}, self.count), ("_sum", {}, self.sum), ("_count", {}, self.count)]
-
-
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def exposition(families: list[tuple[str, str, str, list[Sample]]]) -> bytes:
-    """(name, type, help, samples) per metric family -> Prometheus text format 0.0.4."""
-    lines = []
-    for name, kind, help_text, samples in families:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for suffix, labels, value in samples:
-            label_text = ",".join(f'{key}="{_label_value(str(v))}"' for key, v in labels.items())
-            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
-    return ("\n".join(lines) + "\n").encode()
-
-
-# Pipeline counters exported as trt_updates_<name>_total.
-UPDATE_COUNTERS = (
-    ("received", "Updates accepted (new update ids)."),
-    ("processed", "Updates handled, including those whose handler failed."),
-    ("duplicates", "Redelivered updates acknowledged without processing."),
-    ("spilled", "Updates stored while memory was full, handled later."),
-    ("dropped", "Updates discarded on purpose (expired or unreadable)."),
-    ("errors", "Handlers that raised or timed out."),
-    ("memory_only", "Updates accepted while the database was unusable."),
-    ("rejected", "Updates answered 503 (inbox or memory full)."),
-    ("blocked", "Replies refused because the user blocked the bot."),
-)
-
-
-class App:
-    """The running bot: one HTTP server, one database, one pipeline, one Bot API client.
-
-    It is *active* (processes updates, polls, runs jobs) while it holds the
-    lease, or when the database is unusable from the start (then nothing is
-    shared to coordinate through).  A passive instance still stores webhook
-    updates in the shared inbox for the active one.
-    """
-
-    def __init__(self, config: Config, http: httpx.AsyncClient | None = None):
+    def __init__(self, config: Config, db: Database, pipeline: UpdatePipeline, generations: Generations, role: Role,
+                 telegram: TelegramClient, timings: Timings, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
         self.config = config
-        self.started_at = time.monotonic()
-        self.port: int | None = None
-        self.stopping = False
-        self.active = False
-        self.poll_timeout = POLL_TIMEOUT_S
-        self.db = Database(config.database_path)
-        self.lease = InstanceLease(self.db, config.lease_ttl_s)
-        self.http = http or httpx.AsyncClient(
-            timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        )
-        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http)
-        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http)
-        self.states = ConversationStore(self.db)
-        self.generations = Generations(config, self.db, self.telegram, self.kie, self.http)
-        self.conversation = Conversation(config, self.telegram, self.states, self.generations)
-        self.pipeline = UpdatePipeline(
-            self.db,
-            self.conversation.handle,
-            queue_size=config.queue_size,
-            workers=config.queue_workers,
-            handler_timeout=config.handler_timeout_s,
-        )
-        self.conversation.queue_stats = self.pipeline.snapshot
-        self.ack_seconds = Histogram(ACK_BUCKETS)
-        self.handling_seconds = Histogram(HANDLING_BUCKETS)
-        self.generation_seconds = Histogram(GENERATION_BUCKETS)
-        self.pipeline.on_handled = self.handling_seconds.observe
-        self.generations.on_finished = lambda job, seconds: self.generation_seconds.observe(seconds)
-        self.server = HttpServer(self.handle_request, check_head=self.check_head)
-        self.routes: dict[str, dict[str, RequestHandler]] = {
-            config.webhook_path: {"POST": self.on_webhook},
-            "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
-            "/health": {"GET": self.on_health},
-            "/diag/webhook": {"GET": self.on_diag_webhook},
-            "/diag/lock": {"GET": self.on_diag_lock},
-            "/metrics": {"GET": self.on_metrics},
-            "/": {"GET": self.on_root},
-        }
-        # What a request must carry, by path: judged from its head, before the body is read.
-        self.guards: dict[str, HeadCheck] = {
-            config.webhook_path: self._require_webhook_secret,
-            "/" + config.kie_callback_path: self._require_callback_token,
-        }
-        if config.diag_token:
-            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), self._require_diag_token))
-        self._webhook_secret = config.webhook_secret.encode()
-        self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S)
+        self.db = db
+        self.pipeline = pipeline
+        self.generations = generations
+        self.role = role
+        self.telegram = telegram
+        self.timings = timings
+        self.stopping = stopping
+        self.clock = clock
+        self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S, clock)
         self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
         self.red_flag_check_s, self.webhook_check_s = RED_FLAG_CHECK_S, WEBHOOK_CHECK_S
-        self._webhook_setup: asyncio.Task | None = None
-        self._commands_setup: asyncio.Task | None = None
-        self._background: list[asyncio.Task] = []
 
-    # -- lifecycle -----------------------------------------------------------
+    async def on_health(self, request: Request) -> Response:
+        stopping, workers_dead = self.stopping.is_set(), not self.pipeline.workers_alive
+        payload = {
+            "status": "stopping" if stopping else "ok" if self.db.ok else "degraded",
+            "uptime": int(self.timings.uptime()),
+            "active": self.role.active,
+            "webhook_mode": self.config.bot_mode == "webhook",
+            "lock_acquired": self.role.lease.held,
+            "db_schema_ready": self.db.ok,
+            "queue": self.pipeline.snapshot(),
+            "jobs_in_flight": len(self.generations.jobs),
+            "warnings": self.red_flags.warnings,
+            "version": __version__,
+        }
+        if not self.db.ok:
+            payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
+        return json_response(payload, 503 if stopping or workers_dead else 200)
 
-    async def start(self) -> None:
-        install_secret_masking(self.config.secrets)
-        # Bind first: Render marks a deploy failed when the port opens late.
-        self.port = await self.server.start(self.config.host, self.config.port)
-        log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
-        if await self.db.open():
-            log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
-        role = await self.lease.check()
-        self.pipeline.should_process = role is not False
-        await self.pipeline.start()
-        if role is not False:
-            await self._activate()
-        self._spawn(self._watch_database(), "db-watch")
-        self._spawn(self._hold_lease(), "lease")
-        self._spawn(self._watch_red_flags(), "red-flags")
-        if self.config.bot_mode == "polling":
-            self._spawn(self._poll_forever(), "polling")
+    async def _get_webhook_info(self) -> dict:
+        info = await self.telegram.call("getWebhookInfo")
+        return info if isinstance(info, dict) else {}
 
-    async def stop(self) -> None:
-        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
+    async def on_diag_webhook(self, request: Request) -> Response:
+        try:
+            info = await self.webhook_info.get()
+        except TelegramError as error:
+            return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
+        return json_response({
+            "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.config.secrets),
+            "pending_update_count": info.get("pending_update_count", 0),
+            "last_error_message": mask_secrets(info.get("last_error_message") or "", self.config.secrets),
+            "last_error_date": info.get("last_error_date"),
+            "max_connections": info.get("max_connections"),
+        })
 
-        The lease is released last, after in-memory work is finished, so the
-        successor never picks up an update this process is still handling.
-        """
-        if self.stopping:
-            return
-        self.stopping = True
-        deadline = time.monotonic() + self.config.shutdown_grace_s
-        log.info("[APP] shutting down")
-        await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        tasks = [*self._background, *(t for t in (self._webhook_setup, self._commands_setup) if t is not None)]
-        for task in tasks:
-            task.cancel()
-        self.webhook_info.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.pipeline.stop(grace=max(0.0, deadline - time.monotonic()))
-        await self.generations.stop(grace=max(0.0, deadline - time.monotonic()))
-        await self.lease.release()
-        await self.http.aclose()
-        await self.db.close()
-        log.info("[APP] stopped")
+    async def on_diag_lock(self, request: Request) -> Response:
+        lease = self.role.lease
+        return json_response({
+            "active": self.role.active,
+            "should_process": self.pipeline.should_process,
+            "lock_acquired": lease.held,
+            "last_check": iso_utc(lease.last_check),
+            "instance_id": lease.owner,
+            "owner": lease.holder or None,
+            "expires_at": iso_utc(lease.expires_at),
+            "ttl_s": lease.ttl,
+            "database_ok": self.db.ok,
+        })
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
-
-    async def _activate(self) -> None:
-        """Become the processing instance: fresh state from the database, jobs, the webhook."""
-        self.active = True
-        self.pipeline.should_process = True
-        if self.db.ok:
-            try:
-                log.info("[DB] %d open dialogs loaded", await self.states.load())
-            except DatabaseUnavailable:
-                pass
-        await self.generations.resume()
-        self.pipeline.wake()
-        if self.config.bot_mode == "webhook" and self._webhook_setup is None:
-            self._webhook_setup = asyncio.create_task(
-                self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config)), name="webhook-setup")
-        if self._commands_setup is None:
-            self._commands_setup = asyncio.create_task(
-                self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), name="commands-setup")
-
-    async def _deactivate(self) -> None:
-        self.active = False
-        self.pipeline.should_process = False
-        await self.generations.pause()
-
-    async def _hold_lease(self) -> None:
-        """Renew the lease (or try for it) for the life of the process.
-
-        When the database is unusable the role stays as it was: a process that
-        cannot read the shared inbox or jobs cannot handle them twice, and
-        /start keeps working from memory.
-        """
-        while True:
-            await asyncio.sleep(self.lease.interval)
-            role = await self.lease.check()
-            if role is True and not self.active:
-                await self._activate()
-            elif role is False and self.active:
-                await self._deactivate()
-
-    async def _watch_database(self) -> None:
-        """Notice the database file being deleted or replaced, even with no traffic, and reopen an
-        unusable database (a new file if the old one is gone) to return to durable mode."""
-        while True:
-            await asyncio.sleep(DB_RETRY_S)
-            if self.db.ok:
-                await self.db.verify()
-            if not self.db.ok and await self.db.open():
-                log.warning("[DB] recovered; back to durable mode")
-                self.pipeline.wake()
-                if self.active:
-                    await self.generations.resume()
-
-    async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
-        """Run a set-up step against the Bot API until it succeeds, in the background: start-up never waits."""
-        delay = 1.0
-        while True:
-            try:
-                await attempt()
-                return
-            except TelegramError as error:
-                log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, SETUP_RETRY_MAX_S)
-
-    async def _watch_red_flags(self) -> None:
+    async def watch_red_flags(self) -> None:
         """Sample the inbox backlog, and in webhook mode Telegram's pending count; log each incident once."""
-        last_webhook_check = time.monotonic()
+        last_webhook_check = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.red_flag_check_s)
+            await self.clock.sleep(self.red_flag_check_s)
             self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
-            if self.config.bot_mode != "webhook" or time.monotonic() - last_webhook_check < self.webhook_check_s:
+            if self.config.bot_mode != "webhook" or self.clock.monotonic() - last_webhook_check < self.webhook_check_s:
                 continue
-            last_webhook_check = time.monotonic()
+            last_webhook_check = self.clock.monotonic()
             try:
                 pending = (await self.webhook_info.get()).get("pending_update_count")
             except TelegramError:
@@ -4224,57 +4381,43 @@ class App:
         else:
             log.info("[FLAG] cleared: %s", text)
 
-    async def _poll_forever(self) -> None:
-        """Long-poll getUpdates into the same inbox the webhook feeds (only while active)."""
-        while not self.active:
-            await asyncio.sleep(PASSIVE_RETRY_S)
-        await self._retry_until_done("deleteWebhook", {"drop_pending_updates": False})
-        log.info("[POLL] polling getUpdates")
-        offset, delay = None, 1.0
-        while True:
-            if not self.active:
-                await asyncio.sleep(PASSIVE_RETRY_S)
-                continue
-            params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
-            if offset is not None:
-                params["offset"] = offset
-            try:
-                updates = await self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10)
-            except TelegramError as error:
-                if error.error_code == 409:
-                    log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
-                                "retrying in %.0fs", delay)
-                else:
-                    log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 1.0
-            for update in updates or []:
-                if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
-                    continue
-                body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
-                try:
-                    status = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
-                except HttpError as error:
-                    log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
-                    status = 400
-                if status == 503:
-                    await asyncio.sleep(1.0)  # full: ask again later from this update on
-                    break
-                offset = update["update_id"] + 1
+    def close(self) -> None:
+        self.webhook_info.cancel()
 
-    async def _retry_until_done(self, method: str, params: dict) -> Any:
-        delay = 1.0
-        while True:
-            try:
-                return await self.telegram.call(method, params)
-            except TelegramError as error:
-                log.error("[TG] %s failed (%s); retrying in %.0fs", method, error, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
 
-    # -- HTTP routes -----------------------------------------------------------
+class Routes:
+    """What the bot serves over HTTP: the routes table, what each path requires, and the server that runs them.
+
+    A request is judged from its head first (path, method, secret), before
+    its body is read; only a request that passes reaches its handler.
+    """
+
+    def __init__(self, config: Config, pipeline: UpdatePipeline, generations: Generations, diagnostics: Diagnostics,
+                 metrics: Metrics, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
+        self.config = config
+        self.pipeline = pipeline
+        self.generations = generations
+        self.metrics = metrics
+        self.stopping = stopping
+        self.clock = clock
+        self.table: dict[str, dict[str, RequestHandler]] = {
+            config.webhook_path: {"POST": self.on_webhook},
+            "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
+            "/health": {"GET": diagnostics.on_health},
+            "/diag/webhook": {"GET": diagnostics.on_diag_webhook},
+            "/diag/lock": {"GET": diagnostics.on_diag_lock},
+            "/metrics": {"GET": self.on_metrics},
+            "/": {"GET": self.on_root},
+        }
+        # What a request must carry, by path: judged from its head, before the body is read.
+        self.guards: dict[str, HeadCheck] = {
+            config.webhook_path: self._require_webhook_secret,
+            "/" + config.kie_callback_path: self._require_callback_token,
+        }
+        if config.diag_token:
+            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), self._require_diag_token))
+        self._webhook_secret = config.webhook_secret.encode()
+        self.server = HttpServer(self.handle_request, check_head=self.check_head)
 
     def check_head(self, request: Request) -> Response | None:
         """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
@@ -4282,7 +4425,10 @@ class App:
         return verdict if isinstance(verdict, Response) else None
 
     async def handle_request(self, request: Request) -> Response:
-        """Route a complete request; the one place an HttpError becomes a response."""
+        """Route a complete request; an HttpError its handler raises becomes the response.
+
+        (HttpServer answers the HttpErrors of reading a request itself, and a 500 for any other error.)
+        """
         verdict = self._route(request)
         if isinstance(verdict, Response):
             return verdict
@@ -4293,7 +4439,7 @@ class App:
 
     def _route(self, request: Request) -> RequestHandler | Response:
         """The handler for a request, or the refusal its head alone earns (path, method, secret)."""
-        methods = self.routes.get(request.path)
+        methods = self.table.get(request.path)
         if methods is None:
             if request.path.startswith("/webhook/"):
                 return text_response(401, "wrong webhook secret")
@@ -4327,12 +4473,12 @@ class App:
         return text_response(401, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))
 
     async def on_webhook(self, request: Request) -> Response:
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         update = parse_update(request.body)
-        if self.stopping:
+        if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
         status = await self.pipeline.ingest(update, request.body)
-        self.ack_seconds.observe(time.perf_counter() - started)
+        self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
         if status == 200:
             return Response(200, OK_BODY, "application/json")
         if status == 400:
@@ -4356,101 +4502,130 @@ class App:
             raise HttpError(400, "no taskId in the callback")
         if self.config.kie_hmac_key and not kie_callback_signed(
                 self.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
-                request.headers.get("x-webhook-signature", ""), time.time()):
+                request.headers.get("x-webhook-signature", ""), self.clock.time()):
             return text_response(403, "bad or stale webhook signature")
         # A passive instance knows no jobs; the active one's poller finds the result.
         self.generations.on_callback(task_id)
         return json_response({"code": 200, "msg": "success"})
 
-    async def on_health(self, request: Request) -> Response:
-        workers_dead = not self.pipeline.workers_alive
-        status = "stopping" if self.stopping else "ok" if self.db.ok else "degraded"
-        payload = {
-            "status": status,
-            "uptime": int(time.monotonic() - self.started_at),
-            "active": self.active,
-            "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.lease.held,
-            "db_schema_ready": self.db.ok,
-            "queue": self.pipeline.snapshot(),
-            "jobs_in_flight": len(self.generations.jobs),
-            "warnings": self.red_flags.warnings,
-            "version": __version__,
-        }
-        if not self.db.ok:
-            payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
-        return json_response(payload, 503 if self.stopping or workers_dead else 200)
-
-    async def _get_webhook_info(self) -> dict:
-        info = await self.telegram.call("getWebhookInfo")
-        return info if isinstance(info, dict) else {}
-
-    async def on_diag_webhook(self, request: Request) -> Response:
-        try:
-            info = await self.webhook_info.get()
-        except TelegramError as error:
-            return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
-        return json_response({
-            "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.config.secrets),
-            "pending_update_count": info.get("pending_update_count", 0),
-            "last_error_message": mask_secrets(info.get("last_error_message") or "", self.config.secrets),
-            "last_error_date": info.get("last_error_date"),
-            "max_connections": info.get("max_connections"),
-        })
-
-    async def on_diag_lock(self, request: Request) -> Response:
-        lease = self.lease
-        return json_response({
-            "active": self.active,
-            "should_process": self.pipeline.should_process,
-            "lock_acquired": lease.held,
-            "last_check": iso_utc(lease.last_check),
-            "instance_id": lease.owner,
-            "owner": lease.holder or None,
-            "expires_at": iso_utc(lease.expires_at),
-            "ttl_s": lease.ttl,
-            "database_ok": self.db.ok,
-        })
-
     async def on_metrics(self, request: Request) -> Response:
-        return Response(200, exposition(self.metric_families()), "text/plain; version=0.0.4; charset=utf-8")
-
-    def metric_families(self) -> list[tuple[str, str, str, list[Sample]]]:
-        stats = dataclasses.asdict(self.pipeline.stats)
-        families: list[tuple[str, str, str, list[Sample]]] = [
-            (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
-            for name, help_text in UPDATE_COUNTERS
-        ]
-        families += [
-            ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
-             [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(self.telegram.calls.items())]),
-            ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
-             [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.kie.calls.items())]),
-            ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
-            ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
-             [("", {"outcome": o}, self.generations.finished[o]) for o in ("success", "failed", "timed_out")]),
-            ("trt_queue_depth", "gauge", "Updates in memory waiting for a worker.",
-             [("", {}, self.pipeline.queue_depth)]),
-            ("trt_inbox_backlog", "gauge", "Unhandled updates in the SQLite inbox.", [("", {}, self.pipeline.backlog)]),
-            ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
-            ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.", [("", {}, len(self.generations.jobs))]),
-            ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.", [("", {}, self.active)]),
-            ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
-            ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, self.server.open_connections)]),
-            ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
-             [("", {"phase": phase}, n) for phase, n in self.server.phase_counts().items()]),
-            ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, time.monotonic() - self.started_at)]),
-            ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
-             self.ack_seconds.samples()),
-            ("trt_update_handling_seconds", "histogram", "Time a handler took per update.",
-             self.handling_seconds.samples()),
-            ("trt_generation_seconds", "histogram", "Time from job creation to its outcome.",
-             self.generation_seconds.samples()),
-        ]
-        return families
+        text = exposition(self.metrics.families(self.server))
+        return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
 
     async def on_root(self, request: Request) -> Response:
         return text_response(200, f"trt_bot {__version__}")
+
+
+class App:
+    """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
+
+    Whether it processes updates is its Role's business (the lease).
+    """
+
+    def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
+                 poll_timeout: float = POLL_TIMEOUT_S):
+        self.config = config
+        self.clock = clock
+        self.port: int | None = None
+        self.stopping = asyncio.Event()
+        self._background: list[asyncio.Task] = []
+        self.db = Database(config.database_path)
+        self.http = http or httpx.AsyncClient(
+            timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        )
+        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http)
+        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http)
+        timings, states = Timings(clock), ConversationStore(self.db)
+        self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
+                                       on_finished=timings.job_finished)
+        self.pipeline = self._build_pipeline(states, timings)
+        set_up = BotSetUp(config, self.telegram, self._spawn, clock)
+        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
+                         self.generations, set_up, clock)
+        self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
+                                       timings, self.stopping, clock)
+        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
+        self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
+        # The loops that run for the life of the process, by task name.
+        self._loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags}
+        if config.bot_mode == "polling":
+            self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
+
+    def _build_pipeline(self, states: ConversationStore, timings: Timings) -> UpdatePipeline:
+        """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
+        # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
+        conversation = Conversation(self.config, self.telegram, states, self.generations,
+                                    queue_stats=lambda: pipeline.snapshot())
+        pipeline = UpdatePipeline(
+            self.db,
+            conversation.handle,
+            queue_size=self.config.queue_size,
+            workers=self.config.queue_workers,
+            handler_timeout=self.config.handler_timeout_s,
+            on_handled=timings.handling_seconds.observe,
+        )
+        return pipeline
+
+    @property
+    def server(self) -> HttpServer:
+        return self.routes.server
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        install_secret_masking(self.config.secrets)
+        # Bind first: Render marks a deploy failed when the port opens late.
+        self.port = await self.server.start(self.config.host, self.config.port)
+        log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
+        if await self.db.open():
+            log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
+        first_claim = await self.role.claim_at_start()
+        await self.pipeline.start()
+        if first_claim is not False:
+            await self.role.activate()
+        for name, loop in self._loops.items():
+            self._spawn(loop(), name)
+
+    async def stop(self) -> None:
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
+
+        The lease is released last, after in-memory work is finished, so the
+        successor never picks up an update this process is still handling.
+        """
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        deadline = self.clock.monotonic() + self.config.shutdown_grace_s
+        log.info("[APP] shutting down")
+        await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        self.diagnostics.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        await self.role.release()
+        await self.http.aclose()
+        await self.db.close()
+        log.info("[APP] stopped")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def _watch_database(self) -> None:
+        """Notice the database file being deleted or replaced, even with no traffic, and reopen an
+        unusable database (a new file if the old one is gone) to return to durable mode."""
+        while True:
+            await self.clock.sleep(DB_RETRY_S)
+            if self.db.ok:
+                await self.db.verify()
+            if not self.db.ok and await self.db.open():
+                log.warning("[DB] recovered; back to durable mode")
+                self.pipeline.wake()
+                if self.role.active:
+                    await self.generations.resume()
 
 
 CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
