@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, bot_env, eventually,
-                      formatted, free_port, update_callback, update_message)
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env,
+                      eventually, formatted, free_port, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -463,7 +463,7 @@ async def say_hi(request: trt_bot.Request) -> trt_bot.Response:
 @contextlib.asynccontextmanager
 async def running_server(handler=say_hi, **limits):
     """A bare HttpServer on a free port, for the server's own limits."""
-    server = trt_bot.HttpServer(handler, **limits)
+    server = trt_bot.HttpServer(handler, limits=trt_bot.HttpLimits(**limits))
     port = await server.start("127.0.0.1", 0)
     try:
         yield server, port
@@ -527,7 +527,7 @@ async def test_a_client_that_does_not_read_is_cut_after_the_write_timeout():
 
 async def test_clients_that_do_not_read_cannot_starve_the_webhook(make_app, fake_tg):
     app = await make_app()
-    app.server.max_connections, app.server.max_unsent = 3, 1024
+    app.server.connections.limits = trt_bot.HttpLimits(max_connections=3, max_unsent=1024)
     health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     clients = [await open_non_reading_client(app.port, health * 20000) for _ in range(3)]
     await eventually(lambda: app.server.phase_counts()["writing"] == 3)  # each stalled on answers it does not read
@@ -599,7 +599,7 @@ async def test_closing_the_server_ends_every_connection_quietly():
         return trt_bot.text_response(200, "never")
 
     seen = len(ALL_RECORDS.records)
-    server = trt_bot.HttpServer(stuck, max_connections=1)
+    server = trt_bot.HttpServer(stuck, limits=trt_bot.HttpLimits(max_connections=1))
     port = await server.start("127.0.0.1", 0)
     _, busy = await asyncio.open_connection("127.0.0.1", port)
     busy.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -636,6 +636,23 @@ async def test_a_handler_that_overruns_its_deadline_gets_503():
     async with running_server(hanging, handler_timeout=0.2) as (_, port):
         answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
+
+
+async def test_an_idle_connection_is_closed_when_the_servers_clock_passes_its_deadline():
+    clock = ManualClock()
+    server = trt_bot.HttpServer(say_hi, limits=trt_bot.HttpLimits(idle_timeout=10), clock=clock)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
+        await eventually(lambda: clock.sleepers == 1)  # the sweeper waits on this clock, not on real time
+        clock.advance(11)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert server.open_connections == 0
+        writer.close()
+    finally:
+        await server.close()
 
 
 ###############################################################################
