@@ -27,21 +27,14 @@ import respx
 
 import trt_bot
 from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
-                      eventually, free_port, update_callback, update_message)
-from test_trt_bot import post_update
+                      eventually, free_port, post_update, update_callback, update_message)
+from conftest import fast_jobs  # noqa: F401  (test_faults.py imports the fixture from here)
 
 _update_ids = itertools.count(10_000)
 
 
 def gen_env(fake_kie, **more: str) -> dict[str, str]:
     return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
-
-
-@pytest.fixture
-def fast_jobs(monkeypatch):
-    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
-    monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
-    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
 
 
 async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",

@@ -15,8 +15,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -26,8 +24,9 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env,
-                      eventually, formatted, free_port, update_callback, update_message)
+from conftest import (DERIVED_SECRETS, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env, eventually,
+                      eventually_async, formatted, free_port, post_update, run_bot_cli, secret_header, update_callback,
+                      update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -35,32 +34,6 @@ _real_sleep = asyncio.sleep
 async def _fast_sleep(seconds: float) -> None:
     """Patched over asyncio.sleep where a test must not wait out real backoffs."""
     await _real_sleep(min(seconds, 0.01))
-
-
-def secret_header(app: trt_bot.App) -> dict[str, str]:
-    return {"X-Telegram-Bot-Api-Secret-Token": app.config.webhook_secret}
-
-
-async def post_update(app: trt_bot.App, update: dict, client: httpx.AsyncClient | None = None,
-                      headers: dict | None = None) -> httpx.Response:
-    url = f"http://127.0.0.1:{app.port}{app.config.webhook_path}"
-    headers = secret_header(app) if headers is None else headers
-    if client is not None:
-        return await client.post(url, json=update, headers=headers)
-    async with httpx.AsyncClient(verify=False) as own:  # plain HTTP: skip loading CA certificates (~20 ms)
-        return await own.post(url, json=update, headers=headers)
-
-
-async def eventually_async(fetch, predicate, timeout: float = 10.0):
-    """Like ``eventually`` for a value that needs awaiting: poll ``fetch()`` until ``predicate`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await fetch()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
-        await asyncio.sleep(0.05)
 
 
 async def raw_exchange(port: int, data: bytes, *, chunk: int | None = None, read_until_close: bool = True) -> bytes:
@@ -81,13 +54,6 @@ async def raw_exchange(port: int, data: bytes, *, chunk: int | None = None, read
 ###############################################################################
 # 1. Configuration
 ###############################################################################
-
-def run_bot_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_", "BOT_"))}
-    clean.update(env)
-    return subprocess.run([sys.executable, os.path.join(HERE, "trt_bot.py"), *args], env=clean,
-                          capture_output=True, text=True, timeout=30)
-
 
 def test_missing_token_exits_2_with_one_line_saying_how_to_get_one():
     result = run_bot_cli({})
