@@ -141,7 +141,8 @@ class FakeBotApi(FakeServer):
 
     ``calls`` holds (method, params) in arrival order.  ``fail(method, status,
     body)`` queues a scripted answer for the next call of that method;
-    ``stall(method)`` makes that method hang until ``release(method)``.
+    ``stall(method)`` makes that method hang until ``release(method)``;
+    ``held(method)`` counts the calls hanging (recorded once they go on).
     """
 
     def __init__(self, token: str = TOKEN):
@@ -152,6 +153,7 @@ class FakeBotApi(FakeServer):
         self.commands: dict[str, list[dict]] = {}  # the command menu per language_code ("" = default)
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
+        self._held: dict[str, int] = {}
         self._message_id = 1000
         super().__init__()
 
@@ -170,6 +172,10 @@ class FakeBotApi(FakeServer):
 
     def release(self, method: str) -> None:
         self._stalled.pop(method).set()
+
+    def held(self, method: str) -> int:
+        with self._cond:
+            return self._held.get(method, 0)
 
     def push_updates(self, *updates: dict) -> None:
         with self._cond:
@@ -197,8 +203,12 @@ class FakeBotApi(FakeServer):
         params = parse_body(headers.get("Content-Type", ""), body)
         stalled = self._stalled.get(method)
         if stalled is not None:
+            with self._cond:
+                self._held[method] = self._held.get(method, 0) + 1
             stalled.wait(60)
         with self._cond:
+            if stalled is not None:
+                self._held[method] -= 1
             self.calls.append((method, params))
             self._cond.notify_all()
             if self._scripted.get(method):

@@ -1241,9 +1241,10 @@ async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_resta
         for n in range(1, 21):
             response = await client.post(url, json=update_message(n, 500 + n, "/start"), headers=headers)
             assert response.status_code == 200
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
     first.kill()
     fake_tg.release("sendMessage")
-    await asyncio.sleep(0.3)  # let the killed process's stalled calls drain out of the fake
+    await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
     fake_tg.clear()
     second = bot_processes({**env, "PORT": str(free_port())})
     await second.wait_healthy()
@@ -1282,9 +1283,10 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
         await eventually_async(status, lambda h: h["status"] == "ok", timeout=10)
         await post(range(6, 11))
     assert database.is_file()
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
     first.kill()
     fake_tg.release("sendMessage")
-    await asyncio.sleep(0.3)  # let the killed process's stalled calls drain out of the fake
+    await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
     fake_tg.clear()
     second = bot_processes({**env, "PORT": str(free_port())})
     await second.wait_healthy()
@@ -1572,9 +1574,19 @@ async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_
         for n in range(1, 6):
             await client.post(bot.base_url + config.webhook_path, json=update_message(n, 600 + n, "/start"),
                               headers={"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret})
-    await eventually(lambda: bot.process.poll() is None)
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker is in a handler, waiting on Telegram
     bot.process.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+
+    async def refuses_connections() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                await client.get(bot.base_url + "/health")
+        except httpx.ConnectError:
+            return True
+        return False
+
+    await eventually_async(refuses_connections, bool)  # its server is closed: the shutdown has reached the drain
+    assert "[APP] shutting down" in bot.log and bot.process.poll() is None  # still draining: it waits for the handlers Telegram holds up
     fake_tg.release("sendMessage")  # the drain can finish now
     assert await asyncio.to_thread(bot.process.wait, 30) == 0
     assert {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} == set(range(601, 606))
