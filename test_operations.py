@@ -25,8 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
-from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, post_update, run_bot_cli,
-                      update_message)
+from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, bot_env, eventually, free_port, post_update,
+                      run_bot_cli, update_message)
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
 
