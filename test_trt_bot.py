@@ -1339,12 +1339,18 @@ async def test_every_callback_query_is_answered(make_app, fake_tg, data):
     assert fake_tg.calls_of("answerCallbackQuery")[0]["callback_query_id"] == "cq1"
 
 
-async def test_start_uses_the_fallback_menu_when_building_the_menu_fails(make_app, fake_tg, monkeypatch):
+async def test_start_uses_the_fallback_menu_when_building_the_menu_fails(make_app, fake_tg, monkeypatch, caplog):
     app = await make_app()
-    monkeypatch.setattr(trt_bot, "main_menu", lambda lang: 1 / 0)
+
+    def failing_menu(lang: str, models: tuple = (trt_bot.Z_IMAGE,)) -> dict:  # main_menu's own signature
+        raise ZeroDivisionError("the menu cannot be built")
+
+    monkeypatch.setattr(trt_bot, "main_menu", failing_menu)
     await post_update(app, update_message(1, 9, "/start"))
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
     assert fake_tg.calls_of("sendMessage")[0]["reply_markup"] == trt_bot.FALLBACK_MENU
+    (failure,) = [r for r in caplog.records if "[BOT] main menu failed" in r.getMessage()]
+    assert failure.exc_info[0] is ZeroDivisionError  # the menu's own failure, not a call that does not fit it
 
 
 async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make_app, fake_tg, tmp_path):
