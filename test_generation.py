@@ -616,7 +616,7 @@ async def test_a_job_survives_sigkill_and_its_photo_is_delivered_once_after_rest
     await second.wait_healthy()
     await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=15)
     await eventually(lambda: job_states(database) == ["delivered"])
-    await asyncio.sleep(0.5)
+    assert second.terminate() == 0  # a graceful stop finishes all it started: nothing can come after
     assert len(fake_tg.calls_of("sendPhoto")) == 1 and len(fake_kie.created) == 1
     assert "[JOB] resumed 1 unfinished jobs" in second.log
     assert TOKEN not in second.log and KIE_KEY not in second.log
