@@ -1311,6 +1311,49 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
 # 8. Conversation
 ###############################################################################
 
+@pytest.mark.parametrize("text, refusal", [
+    ("a red fox", None),
+    ("", ("prompt_empty", {})),
+    (" \n\t ", ("prompt_empty", {})),
+    ("x" * trt_bot.PROMPT_MAX_CHARS, None),
+    ("x" * (trt_bot.PROMPT_MAX_CHARS + 1),
+     ("prompt_too_long", {"length": trt_bot.PROMPT_MAX_CHARS + 1, "limit": trt_bot.PROMPT_MAX_CHARS})),
+])
+def test_a_prompt_is_refused_when_blank_or_over_the_limit_and_says_why(text, refusal):
+    assert trt_bot.check_prompt(text) == refusal
+
+
+@pytest.mark.parametrize("text, command", [
+    ("/start", "/start"),
+    ("/start payload from a link", "/start"),
+    ("/START@TrtBot", "/start"),
+    ("/help@TrtBot extra", "/help"),
+    ("/", "/"),
+    ("start", None),
+    (" /start", None),
+    ("a cat on /mars", None),
+])
+def test_a_command_is_the_first_word_without_the_bot_name_in_lower_case(text, command):
+    assert trt_bot.parse_command(text) == command
+
+
+@pytest.mark.parametrize("user, language", [
+    ({"language_code": "en"}, "en"),
+    ({"language_code": "en-GB"}, "en"),
+    ({"language_code": "de"}, "en"),
+    ({"language_code": "ru"}, "ru"),
+    ({"language_code": "uk-UA"}, "ru"),
+    ({"language_code": "BE"}, "ru"),
+    ({"language_code": "kk"}, "ru"),
+    ({"language_code": ""}, "ru"),
+    ({"language_code": None}, "ru"),
+    ({}, "ru"),
+    (None, "ru"),
+])
+def test_russian_reading_users_and_users_of_unknown_language_get_russian_the_rest_english(user, language):
+    assert trt_bot.user_language(user) == language
+
+
 async def test_english_speakers_get_english_and_unknown_language_gets_russian(make_app, fake_tg):
     app = await make_app()
     await post_update(app, update_message(1, 1, "/start", lang="en"))
