@@ -153,7 +153,7 @@ class FakeBotApi(FakeServer):
         self.commands: dict[str, list[dict]] = {}  # the command menu per language_code ("" = default)
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
-        self._held: dict[str, int] = {}
+        self._stalled_calls: dict[str, int] = {}
         self._message_id = 1000
         super().__init__()
 
@@ -175,7 +175,7 @@ class FakeBotApi(FakeServer):
 
     def held(self, method: str) -> int:
         with self._cond:
-            return self._held.get(method, 0)
+            return self._stalled_calls.get(method, 0)
 
     def push_updates(self, *updates: dict) -> None:
         with self._cond:
@@ -204,11 +204,11 @@ class FakeBotApi(FakeServer):
         stalled = self._stalled.get(method)
         if stalled is not None:
             with self._cond:
-                self._held[method] = self._held.get(method, 0) + 1
+                self._stalled_calls[method] = self._stalled_calls.get(method, 0) + 1
             stalled.wait(60)
         with self._cond:
             if stalled is not None:
-                self._held[method] -= 1
+                self._stalled_calls[method] -= 1
             self.calls.append((method, params))
             self._cond.notify_all()
             if self._scripted.get(method):
