@@ -12,6 +12,7 @@ import asyncio
 import email.parser
 import email.policy
 import http.server
+import itertools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import time
 import urllib.parse
 from typing import Any, Callable
 
+import httpx
 import pytest
 
 import trt_bot
@@ -139,7 +141,8 @@ class FakeBotApi(FakeServer):
 
     ``calls`` holds (method, params) in arrival order.  ``fail(method, status,
     body)`` queues a scripted answer for the next call of that method;
-    ``stall(method)`` makes that method hang until ``release(method)``.
+    ``stall(method)`` makes that method hang until ``release(method)``;
+    ``held(method)`` counts the calls hanging (recorded once they go on).
     """
 
     def __init__(self, token: str = TOKEN):
@@ -150,6 +153,7 @@ class FakeBotApi(FakeServer):
         self.commands: dict[str, list[dict]] = {}  # the command menu per language_code ("" = default)
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
+        self._stalled_calls: dict[str, int] = {}
         self._message_id = 1000
         super().__init__()
 
@@ -168,6 +172,10 @@ class FakeBotApi(FakeServer):
 
     def release(self, method: str) -> None:
         self._stalled.pop(method).set()
+
+    def held(self, method: str) -> int:
+        with self._cond:
+            return self._stalled_calls.get(method, 0)
 
     def push_updates(self, *updates: dict) -> None:
         with self._cond:
@@ -195,8 +203,12 @@ class FakeBotApi(FakeServer):
         params = parse_body(headers.get("Content-Type", ""), body)
         stalled = self._stalled.get(method)
         if stalled is not None:
+            with self._cond:
+                self._stalled_calls[method] = self._stalled_calls.get(method, 0) + 1
             stalled.wait(60)
         with self._cond:
+            if stalled is not None:
+                self._stalled_calls[method] -= 1
             self.calls.append((method, params))
             self._cond.notify_all()
             if self._scripted.get(method):
@@ -359,6 +371,13 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
 
 
 @pytest.fixture
+def fast_jobs(monkeypatch):
+    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
+    monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
+    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
+
+
+@pytest.fixture
 async def make_app(fake_tg, tmp_path):
     """Start in-process bots: ``await make_app(**env, poll_timeout=..., clock=...)``; all stopped at the end."""
     apps: list[trt_bot.App] = []
@@ -456,10 +475,43 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interv
         await asyncio.sleep(interval)
 
 
+def secret_header(app: trt_bot.App) -> dict[str, str]:
+    return {"X-Telegram-Bot-Api-Secret-Token": app.config.webhook_secret}
+
+
+async def post_update(app: trt_bot.App, update: dict, client: httpx.AsyncClient | None = None,
+                      headers: dict | None = None) -> httpx.Response:
+    url = f"http://127.0.0.1:{app.port}{app.config.webhook_path}"
+    headers = secret_header(app) if headers is None else headers
+    if client is not None:
+        return await client.post(url, json=update, headers=headers)
+    async with httpx.AsyncClient(verify=False) as own:  # plain HTTP: skip loading CA certificates (~20 ms)
+        return await own.post(url, json=update, headers=headers)
+
+
+async def eventually_async(fetch, predicate, timeout: float = 10.0):
+    """Like ``eventually`` for a value that needs awaiting: poll ``fetch()`` until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        await asyncio.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_bot_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_", "BOT_"))}
+    clean.update(env)
+    return subprocess.run([sys.executable, os.path.join(HERE, "trt_bot.py"), *args], env=clean,
+                          capture_output=True, text=True, timeout=30)
 
 
 class BotProcess:

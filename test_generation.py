@@ -27,21 +27,14 @@ import respx
 
 import trt_bot
 from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
-                      eventually, free_port, update_callback, update_message)
-from test_trt_bot import post_update
+                      eventually, free_port, post_update, update_callback, update_message)
+from conftest import fast_jobs  # noqa: F401  (test_faults.py imports the fixture from here)
 
 _update_ids = itertools.count(10_000)
 
 
 def gen_env(fake_kie, **more: str) -> dict[str, str]:
     return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
-
-
-@pytest.fixture
-def fast_jobs(monkeypatch):
-    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
-    monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
-    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
 
 
 async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",
@@ -73,6 +66,27 @@ def signed(key: str, task_id: str, timestamp: int | str) -> dict[str, str]:
     """The headers Kie adds to a callback when a webhook HMAC key is set."""
     signature = base64.b64encode(hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest())
     return {"X-Webhook-Timestamp": str(timestamp), "X-Webhook-Signature": signature.decode()}
+
+
+async def submitted_job(app, user: int) -> trt_bot.Job:
+    """``user``'s job once Kie has its task and the bot knows the task id (a callback before that is unknown)."""
+    return await eventually(lambda: next((job for job in app.generations.jobs.values()
+                                          if job.user_id == user and job.state == "submitted"), None))
+
+
+async def another_picture_is_delivered(app, fake_tg, fake_kie, user: int) -> None:
+    """A barrier: another user's picture goes the whole way (order, createTask, callback, sendPhoto).
+
+    Work the bot started before has had its turn by then, so a test can
+    assert that it did nothing more.
+    """
+    await order(app, user)
+    job = await submitted_job(app, user)
+    fake_kie.complete(job.task_id)
+    key = app.config.kie_hmac_key
+    headers = signed(key, job.task_id, int(time.time())) if key else None
+    assert (await kie_calls_back(app, fake_kie, job.task_id, headers=headers)).status_code == 200
+    await eventually(lambda: [p for p in fake_tg.calls_of("sendPhoto") if p["chat_id"] == user])
 
 
 def buttons_of(params: dict) -> list[tuple[str, str]]:
@@ -265,11 +279,10 @@ async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(m
     responses = await asyncio.gather(*(kie_calls_back(app, fake_kie, "task00001") for _ in range(3)))
     assert {r.status_code for r in responses} == {200}
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
-    await asyncio.sleep(0.5)  # let the poller and a late callback try too
-    assert len(fake_tg.calls_of("sendPhoto")) == 1
+    await eventually(lambda: not app.generations.jobs)  # finished: nothing left to poll or to call back about
     assert (await kie_calls_back(app, fake_kie, "task00001")).status_code == 200  # after delivery: still no second
-    await asyncio.sleep(0.1)
-    assert len(fake_tg.calls_of("sendPhoto")) == 1
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 152)  # the poller and the late callback had their turn
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [52, 152]
 
 
 async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, fake_tg, fake_kie):
@@ -282,13 +295,12 @@ async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, 
     assert (await kie_calls_back(app, fake_kie, "task00001")).status_code == 403  # no signature
     forged = {"X-Webhook-Timestamp": "1769670760", "X-Webhook-Signature": "KxDlpbbq0GDOKqm0+FuJpJWTzY8baHSjhEt4kwElqQI="}
     assert (await kie_calls_back(app, fake_kie, "task00001", headers=forged)).status_code == 403
-    await asyncio.sleep(0.2)
-    assert fake_tg.calls_of("sendPhoto") == []
     timestamp = str(int(time.time()))
     signature = base64.b64encode(hmac.new(b"hmac-key", f"task00001.{timestamp}".encode(), hashlib.sha256).digest())
     signed = {"X-Webhook-Timestamp": timestamp, "X-Webhook-Signature": signature.decode()}
     assert (await kie_calls_back(app, fake_kie, "task00001", headers=signed)).status_code == 200
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert fake_kie.record_calls == ["task00001"]  # asked Kie once: for the signed callback, for none of the others
 
 
 async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fake_tg, fake_kie):
@@ -330,8 +342,8 @@ async def test_malformed_callbacks_get_400_and_unknown_tasks_change_nothing(make
         unknown = {"code": 200, "data": {"taskId": "nobody", "state": "success",
                                          "resultJson": '{"resultUrls":["https://x/y.png"]}'}}
         assert (await client.post(url, json=unknown)).status_code == 200
-    await asyncio.sleep(0.1)
-    assert fake_tg.calls_of("sendPhoto") == [] and fake_kie.record_calls == []
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 71)
+    assert len(fake_tg.calls_of("sendPhoto")) == 1 and fake_kie.record_calls == ["task00001"]  # the later job's only
 
 
 async def test_kie_500_then_success_is_retried_and_delivered(make_app, fake_tg, fake_kie, fast_jobs):
@@ -354,7 +366,7 @@ async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, 
     fake_kie.fail_task("task00001", "400", "Your prompt contains prohibited content")
     await kie_calls_back(app, fake_kie, "task00001")
     await eventually(lambda: fake_tg.calls_of("editMessageText"))
-    await asyncio.sleep(0.3)  # the poller must not add a second explanation
+    await eventually(lambda: not app.generations.jobs)  # finished: the poller has nothing left to explain
     (failure,) = fake_tg.calls_of("editMessageText")
     assert "модерацией" in failure["text"] and failure["message_id"] == 1003
     (retry, new) = buttons_of(failure)
@@ -363,18 +375,25 @@ async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, 
     await post_update(app, update_callback(next(_update_ids), 55, retry[1]))
     await eventually(lambda: len(fake_kie.created) == 2)
     assert fake_kie.created[1]["input"] == {"prompt": "что-то запретное", "aspect_ratio": "1:1"}
+    assert [p for p in fake_tg.calls_of("editMessageText") if "модерацией" in p["text"]] == [failure]
 
 
-async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fake_tg, fake_kie):
+async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fake_tg, fake_kie, caplog):
     for _ in range(5):
         fake_kie.script("createTask", 200, {"code": 402, "msg": "Insufficient Credits"})
     app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900, 901"))
     await asyncio.gather(*(order(app, user) for user in range(60, 65)))
     await eventually(lambda: len(fake_tg.calls_of("editMessageText")) == 5)
     assert all("временно недоступна" in p["text"] for p in fake_tg.calls_of("editMessageText"))
-    await asyncio.sleep(0.2)
-    alerts = [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] in (900, 901)]
-    assert sorted(p["chat_id"] for p in alerts) == [900, 901] and "402" in alerts[0]["text"]
+    # Each failed createTask is logged, then alerts unless an incident is open: five failures, one incident.
+    await eventually(lambda: len([r for r in caplog.records if "createTask failed" in r.getMessage()]) == 5)
+    assert len([r for r in caplog.records if "[JOB] Kie incident" in r.getMessage()]) == 1
+
+    def alerts() -> list[dict]:
+        return [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] in (900, 901)]
+
+    await eventually(lambda: len(alerts()) == 2)  # the one incident's alert has reached both admins
+    assert sorted(p["chat_id"] for p in alerts()) == [900, 901] and "402" in alerts()[0]["text"]
     assert len(fake_kie.created) == 5  # 402 is not retried
 
 
@@ -385,8 +404,9 @@ async def test_a_generation_that_takes_too_long_is_stopped_and_explained(make_ap
     assert "слишком много времени" in fake_tg.calls_of("editMessageText")[0]["text"]
     fake_kie.complete("task00001")  # too late: changes nothing
     await kie_calls_back(app, fake_kie, "task00001")
-    await asyncio.sleep(0.2)
-    assert fake_tg.calls_of("sendPhoto") == [] and app.generations.finished["timed_out"] == 1
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 156)
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [156]
+    assert app.generations.finished["timed_out"] == 1
 
 
 async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_app, fake_tg, fake_kie):
@@ -456,7 +476,8 @@ async def test_forged_or_stale_buttons_are_answered_politely_and_start_nothing(m
     app = await make_app(**gen_env(fake_kie))
     await post_update(app, update_callback(1, 70, data))
     await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))
-    await asyncio.sleep(0.1)
+    await post_update(app, update_message(2, 70, "/help"))
+    await eventually(lambda: fake_tg.texts_to(70))  # the chat's next update: the button's handling is over
     assert fake_kie.created == [] and app.generations.jobs == {}
 
 
@@ -599,7 +620,7 @@ async def test_a_job_survives_sigkill_and_its_photo_is_delivered_once_after_rest
     await second.wait_healthy()
     await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=15)
     await eventually(lambda: job_states(database) == ["delivered"])
-    await asyncio.sleep(0.5)
+    assert second.terminate() == 0  # a graceful stop finishes all it started: nothing can come after
     assert len(fake_tg.calls_of("sendPhoto")) == 1 and len(fake_kie.created) == 1
     assert "[JOB] resumed 1 unfinished jobs" in second.log
     assert TOKEN not in second.log and KIE_KEY not in second.log

@@ -11,10 +11,8 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,9 +23,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
-from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, ManualClock, bot_env, eventually, free_port,
-                      stop_within, update_message)
-from test_trt_bot import post_update, run_bot_cli
+from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, ManualClock, bot_env, eventually, eventually_async,
+                      free_port, post_update, run_bot_cli, stop_within, update_message)
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
 
@@ -184,7 +181,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     for n in range(1, 41):  # Telegram's posts land on either instance
         assert await post_to(first if n % 2 else second, config, update_message(n, 700 + n, "/start")) == 200
     await eventually(lambda: len(fake_tg.calls_of("sendMessage")) >= 40, timeout=15)
-    await asyncio.sleep(1.0)
+    assert second.terminate() == 0 and first.terminate() == 0  # each finishes all it started: nothing comes after
     chats = [p["chat_id"] for p in fake_tg.calls_of("sendMessage")]
     assert sorted(chats) == list(range(701, 741))  # every reply once, the passive one's posts included
     assert "[LOCK] acquired" in first.log and "[LOCK] passive" in second.log
@@ -212,11 +209,7 @@ async def test_when_the_active_process_stops_gracefully_the_other_takes_over_at_
     async def second_is_active():
         return (await get_json(second.base_url, "/diag/lock"))["active"]
 
-    for _ in range(40):  # a couple of seconds, far less than the 60 s lease
-        if await second_is_active():
-            break
-        await asyncio.sleep(0.1)
-    assert await second_is_active()
+    await eventually_async(second_is_active, bool, timeout=5)  # far less than the 60 s lease
     assert await post_to(second, config, update_message(1, 900, "/start")) == 200
     await eventually(lambda: fake_tg.texts_to(900))
 
@@ -257,12 +250,7 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
         locks = [await get_json(bot.base_url, "/diag/lock") for bot in (first, second)]
         return all(lock["last_check"] > renewed_after for lock in locks)
 
-    for _ in range(100):
-        if await both_checked_since():
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the two processes did not renew or try for the lease within 10 s")
+    await eventually_async(both_checked_since, bool, timeout=10)  # both renewed or tried for the lease since
     locks = [await get_json(bot.base_url, "/diag/lock") for bot in (first, second)]
     assert [lock["active"] for lock in locks] == [True, False]
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(1101, 1121))

@@ -15,8 +15,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -26,8 +24,9 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env,
-                      eventually, formatted, free_port, update_callback, update_message)
+from conftest import (DERIVED_SECRETS, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, ManualClock, bot_env,
+                      eventually, eventually_async, formatted, free_port, post_update, run_bot_cli, secret_header,
+                      update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -35,32 +34,6 @@ _real_sleep = asyncio.sleep
 async def _fast_sleep(seconds: float) -> None:
     """Patched over asyncio.sleep where a test must not wait out real backoffs."""
     await _real_sleep(min(seconds, 0.01))
-
-
-def secret_header(app: trt_bot.App) -> dict[str, str]:
-    return {"X-Telegram-Bot-Api-Secret-Token": app.config.webhook_secret}
-
-
-async def post_update(app: trt_bot.App, update: dict, client: httpx.AsyncClient | None = None,
-                      headers: dict | None = None) -> httpx.Response:
-    url = f"http://127.0.0.1:{app.port}{app.config.webhook_path}"
-    headers = secret_header(app) if headers is None else headers
-    if client is not None:
-        return await client.post(url, json=update, headers=headers)
-    async with httpx.AsyncClient(verify=False) as own:  # plain HTTP: skip loading CA certificates (~20 ms)
-        return await own.post(url, json=update, headers=headers)
-
-
-async def eventually_async(fetch, predicate, timeout: float = 10.0):
-    """Like ``eventually`` for a value that needs awaiting: poll ``fetch()`` until ``predicate`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await fetch()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
-        await asyncio.sleep(0.05)
 
 
 async def raw_exchange(port: int, data: bytes, *, chunk: int | None = None, read_until_close: bool = True) -> bytes:
@@ -81,13 +54,6 @@ async def raw_exchange(port: int, data: bytes, *, chunk: int | None = None, read
 ###############################################################################
 # 1. Configuration
 ###############################################################################
-
-def run_bot_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_", "BOT_"))}
-    clean.update(env)
-    return subprocess.run([sys.executable, os.path.join(HERE, "trt_bot.py"), *args], env=clean,
-                          capture_output=True, text=True, timeout=30)
-
 
 def test_missing_token_exits_2_with_one_line_saying_how_to_get_one():
     result = run_bot_cli({})
@@ -463,7 +429,7 @@ async def say_hi(request: trt_bot.Request) -> trt_bot.Response:
 @contextlib.asynccontextmanager
 async def running_server(handler=say_hi, **limits):
     """A bare HttpServer on a free port, for the server's own limits."""
-    server = trt_bot.HttpServer(handler, **limits)
+    server = trt_bot.HttpServer(handler, limits=trt_bot.HttpLimits(**limits))
     port = await server.start("127.0.0.1", 0)
     try:
         yield server, port
@@ -527,7 +493,7 @@ async def test_a_client_that_does_not_read_is_cut_after_the_write_timeout():
 
 async def test_clients_that_do_not_read_cannot_starve_the_webhook(make_app, fake_tg):
     app = await make_app()
-    app.server.max_connections, app.server.max_unsent = 3, 1024
+    app.server.connections.limits = trt_bot.HttpLimits(max_connections=3, max_unsent=1024)
     health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     clients = [await open_non_reading_client(app.port, health * 20000) for _ in range(3)]
     await eventually(lambda: app.server.phase_counts()["writing"] == 3)  # each stalled on answers it does not read
@@ -599,7 +565,7 @@ async def test_closing_the_server_ends_every_connection_quietly():
         return trt_bot.text_response(200, "never")
 
     seen = len(ALL_RECORDS.records)
-    server = trt_bot.HttpServer(stuck, max_connections=1)
+    server = trt_bot.HttpServer(stuck, limits=trt_bot.HttpLimits(max_connections=1))
     port = await server.start("127.0.0.1", 0)
     _, busy = await asyncio.open_connection("127.0.0.1", port)
     busy.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -636,6 +602,23 @@ async def test_a_handler_that_overruns_its_deadline_gets_503():
     async with running_server(hanging, handler_timeout=0.2) as (_, port):
         answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
+
+
+async def test_an_idle_connection_is_closed_when_the_servers_clock_passes_its_deadline():
+    clock = ManualClock()
+    server = trt_bot.HttpServer(say_hi, limits=trt_bot.HttpLimits(idle_timeout=10), clock=clock)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"hi\n"), 5)
+        await eventually(lambda: clock.sleepers == 1)  # the sweeper waits on this clock, not on real time
+        clock.advance(11)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert server.open_connections == 0
+        writer.close()
+    finally:
+        await server.close()
 
 
 ###############################################################################
@@ -977,8 +960,9 @@ async def test_wrong_or_missing_secret_is_rejected_and_not_processed(make_app, f
     app = await make_app()
     response = await post_update(app, update_message(1, 42, "/start"), headers=headers)
     assert response.status_code == 401
-    await asyncio.sleep(0.2)
-    assert fake_tg.calls_of("sendMessage") == [] and app.pipeline.stats.received == 0
+    assert (await post_update(app, update_message(2, 43, "/start"))).status_code == 200
+    await eventually(lambda: fake_tg.texts_to(43))  # the update after it has been handled
+    assert fake_tg.texts_to(42) == [] and app.pipeline.stats.received == 1
 
 
 async def test_wrong_path_secret_is_401_and_invalid_updates_are_400(make_app):
@@ -995,24 +979,36 @@ async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
     update = update_message(7, 42, "/start")
     assert (await post_update(app, update)).status_code == 200
     assert (await post_update(app, update)).status_code == 200
-    await eventually(lambda: app.pipeline.stats.processed == 1)
-    await asyncio.sleep(0.2)
-    assert len(fake_tg.calls_of("sendMessage")) == 1 and app.pipeline.stats.duplicates == 1
+    assert (await post_update(app, update_message(8, 42, "/help"))).status_code == 200
+    await eventually(lambda: any("/cancel" in text for text in fake_tg.texts_to(42)))  # answered after any rerun of 7
+    assert len(fake_tg.texts_to(42)) == 2 and app.pipeline.stats.duplicates == 1
 
 
 async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg):
     app = await make_app(UPDATE_QUEUE_WORKERS="3")
+    handled: dict[int, list[int]] = {}
+    handle, go = app.pipeline.handler, asyncio.Event()
+
+    async def recording_handler(update: dict) -> None:
+        handled.setdefault(update["message"]["chat"]["id"], []).append(update["update_id"])
+        await go.wait()
+        await handle(update)
+
+    app.pipeline.handler = recording_handler
     updates = [update_message(n, 1000 + n % 30, f"/start {n}") for n in range(1, 301)]
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=40)) as client:
-        for batch in range(0, 300, 40):  # 40 concurrent posts, like Telegram's max_connections
-            results = await asyncio.gather(*(post_update(app, u, client) for u in updates[batch:batch + 40]))
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=30)) as client:
+        # 30 concurrent posts, one per chat: a chat's next update is posted once its last one is acknowledged,
+        # so each chat's order is defined.  They pile up (queued, parked, spilled) behind 3 held workers.
+        for batch in range(0, 300, 30):
+            results = await asyncio.gather(*(post_update(app, u, client) for u in updates[batch:batch + 30]))
             assert {r.status_code for r in results} == {200}
+    go.set()
     await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 300, timeout=30)
     assert app.pipeline.stats.errors == 0
     for chat in range(1000, 1030):
         # Replies carry no payload, so order is checked on arrival of the update ids at the handler.
-        replies = [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == chat]
-        assert len(replies) == 10
+        assert handled[chat] == [n for n in range(1, 301) if 1000 + n % 30 == chat]
+        assert len([p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == chat]) == 10
 
 
 async def test_each_chats_updates_are_handled_one_at_a_time_in_arrival_order(make_app):
@@ -1258,9 +1254,10 @@ async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_resta
         for n in range(1, 21):
             response = await client.post(url, json=update_message(n, 500 + n, "/start"), headers=headers)
             assert response.status_code == 200
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
     first.kill()
     fake_tg.release("sendMessage")
-    await asyncio.sleep(0.3)  # let the killed process's stalled calls drain out of the fake
+    await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
     fake_tg.clear()
     second = bot_processes({**env, "PORT": str(free_port())})
     await second.wait_healthy()
@@ -1299,9 +1296,10 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
         await eventually_async(status, lambda h: h["status"] == "ok", timeout=10)
         await post(range(6, 11))
     assert database.is_file()
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
     first.kill()
     fake_tg.release("sendMessage")
-    await asyncio.sleep(0.3)  # let the killed process's stalled calls drain out of the fake
+    await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
     fake_tg.clear()
     second = bot_processes({**env, "PORT": str(free_port())})
     await second.wait_healthy()
@@ -1312,6 +1310,49 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
 ###############################################################################
 # 8. Conversation
 ###############################################################################
+
+@pytest.mark.parametrize("text, refusal", [
+    ("a red fox", None),
+    ("", ("prompt_empty", {})),
+    (" \n\t ", ("prompt_empty", {})),
+    ("x" * trt_bot.PROMPT_MAX_CHARS, None),
+    ("x" * (trt_bot.PROMPT_MAX_CHARS + 1),
+     ("prompt_too_long", {"length": trt_bot.PROMPT_MAX_CHARS + 1, "limit": trt_bot.PROMPT_MAX_CHARS})),
+])
+def test_a_prompt_is_refused_when_blank_or_over_the_limit_and_says_why(text, refusal):
+    assert trt_bot.check_prompt(text) == refusal
+
+
+@pytest.mark.parametrize("text, command", [
+    ("/start", "/start"),
+    ("/start payload from a link", "/start"),
+    ("/START@TrtBot", "/start"),
+    ("/help@TrtBot extra", "/help"),
+    ("/", "/"),
+    ("start", None),
+    (" /start", None),
+    ("a cat on /mars", None),
+])
+def test_a_command_is_the_first_word_without_the_bot_name_in_lower_case(text, command):
+    assert trt_bot.parse_command(text) == command
+
+
+@pytest.mark.parametrize("user, language", [
+    ({"language_code": "en"}, "en"),
+    ({"language_code": "en-GB"}, "en"),
+    ({"language_code": "de"}, "en"),
+    ({"language_code": "ru"}, "ru"),
+    ({"language_code": "uk-UA"}, "ru"),
+    ({"language_code": "BE"}, "ru"),
+    ({"language_code": "kk"}, "ru"),
+    ({"language_code": ""}, "ru"),
+    ({"language_code": None}, "ru"),
+    ({}, "ru"),
+    (None, "ru"),
+])
+def test_russian_reading_users_and_users_of_unknown_language_get_russian_the_rest_english(user, language):
+    assert trt_bot.user_language(user) == language
+
 
 async def test_english_speakers_get_english_and_unknown_language_gets_russian(make_app, fake_tg):
     app = await make_app()
@@ -1341,12 +1382,18 @@ async def test_every_callback_query_is_answered(make_app, fake_tg, data):
     assert fake_tg.calls_of("answerCallbackQuery")[0]["callback_query_id"] == "cq1"
 
 
-async def test_start_uses_the_fallback_menu_when_building_the_menu_fails(make_app, fake_tg, monkeypatch):
+async def test_start_uses_the_fallback_menu_when_building_the_menu_fails(make_app, fake_tg, monkeypatch, caplog):
     app = await make_app()
-    monkeypatch.setattr(trt_bot, "main_menu", lambda lang: 1 / 0)
+
+    def failing_menu(lang: str, models: tuple = (trt_bot.Z_IMAGE,)) -> dict:  # main_menu's own signature
+        raise ZeroDivisionError("the menu cannot be built")
+
+    monkeypatch.setattr(trt_bot, "main_menu", failing_menu)
     await post_update(app, update_message(1, 9, "/start"))
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
     assert fake_tg.calls_of("sendMessage")[0]["reply_markup"] == trt_bot.FALLBACK_MENU
+    (failure,) = [r for r in caplog.records if "[BOT] main menu failed" in r.getMessage()]
+    assert failure.exc_info[0] is ZeroDivisionError  # the menu's own failure, not a call that does not fit it
 
 
 async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make_app, fake_tg, tmp_path):
@@ -1396,14 +1443,13 @@ def test_flush_can_be_disabled():
                 "(the last error, 'x', is no reason to drop them)")
 
 
-async def test_ensure_webhook_leaves_a_matching_webhook_alone(make_app, fake_tg):
+async def test_ensure_webhook_leaves_a_matching_webhook_alone(make_app, fake_tg, caplog):
     config = trt_bot.load_config(bot_env(fake_tg, ":memory:"))
     fake_tg.webhook_info = {"url": config.webhook_url, "pending_update_count": 0,
                             "allowed_updates": trt_bot.ALLOWED_UPDATES}
     await make_app()
-    await eventually(lambda: fake_tg.calls_of("getWebhookInfo"))
-    await asyncio.sleep(0.2)
-    assert fake_tg.calls_of("setWebhook") == []
+    (done,) = await eventually(lambda: [r for r in caplog.records if "[WEBHOOK] configured" in r.getMessage()])
+    assert "(keep: " in done.getMessage() and fake_tg.calls_of("setWebhook") == []
 
 
 async def test_a_deploy_gaps_backlog_and_last_error_are_kept_and_the_log_says_so(make_app, fake_tg, caplog):
@@ -1592,9 +1638,20 @@ async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_
         for n in range(1, 6):
             await client.post(bot.base_url + config.webhook_path, json=update_message(n, 600 + n, "/start"),
                               headers={"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret})
-    await eventually(lambda: bot.process.poll() is None)
+    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker is in a handler, waiting on Telegram
     bot.process.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+
+    async def refuses_connections() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                await client.get(bot.base_url + "/health")
+        except httpx.ConnectError:
+            return True
+        return False
+
+    await eventually_async(refuses_connections, bool)  # its server is closed: the shutdown has reached the drain
+    assert "[APP] shutting down" in bot.log
+    assert bot.process.poll() is None  # still draining: it waits for the handlers Telegram holds up
     fake_tg.release("sendMessage")  # the drain can finish now
     assert await asyncio.to_thread(bot.process.wait, 30) == 0
     assert {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} == set(range(601, 606))

@@ -646,6 +646,22 @@ EVICTABLE_PHASES = frozenset({IDLE, WRITING})
 REQUEST_TIMEOUT_RESPONSE = render_response(text_response(408, "request not received in time"), keep_alive=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """The server's bounds (the constants above say why each default); tests pass smaller ones."""
+
+    idle_timeout: float = IDLE_TIMEOUT_S
+    request_timeout: float = REQUEST_TIMEOUT_S
+    handler_timeout: float = HANDLER_TIMEOUT_S
+    write_timeout: float = WRITE_TIMEOUT_S
+    linger: float = LINGER_S
+    max_connections: int = MAX_CONNECTIONS
+    max_unsent: int = MAX_UNSENT_BYTES
+    max_buffered_body: int = MAX_BUFFERED_BODY_BYTES
+    max_head: int = MAX_HEAD_BYTES
+    max_body: int = MAX_BODY_BYTES
+
+
 class _Connection:
     """A served connection: what it is doing and the deadline by which it must be done."""
 
@@ -658,111 +674,51 @@ class _Connection:
         self.counted = False  # holds one of the server's max_connections places (until it is cut or ends)
 
 
-class HttpServer:
-    """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
+class ConnectionTable:
+    """Every served connection's phase and deadline, the places under ``max_connections``, and who is evicted.
 
-    ``check_head`` judges a request from its head alone: a Response it returns
-    is sent at once and the body is never read (if one was announced, the
-    connection then closes: the body may still be on its way).  ``handler``
-    turns a complete Request into a Response; if it raises, the client gets a
-    500 with no detail and the error is logged; if it takes over
-    ``handler_timeout``, a 503.
-
-    Every phase of a connection has a deadline: idle between requests, reading
-    a request, handling it, writing a response the peer does not read, closing.
-    One sweeper task enforces them (the handler's is its own timer), so a read
-    or a write costs no timer of its own.  At ``max_connections`` a newcomer
-    evicts a closing connection, else the one idle or stalled longest; only
-    when every connection is in the middle of a request is it refused with 503.
-    Request bodies held in memory total at most ``max_buffered_body`` bytes; a
-    request that would pass that gets 503.
+    One sweeper task cuts connections whose deadline passed, so a read or a
+    write costs no timer of its own.  ``open`` counts the connections holding a
+    place; a cut or evicted connection frees its place at once.
     """
 
-    def __init__(
-        self,
-        handler: RequestHandler,
-        *,
-        check_head: HeadCheck | None = None,
-        idle_timeout: float = IDLE_TIMEOUT_S,
-        request_timeout: float = REQUEST_TIMEOUT_S,
-        handler_timeout: float = HANDLER_TIMEOUT_S,
-        write_timeout: float = WRITE_TIMEOUT_S,
-        linger: float = LINGER_S,
-        max_connections: int = MAX_CONNECTIONS,
-        max_unsent: int = MAX_UNSENT_BYTES,
-        max_buffered_body: int = MAX_BUFFERED_BODY_BYTES,
-        max_head: int = MAX_HEAD_BYTES,
-        max_body: int = MAX_BODY_BYTES,
-    ):
-        self.handler = handler
-        self.check_head = check_head
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.handler_timeout = handler_timeout
-        self.write_timeout = write_timeout
-        self.linger = linger
-        self.max_connections = max_connections
-        self.max_unsent = max_unsent
-        self.max_buffered_body = max_buffered_body
-        self.max_head = max_head
-        self.max_body = max_body
-        self.open_connections = 0  # connections holding a place
-        self.buffered_body = 0  # body bytes reserved by the requests being read or handled
-        self.closing = False
-        self._server: asyncio.base_events.Server | None = None
-        self._connections: dict[asyncio.Task, _Connection] = {}
+    def __init__(self, limits: HttpLimits, clock: Clock = SYSTEM_CLOCK):
+        self.limits = limits
+        self.clock = clock
+        self.open = 0
+        self._by_task: dict[asyncio.Task, _Connection] = {}
         # Connections a newcomer may evict, oldest first (in the order they entered their phase):
         self._leaving: dict[_Connection, None] = {}  # closing, still holding a place
         self._evictable: dict[_Connection, None] = {}  # idle, or writing to a peer that does not read
         self._sweeper: asyncio.Task | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen and return the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
+    def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
-        return self._server.sockets[0].getsockname()[1]
 
-    async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting; close idle connections; give the others ``grace`` seconds, then cut them.
+    def add(self, writer: asyncio.StreamWriter) -> _Connection:
+        """The current task's connection, served until ``remove()``."""
+        connection = self._by_task[asyncio.current_task()] = _Connection(writer)  # type: ignore[index]
+        return connection
 
-        Every connection has ended when this returns, so the event loop's
-        shutdown finds none to cancel.
-        """
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        for connection in [c for c in self._connections.values() if c.phase == IDLE]:
-            self._cut(connection)
-        if self._connections:
-            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
-            for task in pending:
-                self._connections[task].writer.transport.abort()
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
+    def remove(self, connection: _Connection) -> None:
+        self._free_place(connection)
+        self._evictable.pop(connection, None)
+        self._leaving.pop(connection, None)
+        del self._by_task[asyncio.current_task()]  # type: ignore[arg-type]
+
+    def in_phase(self, phase: str) -> list[_Connection]:
+        return [c for c in self._by_task.values() if c.phase == phase]
 
     def phase_counts(self) -> dict[str, int]:
         """How many connections are in each phase (every phase listed)."""
         counts = dict.fromkeys(PHASES, 0)
-        for connection in self._connections.values():
+        for connection in self._by_task.values():
             counts[connection.phase] += 1
         return counts
 
-    async def _sweep_forever(self) -> None:
-        interval = min(1.0, self.request_timeout / 4, self.idle_timeout / 4, self.write_timeout / 4,
-                       self.linger / 4)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for connection in [c for c in self._connections.values() if c.deadline < now]:
-                self._cut(connection)
-
-    def _enter(self, connection: _Connection, phase: str, timeout: float) -> None:
+    def enter(self, connection: _Connection, phase: str, timeout: float) -> None:
         connection.phase = phase
-        connection.deadline = time.monotonic() + timeout
+        connection.deadline = self.clock.monotonic() + timeout
         self._evictable.pop(connection, None)
         self._leaving.pop(connection, None)
         if phase in EVICTABLE_PHASES:
@@ -770,12 +726,19 @@ class HttpServer:
         elif phase == CLOSING and connection.counted:
             self._leaving[connection] = None
 
-    def _free_place(self, connection: _Connection) -> None:
-        if connection.counted:
-            connection.counted = False
-            self.open_connections -= 1
+    def admit(self, connection: _Connection) -> bool:
+        """Give ``connection`` a place if one is free, or can be freed by evicting a closing
+        connection, else the one idle or stalled longest; False when every place is mid-request."""
+        if self.open >= self.limits.max_connections:
+            victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
+            if victim is None:
+                return False
+            self.cut(victim, evict=True)
+        connection.counted = True
+        self.open += 1
+        return True
 
-    def _cut(self, connection: _Connection, evict: bool = False) -> None:
+    def cut(self, connection: _Connection, evict: bool = False) -> None:
         """End a connection whose deadline passed, or evict one; either way its place is free at once.
 
         A request that trickled in too slowly gets a 408 first.  An evicted
@@ -789,27 +752,102 @@ class HttpServer:
                 connection.writer.write(REQUEST_TIMEOUT_RESPONSE)
             connection.writer.close()  # the pending read sees end of stream and the connection ends
         self._free_place(connection)
-        self._enter(connection, CLOSING, self.linger)
+        self.enter(connection, CLOSING, self.limits.linger)
 
-    def _make_room(self) -> bool:
-        """Whether a new connection may be served: a place is free, or one was freed by
-        evicting a closing connection, else the one idle or stalled longest."""
-        if self.open_connections < self.max_connections:
-            return True
-        victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
-        if victim is None:
-            return False
-        self._cut(victim, evict=True)
-        return True
+    async def end_all(self, grace: float) -> None:
+        """Give every connection ``grace`` seconds to end, then cut it; stop the sweeper."""
+        if self._by_task:
+            _, pending = await asyncio.wait(set(self._by_task), timeout=grace)
+            for task in pending:
+                self._by_task[task].writer.transport.abort()
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
+
+    def _free_place(self, connection: _Connection) -> None:
+        if connection.counted:
+            connection.counted = False
+            self.open -= 1
+
+    async def _sweep_forever(self) -> None:
+        limits = self.limits
+        interval = min(1.0, limits.request_timeout / 4, limits.idle_timeout / 4, limits.write_timeout / 4,
+                       limits.linger / 4)
+        while True:
+            await self.clock.sleep(interval)
+            now = self.clock.monotonic()
+            for connection in [c for c in self._by_task.values() if c.deadline < now]:
+                self.cut(connection)
+
+
+class HttpServer:
+    """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
+
+    ``check_head`` judges a request from its head alone: a Response it returns
+    is sent at once and the body is never read (if one was announced, the
+    connection then closes: the body may still be on its way).  ``handler``
+    turns a complete Request into a Response; if it raises, the client gets a
+    500 with no detail and the error is logged; if it takes over
+    ``handler_timeout``, a 503.
+
+    Every phase of a connection has a deadline: idle between requests, reading
+    a request, handling it, writing a response the peer does not read, closing;
+    the ConnectionTable enforces them (the handler's is its own timer).  At
+    ``max_connections`` a newcomer evicts a closing connection, else the one
+    idle or stalled longest; only when every connection is in the middle of a
+    request is it refused with 503.  Request bodies held in memory total at
+    most ``max_buffered_body`` bytes; a request that would pass that gets 503.
+    """
+
+    def __init__(self, handler: RequestHandler, *, check_head: HeadCheck | None = None,
+                 limits: HttpLimits = HttpLimits(), clock: Clock = SYSTEM_CLOCK):
+        self.handler = handler
+        self.check_head = check_head
+        self.connections = ConnectionTable(limits, clock)
+        self.buffered_body = 0  # body bytes reserved by the requests being read or handled
+        self.closing = False
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def limits(self) -> HttpLimits:
+        return self.connections.limits
+
+    @property
+    def open_connections(self) -> int:
+        """Connections holding a place."""
+        return self.connections.open
+
+    def phase_counts(self) -> dict[str, int]:
+        """How many connections are in each phase (every phase listed)."""
+        return self.connections.phase_counts()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen and return the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
+        self.connections.start()
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; close idle connections; give the others ``grace`` seconds, then cut them.
+
+        Every connection has ended when this returns, so the event loop's
+        shutdown finds none to cancel.
+        """
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in self.connections.in_phase(IDLE):
+            self.connections.cut(connection)
+        await self.connections.end_all(grace)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        connection = self._connections[task] = _Connection(writer)  # type: ignore[index]
+        connection = self.connections.add(writer)
         try:
             try:
-                if self._make_room():
-                    connection.counted = True
-                    self.open_connections += 1
+                if self.connections.admit(connection):
                     await self._serve_requests(reader, connection)
                 else:
                     await self._turn_away(connection)
@@ -818,17 +856,14 @@ class HttpServer:
         except (OSError, asyncio.CancelledError):
             pass  # the peer went away, or the server is shutting down: nothing to report
         finally:
-            self._free_place(connection)
-            self._evictable.pop(connection, None)
-            self._leaving.pop(connection, None)
-            del self._connections[task]  # type: ignore[arg-type]
+            self.connections.remove(connection)
 
     async def _serve_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         sock = connection.writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.writer.transport.set_write_buffer_limits(high=self.max_unsent)
-        parser = RequestParser(self.max_head, self.max_body)
+        connection.writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
+        parser = RequestParser(self.limits.max_head, self.limits.max_body)
         while await self._serve_one(reader, parser, connection):
             pass
 
@@ -836,9 +871,9 @@ class HttpServer:
                          connection: _Connection) -> bool:
         """Read, judge, handle and answer one request; False when the connection is done."""
         if parser.has_partial_request:
-            self._enter(connection, READING, self.request_timeout)
+            self.connections.enter(connection, READING, self.limits.request_timeout)
         else:
-            self._enter(connection, IDLE, self.idle_timeout)
+            self.connections.enter(connection, IDLE, self.limits.idle_timeout)
         try:
             head = await self._read(reader, parser, parser.next_head, connection)
         except HttpError as error:
@@ -846,9 +881,7 @@ class HttpServer:
             return False
         if head is None:
             return False
-        refusal = self.check_head(head) if self.check_head is not None else None
-        if refusal is None and head.content_length > self.max_buffered_body - self.buffered_body:
-            refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
+        refusal = self._refusal(head)
         if refusal is not None:
             if head.content_length:  # unread, perhaps still arriving: answer and close
                 connection.writer.write(render_response(refusal, keep_alive=False))
@@ -865,6 +898,13 @@ class HttpServer:
             self.buffered_body -= head.content_length
         return await self._respond(connection, request, response)
 
+    def _refusal(self, head: Request) -> Response | None:
+        """The answer a request earns from its head alone, or None to read its body and handle it."""
+        refusal = self.check_head(head) if self.check_head is not None else None
+        if refusal is None and head.content_length > self.limits.max_buffered_body - self.buffered_body:
+            refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
+        return refusal
+
     async def _read(self, reader: asyncio.StreamReader, parser: RequestParser,
                     step: Callable[[], Request | None], connection: _Connection) -> Request | None:
         """step()'s first answer, reading as needed; None when the peer closed or the connection was cut."""
@@ -875,20 +915,20 @@ class HttpServer:
             if not data or connection.phase == CLOSING:
                 return None
             if connection.phase == IDLE:
-                self._enter(connection, READING, self.request_timeout)
+                self.connections.enter(connection, READING, self.limits.request_timeout)
             parser.feed(data)
         return result
 
     async def _handle(self, request: Request, connection: _Connection) -> Response:
-        self._enter(connection, HANDLING, math.inf)  # bounded by the handler's own timer, below
-        deadline = asyncio.timeout(self.handler_timeout)
+        self.connections.enter(connection, HANDLING, math.inf)  # bounded by the handler's own timer, below
+        handler_timeout = self.limits.handler_timeout
+        deadline = asyncio.timeout(handler_timeout)
         try:
             async with deadline:
                 return await self.handler(request)
         except Exception:
             if deadline.expired():
-                log.warning("[HTTP] handler for %s %s took over %gs", request.method, request.path,
-                            self.handler_timeout)
+                log.warning("[HTTP] handler for %s %s took over %gs", request.method, request.path, handler_timeout)
                 return text_response(503, "the answer took too long", RETRY_LATER)
             log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
             return text_response(500, "internal error")
@@ -905,10 +945,10 @@ class HttpServer:
         keep_alive = request.keep_alive and not self.closing
         writer.write(render_response(response, keep_alive, request.method == "HEAD"))
         if not keep_alive:
-            self._enter(connection, CLOSING, self.write_timeout)  # the last bytes get the write timeout
+            self.connections.enter(connection, CLOSING, self.limits.write_timeout)  # the last bytes get it too
             return False
-        if writer.transport.get_write_buffer_size() > self.max_unsent:
-            self._enter(connection, WRITING, self.write_timeout)
+        if writer.transport.get_write_buffer_size() > self.limits.max_unsent:
+            self.connections.enter(connection, WRITING, self.limits.write_timeout)
             await writer.drain()
             return connection.phase == WRITING  # not cut meanwhile
         return True
@@ -924,13 +964,13 @@ class HttpServer:
         writer.transport.pause_reading()
         writer.write(render_response(text_response(503, "too many connections", RETRY_LATER), keep_alive=False))
         writer.write_eof()
-        self._enter(connection, CLOSING, self.linger)
+        self.connections.enter(connection, CLOSING, self.limits.linger)
         await writer.wait_closed()  # the sweeper closes it at the deadline
 
     async def _finish(self, connection: _Connection) -> None:
         """Close; unsent bytes have until the closing phase's deadline to leave, then the sweeper resets."""
         if connection.phase != CLOSING:
-            self._enter(connection, CLOSING, self.linger)
+            self.connections.enter(connection, CLOSING, self.limits.linger)
         connection.writer.close()
         await connection.writer.wait_closed()
 
