@@ -820,9 +820,9 @@ async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkey
     def broken(self, now):
         raise RuntimeError("a bug in the poller")
 
-    monkeypatch.setattr(trt_bot.Generations, "_retry_deliveries", broken)
+    monkeypatch.setattr(trt_bot.Deliverer, "retry_due", broken)
     await make_app(**gen_env(fake_kie))
-    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-poller failed"])
+    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-deadlines failed"])
 
 
 async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
@@ -833,7 +833,7 @@ async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app
         fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
     app.telegram.attempts = 1
-    app.generations.delivery_budget_s, app.generations.delivery_notice_s = 1.0, 0.5
+    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
     await order(app, 90)
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001")
