@@ -103,6 +103,29 @@ def test_kie_errors_are_classified_for_retry(code, retryable):
     assert trt_bot.KieError(code, "x").retryable is retryable
 
 
+@pytest.mark.parametrize("code", sorted(trt_bot.KIE_CODES))
+def test_every_kie_code_tells_the_user_something_and_names_its_incident_for_admins(code):
+    row = trt_bot.KIE_CODES[code]
+    for lang in ("ru", "en"):
+        assert trt_bot.TEXTS[lang][f"fail_{row.user_failure}"]
+        assert row.incident == "" or trt_bot.TEXTS[lang][row.incident]
+    assert row.kind and row.fix and trt_bot.KieError(code, "x").kind == row.kind
+
+
+def test_only_a_rejected_key_and_missing_credits_are_incidents_for_admins():
+    incidents = {code for code, row in trt_bot.KIE_CODES.items() if row.incident}
+    assert incidents == {401, 402}
+    assert all(trt_bot.KIE_CODES[code].user_failure == "unavailable" for code in incidents)
+
+
+@pytest.mark.parametrize("code, kind, retryable", [(503, "server_error", True), (599, "server_error", True),
+                                                   (400, "server_error", False), (418, "server_error", False)])
+def test_undocumented_kie_codes_are_server_errors_retried_only_when_5xx(code, kind, retryable):
+    row = trt_bot.kie_code(code)
+    assert (row.kind, row.retryable, row.user_failure) == (kind, retryable, "busy")
+    assert trt_bot.KieError(code, "x").retryable is retryable
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"taskId": "t", "state": "queuing"}, trt_bot.TaskRecord("t", "pending")),
     ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":["https://cdn/x.png"]}'},
@@ -110,9 +133,9 @@ def test_kie_errors_are_classified_for_retry(code, retryable):
     ({"taskId": "t", "state": "success", "resultJson": {"resultUrls": ["https://cdn/y.png"]}},
      trt_bot.TaskRecord("t", "success", ("https://cdn/y.png",))),
     ({"task_id": "t", "state": "fail", "failCode": "422", "failMsg": "prohibited content"},
-     trt_bot.TaskRecord("t", "fail", (), "422", "prohibited content")),
+     trt_bot.TaskRecord("t", "fail", (), "prohibited content")),
     ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":[]}'},
-     trt_bot.TaskRecord("t", "fail", (), "no_result", "the task succeeded without an image URL")),
+     trt_bot.TaskRecord("t", "fail", (), "the task succeeded without an image URL")),
 ])
 def test_task_records_parse_to_pending_success_or_fail(data, expected):
     assert trt_bot.parse_task_record(data) == expected
@@ -127,7 +150,7 @@ def test_result_urls_are_kept_only_when_well_formed_http_with_a_host():
                                         "resultJson": {"resultUrls": [*hostile, "https://cdn.example/ok.png"]}})
     assert record.urls == ("https://cdn.example/ok.png",)
     assert trt_bot.parse_task_record({"taskId": "t", "state": "success",
-                                      "resultJson": {"resultUrls": hostile}}).fail_code == "no_result"
+                                      "resultJson": {"resultUrls": hostile}}).state == "fail"
     for url in ("http://[::1]:8080/x.png", "https://tempfile.aiquickdraw.com/s/abc_0.png?x=1"):
         assert trt_bot.split_result_url(url) is not None
 
@@ -554,6 +577,121 @@ async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
     await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77))
     assert "Статистика" in fake_tg.texts_to(900)[0] and "1234.5" in fake_tg.texts_to(900)[0]
     assert "Статистика" not in fake_tg.texts_to(77)[0]
+
+
+###############################################################################
+# 10. Generation jobs: the state machine (pure, no I/O)
+###############################################################################
+
+NOW = 1_700_000_100.0
+SAMPLE_EVENTS = {
+    "accepted": trt_bot.Accepted("task00042"),
+    "refused": trt_bot.Refused(422),
+    "succeeded": trt_bot.Succeeded("https://cdn.example/x.png"),
+    "failed": trt_bot.Failed("moderation"),
+    "callback": trt_bot.CallbackCame(),
+    "expired": trt_bot.Expired(),
+    "sending": trt_bot.SendStarted(),
+    "maybe_sent": trt_bot.MaybeSent(),
+    "delivered": trt_bot.Delivered(),
+}
+
+
+def job_in(state: str) -> trt_bot.Job:
+    return trt_bot.Job("0123456789abcdef", 7, 7, "ru", "zimage", "кот", "1:1", state=state,
+                       task_id="task00041" if state != "created" else "", created_at=NOW - 12.0,
+                       updated_at=NOW - 1.0)
+
+
+def test_every_event_has_a_sample_and_every_state_a_row():
+    assert set(SAMPLE_EVENTS) == {event.name for event in SAMPLE_EVENTS.values()}
+    assert all(set(moves) <= set(SAMPLE_EVENTS) for moves in trt_bot.JOB_TRANSITIONS.values())
+    assert all(target in (trt_bot.IGNORED, *trt_bot.JOB_TRANSITIONS) for moves in trt_bot.JOB_TRANSITIONS.values()
+               for target in moves.values())
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name, target in moves.items() if target not in (trt_bot.IGNORED, state)])
+def test_every_legal_event_moves_the_job_to_the_state_the_table_names(state, name):
+    job = job_in(state)
+    before = dataclasses.replace(job)
+    changes, effects = trt_bot.apply_event(job, SAMPLE_EVENTS[name], NOW)
+    assert job == before  # apply_event only says what changes
+    assert changes["state"] == trt_bot.JOB_TRANSITIONS[state][name] and changes["updated_at"] == NOW
+    assert (trt_bot.ReleaseSlot() in effects) is (state == "submitted")
+    assert (trt_bot.Save() in effects) is (name != "sending")  # "sending" is written durably by the deliverer
+    assert (trt_bot.Deliver() in effects) is (changes["state"] in trt_bot.OUTCOMES)
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name in SAMPLE_EVENTS if name not in moves])
+def test_an_event_the_table_does_not_list_raises(state, name):
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in(state), SAMPLE_EVENTS[name], NOW)
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name, target in moves.items() if target == trt_bot.IGNORED])
+def test_an_ignorable_event_changes_nothing_and_does_nothing(state, name):
+    assert trt_bot.apply_event(job_in(state), SAMPLE_EVENTS[name], NOW) == ({}, [])
+
+
+def test_a_poll_result_or_a_duplicate_callback_for_a_finished_job_is_ignored():
+    for state in ("succeeded", "failed", "timed_out", "sending", "unsure", "delivered"):
+        for event in (trt_bot.Succeeded("https://cdn.example/y.png"), trt_bot.Failed("failed"),
+                      trt_bot.CallbackCame()):
+            assert trt_bot.apply_event(job_in(state), event, NOW) == ({}, [])
+
+
+def test_a_photo_is_never_sent_for_a_failed_job_nor_a_job_delivered_twice():
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in("failed"), trt_bot.SendStarted(), NOW)
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in("delivered"), trt_bot.Delivered(), NOW)
+
+
+def test_a_callback_for_a_submitted_job_asks_kie_now_and_changes_nothing():
+    assert trt_bot.apply_event(job_in("submitted"), trt_bot.CallbackCame(), NOW) == ({}, [trt_bot.PollNow()])
+
+
+def test_an_accepted_task_is_saved_and_watched():
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Accepted("task00042"), NOW)
+    assert changes == {"task_id": "task00042", "state": "submitted", "updated_at": NOW}
+    assert effects == [trt_bot.Save(), trt_bot.WatchTask()]
+
+
+def test_a_result_frees_the_slot_counts_the_outcome_and_is_delivered():
+    changes, effects = trt_bot.apply_event(job_in("submitted"), trt_bot.Succeeded("https://cdn.example/x.png"), NOW)
+    assert changes == {"result_url": "https://cdn.example/x.png", "state": "succeeded", "updated_at": NOW,
+                       "outcome": "success"}
+    assert effects == [trt_bot.ReleaseSlot(), trt_bot.Save(), trt_bot.Finish("success", 12.0), trt_bot.Deliver()]
+
+
+def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Expired(), NOW)
+    assert (changes["state"], changes["error"], changes["outcome"]) == ("timed_out", "timeout", "timed_out")
+    assert trt_bot.ReleaseSlot() not in effects and trt_bot.Deliver() in effects
+
+
+@pytest.mark.parametrize("code, failure, alert", [(402, "unavailable", True), (401, "unavailable", True),
+                                                  (429, "busy", False), (422, "invalid", False),
+                                                  (None, "failed", False)])
+def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on_incidents(code, failure, alert):
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Refused(code), NOW)
+    assert (changes["state"], changes["error"]) == ("failed", failure)
+    assert (trt_bot.Alert(code) in effects) is alert
+
+
+def test_a_delivered_job_is_saved_and_forgotten():
+    assert trt_bot.apply_event(job_in("unsure"), trt_bot.Delivered(), NOW) == (
+        {"state": "delivered", "updated_at": NOW}, [trt_bot.Save(), trt_bot.Forget()])
+
+
+@pytest.mark.parametrize("message, failure", [
+    ("Content flagged by moderation", "moderation"), ("NSFW content detected", "moderation"),
+    ("Your prompt VIOLATES our usage policy", "moderation"), ("internal error", "failed"), ("", "failed")])
+def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(message, failure):
+    assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", fail_message=message)) == failure
 
 
 ###############################################################################

@@ -1809,7 +1809,6 @@ class TaskRecord:
     task_id: str
     state: str  # "pending" | "success" | "fail"
     urls: tuple[str, ...] = ()
-    fail_code: str = ""
     fail_message: str = ""
 
 
@@ -1844,7 +1843,7 @@ def parse_task_record(data: Any) -> TaskRecord:
     if state in KIE_PENDING_STATES:
         return TaskRecord(task_id, "pending")
     if state == "fail":
-        return TaskRecord(task_id, "fail", (), str(data.get("failCode") or ""), str(data.get("failMsg") or ""))
+        return TaskRecord(task_id, "fail", (), str(data.get("failMsg") or ""))
     if state == "success":
         result = data.get("resultJson")
         if isinstance(result, str):
@@ -1855,7 +1854,7 @@ def parse_task_record(data: Any) -> TaskRecord:
         urls = (result or {}).get("resultUrls") if isinstance(result, dict) else None
         urls = tuple(u for u in urls if split_result_url(u) is not None) if isinstance(urls, list) else ()
         if not urls:
-            return TaskRecord(task_id, "fail", (), "no_result", "the task succeeded without an image URL")
+            return TaskRecord(task_id, "fail", (), "the task succeeded without an image URL")
         return TaskRecord(task_id, "success", urls)
     raise KieError(500, f"unknown task state {state!r}")
 
