@@ -585,15 +585,15 @@ async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
 
 NOW = 1_700_000_100.0
 SAMPLE_EVENTS = {
-    "accepted": trt_bot.Accepted("task00042"),
-    "refused": trt_bot.Refused(422),
-    "succeeded": trt_bot.Succeeded("https://cdn.example/x.png"),
-    "failed": trt_bot.Failed("moderation"),
-    "callback": trt_bot.CallbackCame(),
-    "expired": trt_bot.Expired(),
-    "sending": trt_bot.SendStarted(),
-    "maybe_sent": trt_bot.MaybeSent(),
-    "delivered": trt_bot.Delivered(),
+    "accepted": trt_bot.JobEvent("accepted", "task00042"),
+    "refused": trt_bot.JobEvent("refused", 422),
+    "succeeded": trt_bot.JobEvent("succeeded", "https://cdn.example/x.png"),
+    "failed": trt_bot.JobEvent("failed", "moderation"),
+    "callback": trt_bot.CALLBACK_CAME,
+    "expired": trt_bot.EXPIRED,
+    "sending": trt_bot.SEND_STARTED,
+    "maybe_sent": trt_bot.MAYBE_SENT,
+    "delivered": trt_bot.DELIVERED,
 }
 
 
@@ -618,9 +618,9 @@ def test_every_legal_event_moves_the_job_to_the_state_the_table_names(state, nam
     changes, effects = trt_bot.apply_event(job, SAMPLE_EVENTS[name], NOW)
     assert job == before  # apply_event only says what changes
     assert changes["state"] == trt_bot.JOB_TRANSITIONS[state][name] and changes["updated_at"] == NOW
-    assert (trt_bot.ReleaseSlot() in effects) is (state == "submitted")
-    assert (trt_bot.Save() in effects) is (name != "sending")  # "sending" is written durably by the deliverer
-    assert (trt_bot.Deliver() in effects) is (changes["state"] in trt_bot.OUTCOMES)
+    assert (trt_bot.RELEASE_SLOT in effects) is (state == "submitted")
+    assert (trt_bot.SAVE in effects) is (name != "sending")  # "sending" is written durably by the deliverer
+    assert (trt_bot.DELIVER in effects) is (changes["state"] in trt_bot.OUTCOMES)
 
 
 @pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
@@ -638,53 +638,54 @@ def test_an_ignorable_event_changes_nothing_and_does_nothing(state, name):
 
 def test_a_poll_result_or_a_duplicate_callback_for_a_finished_job_is_ignored():
     for state in ("succeeded", "failed", "timed_out", "sending", "unsure", "delivered"):
-        for event in (trt_bot.Succeeded("https://cdn.example/y.png"), trt_bot.Failed("failed"),
-                      trt_bot.CallbackCame()):
+        for event in (trt_bot.JobEvent("succeeded", "https://cdn.example/y.png"),
+                      trt_bot.JobEvent("failed", "failed"), trt_bot.CALLBACK_CAME):
             assert trt_bot.apply_event(job_in(state), event, NOW) == ({}, [])
 
 
 def test_a_photo_is_never_sent_for_a_failed_job_nor_a_job_delivered_twice():
     with pytest.raises(trt_bot.IllegalTransition):
-        trt_bot.apply_event(job_in("failed"), trt_bot.SendStarted(), NOW)
+        trt_bot.apply_event(job_in("failed"), trt_bot.SEND_STARTED, NOW)
     with pytest.raises(trt_bot.IllegalTransition):
-        trt_bot.apply_event(job_in("delivered"), trt_bot.Delivered(), NOW)
+        trt_bot.apply_event(job_in("delivered"), trt_bot.DELIVERED, NOW)
 
 
 def test_a_callback_for_a_submitted_job_asks_kie_now_and_changes_nothing():
-    assert trt_bot.apply_event(job_in("submitted"), trt_bot.CallbackCame(), NOW) == ({}, [trt_bot.PollNow()])
+    assert trt_bot.apply_event(job_in("submitted"), trt_bot.CALLBACK_CAME, NOW) == ({}, [trt_bot.POLL_NOW])
 
 
 def test_an_accepted_task_is_saved_and_watched():
-    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Accepted("task00042"), NOW)
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("accepted", "task00042"), NOW)
     assert changes == {"task_id": "task00042", "state": "submitted", "updated_at": NOW}
-    assert effects == [trt_bot.Save(), trt_bot.WatchTask()]
+    assert effects == [trt_bot.SAVE, trt_bot.WATCH_TASK]
 
 
 def test_a_result_frees_the_slot_counts_the_outcome_and_is_delivered():
-    changes, effects = trt_bot.apply_event(job_in("submitted"), trt_bot.Succeeded("https://cdn.example/x.png"), NOW)
+    succeeded = trt_bot.JobEvent("succeeded", "https://cdn.example/x.png")
+    changes, effects = trt_bot.apply_event(job_in("submitted"), succeeded, NOW)
     assert changes == {"result_url": "https://cdn.example/x.png", "state": "succeeded", "updated_at": NOW,
                        "outcome": "success"}
-    assert effects == [trt_bot.ReleaseSlot(), trt_bot.Save(), trt_bot.Finish("success", 12.0), trt_bot.Deliver()]
+    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.Finish("success", 12.0), trt_bot.DELIVER]
 
 
 def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
-    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Expired(), NOW)
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.EXPIRED, NOW)
     assert (changes["state"], changes["error"], changes["outcome"]) == ("timed_out", "timeout", "timed_out")
-    assert trt_bot.ReleaseSlot() not in effects and trt_bot.Deliver() in effects
+    assert trt_bot.RELEASE_SLOT not in effects and trt_bot.DELIVER in effects
 
 
 @pytest.mark.parametrize("code, failure, alert", [(402, "unavailable", True), (401, "unavailable", True),
                                                   (429, "busy", False), (422, "invalid", False),
                                                   (None, "failed", False)])
 def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on_incidents(code, failure, alert):
-    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.Refused(code), NOW)
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("refused", code), NOW)
     assert (changes["state"], changes["error"]) == ("failed", failure)
     assert (trt_bot.Alert(code) in effects) is alert
 
 
 def test_a_delivered_job_is_saved_and_forgotten():
-    assert trt_bot.apply_event(job_in("unsure"), trt_bot.Delivered(), NOW) == (
-        {"state": "delivered", "updated_at": NOW}, [trt_bot.Save(), trt_bot.Forget()])
+    assert trt_bot.apply_event(job_in("unsure"), trt_bot.DELIVERED, NOW) == (
+        {"state": "delivered", "updated_at": NOW}, [trt_bot.SAVE, trt_bot.FORGET])
 
 
 @pytest.mark.parametrize("message, failure", [

@@ -3021,75 +3021,25 @@ class IllegalTransition(TrtError):
     """An event the job's state does not allow: a bug in the caller, never dropped quietly."""
 
 
-# Events: what happened to a job.  ``name`` is the column of JOB_TRANSITIONS.
 @dataclasses.dataclass(frozen=True)
-class Accepted:
-    """createTask gave the job a task id."""
+class JobEvent:
+    """What happened to a job: ``name`` is a column of JOB_TRANSITIONS, ``value`` what the event carries."""
 
-    task_id: str
-    name = "accepted"
-
-
-@dataclasses.dataclass(frozen=True)
-class Refused:
-    """createTask failed with Kie ``code`` (see KIE_CODES), or None: the job's model left the catalog."""
-
-    code: int | None
-    name = "refused"
+    name: str
+    value: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Succeeded:
-    """Kie's record says the task finished with a result URL."""
-
-    result_url: str
-    name = "succeeded"
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed:
-    """Kie's record says the task failed; ``failure`` is what the user is told (see failure_for_record)."""
-
-    failure: str
-    name = "failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class CallbackCame:
-    """An authenticated Kie callback named the job's task: a hint to ask Kie now."""
-
-    name = "callback"
-
-
-@dataclasses.dataclass(frozen=True)
-class Expired:
-    """GEN_TIMEOUT_S passed before Kie said how the job ended."""
-
-    name = "expired"
-
-
-@dataclasses.dataclass(frozen=True)
-class SendStarted:
-    """The photo is about to go out (the deliverer writes this state durably itself, first)."""
-
-    name = "sending"
-
-
-@dataclasses.dataclass(frozen=True)
-class MaybeSent:
-    """Whether the photo went out is unknown: a lost answer, an unwritable intent, or a restart."""
-
-    name = "maybe_sent"
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivered:
-    """The user has the photo or the explanation, or was told nothing more is coming."""
-
-    name = "delivered"
-
-
-JobEvent = Accepted | Refused | Succeeded | Failed | CallbackCame | Expired | SendStarted | MaybeSent | Delivered
+# The events and what they carry:
+#   accepted    createTask gave the task id
+#   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
+#   succeeded   Kie's record says the task finished with this result URL
+#   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
+CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
+EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
+SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
+MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
+DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
+EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
 
 # The state machine: state -> event -> next state.  An event not listed raises
 # IllegalTransition; IGNORED marks one that may come late or twice and changes
@@ -3114,25 +3064,20 @@ JOB_TRANSITIONS: dict[str, dict[str, str]] = {
 OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
 
 
-# Effects: what a driver does after a transition.
+# Effects: what a driver does after a transition; ``name`` says which.
 @dataclasses.dataclass(frozen=True)
-class Save:
-    """Write the job's row (group commit: memory stays the authority)."""
+class JobAction:
+    """An effect that carries nothing but its name."""
+
+    name: str
 
 
-@dataclasses.dataclass(frozen=True)
-class ReleaseSlot:
-    """The job no longer holds one of the ``kie_max_tasks`` slots."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WatchTask:
-    """Find the job by its task id from now on, and poll Kie about it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PollNow:
-    """Ask Kie about the job at once."""
+SAVE = JobAction("save")  # write the job's row (group commit: memory stays the authority)
+RELEASE_SLOT = JobAction("release_slot")  # the job no longer holds one of the ``kie_max_tasks`` slots
+WATCH_TASK = JobAction("watch_task")  # find the job by its task id from now on, and poll Kie about it
+POLL_NOW = JobAction("poll_now")  # ask Kie about the job at once
+DELIVER = JobAction("deliver")  # send the user the photo or the failure
+FORGET = JobAction("forget")  # the job is over: drop it from memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3141,11 +3086,7 @@ class Finish:
 
     outcome: str
     seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Deliver:
-    """Send the user the photo or the failure."""
+    name = "finish"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3153,29 +3094,20 @@ class Alert:
     """Tell the admins that Kie stopped every generation (``code`` is the incident's)."""
 
     code: int
+    name = "alert"
 
 
-@dataclasses.dataclass(frozen=True)
-class Forget:
-    """The job is over: drop it from memory."""
-
-
-JobEffect = Save | ReleaseSlot | WatchTask | PollNow | Finish | Deliver | Alert | Forget
+JobEffect = JobAction | Finish | Alert
 
 
 def event_changes(event: JobEvent) -> dict[str, Any]:
     """The job fields an event sets besides its state."""
-    if isinstance(event, Accepted):
-        return {"task_id": event.task_id}
-    if isinstance(event, Refused):
-        return {"error": "failed" if event.code is None else kie_code(event.code).user_failure}
-    if isinstance(event, Succeeded):
-        return {"result_url": event.result_url}
-    if isinstance(event, Failed):
-        return {"error": event.failure}
-    if isinstance(event, Expired):
+    if event.name == "refused":
+        return {"error": "failed" if event.value is None else kie_code(event.value).user_failure}
+    if event == EXPIRED:
         return {"error": "timeout"}
-    return {}
+    field = EVENT_FIELDS.get(event.name)
+    return {field: event.value} if field else {}
 
 
 def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[JobEffect]]:
@@ -3191,20 +3123,20 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     if state == IGNORED:
         return {}, []
     if state == job.state:
-        return {}, [PollNow()]  # the one event that keeps the state: a callback
+        return {}, [POLL_NOW]  # the one event that keeps the state: a callback
     changes = {**event_changes(event), "state": state, "updated_at": now}
-    effects: list[JobEffect] = [ReleaseSlot()] if job.state == "submitted" else []
-    if not isinstance(event, SendStarted):
-        effects.append(Save())
-    if isinstance(event, Accepted):
-        effects.append(WatchTask())
+    effects: list[JobEffect] = [RELEASE_SLOT] if job.state == "submitted" else []
+    if event != SEND_STARTED:
+        effects.append(SAVE)
+    if event.name == "accepted":
+        effects.append(WATCH_TASK)
     if state in OUTCOMES:
         changes["outcome"] = OUTCOMES[state]
-        effects += [Finish(OUTCOMES[state], now - job.created_at), Deliver()]
-    if isinstance(event, Refused) and event.code is not None and kie_code(event.code).incident:
-        effects.append(Alert(event.code))
+        effects += [Finish(OUTCOMES[state], now - job.created_at), DELIVER]
+    if event.name == "refused" and event.value is not None and kie_code(event.value).incident:
+        effects.append(Alert(event.value))
     if state == "delivered":
-        effects.append(Forget())
+        effects.append(FORGET)
     return changes, effects
 
 
@@ -3617,7 +3549,7 @@ class Submitter:
         model = MODELS_BY_KEY.get(job.model)
         if model is None:  # a stored job of a model since removed from CATALOG
             self.slots.release()
-            self.apply(job, Refused(None))
+            self.apply(job, JobEvent("refused", None))
             return
         try:
             task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
@@ -3625,10 +3557,10 @@ class Submitter:
         except KieError as error:
             self.slots.release()
             log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            self.apply(job, Refused(error.code))
+            self.apply(job, JobEvent("refused", error.code))
             return
         self.alerts.over()
-        self.apply(job, Accepted(task_id))
+        self.apply(job, JobEvent("accepted", task_id))
         if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
             self.slots.release()
 
@@ -3841,7 +3773,7 @@ class Deliverer:
         finally:
             self._delivering.discard(job.id)
         if finished:
-            self.apply(job, Delivered())
+            self.apply(job, DELIVERED)
 
     async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
         """True when the job is done with (delivered, or the user told it failed); False when retried later."""
@@ -3887,7 +3819,7 @@ class Deliverer:
         False when that cannot be committed for a job the database already
         holds: its row still says "succeeded", and sending now could be repeated.
         """
-        self.apply(job, SendStarted())
+        self.apply(job, SEND_STARTED)
         return await self.book.save_durably(job) or not self.book.stored(job)
 
     async def _send_result(self, job: Job) -> None:
@@ -3911,7 +3843,7 @@ class Deliverer:
         await self.sender.delete_status_message(job)
 
     async def _offer_instead(self, job: Job) -> None:
-        self.apply(job, MaybeSent())
+        self.apply(job, MAYBE_SENT)
         await self.sender.offer_resend(job)
 
 
@@ -3948,15 +3880,15 @@ class Generations:
                                    clock, delivery_budget_s, delivery_notice_s)
         self._tasks: set[asyncio.Task] = set()  # one-off work: polls, deliveries, alerts
         self._loops: list[asyncio.Task] = []
-        self._effects: dict[type, Callable[[Job, Any], None]] = {
-            Save: lambda job, effect: self.book.save(job),
-            ReleaseSlot: lambda job, effect: self.slots.release(),
-            WatchTask: self._watch_task,
-            PollNow: lambda job, effect: self.poller.poll_now(job),
-            Finish: self._finish,
-            Deliver: lambda job, effect: self.deliverer.deliver(job),
-            Alert: self._alert,
-            Forget: self._forget,
+        self._effects: dict[str, Callable[[Job, Any], None]] = {
+            SAVE.name: lambda job, effect: self.book.save(job),
+            RELEASE_SLOT.name: lambda job, effect: self.slots.release(),
+            WATCH_TASK.name: self._watch_task,
+            POLL_NOW.name: lambda job, effect: self.poller.poll_now(job),
+            Finish.name: self._finish,
+            DELIVER.name: lambda job, effect: self.deliverer.deliver(job),
+            Alert.name: self._alert,
+            FORGET.name: self._forget,
         }
 
     @property
@@ -3989,9 +3921,9 @@ class Generations:
         for name, value in changes.items():
             setattr(job, name, value)
         for effect in effects:
-            self._effects[type(effect)](job, effect)
+            self._effects[effect.name](job, effect)
 
-    def _watch_task(self, job: Job, effect: WatchTask) -> None:
+    def _watch_task(self, job: Job, effect: JobAction) -> None:
         self.book.watch_task(job)
         self.poller.schedule(job, self.clock.time() + poll_interval(0.0))
 
@@ -4004,15 +3936,15 @@ class Generations:
         if self.alerts.begin(effect.code):
             self._run_in_background(self.alerts.alert(effect.code))
 
-    def _forget(self, job: Job, effect: Forget) -> None:
+    def _forget(self, job: Job, effect: JobAction) -> None:
         self.book.forget(job)
         self.deliverer.forget(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
         if record.state == "success":
-            self.apply(job, Succeeded(record.urls[0]))
+            self.apply(job, JobEvent("succeeded", record.urls[0]))
         elif record.state == "fail":
-            self.apply(job, Failed(failure_for_record(record)))
+            self.apply(job, JobEvent("failed", failure_for_record(record)))
 
     def _run_in_background(self, coro: Awaitable[None]) -> None:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
@@ -4060,7 +3992,7 @@ class Generations:
             self.poller.schedule(job, 0.0)  # callbacks may have come while we were down
         else:
             if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
-                self.apply(job, MaybeSent())
+                self.apply(job, MAYBE_SENT)
             self.deliverer.deliver(job)
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -4091,7 +4023,7 @@ class Generations:
             now = self.clock.time()
             for job in list(self.jobs.values()):
                 if job.state in ("created", "submitted") and now - job.created_at > self.config.gen_timeout_s:
-                    self.apply(job, Expired())
+                    self.apply(job, EXPIRED)
             self.deliverer.retry_due(now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
@@ -4136,7 +4068,7 @@ class Generations:
         if job is None or job.state != "submitted":
             log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
             return
-        self.apply(job, CallbackCame())
+        self.apply(job, CALLBACK_CAME)
 
     async def usage(self) -> dict[str, Any]:
         """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
