@@ -2956,15 +2956,18 @@ class Conversation:
 ###############################################################################
 # 10. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
-#    its state machine, submitting to Kie under the fairness limits, the
-#    callback hint and the paced poller, delivery within its budget (result
-#    downloads from public addresses only), and admin alerts.
+#    its pure state machine (an event in, changes and effects out), and the
+#    drivers that carry the effects out: submitting to Kie under the fairness
+#    limits, the callback hint and the paced poller, delivery within its budget
+#    (result downloads from public addresses only), and admin alerts.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
+DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
+USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
 DELIVERY_RETRY_S = 30.0
 # After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
 # failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
@@ -3845,10 +3848,6 @@ class Deliverer:
     async def _offer_instead(self, job: Job) -> None:
         self.apply(job, MAYBE_SENT)
         await self.sender.offer_resend(job)
-
-
-DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried
-USAGE_PRUNE_S = 600.0
 
 
 class Generations:
