@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
-                      eventually, free_port, update_callback, update_message)
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, ManualClock, _dropping,
+                      bot_env, eventually, free_port, update_callback, update_message)
 from test_trt_bot import post_update
 
 _update_ids = itertools.count(10_000)
@@ -584,6 +584,12 @@ async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
     assert "Статистика" not in fake_tg.texts_to(77)[0]
 
 
+def test_a_refusal_is_told_in_the_users_words():
+    assert trt_bot.refusal_text(trt_bot.Busy()) == ("busy_user", {})
+    key, values = trt_bot.refusal_text(trt_bot.HourlyLimit(20, 5))
+    assert trt_bot.TEXTS["en"][key].format(**values) == "You can make up to 20 pictures an hour. Next one in 5 min."
+
+
 ###############################################################################
 # 10. Generation jobs: the state machine (pure, no I/O)
 ###############################################################################
@@ -691,6 +697,21 @@ def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on
 def test_a_delivered_job_is_saved_and_forgotten():
     assert trt_bot.apply_event(job_in("unsure"), trt_bot.DELIVERED, NOW) == (
         {"state": "delivered", "updated_at": NOW}, [trt_bot.SAVE, trt_bot.FORGET])
+
+
+def test_a_user_is_refused_while_busy_and_past_the_hourly_limit_until_the_hour_turns():
+    clock = ManualClock()
+    fairness = trt_bot.Fairness(2, frozenset({900}), clock)
+    assert fairness.refusal(7, busy=True) == trt_bot.Busy()
+    for user in (7, 7, 900, 900):
+        fairness.note(user, clock.time())
+    clock.advance(60)
+    assert fairness.refusal(7, busy=False) == trt_bot.HourlyLimit(2, 60)
+    assert fairness.refusal(900, busy=False) is None  # admins have no hourly limit
+    clock.advance(3540)
+    assert fairness.refusal(7, busy=False) is None
+    fairness.forget_idle(clock.time())
+    assert fairness.refusal(7, busy=False) is None
 
 
 @pytest.mark.parametrize("message, failure", [
