@@ -605,6 +605,7 @@ SAMPLE_EVENTS = {
     "sending": trt_bot.SEND_STARTED,
     "maybe_sent": trt_bot.MAYBE_SENT,
     "delivered": trt_bot.DELIVERED,
+    "undeliverable": trt_bot.UNDELIVERABLE,
 }
 
 
@@ -619,6 +620,8 @@ def test_every_event_has_a_sample_and_every_state_a_row():
     assert all(set(moves) <= set(SAMPLE_EVENTS) for moves in trt_bot.JOB_TRANSITIONS.values())
     assert all(target in (trt_bot.IGNORED, *trt_bot.JOB_TRANSITIONS) for moves in trt_bot.JOB_TRANSITIONS.values()
                for target in moves.values())
+    assert {name for state, moves in trt_bot.JOB_TRANSITIONS.items() for name, target in moves.items()
+            if target == state} == set(trt_bot.KEEPING_STATE_EFFECTS)
 
 
 @pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
@@ -663,6 +666,12 @@ def test_a_photo_is_never_sent_for_a_failed_job_nor_a_job_delivered_twice():
 
 def test_a_callback_for_a_submitted_job_asks_kie_now_and_changes_nothing():
     assert trt_bot.apply_event(job_in("submitted"), trt_bot.CALLBACK_CAME, NOW) == ({}, [trt_bot.POLL_NOW])
+
+
+def test_a_picture_that_cannot_reach_the_user_changes_what_they_are_told_not_the_state():
+    for state in ("succeeded", "sending"):
+        assert trt_bot.apply_event(job_in(state), trt_bot.UNDELIVERABLE, NOW) == ({"error": "delivery"}, [])
+    assert trt_bot.apply_event(job_in("timed_out"), trt_bot.UNDELIVERABLE, NOW) == ({}, [])  # keeps its reason
 
 
 def test_an_accepted_task_is_saved_and_watched():

@@ -3042,7 +3042,9 @@ EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the jo
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
 MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
 DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
+UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
 EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
+EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
 # The state machine: state -> event -> next state.  An event not listed raises
 # IllegalTransition; IGNORED marks one that may come late or twice and changes
@@ -3056,12 +3058,13 @@ JOB_TRANSITIONS: dict[str, dict[str, str]] = {
     "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
                   "callback": "submitted"},
     # Result URL known; delivered directly when the budget ran out before sending.
-    "succeeded": {**_LATE_NEWS, "sending": "sending", "delivered": "delivered"},
+    "succeeded": {**_LATE_NEWS, "sending": "sending", "delivered": "delivered", "undeliverable": "succeeded"},
     # Committed before sendPhoto: after a crash the photo may be out, so it is not sent again blindly.
-    "sending": {**_LATE_NEWS, "delivered": "delivered", "maybe_sent": "unsure"},
-    "unsure": {**_LATE_NEWS, "delivered": "delivered"},  # the user gets a button to have it re-sent
-    "failed": {**_LATE_NEWS, "delivered": "delivered"},  # failure known, user not told yet
-    "timed_out": {**_LATE_NEWS, "delivered": "delivered"},
+    "sending": {**_LATE_NEWS, "delivered": "delivered", "maybe_sent": "unsure", "undeliverable": "sending"},
+    # The user gets a button to have it re-sent.
+    "unsure": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
+    "failed": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},  # failure known, user not told yet
+    "timed_out": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
     "delivered": dict(_LATE_NEWS),  # the user has the photo or the explanation
 }
 OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
@@ -3101,16 +3104,15 @@ class Alert:
 
 
 JobEffect = JobAction | Finish | Alert
+KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the events that leave the state as it is
 
 
 def event_changes(event: JobEvent) -> dict[str, Any]:
     """The job fields an event sets besides its state."""
     if event.name == "refused":
         return {"error": "failed" if event.value is None else kie_code(event.value).user_failure}
-    if event == EXPIRED:
-        return {"error": "timeout"}
     field = EVENT_FIELDS.get(event.name)
-    return {field: event.value} if field else {}
+    return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
 
 
 def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[JobEffect]]:
@@ -3126,7 +3128,7 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     if state == IGNORED:
         return {}, []
     if state == job.state:
-        return {}, [POLL_NOW]  # the one event that keeps the state: a callback
+        return event_changes(event), list(KEEPING_STATE_EFFECTS[event.name])
     changes = {**event_changes(event), "state": state, "updated_at": now}
     effects: list[JobEffect] = [RELEASE_SLOT] if job.state == "submitted" else []
     if event != SEND_STARTED:
@@ -3807,8 +3809,7 @@ class Deliverer:
     async def _tell_undelivered(self, job: Job, reason: str) -> None:
         """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
         log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
-        if job.state in ("succeeded", "sending"):
-            job.error = "delivery"
+        self.apply(job, UNDELIVERABLE)
         step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
         try:
             async with asyncio.timeout(self.notice_s):
@@ -3833,7 +3834,7 @@ class Deliverer:
             await self.sender.send_photo(job)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result: %s", job.id, error)
-            job.error = "delivery"
+            self.apply(job, UNDELIVERABLE)
             await self.sender.send_failure(job)
             return
         except TelegramNetworkError as error:
