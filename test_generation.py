@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
-                      eventually, free_port, post_update, update_callback, update_message)
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, ManualClock, _dropping,
+                      bot_env, eventually, free_port, post_update, update_callback, update_message)
 from conftest import fast_jobs  # noqa: F401  (test_faults.py imports the fixture from here)
 
 _update_ids = itertools.count(10_000)
@@ -45,11 +45,6 @@ async def order(app, user: int, prompt: str = "кот-космонавт", ratio
     await post_update(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
     if option:
         await post_update(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
-
-
-def submitted(app) -> bool:
-    """Whether the bot holds a task id from Kie for a job (a Kie slot is taken before createTask is sent)."""
-    return any(job.state == "submitted" for job in app.generations.jobs.values())
 
 
 async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
@@ -122,6 +117,29 @@ def test_kie_errors_are_classified_for_retry(code, retryable):
     assert trt_bot.KieError(code, "x").retryable is retryable
 
 
+@pytest.mark.parametrize("code", sorted(trt_bot.KIE_CODES))
+def test_every_kie_code_tells_the_user_something_and_names_its_incident_for_admins(code):
+    row = trt_bot.KIE_CODES[code]
+    for lang in ("ru", "en"):
+        assert trt_bot.TEXTS[lang][f"fail_{row.user_failure}"]
+        assert row.incident == "" or trt_bot.TEXTS[lang][row.incident]
+    assert row.kind and row.fix and trt_bot.KieError(code, "x").kind == row.kind
+
+
+def test_only_a_rejected_key_and_missing_credits_are_incidents_for_admins():
+    incidents = {code for code, row in trt_bot.KIE_CODES.items() if row.incident}
+    assert incidents == {401, 402}
+    assert all(trt_bot.KIE_CODES[code].user_failure == "unavailable" for code in incidents)
+
+
+@pytest.mark.parametrize("code, kind, retryable", [(503, "server_error", True), (599, "server_error", True),
+                                                   (400, "server_error", False), (418, "server_error", False)])
+def test_undocumented_kie_codes_are_server_errors_retried_only_when_5xx(code, kind, retryable):
+    row = trt_bot.kie_code(code)
+    assert (row.kind, row.retryable, row.user_failure) == (kind, retryable, "busy")
+    assert trt_bot.KieError(code, "x").retryable is retryable
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"taskId": "t", "state": "queuing"}, trt_bot.TaskRecord("t", "pending")),
     ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":["https://cdn/x.png"]}'},
@@ -129,9 +147,9 @@ def test_kie_errors_are_classified_for_retry(code, retryable):
     ({"taskId": "t", "state": "success", "resultJson": {"resultUrls": ["https://cdn/y.png"]}},
      trt_bot.TaskRecord("t", "success", ("https://cdn/y.png",))),
     ({"task_id": "t", "state": "fail", "failCode": "422", "failMsg": "prohibited content"},
-     trt_bot.TaskRecord("t", "fail", (), "422", "prohibited content")),
+     trt_bot.TaskRecord("t", "fail", (), "prohibited content")),
     ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":[]}'},
-     trt_bot.TaskRecord("t", "fail", (), "no_result", "the task succeeded without an image URL")),
+     trt_bot.TaskRecord("t", "fail", (), "the task succeeded without an image URL")),
 ])
 def test_task_records_parse_to_pending_success_or_fail(data, expected):
     assert trt_bot.parse_task_record(data) == expected
@@ -146,7 +164,7 @@ def test_result_urls_are_kept_only_when_well_formed_http_with_a_host():
                                         "resultJson": {"resultUrls": [*hostile, "https://cdn.example/ok.png"]}})
     assert record.urls == ("https://cdn.example/ok.png",)
     assert trt_bot.parse_task_record({"taskId": "t", "state": "success",
-                                      "resultJson": {"resultUrls": hostile}}).fail_code == "no_result"
+                                      "resultJson": {"resultUrls": hostile}}).state == "fail"
     for url in ("http://[::1]:8080/x.png", "https://tempfile.aiquickdraw.com/s/abc_0.png?x=1"):
         assert trt_bot.split_result_url(url) is not None
 
@@ -274,7 +292,7 @@ async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, 
 async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(make_app, fake_tg, fake_kie, fast_jobs):
     app = await make_app(**gen_env(fake_kie))
     await order(app, 52)
-    await eventually(lambda: submitted(app))
+    await submitted_job(app, 52)
     fake_kie.complete("task00001")
     responses = await asyncio.gather(*(kie_calls_back(app, fake_kie, "task00001") for _ in range(3)))
     assert {r.status_code for r in responses} == {200}
@@ -288,7 +306,7 @@ async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(m
 async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
     await order(app, 53)
-    await eventually(lambda: submitted(app))
+    await submitted_job(app, 53)
     fake_kie.complete("task00001")
     assert (await kie_calls_back(app, fake_kie, "task00001", token="guess")).status_code == 401
     assert (await kie_calls_back(app, fake_kie, "task00001", token="")).status_code == 401
@@ -306,7 +324,7 @@ async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, 
 async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
     await order(app, 59)
-    await eventually(lambda: submitted(app))
+    await submitted_job(app, 59)
     for stale in ("1", int(time.time()) - 3600, int(time.time()) + 3600):  # "1" used to pass
         response = await kie_calls_back(app, fake_kie, "task00001", headers=signed("hmac-key", "task00001", stale))
         assert response.status_code == 403
@@ -320,7 +338,7 @@ async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fa
 async def test_a_callback_is_only_a_hint_the_result_comes_from_record_info(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await order(app, 69)
-    await eventually(lambda: submitted(app))
+    await submitted_job(app, 69)
     forged = {"code": 200, "data": {"taskId": "task00001", "state": "success",
                                     "resultJson": '{"resultUrls":["http://127.0.0.1:9/internal-secret"]}'}}
     assert (await kie_calls_back(app, fake_kie, "task00001", body=forged)).status_code == 200
@@ -579,6 +597,152 @@ async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
     await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77))
     assert "Статистика" in fake_tg.texts_to(900)[0] and "1234.5" in fake_tg.texts_to(900)[0]
     assert "Статистика" not in fake_tg.texts_to(77)[0]
+
+
+def test_a_refusal_is_told_in_the_users_words():
+    assert trt_bot.refusal_text(trt_bot.Busy()) == ("busy_user", {})
+    key, values = trt_bot.refusal_text(trt_bot.HourlyLimit(20, 5))
+    assert trt_bot.TEXTS["en"][key].format(**values) == "You can make up to 20 pictures an hour. Next one in 5 min."
+
+
+###############################################################################
+# 10. Generation jobs: the state machine (pure, no I/O)
+###############################################################################
+
+NOW = 1_700_000_100.0
+SAMPLE_EVENTS = {
+    "accepted": trt_bot.JobEvent("accepted", "task00042"),
+    "refused": trt_bot.JobEvent("refused", 422),
+    "succeeded": trt_bot.JobEvent("succeeded", "https://cdn.example/x.png"),
+    "failed": trt_bot.JobEvent("failed", "moderation"),
+    "callback": trt_bot.CALLBACK_CAME,
+    "expired": trt_bot.EXPIRED,
+    "sending": trt_bot.SEND_STARTED,
+    "maybe_sent": trt_bot.MAYBE_SENT,
+    "delivered": trt_bot.DELIVERED,
+    "undeliverable": trt_bot.UNDELIVERABLE,
+}
+
+
+def job_in(state: str) -> trt_bot.Job:
+    return trt_bot.Job("0123456789abcdef", 7, 7, "ru", "zimage", "кот", "1:1", state=state,
+                       task_id="task00041" if state != "created" else "", created_at=NOW - 12.0,
+                       updated_at=NOW - 1.0)
+
+
+def test_every_event_has_a_sample_and_every_state_a_row():
+    assert set(SAMPLE_EVENTS) == {event.name for event in SAMPLE_EVENTS.values()}
+    assert all(set(moves) <= set(SAMPLE_EVENTS) for moves in trt_bot.JOB_TRANSITIONS.values())
+    assert all(target in (trt_bot.IGNORED, *trt_bot.JOB_TRANSITIONS) for moves in trt_bot.JOB_TRANSITIONS.values()
+               for target in moves.values())
+    assert {name for state, moves in trt_bot.JOB_TRANSITIONS.items() for name, target in moves.items()
+            if target == state} == set(trt_bot.KEEPING_STATE_EFFECTS)
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name, target in moves.items() if target not in (trt_bot.IGNORED, state)])
+def test_every_legal_event_moves_the_job_to_the_state_the_table_names(state, name):
+    job = job_in(state)
+    before = dataclasses.replace(job)
+    changes, effects = trt_bot.apply_event(job, SAMPLE_EVENTS[name], NOW)
+    assert job == before  # apply_event only says what changes
+    assert changes["state"] == trt_bot.JOB_TRANSITIONS[state][name] and changes["updated_at"] == NOW
+    assert (trt_bot.RELEASE_SLOT in effects) is (state == "submitted")
+    assert (trt_bot.SAVE in effects) is (name != "sending")  # "sending" is written durably by the deliverer
+    assert (trt_bot.DELIVER in effects) is (changes["state"] in trt_bot.OUTCOMES)
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name in SAMPLE_EVENTS if name not in moves])
+def test_an_event_the_table_does_not_list_raises(state, name):
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in(state), SAMPLE_EVENTS[name], NOW)
+
+
+@pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
+                                         for name, target in moves.items() if target == trt_bot.IGNORED])
+def test_an_ignorable_event_changes_nothing_and_does_nothing(state, name):
+    assert trt_bot.apply_event(job_in(state), SAMPLE_EVENTS[name], NOW) == ({}, [])
+
+
+def test_a_poll_result_or_a_duplicate_callback_for_a_finished_job_is_ignored():
+    for state in ("succeeded", "failed", "timed_out", "sending", "unsure", "delivered"):
+        for event in (trt_bot.JobEvent("succeeded", "https://cdn.example/y.png"),
+                      trt_bot.JobEvent("failed", "failed"), trt_bot.CALLBACK_CAME):
+            assert trt_bot.apply_event(job_in(state), event, NOW) == ({}, [])
+
+
+def test_a_photo_is_never_sent_for_a_failed_job_nor_a_job_delivered_twice():
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in("failed"), trt_bot.SEND_STARTED, NOW)
+    with pytest.raises(trt_bot.IllegalTransition):
+        trt_bot.apply_event(job_in("delivered"), trt_bot.DELIVERED, NOW)
+
+
+def test_a_callback_for_a_submitted_job_asks_kie_now_and_changes_nothing():
+    assert trt_bot.apply_event(job_in("submitted"), trt_bot.CALLBACK_CAME, NOW) == ({}, [trt_bot.POLL_NOW])
+
+
+def test_a_picture_that_cannot_reach_the_user_changes_what_they_are_told_not_the_state():
+    for state in ("succeeded", "sending"):
+        assert trt_bot.apply_event(job_in(state), trt_bot.UNDELIVERABLE, NOW) == ({"error": "delivery"}, [])
+    assert trt_bot.apply_event(job_in("timed_out"), trt_bot.UNDELIVERABLE, NOW) == ({}, [])  # keeps its reason
+
+
+def test_an_accepted_task_is_saved_and_watched():
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("accepted", "task00042"), NOW)
+    assert changes == {"task_id": "task00042", "state": "submitted", "updated_at": NOW}
+    assert effects == [trt_bot.SAVE, trt_bot.WATCH_TASK]
+
+
+def test_a_result_frees_the_slot_counts_the_outcome_and_is_delivered():
+    succeeded = trt_bot.JobEvent("succeeded", "https://cdn.example/x.png")
+    changes, effects = trt_bot.apply_event(job_in("submitted"), succeeded, NOW)
+    assert changes == {"result_url": "https://cdn.example/x.png", "state": "succeeded", "updated_at": NOW,
+                       "outcome": "success"}
+    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.Finish("success", 12.0), trt_bot.DELIVER]
+
+
+def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.EXPIRED, NOW)
+    assert (changes["state"], changes["error"], changes["outcome"]) == ("timed_out", "timeout", "timed_out")
+    assert trt_bot.RELEASE_SLOT not in effects and trt_bot.DELIVER in effects
+
+
+@pytest.mark.parametrize("code, failure, alert", [(402, "unavailable", True), (401, "unavailable", True),
+                                                  (429, "busy", False), (422, "invalid", False),
+                                                  (None, "failed", False)])
+def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on_incidents(code, failure, alert):
+    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("refused", code), NOW)
+    assert (changes["state"], changes["error"]) == ("failed", failure)
+    assert (trt_bot.Alert(code) in effects) is alert
+
+
+def test_a_delivered_job_is_saved_and_forgotten():
+    assert trt_bot.apply_event(job_in("unsure"), trt_bot.DELIVERED, NOW) == (
+        {"state": "delivered", "updated_at": NOW}, [trt_bot.SAVE, trt_bot.FORGET])
+
+
+def test_a_user_is_refused_while_busy_and_past_the_hourly_limit_until_the_hour_turns():
+    clock = ManualClock()
+    fairness = trt_bot.Fairness(2, frozenset({900}), clock)
+    assert fairness.refusal(7, busy=True) == trt_bot.Busy()
+    for user in (7, 7, 900, 900):
+        fairness.note(user, clock.time())
+    clock.advance(60)
+    assert fairness.refusal(7, busy=False) == trt_bot.HourlyLimit(2, 60)
+    assert fairness.refusal(900, busy=False) is None  # admins have no hourly limit
+    clock.advance(3540)
+    assert fairness.refusal(7, busy=False) is None
+    fairness.forget_idle(clock.time())
+    assert fairness.refusal(7, busy=False) is None
+
+
+@pytest.mark.parametrize("message, failure", [
+    ("Content flagged by moderation", "moderation"), ("NSFW content detected", "moderation"),
+    ("Your prompt VIOLATES our usage policy", "moderation"), ("internal error", "failed"), ("", "failed")])
+def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(message, failure):
+    assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", fail_message=message)) == failure
 
 
 ###############################################################################
@@ -845,9 +1009,9 @@ async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkey
     def broken(self, now):
         raise RuntimeError("a bug in the poller")
 
-    monkeypatch.setattr(trt_bot.Generations, "_retry_deliveries", broken)
+    monkeypatch.setattr(trt_bot.Deliverer, "retry_due", broken)
     await make_app(**gen_env(fake_kie))
-    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-poller failed"])
+    await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-deadlines failed"])
 
 
 async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
@@ -858,7 +1022,7 @@ async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app
         fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
     app.telegram.attempts = 1
-    app.generations.delivery_budget_s, app.generations.delivery_notice_s = 1.0, 0.5
+    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
     await order(app, 90)
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001")

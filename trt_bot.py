@@ -1676,24 +1676,44 @@ RESULT_URL_MAX_CHARS = 2048  # Kie's CDN URLs are ~150; more is not a result URL
 HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 URL_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces or control characters
 
-# Kie answers HTTP 200 with an error in ``code``; these are the codes it documents.
-KIE_ERROR_KINDS = {
-    401: "unauthorized",  # bad key
-    402: "no_credits",
-    404: "not_found",
-    422: "invalid",  # the request failed validation
-    429: "rate_limited",
-    433: "key_limit",  # a sub-key's usage cap
-    455: "maintenance",
-    500: "server_error",
-    501: "generation_failed",
-    505: "disabled",
+@dataclasses.dataclass(frozen=True)
+class KieCode:
+    """Everything the bot knows about one Kie error code, from the client's retry to the operator's fix."""
+
+    kind: str  # a name for logs, metrics and /stats
+    retryable: bool  # the same call may succeed if made again
+    user_failure: str  # what the user is told: fail_<user_failure> in TEXTS
+    incident: str = ""  # TEXTS key naming it for admins when it stops every generation, else ""
+    fix: str = "Kie.ai is failing; try again later"  # what ``trt_bot check`` tells the operator
+
+
+# The one table of Kie error codes.  Kie answers HTTP 200 with an error in ``code``;
+# these are the codes it documents, plus 0 for a network failure.
+KIE_CODES: dict[int, KieCode] = {
+    0: KieCode("network", True, "busy", fix="{api_base} did not answer: check the network or KIE_API_BASE"),
+    401: KieCode("unauthorized", False, "unavailable", "incident_key_rejected",  # bad key
+                 "the key was rejected: copy KIE_API_KEY again from your Kie.ai dashboard"),
+    402: KieCode("no_credits", False, "unavailable", "incident_no_credits",
+                 "the account has no credits: top them up in your Kie.ai dashboard"),
+    404: KieCode("not_found", False, "failed"),
+    422: KieCode("invalid", False, "invalid"),  # the request failed validation
+    429: KieCode("rate_limited", True, "busy"),
+    433: KieCode("key_limit", False, "unavailable"),  # a sub-key's usage cap
+    455: KieCode("maintenance", True, "busy"),
+    500: KieCode("server_error", True, "busy"),
+    501: KieCode("generation_failed", False, "failed"),
+    505: KieCode("disabled", False, "unavailable"),
 }
-KIE_RETRYABLE_CODES = frozenset({429, 455, 500})
+UNDOCUMENTED_SERVER_CODE = KieCode("server_error", True, "busy")  # another 5xx: a passing fault
+UNDOCUMENTED_CODE = KieCode("server_error", False, "busy")  # another code: asking again will not help
+
+
+def kie_code(code: int) -> KieCode:
+    return KIE_CODES.get(code) or (UNDOCUMENTED_SERVER_CODE if code >= 500 else UNDOCUMENTED_CODE)
 
 
 class KieError(TrtError):
-    """Kie refused or failed a call; ``code`` is Kie's (or the HTTP status, 0 for network)."""
+    """Kie refused or failed a call; ``code`` is Kie's (or the HTTP status, 0 for network), see KIE_CODES."""
 
     def __init__(self, code: int, message: str):
         super().__init__(f"Kie {code}: {message}")
@@ -1702,11 +1722,11 @@ class KieError(TrtError):
 
     @property
     def kind(self) -> str:
-        return KIE_ERROR_KINDS.get(self.code, "network" if self.code == 0 else "server_error")
+        return kie_code(self.code).kind
 
     @property
     def retryable(self) -> bool:
-        return self.code == 0 or self.code in KIE_RETRYABLE_CODES or self.code >= 500 and self.code not in (501, 505)
+        return kie_code(self.code).retryable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1716,7 +1736,6 @@ class TaskRecord:
     task_id: str
     state: str  # "pending" | "success" | "fail"
     urls: tuple[str, ...] = ()
-    fail_code: str = ""
     fail_message: str = ""
 
 
@@ -1751,7 +1770,7 @@ def parse_task_record(data: Any) -> TaskRecord:
     if state in KIE_PENDING_STATES:
         return TaskRecord(task_id, "pending")
     if state == "fail":
-        return TaskRecord(task_id, "fail", (), str(data.get("failCode") or ""), str(data.get("failMsg") or ""))
+        return TaskRecord(task_id, "fail", (), str(data.get("failMsg") or ""))
     if state == "success":
         result = data.get("resultJson")
         if isinstance(result, str):
@@ -1762,7 +1781,7 @@ def parse_task_record(data: Any) -> TaskRecord:
         urls = (result or {}).get("resultUrls") if isinstance(result, dict) else None
         urls = tuple(u for u in urls if split_result_url(u) is not None) if isinstance(urls, list) else ()
         if not urls:
-            return TaskRecord(task_id, "fail", (), "no_result", "the task succeeded without an image URL")
+            return TaskRecord(task_id, "fail", (), "the task succeeded without an image URL")
         return TaskRecord(task_id, "success", urls)
     raise KieError(500, f"unknown task state {state!r}")
 
@@ -2392,9 +2411,9 @@ class UpdatePipeline:
 
 
 ###############################################################################
-# 9. Conversation
-#    Owns what the user sees: the model catalog, texts in both languages,
-#    keyboards, and the handlers for commands, messages and button presses.
+# Texts and keyboards
+#    Owns what the user sees, for both the dialog and the jobs: the model
+#    catalog, texts in both languages, menus and keyboards.
 ###############################################################################
 
 PROMPT_MAX_CHARS = 1000  # z-image's limit; the catalog's other models accept more
@@ -2612,6 +2631,12 @@ def shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+###############################################################################
+# 9. Dialog
+#    Owns the conversation with a user: commands, dialog steps and button
+#    presses, turning what the jobs answer into messages.
+###############################################################################
+
 def check_prompt(text: str) -> tuple[str, dict[str, Any]] | None:
     """None if the prompt is usable, else (text key, format values) explaining why not."""
     if not text.strip():
@@ -2626,6 +2651,15 @@ def parse_command(text: str) -> str | None:
     if not text.startswith("/"):
         return None
     return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
+
+
+def refusal_text(refusal: Busy | HourlyLimit) -> tuple[str, dict[str, Any]]:
+    """What the user is told when the jobs refuse a new one: (text key, format values)."""
+    match refusal:
+        case HourlyLimit(limit, minutes):
+            return "hourly_limit", {"limit": limit, "minutes": minutes}
+        case _:
+            return "busy_user", {}
 
 
 @dataclasses.dataclass
@@ -2650,14 +2684,14 @@ class Conversation:
     """
 
     def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
-                 generations: Generations, queue_stats: Callable[[], dict] = dict):
+                 generations: Generations, *, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
         self.states = states
         self.generations = generations
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
-        self.queue_stats = queue_stats  # the pipeline's figures, for /stats
+        self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start,
             "/help": self.on_help,
@@ -2767,7 +2801,7 @@ class Conversation:
 
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
         await self.answer(ctx)
-        if not self.generations.kie.configured:
+        if not self.generations.configured():
             await self.send(ctx, "not_configured")
             return
         await self.states.set(ctx.user_id, {"step": "prompt", "model": model.key})
@@ -2827,11 +2861,15 @@ class Conversation:
     async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "") -> None:
         refusal = self.generations.refusal(ctx.user_id)
         if refusal is not None:
-            await self.send(ctx, refusal[0], **refusal[1])
+            key, values = refusal_text(refusal)
+            await self.send(ctx, key, **values)
             return
+        status = await self.telegram.send_message(ctx.chat_id, ctx.t["generating"])
+        status_message_id = status.get("message_id", 0) if isinstance(status, dict) else 0
         # The dialog ends only once the job is stored, so a press replayed after kill -9
         # never finds the dialog over and no job to show for it.
-        await self.generations.start(ctx, model, prompt, ratio, option)
+        await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
+                                     status_message_id)
         await self.states.set(ctx.user_id, None)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
@@ -2846,15 +2884,18 @@ class Conversation:
 ###############################################################################
 # 10. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
-#    its state machine, submitting to Kie under the fairness limits, the
-#    callback hint and the paced poller, delivery within its budget (result
-#    downloads from public addresses only), and admin alerts.
+#    its pure state machine (an event in, changes and effects out), and the
+#    drivers that carry the effects out: submitting to Kie under the fairness
+#    limits, the callback hint and the paced poller, delivery within its budget
+#    (result downloads from public addresses only), and admin alerts.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
+DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
+USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
 DELIVERY_RETRY_S = 30.0
 # After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
 # failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
@@ -2867,28 +2908,6 @@ DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
 UNSAVED_JOB_ROWS_MAX = 10_000  # job rows kept for a database that comes back; beyond it the oldest go
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 
-# The state machine: a transition not listed here is refused, which is what
-# makes a callback, a duplicate callback and the poller deliver one photo.
-JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "created": ("submitted", "failed", "timed_out"),  # waiting for a Kie slot and createTask
-    "submitted": ("succeeded", "failed", "timed_out"),  # Kie has the task id
-    "succeeded": ("sending", "delivered"),  # result URL known; delivered directly when the budget ran out
-    # Committed before sendPhoto: after a crash the photo may be out, so it is not sent again blindly.
-    "sending": ("delivered", "unsure"),
-    "unsure": ("delivered",),  # found "sending" after a restart: the user gets a button to have it re-sent
-    "failed": ("delivered",),  # failure known, user not told yet
-    "timed_out": ("delivered",),
-    "delivered": (),  # the user has the photo or the explanation
-}
-OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
-
-# What the user is told, by Kie error kind (see KIE_ERROR_KINDS).
-FAILURE_BY_KIE_KIND = {
-    "unauthorized": "unavailable", "no_credits": "unavailable", "disabled": "unavailable", "key_limit": "unavailable",
-    "rate_limited": "busy", "maintenance": "busy", "server_error": "busy", "network": "busy",
-    "invalid": "invalid", "generation_failed": "failed", "not_found": "failed",
-}
-INCIDENT_CODES = {401: "incident_key_rejected", 402: "incident_no_credits"}  # Kie code -> TEXTS key for admins
 MODERATION_WORDS = ("moderat", "prohibit", "nsfw", "sensitive", "safety", "policy", "violat", "inappropriate")
 
 
@@ -2925,6 +2944,133 @@ class Job:
     status_message_id: int = 0  # the ⏳ message
     created_at: float = 0.0
     updated_at: float = 0.0
+
+
+# -- the job state machine: pure, no I/O ------------------------------------------
+
+class IllegalTransition(TrtError):
+    """An event the job's state does not allow: a bug in the caller, never dropped quietly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobEvent:
+    """What happened to a job: ``name`` is a column of JOB_TRANSITIONS, ``value`` what the event carries."""
+
+    name: str
+    value: Any = None
+
+
+# The events and what they carry:
+#   accepted    createTask gave the task id
+#   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
+#   succeeded   Kie's record says the task finished with this result URL
+#   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
+CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
+EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
+SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
+MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
+DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
+UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
+EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
+EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
+
+# The state machine: state -> event -> next state.  An event not listed raises
+# IllegalTransition; IGNORED marks one that may come late or twice and changes
+# nothing, which is what makes a callback, a duplicate callback and the poller
+# deliver one photo.
+IGNORED = ""
+_LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "failed": IGNORED,
+              "callback": IGNORED, "expired": IGNORED}
+JOB_TRANSITIONS: dict[str, dict[str, str]] = {
+    "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out"},  # waiting for a slot, createTask
+    "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
+                  "callback": "submitted"},
+    # Result URL known; delivered directly when the budget ran out before sending.
+    "succeeded": {**_LATE_NEWS, "sending": "sending", "delivered": "delivered", "undeliverable": "succeeded"},
+    # Committed before sendPhoto: after a crash the photo may be out, so it is not sent again blindly.
+    "sending": {**_LATE_NEWS, "delivered": "delivered", "maybe_sent": "unsure", "undeliverable": "sending"},
+    # The user gets a button to have it re-sent.
+    "unsure": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
+    "failed": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},  # failure known, user not told yet
+    "timed_out": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
+    "delivered": dict(_LATE_NEWS),  # the user has the photo or the explanation
+}
+OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
+
+
+# Effects: what a driver does after a transition; ``name`` says which.
+@dataclasses.dataclass(frozen=True)
+class JobAction:
+    """An effect that carries nothing but its name."""
+
+    name: str
+
+
+SAVE = JobAction("save")  # write the job's row (group commit: memory stays the authority)
+RELEASE_SLOT = JobAction("release_slot")  # the job no longer holds one of the ``kie_max_tasks`` slots
+WATCH_TASK = JobAction("watch_task")  # find the job by its task id from now on, and poll Kie about it
+POLL_NOW = JobAction("poll_now")  # ask Kie about the job at once
+DELIVER = JobAction("deliver")  # send the user the photo or the failure
+FORGET = JobAction("forget")  # the job is over: drop it from memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """The job's outcome is known: count it and observe how long it took."""
+
+    outcome: str
+    seconds: float
+    name = "finish"
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    """Tell the admins that Kie stopped every generation (``code`` is the incident's)."""
+
+    code: int
+    name = "alert"
+
+
+JobEffect = JobAction | Finish | Alert
+KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the events that leave the state as it is
+
+
+def event_changes(event: JobEvent) -> dict[str, Any]:
+    """The job fields an event sets besides its state."""
+    if event.name == "refused":
+        return {"error": "failed" if event.value is None else kie_code(event.value).user_failure}
+    field = EVENT_FIELDS.get(event.name)
+    return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
+
+
+def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[JobEffect]]:
+    """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched.
+
+    IllegalTransition if JOB_TRANSITIONS does not list the event for the
+    job's state; no changes and no effects if it marks it IGNORED.
+    """
+    moves = JOB_TRANSITIONS[job.state]
+    if event.name not in moves:
+        raise IllegalTransition(f"job {job.id}: {event.name!r} is not allowed in state {job.state!r}")
+    state = moves[event.name]
+    if state == IGNORED:
+        return {}, []
+    if state == job.state:
+        return event_changes(event), list(KEEPING_STATE_EFFECTS[event.name])
+    changes = {**event_changes(event), "state": state, "updated_at": now}
+    effects: list[JobEffect] = [RELEASE_SLOT] if job.state == "submitted" else []
+    if event != SEND_STARTED:
+        effects.append(SAVE)
+    if event.name == "accepted":
+        effects.append(WATCH_TASK)
+    if state in OUTCOMES:
+        changes["outcome"] = OUTCOMES[state]
+        effects += [Finish(OUTCOMES[state], now - job.created_at), DELIVER]
+    if event.name == "refused" and event.value is not None and kie_code(event.value).incident:
+        effects.append(Alert(event.value))
+    if state == "delivered":
+        effects.append(FORGET)
+    return changes, effects
 
 
 JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
@@ -3077,108 +3223,705 @@ def image_file_name(url: str) -> tuple[str, str]:
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
 
 
-class Generations:
-    """Every job of this process, from creation to delivery.
+def kie_callback_url(config: Config) -> str:
+    """Where Kie posts a task's callback, or "" when the bot has no public URL (the poller alone then)."""
+    if not config.webhook_base_url:
+        return ""
+    return (f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
+            + urllib.parse.urlencode({"token": config.kie_callback_token}))
 
-    Jobs are held in memory (the authority inside the process, so transitions
-    are atomic) and written through to SQLite, from which ``resume`` reloads
-    unfinished ones after a restart.  Rows the database could not take are
-    kept and written when it comes back, so it never resurrects a stale state.
-    Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by
-    ``delivery_budget_s`` after that, whatever Kie, the result host or Telegram do.
+
+class JobBook:
+    """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
+
+    Memory is the authority inside the process (so transitions are atomic).
+    Rows the database could not take are kept and written when it comes
+    back, so it never resurrects a stale state.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.jobs: dict[str, Job] = {}
+        self.created = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
+        self._by_task: dict[str, str] = {}
+        self._active_by_user: dict[int, str] = {}
+        self._stored: set[str] = set()  # unfinished jobs the database has a row of
+        self._unsaved: dict[str, tuple] = {}  # job id -> latest row the database failed to take
+        self._writes = GroupCommit(db, jobs_save, on_batch=self._on_rows_written)
+
+    def track(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self._active_by_user[job.user_id] = job.id
+        self.watch_task(job)
+
+    def watch_task(self, job: Job) -> None:
+        if job.task_id:
+            self._by_task[job.task_id] = job.id
+
+    def by_task(self, task_id: str) -> Job | None:
+        return self.jobs.get(self._by_task.get(task_id, ""))
+
+    def busy(self, user_id: int) -> bool:
+        return user_id in self._active_by_user
+
+    def forget(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self._by_task.pop(job.task_id, None)
+        self._stored.discard(job.id)
+        if self._active_by_user.get(job.user_id) == job.id:
+            del self._active_by_user[job.user_id]
+
+    def clear(self) -> None:
+        for container in (self.jobs, self._by_task, self._active_by_user, self._stored, self._unsaved):
+            container.clear()
+
+    def save(self, job: Job) -> None:
+        """Write the job's current state; failures are logged by Database, memory stays authoritative."""
+        self._writes.add(dataclasses.astuple(job))
+
+    async def save_durably(self, job: Job) -> bool:
+        """Write the job's state and wait for the commit; False when the database is unusable."""
+        try:
+            await self._writes.submit(dataclasses.astuple(job))
+        except DatabaseUnavailable:
+            return False
+        return True
+
+    def stored(self, job: Job) -> bool:
+        """Whether the database holds a row of this unfinished job."""
+        return job.id in self._stored
+
+    def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
+        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
+        for row in rows:
+            job_id = row[0]
+            self._unsaved.pop(job_id, None)
+            if error is not None:
+                self._unsaved[job_id] = row
+            elif job_id in self.jobs:
+                self._stored.add(job_id)
+        while len(self._unsaved) > UNSAVED_JOB_ROWS_MAX:
+            dropped = self._unsaved.pop(next(iter(self._unsaved)))
+            log.warning("[JOB] %s: its latest state is lost (more than %d jobs changed while the database "
+                        "was unusable)", dropped[0], UNSAVED_JOB_ROWS_MAX)
+
+    async def load_unfinished(self) -> list[Job]:
+        """Write the rows kept while the database was unusable, then read unfinished jobs not in memory."""
+        rows = list(self._unsaved.values())
+        if rows:
+            await self.db.write(jobs_save, rows)
+            self._on_rows_written(rows, None)
+            log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
+        jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
+        jobs = [job for job in jobs if job.id not in self.jobs]
+        for job in jobs:
+            self.track(job)
+            self._stored.add(job.id)
+        return jobs
+
+    async def find(self, job_id: str) -> Job | None:
+        """A job in memory or, finished, in the database; None if unknown."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job
+        try:
+            row = await self.db.read(job_row, job_id)
+        except DatabaseUnavailable:
+            row = None
+        return Job(*row) if row else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Busy:
+    """The user's previous job is not finished yet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HourlyLimit:
+    """The user started ``limit`` jobs in the last hour; the next one may start in ``minutes``."""
+
+    limit: int
+    minutes: int
+
+
+class Fairness:
+    """One job per user at a time, and at most ``hourly_limit`` an hour (admins have no hourly limit)."""
+
+    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK):
+        self.hourly_limit = hourly_limit
+        self.admin_ids = admin_ids
+        self.clock = clock
+        self.loaded = False  # the last hour's jobs were read from the database
+        self._recent_by_user: dict[int, collections.deque[float]] = {}
+
+    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | None:
+        """Why ``user_id`` may not start a job now, or None."""
+        if busy:
+            return Busy()
+        if user_id in self.admin_ids:
+            return None
+        stamps = self._recent_by_user.get(user_id)
+        now = self.clock.time()
+        while stamps and now - stamps[0] >= 3600:
+            stamps.popleft()
+        if stamps and len(stamps) >= self.hourly_limit:
+            return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - now) / 60) + 1))
+        return None
+
+    def note(self, user_id: int, created_at: float) -> None:
+        self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
+
+    async def load(self, db: Database) -> None:
+        """Count the last hour's jobs once: later ones are noted as they are created."""
+        if not self.loaded:
+            for user_id, created_at in await db.read(jobs_created_since, self.clock.time() - 3600):
+                self.note(user_id, created_at)
+            self.loaded = True
+
+    def forget_idle(self, now: float) -> None:
+        """Drop stamps older than an hour, so idle users cost no memory."""
+        for user_id in [u for u, stamps in self._recent_by_user.items() if not stamps or now - stamps[-1] >= 3600]:
+            del self._recent_by_user[user_id]
+
+    def clear(self) -> None:
+        self._recent_by_user.clear()
+        self.loaded = False
+
+
+class KieSlots:
+    """The bound on tasks at Kie: the submitter holds a slot during createTask, the job while "submitted"."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.in_use >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.in_use += 1
+
+    def take(self) -> None:
+        """Count a resumed "submitted" job, whatever the limit: Kie has its task already."""
+        self.in_use += 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._freed.set()
+
+    def clear(self) -> None:
+        self.in_use = 0
+
+
+class AdminAlerts:
+    """Tells the admins once per Kie incident (the next accepted createTask ends it), in each one's language."""
+
+    def __init__(self, admin_ids: frozenset[int], db: Database, telegram: TelegramClient):
+        self.admin_ids = admin_ids
+        self.db = db
+        self.telegram = telegram
+        self.incident: int | None = None  # Kie error code of an ongoing incident
+
+    def begin(self, code: int) -> bool:
+        """Note an incident; False when one is already under way (its admins were told)."""
+        if self.incident is not None:
+            return False
+        self.incident = code
+        return True
+
+    def over(self) -> None:
+        if self.incident is not None:
+            log.warning("[JOB] Kie works again; incident %d over", self.incident)
+            self.incident = None
+
+    async def alert(self, code: int) -> None:
+        reason = kie_code(code).incident
+        admin_ids = sorted(self.admin_ids)
+        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(admin_ids))
+        try:
+            languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
+        except DatabaseUnavailable:
+            languages = {}
+        for admin_id in admin_ids:
+            t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
+            try:
+                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
+            except TelegramError as error:
+                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
+
+
+class Submitter:
+    """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
+
+    def __init__(self, kie: KieClient, slots: KieSlots, alerts: AdminAlerts, apply: Callable[[Job, JobEvent], None],
+                 callback_url: str):
+        self.kie = kie
+        self.slots = slots
+        self.alerts = alerts
+        self.apply = apply
+        self.callback_url = callback_url
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+
+    def enqueue(self, job: Job) -> None:
+        self._queue.put_nowait(job)
+
+    def clear(self) -> None:
+        self._queue = asyncio.Queue()
+
+    async def submit_forever(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if job.state != "created":
+                continue
+            await self.slots.acquire()
+            await self._submit(job)
+
+    async def _submit(self, job: Job) -> None:
+        model = MODELS_BY_KEY.get(job.model)
+        if model is None:  # a stored job of a model since removed from CATALOG
+            self.slots.release()
+            self.apply(job, JobEvent("refused", None))
+            return
+        try:
+            task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
+                                                 self.callback_url)
+        except KieError as error:
+            self.slots.release()
+            log.warning("[JOB] %s: createTask failed: %s", job.id, error)
+            self.apply(job, JobEvent("refused", error.code))
+            return
+        self.alerts.over()
+        self.apply(job, JobEvent("accepted", task_id))
+        if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
+            self.slots.release()
+
+
+class Poller:
+    """Asks Kie's recordInfo about submitted jobs: on a schedule by their age, and at once on a callback."""
+
+    def __init__(self, kie: KieClient, on_record: Callable[[Job, TaskRecord], None],
+                 run_in_background: Callable[[Awaitable[None]], None], clock: Clock = SYSTEM_CLOCK,
+                 polls_at_once: int = POLLS_AT_ONCE):
+        self.kie = kie
+        self.on_record = on_record
+        self.run_in_background = run_in_background
+        self.clock = clock
+        self.polls_at_once = polls_at_once
+        self._heap: list[tuple[float, int, Job]] = []  # (when, sequence, job)
+        self._sequence = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._polling: set[str] = set()
+        self._rechecks: set[str] = set()  # polled when a callback came: ask again, the answer may predate it
+
+    def schedule(self, job: Job, when: float) -> None:
+        heapq.heappush(self._heap, (when, next(self._sequence), job))
+        self._wakeup.set()
+
+    def schedule_next(self, job: Job) -> None:
+        now = self.clock.time()
+        self.schedule(job, now + poll_interval(now - job.created_at))
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+    def poll_now(self, job: Job) -> None:
+        if job.id in self._polling:
+            self._rechecks.add(job.id)
+            return
+        self._polling.add(job.id)
+        self.run_in_background(self._poll(job))
+
+    async def poll_due_forever(self) -> None:
+        while True:
+            now = self.clock.time()
+            while self._heap and self._heap[0][0] <= now and len(self._polling) < self.polls_at_once:
+                job = heapq.heappop(self._heap)[2]
+                if job.state == "submitted" and job.id not in self._polling:
+                    self.poll_now(job)
+            delay = 1.0  # also picks up a clock that jumped
+            if self._heap and len(self._polling) < self.polls_at_once:
+                delay = min(delay, max(0.0, self._heap[0][0] - now))
+            self._wakeup.clear()
+            await wait_for_event(self._wakeup, delay)
+
+    async def _poll(self, job: Job) -> None:
+        """Ask Kie about the job, again if a callback came meanwhile; hand on a finished record."""
+        record = None
+        try:
+            while job.state == "submitted":
+                self._rechecks.discard(job.id)
+                try:
+                    record = await self.kie.record_info(job.task_id, budget_s=0)
+                except KieError as error:
+                    log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
+                    record = None
+                if (record is not None and record.state != "pending") or job.id not in self._rechecks:
+                    break
+        finally:
+            self._polling.discard(job.id)
+            self._rechecks.discard(job.id)
+            self._wakeup.set()
+        if job.state != "submitted":
+            return
+        if record is not None and record.state != "pending":
+            self.on_record(job, record)
+        else:
+            self.schedule_next(job)
+
+
+class ResultSender:
+    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer."""
+
+    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False):
+        self.telegram = telegram
+        self.http = http
+        self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
+
+    async def send_photo(self, job: Job) -> None:
+        params = {
+            "chat_id": job.chat_id,
+            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
+            "parse_mode": "HTML",
+            "reply_markup": result_keyboard(job.id, job.lang),
+        }
+        try:
+            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
+        except TelegramError as error:
+            if error.error_code != 400:
+                raise
+            log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
+            await self._upload_result(job, params)
+
+    async def _upload_result(self, job: Job, params: dict) -> None:
+        image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
+                                       allow_private=self.allow_private)
+        name, mime = image_file_name(job.result_url)
+        if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
+            try:
+                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
+                return
+            except TelegramError as error:
+                if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
+                    raise
+        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
+
+    async def resend(self, job: Job) -> None:
+        """Send a finished job's picture again, because its user asked (see "unsure")."""
+        try:
+            await self.send_photo(job)
+        except DownloadError as error:
+            log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
+            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
+                                             result_keyboard(job.id, job.lang, failed=True))
+
+    async def send_failure(self, job: Job) -> None:
+        await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
+                         result_keyboard(job.id, job.lang, failed=True))
+
+    async def offer_resend(self, job: Job) -> None:
+        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.lang))
+
+    async def _tell(self, job: Job, text: str, markup: dict) -> None:
+        """Turn the ⏳ message into ``text``, or send it when that message is gone."""
+        if job.status_message_id:
+            try:
+                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                             "message_id": job.status_message_id,
+                                                             "parse_mode": "HTML", "reply_markup": markup})
+                return
+            except TelegramError as error:
+                if error.error_code != 400:
+                    raise
+                if "not modified" in error.description:  # told already, before a restart
+                    return
+        await self.telegram.send_message(job.chat_id, text, markup)
+
+    async def delete_status_message(self, job: Job) -> None:
+        if not job.status_message_id:
+            return
+        try:
+            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
+        except TelegramError as error:
+            log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
+
+
+class Deliverer:
+    """Carries each finished job to its user once, retrying a failing Telegram, and ends it within its budget.
+
+    After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts
+    stop ``notice_s`` before that, which is kept for telling the user.
+    """
+
+    def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
+                 apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
+                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
+        self.gen_timeout_s = gen_timeout_s
+        self.book = book
+        self.sender = sender
+        self.apply = apply
+        self.run_in_background = run_in_background
+        self.clock = clock
+        self.budget_s = budget_s
+        self.notice_s = notice_s
+        self._delivering: set[str] = set()
+        self._redeliver_at: dict[str, float] = {}
+        self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
+            "succeeded": self._send_result,
+            "sending": self._send_result,  # again after a retryable error in this process
+            "unsure": sender.offer_resend,
+            "failed": sender.send_failure,
+            "timed_out": sender.send_failure,
+        }
+
+    def deliver(self, job: Job) -> None:
+        self.run_in_background(self._deliver(job))
+
+    def retry_due(self, now: float) -> None:
+        for job_id, when in list(self._redeliver_at.items()):
+            job = self.book.jobs.get(job_id)
+            if when <= now and job is not None:
+                del self._redeliver_at[job_id]
+                self.deliver(job)
+
+    def forget(self, job: Job) -> None:
+        self._redeliver_at.pop(job.id, None)
+
+    def clear(self) -> None:
+        self._redeliver_at.clear()
+
+    def _give_up_at(self, job: Job) -> float:
+        """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
+        return job.created_at + self.gen_timeout_s + self.budget_s - self.notice_s
+
+    async def _deliver(self, job: Job) -> None:
+        """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
+        step = self._steps.get(job.state)
+        if job.id in self._delivering or step is None:
+            return
+        self._delivering.add(job.id)
+        try:
+            finished = await self._attempt(job, step)
+        finally:
+            self._delivering.discard(job.id)
+        if finished:
+            self.apply(job, DELIVERED)
+
+    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
+        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
+        give_up_at = self._give_up_at(job)
+        try:
+            if self.clock.time() >= give_up_at:
+                raise TimeoutError
+            async with asyncio.timeout(give_up_at - self.clock.time()):
+                await step(job)
+            return True
+        except TelegramError as error:
+            if not error.retryable:
+                log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
+                return True
+            if self.clock.time() < give_up_at:
+                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
+                self._redeliver_at[job.id] = min(self.clock.time() + DELIVERY_RETRY_S, give_up_at)
+                return False
+            reason = f"Telegram keeps failing: {error}"
+        except TimeoutError:
+            reason = "its delivery budget ran out"
+        except Exception:
+            log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
+            reason = "an unexpected error"
+        await self._tell_undelivered(job, reason)
+        return True
+
+    async def _tell_undelivered(self, job: Job, reason: str) -> None:
+        """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
+        log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
+        self.apply(job, UNDELIVERABLE)
+        step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
+        try:
+            async with asyncio.timeout(self.notice_s):
+                await step(job)
+        except Exception as error:
+            log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    async def _commit_intent(self, job: Job) -> bool:
+        """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
+
+        False when that cannot be committed for a job the database already
+        holds: its row still says "succeeded", and sending now could be repeated.
+        """
+        self.apply(job, SEND_STARTED)
+        return await self.book.save_durably(job) or not self.book.stored(job)
+
+    async def _send_result(self, job: Job) -> None:
+        if job.state == "succeeded" and not await self._commit_intent(job):
+            await self._offer_instead(job)
+            return
+        try:
+            await self.sender.send_photo(job)
+        except DownloadError as error:
+            log.warning("[JOB] %s: could not download the result: %s", job.id, error)
+            self.apply(job, UNDELIVERABLE)
+            await self.sender.send_failure(job)
+            return
+        except TelegramNetworkError as error:
+            if not error.maybe_performed:
+                raise
+            # Telegram may have the photo already; sending it again could show it twice.
+            log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
+            await self._offer_instead(job)
+            return
+        await self.sender.delete_status_message(job)
+
+    async def _offer_instead(self, job: Job) -> None:
+        self.apply(job, MAYBE_SENT)
+        await self.sender.offer_resend(job)
+
+
+class Generations:
+    """Every job of this process, from creation to delivery: the one driver of the job state machine.
+
+    Events go through ``apply``, which changes the job as ``apply_event``
+    says and carries out the effects with the collaborators: the job book,
+    the fairness limits, the Kie slots, the submitter, the poller, the
+    deliverer and the admin alerts.  Every job ends: outcomes by
+    ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
-                 http: httpx.AsyncClient, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S,
-                 on_finished: Callable[[Job, float], None] = lambda job, seconds: None):
+                 http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
+                 clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
+                 delivery_notice_s: float = DELIVERY_NOTICE_S):
         self.config = config
-        self.db = db
-        self.telegram = telegram
         self.kie = kie
-        self.http = http
-        self.delivery_budget_s = delivery_budget_s
-        self.delivery_notice_s = delivery_notice_s
-        self.callback_url = (
-            f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
-            + urllib.parse.urlencode({"token": config.kie_callback_token})
-            if config.webhook_base_url else ""
-        )
-        self.jobs: dict[str, Job] = {}  # unfinished jobs
-        self.created = 0
-        self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
-        self.on_finished = on_finished  # told each job's outcome and how long it took
-        self.in_kie = 0  # jobs holding one of config.kie_max_tasks slots
-        self._by_task: dict[str, str] = {}
-        self._active_by_user: dict[int, str] = {}
-        self._recent_by_user: dict[int, collections.deque[float]] = {}
-        self._usage_loaded = False
-        self._submissions: asyncio.Queue[str] = asyncio.Queue()
-        self._slot_freed = asyncio.Event()
-        self._poll_heap: list[tuple[float, int, str]] = []
-        self._poll_sequence = 0
-        self._poll_wakeup = asyncio.Event()
-        self._polling: set[str] = set()
-        self._rechecks: set[str] = set()  # polled when a callback came: ask again, the answer may predate it
-        self._delivering: set[str] = set()
-        self._redeliver_at: dict[str, float] = {}
-        self._stored: set[str] = set()  # unfinished jobs the database has a row of
-        self._unsaved: dict[str, tuple] = {}  # job id -> latest row the database failed to take
-        self._incident: int | None = None  # Kie error code of an ongoing incident
-        self._writes = GroupCommit(db, jobs_save, on_batch=self._on_rows_written)
-        self._tasks: set[asyncio.Task] = set()
+        self.clock = clock
+        self.on_finished = on_finished
+        self.book = JobBook(db)
+        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
+        self.slots = KieSlots(config.kie_max_tasks)
+        self.alerts = AdminAlerts(config.admin_ids, db, telegram)
+        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config))
+        self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
+        self.sender = ResultSender(telegram, http, config.result_download_allow_private)
+        self.deliverer = Deliverer(config.gen_timeout_s, self.book, self.sender, self.apply, self._run_in_background,
+                                   clock, delivery_budget_s, delivery_notice_s)
+        self._tasks: set[asyncio.Task] = set()  # one-off work: polls, deliveries, alerts
         self._loops: list[asyncio.Task] = []
-        self._delivery_steps: dict[str, Callable[[Job], Awaitable[None]]] = {
-            "succeeded": self._send_result,
-            "sending": self._send_result,  # again after a retryable error in this process
-            "unsure": self._offer_resend,
-            "failed": self._send_failure,
-            "timed_out": self._send_failure,
+        self._effects: dict[str, Callable[[Job, Any], None]] = {
+            SAVE.name: lambda job, effect: self.book.save(job),
+            RELEASE_SLOT.name: lambda job, effect: self.slots.release(),
+            WATCH_TASK.name: self._watch_task,
+            POLL_NOW.name: lambda job, effect: self.poller.poll_now(job),
+            Finish.name: self._finish,
+            DELIVER.name: lambda job, effect: self.deliverer.deliver(job),
+            Alert.name: self._alert,
+            FORGET.name: self._forget,
         }
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        """Unfinished jobs by id."""
+        return self.book.jobs
+
+    @property
+    def in_kie(self) -> int:
+        """Jobs holding one of ``kie_max_tasks`` slots."""
+        return self.slots.in_use
+
+    @property
+    def created(self) -> int:
+        return self.book.created
+
+    @property
+    def finished(self) -> collections.Counter[str]:
+        return self.book.finished
+
+    def configured(self) -> bool:
+        """Whether generation can work at all (a Kie key is set)."""
+        return self.kie.configured
+
+    # -- the driver ------------------------------------------------------------
+
+    def apply(self, job: Job, event: JobEvent) -> None:
+        """Apply ``event`` to ``job`` and carry out its effects; IllegalTransition if the table forbids it."""
+        changes, effects = apply_event(job, event, self.clock.time())
+        for name, value in changes.items():
+            setattr(job, name, value)
+        for effect in effects:
+            self._effects[effect.name](job, effect)
+
+    def _watch_task(self, job: Job, effect: JobAction) -> None:
+        self.book.watch_task(job)
+        self.poller.schedule(job, self.clock.time() + poll_interval(0.0))
+
+    def _finish(self, job: Job, effect: Finish) -> None:
+        self.book.finished[effect.outcome] += 1
+        self.on_finished(job, effect.seconds)
+        log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, effect.seconds, f" ({job.error})" if job.error else "")
+
+    def _alert(self, job: Job, effect: Alert) -> None:
+        if self.alerts.begin(effect.code):
+            self._run_in_background(self.alerts.alert(effect.code))
+
+    def _forget(self, job: Job, effect: JobAction) -> None:
+        self.book.forget(job)
+        self.deliverer.forget(job)
+
+    def _on_record(self, job: Job, record: TaskRecord) -> None:
+        if record.state == "success":
+            self.apply(job, JobEvent("succeeded", record.urls[0]))
+        elif record.state == "fail":
+            self.apply(job, JobEvent("failed", failure_for_record(record)))
+
+    def _run_in_background(self, coro: Awaitable[None]) -> None:
+        """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Every task's exception is retrieved and logged here, never left to the garbage collector."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[JOB] %s failed", task.get_name(), exc_info=task.exception())
 
     # -- lifecycle -----------------------------------------------------------
 
     async def resume(self) -> None:
-        """Load unfinished jobs not yet in memory, and run the submitters and the poller.
+        """Load unfinished jobs not yet in memory, and run the submitters, the poller and the deadline watch.
 
         Called on becoming active, and again when the database comes back
         after being unusable; jobs already in memory are left as they are,
         and what they became meanwhile is written first.
         """
         try:
-            await self._write_unsaved()
-            rows = await self.db.read(jobs_unfinished)
-            if not self._usage_loaded:  # once: later jobs are counted as they are created
-                for user_id, created_at in await self.db.read(jobs_created_since, time.time() - 3600):
-                    self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
-                self._usage_loaded = True
+            jobs = await self.book.load_unfinished()
+            await self.fairness.load(self.book.db)
         except DatabaseUnavailable:
-            rows = []
-        resumed = 0
-        for row in rows:
-            job = Job(*row)
-            if job.id in self.jobs:
-                continue
-            resumed += 1
-            self._track(job)
-            self._stored.add(job.id)
-            if job.state == "created":
-                self._submissions.put_nowait(job.id)
-            elif job.state == "submitted":
-                self.in_kie += 1
-                self._schedule_poll(job, 0.0)  # callbacks may have come while we were down
-            else:
-                if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
-                    self._move(job, "unsure")
-                self._spawn(self._deliver(job))
-        if resumed:
-            log.info("[JOB] resumed %d unfinished jobs", resumed)
-        if self._loops:
-            return
-        self._loops = [asyncio.create_task(self._submit_forever(), name=f"submitter-{n}") for n in range(SUBMITTERS)]
-        self._loops.append(asyncio.create_task(self._poll_forever(), name="job-poller"))
-        for task in self._loops:
-            task.add_done_callback(self._task_done)
+            jobs = []
+        for job in jobs:
+            self._resume_job(job)
+        if jobs:
+            log.info("[JOB] resumed %d unfinished jobs", len(jobs))
+        if not self._loops:
+            self._loops = [asyncio.create_task(self.submitter.submit_forever(), name=f"submitter-{n}")
+                           for n in range(SUBMITTERS)]
+            self._loops.append(asyncio.create_task(self.poller.poll_due_forever(), name="job-poller"))
+            self._loops.append(asyncio.create_task(self._watch_deadlines_forever(), name="job-deadlines"))
+            for task in self._loops:
+                task.add_done_callback(self._task_done)
+
+    def _resume_job(self, job: Job) -> None:
+        if job.state == "created":
+            self.submitter.enqueue(job)
+        elif job.state == "submitted":
+            self.slots.take()
+            self.poller.schedule(job, 0.0)  # callbacks may have come while we were down
+        else:
+            if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
+                self.apply(job, MAYBE_SENT)
+            self.deliverer.deliver(job)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop submitting and polling; let deliveries under way finish within ``grace``.
@@ -3198,195 +3941,50 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for container in (self.jobs, self._by_task, self._active_by_user, self._recent_by_user, self._redeliver_at,
-                          self._stored, self._unsaved):
-            container.clear()
-        self._poll_heap.clear()
-        self._submissions = asyncio.Queue()
-        self.in_kie = 0
-        self._usage_loaded = False
+        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer):
+            part.clear()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+    async def _watch_deadlines_forever(self) -> None:
+        """Time out overdue jobs, retry due deliveries, and forget idle users' hourly stamps."""
+        last_prune = self.clock.time()
+        while True:
+            now = self.clock.time()
+            for job in list(self.jobs.values()):
+                if job.state in ("created", "submitted") and now - job.created_at > self.config.gen_timeout_s:
+                    self.apply(job, EXPIRED)
+            self.deliverer.retry_due(now)
+            if now - last_prune > USAGE_PRUNE_S:
+                last_prune = now
+                self.fairness.forget_idle(now)
+            await self.clock.sleep(DEADLINE_CHECK_S)
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        """Every task's exception is retrieved and logged here, never left to the garbage collector."""
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("[JOB] %s failed", task.get_name(), exc_info=task.exception())
+    # -- what the dialog asks --------------------------------------------------
 
-    # -- starting a job ----------------------------------------------------
+    def refusal(self, user_id: int) -> Busy | HourlyLimit | None:
+        """Why ``user_id`` may not start a generation now, or None."""
+        return self.fairness.refusal(user_id, self.book.busy(user_id))
 
-    def refusal(self, user_id: int) -> tuple[str, dict[str, Any]] | None:
-        """Why ``user_id`` may not start a generation now (text key, values), or None."""
-        if user_id in self._active_by_user:
-            return "busy_user", {}
-        if user_id in self.config.admin_ids:
-            return None
-        stamps = self._recent_by_user.get(user_id)
-        now = time.time()
-        while stamps and now - stamps[0] >= 3600:
-            stamps.popleft()
-        if stamps and len(stamps) >= self.config.gen_hourly_limit:
-            minutes = max(1, int((stamps[0] + 3600 - now) / 60) + 1)
-            return "hourly_limit", {"limit": self.config.gen_hourly_limit, "minutes": minutes}
-        return None
-
-    async def start(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str) -> Job:
-        """Create a job (durably) and queue it; the handler returns at once."""
-        status = await self.telegram.send_message(ctx.chat_id, ctx.t["generating"])
-        now = time.time()
-        job = Job(secrets.token_hex(8), ctx.user_id, ctx.chat_id, ctx.lang, model.key, prompt, ratio, option,
-                  status_message_id=(status or {}).get("message_id", 0) if isinstance(status, dict) else 0,
-                  created_at=now, updated_at=now)
-        self._track(job)
-        self.created += 1
-        self._recent_by_user.setdefault(job.user_id, collections.deque()).append(now)
-        try:
-            await self._writes.submit(dataclasses.astuple(job))  # durable before the update counts as handled
-        except DatabaseUnavailable:
-            pass  # memory keeps it; it just will not survive a restart
+    async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
+                    option: str = "", status_message_id: int = 0) -> Job:
+        """Create a job (durably when the database works) and queue it; returns at once."""
+        now = self.clock.time()
+        job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
+                  status_message_id=status_message_id, created_at=now, updated_at=now)
+        self.book.track(job)
+        self.book.created += 1
+        self.fairness.note(user_id, now)
+        await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
-        self._submissions.put_nowait(job.id)
+        self.submitter.enqueue(job)
         return job
 
     async def find(self, job_id: str, user_id: int) -> Job | None:
         """A job of ``user_id`` by id (for "🔁"), None if unknown or someone else's."""
-        if not JOB_ID_PATTERN.fullmatch(job_id):
-            return None
-        job = self.jobs.get(job_id)
-        if job is None:
-            try:
-                row = await self.db.read(job_row, job_id)
-            except DatabaseUnavailable:
-                row = None
-            job = Job(*row) if row else None
+        job = await self.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
         return job if job is not None and job.user_id == user_id else None
 
-    def _track(self, job: Job) -> None:
-        self.jobs[job.id] = job
-        self._active_by_user[job.user_id] = job.id
-        if job.task_id:
-            self._by_task[job.task_id] = job.id
-
-    def _forget(self, job: Job) -> None:
-        self.jobs.pop(job.id, None)
-        self._by_task.pop(job.task_id, None)
-        self._redeliver_at.pop(job.id, None)
-        self._stored.discard(job.id)
-        if self._active_by_user.get(job.user_id) == job.id:
-            del self._active_by_user[job.user_id]
-
-    def _save(self, job: Job) -> None:
-        """Write the job's current state; failures are logged by Database, memory stays authoritative."""
-        self._writes.add(dataclasses.astuple(job))
-
-    def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
-        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
-        for row in rows:
-            job_id = row[0]
-            self._unsaved.pop(job_id, None)
-            if error is not None:
-                self._unsaved[job_id] = row
-            elif job_id in self.jobs:
-                self._stored.add(job_id)
-        while len(self._unsaved) > UNSAVED_JOB_ROWS_MAX:
-            dropped = self._unsaved.pop(next(iter(self._unsaved)))
-            log.warning("[JOB] %s: its latest state is lost (more than %d jobs changed while the database "
-                        "was unusable)", dropped[0], UNSAVED_JOB_ROWS_MAX)
-
-    async def _write_unsaved(self) -> None:
-        rows = list(self._unsaved.values())
-        if rows:
-            await self.db.write(jobs_save, rows)
-            self._on_rows_written(rows, None)
-            log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
-
-    def _move(self, job: Job, state: str, *, save: bool = True, **changes: Any) -> bool:
-        """Apply a transition if JOB_TRANSITIONS allows it; False (and no change) otherwise."""
-        if state not in JOB_TRANSITIONS[job.state]:
-            return False
-        if job.state == "submitted":
-            self._release_slot()
-        job.state = state
-        for name, value in changes.items():
-            setattr(job, name, value)
-        job.updated_at = time.time()
-        if state in OUTCOMES:
-            job.outcome = OUTCOMES[state]
-            self.finished[job.outcome] += 1
-            self.on_finished(job, job.updated_at - job.created_at)
-            log.info("[JOB] %s %s after %.1fs%s", job.id, state, job.updated_at - job.created_at,
-                     f" ({job.error})" if job.error else "")
-        if save:
-            self._save(job)
-        return True
-
-    # -- submitting ----------------------------------------------------------
-
-    def _release_slot(self) -> None:
-        self.in_kie -= 1
-        self._slot_freed.set()
-
-    async def _submit_forever(self) -> None:
-        while True:
-            job = self.jobs.get(await self._submissions.get())
-            if job is None or job.state != "created":
-                continue
-            while self.in_kie >= self.config.kie_max_tasks:  # the global bound on tasks at Kie
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            self.in_kie += 1
-            await self._submit(job)
-
-    async def _submit(self, job: Job) -> None:
-        model = MODELS_BY_KEY.get(job.model)
-        if model is None:  # a stored job of a model since removed from CATALOG
-            self._release_slot()
-            if self._move(job, "failed", error="failed"):
-                self._spawn(self._deliver(job))
-            return
-        try:
-            task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
-                                                 self.callback_url)
-        except KieError as error:
-            self._release_slot()
-            log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            if self._move(job, "failed", error=FAILURE_BY_KIE_KIND.get(error.kind, "failed")):
-                self._spawn(self._deliver(job))
-            if error.code in INCIDENT_CODES:
-                await self._alert_admins(error.code)
-            return
-        if self._incident is not None:
-            log.warning("[JOB] Kie works again; incident %d over", self._incident)
-            self._incident = None
-        if not self._move(job, "submitted", task_id=task_id):  # timed out while createTask ran
-            self._release_slot()
-            return
-        self._by_task[task_id] = job.id
-        self._schedule_poll(job, time.time() + poll_interval(0.0))
-
-    async def _alert_admins(self, code: int) -> None:
-        """One alert per incident (the next successful createTask ends it), in each admin's language."""
-        if self._incident is not None:
-            return
-        self._incident = code
-        admin_ids = sorted(self.config.admin_ids)
-        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][INCIDENT_CODES[code]], len(admin_ids))
-        try:
-            languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
-        except DatabaseUnavailable:
-            languages = {}
-        for admin_id in admin_ids:
-            t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
-            try:
-                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[INCIDENT_CODES[code]]))
-            except TelegramError as error:
-                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
-
-    # -- completion: callback and poller --------------------------------------
+    async def resend(self, job: Job) -> None:
+        await self.sender.resend(job)
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
@@ -3394,262 +3992,17 @@ class Generations:
         Its body is never trusted for the outcome or the result URLs; a task
         that is unknown or already finished changes nothing.
         """
-        job = self.jobs.get(self._by_task.get(task_id, ""))
+        job = self.book.by_task(task_id)
         if job is None or job.state != "submitted":
             log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
             return
-        self._poll_now(job)
-
-    def _apply(self, job: Job, record: TaskRecord) -> None:
-        if record.state == "success":
-            moved = self._move(job, "succeeded", result_url=record.urls[0])
-        elif record.state == "fail":
-            moved = self._move(job, "failed", error=failure_for_record(record))
-        else:
-            return
-        if moved:
-            self._spawn(self._deliver(job))
-
-    def _schedule_poll(self, job: Job, when: float) -> None:
-        self._poll_sequence += 1
-        heapq.heappush(self._poll_heap, (when, self._poll_sequence, job.id))
-        self._poll_wakeup.set()
-
-    def _poll_now(self, job: Job) -> None:
-        if job.id in self._polling:
-            self._rechecks.add(job.id)
-            return
-        self._polling.add(job.id)
-        self._spawn(self._poll(job))
-
-    async def _poll_forever(self) -> None:
-        last_prune = time.time()
-        while True:
-            now = time.time()
-            self._expire_overdue(now)
-            self._retry_deliveries(now)
-            if now - last_prune > 600:
-                last_prune = now
-                self._forget_old_usage(now)
-            while self._poll_heap and self._poll_heap[0][0] <= now and len(self._polling) < POLLS_AT_ONCE:
-                job = self.jobs.get(heapq.heappop(self._poll_heap)[2])
-                if job is not None and job.state == "submitted" and job.id not in self._polling:
-                    self._poll_now(job)
-            delay = 1.0
-            if self._poll_heap and len(self._polling) < POLLS_AT_ONCE:
-                delay = min(delay, max(0.0, self._poll_heap[0][0] - now))
-            self._poll_wakeup.clear()
-            await wait_for_event(self._poll_wakeup, delay)
-
-    async def _poll(self, job: Job) -> None:
-        """Ask Kie about the job, again if a callback came meanwhile; apply a finished record."""
-        record = None
-        try:
-            while job.state == "submitted":
-                self._rechecks.discard(job.id)
-                try:
-                    record = await self.kie.record_info(job.task_id, budget_s=0)
-                except KieError as error:
-                    log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
-                    record = None
-                if (record is not None and record.state != "pending") or job.id not in self._rechecks:
-                    break
-        finally:
-            self._polling.discard(job.id)
-            self._rechecks.discard(job.id)
-            self._poll_wakeup.set()
-        if job.state != "submitted":
-            return
-        if record is not None and record.state != "pending":
-            self._apply(job, record)
-        else:
-            self._schedule_poll(job, time.time() + poll_interval(time.time() - job.created_at))
-
-    def _forget_old_usage(self, now: float) -> None:
-        """Drop hourly-limit stamps older than an hour, so idle users cost no memory."""
-        for user_id in [u for u, stamps in self._recent_by_user.items() if not stamps or now - stamps[-1] >= 3600]:
-            del self._recent_by_user[user_id]
-
-    def _expire_overdue(self, now: float) -> None:
-        for job in list(self.jobs.values()):
-            if job.state in ("created", "submitted") and now - job.created_at > self.config.gen_timeout_s:
-                if self._move(job, "timed_out", error="timeout"):
-                    self._spawn(self._deliver(job))
-
-    # -- delivery --------------------------------------------------------------
-
-    def _retry_deliveries(self, now: float) -> None:
-        for job_id, when in list(self._redeliver_at.items()):
-            job = self.jobs.get(job_id)
-            if when <= now and job is not None:
-                del self._redeliver_at[job_id]
-                self._spawn(self._deliver(job))
-
-    def _give_up_at(self, job: Job) -> float:
-        """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
-        return job.created_at + self.config.gen_timeout_s + self.delivery_budget_s - self.delivery_notice_s
-
-    async def _deliver(self, job: Job) -> None:
-        """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
-        step = self._delivery_steps.get(job.state)
-        if job.id in self._delivering or step is None:
-            return
-        self._delivering.add(job.id)
-        try:
-            finished = await self._attempt_delivery(job, step)
-        finally:
-            self._delivering.discard(job.id)
-        if finished:
-            self._move(job, "delivered")
-            self._forget(job)
-
-    async def _attempt_delivery(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
-        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
-        give_up_at = self._give_up_at(job)
-        try:
-            if time.time() >= give_up_at:
-                raise TimeoutError
-            async with asyncio.timeout(give_up_at - time.time()):
-                await step(job)
-            return True
-        except TelegramError as error:
-            if not error.retryable:
-                log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
-                return True
-            if time.time() < give_up_at:
-                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
-                self._redeliver_at[job.id] = min(time.time() + DELIVERY_RETRY_S, give_up_at)
-                return False
-            reason = f"Telegram keeps failing: {error}"
-        except TimeoutError:
-            reason = "its delivery budget ran out"
-        except Exception:
-            log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
-            reason = "an unexpected error"
-        await self._tell_undelivered(job, reason)
-        return True
-
-    async def _tell_undelivered(self, job: Job, reason: str) -> None:
-        """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
-        log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
-        if job.state in ("succeeded", "sending"):
-            job.error = "delivery"
-        step = self._offer_resend if job.state == "unsure" else self._send_failure
-        try:
-            async with asyncio.timeout(self.delivery_notice_s):
-                await step(job)
-        except Exception as error:
-            log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
-
-    async def _commit_intent(self, job: Job) -> bool:
-        """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
-
-        False when that cannot be committed for a job the database already
-        holds: its row still says "succeeded", and sending now could be repeated.
-        """
-        self._move(job, "sending", save=False)
-        try:
-            await self._writes.submit(dataclasses.astuple(job))
-        except DatabaseUnavailable:
-            return job.id not in self._stored
-        return True
-
-    async def _send_result(self, job: Job) -> None:
-        if job.state == "succeeded" and not await self._commit_intent(job):
-            self._move(job, "unsure")
-            await self._offer_resend(job)
-            return
-        try:
-            await self._send_photo(job)
-        except DownloadError as error:
-            log.warning("[JOB] %s: could not download the result: %s", job.id, error)
-            job.error = "delivery"
-            await self._send_failure(job)
-            return
-        except TelegramNetworkError as error:
-            if not error.maybe_performed:
-                raise
-            # Telegram may have the photo already; sending it again could show it twice.
-            log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
-            self._move(job, "unsure")
-            await self._offer_resend(job)
-            return
-        await self._delete_status_message(job)
-
-    async def resend(self, job: Job) -> None:
-        """Send a finished job's picture again, because its user asked (see "unsure")."""
-        try:
-            await self._send_photo(job)
-        except DownloadError as error:
-            log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
-                                             result_keyboard(job.id, job.lang, failed=True))
-
-    async def _send_photo(self, job: Job) -> None:
-        params = {
-            "chat_id": job.chat_id,
-            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
-            "parse_mode": "HTML",
-            "reply_markup": result_keyboard(job.id, job.lang),
-        }
-        try:
-            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
-        except TelegramError as error:
-            if error.error_code != 400:
-                raise
-            log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
-            await self._upload_result(job, params)
-
-    async def _upload_result(self, job: Job, params: dict) -> None:
-        image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
-                                       allow_private=self.config.result_download_allow_private)
-        name, mime = image_file_name(job.result_url)
-        if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
-            try:
-                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
-                return
-            except TelegramError as error:
-                if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
-                    raise
-        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
-
-    async def _send_failure(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
-                         result_keyboard(job.id, job.lang, failed=True))
-
-    async def _offer_resend(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.lang))
-
-    async def _tell(self, job: Job, text: str, markup: dict) -> None:
-        """Turn the ⏳ message into ``text``, or send it when that message is gone."""
-        if job.status_message_id:
-            try:
-                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
-                                                             "message_id": job.status_message_id,
-                                                             "parse_mode": "HTML", "reply_markup": markup})
-                return
-            except TelegramError as error:
-                if error.error_code != 400:
-                    raise
-                if "not modified" in error.description:  # told already, before a restart
-                    return
-        await self.telegram.send_message(job.chat_id, text, markup)
-
-    async def _delete_status_message(self, job: Job) -> None:
-        if not job.status_message_id:
-            return
-        try:
-            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
-        except TelegramError as error:
-            log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
-
-    # -- reporting -------------------------------------------------------------
+        self.apply(job, CALLBACK_CAME)
 
     async def usage(self) -> dict[str, Any]:
         """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
-        midnight = time.time() // 86400 * 86400
+        midnight = self.clock.time() // 86400 * 86400
         try:
-            counts = await self.db.read(usage_counts, midnight)
+            counts = await self.book.db.read(usage_counts, midnight)
         except DatabaseUnavailable:
             counts = {"users": "?", "blocked": "?", "jobs_today": {}}
         try:
@@ -3657,6 +4010,7 @@ class Generations:
         except KieError as error:
             credits = f"— ({error.kind})"
         return {**counts, "in_flight": len(self.jobs), "credits": credits}
+
 
 ###############################################################################
 # 11. Application
@@ -4731,12 +5085,7 @@ async def _check_kie(config: Config, kie: KieClient, report: Callable[[str, str,
     try:
         credits = await kie.credits()
     except KieError as error:
-        fixes = {
-            401: "the key was rejected: copy KIE_API_KEY again from your Kie.ai dashboard",
-            402: "the account has no credits: top them up in your Kie.ai dashboard",
-            0: f"{config.kie_api_base} did not answer: check the network or KIE_API_BASE",
-        }
-        report("FAIL", "Kie.ai", f"{error}: {fixes.get(error.code, 'Kie.ai is failing; try again later')}")
+        report("FAIL", "Kie.ai", f"{error}: {kie_code(error.code).fix.format(api_base=config.kie_api_base)}")
         return
     report("ok" if credits > 0 else "FAIL", "Kie.ai", f"key accepted, {credits:g} credits"
            + ("" if credits > 0 else ": top them up in your Kie.ai dashboard"))
