@@ -4811,7 +4811,7 @@ class Routes:
         if config.diag_token:
             self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), self._require_diag_token))
         self._webhook_secret = config.webhook_secret.encode()
-        self.server = HttpServer(self.handle_request, check_head=self.check_head)
+        self.server = HttpServer(self.handle_request, check_head=self.check_head, clock=clock)
 
     def check_head(self, request: Request) -> Response | None:
         """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
@@ -4931,7 +4931,7 @@ class App:
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http)
         timings, states = Timings(clock), ConversationStore(self.db)
         self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
-                                       on_finished=timings.job_finished)
+                                       on_finished=timings.job_finished, clock=clock)
         self.pipeline = self._build_pipeline(states, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
