@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -167,6 +168,43 @@ def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
     assert config.database_path == "./data/trt_bot.sqlite3"
     assert trt_bot.parse_database_url("sqlite:////var/data/bot.db") == "/var/data/bot.db"
     assert trt_bot.parse_database_url("sqlite:///:memory:") == ":memory:"
+
+
+def readme_settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for each variable in README.md's table; a `A` / `B` row gives two."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in readme
+                if line.startswith("| `")]
+    table = []
+    for cells in (row for row in rows if len(row) == 3 and row[0].strip("`").isupper()):
+        names, defaults = cells[0].split(" / "), cells[1].split(" / ")
+        defaults = defaults if len(defaults) == len(names) else [cells[1]] * len(names)
+        table += [(name.strip("`"), default, cells[2]) for name, default in zip(names, defaults)]
+    return table
+
+
+def test_the_readme_lists_every_setting_with_its_default_and_nothing_else():
+    documented = readme_settings_table()
+    in_code = [(s.name, s.readme_default, s.help) for s in trt_bot.SETTINGS]
+    assert [row for row in in_code if row not in documented] == []  # a setting the README lacks or misstates
+    assert [row for row in documented if row not in in_code] == []  # a README row no setting backs
+    assert [f.name for f in dataclasses.fields(trt_bot.Config)] == [s.field for s in trt_bot.SETTINGS]
+
+
+def test_every_setting_default_is_a_value_its_own_parser_accepts():
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN})
+    for setting in trt_bot.SETTINGS[1:]:
+        if setting.default:
+            assert getattr(config, setting.field) == setting.parse(setting.name, setting.default)
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("SINGLE_MODEL_ONLY", "maybe"), ("UPDATE_QUEUE_WORKERS", "0"), ("LEASE_TTL_S", "1"), ("LOG_LEVEL", "LOUD"),
+    ("TELEGRAM_API_BASE", "api.telegram.org"), ("ADMIN_IDS", "1,two"), ("WEBHOOK_SECRET_TOKEN", "has space!"),
+])
+def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
+    with pytest.raises(trt_bot.ConfigError, match=name):
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
 
 
 ###############################################################################

@@ -82,6 +82,8 @@ SYSTEM_CLOCK = Clock()
 ###############################################################################
 # 1. Configuration
 #    Owns reading the environment once, validating it and deriving secrets.
+#    SETTINGS is the one list of variables: their defaults, how each is read,
+#    the Config field it fills and the README's line for it.
 ###############################################################################
 
 TOKEN_PATTERN = re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,100}")
@@ -89,6 +91,8 @@ SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 MIN_SECRET_CHARS = 8  # a shorter secret is guessable, and masking it in logs would hide ordinary words
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BOT_MODES = ("webhook", "polling")
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
@@ -98,37 +102,239 @@ CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1
 BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
 
+class ConfigError(TrtError):
+    """A setting the operator must fix; main() prints it and exits with code 2."""
+
+
+# (variable name, its value stripped, or the default when empty) -> the Config value, or ConfigError.
+SettingParser = Callable[[str, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One environment variable: the Config field it fills, its default, how it is read, the README's line."""
+
+    name: str
+    field: str
+    default: str  # as an operator would write it; "" is empty
+    parse: SettingParser
+    help: str  # the README's "meaning" column, word for word
+    secret: bool = False  # never shown; masked in every log line (Config.secrets)
+    shown_default: str = ""  # the README's "default" column when it is not the default itself
+
+    @property
+    def readme_default(self) -> str:
+        return self.shown_default or (f"`{self.default}`" if self.default else "empty")
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _integer(low: int, high: int) -> SettingParser:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(low: int, high: int) -> SettingParser:
+    whole = _integer(low, high)
+    return lambda name, raw: float(whole(name, raw))
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() not in TRUE_WORDS | FALSE_WORDS:
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw.lower()!r}")
+    return raw.lower() in TRUE_WORDS
+
+
+def _url(name: str, raw: str) -> str:
+    value = raw.rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must start with http:// or https://, got {value!r}")
+    return value
+
+
+def _secret(name: str, raw: str) -> str:
+    if raw and len(raw) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{name} must be at least {MIN_SECRET_CHARS} characters (a shorter secret is guessable); "
+                          "generate one with: openssl rand -hex 16")
+    return raw
+
+
+def _bot_token(name: str, raw: str) -> str:
+    if not raw:
+        raise ConfigError(f"{name} is not set: create a bot with @BotFather "
+                          f"(https://t.me/BotFather) and export {name}=<its token>")
+    if not TOKEN_PATTERN.fullmatch(raw):
+        raise ConfigError(f"{name} is malformed: expected '<digits>:<secret>' exactly as "
+                          "@BotFather shows it (check for quotes or spaces)")
+    return raw
+
+
+def _bot_mode(name: str, raw: str) -> str:
+    """A mode, or "" for "chosen from the base URL" (see load_config)."""
+    mode = raw.lower()
+    if mode and mode not in BOT_MODES:
+        raise ConfigError(f"{name} must be 'webhook' or 'polling', got {mode!r}")
+    return mode
+
+
+def _webhook_secret(name: str, raw: str) -> str:
+    # A base64 value (Render's generateValue makes one) is used in its URL-safe form:
+    # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
+    secret = raw.replace("+", "-").replace("/", "_").rstrip("=")
+    if secret and (not SECRET_TOKEN_PATTERN.fullmatch(secret) or len(secret) < MIN_SECRET_CHARS):
+        raise ConfigError(f"{name} may hold only A-Z a-z 0-9 _ - (or base64), {MIN_SECRET_CHARS} to 256 characters")
+    return secret
+
+
+def parse_database_url(url: str) -> str:
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(
+            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
+            f"got a URL starting with {url.split(':', 1)[0]!r}"
+        )
+    return url[len(prefix):]
+
+
+def _callback_path(name: str, raw: str) -> str:
+    """The path without its slashes: unreserved characters, and not one of the bot's own routes."""
+    path = raw.strip("/")
+    route = "/" + path
+    for builtin, with_subtree in BUILTIN_ROUTES.items():
+        if route == builtin or (with_subtree and route.startswith(builtin + "/")):
+            shadowed = builtin + ("/..." if with_subtree else "")
+            raise ConfigError(f"{name} {raw!r} collides with the bot's own route {shadowed}: "
+                              f"pick another, for example {DEFAULT_CALLBACK_PATH}")
+    if not CALLBACK_PATH_PATTERN.fullmatch(path) or {".", ".."} & set(path.split("/")):
+        raise ConfigError(f"{name} may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
+                          f"by /, none of them . or .., got {raw!r}")
+    return path
+
+
+def _admin_ids(name: str, raw: str) -> frozenset[int]:
+    try:
+        return frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated Telegram user ids, got {raw!r}") from None
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name} must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+DERIVED_FROM_TOKEN = "derived from the bot token"
+
+# Every variable the bot reads, in the README's order.  load_config reads them in this order, so a
+# missing token is reported before anything else.
+SETTINGS = (
+    Setting("TELEGRAM_BOT_TOKEN", "telegram_token", "", _bot_token, "the token @BotFather gave you",
+            secret=True, shown_default="required"),
+    Setting("KIE_API_KEY", "kie_api_key", "", _secret,
+            "Kie.ai key; without it the bot runs and says generation is not configured", secret=True),
+    Setting("BOT_MODE", "bot_mode", "", _bot_mode, "`webhook` or `polling`",
+            shown_default="`webhook` if a base URL is known, else `polling`"),
+    Setting("WEBHOOK_BASE_URL", "webhook_base_url", "", _text,
+            "public `https://` base URL; the webhook is `<base>/webhook/<secret path>`",
+            shown_default="`RENDER_EXTERNAL_URL` if set"),
+    Setting("WEBHOOK_SECRET_TOKEN", "webhook_secret", "", _webhook_secret,
+            "checked against `X-Telegram-Bot-Api-Secret-Token`; `A-Z a-z 0-9 _ -`, 8 to 256 (a base64 value is "
+            "used in its URL-safe form)", secret=True, shown_default=DERIVED_FROM_TOKEN),
+    Setting("PORT", "port", "10000", _integer(0, 65535), "listen address (Render sets `PORT`)"),
+    Setting("HOST", "host", "0.0.0.0", _text, "listen address (Render sets `PORT`)"),
+    Setting("DATABASE_URL", "database_path", DEFAULT_DATABASE_URL, lambda name, url: parse_database_url(url),
+            "`sqlite:///relative/path`, `sqlite:////absolute/path` or `sqlite:///:memory:`"),
+    Setting("SINGLE_MODEL_ONLY", "single_model_only", "0", _flag, "`1`/`true`/`yes`: z-image only"),
+    Setting("UPDATE_QUEUE_SIZE", "queue_size", "100", _integer(1, 1_000_000),
+            "updates held in memory; more wait in the SQLite inbox"),
+    Setting("UPDATE_QUEUE_WORKERS", "queue_workers", "3", _integer(1, 1000),
+            "updates handled at once (one chat's updates never run in parallel)"),
+    Setting("KIE_CALLBACK_PATH", "kie_callback_path", DEFAULT_CALLBACK_PATH, _callback_path,
+            "path of the Kie.ai completion callback: `A-Z a-z 0-9 . _ ~ -` in up to 10 `/`-separated segments; "
+            "one of the bot's own routes (`/`, `/health`, `/metrics`, anything under `/diag/` or `/webhook/`) "
+            "is refused"),
+    Setting("KIE_CALLBACK_TOKEN", "kie_callback_token", "", _secret, "the `?token=` in the callback URL",
+            secret=True, shown_default=DERIVED_FROM_TOKEN),
+    Setting("KIE_WEBHOOK_HMAC_KEY", "kie_hmac_key", "", _secret,
+            "when set, Kie callbacks must carry a valid `X-Webhook-Signature` over an `X-Webhook-Timestamp` "
+            "within 5 minutes of now (else 403)", secret=True),
+    Setting("TELEGRAM_API_BASE", "telegram_api_base", "https://api.telegram.org", _url,
+            "a self-hosted Bot API server, or a test fake"),
+    Setting("KIE_API_BASE", "kie_api_base", "https://api.kie.ai", _url, "a test fake"),
+    Setting("ADMIN_IDS", "admin_ids", "", _admin_ids,
+            "comma-separated Telegram user ids: `/stats`, and alerts when Kie rejects the key (401) or runs out "
+            "of credits (402)"),
+    Setting("DIAG_TOKEN", "diag_token", "", _secret,
+            "when set, `/diag/*` and `/metrics` need `Authorization: Bearer <token>` (or `?token=`, URL-encoded)",
+            secret=True),
+    Setting("GEN_TIMEOUT_S", "gen_timeout_s", "300", _seconds(1, 86400),
+            "give up on one generation after this many seconds"),
+    Setting("GEN_HOURLY_LIMIT", "gen_hourly_limit", "20", _integer(1, 100_000),
+            "generations per user per hour (admins are exempt)"),
+    Setting("KIE_MAX_CONCURRENT_TASKS", "kie_max_tasks", "100", _integer(1, 10_000),
+            "tasks at Kie at once, for all users; more wait their turn"),
+    Setting("WEBHOOK_FLUSH_PENDING_OVER", "flush_pending_over", "10", _integer(-1, 10**9),
+            "at start, drop Telegram's backlog if more are pending (a smaller one is always kept); `-1` never "
+            "drops"),
+    Setting("SHUTDOWN_GRACE_S", "shutdown_grace_s", "25", _seconds(1, 3600),
+            "seconds to finish in-flight work after SIGTERM (keep it under the platform's kill delay)"),
+    Setting("LEASE_TTL_S", "lease_ttl_s", "15", _seconds(2, 600),
+            "lifetime of the single-active-instance lease; the holder renews it every third of that"),
+    Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "`DEBUG`, `INFO`, `WARNING`, `ERROR`"),
+    Setting("RESULT_DOWNLOAD_ALLOW_PRIVATE", "result_download_allow_private", "0", _flag,
+            "`1`: result downloads may reach loopback and private addresses (for tests whose fakes run on "
+            "127.0.0.1; never in production)"),
+)
+
+# Settings that, left empty, are derived from the bot token (the value names what the secret is for).
+TOKEN_DERIVED_SECRETS = {"webhook_secret": "webhook-secret", "kie_callback_token": "kie-callback"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything the bot reads from its environment, validated."""
+    """Everything the bot reads from its environment, validated; build it with load_config.
+
+    One field per entry of SETTINGS (the defaults live there, not here).
+    """
 
     telegram_token: str
-    kie_api_key: str = ""
-    bot_mode: str = "polling"
-    webhook_base_url: str = ""
-    webhook_secret: str = ""
-    port: int = 10000
-    host: str = "0.0.0.0"
-    database_path: str = ":memory:"
-    single_model_only: bool = False
-    queue_size: int = 100
-    queue_workers: int = 3
-    kie_callback_path: str = DEFAULT_CALLBACK_PATH
-    kie_callback_token: str = ""
-    kie_hmac_key: str = ""
-    telegram_api_base: str = "https://api.telegram.org"
-    kie_api_base: str = "https://api.kie.ai"
-    admin_ids: frozenset[int] = frozenset()
-    diag_token: str = ""
-    gen_timeout_s: float = 300.0
-    gen_hourly_limit: int = 20
-    kie_max_tasks: int = 100
-    flush_pending_over: int = 10
-    log_level: str = "INFO"
-    shutdown_grace_s: float = 25.0
-    handler_timeout_s: float = 30.0
-    lease_ttl_s: float = 15.0
-    result_download_allow_private: bool = False  # downloads may reach loopback/private hosts (tests' fakes)
+    kie_api_key: str
+    bot_mode: str
+    webhook_base_url: str
+    webhook_secret: str
+    port: int
+    host: str
+    database_path: str
+    single_model_only: bool
+    queue_size: int
+    queue_workers: int
+    kie_callback_path: str
+    kie_callback_token: str
+    kie_hmac_key: str
+    telegram_api_base: str
+    kie_api_base: str
+    admin_ids: frozenset[int]
+    diag_token: str
+    gen_timeout_s: float
+    gen_hourly_limit: int
+    kie_max_tasks: int
+    flush_pending_over: int
+    shutdown_grace_s: float
+    lease_ttl_s: float
+    log_level: str
+    result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
 
     @property
     def webhook_path_secret(self) -> str:
@@ -151,19 +357,29 @@ class Config:
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, response or error.
 
-        Every secret, everything derived from one, and the forms they take
-        URL-encoded (a callback URL's ``?token=``); longest first, so masking a
-        short one never leaves part of a longer one showing.
+        Every secret setting, everything derived from one, and the forms they
+        take URL-encoded (a callback URL's ``?token=``); longest first, so
+        masking a short one never leaves part of a longer one showing.
         """
-        values = {self.telegram_token, self.telegram_token.partition(":")[2], self.kie_api_key,
-                  self.webhook_secret, self.webhook_path_secret, self.kie_callback_token, self.diag_token,
-                  self.kie_hmac_key} - {""}
+        values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
+        values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret}
+        values -= {""}
         encoded = {quote(value) for value in values for quote in (_url_quote, urllib.parse.quote_plus)}
         return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
 
+    def describe(self) -> list[str]:
+        """``NAME=value`` for every setting, secrets as *** (``python trt_bot.py check`` prints them)."""
+        return [f"{setting.name}={_shown(getattr(self, setting.field), setting.secret)}" for setting in SETTINGS]
 
-class ConfigError(TrtError):
-    """A setting the operator must fix; main() prints it and exits with code 2."""
+
+def _shown(value: Any, secret: bool) -> str:
+    if value == "" or value == frozenset():
+        return "(empty)"
+    if secret:
+        return "***"
+    if isinstance(value, frozenset):
+        return ",".join(map(str, sorted(value)))
+    return str(int(value)) if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _url_quote(value: str) -> str:
@@ -176,141 +392,19 @@ def derive_secret(token: str, purpose: str) -> str:
 
 
 def load_config(env: Mapping[str, str]) -> Config:
-    """Build a Config from environment variables or raise ConfigError."""
-    token = env.get("TELEGRAM_BOT_TOKEN", "").strip()
-    if not token:
-        raise ConfigError(
-            "TELEGRAM_BOT_TOKEN is not set: create a bot with @BotFather "
-            "(https://t.me/BotFather) and export TELEGRAM_BOT_TOKEN=<its token>"
-        )
-    if not TOKEN_PATTERN.fullmatch(token):
-        raise ConfigError(
-            "TELEGRAM_BOT_TOKEN is malformed: expected '<digits>:<secret>' exactly as "
-            "@BotFather shows it (check for quotes or spaces)"
-        )
-    base_url = (env.get("WEBHOOK_BASE_URL") or env.get("RENDER_EXTERNAL_URL") or "").strip()
-    mode = (env.get("BOT_MODE") or ("webhook" if base_url else "polling")).strip().lower()
-    if mode not in ("webhook", "polling"):
-        raise ConfigError(f"BOT_MODE must be 'webhook' or 'polling', got {mode!r}")
-    if mode == "webhook" and not base_url.startswith("https://"):
+    """Build a Config from environment variables or raise ConfigError naming what to fix."""
+    values = {setting.field: setting.parse(setting.name, env.get(setting.name, "").strip() or setting.default)
+              for setting in SETTINGS}
+    values["webhook_base_url"] = values["webhook_base_url"] or env.get("RENDER_EXTERNAL_URL", "").strip()
+    values["bot_mode"] = values["bot_mode"] or ("webhook" if values["webhook_base_url"] else "polling")
+    if values["bot_mode"] == "webhook" and not values["webhook_base_url"].startswith("https://"):
         raise ConfigError(
             "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
             "starting with https://, for example https://my-bot.onrender.com"
         )
-    # A base64 value (Render's generateValue makes one) is used in its URL-safe form:
-    # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
-    secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip().replace("+", "-").replace("/", "_").rstrip("=")
-    secret = secret or derive_secret(token, "webhook-secret")
-    if not SECRET_TOKEN_PATTERN.fullmatch(secret) or len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - (or base64), "
-                          f"{MIN_SECRET_CHARS} to 256 characters")
-    return Config(
-        telegram_token=token,
-        kie_api_key=_secret_setting(env, "KIE_API_KEY"),
-        bot_mode=mode,
-        webhook_base_url=base_url,
-        webhook_secret=secret,
-        port=_int_setting(env, "PORT", 10000, 0, 65535),
-        host=env.get("HOST", "0.0.0.0").strip() or "0.0.0.0",
-        database_path=parse_database_url(env.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL),
-        single_model_only=env.get("SINGLE_MODEL_ONLY", "0").strip().lower() in TRUE_WORDS,
-        queue_size=_int_setting(env, "UPDATE_QUEUE_SIZE", 100, 1, 1_000_000),
-        queue_workers=_int_setting(env, "UPDATE_QUEUE_WORKERS", 3, 1, 1000),
-        kie_callback_path=_callback_path(env.get("KIE_CALLBACK_PATH", "")),
-        kie_callback_token=_secret_setting(env, "KIE_CALLBACK_TOKEN") or derive_secret(token, "kie-callback"),
-        kie_hmac_key=_secret_setting(env, "KIE_WEBHOOK_HMAC_KEY"),
-        telegram_api_base=_url_setting(env, "TELEGRAM_API_BASE", "https://api.telegram.org"),
-        kie_api_base=_url_setting(env, "KIE_API_BASE", "https://api.kie.ai"),
-        admin_ids=_admin_ids(env.get("ADMIN_IDS", "")),
-        diag_token=_secret_setting(env, "DIAG_TOKEN"),
-        gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 1, 86400)),
-        gen_hourly_limit=_int_setting(env, "GEN_HOURLY_LIMIT", 20, 1, 100_000),
-        kie_max_tasks=_int_setting(env, "KIE_MAX_CONCURRENT_TASKS", 100, 1, 10_000),
-        flush_pending_over=_int_setting(env, "WEBHOOK_FLUSH_PENDING_OVER", 10, -1, 10**9),
-        log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
-        shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
-        lease_ttl_s=float(_int_setting(env, "LEASE_TTL_S", 15, 2, 600)),
-        result_download_allow_private=_bool_setting(env, "RESULT_DOWNLOAD_ALLOW_PRIVATE", False),
-    )
-
-
-def parse_database_url(url: str) -> str:
-    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ConfigError(
-            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
-            f"got a URL starting with {url.split(':', 1)[0]!r}"
-        )
-    return url[len(prefix):]
-
-
-def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value}")
-    return value
-
-
-def _secret_setting(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if value and len(value) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{name} must be at least {MIN_SECRET_CHARS} characters (a shorter secret is guessable); "
-                          "generate one with: openssl rand -hex 16")
-    return value
-
-
-def _callback_path(raw: str) -> str:
-    """KIE_CALLBACK_PATH without its slashes: unreserved characters, and not one of the bot's own routes."""
-    if not raw.strip():
-        return DEFAULT_CALLBACK_PATH
-    path = raw.strip().strip("/")
-    route = "/" + path
-    for builtin, with_subtree in BUILTIN_ROUTES.items():
-        if route == builtin or (with_subtree and route.startswith(builtin + "/")):
-            shadowed = builtin + ("/..." if with_subtree else "")
-            raise ConfigError(f"KIE_CALLBACK_PATH {raw.strip()!r} collides with the bot's own route {shadowed}: "
-                              f"pick another, for example {DEFAULT_CALLBACK_PATH}")
-    if not CALLBACK_PATH_PATTERN.fullmatch(path) or {".", ".."} & set(path.split("/")):
-        raise ConfigError(f"KIE_CALLBACK_PATH may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
-                          f"by /, none of them . or .., got {raw.strip()!r}")
-    return path
-
-
-def _bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw not in TRUE_WORDS | FALSE_WORDS:
-        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
-    return raw in TRUE_WORDS
-
-
-def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
-    value = (env.get(name, "").strip() or default).rstrip("/")
-    if not value.startswith(("http://", "https://")):
-        raise ConfigError(f"{name} must start with http:// or https://, got {value!r}")
-    return value
-
-
-def _admin_ids(raw: str) -> frozenset[int]:
-    try:
-        return frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ConfigError(f"ADMIN_IDS must be comma-separated Telegram user ids, got {raw!r}") from None
-
-
-def _log_level(raw: str) -> str:
-    level = raw.strip().upper() or "INFO"
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
-    return level
+    for field, purpose in TOKEN_DERIVED_SECRETS.items():
+        values[field] = values[field] or derive_secret(values["telegram_token"], purpose)
+    return Config(**values)
 
 
 ###############################################################################
@@ -4056,7 +4150,6 @@ class App:
             self.conversation.handle,
             queue_size=config.queue_size,
             workers=config.queue_workers,
-            handler_timeout=config.handler_timeout_s,
         )
         self.conversation.queue_stats = self.pipeline.snapshot
         self.ack_seconds = Histogram(ACK_BUCKETS)
@@ -4472,6 +4565,8 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
     where = mask_webhook_url(config.webhook_url) if config.bot_mode == "webhook" else "getUpdates long polling"
     report("ok", "configuration", f"{config.bot_mode} mode ({where}), database {config.database_path}, "
                                   f"{'z-image only' if config.single_model_only else f'{len(CATALOG)} models'}")
+    for line in config.describe():
+        out(mask_secrets(f"       {line}", config.secrets))
     try:
         await asyncio.to_thread(lambda: open_sqlite(config.database_path).close())
         report("ok", "database", f"opened, schema v{SCHEMA_VERSION}")
