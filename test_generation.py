@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, _dropping, bot_env,
-                      eventually, free_port, update_callback, update_message)
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, _dropping,
+                      bot_env, eventually, free_port, update_callback, update_message)
 from test_trt_bot import post_update
 
 _update_ids = itertools.count(10_000)
@@ -35,13 +35,6 @@ _update_ids = itertools.count(10_000)
 
 def gen_env(fake_kie, **more: str) -> dict[str, str]:
     return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
-
-
-@pytest.fixture
-def fast_jobs(monkeypatch):
-    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
-    monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
-    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
 
 
 async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",
@@ -52,6 +45,11 @@ async def order(app, user: int, prompt: str = "кот-космонавт", ratio
     await post_update(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
     if option:
         await post_update(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+
+
+async def submitted_to_kie(app) -> None:
+    """Wait until a job has its Kie task id (holding a slot comes earlier, before createTask is answered)."""
+    await eventually(lambda: any(job.state == "submitted" for job in app.generations.jobs.values()))
 
 
 async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
@@ -161,7 +159,7 @@ def test_signed_callback_timestamps_are_fresh_only_within_the_window():
 
 
 @respx.mock
-async def test_kie_client_retries_transient_failures_and_not_permanent_ones(fast_jobs):
+async def test_kie_client_retries_transient_failures_and_not_permanent_ones():
     create = respx.post(f"{KIE}/api/v1/jobs/createTask").mock(side_effect=[
         httpx.ConnectError("refused"),
         httpx.Response(200, json={"code": 455, "msg": "Service Unavailable"}),
@@ -169,40 +167,35 @@ async def test_kie_client_retries_transient_failures_and_not_permanent_ones(fast
     ])
     credit = respx.get(f"{KIE}/api/v1/chat/credit").mock(
         return_value=httpx.Response(200, json={"code": 401, "msg": "You do not have access permissions"}))
-    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient())
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
     assert await client.create_task("z-image", {"prompt": "p", "aspect_ratio": "1:1"}) == "t9"
-    assert create.call_count == 3
+    assert create.call_count == 3 and len(client.clock.slept) == 2
+    assert all(0 <= wait <= ceiling for wait, ceiling in zip(client.clock.slept, (1.0, 2.0)))  # 1 s, then 2 s, jittered
     assert create.calls.last.request.headers["authorization"] == f"Bearer {KIE_KEY}"
     with pytest.raises(trt_bot.KieError) as caught:
         await client.credits()
     assert credit.call_count == 1 and caught.value.kind == "unauthorized" and KIE_KEY not in str(caught.value)
+    assert client.calls["createTask", "network"] == client.calls["createTask", "maintenance"] == 1
+    assert client.calls["createTask", "ok"] == client.calls["credit", "unauthorized"] == 1
 
 
 @respx.mock
-async def test_kie_client_gives_up_when_the_retry_budget_is_spent(fast_jobs):
+async def test_kie_client_gives_up_when_the_retry_budget_is_spent():
     route = respx.get(f"{KIE}/api/v1/jobs/recordInfo").mock(return_value=httpx.Response(500, text="oops"))
-    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), budget_s=0.05)
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
     with pytest.raises(trt_bot.KieError) as caught:
         await client.record_info("t1")
-    assert caught.value.code == 500 and route.call_count >= 2
+    assert caught.value.code == 500 and route.call_count >= 4
+    assert sum(client.clock.slept) <= trt_bot.KIE_RETRY_BUDGET_S < sum(client.clock.slept) + trt_bot.KIE_BACKOFF_CAP_S
 
 
-async def test_rate_limiter_admits_at_most_its_calls_per_period(monkeypatch):
-    clock = [0.0]
-
-    async def virtual_sleep(seconds):
-        clock[0] += seconds
-
-    monkeypatch.setattr(trt_bot.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", virtual_sleep)
-    limiter = trt_bot.RateLimiter(20, 10.0)
-    stamps = []
-    for _ in range(45):
-        await limiter.acquire()
-        stamps.append(clock[0])
-    for i in range(len(stamps) - 20):
-        assert stamps[i + 20] - stamps[i] >= 10.0  # any 21 calls span at least one period
-    assert stamps[19] == 0.0  # the first 20 go at once
+@respx.mock
+async def test_a_kie_call_with_a_zero_budget_is_tried_once():
+    route = respx.get(f"{KIE}/api/v1/jobs/recordInfo").mock(return_value=httpx.Response(500, text="oops"))
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
+    with pytest.raises(trt_bot.KieError):
+        await client.record_info("t1", budget_s=0)
+    assert route.call_count == 1 and client.clock.slept == []
 
 
 ###############################################################################
@@ -256,7 +249,7 @@ async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, 
 async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(make_app, fake_tg, fake_kie, fast_jobs):
     app = await make_app(**gen_env(fake_kie))
     await order(app, 52)
-    await eventually(lambda: app.generations.in_kie == 1)
+    await submitted_to_kie(app)
     fake_kie.complete("task00001")
     responses = await asyncio.gather(*(kie_calls_back(app, fake_kie, "task00001") for _ in range(3)))
     assert {r.status_code for r in responses} == {200}
@@ -271,7 +264,7 @@ async def test_callback_duplicate_callback_and_poller_racing_deliver_one_photo(m
 async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
     await order(app, 53)
-    await eventually(lambda: app.generations.in_kie == 1)
+    await submitted_to_kie(app)
     fake_kie.complete("task00001")
     assert (await kie_calls_back(app, fake_kie, "task00001", token="guess")).status_code == 401
     assert (await kie_calls_back(app, fake_kie, "task00001", token="")).status_code == 401
@@ -290,7 +283,7 @@ async def test_wrong_callback_token_or_bad_signature_delivers_nothing(make_app, 
 async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, KIE_WEBHOOK_HMAC_KEY="hmac-key"))
     await order(app, 59)
-    await eventually(lambda: app.generations.in_kie == 1)
+    await submitted_to_kie(app)
     for stale in ("1", int(time.time()) - 3600, int(time.time()) + 3600):  # "1" used to pass
         response = await kie_calls_back(app, fake_kie, "task00001", headers=signed("hmac-key", "task00001", stale))
         assert response.status_code == 403
@@ -304,7 +297,7 @@ async def test_a_signed_callback_outside_the_time_window_is_refused(make_app, fa
 async def test_a_callback_is_only_a_hint_the_result_comes_from_record_info(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await order(app, 69)
-    await eventually(lambda: app.generations.in_kie == 1)
+    await submitted_to_kie(app)
     forged = {"code": 200, "data": {"taskId": "task00001", "state": "success",
                                     "resultJson": '{"resultUrls":["http://127.0.0.1:9/internal-secret"]}'}}
     assert (await kie_calls_back(app, fake_kie, "task00001", body=forged)).status_code == 200

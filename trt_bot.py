@@ -1655,6 +1655,104 @@ class ConversationStore:
 
 
 ###############################################################################
+# Retry and pacing
+#    Owns how a failing call is tried again (which failures, how long to back
+#    off, for how long in all) and how calls are spaced out to respect a
+#    service's rate limit.  Every retry loop in the bot runs through here.
+###############################################################################
+
+def _always(error: Exception) -> bool:
+    return True
+
+
+def _never_asked(error: Exception) -> float | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed call is tried again: transient failures, with backoff, within a time budget.
+
+    ``retry_on`` are the exception types the policy judges (anything else
+    propagates at once) and ``transient`` says which of those can get better
+    by asking again.  A failure may say how long to wait (``retry_after``,
+    e.g. a 429's); otherwise the wait backs off exponentially from ``base_s``
+    up to ``cap_s``, with full jitter so calls that failed together do not
+    come back together (``jittered=False``: exactly 1, 2, 4 ... ``cap_s``).
+    A wait that would end past ``budget_s`` means giving up: ``0`` is one
+    try, ``math.inf`` never gives up.
+    """
+
+    budget_s: float = math.inf
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    retry_on: tuple[type[Exception], ...] = (Exception,)
+    transient: Callable[[Exception], bool] = _always
+    retry_after: Callable[[Exception], float | None] = _never_asked
+    jittered: bool = True
+
+    def delay(self, error: Exception, retry: int, remaining_s: float,
+              jitter: Callable[[float, float], float] = random.uniform) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...); None: raise ``error`` now."""
+        if not self.transient(error) or remaining_s <= 0:
+            return None
+        wait = self.retry_after(error)
+        if wait is None:
+            ceiling = min(self.cap_s, self.base_s * 2 ** (retry - 1))
+            wait = jitter(0.0, ceiling) if self.jittered else ceiling
+        return wait if wait <= remaining_s else None
+
+
+ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``python trt_bot.py check``)
+
+async def call_with_retries(
+    attempt: Callable[[], Awaitable[Any]],
+    policy: RetryPolicy,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None,
+) -> Any:
+    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error.
+
+    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
+    """
+    deadline = clock.monotonic() + policy.budget_s
+    retries = 0
+    while True:
+        try:
+            return await attempt()
+        except policy.retry_on as error:
+            retries += 1
+            wait = policy.delay(error, retries, deadline - clock.monotonic())
+            if wait is None:
+                raise
+            on_retry(error, retries, wait)
+        await clock.sleep(wait)
+
+
+class RateLimiter:
+    """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
+
+    def __init__(self, calls: int, period: float, clock: Clock = SYSTEM_CLOCK):
+        self.calls = calls
+        self.period = period
+        self.clock = clock
+        self._stamps: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self.clock.monotonic()
+                while self._stamps and now - self._stamps[0] >= self.period:
+                    self._stamps.popleft()
+                if len(self._stamps) < self.calls:
+                    self._stamps.append(now)
+                    return
+                await self.clock.sleep(self._stamps[0] + self.period - now)
+
+
+###############################################################################
 # 6. Telegram client
 #    Owns talking to the Bot API: one shared httpx client, response parsing,
 #    the retry policy.  The token lives only in request URLs.
@@ -1718,33 +1816,22 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
 
 
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """When a failed Bot API call is tried again: transient failures, with backoff, within a time budget.
+def _telegram_wait_asked(error: TelegramError) -> float | None:
+    """A 429 waits what Telegram asks (a second if its answer did not say); other failures back off."""
+    if error.error_code != 429:
+        return None
+    return float(error.retry_after if error.retry_after is not None else 1)
 
-    429, 5xx, network errors and timeouts are transient; anything else (400,
-    403, 404, ...) cannot get better by asking again.  A 429 waits what
-    Telegram asks; the others back off exponentially with full jitter, so
-    calls that failed together do not come back together.
-    """
 
-    budget_s: float = TELEGRAM_RETRY_BUDGET_S
-    base_s: float = TELEGRAM_BACKOFF_BASE_S
-    cap_s: float = TELEGRAM_BACKOFF_CAP_S
+# 429, 5xx, network errors and timeouts are transient; anything else (400, 403, 404, ...) cannot get
+# better by asking again.
+TELEGRAM_RETRY = RetryPolicy(budget_s=TELEGRAM_RETRY_BUDGET_S, base_s=TELEGRAM_BACKOFF_BASE_S,
+                             cap_s=TELEGRAM_BACKOFF_CAP_S, retry_on=(TelegramError,),
+                             transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
-    def delay(self, error: TelegramError, retry: int, remaining_s: float,
-              jitter: Callable[[float, float], float] = random.uniform) -> float | None:
-        """Seconds to wait before retry number ``retry`` (1, 2, ...); None: raise ``error`` now.
 
-        A wait that would end after the budget (``remaining_s``) means giving up.
-        """
-        if not error.retryable:
-            return None
-        if error.error_code == 429:
-            wait = float(error.retry_after if error.retry_after is not None else 1)
-        else:
-            wait = jitter(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
-        return wait if wait <= remaining_s else None
+def _answer_maybe_lost(error: TelegramError) -> bool:
+    return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
 
 def _encode_form_value(value: Any) -> str:
@@ -1763,10 +1850,12 @@ class TelegramClient:
     loss is raised at once instead, for the caller to decide.
     """
 
-    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
+                 clock: Clock = SYSTEM_CLOCK):
         self._url = f"{api_base}/bot{token}/"
         self.http = http
         self.retry = retry
+        self.clock = clock
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
 
     async def call(
@@ -1777,24 +1866,27 @@ class TelegramClient:
         timeout: float | None = None,
         repeatable: bool = True,
     ) -> Any:
-        deadline = time.monotonic() + self.retry.budget_s
-        retries = 0
-        while True:
-            try:
-                result = await self._call_once(method, params or {}, files, timeout)
-            except TelegramError as error:
-                self.calls[method, str(error.error_code)] += 1
-                retries += 1
-                wait = self.retry.delay(error, retries, deadline - time.monotonic())
-                if wait is None or (not repeatable and isinstance(error, TelegramNetworkError) and error.maybe_performed):
-                    raise
-                log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retries, wait)
-                await asyncio.sleep(wait)
-            else:
-                self.calls[method, "ok"] += 1
-                return result
+        policy = self.retry
+        if not repeatable:
+            policy = dataclasses.replace(policy, transient=lambda error: self.retry.transient(error)
+                                         and not _answer_maybe_lost(error))
+
+        def log_retry(error: Exception, retry: int, wait: float) -> None:
+            log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
+
+        return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
+                                       clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        try:
+            result = await self._post(method, params, files, timeout)
+        except TelegramError as error:
+            self.calls[method, str(error.error_code)] += 1
+            raise
+        self.calls[method, "ok"] += 1
+        return result
+
+    async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
         try:
             if files:
@@ -1834,6 +1926,8 @@ class TelegramClient:
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
+KIE_BACKOFF_BASE_S = 1.0  # first retry within 1 s, then 2, 4, 8 s ...
+KIE_BACKOFF_CAP_S = 20.0  # ... never more than 20 s between two tries
 KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
 KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
@@ -1875,6 +1969,11 @@ class KieError(TrtError):
     def retryable(self) -> bool:
         return self.code == 0 or self.code in KIE_RETRYABLE_CODES or self.code >= 500 and self.code not in (501, 505)
 
+
+
+# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
+KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
+                        retry_on=(KieError,), transient=lambda error: error.retryable)
 
 @dataclasses.dataclass(frozen=True)
 class TaskRecord:
@@ -1985,35 +2084,6 @@ def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, 
     return kie_timestamp_fresh(timestamp, now, window_s) and signed
 
 
-def backoff_delays(base: float = 1.0, cap: float = 20.0) -> Iterable[float]:
-    """Exponential backoff with full jitter: 0..1 s, 0..2 s, 0..4 s, ... up to ``cap``."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap, base * 2**attempt))
-        attempt += 1
-
-
-class RateLimiter:
-    """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
-
-    def __init__(self, calls: int, period: float):
-        self.calls = calls
-        self.period = period
-        self._stamps: collections.deque[float] = collections.deque()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._stamps and now - self._stamps[0] >= self.period:
-                    self._stamps.popleft()
-                if len(self._stamps) < self.calls:
-                    self._stamps.append(now)
-                    return
-                await asyncio.sleep(self._stamps[0] + self.period - now)
-
-
 class KieClient:
     """createTask, recordInfo and credits, with transient failures retried within a budget.
 
@@ -2021,14 +2091,16 @@ class KieClient:
     401/402/422/501/505 raise KieError at once.
     """
 
-    def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, budget_s: float = KIE_RETRY_BUDGET_S):
+    def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         self.api_base = api_base
         self.http = http
-        self.budget_s = budget_s
+        self.retry = KIE_RETRY if retry is None else retry  # read when built, so tests can shorten KIE_RETRY
+        self.clock = clock
         self.configured = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self.create_pace = RateLimiter(*KIE_CREATE_PACE)
-        self.record_pace = RateLimiter(*KIE_RECORD_PACE)
+        self.create_pace = RateLimiter(*KIE_CREATE_PACE, clock=clock)
+        self.record_pace = RateLimiter(*KIE_RECORD_PACE, clock=clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (endpoint, outcome)
 
     async def create_task(self, model: str, inputs: dict, callback_url: str = "") -> str:
@@ -2056,24 +2128,29 @@ class KieClient:
     async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
                        params: dict | None = None, budget_s: float | None = None) -> Any:
         endpoint = path.rsplit("/", 1)[-1]
-        deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
-        for delay in backoff_delays():
+        policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
+
+        async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            try:
-                data = await self._request_once(method, path, json_body, params)
-            except KieError as error:
-                self.calls[endpoint, error.kind] += 1
-                if not error.retryable or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, delay)
-                await asyncio.sleep(delay)
-                continue
-            self.calls[endpoint, "ok"] += 1
-            return data
-        raise AssertionError("unreachable: backoff_delays never ends")
+            return await self._request_once(endpoint, method, path, json_body, params)
 
-    async def _request_once(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
+        def log_retry(error: Exception, retry: int, wait: float) -> None:
+            log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
+
+        return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
+
+    async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
+                            params: dict | None) -> Any:
+        try:
+            data = await self._send(method, path, json_body, params)
+        except KieError as error:
+            self.calls[endpoint, error.kind] += 1
+            raise
+        self.calls[endpoint, "ok"] += 1
+        return data
+
+    async def _send(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
         content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
         try:
             response = await self.http.request(method, self.api_base + path, content=content, params=params,
@@ -4574,7 +4651,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
         report("FAIL", "database", f"cannot open {config.database_path} ({error}): check DATABASE_URL and that "
                                    "its folder exists and is writable (a mounted disk on Render)")
     async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
-        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, RetryPolicy(budget_s=0))
+        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, ONE_TRY)
         try:
             me = await telegram.call("getMe") or {}
             report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
@@ -4586,7 +4663,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
             else:
                 report("FAIL", "Telegram", f"{config.telegram_api_base} did not answer getMe ({error.description}): "
                                            "check the network or TELEGRAM_API_BASE")
-        await _check_kie(config, KieClient(config.kie_api_key, config.kie_api_base, http, budget_s=0), report)
+        await _check_kie(config, KieClient(config.kie_api_key, config.kie_api_base, http, ONE_TRY), report)
     out("all good" if not problems else f"{problems} problem(s) to fix")
     return 1 if problems else 0
 
