@@ -1657,8 +1657,8 @@ class ConversationStore:
 ###############################################################################
 # Retry and pacing
 #    Owns how a failing call is tried again (which failures, how long to back
-#    off, for how long in all) and how calls are spaced out to respect a
-#    service's rate limit.  Every retry loop in the bot runs through here.
+#    off, for how long in all) and how calls are spaced out to keep under a
+#    service's rate limit.  The services' own rules live with their clients.
 ###############################################################################
 
 def _always(error: Exception) -> bool:
@@ -1704,6 +1704,7 @@ class RetryPolicy:
 
 
 ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``python trt_bot.py check``)
+
 
 async def call_with_retries(
     attempt: Callable[[], Awaitable[Any]],
@@ -1755,7 +1756,8 @@ class RateLimiter:
 ###############################################################################
 # 6. Telegram client
 #    Owns talking to the Bot API: one shared httpx client, response parsing,
-#    the retry policy.  The token lives only in request URLs.
+#    which failures are retried (TELEGRAM_RETRY).  The token lives only in
+#    request URLs.
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
@@ -1867,8 +1869,9 @@ class TelegramClient:
         repeatable: bool = True,
     ) -> Any:
         policy = self.retry
-        if not repeatable:
-            policy = dataclasses.replace(policy, transient=lambda error: self.retry.transient(error)
+        if not repeatable:  # an answer lost on the way back is raised: the call may have been performed
+            transient = policy.transient
+            policy = dataclasses.replace(policy, transient=lambda error: transient(error)
                                          and not _answer_maybe_lost(error))
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
@@ -1920,8 +1923,8 @@ class TelegramClient:
 ###############################################################################
 # 7. Kie client
 #    Owns talking to Kie.ai: the {code, msg, data} envelope, task records and
-#    their result URLs, callback signatures, typed errors, retries with
-#    backoff and jitter, and request pacing.
+#    their result URLs, callback signatures, typed errors, which failures are
+#    retried (KIE_RETRY) and the pace Kie allows.
 ###############################################################################
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -1969,11 +1972,6 @@ class KieError(TrtError):
     def retryable(self) -> bool:
         return self.code == 0 or self.code in KIE_RETRYABLE_CODES or self.code >= 500 and self.code not in (501, 505)
 
-
-
-# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
-KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
-                        retry_on=(KieError,), transient=lambda error: error.retryable)
 
 @dataclasses.dataclass(frozen=True)
 class TaskRecord:
@@ -2082,6 +2080,11 @@ def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, 
     """A fresh, correctly signed callback: a replayed one is refused once its timestamp is out of the window."""
     signed = kie_signature_valid(key, task_id, timestamp, signature)  # always computed: constant time
     return kie_timestamp_fresh(timestamp, now, window_s) and signed
+
+
+# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
+KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
+                        retry_on=(KieError,), transient=lambda error: error.retryable)
 
 
 class KieClient:
