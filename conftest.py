@@ -12,7 +12,6 @@ import asyncio
 import email.parser
 import email.policy
 import http.server
-import itertools
 import json
 import logging
 import os
@@ -372,9 +371,12 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
 
 @pytest.fixture
 def fast_jobs(monkeypatch):
-    """Poll every 50 ms and retry Kie at once, so tests need not wait out production pacing."""
+    """Poll every 50 ms and retry Kie within 10 ms, so tests need not wait out production pacing.
+
+    Set before ``make_app``: a KieClient takes KIE_RETRY when it is built.
+    """
     monkeypatch.setattr(trt_bot, "POLL_SCHEDULE", ((1e9, 0.05),))
-    monkeypatch.setattr(trt_bot, "backoff_delays", lambda: itertools.repeat(0.01))
+    monkeypatch.setattr(trt_bot, "KIE_RETRY", dataclasses.replace(trt_bot.KIE_RETRY, base_s=0.01, cap_s=0.01))
 
 
 @pytest.fixture
@@ -461,6 +463,23 @@ class ManualClock(trt_bot.Clock):
         for wake_at, waker in list(self._sleepers):
             if wake_at <= self.now and not waker.done():
                 waker.set_result(None)
+
+
+class InstantClock(ManualClock):
+    """A clock whose ``sleep`` moves time on at once and notes how long it was asked to sleep.
+
+    For code that only sleeps between tries (retries, pacing): the test runs
+    at full speed, and ``slept`` shows the waits the code chose.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        super().__init__(start)
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(max(seconds, 0.0))
+        await asyncio.sleep(0)
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

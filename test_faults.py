@@ -34,7 +34,6 @@ import pytest
 import trt_bot
 from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, FaultPlan, FaultyBotApi, FaultyKie, Performed,
                       TOKEN, bot_env, eventually, free_port, update_callback, update_message)
-from test_generation import fast_jobs  # noqa: F401  (a fixture: fast polling and Kie retries)
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
@@ -613,7 +612,7 @@ async def test_every_reply_is_sent_once_and_in_order_while_telegram_fails_30_per
     # A stall is cut by the read timeout, then retried: short here so the test stays short.
     http = httpx.AsyncClient(timeout=httpx.Timeout(connect=2.0, read=0.5, write=2.0, pool=5.0))
     app = trt_bot.App(trt_bot.load_config(env), http=http)
-    app.telegram.retry = trt_bot.RetryPolicy(budget_s=20.0, base_s=0.02, cap_s=0.25)
+    app.telegram.retry = dataclasses.replace(trt_bot.TELEGRAM_RETRY, base_s=0.02, cap_s=0.25)
 
     async def succeed(player: KiePlayer, task_id: str, prompt: str) -> None:
         player.finish(task_id, success=True)

@@ -26,9 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, ManualClock, _dropping,
-                      bot_env, eventually, free_port, post_update, update_callback, update_message)
-from conftest import fast_jobs  # noqa: F401  (test_faults.py imports the fixture from here)
+from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
+                      _dropping, bot_env, eventually, free_port, post_update, update_callback, update_message)
 
 _update_ids = itertools.count(10_000)
 
@@ -198,7 +197,7 @@ def test_signed_callback_timestamps_are_fresh_only_within_the_window():
 
 
 @respx.mock
-async def test_kie_client_retries_transient_failures_and_not_permanent_ones(fast_jobs):
+async def test_kie_client_retries_transient_failures_and_not_permanent_ones():
     create = respx.post(f"{KIE}/api/v1/jobs/createTask").mock(side_effect=[
         httpx.ConnectError("refused"),
         httpx.Response(200, json={"code": 455, "msg": "Service Unavailable"}),
@@ -206,40 +205,35 @@ async def test_kie_client_retries_transient_failures_and_not_permanent_ones(fast
     ])
     credit = respx.get(f"{KIE}/api/v1/chat/credit").mock(
         return_value=httpx.Response(200, json={"code": 401, "msg": "You do not have access permissions"}))
-    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient())
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
     assert await client.create_task("z-image", {"prompt": "p", "aspect_ratio": "1:1"}) == "t9"
-    assert create.call_count == 3
+    assert create.call_count == 3 and len(client.clock.slept) == 2
+    assert all(0 <= wait <= ceiling for wait, ceiling in zip(client.clock.slept, (1.0, 2.0)))  # 1 s, then 2 s, jittered
     assert create.calls.last.request.headers["authorization"] == f"Bearer {KIE_KEY}"
     with pytest.raises(trt_bot.KieError) as caught:
         await client.credits()
     assert credit.call_count == 1 and caught.value.kind == "unauthorized" and KIE_KEY not in str(caught.value)
+    assert client.calls["createTask", "network"] == client.calls["createTask", "maintenance"] == 1
+    assert client.calls["createTask", "ok"] == client.calls["credit", "unauthorized"] == 1
 
 
 @respx.mock
-async def test_kie_client_gives_up_when_the_retry_budget_is_spent(fast_jobs):
+async def test_kie_client_gives_up_when_the_retry_budget_is_spent():
     route = respx.get(f"{KIE}/api/v1/jobs/recordInfo").mock(return_value=httpx.Response(500, text="oops"))
-    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), budget_s=0.05)
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
     with pytest.raises(trt_bot.KieError) as caught:
         await client.record_info("t1")
-    assert caught.value.code == 500 and route.call_count >= 2
+    assert caught.value.code == 500 and route.call_count >= 4
+    assert sum(client.clock.slept) <= trt_bot.KIE_RETRY_BUDGET_S < sum(client.clock.slept) + trt_bot.KIE_BACKOFF_CAP_S
 
 
-async def test_rate_limiter_admits_at_most_its_calls_per_period(monkeypatch):
-    clock = [0.0]
-
-    async def virtual_sleep(seconds):
-        clock[0] += seconds
-
-    monkeypatch.setattr(trt_bot.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", virtual_sleep)
-    limiter = trt_bot.RateLimiter(20, 10.0)
-    stamps = []
-    for _ in range(45):
-        await limiter.acquire()
-        stamps.append(clock[0])
-    for i in range(len(stamps) - 20):
-        assert stamps[i + 20] - stamps[i] >= 10.0  # any 21 calls span at least one period
-    assert stamps[19] == 0.0  # the first 20 go at once
+@respx.mock
+async def test_a_kie_call_with_a_zero_budget_is_tried_once():
+    route = respx.get(f"{KIE}/api/v1/jobs/recordInfo").mock(return_value=httpx.Response(500, text="oops"))
+    client = trt_bot.KieClient(KIE_KEY, KIE, httpx.AsyncClient(), clock=InstantClock())
+    with pytest.raises(trt_bot.KieError):
+        await client.record_info("t1", budget_s=0)
+    assert route.call_count == 1 and client.clock.slept == []
 
 
 ###############################################################################

@@ -403,6 +403,9 @@ def test_check_reports_all_good_and_exits_0(fake_tg, fake_kie, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "@trt_test_bot" in result.stdout and "1234.5 credits" in result.stdout
     assert "https://bot.example.com/webhook/***" in result.stdout and result.stdout.strip().endswith("all good")
+    shown = {line.strip().partition("=")[0] for line in result.stdout.splitlines() if line.startswith("       ")}
+    assert shown == {setting.name for setting in trt_bot.SETTINGS}  # the configuration it validated, every setting
+    assert "       KIE_API_KEY=***" in result.stdout
     assert all(secret not in result.stdout + result.stderr for secret in SECRETS)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,9 +26,9 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, ManualClock, bot_env,
-                      eventually, eventually_async, formatted, free_port, post_update, run_bot_cli, secret_header,
-                      update_callback, update_message)
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
+                      ManualClock, bot_env, eventually, eventually_async, formatted, free_port, post_update,
+                      run_bot_cli, secret_header, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -133,6 +135,43 @@ def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
     assert config.database_path == "./data/trt_bot.sqlite3"
     assert trt_bot.parse_database_url("sqlite:////var/data/bot.db") == "/var/data/bot.db"
     assert trt_bot.parse_database_url("sqlite:///:memory:") == ":memory:"
+
+
+def readme_settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for each variable in README.md's table; a `A` / `B` row gives two."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in readme
+                if line.startswith("| `")]
+    table = []
+    for cells in (row for row in rows if len(row) == 3 and row[0].strip("`").isupper()):
+        names, defaults = cells[0].split(" / "), cells[1].split(" / ")
+        defaults = defaults if len(defaults) == len(names) else [cells[1]] * len(names)
+        table += [(name.strip("`"), default, cells[2]) for name, default in zip(names, defaults)]
+    return table
+
+
+def test_the_readme_lists_every_setting_with_its_default_and_nothing_else():
+    documented = readme_settings_table()
+    in_code = [(s.name, s.readme_default, s.help) for s in trt_bot.SETTINGS]
+    assert [row for row in in_code if row not in documented] == []  # a setting the README lacks or misstates
+    assert [row for row in documented if row not in in_code] == []  # a README row no setting backs
+    assert [f.name for f in dataclasses.fields(trt_bot.Config)] == [s.field for s in trt_bot.SETTINGS]
+
+
+def test_every_setting_default_is_a_value_its_own_parser_accepts():
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN})
+    for setting in trt_bot.SETTINGS[1:]:
+        if setting.default:
+            assert getattr(config, setting.field) == setting.parse(setting.name, setting.default)
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("SINGLE_MODEL_ONLY", "maybe"), ("UPDATE_QUEUE_WORKERS", "0"), ("LEASE_TTL_S", "1"), ("LOG_LEVEL", "LOUD"),
+    ("TELEGRAM_API_BASE", "api.telegram.org"), ("ADMIN_IDS", "1,two"), ("WEBHOOK_SECRET_TOKEN", "has space!"),
+])
+def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
+    with pytest.raises(trt_bot.ConfigError, match=name):
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
 
 
 ###############################################################################
@@ -740,6 +779,129 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
 
 
 ###############################################################################
+# Retry and pacing
+###############################################################################
+
+class Hiccup(Exception):
+    """A failure a test scripts: transient or not, maybe saying how long to wait."""
+
+    def __init__(self, transient: bool = True, wait: float | None = None):
+        super().__init__(f"hiccup transient={transient} wait={wait}")
+        self.transient, self.wait = transient, wait
+
+
+def scripted(*outcomes):
+    """An attempt that raises or returns ``outcomes`` in turn; ``attempt.calls`` counts the tries."""
+    queue = list(outcomes)
+
+    async def attempt():
+        attempt.calls += 1
+        outcome = queue.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    attempt.calls = 0
+    return attempt
+
+
+def hiccup_policy(**fields) -> trt_bot.RetryPolicy:
+    return trt_bot.RetryPolicy(retry_on=(Hiccup,), transient=lambda error: error.transient,
+                               retry_after=lambda error: error.wait, **fields)
+
+
+async def test_a_call_is_retried_with_doubling_waits_until_it_succeeds():
+    clock, retries = InstantClock(), []
+    attempt = scripted(Hiccup(), Hiccup(), Hiccup(), "done")
+    policy = hiccup_policy(budget_s=100.0, base_s=1.0, cap_s=60.0, jittered=False)
+    result = await trt_bot.call_with_retries(attempt, policy, clock=clock,
+                                             on_retry=lambda error, retry, wait: retries.append((retry, wait)))
+    assert (result, attempt.calls, clock.slept) == ("done", 4, [1.0, 2.0, 4.0])
+    assert retries == [(1, 1.0), (2, 2.0), (3, 4.0)]
+
+
+async def test_an_unbounded_policy_keeps_trying_at_its_cap():
+    """The shape of a set-up step that must succeed in the end: 1, 2, 4 ... 60, 60 s."""
+    clock = InstantClock()
+    attempt = scripted(*[Hiccup(transient=False)] * 9, "done")  # even a 400 is tried again: transient by default
+    policy = trt_bot.RetryPolicy(retry_on=(Hiccup,), cap_s=60.0, jittered=False)
+    assert await trt_bot.call_with_retries(attempt, policy, clock=clock) == "done"
+    assert clock.slept == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+
+
+def test_the_backoff_is_fully_jittered_below_a_doubling_ceiling():
+    policy, ranges = trt_bot.RetryPolicy(base_s=1.0, cap_s=20.0), []
+
+    def jitter(low: float, high: float) -> float:
+        ranges.append((low, high))
+        return (low + high) / 2
+
+    assert [policy.delay(Hiccup(), retry, math.inf, jitter=jitter) for retry in (1, 2, 6)] == [0.5, 1.0, 10.0]
+    assert ranges == [(0.0, 1.0), (0.0, 2.0), (0.0, 20.0)]  # anywhere from 0 up to the ceiling
+
+
+async def test_a_failure_that_is_not_transient_is_raised_at_once_without_waiting():
+    clock = InstantClock()
+    attempt = scripted(Hiccup(transient=False), "never reached")
+    with pytest.raises(Hiccup):
+        await trt_bot.call_with_retries(attempt, hiccup_policy(), clock=clock)
+    assert (attempt.calls, clock.slept) == (1, [])
+
+
+async def test_an_error_the_policy_does_not_judge_propagates_untouched():
+    clock = InstantClock()
+    attempt = scripted(ValueError("a bug, not a hiccup"), "never reached")
+    with pytest.raises(ValueError):
+        await trt_bot.call_with_retries(attempt, hiccup_policy(), clock=clock)
+    assert (attempt.calls, clock.slept) == (1, [])
+
+
+async def test_a_zero_budget_means_one_try():
+    clock = InstantClock()
+    attempt = scripted(Hiccup(wait=0.0), "never reached")
+    with pytest.raises(Hiccup):
+        await trt_bot.call_with_retries(attempt, hiccup_policy(budget_s=0.0), clock=clock)
+    assert (attempt.calls, clock.slept) == (1, [])
+
+
+async def test_the_wait_a_failure_asks_for_is_honoured_unless_it_ends_past_the_budget():
+    clock = InstantClock()
+    attempt = scripted(Hiccup(wait=3.0), Hiccup(wait=20.0), "never reached")
+    with pytest.raises(Hiccup) as caught:
+        await trt_bot.call_with_retries(attempt, hiccup_policy(budget_s=10.0), clock=clock)
+    assert (caught.value.wait, attempt.calls, clock.slept) == (20.0, 2, [3.0])
+
+
+async def test_retries_stop_when_the_next_wait_would_end_past_the_budget():
+    clock = InstantClock()
+    attempt = scripted(*[Hiccup()] * 10)
+    with pytest.raises(Hiccup):
+        await trt_bot.call_with_retries(attempt, hiccup_policy(budget_s=10.0, cap_s=4.0, jittered=False), clock=clock)
+    assert (attempt.calls, clock.slept) == (4, [1.0, 2.0, 4.0])  # a 4th wait of 4 s would end at 11 s
+
+
+async def test_a_retry_waits_on_the_clock_it_is_given():
+    clock = ManualClock()
+    attempt = scripted(Hiccup(), "done")
+    call = asyncio.create_task(trt_bot.call_with_retries(attempt, hiccup_policy(jittered=False), clock=clock))
+    await eventually(lambda: clock.sleepers == 1)  # asleep on this clock, not on the event loop's
+    assert attempt.calls == 1
+    clock.advance(1.0)
+    assert await call == "done" and attempt.calls == 2
+
+
+async def test_rate_limiter_admits_at_most_its_calls_per_period():
+    clock = InstantClock()
+    limiter = trt_bot.RateLimiter(20, 10.0, clock=clock)
+    stamps = []
+    for _ in range(45):
+        await limiter.acquire()
+        stamps.append(clock.monotonic())
+    for i in range(len(stamps) - 20):
+        assert stamps[i + 20] - stamps[i] >= 10.0  # any 21 calls span at least one period
+    assert stamps[19] == stamps[0]  # the first 20 go at once
+
+
+###############################################################################
 # 6. Telegram client
 ###############################################################################
 
@@ -755,31 +917,25 @@ def bot_api_error(code: int, description: str, retry_after: int | None = None) -
 
 @pytest.fixture
 def telegram():
-    async def make():
-        return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient())
+    """A client whose retries wait on an InstantClock: ``client.clock.slept`` lists the waits it chose."""
+    async def make(retry: trt_bot.RetryPolicy = trt_bot.TELEGRAM_RETRY):
+        return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), retry, clock=InstantClock())
     return make
 
 
 @respx.mock
-async def test_429_waits_retry_after_then_succeeds(telegram, monkeypatch):
-    slept: list[float] = []
-
-    async def fake_sleep(seconds):
-        slept.append(seconds)
-
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", fake_sleep)
+async def test_429_waits_retry_after_then_succeeds(telegram):
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(side_effect=[
         bot_api_error(429, "Too Many Requests: retry after 3", retry_after=3),
         httpx.Response(200, json={"ok": True, "result": {"message_id": 5}}),
     ])
     client = await telegram()
     assert await client.send_message(1, "hi") == {"message_id": 5}
-    assert route.call_count == 2 and slept == [3.0]
+    assert route.call_count == 2 and client.clock.slept == [3.0]
 
 
 @respx.mock
-async def test_502_and_network_errors_are_retried(telegram, monkeypatch):
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+async def test_502_and_network_errors_are_retried(telegram):
     route = respx.post(f"{API}/bot{TOKEN}/getMe").mock(side_effect=[
         httpx.Response(502, text="<html>Bad Gateway</html>"),
         httpx.ConnectError("refused"),
@@ -787,11 +943,11 @@ async def test_502_and_network_errors_are_retried(telegram, monkeypatch):
     ])
     client = await telegram()
     assert await client.call("getMe") == {"id": 1} and route.call_count == 3
+    assert client.calls["getMe", "502"] == client.calls["getMe", "599"] == client.calls["getMe", "ok"] == 1
 
 
 @respx.mock
-async def test_a_call_that_must_not_repeat_is_retried_only_when_it_never_reached_telegram(telegram, monkeypatch):
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+async def test_a_call_that_must_not_repeat_is_retried_only_when_it_never_reached_telegram(telegram):
     ok = httpx.Response(200, json={"ok": True, "result": {"message_id": 9}})
     route = respx.post(f"{API}/bot{TOKEN}/sendPhoto").mock(side_effect=[httpx.ConnectError("refused"), ok])
     client = await telegram()
@@ -806,8 +962,7 @@ async def test_a_call_that_must_not_repeat_is_retried_only_when_it_never_reached
 
 
 @respx.mock
-async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram, monkeypatch):
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
+async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram):
     failures = [httpx.Response(502, text="<html>Bad Gateway</html>"), httpx.ConnectError("refused"),
                 httpx.ReadTimeout("stalled"), httpx.RemoteProtocolError("dropped"),
                 bot_api_error(500, "Internal Server Error"), bot_api_error(429, "Too Many Requests", retry_after=0)]
@@ -816,49 +971,37 @@ async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fi
     client = await telegram()
     assert await client.send_message(1, "hi") == {"message_id": 5} and route.call_count == 7
     route.side_effect = itertools.repeat(httpx.Response(503, text="down"))
-    client.retry = trt_bot.RetryPolicy(budget_s=0.3, base_s=0.01, cap_s=0.05)
+    client.clock.slept.clear()
     with pytest.raises(trt_bot.TelegramError) as caught:
         await client.send_message(1, "hi")
     assert caught.value.error_code == 503 and route.call_count > 7 + 2  # retried, then given up at the budget
+    assert sum(client.clock.slept) <= trt_bot.TELEGRAM_RETRY_BUDGET_S
 
 
 @respx.mock
-async def test_a_429_asking_for_longer_than_the_budget_left_is_raised_at_once(telegram, monkeypatch):
-    slept: list[float] = []
-
-    async def fake_sleep(seconds):
-        slept.append(seconds)
-
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", fake_sleep)
+async def test_a_429_asking_for_longer_than_the_budget_left_is_raised_at_once(telegram):
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(
         return_value=bot_api_error(429, "Too Many Requests: retry after 40", retry_after=40))
-    client = trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), trt_bot.RetryPolicy(budget_s=30))
+    client = await telegram(dataclasses.replace(trt_bot.TELEGRAM_RETRY, budget_s=30))
     with pytest.raises(trt_bot.TelegramError) as caught:
         await client.send_message(1, "hi")
-    assert (caught.value.error_code, caught.value.retry_after, route.call_count, slept) == (429, 40, 1, [])
+    assert (caught.value.error_code, caught.value.retry_after, route.call_count, client.clock.slept) == (429, 40, 1, [])
 
 
 @respx.mock
-async def test_a_429_with_an_unreadable_retry_after_waits_a_second(telegram, monkeypatch):
-    slept: list[float] = []
-
-    async def fake_sleep(seconds):
-        slept.append(seconds)
-
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", fake_sleep)
+async def test_a_429_with_an_unreadable_retry_after_waits_a_second(telegram):
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(side_effect=[
         bot_api_error(429, "Too Many Requests", retry_after="soon"),  # type: ignore[arg-type]
         httpx.Response(200, json={"ok": True, "result": {"message_id": 5}}),
     ])
     client = await telegram()
     assert await client.send_message(1, "hi") == {"message_id": 5}
-    assert route.call_count == 2 and slept == [1.0]
+    assert route.call_count == 2 and client.clock.slept == [1.0]
 
 
 @respx.mock
-async def test_a_send_whose_answer_was_lost_is_sent_again_at_least_once(telegram, monkeypatch):
+async def test_a_send_whose_answer_was_lost_is_sent_again_at_least_once(telegram):
     """Telegram may have shown the first one: a reply can arrive twice, but is never lost."""
-    monkeypatch.setattr(trt_bot.asyncio, "sleep", _fast_sleep)
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(side_effect=[
         httpx.ReadTimeout("the answer did not come"),
         httpx.Response(200, json={"ok": True, "result": {"message_id": 5}}),
@@ -867,8 +1010,8 @@ async def test_a_send_whose_answer_was_lost_is_sent_again_at_least_once(telegram
     assert await client.send_message(1, "hi") == {"message_id": 5} and route.call_count == 2
 
 
-def test_retry_policy_backs_off_exponentially_with_jitter_inside_the_budget():
-    policy = trt_bot.RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0)
+def test_telegram_retry_policy_backs_off_exponentially_with_jitter_inside_the_budget():
+    policy = trt_bot.TELEGRAM_RETRY
     server_error = trt_bot.TelegramError("sendMessage", 502, "Bad Gateway")
     longest = [policy.delay(server_error, retry, 20.0, jitter=lambda low, high: high) for retry in range(1, 8)]
     assert longest == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]

@@ -82,6 +82,8 @@ SYSTEM_CLOCK = Clock()
 ###############################################################################
 # 1. Configuration
 #    Owns reading the environment once, validating it and deriving secrets.
+#    SETTINGS is the one list of variables: their defaults, how each is read,
+#    the Config field it fills and the README's line for it.
 ###############################################################################
 
 TOKEN_PATTERN = re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,100}")
@@ -89,6 +91,8 @@ SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 MIN_SECRET_CHARS = 8  # a shorter secret is guessable, and masking it in logs would hide ordinary words
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BOT_MODES = ("webhook", "polling")
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
@@ -98,37 +102,239 @@ CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1
 BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
 
+class ConfigError(TrtError):
+    """A setting the operator must fix; main() prints it and exits with code 2."""
+
+
+# (variable name, its value stripped, or the default when empty) -> the Config value, or ConfigError.
+SettingParser = Callable[[str, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One environment variable: the Config field it fills, its default, how it is read, the README's line."""
+
+    name: str
+    field: str
+    default: str  # as an operator would write it; "" is empty
+    parse: SettingParser
+    help: str  # the README's "meaning" column, word for word
+    secret: bool = False  # never shown; masked in every log line (Config.secrets)
+    shown_default: str = ""  # the README's "default" column when it is not the default itself
+
+    @property
+    def readme_default(self) -> str:
+        return self.shown_default or (f"`{self.default}`" if self.default else "empty")
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _integer(low: int, high: int) -> SettingParser:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(low: int, high: int) -> SettingParser:
+    whole = _integer(low, high)
+    return lambda name, raw: float(whole(name, raw))
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() not in TRUE_WORDS | FALSE_WORDS:
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw.lower()!r}")
+    return raw.lower() in TRUE_WORDS
+
+
+def _url(name: str, raw: str) -> str:
+    value = raw.rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must start with http:// or https://, got {value!r}")
+    return value
+
+
+def _secret(name: str, raw: str) -> str:
+    if raw and len(raw) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{name} must be at least {MIN_SECRET_CHARS} characters (a shorter secret is guessable); "
+                          "generate one with: openssl rand -hex 16")
+    return raw
+
+
+def _bot_token(name: str, raw: str) -> str:
+    if not raw:
+        raise ConfigError(f"{name} is not set: create a bot with @BotFather "
+                          f"(https://t.me/BotFather) and export {name}=<its token>")
+    if not TOKEN_PATTERN.fullmatch(raw):
+        raise ConfigError(f"{name} is malformed: expected '<digits>:<secret>' exactly as "
+                          "@BotFather shows it (check for quotes or spaces)")
+    return raw
+
+
+def _bot_mode(name: str, raw: str) -> str:
+    """A mode, or "" for "chosen from the base URL" (see load_config)."""
+    mode = raw.lower()
+    if mode and mode not in BOT_MODES:
+        raise ConfigError(f"{name} must be 'webhook' or 'polling', got {mode!r}")
+    return mode
+
+
+def _webhook_secret(name: str, raw: str) -> str:
+    # A base64 value (Render's generateValue makes one) is used in its URL-safe form:
+    # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
+    secret = raw.replace("+", "-").replace("/", "_").rstrip("=")
+    if secret and (not SECRET_TOKEN_PATTERN.fullmatch(secret) or len(secret) < MIN_SECRET_CHARS):
+        raise ConfigError(f"{name} may hold only A-Z a-z 0-9 _ - (or base64), {MIN_SECRET_CHARS} to 256 characters")
+    return secret
+
+
+def parse_database_url(url: str) -> str:
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(
+            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
+            f"got a URL starting with {url.split(':', 1)[0]!r}"
+        )
+    return url[len(prefix):]
+
+
+def _callback_path(name: str, raw: str) -> str:
+    """The path without its slashes: unreserved characters, and not one of the bot's own routes."""
+    path = raw.strip("/")
+    route = "/" + path
+    for builtin, with_subtree in BUILTIN_ROUTES.items():
+        if route == builtin or (with_subtree and route.startswith(builtin + "/")):
+            shadowed = builtin + ("/..." if with_subtree else "")
+            raise ConfigError(f"{name} {raw!r} collides with the bot's own route {shadowed}: "
+                              f"pick another, for example {DEFAULT_CALLBACK_PATH}")
+    if not CALLBACK_PATH_PATTERN.fullmatch(path) or {".", ".."} & set(path.split("/")):
+        raise ConfigError(f"{name} may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
+                          f"by /, none of them . or .., got {raw!r}")
+    return path
+
+
+def _admin_ids(name: str, raw: str) -> frozenset[int]:
+    try:
+        return frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated Telegram user ids, got {raw!r}") from None
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name} must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+DERIVED_FROM_TOKEN = "derived from the bot token"
+
+# Every variable the bot reads, in the README's order.  load_config reads them in this order, so a
+# missing token is reported before anything else.
+SETTINGS = (
+    Setting("TELEGRAM_BOT_TOKEN", "telegram_token", "", _bot_token, "the token @BotFather gave you",
+            secret=True, shown_default="required"),
+    Setting("KIE_API_KEY", "kie_api_key", "", _secret,
+            "Kie.ai key; without it the bot runs and says generation is not configured", secret=True),
+    Setting("BOT_MODE", "bot_mode", "", _bot_mode, "`webhook` or `polling`",
+            shown_default="`webhook` if a base URL is known, else `polling`"),
+    Setting("WEBHOOK_BASE_URL", "webhook_base_url", "", _text,
+            "public `https://` base URL; the webhook is `<base>/webhook/<secret path>`",
+            shown_default="`RENDER_EXTERNAL_URL` if set"),
+    Setting("WEBHOOK_SECRET_TOKEN", "webhook_secret", "", _webhook_secret,
+            "checked against `X-Telegram-Bot-Api-Secret-Token`; `A-Z a-z 0-9 _ -`, 8 to 256 (a base64 value is "
+            "used in its URL-safe form)", secret=True, shown_default=DERIVED_FROM_TOKEN),
+    Setting("PORT", "port", "10000", _integer(0, 65535), "listen address (Render sets `PORT`)"),
+    Setting("HOST", "host", "0.0.0.0", _text, "listen address (Render sets `PORT`)"),
+    Setting("DATABASE_URL", "database_path", DEFAULT_DATABASE_URL, lambda name, url: parse_database_url(url),
+            "`sqlite:///relative/path`, `sqlite:////absolute/path` or `sqlite:///:memory:`"),
+    Setting("SINGLE_MODEL_ONLY", "single_model_only", "0", _flag, "`1`/`true`/`yes`: z-image only"),
+    Setting("UPDATE_QUEUE_SIZE", "queue_size", "100", _integer(1, 1_000_000),
+            "updates held in memory; more wait in the SQLite inbox"),
+    Setting("UPDATE_QUEUE_WORKERS", "queue_workers", "3", _integer(1, 1000),
+            "updates handled at once (one chat's updates never run in parallel)"),
+    Setting("KIE_CALLBACK_PATH", "kie_callback_path", DEFAULT_CALLBACK_PATH, _callback_path,
+            "path of the Kie.ai completion callback: `A-Z a-z 0-9 . _ ~ -` in up to 10 `/`-separated segments; "
+            "one of the bot's own routes (`/`, `/health`, `/metrics`, anything under `/diag/` or `/webhook/`) "
+            "is refused"),
+    Setting("KIE_CALLBACK_TOKEN", "kie_callback_token", "", _secret, "the `?token=` in the callback URL",
+            secret=True, shown_default=DERIVED_FROM_TOKEN),
+    Setting("KIE_WEBHOOK_HMAC_KEY", "kie_hmac_key", "", _secret,
+            "when set, Kie callbacks must carry a valid `X-Webhook-Signature` over an `X-Webhook-Timestamp` "
+            "within 5 minutes of now (else 403)", secret=True),
+    Setting("TELEGRAM_API_BASE", "telegram_api_base", "https://api.telegram.org", _url,
+            "a self-hosted Bot API server, or a test fake"),
+    Setting("KIE_API_BASE", "kie_api_base", "https://api.kie.ai", _url, "a test fake"),
+    Setting("ADMIN_IDS", "admin_ids", "", _admin_ids,
+            "comma-separated Telegram user ids: `/stats`, and alerts when Kie rejects the key (401) or runs out "
+            "of credits (402)"),
+    Setting("DIAG_TOKEN", "diag_token", "", _secret,
+            "when set, `/diag/*` and `/metrics` need `Authorization: Bearer <token>` (or `?token=`, URL-encoded)",
+            secret=True),
+    Setting("GEN_TIMEOUT_S", "gen_timeout_s", "300", _seconds(1, 86400),
+            "give up on one generation after this many seconds"),
+    Setting("GEN_HOURLY_LIMIT", "gen_hourly_limit", "20", _integer(1, 100_000),
+            "generations per user per hour (admins are exempt)"),
+    Setting("KIE_MAX_CONCURRENT_TASKS", "kie_max_tasks", "100", _integer(1, 10_000),
+            "tasks at Kie at once, for all users; more wait their turn"),
+    Setting("WEBHOOK_FLUSH_PENDING_OVER", "flush_pending_over", "10", _integer(-1, 10**9),
+            "at start, drop Telegram's backlog if more are pending (a smaller one is always kept); `-1` never "
+            "drops"),
+    Setting("SHUTDOWN_GRACE_S", "shutdown_grace_s", "25", _seconds(1, 3600),
+            "seconds to finish in-flight work after SIGTERM (keep it under the platform's kill delay)"),
+    Setting("LEASE_TTL_S", "lease_ttl_s", "15", _seconds(2, 600),
+            "lifetime of the single-active-instance lease; the holder renews it every third of that"),
+    Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "`DEBUG`, `INFO`, `WARNING`, `ERROR`"),
+    Setting("RESULT_DOWNLOAD_ALLOW_PRIVATE", "result_download_allow_private", "0", _flag,
+            "`1`: result downloads may reach loopback and private addresses (for tests whose fakes run on "
+            "127.0.0.1; never in production)"),
+)
+
+# Settings that, left empty, are derived from the bot token (the value names what the secret is for).
+TOKEN_DERIVED_SECRETS = {"webhook_secret": "webhook-secret", "kie_callback_token": "kie-callback"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything the bot reads from its environment, validated."""
+    """Everything the bot reads from its environment, validated; build it with load_config.
+
+    One field per entry of SETTINGS (the defaults live there, not here).
+    """
 
     telegram_token: str
-    kie_api_key: str = ""
-    bot_mode: str = "polling"
-    webhook_base_url: str = ""
-    webhook_secret: str = ""
-    port: int = 10000
-    host: str = "0.0.0.0"
-    database_path: str = ":memory:"
-    single_model_only: bool = False
-    queue_size: int = 100
-    queue_workers: int = 3
-    kie_callback_path: str = DEFAULT_CALLBACK_PATH
-    kie_callback_token: str = ""
-    kie_hmac_key: str = ""
-    telegram_api_base: str = "https://api.telegram.org"
-    kie_api_base: str = "https://api.kie.ai"
-    admin_ids: frozenset[int] = frozenset()
-    diag_token: str = ""
-    gen_timeout_s: float = 300.0
-    gen_hourly_limit: int = 20
-    kie_max_tasks: int = 100
-    flush_pending_over: int = 10
-    log_level: str = "INFO"
-    shutdown_grace_s: float = 25.0
-    handler_timeout_s: float = 30.0
-    lease_ttl_s: float = 15.0
-    result_download_allow_private: bool = False  # downloads may reach loopback/private hosts (tests' fakes)
+    kie_api_key: str
+    bot_mode: str
+    webhook_base_url: str
+    webhook_secret: str
+    port: int
+    host: str
+    database_path: str
+    single_model_only: bool
+    queue_size: int
+    queue_workers: int
+    kie_callback_path: str
+    kie_callback_token: str
+    kie_hmac_key: str
+    telegram_api_base: str
+    kie_api_base: str
+    admin_ids: frozenset[int]
+    diag_token: str
+    gen_timeout_s: float
+    gen_hourly_limit: int
+    kie_max_tasks: int
+    flush_pending_over: int
+    shutdown_grace_s: float
+    lease_ttl_s: float
+    log_level: str
+    result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
 
     @property
     def webhook_path_secret(self) -> str:
@@ -151,19 +357,29 @@ class Config:
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, response or error.
 
-        Every secret, everything derived from one, and the forms they take
-        URL-encoded (a callback URL's ``?token=``); longest first, so masking a
-        short one never leaves part of a longer one showing.
+        Every secret setting, everything derived from one, and the forms they
+        take URL-encoded (a callback URL's ``?token=``); longest first, so
+        masking a short one never leaves part of a longer one showing.
         """
-        values = {self.telegram_token, self.telegram_token.partition(":")[2], self.kie_api_key,
-                  self.webhook_secret, self.webhook_path_secret, self.kie_callback_token, self.diag_token,
-                  self.kie_hmac_key} - {""}
+        values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
+        values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret}
+        values -= {""}
         encoded = {quote(value) for value in values for quote in (_url_quote, urllib.parse.quote_plus)}
         return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
 
+    def describe(self) -> list[str]:
+        """``NAME=value`` for every setting, secrets as *** (``python trt_bot.py check`` prints them)."""
+        return [f"{setting.name}={_shown(getattr(self, setting.field), setting.secret)}" for setting in SETTINGS]
 
-class ConfigError(TrtError):
-    """A setting the operator must fix; main() prints it and exits with code 2."""
+
+def _shown(value: Any, secret: bool) -> str:
+    if value == "" or value == frozenset():
+        return "(empty)"
+    if secret:
+        return "***"
+    if isinstance(value, frozenset):
+        return ",".join(map(str, sorted(value)))
+    return str(int(value)) if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _url_quote(value: str) -> str:
@@ -176,141 +392,19 @@ def derive_secret(token: str, purpose: str) -> str:
 
 
 def load_config(env: Mapping[str, str]) -> Config:
-    """Build a Config from environment variables or raise ConfigError."""
-    token = env.get("TELEGRAM_BOT_TOKEN", "").strip()
-    if not token:
-        raise ConfigError(
-            "TELEGRAM_BOT_TOKEN is not set: create a bot with @BotFather "
-            "(https://t.me/BotFather) and export TELEGRAM_BOT_TOKEN=<its token>"
-        )
-    if not TOKEN_PATTERN.fullmatch(token):
-        raise ConfigError(
-            "TELEGRAM_BOT_TOKEN is malformed: expected '<digits>:<secret>' exactly as "
-            "@BotFather shows it (check for quotes or spaces)"
-        )
-    base_url = (env.get("WEBHOOK_BASE_URL") or env.get("RENDER_EXTERNAL_URL") or "").strip()
-    mode = (env.get("BOT_MODE") or ("webhook" if base_url else "polling")).strip().lower()
-    if mode not in ("webhook", "polling"):
-        raise ConfigError(f"BOT_MODE must be 'webhook' or 'polling', got {mode!r}")
-    if mode == "webhook" and not base_url.startswith("https://"):
+    """Build a Config from environment variables or raise ConfigError naming what to fix."""
+    values = {setting.field: setting.parse(setting.name, env.get(setting.name, "").strip() or setting.default)
+              for setting in SETTINGS}
+    values["webhook_base_url"] = values["webhook_base_url"] or env.get("RENDER_EXTERNAL_URL", "").strip()
+    values["bot_mode"] = values["bot_mode"] or ("webhook" if values["webhook_base_url"] else "polling")
+    if values["bot_mode"] == "webhook" and not values["webhook_base_url"].startswith("https://"):
         raise ConfigError(
             "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
             "starting with https://, for example https://my-bot.onrender.com"
         )
-    # A base64 value (Render's generateValue makes one) is used in its URL-safe form:
-    # Telegram allows only A-Z a-z 0-9 _ - in a secret token.
-    secret = env.get("WEBHOOK_SECRET_TOKEN", "").strip().replace("+", "-").replace("/", "_").rstrip("=")
-    secret = secret or derive_secret(token, "webhook-secret")
-    if not SECRET_TOKEN_PATTERN.fullmatch(secret) or len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"WEBHOOK_SECRET_TOKEN may hold only A-Z a-z 0-9 _ - (or base64), "
-                          f"{MIN_SECRET_CHARS} to 256 characters")
-    return Config(
-        telegram_token=token,
-        kie_api_key=_secret_setting(env, "KIE_API_KEY"),
-        bot_mode=mode,
-        webhook_base_url=base_url,
-        webhook_secret=secret,
-        port=_int_setting(env, "PORT", 10000, 0, 65535),
-        host=env.get("HOST", "0.0.0.0").strip() or "0.0.0.0",
-        database_path=parse_database_url(env.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL),
-        single_model_only=env.get("SINGLE_MODEL_ONLY", "0").strip().lower() in TRUE_WORDS,
-        queue_size=_int_setting(env, "UPDATE_QUEUE_SIZE", 100, 1, 1_000_000),
-        queue_workers=_int_setting(env, "UPDATE_QUEUE_WORKERS", 3, 1, 1000),
-        kie_callback_path=_callback_path(env.get("KIE_CALLBACK_PATH", "")),
-        kie_callback_token=_secret_setting(env, "KIE_CALLBACK_TOKEN") or derive_secret(token, "kie-callback"),
-        kie_hmac_key=_secret_setting(env, "KIE_WEBHOOK_HMAC_KEY"),
-        telegram_api_base=_url_setting(env, "TELEGRAM_API_BASE", "https://api.telegram.org"),
-        kie_api_base=_url_setting(env, "KIE_API_BASE", "https://api.kie.ai"),
-        admin_ids=_admin_ids(env.get("ADMIN_IDS", "")),
-        diag_token=_secret_setting(env, "DIAG_TOKEN"),
-        gen_timeout_s=float(_int_setting(env, "GEN_TIMEOUT_S", 300, 1, 86400)),
-        gen_hourly_limit=_int_setting(env, "GEN_HOURLY_LIMIT", 20, 1, 100_000),
-        kie_max_tasks=_int_setting(env, "KIE_MAX_CONCURRENT_TASKS", 100, 1, 10_000),
-        flush_pending_over=_int_setting(env, "WEBHOOK_FLUSH_PENDING_OVER", 10, -1, 10**9),
-        log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
-        shutdown_grace_s=float(_int_setting(env, "SHUTDOWN_GRACE_S", 25, 1, 3600)),
-        lease_ttl_s=float(_int_setting(env, "LEASE_TTL_S", 15, 2, 600)),
-        result_download_allow_private=_bool_setting(env, "RESULT_DOWNLOAD_ALLOW_PRIVATE", False),
-    )
-
-
-def parse_database_url(url: str) -> str:
-    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ConfigError(
-            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
-            f"got a URL starting with {url.split(':', 1)[0]!r}"
-        )
-    return url[len(prefix):]
-
-
-def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value}")
-    return value
-
-
-def _secret_setting(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if value and len(value) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{name} must be at least {MIN_SECRET_CHARS} characters (a shorter secret is guessable); "
-                          "generate one with: openssl rand -hex 16")
-    return value
-
-
-def _callback_path(raw: str) -> str:
-    """KIE_CALLBACK_PATH without its slashes: unreserved characters, and not one of the bot's own routes."""
-    if not raw.strip():
-        return DEFAULT_CALLBACK_PATH
-    path = raw.strip().strip("/")
-    route = "/" + path
-    for builtin, with_subtree in BUILTIN_ROUTES.items():
-        if route == builtin or (with_subtree and route.startswith(builtin + "/")):
-            shadowed = builtin + ("/..." if with_subtree else "")
-            raise ConfigError(f"KIE_CALLBACK_PATH {raw.strip()!r} collides with the bot's own route {shadowed}: "
-                              f"pick another, for example {DEFAULT_CALLBACK_PATH}")
-    if not CALLBACK_PATH_PATTERN.fullmatch(path) or {".", ".."} & set(path.split("/")):
-        raise ConfigError(f"KIE_CALLBACK_PATH may hold only A-Z a-z 0-9 . _ ~ - in up to 10 segments separated "
-                          f"by /, none of them . or .., got {raw.strip()!r}")
-    return path
-
-
-def _bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw not in TRUE_WORDS | FALSE_WORDS:
-        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
-    return raw in TRUE_WORDS
-
-
-def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
-    value = (env.get(name, "").strip() or default).rstrip("/")
-    if not value.startswith(("http://", "https://")):
-        raise ConfigError(f"{name} must start with http:// or https://, got {value!r}")
-    return value
-
-
-def _admin_ids(raw: str) -> frozenset[int]:
-    try:
-        return frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ConfigError(f"ADMIN_IDS must be comma-separated Telegram user ids, got {raw!r}") from None
-
-
-def _log_level(raw: str) -> str:
-    level = raw.strip().upper() or "INFO"
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
-    return level
+    for field, purpose in TOKEN_DERIVED_SECRETS.items():
+        values[field] = values[field] or derive_secret(values["telegram_token"], purpose)
+    return Config(**values)
 
 
 ###############################################################################
@@ -1488,9 +1582,109 @@ class ConversationStore:
 
 
 ###############################################################################
+# Retry and pacing
+#    Owns how a failing call is tried again (which failures, how long to back
+#    off, for how long in all) and how calls are spaced out to keep under a
+#    service's rate limit.  The services' own rules live with their clients.
+###############################################################################
+
+def _always(error: Exception) -> bool:
+    return True
+
+
+def _never_asked(error: Exception) -> float | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed call is tried again: transient failures, with backoff, within a time budget.
+
+    ``retry_on`` are the exception types the policy judges (anything else
+    propagates at once) and ``transient`` says which of those can get better
+    by asking again.  A failure may say how long to wait (``retry_after``,
+    e.g. a 429's); otherwise the wait backs off exponentially from ``base_s``
+    up to ``cap_s``, with full jitter so calls that failed together do not
+    come back together (``jittered=False``: exactly 1, 2, 4 ... ``cap_s``).
+    A wait that would end past ``budget_s`` means giving up: ``0`` is one
+    try, ``math.inf`` never gives up.
+    """
+
+    budget_s: float = math.inf
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    retry_on: tuple[type[Exception], ...] = (Exception,)
+    transient: Callable[[Exception], bool] = _always
+    retry_after: Callable[[Exception], float | None] = _never_asked
+    jittered: bool = True
+
+    def delay(self, error: Exception, retry: int, remaining_s: float,
+              jitter: Callable[[float, float], float] = random.uniform) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...); None: raise ``error`` now."""
+        if not self.transient(error) or remaining_s <= 0:
+            return None
+        wait = self.retry_after(error)
+        if wait is None:
+            ceiling = min(self.cap_s, self.base_s * 2 ** (retry - 1))
+            wait = jitter(0.0, ceiling) if self.jittered else ceiling
+        return wait if wait <= remaining_s else None
+
+
+ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``python trt_bot.py check``)
+
+
+async def call_with_retries(
+    attempt: Callable[[], Awaitable[Any]],
+    policy: RetryPolicy,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None,
+) -> Any:
+    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error.
+
+    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
+    """
+    deadline = clock.monotonic() + policy.budget_s
+    retries = 0
+    while True:
+        try:
+            return await attempt()
+        except policy.retry_on as error:
+            retries += 1
+            wait = policy.delay(error, retries, deadline - clock.monotonic())
+            if wait is None:
+                raise
+            on_retry(error, retries, wait)
+        await clock.sleep(wait)
+
+
+class RateLimiter:
+    """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
+
+    def __init__(self, calls: int, period: float, clock: Clock = SYSTEM_CLOCK):
+        self.calls = calls
+        self.period = period
+        self.clock = clock
+        self._stamps: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self.clock.monotonic()
+                while self._stamps and now - self._stamps[0] >= self.period:
+                    self._stamps.popleft()
+                if len(self._stamps) < self.calls:
+                    self._stamps.append(now)
+                    return
+                await self.clock.sleep(self._stamps[0] + self.period - now)
+
+
+###############################################################################
 # 6. Telegram client
 #    Owns talking to the Bot API: one shared httpx client, response parsing,
-#    the retry policy.  The token lives only in request URLs.
+#    which failures are retried (TELEGRAM_RETRY).  The token lives only in
+#    request URLs.
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
@@ -1551,33 +1745,22 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
 
 
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """When a failed Bot API call is tried again: transient failures, with backoff, within a time budget.
+def _telegram_wait_asked(error: TelegramError) -> float | None:
+    """A 429 waits what Telegram asks (a second if its answer did not say); other failures back off."""
+    if error.error_code != 429:
+        return None
+    return float(error.retry_after if error.retry_after is not None else 1)
 
-    429, 5xx, network errors and timeouts are transient; anything else (400,
-    403, 404, ...) cannot get better by asking again.  A 429 waits what
-    Telegram asks; the others back off exponentially with full jitter, so
-    calls that failed together do not come back together.
-    """
 
-    budget_s: float = TELEGRAM_RETRY_BUDGET_S
-    base_s: float = TELEGRAM_BACKOFF_BASE_S
-    cap_s: float = TELEGRAM_BACKOFF_CAP_S
+# 429, 5xx, network errors and timeouts are transient; anything else (400, 403, 404, ...) cannot get
+# better by asking again.
+TELEGRAM_RETRY = RetryPolicy(budget_s=TELEGRAM_RETRY_BUDGET_S, base_s=TELEGRAM_BACKOFF_BASE_S,
+                             cap_s=TELEGRAM_BACKOFF_CAP_S, retry_on=(TelegramError,),
+                             transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
-    def delay(self, error: TelegramError, retry: int, remaining_s: float,
-              jitter: Callable[[float, float], float] = random.uniform) -> float | None:
-        """Seconds to wait before retry number ``retry`` (1, 2, ...); None: raise ``error`` now.
 
-        A wait that would end after the budget (``remaining_s``) means giving up.
-        """
-        if not error.retryable:
-            return None
-        if error.error_code == 429:
-            wait = float(error.retry_after if error.retry_after is not None else 1)
-        else:
-            wait = jitter(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
-        return wait if wait <= remaining_s else None
+def _answer_maybe_lost(error: TelegramError) -> bool:
+    return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
 
 def _encode_form_value(value: Any) -> str:
@@ -1596,10 +1779,12 @@ class TelegramClient:
     loss is raised at once instead, for the caller to decide.
     """
 
-    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
+                 clock: Clock = SYSTEM_CLOCK):
         self._url = f"{api_base}/bot{token}/"
         self.http = http
         self.retry = retry
+        self.clock = clock
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
 
     async def call(
@@ -1610,24 +1795,28 @@ class TelegramClient:
         timeout: float | None = None,
         repeatable: bool = True,
     ) -> Any:
-        deadline = time.monotonic() + self.retry.budget_s
-        retries = 0
-        while True:
-            try:
-                result = await self._call_once(method, params or {}, files, timeout)
-            except TelegramError as error:
-                self.calls[method, str(error.error_code)] += 1
-                retries += 1
-                wait = self.retry.delay(error, retries, deadline - time.monotonic())
-                if wait is None or (not repeatable and isinstance(error, TelegramNetworkError) and error.maybe_performed):
-                    raise
-                log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retries, wait)
-                await asyncio.sleep(wait)
-            else:
-                self.calls[method, "ok"] += 1
-                return result
+        policy = self.retry
+        if not repeatable:  # an answer lost on the way back is raised: the call may have been performed
+            transient = policy.transient
+            policy = dataclasses.replace(policy, transient=lambda error: transient(error)
+                                         and not _answer_maybe_lost(error))
+
+        def log_retry(error: Exception, retry: int, wait: float) -> None:
+            log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
+
+        return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
+                                       clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        try:
+            result = await self._post(method, params, files, timeout)
+        except TelegramError as error:
+            self.calls[method, str(error.error_code)] += 1
+            raise
+        self.calls[method, "ok"] += 1
+        return result
+
+    async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
         try:
             if files:
@@ -1661,12 +1850,14 @@ class TelegramClient:
 ###############################################################################
 # 7. Kie client
 #    Owns talking to Kie.ai: the {code, msg, data} envelope, task records and
-#    their result URLs, callback signatures, typed errors, retries with
-#    backoff and jitter, and request pacing.
+#    their result URLs, callback signatures, typed errors, which failures are
+#    retried (KIE_RETRY) and the pace Kie allows.
 ###############################################################################
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
+KIE_BACKOFF_BASE_S = 1.0  # first retry within 1 s, then 2, 4, 8 s ...
+KIE_BACKOFF_CAP_S = 20.0  # ... never more than 20 s between two tries
 KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
 KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
@@ -1837,33 +2028,9 @@ def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, 
     return kie_timestamp_fresh(timestamp, now, window_s) and signed
 
 
-def backoff_delays(base: float = 1.0, cap: float = 20.0) -> Iterable[float]:
-    """Exponential backoff with full jitter: 0..1 s, 0..2 s, 0..4 s, ... up to ``cap``."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap, base * 2**attempt))
-        attempt += 1
-
-
-class RateLimiter:
-    """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
-
-    def __init__(self, calls: int, period: float):
-        self.calls = calls
-        self.period = period
-        self._stamps: collections.deque[float] = collections.deque()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._stamps and now - self._stamps[0] >= self.period:
-                    self._stamps.popleft()
-                if len(self._stamps) < self.calls:
-                    self._stamps.append(now)
-                    return
-                await asyncio.sleep(self._stamps[0] + self.period - now)
+# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
+KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
+                        retry_on=(KieError,), transient=lambda error: error.retryable)
 
 
 class KieClient:
@@ -1873,14 +2040,16 @@ class KieClient:
     401/402/422/501/505 raise KieError at once.
     """
 
-    def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, budget_s: float = KIE_RETRY_BUDGET_S):
+    def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         self.api_base = api_base
         self.http = http
-        self.budget_s = budget_s
+        self.retry = KIE_RETRY if retry is None else retry  # read when built, so tests can shorten KIE_RETRY
+        self.clock = clock
         self.configured = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self.create_pace = RateLimiter(*KIE_CREATE_PACE)
-        self.record_pace = RateLimiter(*KIE_RECORD_PACE)
+        self.create_pace = RateLimiter(*KIE_CREATE_PACE, clock=clock)
+        self.record_pace = RateLimiter(*KIE_RECORD_PACE, clock=clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (endpoint, outcome)
 
     async def create_task(self, model: str, inputs: dict, callback_url: str = "") -> str:
@@ -1908,24 +2077,29 @@ class KieClient:
     async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
                        params: dict | None = None, budget_s: float | None = None) -> Any:
         endpoint = path.rsplit("/", 1)[-1]
-        deadline = time.monotonic() + (self.budget_s if budget_s is None else budget_s)
-        for delay in backoff_delays():
+        policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
+
+        async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            try:
-                data = await self._request_once(method, path, json_body, params)
-            except KieError as error:
-                self.calls[endpoint, error.kind] += 1
-                if not error.retryable or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, delay)
-                await asyncio.sleep(delay)
-                continue
-            self.calls[endpoint, "ok"] += 1
-            return data
-        raise AssertionError("unreachable: backoff_delays never ends")
+            return await self._request_once(endpoint, method, path, json_body, params)
 
-    async def _request_once(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
+        def log_retry(error: Exception, retry: int, wait: float) -> None:
+            log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
+
+        return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
+
+    async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
+                            params: dict | None) -> Any:
+        try:
+            data = await self._send(method, path, json_body, params)
+        except KieError as error:
+            self.calls[endpoint, error.kind] += 1
+            raise
+        self.calls[endpoint, "ok"] += 1
+        return data
+
+    async def _send(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
         content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
         try:
             response = await self.http.request(method, self.api_base + path, content=content, params=params,
@@ -4927,8 +5101,8 @@ class App:
         self.http = http or httpx.AsyncClient(
             timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
         )
-        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http)
-        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http)
+        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock)
+        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
         self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
                                        on_finished=timings.job_finished, clock=clock)
@@ -4956,7 +5130,6 @@ class App:
             conversation.handle,
             queue_size=self.config.queue_size,
             workers=self.config.queue_workers,
-            handler_timeout=self.config.handler_timeout_s,
             on_handled=timings.handling_seconds.observe,
         )
         return pipeline
@@ -5041,6 +5214,8 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
     where = mask_webhook_url(config.webhook_url) if config.bot_mode == "webhook" else "getUpdates long polling"
     report("ok", "configuration", f"{config.bot_mode} mode ({where}), database {config.database_path}, "
                                   f"{'z-image only' if config.single_model_only else f'{len(CATALOG)} models'}")
+    for line in config.describe():
+        out(mask_secrets(f"       {line}", config.secrets))
     try:
         await asyncio.to_thread(lambda: open_sqlite(config.database_path).close())
         report("ok", "database", f"opened, schema v{SCHEMA_VERSION}")
@@ -5048,7 +5223,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
         report("FAIL", "database", f"cannot open {config.database_path} ({error}): check DATABASE_URL and that "
                                    "its folder exists and is writable (a mounted disk on Render)")
     async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
-        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, RetryPolicy(budget_s=0))
+        telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, ONE_TRY)
         try:
             me = await telegram.call("getMe") or {}
             report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
@@ -5060,7 +5235,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
             else:
                 report("FAIL", "Telegram", f"{config.telegram_api_base} did not answer getMe ({error.description}): "
                                            "check the network or TELEGRAM_API_BASE")
-        await _check_kie(config, KieClient(config.kie_api_key, config.kie_api_base, http, budget_s=0), report)
+        await _check_kie(config, KieClient(config.kie_api_key, config.kie_api_base, http, ONE_TRY), report)
     out("all good" if not problems else f"{problems} problem(s) to fix")
     return 1 if problems else 0
 
