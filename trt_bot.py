@@ -4202,6 +4202,9 @@ DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable data
 OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
 SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
+POLL_RETRY_MAX_S = 30.0  # a failing getUpdates is asked again with backoff up to this
+# Bot API calls the bot cannot work without: tried until they succeed, 1, 2, 4 ... 60 s apart.
+UNTIL_DONE = RetryPolicy(cap_s=SETUP_RETRY_MAX_S, retry_on=(TelegramError,), jittered=False)
 PENDING_UPDATES_FLAG_OVER = 50  # Telegram holding more: it cannot reach us, or we acknowledge too slowly
 BACKLOG_GROWTH_FLAG_CHECKS = 6  # the inbox backlog grew at this many checks in a row: workers do not keep up
 RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two of the pipeline's recounts
@@ -4314,15 +4317,11 @@ class BotSetUp:
 
     async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
         """Run a set-up step against the Bot API until it succeeds."""
-        delay = 1.0
-        while True:
-            try:
-                await attempt()
-                return
-            except TelegramError as error:
-                log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, delay)
-            await self.clock.sleep(delay)
-            delay = min(delay * 2, SETUP_RETRY_MAX_S)
+
+        def report(error: Exception, retry: int, wait: float) -> None:
+            log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
+
+        await call_with_retries(attempt, UNTIL_DONE, clock=self.clock, on_retry=report)
 
 
 class LongPolling:
@@ -4335,14 +4334,17 @@ class LongPolling:
         self.role = role
         self.clock = clock
         self.poll_timeout = poll_timeout
+        # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
+        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.active)
 
     async def run(self) -> None:
         """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
         while not self.role.active:
             await self.clock.sleep(PASSIVE_RETRY_S)
-        await self._retry_until_done("deleteWebhook", {"drop_pending_updates": False})
+        await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
+                                UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
         log.info("[POLL] polling getUpdates")
-        offset, delay = None, 1.0
+        offset = None
         while True:
             if not self.role.active:
                 await self.clock.sleep(PASSIVE_RETRY_S)
@@ -4351,18 +4353,24 @@ class LongPolling:
             if offset is not None:
                 params["offset"] = offset
             try:
-                updates = await self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10)
-            except TelegramError as error:
-                if error.error_code == 409:
-                    log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
-                                "retrying in %.0fs", delay)
-                else:
-                    log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, delay)
-                await self.clock.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 1.0
+                updates = await call_with_retries(
+                    lambda: self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10),
+                    self.retry, clock=self.clock, on_retry=self._report_poll_failure)
+            except TelegramError:
+                continue  # turned passive meanwhile
             offset = await self._ingest(updates or [], offset)
+
+    @staticmethod
+    def _report_delete_failure(error: Exception, retry: int, wait: float) -> None:
+        log.error("[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
+
+    @staticmethod
+    def _report_poll_failure(error: Exception, retry: int, wait: float) -> None:
+        if isinstance(error, TelegramError) and error.error_code == 409:
+            log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
+                        "retrying in %.0fs", wait)
+        else:
+            log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
 
     async def _ingest(self, updates: list, offset: int | None) -> int | None:
         """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
@@ -4381,15 +4389,6 @@ class LongPolling:
             offset = update["update_id"] + 1
         return offset
 
-    async def _retry_until_done(self, method: str, params: dict) -> Any:
-        delay = 1.0
-        while True:
-            try:
-                return await self.telegram.call(method, params)
-            except TelegramError as error:
-                log.error("[TG] %s failed (%s); retrying in %.0fs", method, error, delay)
-            await self.clock.sleep(delay)
-            delay = min(delay * 2, 60.0)
 
 
 # -- role: the lease that makes one process on a database the active one --------
