@@ -218,7 +218,7 @@ async def test_a_handler_error_on_the_webhook_path_logs_the_path_masked(make_app
     # Regression: the traceback line named the secret-derived webhook path.
     app = await make_app()
 
-    async def broken(update: dict, body: bytes) -> int:
+    async def broken(update: dict, body: bytes) -> trt_bot.Admission:
         raise RuntimeError("ingest broke")
 
     monkeypatch.setattr(app.pipeline, "ingest", broken)
@@ -1080,7 +1080,7 @@ async def test_a_raising_handler_is_counted_and_the_worker_goes_on(make_app):
 
 async def test_a_hanging_handler_is_cut_by_the_timeout(make_app):
     app = await make_app(UPDATE_QUEUE_WORKERS="1")
-    app.pipeline.handler_timeout = 0.2
+    app.pipeline.watchdog.timeout = 0.2
     handled: list[int] = []
 
     async def hangs_once(update: dict) -> None:
@@ -1210,8 +1210,8 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
     await app.start()
     try:
         await eventually(lambda: redelivery)
-        assert await redelivery[0] == 200
-        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == 200
+        assert await redelivery[0] == trt_bot.Duplicate()
+        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == trt_bot.Admitted()
         await eventually(lambda: len(handled) == 2)
         assert handled == [1, 2]
     finally:
