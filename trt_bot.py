@@ -2621,9 +2621,6 @@ class UpdatePipeline:
             return RejectReason.MEMORY_FULL
         return RejectReason.CHAT_BEHIND if self.stored.waiting(chat_key) else None
 
-    def _enqueue(self, item: InboxItem) -> None:
-        self.workers.enqueue(item)
-
     # -- handling one update --------------------------------------------------
 
     async def _process(self, item: InboxItem) -> None:
@@ -2697,8 +2694,7 @@ class UpdatePipeline:
         self.refill.wake()
 
     async def idle(self) -> None:
-        """Return once no update is being admitted, queued, handled or awaiting its done mark, and none
-        is known to wait in the inbox."""
+        """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
         await self.tracker.wait_until(lambda: not self.tracker.states and not self.stored.spilling)
 
     async def stop(self, grace: float) -> None:
