@@ -2180,6 +2180,7 @@ class UpdateTracker:
         self.states: dict[int, UpdateState] = {}
         self.in_memory = 0
         self._changed = asyncio.Event()  # an update left, or what waits in the inbox may have changed
+        self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
     def holds(self, update_id: int) -> bool:
         """Whether the update is admitted, in memory or awaiting its done mark: a refill must not take it."""
@@ -2209,16 +2210,21 @@ class UpdateTracker:
         del self.states[update_id]
         if state.in_memory:
             self.in_memory -= 1
-        self._changed.set()
+        if self._waiters:
+            self._changed.set()
 
     def notify(self) -> None:
         self._changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once ``condition()`` holds; it is checked whenever an update leaves or ``notify`` is called."""
-        while not condition():
-            self._changed.clear()
-            await self._changed.wait()
+        self._waiters += 1
+        try:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
 
 class StoredUpdates:
@@ -2387,29 +2393,25 @@ class ChatWorkers:
 
     async def _work(self) -> None:
         while True:
-            item = await self._queue.get()
-            parked = self._parked.get(item.chat_key)
-            if parked is None:
-                await self._run_chat(item)
-            else:
-                self.tracker.move(item.update_id, UpdateState.PARKED)
-                parked.append(item)
-
-    async def _run_chat(self, item: InboxItem | None) -> None:
-        """Handle ``item``, then the updates of its chat parked meanwhile."""
-        key = item.chat_key  # type: ignore[union-attr]
-        self._parked[key] = parked = collections.deque()
-        try:
-            while item is not None:
-                self.tracker.move(item.update_id, UpdateState.HANDLING)
-                self.active += 1
-                try:
-                    await self._process(item)
-                finally:
-                    self.active -= 1
-                item = parked.popleft() if parked else None
-        finally:
-            del self._parked[key]
+            item: InboxItem | None = await self._queue.get()
+            key = item.chat_key  # type: ignore[union-attr]
+            parked = self._parked.get(key)
+            if parked is not None:  # another worker is on this chat; it takes this one next
+                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
+                parked.append(item)  # type: ignore[arg-type]
+                continue
+            self._parked[key] = parked = collections.deque()
+            try:
+                while item is not None:
+                    self.tracker.move(item.update_id, UpdateState.HANDLING)
+                    self.active += 1
+                    try:
+                        await self._process(item)
+                    finally:
+                        self.active -= 1
+                    item = parked.popleft() if parked else None
+            finally:
+                del self._parked[key]
 
 
 class InboxRefill:
@@ -2627,15 +2629,7 @@ class UpdatePipeline:
         started = self.clock.monotonic()
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
-        blocked = False
-        try:
-            blocked = await self._handle(item, task)
-        finally:
-            self.watchdog.release(task)
-            self._handled(item, started, blocked)
-
-    async def _handle(self, item: InboxItem, task: asyncio.Task) -> bool:
-        """Run the handler; True if the user has blocked the bot.  Only a shutdown's cancel propagates."""
+        blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
                 self.stats.dropped += 1
@@ -2643,15 +2637,17 @@ class UpdatePipeline:
                 await self.handler(item.update)
         except asyncio.CancelledError:
             if not self.watchdog.cut_alone(task):
-                raise
+                raise  # shutdown, not (only) the watchdog's cut
             self.stats.errors += 1
             log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.watchdog.timeout)
         except TelegramError as error:
-            return self._telegram_refused(item, error)
+            blocked = self._telegram_refused(item, error)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
-        return False
+        finally:
+            self.watchdog.release(task)
+            self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
         """A callback query too old for Telegram to accept its answer."""
