@@ -1367,21 +1367,15 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
 
 async def test_idle_returns_once_every_update_is_handled_and_marked_done(make_app):
     app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2")
-    release = asyncio.Event()
-    handled: list[int] = []
-
-    async def slow_handler(update: dict) -> None:
-        await release.wait()
-        handled.append(update["update_id"])
-
-    app.pipeline.handler = slow_handler
-    for n in range(1, 7):
-        assert (await post_update(app, update_message(n, 3100, "x"))).status_code == 200
+    gate = asyncio.Event()
+    app.pipeline.handler = lambda update: gate.wait()
+    statuses = [(await post_update(app, update_message(n, 3100, "x"))).status_code for n in range(1, 7)]
     idle = asyncio.create_task(app.pipeline.idle())
     await asyncio.sleep(0)  # idle is now waiting: one update is in hand, one queued, four stored
-    release.set()
+    gate.set()
     await asyncio.wait_for(idle, 10)
-    assert handled == list(range(1, 7)) and app.pipeline.backlog == 0 and app.pipeline.stats.spilled == 4
+    stats = app.pipeline.stats
+    assert statuses == [200] * 6 and (stats.processed, stats.spilled, app.pipeline.backlog) == (6, 4, 0)
 
 
 ###############################################################################

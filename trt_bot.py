@@ -2414,6 +2414,7 @@ class ChatWorkers:
                 del self._parked[key]
 
 
+@dataclasses.dataclass(eq=False)
 class InboxRefill:
     """Reads the inbox: moves the oldest stored updates into memory as room frees up.
 
@@ -2422,18 +2423,15 @@ class InboxRefill:
     prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
     """
 
-    def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates, writer: InboxWriter,
-                 stats: PipelineStats, enqueue: Callable[[InboxItem], None], may_take: Callable[[], bool],
-                 clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.tracker = tracker
-        self.stored = stored
-        self.writer = writer
-        self.stats = stats
-        self.clock = clock
-        self._enqueue = enqueue
-        self._may_take = may_take
-        self._wakeup = asyncio.Event()
+    db: Database
+    tracker: UpdateTracker
+    stored: StoredUpdates
+    writer: InboxWriter
+    stats: PipelineStats
+    enqueue: Callable[[InboxItem], None]
+    may_take: Callable[[], bool]  # whether this instance may take updates now
+    clock: Clock = SYSTEM_CLOCK
+    _wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -2449,7 +2447,7 @@ class InboxRefill:
             if self.stored.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
                 last_count = self.clock.monotonic()
                 await self.recount()
-            if self._may_take():
+            if self.may_take():
                 await self.refill()
             if self.clock.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = self.clock.monotonic()
@@ -2495,7 +2493,7 @@ class InboxRefill:
             self.stats.dropped += 1
             self.writer.mark_done([DoneMark(item.update_id)])
             return False
-        self._enqueue(item)
+        self.enqueue(item)
         return True
 
     async def _prune(self) -> None:
