@@ -26,8 +26,8 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, bot_env, eventually,
-                      formatted, free_port, update_callback, update_message)
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, FakeBotApi, ManualClock, bot_env,
+                      eventually, formatted, free_port, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
@@ -1363,6 +1363,35 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     await pipeline.stop(grace=0)
     assert await ingest(updates[3]) == trt_bot.Rejected(trt_bot.RejectReason.SHUTTING_DOWN)
     assert pipeline.stats.rejected == 3
+
+
+async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
+    clock = ManualClock()
+    watchdog = trt_bot.HandlerWatchdog(timeout=30.0, clock=clock)
+    seen: list[tuple[str, object]] = []
+
+    async def handler_run() -> None:
+        task = asyncio.current_task()
+        watchdog.watch(task, clock.monotonic())
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append(("cut alone", watchdog.cut_alone(task)))
+        finally:
+            watchdog.release(task)
+        seen.append(("cancel requests left", task.cancelling()))
+
+    alone, with_shutdown = asyncio.create_task(handler_run()), asyncio.create_task(handler_run())
+    await asyncio.sleep(0)  # both are watched now
+    clock.advance(29.5)
+    watchdog.cut_overdue()
+    assert (alone.cancelling(), with_shutdown.cancelling()) == (0, 0)
+    clock.advance(1.0)
+    watchdog.cut_overdue()
+    with_shutdown.cancel()  # a shutdown's cancel on top of the cut
+    await asyncio.wait([alone, with_shutdown], timeout=5)
+    assert seen == [("cut alone", True), ("cancel requests left", 0),  # the cut was withdrawn
+                    ("cut alone", False), ("cancel requests left", 1)]  # the shutdown's cancel stands
 
 
 async def test_idle_returns_once_every_update_is_handled_and_marked_done(make_app):

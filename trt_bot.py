@@ -1993,8 +1993,9 @@ class KieClient:
 ###############################################################################
 # 8. Update pipeline
 #    Owns an update from the moment it arrives until a handler is done with it:
-#    the durable ack, duplicates, spilling to the inbox when memory is full,
-#    the ordered workers, timeouts and the counters /health shows.
+#    admission (the durable ack, duplicates, spilling to the inbox when memory
+#    is full), one state per update, the ordered workers, the handler watchdog
+#    and the counters /health shows.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
