@@ -2180,7 +2180,7 @@ class UpdateTracker:
         self.capacity = capacity
         self.states: dict[int, UpdateState] = {}
         self.in_memory = 0
-        self._changed = asyncio.Event()  # an update left, or what waits in the inbox may have changed
+        self._changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
         self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
     def holds(self, update_id: int) -> bool:
@@ -2202,6 +2202,8 @@ class UpdateTracker:
         self.states[update_id] = state
         if state.in_memory != (before is not None and before.in_memory):
             self.in_memory += 1 if state.in_memory else -1
+            if self._waiters:
+                self._changed.set()
 
     def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
         """Stop holding the update (only while it is in state ``only_if``, when given)."""
@@ -2218,7 +2220,7 @@ class UpdateTracker:
         self._changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Return once ``condition()`` holds; it is checked whenever an update leaves or ``notify`` is called."""
+        """Return once ``condition()`` holds; checked when an update enters or leaves memory or the map, or on ``notify``."""
         self._waiters += 1
         try:
             while not condition():
