@@ -2220,7 +2220,7 @@ class UpdateTracker:
         self._changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Return once ``condition()`` holds; checked when an update enters or leaves memory or the map, or on ``notify``."""
+        """Return once ``condition()`` holds, checked as updates move in and out of memory or the map."""
         self._waiters += 1
         try:
             while not condition():
