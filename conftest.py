@@ -154,6 +154,7 @@ class FakeBotApi(FakeServer):
         self._stalled: dict[str, threading.Event] = {}
         self._stalled_calls: dict[str, int] = {}
         self._message_id = 1000
+        self._edited: dict[tuple, tuple] = {}  # (chat id, message id) -> its text and keyboard after the last edit
         super().__init__()
 
     def close(self) -> None:
@@ -212,9 +213,23 @@ class FakeBotApi(FakeServer):
             self._cond.notify_all()
             if self._scripted.get(method):
                 return self._scripted[method].pop(0)
+        if method == "editMessageText" and self._unchanged_by(params):
+            return 400, {"ok": False, "error_code": 400,
+                         "description": "Bad Request: message is not modified: specified new message content and "
+                                        "reply markup are exactly the same as a current content"}
         if method == "getUpdates":
             return 200, {"ok": True, "result": self._get_updates(params)}
         return 200, {"ok": True, "result": self._result(method, params)}
+
+    def _unchanged_by(self, edit: dict) -> bool:
+        """Whether an edit would leave its message as it is (Telegram refuses such an edit), remembering it if not."""
+        key = (edit.get("chat_id"), edit.get("message_id"))
+        content = (edit.get("text"), json.dumps(edit.get("reply_markup"), sort_keys=True))
+        with self._cond:
+            if self._edited.get(key) == content:
+                return True
+            self._edited[key] = content
+        return False
 
     def _result(self, method: str, params: dict) -> Any:
         if method in ("sendMessage", "sendPhoto", "sendDocument", "editMessageText"):

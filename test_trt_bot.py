@@ -223,7 +223,7 @@ async def test_a_handler_error_on_the_webhook_path_logs_the_path_masked(make_app
     # Regression: the traceback line named the secret-derived webhook path.
     app = await make_app()
 
-    async def broken(update: dict, body: bytes) -> int:
+    async def broken(update: dict, body: bytes) -> trt_bot.Admission:
         raise RuntimeError("ingest broke")
 
     monkeypatch.setattr(app.pipeline, "ingest", broken)
@@ -1122,9 +1122,8 @@ async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
     update = update_message(7, 42, "/start")
     assert (await post_update(app, update)).status_code == 200
     assert (await post_update(app, update)).status_code == 200
-    assert (await post_update(app, update_message(8, 42, "/help"))).status_code == 200
-    await eventually(lambda: any("/cancel" in text for text in fake_tg.texts_to(42)))  # answered after any rerun of 7
-    assert len(fake_tg.texts_to(42)) == 2 and app.pipeline.stats.duplicates == 1
+    await asyncio.wait_for(app.pipeline.idle(), 10)  # the duplicate, had it been queued, would be handled by now
+    assert len(fake_tg.calls_of("sendMessage")) == 1 and app.pipeline.stats.duplicates == 1
 
 
 async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg):
@@ -1219,7 +1218,7 @@ async def test_a_raising_handler_is_counted_and_the_worker_goes_on(make_app):
 
 async def test_a_hanging_handler_is_cut_by_the_timeout(make_app):
     app = await make_app(UPDATE_QUEUE_WORKERS="1")
-    app.pipeline.handler_timeout = 0.2
+    app.pipeline.watchdog.timeout = 0.2
     handled: list[int] = []
 
     async def hangs_once(update: dict) -> None:
@@ -1237,7 +1236,7 @@ async def test_a_hanging_handler_is_cut_by_the_timeout(make_app):
 async def test_expired_callback_query_is_dropped_not_answered(make_app, fake_tg):
     app = await make_app()
     item = trt_bot.InboxItem(9, 5, update_callback(9, 5, "help"), b"{}", time.time() - 200, durable=False)
-    app.pipeline._enqueue(item)
+    app.pipeline.workers.enqueue(item)
     await eventually(lambda: app.pipeline.stats.dropped == 1)
     assert fake_tg.calls_of("answerCallbackQuery") == []
 
@@ -1349,8 +1348,8 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
     await app.start()
     try:
         await eventually(lambda: redelivery)
-        assert await redelivery[0] == 200
-        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == 200
+        assert await redelivery[0] == trt_bot.Duplicate()
+        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == trt_bot.Admitted()
         await eventually(lambda: len(handled) == 2)
         assert handled == [1, 2]
     finally:
@@ -1448,6 +1447,105 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
     await second.wait_healthy()
     await eventually(lambda: {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} >= set(range(701, 711)),
                      timeout=20)
+
+
+@pytest.mark.parametrize("update, key", [
+    (update_message(1, 42, "x"), 42),
+    (update_callback(2, 77, "help"), 77),  # by the user who pressed, though its message names a chat
+    ({"update_id": 3, "poll_answer": {"poll_id": "p", "user": {"id": 9}}}, 9),
+    ({"update_id": 4, "message": {"chat": {"id": 2**63}}, "callback_query": {"from": {"id": 8}}}, 8),
+    ({"update_id": 5, "message": "not an object"}, ~5),
+    ({"update_id": 6, "poll": {"id": "p"}}, ~6),  # nobody's: shares its key with no other update
+])
+def test_update_chat_key_is_the_chat_else_the_sender_else_the_update_alone(update, key):
+    assert trt_bot.update_chat_key(update) == key
+
+
+def test_only_an_update_sqlite_refuses_is_not_worth_sending_again():
+    retry_later = {reason: trt_bot.Rejected(reason).retry_later for reason in trt_bot.RejectReason}
+    assert [reason for reason, again in retry_later.items() if not again] == [trt_bot.RejectReason.INVALID]
+
+
+async def nothing(update: dict) -> None:
+    pass
+
+
+async def test_ingest_says_admitted_duplicate_or_rejected_because_the_backlog_is_full(tmp_path):
+    db = trt_bot.Database(str(tmp_path / "bot.sqlite3"))
+    assert await db.open()
+    pipeline = trt_bot.UpdatePipeline(db, nothing, max_backlog=2)
+    one, two, three = (update_message(n, 42, "x") for n in (1, 2, 3))
+    try:
+        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Admitted()
+        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Duplicate()
+        assert await pipeline.ingest(two, json.dumps(two).encode()) == trt_bot.Admitted()
+        assert await pipeline.ingest(three, json.dumps(three).encode()) == trt_bot.Rejected(
+            trt_bot.RejectReason.BACKLOG_FULL)
+    finally:
+        await db.close()
+
+
+async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    db = trt_bot.Database(str(blocker / "bot.sqlite3"))
+    assert not await db.open()
+    pipeline = trt_bot.UpdatePipeline(db, nothing, queue_size=1)
+    updates = [update_message(n, 40 + n, "x") for n in range(1, 5)]
+
+    async def ingest(update: dict) -> trt_bot.Admission:
+        return await pipeline.ingest(update, json.dumps(update).encode())
+
+    assert await ingest(updates[0]) == trt_bot.Admitted()
+    assert await ingest(updates[0]) == trt_bot.Duplicate()
+    assert await ingest(updates[1]) == trt_bot.Rejected(trt_bot.RejectReason.MEMORY_FULL)
+    pipeline.should_process = False
+    assert await ingest(updates[2]) == trt_bot.Rejected(trt_bot.RejectReason.PASSIVE)
+    await pipeline.stop(grace=0)
+    assert await ingest(updates[3]) == trt_bot.Rejected(trt_bot.RejectReason.SHUTTING_DOWN)
+    assert pipeline.stats.rejected == 3
+
+
+async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
+    clock = ManualClock()
+    watchdog = trt_bot.HandlerWatchdog(timeout=30.0, clock=clock)
+    seen: list[tuple[str, object]] = []
+
+    async def handler_run() -> None:
+        task = asyncio.current_task()
+        watchdog.watch(task, clock.monotonic())
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append(("cut alone", watchdog.cut_alone(task)))
+        finally:
+            watchdog.release(task)
+        seen.append(("cancel requests left", task.cancelling()))
+
+    alone, with_shutdown = asyncio.create_task(handler_run()), asyncio.create_task(handler_run())
+    await asyncio.sleep(0)  # both are watched now
+    clock.advance(29.5)
+    watchdog.cut_overdue()
+    assert (alone.cancelling(), with_shutdown.cancelling()) == (0, 0)
+    clock.advance(1.0)
+    watchdog.cut_overdue()
+    with_shutdown.cancel()  # a shutdown's cancel on top of the cut
+    await asyncio.wait([alone, with_shutdown], timeout=5)
+    assert seen == [("cut alone", True), ("cancel requests left", 0),  # the cut was withdrawn
+                    ("cut alone", False), ("cancel requests left", 1)]  # the shutdown's cancel stands
+
+
+async def test_idle_returns_once_every_update_is_handled_and_marked_done(make_app):
+    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2")
+    gate = asyncio.Event()
+    app.pipeline.handler = lambda update: gate.wait()
+    statuses = [(await post_update(app, update_message(n, 3100, "x"))).status_code for n in range(1, 7)]
+    idle = asyncio.create_task(app.pipeline.idle())
+    await asyncio.sleep(0)  # idle is now waiting: one update is in hand, one queued, four stored
+    gate.set()
+    await asyncio.wait_for(idle, 10)
+    stats = app.pipeline.stats
+    assert statuses == [200] * 6 and (stats.processed, stats.spilled, app.pipeline.backlog) == (6, 4, 0)
 
 
 ###############################################################################

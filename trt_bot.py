@@ -26,6 +26,7 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import enum
 import hashlib
 import heapq
 import hmac
@@ -2112,8 +2113,9 @@ class KieClient:
 ###############################################################################
 # 8. Update pipeline
 #    Owns an update from the moment it arrives until a handler is done with it:
-#    the durable ack, duplicates, spilling to the inbox when memory is full,
-#    the ordered workers, timeouts and the counters /health shows.
+#    admission (the durable ack, duplicates, spilling to the inbox when memory
+#    is full), one state per update, the ordered workers, the handler watchdog
+#    and the counters /health shows.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -2178,16 +2180,22 @@ def _without_lone_surrogates(value: Any) -> Any:
     return value
 
 
-def parse_update(body: bytes) -> dict:
-    """The update in a webhook body, fit to be stored, or HttpError(400)."""
+def parse_json_object(body: bytes) -> dict:
+    """The JSON object a request body holds, fit to be stored (lone surrogates replaced), or HttpError(400)."""
     try:
-        update = json.loads(body)
+        value = json.loads(body)
         if SURROGATE_ESCAPE.search(body):
-            update = _without_lone_surrogates(update)
+            value = _without_lone_surrogates(value)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "body is not valid JSON") from None
-    if not isinstance(update, dict):
-        raise HttpError(400, "update must be a JSON object")
+    if not isinstance(value, dict):
+        raise HttpError(400, "body must be a JSON object")
+    return value
+
+
+def parse_update(body: bytes) -> dict:
+    """The update in a webhook body, fit to be stored, or HttpError(400)."""
+    update = parse_json_object(body)
     if not fits_sqlite_integer(update.get("update_id")) or isinstance(update["update_id"], bool):
         raise HttpError(400, "update_id must be an integer in the signed 64-bit range")
     return update
@@ -2224,16 +2232,410 @@ async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
 UpdateHandler = Callable[[dict], Awaitable[None]]
 
 
+# -- what ingest answers -------------------------------------------------------
+
+class RejectReason(enum.Enum):
+    """Why an update was not kept; all but INVALID are worth sending again later."""
+
+    BACKLOG_FULL = "the inbox holds too many unhandled updates"
+    MEMORY_FULL = "memory is full and the database is down"
+    CHAT_BEHIND = "its chat has updates waiting in the inbox, which it would overtake"
+    PASSIVE = "another instance holds the lease and the database is down"
+    SHUTTING_DOWN = "shutting down"
+    INVALID = "SQLite refused what it holds"
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    """Kept: committed to the inbox, or held in memory while the database is down."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Duplicate:
+    """An update id seen before: acknowledged, not handled again."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """Not kept; Telegram should keep the update and, unless it is invalid, send it again."""
+
+    reason: RejectReason
+
+    @property
+    def retry_later(self) -> bool:
+        return self.reason is not RejectReason.INVALID
+
+
+Admission = Admitted | Duplicate | Rejected
+# Outcomes carry no per-update data: the ack path hands out these instances instead of building new ones.
+ADMITTED, DUPLICATE = Admitted(), Duplicate()
+REJECTED = {reason: Rejected(reason) for reason in RejectReason}
+
+
+# -- where each update is ------------------------------------------------------
+
+class UpdateState(enum.Enum):
+    """Where an update the pipeline holds is.  One it does not hold is in the inbox only, or done."""
+
+    ADMITTING = ("admitting", False)  # its insert is being committed; a refill must not take it
+    QUEUED = ("queued", True)  # in memory, waiting for a worker
+    PARKED = ("parked", True)  # waiting behind an update of its chat that a worker has in hand
+    HANDLING = ("handling", True)  # a handler runs it
+    AWAITING_DONE = ("awaiting_done", False)  # handled; its done mark is not committed yet
+
+    def __init__(self, label: str, in_memory: bool):
+        self.label = label
+        self.in_memory = in_memory  # counts against the memory bound (queue_size)
+
+
+class UpdateTracker:
+    """One state per update the pipeline holds, keyed by update id, and the memory bound.
+
+    ``in_memory`` counts the queued, parked and handled updates, which must
+    stay within ``capacity``; it is kept as states change, so the ack path
+    never walks the map.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.states: dict[int, UpdateState] = {}
+        self.in_memory = 0
+        self._changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
+        self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
+
+    def holds(self, update_id: int) -> bool:
+        """Whether the update is admitted, in memory or awaiting its done mark: a refill must not take it."""
+        return update_id in self.states
+
+    def room(self) -> int:
+        return self.capacity - self.in_memory
+
+    def admit(self, update_id: int) -> bool:
+        """Mark the update as being committed; False if it was already held (then its state stays)."""
+        if update_id in self.states:
+            return False
+        self.states[update_id] = UpdateState.ADMITTING
+        return True
+
+    def move(self, update_id: int, state: UpdateState) -> None:
+        before = self.states.get(update_id)
+        self.states[update_id] = state
+        if state.in_memory != (before is not None and before.in_memory):
+            self.in_memory += 1 if state.in_memory else -1
+            if self._waiters:
+                self._changed.set()
+
+    def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
+        """Stop holding the update (only while it is in state ``only_if``, when given)."""
+        state = self.states.get(update_id)
+        if state is None or (only_if is not None and state is not only_if):
+            return
+        del self.states[update_id]
+        if state.in_memory:
+            self.in_memory -= 1
+        if self._waiters:
+            self._changed.set()
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once ``condition()`` holds, checked as updates move in and out of memory or the map."""
+        self._waiters += 1
+        try:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._waiters -= 1
+
+
+class StoredUpdates:
+    """What waits in the inbox rather than in memory.
+
+    ``backlog`` is the inbox's unhandled rows (what /health shows, and the
+    bound on admission).  Per chat, how many of its updates wait there: never
+    too low (a later update of the chat could overtake them), too high only
+    until the inbox is next read to its end.  ``spilling`` is true while any
+    might wait.
+    """
+
+    def __init__(self, max_backlog: int):
+        self.max_backlog = max_backlog
+        self.backlog = 0
+        self.spilling = False
+        self.recount_due = True
+        self.marks = 0  # mark() calls so far: a refill that saw none during its read saw everything
+        self._by_chat: collections.Counter[int] = collections.Counter()
+
+    def full(self) -> bool:
+        return self.backlog >= self.max_backlog
+
+    def mark(self, chat_key: int) -> None:
+        """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
+        self.spilling = True
+        self._by_chat[chat_key] += 1
+        self.marks += 1
+
+    def waiting(self, chat_key: int) -> int:
+        return self._by_chat[chat_key]
+
+    def take(self, chat_key: int) -> None:
+        """A refill moved one of the chat's updates into memory."""
+        if self._by_chat[chat_key] > 1:
+            self._by_chat[chat_key] -= 1
+        else:
+            self._by_chat.pop(chat_key, None)
+
+    def recounted(self, backlog: int, waiting: collections.Counter[int]) -> None:
+        self.recount_due = False
+        self.backlog = backlog
+        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
+            self._by_chat[chat_key] = max(self._by_chat[chat_key], count)
+        if waiting:
+            self.spilling = True
+
+    def read_through(self, more_left: bool, marks_before: int) -> None:
+        """A refill read the inbox; with nothing left unread and no mark since, nothing waits outside memory."""
+        if more_left:
+            self.spilling = True
+        elif self.marks == marks_before:
+            self.spilling = False
+            self._by_chat.clear()
+
+
+class InboxWriter:
+    """The inbox's group commit: update inserts from the ack path and done marks from the workers.
+
+    A done mark that fails to commit is kept, its update still awaiting it, and
+    sent again by ``retry_failed`` once the database is back.
+    """
+
+    def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
+        self.tracker = tracker
+        self.stored = stored
+        self._commit = GroupCommit(db, inbox_write, on_batch=self._on_written)
+        self._failed: list[DoneMark] = []
+
+    def insert(self, item: InboxItem) -> asyncio.Future:
+        """A future for whether the update is new (RowRejected, DatabaseUnavailable on failure)."""
+        return self._commit.submit(item)
+
+    def mark_done(self, marks: list[DoneMark]) -> None:
+        for mark in marks:
+            self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
+            self._commit.add(mark)
+
+    def retry_failed(self) -> None:
+        if self._failed:
+            retry, self._failed = self._failed, []
+            self.mark_done(retry)
+
+    def _on_written(self, entries: list[InboxItem | DoneMark], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+        if not marks:
+            return
+        if isinstance(error, RowRejected):
+            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
+            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+        elif error is not None:
+            self._failed.extend(marks)  # kept out of refill until the database is back
+            self.tracker.notify()
+        else:
+            for mark in marks:
+                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
+            self.stored.backlog = max(0, self.stored.backlog - len(marks))
+
+
+WATCHDOG_INTERVAL_S = 1.0  # how late a cut may land
+
+
+class HandlerWatchdog:
+    """Cuts handlers that run past ``timeout``.
+
+    One check a second for all workers instead of a timer per update (an
+    asyncio.timeout costs a few microseconds on every update); the cut lands at
+    most a second late.  A cut is a cancel the worker withdraws (``uncancel``)
+    when its handler ends, so a shutdown's cancel is still told apart from it.
+    """
+
+    def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK):
+        self.timeout = timeout
+        self.clock = clock
+        self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
+        self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled here
+
+    def watch(self, task: asyncio.Task, started: float) -> None:
+        self._deadlines[task] = started + self.timeout
+
+    def cut_alone(self, task: asyncio.Task) -> bool:
+        """Whether the cancel ``task`` is raising came from here only (not also from shutdown)."""
+        return task in self._cut and task.cancelling() <= 1
+
+    def release(self, task: asyncio.Task) -> None:
+        """The handler ended: stop watching it, and withdraw a cut, landed or swallowed."""
+        del self._deadlines[task]
+        if task in self._cut:
+            self._cut.discard(task)
+            task.uncancel()
+
+    def cut_overdue(self) -> None:
+        now = self.clock.monotonic()
+        for task, deadline in self._deadlines.items():
+            if deadline < now and task not in self._cut:
+                self._cut.add(task)
+                task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            await self.clock.sleep(WATCHDOG_INTERVAL_S)
+            self.cut_overdue()
+
+
+class ChatWorkers:
+    """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
+
+    A worker that takes an update of a chat another worker is on parks it with
+    that worker, which runs the chat's parked updates before taking new work.
+    """
+
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
+        self.tracker = tracker
+        self.count = count
+        self.active = 0  # workers running a handler now
+        self._process = process
+        self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
+        self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
+
+    def enqueue(self, item: InboxItem) -> None:
+        self.tracker.move(item.update_id, UpdateState.QUEUED)
+        self._queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+
+    def start(self) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
+
+    async def _work(self) -> None:
+        while True:
+            item: InboxItem | None = await self._queue.get()
+            key = item.chat_key  # type: ignore[union-attr]
+            parked = self._parked.get(key)
+            if parked is not None:  # another worker is on this chat; it takes this one next
+                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
+                parked.append(item)  # type: ignore[arg-type]
+                continue
+            self._parked[key] = parked = collections.deque()
+            try:
+                while item is not None:
+                    self.tracker.move(item.update_id, UpdateState.HANDLING)
+                    self.active += 1
+                    try:
+                        await self._process(item)
+                    finally:
+                        self.active -= 1
+                    item = parked.popleft() if parked else None
+            finally:
+                del self._parked[key]
+
+
+@dataclasses.dataclass(eq=False)
+class InboxRefill:
+    """Reads the inbox: moves the oldest stored updates into memory as room frees up.
+
+    It also recounts the backlog (picking up what a previous run, another
+    instance or a lost database file left), retries failed done marks and
+    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
+    """
+
+    db: Database
+    tracker: UpdateTracker
+    stored: StoredUpdates
+    writer: InboxWriter
+    stats: PipelineStats
+    enqueue: Callable[[InboxItem], None]
+    may_take: Callable[[], bool]  # whether this instance may take updates now
+    clock: Clock = SYSTEM_CLOCK
+    _wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        last_prune = last_count = self.clock.monotonic()
+        while True:
+            await wait_for_event(self._wakeup, REFILL_INTERVAL_S)
+            self._wakeup.clear()
+            if not self.db.ok:
+                continue
+            self.writer.retry_failed()
+            if self.stored.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
+                last_count = self.clock.monotonic()
+                await self.recount()
+            if self.may_take():
+                await self.refill()
+            if self.clock.monotonic() - last_prune > PRUNE_INTERVAL_S:
+                last_prune = self.clock.monotonic()
+                await self._prune()
+
+    async def recount(self) -> None:
+        """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory."""
+        try:
+            rows = await self.db.read(inbox_unhandled)
+        except DatabaseUnavailable:
+            return
+        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self.tracker.holds(update_id))
+        self.stored.recounted(len(rows), waiting)
+
+    async def refill(self) -> None:
+        """Move the oldest stored updates into memory while there is room."""
+        room = self.tracker.room()
+        if room <= 0:
+            return
+        limit = room + len(self.tracker.states)
+        marks_before = self.stored.marks
+        try:
+            rows = await self.db.read(inbox_pending, limit)
+        except DatabaseUnavailable:
+            return
+        taken, more_left = 0, len(rows) == limit
+        for update_id, chat_key, body, received_at in rows:
+            if taken == room:
+                more_left = True
+                break
+            if self.tracker.holds(update_id):  # checked now, not before the read: ids change hands while we wait
+                continue
+            self.stored.take(chat_key)
+            taken += self._take(InboxItem(update_id, chat_key, {}, body, received_at))
+        self.stored.read_through(more_left, marks_before)
+        self.tracker.notify()
+
+    def _take(self, item: InboxItem) -> bool:
+        """Queue a stored update; an unreadable one is dropped and marked done."""
+        try:
+            item.update = parse_update(item.body)
+        except HttpError:
+            self.stats.dropped += 1
+            self.writer.mark_done([DoneMark(item.update_id)])
+            return False
+        self.enqueue(item)
+        return True
+
+    async def _prune(self) -> None:
+        try:
+            await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
+        except DatabaseUnavailable:
+            pass
+
+
 class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
-    ``ingest`` returns the HTTP status for the webhook: 200 once the update is
-    committed to the inbox (or, with the database down, held in memory), 400
-    when SQLite refuses what it holds, 503 when it cannot be kept.  Workers
-    take updates from a bounded asyncio.Queue; updates of one chat never run at
-    once and run in arrival order, whether the database works or not: while a
-    chat has updates waiting in the inbox (spilled), a memory-only update of
-    that chat would overtake them, so it gets 503 and Telegram sends it again.
+    ``ingest`` says whether an update was kept: Admitted once committed to the
+    inbox (or, with the database down, held in memory), Duplicate for an id
+    seen before, Rejected when SQLite refuses what it holds or it cannot be
+    kept.  Updates of one chat never run at once and run in arrival order,
+    whether the database works or not: while a chat has updates waiting in the
+    inbox (spilled), a memory-only update of that chat would overtake them, so
+    it is rejected and Telegram sends it again.
     """
 
     def __init__(
@@ -2246,316 +2648,201 @@ class UpdatePipeline:
         handler_timeout: float = 30.0,
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self.db = db
         self.handler = handler
-        self.queue_size = queue_size
-        self.worker_count = workers
-        self.handler_timeout = handler_timeout
-        self.max_backlog = max_backlog
+        self.on_handled = on_handled  # hears how long each handler ran
+        self.clock = clock
         self.should_process = True  # False while another instance holds the lease
         self.stats = PipelineStats()
-        self.backlog = 0  # unhandled rows in the inbox
-        self.workers_active = 0
-        self.on_handled = on_handled  # told how long each handler took
-        self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=queue_size)
-        self._inbox = GroupCommit(db, inbox_write, on_batch=self._on_inbox_written)
-        self._in_memory: set[int] = set()  # queued, parked or being handled
-        self._admitting: set[int] = set()  # being committed by ingest; refill must not take them
-        self._awaiting_done: set[int] = set()  # handled, done mark not committed yet
-        self._unmarked: list[DoneMark] = []  # done marks that failed to commit
-        self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
-        # chat key -> how many of its updates wait in the inbox, not in memory.  Never too low (an
-        # update could overtake them); too high only until the inbox is next read to its end.
-        self._stored: collections.Counter[int] = collections.Counter()
-        self._recount_due = True
-        self._stored_marks = 0  # _mark_stored calls so far: a refill that saw none during its read saw everything
-        self._busy_chats: dict[int, collections.deque[InboxItem]] = {}
-        self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
-        self._overdue: set[asyncio.Task] = set()  # workers whose handler we cancelled
-        self._spilling = False
-        self._refill_wakeup = asyncio.Event()
+        self.tracker = UpdateTracker(queue_size)
+        self.stored = StoredUpdates(max_backlog)
+        self.writer = InboxWriter(db, self.tracker, self.stored)
+        self.watchdog = HandlerWatchdog(handler_timeout, clock)
+        self.workers = ChatWorkers(self.tracker, self._process, workers)
+        self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
+                                  self._may_take, clock)
+        self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
 
+    def _may_take(self) -> bool:
+        return self._accepting and self.should_process
+
     # -- the ack path -------------------------------------------------------
 
-    async def ingest(self, update: dict, body: bytes) -> int:
+    async def ingest(self, update: dict, body: bytes) -> Admission:
+        """Keep ``update`` (``body`` is its JSON) before Telegram hears that it arrived."""
         update_id = update["update_id"]
-        item = InboxItem(update_id, update_chat_key(update), update, body, time.time())
-        if self.db.ok:
-            if self.backlog >= self.max_backlog:
-                self.stats.rejected += 1
-                return 503
-            self._admitting.add(update_id)
-            try:
-                is_new = await self._inbox.submit(item)
-            except DatabaseUnavailable:
-                pass  # fall through to memory
-            except RowRejected:
-                return 400  # logged by GroupCommit; storing it again would fail again
-            else:
-                if not is_new:
-                    self.stats.duplicates += 1
-                    if update_id not in self._in_memory and update_id not in self._awaiting_done:
-                        # Perhaps stored by a run that died before handling it, and skipped by a refill
-                        # that read it while this insert was under way: the inbox must be read again.
-                        self._mark_stored(item.chat_key)
-                    return 200
-                self.stats.received += 1
-                self.backlog += 1
-                self._admit(item)
-                return 200
-            finally:
-                self._admitting.discard(update_id)
+        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time())
+        if not self.db.ok:
+            return self._ingest_in_memory(item)
+        if self.stored.full():
+            self.stats.rejected += 1
+            return REJECTED[RejectReason.BACKLOG_FULL]
+        admitting = self.tracker.admit(update_id)
+        try:
+            is_new = await self.writer.insert(item)
+        except DatabaseUnavailable:
+            pass  # fall through to memory
+        except RowRejected:
+            return REJECTED[RejectReason.INVALID]  # logged by GroupCommit; storing it again would fail again
+        else:
+            return self._inserted(item) if is_new else self._stored_before(item)
+        finally:
+            if admitting:
+                self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
 
-    def _admit(self, item: InboxItem) -> None:
-        if self._accepting and self.should_process and not self._spilling and self._has_room():
-            self._enqueue(item)
+    def _inserted(self, item: InboxItem) -> Admission:
+        self.stats.received += 1
+        self.stored.backlog += 1
+        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0:
+            self.workers.enqueue(item)
         else:
             self.stats.spilled += 1
             self._mark_stored(item.chat_key)
+        return ADMITTED
+
+    def _stored_before(self, item: InboxItem) -> Admission:
+        self.stats.duplicates += 1
+        if self.tracker.states.get(item.update_id) in (None, UpdateState.ADMITTING):
+            # Perhaps stored by a run that died before handling it, and skipped by a refill
+            # that read it while this insert was under way: the inbox must be read again.
+            self._mark_stored(item.chat_key)
+        return DUPLICATE
 
     def _mark_stored(self, chat_key: int) -> None:
-        """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
-        self._spilling = True
-        self._stored[chat_key] += 1
-        self._stored_marks += 1
-        self._refill_wakeup.set()
+        self.stored.mark(chat_key)
+        self.refill.wake()
 
-    def _ingest_in_memory(self, item: InboxItem) -> int:
+    def _ingest_in_memory(self, item: InboxItem) -> Admission:
         """Degraded mode: availability over durability, as long as memory has room."""
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
-            return 200
-        if not (self._accepting and self.should_process and self._has_room()) or self._stored[item.chat_key]:
+            return DUPLICATE
+        refusal = self._memory_refusal(item.chat_key)
+        if refusal is not None:
             self.stats.rejected += 1
-            return 503
+            return REJECTED[refusal]
         self._recent_memory_ids[item.update_id] = None
         if len(self._recent_memory_ids) > RECENT_MEMORY_IDS:
             self._recent_memory_ids.popitem(last=False)
         item.durable = False
         self.stats.received += 1
         self.stats.memory_only += 1
-        self._enqueue(item)
-        return 200
+        self.workers.enqueue(item)
+        return ADMITTED
 
-    def _has_room(self) -> bool:
-        return len(self._in_memory) < self.queue_size
+    def _memory_refusal(self, chat_key: int) -> RejectReason | None:
+        if not self._accepting:
+            return RejectReason.SHUTTING_DOWN
+        if not self.should_process:
+            return RejectReason.PASSIVE
+        if self.tracker.room() <= 0:
+            return RejectReason.MEMORY_FULL
+        return RejectReason.CHAT_BEHIND if self.stored.waiting(chat_key) else None
 
-    def _enqueue(self, item: InboxItem) -> None:
-        self._in_memory.add(item.update_id)
-        self._queue.put_nowait(item)  # never full: it holds at most len(_in_memory) items
-
-    # -- workers ----------------------------------------------------------
-
-    async def start(self) -> None:
-        await self._recount()
-        self._tasks = [asyncio.create_task(self._worker(), name=f"worker-{n}") for n in range(self.worker_count)]
-        self._tasks.append(asyncio.create_task(self._refill_forever(), name="inbox-refill"))
-        log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
-                 self.worker_count, self.queue_size, self.backlog)
-
-    async def _worker(self) -> None:
-        while True:
-            item: InboxItem | None = await self._queue.get()
-            key = item.chat_key
-            parked = self._busy_chats.get(key)
-            if parked is not None:  # another worker is on this chat; it takes this one next
-                parked.append(item)
-                continue
-            self._busy_chats[key] = parked = collections.deque()
-            try:
-                while item is not None:
-                    await self._process(item)
-                    item = parked.popleft() if parked else None
-            finally:
-                del self._busy_chats[key]
+    # -- handling one update --------------------------------------------------
 
     async def _process(self, item: InboxItem) -> None:
-        self.workers_active += 1
-        started = time.monotonic()
-        blocked = False
-        task = asyncio.current_task()
-        self._deadlines[task] = started + self.handler_timeout  # type: ignore[index]
+        started = self.clock.monotonic()
+        task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
+        self.watchdog.watch(task, started)
+        blocked = False  # the user has blocked the bot
         try:
-            if "callback_query" in item.update and time.time() - item.received_at > CALLBACK_QUERY_TTL_S:
+            if self._expired(item):
                 self.stats.dropped += 1
             else:
                 await self.handler(item.update)
         except asyncio.CancelledError:
-            if task not in self._overdue or task.cancelling() > 1:  # type: ignore[union-attr]
-                raise  # shutdown, not (only) our cut
+            if not self.watchdog.cut_alone(task):
+                raise  # shutdown, not (only) the watchdog's cut
             self.stats.errors += 1
-            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.handler_timeout)
+            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.watchdog.timeout)
         except TelegramError as error:
-            if error.error_code == 403:
-                blocked = True
-                self.stats.blocked += 1
-                log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
-            else:
-                self.stats.errors += 1
-                log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
+            blocked = self._telegram_refused(item, error)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
-            del self._deadlines[task]  # type: ignore[arg-type]
-            if task in self._overdue:  # withdraw our cancel request, landed or swallowed
-                self._overdue.discard(task)  # type: ignore[arg-type]
-                task.uncancel()  # type: ignore[union-attr]
-            self.workers_active -= 1
-            self.stats.processed += 1
-            self.on_handled(time.monotonic() - started)
-            self._in_memory.discard(item.update_id)
-            if item.durable:
-                user_id, lang = update_sender(item.update)
-                self._submit_done_marks([DoneMark(item.update_id, user_id, lang, blocked)])
-            if self._spilling and self.queue_size - len(self._in_memory) >= max(1, self.queue_size // 4):
-                self._refill_wakeup.set()
+            self.watchdog.release(task)
+            self._handled(item, started, blocked)
 
-    async def _write_quietly(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            await self.db.write(fn, *args)
-        except DatabaseUnavailable:
-            pass
+    def _expired(self, item: InboxItem) -> bool:
+        """A callback query too old for Telegram to accept its answer."""
+        return "callback_query" in item.update and self.clock.time() - item.received_at > CALLBACK_QUERY_TTL_S
 
-    def _submit_done_marks(self, marks: list[DoneMark]) -> None:
-        for mark in marks:
-            self._awaiting_done.add(mark.update_id)
-            self._inbox.add(mark)
+    def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
+        if error.error_code == 403:
+            self.stats.blocked += 1
+            log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
+            return True
+        self.stats.errors += 1
+        log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
+        return False
 
-    def _on_inbox_written(self, entries: list[InboxItem | DoneMark], error: BaseException | None) -> None:
-        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
-        if not marks:
-            return
-        if isinstance(error, RowRejected):
-            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
-            self._submit_done_marks([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
-            return
-        if error is not None:
-            self._unmarked.extend(marks)  # kept out of refill until the database is back
-            return
-        self._awaiting_done.difference_update(mark.update_id for mark in marks)
-        self.backlog = max(0, self.backlog - len(marks))
+    def _handled(self, item: InboxItem, started: float, blocked: bool) -> None:
+        """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
+        self.stats.processed += 1
+        self.on_handled(self.clock.monotonic() - started)
+        if item.durable:
+            user_id, lang = update_sender(item.update)
+            self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
+        else:
+            self.tracker.drop(item.update_id)
+        if self.stored.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
+            self.refill.wake()
 
-    # -- the inbox ---------------------------------------------------------
+    # -- start, stop and what /health shows ---------------------------------
 
-    async def _refill_forever(self) -> None:
-        last_prune = last_count = time.monotonic()
-        while True:
-            await wait_for_event(self._refill_wakeup, REFILL_INTERVAL_S)
-            self._refill_wakeup.clear()
-            self._cut_overdue_handlers()
-            if not self.db.ok:
-                continue
-            if self._unmarked:
-                retry, self._unmarked = self._unmarked, []
-                self._submit_done_marks(retry)
-            if self._recount_due or time.monotonic() - last_count > BACKLOG_RECOUNT_S:
-                last_count = time.monotonic()
-                await self._recount()
-            if self._accepting and self.should_process:
-                await self._refill()
-            if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
-                last_prune = time.monotonic()
-                await self._write_quietly(inbox_prune, time.time() - INBOX_KEEP_DONE_S)
-
-    def _cut_overdue_handlers(self) -> None:
-        """Cancel handlers past ``handler_timeout``.
-
-        One check a second for all workers instead of a timer per update (an
-        asyncio.timeout costs a few microseconds on every update); the cut
-        lands at most a second late.
-        """
-        now = time.monotonic()
-        for task, deadline in self._deadlines.items():
-            if deadline < now and task not in self._overdue:
-                self._overdue.add(task)
-                task.cancel()
-
-    async def _recount(self) -> None:
-        """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory.
-
-        Picks up what a previous run or another instance stored, and what a
-        lost database file left in its successor.
-        """
-        try:
-            rows = await self.db.read(inbox_unhandled)
-        except DatabaseUnavailable:
-            return
-        self._recount_due = False
-        self.backlog = len(rows)
-        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self._holds(update_id))
-        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
-            self._stored[chat_key] = max(self._stored[chat_key], count)
-        if waiting:
-            self._spilling = True
-
-    def _holds(self, update_id: int) -> bool:
-        """Whether the update is in memory, being admitted, or handled with its done mark on the way."""
-        return update_id in self._in_memory or update_id in self._awaiting_done or update_id in self._admitting
-
-    async def _refill(self) -> None:
-        """Move the oldest stored updates into memory while there is room."""
-        room = self.queue_size - len(self._in_memory)
-        if room <= 0:
-            return
-        limit = room + len(self._in_memory) + len(self._awaiting_done) + len(self._admitting)
-        marks_before = self._stored_marks
-        try:
-            rows = await self.db.read(inbox_pending, limit)
-        except DatabaseUnavailable:
-            return
-        taken, more_left = 0, len(rows) == limit
-        for update_id, chat_key, body, received_at in rows:
-            if taken == room:
-                more_left = True
-                break
-            if self._holds(update_id):  # checked now, not before the read: ids change hands while we wait
-                continue
-            if self._stored[chat_key] > 1:
-                self._stored[chat_key] -= 1
-            else:
-                self._stored.pop(chat_key, None)
-            try:
-                update = parse_update(body)
-            except HttpError:
-                self.stats.dropped += 1
-                self._submit_done_marks([DoneMark(update_id)])
-                continue
-            self._enqueue(InboxItem(update_id, chat_key, update, body, received_at))
-            taken += 1
-        if more_left:
-            self._spilling = True
-        elif self._stored_marks == marks_before:
-            # Every unhandled update was in this read and none was stored since: none waits outside memory.
-            self._spilling = False
-            self._stored.clear()
+    async def start(self) -> None:
+        await self.refill.recount()
+        self._tasks = [*self.workers.start(),
+                       asyncio.create_task(self.refill.run(), name="inbox-refill"),
+                       asyncio.create_task(self.watchdog.run(), name="handler-watchdog")]
+        log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
+                 self.workers.count, self.tracker.capacity, self.backlog)
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
-        self._recount_due = True
-        self._refill_wakeup.set()
+        self.stored.recount_due = True
+        self.refill.wake()
 
-    # -- shutdown and metrics ------------------------------------------------
+    async def idle(self) -> None:
+        """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
+        await self.tracker.wait_until(lambda: not self.tracker.states and not self.stored.spilling)
 
     async def stop(self, grace: float) -> None:
         """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
         self._accepting = False
-        deadline = time.monotonic() + grace
-        while self._in_memory and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._wait_at_most(grace, lambda: self.tracker.in_memory == 0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        lost = sum(1 for uid in self._in_memory if uid in self._recent_memory_ids)
+        lost = sum(1 for update_id, state in self.tracker.states.items()
+                   if state.in_memory and update_id in self._recent_memory_ids)
         if lost:
             log.error("[QUEUE] %d memory-only updates were not handled before shutdown", lost)
-        deadline = time.monotonic() + 2.0
-        while self._awaiting_done and self.db.ok and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        awaiting = UpdateState.AWAITING_DONE
+        await self._wait_at_most(2.0, lambda: not self.db.ok or awaiting not in self.tracker.states.values())
+
+    async def _wait_at_most(self, seconds: float, condition: Callable[[], bool]) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self.tracker.wait_until(condition)
+        except TimeoutError:
+            pass
+
+    @property
+    def backlog(self) -> int:
+        """Unhandled rows in the inbox."""
+        return self.stored.backlog
+
+    @property
+    def workers_active(self) -> int:
+        return self.workers.active
 
     @property
     def workers_alive(self) -> bool:
@@ -2563,7 +2850,7 @@ class UpdatePipeline:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._in_memory) - self.workers_active
+        return self.tracker.in_memory - self.workers.active
 
     def snapshot(self) -> dict:
         stats = self.stats
@@ -2574,7 +2861,7 @@ class UpdatePipeline:
             "total_errors": stats.errors,
             "workers_active": self.workers_active,
             "queue_depth": self.queue_depth,
-            "queue_max": self.queue_size,
+            "queue_max": self.tracker.capacity,
             "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
             "duplicates": stats.duplicates,
             "spilled": stats.spilled,
@@ -4379,11 +4666,11 @@ class LongPolling:
                 continue
             body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
             try:
-                status = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
+                outcome = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
             except HttpError as error:
                 log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
-                status = 400
-            if status == 503:
+                outcome = REJECTED[RejectReason.INVALID]
+            if isinstance(outcome, Rejected) and outcome.retry_later:
                 await self.clock.sleep(1.0)  # full: ask again later from this update on
                 break
             offset = update["update_id"] + 1
@@ -4586,18 +4873,24 @@ class Role:
     async def claim_at_start(self) -> bool | None:
         """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
         role = await self.lease.claim()
-        self.pipeline.should_process = role is not False
+        # Held: ``activate`` turns processing on once the dialogs are loaded.  Unknown (no usable
+        # database): nothing to load or share, so serve from memory at once.
+        self.pipeline.should_process = role is None
         return role
 
     async def activate(self) -> None:
-        """Become the processing instance: fresh state from the database, jobs, the webhook."""
-        self.active = True
-        self.pipeline.should_process = True
+        """Become the processing instance: fresh state from the database, jobs, the webhook.
+
+        Dialogs are loaded before any update is handled: a dialog step taken
+        while they loaded would be overwritten by the stored state.
+        """
         if self.db.ok:
             try:
                 log.info("[DB] %d open dialogs loaded", await self.states.load())
             except DatabaseUnavailable:
                 pass
+        self.active = True
+        self.pipeline.should_process = True
         await self.generations.resume()
         self.pipeline.wake()
         self.set_up.start()
@@ -5044,11 +5337,11 @@ class Routes:
         update = parse_update(request.body)
         if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        status = await self.pipeline.ingest(update, request.body)
+        outcome = await self.pipeline.ingest(update, request.body)
         self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
-        if status == 200:
+        if not isinstance(outcome, Rejected):
             return Response(200, OK_BODY, "application/json")
-        if status == 400:
+        if not outcome.retry_later:
             return text_response(400, "update cannot be stored")
         return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
@@ -5057,12 +5350,7 @@ class Routes:
 
         Its URL token was checked from the head; a fresh signature is checked here when KIE_WEBHOOK_HMAC_KEY is set.
         """
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "callback must be a JSON object")
+        body = parse_json_object(request.body)
         data = body.get("data") if isinstance(body.get("data"), dict) else {}
         task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
         if not task_id:
