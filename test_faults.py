@@ -448,7 +448,7 @@ async def settled(missing: Callable[[], list[str]], timeout: float) -> None:
     while what := missing():
         if time.monotonic() > deadline:
             raise AssertionError(f"seed {SEED}: after {timeout}s still " + "\n".join(what))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
 def jobs_in(database: str) -> list[tuple[str, int, str, str]]:
@@ -687,6 +687,7 @@ async def press_resend_until_photo(client: httpx.AsyncClient, target: Target, ap
 # 3. Kie.ai: flaky createTask / recordInfo; duplicated, late, out-of-order and missing callbacks
 ###############################################################################
 
+KIE_GENERATING_S = 0.3  # how long the fake Kie takes to draw where a scenario needs the poller to ask first
 # scenario -> what the user must get
 KIE_SCENARIOS = {"missing": "photo", "duplicated": "photo", "late": "photo", "fail_after_success": "photo",
                  "success_after_fail": "failure", "task_fails": "failure", "refused": "failure"}
@@ -697,13 +698,13 @@ async def kie_scenario(player: KiePlayer, task_id: str, prompt: str) -> None:
     scenario = prompt.split("-")[0]
     FAULT_KINDS[f"kie {scenario.replace('_', ' ')}"] += 1
     if scenario == "missing":  # no callback ever comes: the poller finds the result
-        await asyncio.sleep(0.3)  # while the poller asks (and sometimes fails)
+        await asyncio.sleep(KIE_GENERATING_S)  # while the poller asks (and sometimes fails)
         player.finish(task_id, success=True)
     elif scenario == "duplicated":
         player.finish(task_id, success=True)
         await asyncio.gather(*(player.call_back(task_id) for _ in range(3)))
     elif scenario == "late":  # the poller has delivered when the callback comes
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(KIE_GENERATING_S)
         player.finish(task_id, success=True)
         chat_id = int(prompt.split("-")[1])
         await eventually(lambda: any(int(call.params["chat_id"]) == chat_id

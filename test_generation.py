@@ -1,4 +1,4 @@
-"""Behaviour of image generation: sections 7 (Kie client), 9 (the dialog) and 10 (jobs) of trt_bot.py.
+"""Behaviour of image generation: sections 8 (Kie client), 11 (the dialog) and 12 (jobs) of trt_bot.py.
 
 End-to-end tests drive the bot through its webhook like Telegram does, with
 the fake Bot API and the fake Kie.ai from conftest.py on 127.0.0.1.
@@ -93,7 +93,7 @@ def sent_texts(fake_tg, user: int) -> list[str]:
 
 
 ###############################################################################
-# 7. Kie client
+# 8. Kie client
 ###############################################################################
 
 KIE = "https://api.kie.ai"
@@ -237,7 +237,7 @@ async def test_a_kie_call_with_a_zero_budget_is_tried_once():
 
 
 ###############################################################################
-# 9. Conversation: the z-image flow
+# 11. Dialog: the z-image flow
 ###############################################################################
 
 async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, fake_kie):
@@ -600,7 +600,7 @@ def test_a_refusal_is_told_in_the_users_words():
 
 
 ###############################################################################
-# 10. Generation jobs: the state machine (pure, no I/O)
+# 12. Generation jobs: the state machine (pure, no I/O)
 ###############################################################################
 
 NOW = 1_700_000_100.0
@@ -740,7 +740,7 @@ def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(
 
 
 ###############################################################################
-# 10. Generation jobs: durability and load
+# 12. Generation jobs: durability and load
 ###############################################################################
 
 async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_tg, fake_kie):

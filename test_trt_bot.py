@@ -175,7 +175,7 @@ def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
 
 
 ###############################################################################
-# 2. Errors: secrets never reach a log record
+# 2. Logging: secrets never reach a log record
 ###############################################################################
 
 def test_masking_filter_hides_token_in_message_args_and_traceback():
@@ -779,7 +779,7 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
 
 
 ###############################################################################
-# Retry and pacing
+# 6. Retry and pacing
 ###############################################################################
 
 class Hiccup(Exception):
@@ -902,7 +902,7 @@ async def test_rate_limiter_admits_at_most_its_calls_per_period():
 
 
 ###############################################################################
-# 6. Telegram client
+# 7. Telegram client
 ###############################################################################
 
 API = "https://api.telegram.org"
@@ -1066,7 +1066,7 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
 
 
 ###############################################################################
-# 7. Update pipeline (end to end through the webhook)
+# 9. Update pipeline (end to end through the webhook)
 ###############################################################################
 
 async def test_a_loop_waiting_on_an_event_ends_when_cancelled_as_the_event_fires():
@@ -1549,7 +1549,7 @@ async def test_idle_returns_once_every_update_is_handled_and_marked_done(make_ap
 
 
 ###############################################################################
-# 8. Conversation
+# 10-11. Texts, keyboards and the dialog
 ###############################################################################
 
 @pytest.mark.parametrize("text, refusal", [
@@ -1653,7 +1653,7 @@ async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make
 
 
 ###############################################################################
-# 11. Application: webhook set-up, polling, diagnostics, shutdown
+# 13. Application: webhook set-up, polling, diagnostics, shutdown
 ###############################################################################
 
 MATCHING = {"url": "U", "allowed_updates": trt_bot.ALLOWED_UPDATES}

@@ -3,17 +3,19 @@
 One file, read top-down in the order data flows through it.  Find a section by
 grepping for its banner (``#####``):
 
-   1. Configuration        environment variables -> a frozen Config
-   2. Logging              the log format; secrets masked in every record
+   1. Configuration        SETTINGS: environment variables -> a frozen Config
+   2. Logging              the log format; every secret masked in every record
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
-   4. HTTP server          asyncio.start_server, timeouts, connection limits
-   5. Storage              SQLite on its own thread: schema, inbox, dialog state
-   6. Telegram client      raw Bot API over httpx, retries, typed errors
-   7. Kie client           createTask / recordInfo / credits, backoff, pacing
-   8. Update pipeline      durable ack, spill, ordered workers
-   9. Conversation         model catalog, texts, keyboards, the dialog
-  10. Generation jobs      job state machine, submit, callback + poller, delivery
-  11. Application          routes, webhook set-up, polling, main()
+   4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
+   5. Storage              SQLite on its own thread: schema, group commit, inbox, dialogs
+   6. Retry and pacing     one retry policy for every retried call; rate limiters
+   7. Telegram client      raw Bot API over httpx, typed errors
+   8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
+   9. Update pipeline      durable ack, one state per update, ordered workers, watchdog
+  10. Texts and keyboards  the model catalog, RU/EN texts, menus and buttons
+  11. Dialog               what a user's update means
+  12. Generation jobs      a pure job state machine and the drivers of its effects
+  13. Application          lease and role, set-up and polling, routes, diagnostics, main()
 
 Run it with ``python trt_bot.py`` (see README.md for the environment).
 """
@@ -98,7 +100,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
 CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1,100}){0,9}")
-# Routes the bot serves itself (section 11), which KIE_CALLBACK_PATH must not shadow;
+# Routes the bot serves itself (section 13), which KIE_CALLBACK_PATH must not shadow;
 # True: everything under the route too.
 BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
@@ -714,7 +716,7 @@ def render_response(response: Response, keep_alive: bool = True, head_only: bool
 #    Owns sockets: reading and writing under a deadline in every phase of a
 #    connection, bounding connections (evicting idle and stalled ones first),
 #    pipelining and the request bodies held in memory.  What a request means is
-#    the application's business (section 11); it judges each request's head
+#    the application's business (section 13); it judges each request's head
 #    before the body is read.
 ###############################################################################
 
@@ -1111,7 +1113,7 @@ MIGRATIONS: list[list[str]] = [
                last_seen  REAL NOT NULL,
                blocked    INTEGER NOT NULL DEFAULT 0)""",
     ],
-    [  # 2: generation jobs (columns mirror the Job dataclass in section 10)
+    [  # 2: generation jobs (columns mirror the Job dataclass in section 12)
         """CREATE TABLE jobs (
                id                TEXT PRIMARY KEY,
                user_id           INTEGER NOT NULL,
@@ -1133,7 +1135,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_user_time ON jobs(user_id, created_at)",
         "CREATE INDEX jobs_time ON jobs(created_at)",
     ],
-    [  # 3: the lease that makes one process on this database the active one (section 11)
+    [  # 3: the lease that makes one process on this database the active one (section 13)
         """CREATE TABLE lease (
                name        TEXT PRIMARY KEY,
                owner       TEXT NOT NULL,
@@ -1583,7 +1585,7 @@ class ConversationStore:
 
 
 ###############################################################################
-# Retry and pacing
+# 6. Retry and pacing
 #    Owns how a failing call is tried again (which failures, how long to back
 #    off, for how long in all) and how calls are spaced out to keep under a
 #    service's rate limit.  The services' own rules live with their clients.
@@ -1682,7 +1684,7 @@ class RateLimiter:
 
 
 ###############################################################################
-# 6. Telegram client
+# 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client, response parsing,
 #    which failures are retried (TELEGRAM_RETRY).  The token lives only in
 #    request URLs.
@@ -1849,7 +1851,7 @@ class TelegramClient:
 
 
 ###############################################################################
-# 7. Kie client
+# 8. Kie client
 #    Owns talking to Kie.ai: the {code, msg, data} envelope, task records and
 #    their result URLs, callback signatures, typed errors, which failures are
 #    retried (KIE_RETRY) and the pace Kie allows.
@@ -2111,7 +2113,7 @@ class KieClient:
 
 
 ###############################################################################
-# 8. Update pipeline
+# 9. Update pipeline
 #    Owns an update from the moment it arrives until a handler is done with it:
 #    admission (the durable ack, duplicates, spilling to the inbox when memory
 #    is full), one state per update, the ordered workers, the handler watchdog
@@ -2872,7 +2874,7 @@ class UpdatePipeline:
 
 
 ###############################################################################
-# Texts and keyboards
+# 10. Texts and keyboards
 #    Owns what the user sees, for both the dialog and the jobs: the model
 #    catalog, texts in both languages, menus and keyboards.
 ###############################################################################
@@ -3093,7 +3095,7 @@ def shorten(text: str, limit: int) -> str:
 
 
 ###############################################################################
-# 9. Dialog
+# 11. Dialog
 #    Owns the conversation with a user: commands, dialog steps and button
 #    presses, turning what the jobs answer into messages.
 ###############################################################################
@@ -3343,7 +3345,7 @@ class Conversation:
 
 
 ###############################################################################
-# 10. Generation jobs
+# 12. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
 #    its pure state machine (an event in, changes and effects out), and the
 #    drivers that carry the effects out: submitting to Kie under the fairness
@@ -4474,7 +4476,7 @@ class Generations:
 
 
 ###############################################################################
-# 11. Application
+# 13. Application
 #    Owns wiring the sections together and their start-up and shutdown order:
 #    the single-active-instance lease (its SQL too) and the role it gives,
 #    webhook and command-menu set-up or long polling, HTTP routes and
