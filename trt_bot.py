@@ -5420,6 +5420,7 @@ class App:
             queue_size=self.config.queue_size,
             workers=self.config.queue_workers,
             on_handled=timings.handling_seconds.observe,
+            clock=self.clock,
         )
         return pipeline
 
