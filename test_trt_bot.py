@@ -1309,6 +1309,36 @@ async def test_a_chats_order_holds_across_a_switch_to_degraded_mode_and_back(mak
     assert [update_id for chat, update_id in handled if chat == 7] == [1, 3, 5]
 
 
+async def test_an_update_arriving_before_the_database_opens_waits_for_it_and_is_stored(fake_tg, tmp_path):
+    # Used to be kept in memory only (the port is bound before the database opens), so a kill right after
+    # start-up lost it, and a worker handled it while the dialogs were still loading.
+    database = str(tmp_path / "bot.sqlite3")
+    app = trt_bot.App(trt_bot.load_config(bot_env(fake_tg, database)))
+    gate, real_open = asyncio.Event(), app.db.open
+
+    async def open_when_let(*args):
+        await gate.wait()
+        return await real_open(*args)
+
+    app.db.open = open_when_let
+    starting = asyncio.create_task(app.start())
+    try:
+        await eventually(lambda: app.port)
+        posting = asyncio.create_task(post_update(app, update_message(1, 71, "/start")))
+        await eventually(lambda: app.server.phase_counts()["handling"] == 1)  # the webhook is in ingest
+        gate.set()
+        await starting
+        assert (await posting).status_code == 200
+        assert app.pipeline.stats.memory_only == 0
+        with contextlib.closing(sqlite3.connect(database)) as conn:
+            assert conn.execute("SELECT update_id FROM inbox").fetchall() == [(1,)]
+        await eventually(lambda: fake_tg.texts_to(71))
+    finally:
+        gate.set()
+        await starting
+        await app.stop()
+
+
 async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_order(fake_tg, tmp_path):
     # Used to: a killed run stored update 1 but Telegram never got its 200 and sent it again just as the new
     # run's refill read the inbox. The refill skipped 1 (its insert was under way), concluded nothing waited,

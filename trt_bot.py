@@ -1262,6 +1262,7 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.ok = False
         self.last_error = "not opened yet"
+        self.tried = asyncio.Event()  # set once the first open has succeeded or failed
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
@@ -1269,7 +1270,10 @@ class Database:
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
-        return await self._on_thread(self._open)
+        try:
+            return await self._on_thread(self._open)
+        finally:
+            self.tried.set()
 
     async def verify(self) -> bool:
         """Whether the file at ``path`` is still the one SQLite writes; if not, the database turns unusable."""
@@ -2123,6 +2127,7 @@ class KieClient:
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
 INBOX_MAX_BACKLOG = 100_000  # beyond this the webhook answers 503 and Telegram keeps the update
 REFILL_INTERVAL_S = 1.0  # also how soon updates stored by another instance get picked up
+FIRST_OPEN_WAIT_S = 5.0  # an update arriving before the database first opens waits this long for it
 PRUNE_INTERVAL_S = 600.0
 BACKLOG_RECOUNT_S = 30.0  # the count is kept in memory; recounting picks up other instances' updates
 RECENT_MEMORY_IDS = 10_000  # duplicates remembered while the database is down
@@ -2678,6 +2683,10 @@ class UpdatePipeline:
         """Keep ``update`` (``body`` is its JSON) before Telegram hears that it arrived."""
         update_id = update["update_id"]
         item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time())
+        if not self.db.ok and not self.db.tried.is_set():
+            # Start-up: the port is bound before the database opens; an update arriving in
+            # between waits for it rather than being kept in memory only.
+            await wait_for_event(self.db.tried, FIRST_OPEN_WAIT_S)
         if not self.db.ok:
             return self._ingest_in_memory(item)
         if self.stored.full():
@@ -5438,9 +5447,9 @@ class App:
         if await self.db.open():
             log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
         first_claim = await self.role.claim_at_start()
-        await self.pipeline.start()
         if first_claim is not False:
-            await self.role.activate()
+            await self.role.activate()  # dialogs are loaded before the first worker runs
+        await self.pipeline.start()
         for name, loop in self._loops.items():
             self._spawn(loop(), name)
 
