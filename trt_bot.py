@@ -5447,9 +5447,11 @@ class App:
         if await self.db.open():
             log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
         first_claim = await self.role.claim_at_start()
-        if first_claim is not False:
-            await self.role.activate()  # dialogs are loaded before the first worker runs
+        # The pipeline learns which chats have updates waiting in the inbox before any update may be
+        # taken; activating loads the dialogs, then lets the workers take updates.
         await self.pipeline.start()
+        if first_claim is not False:
+            await self.role.activate()
         for name, loop in self._loops.items():
             self._spawn(loop(), name)
 
