@@ -92,7 +92,7 @@ def header(ctx: Context) -> list[str]:
         f"10,000 chat ids; every run starts the server afresh; bursts of {plan.burst:,} updates"
         f"{f' after a {plan.burst // 5:,}-update warm-up burst' if plan.warmup_s else ''}, windows of "
         f"{plan.measure_s:g} s{f' after a {plan.warmup_s:g} s warm-up' if plan.warmup_s else ''}; {rounds}",
-        f"- trt_bot: {ctx.trt_settings}, SQLite file on disk (WAL, synchronous=NORMAL), uvloop",
+        f"- trt_bot: {ctx.trt_settings}, SQLite file on disk (WAL, synchronous=FULL: fsynced before the 200), uvloop",
         f"- Peers: {'asyncio default loop' if ctx.args.peers_stock_loop else 'uvloop'}, logging at WARNING; aiogram "
         f"`SimpleRequestHandler(handle_in_background=True)`; PTB `run_webhook`, concurrent_updates "
         f"{ctx.args.ptb_concurrent or 'off (PTB default)'}",
