@@ -465,6 +465,19 @@ async def say_hi(request: trt_bot.Request) -> trt_bot.Response:
     return trt_bot.text_response(200, "hi")
 
 
+def held_handler(answer: str) -> tuple[list, asyncio.Event, trt_bot.RequestHandler]:
+    """A handler that records each request it gets and answers ``answer`` once the event is set."""
+    entered: list[trt_bot.Request] = []
+    release = asyncio.Event()
+
+    async def handler(request: trt_bot.Request) -> trt_bot.Response:
+        entered.append(request)
+        await release.wait()
+        return trt_bot.text_response(200, answer)
+
+    return entered, release, handler
+
+
 @contextlib.asynccontextmanager
 async def running_server(handler=say_hi, **limits):
     """A bare HttpServer on a free port, for the server's own limits."""
@@ -559,13 +572,7 @@ async def test_a_newcomer_to_a_full_server_evicts_the_longest_idle_connection():
 
 
 async def test_a_full_server_refuses_with_503_only_when_every_connection_is_mid_request():
-    entered, release = [], asyncio.Event()
-
-    async def slow(request: trt_bot.Request) -> trt_bot.Response:
-        entered.append(request)
-        await release.wait()
-        return trt_bot.text_response(200, "late")
-
+    entered, release, slow = held_handler("late")
     async with running_server(slow, max_connections=2) as (_, port):
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         for _, writer in held:
@@ -596,12 +603,7 @@ async def test_request_bodies_held_in_memory_are_bounded_across_connections():
 
 
 async def test_closing_the_server_ends_every_connection_quietly():
-    entered, never = [], asyncio.Event()
-
-    async def stuck(request: trt_bot.Request) -> trt_bot.Response:
-        entered.append(request)
-        await never.wait()
-        return trt_bot.text_response(200, "never")
+    entered, _, stuck = held_handler("never")  # never released
 
     seen = len(ALL_RECORDS.records)
     server = trt_bot.HttpServer(stuck, limits=trt_bot.HttpLimits(max_connections=1))
