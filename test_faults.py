@@ -37,6 +37,7 @@ from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, FaultPlan
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
+PROMPT_MAX_CHARS = trt_bot.Z_IMAGE.prompt_chars[1]  # "create" asks for a Z-Image prompt
 RESULT_METHODS = ("sendPhoto", "sendDocument", "editMessageText", "sendMessage")  # how a job's outcome reaches a user
 PHOTO_METHODS = ("sendPhoto", "sendDocument")
 _update_ids = itertools.count(1)
@@ -96,7 +97,7 @@ def harness_log_masked():
 
 def too_long(n: int) -> str:
     """A prompt n characters over the limit: its answer names its length, so each reply is told apart."""
-    return "x" * (trt_bot.PROMPT_MAX_CHARS + 1 + n)
+    return "x" * (PROMPT_MAX_CHARS + 1 + n)
 
 
 def opening(key: str) -> str:
@@ -107,7 +108,7 @@ def opening(key: str) -> str:
 # A reply to a chat, shortened to what it answers.
 REPLY_TOKENS: tuple[tuple[str, Callable[[re.Match], str]], ...] = (
     (opening("ask_prompt"), lambda m: "ask_prompt"),
-    (opening("prompt_too_long") + r"(\d+)", lambda m: f"long{int(m[1]) - trt_bot.PROMPT_MAX_CHARS - 1}"),
+    (opening("prompt_too_long") + r"(\d+)", lambda m: f"long{int(m[1]) - PROMPT_MAX_CHARS - 1}"),
     (opening("ask_ratio") + r"(.*)»", lambda m: f"ask_ratio:{m[1]}"),
     (opening("generating"), lambda m: "generating"),
     # A ratio press replayed after kill -9 can find its job already running: "busy" tells the same.

@@ -1574,16 +1574,92 @@ async def test_idle_returns_once_every_update_is_handled_and_marked_done(make_ap
 # 10-11. Texts, keyboards and the dialog
 ###############################################################################
 
-@pytest.mark.parametrize("text, refusal", [
-    ("a red fox", None),
-    ("", ("prompt_empty", {})),
-    (" \n\t ", ("prompt_empty", {})),
-    ("x" * trt_bot.PROMPT_MAX_CHARS, None),
-    ("x" * (trt_bot.PROMPT_MAX_CHARS + 1),
-     ("prompt_too_long", {"length": trt_bot.PROMPT_MAX_CHARS + 1, "limit": trt_bot.PROMPT_MAX_CHARS})),
+ZIMAGE, FLUX = trt_bot.Z_IMAGE, trt_bot.MODELS_BY_KEY["flux2pro"]
+
+
+@pytest.mark.parametrize("model, text, refusal", [
+    (ZIMAGE, "a red fox", None),
+    (ZIMAGE, "", ("prompt_empty", {})),
+    (ZIMAGE, " \n\t ", ("prompt_empty", {})),
+    (ZIMAGE, "x", None),
+    (ZIMAGE, "x" * 1000, None),
+    (ZIMAGE, " " + "x" * 1000 + "\n", None),  # what is sent is the stripped text
+    (ZIMAGE, "x" * 1001, ("prompt_too_long", {"model": "Z-Image", "length": 1001, "most": 1000})),
+    (FLUX, "x" * 5000, None),
+    (FLUX, "x" * 5001, ("prompt_too_long", {"model": "Flux 2 Pro", "length": 5001, "most": 5000})),
+    (FLUX, "ab", ("prompt_too_short", {"model": "Flux 2 Pro", "fewest": 3})),
+    (FLUX, "  ab  ", ("prompt_too_short", {"model": "Flux 2 Pro", "fewest": 3})),
+    (FLUX, "abc", None),
 ])
-def test_a_prompt_is_refused_when_blank_or_over_the_limit_and_says_why(text, refusal):
-    assert trt_bot.check_prompt(text) == refusal
+def test_a_prompt_is_refused_when_blank_or_outside_its_models_limits_and_says_why(model, text, refusal):
+    assert trt_bot.check_prompt(text, model) == refusal
+
+
+def test_every_catalog_row_carries_its_own_prompt_limits_as_kie_documents_them():
+    limits = {model.kie_model: model.prompt_chars for model in trt_bot.CATALOG}
+    assert limits["z-image"] == (1, 1000) and limits["flux-2/pro-text-to-image"] == (3, 5000)
+    assert limits["seedream/4.5-text-to-image"] == (1, 3000)
+    assert all(1 <= fewest < most for fewest, most in limits.values())
+
+
+@pytest.mark.parametrize("count, form", [
+    (1, "символ"), (2, "символа"), (5, "символов"), (11, "символов"), (21, "символ"), (22, "символа"),
+    (25, "символов"), (111, "символов"), (0, "символов"), (4, "символа"), (12, "символов"), (14, "символов"),
+    (101, "символ"), (112, "символов"), (1004, "символа"),
+])
+def test_a_russian_noun_takes_the_form_its_number_needs(count, form):
+    assert trt_bot.plural_form(count, ("символ", "символа", "символов")) == form
+
+
+@pytest.mark.parametrize("count, form", [(1, "character"), (0, "characters"), (2, "characters"), (21, "characters")])
+def test_an_english_noun_is_singular_only_for_one(count, form):
+    assert trt_bot.plural_form(count, ("character", "characters")) == form
+
+
+@pytest.mark.parametrize("count, words", [
+    (1, "1 минуту"), (2, "2 минуты"), (5, "5 минут"), (11, "11 минут"), (21, "21 минуту"), (22, "22 минуты"),
+    (25, "25 минут"), (111, "111 минут"),
+])
+def test_a_text_writes_a_counted_noun_after_its_number(count, words):
+    assert f"{trt_bot.Counted(count):минуту|минуты|минут}" == words
+    assert f"{trt_bot.Counted(count)}" == str(count) and f"{trt_bot.Counted(count):>4}" == f"{count:>4}"
+
+
+def test_texts_agree_their_nouns_with_the_numbers_in_both_languages():
+    render = trt_bot.render
+    assert render("ru", "prompt_too_long", model="Z-Image", length=1001, most=1000).startswith(
+        "Слишком длинное описание: 1001 символ, а Z-Image принимает не больше 1000 символов.")
+    assert "1002 символа, " in render("ru", "prompt_too_long", model="Z-Image", length=1002, most=1000)
+    assert "1005 символов, " in render("ru", "prompt_too_long", model="Z-Image", length=1005, most=1000)
+    assert "не больше 21 символа." in render("ru", "prompt_too_long", model="M", length=22, most=21)
+    assert render("en", "prompt_too_long", model="Z-Image", length=1001, most=1000).startswith(
+        "That description is 1001 characters long, and Z-Image takes at most 1000.")
+    assert "at least 1 character." in render("en", "prompt_too_short", model="M", fewest=1)
+    assert "хотя бы 3 символа." in render("ru", "prompt_too_short", model="M", fewest=3)
+    assert trt_bot.prompt_limits(ZIMAGE, "ru") == "до 1000 символов"
+    assert trt_bot.prompt_limits(FLUX, "ru") == "от 3 до 5000 символов"
+    assert trt_bot.prompt_limits(FLUX, "en") == "3 to 5000 characters"
+    assert render("en", "hourly_limit", limit=20, minutes=5) == trt_bot.TEXTS["en"]["hourly_limit"].format(
+        limit=20, minutes=5)  # texts without counted nouns read as before
+
+
+def without_text(**content) -> dict:
+    return {"message_id": 1, "chat": {"id": 1}, **content}
+
+
+@pytest.mark.parametrize("content, key", [
+    ({"voice": {}}, "not_text_voice"),
+    ({"photo": [{}]}, "not_text_photo"),
+    ({"sticker": {}}, "not_text_sticker"),
+    ({"video_note": {}}, "not_text_video"),
+    ({"video": {}}, "not_text_video"),
+    ({"animation": {}, "document": {}}, "not_text_video"),  # a GIF also carries a document
+    ({"document": {}}, "not_text_file"),
+    ({"audio": {}}, "not_text_file"),
+    ({"location": {}}, "prompt_not_text"),
+])
+def test_a_message_without_text_is_answered_by_what_it_holds(content, key):
+    assert trt_bot.not_text_answer(without_text(**content)) == key
 
 
 @pytest.mark.parametrize("text, command", [
@@ -1870,7 +1946,7 @@ async def test_the_command_menu_is_set_in_russian_and_english_once(make_app, fak
     ru, en = fake_tg.calls_of("setMyCommands")
     assert "language_code" not in ru and "scope" not in ru and en["language_code"] == "en"
     assert [c["command"] for c in ru["commands"]] == [c["command"] for c in en["commands"]] == ["start", "help",
-                                                                                              "cancel"]
+                                                                                              "cancel", "language"]
     assert ru["commands"][0]["description"] == "Меню и новая картинка"
     assert [p.get("language_code") for p in fake_tg.calls_of("getMyCommands")] == [None, "en"]
     await first.stop()

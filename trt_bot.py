@@ -1142,6 +1142,12 @@ MIGRATIONS: list[list[str]] = [
                acquired_at REAL NOT NULL,
                expires_at  REAL NOT NULL)""",
     ],
+    [  # 4: the language a user chose with /language (without a row: Telegram's language_code decides)
+        """CREATE TABLE user_languages (
+               user_id   INTEGER PRIMARY KEY,
+               lang      TEXT NOT NULL,
+               chosen_at REAL NOT NULL)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1538,26 +1544,48 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-class ConversationStore:
-    """Where each user is in a dialog: a dict in memory, written through to SQLite.
+def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> None:
+    conn.execute("""INSERT INTO user_languages(user_id, lang, chosen_at) VALUES (?,?,?)
+                    ON CONFLICT(user_id) DO UPDATE SET lang=excluded.lang, chosen_at=excluded.chosen_at""",
+                 (user_id, lang, time.time()))
 
-    Reads never touch the disk.  A write that fails (database down, a value
-    SQLite refuses) is logged and kept in memory: the dialog goes on, it just
-    would not survive a restart.
+
+class ConversationStore:
+    """Where each user is in a dialog, and the language each chose: dicts in memory, written through to SQLite.
+
+    Reads never touch the disk (so /start needs no database).  A write that
+    fails (database down, a value SQLite refuses) is logged and kept in memory:
+    the dialog goes on, it just would not survive a restart.
     """
 
     def __init__(self, db: Database):
         self.db = db
         self._states: dict[int, dict] = {}
+        self._languages: dict[int, str] = {}
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
         rows = await self.db.read(lambda conn: conn.execute("SELECT user_id, state FROM conversations").fetchall())
         self._states = {user_id: json.loads(state) for user_id, state in rows}
+        chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
+        self._languages = dict(chosen)
         return len(self._states)
 
     def get(self, user_id: int) -> dict | None:
         return self._states.get(user_id)
+
+    def language(self, user_id: int) -> str:
+        """The language the user chose with /language; '' if they never did."""
+        return self._languages.get(user_id, "")
+
+    async def set_language(self, user_id: int, lang: str) -> None:
+        self._languages[user_id] = lang
+        try:
+            await self.db.write(store_language_choice, user_id, lang)
+        except DatabaseUnavailable:
+            pass  # Database logged why; the choice holds in memory until a restart
+        except RowRejected as error:
+            log.warning("[DB] language choice of %d not stored: %s", user_id, error)
 
     async def set(self, user_id: int, state: dict | None) -> None:
         """Replace a user's state (None ends the dialog) and persist it."""
@@ -2888,9 +2916,44 @@ class UpdatePipeline:
 #    catalog, texts in both languages, menus and keyboards.
 ###############################################################################
 
-PROMPT_MAX_CHARS = 1000  # z-image's limit; the catalog's other models accept more
 CAPTION_MAX_CHARS = 1024  # Telegram's photo caption limit
 RU_LANGUAGES = frozenset({"ru", "uk", "be", "kk"})
+LANGUAGES = {"ru": "🇷🇺 Русский", "en": "🇬🇧 English"}  # what /language offers, each named in itself
+
+
+def plural_form(count: int, forms: tuple[str, ...]) -> str:
+    """The form of a noun that agrees with ``count``: three forms follow Russian rules, two English ones.
+
+    Russian: 1, 21, 101 -> one (символ); 2-4, 22-24 -> few (символа); 0, 5-20,
+    11-14, 25-30, 111 -> many (символов).  English: 1 -> one, else the other.
+    """
+    if len(forms) == 2:
+        return forms[0] if count == 1 else forms[1]
+    tens, units = count % 100, count % 10
+    if units == 1 and tens != 11:
+        return forms[0]
+    if 2 <= units <= 4 and not 12 <= tens <= 14:
+        return forms[1]
+    return forms[2]
+
+
+class Counted(int):
+    """A number that writes itself with its noun: ``"{n:картинка|картинки|картинок}"`` -> "5 картинок".
+
+    Without a ``|`` in the format spec it formats as a plain int, so any text
+    can name a counted noun without the caller knowing which texts do.
+    """
+
+    def __format__(self, spec: str) -> str:
+        if "|" not in spec:
+            return int.__format__(self, spec)
+        return f"{int(self)} {plural_form(int(self), tuple(spec.split('|')))}"
+
+
+def render(lang: str, key: str, **values: Any) -> str:
+    """TEXTS[lang][key] filled in; whole numbers may carry their nouns (see Counted)."""
+    counted = {k: Counted(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
+    return TEXTS[lang][key].format(**counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2915,6 +2978,7 @@ class ImageModel:
     ratios: tuple[str, ...]
     option: ModelOption | None = None
     fixed_input: tuple[tuple[str, Any], ...] = ()
+    prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
 
     def inputs(self, prompt: str, ratio: str, option: str = "") -> dict[str, Any]:
         data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
@@ -2923,24 +2987,29 @@ class ImageModel:
         return data
 
 
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"))
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000))
 
-# Ratios and options as Kie's model pages list them for text-to-image.
+# Ratios, options and prompt lengths as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),)),
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),),
+               prompt_chars=(1, 5000)),
     ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
                ModelOption("quality", {"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
-                            ("high", {"ru": "Высокое (4K)", "en": "High (4K)"})))),
+                            ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
+               prompt_chars=(1, 3000)),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
                ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
-                           (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"})))),
-    ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3")),
-    ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4")),
+                           (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
+               prompt_chars=(3, 5000)),
+    ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
+               prompt_chars=(1, 5000)),
+    ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
+               prompt_chars=(1, 5000)),
 )
 
 MODELS_BY_KEY = {model.key: model for model in CATALOG}
@@ -2948,29 +3017,30 @@ MODELS_BY_KEY = {model.key: model for model in CATALOG}
 TEXTS: dict[str, dict[str, str]] = {
     "ru": {
         "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
-                 "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, выберите формат — "
-                 "и через полминуты пришлю результат.",
+                 "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, и выберите формат — "
+                 "картинка придёт сюда же, в чат.",
         "start_catalog": "\n\nИли сначала выберите модель ниже.",
         "help": "ℹ️ <b>Как пользоваться</b>\n"
                 "1. Нажмите «🖼 Создать картинку».\n"
-                "2. Опишите картинку одним сообщением (до 1000 символов).\n"
-                "3. Выберите формат — и ждите картинку.\n\n"
-                "/start — меню, /cancel — отменить, /help — эта справка.",
+                "2. Опишите картинку одним сообщением.\n"
+                "3. Выберите формат — картинка придёт в этот чат.\n\n"
+                "Пока формат не выбран, описание можно поправить: пришлите новое или отредактируйте своё.\n\n"
+                "/start — меню, /cancel — отменить, /language — язык, /help — эта справка.",
         "cancelled": "Отменено. Меню — ниже.",
         "hint": "Чтобы нарисовать картинку, нажмите «🖼 Создать картинку».",
         "stale_button": "Эта кнопка больше не действует.",
-        "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением (до {limit} символов).\n"
+        "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
                       "Например: <i>кот-космонавт, акварель</i>",
         "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
-        "prompt_too_long": "Слишком длинное описание: {length} символов, а можно до {limit}. "
-                           "Сократите и пришлите снова.",
-        "prompt_not_text": "Пришлите описание текстом — картинки и стикеры я не понимаю.",
+        "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
+                           "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
+        "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
         "ask_ratio": "Выберите формат для «{prompt}»:",
         "ask_option": "Выберите {option}:",
         "generating": "⏳ Генерирую…",
         "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
         "hourly_limit": "Можно не больше {limit} картинок в час. Следующую — через {minutes} мин.",
-        "not_configured": "Генерация пока не настроена: администратору нужно указать ключ Kie.ai.",
+        "not_configured": "🛠 Рисовать пока не получится: бот ещё не до конца настроен. Загляните попозже.",
         "fail_moderation": "🚫 Запрос отклонён модерацией. Попробуйте описать иначе.",
         "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
         "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
@@ -2991,37 +3061,58 @@ TEXTS: dict[str, dict[str, str]] = {
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
         "stats": "📊 <b>Статистика</b>\n"
                  "Пользователей: {users} (заблокировали бота: {blocked})\n"
-                 "Генераций сегодня: {jobs_today}\n"
-                 "Сейчас в работе: {in_flight}\n"
-                 "Апдейты: получено {received}, обработано {processed}, ошибок {errors}, "
-                 "в очереди {queue_depth}, в инбоксе {backlog}\n"
+                 "Картинок за сегодня: {jobs_today}\n"
+                 "Рисуется сейчас: {in_flight}\n"
+                 "Входящие сообщения: получено {received}, обработано {processed}, с ошибкой {errors}; "
+                 "ждут обработки: {queue_depth} в памяти, {backlog} в базе\n"
                  "Кредиты Kie.ai: {credits}",
+        "limits_up_to": "до {most:символа|символов|символов}",
+        "limits_between": "от {fewest} до {most:символа|символов|символов}",
+        "prompt_too_short": "Слишком короткое описание: {model} нужно хотя бы {fewest:символ|символа|символов}. "
+                            "Допишите подробнее.",
+        "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
+        "prompt_replaced_option": "✏️ Описание заменено: «{prompt}». Выберите {option}:",
+        "not_text_voice": "🎤 Голосовые я пока не слушаю. Напишите описание текстом.",
+        "not_text_photo": "🖼 Я рисую по словам, а не по картинкам. Опишите текстом, что нарисовать.",
+        "not_text_sticker": "Стикеры я не читаю 🙂 Опишите картинку словами.",
+        "not_text_video": "🎬 Видео я не смотрю. Опишите картинку словами.",
+        "not_text_file": "📎 Файлы я не открываю. Опишите картинку словами.",
+        "unknown_command": "Такой команды нет. /start — меню, /help — справка, /language — язык.",
+        "not_configured_admin": "🛠 Генерация не настроена: не задан ключ Kie.ai. "
+                                "Укажите KIE_API_KEY в окружении бота и перезапустите его.",
+        "choose_language": "🌐 Выберите язык:",
+        "language_set": "Готово: теперь я говорю по-русски.",
+        "outcome_success": "готово",
+        "outcome_failed": "не удалось",
+        "outcome_timed_out": "не успели",
+        "outcome_in_flight": "в работе",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
-                 "Tap “🖼 Create a picture”, describe what you want to see, pick a format, "
-                 "and in half a minute you get the image.",
+                 "Tap “🖼 Create a picture”, describe what you’d like to see and pick a format: "
+                 "the picture will arrive right here in the chat.",
         "start_catalog": "\n\nOr pick a model below first.",
         "help": "ℹ️ <b>How to use</b>\n"
                 "1. Tap “🖼 Create a picture”.\n"
-                "2. Describe the picture in one message (up to 1000 characters).\n"
-                "3. Pick a format and wait for the picture.\n\n"
-                "/start — menu, /cancel — cancel, /help — this help.",
+                "2. Describe the picture in one message.\n"
+                "3. Pick a format, and the picture will arrive in this chat.\n\n"
+                "Until you pick a format you can still change the description: send a new one or edit yours.\n\n"
+                "/start — menu, /cancel — cancel, /language — language, /help — this help.",
         "cancelled": "Cancelled. The menu is below.",
         "hint": "To draw a picture, tap “🖼 Create a picture”.",
         "stale_button": "This button no longer works.",
-        "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message (up to {limit} characters).\n"
+        "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
         "prompt_empty": "The description is empty. Tell me in words what to draw.",
-        "prompt_too_long": "That description is {length} characters long; the limit is {limit}. "
-                           "Please shorten it and send it again.",
-        "prompt_not_text": "Please send the description as text; I cannot read pictures or stickers.",
+        "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
+                           "{most}. Please shorten it and send it again.",
+        "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
         "ask_ratio": "Pick a format for “{prompt}”:",
         "ask_option": "Pick the {option}:",
         "generating": "⏳ Generating…",
         "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
         "hourly_limit": "You can make up to {limit} pictures an hour. Next one in {minutes} min.",
-        "not_configured": "Generation is not set up yet: the admin needs to add a Kie.ai key.",
+        "not_configured": "🛠 I can’t draw just yet: the bot isn’t fully set up. Please check back later.",
         "fail_moderation": "🚫 The request was rejected by moderation. Try describing it differently.",
         "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
         "fail_timeout": "⌛ Generation took too long and was stopped.",
@@ -3041,12 +3132,32 @@ TEXTS: dict[str, dict[str, str]] = {
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
         "stats": "📊 <b>Stats</b>\n"
-                 "Users: {users} (blocked the bot: {blocked})\n"
-                 "Generations today: {jobs_today}\n"
-                 "In flight: {in_flight}\n"
-                 "Updates: received {received}, processed {processed}, errors {errors}, "
-                 "queued {queue_depth}, in inbox {backlog}\n"
+                 "Users: {users} ({blocked} blocked the bot)\n"
+                 "Pictures today: {jobs_today}\n"
+                 "Being drawn now: {in_flight}\n"
+                 "Incoming updates: {received} received, {processed} handled, {errors} failed; "
+                 "waiting: {queue_depth} in memory, {backlog} in the database\n"
                  "Kie.ai credits: {credits}",
+        "limits_up_to": "up to {most:character|characters}",
+        "limits_between": "{fewest} to {most:character|characters}",
+        "prompt_too_short": "That description is too short: {model} needs at least {fewest:character|characters}. "
+                            "Please add a little more.",
+        "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
+        "prompt_replaced_option": "✏️ Description updated: “{prompt}”. Pick the {option}:",
+        "not_text_voice": "🎤 I can’t listen to voice messages yet. Please type the description.",
+        "not_text_photo": "🖼 I draw from words, not from pictures. Please describe in text what to draw.",
+        "not_text_sticker": "I can’t read stickers 🙂 Please describe the picture in words.",
+        "not_text_video": "🎬 I can’t watch videos. Please describe the picture in words.",
+        "not_text_file": "📎 I don’t open files. Please describe the picture in words.",
+        "unknown_command": "I don’t know that command. /start — menu, /help — help, /language — language.",
+        "not_configured_admin": "🛠 Generation is not set up: there is no Kie.ai key. "
+                                "Set KIE_API_KEY in the bot’s environment and restart it.",
+        "choose_language": "🌐 Choose your language:",
+        "language_set": "Done: I’ll speak English from now on.",
+        "outcome_success": "done",
+        "outcome_failed": "failed",
+        "outcome_timed_out": "timed out",
+        "outcome_in_flight": "in progress",
     },
 }
 
@@ -3088,6 +3199,16 @@ def option_keyboard(option: ModelOption, lang: str) -> dict:
     return keyboard(choices, [button(TEXTS[lang]["btn_cancel"], "cancel")])
 
 
+def language_keyboard() -> dict:
+    return keyboard([button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()])
+
+
+def prompt_limits(model: ImageModel, lang: str) -> str:
+    """How long ``model``'s prompt may be, in words: "до 1000 символов", "3 to 5000 characters"."""
+    fewest, most = model.prompt_chars
+    return render(lang, "limits_up_to" if fewest <= 1 else "limits_between", fewest=fewest, most=most)
+
+
 def result_keyboard(job_id: str, lang: str, failed: bool = False) -> dict:
     t = TEXTS[lang]
     again = button(t["btn_retry"] if failed else t["btn_again"], f"again:{job_id}")
@@ -3109,13 +3230,31 @@ def shorten(text: str, limit: int) -> str:
 #    presses, turning what the jobs answer into messages.
 ###############################################################################
 
-def check_prompt(text: str) -> tuple[str, dict[str, Any]] | None:
-    """None if the prompt is usable, else (text key, format values) explaining why not."""
-    if not text.strip():
+def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str, Any]] | None:
+    """None if the prompt is usable for ``model``, else (text key, format values) explaining why not."""
+    prompt = text.strip()
+    fewest, most = model.prompt_chars
+    if not prompt:
         return "prompt_empty", {}
-    if len(text) > PROMPT_MAX_CHARS:
-        return "prompt_too_long", {"length": len(text), "limit": PROMPT_MAX_CHARS}
+    if len(prompt) < fewest:
+        return "prompt_too_short", {"model": model.title, "fewest": fewest}
+    if len(prompt) > most:
+        return "prompt_too_long", {"model": model.title, "length": len(prompt), "most": most}
     return None
+
+
+# What a message holds instead of text, and the answer naming it (the first match wins:
+# an animation also carries a document).
+NOT_TEXT_ANSWERS: tuple[tuple[str, str], ...] = (
+    ("voice", "not_text_voice"), ("video_note", "not_text_video"), ("video", "not_text_video"),
+    ("animation", "not_text_video"), ("sticker", "not_text_sticker"), ("photo", "not_text_photo"),
+    ("audio", "not_text_file"), ("document", "not_text_file"),
+)
+
+
+def not_text_answer(message: dict) -> str:
+    """The text key answering a message that carries no text where a description was expected."""
+    return next((key for field, key in NOT_TEXT_ANSWERS if field in message), "prompt_not_text")
 
 
 def parse_command(text: str) -> str | None:
@@ -3146,13 +3285,76 @@ class Context:
     answered: bool = False
 
 
+class PromptStep:
+    """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
+
+    A new or edited description before the job starts replaces the old one and
+    the open question is asked again; every button of the dialog reads the
+    prompt from the state, so the old question's buttons draw the new prompt too.
+    """
+
+    def __init__(self, states: ConversationStore, models_by_key: Mapping[str, ImageModel],
+                 send: Callable[..., Awaitable[None]], send_hint: Callable[[Context], Awaitable[None]]):
+        self.states = states
+        self.models_by_key = models_by_key
+        self.send = send
+        self.send_hint = send_hint
+
+    async def take(self, ctx: Context, text: str, message_id: Any) -> None:
+        """The answer to the prompt question."""
+        state = self.states.get(ctx.user_id) or {}
+        model = self.models_by_key.get(state.get("model", ""), Z_IMAGE)
+        if await self.refuse(ctx, model, text):
+            return
+        prompt = text.strip()
+        await self.states.set(ctx.user_id, {**state, "step": "ratio", "model": model.key, "prompt": prompt,
+                                            "prompt_message_id": message_id if isinstance(message_id, int) else 0})
+        await self.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
+
+    async def replace(self, ctx: Context, text: str, message_id: Any) -> None:
+        """A description sent or edited while a ratio or option question is open."""
+        state = self.states.get(ctx.user_id) or {}
+        model = self.models_by_key.get(state.get("model", ""))
+        if model is None:  # (a saved dialog can outlive a catalog change)
+            await self.send_hint(ctx)
+            return
+        if await self.refuse(ctx, model, text):
+            return
+        prompt = text.strip()
+        await self.states.set(ctx.user_id, {**state, "prompt": prompt,
+                                            "prompt_message_id": message_id if isinstance(message_id, int) else 0})
+        shown = html.escape(shorten(prompt, 200))
+        if state.get("step") == "option" and model.option is not None:
+            await self.send(ctx, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
+                            option=model.option.title[ctx.lang])
+        else:
+            await self.send(ctx, "prompt_replaced", ratio_keyboard(model, ctx.lang), prompt=shown)
+
+    async def on_edit(self, ctx: Context, message: dict) -> None:
+        """Only an edit of the message that gave the prompt counts; other edits get no answer."""
+        text, message_id = message.get("text"), message.get("message_id")
+        state = self.states.get(ctx.user_id) or {}
+        if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
+                and message_id == state.get("prompt_message_id")
+                and isinstance(text, str) and parse_command(text) is None):
+            await self.replace(ctx, text, message_id)
+
+    async def refuse(self, ctx: Context, model: ImageModel, text: str) -> bool:
+        """Tells the user why ``text`` cannot be ``model``'s prompt; False if it can."""
+        problem = check_prompt(text, model)
+        if problem is not None:
+            await self.send(ctx, problem[0], **problem[1])
+        return problem is not None
+
+
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
     The dialog state per user is {"step": "prompt" | "ratio" | "option",
-    "model": key, "prompt": ..., "ratio": ...}.  Button data is untrusted: a
-    value not in the tables or not matching the user's step is answered
-    politely and changes nothing.
+    "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
+    "ratio": ...}.  A dialog speaks the language it started in.  Button data is
+    untrusted: a value not in the tables or not matching the user's step is
+    answered politely and changes nothing.
     """
 
     def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
@@ -3164,11 +3366,13 @@ class Conversation:
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
+        self.prompts = PromptStep(states, self.models_by_key, self.send, self.send_hint)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start,
             "/help": self.on_help,
             "/cancel": self.on_cancel,
             "/stats": self.on_stats,
+            "/language": self.on_language,
         }
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button,
@@ -3179,34 +3383,61 @@ class Conversation:
             "resend": self.on_resend_button,
             "cancel": self.on_cancel_button,
             "help": self.on_help_button,
+            "lang": self.on_language_button,
         }
 
     async def handle(self, update: dict) -> None:
         if isinstance(update.get("message"), dict):
             await self.on_message(update["message"])
+        elif isinstance(update.get("edited_message"), dict):
+            await self.on_edited_message(update["edited_message"])
         elif isinstance(update.get("callback_query"), dict):
             await self.on_callback_query(update["callback_query"])
 
-    async def on_message(self, message: dict) -> None:
+    def language(self, user_id: int, user: dict) -> str:
+        """The language the user chose with /language, else their Telegram app's."""
+        chosen = self.states.language(user_id)
+        return chosen if chosen in TEXTS else user_language(user)
+
+    def context(self, chat_id: int, user_id: int, user: dict, callback_id: str = "") -> Context:
+        """Who and where; an open dialog keeps its language even if the user's app changes its own."""
+        lang = (self.states.get(user_id) or {}).get("lang")
+        lang = lang if lang in TEXTS else self.language(user_id, user)
+        return Context(chat_id, user_id, lang, TEXTS[lang], callback_id)
+
+    def message_context(self, message: dict) -> Context | None:
         chat, user = message.get("chat") or {}, message.get("from") or {}
         if not isinstance(chat.get("id"), int):
+            return None
+        return self.context(chat["id"], user.get("id") or chat["id"], user)
+
+    async def on_message(self, message: dict) -> None:
+        ctx = self.message_context(message)
+        if ctx is None:
             return
-        lang = user_language(user)
-        ctx = Context(chat["id"], user.get("id") or chat["id"], lang, TEXTS[lang])
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
-        if command in self.commands:
-            await self.commands[command](ctx, message)
-        elif (self.states.get(ctx.user_id) or {}).get("step") == "prompt":
-            await self.on_prompt(ctx, text)
-        else:
+        step = (self.states.get(ctx.user_id) or {}).get("step")
+        if command is not None:  # never a prompt, even a command the bot does not know
+            await self.commands.get(command, self.on_unknown_command)(ctx, message)
+        elif step not in ("prompt", "ratio", "option"):
             await self.send_hint(ctx)
+        elif not isinstance(text, str):
+            await self.send(ctx, not_text_answer(message))
+        elif step == "prompt":
+            await self.prompts.take(ctx, text, message.get("message_id"))
+        else:
+            await self.prompts.replace(ctx, text, message.get("message_id"))
+
+    async def on_edited_message(self, message: dict) -> None:
+        ctx = self.message_context(message)
+        if ctx is not None:
+            await self.prompts.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
         user = query.get("from") or {}
         chat_id = ((query.get("message") or {}).get("chat") or {}).get("id") or user.get("id")
-        lang = user_language(user)
-        ctx = Context(chat_id, user.get("id") or 0, lang, TEXTS[lang], str(query.get("id", "")))
+        ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
         data = query.get("data")
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
@@ -3222,15 +3453,16 @@ class Conversation:
         await self.telegram.answer_callback(ctx.callback_id, text)
 
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
-        await self.telegram.send_message(ctx.chat_id, ctx.t[key].format(**values), markup)
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
 
     # -- commands -----------------------------------------------------------
 
     async def on_start(self, ctx: Context, message: dict) -> None:
         """Must answer whatever else is broken: no database read, a fallback menu."""
         try:
-            menu = main_menu(ctx.lang, self.models)
-            text = ctx.t["start"] + (ctx.t["start_catalog"] if len(self.models) > 1 else "")
+            lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
+            menu = main_menu(lang, self.models)
+            text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
@@ -3253,13 +3485,31 @@ class Conversation:
             return
         usage = await self.generations.usage()
         queue = self.queue_stats()
-        jobs_today = ", ".join(f"{outcome} {n}" for outcome, n in sorted(usage["jobs_today"].items())) or "0"
+        jobs_today = ", ".join(f"{ctx.t.get(f'outcome_{outcome}', outcome)} {n}"
+                               for outcome, n in sorted(usage["jobs_today"].items())) or "0"
         await self.send(ctx, "stats", **{**usage, "jobs_today": jobs_today}, received=queue.get("total_received"),
                         processed=queue.get("total_processed"), errors=queue.get("total_errors"),
                         queue_depth=queue.get("queue_depth"), backlog=queue.get("inbox_backlog"))
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
+
+    async def on_unknown_command(self, ctx: Context, message: dict) -> None:
+        await self.send(ctx, "unknown_command")  # an open dialog stays open
+
+    async def on_language(self, ctx: Context, message: dict) -> None:
+        await self.send(ctx, "choose_language", language_keyboard())
+
+    async def on_language_button(self, ctx: Context, lang: str) -> None:
+        if lang not in LANGUAGES:
+            return  # a forged button: answered as stale
+        await self.answer(ctx)
+        await self.states.set_language(ctx.user_id, lang)
+        state = self.states.get(ctx.user_id)
+        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.states.set(ctx.user_id, {**state, "lang": lang})
+        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
+        await self.send(chosen, "language_set", main_menu(lang, self.models))
 
     # -- the dialog ---------------------------------------------------------
 
@@ -3272,26 +3522,14 @@ class Conversation:
             await self.ask_prompt(ctx, model)
 
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
+        """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
         await self.answer(ctx)
-        if not self.generations.configured():
-            await self.send(ctx, "not_configured")
+        if not self.generations.configured():  # only admins can fix it, so only they read how
+            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
             return
-        await self.states.set(ctx.user_id, {"step": "prompt", "model": model.key})
+        await self.states.set(ctx.user_id, {"step": "prompt", "model": model.key, "lang": ctx.lang})
         cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
-        await self.send(ctx, "ask_prompt", cancel, model=model.title, limit=PROMPT_MAX_CHARS)
-
-    async def on_prompt(self, ctx: Context, text: Any) -> None:
-        if not isinstance(text, str):
-            await self.send(ctx, "prompt_not_text")
-            return
-        problem = check_prompt(text)
-        if problem is not None:
-            await self.send(ctx, problem[0], **problem[1])
-            return
-        state = self.states.get(ctx.user_id) or {}
-        model = self.models_by_key.get(state.get("model", ""), Z_IMAGE)
-        await self.states.set(ctx.user_id, {"step": "ratio", "model": model.key, "prompt": text.strip()})
-        await self.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(text.strip(), 200)))
+        await self.send(ctx, "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
         state = self.states.get(ctx.user_id) or {}
@@ -4493,7 +4731,9 @@ class Generations:
 #    recovery, ``check`` and main().
 ###############################################################################
 
-ALLOWED_UPDATES = ["message", "callback_query"]
+# Adding a kind here is enough for running bots: set-up finds the webhook's list differs and
+# sets it again, and getUpdates asks with it on every call.
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
@@ -4513,10 +4753,12 @@ WEBHOOK_CHECK_S = 60.0  # how often getWebhookInfo is asked for the pending coun
 COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
     "": [{"command": "start", "description": "Меню и новая картинка"},
          {"command": "help", "description": "Как пользоваться"},
-         {"command": "cancel", "description": "Отменить"}],
+         {"command": "cancel", "description": "Отменить"},
+         {"command": "language", "description": "Язык / Language"}],
     "en": [{"command": "start", "description": "Menu and a new picture"},
            {"command": "help", "description": "How to use"},
-           {"command": "cancel", "description": "Cancel"}],
+           {"command": "cancel", "description": "Cancel"},
+           {"command": "language", "description": "Language / Язык"}],
 }
 
 
