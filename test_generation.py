@@ -516,9 +516,129 @@ async def test_bad_prompts_are_explained_and_the_dialog_waits_for_a_good_one(mak
     await post_update(app, update_message(5, 72, "<b>кот</b> & co"))
     await eventually(lambda: len(fake_tg.texts_to(72)) == 5)
     _, too_long, empty, not_text, ratio = fake_tg.texts_to(72)
-    assert "1001" in too_long and "1000" in too_long
-    assert "пустое" in empty and "текстом" in not_text
+    assert "1001 символ," in too_long and "1000 символов" in too_long
+    assert "пустое" in empty and "Стикеры" in not_text
     assert "&lt;b&gt;кот&lt;/b&gt; &amp; co" in ratio and "<b>кот" not in ratio
+
+
+def edited(update_id: int, chat_id: int, message_id: int, text: str, lang: str = "ru") -> dict:
+    """Telegram's update for an edit of message ``message_id``, now reading ``text``."""
+    message = update_message(message_id, chat_id, text, lang)["message"]
+    return {"update_id": update_id, "edited_message": {**message, "edit_date": message["date"] + 5}}
+
+
+@pytest.mark.parametrize("lang, replaced", [("ru", "✏️ Описание заменено. Выберите формат для «собака»:"),
+                                            ("en", "✏️ Description updated. Pick a format for “собака”:")])
+async def test_a_new_text_at_the_ratio_step_replaces_the_prompt_and_every_ratio_button_draws_it(
+        make_app, fake_tg, fake_kie, lang, replaced):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 60, "new", lang))
+    await post_update(app, update_message(2, 60, "кот", lang))
+    await post_update(app, update_message(3, 60, "собака", lang))
+    await eventually(lambda: len(fake_tg.texts_to(60)) == 3)
+    assert fake_tg.texts_to(60)[2] == replaced
+    question = fake_tg.calls_of("sendMessage")[2]
+    assert [data for _, data in buttons_of(question)][:5] == [f"ratio:{r}" for r in trt_bot.Z_IMAGE.ratios]
+    await post_update(app, update_callback(4, 60, "ratio:1:1", lang))  # a button of the first question
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["input"]["prompt"] == "собака"
+
+
+async def test_an_edited_prompt_is_used_until_the_job_starts_and_other_edits_change_nothing(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 61, "new"))
+    await post_update(app, update_message(2, 61, "кот"))
+    await post_update(app, edited(3, 61, 2, "тигр в джунглях"))
+    await post_update(app, edited(4, 61, 1, "чужое сообщение"))  # not the prompt: no answer
+    await post_update(app, edited(5, 61, 2, "x" * 1001))  # a bad edit is explained and keeps the prompt
+    await eventually(lambda: len(fake_tg.texts_to(61)) == 4)
+    _, _, replaced, too_long = fake_tg.texts_to(61)
+    assert "Описание заменено" in replaced and "тигр в джунглях" in replaced and "1001 символ," in too_long
+    await post_update(app, update_callback(6, 61, "ratio:16:9"))
+    await eventually(lambda: fake_kie.created)
+    await post_update(app, edited(7, 61, 2, "слон"))  # the job has started: too late, nothing happens
+    await post_update(app, update_message(8, 61, "/help"))
+    await eventually(lambda: "/cancel" in fake_tg.texts_to(61)[-1])
+    assert fake_kie.created[0]["input"]["prompt"] == "тигр в джунглях" and len(fake_kie.created) == 1
+    assert not any("слон" in text for text in fake_tg.texts_to(61))
+
+
+@pytest.mark.parametrize("lang, unknown", [("ru", "Такой команды нет."), ("en", "I don’t know that command.")])
+async def test_commands_are_never_prompts_and_an_unknown_one_gets_a_short_help(make_app, fake_tg, fake_kie,
+                                                                               lang, unknown):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 62, "new", lang))
+    for n, text in enumerate(["/foo", "/", "/Draw@trt_test_bot a cat", "кот"], start=2):
+        await post_update(app, update_message(n, 62, text, lang))
+    await eventually(lambda: len(fake_tg.texts_to(62)) == 5)
+    _, *unknowns, ratio = fake_tg.texts_to(62)
+    assert all(text.startswith(unknown) and "/language" in text for text in unknowns)
+    assert "«кот»" in ratio or "“кот”" in ratio  # the question stayed open through the commands
+
+
+@pytest.mark.parametrize("lang, kind, says", [
+    ("ru", {"voice": {"file_id": "v", "duration": 2}}, "🎤 Голосовые я пока не слушаю"),
+    ("ru", {"photo": [{"file_id": "p", "width": 1, "height": 1}]}, "по картинкам"),
+    ("ru", {"sticker": {"file_id": "s"}}, "Стикеры я не читаю"),
+    ("en", {"voice": {"file_id": "v", "duration": 2}}, "I can’t listen to voice messages"),
+    ("en", {"video_note": {"file_id": "n"}}, "I can’t watch videos"),
+])
+async def test_a_message_without_text_at_the_prompt_step_is_told_what_was_not_understood(
+        make_app, fake_tg, fake_kie, lang, kind, says):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 63, "new", lang))
+    message = update_message(2, 63, "", lang)
+    del message["message"]["text"]
+    message["message"].update(kind)
+    await post_update(app, message)
+    await eventually(lambda: len(fake_tg.texts_to(63)) == 2)
+    assert says in fake_tg.texts_to(63)[1]
+    assert ("картинки и стикеры" not in fake_tg.texts_to(63)[1]) and "pictures or stickers" not in fake_tg.texts_to(63)[1]
+
+
+@pytest.mark.parametrize("lang, zimage_limit, flux_limit, too_short", [
+    ("ru", "(до 1000 символов)", "(от 3 до 5000 символов)", "Flux 2 Pro нужно хотя бы 3 символа"),
+    ("en", "(up to 1000 characters)", "(3 to 5000 characters)", "Flux 2 Pro needs at least 3 characters"),
+])
+async def test_tapping_another_model_while_asked_for_a_prompt_asks_again_with_that_models_limits(
+        make_app, fake_tg, fake_kie, lang, zimage_limit, flux_limit, too_short):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await post_update(app, update_callback(1, 64, "new", lang))
+    await post_update(app, update_callback(2, 64, "model:flux2pro", lang))
+    await post_update(app, update_message(3, 64, "ab", lang))  # enough for Z-Image, too short for Flux 2 Pro
+    await post_update(app, update_message(4, 64, "горы", lang))
+    await post_update(app, update_callback(5, 64, "ratio:1:1", lang))
+    await post_update(app, update_callback(6, 64, "opt:1K", lang))
+    await eventually(lambda: fake_kie.created)
+    ask_zimage, ask_flux, short, *_ = fake_tg.texts_to(64)
+    assert "Z-Image" in ask_zimage and zimage_limit in ask_zimage
+    assert "Flux 2 Pro" in ask_flux and flux_limit in ask_flux and too_short in short
+    assert fake_kie.created[0]["model"] == "flux-2/pro-text-to-image"
+    assert fake_kie.created[0]["input"]["prompt"] == "горы"
+
+
+async def test_a_dialog_keeps_its_language_when_the_users_app_changes_its_own(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 65, "new", "ru"))
+    await post_update(app, update_message(2, 65, "кот", "en"))  # the app's language changed mid-dialog
+    await post_update(app, update_callback(3, 65, "ratio:1:1", "en"))
+    await eventually(lambda: app.generations.jobs)
+    ask_prompt, ask_ratio, generating = fake_tg.texts_to(65)
+    assert "Опишите картинку" in ask_prompt and "Выберите формат" in ask_ratio and generating == "⏳ Генерирую…"
+    assert [job.lang for job in app.generations.jobs.values()] == ["ru"]
+    await post_update(app, update_message(4, 65, "/start", "en"))  # the dialog is over: the app's language again
+    await eventually(lambda: len(fake_tg.texts_to(65)) == 4)
+    assert "Hi!" in fake_tg.texts_to(65)[3]
+
+
+async def test_choosing_a_language_mid_dialog_switches_the_dialog_too(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_callback(1, 66, "new", "ru"))
+    await post_update(app, update_callback(2, 66, "lang:en", "ru"))
+    await post_update(app, update_message(3, 66, "кот", "ru"))
+    await eventually(lambda: len(fake_tg.texts_to(66)) == 3)
+    assert fake_tg.texts_to(66)[2].startswith("Pick a format for")
 
 
 async def test_the_prompt_is_escaped_in_the_caption(make_app, fake_tg, fake_kie):
@@ -577,19 +697,30 @@ async def test_one_generation_at_a_time_and_an_hourly_limit(make_app, fake_tg, f
     assert len(fake_kie.created) == 2
 
 
-async def test_without_a_kie_key_generation_says_it_is_not_configured(make_app, fake_tg):
-    app = await make_app()
+async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
+    app = await make_app(ADMIN_IDS="900")
     await post_update(app, update_callback(1, 76, "new"))
-    await eventually(lambda: fake_tg.texts_to(76))
-    assert "не настроена" in fake_tg.texts_to(76)[0]
+    await post_update(app, update_callback(2, 900, "new"))
+    await post_update(app, update_callback(3, 78, "new", lang="en"))
+    await eventually(lambda: fake_tg.texts_to(76) and fake_tg.texts_to(900) and fake_tg.texts_to(78))
+    (user,), (admin,), (english,) = fake_tg.texts_to(76), fake_tg.texts_to(900), fake_tg.texts_to(78)
+    assert "не до конца настроен" in user and "Kie" not in user and "ключ" not in user
+    assert "KIE_API_KEY" in admin and "не настроена" in admin
+    assert "isn’t fully set up" in english and "Kie" not in english
 
 
-async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
-    app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900"))
+async def test_stats_are_for_admins_only_and_read_in_the_admins_language(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900,901"))
+    await order(app, 5)
+    await eventually(lambda: fake_kie.created)
     await post_update(app, update_message(1, 900, "/stats"))
     await post_update(app, update_message(2, 77, "/stats"))
-    await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77))
-    assert "Статистика" in fake_tg.texts_to(900)[0] and "1234.5" in fake_tg.texts_to(900)[0]
+    await post_update(app, update_message(3, 901, "/stats", lang="en"))
+    await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77) and fake_tg.texts_to(901))
+    (russian,), (english,) = fake_tg.texts_to(900), fake_tg.texts_to(901)
+    assert "Статистика" in russian and "1234.5" in russian and "Картинок за сегодня: в работе 1" in russian
+    assert not re.search("[A-Za-z]", russian.replace("Kie.ai", "").replace("<b>", "").replace("</b>", ""))
+    assert "Pictures today: in progress 1" in english and "Incoming updates: " in english
     assert "Статистика" not in fake_tg.texts_to(77)[0]
 
 

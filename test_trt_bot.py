@@ -1703,6 +1703,38 @@ async def test_english_speakers_get_english_and_unknown_language_gets_russian(ma
     assert "Привет" in fake_tg.texts_to(2)[0] and "Привет" in fake_tg.texts_to(3)[0]
 
 
+async def test_a_language_chosen_with_the_language_command_is_kept_across_restarts(make_app, fake_tg):
+    first = await make_app()
+    await post_update(first, update_message(1, 30, "/language"))  # a Russian app
+    await eventually(lambda: fake_tg.texts_to(30))
+    choice = fake_tg.calls_of("sendMessage")[0]["reply_markup"]["inline_keyboard"]
+    assert [b["callback_data"] for row in choice for b in row] == ["lang:ru", "lang:en"]
+    await post_update(first, update_callback(2, 30, "lang:de"))  # forged: a pop-up only
+    await post_update(first, update_callback(3, 30, "lang:en"))
+    await post_update(first, update_message(4, 30, "/start"))
+    await eventually(lambda: len(fake_tg.texts_to(30)) == 3)
+    _, done, start = fake_tg.texts_to(30)
+    assert done.startswith("Done: I’ll speak English") and start.startswith("👋 <b>Hi!</b>")
+    popups = [p.get("text") for p in fake_tg.calls_of("answerCallbackQuery")]
+    assert popups == ["Эта кнопка больше не действует.", None]
+    await first.stop()
+    fake_tg.clear()
+    second = await make_app()
+    await post_update(second, update_message(5, 30, "/start"))
+    await post_update(second, update_message(6, 31, "/start"))  # someone who never chose: their app's language
+    await eventually(lambda: fake_tg.texts_to(30) and fake_tg.texts_to(31))
+    assert "Hi!" in fake_tg.texts_to(30)[0] and "Привет" in fake_tg.texts_to(31)[0]
+
+
+async def test_start_promises_no_time_in_either_language(make_app, fake_tg):
+    app = await make_app()
+    await post_update(app, update_message(1, 32, "/start"))
+    await post_update(app, update_message(2, 33, "/start", lang="en"))
+    await eventually(lambda: fake_tg.texts_to(32) and fake_tg.texts_to(33))
+    assert "полминуты" not in fake_tg.texts_to(32)[0] and "half a minute" not in fake_tg.texts_to(33)[0]
+    assert "придёт сюда же" in fake_tg.texts_to(32)[0] and "arrive right here" in fake_tg.texts_to(33)[0]
+
+
 async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fake_tg):
     app = await make_app()
     for n, text in enumerate(["/help", "/cancel", "просто текст", "/start@trt_test_bot"], start=1):
@@ -1818,6 +1850,17 @@ async def test_ensure_webhook_registers_or_flushes_without_leaking_the_token(mak
     assert registered["url"] == app.config.webhook_url and registered["secret_token"] == app.config.webhook_secret
     for secret in SECRETS[:2]:
         assert secret not in registered["url"] and secret not in registered["secret_token"]
+
+
+async def test_telegram_is_asked_for_edited_messages_by_the_webhook_and_by_polling(make_app, fake_tg):
+    fake_tg.webhook_info = {"url": "https://bot.example.com/old", "allowed_updates": ["message", "callback_query"]}
+    webhook_mode = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    assert "edited_message" in fake_tg.calls_of("setWebhook")[0]["allowed_updates"]
+    await webhook_mode.stop()  # (it holds the lease: a second bot on its database would stay passive)
+    await make_app(BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=0)
+    await eventually(lambda: fake_tg.calls_of("getUpdates"))
+    assert "edited_message" in fake_tg.calls_of("getUpdates")[0]["allowed_updates"]
 
 
 async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(make_app, fake_tg, caplog):
