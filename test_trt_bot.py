@@ -1726,6 +1726,16 @@ async def test_a_language_chosen_with_the_language_command_is_kept_across_restar
     assert "Hi!" in fake_tg.texts_to(30)[0] and "Привет" in fake_tg.texts_to(31)[0]
 
 
+async def test_a_language_chosen_while_the_database_is_unusable_holds_in_memory(make_app, fake_tg, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    app = await make_app(DATABASE_URL=f"sqlite:///{blocker}/bot.sqlite3")
+    await post_update(app, update_callback(1, 44, "lang:en"))
+    await post_update(app, update_message(2, 44, "/start"))
+    await eventually(lambda: len(fake_tg.texts_to(44)) == 2)
+    assert fake_tg.texts_to(44)[0].startswith("Done:") and fake_tg.texts_to(44)[1].startswith("👋 <b>Hi!</b>")
+
+
 async def test_start_promises_no_time_in_either_language(make_app, fake_tg):
     app = await make_app()
     await post_update(app, update_message(1, 32, "/start"))
