@@ -1633,7 +1633,7 @@ async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fak
         await post_update(app, update_message(n, 9, text))
     await eventually(lambda: len(fake_tg.texts_to(9)) == 4)
     help_text, cancelled, hint, start = fake_tg.texts_to(9)
-    assert "/cancel" in help_text and "Отменено" in cancelled and "Создать картинку" in hint and "Привет" in start
+    assert "/cancel" in help_text and "Отменять нечего" in cancelled and "Создать картинку" in hint and "Привет" in start
     assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage"))
 
 
