@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import hashlib
 import hmac
+import html
 import ipaddress
 import itertools
 import re
@@ -624,6 +625,292 @@ async def test_stats_are_for_admins_only(make_app, fake_tg, fake_kie):
     await eventually(lambda: fake_tg.texts_to(900) and fake_tg.texts_to(77))
     assert "Статистика" in fake_tg.texts_to(900)[0] and "1234.5" in fake_tg.texts_to(900)[0]
     assert "Статистика" not in fake_tg.texts_to(77)[0]
+
+
+def press(update_id: int, user: int, data: str, message_id: int, lang: str = "ru") -> dict:
+    """A button press on message ``message_id`` (Telegram says which message carried the button)."""
+    update = update_callback(update_id, user, data, lang)
+    update["callback_query"]["message"]["message_id"] = message_id
+    return update
+
+
+CANCELLED = {"ru": "✖️ Отменено: эту картинку я не пришлю", "en": "✖️ Cancelled: this picture will not be sent"}
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+@pytest.mark.parametrize("how", ["/cancel", "✖️"])
+async def test_cancel_mid_generation_sends_no_photo_frees_the_user_and_keeps_the_quota(make_app, fake_tg, fake_kie,
+                                                                                     tmp_path, lang, how):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 90, lang=lang)
+    job = await submitted_job(app, 90)
+    cancel = (update_message(next(_update_ids), 90, "/cancel", lang) if how == "/cancel"
+              else press(next(_update_ids), 90, "cancel", 1, lang))  # ✖️ under the ⏳ message
+    await post_update(app, cancel)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 90) if p["text"].startswith(CANCELLED[lang])])
+    assert told["message_id"] == 1 and "cancel" not in [data for _, data in buttons_of(told)]  # ⏳ became the answer
+    assert app.generations.refusal(90) is None and app.generations.remaining(90) == (20, 20)  # free, nothing counted
+    fake_kie.complete(job.task_id)  # Kie cannot cancel: its result comes, and is dropped
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 190)  # the callback and the poller had their turn
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [190]
+    assert app.generations.remaining(90) == (20, 20) and app.generations.finished["cancelled"] == 1
+    assert job_states(str(tmp_path / "bot.sqlite3"))[0] == "cancelled"  # a restart does not resume it
+
+
+@pytest.mark.parametrize("lang, open_question, nothing", [("ru", "Отменено.", "Отменять нечего."),
+                                                          ("en", "Cancelled.", "There is nothing to cancel.")])
+async def test_cancel_says_cancelled_only_when_something_was_open(make_app, fake_tg, fake_kie, lang, open_question,
+                                                                  nothing):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_message(1, 91, "/cancel", lang))
+    await post_update(app, update_callback(2, 91, "new", lang))
+    await post_update(app, update_message(3, 91, "/cancel", lang))
+    await eventually(lambda: len(fake_tg.texts_to(91)) == 3)
+    first, _, second = fake_tg.texts_to(91)
+    assert first.startswith(nothing) and second.startswith(open_question)
+
+
+@pytest.mark.parametrize("lang, too_late", [("ru", "отменить её нельзя"), ("en", "too late to cancel")])
+async def test_a_picture_already_on_its_way_is_not_cancelled_and_the_user_is_told_so(make_app, fake_tg, fake_kie,
+                                                                                     lang, too_late):
+    app = await make_app(**gen_env(fake_kie))
+    fake_tg.stall("sendPhoto")
+    await order(app, 92, lang=lang)
+    job = await submitted_job(app, 92)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.held("sendPhoto") == 1)
+    await post_update(app, update_message(next(_update_ids), 92, "/cancel", lang))
+    await eventually(lambda: [t for t in fake_tg.texts_to(92) if too_late in t])
+    fake_tg.release("sendPhoto")
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await eventually(lambda: not app.generations.jobs)
+    assert app.generations.remaining(92) == (19, 20)
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_double_tap_on_a_ratio_or_option_starts_one_picture(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await post_update(app, update_callback(1, 93, "model:seedream45", lang))
+    await post_update(app, update_message(2, 93, "горы", lang))
+    for n, data in enumerate(["ratio:16:9", "ratio:16:9", "opt:basic", "opt:basic"], start=3):
+        await post_update(app, press(n, 93, data, 1002, lang))  # the ratio question, sent second
+    await eventually(lambda: len(fake_tg.calls_of("answerCallbackQuery")) == 5)
+    await eventually(lambda: fake_kie.created)
+    stale = trt_bot.TEXTS[lang]["stale_button"]
+    assert [p.get("text", "") for p in fake_tg.calls_of("answerCallbackQuery")] == ["", "", stale, "", stale]
+    assert len(fake_kie.created) == 1 and len(app.generations.jobs) == 1
+    assert [method for method, _ in new_messages_to(fake_tg, 93)] == ["sendMessage", "sendMessage"]
+    assert all(p["message_id"] == 1002 for p in edits_of(fake_tg, 93))  # one message evolves
+
+
+@pytest.mark.parametrize("lang, status", [("ru", "⏳ 16:9 · Z-Image · 0:13"), ("en", "⏳ 16:9 · Z-Image · 0:13")])
+async def test_while_a_picture_is_drawn_the_chat_shows_upload_photo_and_the_elapsed_time(make_app, fake_tg, fake_kie,
+                                                                                         lang, status):
+    clock = ManualClock()
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+
+    def actions(user: int) -> list[dict]:
+        return [p for p in fake_tg.calls_of("sendChatAction") if p["chat_id"] == user]
+
+    await order(app, 94, lang=lang)
+    job = await submitted_job(app, 94)
+    clock.advance(1)
+    await eventually(lambda: len(actions(94)) == 1)
+    assert actions(94)[0]["action"] == "upload_photo" and len(edits_of(fake_tg, 94)) == 1  # only the first status
+    clock.advance(5)  # Telegram shows the action ~5 s: it is repeated
+    await eventually(lambda: len(actions(94)) == 2)
+    clock.advance(7)
+    await eventually(lambda: len(edits_of(fake_tg, 94)) == 2)
+    assert edits_of(fake_tg, 94)[-1]["text"] == status and buttons_of(edits_of(fake_tg, 94)[-1])[0][1] == "cancel"
+    assert len(actions(94)) == 3
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await eventually(lambda: not app.generations.jobs)
+    await order(app, 194, lang=lang)  # a barrier: the watch has gone round once the other user's action is out
+    await submitted_job(app, 194)
+    clock.advance(20)
+    await eventually(lambda: actions(194))
+    assert len(actions(94)) == 3 and len(edits_of(fake_tg, 94)) == 2  # both stopped when the job ended
+
+
+def test_a_caption_names_model_and_ratio_and_shortens_the_prompt_to_fit_telegrams_limit():
+    model = trt_bot.MODELS_BY_KEY["seedream45"]
+    left = trt_bot.left_text((17, 20), "ru")
+    caption = trt_bot.result_caption(model, "16:9", "high", "<b>" * 400, "ru", left)
+    shown = html.unescape(caption)  # Telegram counts the text as shown, after the entities are parsed
+    assert len(shown) <= trt_bot.CAPTION_MAX_CHARS and "<b>" not in caption
+    assert shown.startswith("16:9 · Seedream 4.5 · Высокое (4K)\n<b><b>") and "…" in shown
+    assert shown.endswith("\n\nОсталось 17 из 20 на этот час.")
+    assert trt_bot.left_text((17, 20), "en") == "17 of 20 left this hour." and trt_bot.left_text(None, "en") == ""
+
+
+async def delivered_picture(app, fake_tg, fake_kie, user: int, lang: str = "ru", **ordered) -> dict:
+    """Order a picture, have Kie finish it, and return the photo the user got."""
+    await order(app, user, lang=lang, **ordered)
+    job = await submitted_job(app, user)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: not app.generations.jobs)
+    return [p for p in fake_tg.calls_of("sendPhoto") if p["chat_id"] == user][-1]
+
+
+def button_data(params: dict, verb: str) -> str:
+    return next(data for _, data in buttons_of(params) if data.startswith(f"{verb}:"))
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_another_ratio_draws_the_same_prompt_and_model_in_the_new_ratio(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 95, lang, model="flux2pro", option="2K")
+    assert buttons_of(photo)[-1][1] == "model:flux2pro"  # "new picture" keeps the model last used
+    await post_update(app, update_callback(next(_update_ids), 95, button_data(photo, "ratios"), lang))
+    await eventually(lambda: len([t for t in fake_tg.texts_to(95) if "кот-космонавт" in t]) == 2)  # same prompt
+    await post_update(app, press(next(_update_ids), 95, "ratio:3:2", 1, lang))
+    await post_update(app, press(next(_update_ids), 95, "opt:1K", 1, lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["model"] == "flux-2/pro-text-to-image"
+    assert fake_kie.created[1]["input"] == {"prompt": "кот-космонавт", "aspect_ratio": "3:2", "resolution": "1K",
+                                            "nsfw_checker": True}
+
+
+async def test_another_model_draws_the_same_prompt_with_the_chosen_model(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 96, "en")
+    models = button_data(photo, "models")
+    await post_update(app, update_callback(next(_update_ids), 96, models, "en"))
+    offer = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if "Which model" in p["text"]])
+    choices = [data for _, data in buttons_of(offer[0])]
+    assert len(choices) == len(trt_bot.CATALOG) and all(len(data.encode()) < 64 for data in choices)
+    await post_update(app, press(next(_update_ids), 96, f"use:{models[7:]}:imagen4fast", 1500, "en"))
+    await eventually(lambda: [p for p in edits_of(fake_tg, 96) if p["message_id"] == 1500])  # the offer evolves
+    await post_update(app, press(next(_update_ids), 96, "ratio:4:3", 1500, "en"))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert (fake_kie.created[1]["model"], fake_kie.created[1]["input"]) == (
+        "google/imagen4-fast", {"prompt": "кот-космонавт", "aspect_ratio": "4:3"})  # no nsfw_checker: not documented
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_change_the_prompt_asks_for_a_new_one_for_the_same_model(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 97, lang, model="grok")
+    await post_update(app, update_callback(next(_update_ids), 97, button_data(photo, "edit"), lang))
+    await post_update(app, update_message(next(_update_ids), 97, "кот-водолаз", lang))
+    await post_update(app, update_callback(next(_update_ids), 97, "ratio:2:3", lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["model"] == "grok-imagine/text-to-image"
+    assert fake_kie.created[1]["input"]["prompt"] == "кот-водолаз"
+
+
+async def test_the_original_file_is_sent_as_a_document_once_per_press(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 98)
+    await post_update(app, update_callback(next(_update_ids), 98, button_data(photo, "file")))
+    (document,) = await eventually(lambda: fake_tg.calls_of("sendDocument"))
+    assert document["document"] == PNG_BYTES and document["chat_id"] == "98"
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 198)
+    assert len(fake_tg.calls_of("sendDocument")) == 1
+
+
+async def test_the_original_file_comes_only_from_a_public_address(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))  # the fake's 127.0.0.1 is not public
+    photo = await delivered_picture(app, fake_tg, fake_kie, 99, "en")
+    await post_update(app, update_callback(next(_update_ids), 99, button_data(photo, "file"), "en"))
+    await eventually(lambda: [t for t in fake_tg.texts_to(99) if "original file is not available" in t])
+    assert fake_tg.calls_of("sendDocument") == []
+
+
+@pytest.mark.parametrize("verb", ["again", "ratios", "models", "edit", "file", "resend"])
+async def test_a_button_naming_another_users_picture_is_stale_and_does_nothing(make_app, fake_tg, fake_kie, verb):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0", RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 100)
+    job_id = button_data(photo, "again")[6:]
+    fake_tg.clear()
+    await post_update(app, update_callback(next(_update_ids), 101, f"{verb}:{job_id}"))  # someone else's job id
+    (answer,) = await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))
+    assert answer["text"] == trt_bot.TEXTS["ru"]["stale_button"]
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 102)
+    assert [method for method, p in fake_tg.calls if p.get("chat_id") == 101] == []
+    assert len(fake_kie.created) == 2
+
+
+@pytest.mark.parametrize("lang, failed", [("ru", "отправить её не удалось"), ("en", "could not be sent")])
+async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_new_one(make_app, fake_tg, fake_kie,
+                                                                                       monkeypatch, lang, failed):
+    monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
+    for _ in range(500):
+        fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
+    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
+    app.telegram.attempts = 1
+    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
+    await order(app, 103, lang=lang)
+    job = await submitted_job(app, 103)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 103) if failed in p["text"]], timeout=15)
+    await eventually(lambda: not app.generations.jobs)
+    with fake_tg._cond:
+        fake_tg._scripted.clear()  # Telegram works again
+    sent_before = len(fake_tg.calls_of("sendPhoto"))
+    await post_update(app, update_callback(next(_update_ids), 103, button_data(told, "resend"), lang))
+    await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == sent_before + 1)
+    assert fake_tg.calls_of("sendPhoto")[-1]["photo"] == fake_kie.image_url() and len(fake_kie.created) == 1
+
+
+@pytest.mark.parametrize("lang, invalid", [("ru", "Сервис не принял запрос"), ("en", "did not accept the request")])
+async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(make_app, fake_tg, fake_kie, lang,
+                                                                              invalid):
+    fake_kie.script("createTask", 200, {"code": 422, "msg": "prompt is invalid"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 104, "ab", lang=lang)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if invalid in p["text"]])
+    await eventually(lambda: not app.generations.jobs)
+    await post_update(app, update_callback(next(_update_ids), 104, button_data(told, "edit"), lang))
+    await post_update(app, update_message(next(_update_ids), 104, "a longer prompt", lang))
+    await post_update(app, update_callback(next(_update_ids), 104, "ratio:1:1", lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["input"]["prompt"] == "a longer prompt"
+
+
+@pytest.mark.parametrize("lang, stalled", [("ru", "не выдал картинку за 10 минут"), ("en", "no picture within 10 minutes")])
+async def test_kies_408_has_its_own_message(make_app, fake_tg, fake_kie, fast_jobs, lang, stalled):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 105, lang=lang)
+    job = await submitted_job(app, 105)
+    fake_kie.fail_task(job.task_id, "408", "no result for over 10 minutes")
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: [p for p in edits_of(fake_tg, 105) if stalled in p["text"]])
+    assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", (), "", "408")) == "stalled"
+
+
+async def test_kies_content_filter_is_on_by_default_and_a_setting_turns_it_off(make_app, fake_tg, fake_kie):
+    documented = {model.key for model in trt_bot.CATALOG if model.nsfw_checker}
+    assert documented == {"zimage", "seedream45", "flux2pro", "grok"}  # as Kie's model pages list the parameter
+    assert trt_bot.load_config(bot_env(fake_tg, "x.sqlite3")).kie_nsfw_checker is True
+    with pytest.raises(trt_bot.ConfigError):
+        trt_bot.load_config(bot_env(fake_tg, "x.sqlite3", KIE_NSFW_CHECKER="maybe"))
+    app = await make_app(**gen_env(fake_kie, KIE_NSFW_CHECKER="0"))
+    await order(app, 106)
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["input"]["nsfw_checker"] is False
+
+
+async def test_start_shows_what_is_left_this_hour(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await delivered_picture(app, fake_tg, fake_kie, 107, "en")
+    await post_update(app, update_message(next(_update_ids), 107, "/start", "en"))
+    await eventually(lambda: [t for t in fake_tg.texts_to(107) if t.endswith("\n\n19 of 20 left this hour.")])
+
+
+async def test_start_shows_what_is_left_when_the_database_is_down(make_app, fake_tg, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    app = await make_app(DATABASE_URL=f"sqlite:///{blocker}/bot.sqlite3")
+    await post_update(app, update_message(1, 108, "/start"))
+    (start,) = await eventually(lambda: fake_tg.texts_to(108))
+    assert start.startswith("👋") and start.endswith("\n\nОсталось 20 из 20 на этот час.")
 
 
 def test_a_refusal_is_told_in_the_users_words():
