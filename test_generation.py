@@ -761,6 +761,31 @@ def button_data(params: dict, verb: str) -> str:
     return next(data for _, data in buttons_of(params) if data.startswith(f"{verb}:"))
 
 
+def returned_message_id(fake_tg, sent: dict) -> int:
+    """The message id the fake gave ``sent``: it numbers messages it creates or edits from 1001 on, in order."""
+    with fake_tg._cond:
+        numbered = [params for method, params in fake_tg.calls
+                    if method in ("sendMessage", "sendPhoto", "sendDocument", "editMessageText")]
+    return 1001 + next(n for n, params in enumerate(numbered) if params is sent)
+
+
+@pytest.mark.parametrize("lang, status", [("ru", "⏳ 16:9 · Z-Image · 0:00"), ("en", "⏳ 16:9 · Z-Image · 0:00")])
+async def test_regenerate_under_a_photo_posts_its_own_status_which_gives_way_to_the_result(make_app, fake_tg, fake_kie,
+                                                                                          lang, status):
+    app = await make_app(**gen_env(fake_kie))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 109, lang)
+    await post_update(app, press(next(_update_ids), 109, button_data(photo, "again"), 1500, lang))  # on the photo
+    (posted,) = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"] == status])
+    assert buttons_of(posted) == [(trt_bot.TEXTS[lang]["btn_cancel"], "cancel")]
+    job = await submitted_job(app, 109)
+    await eventually(lambda: job.status_message_id == returned_message_id(fake_tg, posted))
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 2)
+    await eventually(lambda: [p for p in fake_tg.calls_of("deleteMessage") if p["message_id"] == job.status_message_id])
+    assert not [p for p in fake_tg.calls_of("editMessageText") if p["message_id"] == 1500]  # the photo is left as it is
+
+
 @pytest.mark.parametrize("lang", ["ru", "en"])
 async def test_another_ratio_draws_the_same_prompt_and_model_in_the_new_ratio(make_app, fake_tg, fake_kie, lang):
     app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))

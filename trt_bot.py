@@ -4353,9 +4353,12 @@ class Progress:
         except TelegramError as error:  # a sign of life that fails is skipped: the next one comes soon
             log.info("[JOB] %s: %s failed: %s", job.id, method, error.description)
 
-    async def post_status(self, job: Job) -> None:
+    def post_status(self, job: Job, run_in_background: Callable[[Awaitable[None]], None]) -> None:
         """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve)."""
-        self._calls[job.id] = asyncio.Event()
+        self._calls[job.id] = asyncio.Event()  # now, so no tick and no delivery comes first
+        run_in_background(self._post_status(job))
+
+    async def _post_status(self, job: Job) -> None:
         try:
             text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
             message = await self.telegram.send_message(job.chat_id, text, status_keyboard(job.lang))
@@ -4825,7 +4828,7 @@ class Generations:
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
-            self._run_in_background(self.progress.post_status(job))
+            self.progress.post_status(job, self._run_in_background)
         return job
 
     async def cancel(self, user_id: int) -> tuple[str, Job | None]:
