@@ -299,7 +299,8 @@ async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, 
     fake_kie.complete("task00001")
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
     (photo,) = fake_tg.calls_of("sendPhoto")
-    assert photo["photo"] == fake_kie.image_url() and photo["caption"] == "1:1 · Z-Image\na red fox\n\n19 of 20 left this hour."
+    assert photo["photo"] == fake_kie.image_url()
+    assert photo["caption"] == "1:1 · Z-Image\na red fox\n\n19 of 20 left this hour."
     assert [text for text, _ in buttons_of(photo)] == ["🔁 Regenerate", "📐 Another ratio", "✏️ Change the prompt",
                                                         "📎 Original file", "🖼 New picture"]
     assert buttons_of(photo)[-1] == ("🖼 New picture", "model:zimage")
@@ -404,7 +405,8 @@ async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, 
     (failure,) = [p for p in edits_of(fake_tg, 55) if "модерацией" in p["text"]]
     assert failure["message_id"] == 1  # the status message, the ratio question before
     (retry, edit, new) = buttons_of(failure)  # after moderation the prompt can be changed, not only sent again
-    assert retry[0] == "🔁 Попробовать снова" and retry[1].startswith("again:") and new == ("🖼 Новая картинка", "model:zimage")
+    assert retry[0] == "🔁 Попробовать снова" and retry[1].startswith("again:")
+    assert new == ("🖼 Новая картинка", "model:zimage")
     assert edit == ("✏️ Изменить описание", retry[1].replace("again:", "edit:"))
     assert fake_tg.calls_of("sendPhoto") == []
     await post_update(app, update_callback(next(_update_ids), 55, retry[1]))
@@ -419,7 +421,8 @@ async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fa
         fake_kie.script("createTask", 200, {"code": 402, "msg": "Insufficient Credits"})
     app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900, 901"))
     await asyncio.gather(*(order(app, user) for user in range(60, 65)))
-    await eventually(lambda: len([p for p in fake_tg.calls_of("editMessageText") if "временно недоступна" in p["text"]]) == 5)
+    await eventually(lambda: len([p for p in fake_tg.calls_of("editMessageText")
+                                  if "временно недоступна" in p["text"]]) == 5)
     # Each failed createTask is logged, then alerts unless an incident is open: five failures, one incident.
     await eventually(lambda: len([r for r in caplog.records if "createTask failed" in r.getMessage()]) == 5)
     assert len([r for r in caplog.records if "[JOB] Kie incident" in r.getMessage()]) == 1
@@ -736,6 +739,35 @@ async def test_while_a_picture_is_drawn_the_chat_shows_upload_photo_and_the_elap
     assert len(actions(94)) == 3 and len(edits_of(fake_tg, 94)) == 2  # both stopped when the job ended
 
 
+def test_every_button_under_a_result_or_a_failure_fits_telegrams_64_bytes_and_names_its_job():
+    job_id = "0123456789abcdef"
+    keyboards = [trt_bot.result_keyboard(job_id, m.key, lang, True) for m in trt_bot.CATALOG for lang in ("ru", "en")]
+    keyboards += [trt_bot.failure_keyboard(job_id, "flux2pro", error, "en") for error in ("moderation", "delivery", "")]
+    keyboards.append(trt_bot.keyboard([trt_bot.button(m.title, f"use:{job_id}:{m.key}") for m in trt_bot.CATALOG]))
+    data = [b["callback_data"] for markup in keyboards for row in markup["inline_keyboard"] for b in row]
+    assert max(len(d.encode()) for d in data) < 64
+    assert all(job_id in d or d.startswith("model:") for d in data)
+    assert "models" not in str(trt_bot.result_keyboard(job_id, "zimage", "en"))  # one model: no other to offer
+
+
+async def test_a_cancel_while_a_sign_of_life_holds_up_delivery_still_stops_the_photo(make_app, fake_tg, fake_kie):
+    clock = ManualClock()
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+    await order(app, 110)
+    job = await submitted_job(app, 110)
+    fake_tg.stall("sendChatAction")
+    clock.advance(1)
+    await eventually(lambda: fake_tg.held("sendChatAction") == 1)  # a sign of life in flight
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: job.state == "succeeded")  # delivery waits for the sign of life to end
+    await post_update(app, update_message(next(_update_ids), 110, "/cancel"))
+    await eventually(lambda: job.state == "cancelled")
+    fake_tg.release("sendChatAction")
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 210)
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [210]
+
+
 def test_a_caption_names_model_and_ratio_and_shortens_the_prompt_to_fit_telegrams_limit():
     model = trt_bot.MODELS_BY_KEY["seedream45"]
     left = trt_bot.left_text((17, 20), "ru")
@@ -899,7 +931,8 @@ async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(ma
     assert fake_kie.created[1]["input"]["prompt"] == "a longer prompt"
 
 
-@pytest.mark.parametrize("lang, stalled", [("ru", "не выдал картинку за 10 минут"), ("en", "no picture within 10 minutes")])
+@pytest.mark.parametrize("lang, stalled", [("ru", "не выдал картинку за 10 минут"),
+                                           ("en", "no picture within 10 minutes")])
 async def test_kies_408_has_its_own_message(make_app, fake_tg, fake_kie, fast_jobs, lang, stalled):
     app = await make_app(**gen_env(fake_kie))
     await order(app, 105, lang=lang)
@@ -1353,7 +1386,8 @@ async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_ap
     monkeypatch.setattr(app.kie, "record_info", broken_record_info)
     await order(app, 89)
     await eventually(lambda: any("a bug in polling" in str(r.exc_info and r.exc_info[1]) for r in caplog.records))
-    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "слишком много времени" in p["text"]])  # still ends: timed out and told
+    # Still ends: timed out and told.
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "слишком много времени" in p["text"]])
     assert never_retrieved(unretrieved_task_errors) == []
 
 
@@ -1382,7 +1416,7 @@ async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app
     await eventually(lambda: not app.generations.jobs, timeout=15)
     assert len(fake_tg.calls_of("sendPhoto")) > 1  # it did retry, within the budget
     (told,) = [p for p in fake_tg.calls_of("editMessageText") if "отправить её не удалось" in p["text"]]
-    assert [data.split(":")[0] for _, data in buttons_of(told)] == ["resend", "model"]  # the ready picture, not a new one
+    assert [data.split(":")[0] for _, data in buttons_of(told)] == ["resend", "model"]  # the ready picture again
     await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
 
 

@@ -3063,7 +3063,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_stalled": "⌛ The service produced no picture within 10 minutes and gave up. Please try again.",
         "status": "⏳ {details} · {elapsed}",
         "left_this_hour": "{left} of {limit} left this hour.",
-        "cancelled_job": "✖️ Cancelled: this picture will not be sent, and it does not count towards your hourly limit.",
+        "cancelled_job": "✖️ Cancelled: this picture will not be sent, and it does not count towards your hourly "
+                         "limit.",
         "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
         "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
         "ask_model": "Which model should draw “{prompt}”?",
@@ -3368,10 +3369,8 @@ class Conversation:
         await self.states.set(ctx.user_id, None)
         menu = main_menu(ctx.lang, self.models)
         outcome, job = await self.generations.cancel(ctx.user_id)
-        if job is not None and outcome == "cancelled" and job.status_message_id:
+        if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
             await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
-            if ctx.message_id != job.status_message_id and ctx.message_id:
-                await self.edit(ctx, ctx.message_id, ctx.t["cancelled"])
         elif outcome == "cancelled":
             await self.reply(ctx, "cancelled_job", menu)
         elif outcome == "too_late":
@@ -3435,7 +3434,8 @@ class Conversation:
             return
         await self.answer(ctx)
         await self.states.set(ctx.user_id, {**state, "step": "option", "ratio": ratio})
-        await self.reply(ctx, "ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
+        await self.reply(ctx, "ask_option", option_keyboard(model.option, ctx.lang),
+                         option=model.option.title[ctx.lang])
 
     async def on_option_button(self, ctx: Context, value: str) -> None:
         state = self.states.get(ctx.user_id) or {}
@@ -4329,7 +4329,8 @@ class Progress:
             if job.state not in RUNNING_STATES or job.id in self._calls:
                 continue
             action = now >= self._action_due.get(job.id, 0.0)
-            edit = bool(job.status_message_id) and now >= self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
+            edit_due = self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
+            edit = bool(job.status_message_id) and now >= edit_due
             if action or edit:
                 self._calls[job.id] = asyncio.Event()
                 run_in_background(self._show(job, now, action, edit))
@@ -4499,7 +4500,7 @@ class Deliverer:
                  apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
                  clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S,
                  settle: Callable[[Job], Awaitable[None]] = lambda job: asyncio.sleep(0)):
-        self.settle = settle  # waits until nothing else is editing the job's ⏳ message
+        self.settle = settle  # waits until no sign of life is in flight (bounded by the Telegram client's budget)
         self.gen_timeout_s = gen_timeout_s
         self.book = book
         self.sender = sender
@@ -4540,12 +4541,13 @@ class Deliverer:
 
     async def _deliver(self, job: Job) -> None:
         """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
-        step = self._steps.get(job.state)
-        if job.id in self._delivering or step is None:
+        if job.id in self._delivering or job.state not in self._steps:
             return
         self._delivering.add(job.id)
         try:
-            finished = await self._attempt(job, step)
+            await self.settle(job)  # the state is read after it: the job may have been cancelled meanwhile
+            step = self._steps.get(job.state)
+            finished = step is not None and await self._attempt(job, step)
         finally:
             self._delivering.discard(job.id)
         if finished:
@@ -4558,7 +4560,6 @@ class Deliverer:
             if self.clock.time() >= give_up_at:
                 raise TimeoutError
             async with asyncio.timeout(give_up_at - self.clock.time()):
-                await self.settle(job)
                 await step(job)
             return True
         except TelegramError as error:
