@@ -750,6 +750,27 @@ def test_every_button_under_a_result_or_a_failure_fits_telegrams_64_bytes_and_na
     assert "models" not in str(trt_bot.result_keyboard(job_id, "zimage", "en"))  # one model: no other to offer
 
 
+async def test_signs_of_life_stop_once_the_picture_is_ready_even_while_it_is_still_being_sent(make_app, fake_tg,
+                                                                                              fake_kie):
+    clock = ManualClock()
+    fake_tg.stall("sendPhoto")
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+    await order(app, 111)
+    job = await submitted_job(app, 111)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.held("sendPhoto") == 1)  # the photo is on its way, slowly
+    await order(app, 211)  # a barrier: the watch has gone round once the other user's signs of life are out
+    await submitted_job(app, 211)
+    clock.advance(13)
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if p["chat_id"] == 211
+                              and p["text"].endswith("0:13")])
+    assert [p for p in fake_tg.calls_of("sendChatAction") if p["chat_id"] == 111] == []
+    assert [p["text"] for p in edits_of(fake_tg, 111)] == ["⏳ 16:9 · Z-Image · 0:00"]
+    fake_tg.release("sendPhoto")
+    await eventually(lambda: job.id not in app.generations.jobs)
+
+
 async def test_a_cancel_while_a_sign_of_life_holds_up_delivery_still_stops_the_photo(make_app, fake_tg, fake_kie):
     clock = ManualClock()
     app = await make_app(**gen_env(fake_kie), clock=clock)
