@@ -110,9 +110,8 @@ REPLY_TOKENS: tuple[tuple[str, Callable[[re.Match], str]], ...] = (
     (opening("ask_prompt"), lambda m: "ask_prompt"),
     (opening("prompt_too_long") + r"(\d+)", lambda m: f"long{int(m[1]) - PROMPT_MAX_CHARS - 1}"),
     (opening("ask_ratio") + r"(.*)»", lambda m: f"ask_ratio:{m[1]}"),
-    (opening("generating"), lambda m: "generating"),
-    # A ratio press replayed after kill -9 can find its job already running: "busy" tells the same.
-    (opening("busy_user"), lambda m: "generating"),
+    # The pressed ratio question becomes the ⏳ status (later edits show more elapsed time: not replies).
+    (r"^⏳ .* · 0:00$", lambda m: "generating"),
     (opening("start"), lambda m: "start"),
     (opening("help"), lambda m: "help"),
 )
@@ -227,10 +226,17 @@ def again_job_id(params: dict) -> str:
     return button_job_id(params, "again")
 
 
+def is_status(call: Performed) -> bool:
+    """The edit that turns a pressed ratio question into the ⏳ status: the ratio press's reply."""
+    return call.method == "editMessageText" and reply_token(call.params.get("text", "")) == "generating"
+
+
 def replies_by_process(performed: list[Performed], chat_id: int) -> list[list[str]]:
     runs: dict[int, list[str]] = collections.defaultdict(list)
     for call in performed:
-        if call.method == "sendMessage" and int(call.params["chat_id"]) == chat_id and not again_job_id(call.params):
+        if int(call.params.get("chat_id") or 0) != chat_id:
+            continue
+        if (call.method == "sendMessage" and not again_job_id(call.params)) or is_status(call):
             runs[call.life].append(reply_token(call.params["text"]))
     return [runs[life] for life in sorted(runs)]
 
@@ -549,8 +555,7 @@ def generation_problems(generators: list[Chat], fake_tg: FaultyBotApi, jobs: lis
     answered = {call.params["callback_query_id"] for call in fake_tg.performed_of("answerCallbackQuery")}
     chats_with_jobs = {chat_id for _, chat_id, _, _ in jobs}
     outcomes = job_outcomes(fake_tg.performed_of(*RESULT_METHODS))
-    told = {int(call.params["chat_id"]) for call in fake_tg.performed_of("sendMessage")
-            if reply_token(call.params["text"]) == "generating"}
+    told = {int(call.params["chat_id"]) for call in fake_tg.performed_of("editMessageText") if is_status(call)}
     return ([f"chat {chat.chat_id}: presses {sorted(set(chat.button_presses) - answered)} not answered"
              for chat in generators if set(chat.button_presses) - answered]
             + [f"chat {chat_id} was told ⏳ but has no job" for chat_id in sorted(told - chats_with_jobs)]
@@ -564,13 +569,13 @@ async def test_kill_9_while_telegram_answers_the_generating_message_still_makes_
     database = str(tmp_path / "bot.sqlite3")
     env = bot_env(faulty_tg, database, KIE_API_KEY=KIE_KEY, KIE_API_BASE=faulty_kie.base_url, LEASE_TTL_S="2")
     lives = Lives(fault_bots, faulty_tg, env)
-    answer = faulty_tg.hold_answer(lambda method, params: params.get("text") == TEXTS["generating"])
+    answer = faulty_tg.hold_answer(lambda method, params: method == "editMessageText"
+                                   and reply_token(params.get("text", "")) == "generating")
     chat = Chat(4000)
     chat.generate("маяк в тумане")
     bot = lives.start()
     await send_all(client, lives.target, [chat])
-    await eventually(lambda: any(call.params["text"] == TEXTS["generating"]
-                                 for call in faulty_tg.performed_of("sendMessage")))
+    await eventually(lambda: any(is_status(call) for call in faulty_tg.performed_of("editMessageText")))
     bot.kill()
     answer.set()
     FAULT_KINDS["kill -9"] += 1
@@ -597,7 +602,7 @@ async def test_kill_9_while_telegram_answers_the_generating_message_still_makes_
     tally = Tally()
     tally.check_jobs(job_outcomes(faulty_tg.performed), [job_id for job_id, *_ in jobs_in(database)], killed=True)
     tally.report()
-    assert [call.params["caption"] for call in faulty_tg.performed_of("sendPhoto")] == ["маяк в тумане"]
+    assert [call.params["caption"].split("\n")[1] for call in faulty_tg.performed_of("sendPhoto")] == ["маяк в тумане"]
 
 
 ###############################################################################

@@ -12,8 +12,10 @@ import dataclasses
 import gc
 import hashlib
 import hmac
+import html
 import ipaddress
 import itertools
+import json
 import re
 import socket
 import sqlite3
@@ -87,6 +89,17 @@ def buttons_of(params: dict) -> list[tuple[str, str]]:
     return [(b["text"], b["callback_data"]) for row in params["reply_markup"]["inline_keyboard"] for b in row]
 
 
+def new_messages_to(fake_tg, user: int) -> list[tuple[str, dict]]:
+    """Every message the bot sent to ``user`` that is new in the chat (edits are not), in order."""
+    with fake_tg._cond:
+        return [(method, params) for method, params in fake_tg.calls
+                if method in ("sendMessage", "sendPhoto", "sendDocument") and params.get("chat_id") == user]
+
+
+def edits_of(fake_tg, user: int) -> list[dict]:
+    return [p for p in fake_tg.calls_of("editMessageText") if p["chat_id"] == user]
+
+
 def sent_texts(fake_tg, user: int) -> list[str]:
     edits = [p["text"] for p in fake_tg.calls_of("editMessageText") if p["chat_id"] == user]
     return fake_tg.texts_to(user) + edits
@@ -146,7 +159,7 @@ def test_undocumented_kie_codes_are_server_errors_retried_only_when_5xx(code, ki
     ({"taskId": "t", "state": "success", "resultJson": {"resultUrls": ["https://cdn/y.png"]}},
      trt_bot.TaskRecord("t", "success", ("https://cdn/y.png",))),
     ({"task_id": "t", "state": "fail", "failCode": "422", "failMsg": "prohibited content"},
-     trt_bot.TaskRecord("t", "fail", (), "prohibited content")),
+     trt_bot.TaskRecord("t", "fail", (), "prohibited content", "422")),
     ({"taskId": "t", "state": "success", "resultJson": '{"resultUrls":[]}'},
      trt_bot.TaskRecord("t", "fail", (), "the task succeeded without an image URL")),
 ])
@@ -241,20 +254,24 @@ async def test_a_kie_call_with_a_zero_budget_is_tried_once():
 ###############################################################################
 
 async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, fake_kie):
+    """From the menu to the result: three new messages, the ratio question becoming the ⏳ status."""
     app = await make_app(**gen_env(fake_kie))
     await order(app, 50, "кот-космонавт", "16:9")
     await eventually(lambda: fake_kie.created)
     (task,) = fake_kie.created
-    assert task["model"] == "z-image" and task["input"] == {"prompt": "кот-космонавт", "aspect_ratio": "16:9"}
+    assert task["model"] == "z-image"
+    assert task["input"] == {"prompt": "кот-космонавт", "aspect_ratio": "16:9", "nsfw_checker": True}  # Kie's filter on
     callback_url = urllib.parse.urlsplit(task["callBackUrl"])
     token = urllib.parse.parse_qs(callback_url.query)["token"][0]
     assert task["callBackUrl"].startswith("https://bot.example.com/callbacks/kie?token=")
     assert token == app.config.kie_callback_token and all(secret not in token for secret in SECRETS)
 
-    asked_prompt, asked_ratio, generating = fake_tg.calls_of("sendMessage")
+    asked_prompt, asked_ratio = fake_tg.calls_of("sendMessage")
     assert "Опишите картинку" in asked_prompt["text"]
     assert [data for _, data in buttons_of(asked_ratio)][:5] == [f"ratio:{r}" for r in ("1:1", "16:9", "9:16", "4:3", "3:4")]
-    assert generating["text"] == "⏳ Генерирую…"
+    (status,) = edits_of(fake_tg, 50)  # the pressed ratio question became the status; only ✖️ is left on it
+    assert status["message_id"] == 1 and status["text"] == "⏳ 16:9 · Z-Image · 0:00"
+    assert buttons_of(status) == [("✖️ Отмена", "cancel")]
     assert len(fake_tg.calls_of("answerCallbackQuery")) == 2
 
     fake_kie.complete("task00001", fake_kie.image_url("cat.png"))
@@ -262,24 +279,32 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
     assert response.status_code == 200 and response.json() == {"code": 200, "msg": "success"}
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
     (photo,) = fake_tg.calls_of("sendPhoto")
-    assert photo["photo"] == fake_kie.image_url("cat.png") and photo["caption"] == "кот-космонавт"
-    assert [text for text, _ in buttons_of(photo)] == ["🔁 Ещё вариант", "🖼 Новая картинка"]
+    assert photo["photo"] == fake_kie.image_url("cat.png")
+    assert photo["caption"] == "16:9 · Z-Image\nкот-космонавт\n\nОсталось 19 из 20 на этот час."
+    assert [text for text, _ in buttons_of(photo)] == ["🔁 Ещё вариант", "📐 Другой формат", "✏️ Изменить описание",
+                                                        "📎 Исходный файл", "🖼 Новая картинка"]
     await eventually(lambda: fake_tg.calls_of("deleteMessage"))
-    assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1003  # the ⏳ message
+    assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1  # the ⏳ message gives way to the result
+    assert [method for method, _ in new_messages_to(fake_tg, 50)] == ["sendMessage", "sendMessage", "sendPhoto"]
     assert fake_kie.record_calls == ["task00001"]  # the callback's hint, checked over our own key
 
 
 async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs):
-    app = await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1)
+    await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1)
     fake_tg.push_updates(update_callback(1, 51, "new", "en"), update_message(2, 51, "a red fox", "en"),
                          update_callback(3, 51, "ratio:1:1", "en"))
     await eventually(lambda: fake_kie.created)
     assert "callBackUrl" not in fake_kie.created[0]  # no public URL, so no callback
-    assert fake_tg.texts_to(51)[-1] == "⏳ Generating…"
+    await eventually(lambda: edits_of(fake_tg, 51))
+    assert edits_of(fake_tg, 51)[0]["text"] == "⏳ 1:1 · Z-Image · 0:00"
     fake_kie.complete("task00001")
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
-    assert fake_tg.calls_of("sendPhoto")[0]["photo"] == fake_kie.image_url()
-    assert [text for text, _ in buttons_of(fake_tg.calls_of("sendPhoto")[0])] == ["🔁 Another variant", "🖼 New picture"]
+    (photo,) = fake_tg.calls_of("sendPhoto")
+    assert photo["photo"] == fake_kie.image_url()
+    assert photo["caption"] == "1:1 · Z-Image\na red fox\n\n19 of 20 left this hour."
+    assert [text for text, _ in buttons_of(photo)] == ["🔁 Regenerate", "📐 Another ratio", "✏️ Change the prompt",
+                                                        "📎 Original file", "🖼 New picture"]
+    assert buttons_of(photo)[-1] == ("🖼 New picture", "model:zimage")
     assert "task00001" in fake_kie.record_calls
 
 
@@ -377,17 +402,19 @@ async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, 
     await eventually(lambda: fake_kie.tasks)
     fake_kie.fail_task("task00001", "400", "Your prompt contains prohibited content")
     await kie_calls_back(app, fake_kie, "task00001")
-    await eventually(lambda: fake_tg.calls_of("editMessageText"))
     await eventually(lambda: not app.generations.jobs)  # finished: the poller has nothing left to explain
-    (failure,) = fake_tg.calls_of("editMessageText")
-    assert "модерацией" in failure["text"] and failure["message_id"] == 1003
-    (retry, new) = buttons_of(failure)
-    assert retry[0] == "🔁 Попробовать снова" and retry[1].startswith("again:") and new == ("🖼 Новая картинка", "new")
+    (failure,) = [p for p in edits_of(fake_tg, 55) if "модерацией" in p["text"]]
+    assert failure["message_id"] == 1  # the status message, the ratio question before
+    (retry, edit, new) = buttons_of(failure)  # after moderation the prompt can be changed, not only sent again
+    assert retry[0] == "🔁 Попробовать снова" and retry[1].startswith("again:")
+    assert new == ("🖼 Новая картинка", "model:zimage")
+    assert edit == ("✏️ Изменить описание", retry[1].replace("again:", "edit:"))
     assert fake_tg.calls_of("sendPhoto") == []
     await post_update(app, update_callback(next(_update_ids), 55, retry[1]))
     await eventually(lambda: len(fake_kie.created) == 2)
-    assert fake_kie.created[1]["input"] == {"prompt": "что-то запретное", "aspect_ratio": "1:1"}
+    assert fake_kie.created[1]["input"] == {"prompt": "что-то запретное", "aspect_ratio": "1:1", "nsfw_checker": True}
     assert [p for p in fake_tg.calls_of("editMessageText") if "модерацией" in p["text"]] == [failure]
+    assert edits_of(fake_tg, 55)[-1]["text"] == "⏳ 1:1 · Z-Image · 0:00"  # the failure's message is the new status
 
 
 async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fake_tg, fake_kie, caplog):
@@ -395,8 +422,8 @@ async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fa
         fake_kie.script("createTask", 200, {"code": 402, "msg": "Insufficient Credits"})
     app = await make_app(**gen_env(fake_kie, ADMIN_IDS="900, 901"))
     await asyncio.gather(*(order(app, user) for user in range(60, 65)))
-    await eventually(lambda: len(fake_tg.calls_of("editMessageText")) == 5)
-    assert all("временно недоступна" in p["text"] for p in fake_tg.calls_of("editMessageText"))
+    await eventually(lambda: len([p for p in fake_tg.calls_of("editMessageText")
+                                  if "временно недоступна" in p["text"]]) == 5)
     # Each failed createTask is logged, then alerts unless an incident is open: five failures, one incident.
     await eventually(lambda: len([r for r in caplog.records if "createTask failed" in r.getMessage()]) == 5)
     assert len([r for r in caplog.records if "[JOB] Kie incident" in r.getMessage()]) == 1
@@ -412,8 +439,7 @@ async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fa
 async def test_a_generation_that_takes_too_long_is_stopped_and_explained(make_app, fake_tg, fake_kie, fast_jobs):
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="1"))
     await order(app, 56)
-    await eventually(lambda: fake_tg.calls_of("editMessageText"), timeout=10)
-    assert "слишком много времени" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: [p for p in edits_of(fake_tg, 56) if "слишком много времени" in p["text"]], timeout=10)
     fake_kie.complete("task00001")  # too late: changes nothing
     await kie_calls_back(app, fake_kie, "task00001")
     await another_picture_is_delivered(app, fake_tg, fake_kie, 156)
@@ -432,7 +458,7 @@ async def test_an_image_telegram_cannot_fetch_is_downloaded_and_uploaded(make_ap
     await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 2)
     by_url, uploaded = fake_tg.calls_of("sendPhoto")
     assert by_url["photo"] == fake_kie.image_url("big.png")
-    assert uploaded["photo"] == PNG_BYTES and uploaded["caption"] == "кот-космонавт"
+    assert uploaded["photo"] == PNG_BYTES and uploaded["caption"].startswith("16:9 · Z-Image\nкот-космонавт\n")
 
 
 class LosesPhotoAnswers(FakeBotApi):
@@ -624,12 +650,15 @@ async def test_a_dialog_keeps_its_language_when_the_users_app_changes_its_own(ma
     await post_update(app, update_message(2, 65, "кот", "en"))  # the app's language changed mid-dialog
     await post_update(app, update_callback(3, 65, "ratio:1:1", "en"))
     await eventually(lambda: app.generations.jobs)
-    ask_prompt, ask_ratio, generating = fake_tg.texts_to(65)
-    assert "Опишите картинку" in ask_prompt and "Выберите формат" in ask_ratio and generating == "⏳ Генерирую…"
+    ask_prompt, ask_ratio = fake_tg.texts_to(65)
+    assert "Опишите картинку" in ask_prompt and "Выберите формат" in ask_ratio
+    status = await eventually(lambda: [call for call in fake_tg.calls_of("editMessageText")
+                                       if call["text"].startswith("⏳")])
+    assert "Отмена" in json.dumps(status[0]["reply_markup"], ensure_ascii=False)  # the status's ✖️ in Russian
     assert [job.lang for job in app.generations.jobs.values()] == ["ru"]
     await post_update(app, update_message(4, 65, "/start", "en"))  # the dialog is over: the app's language again
-    await eventually(lambda: len(fake_tg.texts_to(65)) == 4)
-    assert "Hi!" in fake_tg.texts_to(65)[3]
+    await eventually(lambda: len(fake_tg.texts_to(65)) == 3)
+    assert "Hi!" in fake_tg.texts_to(65)[2]
 
 
 async def test_choosing_a_language_mid_dialog_switches_the_dialog_too(make_app, fake_tg, fake_kie):
@@ -648,7 +677,8 @@ async def test_the_prompt_is_escaped_in_the_caption(make_app, fake_tg, fake_kie)
     fake_kie.complete("task00001")
     await kie_calls_back(app, fake_kie, "task00001")
     await eventually(lambda: fake_tg.calls_of("sendPhoto"))
-    assert fake_tg.calls_of("sendPhoto")[0]["caption"] == "&lt;i&gt;fish&lt;/i&gt; &amp; &lt;script&gt;"
+    caption = "16:9 · Z-Image\n&lt;i&gt;fish&lt;/i&gt; &amp; &lt;script&gt;\n\nОсталось 19 из 20 на этот час."
+    assert fake_tg.calls_of("sendPhoto")[0]["caption"] == caption
     assert fake_kie.created[0]["input"]["prompt"] == "<i>fish</i> & <script>"  # Kie gets the text as typed
 
 
@@ -661,9 +691,11 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     await order(app, 74, "горы", "21:9", model="seedream45", option="high")
     await eventually(lambda: fake_kie.created)
     assert fake_kie.created[0]["model"] == "seedream/4.5-text-to-image"
-    assert fake_kie.created[0]["input"] == {"prompt": "горы", "aspect_ratio": "21:9", "quality": "high"}
-    option_question = fake_tg.texts_to(74)[-2]
-    assert "качество" in option_question
+    assert fake_kie.created[0]["input"] == {"prompt": "горы", "aspect_ratio": "21:9", "quality": "high",
+                                            "nsfw_checker": True}
+    option_question, status = edits_of(fake_tg, 74)  # the ratio question became the option question, then the status
+    assert "качество" in option_question["text"] and status["text"] == "⏳ 21:9 · Seedream 4.5 · Высокое (4K) · 0:00"
+    assert [method for method, _ in new_messages_to(fake_tg, 74)] == ["sendMessage"] * 3  # menu, prompt, ratio
 
 
 def test_every_catalog_row_is_consistent():
@@ -677,24 +709,33 @@ def test_every_catalog_row_is_consistent():
     assert set(trt_bot.TEXTS["ru"]) == set(trt_bot.TEXTS["en"])
 
 
-async def test_one_generation_at_a_time_and_an_hourly_limit(make_app, fake_tg, fake_kie):
+def popups(fake_tg, fragment: str) -> list[dict]:
+    return [p for p in fake_tg.calls_of("answerCallbackQuery") if fragment in p.get("text", "")]
+
+
+async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_pictures_told_in_popups(
+        make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="2"))
     await order(app, 75)
     await order(app, 75, "второй")
-    await eventually(lambda: any("ещё рисуется" in t for t in fake_tg.texts_to(75)))
+    (busy,) = await eventually(lambda: popups(fake_tg, "ещё рисуется"))
+    assert "show_alert" not in busy and not [t for t in fake_tg.texts_to(75) if "ещё рисуется" in t]  # no new message
     assert len(fake_kie.created) == 1
-    fake_kie.complete("task00001")
+    fake_kie.fail_task("task00001")  # our failure costs the user nothing
     await kie_calls_back(app, fake_kie, "task00001")
-    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
     await eventually(lambda: not app.generations.jobs)
-    await order(app, 75, "третий")
-    await eventually(lambda: len(fake_kie.created) == 2)
-    fake_kie.complete("task00002")
-    await kie_calls_back(app, fake_kie, "task00002")
-    await eventually(lambda: not app.generations.jobs)
-    await order(app, 75, "четвёртый")
-    await eventually(lambda: any("не больше 2 картинок в час" in t for t in fake_tg.texts_to(75)))
-    assert len(fake_kie.created) == 2
+    assert app.generations.remaining(75) == (2, 2)
+    for n, prompt in ((2, "третий"), (3, "четвёртый")):
+        await order(app, 75, prompt)
+        await eventually(lambda: len(fake_kie.created) == n)
+        fake_kie.complete(f"task0000{n}")
+        await kie_calls_back(app, fake_kie, f"task0000{n}")
+        await eventually(lambda: not app.generations.jobs)
+    assert [p["caption"].split("\n")[-1] for p in fake_tg.calls_of("sendPhoto")] == [
+        "Осталось 1 из 2 на этот час.", "Осталось 0 из 2 на этот час."]
+    await order(app, 75, "пятый")
+    (limit,) = await eventually(lambda: popups(fake_tg, "не больше 2 картинок в час"))
+    assert limit["show_alert"] is True and len(fake_kie.created) == 3
 
 
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
@@ -724,10 +765,373 @@ async def test_stats_are_for_admins_only_and_read_in_the_admins_language(make_ap
     assert "Статистика" not in fake_tg.texts_to(77)[0]
 
 
+def press(update_id: int, user: int, data: str, message_id: int, lang: str = "ru") -> dict:
+    """A button press on message ``message_id`` (Telegram says which message carried the button)."""
+    update = update_callback(update_id, user, data, lang)
+    update["callback_query"]["message"]["message_id"] = message_id
+    return update
+
+
+CANCELLED = {"ru": "✖️ Отменено: эту картинку я не пришлю", "en": "✖️ Cancelled: this picture will not be sent"}
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+@pytest.mark.parametrize("how", ["/cancel", "✖️"])
+async def test_cancel_mid_generation_sends_no_photo_frees_the_user_and_keeps_the_quota(make_app, fake_tg, fake_kie,
+                                                                                     tmp_path, lang, how):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 90, lang=lang)
+    job = await submitted_job(app, 90)
+    cancel = (update_message(next(_update_ids), 90, "/cancel", lang) if how == "/cancel"
+              else press(next(_update_ids), 90, "cancel", 1, lang))  # ✖️ under the ⏳ message
+    await post_update(app, cancel)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 90) if p["text"].startswith(CANCELLED[lang])])
+    assert told["message_id"] == 1 and "cancel" not in [data for _, data in buttons_of(told)]  # ⏳ became the answer
+    assert app.generations.refusal(90) is None and app.generations.remaining(90) == (20, 20)  # free, nothing counted
+    fake_kie.complete(job.task_id)  # Kie cannot cancel: its result comes, and is dropped
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 190)  # the callback and the poller had their turn
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [190]
+    assert app.generations.remaining(90) == (20, 20) and app.generations.finished["cancelled"] == 1
+    assert job_states(str(tmp_path / "bot.sqlite3"))[0] == "cancelled"  # a restart does not resume it
+
+
+@pytest.mark.parametrize("lang, open_question, nothing", [("ru", "Отменено.", "Отменять нечего."),
+                                                          ("en", "Cancelled.", "There is nothing to cancel.")])
+async def test_cancel_says_cancelled_only_when_something_was_open(make_app, fake_tg, fake_kie, lang, open_question,
+                                                                  nothing):
+    app = await make_app(**gen_env(fake_kie))
+    await post_update(app, update_message(1, 91, "/cancel", lang))
+    await post_update(app, update_callback(2, 91, "new", lang))
+    await post_update(app, update_message(3, 91, "/cancel", lang))
+    await eventually(lambda: len(fake_tg.texts_to(91)) == 3)
+    first, _, second = fake_tg.texts_to(91)
+    assert first.startswith(nothing) and second.startswith(open_question)
+
+
+@pytest.mark.parametrize("lang, too_late", [("ru", "отменить её нельзя"), ("en", "too late to cancel")])
+async def test_a_picture_already_on_its_way_is_not_cancelled_and_the_user_is_told_so(make_app, fake_tg, fake_kie,
+                                                                                     lang, too_late):
+    app = await make_app(**gen_env(fake_kie))
+    fake_tg.stall("sendPhoto")
+    await order(app, 92, lang=lang)
+    job = await submitted_job(app, 92)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.held("sendPhoto") == 1)
+    await post_update(app, update_message(next(_update_ids), 92, "/cancel", lang))
+    await eventually(lambda: [t for t in fake_tg.texts_to(92) if too_late in t])
+    fake_tg.release("sendPhoto")
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await eventually(lambda: not app.generations.jobs)
+    assert app.generations.remaining(92) == (19, 20)
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_double_tap_on_a_ratio_or_option_starts_one_picture(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await post_update(app, update_callback(1, 93, "model:seedream45", lang))
+    await post_update(app, update_message(2, 93, "горы", lang))
+    for n, data in enumerate(["ratio:16:9", "ratio:16:9", "opt:basic", "opt:basic"], start=3):
+        await post_update(app, press(n, 93, data, 1002, lang))  # the ratio question, sent second
+    await eventually(lambda: len(fake_tg.calls_of("answerCallbackQuery")) == 5)
+    await eventually(lambda: fake_kie.created)
+    stale = trt_bot.TEXTS[lang]["stale_button"]
+    assert [p.get("text", "") for p in fake_tg.calls_of("answerCallbackQuery")] == ["", "", stale, "", stale]
+    assert len(fake_kie.created) == 1 and len(app.generations.jobs) == 1
+    assert [method for method, _ in new_messages_to(fake_tg, 93)] == ["sendMessage", "sendMessage"]
+    assert all(p["message_id"] == 1002 for p in edits_of(fake_tg, 93))  # one message evolves
+
+
+@pytest.mark.parametrize("lang, status", [("ru", "⏳ 16:9 · Z-Image · 0:13"), ("en", "⏳ 16:9 · Z-Image · 0:13")])
+async def test_while_a_picture_is_drawn_the_chat_shows_upload_photo_and_the_elapsed_time(make_app, fake_tg, fake_kie,
+                                                                                         lang, status):
+    clock = ManualClock()
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+
+    def actions(user: int) -> list[dict]:
+        return [p for p in fake_tg.calls_of("sendChatAction") if p["chat_id"] == user]
+
+    await order(app, 94, lang=lang)
+    job = await submitted_job(app, 94)
+    clock.advance(1)
+    await eventually(lambda: len(actions(94)) == 1)
+    assert actions(94)[0]["action"] == "upload_photo" and len(edits_of(fake_tg, 94)) == 1  # only the first status
+    clock.advance(5)  # Telegram shows the action ~5 s: it is repeated
+    await eventually(lambda: len(actions(94)) == 2)
+    clock.advance(7)
+    await eventually(lambda: len(edits_of(fake_tg, 94)) == 2)
+    assert edits_of(fake_tg, 94)[-1]["text"] == status and buttons_of(edits_of(fake_tg, 94)[-1])[0][1] == "cancel"
+    assert len(actions(94)) == 3
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    await eventually(lambda: not app.generations.jobs)
+    await order(app, 194, lang=lang)  # a barrier: the watch has gone round once the other user's action is out
+    await submitted_job(app, 194)
+    clock.advance(20)
+    await eventually(lambda: actions(194))
+    assert len(actions(94)) == 3 and len(edits_of(fake_tg, 94)) == 2  # both stopped when the job ended
+
+
+def test_every_button_under_a_result_or_a_failure_fits_telegrams_64_bytes_and_names_its_job():
+    job_id = "0123456789abcdef"
+    keyboards = [trt_bot.result_keyboard(job_id, m.key, lang, True) for m in trt_bot.CATALOG for lang in ("ru", "en")]
+    keyboards += [trt_bot.failure_keyboard(job_id, "flux2pro", error, "en") for error in ("moderation", "delivery", "")]
+    keyboards.append(trt_bot.keyboard([trt_bot.button(m.title, f"use:{job_id}:{m.key}") for m in trt_bot.CATALOG]))
+    data = [b["callback_data"] for markup in keyboards for row in markup["inline_keyboard"] for b in row]
+    assert max(len(d.encode()) for d in data) < 64
+    assert all(job_id in d or d.startswith("model:") for d in data)
+    assert "models" not in str(trt_bot.result_keyboard(job_id, "zimage", "en"))  # one model: no other to offer
+
+
+async def test_signs_of_life_stop_once_the_picture_is_ready_even_while_it_is_still_being_sent(make_app, fake_tg,
+                                                                                              fake_kie):
+    clock = ManualClock()
+    fake_tg.stall("sendPhoto")
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+    await order(app, 111)
+    job = await submitted_job(app, 111)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: fake_tg.held("sendPhoto") == 1)  # the photo is on its way, slowly
+    await order(app, 211)  # a barrier: the watch has gone round once the other user's signs of life are out
+    await submitted_job(app, 211)
+    clock.advance(13)
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if p["chat_id"] == 211
+                              and p["text"].endswith("0:13")])
+    assert [p for p in fake_tg.calls_of("sendChatAction") if p["chat_id"] == 111] == []
+    assert [p["text"] for p in edits_of(fake_tg, 111)] == ["⏳ 16:9 · Z-Image · 0:00"]
+    fake_tg.release("sendPhoto")
+    await eventually(lambda: job.id not in app.generations.jobs)
+
+
+async def test_a_cancel_while_a_sign_of_life_holds_up_delivery_still_stops_the_photo(make_app, fake_tg, fake_kie):
+    clock = ManualClock()
+    app = await make_app(**gen_env(fake_kie), clock=clock)
+    await order(app, 110)
+    job = await submitted_job(app, 110)
+    fake_tg.stall("sendChatAction")
+    clock.advance(1)
+    await eventually(lambda: fake_tg.held("sendChatAction") == 1)  # a sign of life in flight
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: job.state == "succeeded")  # delivery waits for the sign of life to end
+    await post_update(app, update_message(next(_update_ids), 110, "/cancel"))
+    await eventually(lambda: job.state == "cancelled")
+    fake_tg.release("sendChatAction")
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 210)
+    assert [p["chat_id"] for p in fake_tg.calls_of("sendPhoto")] == [210]
+
+
+def test_a_caption_names_model_and_ratio_and_shortens_the_prompt_to_fit_telegrams_limit():
+    model = trt_bot.MODELS_BY_KEY["seedream45"]
+    left = trt_bot.left_text((17, 20), "ru")
+    caption = trt_bot.result_caption(model, "16:9", "high", "<b>" * 400, "ru", left)
+    shown = html.unescape(caption)  # Telegram counts the text as shown, after the entities are parsed
+    assert len(shown) <= trt_bot.CAPTION_MAX_CHARS and "<b>" not in caption
+    assert shown.startswith("16:9 · Seedream 4.5 · Высокое (4K)\n<b><b>") and "…" in shown
+    assert shown.endswith("\n\nОсталось 17 из 20 на этот час.")
+    assert trt_bot.left_text((17, 20), "en") == "17 of 20 left this hour." and trt_bot.left_text(None, "en") == ""
+
+
+async def delivered_picture(app, fake_tg, fake_kie, user: int, lang: str = "ru", **ordered) -> dict:
+    """Order a picture, have Kie finish it, and return the photo the user got."""
+    await order(app, user, lang=lang, **ordered)
+    job = await submitted_job(app, user)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: not app.generations.jobs)
+    return [p for p in fake_tg.calls_of("sendPhoto") if p["chat_id"] == user][-1]
+
+
+def button_data(params: dict, verb: str) -> str:
+    return next(data for _, data in buttons_of(params) if data.startswith(f"{verb}:"))
+
+
+def returned_message_id(fake_tg, sent: dict) -> int:
+    """The message id the fake gave ``sent``: it numbers messages it creates or edits from 1001 on, in order."""
+    with fake_tg._cond:
+        numbered = [params for method, params in fake_tg.calls
+                    if method in ("sendMessage", "sendPhoto", "sendDocument", "editMessageText")]
+    return 1001 + next(n for n, params in enumerate(numbered) if params is sent)
+
+
+@pytest.mark.parametrize("lang, status", [("ru", "⏳ 16:9 · Z-Image · 0:00"), ("en", "⏳ 16:9 · Z-Image · 0:00")])
+async def test_regenerate_under_a_photo_posts_its_own_status_which_gives_way_to_the_result(make_app, fake_tg, fake_kie,
+                                                                                          lang, status):
+    app = await make_app(**gen_env(fake_kie))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 109, lang)
+    await post_update(app, press(next(_update_ids), 109, button_data(photo, "again"), 1500, lang))  # on the photo
+    (posted,) = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"] == status])
+    assert buttons_of(posted) == [(trt_bot.TEXTS[lang]["btn_cancel"], "cancel")]
+    job = await submitted_job(app, 109)
+    await eventually(lambda: job.status_message_id == returned_message_id(fake_tg, posted))
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == 2)
+    await eventually(lambda: [p for p in fake_tg.calls_of("deleteMessage") if p["message_id"] == job.status_message_id])
+    assert not [p for p in fake_tg.calls_of("editMessageText") if p["message_id"] == 1500]  # the photo is left as it is
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_another_ratio_draws_the_same_prompt_and_model_in_the_new_ratio(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 95, lang, model="flux2pro", option="2K")
+    assert buttons_of(photo)[-1][1] == "model:flux2pro"  # "new picture" keeps the model last used
+    await post_update(app, update_callback(next(_update_ids), 95, button_data(photo, "ratios"), lang))
+    await eventually(lambda: len([t for t in fake_tg.texts_to(95) if "кот-космонавт" in t]) == 2)  # same prompt
+    await post_update(app, press(next(_update_ids), 95, "ratio:3:2", 1, lang))
+    await post_update(app, press(next(_update_ids), 95, "opt:1K", 1, lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["model"] == "flux-2/pro-text-to-image"
+    assert fake_kie.created[1]["input"] == {"prompt": "кот-космонавт", "aspect_ratio": "3:2", "resolution": "1K",
+                                            "nsfw_checker": True}
+
+
+async def test_another_model_draws_the_same_prompt_with_the_chosen_model(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 96, "en")
+    models = button_data(photo, "models")
+    await post_update(app, update_callback(next(_update_ids), 96, models, "en"))
+    offer = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if "Which model" in p["text"]])
+    choices = [data for _, data in buttons_of(offer[0])]
+    assert len(choices) == len(trt_bot.CATALOG) and all(len(data.encode()) < 64 for data in choices)
+    await post_update(app, press(next(_update_ids), 96, f"use:{models[7:]}:imagen4fast", 1500, "en"))
+    await eventually(lambda: [p for p in edits_of(fake_tg, 96) if p["message_id"] == 1500])  # the offer evolves
+    await post_update(app, press(next(_update_ids), 96, "ratio:4:3", 1500, "en"))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert (fake_kie.created[1]["model"], fake_kie.created[1]["input"]) == (
+        "google/imagen4-fast", {"prompt": "кот-космонавт", "aspect_ratio": "4:3"})  # no nsfw_checker: not documented
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_change_the_prompt_asks_for_a_new_one_for_the_same_model(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 97, lang, model="grok")
+    await post_update(app, update_callback(next(_update_ids), 97, button_data(photo, "edit"), lang))
+    await post_update(app, update_message(next(_update_ids), 97, "кот-водолаз", lang))
+    await post_update(app, update_callback(next(_update_ids), 97, "ratio:2:3", lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["model"] == "grok-imagine/text-to-image"
+    assert fake_kie.created[1]["input"]["prompt"] == "кот-водолаз"
+
+
+async def test_the_original_file_is_sent_as_a_document_once_per_press(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 98)
+    await post_update(app, update_callback(next(_update_ids), 98, button_data(photo, "file")))
+    (document,) = await eventually(lambda: fake_tg.calls_of("sendDocument"))
+    assert document["document"] == PNG_BYTES and document["chat_id"] == "98"
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 198)
+    assert len(fake_tg.calls_of("sendDocument")) == 1
+
+
+async def test_the_original_file_comes_only_from_a_public_address(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))  # the fake's 127.0.0.1 is not public
+    photo = await delivered_picture(app, fake_tg, fake_kie, 99, "en")
+    await post_update(app, update_callback(next(_update_ids), 99, button_data(photo, "file"), "en"))
+    await eventually(lambda: [t for t in fake_tg.texts_to(99) if "original file is not available" in t])
+    assert fake_tg.calls_of("sendDocument") == []
+
+
+@pytest.mark.parametrize("verb", ["again", "ratios", "models", "edit", "file", "resend"])
+async def test_a_button_naming_another_users_picture_is_stale_and_does_nothing(make_app, fake_tg, fake_kie, verb):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0", RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 100)
+    job_id = button_data(photo, "again")[6:]
+    fake_tg.clear()
+    await post_update(app, update_callback(next(_update_ids), 101, f"{verb}:{job_id}"))  # someone else's job id
+    (answer,) = await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))
+    assert answer["text"] == trt_bot.TEXTS["ru"]["stale_button"]
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 102)
+    assert [method for method, p in fake_tg.calls if p.get("chat_id") == 101] == []
+    assert len(fake_kie.created) == 2
+
+
+@pytest.mark.parametrize("lang, failed", [("ru", "отправить её не удалось"), ("en", "could not be sent")])
+async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_new_one(make_app, fake_tg, fake_kie,
+                                                                                       monkeypatch, lang, failed):
+    monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
+    for _ in range(500):
+        fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
+    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
+    app.telegram.attempts = 1
+    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
+    await order(app, 103, lang=lang)
+    job = await submitted_job(app, 103)
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 103) if failed in p["text"]], timeout=15)
+    await eventually(lambda: not app.generations.jobs)
+    with fake_tg._cond:
+        fake_tg._scripted.clear()  # Telegram works again
+    sent_before = len(fake_tg.calls_of("sendPhoto"))
+    await post_update(app, update_callback(next(_update_ids), 103, button_data(told, "resend"), lang))
+    await eventually(lambda: len(fake_tg.calls_of("sendPhoto")) == sent_before + 1)
+    assert fake_tg.calls_of("sendPhoto")[-1]["photo"] == fake_kie.image_url() and len(fake_kie.created) == 1
+
+
+@pytest.mark.parametrize("lang, invalid", [("ru", "Сервис не принял запрос"), ("en", "did not accept the request")])
+async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(make_app, fake_tg, fake_kie, lang,
+                                                                              invalid):
+    fake_kie.script("createTask", 200, {"code": 422, "msg": "prompt is invalid"})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 104, "ab", lang=lang)
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if invalid in p["text"]])
+    await eventually(lambda: not app.generations.jobs)
+    await post_update(app, update_callback(next(_update_ids), 104, button_data(told, "edit"), lang))
+    await post_update(app, update_message(next(_update_ids), 104, "a longer prompt", lang))
+    await post_update(app, update_callback(next(_update_ids), 104, "ratio:1:1", lang))
+    await eventually(lambda: len(fake_kie.created) == 2)
+    assert fake_kie.created[1]["input"]["prompt"] == "a longer prompt"
+
+
+@pytest.mark.parametrize("lang, stalled", [("ru", "не выдал картинку за 10 минут"),
+                                           ("en", "no picture within 10 minutes")])
+async def test_kies_408_has_its_own_message(make_app, fake_tg, fake_kie, fast_jobs, lang, stalled):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 105, lang=lang)
+    job = await submitted_job(app, 105)
+    fake_kie.fail_task(job.task_id, "408", "no result for over 10 minutes")
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: [p for p in edits_of(fake_tg, 105) if stalled in p["text"]])
+    assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", (), "", "408")) == "stalled"
+
+
+async def test_kies_content_filter_is_on_by_default_and_a_setting_turns_it_off(make_app, fake_tg, fake_kie):
+    documented = {model.key for model in trt_bot.CATALOG if model.nsfw_checker}
+    assert documented == {"zimage", "seedream45", "flux2pro", "grok"}  # as Kie's model pages list the parameter
+    assert trt_bot.load_config(bot_env(fake_tg, "x.sqlite3")).kie_nsfw_checker is True
+    with pytest.raises(trt_bot.ConfigError):
+        trt_bot.load_config(bot_env(fake_tg, "x.sqlite3", KIE_NSFW_CHECKER="maybe"))
+    app = await make_app(**gen_env(fake_kie, KIE_NSFW_CHECKER="0"))
+    await order(app, 106)
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["input"]["nsfw_checker"] is False
+
+
+async def test_start_shows_what_is_left_this_hour(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await delivered_picture(app, fake_tg, fake_kie, 107, "en")
+    await post_update(app, update_message(next(_update_ids), 107, "/start", "en"))
+    await eventually(lambda: [t for t in fake_tg.texts_to(107) if t.endswith("\n\n19 of 20 left this hour.")])
+
+
+async def test_start_shows_what_is_left_when_the_database_is_down(make_app, fake_tg, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    app = await make_app(DATABASE_URL=f"sqlite:///{blocker}/bot.sqlite3")
+    await post_update(app, update_message(1, 108, "/start"))
+    (start,) = await eventually(lambda: fake_tg.texts_to(108))
+    assert start.startswith("👋") and start.endswith("\n\nОсталось 20 из 20 на этот час.")
+
+
 def test_a_refusal_is_told_in_the_users_words():
     assert trt_bot.refusal_text(trt_bot.Busy()) == ("busy_user", {})
     key, values = trt_bot.refusal_text(trt_bot.HourlyLimit(20, 5))
-    assert trt_bot.TEXTS["en"][key].format(**values) == "You can make up to 20 pictures an hour. Next one in 5 min."
+    assert trt_bot.render("en", key, **values) == "You can make up to 20 pictures an hour. Next one in 5 minutes."
+    assert trt_bot.render("ru", key, **values) == "Можно не больше 20 картинок в час. Следующую — через 5 минут."
 
 
 ###############################################################################
@@ -746,6 +1150,7 @@ SAMPLE_EVENTS = {
     "maybe_sent": trt_bot.MAYBE_SENT,
     "delivered": trt_bot.DELIVERED,
     "undeliverable": trt_bot.UNDELIVERABLE,
+    "cancel": trt_bot.CANCEL,
 }
 
 
@@ -774,7 +1179,7 @@ def test_every_legal_event_moves_the_job_to_the_state_the_table_names(state, nam
     assert changes["state"] == trt_bot.JOB_TRANSITIONS[state][name] and changes["updated_at"] == NOW
     assert (trt_bot.RELEASE_SLOT in effects) is (state == "submitted")
     assert (trt_bot.SAVE in effects) is (name != "sending")  # "sending" is written durably by the deliverer
-    assert (trt_bot.DELIVER in effects) is (changes["state"] in trt_bot.OUTCOMES)
+    assert (trt_bot.DELIVER in effects) is (changes["state"] in trt_bot.OUTCOMES and changes["state"] != "cancelled")
 
 
 @pytest.mark.parametrize("state, name", [(state, name) for state, moves in trt_bot.JOB_TRANSITIONS.items()
@@ -841,6 +1246,22 @@ def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on
     changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("refused", code), NOW)
     assert (changes["state"], changes["error"]) == ("failed", failure)
     assert (trt_bot.Alert(code) in effects) is alert
+
+
+def test_a_cancelled_job_frees_its_slot_is_counted_once_and_forgotten_never_delivered():
+    changes, effects = trt_bot.apply_event(job_in("submitted"), trt_bot.CANCEL, NOW)
+    assert (changes["state"], changes["outcome"]) == ("cancelled", "cancelled")
+    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.Finish("cancelled", 12.0), trt_bot.FORGET]
+    known = dataclasses.replace(job_in("succeeded"), outcome="success")  # its outcome was counted already
+    assert trt_bot.apply_event(known, trt_bot.CANCEL, NOW)[1] == [trt_bot.SAVE, trt_bot.FORGET]
+
+
+def test_a_photo_on_its_way_cannot_be_cancelled_and_news_after_a_cancel_changes_nothing():
+    for state in ("sending", "unsure", "delivered"):
+        assert trt_bot.apply_event(job_in(state), trt_bot.CANCEL, NOW) == ({}, [])
+    for event in SAMPLE_EVENTS.values():
+        if event.name in trt_bot.JOB_TRANSITIONS["cancelled"]:
+            assert trt_bot.apply_event(job_in("cancelled"), event, NOW) == ({}, [])
 
 
 def test_a_delivered_job_is_saved_and_forgotten():
@@ -1054,8 +1475,7 @@ async def test_a_result_on_an_internal_address_is_never_downloaded_for_upload(ma
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001", fake_kie.image_url("internal-secret.png"))
     await kie_calls_back(app, fake_kie, "task00001")
-    await eventually(lambda: fake_tg.calls_of("editMessageText"))
-    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "отправить её не удалось" in p["text"]])
     assert not [path for path in fetched if path.startswith("/images/")]
     assert len(fake_tg.calls_of("sendPhoto")) == 1 and fake_tg.calls_of("sendDocument") == []
     await eventually(lambda: not app.generations.jobs)
@@ -1088,8 +1508,7 @@ async def test_a_hostile_result_url_ends_the_job_with_an_explanation(make_app, f
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001", "http://[::1/x.png")
     await kie_calls_back(app, fake_kie, "task00001")
-    await eventually(lambda: fake_tg.calls_of("editMessageText"))
-    assert "Не получилось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "Не получилось" in p["text"]])
     await eventually(lambda: not app.generations.jobs)
     assert app.generations.refusal(87) is None
     assert never_retrieved(unretrieved_task_errors) == []
@@ -1107,8 +1526,7 @@ async def test_an_unexpected_delivery_error_still_tells_the_user_and_is_logged(m
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001")
     await kie_calls_back(app, fake_kie, "task00001")
-    await eventually(lambda: fake_tg.calls_of("editMessageText"))
-    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "отправить её не удалось" in p["text"]])
     await eventually(lambda: not app.generations.jobs)
     (failure,) = [r for r in caplog.records if "delivery failed unexpectedly" in r.getMessage()]
     assert failure.exc_info and "a bug in delivery" in str(failure.exc_info[1])
@@ -1125,8 +1543,8 @@ async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_ap
     monkeypatch.setattr(app.kie, "record_info", broken_record_info)
     await order(app, 89)
     await eventually(lambda: any("a bug in polling" in str(r.exc_info and r.exc_info[1]) for r in caplog.records))
-    await eventually(lambda: fake_tg.calls_of("editMessageText"))  # still ends: timed out and told
-    assert "слишком много времени" in fake_tg.calls_of("editMessageText")[0]["text"]
+    # Still ends: timed out and told.
+    await eventually(lambda: [p for p in fake_tg.calls_of("editMessageText") if "слишком много времени" in p["text"]])
     assert never_retrieved(unretrieved_task_errors) == []
 
 
@@ -1154,7 +1572,8 @@ async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app
     await kie_calls_back(app, fake_kie, "task00001")
     await eventually(lambda: not app.generations.jobs, timeout=15)
     assert len(fake_tg.calls_of("sendPhoto")) > 1  # it did retry, within the budget
-    assert "отправить её не удалось" in fake_tg.calls_of("editMessageText")[0]["text"]
+    (told,) = [p for p in fake_tg.calls_of("editMessageText") if "отправить её не удалось" in p["text"]]
+    assert [data.split(":")[0] for _, data in buttons_of(told)] == ["resend", "model"]  # the ready picture again
     await eventually(lambda: job_states(str(tmp_path / "bot.sqlite3")) == ["delivered"])
 
 

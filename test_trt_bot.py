@@ -1639,8 +1639,11 @@ def test_texts_agree_their_nouns_with_the_numbers_in_both_languages():
     assert trt_bot.prompt_limits(ZIMAGE, "ru") == "до 1000 символов"
     assert trt_bot.prompt_limits(FLUX, "ru") == "от 3 до 5000 символов"
     assert trt_bot.prompt_limits(FLUX, "en") == "3 to 5000 characters"
-    assert render("en", "hourly_limit", limit=20, minutes=5) == trt_bot.TEXTS["en"]["hourly_limit"].format(
-        limit=20, minutes=5)  # texts without counted nouns read as before
+    assert render("en", "left_this_hour", left=17, limit=20) == trt_bot.TEXTS["en"]["left_this_hour"].format(
+        left=17, limit=20)  # texts without counted nouns read as before
+    assert render("ru", "hourly_limit", limit=21, minutes=22) == (
+        "Можно не больше 21 картинки в час. Следующую — через 22 минуты.")
+    assert render("en", "hourly_limit", limit=20, minutes=1).endswith("Next one in 1 minute.")
 
 
 def without_text(**content) -> dict:
@@ -1751,7 +1754,7 @@ async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fak
         await post_update(app, update_message(n, 9, text))
     await eventually(lambda: len(fake_tg.texts_to(9)) == 4)
     help_text, cancelled, hint, start = fake_tg.texts_to(9)
-    assert "/cancel" in help_text and "Отменено" in cancelled and "Создать картинку" in hint and "Привет" in start
+    assert "/cancel" in help_text and "Отменять нечего" in cancelled and "Создать картинку" in hint and "Привет" in start
     assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage"))
 
 

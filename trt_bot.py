@@ -285,7 +285,11 @@ SETTINGS = (
     Setting("GEN_TIMEOUT_S", "gen_timeout_s", "300", _seconds(1, 86400),
             "give up on one generation after this many seconds"),
     Setting("GEN_HOURLY_LIMIT", "gen_hourly_limit", "20", _integer(1, 100_000),
-            "generations per user per hour (admins are exempt)"),
+            "pictures delivered per user per hour (failed, timed-out and cancelled ones do not count; admins are "
+            "exempt)"),
+    Setting("KIE_NSFW_CHECKER", "kie_nsfw_checker", "1", _flag,
+            "`0`: turn off Kie's content filter (`nsfw_checker`) for the models that document it; on by default, "
+            "as fits a public bot"),
     Setting("KIE_MAX_CONCURRENT_TASKS", "kie_max_tasks", "100", _integer(1, 10_000),
             "tasks at Kie at once, for all users; more wait their turn"),
     Setting("WEBHOOK_FLUSH_PENDING_OVER", "flush_pending_over", "10", _integer(-1, 10**9),
@@ -332,6 +336,7 @@ class Config:
     diag_token: str
     gen_timeout_s: float
     gen_hourly_limit: int
+    kie_nsfw_checker: bool
     kie_max_tasks: int
     flush_pending_over: int
     shutdown_grace_s: float
@@ -1871,10 +1876,12 @@ class TelegramClient:
             params["reply_markup"] = reply_markup
         return await self.call("sendMessage", params)
 
-    async def answer_callback(self, callback_query_id: str, text: str = "") -> None:
+    async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
         params: dict[str, Any] = {"callback_query_id": callback_query_id}
         if text:
             params["text"] = text
+        if show_alert:
+            params["show_alert"] = True
         try:
             await self.call("answerCallbackQuery", params)
         except TelegramError as error:
@@ -1922,6 +1929,7 @@ KIE_CODES: dict[int, KieCode] = {
     402: KieCode("no_credits", False, "unavailable", "incident_no_credits",
                  "the account has no credits: top them up in your Kie.ai dashboard"),
     404: KieCode("not_found", False, "failed"),
+    408: KieCode("no_result", False, "stalled"),  # Kie had no result for over 10 minutes and gave up
     422: KieCode("invalid", False, "invalid"),  # the request failed validation
     429: KieCode("rate_limited", True, "busy"),
     433: KieCode("key_limit", False, "unavailable"),  # a sub-key's usage cap
@@ -1963,6 +1971,7 @@ class TaskRecord:
     state: str  # "pending" | "success" | "fail"
     urls: tuple[str, ...] = ()
     fail_message: str = ""
+    fail_code: str = ""  # Kie's ``failCode``, as Kie writes it (a string)
 
 
 KIE_PENDING_STATES = frozenset({"waiting", "queuing", "generating"})
@@ -1996,7 +2005,7 @@ def parse_task_record(data: Any) -> TaskRecord:
     if state in KIE_PENDING_STATES:
         return TaskRecord(task_id, "pending")
     if state == "fail":
-        return TaskRecord(task_id, "fail", (), str(data.get("failMsg") or ""))
+        return TaskRecord(task_id, "fail", (), str(data.get("failMsg") or ""), str(data.get("failCode") or ""))
     if state == "success":
         result = data.get("resultJson")
         if isinstance(result, str):
@@ -2979,17 +2988,28 @@ class ImageModel:
     option: ModelOption | None = None
     fixed_input: tuple[tuple[str, Any], ...] = ()
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
+    nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
 
-    def inputs(self, prompt: str, ratio: str, option: str = "") -> dict[str, Any]:
+    def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
         if self.option is not None:
             data[self.option.field] = option
+        if self.nsfw_checker:
+            data["nsfw_checker"] = nsfw_checker
         return data
 
+    def details(self, ratio: str, option: str, lang: str) -> str:
+        """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
+        chosen = [ratio, self.title]
+        if self.option is not None and option in dict(self.option.choices):
+            chosen.append(self.option.label(option, lang))
+        return " · ".join(chosen)
 
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000))
 
-# Ratios, options and prompt lengths as Kie's model pages list them for text-to-image.
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000),
+                     nsfw_checker=True)
+
+# Ratios, options, prompt lengths and ``nsfw_checker`` as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
@@ -3000,14 +3020,14 @@ CATALOG: tuple[ImageModel, ...] = (
                ModelOption("quality", {"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
                             ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               prompt_chars=(1, 3000)),
+               prompt_chars=(1, 3000), nsfw_checker=True),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
                ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
                            (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               prompt_chars=(3, 5000)),
+               prompt_chars=(3, 5000), nsfw_checker=True),
     ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               prompt_chars=(1, 5000)),
+               prompt_chars=(1, 5000), nsfw_checker=True),
     ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
                prompt_chars=(1, 5000)),
 )
@@ -3037,9 +3057,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
         "ask_ratio": "Выберите формат для «{prompt}»:",
         "ask_option": "Выберите {option}:",
-        "generating": "⏳ Генерирую…",
         "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
-        "hourly_limit": "Можно не больше {limit} картинок в час. Следующую — через {minutes} мин.",
+        "hourly_limit": "Можно не больше {limit:картинки|картинок|картинок} в час. Следующую — через {minutes:минуту|минуты|минут}.",
         "not_configured": "🛠 Рисовать пока не получится: бот ещё не до конца настроен. Загляните попозже.",
         "fail_moderation": "🚫 Запрос отклонён модерацией. Попробуйте описать иначе.",
         "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
@@ -3049,6 +3068,14 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_failed": "😔 Не получилось нарисовать картинку.",
         "fail_delivery": "Картинка готова, но отправить её не удалось.",
         "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
+        "fail_stalled": "⌛ Сервис не выдал картинку за 10 минут и прекратил попытку. Попробуйте ещё раз.",
+        "status": "⏳ {details} · {elapsed}",
+        "left_this_hour": "Осталось {left} из {limit} на этот час.",
+        "cancelled_job": "✖️ Отменено: эту картинку я не пришлю, и в часовой лимит она не засчитана.",
+        "cancel_too_late": "Картинка уже готова и отправляется — отменить её нельзя.",
+        "nothing_to_cancel": "Отменять нечего. Меню — ниже.",
+        "ask_model": "Какой моделью нарисовать «{prompt}»?",
+        "original_failed": "Исходный файл сейчас недоступен. Попробуйте позже.",
         "btn_create": "🖼 Создать картинку",
         "btn_help": "ℹ️ Помощь",
         "btn_cancel": "✖️ Отмена",
@@ -3056,6 +3083,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_new": "🖼 Новая картинка",
         "btn_retry": "🔁 Попробовать снова",
         "btn_resend": "📥 Прислать картинку",
+        "btn_ratio": "📐 Другой формат",
+        "btn_model": "🎨 Другая модель",
+        "btn_edit": "✏️ Изменить описание",
+        "btn_file": "📎 Исходный файл",
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
         "incident_key_rejected": "ключ API отклонён (401)",
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
@@ -3109,9 +3140,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
         "ask_ratio": "Pick a format for “{prompt}”:",
         "ask_option": "Pick the {option}:",
-        "generating": "⏳ Generating…",
         "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
-        "hourly_limit": "You can make up to {limit} pictures an hour. Next one in {minutes} min.",
+        "hourly_limit": "You can make up to {limit:picture|pictures} an hour. Next one in {minutes:minute|minutes}.",
         "not_configured": "🛠 I can’t draw just yet: the bot isn’t fully set up. Please check back later.",
         "fail_moderation": "🚫 The request was rejected by moderation. Try describing it differently.",
         "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
@@ -3121,13 +3151,26 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_failed": "😔 The picture could not be generated.",
         "fail_delivery": "The picture is ready but could not be sent.",
         "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
+        "fail_stalled": "⌛ The service produced no picture within 10 minutes and gave up. Please try again.",
+        "status": "⏳ {details} · {elapsed}",
+        "left_this_hour": "{left} of {limit} left this hour.",
+        "cancelled_job": "✖️ Cancelled: this picture will not be sent, and it does not count towards your hourly "
+                         "limit.",
+        "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
+        "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
+        "ask_model": "Which model should draw “{prompt}”?",
+        "original_failed": "The original file is not available right now. Please try later.",
         "btn_create": "🖼 Create a picture",
         "btn_help": "ℹ️ Help",
         "btn_cancel": "✖️ Cancel",
-        "btn_again": "🔁 Another variant",
+        "btn_again": "🔁 Regenerate",
         "btn_new": "🖼 New picture",
         "btn_retry": "🔁 Try again",
         "btn_resend": "📥 Send the picture",
+        "btn_ratio": "📐 Another ratio",
+        "btn_model": "🎨 Another model",
+        "btn_edit": "✏️ Change the prompt",
+        "btn_file": "📎 Original file",
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
@@ -3209,15 +3252,71 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
     return render(lang, "limits_up_to" if fewest <= 1 else "limits_between", fewest=fewest, most=most)
 
 
-def result_keyboard(job_id: str, lang: str, failed: bool = False) -> dict:
-    t = TEXTS[lang]
-    again = button(t["btn_retry"] if failed else t["btn_again"], f"again:{job_id}")
-    return keyboard([again], [button(t["btn_new"], "new")])
+# Buttons under a result or a failure, by name: (TEXTS key, callback verb).  The
+# data carries the job id, so a press names the picture it is about; another
+# user's or an unknown id is refused as a stale button.
+RESULT_BUTTONS = {
+    "again": ("btn_again", "again"), "retry": ("btn_retry", "again"), "ratio": ("btn_ratio", "ratios"),
+    "model": ("btn_model", "models"), "edit": ("btn_edit", "edit"), "file": ("btn_file", "file"),
+    "resend": ("btn_resend", "resend"),
+}
+# Which buttons follow a failure (Job.error): fix the prompt after moderation or
+# validation, re-send a picture that is ready, else try the same again.
+FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "delivery": ("resend",)}
 
 
-def resend_keyboard(job_id: str, lang: str) -> dict:
-    t = TEXTS[lang]
-    return keyboard([button(t["btn_resend"], f"resend:{job_id}")], [button(t["btn_new"], "new")])
+def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
+    return [button(TEXTS[lang][RESULT_BUTTONS[name][0]], f"{RESULT_BUTTONS[name][1]}:{job_id}") for name in names]
+
+
+def new_picture_button(model_key: str, lang: str) -> dict:
+    """"New picture" keeps the model last used."""
+    return button(TEXTS[lang]["btn_new"], f"model:{model_key}")
+
+
+def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
+    names = ("again", "ratio", "model", "edit", "file") if catalog else ("again", "ratio", "edit", "file")
+    return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
+
+
+def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict:
+    names = FAILURE_BUTTONS.get(error, ("retry",))
+    return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
+
+
+def resend_keyboard(job_id: str, model_key: str, lang: str) -> dict:
+    return failure_keyboard(job_id, model_key, "delivery", lang)
+
+
+def status_keyboard(lang: str) -> dict:
+    """Under the ⏳ message while a picture is drawn: the one button that still means something."""
+    return keyboard([button(TEXTS[lang]["btn_cancel"], "cancel")])
+
+
+def elapsed_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
+    """The ⏳ message a picture's question becomes: "⏳ 16:9 · Z-Image · 0:12"."""
+    return TEXTS[lang]["status"].format(details=model.details(ratio, option, lang), elapsed=elapsed_text(elapsed_s))
+
+
+def left_text(remaining: tuple[int, int] | None, lang: str) -> str:
+    """"17 of 20 left this hour", or "" for a user without a limit."""
+    return "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
+
+
+def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
+    """"model · ratio", the prompt (shortened to fit), and what is left: within Telegram's caption limit.
+
+    The limit counts the text as shown, so the prompt is shortened before it is escaped.
+    """
+    head = html.escape(model.details(ratio, option, lang))
+    tail = f"\n\n{left}" if left else ""
+    room = CAPTION_MAX_CHARS - len(model.details(ratio, option, lang)) - len(left) - 3
+    return f"{head}\n{html.escape(shorten(prompt, max(room, 1)))}{tail}"
 
 
 def shorten(text: str, limit: int) -> str:
@@ -3283,6 +3382,7 @@ class Context:
     t: dict[str, str]
     callback_id: str = ""
     answered: bool = False
+    message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
 
 
 class PromptStep:
@@ -3379,12 +3479,11 @@ class Conversation:
             "model": self.on_model_button,
             "ratio": self.on_ratio_button,
             "opt": self.on_option_button,
-            "again": self.on_again_button,
-            "resend": self.on_resend_button,
             "cancel": self.on_cancel_button,
             "help": self.on_help_button,
             "lang": self.on_language_button,
         }
+        self.buttons.update(JobButtons(self).handlers())
 
     async def handle(self, update: dict) -> None:
         if isinstance(update.get("message"), dict):
@@ -3438,6 +3537,8 @@ class Conversation:
         user = query.get("from") or {}
         chat_id = ((query.get("message") or {}).get("chat") or {}).get("id") or user.get("id")
         ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
+        message_id = (query.get("message") or {}).get("message_id")
+        ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
         data = query.get("data")
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
@@ -3448,9 +3549,26 @@ class Conversation:
             if not ctx.answered:  # every query gets an answer, forged and failing ones too
                 await self.answer(ctx, ctx.t["stale_button"])
 
-    async def answer(self, ctx: Context, text: str = "") -> None:
+    async def answer(self, ctx: Context, text: str = "", alert: bool = False) -> None:
+        """Answer the button press: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         ctx.answered = True
-        await self.telegram.answer_callback(ctx.callback_id, text)
+        await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
+
+    async def edit(self, ctx: Context, message_id: int, text: str, markup: dict | None = None) -> None:
+        """Turn one of our messages into ``text``: the dialog's messages evolve rather than pile up."""
+        params = {"chat_id": ctx.chat_id, "message_id": message_id, "text": text, "parse_mode": "HTML",
+                  "reply_markup": markup or {"inline_keyboard": []}}
+        try:
+            await self.telegram.call("editMessageText", params)
+        except TelegramError as error:  # gone, too old or unchanged: the dialog goes on without it
+            log.info("[BOT] could not edit message %d: %s", message_id, error.description)
+
+    async def reply(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
+        """Answer in the pressed message when there is one, else in a new message."""
+        if ctx.message_id:
+            await self.edit(ctx, ctx.message_id, render(ctx.lang, key, **values), markup)
+        else:
+            await self.send(ctx, key, markup, **values)
 
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
@@ -3463,6 +3581,8 @@ class Conversation:
             lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
             menu = main_menu(lang, self.models)
             text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
+            left = left_text(self.generations.remaining(ctx.user_id), lang)  # from memory: no database read
+            text += f"\n\n{left}" if left else ""
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
@@ -3476,8 +3596,19 @@ class Conversation:
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
+        """Close the open question or stop the running picture, and say truthfully which it was."""
+        had_question = self.states.get(ctx.user_id) is not None
         await self.states.set(ctx.user_id, None)
-        await self.send(ctx, "cancelled", main_menu(ctx.lang, self.models))
+        menu = main_menu(ctx.lang, self.models)
+        outcome, job = await self.generations.cancel(ctx.user_id)
+        if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
+            await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
+        elif outcome == "cancelled":
+            await self.reply(ctx, "cancelled_job", menu)
+        elif outcome == "too_late":
+            await self.send(ctx, "cancel_too_late")
+        else:
+            await self.reply(ctx, "cancelled" if had_question else "nothing_to_cancel", menu)
 
     async def on_stats(self, ctx: Context, message: dict) -> None:
         if ctx.user_id not in self.config.admin_ids:
@@ -3535,13 +3666,14 @@ class Conversation:
         state = self.states.get(ctx.user_id) or {}
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
-            return  # a stale or forged button: answered as stale, nothing changes
-        await self.answer(ctx)
+            return  # a stale or forged button, or a second tap: answered as stale, nothing changes
         if model.option is None:
             await self.generate(ctx, model, state["prompt"], ratio)
             return
+        await self.answer(ctx)
         await self.states.set(ctx.user_id, {**state, "step": "option", "ratio": ratio})
-        await self.send(ctx, "ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
+        await self.reply(ctx, "ask_option", option_keyboard(model.option, ctx.lang),
+                         option=model.option.title[ctx.lang])
 
     async def on_option_button(self, ctx: Context, value: str) -> None:
         state = self.states.get(ctx.user_id) or {}
@@ -3550,32 +3682,25 @@ class Conversation:
             return  # (a saved dialog can outlive a catalog change)
         if value not in dict(model.option.choices):
             return
-        await self.answer(ctx)
         await self.generate(ctx, model, state["prompt"], state["ratio"], value)
 
-    async def on_again_button(self, ctx: Context, job_id: str) -> None:
-        job = await self.generations.find(job_id, ctx.user_id)
-        model = self.models_by_key.get(job.model) if job is not None else None
-        if job is None or model is None:
-            return
-        await self.answer(ctx)
-        await self.generate(ctx, model, job.prompt, job.ratio, job.option)
+    async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
+                       status_message_id: int | None = None) -> None:
+        """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.
 
-    async def on_resend_button(self, ctx: Context, job_id: str) -> None:
-        job = await self.generations.find(job_id, ctx.user_id)
-        if job is None or job.state != "delivered" or job.outcome != "success":
-            return
-        await self.answer(ctx)
-        await self.generations.resend(job)
-
-    async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "") -> None:
+        0 means there is no text message to evolve (the press came from a
+        photo): the job posts its own status message.  A refusal is a popup.
+        """
         refusal = self.generations.refusal(ctx.user_id)
         if refusal is not None:
             key, values = refusal_text(refusal)
-            await self.send(ctx, key, **values)
+            await self.answer(ctx, render(ctx.lang, key, **values), alert=isinstance(refusal, HourlyLimit))
             return
-        status = await self.telegram.send_message(ctx.chat_id, ctx.t["generating"])
-        status_message_id = status.get("message_id", 0) if isinstance(status, dict) else 0
+        await self.answer(ctx)
+        status_message_id = ctx.message_id if status_message_id is None else status_message_id
+        if status_message_id:
+            await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
+                            status_keyboard(ctx.lang))
         # The dialog ends only once the job is stored, so a press replayed after kill -9
         # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
@@ -3591,13 +3716,96 @@ class Conversation:
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
 
 
+class JobButtons:
+    """The buttons under a result or a failure; each names its job, which must be the presser's.
+
+    Anything else (another user's job, an unknown or malformed id, a model
+    no longer offered) is answered as a stale button and changes nothing.
+    """
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.generations = conversation.generations
+
+    def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
+        return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
+                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend}
+
+    async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
+        job = await self.generations.find(job_id, ctx.user_id)
+        model = self.dialog.models_by_key.get(job.model) if job is not None else None
+        return (job, model) if job is not None and model is not None else None
+
+    async def on_again(self, ctx: Context, job_id: str) -> None:
+        """The same picture again; a failure's own message becomes the new status."""
+        found = await self.job_and_model(ctx, job_id)
+        if found is not None:
+            job, model = found
+            status = ctx.message_id if ctx.message_id == job.status_message_id else 0
+            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status)
+
+    async def on_ratios(self, ctx: Context, job_id: str) -> None:
+        """Ask the ratio again, for the same prompt and model."""
+        found = await self.job_and_model(ctx, job_id)
+        if found is not None:
+            await self.ask_ratio(ctx, found[1], found[0].prompt)
+
+    async def on_models(self, ctx: Context, job_id: str) -> None:
+        """Offer the other models for the same prompt (catalog mode)."""
+        job = await self.generations.find(job_id, ctx.user_id)
+        if job is None or len(self.dialog.models) < 2:
+            return
+        await self.dialog.answer(ctx)
+        choices = [button(m.title, f"use:{job.id}:{m.key}") for m in self.dialog.models]
+        await self.dialog.send(ctx, "ask_model", keyboard(*in_rows(choices, 2)),
+                               prompt=html.escape(shorten(job.prompt, 200)))
+
+    async def on_use(self, ctx: Context, argument: str) -> None:
+        job_id, _, key = argument.partition(":")
+        job = await self.generations.find(job_id, ctx.user_id)
+        model = self.dialog.models_by_key.get(key)
+        if job is not None and model is not None:
+            await self.ask_ratio(ctx, model, job.prompt, ctx.message_id)
+
+    async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
+        await self.dialog.answer(ctx)
+        await self.dialog.states.set(ctx.user_id, {"step": "ratio", "model": model.key, "prompt": prompt})
+        values = {"prompt": html.escape(shorten(prompt, 200))}
+        if message_id:
+            await self.dialog.edit(ctx, message_id, render(ctx.lang, "ask_ratio", **values),
+                                   ratio_keyboard(model, ctx.lang))
+        else:
+            await self.dialog.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), **values)
+
+    async def on_edit(self, ctx: Context, job_id: str) -> None:
+        """Ask for a new prompt for the same model."""
+        found = await self.job_and_model(ctx, job_id)
+        if found is not None:
+            await self.dialog.ask_prompt(ctx, found[1])
+
+    async def on_file(self, ctx: Context, job_id: str) -> None:
+        """The finished picture as a file, uncompressed: one send per press."""
+        job = await self.generations.find(job_id, ctx.user_id)
+        if job is not None and job.result_url and job.outcome == "success":
+            await self.dialog.answer(ctx)
+            self.generations.send_original(job)
+
+    async def on_resend(self, ctx: Context, job_id: str) -> None:
+        job = await self.generations.find(job_id, ctx.user_id)
+        if job is None or job.state != "delivered" or job.outcome != "success":
+            return
+        await self.dialog.answer(ctx)
+        await self.generations.resend(job)
+
+
 ###############################################################################
 # 12. Generation jobs
 #    Owns a generation from the button press to the photo: the job table and
 #    its pure state machine (an event in, changes and effects out), and the
 #    drivers that carry the effects out: submitting to Kie under the fairness
-#    limits, the callback hint and the paced poller, delivery within its budget
-#    (result downloads from public addresses only), and admin alerts.
+#    limits, the callback hint and the paced poller, signs of life while Kie
+#    draws, cancelling, delivery within its budget (result downloads from
+#    public addresses only), and admin alerts.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
@@ -3607,6 +3815,10 @@ POLL_EVERY_AFTERWARDS = 30.0
 DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
 DELIVERY_RETRY_S = 30.0
+CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
+# The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
+STATUS_EDIT_EVERY_S = 12.0
+RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the user sees signs of life
 # After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
 # failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
 # kept for telling the user it failed, so every job ends by then.
@@ -3622,7 +3834,9 @@ MODERATION_WORDS = ("moderat", "prohibit", "nsfw", "sensitive", "safety", "polic
 
 
 def failure_for_record(record: TaskRecord) -> str:
-    """Why a failed task failed, in user terms: 'moderation' or 'failed'."""
+    """Why a failed task failed, in user terms: 'stalled' (Kie's 408), 'moderation' or 'failed'."""
+    if record.fail_code == "408":
+        return kie_code(408).user_failure
     message = record.fail_message.lower()
     return "moderation" if any(word in message for word in MODERATION_WORDS) else "failed"
 
@@ -3647,7 +3861,7 @@ class Job:
     ratio: str
     option: str = ""
     state: str = "created"
-    outcome: str = ""  # success | failed | timed_out, once known
+    outcome: str = ""  # success | failed | timed_out | cancelled, once known
     task_id: str = ""
     result_url: str = ""
     error: str = ""  # failure kind shown to the user (fail_<error> in TEXTS)
@@ -3681,6 +3895,7 @@ SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the delivere
 MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
 DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
+CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
 EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
@@ -3692,20 +3907,28 @@ IGNORED = ""
 _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "failed": IGNORED,
               "callback": IGNORED, "expired": IGNORED}
 JOB_TRANSITIONS: dict[str, dict[str, str]] = {
-    "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out"},  # waiting for a slot, createTask
+    "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out",  # waiting for a slot, createTask
+                "cancel": "cancelled"},
     "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
-                  "callback": "submitted"},
+                  "callback": "submitted", "cancel": "cancelled"},
     # Result URL known; delivered directly when the budget ran out before sending.
-    "succeeded": {**_LATE_NEWS, "sending": "sending", "delivered": "delivered", "undeliverable": "succeeded"},
+    "succeeded": {**_LATE_NEWS, "sending": "sending", "delivered": "delivered", "undeliverable": "succeeded",
+                  "cancel": "cancelled"},
     # Committed before sendPhoto: after a crash the photo may be out, so it is not sent again blindly.
-    "sending": {**_LATE_NEWS, "delivered": "delivered", "maybe_sent": "unsure", "undeliverable": "sending"},
+    # Too late to cancel: the photo is on its way.
+    "sending": {**_LATE_NEWS, "delivered": "delivered", "maybe_sent": "unsure", "undeliverable": "sending",
+                "cancel": IGNORED},
     # The user gets a button to have it re-sent.
-    "unsure": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
-    "failed": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},  # failure known, user not told yet
-    "timed_out": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED},
-    "delivered": dict(_LATE_NEWS),  # the user has the photo or the explanation
+    "unsure": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED, "cancel": IGNORED},
+    # Failure known, user not told yet.
+    "failed": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED, "cancel": "cancelled"},
+    "timed_out": {**_LATE_NEWS, "delivered": "delivered", "undeliverable": IGNORED, "cancel": "cancelled"},
+    "delivered": {**_LATE_NEWS, "cancel": IGNORED},  # the user has the photo or the explanation
+    # Ended by the user: whatever Kie, a delivery under way or the user do now changes nothing.
+    "cancelled": {**_LATE_NEWS, "delivered": IGNORED, "undeliverable": IGNORED, "cancel": IGNORED},
 }
-OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"}
+OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
+ENDED_STATES = ("delivered", "cancelled")  # the job is over: forgotten in memory, never resumed
 
 
 # Effects: what a driver does after a transition; ``name`` says which.
@@ -3775,10 +3998,13 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
         effects.append(WATCH_TASK)
     if state in OUTCOMES:
         changes["outcome"] = OUTCOMES[state]
-        effects += [Finish(OUTCOMES[state], now - job.created_at), DELIVER]
+        if not job.outcome:  # a job cancelled after its outcome was known has been counted
+            effects.append(Finish(OUTCOMES[state], now - job.created_at))
+        if state != "cancelled":
+            effects.append(DELIVER)
     if event.name == "refused" and event.value is not None and kie_code(event.value).incident:
         effects.append(Alert(event.value))
-    if state == "delivered":
+    if state in ENDED_STATES:
         effects.append(FORGET)
     return changes, effects
 
@@ -3794,12 +4020,19 @@ def jobs_save(conn: sqlite3.Connection, rows: list[tuple]) -> list[None]:
 
 
 def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
-    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered'").fetchall()
+    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered' "
+                        "AND state != 'cancelled'").fetchall()
 
 
-def jobs_created_since(conn: sqlite3.Connection, since: float) -> list[tuple[int, float]]:
-    return conn.execute("SELECT user_id, created_at FROM jobs WHERE created_at >= ? ORDER BY created_at",
-                        (since,)).fetchall()
+def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: float) -> list[tuple[int, float]]:
+    """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts.
+
+    ``created_since`` bounds the rows read: a job is delivered within its
+    timeout and delivery budget of its creation.
+    """
+    return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
+                        "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
+                        (created_since, since)).fetchall()
 
 
 def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
@@ -3975,6 +4208,10 @@ class JobBook:
     def busy(self, user_id: int) -> bool:
         return user_id in self._active_by_user
 
+    def active(self, user_id: int) -> Job | None:
+        """The user's unfinished job, if any."""
+        return self.jobs.get(self._active_by_user.get(user_id, ""))
+
     def forget(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
         self._by_task.pop(job.task_id, None)
@@ -4030,6 +4267,18 @@ class JobBook:
             self._stored.add(job.id)
         return jobs
 
+    async def usage(self, kie: KieClient, now: float) -> dict[str, Any]:
+        """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits."""
+        try:
+            counts = await self.db.read(usage_counts, now // 86400 * 86400)
+        except DatabaseUnavailable:
+            counts = {"users": "?", "blocked": "?", "jobs_today": {}}
+        try:
+            credits: Any = await kie.credits() if kie.configured else "—"
+        except KieError as error:
+            credits = f"— ({error.kind})"
+        return {**counts, "in_flight": len(self.jobs), "credits": credits}
+
     async def find(self, job_id: str) -> Job | None:
         """A job in memory or, finished, in the database; None if unknown."""
         job = self.jobs.get(job_id)
@@ -4049,44 +4298,58 @@ class Busy:
 
 @dataclasses.dataclass(frozen=True)
 class HourlyLimit:
-    """The user started ``limit`` jobs in the last hour; the next one may start in ``minutes``."""
+    """The user got ``limit`` pictures in the last hour; the next one may start in ``minutes``."""
 
     limit: int
     minutes: int
 
 
 class Fairness:
-    """One job per user at a time, and at most ``hourly_limit`` an hour (admins have no hourly limit)."""
+    """One job per user at a time, and at most ``hourly_limit`` pictures an hour (admins have no hourly limit).
+
+    Only delivered pictures count: a failed, timed-out or cancelled job
+    costs the user nothing, so an outage does not eat their quota.
+    """
 
     def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK):
         self.hourly_limit = hourly_limit
         self.admin_ids = admin_ids
         self.clock = clock
-        self.loaded = False  # the last hour's jobs were read from the database
+        self.loaded = False  # the last hour's deliveries were read from the database
         self._recent_by_user: dict[int, collections.deque[float]] = {}
 
     def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | None:
         """Why ``user_id`` may not start a job now, or None."""
         if busy:
             return Busy()
+        stamps = self._last_hour(user_id)
+        if user_id not in self.admin_ids and len(stamps) >= self.hourly_limit:
+            return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
+        return None
+
+    def remaining(self, user_id: int, extra: int = 0) -> tuple[int, int] | None:
+        """(pictures left this hour, the limit) once ``extra`` more are counted; None for admins."""
         if user_id in self.admin_ids:
             return None
-        stamps = self._recent_by_user.get(user_id)
+        return max(0, self.hourly_limit - len(self._last_hour(user_id)) - extra), self.hourly_limit
+
+    def _last_hour(self, user_id: int) -> collections.deque[float]:
+        stamps = self._recent_by_user.get(user_id, collections.deque())
         now = self.clock.time()
         while stamps and now - stamps[0] >= 3600:
             stamps.popleft()
-        if stamps and len(stamps) >= self.hourly_limit:
-            return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - now) / 60) + 1))
-        return None
+        return stamps
 
-    def note(self, user_id: int, created_at: float) -> None:
-        self._recent_by_user.setdefault(user_id, collections.deque()).append(created_at)
+    def note(self, user_id: int, delivered_at: float) -> None:
+        self._recent_by_user.setdefault(user_id, collections.deque()).append(delivered_at)
 
-    async def load(self, db: Database) -> None:
-        """Count the last hour's jobs once: later ones are noted as they are created."""
+    async def load(self, db: Database, gen_timeout_s: float) -> None:
+        """Count the last hour's deliveries once: later ones are noted as they happen."""
         if not self.loaded:
-            for user_id, created_at in await db.read(jobs_created_since, self.clock.time() - 3600):
-                self.note(user_id, created_at)
+            since = self.clock.time() - 3600
+            created_since = since - gen_timeout_s - DELIVERY_BUDGET_S
+            for user_id, delivered_at in await db.read(jobs_delivered_since, since, created_since):
+                self.note(user_id, delivered_at)
             self.loaded = True
 
     def forget_idle(self, now: float) -> None:
@@ -4166,12 +4429,13 @@ class Submitter:
     """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
 
     def __init__(self, kie: KieClient, slots: KieSlots, alerts: AdminAlerts, apply: Callable[[Job, JobEvent], None],
-                 callback_url: str):
+                 callback_url: str, nsfw_checker: bool = True):
         self.kie = kie
         self.slots = slots
         self.alerts = alerts
         self.apply = apply
         self.callback_url = callback_url
+        self.nsfw_checker = nsfw_checker  # Kie's content filter, for the models that have one
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
 
     def enqueue(self, job: Job) -> None:
@@ -4195,8 +4459,8 @@ class Submitter:
             self.apply(job, JobEvent("refused", None))
             return
         try:
-            task_id = await self.kie.create_task(model.kie_model, model.inputs(job.prompt, job.ratio, job.option),
-                                                 self.callback_url)
+            inputs = model.inputs(job.prompt, job.ratio, job.option, self.nsfw_checker)
+            task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
         except KieError as error:
             self.slots.release()
             log.warning("[JOB] %s: createTask failed: %s", job.id, error)
@@ -4281,20 +4545,114 @@ class Poller:
             self.schedule_next(job)
 
 
-class ResultSender:
-    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer."""
+class Progress:
+    """Signs of life while a job runs: the upload_photo chat action and the ⏳ message's elapsed time.
 
-    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False):
+    Driven by ``tick`` from the deadline watch, so by the injected clock.  At
+    most one call per job is in flight, none starts once the job has left the
+    running states, and delivery waits for the one in flight (``quiet``), so
+    a late edit never overwrites the result or the explanation.
+    """
+
+    def __init__(self, telegram: TelegramClient, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
+        self.telegram = telegram
+        self.save = save  # writes a job whose status message was just posted
+        self.clock = clock
+        self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
+        self._edit_due: dict[str, float] = {}  # job id -> when the elapsed time is due again
+        self._calls: dict[str, asyncio.Event] = {}  # job id -> set once its call in flight is over
+
+    def tick(self, jobs: Iterable[Job], now: float, run_in_background: Callable[[Awaitable[None]], None]) -> None:
+        for job in jobs:
+            if job.state not in RUNNING_STATES or job.id in self._calls:
+                continue
+            action = now >= self._action_due.get(job.id, 0.0)
+            edit_due = self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
+            edit = bool(job.status_message_id) and now >= edit_due
+            if action or edit:
+                self._calls[job.id] = asyncio.Event()
+                run_in_background(self._show(job, now, action, edit))
+
+    async def _show(self, job: Job, now: float, action: bool, edit: bool) -> None:
+        try:
+            if action:
+                self._action_due[job.id] = now + CHAT_ACTION_EVERY_S
+                await self._try(job, "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
+            if edit and job.state in RUNNING_STATES:
+                self._edit_due[job.id] = now + STATUS_EDIT_EVERY_S
+                text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
+                await self._try(job, "editMessageText", {"chat_id": job.chat_id, "message_id": job.status_message_id,
+                                                         "text": text, "reply_markup": status_keyboard(job.lang)})
+        finally:
+            self._calls.pop(job.id).set()
+
+    async def _try(self, job: Job, method: str, params: dict) -> None:
+        try:
+            await self.telegram.call(method, params)
+        except TelegramError as error:  # a sign of life that fails is skipped: the next one comes soon
+            log.info("[JOB] %s: %s failed: %s", job.id, method, error.description)
+
+    def post_status(self, job: Job, run_in_background: Callable[[Awaitable[None]], None]) -> None:
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve)."""
+        self._calls[job.id] = asyncio.Event()  # now, so no tick and no delivery comes first
+        run_in_background(self._post_status(job))
+
+    async def _post_status(self, job: Job) -> None:
+        try:
+            text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
+            message = await self.telegram.send_message(job.chat_id, text, status_keyboard(job.lang))
+            message_id = message.get("message_id") if isinstance(message, dict) else None
+            if not isinstance(message_id, int):
+                return
+            if job.state in ENDED_STATES:  # cancelled meanwhile: the status would only mislead
+                await self._try(job, "deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
+                return
+            job.status_message_id = message_id
+            self.save(job)
+        except TelegramError as error:
+            log.info("[JOB] %s: could not post the ⏳ message: %s", job.id, error.description)
+        finally:
+            self._calls.pop(job.id).set()
+
+    async def quiet(self, job: Job) -> None:
+        """Return once no sign of life of ``job`` is in flight."""
+        call = self._calls.get(job.id)
+        if call is not None:
+            await call.wait()
+
+    def forget(self, job: Job) -> None:
+        self._action_due.pop(job.id, None)
+        self._edit_due.pop(job.id, None)
+
+    def clear(self) -> None:
+        self._action_due.clear()
+        self._edit_due.clear()
+
+
+def job_model(job: Job) -> ImageModel:
+    """The job's catalog row; a stand-in naming its key when the model has left the catalog."""
+    return MODELS_BY_KEY.get(job.model) or ImageModel(job.model, job.model, job.model, (job.ratio,))
+
+
+class ResultSender:
+    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer, the file."""
+
+    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False, *,
+                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
         self.telegram = telegram
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
+        self.catalog = catalog  # more than one model is offered: results offer another model
+        self.remaining = remaining  # (user, pictures about to be counted) -> (left this hour, limit) or None
 
-    async def send_photo(self, job: Job) -> None:
+    async def send_photo(self, job: Job, counting: bool = True) -> None:
+        """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
+        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang)
         params = {
             "chat_id": job.chat_id,
-            "caption": html.escape(shorten(job.prompt, CAPTION_MAX_CHARS)),
+            "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
             "parse_mode": "HTML",
-            "reply_markup": result_keyboard(job.id, job.lang),
+            "reply_markup": result_keyboard(job.id, job.model, job.lang, self.catalog),
         }
         try:
             await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
@@ -4318,20 +4676,32 @@ class ResultSender:
         await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
 
     async def resend(self, job: Job) -> None:
-        """Send a finished job's picture again, because its user asked (see "unsure")."""
+        """Send a finished job's picture again, because its user asked (see "unsure" and "delivery")."""
         try:
-            await self.send_photo(job)
+            await self.send_photo(job, counting=False)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
             await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
-                                             result_keyboard(job.id, job.lang, failed=True))
+                                             failure_keyboard(job.id, job.model, "failed", job.lang))
+
+    async def send_original(self, job: Job) -> None:
+        """The stored result as a document, byte for byte (Telegram recompresses photos); once, never retried."""
+        try:
+            image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
+                                           allow_private=self.allow_private)
+            name, mime = image_file_name(job.result_url)
+            await self.telegram.call("sendDocument", {"chat_id": job.chat_id}, files={"document": (name, image, mime)},
+                                     repeatable=False)
+        except (DownloadError, TelegramError) as error:
+            log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
+            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["original_failed"])
 
     async def send_failure(self, job: Job) -> None:
         await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
-                         result_keyboard(job.id, job.lang, failed=True))
+                         failure_keyboard(job.id, job.model, job.error, job.lang))
 
     async def offer_resend(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.lang))
+        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang))
 
     async def _tell(self, job: Job, text: str, markup: dict) -> None:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
@@ -4366,7 +4736,9 @@ class Deliverer:
 
     def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
                  apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
-                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
+                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S,
+                 settle: Callable[[Job], Awaitable[None]] = lambda job: asyncio.sleep(0)):
+        self.settle = settle  # waits until no sign of life is in flight (bounded by the Telegram client's budget)
         self.gen_timeout_s = gen_timeout_s
         self.book = book
         self.sender = sender
@@ -4407,12 +4779,13 @@ class Deliverer:
 
     async def _deliver(self, job: Job) -> None:
         """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
-        step = self._steps.get(job.state)
-        if job.id in self._delivering or step is None:
+        if job.id in self._delivering or job.state not in self._steps:
             return
         self._delivering.add(job.id)
         try:
-            finished = await self._attempt(job, step)
+            await self.settle(job)  # the state is read after it: the job may have been cancelled meanwhile
+            step = self._steps.get(job.state)
+            finished = step is not None and await self._attempt(job, step)
         finally:
             self._delivering.discard(job.id)
         if finished:
@@ -4511,11 +4884,14 @@ class Generations:
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
-        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config))
+        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
+                                   config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.sender = ResultSender(telegram, http, config.result_download_allow_private)
-        self.deliverer = Deliverer(config.gen_timeout_s, self.book, self.sender, self.apply, self._run_in_background,
-                                   clock, delivery_budget_s, delivery_notice_s)
+        self.progress = Progress(telegram, self.book.save, clock)
+        sender = ResultSender(telegram, http, config.result_download_allow_private,
+                              catalog=not config.single_model_only, remaining=self.fairness.remaining)
+        self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
+                                   clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
         self._tasks: set[asyncio.Task] = set()  # one-off work: polls, deliveries, alerts
         self._loops: list[asyncio.Task] = []
         self._effects: dict[str, Callable[[Job, Any], None]] = {
@@ -4567,7 +4943,8 @@ class Generations:
 
     def _finish(self, job: Job, effect: Finish) -> None:
         self.book.finished[effect.outcome] += 1
-        self.on_finished(job, effect.seconds)
+        if effect.outcome != "cancelled":  # how long Kie took: a cancelled job never said
+            self.on_finished(job, effect.seconds)
         log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, effect.seconds, f" ({job.error})" if job.error else "")
 
     def _alert(self, job: Job, effect: Alert) -> None:
@@ -4575,8 +4952,11 @@ class Generations:
             self._run_in_background(self.alerts.alert(effect.code))
 
     def _forget(self, job: Job, effect: JobAction) -> None:
+        if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
+            self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
         self.book.forget(job)
         self.deliverer.forget(job)
+        self.progress.forget(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
         if record.state == "success":
@@ -4607,7 +4987,7 @@ class Generations:
         """
         try:
             jobs = await self.book.load_unfinished()
-            await self.fairness.load(self.book.db)
+            await self.fairness.load(self.book.db, self.config.gen_timeout_s)
         except DatabaseUnavailable:
             jobs = []
         for job in jobs:
@@ -4651,17 +5031,18 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer):
+        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer, self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
-        """Time out overdue jobs, retry due deliveries, and forget idle users' hourly stamps."""
+        """Time out overdue jobs, show running ones are alive, retry due deliveries, forget idle hourly stamps."""
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
             for job in list(self.jobs.values()):
-                if job.state in ("created", "submitted") and now - job.created_at > self.config.gen_timeout_s:
+                if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
+            self.progress.tick(list(self.jobs.values()), now, self._run_in_background)
             self.deliverer.retry_due(now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
@@ -4682,11 +5063,31 @@ class Generations:
                   status_message_id=status_message_id, created_at=now, updated_at=now)
         self.book.track(job)
         self.book.created += 1
-        self.fairness.note(user_id, now)
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
+        if not status_message_id:
+            self.progress.post_status(job, self._run_in_background)
         return job
+
+    async def cancel(self, user_id: int) -> tuple[str, Job | None]:
+        """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)."""
+        job = self.book.active(user_id)
+        if job is None:
+            return "none", None
+        self.apply(job, CANCEL)
+        if job.state != "cancelled":
+            return "too_late", job
+        await self.book.save_durably(job)  # so a restart does not resume and deliver it
+        log.info("[JOB] %s cancelled by its user", job.id)
+        return "cancelled", job
+
+    def remaining(self, user_id: int) -> tuple[int, int] | None:
+        """(pictures left this hour, the limit) for ``user_id``, from memory; None for admins."""
+        return self.fairness.remaining(user_id)
+
+    def send_original(self, job: Job) -> None:
+        self._run_in_background(self.deliverer.sender.send_original(job))
 
     async def find(self, job_id: str, user_id: int) -> Job | None:
         """A job of ``user_id`` by id (for "🔁"), None if unknown or someone else's."""
@@ -4694,7 +5095,7 @@ class Generations:
         return job if job is not None and job.user_id == user_id else None
 
     async def resend(self, job: Job) -> None:
-        await self.sender.resend(job)
+        await self.deliverer.sender.resend(job)
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
@@ -4710,16 +5111,7 @@ class Generations:
 
     async def usage(self) -> dict[str, Any]:
         """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
-        midnight = self.clock.time() // 86400 * 86400
-        try:
-            counts = await self.book.db.read(usage_counts, midnight)
-        except DatabaseUnavailable:
-            counts = {"users": "?", "blocked": "?", "jobs_today": {}}
-        try:
-            credits: Any = await self.kie.credits() if self.kie.configured else "—"
-        except KieError as error:
-            credits = f"— ({error.kind})"
-        return {**counts, "in_flight": len(self.jobs), "credits": credits}
+        return await self.book.usage(self.kie, self.clock.time())
 
 
 ###############################################################################
@@ -5280,7 +5672,8 @@ class Metrics:
              [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.kie.calls.items())]),
             ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
             ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
-             [("", {"outcome": o}, self.generations.finished[o]) for o in ("success", "failed", "timed_out")]),
+             [("", {"outcome": o}, self.generations.finished[o])
+              for o in ("success", "failed", "timed_out", "cancelled")]),
         ]
 
     def _gauges(self, server: HttpServer) -> list[Family]:
