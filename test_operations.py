@@ -7,8 +7,11 @@ Two-instance tests run real bot processes on one SQLite file.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Iterable
 
 import httpx
 import pytest
@@ -24,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
 from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, ManualClock, bot_env, eventually, eventually_async,
-                      free_port, post_update, run_bot_cli, stop_within, update_message)
+                      free_port, post_update, run_bot_cli, stop_within, update_callback, update_message)
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
 
@@ -255,6 +259,159 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
     assert [lock["active"] for lock in locks] == [True, False]
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(1101, 1121))
     assert "[LOCK] acquired" not in second.log
+
+
+###############################################################################
+# 13. Deploys: the new instance starts beside the old one, then the old one gets SIGTERM
+###############################################################################
+
+@pytest.fixture(params=["sqlite"])
+def database_url(tmp_path) -> str:
+    # The shared conftest's ``database_url`` (SQLite and PostgreSQL) replaces this one.
+    return f"sqlite:///{tmp_path}/bot.db"
+
+
+@pytest.fixture
+def harness_log_masked():
+    """This process plays Telegram and Kie: its httpx logs the bots' secret webhook and callback URLs; mask them."""
+    loggers = [logging.getLogger(name) for name in trt_bot.MASKED_LOGGERS]
+    before = {logger.name: list(logger.filters) for logger in loggers}
+    trt_bot.install_secret_masking(trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY}).secrets)
+    yield
+    for logger in loggers:
+        logger.filters[:] = before[logger.name]
+
+
+DEPLOY_LEASE_TTL_S = 10  # far longer than a handover: a SIGTERM handover must not wait for the lease to expire
+TEXTS = trt_bot.TEXTS["ru"]
+
+
+def reply_token(text: str) -> str:
+    """A reply shortened to what it answers: a too-long prompt's reply names the prompt's length."""
+    too_long = re.match(re.escape(TEXTS["prompt_too_long"].split("{")[0]) + r"(\d+)", text)
+    if too_long:
+        return f"long{int(too_long[1]) - trt_bot.PROMPT_MAX_CHARS - 1}"
+    for key in ("ask_prompt", "ask_ratio", "generating"):
+        if text.startswith(TEXTS[key].split("{")[0]):
+            return key
+    return text[:40]
+
+
+class RenderProxy:
+    """Telegram behind Render's proxy during a deploy: each update goes to the live instances in turn, and again
+    (to the next one) until one acknowledges it; a chat's next update only once its last one was acknowledged."""
+
+    def __init__(self, client: httpx.AsyncClient, config: trt_bot.Config):
+        self.client = client
+        self.config = config
+        self.instances: list = []
+        self.acked_by: collections.Counter[int] = collections.Counter()  # port -> updates it acknowledged
+        self._turn = itertools.count()
+
+    async def deliver(self, update: dict) -> None:
+        headers = {"X-Telegram-Bot-Api-Secret-Token": self.config.webhook_secret}
+        while True:
+            bot = self.instances[next(self._turn) % len(self.instances)]
+            try:
+                response = await self.client.post(bot.base_url + self.config.webhook_path, json=update,
+                                                   headers=headers)
+            except httpx.HTTPError:
+                response = None  # that instance no longer listens
+            if response is not None and response.status_code == 200:
+                self.acked_by[bot.port] += 1
+                return
+            await asyncio.sleep(0.02)  # Telegram retries later
+
+    async def call_back(self, bot, task_id: str, body: dict) -> int:
+        url = f"{bot.base_url}/{self.config.kie_callback_path}?token={self.config.kie_callback_token}"
+        return (await self.client.post(url, json=body)).status_code
+
+
+class ChatStream:
+    """One chat sending, one after another until stopped, prompts the bot refuses as too long: each reply
+    names its prompt's length, so the replies show whether each update was answered once, in order."""
+
+    def __init__(self, chat_id: int, update_ids: Iterable[int]):
+        self.chat_id = chat_id
+        self.update_ids = update_ids
+        self.expected = ["ask_prompt"]
+        self.stop = asyncio.Event()
+
+    async def run(self, proxy: RenderProxy) -> None:
+        await proxy.deliver(update_callback(next(self.update_ids), self.chat_id, "new"))
+        while not self.stop.is_set():
+            n = len(self.expected) - 1
+            await proxy.deliver(update_message(next(self.update_ids), self.chat_id,
+                                               "x" * (trt_bot.PROMPT_MAX_CHARS + 1 + n)))
+            self.expected.append(f"long{n}")
+            await asyncio.sleep(0.01)  # a user's pace: the stream spans the whole deploy
+
+    def replies(self, fake_tg) -> list[str]:
+        return [reply_token(text) for text in fake_tg.texts_to(self.chat_id)]
+
+
+async def lock_of(client: httpx.AsyncClient, bot) -> dict:
+    try:
+        return (await client.get(bot.base_url + "/diag/lock")).json()
+    except httpx.HTTPError:
+        return {}
+
+
+async def seconds_until_active(client: httpx.AsyncClient, bot, since: float, timeout: float) -> float:
+    """How long after ``since`` (time.monotonic) ``bot`` reports itself active, checked every 10 ms."""
+    deadline = since + timeout
+    while not (await lock_of(client, bot)).get("active"):
+        assert time.monotonic() < deadline, f"not active within {timeout}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - since
+
+
+async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_in_flight(
+        fake_tg, fake_kie, tmp_path, bot_processes, database_url, harness_log_masked):
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, LEASE_TTL_S=str(DEPLOY_LEASE_TTL_S))
+    update_ids = itertools.count(1)
+    chats = [ChatStream(5000 + n, update_ids) for n in range(6)]
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        old = bot_processes(env)
+        await old.wait_healthy()
+        proxy.instances.append(old)
+        for update in (update_callback(next(update_ids), 4000, "new"), update_message(next(update_ids), 4000, "маяк"),
+                       update_callback(next(update_ids), 4000, "ratio:1:1")):
+            await proxy.deliver(update)
+        await eventually(lambda: fake_kie.created)  # the job is at Kie
+        streams = [asyncio.create_task(chat.run(proxy)) for chat in chats]
+        try:
+            await eventually(lambda: sum(proxy.acked_by.values()) >= 30)
+            new = bot_processes({**env, "PORT": str(free_port())})
+            await new.wait_healthy()
+            proxy.instances.append(new)  # Render routes to both while the new one is live
+            await eventually(lambda: proxy.acked_by[new.port] >= 20)  # the standby stores them for the holder
+            assert not (await lock_of(client, new))["active"]
+            sigterm_at = time.monotonic()
+            old.process.terminate()
+            handover_s = await seconds_until_active(client, new, sigterm_at, DEPLOY_LEASE_TTL_S)
+            assert await asyncio.to_thread(old.process.wait, 30) == 0
+            acked_after = sum(proxy.acked_by.values())
+            await eventually(lambda: sum(proxy.acked_by.values()) >= acked_after + 30)  # the new one alone now
+        finally:
+            for chat in chats:
+                chat.stop.set()
+            await asyncio.gather(*streams)
+        (task_id,) = fake_kie.tasks
+        fake_kie.complete(task_id)
+        assert await proxy.call_back(new, task_id, fake_kie.callback_body(task_id)) == 200
+        await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+        await eventually(lambda: all(len(chat.replies(fake_tg)) >= len(chat.expected) for chat in chats), timeout=20)
+        assert await asyncio.to_thread(new.terminate) == 0  # it finishes what it started: nothing comes after
+    print(f"\nhandover after SIGTERM: {handover_s * 1000:.0f} ms (LEASE_TTL_S={DEPLOY_LEASE_TTL_S}); "
+          f"updates acknowledged by the old instance {proxy.acked_by[old.port]}, by the new {proxy.acked_by[new.port]}")
+    for chat in chats:
+        assert chat.replies(fake_tg) == chat.expected, f"chat {chat.chat_id}"
+    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
+    assert [reply_token(text) for text in fake_tg.texts_to(4000)] == ["ask_prompt", "ask_ratio", "generating"]
+    assert "[LOCK] released" in old.log and "[LOCK] acquired" in new.log
 
 
 ###############################################################################

@@ -1378,6 +1378,26 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
         await app.stop()
 
 
+async def test_an_update_another_instance_stored_is_not_overtaken_by_its_chats_next_one(make_app, tmp_path):
+    # Used to: during a deploy a standby stored a chat's update; the chat's next one reached the active
+    # instance, went straight to its workers and was answered before the stored one was read back.
+    app = await make_app()
+    handled: list[int] = []
+
+    async def recording_handler(update: dict) -> None:
+        handled.append(update["update_id"])
+
+    app.pipeline.handler = recording_handler
+    await eventually(lambda: not app.pipeline.stored.recount_due)  # its start-up look at the inbox is over
+    first, second = update_message(1, 8, "first"), update_message(2, 8, "second")
+    with contextlib.closing(trt_bot.open_sqlite(str(tmp_path / "bot.sqlite3"))) as standby:
+        with standby:
+            trt_bot.inbox_insert(standby, [trt_bot.InboxItem(1, 8, first, json.dumps(first).encode(), time.time())])
+    assert (await post_update(app, second)).status_code == 200
+    await eventually(lambda: len(handled) == 2)
+    assert handled == [1, 2]
+
+
 async def test_a_lone_surrogate_in_an_update_fails_nothing_else_and_is_not_retried(make_app, fake_tg, tmp_path):
     # Used to fail every shared commit the sender's language joined, every second, forever.
     app = await make_app()

@@ -1534,6 +1534,13 @@ def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
     return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
 
 
+def inbox_unhandled_before(conn: sqlite3.Connection, chat_key: int, update_id: int) -> list[int]:
+    """The ids of the chat's unhandled updates older than ``update_id`` (this instance's or another's)."""
+    rows = conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? AND chat_key = ?",
+                        (update_id, chat_key)).fetchall()
+    return [row[0] for row in rows]
+
+
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
@@ -2550,7 +2557,8 @@ class InboxRefill:
 
     It also recounts the backlog (picking up what a previous run, another
     instance or a lost database file left), retries failed done marks and
-    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
+    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken;
+    and it tells whether a fresh update would overtake one of its chat in the inbox.
     """
 
     db: Database
@@ -2626,6 +2634,21 @@ class InboxRefill:
         self.enqueue(item)
         return True
 
+    async def older_waiting(self, item: InboxItem) -> bool:
+        """Whether an older update of the item's chat waits in the inbox unknown to this instance (another
+        instance stored it: a standby during a deploy): taken straight to the workers, the item would overtake it.
+
+        Asked only while fresh updates go straight to the workers; otherwise the
+        item waits in the inbox too, and refills read it back in update_id order.
+        """
+        if not self.may_take() or self.stored.spilling:
+            return False
+        try:
+            older = await self.db.read(inbox_unhandled_before, item.chat_key, item.update_id)
+        except DatabaseUnavailable:
+            return False
+        return not all(self.tracker.holds(update_id) for update_id in older)
+
     async def _prune(self) -> None:
         try:
             await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
@@ -2700,16 +2723,16 @@ class UpdatePipeline:
         except RowRejected:
             return REJECTED[RejectReason.INVALID]  # logged by GroupCommit; storing it again would fail again
         else:
-            return self._inserted(item) if is_new else self._stored_before(item)
+            return self._inserted(item, await self.refill.older_waiting(item)) if is_new else self._stored_before(item)
         finally:
             if admitting:
                 self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
 
-    def _inserted(self, item: InboxItem) -> Admission:
+    def _inserted(self, item: InboxItem, behind_stored: bool) -> Admission:
         self.stats.received += 1
         self.stored.backlog += 1
-        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0:
+        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0 and not behind_stored:
             self.workers.enqueue(item)
         else:
             self.stats.spilled += 1
