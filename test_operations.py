@@ -158,6 +158,24 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
         await stop_within(second, 60)
 
 
+async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_path):
+    # The holder stops (SIGTERM) and releases the lease: the standby must not wait for its next claim.
+    config = trt_bot.load_config(bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), LEASE_TTL_S="60"))
+    first, standby_clock = trt_bot.App(config), ManualClock(start=time.time())  # the lease is in wall time
+    standby = trt_bot.App(config, clock=standby_clock)
+    try:
+        await first.start()
+        await standby.start()
+        assert (first.role.active, standby.role.active) == (True, False)
+        await stop_within(first, 60)
+        await eventually(lambda: standby_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
+        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+    finally:
+        await stop_within(first, 60)
+        await stop_within(standby, 60)
+
+
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
     first = bot_processes(env)

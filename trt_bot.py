@@ -4521,7 +4521,10 @@ POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
 OK_BODY = b'{"ok":true}'
-PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
+PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an expired one is taken this fast)
+# How often a passive instance looks (a read, no lock) whether the lease was released: a holder stopping
+# on SIGTERM hands over this fast, while the claims that judge expiry stay a second apart.
+LEASE_PEEK_S = 0.1
 SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
 POLL_RETRY_MAX_S = 30.0  # a failing getUpdates is asked again with backoff up to this
 # Bot API calls the bot cannot work without: tried until they succeed, 1, 2, 4 ... 60 s apart.
@@ -4827,6 +4830,11 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
     conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
 
 
+def lease_is_free(conn: sqlite3.Connection) -> bool:
+    """Whether nobody holds the lease: released (or never taken); an expired one still has its row."""
+    return conn.execute("SELECT owner FROM lease WHERE name='active'").fetchone() is None
+
+
 def iso_utc(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
 
@@ -4836,9 +4844,10 @@ class InstanceLease:
 
     ``claim()`` takes the lease if it is free or expired and renews it if it
     is ours; it never takes a holder's that may be alive.  The holder renews
-    every third of the TTL; others retry every PASSIVE_RETRY_S, so a released
-    lease changes hands within a second, a dead holder's within the TTL and a
-    second, and a holder provably gone (see ``lease_owner_is_gone``) at once.
+    every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
+    LEASE_PEEK_S, so a released lease changes hands within LEASE_PEEK_S, a
+    dead holder's within the TTL and a second, and a holder provably gone
+    (see ``lease_owner_is_gone``) within a second.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
@@ -4852,9 +4861,20 @@ class InstanceLease:
         self.last_check = 0.0
         self._checked = False
 
-    @property
-    def interval(self) -> float:
-        return self.ttl / 3 if self.held else min(PASSIVE_RETRY_S, self.ttl / 3)
+    async def wait_for_turn(self) -> None:
+        """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
+        or less once a peek finds the lease released (its holder stopped)."""
+        if self.held:
+            await self.clock.sleep(self.ttl / 3)
+            return
+        due = self.clock.monotonic() + min(PASSIVE_RETRY_S, self.ttl / 3)
+        while self.clock.monotonic() < due:
+            await self.clock.sleep(min(LEASE_PEEK_S, due - self.clock.monotonic()))
+            try:
+                if await self.db.read(lease_is_free):
+                    return
+            except DatabaseUnavailable:
+                pass  # the claim, when due, reports it
 
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
@@ -4942,7 +4962,7 @@ class Role:
         /start keeps working from memory.
         """
         while True:
-            await self.clock.sleep(self.lease.interval)
+            await self.lease.wait_for_turn()
             role = await self.lease.claim()
             if role is True and not self.active:
                 await self.activate()
