@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -173,6 +174,29 @@ async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_pa
         await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
     finally:
         await stop_within(first, 60)
+        await stop_within(standby, 60)
+
+
+async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_peek(fake_tg, tmp_path):
+    database = str(tmp_path / "shared.sqlite3")
+    standby_clock = ManualClock(start=time.time())  # the lease is in wall time
+    standby = trt_bot.App(trt_bot.load_config(bot_env(fake_tg, database, LEASE_TTL_S="60")), clock=standby_clock)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = dataclasses.replace(trt_bot.current_process_identity("holder"), pid=holder.pid,
+                                       start_time=trt_bot.probe_pid(holder.pid)[1])
+        with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
+            assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
+        await standby.start()
+        assert not standby.role.active  # the holder runs
+        holder.kill()
+        holder.wait()
+        await eventually(lambda: standby_clock.sleepers >= 3)
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
+        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+    finally:
+        holder.kill()
+        holder.wait()
         await stop_within(standby, 60)
 
 
@@ -430,6 +454,43 @@ async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_
     assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
     assert [reply_token(text) for text in fake_tg.texts_to(4000)] == ["ask_prompt", "ask_ratio", "generating"]
     assert "[LOCK] released" in old.log and "[LOCK] acquired" in new.log
+
+
+KILL_LEASE_TTL_S = 3
+
+
+@pytest.mark.parametrize("wrapper", [(), UNSHARE_PID], ids=["one PID namespace", "a PID namespace each"])
+async def test_a_killed_holder_is_replaced_within_the_lease_ttl_and_nothing_sent_meanwhile_is_lost(
+        fake_tg, tmp_path, bot_processes, database_url, harness_log_masked, wrapper):
+    # In its own PID namespace (another container, as on Render) the standby cannot see the holder is gone:
+    # it waits out the lease.  In one namespace it sees it at its next peek.
+    if wrapper and (reason := why_separate_pid_namespaces_are_unavailable()):
+        pytest.skip(reason)
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  LEASE_TTL_S=str(KILL_LEASE_TTL_S))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        holder = bot_processes(env, wrapper)
+        await holder.wait_healthy()
+        standby = bot_processes({**env, "PORT": str(free_port())}, wrapper)
+        await standby.wait_healthy()
+        assert (await lock_of(client, holder))["active"] and not (await lock_of(client, standby))["active"]
+        killed_at = time.monotonic()
+        holder.kill()
+        proxy.instances.append(standby)
+        for n in range(1, 6):  # arrive while nobody is active: stored, answered once the standby takes over
+            await proxy.deliver(update_message(n, 6000 + n, "/start"))
+        takeover_s = await seconds_until_active(client, standby, killed_at,
+                                                KILL_LEASE_TTL_S + trt_bot.PASSIVE_RETRY_S + 1.0)
+
+        async def handled() -> dict:
+            return (await client.get(standby.base_url + "/health")).json()["queue"]
+
+        # (unshare does not pass SIGTERM on: the standby cannot be stopped gracefully to show nothing comes after)
+        await eventually_async(handled, lambda queue: queue["total_processed"] >= 5 and queue["inbox_backlog"] == 0)
+    print(f"\ntakeover after kill -9 ({'a PID namespace each' if wrapper else 'one PID namespace'}): "
+          f"{takeover_s * 1000:.0f} ms (LEASE_TTL_S={KILL_LEASE_TTL_S})")
+    assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(6001, 6006))
 
 
 ###############################################################################

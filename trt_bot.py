@@ -4522,8 +4522,8 @@ DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
 OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an expired one is taken this fast)
-# How often a passive instance looks (a read, no lock) whether the lease was released: a holder stopping
-# on SIGTERM hands over this fast, while the claims that judge expiry stay a second apart.
+# How often a passive instance looks (a read, no lock) whether the lease was released or its holder has
+# provably exited: a holder stopping on SIGTERM hands over this fast; the claims, writes, stay a second apart.
 LEASE_PEEK_S = 0.1
 SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
 POLL_RETRY_MAX_S = 30.0  # a failing getUpdates is asked again with backoff up to this
@@ -4830,9 +4830,10 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
     conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
 
 
-def lease_is_free(conn: sqlite3.Connection) -> bool:
-    """Whether nobody holds the lease: released (or never taken); an expired one still has its row."""
-    return conn.execute("SELECT owner FROM lease WHERE name='active'").fetchone() is None
+def lease_holder(conn: sqlite3.Connection) -> str | None:
+    """Who holds the lease, or None when it was released (or never taken); an expired one still has its row."""
+    row = conn.execute("SELECT owner FROM lease WHERE name='active'").fetchone()
+    return None if row is None else row[0]
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -4845,9 +4846,9 @@ class InstanceLease:
     ``claim()`` takes the lease if it is free or expired and renews it if it
     is ours; it never takes a holder's that may be alive.  The holder renews
     every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
-    LEASE_PEEK_S, so a released lease changes hands within LEASE_PEEK_S, a
-    dead holder's within the TTL and a second, and a holder provably gone
-    (see ``lease_owner_is_gone``) within a second.
+    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
+    ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
+    holder's that may be alive within the TTL and a second.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
@@ -4863,7 +4864,7 @@ class InstanceLease:
 
     async def wait_for_turn(self) -> None:
         """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
-        or less once a peek finds the lease released (its holder stopped)."""
+        or less once a peek finds the lease released or its holder gone."""
         if self.held:
             await self.clock.sleep(self.ttl / 3)
             return
@@ -4871,10 +4872,11 @@ class InstanceLease:
         while self.clock.monotonic() < due:
             await self.clock.sleep(min(LEASE_PEEK_S, due - self.clock.monotonic()))
             try:
-                if await self.db.read(lease_is_free):
-                    return
+                holder = await self.db.read(lease_holder)
             except DatabaseUnavailable:
-                pass  # the claim, when due, reports it
+                continue  # the claim, when due, reports it
+            if holder is None or lease_owner_is_gone(holder, self.owner, probe_pid):
+                return
 
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
