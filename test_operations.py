@@ -1,5 +1,5 @@
-"""Operating the bot: section 13 of trt_bot.py (the lease, /diag/lock, /metrics, ``check``) and the
-deploy files (Dockerfile, render.yaml).
+"""Operating the bot: section 13 of trt_bot.py (the lease, deploys, /diag/lock, /metrics, ``check``) and the
+deploy files (Dockerfile, the Render Blueprints render.yaml and render.postgres.yaml).
 
 Two-instance tests run real bot processes on one SQLite file.
 """
@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import glob
 import itertools
 import json
 import logging
@@ -669,26 +670,36 @@ def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
 # Deploy files
 ###############################################################################
 
-def load_render_yaml() -> dict:
-    with open(os.path.join(HERE, "render.yaml"), encoding="utf-8") as f:
+BLUEPRINTS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(HERE, "render*.yaml")))
+
+
+def load_blueprint(name: str) -> dict:
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
-def test_render_yaml_validates_against_renders_blueprint_schema():
+def test_there_is_a_blueprint_with_a_disk_and_one_with_render_postgres():
+    assert BLUEPRINTS == ["render.postgres.yaml", "render.yaml"]
+
+
+@pytest.mark.parametrize("blueprint", BLUEPRINTS)
+def test_each_blueprint_validates_against_renders_blueprint_schema(blueprint):
     if not os.path.exists(SCHEMA_PATH):
         pytest.skip(f"Render's Blueprint schema is not at {SCHEMA_PATH}")
     import jsonschema
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         validator = jsonschema.Draft202012Validator(json.load(f))
-    blueprint = load_render_yaml()
-    assert list(validator.iter_errors(blueprint)) == []
-    broken = json.loads(json.dumps(blueprint))
+    spec = load_blueprint(blueprint)
+    assert list(validator.iter_errors(spec)) == []
+    broken = json.loads(json.dumps(spec))
     broken["services"][0]["plan"] = "enormous"
     assert list(validator.iter_errors(broken)), "the schema must catch a bad plan (so the check can fail)"
 
 
-def test_render_yaml_matches_the_bot():
-    (service,) = load_render_yaml()["services"]
+@pytest.mark.parametrize("blueprint", BLUEPRINTS)
+def test_each_blueprint_matches_the_bot(blueprint):
+    spec = load_blueprint(blueprint)
+    (service,) = spec["services"]
     env = {var["key"]: var for var in service["envVars"]}
     assert service["healthCheckPath"] == "/health" and service["runtime"] == "docker"
     for secret in ("TELEGRAM_BOT_TOKEN", "KIE_API_KEY", "WEBHOOK_SECRET_TOKEN"):
@@ -696,12 +707,28 @@ def test_render_yaml_matches_the_bot():
         assert "value" not in env[secret]
     grace = int(env["SHUTDOWN_GRACE_S"]["value"])
     assert grace < service["maxShutdownDelaySeconds"] <= grace + 10  # Render waits for the drain, then some
-    database = trt_bot.parse_database_url(env["DATABASE_URL"]["value"])
-    assert os.path.dirname(database) == service["disk"]["mountPath"]
+    database = env["DATABASE_URL"]
+    if "fromDatabase" in database:  # Render Postgres: no disk, which would turn zero-downtime deploys off
+        assert "disk" not in service
+        (postgres,) = spec["databases"]
+        assert database["fromDatabase"] == {"name": postgres["name"], "property": "connectionString"}
+    else:  # SQLite on the service's disk: one instance
+        assert os.path.dirname(trt_bot.parse_database_url(database["value"])) == service["disk"]["mountPath"]
+        assert service.get("numInstances", 1) == 1 and "scaling" not in service
     config = trt_bot.load_config({var: spec["value"] for var, spec in env.items() if "value" in spec}
                                  | {"TELEGRAM_BOT_TOKEN": TOKEN, "RENDER_EXTERNAL_URL": "https://x.onrender.com",
                                     "WEBHOOK_SECRET_TOKEN": "q1+/Zx3w9Y0abcDEF/ghIJ+klmNOPqrSTuvWXyz0123="})
     assert config.bot_mode == "webhook" and trt_bot.SECRET_TOKEN_PATTERN.fullmatch(config.webhook_secret)
+
+
+def test_the_blueprints_differ_only_in_where_the_database_is():
+    def service_apart_from_its_database(blueprint: str) -> dict:
+        (service,) = load_blueprint(blueprint)["services"]
+        service = {key: value for key, value in service.items() if key not in ("disk", "numInstances")}
+        service["envVars"] = [var for var in service["envVars"] if var["key"] != "DATABASE_URL"]
+        return service
+
+    assert service_apart_from_its_database("render.yaml") == service_apart_from_its_database("render.postgres.yaml")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
