@@ -201,6 +201,47 @@ async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_pee
         await stop_within(standby, 60)
 
 
+async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_hands_over(fake_tg, tmp_path):
+    # Used to: shutdown stopped renewing before finishing the updates in hand; a drain longer than the lease
+    # let the standby take over while the old holder still handled them (each could be answered twice).
+    config = trt_bot.load_config(bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), LEASE_TTL_S="3"))
+    holder_clock, standby_clock = ManualClock(start=time.time()), ManualClock(start=time.time())
+    holder, standby = trt_bot.App(config, clock=holder_clock), trt_bot.App(config, clock=standby_clock)
+    handler_may_end, handling = asyncio.Event(), asyncio.Event()
+
+    async def slow_handler(update: dict) -> None:
+        handling.set()
+        await handler_may_end.wait()
+
+    try:
+        await holder.start()
+        await standby.start()
+        holder.pipeline.handler = slow_handler
+        assert (await post_update(holder, update_message(1, 9, "/start"))).status_code == 200
+        await handling.wait()
+        stopping = asyncio.create_task(holder.stop())
+        await eventually(lambda: [t for t in asyncio.all_tasks() if t.get_name() == "lease-renewal"])
+        for _ in range(4):  # 4 s of drain, past the 3 s lease; the holder renews every second of it
+            renewed_until = holder.role.lease.expires_at
+            await eventually(lambda: holder_clock.sleepers >= 1 and standby_clock.sleepers >= 3)
+            holder_clock.advance(1.0)
+            await eventually(lambda: holder.role.lease.expires_at > renewed_until)
+            checked = standby.role.lease.last_check
+            standby_clock.advance(1.0)
+            await eventually(lambda: standby.role.lease.last_check > checked)
+            assert not standby.role.active
+        handler_may_end.set()
+        await asyncio.wait_for(stopping, 60)
+        await eventually(lambda: standby_clock.sleepers >= 3)
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # released once the work was done: taken at the next peek
+        await eventually(lambda: standby.role.active)
+        assert holder.pipeline.stats.processed == 1 and standby.pipeline.stats.processed == 0  # handled once
+    finally:
+        handler_may_end.set()
+        await stop_within(holder, 60)
+        await stop_within(standby, 60)
+
+
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
     first = bot_processes(env)

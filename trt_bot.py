@@ -4925,6 +4925,7 @@ class Role:
         self.set_up = set_up
         self.clock = clock
         self.active = False
+        self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
 
     async def claim_at_start(self) -> bool | None:
         """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
@@ -4971,8 +4972,23 @@ class Role:
             elif role is False and self.active:
                 await self.deactivate()
 
+    def renew_while_draining(self) -> None:
+        """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
+        so a drain longer than the lease's TTL is not taken for a dead holder (its successor would handle again
+        what this process still handles)."""
+        if self.lease.held:
+            self._renewal = asyncio.create_task(self._renew(), name="lease-renewal")
+
+    async def _renew(self) -> None:
+        while self.lease.held:
+            await self.clock.sleep(self.lease.ttl / 3)
+            await self.lease.claim()
+
     async def release(self) -> None:
         """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
         await self.lease.release()
 
 
@@ -5517,6 +5533,7 @@ class App:
             task.cancel()
         self.diagnostics.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
