@@ -461,7 +461,8 @@ async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_
         old = bot_processes(env)
         await old.wait_healthy()
         proxy.instances.append(old)
-        for update in (update_callback(next(update_ids), 4000, "new"), update_message(next(update_ids), 4000, "маяк"),
+        for update in (update_callback(next(update_ids), 4000, "new"),  # a generation: new, a prompt, a ratio
+                       update_message(next(update_ids), 4000, "маяк"),
                        update_callback(next(update_ids), 4000, "ratio:1:1")):
             await proxy.deliver(update)
         await eventually(lambda: fake_kie.created)  # the job is at Kie
