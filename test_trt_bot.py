@@ -780,6 +780,25 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
     await db.close()
 
 
+def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same_transaction():
+    def item(update_id: int, chat_key: int, ask: bool = False) -> trt_bot.InboxItem:
+        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask)
+
+    with contextlib.closing(trt_bot.open_sqlite(":memory:")) as conn:
+        trt_bot.inbox_insert(conn, [item(1, 7), item(2, 8), item(3, 7), item(4, 7)])
+        trt_bot.inbox_mark_done(conn, [trt_bot.DoneMark(3)])
+        asking, again, silent = item(5, 7, ask=True), item(4, 7, ask=True), item(6, 7)
+        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, trt_bot.DoneMark(2)]) == [
+            True, False, True, None]
+        assert (asking.older, again.older, silent.older) == ((1, 4), (), ())  # not 3 (done), 2 (another chat)
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        assert trt_bot.inbox_unhandled_before(conn, 7, 9) == [1, 4, 5, 6]
+        conn.set_trace_callback(None)
+        plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + statements[-1]))
+        assert "inbox_chat_pending" in plan  # the chat's own rows, not every unhandled one
+
+
 ###############################################################################
 # 6. Retry and pacing
 ###############################################################################

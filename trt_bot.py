@@ -1142,6 +1142,9 @@ MIGRATIONS: list[list[str]] = [
                acquired_at REAL NOT NULL,
                expires_at  REAL NOT NULL)""",
     ],
+    [  # 4: a chat's unhandled updates, found without reading the others' (inbox_unhandled_before)
+        "CREATE INDEX inbox_chat_pending ON inbox(chat_key, update_id) WHERE done_at IS NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1470,6 +1473,10 @@ class InboxItem:
     body: bytes
     received_at: float
     durable: bool = True
+    # Set for an update about to go straight to the workers: its insert also reads into ``older`` the ids of
+    # its chat's older unhandled updates, which another instance may have stored.
+    ask_older: bool = False
+    older: tuple[int, ...] = ()
 
 
 def inbox_insert(conn: sqlite3.Connection, items: list[InboxItem]) -> list[bool]:
@@ -1519,6 +1526,16 @@ def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -
     if marks:
         inbox_mark_done(conn, marks)
     return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
+
+
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+    """``inbox_write``; and in the same transaction (no round trip of its own), for each new update that
+    ``ask_older``, the ids of its chat's older unhandled updates into its ``older``."""
+    results = inbox_write(conn, entries)
+    for entry, is_new in zip(entries, results):
+        if is_new and isinstance(entry, InboxItem) and entry.ask_older:
+            entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
+    return results
 
 
 def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
@@ -2428,7 +2445,7 @@ class InboxWriter:
     def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
         self.tracker = tracker
         self.stored = stored
-        self._commit = GroupCommit(db, inbox_write, on_batch=self._on_written)
+        self._commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
         self._failed: list[DoneMark] = []
 
     def insert(self, item: InboxItem) -> asyncio.Future:
@@ -2557,8 +2574,7 @@ class InboxRefill:
 
     It also recounts the backlog (picking up what a previous run, another
     instance or a lost database file left), retries failed done marks and
-    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken;
-    and it tells whether a fresh update would overtake one of its chat in the inbox.
+    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
     """
 
     db: Database
@@ -2634,21 +2650,6 @@ class InboxRefill:
         self.enqueue(item)
         return True
 
-    async def older_waiting(self, item: InboxItem) -> bool:
-        """Whether an older update of the item's chat waits in the inbox unknown to this instance (another
-        instance stored it: a standby during a deploy): taken straight to the workers, the item would overtake it.
-
-        Asked only while fresh updates go straight to the workers; otherwise the
-        item waits in the inbox too, and refills read it back in update_id order.
-        """
-        if not self.may_take() or self.stored.spilling:
-            return False
-        try:
-            older = await self.db.read(inbox_unhandled_before, item.chat_key, item.update_id)
-        except DatabaseUnavailable:
-            return False
-        return not all(self.tracker.holds(update_id) for update_id in older)
-
     async def _prune(self) -> None:
         try:
             await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
@@ -2716,6 +2717,7 @@ class UpdatePipeline:
             self.stats.rejected += 1
             return REJECTED[RejectReason.BACKLOG_FULL]
         admitting = self.tracker.admit(update_id)
+        item.ask_older = self._may_take() and not self.stored.spilling  # else it waits in the inbox anyway
         try:
             is_new = await self.writer.insert(item)
         except DatabaseUnavailable:
@@ -2723,15 +2725,17 @@ class UpdatePipeline:
         except RowRejected:
             return REJECTED[RejectReason.INVALID]  # logged by GroupCommit; storing it again would fail again
         else:
-            return self._inserted(item, await self.refill.older_waiting(item)) if is_new else self._stored_before(item)
+            return self._inserted(item) if is_new else self._stored_before(item)
         finally:
             if admitting:
                 self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
 
-    def _inserted(self, item: InboxItem, behind_stored: bool) -> Admission:
+    def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
         self.stored.backlog += 1
+        # Older updates of its chat that another instance stored (a standby, at a deploy): it waits behind them.
+        behind_stored = not all(self.tracker.holds(update_id) for update_id in item.older)
         if self._may_take() and not self.stored.spilling and self.tracker.room() > 0 and not behind_stored:
             self.workers.enqueue(item)
         else:
