@@ -1,7 +1,7 @@
 """Operating the bot: section 13 of trt_bot.py (the lease, deploys, /diag/lock, /metrics, ``check``) and the
 deploy files (Dockerfile, the Render Blueprints render.yaml and render.postgres.yaml).
 
-Two-instance tests run real bot processes on one SQLite file.
+Two-instance tests run real bot processes on one database; the deploy tests post to both, as Render's proxy does.
 """
 
 from __future__ import annotations
