@@ -534,11 +534,11 @@ async def test_a_killed_holder_is_replaced_within_the_lease_ttl_and_nothing_sent
         takeover_s = await seconds_until_active(client, standby, killed_at,
                                                 KILL_LEASE_TTL_S + trt_bot.PASSIVE_RETRY_S + 1.0)
 
-        async def handled() -> dict:
-            return (await client.get(standby.base_url + "/health")).json()["queue"]
+        async def processed() -> int:
+            return (await client.get(standby.base_url + "/health")).json()["queue"]["total_processed"]
 
         # (unshare does not pass SIGTERM on: the standby cannot be stopped gracefully to show nothing comes after)
-        await eventually_async(handled, lambda queue: queue["total_processed"] >= 5 and queue["inbox_backlog"] == 0)
+        await eventually_async(processed, lambda count: count >= 5)
     print(f"\ntakeover after kill -9 ({'a PID namespace each' if wrapper else 'one PID namespace'}): "
           f"{takeover_s * 1000:.0f} ms (LEASE_TTL_S={KILL_LEASE_TTL_S})")
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(6001, 6006))
