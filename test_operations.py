@@ -507,6 +507,42 @@ async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_
     assert "[LOCK] released" in old.log and "[LOCK] acquired" in new.log
 
 
+async def test_a_photo_on_its_way_at_sigterm_is_sent_once_by_the_old_instance_before_it_hands_over(
+        fake_tg, fake_kie, tmp_path, bot_processes, database_url, harness_log_masked):
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, LEASE_TTL_S=str(DEPLOY_LEASE_TTL_S))
+    update_ids = itertools.count(1)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        old = bot_processes(env)
+        await old.wait_healthy()
+        proxy.instances.append(old)
+        for update in (update_callback(next(update_ids), 4100, "new"),
+                       update_message(next(update_ids), 4100, "маяк"),
+                       update_callback(next(update_ids), 4100, "ratio:1:1")):
+            await proxy.deliver(update)
+        await eventually(lambda: fake_kie.created)
+        new = bot_processes({**env, "PORT": str(free_port())})
+        await new.wait_healthy()
+        proxy.instances.append(new)
+        fake_tg.stall("sendPhoto")
+        (task_id,) = fake_kie.tasks
+        fake_kie.complete(task_id)
+        assert await proxy.call_back(old, task_id, fake_kie.callback_body(task_id)) == 200
+        await eventually(lambda: fake_tg.held("sendPhoto") == 1)  # the photo is on its way
+        old.process.terminate()
+        await eventually(lambda: "[APP] shutting down" in old.log)
+        checked_after = trt_bot.iso_utc(time.time() + 1.0)  # the standby claims every second, and peeks between
+        lock = await eventually_async(lambda: lock_of(client, new), lambda lock: lock["last_check"] > checked_after)
+        assert not lock["active"]  # the old one holds the lease until the photo it is sending is out
+        fake_tg.release("sendPhoto")
+        await seconds_until_active(client, new, time.monotonic(), DEPLOY_LEASE_TTL_S)
+        assert await asyncio.to_thread(old.process.wait, 30) == 0
+        assert await asyncio.to_thread(new.terminate) == 0  # it finishes what it started: nothing comes after
+    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
+    assert [reply_token(text) for text in fake_tg.texts_to(4100)] == ["ask_prompt", "ask_ratio", "generating"]
+
+
 KILL_LEASE_TTL_S = 3
 
 
