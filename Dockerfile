@@ -1,5 +1,6 @@
 # trt_bot on a slim Python image, as a non-root user.
-# The SQLite file lives under /var/data: mount a persistent disk there (see render.yaml).
+# The SQLite file lives under /var/data: mount a persistent disk there (render.yaml),
+# or point DATABASE_URL at PostgreSQL (render.postgres.yaml).
 FROM python:3.12-slim
 
 ENV PYTHONUNBUFFERED=1 \

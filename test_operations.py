@@ -1,21 +1,29 @@
-"""Operating the bot: section 13 of trt_bot.py (the lease, /diag/lock, /metrics, ``check``) and the
-deploy files (Dockerfile, render.yaml).
+"""Operating the bot: section 13 of trt_bot.py (the lease, deploys, /diag/lock, /metrics, ``check``) and the
+deploy files (Dockerfile, the Render Blueprints render.yaml and render.postgres.yaml).
 
-Two-instance tests run real bot processes on one SQLite file.
+Two-instance tests run real bot processes on one database; the deploy tests post to both, as Render's proxy does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import glob
+import inspect
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from typing import Iterable
 
 import httpx
 import pytest
@@ -24,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import trt_bot
 from conftest import (DIAG_TOKEN, HERE, KIE_KEY, SECRETS, TOKEN, ManualClock, bot_env, eventually, eventually_async,
-                      free_port, post_update, run_bot_cli, stop_within, update_message)
+                      free_port, post_update, run_bot_cli, stop_within, update_callback, update_message)
 
 SCHEMA_PATH = os.path.join(HERE, "..", "shared", "render-blueprint.schema.json")
 
@@ -154,6 +162,94 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
         await stop_within(second, 60)
 
 
+async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_path):
+    # The holder stops (SIGTERM) and releases the lease: the standby must not wait for its next claim.
+    config = trt_bot.load_config(bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), LEASE_TTL_S="60"))
+    first, standby_clock = trt_bot.App(config), ManualClock(start=time.time())  # the lease is in wall time
+    standby = trt_bot.App(config, clock=standby_clock)
+    try:
+        await first.start()
+        await standby.start()
+        assert (first.role.active, standby.role.active) == (True, False)
+        await stop_within(first, 60)
+        await eventually(lambda: standby_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
+        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+    finally:
+        await stop_within(first, 60)
+        await stop_within(standby, 60)
+
+
+async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_peek(fake_tg, tmp_path):
+    database = str(tmp_path / "shared.sqlite3")
+    standby_clock = ManualClock(start=time.time())  # the lease is in wall time
+    standby = trt_bot.App(trt_bot.load_config(bot_env(fake_tg, database, LEASE_TTL_S="60")), clock=standby_clock)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = dataclasses.replace(trt_bot.current_process_identity("holder"), pid=holder.pid,
+                                       start_time=trt_bot.probe_pid(holder.pid)[1])
+        with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
+            assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
+        await standby.start()
+        assert not standby.role.active  # the holder runs
+        holder.kill()
+        holder.wait()
+        await eventually(lambda: standby_clock.sleepers >= 3)
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
+        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+    finally:
+        holder.kill()
+        holder.wait()
+        await stop_within(standby, 60)
+
+
+async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_hands_over(fake_tg, tmp_path):
+    # Used to: shutdown stopped renewing before finishing the updates in hand; a drain longer than the lease
+    # let the standby take over while the old holder still handled them (each could be answered twice).
+    config = trt_bot.load_config(bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), LEASE_TTL_S="3"))
+    holder_clock, standby_clock = ManualClock(start=time.time()), ManualClock(start=time.time())
+    holder, standby = trt_bot.App(config, clock=holder_clock), trt_bot.App(config, clock=standby_clock)
+    handler_may_end, handling = asyncio.Event(), asyncio.Event()
+
+    async def slow_handler(update: dict) -> None:
+        handling.set()
+        await handler_may_end.wait()
+
+    try:
+        await holder.start()
+        await standby.start()
+        holder.pipeline.handler = slow_handler
+        assert (await post_update(holder, update_message(1, 9, "/start"))).status_code == 200
+        await handling.wait()
+        stopping = asyncio.create_task(holder.stop())
+
+        def renewal_asleep() -> bool:  # started, so it sleeps on the clock before the clock moves
+            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease-renewal"]
+            return bool(renewal) and inspect.getcoroutinestate(renewal[0].get_coro()) == inspect.CORO_SUSPENDED
+
+        await eventually(renewal_asleep)
+        for _ in range(4):  # 4 s of drain, past the 3 s lease; the holder renews every second of it
+            renewed_until = holder.role.lease.expires_at
+            await eventually(lambda: holder_clock.sleepers >= 1 and standby_clock.sleepers >= 3)
+            holder_clock.advance(1.0)
+            await eventually(lambda: holder.role.lease.expires_at > renewed_until)
+            checked = standby.role.lease.last_check
+            standby_clock.advance(1.0)
+            await eventually(lambda: standby.role.lease.last_check > checked)
+            assert not standby.role.active
+        handler_may_end.set()
+        await asyncio.wait_for(stopping, 60)
+        with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as conn:
+            assert conn.execute("SELECT done_at IS NOT NULL FROM inbox").fetchall() == [(1,)]  # none left for the next
+        await eventually(lambda: standby_clock.sleepers >= 3)
+        standby_clock.advance(trt_bot.LEASE_PEEK_S)  # released once the work was done: taken at the next peek
+        await eventually(lambda: standby.role.active)
+    finally:
+        handler_may_end.set()
+        await stop_within(holder, 60)
+        await stop_within(standby, 60)
+
+
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
     first = bot_processes(env)
@@ -255,6 +351,233 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
     assert [lock["active"] for lock in locks] == [True, False]
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(1101, 1121))
     assert "[LOCK] acquired" not in second.log
+
+
+###############################################################################
+# 13. Deploys: the new instance starts beside the old one, then the old one gets SIGTERM
+###############################################################################
+
+@pytest.fixture(params=["sqlite"])
+def database_url(tmp_path) -> str:
+    # The shared conftest's ``database_url`` (SQLite and PostgreSQL) replaces this one.
+    return f"sqlite:///{tmp_path}/bot.db"
+
+
+@pytest.fixture
+def harness_log_masked():
+    """This process plays Telegram and Kie: its httpx logs the bots' secret webhook and callback URLs; mask them."""
+    loggers = [logging.getLogger(name) for name in trt_bot.MASKED_LOGGERS]
+    before = {logger.name: list(logger.filters) for logger in loggers}
+    trt_bot.install_secret_masking(trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY}).secrets)
+    yield
+    for logger in loggers:
+        logger.filters[:] = before[logger.name]
+
+
+DEPLOY_LEASE_TTL_S = 10  # far longer than a handover: a SIGTERM handover must not wait for the lease to expire
+TEXTS = trt_bot.TEXTS["ru"]
+
+
+def reply_token(text: str) -> str:
+    """A reply shortened to what it answers: a too-long prompt's reply names the prompt's length."""
+    too_long = re.match(re.escape(TEXTS["prompt_too_long"].split("{")[0]) + r"(\d+)", text)
+    if too_long:
+        return f"long{int(too_long[1]) - trt_bot.PROMPT_MAX_CHARS - 1}"
+    for key in ("ask_prompt", "ask_ratio", "generating"):
+        if text.startswith(TEXTS[key].split("{")[0]):
+            return key
+    return text[:40]
+
+
+class RenderProxy:
+    """Telegram behind Render's proxy during a deploy: each update goes to the live instances in turn, and again
+    (to the next one) until one acknowledges it; a chat's next update only once its last one was acknowledged."""
+
+    def __init__(self, client: httpx.AsyncClient, config: trt_bot.Config):
+        self.client = client
+        self.config = config
+        self.instances: list = []
+        self.acked_by: collections.Counter[int] = collections.Counter()  # port -> updates it acknowledged
+        self._turn = itertools.count()
+
+    async def deliver(self, update: dict) -> None:
+        headers = {"X-Telegram-Bot-Api-Secret-Token": self.config.webhook_secret}
+        while True:
+            bot = self.instances[next(self._turn) % len(self.instances)]
+            try:
+                response = await self.client.post(bot.base_url + self.config.webhook_path, json=update,
+                                                   headers=headers)
+            except httpx.HTTPError:
+                response = None  # that instance no longer listens
+            if response is not None and response.status_code == 200:
+                self.acked_by[bot.port] += 1
+                return
+            await asyncio.sleep(0.02)  # Telegram retries later
+
+    async def call_back(self, bot, task_id: str, body: dict) -> int:
+        url = f"{bot.base_url}/{self.config.kie_callback_path}?token={self.config.kie_callback_token}"
+        return (await self.client.post(url, json=body)).status_code
+
+
+class ChatStream:
+    """One chat sending, one after another until stopped, prompts the bot refuses as too long: each reply
+    names its prompt's length, so the replies show whether each update was answered once, in order."""
+
+    def __init__(self, chat_id: int, update_ids: Iterable[int]):
+        self.chat_id = chat_id
+        self.update_ids = update_ids
+        self.expected = ["ask_prompt"]
+        self.stop = asyncio.Event()
+
+    async def run(self, proxy: RenderProxy) -> None:
+        await proxy.deliver(update_callback(next(self.update_ids), self.chat_id, "new"))
+        while not self.stop.is_set():
+            n = len(self.expected) - 1
+            await proxy.deliver(update_message(next(self.update_ids), self.chat_id,
+                                               "x" * (trt_bot.PROMPT_MAX_CHARS + 1 + n)))
+            self.expected.append(f"long{n}")
+            await asyncio.sleep(0.01)  # a user's pace: the stream spans the whole deploy
+
+    def replies(self, fake_tg) -> list[str]:
+        return [reply_token(text) for text in fake_tg.texts_to(self.chat_id)]
+
+
+async def lock_of(client: httpx.AsyncClient, bot) -> dict:
+    try:
+        return (await client.get(bot.base_url + "/diag/lock")).json()
+    except httpx.HTTPError:
+        return {}
+
+
+async def seconds_until_active(client: httpx.AsyncClient, bot, since: float, timeout: float) -> float:
+    """How long after ``since`` (time.monotonic) ``bot`` reports itself active, checked every 10 ms."""
+    deadline = since + timeout
+    while not (await lock_of(client, bot)).get("active"):
+        assert time.monotonic() < deadline, f"not active within {timeout}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - since
+
+
+async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_in_flight(
+        fake_tg, fake_kie, tmp_path, bot_processes, database_url, harness_log_masked):
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, LEASE_TTL_S=str(DEPLOY_LEASE_TTL_S))
+    update_ids = itertools.count(1)
+    chats = [ChatStream(5000 + n, update_ids) for n in range(6)]
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        old = bot_processes(env)
+        await old.wait_healthy()
+        proxy.instances.append(old)
+        for update in (update_callback(next(update_ids), 4000, "new"),  # a generation: new, a prompt, a ratio
+                       update_message(next(update_ids), 4000, "маяк"),
+                       update_callback(next(update_ids), 4000, "ratio:1:1")):
+            await proxy.deliver(update)
+        await eventually(lambda: fake_kie.created)  # the job is at Kie
+        streams = [asyncio.create_task(chat.run(proxy)) for chat in chats]
+        try:
+            await eventually(lambda: sum(proxy.acked_by.values()) >= 30)
+            new = bot_processes({**env, "PORT": str(free_port())})
+            await new.wait_healthy()
+            proxy.instances.append(new)  # Render routes to both while the new one is live
+            await eventually(lambda: proxy.acked_by[new.port] >= 20)  # the standby stores them for the holder
+            assert not (await lock_of(client, new))["active"]
+            sigterm_at = time.monotonic()
+            old.process.terminate()
+            handover_s = await seconds_until_active(client, new, sigterm_at, DEPLOY_LEASE_TTL_S)
+            assert await asyncio.to_thread(old.process.wait, 30) == 0
+            acked_after = sum(proxy.acked_by.values())
+            await eventually(lambda: sum(proxy.acked_by.values()) >= acked_after + 30)  # the new one alone now
+        finally:
+            for chat in chats:
+                chat.stop.set()
+            await asyncio.gather(*streams)
+        (task_id,) = fake_kie.tasks
+        fake_kie.complete(task_id)
+        assert await proxy.call_back(new, task_id, fake_kie.callback_body(task_id)) == 200
+        await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+        await eventually(lambda: all(len(chat.replies(fake_tg)) >= len(chat.expected) for chat in chats), timeout=20)
+        assert await asyncio.to_thread(new.terminate) == 0  # it finishes what it started: nothing comes after
+    print(f"\nhandover after SIGTERM: {handover_s * 1000:.0f} ms (LEASE_TTL_S={DEPLOY_LEASE_TTL_S}); "
+          f"updates acknowledged by the old instance {proxy.acked_by[old.port]}, by the new {proxy.acked_by[new.port]}")
+    for chat in chats:
+        assert chat.replies(fake_tg) == chat.expected, f"chat {chat.chat_id}"
+    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
+    assert [reply_token(text) for text in fake_tg.texts_to(4000)] == ["ask_prompt", "ask_ratio", "generating"]
+    assert "[LOCK] released" in old.log and "[LOCK] acquired" in new.log
+
+
+async def test_a_photo_on_its_way_at_sigterm_is_sent_once_by_the_old_instance_before_it_hands_over(
+        fake_tg, fake_kie, tmp_path, bot_processes, database_url, harness_log_masked):
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, LEASE_TTL_S=str(DEPLOY_LEASE_TTL_S))
+    update_ids = itertools.count(1)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        old = bot_processes(env)
+        await old.wait_healthy()
+        proxy.instances.append(old)
+        for update in (update_callback(next(update_ids), 4100, "new"),
+                       update_message(next(update_ids), 4100, "маяк"),
+                       update_callback(next(update_ids), 4100, "ratio:1:1")):
+            await proxy.deliver(update)
+        await eventually(lambda: fake_kie.created)
+        new = bot_processes({**env, "PORT": str(free_port())})
+        await new.wait_healthy()
+        proxy.instances.append(new)
+        fake_tg.stall("sendPhoto")
+        (task_id,) = fake_kie.tasks
+        fake_kie.complete(task_id)
+        assert await proxy.call_back(old, task_id, fake_kie.callback_body(task_id)) == 200
+        await eventually(lambda: fake_tg.held("sendPhoto") == 1)  # the photo is on its way
+        old.process.terminate()
+        await eventually(lambda: "[APP] shutting down" in old.log)
+        checked_after = trt_bot.iso_utc(time.time() + 1.0)  # the standby claims every second, and peeks between
+        lock = await eventually_async(lambda: lock_of(client, new), lambda lock: lock["last_check"] > checked_after)
+        assert not lock["active"]  # the old one holds the lease until the photo it is sending is out
+        fake_tg.release("sendPhoto")
+        await seconds_until_active(client, new, time.monotonic(), DEPLOY_LEASE_TTL_S)
+        assert await asyncio.to_thread(old.process.wait, 30) == 0
+        assert await asyncio.to_thread(new.terminate) == 0  # it finishes what it started: nothing comes after
+    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
+    assert [reply_token(text) for text in fake_tg.texts_to(4100)] == ["ask_prompt", "ask_ratio", "generating"]
+
+
+KILL_LEASE_TTL_S = 3
+
+
+@pytest.mark.parametrize("wrapper", [(), UNSHARE_PID], ids=["one PID namespace", "a PID namespace each"])
+async def test_a_killed_holder_is_replaced_within_the_lease_ttl_and_nothing_sent_meanwhile_is_lost(
+        fake_tg, tmp_path, bot_processes, database_url, harness_log_masked, wrapper):
+    # In its own PID namespace (another container, as on Render) the standby cannot see the holder is gone:
+    # it waits out the lease.  In one namespace it sees it at its next peek.
+    if wrapper and (reason := why_separate_pid_namespaces_are_unavailable()):
+        pytest.skip(reason)
+    env = bot_env(fake_tg, str(tmp_path / "bot.db"), DATABASE_URL=database_url, PORT=str(free_port()),
+                  LEASE_TTL_S=str(KILL_LEASE_TTL_S))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        proxy = RenderProxy(client, trt_bot.load_config(env))
+        holder = bot_processes(env, wrapper)
+        await holder.wait_healthy()
+        standby = bot_processes({**env, "PORT": str(free_port())}, wrapper)
+        await standby.wait_healthy()
+        assert (await lock_of(client, holder))["active"] and not (await lock_of(client, standby))["active"]
+        killed_at = time.monotonic()
+        holder.kill()
+        proxy.instances.append(standby)
+        for n in range(1, 6):  # arrive while nobody is active: stored, answered once the standby takes over
+            await proxy.deliver(update_message(n, 6000 + n, "/start"))
+        takeover_s = await seconds_until_active(client, standby, killed_at,
+                                                KILL_LEASE_TTL_S + trt_bot.PASSIVE_RETRY_S + 1.0)
+
+        async def processed() -> int:
+            return (await client.get(standby.base_url + "/health")).json()["queue"]["total_processed"]
+
+        # (unshare does not pass SIGTERM on: the standby cannot be stopped gracefully to show nothing comes after)
+        await eventually_async(processed, lambda count: count >= 5)
+    print(f"\ntakeover after kill -9 ({'a PID namespace each' if wrapper else 'one PID namespace'}): "
+          f"{takeover_s * 1000:.0f} ms (LEASE_TTL_S={KILL_LEASE_TTL_S})")
+    assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(6001, 6006))
 
 
 ###############################################################################
@@ -433,26 +756,36 @@ def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
 # Deploy files
 ###############################################################################
 
-def load_render_yaml() -> dict:
-    with open(os.path.join(HERE, "render.yaml"), encoding="utf-8") as f:
+BLUEPRINTS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(HERE, "render*.yaml")))
+
+
+def load_blueprint(name: str) -> dict:
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
-def test_render_yaml_validates_against_renders_blueprint_schema():
+def test_there_is_a_blueprint_with_a_disk_and_one_with_render_postgres():
+    assert BLUEPRINTS == ["render.postgres.yaml", "render.yaml"]
+
+
+@pytest.mark.parametrize("blueprint", BLUEPRINTS)
+def test_each_blueprint_validates_against_renders_blueprint_schema(blueprint):
     if not os.path.exists(SCHEMA_PATH):
         pytest.skip(f"Render's Blueprint schema is not at {SCHEMA_PATH}")
     import jsonschema
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         validator = jsonschema.Draft202012Validator(json.load(f))
-    blueprint = load_render_yaml()
-    assert list(validator.iter_errors(blueprint)) == []
-    broken = json.loads(json.dumps(blueprint))
+    spec = load_blueprint(blueprint)
+    assert list(validator.iter_errors(spec)) == []
+    broken = json.loads(json.dumps(spec))
     broken["services"][0]["plan"] = "enormous"
     assert list(validator.iter_errors(broken)), "the schema must catch a bad plan (so the check can fail)"
 
 
-def test_render_yaml_matches_the_bot():
-    (service,) = load_render_yaml()["services"]
+@pytest.mark.parametrize("blueprint", BLUEPRINTS)
+def test_each_blueprint_matches_the_bot(blueprint):
+    spec = load_blueprint(blueprint)
+    (service,) = spec["services"]
     env = {var["key"]: var for var in service["envVars"]}
     assert service["healthCheckPath"] == "/health" and service["runtime"] == "docker"
     for secret in ("TELEGRAM_BOT_TOKEN", "KIE_API_KEY", "WEBHOOK_SECRET_TOKEN"):
@@ -460,12 +793,28 @@ def test_render_yaml_matches_the_bot():
         assert "value" not in env[secret]
     grace = int(env["SHUTDOWN_GRACE_S"]["value"])
     assert grace < service["maxShutdownDelaySeconds"] <= grace + 10  # Render waits for the drain, then some
-    database = trt_bot.parse_database_url(env["DATABASE_URL"]["value"])
-    assert os.path.dirname(database) == service["disk"]["mountPath"]
+    database = env["DATABASE_URL"]
+    if "fromDatabase" in database:  # Render Postgres: no disk, which would turn zero-downtime deploys off
+        assert "disk" not in service
+        (postgres,) = spec["databases"]
+        assert database["fromDatabase"] == {"name": postgres["name"], "property": "connectionString"}
+    else:  # SQLite on the service's disk: one instance
+        assert os.path.dirname(trt_bot.parse_database_url(database["value"])) == service["disk"]["mountPath"]
+        assert service.get("numInstances", 1) == 1 and "scaling" not in service
     config = trt_bot.load_config({var: spec["value"] for var, spec in env.items() if "value" in spec}
                                  | {"TELEGRAM_BOT_TOKEN": TOKEN, "RENDER_EXTERNAL_URL": "https://x.onrender.com",
                                     "WEBHOOK_SECRET_TOKEN": "q1+/Zx3w9Y0abcDEF/ghIJ+klmNOPqrSTuvWXyz0123="})
     assert config.bot_mode == "webhook" and trt_bot.SECRET_TOKEN_PATTERN.fullmatch(config.webhook_secret)
+
+
+def test_the_blueprints_differ_only_in_where_the_database_is():
+    def service_apart_from_its_database(blueprint: str) -> dict:
+        (service,) = load_blueprint(blueprint)["services"]
+        service = {key: value for key, value in service.items() if key not in ("disk", "numInstances")}
+        service["envVars"] = [var for var in service["envVars"] if var["key"] != "DATABASE_URL"]
+        return service
+
+    assert service_apart_from_its_database("render.yaml") == service_apart_from_its_database("render.postgres.yaml")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

@@ -780,6 +780,25 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
     await db.close()
 
 
+def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same_transaction():
+    def item(update_id: int, chat_key: int, ask: bool = False) -> trt_bot.InboxItem:
+        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask)
+
+    with contextlib.closing(trt_bot.open_sqlite(":memory:")) as conn:
+        trt_bot.inbox_insert(conn, [item(1, 7), item(2, 8), item(3, 7), item(4, 7)])
+        trt_bot.inbox_mark_done(conn, [trt_bot.DoneMark(3)])
+        asking, again, silent = item(5, 7, ask=True), item(4, 7, ask=True), item(6, 7)
+        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, trt_bot.DoneMark(2)]) == [
+            True, False, True, None]
+        assert (asking.older, again.older, silent.older) == ((1, 4), (), ())  # not 3 (done), 2 (another chat)
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        assert trt_bot.inbox_unhandled_before(conn, 7, 9) == [1, 4, 5, 6]
+        conn.set_trace_callback(None)
+        plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + statements[-1]))
+        assert "inbox_chat_pending" in plan  # the chat's own rows, not every unhandled one
+
+
 ###############################################################################
 # 6. Retry and pacing
 ###############################################################################
@@ -1376,6 +1395,26 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
         assert handled == [1, 2]
     finally:
         await app.stop()
+
+
+async def test_an_update_another_instance_stored_is_not_overtaken_by_its_chats_next_one(make_app, tmp_path):
+    # Used to: during a deploy a standby stored a chat's update; the chat's next one reached the active
+    # instance, went straight to its workers and was answered before the stored one was read back.
+    app = await make_app()
+    handled: list[int] = []
+
+    async def recording_handler(update: dict) -> None:
+        handled.append(update["update_id"])
+
+    app.pipeline.handler = recording_handler
+    await eventually(lambda: not app.pipeline.stored.recount_due)  # its start-up look at the inbox is over
+    first, second = update_message(1, 8, "first"), update_message(2, 8, "second")
+    with contextlib.closing(trt_bot.open_sqlite(str(tmp_path / "bot.sqlite3"))) as standby:
+        with standby:
+            trt_bot.inbox_insert(standby, [trt_bot.InboxItem(1, 8, first, json.dumps(first).encode(), time.time())])
+    assert (await post_update(app, second)).status_code == 200
+    await eventually(lambda: len(handled) == 2)
+    assert handled == [1, 2]
 
 
 async def test_a_lone_surrogate_in_an_update_fails_nothing_else_and_is_not_retried(make_app, fake_tg, tmp_path):

@@ -1153,6 +1153,9 @@ MIGRATIONS: list[list[str]] = [
                lang      TEXT NOT NULL,
                chosen_at REAL NOT NULL)""",
     ],
+    [  # 5: a chat's unhandled updates, found without reading the others' (inbox_unhandled_before)
+        "CREATE INDEX inbox_chat_pending ON inbox(chat_key, update_id) WHERE done_at IS NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1481,6 +1484,10 @@ class InboxItem:
     body: bytes
     received_at: float
     durable: bool = True
+    # Set for an update about to go straight to the workers: its insert also reads into ``older`` the ids of
+    # its chat's older unhandled updates, which another instance may have stored.
+    ask_older: bool = False
+    older: tuple[int, ...] = ()
 
 
 def inbox_insert(conn: sqlite3.Connection, items: list[InboxItem]) -> list[bool]:
@@ -1532,6 +1539,16 @@ def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -
     return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
 
 
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+    """``inbox_write``; and in the same transaction (no round trip of its own), for each new update that
+    ``ask_older``, the ids of its chat's older unhandled updates into its ``older``."""
+    results = inbox_write(conn, entries)
+    for entry, is_new in zip(entries, results):
+        if is_new and isinstance(entry, InboxItem) and entry.ask_older:
+            entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
+    return results
+
+
 def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
     """The oldest unhandled updates, in update_id (arrival) order."""
     return conn.execute(
@@ -1543,6 +1560,13 @@ def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, 
 def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
     """(update_id, chat_key) of every unhandled update."""
     return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
+
+
+def inbox_unhandled_before(conn: sqlite3.Connection, chat_key: int, update_id: int) -> list[int]:
+    """The ids of the chat's unhandled updates older than ``update_id`` (this instance's or another's)."""
+    rows = conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? AND chat_key = ?",
+                        (update_id, chat_key)).fetchall()
+    return [row[0] for row in rows]
 
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
@@ -2458,7 +2482,7 @@ class InboxWriter:
     def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
         self.tracker = tracker
         self.stored = stored
-        self._commit = GroupCommit(db, inbox_write, on_batch=self._on_written)
+        self._commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
         self._failed: list[DoneMark] = []
 
     def insert(self, item: InboxItem) -> asyncio.Future:
@@ -2730,6 +2754,7 @@ class UpdatePipeline:
             self.stats.rejected += 1
             return REJECTED[RejectReason.BACKLOG_FULL]
         admitting = self.tracker.admit(update_id)
+        item.ask_older = self._may_take() and not self.stored.spilling  # else it waits in the inbox anyway
         try:
             is_new = await self.writer.insert(item)
         except DatabaseUnavailable:
@@ -2746,7 +2771,9 @@ class UpdatePipeline:
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
         self.stored.backlog += 1
-        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0:
+        # Older updates of its chat that another instance stored (a standby, at a deploy): it waits behind them.
+        behind_stored = not all(self.tracker.holds(update_id) for update_id in item.older)
+        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0 and not behind_stored:
             self.workers.enqueue(item)
         else:
             self.stats.spilled += 1
@@ -5130,7 +5157,10 @@ POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
 OK_BODY = b'{"ok":true}'
-PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (a released one is taken this fast)
+PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an expired one is taken this fast)
+# How often a passive instance looks (a read, no lock) whether the lease was released or its holder has
+# provably exited: a holder stopping on SIGTERM hands over this fast; the claims, writes, stay a second apart.
+LEASE_PEEK_S = 0.1
 SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
 POLL_RETRY_MAX_S = 30.0  # a failing getUpdates is asked again with backoff up to this
 # Bot API calls the bot cannot work without: tried until they succeed, 1, 2, 4 ... 60 s apart.
@@ -5438,6 +5468,12 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
     conn.execute("DELETE FROM lease WHERE name='active' AND owner=?", (owner,))
 
 
+def lease_holder(conn: sqlite3.Connection) -> str | None:
+    """Who holds the lease, or None when it was released (or never taken); an expired one still has its row."""
+    row = conn.execute("SELECT owner FROM lease WHERE name='active'").fetchone()
+    return None if row is None else row[0]
+
+
 def iso_utc(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
 
@@ -5447,9 +5483,10 @@ class InstanceLease:
 
     ``claim()`` takes the lease if it is free or expired and renews it if it
     is ours; it never takes a holder's that may be alive.  The holder renews
-    every third of the TTL; others retry every PASSIVE_RETRY_S, so a released
-    lease changes hands within a second, a dead holder's within the TTL and a
-    second, and a holder provably gone (see ``lease_owner_is_gone``) at once.
+    every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
+    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
+    ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
+    holder's that may be alive within the TTL and a second.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
@@ -5463,9 +5500,21 @@ class InstanceLease:
         self.last_check = 0.0
         self._checked = False
 
-    @property
-    def interval(self) -> float:
-        return self.ttl / 3 if self.held else min(PASSIVE_RETRY_S, self.ttl / 3)
+    async def wait_for_turn(self) -> None:
+        """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
+        or less once a peek finds the lease released or its holder gone."""
+        if self.held:
+            await self.clock.sleep(self.ttl / 3)
+            return
+        due = self.clock.monotonic() + min(PASSIVE_RETRY_S, self.ttl / 3)
+        while self.clock.monotonic() < due:
+            await self.clock.sleep(min(LEASE_PEEK_S, due - self.clock.monotonic()))
+            try:
+                holder = await self.db.read(lease_holder)
+            except DatabaseUnavailable:
+                continue  # the claim, when due, reports it
+            if holder is None or lease_owner_is_gone(holder, self.owner, probe_pid):
+                return
 
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
@@ -5514,6 +5563,7 @@ class Role:
         self.set_up = set_up
         self.clock = clock
         self.active = False
+        self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
 
     async def claim_at_start(self) -> bool | None:
         """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
@@ -5553,15 +5603,30 @@ class Role:
         /start keeps working from memory.
         """
         while True:
-            await self.clock.sleep(self.lease.interval)
+            await self.lease.wait_for_turn()
             role = await self.lease.claim()
             if role is True and not self.active:
                 await self.activate()
             elif role is False and self.active:
                 await self.deactivate()
 
+    def renew_while_draining(self) -> None:
+        """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
+        so a drain longer than the lease's TTL is not taken for a dead holder (its successor would handle again
+        what this process still handles)."""
+        if self.lease.held:
+            self._renewal = asyncio.create_task(self._renew(), name="lease-renewal")
+
+    async def _renew(self) -> None:
+        while self.lease.held:
+            await self.clock.sleep(self.lease.ttl / 3)
+            await self.lease.claim()
+
     async def release(self) -> None:
         """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
         await self.lease.release()
 
 
@@ -6107,6 +6172,7 @@ class App:
             task.cancel()
         self.diagnostics.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
