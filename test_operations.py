@@ -376,14 +376,15 @@ def harness_log_masked():
 
 DEPLOY_LEASE_TTL_S = 10  # far longer than a handover: a SIGTERM handover must not wait for the lease to expire
 TEXTS = trt_bot.TEXTS["ru"]
+PROMPT_MAX_CHARS = trt_bot.Z_IMAGE.prompt_chars[1]  # "new" asks for a Z-Image prompt
 
 
 def reply_token(text: str) -> str:
     """A reply shortened to what it answers: a too-long prompt's reply names the prompt's length."""
     too_long = re.match(re.escape(TEXTS["prompt_too_long"].split("{")[0]) + r"(\d+)", text)
     if too_long:
-        return f"long{int(too_long[1]) - trt_bot.PROMPT_MAX_CHARS - 1}"
-    for key in ("ask_prompt", "ask_ratio", "generating"):
+        return f"long{int(too_long[1]) - PROMPT_MAX_CHARS - 1}"
+    for key in ("ask_prompt", "ask_ratio"):
         if text.startswith(TEXTS[key].split("{")[0]):
             return key
     return text[:40]
@@ -434,7 +435,7 @@ class ChatStream:
         while not self.stop.is_set():
             n = len(self.expected) - 1
             await proxy.deliver(update_message(next(self.update_ids), self.chat_id,
-                                               "x" * (trt_bot.PROMPT_MAX_CHARS + 1 + n)))
+                                               "x" * (PROMPT_MAX_CHARS + 1 + n)))
             self.expected.append(f"long{n}")
             await asyncio.sleep(0.01)  # a user's pace: the stream spans the whole deploy
 
@@ -502,8 +503,10 @@ async def test_a_deploy_answers_every_update_once_in_order_and_delivers_the_job_
           f"updates acknowledged by the old instance {proxy.acked_by[old.port]}, by the new {proxy.acked_by[new.port]}")
     for chat in chats:
         assert chat.replies(fake_tg) == chat.expected, f"chat {chat.chat_id}"
-    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
-    assert [reply_token(text) for text in fake_tg.texts_to(4000)] == ["ask_prompt", "ask_ratio", "generating"]
+    assert [p["caption"].split("\n")[1] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]  # under "1:1 · Z-Image"
+    assert [reply_token(text) for text in fake_tg.texts_to(4000)] == ["ask_prompt", "ask_ratio"]
+    assert [edit["text"] for edit in fake_tg.calls_of("editMessageText")
+            if int(edit["chat_id"]) == 4000][0] == "⏳ 1:1 · Z-Image · 0:00"  # the ratio question became the status
     assert "[LOCK] released" in old.log and "[LOCK] acquired" in new.log
 
 
@@ -539,8 +542,8 @@ async def test_a_photo_on_its_way_at_sigterm_is_sent_once_by_the_old_instance_be
         await seconds_until_active(client, new, time.monotonic(), DEPLOY_LEASE_TTL_S)
         assert await asyncio.to_thread(old.process.wait, 30) == 0
         assert await asyncio.to_thread(new.terminate) == 0  # it finishes what it started: nothing comes after
-    assert [p["caption"] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]
-    assert [reply_token(text) for text in fake_tg.texts_to(4100)] == ["ask_prompt", "ask_ratio", "generating"]
+    assert [p["caption"].split("\n")[1] for p in fake_tg.calls_of("sendPhoto")] == ["маяк"]  # under "1:1 · Z-Image"
+    assert [reply_token(text) for text in fake_tg.texts_to(4100)] == ["ask_prompt", "ask_ratio"]  # then the status
 
 
 KILL_LEASE_TTL_S = 3

@@ -245,7 +245,7 @@ def footprint_section(results: dict[str, Any], plan: Any) -> list[str]:
                      "after spawning.")
     if trt.get("db_mb") is not None:
         notes.append(f"trt_bot's SQLite files after {num(trt['answered'])} chats: {num(trt['db_mb'], 1)} MB on disk.")
-    return ["", f"## 4. Footprint: memory and start-up", "",
+    return ["", "## 4. Footprint: memory and start-up", "",
             f"Start-up: spawn → ready, {plan.startup_runs} start(s) each. RSS idle: 1 s after ready. "
             f"Then {num(plan.footprint_chats)} distinct chats each send /start (wrk, 40 connections) and RSS is read "
             "1 s after the last reply reached the fake.", ""] + table(
