@@ -666,7 +666,7 @@ RESEND_PRESSES_MAX = 6  # a press whose photo is lost to a fault again is presse
 async def press_resend_until_photo(client: httpx.AsyncClient, target: Target, app: trt_bot.App,
                                    fake_tg: FaultyBotApi, job_id: str) -> None:
     """The user presses "📥" until the photo comes; a press again only once the last one was handled."""
-    chat_id = next(job[1] for job in jobs_in(app.config.database_path) if job[0] == job_id)
+    chat_id = next(job[1] for job in jobs_in(app.config.database) if job[0] == job_id)
     headers = {"X-Telegram-Bot-Api-Secret-Token": target.config.webhook_secret}
 
     def photo_came() -> bool:

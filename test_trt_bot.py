@@ -68,7 +68,7 @@ def test_missing_token_exits_2_with_one_line_saying_how_to_get_one():
     ({"TELEGRAM_BOT_TOKEN": "not-a-token"}, "TELEGRAM_BOT_TOKEN"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "PORT": "eighty"}, "PORT"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "carrier-pigeon"}, "BOT_MODE"),
-    ({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "postgres://db/x"}, "DATABASE_URL"),
+    ({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "webhook"}, "WEBHOOK_BASE_URL"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": "health"}, "KIE_CALLBACK_PATH"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "DIAG_TOKEN": "short"}, "DIAG_TOKEN"),
@@ -132,7 +132,7 @@ def test_a_secret_setting_shorter_than_8_characters_is_refused(name):
 def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
     config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN})
     assert config.bot_mode == "polling"
-    assert config.database_path == "./data/trt_bot.sqlite3"
+    assert config.database == "./data/trt_bot.sqlite3"
     assert trt_bot.parse_database_url("sqlite:////var/data/bot.db") == "/var/data/bot.db"
     assert trt_bot.parse_database_url("sqlite:///:memory:") == ":memory:"
 
@@ -168,6 +168,8 @@ def test_every_setting_default_is_a_value_its_own_parser_accepts():
 @pytest.mark.parametrize("name, raw", [
     ("SINGLE_MODEL_ONLY", "maybe"), ("UPDATE_QUEUE_WORKERS", "0"), ("LEASE_TTL_S", "1"), ("LOG_LEVEL", "LOUD"),
     ("TELEGRAM_API_BASE", "api.telegram.org"), ("ADMIN_IDS", "1,two"), ("WEBHOOK_SECRET_TOKEN", "has space!"),
+    ("DATABASE_URL", "postgresql://bot:longpassword@db:5432"), ("DATABASE_URL", "postgres://bot:short@db/x"),
+    ("DATABASE_URL", "postgresql://db/x?password=short"), ("DATABASE_URL", "postgresql://db:port/x"),
 ])
 def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
     with pytest.raises(trt_bot.ConfigError, match=name):
