@@ -39,8 +39,9 @@ async def get_json(base_url: str, path: str, **headers: str) -> dict:
 ###############################################################################
 
 @pytest.fixture
-def lease_db():
-    conn = trt_bot.open_sqlite(":memory:")
+def lease_db(database_url):
+    """A connection to a fresh database of each kind, migrated, outside any transaction."""
+    conn = trt_bot.database_dialect(trt_bot.parse_database_url(database_url)).connect(None)
     yield conn
     conn.close()
 
@@ -129,6 +130,42 @@ def test_a_dead_holder_in_my_pid_namespace_is_not_waited_out(lease_db):
     trt_bot.lease_claim(lease_db, other_container, 15, now=1200)
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1201)[0] is False
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1216)[0] is True
+
+
+def open_lease(database_url: str, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.InstanceLease:
+    return trt_bot.InstanceLease(trt_bot.Database(trt_bot.parse_database_url(database_url), busy_timeout_ms=10_000),
+                                 ttl=15, clock=clock)
+
+
+def expire_the_lease(conn) -> None:
+    conn.execute("UPDATE lease SET owner='web:7:killed', expires_at=0")
+
+
+async def test_two_instances_racing_for_a_free_or_expired_lease_never_both_win(database_url):
+    # Each instance claims on its own connection and thread, at the same moment, round after round;
+    # the lease is freed between rounds as if its holder had been killed.
+    leases = [open_lease(database_url), open_lease(database_url)]
+    assert all([await lease.db.open() for lease in leases])
+    for _ in range(60):
+        held = await asyncio.gather(*(lease.claim() for lease in leases))
+        assert sorted(held) == [False, True], held  # never both, never neither
+        await leases[0].db.write(expire_the_lease)
+    for lease in leases:
+        await lease.db.close()
+
+
+async def test_on_postgresql_the_lease_runs_on_the_servers_clock_not_the_hosts(postgres):
+    url = postgres.new_database_url()
+    late_host, early_host = ManualClock(time.time() - 3600), ManualClock(time.time() + 3600)  # an hour off each way
+    holder, other = open_lease(url, late_host), open_lease(url, early_host)
+    assert await holder.db.open() and await other.db.open()
+    assert await holder.claim() is True
+    assert abs(holder.expires_at - (time.time() + 15)) < 5  # the server's now, not the holder's clock
+    assert await other.claim() is False  # by its own clock the lease expired an hour ago; by the server's it lives
+    await holder.db.write(expire_the_lease)
+    assert await other.claim() is True
+    await holder.db.close()
+    await other.db.close()
 
 
 async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_path):

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -26,7 +27,7 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, POSTGRES_PASSWORD, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
                       ManualClock, bot_env, eventually, eventually_async, formatted, free_port, post_update,
                       run_bot_cli, secret_header, update_callback, update_message)
 
@@ -684,8 +685,30 @@ def test_commits_are_fsynced_before_they_are_reported(tmp_path):
     conn.close()
 
 
-async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(tmp_path):
-    db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
+def open_database(database_url: str, **options) -> trt_bot.Database:
+    return trt_bot.Database(trt_bot.parse_database_url(database_url), **options)
+
+
+async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate_once(database_url):
+    # Instances starting together on one empty database: each must find the schema complete, none fail.
+    databases = [open_database(database_url, busy_timeout_ms=10_000) for _ in range(4)]
+    assert await asyncio.gather(*(db.open() for db in databases)) == [True] * 4, [db.last_error for db in databases]
+    await databases[0].close()
+    again = open_database(database_url)
+    assert await again.open() and await again.read(trt_bot.inbox_unhandled) == []
+    for db in [again, *databases[1:]]:
+        await db.close()
+
+
+def test_storage_sql_is_spelled_for_postgresql_placeholders_percent_signs_and_types():
+    assert trt_bot.postgres_sql("SELECT a FROM t WHERE b=? AND c LIKE '%?' AND \"d?\"=?") == (
+        "SELECT a FROM t WHERE b=%s AND c LIKE '%%?' AND \"d?\"=%s")
+    assert trt_bot.postgres_ddl("CREATE TABLE t (a INTEGER, b REAL, c BLOB, d TEXT DEFAULT 'REAL')") == (
+        "CREATE TABLE t (a BIGINT, b DOUBLE PRECISION, c BYTEA, d TEXT DEFAULT 'REAL')")
+
+
+async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(database_url):
+    db = open_database(database_url)
     assert await db.open()
     inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n % 150, 1, {}, b"{}", time.time()) for n in range(300)]
@@ -695,8 +718,36 @@ async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(tmp_
     await db.close()
 
 
-async def test_conversation_state_survives_a_reopen(tmp_path):
-    path = str(tmp_path / "x.sqlite3")
+async def test_two_instances_inserting_the_same_updates_at_once_store_each_once(database_url):
+    # Telegram may redeliver an update to the other instance while the first still commits it.
+    first, second = open_database(database_url, busy_timeout_ms=10_000), open_database(database_url,
+                                                                                       busy_timeout_ms=10_000)
+    assert await first.open() and await second.open()
+    ids = list(range(1, 201))
+    orders = [random.Random(seed).sample(ids, len(ids)) for seed in (1, 2)]
+    writers = [trt_bot.GroupCommit(db, trt_bot.inbox_insert, max_batch=20) for db in (first, second)]
+    results = await asyncio.gather(*(writer.submit(trt_bot.InboxItem(n, n, {}, b"{}", time.time()))
+                                     for writer, order in zip(writers, orders) for n in order))
+    new_ids = sorted(n for n, new in zip([n for order in orders for n in order], results) if new)
+    assert new_ids == ids and first.ok and second.ok  # each id new exactly once, nobody degraded
+    await first.close()
+    await second.close()
+
+
+async def test_handled_updates_are_pruned_after_the_redelivery_window_and_unhandled_ones_never(database_url):
+    db = open_database(database_url)
+    assert await db.open()
+    now = time.time()
+    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)])
+    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1), trt_bot.DoneMark(2)])
+    assert await db.write(trt_bot.inbox_prune, now - trt_bot.INBOX_KEEP_DONE_S) == 0  # within the window: kept
+    assert await db.write(trt_bot.inbox_prune, time.time() + 1) == 2
+    assert await db.read(trt_bot.inbox_unhandled) == [(3, 3)]
+    await db.close()
+
+
+async def test_conversation_state_survives_a_reopen(database_url):
+    path = trt_bot.parse_database_url(database_url)
     db = trt_bot.Database(path)
     await db.open()
     store = trt_bot.ConversationStore(db)
@@ -721,9 +772,9 @@ async def test_an_unopenable_database_is_reported_not_raised(tmp_path):
     await db.close()
 
 
-async def test_a_row_sqlite_refuses_fails_alone_and_the_rest_of_its_batch_is_written(tmp_path):
+async def test_a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_written(database_url):
     # Used to fail every item of the shared commit, with the database still "ok".
-    db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
+    db = open_database(database_url)
     assert await db.open()
     inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n, 2**70 if n == 13 else n, {}, b"{}", time.time()) for n in range(40)]
@@ -779,6 +830,38 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
     with pytest.raises(trt_bot.DatabaseUnavailable):
         await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())])
     assert not db.ok
+    await db.close()
+
+
+async def test_a_lost_postgresql_connection_degrades_and_a_reopen_recovers_it(postgres):
+    url = postgres.new_database_url()
+    db = open_database(url)
+    assert await db.open()
+    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())])
+    assert postgres.terminate_connections(url) == 1  # the server ends our backend, as a restart would
+    assert await db.verify() is False and not db.ok and db.last_error
+    with pytest.raises(trt_bot.DatabaseUnavailable):
+        await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(2, 2, {}, b"{}", time.time())])
+    assert await db.open() and db.ok
+    assert await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(2, 2, {}, b"{}", time.time())]) == [True]
+    assert await db.read(trt_bot.inbox_unhandled) == [(1, 1), (2, 2)]
+    await db.close()
+
+
+@pytest.mark.parametrize("problem, says", [
+    ("wrong password", "password authentication failed"),
+    ("missing database", "does not exist"),
+    ("nothing listening", "refused"),
+])
+async def test_a_postgresql_that_refuses_us_is_named_in_last_error_without_the_password(postgres, problem, says):
+    wrong = "Wrong-Password-42"
+    url = {"wrong password": postgres.url("postgres", password=wrong),
+           "missing database": postgres.url("no_such_database"),
+           "nothing listening": postgres.url("postgres").replace(f":{postgres.port}/", f":{free_port()}/")}[problem]
+    db = open_database(url)
+    assert await db.open() is False and not db.ok
+    assert says in db.last_error and wrong not in db.last_error and POSTGRES_PASSWORD not in db.last_error
+    assert POSTGRES_PASSWORD not in db.where and db.where.startswith("postgresql://127.0.0.1:")
     await db.close()
 
 
