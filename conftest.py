@@ -552,13 +552,13 @@ def run_bot_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 class BotProcess:
     """trt_bot.py as a real subprocess, its log collected for assertions.
 
-    ``wrapper`` is a command the bot runs under (``unshare ...``).
+    ``wrapper`` is a command the bot runs under (``unshare ...``); the log goes to ``log_dir``.
     """
 
-    def __init__(self, env: dict[str, str], wrapper: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], wrapper: tuple[str, ...] = (), *, log_dir: str):
         self.port = int(env["PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(os.path.dirname(env["DATABASE_URL"][len("sqlite:///"):]), f"bot-{self.port}.log")
+        self.log_path = os.path.join(log_dir, f"bot-{self.port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
         full_env.update(env)
         with open(self.log_path, "ab") as log_file:
@@ -596,11 +596,11 @@ class BotProcess:
 
 
 @pytest.fixture
-def bot_processes():
+def bot_processes(tmp_path):
     started: list[BotProcess] = []
 
     def start(env: dict[str, str], wrapper: tuple[str, ...] = ()) -> BotProcess:
-        process = BotProcess(env, wrapper)
+        process = BotProcess(env, wrapper, log_dir=str(tmp_path))
         started.append(process)
         return process
 
@@ -951,10 +951,10 @@ class PostgresTestServer:
                 raise RuntimeError(f"the PostgreSQL server did not start:\n{self.log}")
             time.sleep(0.05)
 
-    def stop(self) -> None:
-        """Fast shutdown: clients are disconnected, as when a managed database restarts."""
+    def stop(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Fast shutdown (SIGINT): clients are disconnected, as when a managed database restarts."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(how)
             self.process.wait(60)
         self.process = None
 
@@ -992,7 +992,7 @@ class PostgresTestServer:
         return len(killed)
 
     def remove(self) -> None:
-        self.stop()
+        self.stop(signal.SIGQUIT)  # immediate: the cluster is deleted, no checkpoint is worth waiting for
         shutil.rmtree(self.root, ignore_errors=True)
 
 

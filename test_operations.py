@@ -192,6 +192,7 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
+    """Two bot processes on one database (DATABASE_URL in ``overrides``, else a SQLite file), the first active."""
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
     first = bot_processes(env)
     await first.wait_healthy()
@@ -207,8 +208,8 @@ async def post_to(bot, config, update: dict) -> int:
     return response.status_code
 
 
-async def test_two_processes_on_one_database_process_each_update_once(fake_tg, tmp_path, bot_processes):
-    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+async def test_two_processes_on_one_database_process_each_update_once(fake_tg, tmp_path, bot_processes, database_url):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     lock_first, lock_second = await get_json(first.base_url, "/diag/lock"), await get_json(second.base_url, "/diag/lock")
     assert (lock_first["active"], lock_first["lock_acquired"]) == (True, True)
     assert (lock_second["active"], lock_second["lock_acquired"], lock_second["should_process"]) == (False, False, False)
@@ -225,8 +226,9 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     assert "[COMMANDS] menu" in first.log and "[COMMANDS]" not in second.log  # only the active one sets the menu
 
 
-async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes):
-    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes,
+                                                                            database_url):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     first.kill()
     for n in range(1, 6):  # arrive while nobody is active yet: stored, not lost
         assert await post_to(second, config, update_message(n, 800 + n, "/start")) == 200

@@ -1164,8 +1164,8 @@ async def test_a_loop_waiting_on_an_event_ends_when_cancelled_as_the_event_fires
     assert done and task.cancelled()
 
 
-async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app, fake_tg):
-    app = await make_app()
+async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app, fake_tg, database_url):
+    app = await make_app(DATABASE_URL=database_url)
     response = await post_update(app, update_message(1, 42, "/start"))
     assert response.status_code == 200
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
@@ -1194,8 +1194,8 @@ async def test_wrong_path_secret_is_401_and_invalid_updates_are_400(make_app):
         assert (await client.post(app.config.webhook_path, json=[1])).status_code == 400
 
 
-async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
-    app = await make_app()
+async def test_same_update_id_twice_is_answered_once(make_app, fake_tg, database_url):
+    app = await make_app(DATABASE_URL=database_url)
     update = update_message(7, 42, "/start")
     assert (await post_update(app, update)).status_code == 200
     assert (await post_update(app, update)).status_code == 200
@@ -1203,8 +1203,8 @@ async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
     assert len(fake_tg.calls_of("sendMessage")) == 1 and app.pipeline.stats.duplicates == 1
 
 
-async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg):
-    app = await make_app(UPDATE_QUEUE_WORKERS="3")
+async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg, database_url):
+    app = await make_app(UPDATE_QUEUE_WORKERS="3", DATABASE_URL=database_url)
     handled: dict[int, list[int]] = {}
     handle, go = app.pipeline.handler, asyncio.Event()
 
@@ -1259,8 +1259,8 @@ async def test_each_chats_updates_are_handled_one_at_a_time_in_arrival_order(mak
         assert batches == sorted(batches), chat
 
 
-async def test_a_full_queue_spills_to_the_inbox_and_loses_nothing(make_app):
-    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2")
+async def test_a_full_queue_spills_to_the_inbox_and_loses_nothing(make_app, database_url):
+    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2", DATABASE_URL=database_url)
     release = asyncio.Event()
     handled: list[int] = []
 
@@ -1492,9 +1492,10 @@ async def test_an_update_id_outside_sqlites_integer_range_is_400(make_app):
     assert app.pipeline.stats.received == 0
 
 
-async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes):
+async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes,
+                                                                                  database_url):
     fake_tg.stall("sendMessage")  # the bot acknowledges but cannot answer yet
-    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()))
+    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), DATABASE_URL=database_url)
     first = bot_processes(env)
     await first.wait_healthy()
     headers = {"X-Telegram-Bot-Api-Secret-Token": trt_bot.load_config(env).webhook_secret}
