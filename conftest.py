@@ -988,7 +988,8 @@ class PostgresTestServer:
     def terminate_connections(self, database_url: str) -> int:
         """Cut every connection to the URL's database (pg_terminate_backend), as a server restart would."""
         name = urllib.parse.urlsplit(database_url).path.lstrip("/")
-        killed = self.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        killed = self.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
         return len(killed)
 
     def remove(self) -> None:
@@ -996,8 +997,9 @@ class PostgresTestServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def started_postgres() -> PostgresTestServer:
-    """A new cluster, started; skipped (failed under CI) when the binaries or psycopg are missing."""
+def new_postgres(start: bool = True) -> PostgresTestServer:
+    """A new cluster, started unless ``start`` is False; skipped (failed under CI) when the binaries or psycopg
+    are missing.  ``remove()`` it at the end."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         unavailable("PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql")
@@ -1008,7 +1010,8 @@ def started_postgres() -> PostgresTestServer:
     server = PostgresTestServer(bin_dir)
     try:
         server.initialise()
-        server.start()
+        if start:
+            server.start()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         server.remove()
         unavailable(f"the PostgreSQL server could not be started: {getattr(error, 'stderr', '') or error}")
@@ -1018,7 +1021,7 @@ def started_postgres() -> PostgresTestServer:
 @pytest.fixture(scope="session")
 def postgres():
     """The session's PostgreSQL server; ``postgres.new_database_url()`` gives each test a database of its own."""
-    server = started_postgres()
+    server = new_postgres()
     yield server
     server.remove()
 

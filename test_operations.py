@@ -468,6 +468,31 @@ def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
     assert result.returncode == 1 and "[FAIL] database" in result.stdout
 
 
+@pytest.mark.parametrize("problem, says", [
+    ("wrong password", "password authentication failed"),
+    ("missing database", 'database "no_such_database" does not exist'),
+])
+def test_check_says_what_is_wrong_with_postgresql_without_the_password(fake_tg, fake_kie, tmp_path, postgres,
+                                                                       problem, says):
+    wrong = "Wrong-Password-42"
+    url = postgres.url("postgres", password=wrong) if problem == "wrong password" else postgres.url("no_such_database")
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=url), "check")
+    assert result.returncode == 1
+    (failure,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert failure.startswith(f"[FAIL] database: cannot open postgresql://127.0.0.1:{postgres.port}/") and says in failure
+    assert "check DATABASE_URL (host, port, user, password, database name)" in failure
+    output = result.stdout + result.stderr
+    assert wrong not in output and all(secret not in output for secret in SECRETS)
+    assert f"DATABASE_URL=postgresql://trt:***@127.0.0.1:{postgres.port}/" in output  # the URL shown, masked
+
+
+def test_check_opens_a_postgresql_database_and_migrates_it(fake_tg, fake_kie, tmp_path, postgres):
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=postgres.new_database_url()), "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"[  ok] database: opened, schema v{trt_bot.SCHEMA_VERSION}" in result.stdout
+    assert all(secret not in result.stdout + result.stderr for secret in SECRETS)
+
+
 ###############################################################################
 # Deploy files
 ###############################################################################
