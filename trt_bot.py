@@ -7,7 +7,7 @@ grepping for its banner (``#####``):
    2. Logging              the log format; every secret masked in every record
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
-   5. Storage              SQLite on its own thread: schema, group commit, inbox, dialogs
+   5. Storage              one thread, two dialects (SQLite, PostgreSQL): schema, group commit, inbox, dialogs
    6. Retry and pacing     one retry policy for every retried call; rate limiters
    7. Telegram client      raw Bot API over httpx, typed errors
    8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
