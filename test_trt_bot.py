@@ -18,6 +18,8 @@ import random
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -698,6 +700,15 @@ async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate
     assert await again.open() and await again.read(trt_bot.inbox_unhandled) == []
     for db in [again, *databases[1:]]:
         await db.close()
+
+
+def test_psycopg_is_imported_only_for_a_postgresql_url(tmp_path):
+    script = ("import sys, trt_bot; config = trt_bot.load_config({'TELEGRAM_BOT_TOKEN': sys.argv[1], "
+              "'DATABASE_URL': sys.argv[2]}); trt_bot.Database(config.database); print('psycopg' in sys.modules)")
+    imported = [subprocess.run([sys.executable, "-c", script, TOKEN, url], capture_output=True, text=True, cwd=HERE,
+                               check=True).stdout.strip()
+                for url in (f"sqlite:///{tmp_path}/x.sqlite3", "postgresql://bot@db.example.com/bot")]
+    assert imported == ["False", "True"]
 
 
 def test_storage_sql_is_spelled_for_postgresql_placeholders_percent_signs_and_types():

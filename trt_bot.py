@@ -1435,7 +1435,8 @@ class PostgresConnection:
 
     def __init__(self, conn: Any):
         self._conn = conn
-        self._open_states = {conn.info.transaction_status.INTRANS, conn.info.transaction_status.INERROR}
+        status = type(conn.info.transaction_status)
+        self._open_states = {status.INTRANS, status.INERROR}
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return self._conn.execute(postgres_sql(sql), _postgres_params(params))
@@ -1629,8 +1630,8 @@ class GroupCommit:
     fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
     While one batch is being written, new items gather into the next one, so
     under load one commit (and one thread hop) serves many requests.
-    ``write_batch(conn, items)`` returns one result per item.  A row SQLite
-    refuses fails alone: the batch is split until that row is found, its
+    ``write_batch(conn, items)`` returns one result per item.  A row the
+    database refuses fails alone: the batch is split until that row is found, its
     future gets RowRejected (logged once), and the others are written.
     """
 
@@ -1781,10 +1782,10 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
 
 
 class ConversationStore:
-    """Where each user is in a dialog: a dict in memory, written through to SQLite.
+    """Where each user is in a dialog: a dict in memory, written through to the database.
 
-    Reads never touch the disk.  A write that fails (database down, a value
-    SQLite refuses) is logged and kept in memory: the dialog goes on, it just
+    Reads never touch the database.  A write that fails (database down, a value
+    it refuses) is logged and kept in memory: the dialog goes on, it just
     would not survive a restart.
     """
 
