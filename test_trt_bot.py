@@ -844,6 +844,23 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
     await db.close()
 
 
+async def test_a_value_the_driver_cannot_send_is_a_rejected_row_but_a_statement_the_database_refuses_degrades(
+        database_url):
+    # A missing table or missing rights is the database's state, not the row's: it must not turn every
+    # update into a "bad update" that Telegram is told to drop.
+    db = open_database(database_url)
+    assert await db.open()
+    with pytest.raises(trt_bot.RowRejected):
+        await db.write(lambda conn: conn.execute("INSERT INTO users(user_id, first_seen, last_seen) VALUES (?,?,?)",
+                                                 (object(), 0.0, 0.0)))
+    assert db.ok
+    with pytest.raises(trt_bot.DatabaseUnavailable):
+        await db.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (?)", (1,)))
+    assert not db.ok
+    assert await db.open() and await db.read(trt_bot.inbox_unhandled) == []
+    await db.close()
+
+
 async def test_a_lost_postgresql_connection_degrades_and_a_reopen_recovers_it(postgres):
     url = postgres.new_database_url()
     db = open_database(url)

@@ -1433,18 +1433,27 @@ class PostgresConnection:
     of ``in_transaction``, reads outside one see the latest commits.
     """
 
-    def __init__(self, conn: Any):
+    def __init__(self, conn: Any, programming_error: type[Exception]):
         self._conn = conn
+        self._programming_error = programming_error
         status = type(conn.info.transaction_status)
         self._open_states = {status.INTRANS, status.INERROR}
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self._conn.execute(postgres_sql(sql), _postgres_params(params))
+        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
         cursor = self._conn.cursor()
-        cursor.executemany(postgres_sql(sql), [_postgres_params(row) for row in rows])
+        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
         return cursor
+
+    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except self._programming_error as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
 
     @property
     def in_transaction(self) -> bool:
@@ -1473,8 +1482,9 @@ class PostgresServer:
         self.url = url
         parts = urllib.parse.urlsplit(url)
         self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
-        self.row_errors = (self.psycopg.DataError, self.psycopg.IntegrityError, self.psycopg.ProgrammingError,
-                           ValueError, OverflowError, TypeError)
+        # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
+        # send.  Anything else (the connection lost, a missing table, no rights) makes it unusable until reopened.
+        self.row_errors = (self.psycopg.DataError, self.psycopg.IntegrityError, ValueError, OverflowError, TypeError)
         self.failures = (self.psycopg.Error,)
 
     @staticmethod
@@ -1495,7 +1505,8 @@ class PostgresServer:
             previous.close()
         given = self.psycopg.conninfo.conninfo_to_dict(self.url)
         defaults = {key: value for key, value in POSTGRES_CONNECTION_DEFAULTS.items() if key not in given}
-        conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults))
+        conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
+                                  self.psycopg.ProgrammingError)
         try:
             migrate(conn, self)
         except BaseException:
