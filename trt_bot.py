@@ -1719,20 +1719,31 @@ class InboxItem:
     durable: bool = True
 
 
-def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
-    """Insert updates; per item, True if new, False if the update_id was seen.
+INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
 
-    In update_id order: instances inserting the same ids at once take their
+
+def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
+    """Insert updates; per item, True if new, False if the update_id was seen (or came earlier in ``items``).
+
+    One statement per INBOX_INSERT_ROWS updates, not one per update: on PostgreSQL
+    each statement is a network round trip inside the ack's commit.  Rows go
+    in update_id order: instances inserting the same ids at once take their
     locks in one order, so neither waits on the other in a cycle (PostgreSQL
     would abort one as a deadlock).
     """
-    insert = ("INSERT INTO inbox(update_id, chat_key, body, received_at) VALUES (?,?,?,?) "
-              "ON CONFLICT(update_id) DO NOTHING")
-    results = [False] * len(items)
-    for index in sorted(range(len(items)), key=lambda index: items[index].update_id):
-        item = items[index]
-        row = (item.update_id, item.chat_key, item.body, item.received_at)
-        results[index] = conn.execute(insert, row).rowcount == 1
+    ordered = sorted(range(len(items)), key=lambda index: items[index].update_id)
+    inserted: set[int] = set()
+    for start in range(0, len(ordered), INBOX_INSERT_ROWS):
+        chunk = [items[index] for index in ordered[start:start + INBOX_INSERT_ROWS]]
+        rows = ",".join(["(?,?,?,?)"] * len(chunk))
+        values = [value for item in chunk for value in (item.update_id, item.chat_key, item.body, item.received_at)]
+        inserted.update(update_id for (update_id,) in conn.execute(
+            f"INSERT INTO inbox(update_id, chat_key, body, received_at) VALUES {rows} "
+            "ON CONFLICT(update_id) DO NOTHING RETURNING update_id", values).fetchall())
+    results = []
+    for item in items:
+        results.append(item.update_id in inserted)
+        inserted.discard(item.update_id)  # a second copy in the same batch is a duplicate
     return results
 
 
