@@ -138,6 +138,8 @@ def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
     assert config.database == "./data/trt_bot.sqlite3"
     assert trt_bot.parse_database_url("sqlite:////var/data/bot.db") == "/var/data/bot.db"
     assert trt_bot.parse_database_url("sqlite:///:memory:") == ":memory:"
+    render = "postgres://bot:a-long-password@dpg-x.oregon-postgres.render.com/bot?sslmode=require"
+    assert trt_bot.parse_database_url(render) == render  # Render's form, kept whole for libpq
 
 
 def readme_settings_table() -> list[tuple[str, str, str]]:
@@ -1356,6 +1358,19 @@ async def test_start_answers_when_the_database_cannot_be_opened(make_app, fake_t
         health = (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
     assert health["status"] == "degraded" and health["db_schema_ready"] is False
     assert health["queue"]["memory_only"] == 1
+
+
+async def test_a_wrong_postgresql_password_is_named_by_health_without_it_and_start_still_answers(make_app, fake_tg,
+                                                                                                 postgres):
+    wrong = "Wrong-Password-42"
+    app = await make_app(DATABASE_URL=postgres.url("postgres", password=wrong))
+    assert (await post_update(app, update_message(1, 42, "/start"))).status_code == 200
+    await eventually(lambda: fake_tg.texts_to(42))
+    async with httpx.AsyncClient() as client:
+        body = (await client.get(f"http://127.0.0.1:{app.port}/health")).text
+    health = json.loads(body)
+    assert health["status"] == "degraded" and "password authentication failed" in health["database_error"]
+    assert wrong not in body and wrong not in "".join(formatted(r) for r in ALL_RECORDS.records)
 
 
 async def test_a_locked_database_degrades_within_the_ack_budget_then_recovers(make_app, fake_tg, tmp_path,
