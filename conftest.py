@@ -1012,7 +1012,7 @@ def new_postgres(start: bool = True) -> PostgresTestServer:
         server.initialise()
         if start:
             server.start()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+    except (OSError, LookupError, RuntimeError, subprocess.SubprocessError) as error:  # LookupError: no postgres user
         server.remove()
         unavailable(f"the PostgreSQL server could not be started: {getattr(error, 'stderr', '') or error}")
     return server
