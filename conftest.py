@@ -943,7 +943,9 @@ class PostgresTestServer:
             self.process = subprocess.Popen(
                 [os.path.join(self.bin_dir, "postgres"), "-D", self.data, "-p", str(self.port),
                  "-k", self.root, "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
-                 "-c", "fsync=off", "-c", "full_page_writes=off"],  # a test cluster: the OS crashing is not tested
+                 # A test cluster: the OS crashing is not tested, and its short-lived databases need no
+                 # autovacuum (its workers would take CPU from the timing-sensitive tests that run after).
+                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "autovacuum=off"],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, **self._as)
         deadline = time.monotonic() + POSTGRES_START_DEADLINE_S
         while not self._accepts_connections():
