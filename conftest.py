@@ -31,7 +31,8 @@ import trt_bot
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "123456789:AAHtestTOKENsecretPART_abcdefghijklmno"
 KIE_KEY = "kie-test-key-0123456789abcdef"
-SECRETS = (TOKEN, TOKEN.split(":")[1], KIE_KEY)
+POSTGRES_PASSWORD = "pg-test-password-5d1f0c"  # the test PostgreSQL server's (see the end of this file)
+SECRETS = (TOKEN, TOKEN.split(":")[1], KIE_KEY, POSTGRES_PASSWORD)
 DIAG_TOKEN = "diag-secret"
 KIE_HMAC_KEY = "hmac-key"
 
@@ -551,13 +552,13 @@ def run_bot_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 class BotProcess:
     """trt_bot.py as a real subprocess, its log collected for assertions.
 
-    ``wrapper`` is a command the bot runs under (``unshare ...``).
+    ``wrapper`` is a command the bot runs under (``unshare ...``); the log goes to ``log_dir``.
     """
 
-    def __init__(self, env: dict[str, str], wrapper: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], wrapper: tuple[str, ...] = (), *, log_dir: str):
         self.port = int(env["PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(os.path.dirname(env["DATABASE_URL"][len("sqlite:///"):]), f"bot-{self.port}.log")
+        self.log_path = os.path.join(log_dir, f"bot-{self.port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
         full_env.update(env)
         with open(self.log_path, "ab") as log_file:
@@ -595,11 +596,28 @@ class BotProcess:
 
 
 @pytest.fixture
-def bot_processes():
+def harness_log_masked():
+    """This process plays Telegram and Kie: its httpx logs the bots' secret webhook and callback URLs.
+
+    The bots are subprocesses, so no App in this process masks what the
+    harness logs; it masks its own records, as any client of the bot would,
+    and the suite-wide check still catches a secret logged by the bot's code.
+    """
+    loggers = [logging.getLogger(name) for name in trt_bot.MASKED_LOGGERS]
+    before = {logger.name: list(logger.filters) for logger in loggers}
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY})
+    trt_bot.install_secret_masking(config.secrets)
+    yield
+    for logger in loggers:
+        logger.filters[:] = before[logger.name]
+
+
+@pytest.fixture
+def bot_processes(tmp_path):
     started: list[BotProcess] = []
 
     def start(env: dict[str, str], wrapper: tuple[str, ...] = ()) -> BotProcess:
-        process = BotProcess(env, wrapper)
+        process = BotProcess(env, wrapper, log_dir=str(tmp_path))
         started.append(process)
         return process
 
@@ -893,3 +911,181 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"jobs {totals['jobs']}, faults injected {sum(FAULT_KINDS.values())}, lost {totals['lost']}, "
         f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}")
     terminalreporter.write_line(f"faults by kind: {kinds}")
+
+
+###############################################################################
+# A real PostgreSQL server for the tests that run on both storage backends:
+# started once per session from the system's binaries (initdb into a temporary
+# directory, run as the unprivileged ``postgres`` user when the tests run as
+# root), a fresh database per test.  Missing binaries skip those tests, except
+# under CI (CI=true), where a missing or failing server fails them.
+###############################################################################
+
+import glob  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+import tempfile  # noqa: E402
+
+POSTGRES_USER = "trt"
+POSTGRES_START_DEADLINE_S = 60.0
+
+
+def postgres_bin_dir() -> str | None:
+    """The folder holding initdb and postgres: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    initdb = shutil.which("initdb")
+    candidates = [os.path.dirname(os.path.realpath(initdb))] if initdb else []
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for folder in candidates:
+        if all(os.access(os.path.join(folder, name), os.X_OK) for name in ("initdb", "postgres")):
+            return folder
+    return None
+
+
+def unavailable(reason: str) -> None:
+    """Skip for want of PostgreSQL; under CI the same is a failure (CI must run the PostgreSQL tests)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class PostgresTestServer:
+    """A private PostgreSQL cluster: TCP on a free 127.0.0.1 port, password authentication, its socket in its folder."""
+
+    def __init__(self, bin_dir: str):
+        self.bin_dir = bin_dir
+        self.root = tempfile.mkdtemp(prefix="trt-pg-")
+        self.data, self.log_path = os.path.join(self.root, "data"), os.path.join(self.root, "server.log")
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self._databases = 0
+        # The server refuses to run as root: then it runs as the postgres user, which must own its files.
+        self._as: dict[str, Any] = (
+            {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {})
+
+    def url(self, database: str, password: str = POSTGRES_PASSWORD) -> str:
+        return f"postgresql://{POSTGRES_USER}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def initialise(self) -> None:
+        password_file = os.path.join(self.root, "password")
+        with open(password_file, "w", encoding="ascii") as f:
+            f.write(POSTGRES_PASSWORD)
+        if self._as:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(password_file, "postgres")
+        subprocess.run([os.path.join(self.bin_dir, "initdb"), "-D", self.data, "-U", POSTGRES_USER,
+                        f"--pwfile={password_file}", "-A", "scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+                       check=True, capture_output=True, text=True, timeout=120, cwd=self.root, **self._as)
+
+    def start(self) -> None:
+        """Start the server and wait until it takes connections (an error, with its log, if it does not)."""
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [os.path.join(self.bin_dir, "postgres"), "-D", self.data, "-p", str(self.port),
+                 "-k", self.root, "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
+                 # A test cluster: the OS crashing is not tested, and its short-lived databases need no
+                 # autovacuum (its workers would take CPU from the timing-sensitive tests that run after).
+                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "autovacuum=off"],
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, **self._as)
+        deadline = time.monotonic() + POSTGRES_START_DEADLINE_S
+        while not self._accepts_connections():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the PostgreSQL server did not start:\n{self.log}")
+            time.sleep(0.05)
+
+    def stop(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Fast shutdown (SIGINT): clients are disconnected, as when a managed database restarts."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(how)
+            self.process.wait(60)
+        self.process = None
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def _accepts_connections(self) -> bool:
+        import psycopg
+        try:
+            psycopg.connect(self.url("postgres"), connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def admin(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Run ``sql`` on the maintenance database (CREATE DATABASE, pg_terminate_backend ...)."""
+        import psycopg
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def new_database_url(self) -> str:
+        """A DATABASE_URL for a database of its own, empty."""
+        self._databases += 1
+        name = f"test_{os.getpid()}_{self._databases}"
+        self.admin(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def terminate_connections(self, database_url: str) -> int:
+        """Cut every connection to the URL's database (pg_terminate_backend), as a server restart would."""
+        name = urllib.parse.urlsplit(database_url).path.lstrip("/")
+        killed = self.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        return len(killed)
+
+    def remove(self) -> None:
+        self.stop(signal.SIGQUIT)  # immediate: the cluster is deleted, no checkpoint is worth waiting for
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def new_postgres(start: bool = True) -> PostgresTestServer:
+    """A new cluster, started unless ``start`` is False; skipped (failed under CI) when the binaries or psycopg
+    are missing.  ``remove()`` it at the end."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        unavailable("PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("psycopg is not installed: pip install -r requirements-dev.txt")
+    server = PostgresTestServer(bin_dir)
+    try:
+        server.initialise()
+        if start:
+            server.start()
+    except (OSError, LookupError, RuntimeError, subprocess.SubprocessError) as error:  # LookupError: no postgres user
+        server.remove()
+        unavailable(f"the PostgreSQL server could not be started: {getattr(error, 'stderr', '') or error}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL server; ``postgres.new_database_url()`` gives each test a database of its own."""
+    server = new_postgres()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A fresh DATABASE_URL of each kind: a SQLite file in tmp_path, a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database_url()
+
+
+def query(database_url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of ``sql`` (``?`` placeholders) read straight from the database, as another process would."""
+    location = trt_bot.parse_database_url(database_url)
+    if location.startswith(trt_bot.POSTGRES_SCHEMES):
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as conn:
+            return [tuple(row) for row in conn.execute(trt_bot.postgres_sql(sql), params).fetchall()]
+    conn = sqlite3.connect(location)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+

@@ -19,7 +19,6 @@ import dataclasses
 import errno
 import itertools
 import json
-import logging
 import os
 import random
 import re
@@ -32,8 +31,9 @@ import httpx
 import pytest
 
 import trt_bot
-from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, FaultPlan, FaultyBotApi, FaultyKie, Performed,
-                      TOKEN, bot_env, eventually, free_port, update_callback, update_message)
+from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan, FaultyBotApi,
+                      FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, update_callback,
+                      update_message)
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
@@ -75,20 +75,8 @@ async def client():
 
 
 @pytest.fixture(autouse=True)
-def harness_log_masked():
-    """This process plays Telegram and Kie: its httpx logs the bots' secret webhook and callback URLs.
-
-    The bots here are mostly subprocesses, so no App in this process masks what
-    the harness logs; it masks its own records, as any client of the bot would,
-    and the suite-wide check still catches a secret logged by the bot's code.
-    """
-    loggers = [logging.getLogger(name) for name in trt_bot.MASKED_LOGGERS]
-    before = {logger.name: list(logger.filters) for logger in loggers}
-    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY})
-    trt_bot.install_secret_masking(config.secrets)
-    yield
-    for logger in loggers:
-        logger.filters[:] = before[logger.name]
+def harness_log_masked_here(harness_log_masked):
+    """Every test here runs bot subprocesses while this process plays Telegram and Kie."""
 
 
 ###############################################################################
@@ -672,7 +660,7 @@ RESEND_PRESSES_MAX = 6  # a press whose photo is lost to a fault again is presse
 async def press_resend_until_photo(client: httpx.AsyncClient, target: Target, app: trt_bot.App,
                                    fake_tg: FaultyBotApi, job_id: str) -> None:
     """The user presses "📥" until the photo comes; a press again only once the last one was handled."""
-    chat_id = next(job[1] for job in jobs_in(app.config.database_path) if job[0] == job_id)
+    chat_id = next(job[1] for job in jobs_in(app.config.database) if job[0] == job_id)
     headers = {"X-Telegram-Bot-Api-Secret-Token": target.config.webhook_secret}
 
     def photo_came() -> bool:
@@ -950,5 +938,42 @@ async def test_a_locked_database_degrades_then_the_bot_is_durable_again_in_order
         if locker.in_transaction:
             locker.execute("ROLLBACK")
         locker.close()
+    await durable_again(client, lives, chats)
+    tally_disk_test(chats, faulty_tg)
+
+
+###############################################################################
+# 5. PostgreSQL: down at start, restarted, its connections cut
+###############################################################################
+
+@pytest.fixture
+def postgres_of_its_own():
+    """A PostgreSQL cluster for one test, initialised but not started: the test starts and stops it."""
+    server = new_postgres(start=False)
+    yield server
+    server.remove()
+
+
+async def test_postgresql_down_at_start_restarted_and_cut_off_degrades_then_the_bot_is_durable_again_in_order(
+        postgres_of_its_own, tmp_path, fault_bots, faulty_tg, client):
+    server = postgres_of_its_own
+    env = disk_env(faulty_tg, str(tmp_path / "unused.sqlite3"))
+    lives = Lives(fault_bots, faulty_tg, {**env, "DATABASE_URL": server.url("postgres")})
+    chats = [Chat(7400 + n) for n in range(4)]
+    await lives.start().wait_healthy()  # the server is not running yet: the bot starts anyway
+    await health_is(client, lives, "degraded", timeout=10)
+    health = await lives.health(client)
+    assert "refused" in health["database_error"] and POSTGRES_PASSWORD not in health["database_error"]
+    await phase(client, lives, chats, per_chat=3)  # answered from memory meanwhile
+    await asyncio.to_thread(server.start)
+    await health_is(client, lives, "ok", timeout=15)  # durable once it answers, without a restart
+    FAULT_KINDS["postgresql down at start"] += 1
+    # a restart of the server (fast shutdown: every connection closed), then every connection cut
+    await phase(client, lives, chats, per_chat=9, fault=server.stop, repair=server.start)
+    FAULT_KINDS["postgresql restarted"] += 1
+    await health_is(client, lives, "ok", timeout=15)
+    await phase(client, lives, chats, per_chat=6, fault=lambda: server.terminate_connections(server.url("postgres")))
+    FAULT_KINDS["postgresql connections terminated"] += 1
+    assert lives.current.log.count("[DB] recovered") >= 3  # each outage was noticed and ended by itself
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)

@@ -29,7 +29,7 @@ import respx
 
 import trt_bot
 from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
-                      _dropping, bot_env, eventually, free_port, post_update, update_callback, update_message)
+                      _dropping, bot_env, eventually, free_port, post_update, query, update_callback, update_message)
 
 _update_ids = itertools.count(10_000)
 
@@ -253,9 +253,9 @@ async def test_a_kie_call_with_a_zero_budget_is_tried_once():
 # 11. Dialog: the z-image flow
 ###############################################################################
 
-async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, fake_kie):
+async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, fake_kie, database_url):
     """From the menu to the result: three new messages, the ratio question becoming the ⏳ status."""
-    app = await make_app(**gen_env(fake_kie))
+    app = await make_app(**gen_env(fake_kie), DATABASE_URL=database_url)
     await order(app, 50, "кот-космонавт", "16:9")
     await eventually(lambda: fake_kie.created)
     (task,) = fake_kie.created
@@ -289,8 +289,10 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
     assert fake_kie.record_calls == ["task00001"]  # the callback's hint, checked over our own key
 
 
-async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs):
-    await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1)
+async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, fake_tg, fake_kie, fast_jobs,
+                                                                     database_url):
+    await make_app(**gen_env(fake_kie), BOT_MODE="polling", WEBHOOK_BASE_URL="", poll_timeout=1,
+                   DATABASE_URL=database_url)
     fake_tg.push_updates(update_callback(1, 51, "new", "en"), update_message(2, 51, "a red fox", "en"),
                          update_callback(3, 51, "ratio:1:1", "en"))
     await eventually(lambda: fake_kie.created)
@@ -1306,14 +1308,16 @@ async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_t
 
 
 def job_states(database: str) -> list[str]:
-    with sqlite3.connect(database) as conn:
-        return [state for (state,) in conn.execute("SELECT state FROM jobs")]
+    """The states of the stored jobs; ``database`` is a DATABASE_URL or a SQLite file's path."""
+    return [state for (state,) in query(database if "://" in database else f"sqlite:///{database}",
+                                        "SELECT state FROM jobs")]
 
 
 async def test_a_job_survives_sigkill_and_its_photo_is_delivered_once_after_restart(fake_tg, fake_kie, tmp_path,
-                                                                                     bot_processes):
-    database = str(tmp_path / "bot.sqlite3")
-    env = {**bot_env(fake_tg, database, PORT=str(free_port())), **gen_env(fake_kie)}
+                                                                                     bot_processes, database_url):
+    database = database_url
+    env = {**bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), DATABASE_URL=database_url),
+           **gen_env(fake_kie)}
     first = bot_processes(env)
     await first.wait_healthy()
     config = trt_bot.load_config(env)

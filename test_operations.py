@@ -14,7 +14,6 @@ import glob
 import inspect
 import itertools
 import json
-import logging
 import os
 import re
 import shutil
@@ -47,8 +46,9 @@ async def get_json(base_url: str, path: str, **headers: str) -> dict:
 ###############################################################################
 
 @pytest.fixture
-def lease_db():
-    conn = trt_bot.open_sqlite(":memory:")
+def lease_db(database_url):
+    """A connection to a fresh database of each kind, migrated, outside any transaction."""
+    conn = trt_bot.database_dialect(trt_bot.parse_database_url(database_url)).connect(None)
     yield conn
     conn.close()
 
@@ -137,6 +137,42 @@ def test_a_dead_holder_in_my_pid_namespace_is_not_waited_out(lease_db):
     trt_bot.lease_claim(lease_db, other_container, 15, now=1200)
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1201)[0] is False
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1216)[0] is True
+
+
+def open_lease(database_url: str, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.InstanceLease:
+    return trt_bot.InstanceLease(trt_bot.Database(trt_bot.parse_database_url(database_url), busy_timeout_ms=10_000),
+                                 ttl=15, clock=clock)
+
+
+def expire_the_lease(conn) -> None:
+    conn.execute("UPDATE lease SET owner='web:7:killed', expires_at=0")
+
+
+async def test_two_instances_racing_for_a_free_or_expired_lease_never_both_win(database_url):
+    # Each instance claims on its own connection and thread, at the same moment, round after round;
+    # the lease is freed between rounds as if its holder had been killed.
+    leases = [open_lease(database_url), open_lease(database_url)]
+    assert all([await lease.db.open() for lease in leases])
+    for _ in range(60):
+        held = await asyncio.gather(*(lease.claim() for lease in leases))
+        assert sorted(held) == [False, True], held  # never both, never neither
+        await leases[0].db.write(expire_the_lease)
+    for lease in leases:
+        await lease.db.close()
+
+
+async def test_on_postgresql_the_lease_runs_on_the_servers_clock_not_the_hosts(postgres):
+    url = postgres.new_database_url()
+    late_host, early_host = ManualClock(time.time() - 3600), ManualClock(time.time() + 3600)  # an hour off each way
+    holder, other = open_lease(url, late_host), open_lease(url, early_host)
+    assert await holder.db.open() and await other.db.open()
+    assert await holder.claim() is True
+    assert abs(holder.expires_at - (time.time() + 15)) < 5  # the server's now, not the holder's clock
+    assert await other.claim() is False  # by its own clock the lease expired an hour ago; by the server's it lives
+    await holder.db.write(expire_the_lease)
+    assert await other.claim() is True
+    await holder.db.close()
+    await other.db.close()
 
 
 async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_path):
@@ -251,6 +287,7 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
+    """Two bot processes on one database (DATABASE_URL in ``overrides``, else a SQLite file), the first active."""
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})
     first = bot_processes(env)
     await first.wait_healthy()
@@ -266,8 +303,8 @@ async def post_to(bot, config, update: dict) -> int:
     return response.status_code
 
 
-async def test_two_processes_on_one_database_process_each_update_once(fake_tg, tmp_path, bot_processes):
-    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+async def test_two_processes_on_one_database_process_each_update_once(fake_tg, tmp_path, bot_processes, database_url):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     lock_first, lock_second = await get_json(first.base_url, "/diag/lock"), await get_json(second.base_url, "/diag/lock")
     assert (lock_first["active"], lock_first["lock_acquired"]) == (True, True)
     assert (lock_second["active"], lock_second["lock_acquired"], lock_second["should_process"]) == (False, False, False)
@@ -284,8 +321,9 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     assert "[COMMANDS] menu" in first.log and "[COMMANDS]" not in second.log  # only the active one sets the menu
 
 
-async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes):
-    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes)
+async def test_when_the_active_process_is_killed_the_passive_one_takes_over(fake_tg, tmp_path, bot_processes,
+                                                                            database_url):
+    first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     first.kill()
     for n in range(1, 6):  # arrive while nobody is active yet: stored, not lost
         assert await post_to(second, config, update_message(n, 800 + n, "/start")) == 200
@@ -356,23 +394,6 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
 ###############################################################################
 # 13. Deploys: the new instance starts beside the old one, then the old one gets SIGTERM
 ###############################################################################
-
-@pytest.fixture(params=["sqlite"])
-def database_url(tmp_path) -> str:
-    # The shared conftest's ``database_url`` (SQLite and PostgreSQL) replaces this one.
-    return f"sqlite:///{tmp_path}/bot.db"
-
-
-@pytest.fixture
-def harness_log_masked():
-    """This process plays Telegram and Kie: its httpx logs the bots' secret webhook and callback URLs; mask them."""
-    loggers = [logging.getLogger(name) for name in trt_bot.MASKED_LOGGERS]
-    before = {logger.name: list(logger.filters) for logger in loggers}
-    trt_bot.install_secret_masking(trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_API_KEY": KIE_KEY}).secrets)
-    yield
-    for logger in loggers:
-        logger.filters[:] = before[logger.name]
-
 
 DEPLOY_LEASE_TTL_S = 10  # far longer than a handover: a SIGTERM handover must not wait for the lease to expire
 TEXTS = trt_bot.TEXTS["ru"]
@@ -753,6 +774,31 @@ def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
     blocker.write_text("")
     result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=f"sqlite:///{blocker}/x.db"), "check")
     assert result.returncode == 1 and "[FAIL] database" in result.stdout
+
+
+@pytest.mark.parametrize("problem, says", [
+    ("wrong password", "password authentication failed"),
+    ("missing database", 'database "no_such_database" does not exist'),
+])
+def test_check_says_what_is_wrong_with_postgresql_without_the_password(fake_tg, fake_kie, tmp_path, postgres,
+                                                                       problem, says):
+    wrong = "Wrong-Password-42"
+    url = postgres.url("postgres", password=wrong) if problem == "wrong password" else postgres.url("no_such_database")
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=url), "check")
+    assert result.returncode == 1
+    (failure,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert failure.startswith(f"[FAIL] database: cannot open postgresql://127.0.0.1:{postgres.port}/") and says in failure
+    assert "check DATABASE_URL (host, port, user, password, database name)" in failure
+    output = result.stdout + result.stderr
+    assert wrong not in output and all(secret not in output for secret in SECRETS)
+    assert f"DATABASE_URL=postgresql://trt:***@127.0.0.1:{postgres.port}/" in output  # the URL shown, masked
+
+
+def test_check_opens_a_postgresql_database_and_migrates_it(fake_tg, fake_kie, tmp_path, postgres):
+    result = run_bot_cli(check_env(fake_tg, fake_kie, tmp_path, DATABASE_URL=postgres.new_database_url()), "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"[  ok] database: opened, schema v{trt_bot.SCHEMA_VERSION}" in result.stdout
+    assert all(secret not in result.stdout + result.stderr for secret in SECRETS)
 
 
 ###############################################################################

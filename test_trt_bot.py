@@ -14,9 +14,12 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -26,7 +29,7 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
+from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, POSTGRES_PASSWORD, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
                       ManualClock, bot_env, eventually, eventually_async, formatted, free_port, post_update,
                       run_bot_cli, secret_header, update_callback, update_message)
 
@@ -68,7 +71,7 @@ def test_missing_token_exits_2_with_one_line_saying_how_to_get_one():
     ({"TELEGRAM_BOT_TOKEN": "not-a-token"}, "TELEGRAM_BOT_TOKEN"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "PORT": "eighty"}, "PORT"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "carrier-pigeon"}, "BOT_MODE"),
-    ({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "postgres://db/x"}, "DATABASE_URL"),
+    ({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "BOT_MODE": "webhook"}, "WEBHOOK_BASE_URL"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "KIE_CALLBACK_PATH": "health"}, "KIE_CALLBACK_PATH"),
     ({"TELEGRAM_BOT_TOKEN": TOKEN, "DIAG_TOKEN": "short"}, "DIAG_TOKEN"),
@@ -132,9 +135,11 @@ def test_a_secret_setting_shorter_than_8_characters_is_refused(name):
 def test_without_a_base_url_the_bot_polls_and_uses_the_default_database():
     config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN})
     assert config.bot_mode == "polling"
-    assert config.database_path == "./data/trt_bot.sqlite3"
+    assert config.database == "./data/trt_bot.sqlite3"
     assert trt_bot.parse_database_url("sqlite:////var/data/bot.db") == "/var/data/bot.db"
     assert trt_bot.parse_database_url("sqlite:///:memory:") == ":memory:"
+    render = "postgres://bot:a-long-password@dpg-x.oregon-postgres.render.com/bot?sslmode=require"
+    assert trt_bot.parse_database_url(render) == render  # Render's form, kept whole for libpq
 
 
 def readme_settings_table() -> list[tuple[str, str, str]]:
@@ -168,6 +173,8 @@ def test_every_setting_default_is_a_value_its_own_parser_accepts():
 @pytest.mark.parametrize("name, raw", [
     ("SINGLE_MODEL_ONLY", "maybe"), ("UPDATE_QUEUE_WORKERS", "0"), ("LEASE_TTL_S", "1"), ("LOG_LEVEL", "LOUD"),
     ("TELEGRAM_API_BASE", "api.telegram.org"), ("ADMIN_IDS", "1,two"), ("WEBHOOK_SECRET_TOKEN", "has space!"),
+    ("DATABASE_URL", "postgresql://bot:longpassword@db:5432"), ("DATABASE_URL", "postgres://bot:short@db/x"),
+    ("DATABASE_URL", "postgresql://db/x?password=short"), ("DATABASE_URL", "postgresql://db:port/x"),
 ])
 def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
     with pytest.raises(trt_bot.ConfigError, match=name):
@@ -682,8 +689,39 @@ def test_commits_are_fsynced_before_they_are_reported(tmp_path):
     conn.close()
 
 
-async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(tmp_path):
-    db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
+def open_database(database_url: str, **options) -> trt_bot.Database:
+    return trt_bot.Database(trt_bot.parse_database_url(database_url), **options)
+
+
+async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate_once(database_url):
+    # Instances starting together on one empty database: each must find the schema complete, none fail.
+    databases = [open_database(database_url, busy_timeout_ms=10_000) for _ in range(4)]
+    assert await asyncio.gather(*(db.open() for db in databases)) == [True] * 4, [db.last_error for db in databases]
+    await databases[0].close()
+    again = open_database(database_url)
+    assert await again.open() and await again.read(trt_bot.inbox_unhandled) == []
+    for db in [again, *databases[1:]]:
+        await db.close()
+
+
+def test_psycopg_is_imported_only_for_a_postgresql_url(tmp_path):
+    script = ("import sys, trt_bot; config = trt_bot.load_config({'TELEGRAM_BOT_TOKEN': sys.argv[1], "
+              "'DATABASE_URL': sys.argv[2]}); trt_bot.Database(config.database); print('psycopg' in sys.modules)")
+    imported = [subprocess.run([sys.executable, "-c", script, TOKEN, url], capture_output=True, text=True, cwd=HERE,
+                               check=True).stdout.strip()
+                for url in (f"sqlite:///{tmp_path}/x.sqlite3", "postgresql://bot@db.example.com/bot")]
+    assert imported == ["False", "True"]
+
+
+def test_storage_sql_is_spelled_for_postgresql_placeholders_percent_signs_and_types():
+    assert trt_bot.postgres_sql("SELECT a FROM t WHERE b=? AND c LIKE '%?' AND \"d?\"=?") == (
+        "SELECT a FROM t WHERE b=%s AND c LIKE '%%?' AND \"d?\"=%s")
+    assert trt_bot.postgres_ddl("CREATE TABLE t (a INTEGER, b REAL, c BLOB, d TEXT DEFAULT 'REAL')") == (
+        "CREATE TABLE t (a BIGINT, b DOUBLE PRECISION, c BYTEA, d TEXT DEFAULT 'REAL')")
+
+
+async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(database_url):
+    db = open_database(database_url)
     assert await db.open()
     inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n % 150, 1, {}, b"{}", time.time()) for n in range(300)]
@@ -693,8 +731,38 @@ async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(tmp_
     await db.close()
 
 
-async def test_conversation_state_survives_a_reopen(tmp_path):
-    path = str(tmp_path / "x.sqlite3")
+async def test_two_instances_inserting_the_same_updates_at_once_store_each_once(database_url, monkeypatch):
+    # Telegram may redeliver an update to the other instance while the first still commits it.  One row per
+    # statement widens the window in which the two instances' row locks could cross (a deadlock).
+    monkeypatch.setattr(trt_bot, "INBOX_INSERT_ROWS", 1)
+    first, second = open_database(database_url, busy_timeout_ms=10_000), open_database(database_url,
+                                                                                       busy_timeout_ms=10_000)
+    assert await first.open() and await second.open()
+    ids = list(range(1, 201))
+    orders = [random.Random(seed).sample(ids, len(ids)) for seed in (1, 2)]
+    writers = [trt_bot.GroupCommit(db, trt_bot.inbox_insert, max_batch=20) for db in (first, second)]
+    results = await asyncio.gather(*(writer.submit(trt_bot.InboxItem(n, n, {}, b"{}", time.time()))
+                                     for writer, order in zip(writers, orders) for n in order))
+    new_ids = sorted(n for n, new in zip([n for order in orders for n in order], results) if new)
+    assert new_ids == ids and first.ok and second.ok  # each id new exactly once, nobody degraded
+    await first.close()
+    await second.close()
+
+
+async def test_handled_updates_are_pruned_after_the_redelivery_window_and_unhandled_ones_never(database_url):
+    db = open_database(database_url)
+    assert await db.open()
+    now = time.time()
+    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)])
+    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1), trt_bot.DoneMark(2)])
+    assert await db.write(trt_bot.inbox_prune, now - trt_bot.INBOX_KEEP_DONE_S) == 0  # within the window: kept
+    assert await db.write(trt_bot.inbox_prune, time.time() + 1) == 2
+    assert await db.read(trt_bot.inbox_unhandled) == [(3, 3)]
+    await db.close()
+
+
+async def test_conversation_state_survives_a_reopen(database_url):
+    path = trt_bot.parse_database_url(database_url)
     db = trt_bot.Database(path)
     await db.open()
     store = trt_bot.ConversationStore(db)
@@ -719,9 +787,9 @@ async def test_an_unopenable_database_is_reported_not_raised(tmp_path):
     await db.close()
 
 
-async def test_a_row_sqlite_refuses_fails_alone_and_the_rest_of_its_batch_is_written(tmp_path):
+async def test_a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_written(database_url):
     # Used to fail every item of the shared commit, with the database still "ok".
-    db = trt_bot.Database(str(tmp_path / "x.sqlite3"))
+    db = open_database(database_url)
     assert await db.open()
     inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n, 2**70 if n == 13 else n, {}, b"{}", time.time()) for n in range(40)]
@@ -797,6 +865,55 @@ def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same
         conn.set_trace_callback(None)
         plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + statements[-1]))
         assert "inbox_chat_pending" in plan  # the chat's own rows, not every unhandled one
+
+
+async def test_a_value_the_driver_cannot_send_is_a_rejected_row_but_a_statement_the_database_refuses_degrades(
+        database_url):
+    # A missing table or missing rights is the database's state, not the row's: it must not turn every
+    # update into a "bad update" that Telegram is told to drop.
+    db = open_database(database_url)
+    assert await db.open()
+    with pytest.raises(trt_bot.RowRejected):
+        await db.write(lambda conn: conn.execute("INSERT INTO users(user_id, first_seen, last_seen) VALUES (?,?,?)",
+                                                 (object(), 0.0, 0.0)))
+    assert db.ok
+    with pytest.raises(trt_bot.DatabaseUnavailable):
+        await db.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (?)", (1,)))
+    assert not db.ok
+    assert await db.open() and await db.read(trt_bot.inbox_unhandled) == []
+    await db.close()
+
+
+async def test_a_lost_postgresql_connection_degrades_and_a_reopen_recovers_it(postgres):
+    url = postgres.new_database_url()
+    db = open_database(url)
+    assert await db.open()
+    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())])
+    assert postgres.terminate_connections(url) == 1  # the server ends our backend, as a restart would
+    assert await db.verify() is False and not db.ok and db.last_error
+    with pytest.raises(trt_bot.DatabaseUnavailable):
+        await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(2, 2, {}, b"{}", time.time())])
+    assert await db.open() and db.ok
+    assert await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(2, 2, {}, b"{}", time.time())]) == [True]
+    assert await db.read(trt_bot.inbox_unhandled) == [(1, 1), (2, 2)]
+    await db.close()
+
+
+@pytest.mark.parametrize("problem, says", [
+    ("wrong password", "password authentication failed"),
+    ("missing database", "does not exist"),
+    ("nothing listening", "refused"),
+])
+async def test_a_postgresql_that_refuses_us_is_named_in_last_error_without_the_password(postgres, problem, says):
+    wrong = "Wrong-Password-42"
+    url = {"wrong password": postgres.url("postgres", password=wrong),
+           "missing database": postgres.url("no_such_database"),
+           "nothing listening": postgres.url("postgres").replace(f":{postgres.port}/", f":{free_port()}/")}[problem]
+    db = open_database(url)
+    assert await db.open() is False and not db.ok
+    assert says in db.last_error and wrong not in db.last_error and POSTGRES_PASSWORD not in db.last_error
+    assert POSTGRES_PASSWORD not in db.where and db.where.startswith("postgresql://127.0.0.1:")
+    await db.close()
 
 
 ###############################################################################
@@ -1098,8 +1215,8 @@ async def test_a_loop_waiting_on_an_event_ends_when_cancelled_as_the_event_fires
     assert done and task.cancelled()
 
 
-async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app, fake_tg):
-    app = await make_app()
+async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app, fake_tg, database_url):
+    app = await make_app(DATABASE_URL=database_url)
     response = await post_update(app, update_message(1, 42, "/start"))
     assert response.status_code == 200
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
@@ -1128,8 +1245,8 @@ async def test_wrong_path_secret_is_401_and_invalid_updates_are_400(make_app):
         assert (await client.post(app.config.webhook_path, json=[1])).status_code == 400
 
 
-async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
-    app = await make_app()
+async def test_same_update_id_twice_is_answered_once(make_app, fake_tg, database_url):
+    app = await make_app(DATABASE_URL=database_url)
     update = update_message(7, 42, "/start")
     assert (await post_update(app, update)).status_code == 200
     assert (await post_update(app, update)).status_code == 200
@@ -1137,8 +1254,8 @@ async def test_same_update_id_twice_is_answered_once(make_app, fake_tg):
     assert len(fake_tg.calls_of("sendMessage")) == 1 and app.pipeline.stats.duplicates == 1
 
 
-async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg):
-    app = await make_app(UPDATE_QUEUE_WORKERS="3")
+async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg, database_url):
+    app = await make_app(UPDATE_QUEUE_WORKERS="3", DATABASE_URL=database_url)
     handled: dict[int, list[int]] = {}
     handle, go = app.pipeline.handler, asyncio.Event()
 
@@ -1193,8 +1310,8 @@ async def test_each_chats_updates_are_handled_one_at_a_time_in_arrival_order(mak
         assert batches == sorted(batches), chat
 
 
-async def test_a_full_queue_spills_to_the_inbox_and_loses_nothing(make_app):
-    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2")
+async def test_a_full_queue_spills_to_the_inbox_and_loses_nothing(make_app, database_url):
+    app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="2", DATABASE_URL=database_url)
     release = asyncio.Event()
     handled: list[int] = []
 
@@ -1262,6 +1379,19 @@ async def test_start_answers_when_the_database_cannot_be_opened(make_app, fake_t
         health = (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
     assert health["status"] == "degraded" and health["db_schema_ready"] is False
     assert health["queue"]["memory_only"] == 1
+
+
+async def test_a_wrong_postgresql_password_is_named_by_health_without_it_and_start_still_answers(make_app, fake_tg,
+                                                                                                 postgres):
+    wrong = "Wrong-Password-42"
+    app = await make_app(DATABASE_URL=postgres.url("postgres", password=wrong))
+    assert (await post_update(app, update_message(1, 42, "/start"))).status_code == 200
+    await eventually(lambda: fake_tg.texts_to(42))
+    async with httpx.AsyncClient() as client:
+        body = (await client.get(f"http://127.0.0.1:{app.port}/health")).text
+    health = json.loads(body)
+    assert health["status"] == "degraded" and "password authentication failed" in health["database_error"]
+    assert wrong not in body and wrong not in "".join(formatted(r) for r in ALL_RECORDS.records)
 
 
 async def test_a_locked_database_degrades_within_the_ack_budget_then_recovers(make_app, fake_tg, tmp_path,
@@ -1446,9 +1576,10 @@ async def test_an_update_id_outside_sqlites_integer_range_is_400(make_app):
     assert app.pipeline.stats.received == 0
 
 
-async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes):
+async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes,
+                                                                                  database_url):
     fake_tg.stall("sendMessage")  # the bot acknowledges but cannot answer yet
-    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()))
+    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), DATABASE_URL=database_url)
     first = bot_processes(env)
     await first.wait_healthy()
     headers = {"X-Telegram-Bot-Api-Secret-Token": trt_bot.load_config(env).webhook_secret}

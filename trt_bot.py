@@ -7,7 +7,7 @@ grepping for its banner (``#####``):
    2. Logging              the log format; every secret masked in every record
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
-   5. Storage              SQLite on its own thread: schema, group commit, inbox, dialogs
+   5. Storage              one thread, two dialects (SQLite, PostgreSQL): schema, group commit, inbox, dialogs
    6. Retry and pacing     one retry policy for every retried call; rate limiters
    7. Telegram client      raw Bot API over httpx, typed errors
    8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
@@ -29,10 +29,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
 import html
+import importlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -97,6 +100,7 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BOT_MODES = ("webhook", "polling")
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
 CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1,100}){0,9}")
@@ -199,14 +203,48 @@ def _webhook_secret(name: str, raw: str) -> str:
 
 
 def parse_database_url(url: str) -> str:
-    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
+    """Where the database is: a SQLite file's path, or a PostgreSQL URL as given.
+
+    ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or
+    ``sqlite:///:memory:`` give the path; ``postgresql://user:password@host:port/database``
+    (or ``postgres://``, Render's form, with ``?sslmode=`` and the other libpq
+    parameters) is checked and kept whole.
+    """
+    if url.startswith(POSTGRES_SCHEMES):
+        return _postgres_url(url)
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise ConfigError(
-            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} (only SQLite is supported), "
+            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} or postgresql://user:password@host:5432/database, "
             f"got a URL starting with {url.split(':', 1)[0]!r}"
         )
     return url[len(prefix):]
+
+
+def _postgres_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        raise ConfigError("DATABASE_URL has a port that is not a number") from None
+    if not parts.path.strip("/"):
+        raise ConfigError("DATABASE_URL names no database: end it with /<database name>")
+    for password in database_passwords(url):
+        if len(password) < MIN_SECRET_CHARS:
+            raise ConfigError(f"DATABASE_URL's password must be at least {MIN_SECRET_CHARS} characters "
+                              "(a shorter one is guessable, and masking it in logs would hide ordinary words)")
+    if importlib.util.find_spec("psycopg") is None:
+        raise ConfigError("a PostgreSQL DATABASE_URL needs psycopg: pip install -r requirements.txt")
+    return url
+
+
+def database_passwords(location: str) -> set[str]:
+    """The passwords a PostgreSQL URL carries (in its user part or a ``?password=``), decoded; none for SQLite."""
+    if not location.startswith(POSTGRES_SCHEMES):
+        return set()
+    parts = urllib.parse.urlsplit(location)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True).get("password", [])
+    return {urllib.parse.unquote(password) for password in [parts.password or "", *query] if password}
 
 
 def _callback_path(name: str, raw: str) -> str:
@@ -257,8 +295,9 @@ SETTINGS = (
             "used in its URL-safe form)", secret=True, shown_default=DERIVED_FROM_TOKEN),
     Setting("PORT", "port", "10000", _integer(0, 65535), "listen address (Render sets `PORT`)"),
     Setting("HOST", "host", "0.0.0.0", _text, "listen address (Render sets `PORT`)"),
-    Setting("DATABASE_URL", "database_path", DEFAULT_DATABASE_URL, lambda name, url: parse_database_url(url),
-            "`sqlite:///relative/path`, `sqlite:////absolute/path` or `sqlite:///:memory:`"),
+    Setting("DATABASE_URL", "database", DEFAULT_DATABASE_URL, lambda name, url: parse_database_url(url),
+            "`sqlite:///relative/path`, `sqlite:////absolute/path`, `sqlite:///:memory:`, or PostgreSQL: "
+            "`postgresql://user:password@host:5432/database` (`postgres://` and `?sslmode=` too)"),
     Setting("SINGLE_MODEL_ONLY", "single_model_only", "0", _flag, "`1`/`true`/`yes`: z-image only"),
     Setting("UPDATE_QUEUE_SIZE", "queue_size", "100", _integer(1, 1_000_000),
             "updates held in memory; more wait in the SQLite inbox"),
@@ -323,7 +362,7 @@ class Config:
     webhook_secret: str
     port: int
     host: str
-    database_path: str
+    database: str  # a SQLite file's path or a PostgreSQL URL (parse_database_url)
     single_model_only: bool
     queue_size: int
     queue_workers: int
@@ -370,7 +409,7 @@ class Config:
         masking a short one never leaves part of a longer one showing.
         """
         values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
-        values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret}
+        values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret, *database_passwords(self.database)}
         values -= {""}
         encoded = {quote(value) for value in values for quote in (_url_quote, urllib.parse.quote_plus)}
         return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
@@ -432,6 +471,7 @@ MASKED_LOGGERS = (
     "httpcore.http2",
     "httpcore.proxy",
     "asyncio",
+    "psycopg",
 )
 
 
@@ -1079,8 +1119,9 @@ class HttpServer:
 
 ###############################################################################
 # 5. Storage
-#    Owns the SQLite file: the schema and its versions, the one thread every
-#    query runs on, noticing the file deleted or replaced under it, group
+#    Owns the database: the schema and its versions, the one thread every
+#    query runs on, the two dialects (a SQLite file, noticed when deleted or
+#    replaced under it; a PostgreSQL server shared by instances), group
 #    commits, the update inbox and conversation state.
 ###############################################################################
 
@@ -1095,8 +1136,9 @@ SQLITE_BUSY_TIMEOUT_MS = 100
 SQLITE_SYNCHRONOUS = "FULL"
 INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to drop duplicates
 
-# Each entry upgrades the schema by one version (PRAGMA user_version).
-# Append new versions; never edit a released one.
+# Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
+# PostgreSQL's schema_version table).  Append new versions; never edit a released
+# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1165,18 +1207,13 @@ class DatabaseUnavailable(TrtError):
 
 
 class RowRejected(TrtError):
-    """SQLite refused a row for what it holds (a number out of range, text it cannot encode).
+    """The database refused a row for what it holds (a number out of range, text it cannot encode).
 
     The database is fine and the rest of the batch is written; writing the
     same row again would fail again, so it is not retried.
     """
 
 
-# Errors about the values of a row, not about the database.  Anything else
-# from SQLite (locked, disk I/O, read-only, full, not a database) makes the
-# database unusable until it is reopened.
-ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
-              ValueError, OverflowError, TypeError)
 SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")  # the files SQLite writes in WAL mode, through handles it keeps open
 
@@ -1224,22 +1261,42 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sql
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it."""
-    conn.execute("BEGIN IMMEDIATE")
+def migrate(conn: Any, dialect: Any = None) -> int:
+    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it.
+
+    ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
+    is kept, how the DDL is spelled and what makes racing migrations wait.
+    """
+    dialect = dialect or SqliteFile
+    conn.execute(dialect.begin)
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = dialect.schema_version(conn)
         if version > SCHEMA_VERSION:
             raise TrtError(f"database schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
         for number in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[number - 1]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
+                conn.execute(dialect.ddl(statement))
+            dialect.set_schema_version(conn, number)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     return SCHEMA_VERSION
+
+
+def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(conn, *args)`` inside one transaction, committed only once the dialect vouches for it."""
+    conn.execute(dialect.begin)
+    try:
+        result = fn(conn, *args)
+        dialect.vouch(conn)  # before COMMIT: what is reported written is where a restart will read it
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 # What must outlive the database file being deleted or replaced under us: unhandled
@@ -1255,32 +1312,269 @@ def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
 def restore_rows(conn: sqlite3.Connection, salvage: dict[str, list[tuple]]) -> int:
     for table, rows in salvage.items():
         if rows:
-            conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({','.join('?' * len(rows[0]))})", rows)
+            marks = ",".join("?" * len(rows[0]))
+            conn.executemany(f"INSERT INTO {table} VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
     return sum(map(len, salvage.values()))
 
 
-class Database:
-    """The one SQLite connection, used only from its own thread.
+class SqliteFile:
+    """The SQLite dialect: one file on this host, in WAL mode, written under BEGIN IMMEDIATE.
 
-    Every query runs on that thread, so the event loop never waits on the disk
-    or a lock.  ``write`` runs a function inside BEGIN IMMEDIATE ... COMMIT;
-    ``read`` runs it outside a transaction.  When SQLite fails, or the file at
-    ``path`` is no longer the one it writes, ``ok`` turns False, the error is
-    logged once, and callers get DatabaseUnavailable until ``open`` succeeds
-    again (calls already queued fail at once, without waiting on a lock).  A
-    row SQLite refuses raises RowRejected and leaves the database usable.
+    SQLite writes through the handles it opened, so a file deleted or replaced
+    on disk would go on taking commits no restart will see: every commit is
+    vouched for by the file's identity, and when a reopen finds another file,
+    what only the lost one held is copied into it.  The processes sharing the
+    file share this host's clock, so the lease runs on the callers' clock.
     """
 
+    begin = "BEGIN IMMEDIATE"
+    # Errors about the values of a row, not about the database.  Anything else
+    # from SQLite (locked, disk I/O, read-only, full, not a database) makes the
+    # database unusable until it is reopened.
+    row_errors = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+                  ValueError, OverflowError, TypeError)
+    failures = (sqlite3.Error,)
+    fix = "check DATABASE_URL and that its folder exists and is writable (a mounted disk on Render)"
+
     def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
-        self.path = path
+        self.path = self.where = path
         self.busy_timeout_ms = busy_timeout_ms
+        self._identity: tuple | None = None  # file_identity() when opened
+        self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
+
+    @staticmethod
+    def schema_version(conn: sqlite3.Connection) -> int:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    @staticmethod
+    def set_schema_version(conn: sqlite3.Connection, number: int) -> None:
+        conn.execute(f"PRAGMA user_version={int(number)}")
+
+    @staticmethod
+    def ddl(statement: str) -> str:
+        return statement
+
+    def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
+        """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
+        if previous is not None:
+            identity = file_identity(self.path)
+            if identity != self._identity:
+                self._salvage = self._read_salvage(previous)  # now: the old file is gone once its connection closes
+            previous.close()
+            if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
+                self._remove_stale_companions()
+        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        self._identity = file_identity(self.path)
+        if self._salvage:
+            try:
+                restored = in_transaction(conn, self, restore_rows, self._salvage)
+            except BaseException:
+                conn.close()
+                raise
+            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
+                        restored, self.path)
+        self._salvage = None
+        return conn
+
+    def vouch(self, conn: sqlite3.Connection) -> None:
+        if self._identity is not None and file_identity(self.path) != self._identity:
+            raise DatabaseUnavailable(f"{self.path} was deleted or replaced: commits to it would not survive a restart")
+
+    check = vouch  # between transactions: the same question
+
+    @staticmethod
+    def server_time(conn: sqlite3.Connection) -> None:
+        return None
+
+    def _read_salvage(self, conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+        try:
+            return salvage_rows(conn)
+        except sqlite3.Error as error:
+            log.error("[DB] the lost database file cannot be read any more (%s); what only it held is gone", error)
+            return {}
+
+    def _remove_stale_companions(self) -> None:
+        """Delete a -wal or -shm left by the lost file (another process on it keeps them alive).
+
+        Paired with a new file at ``path``, SQLite would take the old file's
+        pages for the new one's: corruption.
+        """
+        for suffix, identity in zip(DATABASE_FILE_SUFFIXES[1:], self._identity[1:]):  # type: ignore[index]
+            if identity is not None and _inode(self.path + suffix) == identity:
+                os.unlink(self.path + suffix)
+
+
+# -- PostgreSQL: the same SQL, spelled for psycopg --------------------------------
+
+# Set unless DATABASE_URL sets them.  An unreachable server is reported within
+# connect_timeout; one that stops answering without closing the connection (a
+# dead host, a dropped route) is noticed within seconds by the keepalives and
+# tcp_user_timeout, not after the kernel's two hours, so writes fail over to
+# memory instead of hanging.
+POSTGRES_CONNECTION_DEFAULTS = {
+    "connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+    "keepalives_count": "2", "tcp_user_timeout": "5000", "application_name": "trt_bot",
+}
+POSTGRES_MIGRATION_LOCK = 0x7472745F626F74  # pg_advisory_xact_lock key ("trt_bot"): instances migrate one at a time
+POSTGRES_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
+SQL_TYPE_NAME = re.compile(r"\b(INTEGER|REAL|BLOB)\b", re.IGNORECASE)
+SQL_QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")  # a string literal or a quoted name
+
+
+@functools.lru_cache(maxsize=1024)
+def postgres_sql(sql: str) -> str:
+    """SQLite's ``?`` placeholders as psycopg's ``%s``, outside quoted text; every literal ``%`` doubled."""
+    parts = SQL_QUOTED.split(sql.replace("%", "%%"))
+    return "".join(part if index % 2 else part.replace("?", "%s") for index, part in enumerate(parts))
+
+
+def postgres_ddl(statement: str) -> str:
+    """A migration's column types as PostgreSQL names them (INTEGER is 64-bit in SQLite)."""
+    parts = SQL_QUOTED.split(statement)
+    return "".join(part if index % 2 else SQL_TYPE_NAME.sub(lambda m: POSTGRES_TYPES[m[1].upper()], part)
+                   for index, part in enumerate(parts))
+
+
+def _postgres_params(params: Iterable[Any]) -> list[Any]:
+    # A bool would go out as PostgreSQL's boolean, which an INTEGER (BIGINT) column refuses.
+    return [int(value) if isinstance(value, bool) else value for value in params]
+
+
+class PostgresConnection:
+    """A psycopg connection that takes the storage functions' SQL (``?`` placeholders) as they are.
+
+    It runs in autocommit mode: transactions are the explicit BEGIN ... COMMIT
+    of ``in_transaction``, reads outside one see the latest commits.
+    """
+
+    def __init__(self, conn: Any, programming_error: type[Exception]):
+        self._conn = conn
+        self._programming_error = programming_error
+        status = type(conn.info.transaction_status)
+        self._open_states = {status.INTRANS, status.INERROR}
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
+        cursor = self._conn.cursor()
+        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
+        return cursor
+
+    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except self._programming_error as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.info.transaction_status in self._open_states
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresServer:
+    """The PostgreSQL dialect: a server every instance shares, reached through psycopg 3.
+
+    psycopg is imported only here, so SQLite alone needs nothing installed.
+    Transactions run at READ COMMITTED: the inbox's duplicate check is its
+    unique key (a second insert of an update_id waits for the first and then
+    does nothing) and the lease is a compare-and-set (see ``lease_claim``).
+    Time for the lease comes from the server, so hosts' clocks never disagree.
+    """
+
+    begin = "BEGIN"
+    fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
+           "connections from here")
+
+    def __init__(self, url: str):
+        self.psycopg = importlib.import_module("psycopg")
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
+        # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
+        # send.  Anything else (the connection lost, a missing table, no rights) makes it unusable until reopened.
+        self.row_errors = (self.psycopg.DataError, self.psycopg.IntegrityError, ValueError, OverflowError, TypeError)
+        self.failures = (self.psycopg.Error,)
+
+    @staticmethod
+    def schema_version(conn: PostgresConnection) -> int:
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (POSTGRES_MIGRATION_LOCK,))  # held until COMMIT
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+    @staticmethod
+    def set_schema_version(conn: PostgresConnection, number: int) -> None:
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version(version) VALUES (?)", (number,))
+
+    ddl = staticmethod(postgres_ddl)
+
+    def connect(self, previous: PostgresConnection | None) -> PostgresConnection:
+        if previous is not None:
+            previous.close()
+        given = self.psycopg.conninfo.conninfo_to_dict(self.url)
+        defaults = {key: value for key, value in POSTGRES_CONNECTION_DEFAULTS.items() if key not in given}
+        conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
+                                  self.psycopg.ProgrammingError)
+        try:
+            migrate(conn, self)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def vouch(conn: PostgresConnection) -> None:
+        """Nothing to check: the server reports COMMIT once the transaction is durable."""
+
+    @staticmethod
+    def check(conn: PostgresConnection) -> None:
+        conn.execute("SELECT 1")  # a lost connection is noticed without traffic, then reopened
+
+    @staticmethod
+    def server_time(conn: PostgresConnection) -> float:
+        return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+
+
+def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> SqliteFile | PostgresServer:
+    """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
+    if location.startswith(POSTGRES_SCHEMES):
+        return PostgresServer(location)
+    return SqliteFile(location, busy_timeout_ms)
+
+
+class Database:
+    """The one database connection, used only from its own thread.
+
+    Every query runs on that thread, so the event loop never waits on the disk,
+    the network or a lock.  ``write`` runs a function inside one transaction;
+    ``read`` runs it outside one.  ``dialect`` is what differs between SQLite
+    and PostgreSQL; storage functions call only ``conn.execute`` and
+    ``conn.executemany`` and work on both.  When the database fails, or its
+    dialect can no longer vouch for it, ``ok`` turns False, the error is logged
+    once, and callers get DatabaseUnavailable until ``open`` succeeds again
+    (calls already queued fail at once, without waiting on a lock).  A row the
+    database refuses raises RowRejected and leaves the database usable.
+    """
+
+    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
+        self.dialect = database_dialect(location, busy_timeout_ms)
         self.ok = False
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
-        self._conn: sqlite3.Connection | None = None
-        self._identity: tuple | None = None  # file_identity() when opened
-        self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-sqlite")
+        self._passwords = database_passwords(location)  # kept out of last_error and the log
+        self._conn: Any = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
+
+    @property
+    def where(self) -> str:
+        """The file's path or the server's address and database, without credentials."""
+        return self.dialect.where
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
@@ -1290,18 +1584,22 @@ class Database:
             self.tried.set()
 
     async def verify(self) -> bool:
-        """Whether the file at ``path`` is still the one SQLite writes; if not, the database turns unusable."""
+        """Whether the database is still there and still the one written; if not, it turns unusable."""
         try:
-            await self._call(self._verify_file)
+            await self._call(self.dialect.check)
         except DatabaseUnavailable:
             return False
         return True
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self._call(self._in_transaction, fn, *args)
+        return await self._call(in_transaction, self.dialect, fn, *args)
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._call(fn, *args)
+
+    def server_time(self, conn: Any) -> float | None:
+        """Now by the database server's clock, on the database thread; None when it has no clock of its own."""
+        return self.dialect.server_time(conn)
 
     async def close(self) -> None:
         try:
@@ -1322,73 +1620,21 @@ class Database:
             raise DatabaseUnavailable(self.last_error)
         try:
             return fn(self._conn, *args)
-        except ROW_ERRORS as error:
+        except self.dialect.row_errors as error:
             raise RowRejected(f"{type(error).__name__}: {error}") from error
-        except (sqlite3.Error, DatabaseUnavailable) as error:
+        except (*self.dialect.failures, DatabaseUnavailable) as error:
             self._mark_broken(error)
             raise DatabaseUnavailable(self.last_error) from error
 
-    def _in_transaction(self, conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-            self._verify_file(conn)  # before COMMIT: what is reported written is in the file on disk
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    def _verify_file(self, conn: sqlite3.Connection) -> None:
-        if self._identity is not None and file_identity(self.path) != self._identity:
-            raise DatabaseUnavailable(f"{self.path} was deleted or replaced: commits to it would not survive a restart")
-
     def _open(self) -> bool:
+        previous, self._conn = self._conn, None
         try:
-            self._reopen()
-        except (sqlite3.Error, OSError, TrtError) as error:
+            self._conn = self.dialect.connect(previous)
+        except (*self.dialect.failures, OSError, TrtError) as error:
             self._mark_broken(error)
             return False
         self.ok, self.last_error = True, ""
         return True
-
-    def _reopen(self) -> None:
-        if self._conn is not None:
-            identity = file_identity(self.path)
-            if identity != self._identity:
-                self._salvage = self._read_salvage()  # now: the old file is gone once its connection closes
-            self._close()
-            if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
-                self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms)
-        self._identity = file_identity(self.path)
-        if self._salvage:
-            try:
-                restored = self._in_transaction(conn, restore_rows, self._salvage)
-            except BaseException:
-                conn.close()
-                raise
-            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
-                        restored, self.path)
-        self._conn, self._salvage = conn, None
-
-    def _read_salvage(self) -> dict[str, list[tuple]]:
-        try:
-            return salvage_rows(self._conn)  # type: ignore[arg-type]
-        except sqlite3.Error as error:
-            log.error("[DB] the lost database file cannot be read any more (%s); what only it held is gone", error)
-            return {}
-
-    def _remove_stale_companions(self) -> None:
-        """Delete a -wal or -shm left by the lost file (another process on it keeps them alive).
-
-        Paired with a new file at ``path``, SQLite would take the old file's
-        pages for the new one's: corruption.
-        """
-        for suffix, identity in zip(DATABASE_FILE_SUFFIXES[1:], self._identity[1:]):  # type: ignore[index]
-            if identity is not None and _inode(self.path + suffix) == identity:
-                os.unlink(self.path + suffix)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -1396,9 +1642,10 @@ class Database:
             self._conn = None
 
     def _mark_broken(self, error: BaseException) -> None:
+        message = mask_secrets(str(error).strip() or type(error).__name__, self._passwords)
         if self.ok or self.last_error == "not opened yet":
-            log.error("[DB] unusable, running degraded (memory only): %s", error)
-        self.ok, self.last_error = False, str(error) or type(error).__name__
+            log.error("[DB] unusable, running degraded (memory only): %s", message)
+        self.ok, self.last_error = False, message
 
 
 class GroupCommit:
@@ -1408,8 +1655,8 @@ class GroupCommit:
     fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
     While one batch is being written, new items gather into the next one, so
     under load one commit (and one thread hop) serves many requests.
-    ``write_batch(conn, items)`` returns one result per item.  A row SQLite
-    refuses fails alone: the batch is split until that row is found, its
+    ``write_batch(conn, items)`` returns one result per item.  A row the
+    database refuses fails alone: the batch is split until that row is found, its
     future gets RowRejected (logged once), and the others are written.
     """
 
@@ -1490,13 +1737,31 @@ class InboxItem:
     older: tuple[int, ...] = ()
 
 
-def inbox_insert(conn: sqlite3.Connection, items: list[InboxItem]) -> list[bool]:
-    """Insert updates; per item, True if new, False if the update_id was seen."""
-    insert = "INSERT OR IGNORE INTO inbox(update_id, chat_key, body, received_at) VALUES (?,?,?,?)"
+INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
+
+
+def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
+    """Insert updates; per item, True if new, False if the update_id was seen (or came earlier in ``items``).
+
+    One statement per INBOX_INSERT_ROWS updates, not one per update: on PostgreSQL
+    each statement is a network round trip inside the ack's commit.  Rows go
+    in update_id order: instances inserting the same ids at once take their
+    locks in one order, so neither waits on the other in a cycle (PostgreSQL
+    would abort one as a deadlock).
+    """
+    ordered = sorted(range(len(items)), key=lambda index: items[index].update_id)
+    inserted: set[int] = set()
+    for start in range(0, len(ordered), INBOX_INSERT_ROWS):
+        chunk = [items[index] for index in ordered[start:start + INBOX_INSERT_ROWS]]
+        rows = ",".join(["(?,?,?,?)"] * len(chunk))
+        values = [value for item in chunk for value in (item.update_id, item.chat_key, item.body, item.received_at)]
+        inserted.update(update_id for (update_id,) in conn.execute(
+            f"INSERT INTO inbox(update_id, chat_key, body, received_at) VALUES {rows} "
+            "ON CONFLICT(update_id) DO NOTHING RETURNING update_id", values).fetchall())
     results = []
     for item in items:
-        cursor = conn.execute(insert, (item.update_id, item.chat_key, item.body, item.received_at))
-        results.append(cursor.rowcount == 1)
+        results.append(item.update_id in inserted)
+        inserted.discard(item.update_id)  # a second copy in the same batch is a duplicate
     return results
 
 
@@ -1580,10 +1845,10 @@ def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> 
 
 
 class ConversationStore:
-    """Where each user is in a dialog, and the language each chose: dicts in memory, written through to SQLite.
+    """Where each user is in a dialog, and the language each chose: dicts in memory, written through to the database.
 
-    Reads never touch the disk (so /start needs no database).  A write that
-    fails (database down, a value SQLite refuses) is logged and kept in memory:
+    Reads never touch the database (so /start needs none).  A write that fails
+    (database down, a value it refuses) is logged and kept in memory:
     the dialog goes on, it just would not survive a restart.
     """
 
@@ -1639,7 +1904,8 @@ class ConversationStore:
                 conn.execute("DELETE FROM conversations WHERE user_id=?", (user_id,))
             else:
                 conn.execute(
-                    "INSERT OR REPLACE INTO conversations(user_id, state, updated_at) VALUES (?,?,?)",
+                    """INSERT INTO conversations(user_id, state, updated_at) VALUES (?,?,?)
+                       ON CONFLICT(user_id) DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
                     (user_id, json.dumps(state, ensure_ascii=False), now),
                 )
         return [None] * len(items)
@@ -4042,7 +4308,8 @@ JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
 def jobs_save(conn: sqlite3.Connection, rows: list[tuple]) -> list[None]:
     columns = ",".join(JOB_COLUMNS)
     marks = ",".join("?" * len(JOB_COLUMNS))
-    conn.executemany(f"INSERT OR REPLACE INTO jobs({columns}) VALUES ({marks})", rows)
+    changes = ",".join(f"{column}=excluded.{column}" for column in JOB_COLUMNS if column != "id")
+    conn.executemany(f"INSERT INTO jobs({columns}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {changes}", rows)
     return [None] * len(rows)
 
 
@@ -5448,19 +5715,33 @@ def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
     return not runs or bool(start_time and theirs.start_time and start_time != theirs.start_time)
 
 
+LEASE_ROW = "SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'"
+
+
 def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
                 probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
     """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
 
-    Runs inside BEGIN IMMEDIATE, so two processes cannot both win.  A holder
-    that may be alive keeps its lease until it expires.
+    The write is a compare-and-set: it happens only if the row is still the
+    one read.  SQLite's BEGIN IMMEDIATE already lets one writer in at a time;
+    on PostgreSQL (READ COMMITTED) two instances may read the same expired
+    row, and the upsert's row lock lets the second see the first's win and
+    write nothing.  A holder that may be alive keeps its lease until it expires.
     """
-    row = conn.execute("SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'").fetchone()
+    row = conn.execute(LEASE_ROW).fetchone()
     if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
         return False, row[0], row[2]
     acquired_at = row[1] if row is not None and row[0] == owner else now
-    conn.execute("INSERT OR REPLACE INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)",
-                 (owner, acquired_at, now + ttl))
+    read_owner, read_expiry = (row[0], row[2]) if row is not None else (None, None)  # no row: insert only
+    written = conn.execute(
+        """INSERT INTO lease(name, owner, acquired_at, expires_at) VALUES ('active',?,?,?)
+           ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, acquired_at=excluded.acquired_at,
+               expires_at=excluded.expires_at
+           WHERE lease.owner=? AND lease.expires_at=?""",
+        (owner, acquired_at, now + ttl, read_owner, read_expiry)).rowcount
+    if written != 1:
+        winner = conn.execute(LEASE_ROW).fetchone()  # None: released since; it is tried for again soon
+        return (False, winner[0], winner[2]) if winner is not None else (False, "", now)
     return True, owner, now + ttl
 
 
@@ -5520,7 +5801,7 @@ class InstanceLease:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
         None if the database is unusable."""
         try:
-            held, holder, expires_at = await self.db.write(lease_claim, self.owner, self.ttl, self.clock.time())
+            held, holder, expires_at = await self.db.write(self._claim, self.clock.time())
         except DatabaseUnavailable:
             return None
         was_held, first = self.held, not self._checked
@@ -5531,6 +5812,12 @@ class InstanceLease:
         elif not held and (was_held or first):
             log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
         return held
+
+    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float]:
+        """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
+        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's)."""
+        server_now = self.db.server_time(conn)
+        return lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now)
 
     async def release(self) -> None:
         if not self.held:
@@ -5751,7 +6038,7 @@ class Metrics:
              [("", {}, len(self.generations.jobs))]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
              [("", {}, self.role.active)]),
-            ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
+            ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
             ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
              [("", {"phase": phase}, n) for phase, n in server.phase_counts().items()]),
@@ -6095,7 +6382,7 @@ class App:
         self.port: int | None = None
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
-        self.db = Database(config.database_path)
+        self.db = Database(config.database)
         self.http = http or httpx.AsyncClient(
             timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
         )
@@ -6145,7 +6432,7 @@ class App:
         self.port = await self.server.start(self.config.host, self.config.port)
         log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
         if await self.db.open():
-            log.info("[DB] ready at %s (schema v%d)", self.config.database_path, SCHEMA_VERSION)
+            log.info("[DB] ready at %s (schema v%d)", self.db.where, SCHEMA_VERSION)
         first_claim = await self.role.claim_at_start()
         # The pipeline learns which chats have updates waiting in the inbox before any update may be
         # taken; activating loads the dialogs, then lets the workers take updates.
@@ -6214,16 +6501,16 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
         out(mask_secrets(f"[{status:>4}] {subject}: {detail}", config.secrets))
 
     where = mask_webhook_url(config.webhook_url) if config.bot_mode == "webhook" else "getUpdates long polling"
-    report("ok", "configuration", f"{config.bot_mode} mode ({where}), database {config.database_path}, "
+    database = Database(config.database)
+    report("ok", "configuration", f"{config.bot_mode} mode ({where}), database {database.where}, "
                                   f"{'z-image only' if config.single_model_only else f'{len(CATALOG)} models'}")
     for line in config.describe():
         out(mask_secrets(f"       {line}", config.secrets))
-    try:
-        await asyncio.to_thread(lambda: open_sqlite(config.database_path).close())
+    if await database.open():
         report("ok", "database", f"opened, schema v{SCHEMA_VERSION}")
-    except (sqlite3.Error, OSError, TrtError) as error:
-        report("FAIL", "database", f"cannot open {config.database_path} ({error}): check DATABASE_URL and that "
-                                   "its folder exists and is writable (a mounted disk on Render)")
+    else:
+        report("FAIL", "database", f"cannot open {database.where} ({database.last_error}): {database.dialect.fix}")
+    await database.close()
     async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
         telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, ONE_TRY)
         try:

@@ -1,7 +1,11 @@
-"""What an fsync per commit costs the webhook ack: SQLite's synchronous=NORMAL against FULL.
+"""What an fsync per commit costs the webhook ack: SQLite's synchronous=NORMAL against FULL (and PostgreSQL).
 
     python bench/durability.py                      # 3 rounds of 10 s per mode and connection count
     python bench/durability.py --seconds 3 --rounds 1 --dir /var/data
+    python bench/durability.py --postgres postgresql://user:password@127.0.0.1:5432/postgres
+
+With --postgres, a third mode stores the inbox in a fresh database on that
+server (the role must be allowed to CREATE DATABASE), in the same run.
 
 trt_bot runs as a subprocess in webhook mode with its SQLite inbox in --dir (a
 fresh folder per run; by default under the system's temporary folder: point it
@@ -29,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from harness import REPO_DIR, Placement, Proc, free_port, http_request, percentile, start_fake, wait_until
@@ -41,6 +46,26 @@ TOKEN = "123456789:AAbenchmarkTOKEN_for_a_fake_bot_api_0123"
 MODES = ("NORMAL", "FULL")
 # trt_bot's own main(), with the synchronous setting under test.
 LAUNCH = "import sys, trt_bot; trt_bot.SQLITE_SYNCHRONOUS = sys.argv[1]; sys.exit(trt_bot.main([]))"
+POSTGRES_MODE = "postgresql"  # DATABASE_URL on the --postgres server; SQLite's setting is then unused
+
+
+def new_postgres_database(server_url: str) -> str:
+    """A DATABASE_URL for a new, empty database on the server at ``server_url``."""
+    import psycopg
+    name = f"trt_bench_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(server_url)._replace(path="/" + name))
+
+
+def stored_updates(database_url: str) -> int:
+    location = trt_bot.parse_database_url(database_url)
+    if location.startswith(trt_bot.POSTGRES_SCHEMES):
+        import psycopg
+        with psycopg.connect(location) as conn:
+            return conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+    with sqlite3.connect(location) as conn:
+        return conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
 
 
 def edited_update(update_id: int) -> bytes:
@@ -79,16 +104,18 @@ async def post_for(port: int, path: str, secret: str, connections: int, seconds:
 
 
 def run_once(mode: str, connections: int, seconds: float, root: Path, botapi_base: str,
-             placement: Placement) -> dict[str, float]:
+             placement: Placement, postgres: str | None = None) -> dict[str, float]:
     port = free_port()
     work_dir = Path(tempfile.mkdtemp(prefix=f"durability-{mode}-", dir=root))
-    database = work_dir / "trt_bot.sqlite3"
+    database_url = (new_postgres_database(postgres) if mode == POSTGRES_MODE
+                    else f"sqlite:///{work_dir / 'trt_bot.sqlite3'}")
     env = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE": botapi_base, "BOT_MODE": "webhook",
            "WEBHOOK_BASE_URL": "https://bench.example.com", "HOST": "127.0.0.1", "PORT": str(port),
-           "DATABASE_URL": f"sqlite:///{database}", "SINGLE_MODEL_ONLY": "1", "LOG_LEVEL": "WARNING",
+           "DATABASE_URL": database_url, "SINGLE_MODEL_ONLY": "1", "LOG_LEVEL": "WARNING",
            "SHUTDOWN_GRACE_S": "1", "PYTHONPATH": str(REPO_DIR)}
     config = trt_bot.load_config(env)
-    proc = Proc(f"trt_bot-{mode}", [sys.executable, "-c", LAUNCH, mode], env=env, cpus=placement.server,
+    synchronous = "FULL" if mode == POSTGRES_MODE else mode
+    proc = Proc(f"trt_bot-{mode}", [sys.executable, "-c", LAUNCH, synchronous], env=env, cpus=placement.server,
                 cwd=work_dir, log_path=work_dir / "trt_bot.log")
     try:
         if wait_until(lambda: b'"status":"ok"' in http_request(port, "GET", "/health")[1], timeout=30.0) is None:
@@ -98,8 +125,7 @@ def run_once(mode: str, connections: int, seconds: float, root: Path, botapi_bas
                                                   seconds, run[2]))
     finally:
         proc.stop()
-    with sqlite3.connect(database) as conn:
-        stored = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+    stored = stored_updates(database_url)
     if stored < run[0] + acks:
         raise RuntimeError(f"{run[0] + acks} acks but only {stored} updates in the inbox")
     return {"acks_per_s": acks / seconds, "p50_ms": percentile(latencies, 50) * 1000,
@@ -114,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the databases go")
     parser.add_argument("--no-pin", action="store_true", help="let every process run on every CPU")
     parser.add_argument("--keep", action="store_true", help="keep the databases and logs (they are deleted)")
+    parser.add_argument("--postgres", metavar="URL", help="also measure PostgreSQL: a server URL that may create "
+                                                          "databases (each run gets a new one)")
     args = parser.parse_args(argv)
+    modes = MODES + (POSTGRES_MODE,) if args.postgres else MODES
     placement = Placement.choose(pin=not args.no_pin)
     if placement.tools:
         os.sched_setaffinity(0, placement.tools)
@@ -124,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for round_no in range(args.rounds):
             for connections in args.connections:
-                for mode in MODES if round_no % 2 == 0 else MODES[::-1]:
-                    result = run_once(mode, connections, args.seconds, root, botapi.base, placement)
+                for mode in modes if round_no % 2 == 0 else modes[::-1]:
+                    result = run_once(mode, connections, args.seconds, root, botapi.base, placement, args.postgres)
                     results.setdefault((mode, connections), []).append(result)
                     print(f"round {round_no + 1}: {mode:6} {connections:3} connections: {result['acks_per_s']:8,.0f}"
                           f" acks/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", file=sys.stderr)
@@ -133,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         botapi.proc.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\nsynchronous  connections  acks/s (median of {args.rounds})  ack p50 ms  ack p99 ms   "
+    print(f"\ndatabase       connections  acks/s (median of {args.rounds})  ack p50 ms  ack p99 ms   "
           f"({placement.describe()}; databases in {args.dir})")
     for (mode, connections), runs in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        print(f"{mode:11}  {connections:11}  {median['acks_per_s']:24,.0f}  {median['p50_ms']:10.2f}  "
+        label = mode if mode == POSTGRES_MODE else f"SQLite {mode}"
+        print(f"{label:13}  {connections:11}  {median['acks_per_s']:24,.0f}  {median['p50_ms']:10.2f}  "
               f"{median['p99_ms']:10.2f}")
     return 0
 
