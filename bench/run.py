@@ -1,4 +1,4 @@
-"""Benchmark trt_bot against aiogram 3, python-telegram-bot 22 and a bare asyncio server.
+"""Benchmark trt_bot against aiogram 3, python-telegram-bot 22 (also with AIORateLimiter) and a bare asyncio server.
 
     python bench/run.py            # the full suite (about a quarter of an hour)
     python bench/run.py --quick    # every figure, briefly (under a minute; the smoke test runs this)
@@ -45,6 +45,22 @@ What each figure measures, and why it is a fair comparison
 5. Durability cost.  Figure 1's trt_bot run again with the inbox in
    ``sqlite:///:memory:``: still SQLite on its thread with group commits, but
    no file, WAL or page cache, so the difference is the disk.
+6. Flood.  A second fake Bot API enforces Telegram's limits (30 sends/s
+   across chats, 1/s in a private chat, 20/min in a group; past any of them
+   every send gets 429 with retry_after 2 s, bot-wide; answerCallbackQuery is
+   exempt).  trt_bot, aiogram, PTB and PTB with its ``AIORateLimiter`` each take
+   the same bursts of /start, posted at once: from many private chats (the
+   global rate binds), from groups with more than 20 each (the 20/min rule
+   binds: the 21st reply in a group may go a minute after the first), and
+   several from each of a few chats (1/s per chat binds).  Columns: answered
+   of expected, 429s received, drain (first post -> last reply) against the
+   ideal the limits allow.  A bot that neither answers nor gets a 429 for a
+   while has given up; what it has not answered is lost.
+7. Overload.  trt_bot's capacity (/start answered per second, a figure-1
+   burst), then trt_bot and aiogram are each offered twice that for a window
+   on a fixed schedule (bench/wrk/scheduled.lua: Telegram's way, 40
+   connections, each waiting for its slot); ack latency and acks/s while the
+   load lasts, then every acknowledged update must be answered once it stops.
 
 Fairness: every server gets the same fake, the same wrk script, the same
 connection count and the same machine, in the same run, interleaved round by
@@ -58,7 +74,8 @@ the runs, so a reader can check they are not the bottleneck.  Medians of
 several runs are shown with their min-max.
 
 Options worth knowing: --no-generation (figure 3 without the load), --profile (py-spy on trt_bot, summarised by code area), --trt-env
-KEY=VALUE (try trt_bot settings), --only 1,4 (some figures), --no-pin.
+KEY=VALUE (try trt_bot settings), --only 1,4 (some figures; 6 flood, 7 overload), --no-pin,
+--ptb-limiter-retries N (AIORateLimiter's max_retries in figure 6, default 3).
 """
 
 from __future__ import annotations
@@ -126,17 +143,18 @@ class FloodScenario:
     def ideal(self, rules: FloodRules) -> tuple[float, str]:
         """The shortest drain Telegram's limits allow, and which limit sets it.
 
-        Across chats, N sends take N / rate; in one chat the k-th send can go
-        (k - 1) seconds after the first (1/s), in one group the 21st a minute
-        after the first (20/min).  The larger bound binds.
+        Across chats, N sends take N / rate.  In one chat the sends go in
+        rounds: one a second in a private chat, 20 a minute in a group, so the
+        last round starts (rounds - 1) periods after the first and its sends,
+        one per chat, take (chats / rate).  The larger bound binds.
         """
         overall = self.updates / rules.per_second
-        if self.group:
-            in_chat = (math.ceil(self.per_chat / rules.group_per_minute) - 1) * 60.0
-            chat_rule = f"{rules.group_per_minute}/min per group"
-        else:
-            in_chat = (self.per_chat - 1) / rules.private_per_second
-            chat_rule = f"{rules.private_per_second}/s per chat"
+        per_round, period, chat_rule = ((rules.group_per_minute, 60.0, f"{rules.group_per_minute}/min per group")
+                                        if self.group else
+                                        (rules.private_per_second, 1.0, f"{rules.private_per_second}/s per chat"))
+        rounds = math.ceil(self.per_chat / per_round)
+        last_round = self.chats * (self.per_chat - (rounds - 1) * per_round)
+        in_chat = (rounds - 1) * period + last_round / rules.per_second
         if in_chat > overall:
             return in_chat, chat_rule
         return overall, f"{self.updates:,} / {rules.per_second}/s"
@@ -866,7 +884,7 @@ def check_tools(profile: bool) -> list[str]:
     if profile and not Path(_py_spy()).exists() and shutil.which("py-spy") is None:
         missing.append("py-spy (pip install py-spy)")
     for module, package in (("aiogram", "aiogram"), ("telegram", "python-telegram-bot"), ("tornado", "tornado"),
-                            ("uvloop", "uvloop")):
+                            ("aiolimiter", "python-telegram-bot[rate-limiter]"), ("uvloop", "uvloop")):
         if importlib.util.find_spec(module) is None:
             missing.append(f"{package} (pip install -r bench/requirements.txt)")
     return missing
