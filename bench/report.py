@@ -288,8 +288,9 @@ def flood_section(results: dict[str, Any]) -> list[str]:
              "the wait applies to the whole bot: every send until it ends gets 429 too; answerCallbackQuery is "
              "exempt. Each bot is started once and takes every burst (all updates posted at once over up to "
              "40 connections). Drain: first post → last reply taken by the fake; ideal: the shortest drain the "
-             "limits allow (N / rate, or the per-chat / per-group bound when that is longer). A bot that has "
-             "answered nothing new and received no 429 for a while has given up: its missing replies are lost.",
+             "limits allow (N / rate, or the per-chat / per-group bound when that is longer). A bot that, once the "
+             "ideal time has passed, answers nothing new and receives no 429 for a few seconds has given up: its "
+             "missing replies are lost.",
              "", "trt_bot " + ("paces its sends (it has `TELEGRAM_SEND_RATE`)." if flood["trt_paced"] else
                                "was measured before its paced outbox: it has no `TELEGRAM_SEND_RATE` setting, and "
                                "each 429 is retried by the call that got it.")]

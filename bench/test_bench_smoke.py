@@ -1,5 +1,8 @@
 """Smoke test: ``python bench/run.py --quick`` runs every figure end to end and writes its table.
 
+Before it, the flood figure's yardsticks are checked on their own (no I/O): the
+fake Bot API's flood control and the ideal drain a burst is measured against.
+
 Skips (with the reason) when wrk or the peer frameworks are not installed:
 ``apt-get install -y wrk`` and ``pip install -r bench/requirements.txt``.
 Run it with ``python -m pytest bench/test_bench_smoke.py`` (about two minutes).
@@ -8,6 +11,7 @@ Run it with ``python -m pytest bench/test_bench_smoke.py`` (about two minutes).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -16,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fakes import FakeBotApi, FloodControl, FloodRules
 
 BENCH = Path(__file__).resolve().parent
 NEEDED = {"aiogram": "aiogram", "telegram": "python-telegram-bot", "tornado": "python-telegram-bot[webhooks]",
@@ -27,6 +33,52 @@ def missing_tools() -> list[str]:
     missing += [f"{package} (pip install -r bench/requirements.txt)"
                 for module, package in NEEDED.items() if importlib.util.find_spec(module) is None]
     return missing
+
+
+def send(api: FakeBotApi, method: str, chat_id: int) -> tuple[int, dict]:
+    body = b'{"chat_id":%d,"text":"hi"}' % chat_id
+    status, payload, _, _ = api.handle(b"POST", f"/bot1:x/{method}".encode(), b"", body)
+    return status, json.loads(payload)
+
+
+def test_flood_control_takes_thirty_sends_a_second_then_pauses_every_send_for_retry_after() -> None:
+    flood = FloodControl(FloodRules())
+    assert [flood.admit(chat, chat / 100) for chat in range(1, 31)] == [0] * 30
+    assert flood.admit(31, 0.30) == 2  # the 31st within a second
+    assert flood.admit(32, 1.5) == 1  # another chat, later, inside the pause: the pause is the bot's
+    assert flood.admit(32, 2.31) == 0
+    assert (flood.rejected, flood.pauses) == (2, 1)
+
+
+def test_flood_control_allows_one_send_a_second_in_a_private_chat_and_twenty_a_minute_in_a_group() -> None:
+    private = FloodControl(FloodRules())
+    assert private.admit(7, 0.0) == 0
+    assert private.admit(7, 0.5) == 2
+    assert private.admit(7, 2.5) == 0
+    group = FloodControl(FloodRules())
+    assert [group.admit(-7, n * 2.0) for n in range(20)] == [0] * 20
+    assert group.admit(-7, 40.0) == 2  # the 21st inside the minute
+    assert group.admit(-7, 60.0) == 0  # a minute after the first
+
+
+def test_fake_bot_api_answers_429_with_retry_after_and_exempts_answer_callback_query() -> None:
+    api = FakeBotApi(FloodRules(per_second=1))
+    assert send(api, "sendMessage", 5)[0] == 200
+    status, payload = send(api, "editMessageText", 6)
+    assert (status, payload["error_code"], payload["parameters"]) == (429, 429, {"retry_after": 2})
+    assert send(api, "answerCallbackQuery", 6)[0] == 200
+    assert send(api, "sendMessage", 6)[0] == 429
+    assert (api.answered, api.flood.rejected) == ({5: 1}, 2)
+
+
+def test_flood_ideal_is_the_rate_bound_or_the_per_chat_bound_whichever_is_longer() -> None:
+    from run import FloodScenario
+
+    rules = FloodRules()
+    assert FloodScenario("chats", 300, 1).ideal(rules) == (10.0, "300 / 30/s")
+    assert FloodScenario("per_chat", 20, 10).ideal(rules) == pytest.approx((9 + 20 / 30, "1/s per chat"))
+    assert FloodScenario("groups", 10, 25, group=True).ideal(rules) == pytest.approx((60 + 50 / 30, "20/min per group"))
+    assert FloodScenario("groups", 60, 5, group=True).ideal(rules) == (10.0, "300 / 30/s")
 
 
 def test_quick_run_prints_every_figure(tmp_path: Path) -> None:
