@@ -1,7 +1,7 @@
 """Benchmark trt_bot against aiogram 3, python-telegram-bot 22 (also with AIORateLimiter) and a bare asyncio server.
 
-    python bench/run.py            # the full suite (about a quarter of an hour)
-    python bench/run.py --quick    # every figure, briefly (under a minute; the smoke test runs this)
+    python bench/run.py            # the full suite (about half an hour)
+    python bench/run.py --quick    # every figure, briefly (a few minutes; the smoke test runs this)
 
 Everything runs on 127.0.0.1 and is started here: a fake Telegram Bot API and a
 fake Kie API (bench/fakes.py), each bot as a real subprocess in webhook mode,
@@ -855,7 +855,7 @@ def _progress(message: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark trt_bot against aiogram, PTB and a bare asyncio server.")
-    parser.add_argument("--quick", action="store_true", help="a short run of every figure (seconds, not minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short run of every figure (a few minutes)")
     parser.add_argument("--no-generation", action="store_true",
                         help="figure 3 without the 500 generations in flight (the idle probe only)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "latest.md",

@@ -5,7 +5,7 @@ fake Bot API's flood control and the ideal drain a burst is measured against.
 
 Skips (with the reason) when wrk or the peer frameworks are not installed:
 ``apt-get install -y wrk`` and ``pip install -r bench/requirements.txt``.
-Run it with ``python -m pytest bench/test_bench_smoke.py`` (about two minutes).
+Run it with ``python -m pytest bench/test_bench_smoke.py`` (a few minutes).
 """
 
 from __future__ import annotations
