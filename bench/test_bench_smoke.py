@@ -61,6 +61,13 @@ def test_flood_control_allows_one_send_a_second_in_a_private_chat_and_twenty_a_m
     assert group.admit(-7, 60.0) == 0  # a minute after the first
 
 
+def test_flood_control_windows_leave_a_grace_for_the_fakes_own_scheduling_jitter() -> None:
+    flood = FloodControl(FloodRules(grace_s=0.1))
+    assert flood.admit(7, 0.0) == 0
+    assert flood.admit(7, 0.95) == 0  # paced a second apart, stamped 50 ms early by a stalled fake
+    assert [flood.admit(chat, 1.0 + chat / 1000) for chat in range(100, 130)] == [0] * 29 + [2]
+
+
 def test_fake_bot_api_answers_429_with_retry_after_and_exempts_answer_callback_query() -> None:
     api = FakeBotApi(FloodRules(per_second=1))
     assert send(api, "sendMessage", 5)[0] == 200
