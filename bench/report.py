@@ -299,7 +299,8 @@ def flood_section(results: dict[str, Any]) -> list[str]:
         rows = []
         for bot, by_scenario in flood["runs"].items():
             run = by_scenario[key]
-            rows.append([NAMES[bot], f"{num(run.answered)}/{num(run.expected)}", num(run.too_many),
+            refused = f" ({num(run.expected - run.acked)} not acknowledged)" if run.acked < run.expected else ""
+            rows.append([NAMES[bot], f"{num(run.answered)}/{num(run.expected)}{refused}", num(run.too_many),
                          num(run.pauses), _drain(run), f"{num(run.ideal_s, 1)} ({run.bound})",
                          num(run.ratio, 2) + "×" if run.ratio is not None else "—"])
         lines += ["", f"**{key}**: {description}", ""] + table(
