@@ -23,9 +23,25 @@ Fake Kie
     ``success`` with one image URL once released.  Answers can be delayed
     (``--create-ms``, ``--poll-ms``) to play a slow upstream without using CPU.
 
+Fake Bot API with Telegram's limits (``--telegram-limits``)
+    Telegram's flood control as its documentation and bots' experience
+    describe it: at most 30 sends in any second across chats, one per second
+    in a private chat, 20 per minute in a group (``chat_id < 0``).  A send
+    past any of them gets ``429`` with ``parameters.retry_after`` = 2, and the
+    wait applies to the whole bot: every send until it ends gets 429 too (with
+    the seconds still left).  Sends are the methods that post or change a
+    message (``send*``, ``edit*``, ``copy*``, ``forward*``);
+    ``answerCallbackQuery`` and the rest are exempt, as in Telegram.  The
+    limits are flags, so a test can shrink them.  Each window is 100 ms
+    shorter than its span (``--grace-ms``): the fake stamps a send when its
+    process reaches it, and on a busy machine a stall of the fake bunches
+    sends that a bot paced apart.  Only accepted sends count
+    against a window; the fake counts answered sends per chat, the 429s it
+    gave, the flood pauses, and the time of the last answer.
+
 Control routes (both fakes): ``GET /__stats``, ``POST /__reset``; Bot API:
-``GET /__seen?lo=A&hi=B`` (reply times of chats A..B-1); Kie: ``POST
-/__release`` (finish every held task).
+``GET /__seen?lo=A&hi=B`` (reply times of chats A..B-1), ``GET /__answered``
+(answered sends per chat); Kie: ``POST /__release`` (finish every held task).
 """
 
 from __future__ import annotations
@@ -33,7 +49,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
+import math
 import re
 import socket
 import struct
@@ -54,7 +72,7 @@ def tiny_png() -> bytes:
 
 
 PNG_1PX = tiny_png()
-REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
+REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 429: b"Too Many Requests"}
 
 
 def render(status: int, body: bytes, content_type: bytes = b"application/json", keep_alive: bool = True) -> bytes:
@@ -169,14 +187,79 @@ class FakeApp:
         raise NotImplementedError
 
 
+# -- Telegram's flood control ---------------------------------------------------------
+
+PACED_PREFIXES = (b"send", b"edit", b"copy", b"forward")  # methods that post or change a message
+
+
+@dataclasses.dataclass(frozen=True)
+class FloodRules:
+    """Telegram's documented limits (core.telegram.org/bots/faq, "broadcasting to users")."""
+
+    per_second: int = 30  # sends per second across all chats
+    private_per_second: int = 1  # sends per second in one private chat
+    group_per_minute: int = 20  # sends per minute in one group (chat_id < 0)
+    retry_after_s: int = 2  # what a 429 asks; Telegram says whole seconds
+    # Each window is this much shorter than its limit says: the fake stamps a send when its process gets to it,
+    # and a stall of the fake's process (the machine is shared) bunches sends that were paced apart.
+    grace_s: float = 0.1
+
+
+class FloodControl:
+    """Decides, send by send, whether Telegram would take it: sans-I/O, the caller passes the time.
+
+    Each window holds the times of accepted sends within its span, so it never
+    holds more than its limit; chats are forgotten on ``FakeBotApi.reset``.
+    """
+
+    def __init__(self, rules: FloodRules):
+        self.rules = rules
+        self.recent: collections.deque[float] = collections.deque()  # accepted sends in the last second
+        self.by_chat: dict[int, collections.deque[float]] = {}
+        self.paused_until = 0.0
+        self.rejected = 0
+        self.pauses = 0
+
+    def admit(self, chat_id: int, now: float) -> int:
+        """0 if the send is taken, else the retry_after its 429 carries."""
+        if now < self.paused_until:
+            self.rejected += 1
+            return max(1, math.ceil(self.paused_until - now))
+        limit, span = ((self.rules.group_per_minute, 60.0) if chat_id < 0 else (self.rules.private_per_second, 1.0))
+        chat = self.by_chat.setdefault(chat_id, collections.deque())
+        _forget_before(self.recent, now - 1.0 + self.rules.grace_s)
+        _forget_before(chat, now - span + self.rules.grace_s)
+        if len(self.recent) >= self.rules.per_second or len(chat) >= limit:
+            self.paused_until = now + self.rules.retry_after_s
+            self.rejected += 1
+            self.pauses += 1
+            return self.rules.retry_after_s
+        self.recent.append(now)
+        chat.append(now)
+        return 0
+
+
+def _forget_before(times: collections.deque[float], cutoff: float) -> None:
+    while times and times[0] <= cutoff:
+        times.popleft()
+
+
+def too_many_requests(retry_after: int) -> bytes:
+    return json_body({"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {retry_after}",
+                      "parameters": {"retry_after": retry_after}})
+
+
 # -- the fake Bot API ------------------------------------------------------------
 
 class FakeBotApi(FakeApp):
-    def __init__(self) -> None:
+    def __init__(self, rules: FloodRules | None = None) -> None:
         self.started = time.monotonic()
+        self.rules = rules
         self.reset()
 
     def reset(self) -> None:
+        self.flood = FloodControl(self.rules) if self.rules else None
+        self.answered: collections.Counter[int] = collections.Counter()  # accepted sends per chat
         self.requests = 0
         self.methods: collections.Counter[str] = collections.Counter()
         self.send_message = 0
@@ -189,6 +272,14 @@ class FakeBotApi(FakeApp):
             return self._control(target, body)
         self.requests += 1
         name = target.rsplit(b"/", 1)[-1].split(b"?", 1)[0]
+        if name.startswith(PACED_PREFIXES):
+            match = CHAT_ID.search(body)
+            chat_id = int(match.group(1)) if match else 0
+            retry_after = self.flood.admit(chat_id, time.monotonic()) if self.flood else 0
+            if retry_after:
+                return 429, too_many_requests(retry_after), b"application/json", 0.0
+            self.answered[chat_id] += 1
+            self.last_send = time.monotonic()
         if name == b"sendMessage":
             return 200, self._send_message(body), b"application/json", 0.0
         text = name.decode(errors="replace")
@@ -201,8 +292,9 @@ class FakeBotApi(FakeApp):
         match = CHAT_ID.search(body)
         chat_id = int(match.group(1)) if match else 0
         self.seen[chat_id] = self.last_send = time.monotonic()
-        return b'{"ok":true,"result":{"message_id":%d,"date":%d,"chat":{"id":%d,"type":"private"},"text":"ok"}}' % (
-            self.message_id, int(time.time()), chat_id)
+        kind = b"group" if chat_id < 0 else b"private"
+        return b'{"ok":true,"result":{"message_id":%d,"date":%d,"chat":{"id":%d,"type":"%s"},"text":"ok"}}' % (
+            self.message_id, int(time.time()), chat_id, kind)
 
     @staticmethod
     def _result(method: str) -> object:
@@ -218,8 +310,10 @@ class FakeBotApi(FakeApp):
     def _control(self, target: bytes, body: bytes) -> tuple[int, bytes, bytes, float]:
         path, _, query = target.decode().partition("?")
         if path == "/__stats":
+            flood = self.flood
             stats = {"requests": self.requests, "send_message": self.send_message, "methods": dict(self.methods),
-                     "chats": len(self.seen), "last_send": self.last_send, "now": time.monotonic()}
+                     "chats": len(self.seen), "last_send": self.last_send, "now": time.monotonic(),
+                     "too_many_requests": flood.rejected if flood else 0, "flood_pauses": flood.pauses if flood else 0}
             return 200, json_body(stats), b"application/json", 0.0
         if path == "/__reset":
             self.reset()
@@ -229,6 +323,8 @@ class FakeBotApi(FakeApp):
             lo, hi = int(args["lo"][0]), int(args["hi"][0])
             seen = {str(c): t for c, t in self.seen.items() if lo <= c < hi}
             return 200, json_body(seen), b"application/json", 0.0
+        if path == "/__answered":
+            return 200, json_body({str(c): n for c, n in self.answered.items()}), b"application/json", 0.0
         return 404, b"{}", b"application/json", 0.0
 
 
@@ -318,8 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create-ms", type=float, default=0.0, help="Kie: delay of each createTask answer")
     parser.add_argument("--poll-ms", type=float, default=0.0, help="Kie: delay of each recordInfo answer")
     parser.add_argument("--api-key", default="", help="Kie: the Bearer key to require (none: accept any)")
+    defaults = FloodRules()
+    parser.add_argument("--telegram-limits", action="store_true", help="Bot API: enforce Telegram's flood limits")
+    parser.add_argument("--per-second", type=int, default=defaults.per_second, help="limit: sends/s across chats")
+    parser.add_argument("--private-per-second", type=int, default=defaults.private_per_second,
+                        help="limit: sends/s in one private chat")
+    parser.add_argument("--group-per-minute", type=int, default=defaults.group_per_minute,
+                        help="limit: sends/min in one group")
+    parser.add_argument("--retry-after", type=int, default=defaults.retry_after_s, help="seconds a 429 asks to wait")
+    parser.add_argument("--grace-ms", type=float, default=defaults.grace_s * 1000,
+                        help="each window is this much shorter, for the fake's own scheduling jitter")
     args = parser.parse_args(argv)
-    app: FakeApp = FakeBotApi() if args.kind == "botapi" else FakeKie(
+    rules = FloodRules(args.per_second, args.private_per_second, args.group_per_minute,
+                       args.retry_after, args.grace_ms / 1000) if args.telegram_limits else None
+    app: FakeApp = FakeBotApi(rules) if args.kind == "botapi" else FakeKie(
         args.create_ms / 1000, args.poll_ms / 1000, args.api_key)
     try:
         import uvloop

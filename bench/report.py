@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 from harness import Spread
 
 NAMES = {"trt_bot": "trt_bot", "aiogram": "aiogram 3", "ptb": "PTB 22", "bare": "bare asyncio server",
-         "trt_bot_memory": "trt_bot, inbox :memory:"}
+         "trt_bot_memory": "trt_bot, inbox :memory:", "ptb_limiter": "PTB 22 + AIORateLimiter"}
 
 
 @dataclasses.dataclass
@@ -270,6 +270,79 @@ def durability_section(results: dict[str, Any]) -> list[str]:
             "commits; :memory: only removes the file, the WAL and fsync-free page writes."]
 
 
+def _drain(run: Any) -> str:
+    if run.drain_s is not None:
+        return num(run.drain_s, 1)
+    return f"— ({num(run.expected - run.answered)} lost)" if run.answered < run.expected else "—"
+
+
+def flood_section(results: dict[str, Any]) -> list[str]:
+    flood = results.get("flood")
+    if not flood:
+        return []
+    rules = flood["rules"]
+    lines = ["", "## 6. Flood: a burst of /start against Telegram's limits", "",
+             f"A fake Bot API that enforces Telegram's limits: {rules['per_second']} sends/s across chats, "
+             f"{rules['private_per_second']}/s in a private chat, {rules['group_per_minute']}/min in a group "
+             f"(sliding windows, each {rules['grace_s'] * 1000:.0f} ms shorter for the fake's own scheduling "
+             "jitter). A send past any of them gets 429 with retry_after = {rules['retry_after_s']} s, and "
+             "the wait applies to the whole bot: every send until it ends gets 429 too; answerCallbackQuery is "
+             "exempt. Each bot is started once and takes every burst (all updates posted at once over up to "
+             "40 connections). Drain: first post → last reply taken by the fake; ideal: the shortest drain the "
+             "limits allow (N / rate, or the per-chat / per-group bound when that is longer). A bot that, once the "
+             "ideal time has passed, answers nothing new and receives no 429 for a few seconds has given up: its "
+             "missing replies are lost.",
+             "", "trt_bot " + ("paces its sends (it has `TELEGRAM_SEND_RATE`)." if flood["trt_paced"] else
+                               "was measured before its paced outbox: it has no `TELEGRAM_SEND_RATE` setting, and "
+                               "each 429 is retried by the call that got it.")]
+    for key, description in flood["scenarios"].items():
+        rows = []
+        for bot, by_scenario in flood["runs"].items():
+            run = by_scenario[key]
+            refused = f" ({num(run.expected - run.acked)} not acknowledged)" if run.acked < run.expected else ""
+            rows.append([NAMES[bot], f"{num(run.answered)}/{num(run.expected)}{refused}", num(run.too_many),
+                         num(run.pauses), _drain(run), f"{num(run.ideal_s, 1)} ({run.bound})",
+                         num(run.ratio, 2) + "×" if run.ratio is not None else "—"])
+        lines += ["", f"**{key}**: {description}", ""] + table(
+            ["bot", "answered", "429s received", "flood pauses", "drain s", "ideal s", "drain / ideal"], rows)
+    return lines
+
+
+def _lost(runs: list[Any]) -> int:
+    return sum(max(0, r.expected - r.answered) for r in runs)
+
+
+def _answered_after_drain(runs: list[Any]) -> str:
+    """Requests still in flight when wrk stops are handled too, so a bot may answer more than wrk saw acked."""
+    expected, answered, lost = sum(r.expected for r in runs), sum(r.answered for r in runs), _lost(runs)
+    if lost:
+        return f"{num(answered)}/{num(expected)} ({num(lost)} missing)"
+    return f"all {num(expected)}" + (f" (+{num(answered - expected)} in flight at the cut)" if answered > expected else "")
+
+
+def overload_section(results: dict[str, Any]) -> list[str]:
+    over = results.get("overload")
+    if not over:
+        return []
+    rows = []
+    for key, runs in over["runs"].items():
+        rows.append([NAMES[key], spread(r.offered_rate for r in runs), spread(r.acked_rate for r in runs),
+                     spread((r.ack_p50_ms for r in runs), ms), spread((r.ack_p99_ms for r in runs), ms),
+                     spread(r.answered_rate for r in runs),
+                     _answered_after_drain(runs),
+                     spread((r.drain_s for r in runs), lambda v: num(v, 1)), pct(median(r.cpu_server for r in runs)),
+                     num(sum(r.errors for r in runs))])
+    return ["", "## 7. Overload: offered twice what trt_bot can process", "",
+            f"trt_bot's processing capacity, measured first as in figure 1's burst: {num(over['capacity'])} /start "
+            f"answered per second. Then each bot is offered {num(over['rate'])}/s for the window (wrk on a fixed "
+            "schedule over 40 connections, as Telegram would offer them: a free connection waits for its slot, a "
+            "late one sends at once; offered/s falls short only when all 40 are waiting for acks). Acks are wrk's "
+            "(request → webhook 200). After the load stops the bot drains: every acknowledged update must be "
+            "answered (nothing lost); drain is load stopped → last reply.", ""] + table(
+            ["server", "offered/s", "acked/s", "ack p50 ms", "ack p99 ms", "answered/s in window",
+             "answered after drain", "drain s", "CPU server", "errors"], rows)
+
+
 # -- targets ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -326,6 +399,7 @@ def targets(results: dict[str, Any], plan: Any) -> list[Target]:
         else:
             p99 = loaded["result"].p99_ms
             out.append(Target(name, "< 50 ms", f"{ms(p99)} ms", p99 < 50))
+    out += flood_targets(results) + overload_targets(results)
     fp = results.get("footprint")
     if fp:
         idle = median(fp["idle"]["trt_bot"])
@@ -334,6 +408,32 @@ def targets(results: dict[str, Any], plan: Any) -> list[Target]:
         out.append(Target("trt_bot start-up to /health 200", "< 0.5 s", f"{num(start, 3)} s",
                           start is not None and start < 0.5))
     return out
+
+
+def flood_targets(results: dict[str, Any]) -> list[Target]:
+    flood = results.get("flood")
+    if not flood:
+        return []
+    out = []
+    for key, run in flood["runs"]["trt_bot"].items():
+        measured = (f"{num(run.answered)}/{num(run.expected)}, {num(run.too_many)} 429s, "
+                    f"drain {num(run.ratio, 2) + '×' if run.ratio is not None else 'not reached'}")
+        passed = run.answered == run.expected and run.too_many <= 3 and run.ratio is not None and run.ratio <= 1.1
+        out.append(Target(f"flood {key}: all answered, ≤ 3 429s, drain ≤ 1.1× ideal", "all, ≤ 3, ≤ 1.1×",
+                          measured, passed))
+    return out
+
+
+def overload_targets(results: dict[str, Any]) -> list[Target]:
+    over = results.get("overload")
+    if not over:
+        return []
+    runs = over["runs"]["trt_bot"]
+    p99 = median(r.ack_p99_ms for r in runs)
+    lost = _lost(runs)
+    return [Target(f"ack p99 offered 2× capacity ({num(over['rate'])}/s)", "≤ 10 ms", f"{ms(p99)} ms",
+                   p99 is not None and p99 <= 10),
+            Target("nothing lost once the overload stops", "all answered", _answered_after_drain(runs), lost <= 0)]
 
 
 def targets_section(results: dict[str, Any], plan: Any) -> list[str]:
@@ -432,5 +532,6 @@ def render(results: dict[str, Any], ctx: Context) -> str:
     plan = ctx.plan
     lines = header(ctx) + harness_section(results) + e2e_section(results, plan) + ingest_section(results)
     lines += latency_section(results, plan) + footprint_section(results, plan) + durability_section(results)
+    lines += flood_section(results) + overload_section(results)
     lines += targets_section(results, plan) + profile_section(results)
     return "\n".join(lines) + "\n"

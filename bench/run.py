@@ -1,7 +1,7 @@
-"""Benchmark trt_bot against aiogram 3, python-telegram-bot 22 and a bare asyncio server.
+"""Benchmark trt_bot against aiogram 3, python-telegram-bot 22 (also with AIORateLimiter) and a bare asyncio server.
 
-    python bench/run.py            # the full suite (about a quarter of an hour)
-    python bench/run.py --quick    # every figure, briefly (under a minute; the smoke test runs this)
+    python bench/run.py            # the full suite (about half an hour)
+    python bench/run.py --quick    # every figure, briefly (a few minutes; the smoke test runs this)
 
 Everything runs on 127.0.0.1 and is started here: a fake Telegram Bot API and a
 fake Kie API (bench/fakes.py), each bot as a real subprocess in webhook mode,
@@ -45,6 +45,23 @@ What each figure measures, and why it is a fair comparison
 5. Durability cost.  Figure 1's trt_bot run again with the inbox in
    ``sqlite:///:memory:``: still SQLite on its thread with group commits, but
    no file, WAL or page cache, so the difference is the disk.
+6. Flood.  A second fake Bot API enforces Telegram's limits (30 sends/s
+   across chats, 1/s in a private chat, 20/min in a group; past any of them
+   every send gets 429 with retry_after 2 s, bot-wide; answerCallbackQuery is
+   exempt).  trt_bot, aiogram, PTB and PTB with its ``AIORateLimiter`` each take
+   the same bursts of /start, posted at once: from many private chats (the
+   global rate binds), from groups with more than 20 each (the 20/min rule
+   binds: the 21st reply in a group may go a minute after the first), and
+   several from each of a few chats (1/s per chat binds).  Columns: answered
+   of expected, 429s received, drain (first post -> last reply) against the
+   ideal the limits allow.  A bot that, once the ideal time has passed,
+   neither answers nor gets a 429 for a while has given up; what it has not
+   answered is lost.
+7. Overload.  trt_bot's capacity (/start answered per second, a figure-1
+   burst), then trt_bot and aiogram are each offered twice that for a window
+   on a fixed schedule (bench/wrk/scheduled.lua: Telegram's way, 40
+   connections, each waiting for its slot); ack latency and acks/s while the
+   load lasts, then every acknowledged update must be answered once it stops.
 
 Fairness: every server gets the same fake, the same wrk script, the same
 connection count and the same machine, in the same run, interleaved round by
@@ -58,16 +75,19 @@ the runs, so a reader can check they are not the bottleneck.  Medians of
 several runs are shown with their min-max.
 
 Options worth knowing: --no-generation (figure 3 without the load), --profile (py-spy on trt_bot, summarised by code area), --trt-env
-KEY=VALUE (try trt_bot settings), --only 1,4 (some figures), --no-pin.
+KEY=VALUE (try trt_bot settings), --only 1,4 (some figures; 6 flood, 7 overload), --no-pin,
+--ptb-limiter-retries N (AIORateLimiter's max_retries in figure 6, default 3).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -81,6 +101,7 @@ from typing import Any, Callable
 
 from harness import (BENCH_DIR, REPO_DIR, FakeClient, Placement, Proc, Spread, WrkResult, free_port, http_json,
                      http_request, run_wrk, start_fake, wait_until, wrk_version)
+from fakes import FloodRules
 import probe
 import report
 
@@ -95,10 +116,50 @@ LOAD_CHATS = 10_000
 FOOTPRINT_CHAT_BASE = 100_000_000
 PROBE_CHAT_BASE = 500_000_000
 GENERATION_USER_BASE = 700_000_000
+FLOOD_CHAT_BASE = 800_000_000  # + a fresh million per scenario run; group chats are the negatives
+FLOOD_USER_OFFSET = 500_000  # group members' user ids: the scenario's block + this + the update's index
 MB_PER_MIB = 1.048576
 
 
 # -- the plan ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FloodScenario:
+    """A burst of /start: ``per_chat`` from each of ``chats`` chats (groups if ``group``), all at once."""
+
+    key: str
+    chats: int
+    per_chat: int
+    group: bool = False
+
+    @property
+    def updates(self) -> int:
+        return self.chats * self.per_chat
+
+    def describe(self) -> str:
+        where = "groups" if self.group else "private chats"
+        each = f" × {self.per_chat} /start each" if self.per_chat > 1 else ", one /start each"
+        return f"{self.chats:,} {where}{each}"
+
+    def ideal(self, rules: FloodRules) -> tuple[float, str]:
+        """The shortest drain Telegram's limits allow, and which limit sets it.
+
+        Across chats, N sends take N / rate.  In one chat the sends go in
+        rounds: one a second in a private chat, 20 a minute in a group, so the
+        last round starts (rounds - 1) periods after the first and its sends,
+        one per chat, take (chats / rate).  The larger bound binds.
+        """
+        overall = self.updates / rules.per_second
+        per_round, period, chat_rule = ((rules.group_per_minute, 60.0, f"{rules.group_per_minute}/min per group")
+                                        if self.group else
+                                        (rules.private_per_second, 1.0, f"{rules.private_per_second}/s per chat"))
+        rounds = math.ceil(self.per_chat / per_round)
+        last_round = self.chats * (self.per_chat - (rounds - 1) * per_round)
+        in_chat = (rounds - 1) * period + last_round / rules.per_second
+        if in_chat > overall:
+            return in_chat, chat_rule
+        return overall, f"{self.updates:,} / {rules.per_second}/s"
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -114,13 +175,21 @@ class Plan:
     ceiling_s: float
     drain_timeout_s: float
     burst: int  # /start updates per end-to-end burst
+    flood: tuple[FloodScenario, ...]  # figure 6's bursts
+    flood_quiet_s: float  # figure 6: no answer and no 429 for this long means a bot has given up
     connections: int = 40
 
 
 FULL = Plan("full", runs=3, warmup_s=2.0, measure_s=10.0, footprint_chats=100_000, startup_runs=5,
-            probe_rate=40, probe_s=5.0, generations=500, ceiling_s=4.0, drain_timeout_s=240.0, burst=10_000)
+            probe_rate=40, probe_s=5.0, generations=500, ceiling_s=4.0, drain_timeout_s=240.0, burst=10_000,
+            flood=(FloodScenario("chats", 300, 1), FloodScenario("groups", 10, 25, group=True),
+                   FloodScenario("per_chat", 20, 10)),
+            flood_quiet_s=8.0)
 QUICK = Plan("quick", runs=1, warmup_s=0, measure_s=1, footprint_chats=3_000, startup_runs=1,
-             probe_rate=40, probe_s=1.0, generations=50, ceiling_s=1.0, drain_timeout_s=30.0, burst=1_000)
+             probe_rate=40, probe_s=1.0, generations=50, ceiling_s=1.0, drain_timeout_s=30.0, burst=1_000,
+             flood=(FloodScenario("chats", 60, 1), FloodScenario("groups", 12, 5, group=True),
+                    FloodScenario("per_chat", 5, 3)),
+             flood_quiet_s=3.0)
 
 
 # -- servers under test --------------------------------------------------------------------
@@ -214,13 +283,16 @@ class Bench:
                                   "/health"),
             "ptb": ServerSpec("ptb", f"PTB {_version('python-telegram-bot')}", (python, str(peers / "ptb_peer.py")),
                               self.path, (405,), ptb_env),
+            "ptb_limiter": ServerSpec("ptb_limiter", f"PTB {_version('python-telegram-bot')} + AIORateLimiter",
+                                      (python, str(peers / "ptb_peer.py")), self.path, (405,),
+                                      ptb_env + (("BENCH_PTB_RATE_LIMITER", str(self.args.ptb_limiter_retries)),)),
             "bare": ServerSpec("bare", "bare asyncio server", (python, str(peers / "bare_server.py")), "/health"),
         }
 
-    def _trt_env(self, port: int, database: str) -> dict[str, str]:
+    def _trt_env(self, port: int, database: str, api_base: str | None = None) -> dict[str, str]:
         env = {
             "TELEGRAM_BOT_TOKEN": TOKEN,
-            "TELEGRAM_API_BASE": self.botapi.base if self.botapi else "http://127.0.0.1:1",
+            "TELEGRAM_API_BASE": api_base or (self.botapi.base if self.botapi else "http://127.0.0.1:1"),
             "BOT_MODE": "webhook", "WEBHOOK_BASE_URL": WEBHOOK_BASE_URL,
             "HOST": "127.0.0.1", "PORT": str(port), "DATABASE_URL": database,
             "KIE_API_KEY": KIE_KEY, "KIE_API_BASE": self.kie.base if self.kie else "http://127.0.0.1:1",
@@ -244,7 +316,8 @@ class Bench:
 
     # -- servers -----------------------------------------------------------
 
-    def start(self, key: str, database: str | None = None) -> Running:
+    def start(self, key: str, database: str | None = None, api_base: str | None = None) -> Running:
+        """Start ``key`` afresh; ``api_base``: another fake Bot API than the shared one."""
         spec = self.specs[key]
         self._runs += 1
         os.sync()  # the previous run's database writes reach the disk now, not during this run
@@ -252,7 +325,7 @@ class Bench:
         work_dir = self.work_root / f"{key}-{self._runs}"
         work_dir.mkdir(parents=True)
         env = dict(os.environ)
-        env.update(self._trt_env(port, database or f"sqlite:///{work_dir / 'trt_bot.sqlite3'}"))
+        env.update(self._trt_env(port, database or f"sqlite:///{work_dir / 'trt_bot.sqlite3'}", api_base))
         env.update({"BENCH_WEBHOOK_PATH": self.path, "BENCH_WEBHOOK_SECRET": self.secret,
                     "BENCH_UVLOOP": "0" if self.args.peers_stock_loop else "1", **dict(spec.env)})
         proc = Proc(key, spec.argv, env=env, cpus=self.placement.server, cwd=work_dir,
@@ -564,6 +637,170 @@ def _python_alone(bench: Bench) -> float:
     return Spread.of(times).median
 
 
+# -- figure 6: flood: replies at Telegram's limits -------------------------------------------------
+
+FLOOD_BOTS = ("trt_bot", "aiogram", "ptb", "ptb_limiter")
+
+
+@dataclasses.dataclass
+class FloodRun:
+    expected: int  # /start updates posted
+    acked: int  # webhook 200s among them
+    answered: int  # replies the fake took, at most per_chat per chat
+    too_many: int  # 429s the fake gave
+    pauses: int  # bot-wide flood pauses those 429s started
+    ideal_s: float
+    bound: str  # which limit sets ideal_s
+    drain_s: float | None  # first post -> last answer; None when some were never answered
+    waited_s: float  # first post -> when the run was judged finished (all answered, or gave up)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.drain_s / self.ideal_s if self.drain_s is not None and self.ideal_s else None
+
+
+def flood_update(update_id: int, chat_id: int, user_id: int, group: bool) -> dict:
+    update = probe.start_update(update_id, chat_id)
+    message = update["message"]
+    message["from"]["id"] = user_id
+    if group:
+        message["chat"] = {"id": chat_id, "title": "Bench group", "type": "group"}
+    return update
+
+
+def _post_all(port: int, path: str, secret: str, updates: list[dict], connections: int) -> dict[int, int]:
+    """Post every update at once over ``connections`` keep-alive connections; HTTP status counts (0: failed)."""
+
+    async def run() -> dict[int, int]:
+        async with probe.WebhookClient(port, path, secret, connections=connections) as client:
+            outcomes = await asyncio.gather(*(client.post(u) for u in updates), return_exceptions=True)
+            failed = sum(1 for o in outcomes if isinstance(o, BaseException))
+            return {**client.statuses, **({0: failed} if failed else {})}
+
+    return asyncio.run(run())
+
+
+def flood_once(bench: Bench, running: Running, fake: FakeClient, scenario: FloodScenario,
+               rules: FloodRules) -> FloodRun:
+    """One burst of ``scenario`` into a running bot; waits until all are answered or the bot has gone quiet."""
+    fake.reset()
+    block = FLOOD_CHAT_BASE + bench.id_base() // 20
+    sign = -1 if scenario.group else 1
+    chats = [sign * (block + i) for i in range(scenario.chats)]
+    first_id = bench.id_base()
+    updates = [flood_update(first_id + n, chat, block + FLOOD_USER_OFFSET + n if scenario.group else abs(chat),
+                            scenario.group)
+               for n, chat in enumerate(c for _ in range(scenario.per_chat) for c in chats)]
+    ideal, bound = scenario.ideal(rules)
+    started = time.monotonic()
+    statuses = _post_all(running.port, bench.path, bench.secret, updates, min(bench.plan.connections, len(updates)))
+
+    def answered() -> int:
+        counts = http_json(fake.port, "GET", "/__answered")
+        return sum(min(counts.get(str(c), 0), scenario.per_chat) for c in chats)
+
+    # A pacing bot may rightly send nothing for most of a minute (a group's 21st reply), so silence counts as
+    # giving up only once the ideal drain time has passed.
+    deadline, judge_from = started + 2 * ideal + 30, started + ideal
+    last_change, last_seen = time.monotonic(), None
+    while time.monotonic() < deadline:
+        stats = fake.stats()
+        seen = (answered(), stats["too_many_requests"], stats["requests"])
+        if seen[0] >= scenario.updates:
+            break
+        now = time.monotonic()
+        if seen != last_seen:
+            last_change, last_seen = now, seen
+        elif now > judge_from and now - max(last_change, judge_from) >= bench.plan.flood_quiet_s:
+            break
+        time.sleep(0.1)
+    waited = time.monotonic() - started
+    stats, done = fake.stats(), answered()
+    return FloodRun(expected=scenario.updates, acked=statuses.get(200, 0), answered=done,
+                    too_many=stats["too_many_requests"], pauses=stats["flood_pauses"], ideal_s=ideal, bound=bound,
+                    drain_s=stats["last_send"] - started if done >= scenario.updates else None, waited_s=waited)
+
+
+def figure_flood(bench: Bench) -> dict[str, Any]:
+    """Each bot in turn, started once against a fake Bot API enforcing Telegram's limits, takes every scenario."""
+    rules = FloodRules()
+    fake = start_fake("botapi", ["--telegram-limits"], bench.placement.tools, bench.log_dir)
+    runs: dict[str, dict[str, FloodRun]] = {}
+    try:
+        for key in FLOOD_BOTS:
+            running = bench.start(key, api_base=fake.base)
+            try:
+                runs[key] = {}
+                for scenario in bench.plan.flood:
+                    run = flood_once(bench, running, fake, scenario, rules)
+                    runs[key][scenario.key] = run
+                    drain = f"drain {run.drain_s:.1f} s" if run.drain_s is not None else "not drained"
+                    _progress(f"flood {scenario.key} {key}: {run.answered}/{run.expected} answered, "
+                              f"{run.too_many} 429s, {drain} (ideal {run.ideal_s:.1f} s)")
+            finally:
+                running.stop()
+    finally:
+        fake.proc.stop()
+    return {"runs": runs, "rules": dataclasses.asdict(rules),
+            "scenarios": {s.key: s.describe() for s in bench.plan.flood},
+            "trt_paced": any(setting.name == "TELEGRAM_SEND_RATE" for setting in trt_bot.SETTINGS)}
+
+
+# -- figure 7: overload: acknowledgements at twice the processing capacity -------------------------
+
+OVERLOAD_BOTS = ("trt_bot", "aiogram")
+
+
+@dataclasses.dataclass
+class OverloadRun:
+    offered_rate: float  # webhook requests per second wrk made during the window (the schedule's, if it kept up)
+    acked_rate: float  # of which answered 200
+    ack_p50_ms: float
+    ack_p99_ms: float
+    errors: int  # non-2xx answers, socket errors and timeouts
+    answered_rate: float  # replies per second during the window
+    expected: int  # updates acknowledged (200) in the window
+    answered: int  # replies once the load stopped and the bot had drained
+    drain_s: float | None  # load stopped -> last reply; None if not all answered within the deadline
+    cpu_server: float  # share of one CPU during the window
+
+
+def overload_once(bench: Bench, key: str, rate: float) -> OverloadRun:
+    running = bench.start(key)
+    try:
+        before = bench.botapi.stats()["send_message"]
+        meter = CpuMeter(running, bench.botapi)
+        result = bench.wrk_updates(running, "start", bench.plan.measure_s, script="scheduled.lua", arg=rate)
+        stopped = time.monotonic()
+        cpu_server, _ = meter.shares(result.seconds)
+        in_window = bench.botapi.stats()["send_message"] - before
+        expected = result.requests - result.status_errors
+        complete = _wait_answered(bench, before, expected)
+        stats = bench.botapi.stats()
+    finally:
+        running.stop()
+    return OverloadRun(
+        offered_rate=result.rate, acked_rate=result.ok_rate, ack_p50_ms=result.lat_p50_ms,
+        ack_p99_ms=result.lat_p99_ms, errors=result.status_errors + result.socket_errors,
+        answered_rate=in_window / result.seconds, expected=expected, answered=stats["send_message"] - before,
+        drain_s=max(0.0, stats["last_send"] - stopped) if complete else None, cpu_server=cpu_server)
+
+
+def figure_overload(bench: Bench) -> dict[str, Any]:
+    """trt_bot's capacity (a figure-1 burst), then both bots offered twice that for a window, then drained."""
+    capacity = measure_burst(bench, "trt_bot").answered_rate
+    rate = 2 * capacity
+    _progress(f"overload: trt_bot answers {capacity:,.0f} /start per second; offering {rate:,.0f}/s")
+    runs: dict[str, list[OverloadRun]] = {k: [] for k in OVERLOAD_BOTS}
+    for round_no in range(bench.plan.runs):
+        for key in OVERLOAD_BOTS:
+            run = overload_once(bench, key, rate)
+            runs[key].append(run)
+            _progress(f"overload {key} round {round_no + 1}: {run.acked_rate:,.0f} acked/s, ack p99 "
+                      f"{run.ack_p99_ms:.1f} ms, {run.answered:,}/{run.expected:,} answered")
+    return {"capacity": capacity, "rate": rate, "runs": runs}
+
+
 # -- profiling (optional) ------------------------------------------------------------------------------
 
 def profile_trt_bot(bench: Bench) -> dict[str, Path]:
@@ -618,7 +855,7 @@ def _progress(message: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark trt_bot against aiogram, PTB and a bare asyncio server.")
-    parser.add_argument("--quick", action="store_true", help="a short run of every figure (seconds, not minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short run of every figure (a few minutes)")
     parser.add_argument("--no-generation", action="store_true",
                         help="figure 3 without the 500 generations in flight (the idle probe only)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "latest.md",
@@ -634,6 +871,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the peers and the bare server on asyncio's default loop instead of uvloop")
     parser.add_argument("--ptb-concurrent", type=int, default=0,
                         help="PTB concurrent_updates (default 0: PTB's default, one update at a time)")
+    parser.add_argument("--ptb-limiter-retries", type=int, default=3,
+                        help="figure 6: AIORateLimiter max_retries for the PTB + AIORateLimiter peer (PTB's default: 0)")
     parser.add_argument("--trt-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for trt_bot, e.g. UPDATE_QUEUE_WORKERS=8 (repeatable)")
     parser.add_argument("--kie-create-ms", type=float, default=300, help="fake Kie: createTask answer delay")
@@ -649,7 +888,7 @@ def check_tools(profile: bool) -> list[str]:
     if profile and not Path(_py_spy()).exists() and shutil.which("py-spy") is None:
         missing.append("py-spy (pip install py-spy)")
     for module, package in (("aiogram", "aiogram"), ("telegram", "python-telegram-bot"), ("tornado", "tornado"),
-                            ("uvloop", "uvloop")):
+                            ("aiolimiter", "python-telegram-bot[rate-limiter]"), ("uvloop", "uvloop")):
         if importlib.util.find_spec(module) is None:
             missing.append(f"{package} (pip install -r bench/requirements.txt)")
     return missing
@@ -679,6 +918,10 @@ def main(argv: list[str] | None = None) -> int:
             results["latency"] = figure_reply_latency(bench)
         if wanted("4"):
             results["footprint"] = figure_footprint(bench)
+        if wanted("6"):
+            results["flood"] = figure_flood(bench)
+        if wanted("7"):
+            results["overload"] = figure_overload(bench)
         if args.profile:
             results["profile"] = profile_trt_bot(bench)
         context = report.Context(

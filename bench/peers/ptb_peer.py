@@ -5,6 +5,9 @@ The set-up PTB documents for webhooks: ``Application.builder().token(...)
 ``run_webhook`` (PTB's own tornado server, which calls getMe and setWebhook
 first).  Everything else is PTB's default, including ``concurrent_updates``
 (off: one update handled at a time); ``BENCH_PTB_CONCURRENT=N`` raises it.
+``BENCH_PTB_RATE_LIMITER=N`` adds PTB's ``AIORateLimiter`` (the
+``rate-limiter`` extra) at its defaults, Telegram's 30/s overall and 20/min per
+group, retrying a 429 up to N times (its default, 0, never retries).
 ``run_webhook`` serves only the webhook path, so start-up is timed to its
 first HTTP answer (a 405 to GET on that path).
 """
@@ -15,7 +18,7 @@ import os
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.constants import ParseMode
-from telegram.ext import Application, CommandHandler, ContextTypes
+from telegram.ext import AIORateLimiter, Application, CommandHandler, ContextTypes
 
 from common import ALLOWED_UPDATES, MENU, START_TEXT, prepare_runtime, settings
 
@@ -33,6 +36,9 @@ def main() -> None:
     concurrent = int(os.environ.get("BENCH_PTB_CONCURRENT", "0"))
     if concurrent > 0:
         builder = builder.concurrent_updates(concurrent)
+    retries = os.environ.get("BENCH_PTB_RATE_LIMITER", "")
+    if retries:
+        builder = builder.rate_limiter(AIORateLimiter(max_retries=int(retries)))
     application = builder.build()
     application.add_handler(CommandHandler("start", on_start))
     application.run_webhook(
