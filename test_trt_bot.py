@@ -1528,6 +1528,98 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     assert pipeline.stats.rejected == 3
 
 
+def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
+    update = update_message(update_id, chat, "x")
+    return trt_bot.InboxItem(update_id, chat, update, json.dumps(update).encode(), 0.0)
+
+
+async def test_a_worker_starts_no_handler_while_an_ack_is_owed_and_starts_once_it_is_settled():
+    clock = ManualClock()
+    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+    tracker = trt_bot.UpdateTracker(10)
+    handled: list[int] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
+    (worker,) = workers.start()
+    try:
+        with ack_first:
+            workers.enqueue(queued_item(1, 42))
+            await eventually(lambda: ack_first.deferred == 1 and clock.sleepers == 1)  # the worker waits, bounded
+            assert handled == []
+        await eventually(lambda: handled == [1])
+        assert clock.sleepers == 0  # its bound ended with the wait
+    finally:
+        worker.cancel()
+        await asyncio.wait([worker])
+
+
+async def test_under_sustained_overload_a_worker_still_starts_a_handler_after_the_longest_wait():
+    clock = ManualClock()
+    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+    tracker = trt_bot.UpdateTracker(10)
+    handled: list[int] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
+    (worker,) = workers.start()
+    try:
+        with ack_first:  # owed all along: acks keep coming
+            for update_id in (1, 2):
+                workers.enqueue(queued_item(update_id, 42))
+            for handled_after in ([1], [1, 2]):
+                await eventually(lambda: clock.sleepers == 1)
+                clock.advance(0.049)
+                await asyncio.sleep(0)
+                assert len(handled) == len(handled_after) - 1
+                clock.advance(0.001)
+                await eventually(lambda: handled == handled_after)
+            assert ack_first.deferred == 2 and ack_first.owed == 1
+    finally:
+        worker.cancel()
+        await asyncio.wait([worker])
+
+
+async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
+    app = await make_app()
+    release = threading.Event()
+    try:
+        blocker = asyncio.ensure_future(app.db.write(lambda conn: release.wait(10)))  # holds the database thread
+        posted = asyncio.ensure_future(post_update(app, update_message(1, 42, "x")))
+        await eventually(lambda: app.pipeline.workers.ack_first.owed == 1)
+        release.set()
+        assert (await posted).status_code == 200
+        await blocker
+        assert app.pipeline.workers.ack_first.owed == 0
+        assert (await post_update(app, update_message(1, 42, "x"))).status_code == 200  # a duplicate
+        assert (await post_update(app, {"update_id": 2**70})).status_code == 400
+        assert app.pipeline.workers.ack_first.owed == 0  # settled on every answer
+    finally:
+        release.set()
+
+
+async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_exactly_once(make_app):
+    app = await make_app(UPDATE_QUEUE_WORKERS="3", UPDATE_QUEUE_SIZE="20")
+    handled: list[int] = []
+
+    async def recording_handler(update: dict) -> None:
+        handled.append(update["update_id"])
+        await asyncio.sleep(0)
+
+    app.pipeline.handler = recording_handler
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as client:
+        results = await asyncio.gather(*(post_update(app, update_message(n, 5000 + n % 50, "x"), client)
+                                         for n in range(1, 401)))
+    assert {r.status_code for r in results} == {200}
+    await asyncio.wait_for(app.pipeline.idle(), 30)
+    assert sorted(handled) == list(range(1, 401))  # none lost, none twice
+    assert app.pipeline.workers.ack_first.deferred > 0 and app.pipeline.workers.ack_first.owed == 0
+
+
 async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
     clock = ManualClock()
     watchdog = trt_bot.HandlerWatchdog(timeout=30.0, clock=clock)

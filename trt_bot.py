@@ -2121,7 +2121,7 @@ class KieClient:
 #    Owns an update from the moment it arrives until a handler is done with it:
 #    admission (the durable ack, duplicates, spilling to the inbox when memory
 #    is full), one state per update, the ordered workers, the handler watchdog
-#    and the counters /health shows.
+#    and the counters /health shows; handlers give way to the acks owed.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -2499,6 +2499,54 @@ class HandlerWatchdog:
             self.cut_overdue()
 
 
+ACK_FIRST_MAX_WAIT_S = 0.05  # under overload a worker still starts a handler this often: handling slows, never stops
+
+
+class AckFirst:
+    """Handlers give way to the webhook's acknowledgements.
+
+    An acknowledgement is owed (``with ack_first:``) from the moment the
+    webhook has an update until its answer is decided.  A worker about to start a handler
+    waits while any is owed, so the event loop runs the ack path first and the
+    inbox absorbs what the handlers cannot take yet (acknowledged updates are
+    stored already).  Under sustained overload acks are nearly always owed:
+    the wait then ends after ``max_wait``, so handling keeps a bounded share
+    of the loop and every update is handled once the load stops.
+    """
+
+    def __init__(self, max_wait: float = ACK_FIRST_MAX_WAIT_S, clock: Clock = SYSTEM_CLOCK):
+        self.max_wait = max_wait
+        self.clock = clock
+        self.owed = 0
+        self.deferred = 0  # handler starts that waited for acks
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def __enter__(self) -> None:
+        """An acknowledgement is owed until the block ends."""
+        self.owed += 1
+        self._settled.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.owed -= 1
+        if not self.owed:
+            self._settled.set()
+
+    async def turn(self) -> None:
+        """Return once no acknowledgement is owed, or after ``max_wait`` of waiting for that."""
+        if not self.owed:
+            return
+        self.deferred += 1
+        settled = asyncio.ensure_future(self._settled.wait())
+        waited = asyncio.ensure_future(self.clock.sleep(self.max_wait))
+        try:
+            await asyncio.wait((settled, waited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settled.cancel()
+            waited.cancel()
+            await asyncio.wait((settled, waited))
+
+
 class ChatWorkers:
     """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
 
@@ -2506,9 +2554,11 @@ class ChatWorkers:
     that worker, which runs the chat's parked updates before taking new work.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
+                 ack_first: AckFirst):
         self.tracker = tracker
         self.count = count
+        self.ack_first = ack_first
         self.active = 0  # workers running a handler now
         self._process = process
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
@@ -2533,6 +2583,7 @@ class ChatWorkers:
             self._parked[key] = parked = collections.deque()
             try:
                 while item is not None:
+                    await self.ack_first.turn()
                     self.tracker.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
                     try:
@@ -2667,7 +2718,7 @@ class UpdatePipeline:
         self.stored = StoredUpdates(max_backlog)
         self.writer = InboxWriter(db, self.tracker, self.stored)
         self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers)
+        self.workers = ChatWorkers(self.tracker, self._process, workers, AckFirst(clock=clock))
         self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
                                   self._may_take, clock)
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
@@ -5348,7 +5399,8 @@ class Routes:
         update = parse_update(request.body)
         if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        outcome = await self.pipeline.ingest(update, request.body)
+        with self.pipeline.workers.ack_first:  # handlers wait while it is owed
+            outcome = await self.pipeline.ingest(update, request.body)
         self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
         if not isinstance(outcome, Rejected):
             return Response(200, OK_BODY, "application/json")
