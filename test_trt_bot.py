@@ -1057,6 +1057,117 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
         assert caught.value.retry_after is None
 
 
+async def test_bot_api_calls_go_over_aiohttp_and_other_urls_over_httpxs_own_transport_which_respx_sees(fake_tg):
+    async with trt_bot.bot_http_client([fake_tg.base_url]) as http, respx.mock() as mock:
+        download = mock.get("https://93.184.216.34/x.png").mock(return_value=httpx.Response(200, content=b"png"))
+        telegram = trt_bot.TelegramClient(TOKEN, fake_tg.base_url, http)
+        assert (await telegram.send_message(42, "hi"))["chat"]["id"] == 42
+        assert (await http.get("https://93.184.216.34/x.png")).content == b"png"
+        assert download.call_count == 1 and len(mock.calls) == 1  # respx never saw the Bot API call ...
+    assert [p["text"] for p in fake_tg.calls_of("sendMessage")] == ["hi"]  # ... which reached the fake
+
+
+async def test_without_httpx_aiohttp_the_bots_calls_use_httpxs_own_transport(monkeypatch):
+    monkeypatch.setattr(trt_bot, "AiohttpTransport", None)  # as when the import failed
+    async with trt_bot.bot_http_client([API]) as http, respx.mock() as mock:
+        route = mock.post(f"{API}/bot{TOKEN}/getMe").mock(return_value=httpx.Response(200, json={"ok": True,
+                                                                                               "result": {}}))
+        assert await trt_bot.TelegramClient(TOKEN, API, http).call("getMe") == {}
+        assert route.call_count == 1
+
+
+async def serve_raw(answer) -> tuple[asyncio.AbstractServer, str]:
+    """A server that reads one request head, then lets ``answer(writer)`` do what it will."""
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def close_at_once(writer: asyncio.StreamWriter) -> None:
+    pass
+
+
+async def reset(writer: asyncio.StreamWriter) -> None:
+    writer.transport.abort()
+
+
+async def half_an_answer(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\":")
+    await writer.drain()
+
+
+async def not_http(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"garbage\r\n\r\n")
+    await writer.drain()
+
+
+async def never_answer(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(5)
+
+
+@pytest.mark.parametrize("answer", [close_at_once, reset, half_an_answer, not_http, never_answer])
+async def test_a_bot_api_call_that_went_out_and_lost_its_answer_may_have_been_performed(answer):
+    server, base = await serve_raw(answer)
+    try:
+        async with trt_bot.bot_http_client([base]) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await telegram.call("sendPhoto", {"chat_id": 1}, timeout=0.3, repeatable=False)
+    finally:
+        server.close()
+    assert caught.value.maybe_performed, caught.value
+
+
+async def test_an_upload_the_server_does_not_read_ends_at_the_calls_timeout():
+    server, base = await serve_raw(never_answer)  # reads the head only: the body stalls in the socket buffers
+    try:
+        async with trt_bot.bot_http_client([base]) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            upload = telegram.call("sendDocument", {"chat_id": 1}, files={"document": ("a.png", b"x" * 2**25, "image/png")},
+                                   timeout=0.3, repeatable=False)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await asyncio.wait_for(upload, 4)  # the server holds the connection for 5 s
+    finally:
+        server.close()
+    assert caught.value.maybe_performed
+
+
+async def test_a_bot_api_call_that_could_not_connect_was_not_performed():
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with trt_bot.bot_http_client([base]) as http:
+        with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+            await trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY).call("sendPhoto", repeatable=False)
+    assert not caught.value.maybe_performed and "ConnectError" in caught.value.description
+
+
+async def test_a_bot_api_call_that_waited_too_long_for_a_connection_was_not_performed():
+    holding = asyncio.Event()
+
+    async def hold(writer: asyncio.StreamWriter) -> None:
+        holding.set()
+        await asyncio.sleep(5)
+
+    server, base = await serve_raw(hold)
+    try:
+        async with httpx.AsyncClient(transport=trt_bot.AiohttpCalls(httpx.Limits(max_connections=1))) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            first = asyncio.ensure_future(telegram.call("getMe", timeout=5.0))  # takes the only connection
+            await asyncio.wait_for(holding.wait(), 5)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await telegram.call("sendPhoto", timeout=0.3, repeatable=False)
+            first.cancel()
+            await asyncio.wait([first])
+    finally:
+        server.close()
+    assert not caught.value.maybe_performed and "ConnectTimeout" in caught.value.description
+
+
 ###############################################################################
 # 9. Update pipeline (end to end through the webhook)
 ###############################################################################

@@ -52,6 +52,12 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import httpx
 
+try:  # optional (section 7): without it the Bot API and Kie calls use httpx's own transport
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+except ImportError:
+    aiohttp = AiohttpTransport = None
+
 __version__ = "1.0.0"
 
 log = logging.getLogger("trt_bot")
@@ -1700,6 +1706,63 @@ TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 TELEGRAM_RETRY_BUDGET_S = 20.0
 TELEGRAM_BACKOFF_BASE_S = 0.5  # first retry within 0.5 s, then 1, 2, 4 s ...
 TELEGRAM_BACKOFF_CAP_S = 8.0  # ... never more than 8 s between two tries
+
+
+def httpx_error_for(error: Exception) -> Exception:
+    """The httpx error httpx's own transport raises for the failure ``error`` (from httpx-aiohttp) reports.
+
+    httpx-aiohttp maps every aiohttp ClientConnectionError, a connection lost
+    after the request went out included, to ConnectTimeout, which reads as
+    "never sent" (UNSENT_REQUEST_ERRORS): a call Telegram may have performed
+    would be repeated.  Only a failure to connect is one.  Some aiohttp errors
+    (an answer that is not HTTP) it lets through unmapped.
+    """
+    cause = error.__cause__ or error
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(cause))
+    if isinstance(cause, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(cause))
+    return httpx.ReadError(str(cause) or type(cause).__name__)  # sent; its answer was lost
+
+
+class AiohttpCalls(httpx.AsyncBaseTransport):
+    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py),
+    raising the errors httpx's own transport raises, so a lost answer is still told from a call never sent."""
+
+    def __init__(self, limits: httpx.Limits):
+        self._transport = AiohttpTransport(limits=limits)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # httpx-aiohttp ignores the write timeout, so an upload the peer stops reading would wait
+        # forever: the request must be sent and answered within its write and read timeouts together.
+        timeout = request.extensions.get("timeout", {})
+        write, read = timeout.get("write"), timeout.get("read")
+        deadline = asyncio.timeout(None if write is None or read is None else write + read)
+        try:
+            async with deadline:
+                return await self._transport.handle_async_request(request)
+        except (httpx.ConnectTimeout, aiohttp.ClientError) as error:
+            raise httpx_error_for(error) from error
+        except TimeoutError:
+            if deadline.expired():
+                raise httpx.WriteTimeout("not sent and answered within the write and read timeouts") from None
+            raise
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
+    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over aiohttp when httpx-aiohttp
+    is installed; everything else (result downloads, with their pinned address and SNI) over httpx's own."""
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    mounts: dict[str, httpx.AsyncBaseTransport] = {}
+    if AiohttpTransport is not None:
+        calls = AiohttpCalls(limits)
+        for base in api_bases:
+            parts = urllib.parse.urlsplit(base)
+            mounts[f"{parts.scheme}://{parts.netloc}"] = calls
+    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, limits=limits, mounts=mounts)
 
 
 class TelegramError(TrtError):
@@ -5448,9 +5511,7 @@ class App:
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
         self.db = Database(config.database_path)
-        self.http = http or httpx.AsyncClient(
-            timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        )
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
