@@ -53,8 +53,8 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 import httpx
 
 try:  # optional (section 7): without it the Bot API and Kie calls use httpx's own transport
-    import aiohttp
     from httpx_aiohttp import AiohttpTransport
+    import aiohttp
 except ImportError:
     aiohttp = AiohttpTransport = None
 
