@@ -1129,8 +1129,8 @@ async def test_an_upload_the_server_does_not_read_ends_at_the_calls_timeout():
     try:
         async with trt_bot.bot_http_client([base]) as http:
             telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
-            upload = telegram.call("sendDocument", {"chat_id": 1}, files={"document": ("a.png", b"x" * 2**25, "image/png")},
-                                   timeout=0.3, repeatable=False)
+            document = {"document": ("a.png", b"x" * 2**25, "image/png")}  # more than the socket buffers hold
+            upload = telegram.call("sendDocument", {"chat_id": 1}, files=document, timeout=0.3, repeatable=False)
             with pytest.raises(trt_bot.TelegramNetworkError) as caught:
                 await asyncio.wait_for(upload, 4)  # the server holds the connection for 5 s
     finally:
@@ -1973,7 +1973,7 @@ async def test_health_has_the_documented_shape(make_app):
         health = (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
     assert {"status", "uptime", "active", "webhook_mode", "lock_acquired", "db_schema_ready", "queue"} <= set(health)
     assert set(health["queue"]) >= {"total_received", "total_processed", "total_dropped", "total_errors",
-                                    "workers_active", "queue_depth", "queue_max", "drop_rate"}
+                                    "workers_active", "queue_depth", "queue_max", "drop_rate", "handling_deferred"}
     assert health["status"] == "ok" and health["webhook_mode"] is True and health["queue"]["queue_max"] == 100
     assert health["warnings"] == []
 

@@ -1695,7 +1695,8 @@ class RateLimiter:
 
 ###############################################################################
 # 7. Telegram client
-#    Owns talking to the Bot API: one shared httpx client, response parsing,
+#    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
+#    calls over aiohttp when httpx-aiohttp is installed), response parsing,
 #    which failures are retried (TELEGRAM_RETRY).  The token lives only in
 #    request URLs.
 ###############################################################################
@@ -2569,10 +2570,10 @@ class AckFirst:
     """Handlers give way to the webhook's acknowledgements.
 
     An acknowledgement is owed (``with ack_first:``) from the moment the
-    webhook has an update until its answer is decided.  A worker about to start a handler
-    waits while any is owed, so the event loop runs the ack path first and the
-    inbox absorbs what the handlers cannot take yet (acknowledged updates are
-    stored already).  Under sustained overload acks are nearly always owed:
+    webhook has an update until its answer is decided.  A worker about to
+    start a handler waits while any is owed, so the event loop runs the ack
+    path first and the inbox absorbs what the handlers cannot take yet
+    (acknowledged updates are stored already).  Under sustained overload acks are nearly always owed:
     the wait then ends after ``max_wait``, so handling keeps a bounded share
     of the loop and every update is handled once the load stops.
     """
@@ -2993,6 +2994,7 @@ class UpdatePipeline:
             "memory_only": stats.memory_only,
             "rejected": stats.rejected,
             "inbox_backlog": self.backlog,
+            "handling_deferred": self.workers.ack_first.deferred,
         }
 
 

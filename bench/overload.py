@@ -112,7 +112,8 @@ COLUMNS = (("capacity /s", "capacity"), ("CPU µs per /start", "cpu_us_per_start
 
 
 def render(results: dict[str, list[Round]], args: argparse.Namespace, placement: str) -> str:
-    lines = [f"Overload at {args.factor:g}x capacity, {args.seconds} s, {CONNECTIONS} connections, "
+    load = f"{args.rate:,.0f} updates/s" if args.rate else f"{args.factor:g}x capacity"
+    lines = [f"Overload at {load}, {args.seconds} s, {CONNECTIONS} connections, "
              f"median (min-max) of {args.runs} round(s); {placement}", ""]
     lines.append("| " + " | ".join(["bot", *[title for title, _ in COLUMNS]]) + " |")
     lines.append("|" + "---|" * (len(COLUMNS) + 1))
@@ -127,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=10, help="seconds of overload per round")
     parser.add_argument("--burst", type=int, default=5000, help="/start updates in the capacity burst")
     parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="offer this many updates/s to every bot instead (like for like across versions)")
     parser.add_argument("--drain", type=float, default=120.0, help="seconds to wait for every reply")
     parser.add_argument("--bots", default=",".join(BOTS), help="which bots, comma-separated (default: both)")
     parser.add_argument("--compare", action="append", default=[], metavar="PATH",
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.runs):
             for key in results:
                 capacity, cpu_us = measure_capacity(bench, key, args.burst)
-                offered = capacity * args.factor
+                offered = args.rate or capacity * args.factor
                 overload = measure_overload(bench, key, offered, args.seconds, args.drain)
                 results[key].append(Round(capacity, cpu_us, offered, **overload))
                 print(f"  · round {round_no + 1} {key}: {results[key][-1]}", file=sys.stderr, flush=True)
