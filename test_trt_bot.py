@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -2130,3 +2131,12 @@ def test_no_log_record_in_the_whole_suite_contains_a_secret():
     assert any(r.name == "httpx" for r in ALL_RECORDS.records)
     leaked = [formatted(r) for r in ALL_RECORDS.records if any(s in formatted(r) for s in SECRETS + DERIVED_SECRETS)]
     assert leaked == []
+
+
+def test_start_up_objects_are_kept_out_of_later_full_collections():
+    gc.unfreeze()
+    try:
+        trt_bot.freeze_start_up_objects()
+        assert gc.get_freeze_count() > 1000  # every module's objects, not a handful
+    finally:
+        gc.unfreeze()

@@ -29,6 +29,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import gc
 import hashlib
 import heapq
 import hmac
@@ -5682,6 +5683,17 @@ async def _check_kie(config: Config, kie: KieClient, report: Callable[[str, str,
            + ("" if credits > 0 else ": top them up in your Kie.ai dashboard"))
 
 
+def freeze_start_up_objects() -> None:
+    """Keep what start-up built (the modules, the app) out of every later full garbage collection.
+
+    None of it is garbage, yet a full collection walks all of it: with aiohttp
+    loaded that stalled the event loop, and every ack with it, for tens of
+    milliseconds; frozen, a full collection takes about one.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config) -> int:
     """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
     app = App(config)
@@ -5690,6 +5702,7 @@ async def serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await app.start()
+    freeze_start_up_objects()
     await stop.wait()
     await app.stop()
     return 0
