@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -1193,6 +1194,117 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
         assert caught.value.retry_after is None
 
 
+async def test_bot_api_calls_go_over_aiohttp_and_other_urls_over_httpxs_own_transport_which_respx_sees(fake_tg):
+    async with trt_bot.bot_http_client([fake_tg.base_url]) as http, respx.mock() as mock:
+        download = mock.get("https://93.184.216.34/x.png").mock(return_value=httpx.Response(200, content=b"png"))
+        telegram = trt_bot.TelegramClient(TOKEN, fake_tg.base_url, http)
+        assert (await telegram.send_message(42, "hi"))["chat"]["id"] == 42
+        assert (await http.get("https://93.184.216.34/x.png")).content == b"png"
+        assert download.call_count == 1 and len(mock.calls) == 1  # respx never saw the Bot API call ...
+    assert [p["text"] for p in fake_tg.calls_of("sendMessage")] == ["hi"]  # ... which reached the fake
+
+
+async def test_without_httpx_aiohttp_the_bots_calls_use_httpxs_own_transport(monkeypatch):
+    monkeypatch.setattr(trt_bot, "AiohttpTransport", None)  # as when the import failed
+    async with trt_bot.bot_http_client([API]) as http, respx.mock() as mock:
+        route = mock.post(f"{API}/bot{TOKEN}/getMe").mock(return_value=httpx.Response(200, json={"ok": True,
+                                                                                               "result": {}}))
+        assert await trt_bot.TelegramClient(TOKEN, API, http).call("getMe") == {}
+        assert route.call_count == 1
+
+
+async def serve_raw(answer) -> tuple[asyncio.AbstractServer, str]:
+    """A server that reads one request head, then lets ``answer(writer)`` do what it will."""
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def close_at_once(writer: asyncio.StreamWriter) -> None:
+    pass
+
+
+async def reset(writer: asyncio.StreamWriter) -> None:
+    writer.transport.abort()
+
+
+async def half_an_answer(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\":")
+    await writer.drain()
+
+
+async def not_http(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"garbage\r\n\r\n")
+    await writer.drain()
+
+
+async def never_answer(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(5)
+
+
+@pytest.mark.parametrize("answer", [close_at_once, reset, half_an_answer, not_http, never_answer])
+async def test_a_bot_api_call_that_went_out_and_lost_its_answer_may_have_been_performed(answer):
+    server, base = await serve_raw(answer)
+    try:
+        async with trt_bot.bot_http_client([base]) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await telegram.call("sendPhoto", {"chat_id": 1}, timeout=0.3, repeatable=False)
+    finally:
+        server.close()
+    assert caught.value.maybe_performed, caught.value
+
+
+async def test_an_upload_the_server_does_not_read_ends_at_the_calls_timeout():
+    server, base = await serve_raw(never_answer)  # reads the head only: the body stalls in the socket buffers
+    try:
+        async with trt_bot.bot_http_client([base]) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            document = {"document": ("a.png", b"x" * 2**25, "image/png")}  # more than the socket buffers hold
+            upload = telegram.call("sendDocument", {"chat_id": 1}, files=document, timeout=0.3, repeatable=False)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await asyncio.wait_for(upload, 4)  # the server holds the connection for 5 s
+    finally:
+        server.close()
+    assert caught.value.maybe_performed
+
+
+async def test_a_bot_api_call_that_could_not_connect_was_not_performed():
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with trt_bot.bot_http_client([base]) as http:
+        with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+            await trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY).call("sendPhoto", repeatable=False)
+    assert not caught.value.maybe_performed and "ConnectError" in caught.value.description
+
+
+async def test_a_bot_api_call_that_waited_too_long_for_a_connection_was_not_performed():
+    holding = asyncio.Event()
+
+    async def hold(writer: asyncio.StreamWriter) -> None:
+        holding.set()
+        await asyncio.sleep(5)
+
+    server, base = await serve_raw(hold)
+    try:
+        async with httpx.AsyncClient(transport=trt_bot.AiohttpCalls(httpx.Limits(max_connections=1))) as http:
+            telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
+            first = asyncio.ensure_future(telegram.call("getMe", timeout=5.0))  # takes the only connection
+            await asyncio.wait_for(holding.wait(), 5)
+            with pytest.raises(trt_bot.TelegramNetworkError) as caught:
+                await telegram.call("sendPhoto", timeout=0.3, repeatable=False)
+            first.cancel()
+            await asyncio.wait([first])
+    finally:
+        server.close()
+    assert not caught.value.maybe_performed and "ConnectTimeout" in caught.value.description
+
+
 ###############################################################################
 # 9. Update pipeline (end to end through the webhook)
 ###############################################################################
@@ -1698,6 +1810,98 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     assert pipeline.stats.rejected == 3
 
 
+def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
+    update = update_message(update_id, chat, "x")
+    return trt_bot.InboxItem(update_id, chat, update, json.dumps(update).encode(), 0.0)
+
+
+async def test_a_worker_starts_no_handler_while_an_ack_is_owed_and_starts_once_it_is_settled():
+    clock = ManualClock()
+    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+    tracker = trt_bot.UpdateTracker(10)
+    handled: list[int] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
+    (worker,) = workers.start()
+    try:
+        with ack_first:
+            workers.enqueue(queued_item(1, 42))
+            await eventually(lambda: ack_first.deferred == 1 and clock.sleepers == 1)  # the worker waits, bounded
+            assert handled == []
+        await eventually(lambda: handled == [1])
+        assert clock.sleepers == 0  # its bound ended with the wait
+    finally:
+        worker.cancel()
+        await asyncio.wait([worker])
+
+
+async def test_under_sustained_overload_a_worker_still_starts_a_handler_after_the_longest_wait():
+    clock = ManualClock()
+    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+    tracker = trt_bot.UpdateTracker(10)
+    handled: list[int] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
+    (worker,) = workers.start()
+    try:
+        with ack_first:  # owed all along: acks keep coming
+            for update_id in (1, 2):
+                workers.enqueue(queued_item(update_id, 42))
+            for handled_after in ([1], [1, 2]):
+                await eventually(lambda: clock.sleepers == 1)
+                clock.advance(0.049)
+                await asyncio.sleep(0)
+                assert len(handled) == len(handled_after) - 1
+                clock.advance(0.001)
+                await eventually(lambda: handled == handled_after)
+            assert ack_first.deferred == 2 and ack_first.owed == 1
+    finally:
+        worker.cancel()
+        await asyncio.wait([worker])
+
+
+async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
+    app = await make_app()
+    release = threading.Event()
+    try:
+        blocker = asyncio.ensure_future(app.db.write(lambda conn: release.wait(10)))  # holds the database thread
+        posted = asyncio.ensure_future(post_update(app, update_message(1, 42, "x")))
+        await eventually(lambda: app.pipeline.workers.ack_first.owed == 1)
+        release.set()
+        assert (await posted).status_code == 200
+        await blocker
+        assert app.pipeline.workers.ack_first.owed == 0
+        assert (await post_update(app, update_message(1, 42, "x"))).status_code == 200  # a duplicate
+        assert (await post_update(app, {"update_id": 2**70})).status_code == 400
+        assert app.pipeline.workers.ack_first.owed == 0  # settled on every answer
+    finally:
+        release.set()
+
+
+async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_exactly_once(make_app):
+    app = await make_app(UPDATE_QUEUE_WORKERS="3", UPDATE_QUEUE_SIZE="20")
+    handled: list[int] = []
+
+    async def recording_handler(update: dict) -> None:
+        handled.append(update["update_id"])
+        await asyncio.sleep(0)
+
+    app.pipeline.handler = recording_handler
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as client:
+        results = await asyncio.gather(*(post_update(app, update_message(n, 5000 + n % 50, "x"), client)
+                                         for n in range(1, 401)))
+    assert {r.status_code for r in results} == {200}
+    await asyncio.wait_for(app.pipeline.idle(), 30)
+    assert sorted(handled) == list(range(1, 401))  # none lost, none twice
+    assert app.pipeline.workers.ack_first.deferred > 0 and app.pipeline.workers.ack_first.owed == 0
+
+
 async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
     clock = ManualClock()
     watchdog = trt_bot.HandlerWatchdog(timeout=30.0, clock=clock)
@@ -2072,7 +2276,7 @@ async def test_health_has_the_documented_shape(make_app):
         health = (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
     assert {"status", "uptime", "active", "webhook_mode", "lock_acquired", "db_schema_ready", "queue"} <= set(health)
     assert set(health["queue"]) >= {"total_received", "total_processed", "total_dropped", "total_errors",
-                                    "workers_active", "queue_depth", "queue_max", "drop_rate"}
+                                    "workers_active", "queue_depth", "queue_max", "drop_rate", "handling_deferred"}
     assert health["status"] == "ok" and health["webhook_mode"] is True and health["queue"]["queue_max"] == 100
     assert health["warnings"] == []
 
@@ -2229,3 +2433,12 @@ def test_no_log_record_in_the_whole_suite_contains_a_secret():
     assert any(r.name == "httpx" for r in ALL_RECORDS.records)
     leaked = [formatted(r) for r in ALL_RECORDS.records if any(s in formatted(r) for s in SECRETS + DERIVED_SECRETS)]
     assert leaked == []
+
+
+def test_start_up_objects_are_kept_out_of_later_full_collections():
+    gc.unfreeze()
+    try:
+        trt_bot.freeze_start_up_objects()
+        assert gc.get_freeze_count() > 1000  # every module's objects, not a handful
+    finally:
+        gc.unfreeze()

@@ -30,6 +30,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import functools
+import gc
 import hashlib
 import heapq
 import hmac
@@ -54,6 +55,12 @@ import urllib.parse
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import httpx
+
+try:  # optional (section 7): without it the Bot API and Kie calls use httpx's own transport
+    from httpx_aiohttp import AiohttpTransport
+    import aiohttp
+except ImportError:
+    aiohttp = AiohttpTransport = None
 
 __version__ = "1.0.0"
 
@@ -2012,7 +2019,8 @@ class RateLimiter:
 
 ###############################################################################
 # 7. Telegram client
-#    Owns talking to the Bot API: one shared httpx client, response parsing,
+#    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
+#    calls over aiohttp when httpx-aiohttp is installed), response parsing,
 #    which failures are retried (TELEGRAM_RETRY).  The token lives only in
 #    request URLs.
 ###############################################################################
@@ -2023,6 +2031,63 @@ TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 TELEGRAM_RETRY_BUDGET_S = 20.0
 TELEGRAM_BACKOFF_BASE_S = 0.5  # first retry within 0.5 s, then 1, 2, 4 s ...
 TELEGRAM_BACKOFF_CAP_S = 8.0  # ... never more than 8 s between two tries
+
+
+def httpx_error_for(error: Exception) -> Exception:
+    """The httpx error httpx's own transport raises for the failure ``error`` (from httpx-aiohttp) reports.
+
+    httpx-aiohttp maps every aiohttp ClientConnectionError, a connection lost
+    after the request went out included, to ConnectTimeout, which reads as
+    "never sent" (UNSENT_REQUEST_ERRORS): a call Telegram may have performed
+    would be repeated.  Only a failure to connect is one.  Some aiohttp errors
+    (an answer that is not HTTP) it lets through unmapped.
+    """
+    cause = error.__cause__ or error
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(cause))
+    if isinstance(cause, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(cause))
+    return httpx.ReadError(str(cause) or type(cause).__name__)  # sent; its answer was lost
+
+
+class AiohttpCalls(httpx.AsyncBaseTransport):
+    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py),
+    raising the errors httpx's own transport raises, so a lost answer is still told from a call never sent."""
+
+    def __init__(self, limits: httpx.Limits):
+        self._transport = AiohttpTransport(limits=limits)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # httpx-aiohttp ignores the write timeout, so an upload the peer stops reading would wait
+        # forever: the request must be sent and answered within its write and read timeouts together.
+        timeout = request.extensions.get("timeout", {})
+        write, read = timeout.get("write"), timeout.get("read")
+        deadline = asyncio.timeout(None if write is None or read is None else write + read)
+        try:
+            async with deadline:
+                return await self._transport.handle_async_request(request)
+        except (httpx.ConnectTimeout, aiohttp.ClientError) as error:
+            raise httpx_error_for(error) from error
+        except TimeoutError:
+            if deadline.expired():
+                raise httpx.WriteTimeout("not sent and answered within the write and read timeouts") from None
+            raise
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
+    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over aiohttp when httpx-aiohttp
+    is installed; everything else (result downloads, with their pinned address and SNI) over httpx's own."""
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    mounts: dict[str, httpx.AsyncBaseTransport] = {}
+    if AiohttpTransport is not None:
+        calls = AiohttpCalls(limits)
+        for base in api_bases:
+            parts = urllib.parse.urlsplit(base)
+            mounts[f"{parts.scheme}://{parts.netloc}"] = calls
+    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, limits=limits, mounts=mounts)
 
 
 class TelegramError(TrtError):
@@ -2448,7 +2513,7 @@ class KieClient:
 #    Owns an update from the moment it arrives until a handler is done with it:
 #    admission (the durable ack, duplicates, spilling to the inbox when memory
 #    is full), one state per update, the ordered workers, the handler watchdog
-#    and the counters /health shows.
+#    and the counters /health shows; handlers give way to the acks owed.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -2826,6 +2891,54 @@ class HandlerWatchdog:
             self.cut_overdue()
 
 
+ACK_FIRST_MAX_WAIT_S = 0.05  # under overload a worker still starts a handler this often: handling slows, never stops
+
+
+class AckFirst:
+    """Handlers give way to the webhook's acknowledgements.
+
+    An acknowledgement is owed (``with ack_first:``) from the moment the
+    webhook has an update until its answer is decided.  A worker about to
+    start a handler waits while any is owed, so the event loop runs the ack
+    path first and the inbox absorbs what the handlers cannot take yet
+    (acknowledged updates are stored already).  Under sustained overload acks are nearly always owed:
+    the wait then ends after ``max_wait``, so handling keeps a bounded share
+    of the loop and every update is handled once the load stops.
+    """
+
+    def __init__(self, max_wait: float = ACK_FIRST_MAX_WAIT_S, clock: Clock = SYSTEM_CLOCK):
+        self.max_wait = max_wait
+        self.clock = clock
+        self.owed = 0
+        self.deferred = 0  # handler starts that waited for acks
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def __enter__(self) -> None:
+        """An acknowledgement is owed until the block ends."""
+        self.owed += 1
+        self._settled.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.owed -= 1
+        if not self.owed:
+            self._settled.set()
+
+    async def turn(self) -> None:
+        """Return once no acknowledgement is owed, or after ``max_wait`` of waiting for that."""
+        if not self.owed:
+            return
+        self.deferred += 1
+        settled = asyncio.ensure_future(self._settled.wait())
+        waited = asyncio.ensure_future(self.clock.sleep(self.max_wait))
+        try:
+            await asyncio.wait((settled, waited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settled.cancel()
+            waited.cancel()
+            await asyncio.wait((settled, waited))
+
+
 class ChatWorkers:
     """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
 
@@ -2833,9 +2946,11 @@ class ChatWorkers:
     that worker, which runs the chat's parked updates before taking new work.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
+                 ack_first: AckFirst):
         self.tracker = tracker
         self.count = count
+        self.ack_first = ack_first
         self.active = 0  # workers running a handler now
         self._process = process
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
@@ -2860,6 +2975,7 @@ class ChatWorkers:
             self._parked[key] = parked = collections.deque()
             try:
                 while item is not None:
+                    await self.ack_first.turn()
                     self.tracker.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
                     try:
@@ -2994,7 +3110,7 @@ class UpdatePipeline:
         self.stored = StoredUpdates(max_backlog)
         self.writer = InboxWriter(db, self.tracker, self.stored)
         self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers)
+        self.workers = ChatWorkers(self.tracker, self._process, workers, AckFirst(clock=clock))
         self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
                                   self._may_take, clock)
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
@@ -3209,6 +3325,7 @@ class UpdatePipeline:
             "memory_only": stats.memory_only,
             "rejected": stats.rejected,
             "inbox_backlog": self.backlog,
+            "handling_deferred": self.workers.ack_first.deferred,
         }
 
 
@@ -6335,7 +6452,8 @@ class Routes:
         update = parse_update(request.body)
         if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        outcome = await self.pipeline.ingest(update, request.body)
+        with self.pipeline.workers.ack_first:  # handlers wait while it is owed
+            outcome = await self.pipeline.ingest(update, request.body)
         self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
         if not isinstance(outcome, Rejected):
             return Response(200, OK_BODY, "application/json")
@@ -6383,9 +6501,7 @@ class App:
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
         self.db = Database(config.database)
-        self.http = http or httpx.AsyncClient(
-            timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        )
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
@@ -6555,6 +6671,17 @@ async def _check_kie(config: Config, kie: KieClient, report: Callable[[str, str,
            + ("" if credits > 0 else ": top them up in your Kie.ai dashboard"))
 
 
+def freeze_start_up_objects() -> None:
+    """Keep what start-up built (the modules, the app) out of every later full garbage collection.
+
+    None of it is garbage, yet a full collection walks all of it: with aiohttp
+    loaded that stalled the event loop, and every ack with it, for tens of
+    milliseconds; frozen, a full collection takes about one.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config) -> int:
     """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
     app = App(config)
@@ -6563,6 +6690,7 @@ async def serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await app.start()
+    freeze_start_up_objects()
     await stop.wait()
     await app.stop()
     return 0
