@@ -1,4 +1,4 @@
-"""Operating the bot: section 13 of trt_bot.py (the lease, /diag/lock, /metrics, ``check``) and the
+"""Operating the bot: section 14 of trt_bot.py (the lease, /diag/lock, /metrics, ``check``) and the
 deploy files (Dockerfile, render.yaml).
 
 Two-instance tests run real bot processes on one SQLite file.
@@ -35,7 +35,7 @@ async def get_json(base_url: str, path: str, **headers: str) -> dict:
 
 
 ###############################################################################
-# 13. The lease: one active instance per database
+# 14. The lease: one active instance per database
 ###############################################################################
 
 @pytest.fixture
@@ -258,7 +258,7 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
 
 
 ###############################################################################
-# 13. /metrics and DIAG_TOKEN
+# 14. /metrics and DIAG_TOKEN
 ###############################################################################
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:
@@ -314,7 +314,7 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped():
 
 
 ###############################################################################
-# 13. Red flags: Telegram's pending count and a growing inbox backlog
+# 14. Red flags: Telegram's pending count and a growing inbox backlog
 ###############################################################################
 
 def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once():
@@ -389,7 +389,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
 
 
 ###############################################################################
-# 13. python trt_bot.py check
+# 14. python trt_bot.py check
 ###############################################################################
 
 def check_env(fake_tg, fake_kie, tmp_path, **overrides: str) -> dict[str, str]:

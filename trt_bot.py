@@ -8,14 +8,15 @@ grepping for its banner (``#####``):
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
    5. Storage              SQLite on its own thread: schema, group commit, inbox, dialogs
-   6. Retry and pacing     one retry policy for every retried call; rate limiters
-   7. Telegram client      raw Bot API over httpx, typed errors
+   6. Retry and pacing     one retry policy for every retried call; rate limiters; the send pacer
+   7. Telegram client      raw Bot API over httpx, typed errors, every sending method paced
    8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
    9. Update pipeline      durable ack, one state per update, ordered workers, watchdog
   10. Texts and keyboards  the model catalog, RU/EN texts, menus and buttons
   11. Dialog               what a user's update means
   12. Generation jobs      a pure job state machine and the drivers of its effects
-  13. Application          lease and role, set-up and polling, routes, diagnostics, main()
+  13. Outbox               the dialog's messages: queued durably, sent paced, in order per chat
+  14. Application          lease and role, set-up and polling, routes, diagnostics, main()
 
 Run it with ``python trt_bot.py`` (see README.md for the environment).
 """
@@ -100,7 +101,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
 CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1,100}){0,9}")
-# Routes the bot serves itself (section 13), which KIE_CALLBACK_PATH must not shadow;
+# Routes the bot serves itself (section 14), which KIE_CALLBACK_PATH must not shadow;
 # True: everything under the route too.
 BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
@@ -149,6 +150,18 @@ def _integer(low: int, high: int) -> SettingParser:
 def _seconds(low: int, high: int) -> SettingParser:
     whole = _integer(low, high)
     return lambda name, raw: float(whole(name, raw))
+
+
+def _fractional_seconds(low: float, high: float) -> SettingParser:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+        return value
+    return parse
 
 
 def _flag(name: str, raw: str) -> bool:
@@ -299,6 +312,15 @@ SETTINGS = (
     Setting("RESULT_DOWNLOAD_ALLOW_PRIVATE", "result_download_allow_private", "0", _flag,
             "`1`: result downloads may reach loopback and private addresses (for tests whose fakes run on "
             "127.0.0.1; never in production)"),
+    Setting("TELEGRAM_SEND_RATE", "telegram_send_rate", "30", _integer(1, 1000),
+            "messages per second across all chats (Telegram's limit is about 30; up to 1000 with paid broadcasts)"),
+    Setting("TELEGRAM_CHAT_INTERVAL_S", "telegram_chat_interval_s", "1", _fractional_seconds(0, 60),
+            "seconds between two messages to one private chat (Telegram: about one per second)"),
+    Setting("TELEGRAM_GROUP_INTERVAL_S", "telegram_group_interval_s", "3", _fractional_seconds(0, 600),
+            "seconds between two messages to one group (Telegram: 20 per minute)"),
+    Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
+            "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
+            "logged"),
 )
 
 # Settings that, left empty, are derived from the bot token (the value names what the secret is for).
@@ -338,6 +360,10 @@ class Config:
     lease_ttl_s: float
     log_level: str
     result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
+    telegram_send_rate: int
+    telegram_chat_interval_s: float
+    telegram_group_interval_s: float
+    outbox_max_wait_s: float
 
     @property
     def webhook_path_secret(self) -> str:
@@ -716,7 +742,7 @@ def render_response(response: Response, keep_alive: bool = True, head_only: bool
 #    Owns sockets: reading and writing under a deadline in every phase of a
 #    connection, bounding connections (evicting idle and stalled ones first),
 #    pipelining and the request bodies held in memory.  What a request means is
-#    the application's business (section 13); it judges each request's head
+#    the application's business (section 14); it judges each request's head
 #    before the body is read.
 ###############################################################################
 
@@ -1135,12 +1161,20 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_user_time ON jobs(user_id, created_at)",
         "CREATE INDEX jobs_time ON jobs(created_at)",
     ],
-    [  # 3: the lease that makes one process on this database the active one (section 13)
+    [  # 3: the lease that makes one process on this database the active one (section 14)
         """CREATE TABLE lease (
                name        TEXT PRIMARY KEY,
                owner       TEXT NOT NULL,
                acquired_at REAL NOT NULL,
                expires_at  REAL NOT NULL)""",
+    ],
+    [  # 4: messages the dialog queued and Telegram has not taken yet (section 13)
+        """CREATE TABLE outbox (
+               id        INTEGER PRIMARY KEY,
+               chat_id   INTEGER NOT NULL,
+               method    TEXT NOT NULL,
+               params    TEXT NOT NULL,
+               queued_at REAL NOT NULL)""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1229,9 +1263,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 # What must outlive the database file being deleted or replaced under us: unhandled
-# updates, jobs not yet delivered, dialogs.  Read from the old file (still open)
-# and added to the new one; rows the new file already has are kept.
-SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"))
+# updates, jobs not yet delivered, dialogs, unsent messages.  Read from the old file
+# (still open) and added to the new one; rows the new file already has are kept.
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"),
+                 ("outbox", "1"))
 
 
 def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
@@ -1408,6 +1443,11 @@ class GroupCommit:
         self.batches = 0
         self._pending: list[tuple[Any, asyncio.Future | None]] = []
         self._writer: asyncio.Task | None = None
+
+    async def settled(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for everything queued so far to be written (or fail)."""
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=timeout)
 
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -1687,6 +1727,88 @@ class RateLimiter:
                 await self.clock.sleep(self._stamps[0] + self.period - now)
 
 
+PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
+
+
+class SendPacer:
+    """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
+
+    Three spacings: between any two sends (one ``rate``-th of a second),
+    between two sends to one chat, and between two sends to one group
+    (``chat_id < 0``).  ``pause(now, seconds)`` holds every send until then
+    (a flood wait applies to the bot, not to one call); afterwards sends
+    resume one spacing apart, not in a burst.  A chat is remembered only
+    while its spacing has not passed, so memory follows the send rate, not
+    the number of chats ever served.
+    """
+
+    def __init__(self, rate: float, chat_interval_s: float, group_interval_s: float):
+        self.interval_s = 1.0 / rate
+        self.chat_interval_s = chat_interval_s
+        self.group_interval_s = group_interval_s
+        self.paused_until = -math.inf
+        self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
+        self._next_send = -math.inf
+        self._next_in_chat: dict[Any, float] = {}
+        self._prune_at = PACER_PRUNE_AT
+
+    def chat_wait(self, now: float, chat_id: Any) -> float:
+        """Seconds until ``chat_id`` may be sent to, as far as its own spacing and a flood pause go."""
+        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, self.paused_until - now)
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next send to any chat may go."""
+        return max(0.0, self._next_send - now, self.paused_until - now)
+
+    def take(self, now: float, chat_id: Any) -> None:
+        """A send goes out now (callers check ``wait`` and ``chat_wait`` first)."""
+        self._next_send = max(self._next_send, now) + self.interval_s
+        spacing = self.group_interval_s if isinstance(chat_id, int) and chat_id < 0 else self.chat_interval_s
+        if spacing > 0 and chat_id is not None:
+            self._next_in_chat[chat_id] = now + spacing
+            if len(self._next_in_chat) >= self._prune_at:
+                self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
+                self._prune_at = max(PACER_PRUNE_AT, 2 * len(self._next_in_chat))
+
+    def pause(self, now: float, seconds: float) -> None:
+        """Hold every send for ``seconds`` from ``now``."""
+        if now >= self.paused_until:
+            self.pauses += 1
+        self.paused_until = max(self.paused_until, now + seconds)
+        self._next_send = max(self._next_send, self.paused_until)
+
+    @property
+    def chats_remembered(self) -> int:
+        return len(self._next_in_chat)
+
+
+class SendGate:
+    """Makes each sender wait its turn under a SendPacer.
+
+    A sender first waits out its own chat's spacing on its own, then queues
+    (first come, first served) for the shared spacing: one sleeper at a time
+    wakes per send, and a chat waiting on its spacing never holds up other
+    chats.
+    """
+
+    def __init__(self, pacer: SendPacer, clock: Clock = SYSTEM_CLOCK):
+        self.pacer = pacer
+        self.clock = clock
+        self._turns = asyncio.Lock()
+
+    async def wait_turn(self, chat_id: Any) -> None:
+        while True:
+            while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
+                await self.clock.sleep(wait)
+            async with self._turns:
+                while (wait := self.pacer.wait(self.clock.monotonic())) > 0:
+                    await self.clock.sleep(wait)
+                now = self.clock.monotonic()
+                if self.pacer.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
+                    self.pacer.take(now, chat_id)
+                    return
+
+
 ###############################################################################
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client, response parsing,
@@ -1770,6 +1892,26 @@ def _answer_maybe_lost(error: TelegramError) -> bool:
     return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
 
+# Methods that put something into a chat, paced at Telegram's limits.  sendChatAction and
+# deleteMessage are paced too: Telegram floods them like messages, and a 429 on any call stops
+# the whole bot.  answerCallbackQuery is exempt (Telegram does not count it, and a button's
+# spinner must stop at once); so is everything that reads or configures.
+PACED_METHODS = frozenset({
+    "sendMessage", "sendPhoto", "sendDocument", "sendMediaGroup", "sendChatAction", "copyMessage",
+    "forwardMessage", "editMessageText", "editMessageCaption", "editMessageMedia", "editMessageReplyMarkup",
+    "deleteMessage",
+})
+DEFAULT_SEND_RATE = 30  # Telegram's broadcast limit, messages per second
+DEFAULT_CHAT_INTERVAL_S = 1.0
+DEFAULT_GROUP_INTERVAL_S = 3.0  # 20 per minute
+
+
+def telegram_pacer(config: Config | None = None) -> SendPacer:
+    if config is None:
+        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_INTERVAL_S)
+    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_interval_s)
+
+
 def _encode_form_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -1784,14 +1926,19 @@ class TelegramClient:
     handled when the process died is handled again after the restart).  With
     ``repeatable=False`` (a photo, which must arrive at most once) such a
     loss is raised at once instead, for the caller to decide.
+
+    Every attempt of a PACED_METHODS call first waits its turn at ``pacer``'s
+    limits, and a 429 on any call pauses them all for its ``retry_after``.
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
         self._url = f"{api_base}/bot{token}/"
         self.http = http
         self.retry = retry
         self.clock = clock
+        self.pacer = pacer or telegram_pacer()
+        self.gate = SendGate(self.pacer, clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
 
     async def call(
@@ -1815,10 +1962,14 @@ class TelegramClient:
                                        clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        if method in PACED_METHODS:
+            await self.gate.wait_turn(params.get("chat_id"))
         try:
             result = await self._post(method, params, files, timeout)
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
+            if error.error_code == 429:
+                self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
         self.calls[method, "ok"] += 1
         return result
@@ -3152,10 +3303,11 @@ class Conversation:
     The dialog state per user is {"step": "prompt" | "ratio" | "option",
     "model": key, "prompt": ..., "ratio": ...}.  Button data is untrusted: a
     value not in the tables or not matching the user's step is answered
-    politely and changes nothing.
+    politely and changes nothing.  Replies go through the outbox (section
+    13): a handler never waits for Telegram, and never sees what a send returns.
     """
 
-    def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
+    def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
                  generations: Generations, *, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
@@ -3336,12 +3488,9 @@ class Conversation:
             key, values = refusal_text(refusal)
             await self.send(ctx, key, **values)
             return
-        status = await self.telegram.send_message(ctx.chat_id, ctx.t["generating"])
-        status_message_id = status.get("message_id", 0) if isinstance(status, dict) else 0
         # The dialog ends only once the job is stored, so a press replayed after kill -9
         # never finds the dialog over and no job to show for it.
-        await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                     status_message_id)
+        await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option)
         await self.states.set(ctx.user_id, None)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
@@ -3928,8 +4077,9 @@ class Submitter:
     """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
 
     def __init__(self, kie: KieClient, slots: KieSlots, alerts: AdminAlerts, apply: Callable[[Job, JobEvent], None],
-                 callback_url: str):
+                 callback_url: str, announce: Callable[[Job], Awaitable[None]]):
         self.kie = kie
+        self.announce = announce  # sends the job's ⏳ message
         self.slots = slots
         self.alerts = alerts
         self.apply = apply
@@ -3947,6 +4097,7 @@ class Submitter:
             job = await self._queue.get()
             if job.state != "created":
                 continue
+            await self.announce(job)  # before Kie has it, so the ⏳ message always comes before the result
             await self.slots.acquire()
             await self._submit(job)
 
@@ -4078,6 +4229,16 @@ class ResultSender:
                 if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
                     raise
         await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
+
+    async def send_status(self, job: Job) -> bool:
+        """Send the ⏳ message and note its id in the job; False (logged) when Telegram would not take it."""
+        try:
+            status = await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["generating"])
+        except TelegramError as error:
+            log.info("[JOB] %s: no ⏳ message: %s", job.id, error.description)
+            return False
+        job.status_message_id = status.get("message_id", 0) if isinstance(status, dict) else 0
+        return True
 
     async def resend(self, job: Job) -> None:
         """Send a finished job's picture again, because its user asked (see "unsure")."""
@@ -4273,9 +4434,10 @@ class Generations:
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
-        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config))
-        self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.sender = ResultSender(telegram, http, config.result_download_allow_private)
+        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
+                                   self._announce)
+        self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, self.sender, self.apply, self._run_in_background,
                                    clock, delivery_budget_s, delivery_notice_s)
         self._tasks: set[asyncio.Task] = set()  # one-off work: polls, deliveries, alerts
@@ -4339,6 +4501,11 @@ class Generations:
     def _forget(self, job: Job, effect: JobAction) -> None:
         self.book.forget(job)
         self.deliverer.forget(job)
+
+    async def _announce(self, job: Job) -> None:
+        """Send the job's ⏳ message (the one delivery edits or removes) and store its id with the job."""
+        if not job.status_message_id and await self.sender.send_status(job):
+            self.book.save(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
         if record.state == "success":
@@ -4437,11 +4604,14 @@ class Generations:
         return self.fairness.refusal(user_id, self.book.busy(user_id))
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
-                    option: str = "", status_message_id: int = 0) -> Job:
-        """Create a job (durably when the database works) and queue it; returns at once."""
+                    option: str = "") -> Job:
+        """Create a job (durably when the database works) and queue it; returns at once.
+
+        The submitter sends its ⏳ message before handing it to Kie.
+        """
         now = self.clock.time()
         job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
-                  status_message_id=status_message_id, created_at=now, updated_at=now)
+                  created_at=now, updated_at=now)
         self.book.track(job)
         self.book.created += 1
         self.fairness.note(user_id, now)
@@ -4485,7 +4655,280 @@ class Generations:
 
 
 ###############################################################################
-# 13. Application
+# 13. Outbox
+#    Owns the dialog's messages from the handler to Telegram: each is queued
+#    durably before its update counts as handled, then sent by a few sender
+#    tasks at Telegram's limits (section 7 paces), in order within a chat,
+#    one chat never holding up another.  Job drivers (section 12) need what a
+#    send returns and call the TelegramClient themselves.
+###############################################################################
+
+OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
+# Senders in flight at once: enough to keep the rate while each waits a Bot API round trip (~0.25 s).
+SEND_ROUND_TRIP_S = 0.25
+MIN_SENDERS = 4
+OUTBOX_RETRY_BASE_S = 1.0  # a message Telegram could not take (after the client's own retries) waits 1, 2, 4 ...
+OUTBOX_RETRY_CAP_S = 60.0  # ... at most 60 s before its chat is tried again
+OUTBOX_FLUSH_S = 2.0  # at shutdown, how long the marks of sent messages may take to be written
+
+
+@dataclasses.dataclass(slots=True)
+class OutboxMessage:
+    """One Bot API call waiting to be made; ``id`` orders a chat's messages (and the table's rows)."""
+
+    id: int
+    chat_id: int
+    method: str
+    params: dict
+    queued_at: float
+    stored: bool = False  # its row was handed to the database (the sent mark must then delete it)
+    attempts: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxSent:
+    """A message is over (sent, refused or expired): its row goes."""
+
+    id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatBlocked:
+    """Telegram said the user blocked the bot: remembered in ``users``, like a refused reply in section 9."""
+
+    user_id: int
+
+
+def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxSent | ChatBlocked]) -> list[None]:
+    """New messages, the ends of old ones and blocked users, in the order they were queued."""
+    now = time.time()
+    for entry in entries:
+        if isinstance(entry, OutboxMessage):
+            conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at) VALUES (?,?,?,?,?)
+                            ON CONFLICT(id) DO NOTHING""",
+                         (entry.id, entry.chat_id, entry.method, json.dumps(entry.params, ensure_ascii=False),
+                          entry.queued_at))
+        elif isinstance(entry, OutboxSent):
+            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
+        else:
+            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
+                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
+    return [None] * len(entries)
+
+
+def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float]]:
+    """Every queued message, oldest first."""
+    return conn.execute("SELECT id, chat_id, method, params, queued_at FROM outbox ORDER BY id").fetchall()
+
+
+def outbox_senders(rate: int) -> int:
+    return max(MIN_SENDERS, math.ceil(rate * SEND_ROUND_TRIP_S))
+
+
+class Outbox:
+    """The dialog's way to Telegram: ``send_message`` and ``call`` return once the message is queued.
+
+    Queued means written to the ``outbox`` table (group commit), or held in
+    memory while the database is unusable, so the update that produced it
+    counts as handled only after its replies are safe.  Senders deliver
+    them through the paced TelegramClient: a chat's messages in order, a
+    chat waiting on its spacing or a failing Telegram set aside so others
+    go on.  A message Telegram refuses for good (400, 403) or still unsent
+    after ``max_wait_s`` ends, logged and counted; anything else waits.
+    ``answer_callback`` goes out at once (Telegram exempts it from limits).
+    """
+
+    def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK):
+        self.db = db
+        self.telegram = telegram
+        self.senders = senders
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.sent: collections.Counter[str] = collections.Counter()  # by method
+        self.dropped: collections.Counter[str] = collections.Counter()  # by reason: refused, expired, full
+        self._chats: dict[int, collections.deque[OutboxMessage]] = {}
+        self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
+        self._ids: set[int] = set()
+        self._last_id = 0
+        self._writes = GroupCommit(db, outbox_write)
+        self._tasks: set[asyncio.Task] = set()  # senders, and chats set aside until their time
+        self._emptied = asyncio.Event()  # set while nothing is queued
+        self._emptied.set()
+
+    # -- the handler's side -----------------------------------------------------
+
+    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> None:
+        params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
+        if reply_markup is not None:
+            params["reply_markup"] = reply_markup
+        await self.call("sendMessage", params)
+
+    async def call(self, method: str, params: dict) -> None:
+        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+        now = self.clock.time()
+        self._last_id = max(self._last_id + 1, int(now * 1_000_000))
+        message = OutboxMessage(self._last_id, params["chat_id"], method, params, now)
+        if not self._push(message) or not self.db.ok:
+            return
+        message.stored = True
+        try:
+            await self._writes.submit(message)
+        except (DatabaseUnavailable, RowRejected):
+            pass  # logged by Database or GroupCommit; memory keeps it and it is still sent
+
+    async def answer_callback(self, callback_query_id: str, text: str = "") -> None:
+        await self.telegram.answer_callback(callback_query_id, text)
+
+    def _push(self, message: OutboxMessage) -> bool:
+        if len(self._ids) >= OUTBOX_MAX_MESSAGES:
+            self.dropped["full"] += 1
+            log.error("[OUTBOX] full (%d messages): a %s to %d is dropped", len(self._ids), message.method,
+                      message.chat_id)
+            return False
+        self._ids.add(message.id)
+        self._emptied.clear()
+        queue = self._chats.setdefault(message.chat_id, collections.deque())
+        queue.append(message)
+        if len(queue) == 1:
+            self._ready.put_nowait(message.chat_id)
+        return True
+
+    # -- the senders --------------------------------------------------------------
+
+    async def _send_forever(self) -> None:
+        while True:
+            chat_id = await self._ready.get()
+            wait = self.telegram.pacer.chat_wait(self.clock.monotonic(), chat_id)
+            if wait > 0:
+                self._set_aside(chat_id, wait)  # a sender waiting on one chat's spacing would idle
+            else:
+                await self._send_first(chat_id)
+
+    async def _send_first(self, chat_id: int) -> None:
+        message = self._chats[chat_id][0]
+        if self.clock.time() - message.queued_at > self.max_wait_s:
+            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s")
+            return
+        try:
+            await self.telegram.call(message.method, message.params)
+        except TelegramError as error:
+            if error.retryable:
+                message.attempts += 1
+                wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
+                log.warning("[OUTBOX] %s to %d failed (%s), tried again in %.0fs", message.method, chat_id,
+                            error.description, wait)
+                self._set_aside(chat_id, wait)
+                return
+            if error.error_code == 403 and chat_id > 0 and self.db.ok:
+                self._writes.add(ChatBlocked(chat_id))
+            self._end(message, "refused", f"{error.error_code} {error.description}")
+            return
+        self.sent[message.method] += 1
+        self._end(message, None, "")
+
+    def _end(self, message: OutboxMessage, reason: str | None, why: str) -> None:
+        """The chat's first message is over: forget it, delete its row, and let the chat's next one go."""
+        if reason is not None:
+            self.dropped[reason] += 1
+            log.warning("[OUTBOX] %s to %d %s: %s", message.method, message.chat_id, reason, why)
+        queue = self._chats[message.chat_id]
+        queue.popleft()
+        self._ids.discard(message.id)
+        if not self._ids:
+            self._emptied.set()
+        if message.stored and self.db.ok:
+            self._writes.add(OutboxSent(message.id))
+        if queue:
+            self._ready.put_nowait(message.chat_id)
+        else:
+            del self._chats[message.chat_id]
+
+    def _set_aside(self, chat_id: int, seconds: float) -> None:
+        self._spawn(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
+
+    async def _ready_after(self, chat_id: int, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        self._ready.put_nowait(chat_id)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[OUTBOX] %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- lifecycle and what /health shows -------------------------------------------
+
+    async def resume(self) -> None:
+        """Take up the messages stored by an earlier run (or before the database failed), and send.
+
+        Called on becoming active and when the database comes back; messages
+        already in memory are not taken twice.
+        """
+        try:
+            rows = await self.db.read(outbox_pending) if self.db.ok else []
+        except DatabaseUnavailable:
+            rows = []
+        loaded = 0
+        for message_id, chat_id, method, params, queued_at in rows:
+            if message_id not in self._ids:
+                self._last_id = max(self._last_id, message_id)
+                loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at, True))
+        if loaded:
+            log.info("[OUTBOX] %d queued messages taken up", loaded)
+        if not any(task.get_name().startswith("outbox-sender") for task in self._tasks):
+            for number in range(self.senders):
+                self._spawn(self._send_forever(), f"outbox-sender-{number}")
+
+    async def pause(self) -> None:
+        """Stop sending and forget what is queued: another instance has the lease and takes the stored rows."""
+        await self._cancel_tasks()
+        self._chats.clear()
+        self._ids.clear()
+        self._emptied.set()
+        self._ready = asyncio.Queue()
+
+    async def stop(self, grace: float) -> None:
+        """Send what is queued within ``grace`` seconds; what is left stays stored for the next run."""
+        if self._tasks:
+            await wait_for_event(self._emptied, grace)
+        await self._cancel_tasks()
+        await self._writes.settled(OUTBOX_FLUSH_S)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._ids)
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest queued message has waited (each chat's first is its oldest)."""
+        oldest = min((queue[0].queued_at for queue in self._chats.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self.clock.time() - oldest)
+
+    def snapshot(self) -> dict:
+        pacer = self.telegram.pacer
+        return {
+            "depth": self.depth,
+            "oldest_wait_s": round(self.oldest_wait_s(), 3),
+            "sent": sum(self.sent.values()),
+            "dropped": dict(self.dropped),
+            "flood_pauses": pacer.pauses,
+            "flood_paused_for_s": round(max(0.0, pacer.paused_until - self.clock.monotonic()), 3),
+            "telegram_429s": sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429"),
+        }
+
+
+###############################################################################
+# 14. Application
 #    Owns wiring the sections together and their start-up and shutdown order:
 #    the single-active-instance lease (its SQL too) and the role it gives,
 #    webhook and command-menu set-up or long polling, HTTP routes and
@@ -4863,20 +5306,21 @@ class InstanceLease:
 class Role:
     """Whether this process is the active one, and becoming or ceasing to be it.
 
-    It is *active* (processes updates, polls, runs jobs, sets up the webhook
-    and the menu) while it holds the lease, or when the database is unusable
+    It is *active* (processes updates, polls, runs jobs, sends the outbox,
+    sets up the webhook and the menu) while it holds the lease, or when the database is unusable
     from the start (then nothing is shared to coordinate through).  A passive
     instance still stores webhook updates in the shared inbox for the active
     one.  The only owner of ``pipeline.should_process``.
     """
 
     def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
-                 generations: Generations, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
+                 generations: Generations, outbox: Outbox, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
         self.lease = lease
         self.db = db
         self.states = states
         self.pipeline = pipeline
         self.generations = generations
+        self.outbox = outbox
         self.set_up = set_up
         self.clock = clock
         self.active = False
@@ -4902,6 +5346,7 @@ class Role:
                 pass
         self.active = True
         self.pipeline.should_process = True
+        await self.outbox.resume()
         await self.generations.resume()
         self.pipeline.wake()
         self.set_up.start()
@@ -4910,6 +5355,7 @@ class Role:
         self.active = False
         self.pipeline.should_process = False
         await self.generations.pause()
+        await self.outbox.pause()
 
     async def hold(self) -> None:
         """Renew the lease (or try for it) for the life of the process.
@@ -5039,6 +5485,21 @@ class Metrics:
             ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
             ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
              [("", {"outcome": o}, self.generations.finished[o]) for o in ("success", "failed", "timed_out")]),
+            *self._outbox_counters(),
+        ]
+
+    def _outbox_counters(self) -> list[Family]:
+        outbox = self.role.outbox
+        floods = sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429")
+        return [
+            ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
+             [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
+            ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
+             [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
+            ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
+             [("", {}, floods)]),
+            ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
+             [("", {}, self.telegram.pacer.pauses)]),
         ]
 
     def _gauges(self, server: HttpServer) -> list[Family]:
@@ -5049,6 +5510,10 @@ class Metrics:
             ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
             ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.",
              [("", {}, len(self.generations.jobs))]),
+            ("trt_outbox_depth", "gauge", "Messages queued for Telegram, not yet sent.",
+             [("", {}, self.role.outbox.depth)]),
+            ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
+             [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
              [("", {}, self.role.active)]),
             ("trt_database_ok", "gauge", "1 if SQLite is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
@@ -5189,6 +5654,7 @@ class Diagnostics:
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
+            "outbox": self.role.outbox.snapshot(),
             "warnings": self.red_flags.warnings,
             "version": __version__,
         }
@@ -5399,15 +5865,18 @@ class App:
         self.http = http or httpx.AsyncClient(
             timeout=TELEGRAM_TIMEOUT, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
         )
-        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock)
+        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
+                                       pacer=telegram_pacer(config))
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
         self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
                                        on_finished=timings.job_finished, clock=clock)
-        self.pipeline = self._build_pipeline(states, timings)
+        outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
+                        max_wait_s=config.outbox_max_wait_s, clock=clock)
+        self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
-                         self.generations, set_up, clock)
+                         self.generations, outbox, set_up, clock)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
         metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
@@ -5418,10 +5887,10 @@ class App:
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
 
-    def _build_pipeline(self, states: ConversationStore, timings: Timings) -> UpdatePipeline:
+    def _build_pipeline(self, states: ConversationStore, outbox: Outbox, timings: Timings) -> UpdatePipeline:
         """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
         # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
-        conversation = Conversation(self.config, self.telegram, states, self.generations,
+        conversation = Conversation(self.config, outbox, states, self.generations,
                                     queue_stats=lambda: pipeline.snapshot())
         pipeline = UpdatePipeline(
             self.db,
@@ -5473,6 +5942,8 @@ class App:
         self.diagnostics.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        # The replies of the updates just handled get half of what is left; unsent ones stay stored.
+        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
         await self.http.aclose()
@@ -5493,6 +5964,7 @@ class App:
                 log.warning("[DB] recovered; back to durable mode")
                 self.pipeline.wake()
                 if self.role.active:
+                    await self.role.outbox.resume()
                     await self.generations.resume()
 
 
