@@ -379,6 +379,9 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
         "HOST": "127.0.0.1",
         "PORT": "0",
         "SINGLE_MODEL_ONLY": "1",
+        # Replies go at the fakes' speed; the pacing at Telegram's limits has tests of its own.
+        "TELEGRAM_CHAT_INTERVAL_S": "0",
+        "TELEGRAM_GROUP_INTERVAL_S": "0",
     }
     env.update(overrides)
     return env

@@ -38,12 +38,23 @@ def gen_env(fake_kie, **more: str) -> dict[str, str]:
 
 async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",
                 option: str = "", lang: str = "ru") -> None:
-    """What a user does: the create (or model) button, the prompt, the ratio, maybe an option."""
-    await post_update(app, update_callback(next(_update_ids), user, f"model:{model}" if model else "new", lang))
-    await post_update(app, update_message(next(_update_ids), user, prompt, lang))
-    await post_update(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
+    """What a user does: the create (or model) button, the prompt, the ratio, maybe an option.
+
+    Each step waits for the bot's answer to the one before, as a user does (the ⏳ message the
+    job sends could otherwise overtake the question still in the outbox).
+    """
+    await answered(app, update_callback(next(_update_ids), user, f"model:{model}" if model else "new", lang))
+    await answered(app, update_message(next(_update_ids), user, prompt, lang))
+    await answered(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
     if option:
-        await post_update(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+        await answered(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+
+
+async def answered(app, update: dict) -> None:
+    """Post ``update`` and wait until it is handled and its replies have gone out."""
+    handled = app.pipeline.stats.processed
+    await post_update(app, update)
+    await eventually(lambda: app.pipeline.stats.processed > handled and app.role.outbox.depth == 0)
 
 
 async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
