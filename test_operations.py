@@ -370,10 +370,14 @@ async def test_telegram_holding_over_50_updates_is_warned_once_and_shown_in_heal
     assert (await health_of(app))["warnings"] == [] and (await health_of(app))["status"] == "ok"
 
 
-async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_when_it_drains(make_app, fake_tg, caplog,
-                                                                                           quick_red_flags):
+async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_when_it_drains(make_app, caplog,
+                                                                                           quick_red_flags, monkeypatch):
     app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="1")
-    fake_tg.stall("sendMessage")  # the one worker is stuck: every update waits in the inbox
+    unstuck = asyncio.Event()
+
+    async def stuck(method: str, params: dict) -> None:
+        await unstuck.wait()
+    monkeypatch.setattr(app.role.outbox, "call", stuck)  # the one worker is stuck: every update waits in the inbox
     async with httpx.AsyncClient() as client:
         for n in range(1, 1000):
             await post_update(app, update_message(n, 2000 + n, "/start"), client)
@@ -381,7 +385,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
                 break
             await asyncio.sleep(0.02)  # a few updates between checks, so each check sees it grow
     assert (await health_of(app))["warnings"][0].startswith("the inbox backlog grew at ")
-    fake_tg.release("sendMessage")
+    unstuck.set()
     await eventually(lambda: flag_records(caplog, "cleared: the inbox backlog is going down"))
     await eventually(lambda: app.pipeline.backlog == 0)
     assert len(flag_records(caplog, "the inbox backlog grew")) == 1

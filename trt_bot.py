@@ -28,6 +28,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextvars
 import dataclasses
 import enum
 import hashlib
@@ -1174,7 +1175,8 @@ MIGRATIONS: list[list[str]] = [
                chat_id   INTEGER NOT NULL,
                method    TEXT NOT NULL,
                params    TEXT NOT NULL,
-               queued_at REAL NOT NULL)""",
+               queued_at REAL NOT NULL,
+               update_id INTEGER)""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -3334,6 +3336,7 @@ class Conversation:
         }
 
     async def handle(self, update: dict) -> None:
+        REPLYING_TO.set(update.get("update_id"))
         if isinstance(update.get("message"), dict):
             await self.on_message(update["message"])
         elif isinstance(update.get("callback_query"), dict):
@@ -3523,6 +3526,7 @@ DELIVERY_RETRY_S = 30.0
 # kept for telling the user it failed, so every job ends by then.
 DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
+STATUS_MESSAGE_WAIT_S = 30.0  # the ⏳ message waits its chat's turn at most this long before Kie gets the task
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
@@ -4197,8 +4201,10 @@ class Poller:
 class ResultSender:
     """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer."""
 
-    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False):
+    def __init__(self, telegram: TelegramClient, outbox: Outbox, http: httpx.AsyncClient,
+                 allow_private: bool = False):
         self.telegram = telegram
+        self.outbox = outbox
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
 
@@ -4231,11 +4237,20 @@ class ResultSender:
         await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
 
     async def send_status(self, job: Job) -> bool:
-        """Send the ⏳ message and note its id in the job; False (logged) when Telegram would not take it."""
+        """Send the ⏳ message and note its id in the job; False (logged) when Telegram would not take it.
+
+        It goes through the outbox, after the dialog's messages already queued for the chat (the ratio
+        question must not come after it); waiting for that is bounded, the job goes on without its id.
+        """
+        params = {"chat_id": job.chat_id, "text": TEXTS[job.lang]["generating"], "parse_mode": "HTML"}
         try:
-            status = await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["generating"])
+            status = await asyncio.wait_for(self.outbox.deliver("sendMessage", params), STATUS_MESSAGE_WAIT_S)
         except TelegramError as error:
             log.info("[JOB] %s: no ⏳ message: %s", job.id, error.description)
+            return False
+        except TimeoutError:
+            log.info("[JOB] %s: the ⏳ message is still queued after %.0fs; the job goes on", job.id,
+                     STATUS_MESSAGE_WAIT_S)
             return False
         job.status_message_id = status.get("message_id", 0) if isinstance(status, dict) else 0
         return True
@@ -4422,7 +4437,7 @@ class Generations:
     ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
-    def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
+    def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
                  delivery_notice_s: float = DELIVERY_NOTICE_S):
@@ -4434,7 +4449,7 @@ class Generations:
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
-        self.sender = ResultSender(telegram, http, config.result_download_allow_private)
+        self.sender = ResultSender(telegram, outbox, http, config.result_download_allow_private)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    self._announce)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
@@ -4681,8 +4696,10 @@ class OutboxMessage:
     method: str
     params: dict
     queued_at: float
+    update_id: int | None  # the update whose handler queued it
     stored: bool = False  # its row was handed to the database (the sent mark must then delete it)
     attempts: int = 0
+    result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -4704,10 +4721,10 @@ def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxS
     now = time.time()
     for entry in entries:
         if isinstance(entry, OutboxMessage):
-            conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at) VALUES (?,?,?,?,?)
-                            ON CONFLICT(id) DO NOTHING""",
+            conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id)
+                            VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING""",
                          (entry.id, entry.chat_id, entry.method, json.dumps(entry.params, ensure_ascii=False),
-                          entry.queued_at))
+                          entry.queued_at, entry.update_id))
         elif isinstance(entry, OutboxSent):
             conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
         else:
@@ -4716,9 +4733,27 @@ def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxS
     return [None] * len(entries)
 
 
-def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float]]:
+def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float, int | None]]:
     """Every queued message, oldest first."""
-    return conn.execute("SELECT id, chat_id, method, params, queued_at FROM outbox ORDER BY id").fetchall()
+    return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
+
+
+def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int]) -> list[tuple[int, int, str, str, float, int | None]]:
+    """The queued messages to send after a restart or an outage of the database, oldest first.
+
+    ``sent_ids`` went out while their rows could not be deleted: they go now.
+    A message whose update is not marked done goes too: that update is
+    handled again and queues it again, in its place (sending both would
+    repeat it).
+    """
+    conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
+    conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
+    return outbox_pending(conn)
+
+
+# The update the running handler answers (set by the dialog for each update): the messages it queues
+# carry its id.
+REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
 
 
 def outbox_senders(rate: int) -> int:
@@ -4730,7 +4765,9 @@ class Outbox:
 
     Queued means written to the ``outbox`` table (group commit), or held in
     memory while the database is unusable, so the update that produced it
-    counts as handled only after its replies are safe.  Senders deliver
+    counts as handled only after its replies are safe; after a restart a
+    reply is sent from the table only if its update counts as handled (else
+    handling it again queues it again).  Senders deliver
     them through the paced TelegramClient: a chat's messages in order, a
     chat waiting on its spacing or a failing Telegram set aside so others
     go on.  A message Telegram refuses for good (400, 403) or still unsent
@@ -4751,7 +4788,10 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self._writes = GroupCommit(db, outbox_write)
+        self._writes = GroupCommit(db, outbox_write, self._on_written)
+        # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
+        # when it is back, before the table is read again.
+        self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
         self._tasks: set[asyncio.Task] = set()  # senders, and chats set aside until their time
         self._emptied = asyncio.Event()  # set while nothing is queued
         self._emptied.set()
@@ -4766,9 +4806,7 @@ class Outbox:
 
     async def call(self, method: str, params: dict) -> None:
         """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
-        now = self.clock.time()
-        self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        message = OutboxMessage(self._last_id, params["chat_id"], method, params, now)
+        message = self._new_message(method, params)
         if not self._push(message) or not self.db.ok:
             return
         message.stored = True
@@ -4779,6 +4817,23 @@ class Outbox:
 
     async def answer_callback(self, callback_query_id: str, text: str = "") -> None:
         await self.telegram.answer_callback(callback_query_id, text)
+
+    async def deliver(self, method: str, params: dict) -> Any:
+        """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
+
+        For a job's driver, which needs the result; kept in memory only: the
+        job, stored itself, sends it again after a restart.
+        """
+        message = self._new_message(method, params)
+        message.result = asyncio.get_running_loop().create_future()
+        if not self._push(message):
+            raise TelegramError(method, 503, "the outbox is full")
+        return await message.result
+
+    def _new_message(self, method: str, params: dict) -> OutboxMessage:
+        now = self.clock.time()
+        self._last_id = max(self._last_id + 1, int(now * 1_000_000))
+        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get())
 
     def _push(self, message: OutboxMessage) -> bool:
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
@@ -4808,10 +4863,11 @@ class Outbox:
     async def _send_first(self, chat_id: int) -> None:
         message = self._chats[chat_id][0]
         if self.clock.time() - message.queued_at > self.max_wait_s:
-            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s")
+            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s",
+                      TelegramError(message.method, 504, "expired in the outbox"))
             return
         try:
-            await self.telegram.call(message.method, message.params)
+            result = await self.telegram.call(message.method, message.params)
         except TelegramError as error:
             if error.retryable:
                 message.attempts += 1
@@ -4822,16 +4878,20 @@ class Outbox:
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
                 self._writes.add(ChatBlocked(chat_id))
-            self._end(message, "refused", f"{error.error_code} {error.description}")
+            self._end(message, "refused", f"{error.error_code} {error.description}", error)
             return
         self.sent[message.method] += 1
+        if message.result is not None and not message.result.done():
+            message.result.set_result(result)
         self._end(message, None, "")
 
-    def _end(self, message: OutboxMessage, reason: str | None, why: str) -> None:
+    def _end(self, message: OutboxMessage, reason: str | None, why: str, error: TelegramError | None = None) -> None:
         """The chat's first message is over: forget it, delete its row, and let the chat's next one go."""
         if reason is not None:
             self.dropped[reason] += 1
             log.warning("[OUTBOX] %s to %d %s: %s", message.method, message.chat_id, reason, why)
+        if error is not None and message.result is not None and not message.result.done():
+            message.result.set_exception(error)
         queue = self._chats[message.chat_id]
         queue.popleft()
         self._ids.discard(message.id)
@@ -4839,10 +4899,16 @@ class Outbox:
             self._emptied.set()
         if message.stored and self.db.ok:
             self._writes.add(OutboxSent(message.id))
+        elif message.stored:
+            self._unrecorded.append(message.id)
         if queue:
             self._ready.put_nowait(message.chat_id)
         else:
             del self._chats[message.chat_id]
+
+    def _on_written(self, entries: list, error: BaseException | None) -> None:
+        if error is not None:
+            self._unrecorded.extend(entry.id for entry in entries if isinstance(entry, OutboxSent))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
         self._spawn(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
@@ -4869,15 +4935,20 @@ class Outbox:
         Called on becoming active and when the database comes back; messages
         already in memory are not taken twice.
         """
+        sent_ids = list(self._unrecorded)
         try:
-            rows = await self.db.read(outbox_pending) if self.db.ok else []
-        except DatabaseUnavailable:
+            rows = await self.db.write(outbox_take_up, sent_ids) if self.db.ok else []
+        except (DatabaseUnavailable, RowRejected):
             rows = []
+        else:
+            for _ in sent_ids:
+                self._unrecorded.popleft()
         loaded = 0
-        for message_id, chat_id, method, params, queued_at in rows:
+        for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
-                loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at, True))
+                loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
+                                                   update_id, stored=True))
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks):
@@ -4887,6 +4958,10 @@ class Outbox:
     async def pause(self) -> None:
         """Stop sending and forget what is queued: another instance has the lease and takes the stored rows."""
         await self._cancel_tasks()
+        for queue in self._chats.values():
+            for message in queue:
+                if message.result is not None:
+                    message.result.cancel()
         self._chats.clear()
         self._ids.clear()
         self._emptied.set()
@@ -5344,9 +5419,9 @@ class Role:
                 log.info("[DB] %d open dialogs loaded", await self.states.load())
             except DatabaseUnavailable:
                 pass
+        await self.outbox.resume()  # before any handler queues a reply that would overtake a stored one
         self.active = True
         self.pipeline.should_process = True
-        await self.outbox.resume()
         await self.generations.resume()
         self.pipeline.wake()
         self.set_up.start()
@@ -5869,10 +5944,10 @@ class App:
                                        pacer=telegram_pacer(config))
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
-        self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
+        self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
+                                       on_finished=timings.job_finished, clock=clock)
         self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
