@@ -1829,6 +1829,23 @@ async def test_a_chats_replies_keep_their_order_under_pacing_and_do_not_hold_up_
 
 
 @respx.mock
+async def test_a_chat_waiting_for_its_spacing_does_not_hold_up_the_sender(database):
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
+    outbox = trt_bot.Outbox(database, paced_client(clock, chat_interval_s=1.0), senders=1, clock=clock)
+    await outbox.resume()
+    await outbox.send_message(1, "a1")
+    await eventually(lambda: len(sent) == 1)
+    await outbox.send_message(1, "a2")  # chat 1 must wait a second
+    await eventually(lambda: clock.sleepers == 1)
+    await outbox.send_message(2, "b1")
+    await advance_until(clock, lambda: len(sent) == 2, 0.05)
+    assert sent[1][0] == 2 and sent[1][2] < sent[0][2] + 0.5  # the one sender was free: chat 2 did not wait
+    await advance_until(clock, lambda: len(sent) == 3, 0.1)
+    await outbox.stop(1.0)
+
+
+@respx.mock
 async def test_a_reply_refused_for_good_ends_and_its_chat_goes_on(database):
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
@@ -2001,9 +2018,9 @@ async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(ma
     await eventually(lambda: clock.sleepers >= 4)  # the database, lease and red-flag loops, and the 409's backoff
     assert len(fake_tg.calls_of("getUpdates")) == 1  # asleep on the clock: it asks again once the clock moves
     clock.advance(1.0)  # the backoff is over: polling goes on
-    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 2)
+    await advance_until(clock, lambda: len(fake_tg.calls_of("sendMessage")) == 2, 0.05)  # replies are spaced
     fake_tg.push_updates(update_message(12, 3, "/help"))
-    await eventually(lambda: fake_tg.texts_to(3))
+    await advance_until(clock, lambda: fake_tg.texts_to(3), 0.05)
     offsets = [p.get("offset") for p in fake_tg.calls_of("getUpdates")]
     assert 12 in offsets and 13 in offsets
     assert fake_tg.calls_of("deleteWebhook")[0]["drop_pending_updates"] is False

@@ -4738,16 +4738,19 @@ def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, f
     return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
 
 
-def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int]) -> list[tuple[int, int, str, str, float, int | None]]:
+def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int],
+                   taking_over: bool) -> list[tuple[int, int, str, str, float, int | None]]:
     """The queued messages to send after a restart or an outage of the database, oldest first.
 
     ``sent_ids`` went out while their rows could not be deleted: they go now.
-    A message whose update is not marked done goes too: that update is
-    handled again and queues it again, in its place (sending both would
-    repeat it).
+    Taking over from an earlier run, a message whose update is not marked
+    done goes too: that update is handled again and queues it again, in its
+    place (sending both would repeat it).  After an outage such an update
+    may be one this run still handles.
     """
     conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
-    conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
+    if taking_over:
+        conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
     return outbox_pending(conn)
 
 
@@ -4929,15 +4932,15 @@ class Outbox:
 
     # -- lifecycle and what /health shows -------------------------------------------
 
-    async def resume(self) -> None:
+    async def resume(self, taking_over: bool = False) -> None:
         """Take up the messages stored by an earlier run (or before the database failed), and send.
 
-        Called on becoming active and when the database comes back; messages
-        already in memory are not taken twice.
+        Called on becoming active (``taking_over``) and when the database
+        comes back; messages already in memory are not taken twice.
         """
         sent_ids = list(self._unrecorded)
         try:
-            rows = await self.db.write(outbox_take_up, sent_ids) if self.db.ok else []
+            rows = await self.db.write(outbox_take_up, sent_ids, taking_over) if self.db.ok else []
         except (DatabaseUnavailable, RowRejected):
             rows = []
         else:
@@ -5419,7 +5422,7 @@ class Role:
                 log.info("[DB] %d open dialogs loaded", await self.states.load())
             except DatabaseUnavailable:
                 pass
-        await self.outbox.resume()  # before any handler queues a reply that would overtake a stored one
+        await self.outbox.resume(taking_over=True)  # before a handler queues a reply overtaking a stored one
         self.active = True
         self.pipeline.should_process = True
         await self.generations.resume()
