@@ -1901,15 +1901,17 @@ async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make
     app = await make_app()
     fake_tg.fail("sendMessage", 403, {"ok": False, "error_code": 403,
                                       "description": "Forbidden: bot was blocked by the user"})
+    fake_tg.stall("sendMessage")  # Telegram answers once the update is marked done (its mark says "not blocked")
+
+    def user_row() -> tuple | None:
+        with contextlib.closing(sqlite3.connect(str(tmp_path / "bot.sqlite3"))) as conn:
+            return conn.execute("SELECT blocked FROM users WHERE user_id=77").fetchone()
     await post_update(app, update_message(1, 77, "/start"))
+    await eventually(lambda: user_row() == (0,))
+    fake_tg.release("sendMessage")
     await eventually(lambda: app.role.outbox.dropped["refused"] == 1)
     assert app.pipeline.stats.errors == 0
-
-    def blocked():
-        with sqlite3.connect(str(tmp_path / "bot.sqlite3")) as conn:
-            row = conn.execute("SELECT blocked FROM users WHERE user_id=77").fetchone()
-        return row and row[0] == 1
-    await eventually(blocked)
+    await eventually(lambda: user_row() == (1,))
 
 
 async def test_a_reply_waiting_in_the_outbox_survives_kill_9(fake_tg, tmp_path, bot_processes):

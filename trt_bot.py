@@ -4697,7 +4697,7 @@ class OutboxMessage:
     params: dict
     queued_at: float
     update_id: int | None  # the update whose handler queued it
-    stored: bool = False  # its row was handed to the database (the sent mark must then delete it)
+    stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
 
@@ -4738,17 +4738,20 @@ def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, f
     return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
 
 
-def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int],
+def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list[OutboxMessage],
                    taking_over: bool) -> list[tuple[int, int, str, str, float, int | None]]:
     """The queued messages to send after a restart or an outage of the database, oldest first.
 
     ``sent_ids`` went out while their rows could not be deleted: they go now.
+    ``unstored`` were queued while the database was down: they are written
+    now, before the pipeline writes the done marks of their updates.
     Taking over from an earlier run, a message whose update is not marked
     done goes too: that update is handled again and queues it again, in its
     place (sending both would repeat it).  After an outage such an update
     may be one this run still handles.
     """
     conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
+    outbox_write(conn, unstored)
     if taking_over:
         conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
     return outbox_pending(conn)
@@ -4816,7 +4819,7 @@ class Outbox:
         try:
             await self._writes.submit(message)
         except (DatabaseUnavailable, RowRejected):
-            pass  # logged by Database or GroupCommit; memory keeps it and it is still sent
+            message.stored = False  # logged by Database or GroupCommit; sent from memory, written when it is back
 
     async def answer_callback(self, callback_query_id: str, text: str = "") -> None:
         await self.telegram.answer_callback(callback_query_id, text)
@@ -4939,13 +4942,17 @@ class Outbox:
         comes back; messages already in memory are not taken twice.
         """
         sent_ids = list(self._unrecorded)
+        unstored = [message for queue in self._chats.values() for message in queue
+                    if not message.stored and message.result is None]
         try:
-            rows = await self.db.write(outbox_take_up, sent_ids, taking_over) if self.db.ok else []
+            rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
         except (DatabaseUnavailable, RowRejected):
             rows = []
         else:
             for _ in sent_ids:
                 self._unrecorded.popleft()
+            for message in unstored:
+                message.stored = True
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in self._ids:
@@ -6040,9 +6047,10 @@ class App:
                 await self.db.verify()
             if not self.db.ok and await self.db.open():
                 log.warning("[DB] recovered; back to durable mode")
+                if self.role.active:  # replies queued meanwhile are stored before their updates' done marks
+                    await self.role.outbox.resume()
                 self.pipeline.wake()
                 if self.role.active:
-                    await self.role.outbox.resume()
                     await self.generations.resume()
 
 
