@@ -755,7 +755,7 @@ def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(
 ###############################################################################
 
 async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_tg, fake_kie):
-    app = await make_app(**gen_env(fake_kie))
+    app = await make_app(**gen_env(fake_kie), TELEGRAM_SEND_RATE="1000")  # 800 messages: paid-broadcast speed
     async with httpx.AsyncClient():
         await asyncio.gather(*(order(app, 10_000 + user) for user in range(200)))
     await eventually(lambda: len(app.generations.jobs) == 200, timeout=30)

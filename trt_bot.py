@@ -4674,8 +4674,9 @@ class Generations:
 #    Owns the dialog's messages from the handler to Telegram: each is queued
 #    durably before its update counts as handled, then sent by a few sender
 #    tasks at Telegram's limits (section 7 paces), in order within a chat,
-#    one chat never holding up another.  Job drivers (section 12) need what a
-#    send returns and call the TelegramClient themselves.
+#    one chat never holding up another.  Job drivers (section 12) call the
+#    TelegramClient themselves (paced there), except for the ⏳ message: it
+#    takes its chat's turn here (``deliver``) and hands back its message id.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -5575,14 +5576,14 @@ class Metrics:
 
     def _outbox_counters(self) -> list[Family]:
         outbox = self.role.outbox
-        floods = sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429")
+        answers_429 = sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429")
         return [
             ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
              [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
             ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
              [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
             ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
-             [("", {}, floods)]),
+             [("", {}, answers_429)]),
             ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
              [("", {}, self.telegram.pacer.pauses)]),
         ]
