@@ -380,6 +380,9 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
         "HOST": "127.0.0.1",
         "PORT": "0",
         "SINGLE_MODEL_ONLY": "1",
+        # Replies go at the fakes' speed; the pacing at Telegram's limits has tests of its own.
+        "TELEGRAM_CHAT_INTERVAL_S": "0",
+        "TELEGRAM_GROUP_INTERVAL_S": "0",
     }
     env.update(overrides)
     return env
@@ -444,10 +447,15 @@ def update_callback(update_id: int, chat_id: int, data: str, lang: str = "ru") -
 
 
 class ManualClock(trt_bot.Clock):
-    """A clock that moves only when a test calls ``advance``; ``sleep`` returns once it has moved far enough."""
+    """A clock that moves only when a test calls ``advance``; ``sleep`` returns once it has moved far enough.
 
-    def __init__(self, start: float = 1_800_000_000.0):
+    ``passing_s``: a sleep at most this long moves the clock on at once (the send pacer's spacing
+    between replies, which a test of waits that last seconds need not drive by hand).
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0, passing_s: float = 0.0):
         self.now = start
+        self.passing_s = passing_s
         self._sleepers: list[tuple[float, asyncio.Future]] = []
 
     def time(self) -> float:
@@ -457,7 +465,8 @@ class ManualClock(trt_bot.Clock):
         return self.now
 
     async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
+        if seconds <= self.passing_s:
+            self.advance(max(seconds, 0.0))
             await asyncio.sleep(0)
             return
         waker = asyncio.get_running_loop().create_future()
@@ -490,7 +499,7 @@ class InstantClock(ManualClock):
 
     def __init__(self, start: float = 1_800_000_000.0):
         super().__init__(start)
-        self.slept: list[float] = []
+        self.slept: list[float] = []  # (every sleep passes at once: ``passing_s`` is not used)
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)

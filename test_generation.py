@@ -38,14 +38,28 @@ def gen_env(fake_kie, **more: str) -> dict[str, str]:
     return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
 
 
+PACING_S = 0.1  # the send pacer's spacing passes at once on a ManualClock (see conftest)
+
+
 async def order(app, user: int, prompt: str = "кот-космонавт", ratio: str = "16:9", *, model: str = "",
                 option: str = "", lang: str = "ru") -> None:
-    """What a user does: the create (or model) button, the prompt, the ratio, maybe an option."""
-    await post_update(app, update_callback(next(_update_ids), user, f"model:{model}" if model else "new", lang))
-    await post_update(app, update_message(next(_update_ids), user, prompt, lang))
-    await post_update(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
+    """What a user does: the create (or model) button, the prompt, the ratio, maybe an option.
+
+    Each step waits for the bot's answer to the one before, as a user does (the next press could
+    otherwise come before the question it answers is out of the outbox).
+    """
+    await answered(app, update_callback(next(_update_ids), user, f"model:{model}" if model else "new", lang))
+    await answered(app, update_message(next(_update_ids), user, prompt, lang))
+    await answered(app, update_callback(next(_update_ids), user, f"ratio:{ratio}", lang))
     if option:
-        await post_update(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+        await answered(app, update_callback(next(_update_ids), user, f"opt:{option}", lang))
+
+
+async def answered(app, update: dict) -> None:
+    """Post ``update`` and wait until it is handled and its replies have gone out."""
+    handled = app.pipeline.stats.processed
+    await post_update(app, update)
+    await eventually(lambda: app.pipeline.stats.processed > handled and app.role.outbox.depth == 0)
 
 
 async def kie_calls_back(app, fake_kie, task_id: str, *, token: str | None = None,
@@ -416,7 +430,8 @@ async def test_a_failed_task_gets_one_explanation_with_a_retry_button(make_app, 
     await eventually(lambda: len(fake_kie.created) == 2)
     assert fake_kie.created[1]["input"] == {"prompt": "что-то запретное", "aspect_ratio": "1:1", "nsfw_checker": True}
     assert [p for p in fake_tg.calls_of("editMessageText") if "модерацией" in p["text"]] == [failure]
-    assert edits_of(fake_tg, 55)[-1]["text"] == "⏳ 1:1 · Z-Image · 0:00"  # the failure's message is the new status
+    # The failure's message becomes the new status (an edit the outbox sends, after the press is handled).
+    await eventually(lambda: edits_of(fake_tg, 55)[-1]["text"] == "⏳ 1:1 · Z-Image · 0:00")
 
 
 async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fake_tg, fake_kie, caplog):
@@ -639,7 +654,7 @@ async def test_tapping_another_model_while_asked_for_a_prompt_asks_again_with_th
     await post_update(app, update_callback(5, 64, "ratio:1:1", lang))
     await post_update(app, update_callback(6, 64, "opt:1K", lang))
     await eventually(lambda: fake_kie.created)
-    ask_zimage, ask_flux, short, *_ = fake_tg.texts_to(64)
+    ask_zimage, ask_flux, short, *_ = await eventually(lambda: len(fake_tg.texts_to(64)) >= 3 and fake_tg.texts_to(64))
     assert "Z-Image" in ask_zimage and zimage_limit in ask_zimage
     assert "Flux 2 Pro" in ask_flux and flux_limit in ask_flux and too_short in short
     assert fake_kie.created[0]["model"] == "flux-2/pro-text-to-image"
@@ -652,7 +667,7 @@ async def test_a_dialog_keeps_its_language_when_the_users_app_changes_its_own(ma
     await post_update(app, update_message(2, 65, "кот", "en"))  # the app's language changed mid-dialog
     await post_update(app, update_callback(3, 65, "ratio:1:1", "en"))
     await eventually(lambda: app.generations.jobs)
-    ask_prompt, ask_ratio = fake_tg.texts_to(65)
+    ask_prompt, ask_ratio = await eventually(lambda: len(fake_tg.texts_to(65)) == 2 and fake_tg.texts_to(65))
     assert "Опишите картинку" in ask_prompt and "Выберите формат" in ask_ratio
     status = await eventually(lambda: [call for call in fake_tg.calls_of("editMessageText")
                                        if call["text"].startswith("⏳")])
@@ -848,7 +863,7 @@ async def test_a_double_tap_on_a_ratio_or_option_starts_one_picture(make_app, fa
 @pytest.mark.parametrize("lang, status", [("ru", "⏳ 16:9 · Z-Image · 0:13"), ("en", "⏳ 16:9 · Z-Image · 0:13")])
 async def test_while_a_picture_is_drawn_the_chat_shows_upload_photo_and_the_elapsed_time(make_app, fake_tg, fake_kie,
                                                                                          lang, status):
-    clock = ManualClock()
+    clock = ManualClock(passing_s=PACING_S)
     app = await make_app(**gen_env(fake_kie), clock=clock)
 
     def actions(user: int) -> list[dict]:
@@ -889,7 +904,7 @@ def test_every_button_under_a_result_or_a_failure_fits_telegrams_64_bytes_and_na
 
 async def test_signs_of_life_stop_once_the_picture_is_ready_even_while_it_is_still_being_sent(make_app, fake_tg,
                                                                                               fake_kie):
-    clock = ManualClock()
+    clock = ManualClock(passing_s=PACING_S)
     fake_tg.stall("sendPhoto")
     app = await make_app(**gen_env(fake_kie), clock=clock)
     await order(app, 111)
@@ -909,7 +924,7 @@ async def test_signs_of_life_stop_once_the_picture_is_ready_even_while_it_is_sti
 
 
 async def test_a_cancel_while_a_sign_of_life_holds_up_delivery_still_stops_the_photo(make_app, fake_tg, fake_kie):
-    clock = ManualClock()
+    clock = ManualClock(passing_s=PACING_S)
     app = await make_app(**gen_env(fake_kie), clock=clock)
     await order(app, 110)
     job = await submitted_job(app, 110)
@@ -1298,7 +1313,7 @@ def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(
 ###############################################################################
 
 async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_tg, fake_kie):
-    app = await make_app(**gen_env(fake_kie))
+    app = await make_app(**gen_env(fake_kie), TELEGRAM_SEND_RATE="1000")  # 800 messages: paid-broadcast speed
     async with httpx.AsyncClient():
         await asyncio.gather(*(order(app, 10_000 + user) for user in range(200)))
     await eventually(lambda: len(app.generations.jobs) == 200, timeout=30)

@@ -1,4 +1,4 @@
-"""Operating the bot: section 13 of trt_bot.py (the lease, deploys, /diag/lock, /metrics, ``check``) and the
+"""Operating the bot: section 14 of trt_bot.py (the lease, deploys, /diag/lock, /metrics, ``check``) and the
 deploy files (Dockerfile, the Render Blueprints render.yaml and render.postgres.yaml).
 
 Two-instance tests run real bot processes on one database; the deploy tests post to both, as Render's proxy does.
@@ -42,7 +42,7 @@ async def get_json(base_url: str, path: str, **headers: str) -> dict:
 
 
 ###############################################################################
-# 13. The lease: one active instance per database
+# 14. The lease: one active instance per database
 ###############################################################################
 
 @pytest.fixture
@@ -392,7 +392,7 @@ async def test_two_processes_that_are_both_pid_1_on_one_host_are_never_both_acti
 
 
 ###############################################################################
-# 13. Deploys: the new instance starts beside the old one, then the old one gets SIGTERM
+# 14. Deploys: the new instance starts beside the old one, then the old one gets SIGTERM
 ###############################################################################
 
 DEPLOY_LEASE_TTL_S = 10  # far longer than a handover: a SIGTERM handover must not wait for the lease to expire
@@ -605,7 +605,7 @@ async def test_a_killed_holder_is_replaced_within_the_lease_ttl_and_nothing_sent
 
 
 ###############################################################################
-# 13. /metrics and DIAG_TOKEN
+# 14. /metrics and DIAG_TOKEN
 ###############################################################################
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:
@@ -661,7 +661,7 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped():
 
 
 ###############################################################################
-# 13. Red flags: Telegram's pending count and a growing inbox backlog
+# 14. Red flags: Telegram's pending count and a growing inbox backlog
 ###############################################################################
 
 def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once():
@@ -717,10 +717,14 @@ async def test_telegram_holding_over_50_updates_is_warned_once_and_shown_in_heal
     assert (await health_of(app))["warnings"] == [] and (await health_of(app))["status"] == "ok"
 
 
-async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_when_it_drains(make_app, fake_tg, caplog,
-                                                                                           quick_red_flags):
+async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_when_it_drains(make_app, caplog,
+                                                                                           quick_red_flags, monkeypatch):
     app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="1")
-    fake_tg.stall("sendMessage")  # the one worker is stuck: every update waits in the inbox
+    unstuck = asyncio.Event()
+
+    async def stuck(method: str, params: dict) -> None:
+        await unstuck.wait()
+    monkeypatch.setattr(app.role.outbox, "call", stuck)  # the one worker is stuck: every update waits in the inbox
     async with httpx.AsyncClient() as client:
         for n in range(1, 1000):
             await post_update(app, update_message(n, 2000 + n, "/start"), client)
@@ -728,7 +732,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
                 break
             await asyncio.sleep(0.02)  # a few updates between checks, so each check sees it grow
     assert (await health_of(app))["warnings"][0].startswith("the inbox backlog grew at ")
-    fake_tg.release("sendMessage")
+    unstuck.set()
     await eventually(lambda: flag_records(caplog, "cleared: the inbox backlog is going down"))
     await eventually(lambda: app.pipeline.backlog == 0)
     assert len(flag_records(caplog, "the inbox backlog grew")) == 1
@@ -736,7 +740,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
 
 
 ###############################################################################
-# 13. python trt_bot.py check
+# 14. python trt_bot.py check
 ###############################################################################
 
 def check_env(fake_tg, fake_kie, tmp_path, **overrides: str) -> dict[str, str]:

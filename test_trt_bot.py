@@ -84,6 +84,24 @@ def test_bad_setting_exits_2_naming_what_to_fix(env, names):
     assert TOKEN not in result.stderr
 
 
+@pytest.mark.parametrize("name, raw", [
+    ("TELEGRAM_SEND_RATE", "0"), ("TELEGRAM_SEND_RATE", "1001"), ("TELEGRAM_SEND_RATE", "fast"),
+    ("TELEGRAM_CHAT_INTERVAL_S", "-1"), ("TELEGRAM_CHAT_INTERVAL_S", "nan"), ("TELEGRAM_CHAT_INTERVAL_S", "61"),
+    ("TELEGRAM_GROUP_INTERVAL_S", "soon"), ("TELEGRAM_GROUP_INTERVAL_S", "inf"), ("OUTBOX_MAX_WAIT_S", "0"),
+])
+def test_every_send_limit_setting_is_validated_and_a_bad_value_exits_2(name, raw):
+    result = run_bot_cli({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
+    assert result.returncode == 2
+    assert name in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_send_limits_may_be_shrunk_for_tests_and_raised_for_paid_broadcasts():
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_SEND_RATE": "1000",
+                                  "TELEGRAM_CHAT_INTERVAL_S": "0.05", "TELEGRAM_GROUP_INTERVAL_S": "0"})
+    pacer = trt_bot.telegram_pacer(config)
+    assert pacer.interval_s == 0.001 and pacer.chat_interval_s == 0.05 and pacer.group_interval_s == 0
+
+
 def test_derived_secrets_are_stable_url_safe_and_not_the_token():
     config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "RENDER_EXTERNAL_URL": "https://x.onrender.com"})
     again = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "RENDER_EXTERNAL_URL": "https://x.onrender.com"})
@@ -1040,6 +1058,47 @@ async def test_rate_limiter_admits_at_most_its_calls_per_period():
     assert stamps[19] == stamps[0]  # the first 20 go at once
 
 
+def test_the_pacer_spaces_sends_at_the_global_rate_whatever_the_chat():
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_interval_s=0)
+    assert pacer.wait(100.0) == 0
+    pacer.take(100.0, 1)
+    assert pacer.wait(100.0) == pytest.approx(0.1) and pacer.wait(100.05) == pytest.approx(0.05)
+    assert pacer.chat_wait(100.0, 2) == 0  # the shared spacing is ``wait``'s, not a chat's
+    pacer.take(100.1, 2)
+    assert pacer.wait(100.1) == pytest.approx(0.1)
+
+
+def test_the_pacer_spaces_one_chat_and_one_group_by_their_own_intervals():
+    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_interval_s=3.0)
+    pacer.take(0.0, 5)
+    pacer.take(0.0, -100)
+    assert pacer.chat_wait(0.5, 5) == pytest.approx(0.5)
+    assert pacer.chat_wait(0.5, -100) == pytest.approx(2.5)  # a group: 20 a minute
+    assert pacer.chat_wait(0.5, 6) == 0  # another chat is not held up
+    assert pacer.chat_wait(1.0, 5) == 0
+
+
+def test_a_flood_pause_holds_every_chat_and_then_sends_resume_at_the_rate_not_in_a_burst():
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_interval_s=0)
+    pacer.pause(50.0, 2.0)
+    pacer.pause(51.0, 0.5)  # a 429 during the pause: the same pause
+    assert pacer.pauses == 1
+    assert pacer.wait(51.0) == pytest.approx(1.0) and pacer.chat_wait(51.0, 7) == pytest.approx(1.0)
+    assert pacer.wait(52.0) == 0
+    pacer.take(52.0, 7)
+    assert pacer.wait(52.0) == pytest.approx(0.1)
+    pacer.pause(60.0, 1.0)
+    assert pacer.pauses == 2
+
+
+def test_the_pacer_forgets_chats_whose_spacing_has_passed():
+    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_interval_s=3.0)
+    for n in range(20_000):  # 20,000 chats, ten a second
+        pacer.take(n / 10, n)
+    assert pacer.chats_remembered <= trt_bot.PACER_PRUNE_AT
+    assert pacer.chat_wait(1999.95, 19_999) > 0  # the recent ones are still spaced
+
+
 ###############################################################################
 # 7. Telegram client
 ###############################################################################
@@ -1303,6 +1362,82 @@ async def test_a_bot_api_call_that_waited_too_long_for_a_connection_was_not_perf
     finally:
         server.close()
     assert not caught.value.maybe_performed and "ConnectTimeout" in caught.value.description
+
+
+async def advance_until(clock: ManualClock, done, step: float, timeout: float = 10.0) -> None:
+    """Move ``clock`` on by ``step`` whenever something sleeps on it, until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        await eventually(lambda: done() or clock.sleepers, timeout=max(0.1, deadline - time.monotonic()))
+        if not done():
+            clock.advance(step)
+            await asyncio.sleep(0.001)  # let the woken tasks run before the clock moves again
+
+
+def paced_client(clock: trt_bot.Clock, rate: int = 30, chat_interval_s: float = 0.0) -> trt_bot.TelegramClient:
+    return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), clock=clock,
+                                  pacer=trt_bot.SendPacer(rate, chat_interval_s, 3.0))
+
+
+def recording(sent: list, clock: ManualClock, first: httpx.Response | None = None):
+    """A respx side effect noting (chat, method, when) of each call; ``first`` answers the first one."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        params = json.loads(request.content or b"{}")
+        sent.append((params.get("chat_id"), request.url.path.rsplit("/", 1)[1], clock.now))
+        if first is not None and len(sent) == 1:
+            return first
+        return httpx.Response(200, json={"ok": True, "result": {"message_id": len(sent)}})
+    return answer
+
+
+@respx.mock
+async def test_a_429_on_one_chat_pauses_every_send_then_they_go_one_spacing_apart():
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
+        side_effect=recording(sent, clock, bot_api_error(429, "Too Many Requests: retry after 5", retry_after=5)))
+    client = paced_client(clock, rate=10)
+    started = clock.now
+    sends = [asyncio.create_task(client.send_message(1, "flooded"))]
+    await eventually(lambda: clock.sleepers == 1)  # the 429's retry waits
+    sends += [asyncio.create_task(client.send_message(chat, "other chat")) for chat in (2, 3)]
+    await eventually(lambda: clock.sleepers == 3)  # chats 2 and 3 wait out the pause
+    assert [chat for chat, _, _ in sent] == [1]
+    await advance_until(clock, lambda: all(task.done() for task in sends), 0.05)
+    await asyncio.gather(*sends)
+    after = sorted(when for _, _, when in sent[1:])
+    assert len(after) == 3 and after[0] >= started + 5  # nothing went during the pause
+    assert all(later - earlier >= 0.1 - 1e-6 for earlier, later in zip(after, after[1:]))  # then at the rate
+    assert client.pacer.pauses == 1 and client.calls["sendMessage", "429"] == 1
+
+
+@respx.mock
+async def test_answer_callback_query_is_not_delayed_by_a_flood_pause_or_waiting_sends():
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
+        side_effect=recording(sent, clock, bot_api_error(429, "Too Many Requests: retry after 10", retry_after=10)))
+    client = paced_client(clock)
+    sends = [asyncio.create_task(client.send_message(chat, "hi")) for chat in range(1, 6)]
+    await eventually(lambda: client.pacer.pauses == 1 and clock.sleepers)  # the sends wait out the pause
+    await asyncio.wait_for(client.answer_callback("q1"), 5)  # the clock never moves: it did not wait
+    assert [method for _, method, _ in sent] == ["sendMessage", "answerCallbackQuery"]
+    for task in sends:
+        task.cancel()
+    await asyncio.gather(*sends, return_exceptions=True)
+
+
+@respx.mock
+async def test_edits_and_deletions_wait_their_chats_turn_like_messages():
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
+    client = paced_client(clock, chat_interval_s=1.0)
+    calls = [client.call("editMessageText", {"chat_id": 4, "message_id": 1, "text": "x"}),
+             client.call("deleteMessage", {"chat_id": 4, "message_id": 1}), client.call("getMe")]
+    tasks = [asyncio.create_task(call) for call in calls]
+    await eventually(lambda: len(sent) == 2 and clock.sleepers == 1)  # getMe is not paced
+    assert {method for _, method, _ in sent} == {"editMessageText", "getMe"}
+    await advance_until(clock, lambda: all(task.done() for task in tasks), 0.25)
+    (_, _, edited), (_, _, deleted) = [entry for entry in sent if entry[0] == 4]
+    assert deleted - edited >= 1.0 - 1e-6
 
 
 ###############################################################################
@@ -1700,7 +1835,8 @@ async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_resta
         for n in range(1, 21):
             response = await client.post(url, json=update_message(n, 500 + n, "/start"), headers=headers)
             assert response.status_code == 200
-    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
+    senders = trt_bot.outbox_senders(trt_bot.DEFAULT_SEND_RATE)
+    await eventually(lambda: fake_tg.held("sendMessage") == senders)  # every sender waits on Telegram: none on its way
     first.kill()
     fake_tg.release("sendMessage")
     await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
@@ -1742,7 +1878,8 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
         await eventually_async(status, lambda h: h["status"] == "ok", timeout=10)
         await post(range(6, 11))
     assert database.is_file()
-    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker waits on Telegram: no call is on its way
+    senders = trt_bot.outbox_senders(trt_bot.DEFAULT_SEND_RATE)
+    await eventually(lambda: fake_tg.held("sendMessage") == senders)  # every sender waits on Telegram: none on its way
     first.kill()
     fake_tg.release("sendMessage")
     await eventually(lambda: fake_tg.held("sendMessage") == 0)  # the killed process's held calls are recorded
@@ -2154,23 +2291,152 @@ async def test_start_uses_the_fallback_menu_when_building_the_menu_fails(make_ap
     assert failure.exc_info[0] is ZeroDivisionError  # the menu's own failure, not a call that does not fit it
 
 
+###############################################################################
+# 13. Outbox
+###############################################################################
+
+@pytest.fixture
+async def database(tmp_path):
+    db = trt_bot.Database(str(tmp_path / "outbox.sqlite3"))
+    assert await db.open()
+    yield db
+    await db.close()
+
+
+@respx.mock
+async def test_a_chats_replies_keep_their_order_under_pacing_and_do_not_hold_up_other_chats(database):
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
+    outbox = trt_bot.Outbox(database, paced_client(clock, chat_interval_s=1.0), clock=clock)
+    for chat, text in ((1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (2, "b2")):
+        await outbox.send_message(chat, text)
+    assert outbox.depth == 5 and len(await database.read(trt_bot.outbox_pending)) == 5  # queued durably
+    await outbox.resume()
+    await advance_until(clock, lambda: len(sent) == 5, 0.1)
+    texts = [json.loads(call.request.content)["text"] for call in respx.calls]
+    assert [t for t in texts if t[0] == "a"] == ["a1", "a2", "a3"] and [t for t in texts if t[0] == "b"] == ["b1", "b2"]
+    assert texts.index("b1") < texts.index("a2")  # chat 2 went while chat 1 waited for its spacing
+    stamps = [when for chat, _, when in sent if chat == 1]
+    assert all(later - earlier >= 1.0 - 1e-6 for earlier, later in zip(stamps, stamps[1:]))
+    await eventually_async(lambda: database.read(trt_bot.outbox_pending), lambda rows: rows == [])  # sent: gone
+    assert outbox.sent["sendMessage"] == 5 and outbox.depth == 0
+    await outbox.stop(1.0)
+
+
+@respx.mock
+async def test_a_chat_waiting_for_its_spacing_does_not_hold_up_the_sender(database):
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
+    outbox = trt_bot.Outbox(database, paced_client(clock, chat_interval_s=1.0), senders=1, clock=clock)
+    await outbox.resume()
+    await outbox.send_message(1, "a1")
+    await eventually(lambda: len(sent) == 1)
+    await outbox.send_message(1, "a2")  # chat 1 must wait a second
+    await eventually(lambda: clock.sleepers == 1)
+    await outbox.send_message(2, "b1")
+    await advance_until(clock, lambda: len(sent) == 2, 0.05)
+    assert sent[1][0] == 2 and sent[1][2] < sent[0][2] + 0.5  # the one sender was free: chat 2 did not wait
+    await advance_until(clock, lambda: len(sent) == 3, 0.1)
+    await outbox.stop(1.0)
+
+
+@respx.mock
+async def test_a_reply_refused_for_good_ends_and_its_chat_goes_on(database):
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
+        side_effect=recording(sent, clock, bot_api_error(400, "Bad Request: chat not found")))
+    outbox = trt_bot.Outbox(database, paced_client(clock), clock=clock)
+    await outbox.resume()
+    await outbox.send_message(3, "refused")
+    await outbox.send_message(3, "next")
+    await advance_until(clock, lambda: len(sent) == 2, 0.1)
+    await eventually(lambda: outbox.depth == 0)
+    assert outbox.dropped["refused"] == 1 and outbox.sent["sendMessage"] == 1
+    await outbox.stop(1.0)
+
+
+@respx.mock
+async def test_a_reply_telegram_cannot_take_waits_and_one_older_than_outbox_max_wait_ends(database):
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
+        side_effect=lambda request: sent.append(clock.now) or httpx.Response(502, text="Bad Gateway"))
+    outbox = trt_bot.Outbox(database, paced_client(clock), max_wait_s=600, clock=clock)
+    await outbox.resume()
+    await outbox.send_message(5, "stuck")
+    await advance_until(clock, lambda: clock.now - sent[0] > 60 if sent else False, 1.0)
+    assert outbox.depth == 1 and not outbox.dropped  # still waiting: no drop after N attempts
+    await advance_until(clock, lambda: outbox.depth == 0, 5.0, timeout=30)
+    assert outbox.dropped["expired"] == 1 and clock.now - sent[0] >= 600
+    await outbox.stop(1.0)
+
+
+async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, fake_tg):
+    # Telegram asks for an hour: the replies wait, the dialog moves on and button presses are still answered.
+    fake_tg.fail("sendMessage", 429, {"ok": False, "error_code": 429, "description": "Too Many Requests",
+                                      "parameters": {"retry_after": 3600}})
+    app = await make_app(KIE_API_KEY=KIE_KEY, SHUTDOWN_GRACE_S="1")
+    await post_update(app, update_message(1, 42, "/start"))
+    await eventually(lambda: app.telegram.pacer.pauses == 1)
+    await post_update(app, update_callback(2, 42, "new"))
+    await eventually(lambda: (app.role.states.get(42) or {}).get("step") == "prompt")  # handled meanwhile
+    await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))  # exempt: not held by the pause
+    assert app.role.outbox.depth == 2 and len(fake_tg.calls_of("sendMessage")) == 1
+    assert app.pipeline.stats.processed == 2
+    async with httpx.AsyncClient() as client:
+        health = (await client.get(f"http://127.0.0.1:{app.port}/health")).json()
+        metrics = (await client.get(f"http://127.0.0.1:{app.port}/metrics")).text
+    assert health["outbox"]["depth"] == 2 and health["outbox"]["flood_pauses"] == 1
+    assert health["outbox"]["telegram_429s"] == 1
+    for line in ("trt_outbox_depth 2.0", "trt_telegram_429_total 1.0", "trt_telegram_flood_pauses_total 1.0"):
+        assert line in metrics.splitlines()
+    assert "trt_outbox_oldest_wait_seconds" in metrics
+
+
 async def test_a_user_who_blocked_the_bot_is_marked_not_counted_as_an_error(make_app, fake_tg, tmp_path):
     app = await make_app()
     fake_tg.fail("sendMessage", 403, {"ok": False, "error_code": 403,
                                       "description": "Forbidden: bot was blocked by the user"})
-    await post_update(app, update_message(1, 77, "/start"))
-    await eventually(lambda: app.pipeline.stats.blocked == 1)
-    assert app.pipeline.stats.errors == 0
+    fake_tg.stall("sendMessage")  # Telegram answers once the update is marked done (its mark says "not blocked")
 
-    def blocked():
-        with sqlite3.connect(str(tmp_path / "bot.sqlite3")) as conn:
-            row = conn.execute("SELECT blocked FROM users WHERE user_id=77").fetchone()
-        return row and row[0] == 1
-    await eventually(blocked)
+    def user_row() -> tuple | None:
+        with contextlib.closing(sqlite3.connect(str(tmp_path / "bot.sqlite3"))) as conn:
+            return conn.execute("SELECT blocked FROM users WHERE user_id=77").fetchone()
+    await post_update(app, update_message(1, 77, "/start"))
+    await eventually(lambda: user_row() == (0,))
+    fake_tg.release("sendMessage")
+    await eventually(lambda: app.role.outbox.dropped["refused"] == 1)
+    assert app.pipeline.stats.errors == 0
+    await eventually(lambda: user_row() == (1,))
+
+
+async def test_a_reply_waiting_in_the_outbox_survives_kill_9(fake_tg, tmp_path, bot_processes):
+    fake_tg.stall("sendMessage")  # the reply is queued, Telegram has not taken it
+    database = tmp_path / "bot.sqlite3"
+    env = bot_env(fake_tg, str(database), PORT=str(free_port()))
+    first = bot_processes(env)
+    await first.wait_healthy()
+    config = trt_bot.load_config(env)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(first.base_url + config.webhook_path, json=update_message(1, 901, "/start"),
+                                     headers={"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret})
+        assert response.status_code == 200
+
+    def update_done() -> bool:
+        with contextlib.closing(sqlite3.connect(str(database))) as conn:
+            return conn.execute("SELECT done_at FROM inbox WHERE update_id=1").fetchone()[0] is not None
+    await eventually(update_done)  # handled: only the outbox still holds the reply
+    await eventually(lambda: fake_tg.held("sendMessage") == 1)
+    first.kill()
+    fake_tg.release("sendMessage")
+    await eventually(lambda: fake_tg.held("sendMessage") == 0)
+    fake_tg.clear()
+    second = bot_processes({**env, "PORT": str(free_port())})
+    await second.wait_healthy()
+    await eventually(lambda: [p["chat_id"] for p in fake_tg.calls_of("sendMessage")] == [901], timeout=20)
 
 
 ###############################################################################
-# 13. Application: webhook set-up, polling, diagnostics, shutdown
+# 14. Application: webhook set-up, polling, diagnostics, shutdown
 ###############################################################################
 
 MATCHING = {"url": "U", "allowed_updates": trt_bot.ALLOWED_UPDATES}
@@ -2260,9 +2526,9 @@ async def test_polling_mode_feeds_the_inbox_advances_offsets_and_survives_409(ma
     await eventually(lambda: clock.sleepers >= 4)  # the database, lease and red-flag loops, and the 409's backoff
     assert len(fake_tg.calls_of("getUpdates")) == 1  # asleep on the clock: it asks again once the clock moves
     clock.advance(1.0)  # the backoff is over: polling goes on
-    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 2)
+    await advance_until(clock, lambda: len(fake_tg.calls_of("sendMessage")) == 2, 0.05)  # replies are spaced
     fake_tg.push_updates(update_message(12, 3, "/help"))
-    await eventually(lambda: fake_tg.texts_to(3))
+    await advance_until(clock, lambda: fake_tg.texts_to(3), 0.05)
     offsets = [p.get("offset") for p in fake_tg.calls_of("getUpdates")]
     assert 12 in offsets and 13 in offsets
     assert fake_tg.calls_of("deleteWebhook")[0]["drop_pending_updates"] is False
@@ -2407,7 +2673,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_
         for n in range(1, 6):
             await client.post(bot.base_url + config.webhook_path, json=update_message(n, 600 + n, "/start"),
                               headers={"X-Telegram-Bot-Api-Secret-Token": config.webhook_secret})
-    await eventually(lambda: fake_tg.held("sendMessage") == 3)  # every worker is in a handler, waiting on Telegram
+    await eventually(lambda: fake_tg.held("sendMessage") == 5)  # every reply is in a sender, waiting on Telegram
     bot.process.send_signal(signal.SIGTERM)
 
     async def refuses_connections() -> bool:
@@ -2420,7 +2686,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_
 
     await eventually_async(refuses_connections, bool)  # its server is closed: the shutdown has reached the drain
     assert "[APP] shutting down" in bot.log
-    assert bot.process.poll() is None  # still draining: it waits for the handlers Telegram holds up
+    assert bot.process.poll() is None  # still draining: it waits for the replies Telegram holds up
     fake_tg.release("sendMessage")  # the drain can finish now
     assert await asyncio.to_thread(bot.process.wait, 30) == 0
     assert {p["chat_id"] for p in fake_tg.calls_of("sendMessage")} == set(range(601, 606))

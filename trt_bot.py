@@ -8,14 +8,15 @@ grepping for its banner (``#####``):
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
    5. Storage              one thread, two dialects (SQLite, PostgreSQL): schema, group commit, inbox, dialogs
-   6. Retry and pacing     one retry policy for every retried call; rate limiters
-   7. Telegram client      raw Bot API over httpx, typed errors
+   6. Retry and pacing     one retry policy for every retried call; rate limiters; the send pacer
+   7. Telegram client      raw Bot API over httpx, typed errors, every sending method paced
    8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
    9. Update pipeline      durable ack, one state per update, ordered workers, watchdog
   10. Texts and keyboards  the model catalog, RU/EN texts, menus and buttons
   11. Dialog               what a user's update means
   12. Generation jobs      a pure job state machine and the drivers of its effects
-  13. Application          lease and role, set-up and polling, routes, diagnostics, main()
+  13. Outbox               the dialog's messages: queued durably, sent paced, in order per chat
+  14. Application          lease and role, set-up and polling, routes, diagnostics, main()
 
 Run it with ``python trt_bot.py`` (see README.md for the environment).
 """
@@ -27,6 +28,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -111,7 +113,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
 # Unreserved URL characters only (RFC 3986), so the path routes exactly as written.
 CALLBACK_PATH_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,100}(?:/[A-Za-z0-9._~-]{1,100}){0,9}")
-# Routes the bot serves itself (section 13), which KIE_CALLBACK_PATH must not shadow;
+# Routes the bot serves itself (section 14), which KIE_CALLBACK_PATH must not shadow;
 # True: everything under the route too.
 BUILTIN_ROUTES = {"/": False, "/health": False, "/metrics": False, "/diag": True, "/webhook": True}
 
@@ -160,6 +162,18 @@ def _integer(low: int, high: int) -> SettingParser:
 def _seconds(low: int, high: int) -> SettingParser:
     whole = _integer(low, high)
     return lambda name, raw: float(whole(name, raw))
+
+
+def _fractional_seconds(low: float, high: float) -> SettingParser:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+        return value
+    return parse
 
 
 def _flag(name: str, raw: str) -> bool:
@@ -349,6 +363,15 @@ SETTINGS = (
     Setting("RESULT_DOWNLOAD_ALLOW_PRIVATE", "result_download_allow_private", "0", _flag,
             "`1`: result downloads may reach loopback and private addresses (for tests whose fakes run on "
             "127.0.0.1; never in production)"),
+    Setting("TELEGRAM_SEND_RATE", "telegram_send_rate", "30", _integer(1, 1000),
+            "messages per second across all chats (Telegram's limit is about 30; up to 1000 with paid broadcasts)"),
+    Setting("TELEGRAM_CHAT_INTERVAL_S", "telegram_chat_interval_s", "1", _fractional_seconds(0, 60),
+            "seconds between two messages to one private chat (Telegram: about one per second)"),
+    Setting("TELEGRAM_GROUP_INTERVAL_S", "telegram_group_interval_s", "3", _fractional_seconds(0, 600),
+            "seconds between two messages to one group (Telegram: 20 per minute)"),
+    Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
+            "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
+            "logged"),
 )
 
 # Settings that, left empty, are derived from the bot token (the value names what the secret is for).
@@ -389,6 +412,10 @@ class Config:
     lease_ttl_s: float
     log_level: str
     result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
+    telegram_send_rate: int
+    telegram_chat_interval_s: float
+    telegram_group_interval_s: float
+    outbox_max_wait_s: float
 
     @property
     def webhook_path_secret(self) -> str:
@@ -768,7 +795,7 @@ def render_response(response: Response, keep_alive: bool = True, head_only: bool
 #    Owns sockets: reading and writing under a deadline in every phase of a
 #    connection, bounding connections (evicting idle and stalled ones first),
 #    pipelining and the request bodies held in memory.  What a request means is
-#    the application's business (section 13); it judges each request's head
+#    the application's business (section 14); it judges each request's head
 #    before the body is read.
 ###############################################################################
 
@@ -1189,7 +1216,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_user_time ON jobs(user_id, created_at)",
         "CREATE INDEX jobs_time ON jobs(created_at)",
     ],
-    [  # 3: the lease that makes one process on this database the active one (section 13)
+    [  # 3: the lease that makes one process on this database the active one (section 14)
         """CREATE TABLE lease (
                name        TEXT PRIMARY KEY,
                owner       TEXT NOT NULL,
@@ -1204,6 +1231,15 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # 5: a chat's unhandled updates, found without reading the others' (inbox_unhandled_before)
         "CREATE INDEX inbox_chat_pending ON inbox(chat_key, update_id) WHERE done_at IS NULL",
+    ],
+    [  # 6: messages the dialog queued and Telegram has not taken yet (section 13)
+        """CREATE TABLE outbox (
+               id        INTEGER PRIMARY KEY,
+               chat_id   INTEGER NOT NULL,
+               method    TEXT NOT NULL,
+               params    TEXT NOT NULL,
+               queued_at REAL NOT NULL,
+               update_id INTEGER)""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1307,9 +1343,10 @@ def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) 
 
 
 # What must outlive the database file being deleted or replaced under us: unhandled
-# updates, jobs not yet delivered, dialogs.  Read from the old file (still open)
-# and added to the new one; rows the new file already has are kept.
-SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"))
+# updates, jobs not yet delivered, dialogs, unsent messages.  Read from the old file
+# (still open) and added to the new one; rows the new file already has are kept.
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"),
+                 ("outbox", "1"))
 
 
 def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
@@ -1677,6 +1714,11 @@ class GroupCommit:
         self._pending: list[tuple[Any, asyncio.Future | None]] = []
         self._writer: asyncio.Task | None = None
 
+    async def settled(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for everything queued so far to be written (or fail)."""
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=timeout)
+
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self._queue(item, future)
@@ -2017,6 +2059,88 @@ class RateLimiter:
                 await self.clock.sleep(self._stamps[0] + self.period - now)
 
 
+PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
+
+
+class SendPacer:
+    """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
+
+    Three spacings: between any two sends (one ``rate``-th of a second),
+    between two sends to one chat, and between two sends to one group
+    (``chat_id < 0``).  ``pause(now, seconds)`` holds every send until then
+    (a flood wait applies to the bot, not to one call); afterwards sends
+    resume one spacing apart, not in a burst.  A chat is remembered only
+    while its spacing has not passed, so memory follows the send rate, not
+    the number of chats ever served.
+    """
+
+    def __init__(self, rate: float, chat_interval_s: float, group_interval_s: float):
+        self.interval_s = 1.0 / rate
+        self.chat_interval_s = chat_interval_s
+        self.group_interval_s = group_interval_s
+        self.paused_until = -math.inf
+        self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
+        self._next_send = -math.inf
+        self._next_in_chat: dict[Any, float] = {}
+        self._prune_at = PACER_PRUNE_AT
+
+    def chat_wait(self, now: float, chat_id: Any) -> float:
+        """Seconds until ``chat_id`` may be sent to, as far as its own spacing and a flood pause go."""
+        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, self.paused_until - now)
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next send to any chat may go."""
+        return max(0.0, self._next_send - now, self.paused_until - now)
+
+    def take(self, now: float, chat_id: Any) -> None:
+        """A send goes out now (callers check ``wait`` and ``chat_wait`` first)."""
+        self._next_send = max(self._next_send, now) + self.interval_s
+        spacing = self.group_interval_s if isinstance(chat_id, int) and chat_id < 0 else self.chat_interval_s
+        if spacing > 0 and chat_id is not None:
+            self._next_in_chat[chat_id] = now + spacing
+            if len(self._next_in_chat) >= self._prune_at:
+                self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
+                self._prune_at = max(PACER_PRUNE_AT, 2 * len(self._next_in_chat))
+
+    def pause(self, now: float, seconds: float) -> None:
+        """Hold every send for ``seconds`` from ``now``."""
+        if now >= self.paused_until:
+            self.pauses += 1
+        self.paused_until = max(self.paused_until, now + seconds)
+        self._next_send = max(self._next_send, self.paused_until)
+
+    @property
+    def chats_remembered(self) -> int:
+        return len(self._next_in_chat)
+
+
+class SendGate:
+    """Makes each sender wait its turn under a SendPacer.
+
+    A sender first waits out its own chat's spacing on its own, then queues
+    (first come, first served) for the shared spacing: one sleeper at a time
+    wakes per send, and a chat waiting on its spacing never holds up other
+    chats.
+    """
+
+    def __init__(self, pacer: SendPacer, clock: Clock = SYSTEM_CLOCK):
+        self.pacer = pacer
+        self.clock = clock
+        self._turns = asyncio.Lock()
+
+    async def wait_turn(self, chat_id: Any) -> None:
+        while True:
+            while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
+                await self.clock.sleep(wait)
+            async with self._turns:
+                while (wait := self.pacer.wait(self.clock.monotonic())) > 0:
+                    await self.clock.sleep(wait)
+                now = self.clock.monotonic()
+                if self.pacer.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
+                    self.pacer.take(now, chat_id)
+                    return
+
+
 ###############################################################################
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
@@ -2158,6 +2282,26 @@ def _answer_maybe_lost(error: TelegramError) -> bool:
     return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
 
+# Methods that put something into a chat, paced at Telegram's limits.  sendChatAction and
+# deleteMessage are paced too: Telegram floods them like messages, and a 429 on any call stops
+# the whole bot.  answerCallbackQuery is exempt (Telegram does not count it, and a button's
+# spinner must stop at once); so is everything that reads or configures.
+PACED_METHODS = frozenset({
+    "sendMessage", "sendPhoto", "sendDocument", "sendMediaGroup", "sendChatAction", "copyMessage",
+    "forwardMessage", "editMessageText", "editMessageCaption", "editMessageMedia", "editMessageReplyMarkup",
+    "deleteMessage",
+})
+DEFAULT_SEND_RATE = 30  # Telegram's broadcast limit, messages per second
+DEFAULT_CHAT_INTERVAL_S = 1.0
+DEFAULT_GROUP_INTERVAL_S = 3.0  # 20 per minute
+
+
+def telegram_pacer(config: Config | None = None) -> SendPacer:
+    if config is None:
+        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_INTERVAL_S)
+    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_interval_s)
+
+
 def _encode_form_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -2172,14 +2316,19 @@ class TelegramClient:
     handled when the process died is handled again after the restart).  With
     ``repeatable=False`` (a photo, which must arrive at most once) such a
     loss is raised at once instead, for the caller to decide.
+
+    Every attempt of a PACED_METHODS call first waits its turn at ``pacer``'s
+    limits, and a 429 on any call pauses them all for its ``retry_after``.
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
         self._url = f"{api_base}/bot{token}/"
         self.http = http
         self.retry = retry
         self.clock = clock
+        self.pacer = pacer or telegram_pacer()
+        self.gate = SendGate(self.pacer, clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
 
     async def call(
@@ -2203,10 +2352,14 @@ class TelegramClient:
                                        clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        if method in PACED_METHODS:
+            await self.gate.wait_turn(params.get("chat_id"))
         try:
             result = await self._post(method, params, files, timeout)
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
+            if error.error_code == 429:
+                self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
         self.calls[method, "ok"] += 1
         return result
@@ -3864,10 +4017,12 @@ class Conversation:
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
     "ratio": ...}.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
-    answered politely and changes nothing.
+    answered politely and changes nothing.  Replies go through the
+    outbox (section 13): a handler never waits for Telegram, and never sees
+    what a send returns.
     """
 
-    def __init__(self, config: Config, telegram: TelegramClient, states: ConversationStore,
+    def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
                  generations: Generations, *, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
@@ -3896,6 +4051,7 @@ class Conversation:
         self.buttons.update(JobButtons(self).handlers())
 
     async def handle(self, update: dict) -> None:
+        REPLYING_TO.set(update.get("update_id"))
         if isinstance(update.get("message"), dict):
             await self.on_message(update["message"])
         elif isinstance(update.get("edited_message"), dict):
@@ -4234,6 +4390,7 @@ RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the u
 # kept for telling the user it failed, so every job ends by then.
 DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
+STATUS_MESSAGE_WAIT_S = 30.0  # a job's own messages wait at most this long for the dialog's queued before them
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
@@ -4965,8 +5122,10 @@ class Progress:
     a late edit never overwrites the result or the explanation.
     """
 
-    def __init__(self, telegram: TelegramClient, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, telegram: TelegramClient, outbox: Outbox, save: Callable[[Job], None],
+                 clock: Clock = SYSTEM_CLOCK):
         self.telegram = telegram
+        self.outbox = outbox  # the dialog's messages to the chat, which a job's own must not overtake
         self.save = save  # writes a job whose status message was just posted
         self.clock = clock
         self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
@@ -5011,7 +5170,9 @@ class Progress:
     async def _post_status(self, job: Job) -> None:
         try:
             text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
-            message = await self.telegram.send_message(job.chat_id, text, status_keyboard(job.lang))
+            params = {"chat_id": job.chat_id, "text": text, "reply_markup": status_keyboard(job.lang)}
+            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):  # in the chat's order, after the dialog's replies
+                message = await self.outbox.deliver("sendMessage", params)
             message_id = message.get("message_id") if isinstance(message, dict) else None
             if not isinstance(message_id, int):
                 return
@@ -5022,14 +5183,23 @@ class Progress:
             self.save(job)
         except TelegramError as error:
             log.info("[JOB] %s: could not post the ⏳ message: %s", job.id, error.description)
+        except TimeoutError:
+            log.info("[JOB] %s: the ⏳ message waited its chat's turn over %.0fs; the job goes on without it", job.id,
+                     STATUS_MESSAGE_WAIT_S)
         finally:
             self._calls.pop(job.id).set()
 
     async def quiet(self, job: Job) -> None:
-        """Return once no sign of life of ``job`` is in flight."""
+        """Return once no sign of life of ``job`` is in flight and the dialog's messages queued for its chat
+        have gone (the ratio question turning into the status must not land on the result)."""
         call = self._calls.get(job.id)
         if call is not None:
             await call.wait()
+        try:
+            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):
+                await self.outbox.caught_up(job.chat_id)
+        except TimeoutError:
+            log.info("[JOB] %s: delivered though its chat's queued messages have not gone yet", job.id)
 
     def forget(self, job: Job) -> None:
         self._action_due.pop(job.id, None)
@@ -5283,7 +5453,7 @@ class Generations:
     ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
-    def __init__(self, config: Config, db: Database, telegram: TelegramClient, kie: KieClient,
+    def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
                  delivery_notice_s: float = DELIVERY_NOTICE_S):
@@ -5298,7 +5468,7 @@ class Generations:
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.progress = Progress(telegram, self.book.save, clock)
+        self.progress = Progress(telegram, outbox, self.book.save, clock)
         sender = ResultSender(telegram, http, config.result_download_allow_private,
                               catalog=not config.single_model_only, remaining=self.fairness.remaining)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
@@ -5468,7 +5638,10 @@ class Generations:
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
                     option: str = "", status_message_id: int = 0) -> Job:
-        """Create a job (durably when the database works) and queue it; returns at once."""
+        """Create a job (durably when the database works) and queue it; returns at once.
+
+        Without a status message (the dialog had none to turn into one) the job posts its own.
+        """
         now = self.clock.time()
         job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
                   status_message_id=status_message_id, created_at=now, updated_at=now)
@@ -5526,7 +5699,365 @@ class Generations:
 
 
 ###############################################################################
-# 13. Application
+# 13. Outbox
+#    Owns the dialog's messages from the handler to Telegram: each is queued
+#    durably before its update counts as handled, then sent by a few sender
+#    tasks at Telegram's limits (section 7 paces), in order within a chat,
+#    one chat never holding up another.  Job drivers (section 12) call the
+#    TelegramClient themselves (paced there), except for the ⏳ message: it
+#    takes its chat's turn here (``deliver``) and hands back its message id.
+###############################################################################
+
+OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
+# Senders in flight at once: enough to keep the rate while each waits a Bot API round trip (~0.25 s).
+SEND_ROUND_TRIP_S = 0.25
+MIN_SENDERS = 4
+OUTBOX_RETRY_BASE_S = 1.0  # a message Telegram could not take (after the client's own retries) waits 1, 2, 4 ...
+OUTBOX_RETRY_CAP_S = 60.0  # ... at most 60 s before its chat is tried again
+OUTBOX_FLUSH_S = 2.0  # at shutdown, how long the marks of sent messages may take to be written
+
+
+@dataclasses.dataclass(slots=True)
+class OutboxMessage:
+    """One Bot API call waiting to be made; ``id`` orders a chat's messages (and the table's rows)."""
+
+    id: int
+    chat_id: int
+    method: str
+    params: dict
+    queued_at: float
+    update_id: int | None  # the update whose handler queued it
+    stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
+    attempts: int = 0
+    result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxSent:
+    """A message is over (sent, refused or expired): its row goes."""
+
+    id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatBlocked:
+    """Telegram said the user blocked the bot: remembered in ``users``, like a refused reply in section 9."""
+
+    user_id: int
+
+
+def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxSent | ChatBlocked]) -> list[None]:
+    """New messages, the ends of old ones and blocked users, in the order they were queued."""
+    now = time.time()
+    for entry in entries:
+        if isinstance(entry, OutboxMessage):
+            conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id)
+                            VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING""",
+                         (entry.id, entry.chat_id, entry.method, json.dumps(entry.params, ensure_ascii=False),
+                          entry.queued_at, entry.update_id))
+        elif isinstance(entry, OutboxSent):
+            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
+        else:
+            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
+                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
+    return [None] * len(entries)
+
+
+def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float, int | None]]:
+    """Every queued message, oldest first."""
+    return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
+
+
+def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list[OutboxMessage],
+                   taking_over: bool) -> list[tuple[int, int, str, str, float, int | None]]:
+    """The queued messages to send after a restart or an outage of the database, oldest first.
+
+    ``sent_ids`` went out while their rows could not be deleted: they go now.
+    ``unstored`` were queued while the database was down: they are written
+    now, before the pipeline writes the done marks of their updates.
+    Taking over from an earlier run, a message whose update is not marked
+    done goes too: that update is handled again and queues it again, in its
+    place (sending both would repeat it).  After an outage such an update
+    may be one this run still handles.
+    """
+    conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
+    outbox_write(conn, unstored)
+    if taking_over:
+        conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
+    return outbox_pending(conn)
+
+
+# The update the running handler answers (set by the dialog for each update): the messages it queues
+# carry its id.
+REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
+
+
+def outbox_senders(rate: int) -> int:
+    return max(MIN_SENDERS, math.ceil(rate * SEND_ROUND_TRIP_S))
+
+
+class Outbox:
+    """The dialog's way to Telegram: ``send_message`` and ``call`` return once the message is queued.
+
+    Queued means written to the ``outbox`` table (group commit), or held in
+    memory while the database is unusable, so the update that produced it
+    counts as handled only after its replies are safe; after a restart a
+    reply is sent from the table only if its update counts as handled (else
+    handling it again queues it again).  Senders deliver
+    them through the paced TelegramClient: a chat's messages in order, a
+    chat waiting on its spacing or a failing Telegram set aside so others
+    go on.  A message Telegram refuses for good (400, 403) or still unsent
+    after ``max_wait_s`` ends, logged and counted; anything else waits.
+    ``answer_callback`` goes out at once (Telegram exempts it from limits).
+    """
+
+    def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK):
+        self.db = db
+        self.telegram = telegram
+        self.senders = senders
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.sent: collections.Counter[str] = collections.Counter()  # by method
+        self.dropped: collections.Counter[str] = collections.Counter()  # by reason: refused, expired, full
+        self._chats: dict[int, collections.deque[OutboxMessage]] = {}
+        self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
+        self._ids: set[int] = set()
+        self._last_id = 0
+        self._writes = GroupCommit(db, outbox_write, self._on_written)
+        # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
+        # when it is back, before the table is read again.
+        self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
+        self._tasks: set[asyncio.Task] = set()  # senders, and chats set aside until their time
+        self._emptied = asyncio.Event()  # set while nothing is queued
+        self._emptied.set()
+
+    # -- the handler's side -----------------------------------------------------
+
+    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> None:
+        params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
+        if reply_markup is not None:
+            params["reply_markup"] = reply_markup
+        await self.call("sendMessage", params)
+
+    async def call(self, method: str, params: dict) -> None:
+        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+        message = self._new_message(method, params)
+        if not self._push(message) or not self.db.ok:
+            return
+        message.stored = True
+        try:
+            await self._writes.submit(message)
+        except (DatabaseUnavailable, RowRejected):
+            message.stored = False  # logged by Database or GroupCommit; sent from memory, written when it is back
+
+    async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
+        await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
+
+    async def caught_up(self, chat_id: int) -> None:
+        """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
+        queue = self._chats.get(chat_id)
+        if not queue:
+            return
+        last = queue[-1]
+        if last.result is None:
+            last.result = asyncio.get_running_loop().create_future()
+            last.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read, if unawaited
+        try:
+            await asyncio.shield(last.result)
+        except TelegramError:
+            pass  # ended unsent: over all the same
+
+    async def deliver(self, method: str, params: dict) -> Any:
+        """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
+
+        For a job's driver, which needs the result; kept in memory only: the
+        job, stored itself, sends it again after a restart.
+        """
+        message = self._new_message(method, params)
+        message.result = asyncio.get_running_loop().create_future()
+        if not self._push(message):
+            raise TelegramError(method, 503, "the outbox is full")
+        return await message.result
+
+    def _new_message(self, method: str, params: dict) -> OutboxMessage:
+        now = self.clock.time()
+        self._last_id = max(self._last_id + 1, int(now * 1_000_000))
+        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get())
+
+    def _push(self, message: OutboxMessage) -> bool:
+        if len(self._ids) >= OUTBOX_MAX_MESSAGES:
+            self.dropped["full"] += 1
+            log.error("[OUTBOX] full (%d messages): a %s to %d is dropped", len(self._ids), message.method,
+                      message.chat_id)
+            return False
+        self._ids.add(message.id)
+        self._emptied.clear()
+        queue = self._chats.setdefault(message.chat_id, collections.deque())
+        queue.append(message)
+        if len(queue) == 1:
+            self._ready.put_nowait(message.chat_id)
+        return True
+
+    # -- the senders --------------------------------------------------------------
+
+    async def _send_forever(self) -> None:
+        while True:
+            chat_id = await self._ready.get()
+            wait = self.telegram.pacer.chat_wait(self.clock.monotonic(), chat_id)
+            if wait > 0:
+                self._set_aside(chat_id, wait)  # a sender waiting on one chat's spacing would idle
+            else:
+                await self._send_first(chat_id)
+
+    async def _send_first(self, chat_id: int) -> None:
+        message = self._chats[chat_id][0]
+        if self.clock.time() - message.queued_at > self.max_wait_s:
+            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s",
+                      TelegramError(message.method, 504, "expired in the outbox"))
+            return
+        try:
+            result = await self.telegram.call(message.method, message.params)
+        except TelegramError as error:
+            if error.retryable:
+                message.attempts += 1
+                wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
+                log.warning("[OUTBOX] %s to %d failed (%s), tried again in %.0fs", message.method, chat_id,
+                            error.description, wait)
+                self._set_aside(chat_id, wait)
+                return
+            if error.error_code == 403 and chat_id > 0 and self.db.ok:
+                self._writes.add(ChatBlocked(chat_id))
+            self._end(message, "refused", f"{error.error_code} {error.description}", error)
+            return
+        self.sent[message.method] += 1
+        if message.result is not None and not message.result.done():
+            message.result.set_result(result)
+        self._end(message, None, "")
+
+    def _end(self, message: OutboxMessage, reason: str | None, why: str, error: TelegramError | None = None) -> None:
+        """The chat's first message is over: forget it, delete its row, and let the chat's next one go."""
+        if reason is not None:
+            self.dropped[reason] += 1
+            log.warning("[OUTBOX] %s to %d %s: %s", message.method, message.chat_id, reason, why)
+        if error is not None and message.result is not None and not message.result.done():
+            message.result.set_exception(error)
+        queue = self._chats[message.chat_id]
+        queue.popleft()
+        self._ids.discard(message.id)
+        if not self._ids:
+            self._emptied.set()
+        if message.stored and self.db.ok:
+            self._writes.add(OutboxSent(message.id))
+        elif message.stored:
+            self._unrecorded.append(message.id)
+        if queue:
+            self._ready.put_nowait(message.chat_id)
+        else:
+            del self._chats[message.chat_id]
+
+    def _on_written(self, entries: list, error: BaseException | None) -> None:
+        if error is not None:
+            self._unrecorded.extend(entry.id for entry in entries if isinstance(entry, OutboxSent))
+
+    def _set_aside(self, chat_id: int, seconds: float) -> None:
+        self._spawn(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
+
+    async def _ready_after(self, chat_id: int, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        self._ready.put_nowait(chat_id)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[OUTBOX] %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- lifecycle and what /health shows -------------------------------------------
+
+    async def resume(self, taking_over: bool = False) -> None:
+        """Take up the messages stored by an earlier run (or before the database failed), and send.
+
+        Called on becoming active (``taking_over``) and when the database
+        comes back; messages already in memory are not taken twice.
+        """
+        sent_ids = list(self._unrecorded)
+        unstored = [message for queue in self._chats.values() for message in queue
+                    if not message.stored and message.result is None]
+        try:
+            rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
+        except (DatabaseUnavailable, RowRejected):
+            rows = []
+        else:
+            for _ in sent_ids:
+                self._unrecorded.popleft()
+            for message in unstored:
+                message.stored = True
+        loaded = 0
+        for message_id, chat_id, method, params, queued_at, update_id in rows:
+            if message_id not in self._ids:
+                self._last_id = max(self._last_id, message_id)
+                loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
+                                                   update_id, stored=True))
+        if loaded:
+            log.info("[OUTBOX] %d queued messages taken up", loaded)
+        if not any(task.get_name().startswith("outbox-sender") for task in self._tasks):
+            for number in range(self.senders):
+                self._spawn(self._send_forever(), f"outbox-sender-{number}")
+
+    async def pause(self) -> None:
+        """Stop sending and forget what is queued: another instance has the lease and takes the stored rows."""
+        await self._cancel_tasks()
+        for queue in self._chats.values():
+            for message in queue:
+                if message.result is not None:
+                    message.result.cancel()
+        self._chats.clear()
+        self._ids.clear()
+        self._emptied.set()
+        self._ready = asyncio.Queue()
+
+    async def stop(self, grace: float) -> None:
+        """Send what is queued within ``grace`` seconds; what is left stays stored for the next run."""
+        if self._tasks:
+            await wait_for_event(self._emptied, grace)
+        await self._cancel_tasks()
+        await self._writes.settled(OUTBOX_FLUSH_S)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._ids)
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest queued message has waited (each chat's first is its oldest)."""
+        oldest = min((queue[0].queued_at for queue in self._chats.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self.clock.time() - oldest)
+
+    def snapshot(self) -> dict:
+        pacer = self.telegram.pacer
+        return {
+            "depth": self.depth,
+            "oldest_wait_s": round(self.oldest_wait_s(), 3),
+            "sent": sum(self.sent.values()),
+            "dropped": dict(self.dropped),
+            "flood_pauses": pacer.pauses,
+            "flood_paused_for_s": round(max(0.0, pacer.paused_until - self.clock.monotonic()), 3),
+            "telegram_429s": sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429"),
+        }
+
+
+###############################################################################
+# 14. Application
 #    Owns wiring the sections together and their start-up and shutdown order:
 #    the single-active-instance lease (its SQL too) and the role it gives,
 #    webhook and command-menu set-up or long polling, HTTP routes and
@@ -5950,20 +6481,21 @@ class InstanceLease:
 class Role:
     """Whether this process is the active one, and becoming or ceasing to be it.
 
-    It is *active* (processes updates, polls, runs jobs, sets up the webhook
-    and the menu) while it holds the lease, or when the database is unusable
+    It is *active* (processes updates, polls, runs jobs, sends the outbox,
+    sets up the webhook and the menu) while it holds the lease, or when the database is unusable
     from the start (then nothing is shared to coordinate through).  A passive
     instance still stores webhook updates in the shared inbox for the active
     one.  The only owner of ``pipeline.should_process``.
     """
 
     def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
-                 generations: Generations, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
+                 generations: Generations, outbox: Outbox, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
         self.lease = lease
         self.db = db
         self.states = states
         self.pipeline = pipeline
         self.generations = generations
+        self.outbox = outbox
         self.set_up = set_up
         self.clock = clock
         self.active = False
@@ -5988,6 +6520,7 @@ class Role:
                 log.info("[DB] %d open dialogs loaded", await self.states.load())
             except DatabaseUnavailable:
                 pass
+        await self.outbox.resume(taking_over=True)  # before a handler queues a reply overtaking a stored one
         self.active = True
         self.pipeline.should_process = True
         await self.generations.resume()
@@ -5998,6 +6531,7 @@ class Role:
         self.active = False
         self.pipeline.should_process = False
         await self.generations.pause()
+        await self.outbox.pause()
 
     async def hold(self) -> None:
         """Renew the lease (or try for it) for the life of the process.
@@ -6143,6 +6677,21 @@ class Metrics:
             ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
              [("", {"outcome": o}, self.generations.finished[o])
               for o in ("success", "failed", "timed_out", "cancelled")]),
+            *self._outbox_counters(),
+        ]
+
+    def _outbox_counters(self) -> list[Family]:
+        outbox = self.role.outbox
+        answers_429 = sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429")
+        return [
+            ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
+             [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
+            ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
+             [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
+            ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
+             [("", {}, answers_429)]),
+            ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
+             [("", {}, self.telegram.pacer.pauses)]),
         ]
 
     def _gauges(self, server: HttpServer) -> list[Family]:
@@ -6153,6 +6702,10 @@ class Metrics:
             ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
             ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.",
              [("", {}, len(self.generations.jobs))]),
+            ("trt_outbox_depth", "gauge", "Messages queued for Telegram, not yet sent.",
+             [("", {}, self.role.outbox.depth)]),
+            ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
+             [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
              [("", {}, self.role.active)]),
             ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
@@ -6293,6 +6846,7 @@ class Diagnostics:
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
+            "outbox": self.role.outbox.snapshot(),
             "warnings": self.red_flags.warnings,
             "version": __version__,
         }
@@ -6502,15 +7056,18 @@ class App:
         self._background: list[asyncio.Task] = []
         self.db = Database(config.database)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
-        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock)
+        self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
+                                       pacer=telegram_pacer(config))
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
-        self.generations = Generations(config, self.db, self.telegram, self.kie, self.http,
+        outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
+                        max_wait_s=config.outbox_max_wait_s, clock=clock)
+        self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
                                        on_finished=timings.job_finished, clock=clock)
-        self.pipeline = self._build_pipeline(states, timings)
+        self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
-                         self.generations, set_up, clock)
+                         self.generations, outbox, set_up, clock)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
         metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
@@ -6521,10 +7078,10 @@ class App:
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
 
-    def _build_pipeline(self, states: ConversationStore, timings: Timings) -> UpdatePipeline:
+    def _build_pipeline(self, states: ConversationStore, outbox: Outbox, timings: Timings) -> UpdatePipeline:
         """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
         # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
-        conversation = Conversation(self.config, self.telegram, states, self.generations,
+        conversation = Conversation(self.config, outbox, states, self.generations,
                                     queue_stats=lambda: pipeline.snapshot())
         pipeline = UpdatePipeline(
             self.db,
@@ -6577,6 +7134,8 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        # The replies of the updates just handled get half of what is left; unsent ones stay stored.
+        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
         await self.http.aclose()
@@ -6595,6 +7154,8 @@ class App:
                 await self.db.verify()
             if not self.db.ok and await self.db.open():
                 log.warning("[DB] recovered; back to durable mode")
+                if self.role.active:  # replies queued meanwhile are stored before their updates' done marks
+                    await self.role.outbox.resume()
                 self.pipeline.wake()
                 if self.role.active:
                     await self.generations.resume()
