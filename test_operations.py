@@ -601,6 +601,8 @@ async def test_a_killed_holder_is_replaced_within_the_lease_ttl_and_nothing_sent
         await eventually_async(processed, lambda count: count >= 5)
     print(f"\ntakeover after kill -9 ({'a PID namespace each' if wrapper else 'one PID namespace'}): "
           f"{takeover_s * 1000:.0f} ms (LEASE_TTL_S={KILL_LEASE_TTL_S})")
+    # Handled, then sent from the outbox: every reply goes, once.
+    await eventually(lambda: len(fake_tg.calls_of("sendMessage")) >= 5)
     assert sorted(p["chat_id"] for p in fake_tg.calls_of("sendMessage")) == list(range(6001, 6006))
 
 
