@@ -1826,7 +1826,9 @@ async def test_an_update_id_outside_sqlites_integer_range_is_400(make_app):
 async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_restart(fake_tg, tmp_path, bot_processes,
                                                                                   database_url):
     fake_tg.stall("sendMessage")  # the bot acknowledges but cannot answer yet
-    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), DATABASE_URL=database_url)
+    # Telegram's own rate: fewer senders than updates, so each holds one and the rest wait in the outbox.
+    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), DATABASE_URL=database_url,
+                  TELEGRAM_SEND_RATE="30")
     first = bot_processes(env)
     await first.wait_healthy()
     headers = {"X-Telegram-Bot-Api-Secret-Token": trt_bot.load_config(env).webhook_secret}
@@ -1835,7 +1837,7 @@ async def test_acknowledged_updates_survive_sigkill_and_are_answered_after_resta
         for n in range(1, 21):
             response = await client.post(url, json=update_message(n, 500 + n, "/start"), headers=headers)
             assert response.status_code == 200
-    senders = trt_bot.outbox_senders(trt_bot.DEFAULT_SEND_RATE)
+    senders = trt_bot.outbox_senders(trt_bot.load_config(env).telegram_send_rate)
     await eventually(lambda: fake_tg.held("sendMessage") == senders)  # every sender waits on Telegram: none on its way
     first.kill()
     fake_tg.release("sendMessage")
@@ -1853,7 +1855,7 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
     # Used to go unnoticed: /health said ok, and after kill -9 none of the acknowledged updates was answered.
     fake_tg.stall("sendMessage")
     database = tmp_path / "bot.sqlite3"
-    env = bot_env(fake_tg, str(database), PORT=str(free_port()))
+    env = bot_env(fake_tg, str(database), PORT=str(free_port()), TELEGRAM_SEND_RATE="30")  # fewer senders than updates
     first = bot_processes(env)
     await first.wait_healthy()
     config = trt_bot.load_config(env)
@@ -1878,7 +1880,7 @@ async def test_a_database_file_deleted_at_runtime_is_noticed_and_nothing_acknowl
         await eventually_async(status, lambda h: h["status"] == "ok", timeout=10)
         await post(range(6, 11))
     assert database.is_file()
-    senders = trt_bot.outbox_senders(trt_bot.DEFAULT_SEND_RATE)
+    senders = trt_bot.outbox_senders(trt_bot.load_config(env).telegram_send_rate)
     await eventually(lambda: fake_tg.held("sendMessage") == senders)  # every sender waits on Telegram: none on its way
     first.kill()
     fake_tg.release("sendMessage")
