@@ -298,6 +298,11 @@ class Bench:
             "KIE_API_KEY": KIE_KEY, "KIE_API_BASE": self.kie.base if self.kie else "http://127.0.0.1:1",
             "SINGLE_MODEL_ONLY": "1", "LOG_LEVEL": "INFO", "SHUTDOWN_GRACE_S": "1",
         }
+        if api_base is None:
+            # The shared fake enforces no Telegram limits and the peers pace nothing: trt_bot sends at its
+            # highest setting (paid broadcasts), no spacing per chat, so these figures measure the bot.
+            env.update({"TELEGRAM_SEND_RATE": "1000", "TELEGRAM_CHAT_INTERVAL_S": "0",
+                        "TELEGRAM_GROUP_INTERVAL_S": "0"})
         for item in self.args.trt_env:
             key, _, value = item.partition("=")
             env[key] = value
