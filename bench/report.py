@@ -285,7 +285,7 @@ def flood_section(results: dict[str, Any]) -> list[str]:
              f"A fake Bot API that enforces Telegram's limits: {rules['per_second']} sends/s across chats, "
              f"{rules['private_per_second']}/s in a private chat, {rules['group_per_minute']}/min in a group "
              f"(sliding windows, each {rules['grace_s'] * 1000:.0f} ms shorter for the fake's own scheduling "
-             "jitter). A send past any of them gets 429 with retry_after = {rules['retry_after_s']} s, and "
+             f"jitter). A send past any of them gets 429 with retry_after = {rules['retry_after_s']} s, and "
              "the wait applies to the whole bot: every send until it ends gets 429 too; answerCallbackQuery is "
              "exempt. Each bot is started once and takes every burst (all updates posted at once over up to "
              "40 connections). Drain: first post → last reply taken by the fake; ideal: the shortest drain the "
