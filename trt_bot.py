@@ -28,6 +28,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import enum
@@ -3232,13 +3233,12 @@ class InboxRefill:
 class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
-    ``ingest`` says whether an update was kept: Admitted once committed to the
-    inbox (or, with the database down, held in memory), Duplicate for an id
-    seen before, Rejected when SQLite refuses what it holds or it cannot be
-    kept.  Updates of one chat never run at once and run in arrival order,
-    whether the database works or not: while a chat has updates waiting in the
-    inbox (spilled), a memory-only update of that chat would overtake them, so
-    it is rejected and Telegram sends it again.
+    ``ingest`` says whether an update was kept: Admitted once committed to the inbox
+    (or, the database down, held in memory), Duplicate for an id seen before,
+    Rejected when the database refuses it or it cannot be kept.  A chat's
+    updates run one at a time in arrival order, database or not: while a chat
+    has updates waiting in the inbox (spilled), a memory-only update of that
+    chat would overtake them, so it is rejected and Telegram sends it again.
     """
 
     def __init__(
@@ -3948,6 +3948,15 @@ class Context:
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
 
 
+def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
+    """The figures /stats shows, by the names its text uses: the jobs' usage and the pipeline's counts."""
+    jobs_today = ", ".join(f"{t.get(f'outcome_{outcome}', outcome)} {n}"
+                           for outcome, n in sorted(usage["jobs_today"].items())) or "0"
+    return {**usage, "jobs_today": jobs_today, "received": queue.get("total_received"),
+            "processed": queue.get("total_processed"), "errors": queue.get("total_errors"),
+            "queue_depth": queue.get("queue_depth"), "backlog": queue.get("inbox_backlog")}
+
+
 class PromptStep:
     """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
 
@@ -4017,9 +4026,8 @@ class Conversation:
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
     "ratio": ...}.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
-    answered politely and changes nothing.  Replies go through the
-    outbox (section 13): a handler never waits for Telegram, and never sees
-    what a send returns.
+    answered politely and changes nothing.  Replies go through the outbox
+    (section 13): a handler never waits for Telegram nor sees a send's result.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4037,7 +4045,6 @@ class Conversation:
             "/help": self.on_help,
             "/cancel": self.on_cancel,
             "/stats": self.on_stats,
-            "/language": self.on_language,
         }
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button,
@@ -4046,9 +4053,10 @@ class Conversation:
             "opt": self.on_option_button,
             "cancel": self.on_cancel_button,
             "help": self.on_help_button,
-            "lang": self.on_language_button,
         }
         self.buttons.update(JobButtons(self).handlers())
+        languages = LanguageChoice(self)
+        self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4180,33 +4188,13 @@ class Conversation:
         if ctx.user_id not in self.config.admin_ids:
             await self.send_hint(ctx)
             return
-        usage = await self.generations.usage()
-        queue = self.queue_stats()
-        jobs_today = ", ".join(f"{ctx.t.get(f'outcome_{outcome}', outcome)} {n}"
-                               for outcome, n in sorted(usage["jobs_today"].items())) or "0"
-        await self.send(ctx, "stats", **{**usage, "jobs_today": jobs_today}, received=queue.get("total_received"),
-                        processed=queue.get("total_processed"), errors=queue.get("total_errors"),
-                        queue_depth=queue.get("queue_depth"), backlog=queue.get("inbox_backlog"))
+        await self.send(ctx, "stats", **stats_values(await self.generations.usage(), self.queue_stats(), ctx.t))
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
 
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "unknown_command")  # an open dialog stays open
-
-    async def on_language(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "choose_language", language_keyboard())
-
-    async def on_language_button(self, ctx: Context, lang: str) -> None:
-        if lang not in LANGUAGES:
-            return  # a forged button: answered as stale
-        await self.answer(ctx)
-        await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.user_id)
-        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.user_id, {**state, "lang": lang})
-        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
-        await self.send(chosen, "language_set", main_menu(lang, self.models))
 
     # -- the dialog ---------------------------------------------------------
 
@@ -4280,6 +4268,28 @@ class Conversation:
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+
+
+class LanguageChoice:
+    """``/language`` and its buttons: the user's choice of RU or EN, remembered, and applied to an open dialog."""
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.states = conversation.states
+
+    async def on_command(self, ctx: Context, message: dict) -> None:
+        await self.dialog.send(ctx, "choose_language", language_keyboard())
+
+    async def on_button(self, ctx: Context, lang: str) -> None:
+        if lang not in LANGUAGES:
+            return  # a forged button: answered as stale
+        await self.dialog.answer(ctx)
+        await self.states.set_language(ctx.user_id, lang)
+        state = self.states.get(ctx.user_id)
+        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.states.set(ctx.user_id, {**state, "lang": lang})
+        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
+        await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
 
 
 class JobButtons:
@@ -5446,11 +5456,8 @@ class Deliverer:
 class Generations:
     """Every job of this process, from creation to delivery: the one driver of the job state machine.
 
-    Events go through ``apply``, which changes the job as ``apply_event``
-    says and carries out the effects with the collaborators: the job book,
-    the fairness limits, the Kie slots, the submitter, the poller, the
-    deliverer and the admin alerts.  Every job ends: outcomes by
-    ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
+    ``apply`` changes a job as ``apply_event`` says, and the collaborators carry out the effects.
+    Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
@@ -5731,6 +5738,13 @@ class OutboxMessage:
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
 
+    def ended(self) -> asyncio.Future:
+        """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
+        if self.result is None:
+            self.result = asyncio.get_running_loop().create_future()
+            self.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
+        return self.result
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OutboxSent:
@@ -5856,17 +5870,9 @@ class Outbox:
 
     async def caught_up(self, chat_id: int) -> None:
         """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
-        queue = self._chats.get(chat_id)
-        if not queue:
-            return
-        last = queue[-1]
-        if last.result is None:
-            last.result = asyncio.get_running_loop().create_future()
-            last.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read, if unawaited
-        try:
-            await asyncio.shield(last.result)
-        except TelegramError:
-            pass  # ended unsent: over all the same
+        if self._chats.get(chat_id):
+            with contextlib.suppress(TelegramError):  # ended unsent: over all the same
+                await asyncio.shield(self._chats[chat_id][-1].ended())
 
     async def deliver(self, method: str, params: dict) -> Any:
         """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
