@@ -367,9 +367,9 @@ SETTINGS = (
     Setting("TELEGRAM_SEND_RATE", "telegram_send_rate", "30", _integer(1, 1000),
             "messages per second across all chats (Telegram's limit is about 30; up to 1000 with paid broadcasts)"),
     Setting("TELEGRAM_CHAT_INTERVAL_S", "telegram_chat_interval_s", "1", _fractional_seconds(0, 60),
-            "seconds between two messages to one private chat (Telegram: about one per second)"),
-    Setting("TELEGRAM_GROUP_INTERVAL_S", "telegram_group_interval_s", "3", _fractional_seconds(0, 600),
-            "seconds between two messages to one group (Telegram: 20 per minute)"),
+            "seconds between two messages to one chat, a group too (Telegram: about one per second)"),
+    Setting("TELEGRAM_GROUP_PER_MINUTE", "telegram_group_per_minute", "20", _integer(0, 1000),
+            "messages to one group in any minute (Telegram: 20), besides the spacing of any chat; `0`: no limit"),
     Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
             "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
             "logged"),
@@ -415,7 +415,7 @@ class Config:
     result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
     telegram_send_rate: int
     telegram_chat_interval_s: float
-    telegram_group_interval_s: float
+    telegram_group_per_minute: int
     outbox_max_wait_s: float
 
     @property
@@ -2061,33 +2061,38 @@ class RateLimiter:
 
 
 PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
+GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
 
 
 class SendPacer:
     """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
 
-    Three spacings: between any two sends (one ``rate``-th of a second),
-    between two sends to one chat, and between two sends to one group
-    (``chat_id < 0``).  ``pause(now, seconds)`` holds every send until then
-    (a flood wait applies to the bot, not to one call); afterwards sends
-    resume one spacing apart, not in a burst.  A chat is remembered only
-    while its spacing has not passed, so memory follows the send rate, not
+    Spacings between any two sends (one ``rate``-th of a second) and between
+    two sends to one chat, and at most ``group_per_minute`` sends to one group
+    (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window, as Telegram
+    counts).  ``pause(now, seconds)`` holds every send until then (a flood
+    wait applies to the bot, not to one call); afterwards sends resume one
+    spacing apart, not in a burst.  A chat is remembered only while its
+    spacing or window has not passed, so memory follows the send rate, not
     the number of chats ever served.
     """
 
-    def __init__(self, rate: float, chat_interval_s: float, group_interval_s: float):
+    def __init__(self, rate: float, chat_interval_s: float, group_per_minute: int):
         self.interval_s = 1.0 / rate
         self.chat_interval_s = chat_interval_s
-        self.group_interval_s = group_interval_s
+        self.group_per_minute = group_per_minute  # 0: no limit of its own
         self.paused_until = -math.inf
         self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
         self._next_send = -math.inf
         self._next_in_chat: dict[Any, float] = {}
+        self._group_sends: dict[int, collections.deque[float]] = {}  # a group's last ``group_per_minute`` sends
         self._prune_at = PACER_PRUNE_AT
 
     def chat_wait(self, now: float, chat_id: Any) -> float:
-        """Seconds until ``chat_id`` may be sent to, as far as its own spacing and a flood pause go."""
-        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, self.paused_until - now)
+        """Seconds until ``chat_id`` may be sent to, as far as its own limits and a flood pause go."""
+        sends = self._group_sends.get(chat_id)
+        window = sends[0] + GROUP_WINDOW_S - now if sends and len(sends) == self.group_per_minute else 0.0
+        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, window, self.paused_until - now)
 
     def wait(self, now: float) -> float:
         """Seconds until the next send to any chat may go."""
@@ -2096,12 +2101,17 @@ class SendPacer:
     def take(self, now: float, chat_id: Any) -> None:
         """A send goes out now (callers check ``wait`` and ``chat_wait`` first)."""
         self._next_send = max(self._next_send, now) + self.interval_s
-        spacing = self.group_interval_s if isinstance(chat_id, int) and chat_id < 0 else self.chat_interval_s
-        if spacing > 0 and chat_id is not None:
-            self._next_in_chat[chat_id] = now + spacing
-            if len(self._next_in_chat) >= self._prune_at:
-                self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
-                self._prune_at = max(PACER_PRUNE_AT, 2 * len(self._next_in_chat))
+        if chat_id is None:
+            return
+        if self.chat_interval_s > 0:
+            self._next_in_chat[chat_id] = now + self.chat_interval_s
+        if self.group_per_minute and isinstance(chat_id, int) and chat_id < 0:
+            self._group_sends.setdefault(chat_id, collections.deque(maxlen=self.group_per_minute)).append(now)
+        if self.chats_remembered >= self._prune_at:
+            self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
+            self._group_sends = {chat: sends for chat, sends in self._group_sends.items()
+                                 if sends[-1] + GROUP_WINDOW_S > now}
+            self._prune_at = max(PACER_PRUNE_AT, 2 * self.chats_remembered)
 
     def pause(self, now: float, seconds: float) -> None:
         """Hold every send for ``seconds`` from ``now``."""
@@ -2112,7 +2122,7 @@ class SendPacer:
 
     @property
     def chats_remembered(self) -> int:
-        return len(self._next_in_chat)
+        return len(self._next_in_chat) + len(self._group_sends)
 
 
 class SendGate:
@@ -2294,13 +2304,13 @@ PACED_METHODS = frozenset({
 })
 DEFAULT_SEND_RATE = 30  # Telegram's broadcast limit, messages per second
 DEFAULT_CHAT_INTERVAL_S = 1.0
-DEFAULT_GROUP_INTERVAL_S = 3.0  # 20 per minute
+DEFAULT_GROUP_PER_MINUTE = 20
 
 
 def telegram_pacer(config: Config | None = None) -> SendPacer:
     if config is None:
-        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_INTERVAL_S)
-    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_interval_s)
+        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_PER_MINUTE)
+    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_per_minute)
 
 
 def _encode_form_value(value: Any) -> str:
