@@ -383,7 +383,7 @@ def bot_env(fake: FakeBotApi, database: str, **overrides: str) -> dict[str, str]
         # Replies go at the fakes' speed; the pacing at Telegram's limits has tests of its own.
         "TELEGRAM_SEND_RATE": "1000",
         "TELEGRAM_CHAT_INTERVAL_S": "0",
-        "TELEGRAM_GROUP_INTERVAL_S": "0",
+        "TELEGRAM_GROUP_PER_MINUTE": "0",
     }
     env.update(overrides)
     return env

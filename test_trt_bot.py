@@ -87,7 +87,8 @@ def test_bad_setting_exits_2_naming_what_to_fix(env, names):
 @pytest.mark.parametrize("name, raw", [
     ("TELEGRAM_SEND_RATE", "0"), ("TELEGRAM_SEND_RATE", "1001"), ("TELEGRAM_SEND_RATE", "fast"),
     ("TELEGRAM_CHAT_INTERVAL_S", "-1"), ("TELEGRAM_CHAT_INTERVAL_S", "nan"), ("TELEGRAM_CHAT_INTERVAL_S", "61"),
-    ("TELEGRAM_GROUP_INTERVAL_S", "soon"), ("TELEGRAM_GROUP_INTERVAL_S", "inf"), ("OUTBOX_MAX_WAIT_S", "0"),
+    ("TELEGRAM_GROUP_PER_MINUTE", "soon"), ("TELEGRAM_GROUP_PER_MINUTE", "-1"), ("TELEGRAM_GROUP_PER_MINUTE", "2.5"),
+    ("OUTBOX_MAX_WAIT_S", "0"),
 ])
 def test_every_send_limit_setting_is_validated_and_a_bad_value_exits_2(name, raw):
     result = run_bot_cli({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
@@ -97,9 +98,9 @@ def test_every_send_limit_setting_is_validated_and_a_bad_value_exits_2(name, raw
 
 def test_send_limits_may_be_shrunk_for_tests_and_raised_for_paid_broadcasts():
     config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_SEND_RATE": "1000",
-                                  "TELEGRAM_CHAT_INTERVAL_S": "0.05", "TELEGRAM_GROUP_INTERVAL_S": "0"})
+                                  "TELEGRAM_CHAT_INTERVAL_S": "0.05", "TELEGRAM_GROUP_PER_MINUTE": "0"})
     pacer = trt_bot.telegram_pacer(config)
-    assert pacer.interval_s == 0.001 and pacer.chat_interval_s == 0.05 and pacer.group_interval_s == 0
+    assert pacer.interval_s == 0.001 and pacer.chat_interval_s == 0.05 and pacer.group_per_minute == 0
 
 
 def test_derived_secrets_are_stable_url_safe_and_not_the_token():
@@ -1059,7 +1060,7 @@ async def test_rate_limiter_admits_at_most_its_calls_per_period():
 
 
 def test_the_pacer_spaces_sends_at_the_global_rate_whatever_the_chat():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_interval_s=0)
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
     assert pacer.wait(100.0) == 0
     pacer.take(100.0, 1)
     assert pacer.wait(100.0) == pytest.approx(0.1) and pacer.wait(100.05) == pytest.approx(0.05)
@@ -1068,18 +1069,22 @@ def test_the_pacer_spaces_sends_at_the_global_rate_whatever_the_chat():
     assert pacer.wait(100.1) == pytest.approx(0.1)
 
 
-def test_the_pacer_spaces_one_chat_and_one_group_by_their_own_intervals():
-    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_interval_s=3.0)
+def test_the_pacer_spaces_one_chat_by_its_interval_and_holds_a_group_to_20_in_any_minute():
+    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_per_minute=20)
     pacer.take(0.0, 5)
-    pacer.take(0.0, -100)
     assert pacer.chat_wait(0.5, 5) == pytest.approx(0.5)
-    assert pacer.chat_wait(0.5, -100) == pytest.approx(2.5)  # a group: 20 a minute
     assert pacer.chat_wait(0.5, 6) == 0  # another chat is not held up
     assert pacer.chat_wait(1.0, 5) == 0
+    for second in range(20):  # a group: one a second, like any chat ...
+        assert pacer.chat_wait(float(second), -100) == 0
+        pacer.take(float(second), -100)
+    assert pacer.chat_wait(20.0, -100) == pytest.approx(40.0)  # ... and the 21st a minute after the first
+    pacer.take(60.0, -100)
+    assert pacer.chat_wait(61.0, -100) == 0  # the window slid: the second send is a minute old
 
 
 def test_a_flood_pause_holds_every_chat_and_then_sends_resume_at_the_rate_not_in_a_burst():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_interval_s=0)
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
     pacer.pause(50.0, 2.0)
     pacer.pause(51.0, 0.5)  # a 429 during the pause: the same pause
     assert pacer.pauses == 1
@@ -1092,7 +1097,7 @@ def test_a_flood_pause_holds_every_chat_and_then_sends_resume_at_the_rate_not_in
 
 
 def test_the_pacer_forgets_chats_whose_spacing_has_passed():
-    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_interval_s=3.0)
+    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_per_minute=20)
     for n in range(20_000):  # 20,000 chats, ten a second
         pacer.take(n / 10, n)
     assert pacer.chats_remembered <= trt_bot.PACER_PRUNE_AT
@@ -1376,7 +1381,7 @@ async def advance_until(clock: ManualClock, done, step: float, timeout: float = 
 
 def paced_client(clock: trt_bot.Clock, rate: int = 30, chat_interval_s: float = 0.0) -> trt_bot.TelegramClient:
     return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), clock=clock,
-                                  pacer=trt_bot.SendPacer(rate, chat_interval_s, 3.0))
+                                  pacer=trt_bot.SendPacer(rate, chat_interval_s, 20))
 
 
 def recording(sent: list, clock: ManualClock, first: httpx.Response | None = None):

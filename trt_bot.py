@@ -28,6 +28,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import enum
@@ -366,9 +367,9 @@ SETTINGS = (
     Setting("TELEGRAM_SEND_RATE", "telegram_send_rate", "30", _integer(1, 1000),
             "messages per second across all chats (Telegram's limit is about 30; up to 1000 with paid broadcasts)"),
     Setting("TELEGRAM_CHAT_INTERVAL_S", "telegram_chat_interval_s", "1", _fractional_seconds(0, 60),
-            "seconds between two messages to one private chat (Telegram: about one per second)"),
-    Setting("TELEGRAM_GROUP_INTERVAL_S", "telegram_group_interval_s", "3", _fractional_seconds(0, 600),
-            "seconds between two messages to one group (Telegram: 20 per minute)"),
+            "seconds between two messages to one chat, a group too (Telegram: about one per second)"),
+    Setting("TELEGRAM_GROUP_PER_MINUTE", "telegram_group_per_minute", "20", _integer(0, 1000),
+            "messages to one group in any minute (Telegram: 20), besides the spacing of any chat; `0`: no limit"),
     Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
             "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
             "logged"),
@@ -414,7 +415,7 @@ class Config:
     result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
     telegram_send_rate: int
     telegram_chat_interval_s: float
-    telegram_group_interval_s: float
+    telegram_group_per_minute: int
     outbox_max_wait_s: float
 
     @property
@@ -2060,33 +2061,38 @@ class RateLimiter:
 
 
 PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
+GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
 
 
 class SendPacer:
     """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
 
-    Three spacings: between any two sends (one ``rate``-th of a second),
-    between two sends to one chat, and between two sends to one group
-    (``chat_id < 0``).  ``pause(now, seconds)`` holds every send until then
-    (a flood wait applies to the bot, not to one call); afterwards sends
-    resume one spacing apart, not in a burst.  A chat is remembered only
-    while its spacing has not passed, so memory follows the send rate, not
+    Spacings between any two sends (one ``rate``-th of a second) and between
+    two sends to one chat, and at most ``group_per_minute`` sends to one group
+    (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window, as Telegram
+    counts).  ``pause(now, seconds)`` holds every send until then (a flood
+    wait applies to the bot, not to one call); afterwards sends resume one
+    spacing apart, not in a burst.  A chat is remembered only while its
+    spacing or window has not passed, so memory follows the send rate, not
     the number of chats ever served.
     """
 
-    def __init__(self, rate: float, chat_interval_s: float, group_interval_s: float):
+    def __init__(self, rate: float, chat_interval_s: float, group_per_minute: int):
         self.interval_s = 1.0 / rate
         self.chat_interval_s = chat_interval_s
-        self.group_interval_s = group_interval_s
+        self.group_per_minute = group_per_minute  # 0: no limit of its own
         self.paused_until = -math.inf
         self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
         self._next_send = -math.inf
         self._next_in_chat: dict[Any, float] = {}
+        self._group_sends: dict[int, collections.deque[float]] = {}  # a group's last ``group_per_minute`` sends
         self._prune_at = PACER_PRUNE_AT
 
     def chat_wait(self, now: float, chat_id: Any) -> float:
-        """Seconds until ``chat_id`` may be sent to, as far as its own spacing and a flood pause go."""
-        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, self.paused_until - now)
+        """Seconds until ``chat_id`` may be sent to, as far as its own limits and a flood pause go."""
+        sends = self._group_sends.get(chat_id)
+        window = sends[0] + GROUP_WINDOW_S - now if sends and len(sends) == self.group_per_minute else 0.0
+        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, window, self.paused_until - now)
 
     def wait(self, now: float) -> float:
         """Seconds until the next send to any chat may go."""
@@ -2095,12 +2101,17 @@ class SendPacer:
     def take(self, now: float, chat_id: Any) -> None:
         """A send goes out now (callers check ``wait`` and ``chat_wait`` first)."""
         self._next_send = max(self._next_send, now) + self.interval_s
-        spacing = self.group_interval_s if isinstance(chat_id, int) and chat_id < 0 else self.chat_interval_s
-        if spacing > 0 and chat_id is not None:
-            self._next_in_chat[chat_id] = now + spacing
-            if len(self._next_in_chat) >= self._prune_at:
-                self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
-                self._prune_at = max(PACER_PRUNE_AT, 2 * len(self._next_in_chat))
+        if chat_id is None:
+            return
+        if self.chat_interval_s > 0:
+            self._next_in_chat[chat_id] = now + self.chat_interval_s
+        if self.group_per_minute and isinstance(chat_id, int) and chat_id < 0:
+            self._group_sends.setdefault(chat_id, collections.deque(maxlen=self.group_per_minute)).append(now)
+        if self.chats_remembered >= self._prune_at:
+            self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
+            self._group_sends = {chat: sends for chat, sends in self._group_sends.items()
+                                 if sends[-1] + GROUP_WINDOW_S > now}
+            self._prune_at = max(PACER_PRUNE_AT, 2 * self.chats_remembered)
 
     def pause(self, now: float, seconds: float) -> None:
         """Hold every send for ``seconds`` from ``now``."""
@@ -2111,7 +2122,7 @@ class SendPacer:
 
     @property
     def chats_remembered(self) -> int:
-        return len(self._next_in_chat)
+        return len(self._next_in_chat) + len(self._group_sends)
 
 
 class SendGate:
@@ -2293,13 +2304,13 @@ PACED_METHODS = frozenset({
 })
 DEFAULT_SEND_RATE = 30  # Telegram's broadcast limit, messages per second
 DEFAULT_CHAT_INTERVAL_S = 1.0
-DEFAULT_GROUP_INTERVAL_S = 3.0  # 20 per minute
+DEFAULT_GROUP_PER_MINUTE = 20
 
 
 def telegram_pacer(config: Config | None = None) -> SendPacer:
     if config is None:
-        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_INTERVAL_S)
-    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_interval_s)
+        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_PER_MINUTE)
+    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_per_minute)
 
 
 def _encode_form_value(value: Any) -> str:
@@ -3232,13 +3243,12 @@ class InboxRefill:
 class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
-    ``ingest`` says whether an update was kept: Admitted once committed to the
-    inbox (or, with the database down, held in memory), Duplicate for an id
-    seen before, Rejected when SQLite refuses what it holds or it cannot be
-    kept.  Updates of one chat never run at once and run in arrival order,
-    whether the database works or not: while a chat has updates waiting in the
-    inbox (spilled), a memory-only update of that chat would overtake them, so
-    it is rejected and Telegram sends it again.
+    ``ingest`` says whether an update was kept: Admitted once committed to the inbox
+    (or, the database down, held in memory), Duplicate for an id seen before,
+    Rejected when the database refuses it or it cannot be kept.  A chat's
+    updates run one at a time in arrival order, database or not: while a chat
+    has updates waiting in the inbox (spilled), a memory-only update of that
+    chat would overtake them, so it is rejected and Telegram sends it again.
     """
 
     def __init__(
@@ -3948,6 +3958,15 @@ class Context:
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
 
 
+def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
+    """The figures /stats shows, by the names its text uses: the jobs' usage and the pipeline's counts."""
+    jobs_today = ", ".join(f"{t.get(f'outcome_{outcome}', outcome)} {n}"
+                           for outcome, n in sorted(usage["jobs_today"].items())) or "0"
+    return {**usage, "jobs_today": jobs_today, "received": queue.get("total_received"),
+            "processed": queue.get("total_processed"), "errors": queue.get("total_errors"),
+            "queue_depth": queue.get("queue_depth"), "backlog": queue.get("inbox_backlog")}
+
+
 class PromptStep:
     """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
 
@@ -4017,9 +4036,8 @@ class Conversation:
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
     "ratio": ...}.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
-    answered politely and changes nothing.  Replies go through the
-    outbox (section 13): a handler never waits for Telegram, and never sees
-    what a send returns.
+    answered politely and changes nothing.  Replies go through the outbox
+    (section 13): a handler never waits for Telegram nor sees a send's result.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4037,7 +4055,6 @@ class Conversation:
             "/help": self.on_help,
             "/cancel": self.on_cancel,
             "/stats": self.on_stats,
-            "/language": self.on_language,
         }
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button,
@@ -4046,9 +4063,10 @@ class Conversation:
             "opt": self.on_option_button,
             "cancel": self.on_cancel_button,
             "help": self.on_help_button,
-            "lang": self.on_language_button,
         }
         self.buttons.update(JobButtons(self).handlers())
+        languages = LanguageChoice(self)
+        self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4180,33 +4198,13 @@ class Conversation:
         if ctx.user_id not in self.config.admin_ids:
             await self.send_hint(ctx)
             return
-        usage = await self.generations.usage()
-        queue = self.queue_stats()
-        jobs_today = ", ".join(f"{ctx.t.get(f'outcome_{outcome}', outcome)} {n}"
-                               for outcome, n in sorted(usage["jobs_today"].items())) or "0"
-        await self.send(ctx, "stats", **{**usage, "jobs_today": jobs_today}, received=queue.get("total_received"),
-                        processed=queue.get("total_processed"), errors=queue.get("total_errors"),
-                        queue_depth=queue.get("queue_depth"), backlog=queue.get("inbox_backlog"))
+        await self.send(ctx, "stats", **stats_values(await self.generations.usage(), self.queue_stats(), ctx.t))
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
 
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "unknown_command")  # an open dialog stays open
-
-    async def on_language(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "choose_language", language_keyboard())
-
-    async def on_language_button(self, ctx: Context, lang: str) -> None:
-        if lang not in LANGUAGES:
-            return  # a forged button: answered as stale
-        await self.answer(ctx)
-        await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.user_id)
-        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.user_id, {**state, "lang": lang})
-        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
-        await self.send(chosen, "language_set", main_menu(lang, self.models))
 
     # -- the dialog ---------------------------------------------------------
 
@@ -4280,6 +4278,28 @@ class Conversation:
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+
+
+class LanguageChoice:
+    """``/language`` and its buttons: the user's choice of RU or EN, remembered, and applied to an open dialog."""
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.states = conversation.states
+
+    async def on_command(self, ctx: Context, message: dict) -> None:
+        await self.dialog.send(ctx, "choose_language", language_keyboard())
+
+    async def on_button(self, ctx: Context, lang: str) -> None:
+        if lang not in LANGUAGES:
+            return  # a forged button: answered as stale
+        await self.dialog.answer(ctx)
+        await self.states.set_language(ctx.user_id, lang)
+        state = self.states.get(ctx.user_id)
+        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.states.set(ctx.user_id, {**state, "lang": lang})
+        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
+        await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
 
 
 class JobButtons:
@@ -5446,11 +5466,8 @@ class Deliverer:
 class Generations:
     """Every job of this process, from creation to delivery: the one driver of the job state machine.
 
-    Events go through ``apply``, which changes the job as ``apply_event``
-    says and carries out the effects with the collaborators: the job book,
-    the fairness limits, the Kie slots, the submitter, the poller, the
-    deliverer and the admin alerts.  Every job ends: outcomes by
-    ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
+    ``apply`` changes a job as ``apply_event`` says, and the collaborators carry out the effects.
+    Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
@@ -5731,6 +5748,13 @@ class OutboxMessage:
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
 
+    def ended(self) -> asyncio.Future:
+        """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
+        if self.result is None:
+            self.result = asyncio.get_running_loop().create_future()
+            self.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
+        return self.result
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OutboxSent:
@@ -5856,17 +5880,9 @@ class Outbox:
 
     async def caught_up(self, chat_id: int) -> None:
         """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
-        queue = self._chats.get(chat_id)
-        if not queue:
-            return
-        last = queue[-1]
-        if last.result is None:
-            last.result = asyncio.get_running_loop().create_future()
-            last.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read, if unawaited
-        try:
-            await asyncio.shield(last.result)
-        except TelegramError:
-            pass  # ended unsent: over all the same
+        if self._chats.get(chat_id):
+            with contextlib.suppress(TelegramError):  # ended unsent: over all the same
+                await asyncio.shield(self._chats[chat_id][-1].ended())
 
     async def deliver(self, method: str, params: dict) -> Any:
         """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).

@@ -302,7 +302,7 @@ class Bench:
             # The shared fake enforces no Telegram limits and the peers pace nothing: trt_bot sends at its
             # highest setting (paid broadcasts), no spacing per chat, so these figures measure the bot.
             env.update({"TELEGRAM_SEND_RATE": "1000", "TELEGRAM_CHAT_INTERVAL_S": "0",
-                        "TELEGRAM_GROUP_INTERVAL_S": "0"})
+                        "TELEGRAM_GROUP_PER_MINUTE": "0"})
         for item in self.args.trt_env:
             key, _, value = item.partition("=")
             env[key] = value
