@@ -17,7 +17,12 @@ from typing import Any, Callable, Iterable, Sequence
 from harness import Spread
 
 NAMES = {"trt_bot": "trt_bot", "aiogram": "aiogram 3", "ptb": "PTB 22", "bare": "bare asyncio server",
-         "trt_bot_memory": "trt_bot, inbox :memory:", "ptb_limiter": "PTB 22 + AIORateLimiter"}
+         "trt_bot_memory": "trt_bot, inbox :memory:", "ptb_limiter": "PTB 22 + AIORateLimiter",
+         "trt_bot_postgres": "trt_bot (PostgreSQL)"}
+POSTGRES_ROWS = ("trt_bot (PostgreSQL): the same trt_bot with DATABASE_URL on a fresh database of a PostgreSQL "
+                 "server started by the benchmark, fsync, synchronous_commit and full_page_writes on (every ack "
+                 "durable, as SQLite's synchronous=FULL), the server on the same CPU as the bot; its CPU is counted "
+                 "in CPU server, as SQLite's is inside the bot's process.")
 
 
 @dataclasses.dataclass
@@ -92,7 +97,8 @@ def header(ctx: Context) -> list[str]:
         f"10,000 chat ids; every run starts the server afresh; bursts of {plan.burst:,} updates"
         f"{f' after a {plan.burst // 5:,}-update warm-up burst' if plan.warmup_s else ''}, windows of "
         f"{plan.measure_s:g} s{f' after a {plan.warmup_s:g} s warm-up' if plan.warmup_s else ''}; {rounds}",
-        f"- trt_bot: {ctx.trt_settings}, SQLite file on disk (WAL, synchronous=FULL: fsynced before the 200), uvloop",
+        f"- trt_bot: {ctx.trt_settings}, SQLite file on disk (WAL, synchronous=FULL: fsynced before the 200), uvloop; "
+        "trt_bot (PostgreSQL) rows: DATABASE_URL on a PostgreSQL server the benchmark starts, fsync on",
         f"- Peers: {'asyncio default loop' if ctx.args.peers_stock_loop else 'uvloop'}, logging at WARNING; aiogram "
         f"`SimpleRequestHandler(handle_in_background=True)`; PTB `run_webhook`, concurrent_updates "
         f"{ctx.args.ptb_concurrent or 'off (PTB default)'}",
@@ -149,6 +155,17 @@ LOAD_HEADER = ["answered/s", "acked/s", "ack p50 ms", "ack p99 ms"]
 CPU_HEADER = ["CPU server / fake / wrk", "server CPU ms per answer", "errors"]
 
 
+def postgres_note(figure: dict[str, Any], runs: dict[str, list[Any]], rate: Callable[[Any], float]) -> list[str]:
+    """What the PostgreSQL row is and how it compares with SQLite's, or why it is missing."""
+    if figure.get("postgres_skipped"):
+        return ["", f"trt_bot (PostgreSQL): not measured — {figure['postgres_skipped']}."]
+    if "trt_bot_postgres" not in runs:
+        return []
+    postgres, sqlite = median(map(rate, runs["trt_bot_postgres"])), median(map(rate, runs["trt_bot"]))
+    share = f"{num(postgres / sqlite * 100)}%" if postgres and sqlite else "n/a"
+    return ["", f"{POSTGRES_ROWS} PostgreSQL / SQLite: {share} of the rate (medians)."]
+
+
 def e2e_section(results: dict[str, Any], plan: Any) -> list[str]:
     e2e = results.get("e2e")
     if not e2e:
@@ -161,7 +178,8 @@ def e2e_section(results: dict[str, Any], plan: Any) -> list[str]:
             "as fast as each is acknowledged; answered/s = updates / (first post → last sendMessage at the fake), "
             "so a bot that acks first and answers later is charged for its backlog. acked/s and ack latency "
             "(request → webhook 200) are wrk's, while it posted. CPU is a share of one core over the burst.", ""] + table(
-            ["server", *LOAD_HEADER, "burst s", *CPU_HEADER], burst_rows) + [
+            ["server", *LOAD_HEADER, "burst s", *CPU_HEADER], burst_rows) + postgres_note(
+            e2e, e2e["burst"], lambda r: r.answered_rate) + [
             "", f"Paced: the same offered load for every bot, about {num(rate)} updates/s for {plan.measure_s:g} s "
             f"({plan.connections} connections each waiting ~{plan.connections * 1000 / rate:.0f} ms between "
             "requests; by default 3/4 of aiogram's burst answered/s, so aiogram is busy but keeping up). answered/s "
@@ -183,13 +201,14 @@ def ingest_section(results: dict[str, Any]) -> list[str]:
     saturated = ([f"wrk itself used {pct(bare_wrk)} of its CPU against the bare server, so that row is the load "
                   "generator's limit as much as the server's: the bare ceiling is at least that, and trt_bot's share "
                   "of it at most what the targets show.", ""] if bare_wrk and bare_wrk > 0.85 else [])
-    checks = [f"{num(rows_)} rows for {num(acked)} acks" for rows_, acked in ingest["persisted"]]
-    every = all(rows_ >= acked for rows_, acked in ingest["persisted"])
+    checks = [f"{num(rows_)} rows for {num(acked)} acks" + ("" if key == "trt_bot" else " on PostgreSQL")
+              for key, counts in ingest["persisted"].items() for rows_, acked in counts]
+    every = all(rows_ >= acked for counts in ingest["persisted"].values() for rows_, acked in counts)
     return ["", "## 2. Ingest ceiling: updates that need no reply (edited_message)", "",
             "trt_bot commits each update to its SQLite inbox before the 200; its handler ignores edits, so no Bot "
             "API call follows. The bare server answers 200 without parsing anything.", ""] + table(
             ["server", "acked/s", "ack p50 ms", "ack p99 ms", "CPU server / wrk", "server CPU µs per ack", "errors"],
-            rows) + [""] + saturated + [
+            rows) + postgres_note(ingest, runs, lambda r: r.acked_rate) + [""] + saturated + [
             f"Persisted: trt_bot's inbox after each run held {'; '.join(checks)} (warm-up included) — "
             f"{'every acknowledged update was on disk' if every else 'SOME ACKNOWLEDGED UPDATES ARE MISSING'}."]
 

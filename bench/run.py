@@ -22,12 +22,20 @@ What each figure measures, and why it is a fair comparison
    bot gets the same offered rate (3/4 of aiogram's burst answered/s by
    default, so aiogram is busy but keeping up) for a fixed window; this is
    where ack latencies compare like for like.
+   trt_bot (PostgreSQL) is the same trt_bot with DATABASE_URL on a fresh
+   database of a PostgreSQL server this script starts (bench/pgserver.py:
+   initdb into a temporary folder, Debian's binaries; fsync, synchronous_commit
+   and full_page_writes on, so a commit is on disk before the 200, as with
+   SQLite's synchronous=FULL).  The server shares CPU 0 with the bot: the
+   storage gets the same core as SQLite on the bot's own thread.  Without the
+   binaries or psycopg those rows are skipped with the reason printed.
 2. Ingest ceiling.  The same load, but edited_message updates: trt_bot stores
    each one in its SQLite inbox before the 200 and its handler makes no Bot
    API call (Conversation.handle ignores edits), so this is the cost of the
    durable ack path alone.  The reference is a bare asyncio.start_server that
    answers 200 without parsing: what the loop and the kernel allow.  The rows
    in trt_bot's inbox are counted afterwards to show the acks were persisted.
+   trt_bot (PostgreSQL) as in figure 1: the same load into its PostgreSQL inbox.
 3. /start under generation load.  A few /start updates a second from new
    chats; latency is from writing the request to the sendMessage reaching the
    fake (both stamped with the system-wide monotonic clock).  The baseline
@@ -102,6 +110,8 @@ from typing import Any, Callable
 from harness import (BENCH_DIR, REPO_DIR, FakeClient, Placement, Proc, Spread, WrkResult, free_port, http_json,
                      http_request, run_wrk, start_fake, wait_until, wrk_version)
 from fakes import FloodRules
+from pgserver import BenchPostgres
+import pgserver
 import probe
 import report
 
@@ -255,6 +265,8 @@ class Bench:
         self._ids = 0
         self._runs = 0
         self.specs = self._specs()
+        self.postgres: BenchPostgres | None = None
+        self.postgres_skipped: str | None = None  # why the PostgreSQL rows are not measured
 
     # -- set-up -------------------------------------------------------------
 
@@ -271,6 +283,42 @@ class Bench:
         for fake in (self.botapi, self.kie):
             if fake is not None:
                 fake.proc.stop()
+        if self.postgres is not None:
+            self.postgres.remove()
+
+    def start_postgres(self) -> None:
+        """Start the PostgreSQL server for the trt_bot (PostgreSQL) rows, or note why they are skipped.
+
+        It shares the CPU of the server under test: trt_bot's storage gets the
+        same core whether it is SQLite on the bot's thread or a server beside it.
+        """
+        self.postgres_skipped = pgserver.unavailable_reason()
+        if self.postgres_skipped is None:
+            server = BenchPostgres(pgserver.bin_dir(), self.placement.server)
+            try:
+                server.start()
+                self.postgres = server
+            except (OSError, LookupError, RuntimeError, subprocess.SubprocessError) as error:
+                server.remove()  # LookupError: no postgres user to run it as
+                self.postgres_skipped = f"the PostgreSQL server did not start: {getattr(error, 'stderr', '') or error}"
+        if self.postgres_skipped:
+            _progress(f"trt_bot (PostgreSQL) rows skipped: {self.postgres_skipped}")
+
+    def database_for(self, key: str) -> tuple[str, str | None]:
+        """(which server to start, its DATABASE_URL or None for a fresh SQLite file) for a row's key."""
+        if key == "trt_bot_memory":
+            return "trt_bot", "sqlite:///:memory:"
+        if key == "trt_bot_postgres":
+            return "trt_bot", self.postgres.new_database_url()
+        return key, None
+
+    def postgres_of(self, database: str | None) -> BenchPostgres | None:
+        """The benchmark's PostgreSQL server when ``database`` is one of its databases."""
+        return self.postgres if database and database.startswith(trt_bot.POSTGRES_SCHEMES) else None
+
+    def trt_rows(self) -> list[str]:
+        """trt_bot's rows in figures 1 and 2: its SQLite file, and PostgreSQL when the server runs."""
+        return ["trt_bot", "trt_bot_postgres"] if self.postgres else ["trt_bot"]
 
     def _specs(self) -> dict[str, ServerSpec]:
         python = sys.executable
@@ -395,15 +443,19 @@ class LoadRun:
 
 
 class CpuMeter:
-    """CPU time used by the server, the fake Bot API and wrk between start() and the reading."""
+    """CPU time used by the server, the fake Bot API and wrk between start() and the reading.
 
-    def __init__(self, running: Running, fake: FakeClient):
-        self.procs = (running.proc, fake.proc)
+    With ``database`` (trt_bot on PostgreSQL) the server's share includes the
+    PostgreSQL server's, as SQLite's work is inside trt_bot's own process.
+    """
+
+    def __init__(self, running: Running, fake: FakeClient, database: BenchPostgres | None = None):
+        self.procs = (running.proc, fake.proc) + ((database,) if database else ())
         self.before = [p.cpu_seconds() for p in self.procs]
 
     def shares(self, seconds: float) -> tuple[float, float]:
         used = [p.cpu_seconds() - b for p, b in zip(self.procs, self.before)]
-        return used[0] / seconds, used[1] / seconds
+        return (used[0] + sum(used[2:])) / seconds, used[1] / seconds
 
 
 def _wait_answered(bench: Bench, before: int, count: int) -> bool:
@@ -430,7 +482,7 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
             warm_acked = warm.requests - warm.status_errors
             _wait_answered(bench, sent, warm_acked)
         before = bench.botapi.stats()["send_message"]
-        meter = CpuMeter(running, bench.botapi)
+        meter = CpuMeter(running, bench.botapi, bench.postgres_of(database))
         if on_running:
             on_running(running, plan.burst / 1000)
         started = time.monotonic()
@@ -451,15 +503,16 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
 
 
 def measure_window(bench: Bench, key: str, kind: str, *, delay_ms: float = 0, keep_files: bool = False,
+                   database: str | None = None,
                    on_running: Callable[[Running, float], Any] | None = None) -> tuple[LoadRun, Running]:
     """Start ``key`` fresh, warm it up, then count acks and replies during one window of wrk load."""
     plan = bench.plan
-    running = bench.start(key)
+    running = bench.start(key, database)
     try:
         script = "paced.lua" if delay_ms else "updates.lua"
         warm = bench.wrk_updates(running, kind, plan.warmup_s, script=script, arg=delay_ms) if plan.warmup_s else None
         before = bench.botapi.stats()["send_message"]
-        meter = CpuMeter(running, bench.botapi)
+        meter = CpuMeter(running, bench.botapi, bench.postgres_of(database))
         if on_running:
             on_running(running, plan.measure_s)
         result = bench.wrk_updates(running, kind, plan.measure_s, script=script, arg=delay_ms)
@@ -482,13 +535,15 @@ BOTS = ("trt_bot", "aiogram", "ptb")
 
 
 def figure_end_to_end(bench: Bench) -> dict[str, Any]:
-    """Bursts for the three bots and trt_bot with an in-memory inbox; then paced windows at one rate."""
-    keys = [*BOTS, "trt_bot_memory"]
+    """Bursts for the three bots, trt_bot on PostgreSQL and with an in-memory inbox; then paced windows."""
+    keys = [*bench.trt_rows(), *BOTS[1:], "trt_bot_memory"]
     burst: dict[str, list[LoadRun]] = {k: [] for k in keys}
     for round_no in range(bench.plan.runs):
         for key in keys:
-            database = "sqlite:///:memory:" if key == "trt_bot_memory" else None
-            run = measure_burst(bench, key.replace("_memory", ""), database=database)
+            server, database = bench.database_for(key)
+            run = measure_burst(bench, server, database=database)
+            if key == "trt_bot_postgres":
+                bench.postgres.drop(database)
             burst[key].append(run)
             _progress(f"e2e burst {key} round {round_no + 1}: {run.answered_rate:,.0f} answered/s, "
                       f"{run.acked_rate:,.0f} acked/s, ack p99 {run.ack_p99_ms:.1f} ms")
@@ -501,7 +556,7 @@ def figure_end_to_end(bench: Bench) -> dict[str, Any]:
             paced[key].append(run)
             _progress(f"e2e paced {key} round {round_no + 1}: {run.acked_rate:,.0f} acked/s, "
                       f"{run.answered_rate:,.0f} answered/s, ack p99 {run.ack_p99_ms:.2f} ms")
-    return {"burst": burst, "paced": paced, "paced_rate": rate}
+    return {"burst": burst, "paced": paced, "paced_rate": rate, "postgres_skipped": bench.postgres_skipped}
 
 
 def _paced_rate(aiogram_runs: list[LoadRun]) -> float:
@@ -512,17 +567,23 @@ def _paced_rate(aiogram_runs: list[LoadRun]) -> float:
 # -- figure 2: ingest ceiling -----------------------------------------------------------------------
 
 def figure_ingest(bench: Bench) -> dict[str, Any]:
-    runs: dict[str, list[LoadRun]] = {"trt_bot": [], "bare": []}
-    persisted: list[tuple[int, int]] = []  # (rows in the inbox, updates acknowledged)
+    runs: dict[str, list[LoadRun]] = {k: [] for k in (*bench.trt_rows(), "bare")}
+    # Per trt_bot row: (rows in the inbox, updates acknowledged) of each run.
+    persisted: dict[str, list[tuple[int, int]]] = {k: [] for k in bench.trt_rows()}
     for round_no in range(bench.plan.runs):
         for key in runs:
-            run, running = measure_window(bench, key, "edited", keep_files=True)
+            server, database = bench.database_for(key)
+            run, running = measure_window(bench, server, "edited", keep_files=True, database=database)
             runs[key].append(run)
             if key == "trt_bot":
-                persisted.append((_inbox_rows(running.work_dir / "trt_bot.sqlite3"), run.total_acked))
+                persisted[key].append((_inbox_rows(running.work_dir / "trt_bot.sqlite3"), run.total_acked))
+            elif key == "trt_bot_postgres":
+                persisted[key].append((bench.postgres.inbox_rows(database), run.total_acked))
+                bench.postgres.drop(database)
             shutil.rmtree(running.work_dir, ignore_errors=True)
-            _progress(f"ingest {key} round {round_no + 1}: {run.acked_rate:,.0f} acked/s")
-    return {"runs": runs, "persisted": persisted}
+            _progress(f"ingest {key} round {round_no + 1}: {run.acked_rate:,.0f} acked/s, "
+                      f"ack p99 {run.ack_p99_ms:.2f} ms")
+    return {"runs": runs, "persisted": persisted, "postgres_skipped": bench.postgres_skipped}
 
 
 def _inbox_rows(path: Path) -> int:
@@ -914,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with Bench(args, plan) as bench:
         _progress(f"{plan.name} run; {bench.placement.describe()}")
+        if wanted("1") or wanted("2"):
+            bench.start_postgres()
         results["harness"] = measure_harness(bench)
         if wanted("1") or wanted("5"):
             results["e2e"] = figure_end_to_end(bench)

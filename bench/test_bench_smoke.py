@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from fakes import FakeBotApi, FloodControl, FloodRules
+import pgserver
 
 BENCH = Path(__file__).resolve().parent
 NEEDED = {"aiogram": "aiogram", "telegram": "python-telegram-bot", "tornado": "python-telegram-bot[webhooks]",
@@ -88,6 +89,24 @@ def test_flood_ideal_is_the_rate_bound_or_the_per_chat_bound_whichever_is_longer
     assert FloodScenario("groups", 60, 5, group=True).ideal(rules) == (10.0, "300 / 30/s")
 
 
+def test_benchmark_postgres_server_flushes_every_commit_like_sqlite_synchronous_full() -> None:
+    reason = pgserver.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    server = pgserver.BenchPostgres(pgserver.bin_dir(), None)
+    try:
+        server.start()
+        url = server.new_database_url()
+        settings = {name: server.admin(f"SHOW {name}")[0][0]
+                    for name in ("fsync", "synchronous_commit", "full_page_writes")}
+        assert settings == {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+        server.drop(url)
+        assert server.admin("SELECT count(*) FROM pg_database WHERE datname = 'trt_bench_1'") == [(0,)]
+    finally:
+        server.remove()
+    assert not os.path.exists(server.root)
+
+
 def test_quick_run_prints_every_figure(tmp_path: Path) -> None:
     missing = missing_tools()
     if missing:
@@ -113,6 +132,17 @@ def test_quick_run_prints_every_figure(tmp_path: Path) -> None:
         row = next(line for line in end_to_end.splitlines() if line.startswith(f"| {name} |"))
         assert re.search(r"\| [1-9][\d,]* ", row), row
     assert "every acknowledged update was on disk" in text
+    # trt_bot on PostgreSQL beside SQLite in figures 1 and 2, or the reason it was not measured.
+    postgres_unavailable = pgserver.unavailable_reason()
+    ingest = text.split("## 2. Ingest ceiling", 1)[1].split("## 3.", 1)[0]
+    for figure in (end_to_end, ingest):
+        if postgres_unavailable:
+            assert f"trt_bot (PostgreSQL): not measured — {postgres_unavailable}" in figure, figure
+        else:
+            row = next(line for line in figure.splitlines() if line.startswith("| trt_bot (PostgreSQL) |"))
+            assert re.search(r"\| [1-9][\d,]* ", row), row
+            assert "PostgreSQL / SQLite: " in figure, figure
+    assert postgres_unavailable or "acks on PostgreSQL" in ingest
     # The flood figure: every bot answered something in every burst, and the fake's limits bit somewhere
     # (in the quick bursts the peers without a rate limiter get 429s).
     flood = text.split("## 6. Flood", 1)[1].split("## 7.", 1)[0]
