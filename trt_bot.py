@@ -95,6 +95,36 @@ class Clock:
 SYSTEM_CLOCK = Clock()
 
 
+class OwnedTasks:
+    """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
+
+    Unretrieved task exceptions would surface only as "Task exception was
+    never retrieved" when collected, if at all; here every one is logged when
+    its task ends, and ``cancel_all`` is the part's way to stop its own.
+    """
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self.running: set[asyncio.Task] = set()
+
+    def start(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self.running.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s %s failed", self.tag, task.get_name(), exc_info=task.exception())
+
+    async def cancel_all(self) -> None:
+        tasks = list(self.running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 ###############################################################################
 # 1. Configuration
 #    Owns reading the environment once, validating it and deriving secrets.
@@ -5490,8 +5520,8 @@ class Generations:
                               catalog=not config.single_model_only, remaining=self.fairness.remaining)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
                                    clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
-        self._tasks: set[asyncio.Task] = set()  # one-off work: polls, deliveries, alerts
-        self._loops: list[asyncio.Task] = []
+        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts
+        self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
             RELEASE_SLOT.name: lambda job, effect: self.slots.release(),
@@ -5564,15 +5594,7 @@ class Generations:
 
     def _run_in_background(self, coro: Awaitable[None]) -> None:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        """Every task's exception is retrieved and logged here, never left to the garbage collector."""
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("[JOB] %s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.start(coro)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -5592,13 +5614,11 @@ class Generations:
             self._resume_job(job)
         if jobs:
             log.info("[JOB] resumed %d unfinished jobs", len(jobs))
-        if not self._loops:
-            self._loops = [asyncio.create_task(self.submitter.submit_forever(), name=f"submitter-{n}")
-                           for n in range(SUBMITTERS)]
-            self._loops.append(asyncio.create_task(self.poller.poll_due_forever(), name="job-poller"))
-            self._loops.append(asyncio.create_task(self._watch_deadlines_forever(), name="job-deadlines"))
-            for task in self._loops:
-                task.add_done_callback(self._task_done)
+        if not self._loops.running:
+            for n in range(SUBMITTERS):
+                self._loops.start(self.submitter.submit_forever(), f"submitter-{n}")
+            self._loops.start(self.poller.poll_due_forever(), "job-poller")
+            self._loops.start(self._watch_deadlines_forever(), "job-deadlines")
 
     def _resume_job(self, job: Job) -> None:
         if job.state == "created":
@@ -5616,15 +5636,10 @@ class Generations:
 
         Whatever is cut short stays in the jobs table and resumes on the next start.
         """
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._loops = []
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._loops.cancel_all()
+        if self._tasks.running:
+            await asyncio.wait(set(self._tasks.running), timeout=grace)
+        await self._tasks.cancel_all()
 
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
@@ -5852,7 +5867,7 @@ class Outbox:
         # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
         # when it is back, before the table is read again.
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
-        self._tasks: set[asyncio.Task] = set()  # senders, and chats set aside until their time
+        self._tasks = OwnedTasks("[OUTBOX]")  # senders, and chats set aside until their time
         self._emptied = asyncio.Event()  # set while nothing is queued
         self._emptied.set()
 
@@ -5977,21 +5992,11 @@ class Outbox:
             self._unrecorded.extend(entry.id for entry in entries if isinstance(entry, OutboxSent))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
-        self._spawn(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
+        self._tasks.start(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
 
     async def _ready_after(self, chat_id: int, seconds: float) -> None:
         await self.clock.sleep(seconds)
         self._ready.put_nowait(chat_id)
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("[OUTBOX] %s failed", task.get_name(), exc_info=task.exception())
 
     # -- lifecycle and what /health shows -------------------------------------------
 
@@ -6021,13 +6026,13 @@ class Outbox:
                                                    update_id, stored=True))
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
-        if not any(task.get_name().startswith("outbox-sender") for task in self._tasks):
+        if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
             for number in range(self.senders):
-                self._spawn(self._send_forever(), f"outbox-sender-{number}")
+                self._tasks.start(self._send_forever(), f"outbox-sender-{number}")
 
     async def pause(self) -> None:
         """Stop sending and forget what is queued: another instance has the lease and takes the stored rows."""
-        await self._cancel_tasks()
+        await self._tasks.cancel_all()
         for queue in self._chats.values():
             for message in queue:
                 if message.result is not None:
@@ -6039,16 +6044,10 @@ class Outbox:
 
     async def stop(self, grace: float) -> None:
         """Send what is queued within ``grace`` seconds; what is left stays stored for the next run."""
-        if self._tasks:
+        if self._tasks.running:
             await wait_for_event(self._emptied, grace)
-        await self._cancel_tasks()
+        await self._tasks.cancel_all()
         await self._writes.settled(OUTBOX_FLUSH_S)
-
-    async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def depth(self) -> int:
@@ -7069,7 +7068,7 @@ class App:
         self.clock = clock
         self.port: int | None = None
         self.stopping = asyncio.Event()
-        self._background: list[asyncio.Task] = []
+        self._background = OwnedTasks("[APP]")
         self.db = Database(config.database)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
@@ -7143,11 +7142,8 @@ class App:
         deadline = self.clock.monotonic() + self.config.shutdown_grace_s
         log.info("[APP] shutting down")
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
         self.diagnostics.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._background.cancel_all()
         self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         # The replies of the updates just handled get half of what is left; unsent ones stay stored.
@@ -7159,7 +7155,7 @@ class App:
         log.info("[APP] stopped")
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+        self._background.start(coro, name)
 
     async def _watch_database(self) -> None:
         """Notice the database file being deleted or replaced, even with no traffic, and reopen an
