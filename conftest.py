@@ -873,35 +873,11 @@ class FaultyKie(FakeKie):
         return super().answer(method, path, query, headers, body)
 
 
-class FaultBotProcess(BotProcess):
-    """A BotProcess whose log is kept in ``log_dir``: the disk tests fill the database's folder or make it read-only."""
-
-    def __init__(self, env: dict[str, str], log_dir: str):
-        self.port = int(env["PORT"])
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(log_dir, f"bot-{self.port}.log")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "KIE_", "WEBHOOK_"))}
-        full_env.update(env)
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "trt_bot.py")],
-                                            env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-
-
 @pytest.fixture
-def fault_bots(tmp_path):
-    """Start FaultBotProcess-es (logs in tmp_path); all killed at the end, their logs checked for secrets."""
-    started: list[FaultBotProcess] = []
-
-    def start(env: dict[str, str]) -> FaultBotProcess:
-        process = FaultBotProcess(env, str(tmp_path))
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-        for secret in SECRETS:
-            assert secret not in process.log, "a secret reached the bot's log output"
+def fault_bots(bot_processes):
+    """The fault tests' bot processes: bot_processes (their logs in tmp_path, away from the database's folder,
+    which the disk tests fill or make read-only)."""
+    return bot_processes
 
 
 # What the fault-injection tests did and found, printed after the run.
