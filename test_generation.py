@@ -1066,15 +1066,20 @@ async def test_a_button_naming_another_users_picture_is_stale_and_does_nothing(m
     assert len(fake_kie.created) == 2
 
 
-@pytest.mark.parametrize("lang, failed", [("ru", "отправить её не удалось"), ("en", "could not be sent")])
-async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_new_one(make_app, fake_tg, fake_kie,
-                                                                                       monkeypatch, lang, failed):
+async def app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch) -> trt_bot.App:
+    """A bot whose every sendPhoto gets 500, with a delivery budget of a second (retries every 50 ms)."""
     monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
     for _ in range(500):
         fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
-    app.telegram.attempts = 1
     app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
+    return app
+
+
+@pytest.mark.parametrize("lang, failed", [("ru", "отправить её не удалось"), ("en", "could not be sent")])
+async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_new_one(make_app, fake_tg, fake_kie,
+                                                                                       monkeypatch, lang, failed):
+    app = await app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch)
     await order(app, 103, lang=lang)
     job = await submitted_job(app, 103)
     fake_kie.complete(job.task_id)
@@ -1579,12 +1584,7 @@ async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkey
 async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
                                                                        tmp_path):
     # "succeeded" used to have no timeout: sendPhoto was retried every 30 s forever.
-    monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
-    for _ in range(500):
-        fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
-    app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
-    app.telegram.attempts = 1
-    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
+    app = await app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch)
     await order(app, 90)
     await eventually(lambda: fake_kie.tasks)
     fake_kie.complete("task00001")

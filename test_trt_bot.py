@@ -1959,41 +1959,39 @@ def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
     return trt_bot.InboxItem(update_id, chat, update, json.dumps(update).encode(), 0.0)
 
 
-async def test_a_worker_starts_no_handler_while_an_ack_is_owed_and_starts_once_it_is_settled():
-    clock = ManualClock()
-    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
-    tracker = trt_bot.UpdateTracker(10)
-    handled: list[int] = []
-
+@contextlib.asynccontextmanager
+async def one_worker(ack_first: trt_bot.AckFirst, handled: list[int]):
+    """ChatWorkers with one worker that notes the update ids it handles; the worker is stopped on exit."""
     async def process(item: trt_bot.InboxItem) -> None:
         handled.append(item.update_id)
 
-    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
+    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(10), process, 1, ack_first)
     (worker,) = workers.start()
     try:
+        yield workers
+    finally:
+        worker.cancel()
+        await asyncio.wait([worker])
+
+
+async def test_a_worker_starts_no_handler_while_an_ack_is_owed_and_starts_once_it_is_settled():
+    clock = ManualClock()
+    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+    handled: list[int] = []
+    async with one_worker(ack_first, handled) as workers:
         with ack_first:
             workers.enqueue(queued_item(1, 42))
             await eventually(lambda: ack_first.deferred == 1 and clock.sleepers == 1)  # the worker waits, bounded
             assert handled == []
         await eventually(lambda: handled == [1])
         assert clock.sleepers == 0  # its bound ended with the wait
-    finally:
-        worker.cancel()
-        await asyncio.wait([worker])
 
 
 async def test_under_sustained_overload_a_worker_still_starts_a_handler_after_the_longest_wait():
     clock = ManualClock()
     ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
-    tracker = trt_bot.UpdateTracker(10)
     handled: list[int] = []
-
-    async def process(item: trt_bot.InboxItem) -> None:
-        handled.append(item.update_id)
-
-    workers = trt_bot.ChatWorkers(tracker, process, 1, ack_first)
-    (worker,) = workers.start()
-    try:
+    async with one_worker(ack_first, handled) as workers:
         with ack_first:  # owed all along: acks keep coming
             for update_id in (1, 2):
                 workers.enqueue(queued_item(update_id, 42))
@@ -2005,9 +2003,6 @@ async def test_under_sustained_overload_a_worker_still_starts_a_handler_after_th
                 clock.advance(0.001)
                 await eventually(lambda: handled == handled_after)
             assert ack_first.deferred == 2 and ack_first.owed == 1
-    finally:
-        worker.cancel()
-        await asyncio.wait([worker])
 
 
 async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
