@@ -844,6 +844,58 @@ async def test_a_picture_already_on_its_way_is_not_cancelled_and_the_user_is_tol
     assert app.generations.remaining(92) == (19, 20)
 
 
+GROUP = -1001234567890
+
+
+def in_group(update: dict) -> dict:
+    """``update`` as the same user sends it in a group chat: only the chat differs (message ids included)."""
+    body = next(value for value in update.values() if isinstance(value, dict))
+    body.get("message", body)["chat"] = {"id": GROUP, "type": "supergroup", "title": "Friends"}
+    return update
+
+
+async def test_cancel_in_a_group_leaves_the_users_private_picture_and_edits_nothing(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 3001)
+    job = await submitted_job(app, 3001)
+    await answered(app, in_group(update_message(next(_update_ids), 3001, "/cancel")))
+    assert fake_tg.texts_to(GROUP) == [trt_bot.render("ru", "nothing_to_cancel")]
+    assert edits_of(fake_tg, GROUP) == [] and job.state == "submitted"  # used to edit the group's message 1
+
+
+async def test_a_users_dialogs_in_a_private_chat_and_a_group_are_apart(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_callback(next(_update_ids), 3002, "new"))
+    await answered(app, in_group(update_message(next(_update_ids), 3002, "собака")))  # not the private prompt
+    await answered(app, in_group(update_callback(next(_update_ids), 3002, "new")))
+    await answered(app, update_message(next(_update_ids), 3002, "кот"))
+    await answered(app, in_group(update_message(next(_update_ids), 3002, "тигр")))
+    hint, _, group_question = fake_tg.texts_to(GROUP)
+    assert hint == trt_bot.render("ru", "hint") and group_question == trt_bot.render("ru", "ask_ratio", prompt="тигр")
+    assert fake_tg.texts_to(3002)[1] == trt_bot.render("ru", "ask_ratio", prompt="кот")
+    await answered(app, update_callback(next(_update_ids), 3002, "ratio:1:1"))
+    job = await submitted_job(app, 3002)
+    assert (job.chat_id, job.prompt) == (3002, "кот")
+
+
+async def test_an_edit_in_another_chat_is_not_the_prompts_even_with_its_message_id(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_callback(next(_update_ids), 3003, "new"))
+    prompt = update_message(next(_update_ids), 3003, "кот")
+    await answered(app, prompt)
+    await answered(app, in_group(edited(next(_update_ids), 3003, prompt["message"]["message_id"], "тигр")))
+    await answered(app, update_callback(next(_update_ids), 3003, "ratio:1:1"))
+    assert (await submitted_job(app, 3003)).prompt == "кот" and fake_tg.texts_to(GROUP) == []
+
+
+async def test_a_pictures_button_pressed_in_another_chat_is_stale(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 3004)  # its ⏳ was message 1 of the private chat
+    await answered(app, in_group(press(next(_update_ids), 3004, button_data(photo, "again"), 1)))
+    assert popups(fake_tg, trt_bot.TEXTS["ru"]["stale_button"]) and edits_of(fake_tg, GROUP) == []
+    assert len(fake_kie.created) == 1
+
+
 @pytest.mark.parametrize("lang", ["ru", "en"])
 async def test_a_double_tap_on_a_ratio_or_option_starts_one_picture(make_app, fake_tg, fake_kie, lang):
     app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))

@@ -786,15 +786,83 @@ async def test_conversation_state_survives_a_reopen(database_url):
     db = trt_bot.Database(path)
     await db.open()
     store = trt_bot.ConversationStore(db)
-    await store.set(7, {"step": "prompt"})
-    await store.set(8, {"step": "ratio"})
-    await store.set(8, None)
+    await store.set((7, 7), {"step": "prompt"})
+    await store.set((8, 8), {"step": "ratio"})
+    await store.set((8, 8), None)
     await db.close()
     db = trt_bot.Database(path)
     await db.open()
     reloaded = trt_bot.ConversationStore(db)
-    assert await reloaded.load() == 1 and reloaded.get(7) == {"step": "prompt"} and reloaded.get(8) is None
+    assert await reloaded.load() == 1 and reloaded.get((7, 7)) == {"step": "prompt"} and reloaded.get((8, 8)) is None
     await db.close()
+
+
+async def test_a_users_dialogs_in_two_chats_are_stored_apart(database_url):
+    db = open_database(database_url)
+    await db.open()
+    store = trt_bot.ConversationStore(db)
+    await store.set((7, 7), {"step": "prompt"})
+    await store.set((-100, 7), {"step": "ratio"})
+    await store.set((-100, 7), None)
+    reloaded = trt_bot.ConversationStore(db)
+    assert await reloaded.load() == 1 and reloaded.get((7, 7)) == {"step": "prompt"} and reloaded.get((-100, 7)) is None
+    await db.close()
+
+
+async def dialogs_kept(store: trt_bot.ConversationStore, db: trt_bot.Database) -> tuple[int, int]:
+    """How many dialogs the store holds in memory, and how many rows the database has."""
+    rows = await db.read(lambda conn: conn.execute("SELECT count(*) FROM dialogs").fetchone()[0])
+    return len(store._states), rows
+
+
+async def test_an_abandoned_dialog_leaves_memory_and_the_database_after_its_idle_time(database_url):
+    clock = ManualClock()
+    db = open_database(database_url)
+    await db.open()
+    store = trt_bot.ConversationStore(db, clock)
+    await store.set((7, 7), {"step": "prompt"})  # the user never answers
+    clock.advance(trt_bot.DIALOG_IDLE_S - 1)
+    assert store.get((7, 7)) == {"step": "prompt"}
+    clock.advance(1)
+    assert store.get((7, 7)) is None  # its buttons are stale from now on
+    await store.set((8, 8), {"step": "prompt"})  # any write sweeps the abandoned ones out
+    assert await dialogs_kept(store, db) == (1, 1)
+    clock.advance(trt_bot.DIALOG_IDLE_S)
+    reloaded = trt_bot.ConversationStore(db, clock)
+    assert await reloaded.load() == 0  # nor does a restart bring one back
+    await db.close()
+
+
+async def test_dialogs_beyond_the_bound_go_longest_untouched_first(database_url, monkeypatch):
+    monkeypatch.setattr(trt_bot, "DIALOGS_MAX", 2)
+    clock = ManualClock()
+    db = open_database(database_url)
+    await db.open()
+    store = trt_bot.ConversationStore(db, clock)
+    for user in (1, 2, 3):
+        await store.set((user, user), {"step": "prompt"})
+        clock.advance(1)
+    await store.set((1, 1), {"step": "ratio"})  # touched again: now the newest
+    assert [store.get((user, user)) is not None for user in (1, 2, 3)] == [True, False, True]
+    reloaded = trt_bot.ConversationStore(db, clock)
+    assert await reloaded.load() == 2 and reloaded.get((2, 2)) is None
+    await db.close()
+
+
+async def test_a_dialog_stored_before_dialogs_had_chats_goes_on_in_the_users_private_chat(make_app, fake_tg,
+                                                                                        tmp_path):
+    conn = sqlite3.connect(tmp_path / "bot.sqlite3")  # the database as the bot of schema v6 left it
+    for statement in itertools.chain(*trt_bot.MIGRATIONS[:6]):
+        conn.execute(statement)
+    state = {"step": "prompt", "model": "z-image", "lang": "en"}
+    conn.execute("INSERT INTO conversations VALUES (42, ?, ?)", (json.dumps(state), time.time()))
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    app = await make_app(KIE_API_KEY=KIE_KEY)
+    await post_update(app, update_message(1, 42, "a cat", lang="ru"))
+    (question,) = await eventually(lambda: fake_tg.texts_to(42))
+    assert question == trt_bot.render("en", "ask_ratio", prompt="a cat")
 
 
 async def test_an_unopenable_database_is_reported_not_raised(tmp_path):
@@ -2380,7 +2448,7 @@ async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, 
     await post_update(app, update_message(1, 42, "/start"))
     await eventually(lambda: app.telegram.pacer.pauses == 1)
     await post_update(app, update_callback(2, 42, "new"))
-    await eventually(lambda: (app.role.states.get(42) or {}).get("step") == "prompt")  # handled meanwhile
+    await eventually(lambda: (app.role.states.get((42, 42)) or {}).get("step") == "prompt")  # handled meanwhile
     await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))  # exempt: not held by the pause
     assert app.role.outbox.depth == 2 and len(fake_tg.calls_of("sendMessage")) == 1
     assert app.pipeline.stats.processed == 2

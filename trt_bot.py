@@ -1272,6 +1272,16 @@ MIGRATIONS: list[list[str]] = [
                queued_at REAL NOT NULL,
                update_id INTEGER)""",
     ],
+    [  # 7: dialogs by (chat, user), replacing conversations (by user: a row becomes the user's private chat)
+        """CREATE TABLE dialogs (
+               chat_id    INTEGER NOT NULL,
+               user_id    INTEGER NOT NULL,
+               state      TEXT NOT NULL,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (chat_id, user_id))""",
+        "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
+        "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1376,7 +1386,7 @@ def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) 
 # What must outlive the database file being deleted or replaced under us: unhandled
 # updates, jobs not yet delivered, dialogs, unsent messages.  Read from the old file
 # (still open) and added to the new one; rows the new file already has are kept.
-SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("conversations", "1"),
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("dialogs", "1"),
                  ("outbox", "1"))
 
 
@@ -1924,29 +1934,40 @@ def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> 
                  (user_id, lang, time.time()))
 
 
+# A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
+DIALOG_IDLE_S = 24 * 3600.0
+DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: each can hold a prompt of a few KB
+DialogKey = tuple[int, int]  # (chat id, user id): a user's dialogs in different chats are apart
+
+
 class ConversationStore:
-    """Where each user is in a dialog, and the language each chose: dicts in memory, written through to the database.
+    """Each open dialog by (chat, user), and the language each user chose: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
-    the dialog goes on, it just would not survive a restart.
+    the dialog goes on, it just would not survive a restart.  Dialogs are kept
+    in the order last written, so the abandoned ones are found first and go.
     """
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK):
         self.db = db
-        self._states: dict[int, dict] = {}
+        self.clock = clock
+        self._states: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
         self._languages: dict[int, str] = {}
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
-        rows = await self.db.read(lambda conn: conn.execute("SELECT user_id, state FROM conversations").fetchall())
-        self._states = {user_id: json.loads(state) for user_id, state in rows}
+        query = "SELECT chat_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? ORDER BY updated_at"
+        since = self.clock.time() - DIALOG_IDLE_S
+        rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
+        self._states = {(chat, user): (at, json.loads(state)) for chat, user, at, state in rows}
         chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
         self._languages = dict(chosen)
         return len(self._states)
 
-    def get(self, user_id: int) -> dict | None:
-        return self._states.get(user_id)
+    def get(self, key: DialogKey) -> dict | None:
+        at, state = self._states.get(key, (0.0, None))
+        return state if self.clock.time() - at < DIALOG_IDLE_S else None
 
     def language(self, user_id: int) -> str:
         """The language the user chose with /language; '' if they never did."""
@@ -1961,33 +1982,34 @@ class ConversationStore:
         except RowRejected as error:
             log.warning("[DB] language choice of %d not stored: %s", user_id, error)
 
-    async def set(self, user_id: int, state: dict | None) -> None:
-        """Replace a user's state (None ends the dialog) and persist it."""
-        if state is None and user_id not in self._states:
+    async def set(self, key: DialogKey, state: dict | None) -> None:
+        """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
+        if state is None and self._states.pop(key, None) is None:
             return
-        if state is None:
-            del self._states[user_id]
-        else:
-            self._states[user_id] = state
+        now = self.clock.time()
+        if state is not None:
+            self._states.pop(key, None)
+            self._states[key] = now, state
+        while self._states and (len(self._states) > DIALOGS_MAX
+                                or now - next(iter(self._states.values()))[0] >= DIALOG_IDLE_S):
+            del self._states[next(iter(self._states))]
         if not self.db.ok:
             return
         try:
-            await self._writes.submit((user_id, state))
+            await self._writes.submit((key, state, now))
         except (DatabaseUnavailable, RowRejected):
             pass  # already logged by Database or GroupCommit; memory stays authoritative
 
     @staticmethod
-    def _write_states(conn: sqlite3.Connection, items: list[tuple[int, dict | None]]) -> list[None]:
-        now = time.time()
-        for user_id, state in items:
+    def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
+        for (chat_id, user_id), state, at in items:
             if state is None:
-                conn.execute("DELETE FROM conversations WHERE user_id=?", (user_id,))
+                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND user_id=?", (chat_id, user_id))
             else:
-                conn.execute(
-                    """INSERT INTO conversations(user_id, state, updated_at) VALUES (?,?,?)
-                       ON CONFLICT(user_id) DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
-                    (user_id, json.dumps(state, ensure_ascii=False), now),
-                )
+                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?) ON CONFLICT(chat_id, user_id)
+                                DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
+                             (chat_id, user_id, json.dumps(state, ensure_ascii=False), at))
+        conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
 
 
@@ -3987,6 +4009,10 @@ class Context:
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
 
+    @property
+    def dialog(self) -> DialogKey:
+        return self.chat_id, self.user_id
+
 
 def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
     """The figures /stats shows, by the names its text uses: the jobs' usage and the pipeline's counts."""
@@ -4014,18 +4040,18 @@ class PromptStep:
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
         """The answer to the prompt question."""
-        state = self.states.get(ctx.user_id) or {}
+        state = self.states.get(ctx.dialog) or {}
         model = self.models_by_key.get(state.get("model", ""), Z_IMAGE)
         if await self.refuse(ctx, model, text):
             return
         prompt = text.strip()
-        await self.states.set(ctx.user_id, {**state, "step": "ratio", "model": model.key, "prompt": prompt,
+        await self.states.set(ctx.dialog, {**state, "step": "ratio", "model": model.key, "prompt": prompt,
                                             "prompt_message_id": message_id if isinstance(message_id, int) else 0})
         await self.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
 
     async def replace(self, ctx: Context, text: str, message_id: Any) -> None:
         """A description sent or edited while a ratio or option question is open."""
-        state = self.states.get(ctx.user_id) or {}
+        state = self.states.get(ctx.dialog) or {}
         model = self.models_by_key.get(state.get("model", ""))
         if model is None:  # (a saved dialog can outlive a catalog change)
             await self.send_hint(ctx)
@@ -4033,7 +4059,7 @@ class PromptStep:
         if await self.refuse(ctx, model, text):
             return
         prompt = text.strip()
-        await self.states.set(ctx.user_id, {**state, "prompt": prompt,
+        await self.states.set(ctx.dialog, {**state, "prompt": prompt,
                                             "prompt_message_id": message_id if isinstance(message_id, int) else 0})
         shown = html.escape(shorten(prompt, 200))
         if state.get("step") == "option" and model.option is not None:
@@ -4045,7 +4071,7 @@ class PromptStep:
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
         text, message_id = message.get("text"), message.get("message_id")
-        state = self.states.get(ctx.user_id) or {}
+        state = self.states.get(ctx.dialog) or {}
         if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
                 and message_id == state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
@@ -4114,7 +4140,7 @@ class Conversation:
 
     def context(self, chat_id: int, user_id: int, user: dict, callback_id: str = "") -> Context:
         """Who and where; an open dialog keeps its language even if the user's app changes its own."""
-        lang = (self.states.get(user_id) or {}).get("lang")
+        lang = (self.states.get((chat_id, user_id)) or {}).get("lang")
         lang = lang if lang in TEXTS else self.language(user_id, user)
         return Context(chat_id, user_id, lang, TEXTS[lang], callback_id)
 
@@ -4130,7 +4156,7 @@ class Conversation:
             return
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
-        step = (self.states.get(ctx.user_id) or {}).get("step")
+        step = (self.states.get(ctx.dialog) or {}).get("step")
         if command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif step not in ("prompt", "ratio", "option"):
@@ -4201,7 +4227,7 @@ class Conversation:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
         try:
-            await self.states.set(ctx.user_id, None)
+            await self.states.set(ctx.dialog, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
         await self.telegram.send_message(ctx.chat_id, text, menu)
@@ -4211,10 +4237,10 @@ class Conversation:
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
-        had_question = self.states.get(ctx.user_id) is not None
-        await self.states.set(ctx.user_id, None)
+        had_question = self.states.get(ctx.dialog) is not None
+        await self.states.set(ctx.dialog, None)
         menu = main_menu(ctx.lang, self.models)
-        outcome, job = await self.generations.cancel(ctx.user_id)
+        outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
             await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
         elif outcome == "cancelled":
@@ -4252,12 +4278,12 @@ class Conversation:
         if not self.generations.configured():  # only admins can fix it, so only they read how
             await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
             return
-        await self.states.set(ctx.user_id, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+        await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
         cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
         await self.send(ctx, "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
-        state = self.states.get(ctx.user_id) or {}
+        state = self.states.get(ctx.dialog) or {}
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
             return  # a stale or forged button, or a second tap: answered as stale, nothing changes
@@ -4265,12 +4291,12 @@ class Conversation:
             await self.generate(ctx, model, state["prompt"], ratio)
             return
         await self.answer(ctx)
-        await self.states.set(ctx.user_id, {**state, "step": "option", "ratio": ratio})
+        await self.states.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
         await self.reply(ctx, "ask_option", option_keyboard(model.option, ctx.lang),
                          option=model.option.title[ctx.lang])
 
     async def on_option_button(self, ctx: Context, value: str) -> None:
-        state = self.states.get(ctx.user_id) or {}
+        state = self.states.get(ctx.dialog) or {}
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "option" or model is None or model.option is None:
             return  # (a saved dialog can outlive a catalog change)
@@ -4299,7 +4325,7 @@ class Conversation:
         # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
                                      status_message_id)
-        await self.states.set(ctx.user_id, None)
+        await self.states.set(ctx.dialog, None)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
@@ -4325,9 +4351,9 @@ class LanguageChoice:
             return  # a forged button: answered as stale
         await self.dialog.answer(ctx)
         await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.user_id)
+        state = self.states.get(ctx.dialog)
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.user_id, {**state, "lang": lang})
+            await self.states.set(ctx.dialog, {**state, "lang": lang})
         chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
         await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
 
@@ -4348,7 +4374,7 @@ class JobButtons:
                 "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend}
 
     async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
-        job = await self.generations.find(job_id, ctx.user_id)
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         model = self.dialog.models_by_key.get(job.model) if job is not None else None
         return (job, model) if job is not None and model is not None else None
 
@@ -4368,7 +4394,7 @@ class JobButtons:
 
     async def on_models(self, ctx: Context, job_id: str) -> None:
         """Offer the other models for the same prompt (catalog mode)."""
-        job = await self.generations.find(job_id, ctx.user_id)
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is None or len(self.dialog.models) < 2:
             return
         await self.dialog.answer(ctx)
@@ -4378,14 +4404,14 @@ class JobButtons:
 
     async def on_use(self, ctx: Context, argument: str) -> None:
         job_id, _, key = argument.partition(":")
-        job = await self.generations.find(job_id, ctx.user_id)
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         model = self.dialog.models_by_key.get(key)
         if job is not None and model is not None:
             await self.ask_ratio(ctx, model, job.prompt, ctx.message_id)
 
     async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
         await self.dialog.answer(ctx)
-        await self.dialog.states.set(ctx.user_id, {"step": "ratio", "model": model.key, "prompt": prompt})
+        await self.dialog.states.set(ctx.dialog, {"step": "ratio", "model": model.key, "prompt": prompt})
         values = {"prompt": html.escape(shorten(prompt, 200))}
         if message_id:
             await self.dialog.edit(ctx, message_id, render(ctx.lang, "ask_ratio", **values),
@@ -4401,13 +4427,13 @@ class JobButtons:
 
     async def on_file(self, ctx: Context, job_id: str) -> None:
         """The finished picture as a file, uncompressed: one send per press."""
-        job = await self.generations.find(job_id, ctx.user_id)
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and job.result_url and job.outcome == "success":
             await self.dialog.answer(ctx)
             self.generations.send_original(job)
 
     async def on_resend(self, ctx: Context, job_id: str) -> None:
-        job = await self.generations.find(job_id, ctx.user_id)
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is None or job.state != "delivered" or job.outcome != "success":
             return
         await self.dialog.answer(ctx)
@@ -5686,10 +5712,11 @@ class Generations:
             self.progress.post_status(job, self._run_in_background)
         return job
 
-    async def cancel(self, user_id: int) -> tuple[str, Job | None]:
-        """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)."""
+    async def cancel(self, user_id: int, chat_id: int) -> tuple[str, Job | None]:
+        """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)
+        when the user has no job in ``chat_id`` (a /cancel in a group leaves their private picture alone)."""
         job = self.book.active(user_id)
-        if job is None:
+        if job is None or job.chat_id != chat_id:
             return "none", None
         self.apply(job, CANCEL)
         if job.state != "cancelled":
@@ -5705,10 +5732,10 @@ class Generations:
     def send_original(self, job: Job) -> None:
         self._run_in_background(self.deliverer.sender.send_original(job))
 
-    async def find(self, job_id: str, user_id: int) -> Job | None:
-        """A job of ``user_id`` by id (for "🔁"), None if unknown or someone else's."""
+    async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
+        """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
         job = await self.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
-        return job if job is not None and job.user_id == user_id else None
+        return job if job is not None and (job.user_id, job.chat_id) == (user_id, chat_id) else None
 
     async def resend(self, job: Job) -> None:
         await self.deliverer.sender.resend(job)
@@ -7074,7 +7101,7 @@ class App:
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        pacer=telegram_pacer(config))
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
-        timings, states = Timings(clock), ConversationStore(self.db)
+        timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
         self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
