@@ -1984,21 +1984,17 @@ class ConversationStore:
 
     async def set(self, key: DialogKey, state: dict | None) -> None:
         """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
-        if state is None and self._states.pop(key, None) is None:
-            return
         now = self.clock.time()
+        if self._states.pop(key, None) is None and state is None:
+            return
         if state is not None:
-            self._states.pop(key, None)
-            self._states[key] = now, state
+            self._states[key] = now, state  # last in the order
         while self._states and (len(self._states) > DIALOGS_MAX
                                 or now - next(iter(self._states.values()))[0] >= DIALOG_IDLE_S):
             del self._states[next(iter(self._states))]
-        if not self.db.ok:
-            return
-        try:
-            await self._writes.submit((key, state, now))
-        except (DatabaseUnavailable, RowRejected):
-            pass  # already logged by Database or GroupCommit; memory stays authoritative
+        if self.db.ok:
+            with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there; memory stays authoritative
+                await self._writes.submit((key, state, now))
 
     @staticmethod
     def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
@@ -4039,34 +4035,26 @@ class PromptStep:
         self.send_hint = send_hint
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
-        """The answer to the prompt question."""
+        """The answer to the prompt question, or a new description while a ratio or option question is open."""
         state = self.states.get(ctx.dialog) or {}
-        model = self.models_by_key.get(state.get("model", ""), Z_IMAGE)
-        if await self.refuse(ctx, model, text):
-            return
-        prompt = text.strip()
-        await self.states.set(ctx.dialog, {**state, "step": "ratio", "model": model.key, "prompt": prompt,
-                                            "prompt_message_id": message_id if isinstance(message_id, int) else 0})
-        await self.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
-
-    async def replace(self, ctx: Context, text: str, message_id: Any) -> None:
-        """A description sent or edited while a ratio or option question is open."""
-        state = self.states.get(ctx.dialog) or {}
-        model = self.models_by_key.get(state.get("model", ""))
+        step = state.get("step")
+        model = self.models_by_key.get(state.get("model", ""), Z_IMAGE if step == "prompt" else None)
         if model is None:  # (a saved dialog can outlive a catalog change)
             await self.send_hint(ctx)
             return
         if await self.refuse(ctx, model, text):
             return
         prompt = text.strip()
-        await self.states.set(ctx.dialog, {**state, "prompt": prompt,
-                                            "prompt_message_id": message_id if isinstance(message_id, int) else 0})
+        await self.states.set(ctx.dialog, {**state, "step": "ratio" if step == "prompt" else step, "model": model.key,
+                                           "prompt": prompt,
+                                           "prompt_message_id": message_id if isinstance(message_id, int) else 0})
         shown = html.escape(shorten(prompt, 200))
-        if state.get("step") == "option" and model.option is not None:
+        if step == "option" and model.option is not None:
             await self.send(ctx, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
                             option=model.option.title[ctx.lang])
         else:
-            await self.send(ctx, "prompt_replaced", ratio_keyboard(model, ctx.lang), prompt=shown)
+            key = "ask_ratio" if step == "prompt" else "prompt_replaced"
+            await self.send(ctx, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
@@ -4075,7 +4063,7 @@ class PromptStep:
         if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
                 and message_id == state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
-            await self.replace(ctx, text, message_id)
+            await self.take(ctx, text, message_id)
 
     async def refuse(self, ctx: Context, model: ImageModel, text: str) -> bool:
         """Tells the user why ``text`` cannot be ``model``'s prompt; False if it can."""
@@ -4107,31 +4095,20 @@ class Conversation:
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
         self.prompts = PromptStep(states, self.models_by_key, self.send, self.send_hint)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-            "/start": self.on_start,
-            "/help": self.on_help,
-            "/cancel": self.on_cancel,
-            "/stats": self.on_stats,
-        }
+            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
-            "new": self.on_create_button,
-            "model": self.on_model_button,
-            "ratio": self.on_ratio_button,
-            "opt": self.on_option_button,
-            "cancel": self.on_cancel_button,
-            "help": self.on_help_button,
-        }
+            "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
+            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
         self.buttons.update(JobButtons(self).handlers())
         languages = LanguageChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
-        if isinstance(update.get("message"), dict):
-            await self.on_message(update["message"])
-        elif isinstance(update.get("edited_message"), dict):
-            await self.on_edited_message(update["edited_message"])
-        elif isinstance(update.get("callback_query"), dict):
-            await self.on_callback_query(update["callback_query"])
+        for kind, handler in (("message", self.on_message), ("edited_message", self.on_edited_message),
+                              ("callback_query", self.on_callback_query)):
+            if isinstance(update.get(kind), dict):
+                return await handler(update[kind])
 
     def language(self, user_id: int, user: dict) -> str:
         """The language the user chose with /language, else their Telegram app's."""
@@ -4163,10 +4140,8 @@ class Conversation:
             await self.send_hint(ctx)
         elif not isinstance(text, str):
             await self.send(ctx, not_text_answer(message))
-        elif step == "prompt":
-            await self.prompts.take(ctx, text, message.get("message_id"))
         else:
-            await self.prompts.replace(ctx, text, message.get("message_id"))
+            await self.prompts.take(ctx, text, message.get("message_id"))
 
     async def on_edited_message(self, message: dict) -> None:
         ctx = self.message_context(message)
@@ -4341,7 +4316,6 @@ class LanguageChoice:
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
-        self.states = conversation.states
 
     async def on_command(self, ctx: Context, message: dict) -> None:
         await self.dialog.send(ctx, "choose_language", language_keyboard())
@@ -4350,16 +4324,16 @@ class LanguageChoice:
         if lang not in LANGUAGES:
             return  # a forged button: answered as stale
         await self.dialog.answer(ctx)
-        await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.dialog)
+        await self.dialog.states.set_language(ctx.user_id, lang)
+        state = self.dialog.states.get(ctx.dialog)
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.dialog, {**state, "lang": lang})
+            await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
         chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
         await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
 
 
 class JobButtons:
-    """The buttons under a result or a failure; each names its job, which must be the presser's.
+    """The buttons under a result or a failure; each names its job, which must be the presser's in this chat.
 
     Anything else (another user's job, an unknown or malformed id, a model
     no longer offered) is answered as a stale button and changes nothing.
@@ -4412,12 +4386,8 @@ class JobButtons:
     async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
         await self.dialog.answer(ctx)
         await self.dialog.states.set(ctx.dialog, {"step": "ratio", "model": model.key, "prompt": prompt})
-        values = {"prompt": html.escape(shorten(prompt, 200))}
-        if message_id:
-            await self.dialog.edit(ctx, message_id, render(ctx.lang, "ask_ratio", **values),
-                                   ratio_keyboard(model, ctx.lang))
-        else:
-            await self.dialog.send(ctx, "ask_ratio", ratio_keyboard(model, ctx.lang), **values)
+        await self.dialog.reply(dataclasses.replace(ctx, message_id=message_id), "ask_ratio",
+                                ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
 
     async def on_edit(self, ctx: Context, job_id: str) -> None:
         """Ask for a new prompt for the same model."""
