@@ -844,6 +844,17 @@ async def test_a_picture_already_on_its_way_is_not_cancelled_and_the_user_is_tol
     assert app.generations.remaining(92) == (19, 20)
 
 
+async def test_the_cancel_button_under_a_new_question_closes_it_and_leaves_the_running_picture(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 3000)  # its ⏳ is message 1
+    job = await submitted_job(app, 3000)
+    await answered(app, press(next(_update_ids), 3000, "new", 7))  # a new question while the picture is drawn
+    await answered(app, press(next(_update_ids), 3000, "cancel", 8))  # ✖️ under that question
+    (closed,) = [p for p in edits_of(fake_tg, 3000) if p["message_id"] == 8]
+    assert closed["text"] == trt_bot.render("ru", "cancelled") and job.state == "submitted"  # it used to stop
+
+
 GROUP = -1001234567890
 
 

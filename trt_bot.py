@@ -4215,7 +4215,7 @@ class Conversation:
         had_question = self.states.get(ctx.dialog) is not None
         await self.states.set(ctx.dialog, None)
         menu = main_menu(ctx.lang, self.models)
-        outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id)
+        outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
             await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
         elif outcome == "cancelled":
@@ -5682,11 +5682,11 @@ class Generations:
             self.progress.post_status(job, self._run_in_background)
         return job
 
-    async def cancel(self, user_id: int, chat_id: int) -> tuple[str, Job | None]:
+    async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
         """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)
-        when the user has no job in ``chat_id`` (a /cancel in a group leaves their private picture alone)."""
+        when the user has no job in ``chat_id``, or ✖️ was pressed under a message (``message_id``) not its ⏳."""
         job = self.book.active(user_id)
-        if job is None or job.chat_id != chat_id:
+        if job is None or job.chat_id != chat_id or message_id not in (0, job.status_message_id):
             return "none", None
         self.apply(job, CANCEL)
         if job.state != "cancelled":
