@@ -3947,7 +3947,9 @@ def shorten(text: str, limit: int) -> str:
 ###############################################################################
 # 11. Dialog
 #    Owns the conversation with a user: commands, dialog steps and button
-#    presses, turning what the jobs answer into messages.
+#    presses, turning what the jobs answer into messages.  A dialog belongs to
+#    (chat, user), so a user's private chat and a group never share one; a job
+#    belongs to its chat, and a button, /cancel or an edit acts only there.
 ###############################################################################
 
 def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str, Any]] | None:
@@ -4076,7 +4078,7 @@ class PromptStep:
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    The dialog state per user is {"step": "prompt" | "ratio" | "option",
+    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
     "ratio": ...}.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
