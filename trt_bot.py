@@ -3658,6 +3658,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
                            "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
         "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
+        "prompt_nul": "В описании есть невидимый символ U+0000, его не сохранить. Пришлите описание без него.",
         "ask_ratio": "Выберите формат для «{prompt}»:",
         "ask_option": "Выберите {option}:",
         "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
@@ -3741,6 +3742,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
                            "{most}. Please shorten it and send it again.",
         "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
+        "prompt_nul": "The description holds an invisible U+0000 character that cannot be stored. Send it without.",
         "ask_ratio": "Pick a format for “{prompt}”:",
         "ask_option": "Pick the {option}:",
         "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
@@ -3938,6 +3940,8 @@ def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str,
     fewest, most = model.prompt_chars
     if not prompt:
         return "prompt_empty", {}
+    if "\0" in prompt:  # PostgreSQL cannot store it: the job's row would be refused
+        return "prompt_nul", {}
     if len(prompt) < fewest:
         return "prompt_too_short", {"model": model.title, "fewest": fewest}
     if len(prompt) > most:
@@ -4505,13 +4509,14 @@ class JobEvent:
 #   accepted    createTask gave the task id
 #   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
 #   succeeded   Kie's record says the task finished with this result URL
-#   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
+#   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
 EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
 MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
 DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
+UNSTORABLE = JobEvent("failed", "failed")  # the database refuses the job's row for what it holds
 CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
 EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
@@ -4525,7 +4530,7 @@ _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "fa
               "callback": IGNORED, "expired": IGNORED}
 JOB_TRANSITIONS: dict[str, dict[str, str]] = {
     "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out",  # waiting for a slot, createTask
-                "cancel": "cancelled"},
+                "failed": "failed", "cancel": "cancelled"},
     "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
                   "callback": "submitted", "cancel": "cancelled"},
     # Result URL known; delivered directly when the budget ran out before sending.
@@ -4797,11 +4802,13 @@ class JobBook:
 
     Memory is the authority inside the process (so transitions are atomic).
     Rows the database could not take are kept and written when it comes
-    back, so it never resurrects a stale state.
+    back, so it never resurrects a stale state.  A row it refuses for what it
+    holds would be refused again: that job alone goes to ``on_refused``.
     """
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
         self.db = db
+        self.on_refused = on_refused
         self.jobs: dict[str, Job] = {}
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
@@ -4849,7 +4856,7 @@ class JobBook:
         """Write the job's state and wait for the commit; False when the database is unusable."""
         try:
             await self._writes.submit(dataclasses.astuple(job))
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, RowRejected):
             return False
         return True
 
@@ -4858,11 +4865,14 @@ class JobBook:
         return job.id in self._stored
 
     def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
-        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
+        """Note which jobs the database holds; keep the rows it could not take for when it comes back."""
         for row in rows:
             job_id = row[0]
             self._unsaved.pop(job_id, None)
-            if error is not None:
+            if isinstance(error, RowRejected):
+                if job_id in self.jobs:
+                    self.on_refused(self.jobs[job_id])
+            elif error is not None:
                 self._unsaved[job_id] = row
             elif job_id in self.jobs:
                 self._stored.add(job_id)
@@ -4874,9 +4884,8 @@ class JobBook:
     async def load_unfinished(self) -> list[Job]:
         """Write the rows kept while the database was unusable, then read unfinished jobs not in memory."""
         rows = list(self._unsaved.values())
-        if rows:
-            await self.db.write(jobs_save, rows)
-            self._on_rows_written(rows, None)
+        if rows:  # through the group commit, so a row the database refuses fails alone
+            await asyncio.gather(*map(self._writes.submit, rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
         jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
         jobs = [job for job in jobs if job.id not in self.jobs]
@@ -5508,7 +5517,7 @@ class Generations:
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
-        self.book = JobBook(db)
+        self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
