@@ -724,6 +724,48 @@ async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate
         await db.close()
 
 
+# "The next version" of the bot: one more migration, additive as every migration must be.
+NEWER_SCHEMA = trt_bot.Schema([*trt_bot.MIGRATIONS, [
+    "CREATE TABLE stickers (file_id TEXT PRIMARY KEY, chat_id INTEGER NOT NULL)",
+    "ALTER TABLE conversations ADD COLUMN chat_id INTEGER NOT NULL DEFAULT 0",
+]])
+
+
+def inbox_item(update_id: int) -> trt_bot.InboxItem:
+    return trt_bot.InboxItem(update_id, update_id, {}, b"{}", time.time())
+
+
+async def test_the_old_bot_keeps_working_on_a_newer_bots_additive_schema_in_a_deploy_and_a_rollback(database_url):
+    # The old instance of a zero-downtime deploy used to stop at its next reconnect ("schema is newer than this bot").
+    old = open_database(database_url)
+    assert await old.open()
+    await old.write(trt_bot.inbox_insert, [inbox_item(1)])
+    new = open_database(database_url, schema=NEWER_SCHEMA)
+    assert await new.open()  # the new instance migrates while the old one still runs
+    assert await old.open(), old.last_error  # the old one reconnects (a lost connection, a restart)
+    assert await old.write(trt_bot.inbox_insert, [inbox_item(2)]) == [True]
+    await trt_bot.ConversationStore(old).set(5, {"step": "prompt"})  # into a table the migration changed
+    assert await new.read(trt_bot.inbox_unhandled) == [(1, 1), (2, 2)]
+    await new.close()
+    await old.close()
+    rolled_back = open_database(database_url)  # the new version rolled back: the old one starts again
+    assert await rolled_back.open(), rolled_back.last_error
+    assert await trt_bot.ConversationStore(rolled_back).load() == 1
+    assert await rolled_back.read(rolled_back.dialect.schema_version) == NEWER_SCHEMA.version  # left as it is
+    await rolled_back.close()
+
+
+async def test_a_bot_refuses_clearly_a_schema_that_needs_a_newer_bot(database_url):
+    newest = open_database(database_url, schema=dataclasses.replace(NEWER_SCHEMA, oldest_reader=NEWER_SCHEMA.version))
+    assert await newest.open()
+    await newest.close()
+    old = open_database(database_url)
+    assert await old.open() is False and not old.ok
+    assert (f"needs a bot that knows schema v{NEWER_SCHEMA.version} or newer; "
+            f"this one knows v{trt_bot.SCHEMA_VERSION}") in old.last_error
+    await old.close()
+
+
 def test_psycopg_is_imported_only_for_a_postgresql_url(tmp_path):
     script = ("import sys, trt_bot; config = trt_bot.load_config({'TELEGRAM_BOT_TOKEN': sys.argv[1], "
               "'DATABASE_URL': sys.argv[2]}); trt_bot.Database(config.database); print('psycopg' in sys.modules)")

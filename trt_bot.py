@@ -1204,6 +1204,10 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 # Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
 # one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.
+# Additive only (a table, an index, a column with a default), so the bot
+# before still runs on the new schema: the old instance of a zero-downtime
+# deploy, or a rollback.  A change it could not live with raises the schema's
+# ``oldest_reader`` to its version, and older bots then refuse to start on it.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1273,7 +1277,22 @@ MIGRATIONS: list[list[str]] = [
                update_id INTEGER)""",
     ],
 ]
-SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """The migrations a bot knows, and the oldest schema version a bot must know to run on what they make."""
+
+    migrations: list[list[str]]
+    oldest_reader: int = 1
+
+    @property
+    def version(self) -> int:
+        return len(self.migrations)
+
+
+SCHEMA = Schema(MIGRATIONS)
+SCHEMA_VERSION = SCHEMA.version
 
 
 class DatabaseUnavailable(TrtError):
@@ -1318,7 +1337,8 @@ def _inode(path: str) -> tuple[int, int] | str | None:
     return status.st_dev, status.st_ino
 
 
-def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                schema: Schema = SCHEMA) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
@@ -1328,35 +1348,42 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sql
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        migrate(conn)
+        migrate(conn, schema=schema)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def migrate(conn: Any, dialect: Any = None) -> int:
-    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it.
+def migrate(conn: Any, dialect: Any = None, schema: Schema = SCHEMA) -> int:
+    """Bring the schema to ``schema``'s version (a newer one is left as it is); safe when processes race to do it.
 
     ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
     is kept, how the DDL is spelled and what makes racing migrations wait.
+    TrtError when the stored schema needs a bot that knows a newer version.
     """
     dialect = dialect or SqliteFile
     conn.execute(dialect.begin)
     try:
         version = dialect.schema_version(conn)
-        if version > SCHEMA_VERSION:
-            raise TrtError(f"database schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[number - 1]:
+        conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
+        oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
+        if oldest_reader > schema.version:
+            raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
+                           f"this one knows v{schema.version}")
+        for number in range(version + 1, schema.version + 1):
+            for statement in schema.migrations[number - 1]:
                 conn.execute(dialect.ddl(statement))
             dialect.set_schema_version(conn, number)
+        if schema.oldest_reader > oldest_reader and schema.version >= version:
+            conn.execute("DELETE FROM schema_readers")
+            conn.execute("INSERT INTO schema_readers(oldest) VALUES (?)", (schema.oldest_reader,))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return SCHEMA_VERSION
+    return max(version, schema.version)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1411,9 +1438,10 @@ class SqliteFile:
     failures = (sqlite3.Error,)
     fix = "check DATABASE_URL and that its folder exists and is writable (a mounted disk on Render)"
 
-    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
+    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, schema: Schema = SCHEMA):
         self.path = self.where = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.schema = schema
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
 
@@ -1438,7 +1466,7 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        conn = open_sqlite(self.path, self.busy_timeout_ms, self.schema)
         self._identity = file_identity(self.path)
         if self._salvage:
             try:
@@ -1566,9 +1594,9 @@ class PostgresServer:
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
            "connections from here")
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, schema: Schema = SCHEMA):
         self.psycopg = importlib.import_module("psycopg")
-        self.url = url
+        self.url, self.schema = url, schema
         parts = urllib.parse.urlsplit(url)
         self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
         # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
@@ -1597,7 +1625,7 @@ class PostgresServer:
         conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
                                   self.psycopg.ProgrammingError)
         try:
-            migrate(conn, self)
+            migrate(conn, self, self.schema)
         except BaseException:
             conn.close()
             raise
@@ -1616,11 +1644,12 @@ class PostgresServer:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
-def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> SqliteFile | PostgresServer:
+def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                     schema: Schema = SCHEMA) -> SqliteFile | PostgresServer:
     """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
     if location.startswith(POSTGRES_SCHEMES):
-        return PostgresServer(location)
-    return SqliteFile(location, busy_timeout_ms)
+        return PostgresServer(location, schema)
+    return SqliteFile(location, busy_timeout_ms, schema)
 
 
 class Database:
@@ -1637,8 +1666,8 @@ class Database:
     database refuses raises RowRejected and leaves the database usable.
     """
 
-    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
-        self.dialect = database_dialect(location, busy_timeout_ms)
+    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, schema: Schema = SCHEMA):
+        self.dialect = database_dialect(location, busy_timeout_ms, schema)
         self.ok = False
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
