@@ -884,6 +884,20 @@ async def test_a_lock_held_briefly_by_another_connection_is_waited_out_not_degra
     await db.close()
 
 
+async def test_a_new_file_another_connection_writes_before_it_is_in_wal_mode_is_waited_for_not_degraded(tmp_path):
+    # SQLite skips its busy handler when turning such a file to WAL: instances opening a new database together
+    # used to fail at random with "database is locked".
+    path = str(tmp_path / "x.sqlite3")
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE another_bots (n INTEGER)")  # its write lock, still in the rollback journal mode
+    threading.Timer(0.05, writer.execute, ("COMMIT",)).start()
+    db = trt_bot.Database(path, busy_timeout_ms=10_000)
+    assert await db.open(), db.last_error
+    writer.close()
+    await db.close()
+
+
 async def test_a_deleted_database_file_is_noticed_and_a_new_file_takes_over_what_it_held(tmp_path):
     path = str(tmp_path / "x.sqlite3")
     db = trt_bot.Database(path)

@@ -1345,14 +1345,30 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
         os.makedirs(folder, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
     try:
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
         migrate(conn, schema=schema)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Turn on WAL mode (the file keeps it), waiting out another connection's write lock until ``deadline``.
+
+    SQLite answers "locked" at once here, without its busy handler (the
+    wait could deadlock), when another connection writes a file not yet in
+    WAL mode: instances opening a new file together do.
+    """
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.002)
 
 
 def migrate(conn: Any, dialect: Any = None, schema: Schema = SCHEMA) -> int:
