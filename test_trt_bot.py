@@ -751,17 +751,18 @@ async def test_the_old_bot_keeps_working_on_a_newer_bots_additive_schema_in_a_de
     rolled_back = open_database(database_url)  # the new version rolled back: the old one starts again
     assert await rolled_back.open(), rolled_back.last_error
     assert await trt_bot.ConversationStore(rolled_back).load() == 1
-    assert await rolled_back.read(rolled_back.dialect.schema_version) == NEWER_SCHEMA.version  # left as it is
+    assert await rolled_back.read(rolled_back.dialect.schema_version) == len(NEWER_SCHEMA.migrations)  # left as it is
     await rolled_back.close()
 
 
 async def test_a_bot_refuses_clearly_a_schema_that_needs_a_newer_bot(database_url):
-    newest = open_database(database_url, schema=dataclasses.replace(NEWER_SCHEMA, oldest_reader=NEWER_SCHEMA.version))
+    newest_version = len(NEWER_SCHEMA.migrations)
+    newest = open_database(database_url, schema=dataclasses.replace(NEWER_SCHEMA, oldest_reader=newest_version))
     assert await newest.open()
     await newest.close()
     old = open_database(database_url)
     assert await old.open() is False and not old.ok
-    assert (f"needs a bot that knows schema v{NEWER_SCHEMA.version} or newer; "
+    assert (f"needs a bot that knows schema v{newest_version} or newer; "
             f"this one knows v{trt_bot.SCHEMA_VERSION}") in old.last_error
     await old.close()
 

@@ -1203,11 +1203,9 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 
 # Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
-# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.
-# Additive only (a table, an index, a column with a default), so the bot
-# before still runs on the new schema: the old instance of a zero-downtime
-# deploy, or a rollback.  A change it could not live with raises the schema's
-# ``oldest_reader`` to its version, and older bots then refuse to start on it.
+# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
+# index, a column with a default): the bot before runs on the new schema (the old instance of a zero-downtime
+# deploy, a rollback).  A change it could not live with raises ``Schema.oldest_reader`` to its own version.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1286,13 +1284,9 @@ class Schema:
     migrations: list[list[str]]
     oldest_reader: int = 1
 
-    @property
-    def version(self) -> int:
-        return len(self.migrations)
-
 
 SCHEMA = Schema(MIGRATIONS)
-SCHEMA_VERSION = SCHEMA.version
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class DatabaseUnavailable(TrtError):
@@ -1355,16 +1349,11 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 
 
 def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
-    """Turn on WAL mode (the file keeps it), waiting out another connection's write lock until ``deadline``.
-
-    SQLite answers "locked" at once here, without its busy handler (the
-    wait could deadlock), when another connection writes a file not yet in
-    WAL mode: instances opening a new file together do.
-    """
+    # While another connection writes a file not yet in WAL mode (instances opening a new file together do),
+    # SQLite answers "locked" at once here, skipping its busy handler (the wait could deadlock): retried.
     while True:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
+            return conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError:
             if time.monotonic() >= deadline:
                 raise
@@ -1378,28 +1367,27 @@ def migrate(conn: Any, dialect: Any = None, schema: Schema = SCHEMA) -> int:
     is kept, how the DDL is spelled and what makes racing migrations wait.
     TrtError when the stored schema needs a bot that knows a newer version.
     """
-    dialect = dialect or SqliteFile
+    dialect, known = dialect or SqliteFile, len(schema.migrations)
     conn.execute(dialect.begin)
     try:
         version = dialect.schema_version(conn)
         conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
         oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
-        if oldest_reader > schema.version:
+        if oldest_reader > known:
             raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
-                           f"this one knows v{schema.version}")
-        for number in range(version + 1, schema.version + 1):
+                           f"this one knows v{known}")
+        for number in range(version + 1, known + 1):
             for statement in schema.migrations[number - 1]:
                 conn.execute(dialect.ddl(statement))
             dialect.set_schema_version(conn, number)
-        if schema.oldest_reader > oldest_reader and schema.version >= version:
-            conn.execute("DELETE FROM schema_readers")
+        if schema.oldest_reader > oldest_reader:  # read as the largest row: rows are only added
             conn.execute("INSERT INTO schema_readers(oldest) VALUES (?)", (schema.oldest_reader,))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return max(version, schema.version)
+    return max(version, known)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1684,17 +1672,13 @@ class Database:
 
     def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, schema: Schema = SCHEMA):
         self.dialect = database_dialect(location, busy_timeout_ms, schema)
+        self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
         self.ok = False
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
         self._passwords = database_passwords(location)  # kept out of last_error and the log
         self._conn: Any = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
-
-    @property
-    def where(self) -> str:
-        """The file's path or the server's address and database, without credentials."""
-        return self.dialect.where
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
