@@ -1457,9 +1457,7 @@ class SqliteFile:
     def set_schema_version(conn: sqlite3.Connection, number: int) -> None:
         conn.execute(f"PRAGMA user_version={int(number)}")
 
-    @staticmethod
-    def ddl(statement: str) -> str:
-        return statement
+    ddl = staticmethod(str)  # SQLite takes the migrations as they are written
 
     def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
         """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
@@ -1781,13 +1779,10 @@ class GroupCommit:
 
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue(item, future)
+        self.add(item, future)
         return future
 
-    def add(self, item: Any) -> None:
-        self._queue(item, None)
-
-    def _queue(self, item: Any, future: asyncio.Future | None) -> None:
+    def add(self, item: Any, future: asyncio.Future | None = None) -> None:
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())
@@ -1900,23 +1895,19 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
-def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
     """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
 
     Under load the marks of handled updates ride along with the commit of
-    arriving ones: one transaction and one thread hop for both.
+    arriving ones: one transaction and one thread hop for both.  Each new
+    update that ``ask_older`` gets in its ``older`` the ids of its chat's
+    older unhandled updates, read in the same transaction (no round trip of its own).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
     if marks:
         inbox_mark_done(conn, marks)
-    return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
-
-
-def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
-    """``inbox_write``; and in the same transaction (no round trip of its own), for each new update that
-    ``ask_older``, the ids of its chat's older unhandled updates into its ``older``."""
-    results = inbox_write(conn, entries)
+    results = [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
     for entry, is_new in zip(entries, results):
         if is_new and isinstance(entry, InboxItem) and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
