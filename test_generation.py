@@ -1437,6 +1437,29 @@ async def test_a_kept_job_row_refused_at_recovery_fails_alone_and_later_outages_
                      == ["маяк", "чайка"])
 
 
+async def test_recovery_never_raises_for_a_kept_row_the_database_refuses(database_url):
+    # Activation resumes the jobs as the database watcher does (Generations.resume -> load_unfinished): a
+    # RowRejected there would end the lease's renewal with the instance still active.  Recovery never raises
+    # for one row: it is written alone, refused alone, and its job handed to on_refused.
+    db = trt_bot.Database(trt_bot.parse_database_url(database_url))
+    assert await db.open()
+    refuse_rows(database_url, "jobs", "prompt", "refuse-me")
+    refused: list[trt_bot.Job] = []
+    book = trt_bot.JobBook(db, on_refused=refused.append)
+    jobs = [trt_bot.Job(f"{n:016x}", n, n, "ru", "zimage", prompt, "1:1")
+            for n, prompt in enumerate(["refuse-me", "маяк"])]
+    with pytest.raises(trt_bot.DatabaseUnavailable):  # a statement it cannot run: unusable until reopened
+        await db.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+    for job in jobs:
+        book.track(job)
+        assert not await book.save_durably(job)  # kept for when the database is back
+    assert await db.open()
+    assert await book.load_unfinished() == [] and await book.load_unfinished() == []  # in memory already
+    assert refused == jobs[:1] and book.stored(jobs[1]) and not book.stored(jobs[0])
+    assert query(database_url, "SELECT prompt FROM jobs") == [("маяк",)]
+    await db.close()
+
+
 # -- result downloads: public addresses only ---------------------------------------
 
 @pytest.mark.parametrize("address, public", [
