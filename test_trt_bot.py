@@ -725,10 +725,11 @@ async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate
 
 
 # "The next version" of the bot: one more migration, additive as every migration must be.
-NEWER_SCHEMA = trt_bot.Schema([*trt_bot.MIGRATIONS, [
+NEWER_MIGRATIONS = [*trt_bot.MIGRATIONS, [
     "CREATE TABLE stickers (file_id TEXT PRIMARY KEY, chat_id INTEGER NOT NULL)",
     "ALTER TABLE conversations ADD COLUMN chat_id INTEGER NOT NULL DEFAULT 0",
-]])
+]]
+NEWER_VERSION = len(NEWER_MIGRATIONS)
 
 
 def inbox_item(update_id: int) -> trt_bot.InboxItem:
@@ -740,7 +741,7 @@ async def test_the_old_bot_keeps_working_on_a_newer_bots_additive_schema_in_a_de
     old = open_database(database_url)
     assert await old.open()
     await old.write(trt_bot.inbox_insert, [inbox_item(1)])
-    new = open_database(database_url, schema=NEWER_SCHEMA)
+    new = open_database(database_url, migrations=NEWER_MIGRATIONS)
     assert await new.open()  # the new instance migrates while the old one still runs
     assert await old.open(), old.last_error  # the old one reconnects (a lost connection, a restart)
     assert await old.write(trt_bot.inbox_insert, [inbox_item(2)]) == [True]
@@ -751,20 +752,25 @@ async def test_the_old_bot_keeps_working_on_a_newer_bots_additive_schema_in_a_de
     rolled_back = open_database(database_url)  # the new version rolled back: the old one starts again
     assert await rolled_back.open(), rolled_back.last_error
     assert await trt_bot.ConversationStore(rolled_back).load() == 1
-    assert await rolled_back.read(rolled_back.dialect.schema_version) == len(NEWER_SCHEMA.migrations)  # left as it is
+    assert await rolled_back.read(rolled_back.dialect.schema_version) == NEWER_VERSION  # left as it is
     await rolled_back.close()
 
 
 async def test_a_bot_refuses_clearly_a_schema_that_needs_a_newer_bot(database_url):
-    newest_version = len(NEWER_SCHEMA.migrations)
-    newest = open_database(database_url, schema=dataclasses.replace(NEWER_SCHEMA, oldest_reader=newest_version))
+    # A change older bots cannot live with (a column renamed, say) records that they must refuse the database.
+    needs_newer = [*trt_bot.MIGRATIONS, [*NEWER_MIGRATIONS[-1],
+                                         f"INSERT INTO schema_readers(oldest) VALUES ({NEWER_VERSION})"]]
+    newest = open_database(database_url, migrations=needs_newer)
     assert await newest.open()
     await newest.close()
     old = open_database(database_url)
     assert await old.open() is False and not old.ok
-    assert (f"needs a bot that knows schema v{newest_version} or newer; "
+    assert (f"needs a bot that knows schema v{NEWER_VERSION} or newer; "
             f"this one knows v{trt_bot.SCHEMA_VERSION}") in old.last_error
     await old.close()
+    newest = open_database(database_url, migrations=needs_newer)
+    assert await newest.open()  # the bot that needs it still runs on it
+    await newest.close()
 
 
 def test_psycopg_is_imported_only_for_a_postgresql_url(tmp_path):

@@ -1205,7 +1205,8 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
 # one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
 # index, a column with a default): the bot before runs on the new schema (the old instance of a zero-downtime
-# deploy, a rollback).  A change it could not live with raises ``Schema.oldest_reader`` to its own version.
+# deploy, a rollback).  A change it could not live with also records, in "INSERT INTO schema_readers(oldest)
+# VALUES (<its version>)", that older bots must refuse the database.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1275,17 +1276,6 @@ MIGRATIONS: list[list[str]] = [
                update_id INTEGER)""",
     ],
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Schema:
-    """The migrations a bot knows, and the oldest schema version a bot must know to run on what they make."""
-
-    migrations: list[list[str]]
-    oldest_reader: int = 1
-
-
-SCHEMA = Schema(MIGRATIONS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1332,7 +1322,7 @@ def _inode(path: str) -> tuple[int, int] | str | None:
 
 
 def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-                schema: Schema = SCHEMA) -> sqlite3.Connection:
+                migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
@@ -1341,7 +1331,7 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
     try:
         _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        migrate(conn, schema=schema)
+        migrate(conn, migrations=migrations)
     except BaseException:
         conn.close()
         raise
@@ -1360,14 +1350,14 @@ def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
             time.sleep(0.002)
 
 
-def migrate(conn: Any, dialect: Any = None, schema: Schema = SCHEMA) -> int:
-    """Bring the schema to ``schema``'s version (a newer one is left as it is); safe when processes race to do it.
+def migrate(conn: Any, dialect: Any = None, migrations: list[list[str]] = MIGRATIONS) -> None:
+    """Apply the ``migrations`` the schema lacks (a newer one is left as it is); safe when processes race to do it.
 
     ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
     is kept, how the DDL is spelled and what makes racing migrations wait.
     TrtError when the stored schema needs a bot that knows a newer version.
     """
-    dialect, known = dialect or SqliteFile, len(schema.migrations)
+    dialect, known = dialect or SqliteFile, len(migrations)
     conn.execute(dialect.begin)
     try:
         version = dialect.schema_version(conn)
@@ -1377,17 +1367,14 @@ def migrate(conn: Any, dialect: Any = None, schema: Schema = SCHEMA) -> int:
             raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
                            f"this one knows v{known}")
         for number in range(version + 1, known + 1):
-            for statement in schema.migrations[number - 1]:
+            for statement in migrations[number - 1]:
                 conn.execute(dialect.ddl(statement))
             dialect.set_schema_version(conn, number)
-        if schema.oldest_reader > oldest_reader:  # read as the largest row: rows are only added
-            conn.execute("INSERT INTO schema_readers(oldest) VALUES (?)", (schema.oldest_reader,))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return max(version, known)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1442,10 +1429,10 @@ class SqliteFile:
     failures = (sqlite3.Error,)
     fix = "check DATABASE_URL and that its folder exists and is writable (a mounted disk on Render)"
 
-    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, schema: Schema = SCHEMA):
+    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
         self.path = self.where = path
         self.busy_timeout_ms = busy_timeout_ms
-        self.schema = schema
+        self.migrations = migrations
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
 
@@ -1468,7 +1455,7 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms, self.schema)
+        conn = open_sqlite(self.path, self.busy_timeout_ms, self.migrations)
         self._identity = file_identity(self.path)
         if self._salvage:
             try:
@@ -1596,9 +1583,9 @@ class PostgresServer:
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
            "connections from here")
 
-    def __init__(self, url: str, schema: Schema = SCHEMA):
+    def __init__(self, url: str, migrations: list = MIGRATIONS):
         self.psycopg = importlib.import_module("psycopg")
-        self.url, self.schema = url, schema
+        self.url, self.migrations = url, migrations
         parts = urllib.parse.urlsplit(url)
         self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
         # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
@@ -1627,7 +1614,7 @@ class PostgresServer:
         conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
                                   self.psycopg.ProgrammingError)
         try:
-            migrate(conn, self, self.schema)
+            migrate(conn, self, self.migrations)
         except BaseException:
             conn.close()
             raise
@@ -1647,11 +1634,11 @@ class PostgresServer:
 
 
 def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-                     schema: Schema = SCHEMA) -> SqliteFile | PostgresServer:
+                     migrations: list = MIGRATIONS) -> SqliteFile | PostgresServer:
     """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
     if location.startswith(POSTGRES_SCHEMES):
-        return PostgresServer(location, schema)
-    return SqliteFile(location, busy_timeout_ms, schema)
+        return PostgresServer(location, migrations)
+    return SqliteFile(location, busy_timeout_ms, migrations)
 
 
 class Database:
@@ -1668,8 +1655,8 @@ class Database:
     database refuses raises RowRejected and leaves the database usable.
     """
 
-    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, schema: Schema = SCHEMA):
-        self.dialect = database_dialect(location, busy_timeout_ms, schema)
+    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
+        self.dialect = database_dialect(location, busy_timeout_ms, migrations)
         self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
         self.ok = False
         self.last_error = "not opened yet"
