@@ -1204,9 +1204,8 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 # Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
 # one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
-# index, a column with a default): the bot before runs on the new schema (the old instance of a zero-downtime
-# deploy, a rollback).  A change it could not live with also records, in "INSERT INTO schema_readers(oldest)
-# VALUES (<its version>)", that older bots must refuse the database.
+# index, a column with a default), so the bot before runs on it (a deploy's old instance, a rollback); a change
+# it could not live with adds "INSERT INTO schema_readers(oldest) VALUES (<its version>)": older bots refuse it.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1325,56 +1324,45 @@ def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
                 migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
     try:
         _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        migrate(conn, migrations=migrations)
+        dialect = SqliteFile(path, busy_timeout_ms, migrations)
+        in_transaction(conn, dialect, migrate, dialect)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> None:
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
     # While another connection writes a file not yet in WAL mode (instances opening a new file together do),
     # SQLite answers "locked" at once here, skipping its busy handler (the wait could deadlock): retried.
-    while True:
-        try:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.OperationalError):
             return conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.002)
+        time.sleep(0.002)
+    return conn.execute("PRAGMA journal_mode=WAL")  # the last try: its error is the one reported
 
 
-def migrate(conn: Any, dialect: Any = None, migrations: list[list[str]] = MIGRATIONS) -> None:
-    """Apply the ``migrations`` the schema lacks (a newer one is left as it is); safe when processes race to do it.
+def migrate(conn: Any, dialect: SqliteFile | PostgresServer) -> None:
+    """In a transaction, apply the dialect's ``migrations`` the schema lacks (a newer schema is left as it is).
 
-    ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
-    is kept, how the DDL is spelled and what makes racing migrations wait.
-    TrtError when the stored schema needs a bot that knows a newer version.
-    """
-    dialect, known = dialect or SqliteFile, len(migrations)
-    conn.execute(dialect.begin)
-    try:
-        version = dialect.schema_version(conn)
-        conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
-        oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
-        if oldest_reader > known:
-            raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
-                           f"this one knows v{known}")
-        for number in range(version + 1, known + 1):
-            for statement in migrations[number - 1]:
-                conn.execute(dialect.ddl(statement))
-            dialect.set_schema_version(conn, number)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    ``dialect`` says how the version is kept, how the DDL is spelled and what makes racing migrations wait.
+    TrtError when the stored schema needs a bot that knows a newer version."""
+    known = len(dialect.migrations)
+    version = dialect.schema_version(conn)
+    conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
+    oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
+    if oldest_reader > known:
+        raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
+                       f"this one knows v{known}")
+    for number in range(version + 1, known + 1):
+        for statement in dialect.migrations[number - 1]:
+            conn.execute(dialect.ddl(statement))
+        dialect.set_schema_version(conn, number)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1431,8 +1419,7 @@ class SqliteFile:
 
     def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
         self.path = self.where = path
-        self.busy_timeout_ms = busy_timeout_ms
-        self.migrations = migrations
+        self.busy_timeout_ms, self.migrations = busy_timeout_ms, migrations
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
 
@@ -1614,7 +1601,7 @@ class PostgresServer:
         conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
                                   self.psycopg.ProgrammingError)
         try:
-            migrate(conn, self, self.migrations)
+            in_transaction(conn, self, migrate, self)
         except BaseException:
             conn.close()
             raise
@@ -1788,9 +1775,8 @@ class GroupCommit:
             results = await self.db.write(self.write_batch, items)
         except RowRejected as error:
             if len(batch) > 1:
-                middle = len(batch) // 2
-                await self._write(batch[:middle])
-                await self._write(batch[middle:])
+                for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+                    await self._write(half)
                 return
             log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
             self._settle(batch, None, error)
@@ -4807,15 +4793,13 @@ def kie_callback_url(config: Config) -> str:
 class JobBook:
     """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
 
-    Memory is the authority inside the process (so transitions are atomic).
-    Rows the database could not take are kept and written when it comes
-    back, so it never resurrects a stale state.  A row it refuses for what it
-    holds would be refused again: that job alone goes to ``on_refused``.
+    Memory is the authority inside the process (so transitions are atomic).  Rows the database could not
+    take are kept and written when it comes back, so it never resurrects a stale state; a row it refuses
+    for what it holds (it would refuse it again) is not kept: its job alone goes to ``on_refused``.
     """
 
     def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
-        self.db = db
-        self.on_refused = on_refused
+        self.db, self.on_refused = db, on_refused
         self.jobs: dict[str, Job] = {}
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
@@ -4860,7 +4844,7 @@ class JobBook:
         self._writes.add(dataclasses.astuple(job))
 
     async def save_durably(self, job: Job) -> bool:
-        """Write the job's state and wait for the commit; False when the database is unusable."""
+        """Write the job's state and wait for the commit; False when the database is unusable or refuses it."""
         try:
             await self._writes.submit(dataclasses.astuple(job))
         except (DatabaseUnavailable, RowRejected):
