@@ -1075,3 +1075,17 @@ def query(database_url: str, sql: str, params: tuple = ()) -> list[tuple]:
     finally:
         conn.close()
 
+
+
+def refuse_rows(database_url: str, table: str, column: str, marker: str) -> None:
+    """Make the database refuse every row of ``table`` whose ``column`` holds ``marker`` (a row error, not an
+    outage): a trigger in SQLite, a CHECK constraint in PostgreSQL, as a value it cannot store would be."""
+    location = trt_bot.parse_database_url(database_url)
+    if location.startswith(trt_bot.POSTGRES_SCHEMES):
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT refuse_{table} "
+                         f"CHECK (position('{marker}' in {column}) = 0)")
+    else:
+        query(database_url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} WHEN instr(NEW.{column}, "
+                            f"'{marker}') BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")

@@ -31,9 +31,9 @@ import httpx
 import pytest
 
 import trt_bot
-from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan, FaultyBotApi,
-                      FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, update_callback,
-                      update_message)
+from conftest import (ALL_RECORDS, FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan,
+                      FaultyBotApi, FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, refuse_rows,
+                      update_callback, update_message)
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
@@ -978,3 +978,53 @@ async def test_postgresql_down_at_start_restarted_and_cut_off_degrades_then_the_
     await eventually(lambda: lives.current.log.count("[DB] recovered") >= 3, timeout=15)
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)
+
+
+###############################################################################
+# 6. Rows the database refuses (text it cannot store, a value out of range)
+###############################################################################
+
+REFUSED_MARK = "refuse-me"
+REFUSED_ROWS = (("jobs", "prompt"), ("outbox", "params"))  # the prompt is in each: a job's, the ratio question's
+
+
+async def test_rows_the_database_refuses_fail_alone_and_nothing_else_is_lost(make_app, faulty_tg, fake_kie, client,
+                                                                            fast_jobs, database_url):
+    # Some users' prompts carry what the database refuses, in the ratio question's outbox row and in their job's
+    # row: those jobs end with one failure, and everything else goes through untouched.
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, DATABASE_URL=database_url)
+    for table, column in REFUSED_ROWS:
+        refuse_rows(database_url, table, column, REFUSED_MARK)
+    chats = [Chat(7000 + n) for n in range(16)]
+    refused = {chat.chat_id for chat in chats[::4]}
+    for chat in chats:
+        chat.generate(f"{REFUSED_MARK}-{chat.chat_id}" if chat.chat_id in refused else f"маяк-{chat.chat_id}")
+        chat.say("/help", "help")
+        chat.too_long_prompts(2)
+    target = Target(f"http://127.0.0.1:{app.port}", app.config)
+    first_record = len(ALL_RECORDS.records)
+    await send_all(client, lambda: target, chats)
+    await eventually(lambda: len(fake_kie.created) == len(chats) - len(refused), timeout=30)
+    for task_id in list(fake_kie.tasks):
+        fake_kie.complete(task_id)
+    await all_answered(chats, lambda: faulty_tg.performed, timeout=30)
+    await eventually(lambda: not app.generations.jobs, timeout=30)
+    await app.stop()  # a barrier: nothing is sent after this
+    refusals = [record.getMessage().split()[1] for record in ALL_RECORDS.records[first_record:]
+                if "refused a row" in record.getMessage()]  # "[DB] <the write> refused a row ..."
+    assert len(set(refusals)) == len(REFUSED_ROWS)  # each table refused rows
+    FAULT_KINDS["database refused a row"] += len(refusals)
+    tally = Tally()
+    tally.check_chats(chats, faulty_tg.performed, killed=False)
+    outcomes = job_outcomes(faulty_tg.performed)
+    tally.check_jobs(outcomes, list(outcomes))
+    by_chat = collections.Counter((int(call.params["chat_id"]), "failure" if call.method not in PHOTO_METHODS
+                                   else "photo") for call in faulty_tg.performed
+                                  if call.method in RESULT_METHODS and again_job_id(call.params))
+    for chat in chats:
+        expected = "failure" if chat.chat_id in refused else "photo"
+        if by_chat[chat.chat_id, expected] != 1:
+            tally.problems.append(f"chat {chat.chat_id}: {by_chat[chat.chat_id, expected]} times {expected}, not once")
+            tally.lost += 1
+    assert not any(REFUSED_MARK in task["input"]["prompt"] for task in fake_kie.created)
+    tally.report()

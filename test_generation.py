@@ -29,7 +29,8 @@ import respx
 
 import trt_bot
 from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
-                      _dropping, bot_env, eventually, free_port, post_update, query, update_callback, update_message)
+                      _dropping, bot_env, eventually, free_port, post_update, query, refuse_rows, update_callback,
+                      update_message)
 
 _update_ids = itertools.count(10_000)
 
@@ -1443,6 +1444,83 @@ async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it
     conn.close()
     await eventually(lambda: fake_tg.calls_of("sendPhoto"), timeout=10)
     assert fake_tg.calls_of("sendPhoto")[0]["chat_id"] == 81
+
+
+async def test_a_prompt_holding_u0000_is_explained_and_never_reaches_kie(make_app, fake_tg, fake_kie, database_url):
+    # Used to reach Kie on SQLite, and on PostgreSQL to leave the job in "created" (its row refused) until
+    # GEN_TIMEOUT_S, the user told "busy" meanwhile.
+    app = await make_app(**gen_env(fake_kie), DATABASE_URL=database_url)
+    await answered(app, update_callback(next(_update_ids), 73, "new"))
+    await answered(app, update_message(next(_update_ids), 73, "кот\0космонавт"))
+    assert fake_tg.texts_to(73)[-1] == trt_bot.TEXTS["ru"]["prompt_nul"]
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 74)
+    assert [task["input"]["prompt"] for task in fake_kie.created] == ["кот-космонавт"]
+
+
+def refused_job_told(fake_tg, user: int) -> bool:
+    return trt_bot.TEXTS["ru"]["fail_failed"] in "\n".join(sent_texts(fake_tg, user))
+
+
+async def test_a_job_whose_row_the_database_refuses_fails_alone_and_its_user_is_told(make_app, fake_tg, fake_kie,
+                                                                                   database_url):
+    app = await make_app(**gen_env(fake_kie), DATABASE_URL=database_url)
+    refuse_rows(database_url, "jobs", "prompt", "refuse-me")
+    await order(app, 75, "refuse-me")
+    await eventually(lambda: refused_job_told(fake_tg, 75) and not app.generations.jobs)
+    assert app.generations.refusal(75) is None and app.db.ok  # terminal at once: the user is not "busy"
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 76)
+    assert [task["input"]["prompt"] for task in fake_kie.created] == ["кот-космонавт"]
+
+
+async def test_a_kept_job_row_refused_at_recovery_fails_alone_and_later_outages_still_recover(
+        make_app, fake_tg, fake_kie, database_url, monkeypatch):
+    # The refused row stayed kept for ever and made every recovery raise: the database watcher died at the
+    # first one and the bot stayed memory-only through every later outage.
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.05)
+    app = await make_app(**gen_env(fake_kie), DATABASE_URL=database_url)
+    refuse_rows(database_url, "jobs", "prompt", "refuse-me")
+    reopen, down = app.db.dialect.connect, []
+
+    def connect(previous):  # no reopen succeeds while the test holds the database down
+        if down:
+            raise OSError("down for the test")
+        return reopen(previous)
+
+    monkeypatch.setattr(app.db.dialect, "connect", connect)
+    for user, prompt in [(77, "refuse-me"), (78, "маяк"), (79, "чайка")]:
+        down.append(True)
+        with pytest.raises(trt_bot.DatabaseUnavailable):  # a statement it cannot run: unusable until reopened
+            await app.db.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+        await order(app, user, prompt)  # its job's row is kept in memory
+        await submitted_job(app, user)
+        down.clear()
+        await eventually(lambda: app.db.ok, timeout=10)
+    await eventually(lambda: refused_job_told(fake_tg, 77))
+    await eventually(lambda: sorted(row[0] for row in query(database_url, "SELECT prompt FROM jobs"))
+                     == ["маяк", "чайка"])
+
+
+async def test_recovery_never_raises_for_a_kept_row_the_database_refuses(database_url):
+    # Activation resumes the jobs as the database watcher does (Generations.resume -> load_unfinished): a
+    # RowRejected there would end the lease's renewal with the instance still active.  Recovery never raises
+    # for one row: it is written alone, refused alone, and its job handed to on_refused.
+    db = trt_bot.Database(trt_bot.parse_database_url(database_url))
+    assert await db.open()
+    refuse_rows(database_url, "jobs", "prompt", "refuse-me")
+    refused: list[trt_bot.Job] = []
+    book = trt_bot.JobBook(db, on_refused=refused.append)
+    jobs = [trt_bot.Job(f"{n:016x}", n, n, "ru", "zimage", prompt, "1:1")
+            for n, prompt in enumerate(["refuse-me", "маяк"])]
+    with pytest.raises(trt_bot.DatabaseUnavailable):  # a statement it cannot run: unusable until reopened
+        await db.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+    for job in jobs:
+        book.track(job)
+        assert not await book.save_durably(job)  # kept for when the database is back
+    assert await db.open()
+    assert await book.load_unfinished() == [] and await book.load_unfinished() == []  # in memory already
+    assert refused == jobs[:1] and book.stored(jobs[1]) and not book.stored(jobs[0])
+    assert query(database_url, "SELECT prompt FROM jobs") == [("маяк",)]
+    await db.close()
 
 
 # -- result downloads: public addresses only ---------------------------------------

@@ -724,6 +724,54 @@ async def test_migrating_twice_is_harmless_and_instances_opening_at_once_migrate
         await db.close()
 
 
+# "The next version" of the bot: one more migration, additive as every migration must be.
+NEWER_MIGRATIONS = [*trt_bot.MIGRATIONS, [
+    "CREATE TABLE stickers (file_id TEXT PRIMARY KEY, chat_id INTEGER NOT NULL)",
+    "ALTER TABLE inbox ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+]]
+NEWER_VERSION = len(NEWER_MIGRATIONS)
+
+
+def inbox_item(update_id: int) -> trt_bot.InboxItem:
+    return trt_bot.InboxItem(update_id, update_id, {}, b"{}", time.time())
+
+
+async def test_the_old_bot_keeps_working_on_a_newer_bots_additive_schema_in_a_deploy_and_a_rollback(database_url):
+    # The old instance of a zero-downtime deploy used to stop at its next reconnect ("schema is newer than this bot").
+    old = open_database(database_url)
+    assert await old.open()
+    await old.write(trt_bot.inbox_insert, [inbox_item(1)])
+    new = open_database(database_url, migrations=NEWER_MIGRATIONS)
+    assert await new.open()  # the new instance migrates while the old one still runs
+    assert await old.open(), old.last_error  # the old one reconnects (a lost connection, a restart)
+    assert await old.write(trt_bot.inbox_insert, [inbox_item(2)]) == [True]  # into a table the migration changed
+    assert await new.read(trt_bot.inbox_unhandled) == [(1, 1), (2, 2)]
+    await new.close()
+    await old.close()
+    rolled_back = open_database(database_url)  # the new version rolled back: the old one starts again
+    assert await rolled_back.open(), rolled_back.last_error
+    assert await rolled_back.write(trt_bot.inbox_insert, [inbox_item(3)]) == [True]
+    assert await rolled_back.read(rolled_back.dialect.schema_version) == NEWER_VERSION  # left as it is
+    await rolled_back.close()
+
+
+async def test_a_bot_refuses_clearly_a_schema_that_needs_a_newer_bot(database_url):
+    # A change older bots cannot live with (a column renamed, say) records that they must refuse the database.
+    needs_newer = [*trt_bot.MIGRATIONS, [*NEWER_MIGRATIONS[-1],
+                                         f"INSERT INTO schema_readers(oldest) VALUES ({NEWER_VERSION})"]]
+    newest = open_database(database_url, migrations=needs_newer)
+    assert await newest.open()
+    await newest.close()
+    old = open_database(database_url)
+    assert await old.open() is False and not old.ok
+    assert (f"needs a bot that knows schema v{NEWER_VERSION} or newer; "
+            f"this one knows v{trt_bot.SCHEMA_VERSION}") in old.last_error
+    await old.close()
+    newest = open_database(database_url, migrations=needs_newer)
+    assert await newest.open()  # the bot that needs it still runs on it
+    await newest.close()
+
+
 def test_psycopg_is_imported_only_for_a_postgresql_url(tmp_path):
     script = ("import sys, trt_bot; config = trt_bot.load_config({'TELEGRAM_BOT_TOKEN': sys.argv[1], "
               "'DATABASE_URL': sys.argv[2]}); trt_bot.Database(config.database); print('psycopg' in sys.modules)")
@@ -907,6 +955,20 @@ async def test_a_lock_held_briefly_by_another_connection_is_waited_out_not_degra
     assert await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(1, 1, {}, b"{}", time.time())]) == [True]
     assert db.ok
     locker.close()
+    await db.close()
+
+
+async def test_a_new_file_another_connection_writes_before_it_is_in_wal_mode_is_waited_for_not_degraded(tmp_path):
+    # SQLite skips its busy handler when turning such a file to WAL: instances opening a new database together
+    # used to fail at random with "database is locked".
+    path = str(tmp_path / "x.sqlite3")
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE another_bots (n INTEGER)")  # its write lock, still in the rollback journal mode
+    threading.Timer(0.05, writer.execute, ("COMMIT",)).start()
+    db = trt_bot.Database(path, busy_timeout_ms=10_000)
+    assert await db.open(), db.last_error
+    writer.close()
     await db.close()
 
 

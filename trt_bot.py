@@ -1203,7 +1203,9 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 
 # Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
-# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.
+# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
+# index, a column with a default), so the bot before runs on it (a deploy's old instance, a rollback); a change
+# it could not live with adds "INSERT INTO schema_readers(oldest) VALUES (<its version>)": older bots refuse it.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1328,45 +1330,49 @@ def _inode(path: str) -> tuple[int, int] | str | None:
     return status.st_dev, status.st_ino
 
 
-def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
     try:
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        migrate(conn)
+        dialect = SqliteFile(path, busy_timeout_ms, migrations)
+        in_transaction(conn, dialect, migrate, dialect)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def migrate(conn: Any, dialect: Any = None) -> int:
-    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it.
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
+    # While another connection writes a file not yet in WAL mode (instances opening a new file together do),
+    # SQLite answers "locked" at once here, skipping its busy handler (the wait could deadlock): retried.
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.OperationalError):
+            return conn.execute("PRAGMA journal_mode=WAL")
+        time.sleep(0.002)
+    return conn.execute("PRAGMA journal_mode=WAL")  # the last try: its error is the one reported
 
-    ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
-    is kept, how the DDL is spelled and what makes racing migrations wait.
-    """
-    dialect = dialect or SqliteFile
-    conn.execute(dialect.begin)
-    try:
-        version = dialect.schema_version(conn)
-        if version > SCHEMA_VERSION:
-            raise TrtError(f"database schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[number - 1]:
-                conn.execute(dialect.ddl(statement))
-            dialect.set_schema_version(conn, number)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return SCHEMA_VERSION
+
+def migrate(conn: Any, dialect: SqliteFile | PostgresServer) -> None:
+    """In a transaction, apply the dialect's ``migrations`` the schema lacks (a newer schema is left as it is).
+
+    ``dialect`` says how the version is kept, how the DDL is spelled and what makes racing migrations wait.
+    TrtError when the stored schema needs a bot that knows a newer version."""
+    known = len(dialect.migrations)
+    version = dialect.schema_version(conn)
+    conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
+    oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
+    if oldest_reader > known:
+        raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
+                       f"this one knows v{known}")
+    for number in range(version + 1, known + 1):
+        for statement in dialect.migrations[number - 1]:
+            conn.execute(dialect.ddl(statement))
+        dialect.set_schema_version(conn, number)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1421,9 +1427,9 @@ class SqliteFile:
     failures = (sqlite3.Error,)
     fix = "check DATABASE_URL and that its folder exists and is writable (a mounted disk on Render)"
 
-    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
+    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
         self.path = self.where = path
-        self.busy_timeout_ms = busy_timeout_ms
+        self.busy_timeout_ms, self.migrations = busy_timeout_ms, migrations
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
 
@@ -1435,9 +1441,7 @@ class SqliteFile:
     def set_schema_version(conn: sqlite3.Connection, number: int) -> None:
         conn.execute(f"PRAGMA user_version={int(number)}")
 
-    @staticmethod
-    def ddl(statement: str) -> str:
-        return statement
+    ddl = staticmethod(str)  # SQLite takes the migrations as they are written
 
     def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
         """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
@@ -1448,7 +1452,7 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        conn = open_sqlite(self.path, self.busy_timeout_ms, self.migrations)
         self._identity = file_identity(self.path)
         if self._salvage:
             try:
@@ -1576,9 +1580,9 @@ class PostgresServer:
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
            "connections from here")
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, migrations: list = MIGRATIONS):
         self.psycopg = importlib.import_module("psycopg")
-        self.url = url
+        self.url, self.migrations = url, migrations
         parts = urllib.parse.urlsplit(url)
         self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
         # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
@@ -1607,7 +1611,7 @@ class PostgresServer:
         conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
                                   self.psycopg.ProgrammingError)
         try:
-            migrate(conn, self)
+            in_transaction(conn, self, migrate, self)
         except BaseException:
             conn.close()
             raise
@@ -1626,11 +1630,12 @@ class PostgresServer:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
-def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> SqliteFile | PostgresServer:
+def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                     migrations: list = MIGRATIONS) -> SqliteFile | PostgresServer:
     """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
     if location.startswith(POSTGRES_SCHEMES):
-        return PostgresServer(location)
-    return SqliteFile(location, busy_timeout_ms)
+        return PostgresServer(location, migrations)
+    return SqliteFile(location, busy_timeout_ms, migrations)
 
 
 class Database:
@@ -1647,19 +1652,15 @@ class Database:
     database refuses raises RowRejected and leaves the database usable.
     """
 
-    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
-        self.dialect = database_dialect(location, busy_timeout_ms)
+    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
+        self.dialect = database_dialect(location, busy_timeout_ms, migrations)
+        self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
         self.ok = False
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
         self._passwords = database_passwords(location)  # kept out of last_error and the log
         self._conn: Any = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
-
-    @property
-    def where(self) -> str:
-        """The file's path or the server's address and database, without credentials."""
-        return self.dialect.where
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
@@ -1762,13 +1763,10 @@ class GroupCommit:
 
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue(item, future)
+        self.add(item, future)
         return future
 
-    def add(self, item: Any) -> None:
-        self._queue(item, None)
-
-    def _queue(self, item: Any, future: asyncio.Future | None) -> None:
+    def add(self, item: Any, future: asyncio.Future | None = None) -> None:
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())
@@ -1787,9 +1785,8 @@ class GroupCommit:
             results = await self.db.write(self.write_batch, items)
         except RowRejected as error:
             if len(batch) > 1:
-                middle = len(batch) // 2
-                await self._write(batch[:middle])
-                await self._write(batch[middle:])
+                for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+                    await self._write(half)
                 return
             log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
             self._settle(batch, None, error)
@@ -1881,23 +1878,19 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
-def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
     """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
 
     Under load the marks of handled updates ride along with the commit of
-    arriving ones: one transaction and one thread hop for both.
+    arriving ones: one transaction and one thread hop for both.  Each new
+    update that ``ask_older`` gets in its ``older`` the ids of its chat's
+    older unhandled updates, read in the same transaction (no round trip of its own).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
     if marks:
         inbox_mark_done(conn, marks)
-    return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
-
-
-def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
-    """``inbox_write``; and in the same transaction (no round trip of its own), for each new update that
-    ``ask_older``, the ids of its chat's older unhandled updates into its ``older``."""
-    results = inbox_write(conn, entries)
+    results = [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
     for entry, is_new in zip(entries, results):
         if is_new and isinstance(entry, InboxItem) and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
@@ -3676,6 +3669,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
                            "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
         "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
+        "prompt_nul": "В описании есть невидимый символ U+0000, его не сохранить. Пришлите описание без него.",
         "ask_ratio": "Выберите формат для «{prompt}»:",
         "ask_option": "Выберите {option}:",
         "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
@@ -3759,6 +3753,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
                            "{most}. Please shorten it and send it again.",
         "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
+        "prompt_nul": "The description holds an invisible U+0000 character that cannot be stored. Send it without.",
         "ask_ratio": "Pick a format for “{prompt}”:",
         "ask_option": "Pick the {option}:",
         "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
@@ -3958,6 +3953,8 @@ def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str,
     fewest, most = model.prompt_chars
     if not prompt:
         return "prompt_empty", {}
+    if "\0" in prompt:  # PostgreSQL cannot store it: the job's row would be refused
+        return "prompt_nul", {}
     if len(prompt) < fewest:
         return "prompt_too_short", {"model": model.title, "fewest": fewest}
     if len(prompt) > most:
@@ -4503,13 +4500,14 @@ class JobEvent:
 #   accepted    createTask gave the task id
 #   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
 #   succeeded   Kie's record says the task finished with this result URL
-#   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
+#   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
 EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
 MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
 DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
+UNSTORABLE = JobEvent("failed", "failed")  # the database refuses the job's row for what it holds
 CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
 EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
@@ -4523,7 +4521,7 @@ _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "fa
               "callback": IGNORED, "expired": IGNORED}
 JOB_TRANSITIONS: dict[str, dict[str, str]] = {
     "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out",  # waiting for a slot, createTask
-                "cancel": "cancelled"},
+                "failed": "failed", "cancel": "cancelled"},
     "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
                   "callback": "submitted", "cancel": "cancelled"},
     # Result URL known; delivered directly when the budget ran out before sending.
@@ -4793,13 +4791,13 @@ def kie_callback_url(config: Config) -> str:
 class JobBook:
     """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
 
-    Memory is the authority inside the process (so transitions are atomic).
-    Rows the database could not take are kept and written when it comes
-    back, so it never resurrects a stale state.
+    Memory is the authority inside the process (so transitions are atomic).  Rows the database could not
+    take are kept and written when it comes back, so it never resurrects a stale state; a row it refuses
+    for what it holds (it would refuse it again) is not kept: its job alone goes to ``on_refused``.
     """
 
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
+        self.db, self.on_refused = db, on_refused
         self.jobs: dict[str, Job] = {}
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
@@ -4844,10 +4842,10 @@ class JobBook:
         self._writes.add(dataclasses.astuple(job))
 
     async def save_durably(self, job: Job) -> bool:
-        """Write the job's state and wait for the commit; False when the database is unusable."""
+        """Write the job's state and wait for the commit; False when the database is unusable or refuses it."""
         try:
             await self._writes.submit(dataclasses.astuple(job))
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, RowRejected):
             return False
         return True
 
@@ -4856,11 +4854,14 @@ class JobBook:
         return job.id in self._stored
 
     def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
-        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
+        """Note which jobs the database holds; keep the rows it could not take for when it comes back."""
         for row in rows:
             job_id = row[0]
             self._unsaved.pop(job_id, None)
-            if error is not None:
+            if isinstance(error, RowRejected):
+                if job_id in self.jobs:
+                    self.on_refused(self.jobs[job_id])
+            elif error is not None:
                 self._unsaved[job_id] = row
             elif job_id in self.jobs:
                 self._stored.add(job_id)
@@ -4872,9 +4873,8 @@ class JobBook:
     async def load_unfinished(self) -> list[Job]:
         """Write the rows kept while the database was unusable, then read unfinished jobs not in memory."""
         rows = list(self._unsaved.values())
-        if rows:
-            await self.db.write(jobs_save, rows)
-            self._on_rows_written(rows, None)
+        if rows:  # through the group commit, so a row the database refuses fails alone
+            await asyncio.gather(*map(self._writes.submit, rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
         jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
         jobs = [job for job in jobs if job.id not in self.jobs]
@@ -5506,7 +5506,7 @@ class Generations:
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
-        self.book = JobBook(db)
+        self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
