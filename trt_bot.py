@@ -1809,7 +1809,8 @@ class InboxItem:
     chat_key: int
     update: dict
     body: bytes
-    received_at: float
+    received_at: float  # wall clock, for the row
+    arrived: float | None = None  # on the monotonic clock, when this process took it (None: read from the table)
     durable: bool = True
     # Set for an update about to go straight to the workers: its insert also reads into ``older`` the ids of
     # its chat's older unhandled updates, which another instance may have stored.
@@ -3318,7 +3319,7 @@ class UpdatePipeline:
     async def ingest(self, update: dict, body: bytes) -> Admission:
         """Keep ``update`` (``body`` is its JSON) before Telegram hears that it arrived."""
         update_id = update["update_id"]
-        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time())
+        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time(), self.clock.monotonic())
         if not self.db.ok and not self.db.tried.is_set():
             # Start-up: the port is bound before the database opens; an update arriving in
             # between waits for it rather than being kept in memory only.
@@ -3421,8 +3422,9 @@ class UpdatePipeline:
             self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
-        """A callback query too old for Telegram to accept its answer."""
-        return "callback_query" in item.update and self.clock.time() - item.received_at > CALLBACK_QUERY_TTL_S
+        """A callback query too old for Telegram to accept its answer (by the wall clock only if read back)."""
+        age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
+        return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
     def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
         if error.error_code == 403:
@@ -4440,7 +4442,6 @@ RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the u
 # kept for telling the user it failed, so every job ends by then.
 DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
-STATUS_MESSAGE_WAIT_S = 30.0  # a job's own messages wait at most this long for the dialog's queued before them
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
@@ -5009,10 +5010,10 @@ class KieSlots:
 class AdminAlerts:
     """Tells the admins once per Kie incident (the next accepted createTask ends it), in each one's language."""
 
-    def __init__(self, admin_ids: frozenset[int], db: Database, telegram: TelegramClient):
+    def __init__(self, admin_ids: frozenset[int], db: Database, outbox: Outbox):
         self.admin_ids = admin_ids
         self.db = db
-        self.telegram = telegram
+        self.outbox = outbox
         self.incident: int | None = None  # Kie error code of an ongoing incident
 
     def begin(self, code: int) -> bool:
@@ -5037,10 +5038,7 @@ class AdminAlerts:
             languages = {}
         for admin_id in admin_ids:
             t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
-            try:
-                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
-            except TelegramError as error:
-                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
+            await self.outbox.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
 
 
 class Submitter:
@@ -5164,92 +5162,56 @@ class Poller:
 
 
 class Progress:
-    """Signs of life while a job runs: the upload_photo chat action and the ⏳ message's elapsed time.
+    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time), and the
+    ⏳ message of a job that had none.
 
-    Driven by ``tick`` from the deadline watch, so by the injected clock.  At
-    most one call per job is in flight, none starts once the job has left the
-    running states, and delivery waits for the one in flight (``quiet``), so
-    a late edit never overwrites the result or the explanation.
+    Driven by ``tick`` from the deadline watch, so by the injected clock.
+    Signs of life go through the outbox, which drops them for anything
+    queued after them in the chat, so a late one never overwrites a result.
     """
 
-    def __init__(self, telegram: TelegramClient, outbox: Outbox, save: Callable[[Job], None],
-                 clock: Clock = SYSTEM_CLOCK):
-        self.telegram = telegram
-        self.outbox = outbox  # the dialog's messages to the chat, which a job's own must not overtake
+    def __init__(self, outbox: Outbox, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
+        self.outbox = outbox
         self.save = save  # writes a job whose status message was just posted
         self.clock = clock
         self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
         self._edit_due: dict[str, float] = {}  # job id -> when the elapsed time is due again
-        self._calls: dict[str, asyncio.Event] = {}  # job id -> set once its call in flight is over
 
-    def tick(self, jobs: Iterable[Job], now: float, run_in_background: Callable[[Awaitable[None]], None]) -> None:
+    def tick(self, jobs: Iterable[Job], now: float) -> None:
         for job in jobs:
-            if job.state not in RUNNING_STATES or job.id in self._calls:
+            if job.state not in RUNNING_STATES:
                 continue
-            action = now >= self._action_due.get(job.id, 0.0)
-            edit_due = self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
-            edit = bool(job.status_message_id) and now >= edit_due
-            if action or edit:
-                self._calls[job.id] = asyncio.Event()
-                run_in_background(self._show(job, now, action, edit))
-
-    async def _show(self, job: Job, now: float, action: bool, edit: bool) -> None:
-        try:
-            if action:
+            if now >= self._action_due.get(job.id, 0.0):
                 self._action_due[job.id] = now + CHAT_ACTION_EVERY_S
-                await self._try(job, "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
-            if edit and job.state in RUNNING_STATES:
+                self.outbox.show("action", "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
+            if job.status_message_id and now >= self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S):
                 self._edit_due[job.id] = now + STATUS_EDIT_EVERY_S
                 text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
-                await self._try(job, "editMessageText", {"chat_id": job.chat_id, "message_id": job.status_message_id,
-                                                         "text": text, "reply_markup": status_keyboard(job.lang)})
-        finally:
-            self._calls.pop(job.id).set()
+                self.outbox.show(job.id, "editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                             "message_id": job.status_message_id,
+                                                             "reply_markup": status_keyboard(job.lang)})
 
-    async def _try(self, job: Job, method: str, params: dict) -> None:
-        try:
-            await self.telegram.call(method, params)
-        except TelegramError as error:  # a sign of life that fails is skipped: the next one comes soon
-            log.info("[JOB] %s: %s failed: %s", job.id, method, error.description)
+    def post_status(self, job: Job) -> None:
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve).
 
-    def post_status(self, job: Job, run_in_background: Callable[[Awaitable[None]], None]) -> None:
-        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve)."""
-        self._calls[job.id] = asyncio.Event()  # now, so no tick and no delivery comes first
-        run_in_background(self._post_status(job))
+        Its message id is the job's once it is sent; a job that has left the
+        running states by then (its result or failure queued after it) deletes it.
+        """
+        text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
+        posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
+                                                     "reply_markup": status_keyboard(job.lang)})
+        posted.add_done_callback(lambda answer: self._posted(job, answer))
 
-    async def _post_status(self, job: Job) -> None:
-        try:
-            text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
-            params = {"chat_id": job.chat_id, "text": text, "reply_markup": status_keyboard(job.lang)}
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):  # in the chat's order, after the dialog's replies
-                message = await self.outbox.deliver("sendMessage", params)
-            message_id = message.get("message_id") if isinstance(message, dict) else None
-            if not isinstance(message_id, int):
-                return
-            if job.state in ENDED_STATES:  # cancelled meanwhile: the status would only mislead
-                await self._try(job, "deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
-                return
+    def _posted(self, job: Job, answer: asyncio.Future) -> None:
+        if answer.cancelled() or answer.exception() is not None:  # cancelled: another instance took over
+            log.info("[JOB] %s: the ⏳ message was not posted: %s", job.id, answer.cancelled() or answer.exception())
+            return
+        message_id = answer.result().get("message_id") if isinstance(answer.result(), dict) else None
+        if isinstance(message_id, int) and job.state in RUNNING_STATES:
             job.status_message_id = message_id
             self.save(job)
-        except TelegramError as error:
-            log.info("[JOB] %s: could not post the ⏳ message: %s", job.id, error.description)
-        except TimeoutError:
-            log.info("[JOB] %s: the ⏳ message waited its chat's turn over %.0fs; the job goes on without it", job.id,
-                     STATUS_MESSAGE_WAIT_S)
-        finally:
-            self._calls.pop(job.id).set()
-
-    async def quiet(self, job: Job) -> None:
-        """Return once no sign of life of ``job`` is in flight and the dialog's messages queued for its chat
-        have gone (the ratio question turning into the status must not land on the result)."""
-        call = self._calls.get(job.id)
-        if call is not None:
-            await call.wait()
-        try:
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):
-                await self.outbox.caught_up(job.chat_id)
-        except TimeoutError:
-            log.info("[JOB] %s: delivered though its chat's queued messages have not gone yet", job.id)
+        elif isinstance(message_id, int):
+            self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
 
     def forget(self, job: Job) -> None:
         self._action_due.pop(job.id, None)
@@ -5266,11 +5228,12 @@ def job_model(job: Job) -> ImageModel:
 
 
 class ResultSender:
-    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer, the file."""
+    """The messages of delivery, all through the outbox: the photo (by URL, else uploaded), the failure, the
+    re-send offer, the file."""
 
-    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False, *,
+    def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
                  catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
-        self.telegram = telegram
+        self.outbox = outbox
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
         self.catalog = catalog  # more than one model is offered: results offer another model
@@ -5286,7 +5249,7 @@ class ResultSender:
             "reply_markup": result_keyboard(job.id, job.model, job.lang, self.catalog),
         }
         try:
-            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
+            await self.outbox.deliver("sendPhoto", {**params, "photo": job.result_url})
         except TelegramError as error:
             if error.error_code != 400:
                 raise
@@ -5299,12 +5262,12 @@ class ResultSender:
         name, mime = image_file_name(job.result_url)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
-                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
+                await self.outbox.deliver("sendPhoto", params, files={"photo": (name, image, mime)})
                 return
             except TelegramError as error:
                 if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
                     raise
-        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
+        await self.outbox.deliver("sendDocument", params, files={"document": (name, image, mime)})
 
     async def resend(self, job: Job) -> None:
         """Send a finished job's picture again, because its user asked (see "unsure" and "delivery")."""
@@ -5312,8 +5275,8 @@ class ResultSender:
             await self.send_photo(job, counting=False)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
-                                             failure_keyboard(job.id, job.model, "failed", job.lang))
+            await self._say(job, TEXTS[job.lang]["fail_delivery"],
+                            failure_keyboard(job.id, job.model, "failed", job.lang))
 
     async def send_original(self, job: Job) -> None:
         """The stored result as a document, byte for byte (Telegram recompresses photos); once, never retried."""
@@ -5321,11 +5284,11 @@ class ResultSender:
             image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
                                            allow_private=self.allow_private)
             name, mime = image_file_name(job.result_url)
-            await self.telegram.call("sendDocument", {"chat_id": job.chat_id}, files={"document": (name, image, mime)},
-                                     repeatable=False)
+            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id},
+                                      files={"document": (name, image, mime)})
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["original_failed"])
+            await self._say(job, TEXTS[job.lang]["original_failed"])
 
     async def send_failure(self, job: Job) -> None:
         await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
@@ -5338,22 +5301,26 @@ class ResultSender:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
         if job.status_message_id:
             try:
-                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
-                                                             "message_id": job.status_message_id,
-                                                             "parse_mode": "HTML", "reply_markup": markup})
+                await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                              "message_id": job.status_message_id,
+                                                              "parse_mode": "HTML", "reply_markup": markup})
                 return
             except TelegramError as error:
                 if error.error_code != 400:
                     raise
                 if "not modified" in error.description:  # told already, before a restart
                     return
-        await self.telegram.send_message(job.chat_id, text, markup)
+        await self._say(job, text, markup)
+
+    async def _say(self, job: Job, text: str, markup: dict | None = None) -> None:
+        params = {"chat_id": job.chat_id, "text": text, "parse_mode": "HTML"}
+        await self.outbox.deliver("sendMessage", params if markup is None else {**params, "reply_markup": markup})
 
     async def delete_status_message(self, job: Job) -> None:
         if not job.status_message_id:
             return
         try:
-            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
+            await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
         except TelegramError as error:
             log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
@@ -5367,9 +5334,7 @@ class Deliverer:
 
     def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
                  apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
-                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S,
-                 settle: Callable[[Job], Awaitable[None]] = lambda job: asyncio.sleep(0)):
-        self.settle = settle  # waits until no sign of life is in flight (bounded by the Telegram client's budget)
+                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
         self.gen_timeout_s = gen_timeout_s
         self.book = book
         self.sender = sender
@@ -5414,9 +5379,7 @@ class Deliverer:
             return
         self._delivering.add(job.id)
         try:
-            await self.settle(job)  # the state is read after it: the job may have been cancelled meanwhile
-            step = self._steps.get(job.state)
-            finished = step is not None and await self._attempt(job, step)
+            finished = await self._attempt(job, self._steps[job.state])
         finally:
             self._delivering.discard(job.id)
         if finished:
@@ -5428,7 +5391,7 @@ class Deliverer:
         try:
             if self.clock.time() >= give_up_at:
                 raise TimeoutError
-            async with asyncio.timeout(give_up_at - self.clock.time()):
+            async with self._within(give_up_at - self.clock.time()):
                 await step(job)
             return True
         except TelegramError as error:
@@ -5454,10 +5417,15 @@ class Deliverer:
         self.apply(job, UNDELIVERABLE)
         step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
         try:
-            async with asyncio.timeout(self.notice_s):
+            async with self._within(self.notice_s):
                 await step(job)
         except Exception as error:
             log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    def _within(self, seconds: float) -> asyncio.Timeout:
+        """The deadline of a delivery step, for its downloads and the messages it queues (SEND_BY) alike."""
+        SEND_BY.set(self.clock.monotonic() + seconds)
+        return asyncio.timeout(seconds)
 
     async def _commit_intent(self, job: Job) -> bool:
         """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
@@ -5500,7 +5468,7 @@ class Generations:
     Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
-    def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
+    def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
                  delivery_notice_s: float = DELIVERY_NOTICE_S):
@@ -5511,16 +5479,17 @@ class Generations:
         self.book = JobBook(db)
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
-        self.alerts = AdminAlerts(config.admin_ids, db, telegram)
+        self.alerts = AdminAlerts(config.admin_ids, db, outbox)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.progress = Progress(telegram, outbox, self.book.save, clock)
-        sender = ResultSender(telegram, http, config.result_download_allow_private,
+        self.progress = Progress(outbox, self.book.save, clock)
+        sender = ResultSender(outbox, http, config.result_download_allow_private,
                               catalog=not config.single_model_only, remaining=self.fairness.remaining)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
-                                   clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
-        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts
+                                   clock, delivery_budget_s, delivery_notice_s)
+        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
+        self._originals: set[str] = set()  # jobs whose original file is on its way
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
@@ -5655,7 +5624,7 @@ class Generations:
             for job in list(self.jobs.values()):
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
-            self.progress.tick(list(self.jobs.values()), now, self._run_in_background)
+            self.progress.tick(list(self.jobs.values()), now)
             self.deliverer.retry_due(now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
@@ -5683,7 +5652,7 @@ class Generations:
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
-            self.progress.post_status(job, self._run_in_background)
+            self.progress.post_status(job)
         return job
 
     async def cancel(self, user_id: int) -> tuple[str, Job | None]:
@@ -5703,7 +5672,11 @@ class Generations:
         return self.fairness.remaining(user_id)
 
     def send_original(self, job: Job) -> None:
-        self._run_in_background(self.deliverer.sender.send_original(job))
+        """Send the original file; a press while it is on its way joins it (one download per job at a time)."""
+        if job.id not in self._originals:
+            self._originals.add(job.id)
+            self._tasks.start(self.deliverer.sender.send_original(job)).add_done_callback(
+                lambda task: self._originals.discard(job.id))
 
     async def find(self, job_id: str, user_id: int) -> Job | None:
         """A job of ``user_id`` by id (for "🔁"), None if unknown or someone else's."""
@@ -5732,12 +5705,17 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns the dialog's messages from the handler to Telegram: each is queued
-#    durably before its update counts as handled, then sent by a few sender
-#    tasks at Telegram's limits (section 7 paces), in order within a chat,
-#    one chat never holding up another.  Job drivers (section 12) call the
-#    TelegramClient themselves (paced there), except for the ⏳ message: it
-#    takes its chat's turn here (``deliver``) and hands back its message id.
+#    Owns every message to a chat: the one sender of the bot.  Durable ones
+#    (the dialog's replies, a job's ⏳ message, results, explanations) keep
+#    their chat's order; a dialog's is queued durably before its update
+#    counts as handled, a job's in memory (the job row is what survives).
+#    Signs of life (chat actions, elapsed-time edits) are held in memory,
+#    one per key, and go only when nothing else waits in their chat, so a
+#    busy chat thins them out, never its results.  Each message is sent by
+#    a few sender tasks at Telegram's limits (section 7 paces), one chat
+#    never holding up another, or dropped at its deadline; a caller that
+#    stops waiting does not cancel it.  Time here is monotonic: a stored
+#    row's wall stamp only gives its age when it is taken up.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -5757,18 +5735,27 @@ class OutboxMessage:
     chat_id: int
     method: str
     params: dict
-    queued_at: float
+    queued_at: float  # wall clock, for the row: its age after a restart
     update_id: int | None  # the update whose handler queued it
+    since: float  # when it was queued, and when it ends unsent: on the monotonic clock
+    expires_at: float
     stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+    files: dict | None = None  # uploads of ``deliver``
+    sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
         if self.result is None:
             self.result = asyncio.get_running_loop().create_future()
-            self.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
+            self.result.add_done_callback(_read_outcome)
         return self.result
+
+
+def _read_outcome(ended: asyncio.Future) -> None:
+    """Marks a future's exception as read: a message whose sender stopped waiting is no error."""
+    ended.cancelled() or ended.exception()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -5829,6 +5816,10 @@ def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list
 # The update the running handler answers (set by the dialog for each update): the messages it queues
 # carry its id.
 REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
+# When (monotonic) the messages a job's driver queues must have gone, else they are dropped (None: max_wait_s).
+SEND_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("send_by", default=None)
+# Sent at most once: an answer lost on the way back ends the message (the job offers to re-send).
+SENT_ONCE_METHODS = frozenset({"sendPhoto", "sendDocument"})
 
 
 def outbox_senders(rate: int) -> int:
@@ -5893,28 +5884,34 @@ class Outbox:
     async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
         await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
-    async def caught_up(self, chat_id: int) -> None:
-        """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
-        if self._chats.get(chat_id):
-            with contextlib.suppress(TelegramError):  # ended unsent: over all the same
-                await asyncio.shield(self._chats[chat_id][-1].ended())
-
-    async def deliver(self, method: str, params: dict) -> Any:
-        """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
-
-        For a job's driver, which needs the result; kept in memory only: the
-        job, stored itself, sends it again after a restart.
-        """
+    def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
+        """Queue a job's message in its chat's order: the future gives Telegram's answer (TelegramError if it
+        ended unsent).  Kept in memory only: the job, stored itself, sends it again after a restart.
+        Cancelling the future does not cancel the message; it ends by SEND_BY at the latest."""
         message = self._new_message(method, params)
-        message.result = asyncio.get_running_loop().create_future()
+        message.files = files
         if not self._push(message):
             raise TelegramError(method, 503, "the outbox is full")
-        return await message.result
+        answer = asyncio.shield(message.ended())
+        answer.add_done_callback(_read_outcome)
+        return answer
+
+    def show(self, key: str, method: str, params: dict) -> None:
+        """A sign of life: replaces a waiting one with the same ``key`` in its chat, never stored."""
+        queue = self._chats.get(params["chat_id"], ())
+        waiting = next((m for m in itertools.islice(queue, 1, None) if m.sign_of_life == key), None)
+        if waiting is not None:
+            waiting.params = params
+            return
+        message = self._new_message(method, params)
+        message.sign_of_life = key
+        self._push(message)
 
     def _new_message(self, method: str, params: dict) -> OutboxMessage:
-        now = self.clock.time()
+        now, since = self.clock.time(), self.clock.monotonic()
         self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get())
+        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(), since,
+                             SEND_BY.get() or since + self.max_wait_s)
 
     def _push(self, message: OutboxMessage) -> bool:
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
@@ -5942,15 +5939,24 @@ class Outbox:
                 await self._send_first(chat_id)
 
     async def _send_first(self, chat_id: int) -> None:
-        message = self._chats[chat_id][0]
-        if self.clock.time() - message.queued_at > self.max_wait_s:
-            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s",
-                      TelegramError(message.method, 504, "expired in the outbox"))
+        queue = self._chats[chat_id]
+        message = queue[0]
+        if message.sign_of_life and any(not later.sign_of_life for later in itertools.islice(queue, 1, None)):
+            self._end(message, None, "")  # gives way to a durable message; a newer sign comes soon
             return
         try:
-            result = await self.telegram.call(message.method, message.params)
+            if self.clock.monotonic() >= message.expires_at:
+                raise TimeoutError
+            async with asyncio.timeout(message.expires_at - self.clock.monotonic()):
+                result = await self.telegram.call(message.method, message.params, message.files,
+                                                  repeatable=message.method not in SENT_ONCE_METHODS)
+        except TimeoutError:
+            self._end(message, "expired", "still unsent at its deadline",
+                      TelegramError(message.method, 504, "expired in the outbox"))
+            return
         except TelegramError as error:
-            if error.retryable:
+            once = message.sign_of_life or message.method in SENT_ONCE_METHODS and _answer_maybe_lost(error)
+            if error.retryable and not once:
                 message.attempts += 1
                 wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
                 log.warning("[OUTBOX] %s to %d failed (%s), tried again in %.0fs", message.method, chat_id,
@@ -6008,7 +6014,7 @@ class Outbox:
         """
         sent_ids = list(self._unrecorded)
         unstored = [message for queue in self._chats.values() for message in queue
-                    if not message.stored and message.result is None]
+                    if not message.stored and message.result is None and not message.sign_of_life]
         try:
             rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
         except (DatabaseUnavailable, RowRejected):
@@ -6022,8 +6028,9 @@ class Outbox:
         for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
+                since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
-                                                   update_id, stored=True))
+                                                   update_id, since, since + self.max_wait_s, stored=True))
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
@@ -6055,8 +6062,8 @@ class Outbox:
 
     def oldest_wait_s(self) -> float:
         """How long the oldest queued message has waited (each chat's first is its oldest)."""
-        oldest = min((queue[0].queued_at for queue in self._chats.values()), default=None)
-        return 0.0 if oldest is None else max(0.0, self.clock.time() - oldest)
+        oldest = min((queue[0].since for queue in self._chats.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
         pacer = self.telegram.pacer
@@ -7077,7 +7084,7 @@ class App:
         timings, states = Timings(clock), ConversationStore(self.db)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
-        self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
+        self.generations = Generations(config, self.db, outbox, self.kie, self.http,
                                        on_finished=timings.job_finished, clock=clock)
         self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
