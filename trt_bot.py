@@ -5162,13 +5162,8 @@ class Poller:
 
 
 class Progress:
-    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time), and the
-    ⏳ message of a job that had none.
-
-    Driven by ``tick`` from the deadline watch, so by the injected clock.
-    Signs of life go through the outbox, which drops them for anything
-    queued after them in the chat, so a late one never overwrites a result.
-    """
+    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time) from
+    ``tick``, by the injected clock; the outbox drops one a result follows, so none overwrites it."""
 
     def __init__(self, outbox: Outbox, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
         self.outbox = outbox
@@ -5228,8 +5223,7 @@ def job_model(job: Job) -> ImageModel:
 
 
 class ResultSender:
-    """The messages of delivery, all through the outbox: the photo (by URL, else uploaded), the failure, the
-    re-send offer, the file."""
+    """Delivery's messages, via the outbox: the photo (by URL, else uploaded), the failure, the offer, the file."""
 
     def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
                  catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
@@ -5705,17 +5699,14 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns every message to a chat: the one sender of the bot.  Durable ones
-#    (the dialog's replies, a job's ⏳ message, results, explanations) keep
-#    their chat's order; a dialog's is queued durably before its update
-#    counts as handled, a job's in memory (the job row is what survives).
-#    Signs of life (chat actions, elapsed-time edits) are held in memory,
-#    one per key, and go only when nothing else waits in their chat, so a
-#    busy chat thins them out, never its results.  Each message is sent by
-#    a few sender tasks at Telegram's limits (section 7 paces), one chat
-#    never holding up another, or dropped at its deadline; a caller that
-#    stops waiting does not cancel it.  Time here is monotonic: a stored
-#    row's wall stamp only gives its age when it is taken up.
+#    Owns every message to a chat, the bot's one sender.  Durable ones keep
+#    their chat's order: the dialog's replies queued durably before their
+#    update counts as handled, a job's (⏳, results, explanations) in memory,
+#    its job row being what survives.  Signs of life (chat actions, elapsed
+#    time) are in memory, one per key, and give way to any durable message
+#    in their chat.  A few senders go at Telegram's limits (section 7), one
+#    chat never holding up another; a message ends sent or at its deadline
+#    (monotonic), whether or not its caller still waits.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -5749,13 +5740,8 @@ class OutboxMessage:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
         if self.result is None:
             self.result = asyncio.get_running_loop().create_future()
-            self.result.add_done_callback(_read_outcome)
+            self.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
         return self.result
-
-
-def _read_outcome(ended: asyncio.Future) -> None:
-    """Marks a future's exception as read: a message whose sender stopped waiting is no error."""
-    ended.cancelled() or ended.exception()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -5893,7 +5879,7 @@ class Outbox:
         if not self._push(message):
             raise TelegramError(method, 503, "the outbox is full")
         answer = asyncio.shield(message.ended())
-        answer.add_done_callback(_read_outcome)
+        answer.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
         return answer
 
     def show(self, key: str, method: str, params: dict) -> None:
@@ -7153,9 +7139,10 @@ class App:
         await self._background.cancel_all()
         self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        # The replies of the updates just handled get half of what is left; unsent ones stay stored.
-        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
-        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
+        # unsent replies stay stored, unfinished jobs in their table.
+        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
+        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
         await self.http.aclose()
         await self.db.close()
