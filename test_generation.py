@@ -1086,8 +1086,7 @@ async def test_a_button_naming_another_users_picture_is_stale_and_does_nothing(m
 
 
 async def app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch) -> trt_bot.App:
-    """A bot whose every sendPhoto gets 500, with a delivery budget of a second (retries every 50 ms)."""
-    monkeypatch.setattr(trt_bot, "DELIVERY_RETRY_S", 0.05)
+    """A bot whose every sendPhoto gets 500, with a delivery budget of a second."""
     for _ in range(500):
         fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
@@ -1592,10 +1591,10 @@ async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_ap
 
 
 async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkeypatch, caplog):
-    def broken(self, now):
-        raise RuntimeError("a bug in the poller")
+    def broken(self, jobs, now):
+        raise RuntimeError("a bug in the deadline watch")
 
-    monkeypatch.setattr(trt_bot.Deliverer, "retry_due", broken)
+    monkeypatch.setattr(trt_bot.Progress, "tick", broken)
     await make_app(**gen_env(fake_kie))
     await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-deadlines failed"])
 

@@ -95,6 +95,25 @@ class Clock:
 SYSTEM_CLOCK = Clock()
 
 
+class SteadyClock(Clock):
+    """Wall time that a step of the system clock does not move: ``clock``'s at the start plus the monotonic
+    time since.  For parts whose stored stamps are also what they measure (a job's age): a row loaded at
+    start is judged by the wall clock, anything later by the monotonic one."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self._offset = clock.time() - clock.monotonic()
+
+    def time(self) -> float:
+        return self.clock.monotonic() + self._offset
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
 class OwnedTasks:
     """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
 
@@ -4430,9 +4449,8 @@ SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 1
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
-DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
+DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and signs of life shown: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
-DELIVERY_RETRY_S = 30.0
 CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
 # The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
 STATUS_EDIT_EVERY_S = 12.0
@@ -5199,7 +5217,7 @@ class Progress:
 
     def _posted(self, job: Job, answer: asyncio.Future) -> None:
         if answer.cancelled() or answer.exception() is not None:  # cancelled: another instance took over
-            log.info("[JOB] %s: the ⏳ message was not posted: %s", job.id, answer.cancelled() or answer.exception())
+            log.info("[JOB] %s: the ⏳ message was not posted (%s)", job.id, answer.cancelled() or answer.exception())
             return
         message_id = answer.result().get("message_id") if isinstance(answer.result(), dict) else None
         if isinstance(message_id, int) and job.state in RUNNING_STATES:
@@ -5320,7 +5338,7 @@ class ResultSender:
 
 
 class Deliverer:
-    """Carries each finished job to its user once, retrying a failing Telegram, and ends it within its budget.
+    """Carries each finished job to its user once (the outbox retries a failing Telegram) within its budget.
 
     After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts
     stop ``notice_s`` before that, which is kept for telling the user.
@@ -5338,10 +5356,8 @@ class Deliverer:
         self.budget_s = budget_s
         self.notice_s = notice_s
         self._delivering: set[str] = set()
-        self._redeliver_at: dict[str, float] = {}
         self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
             "succeeded": self._send_result,
-            "sending": self._send_result,  # again after a retryable error in this process
             "unsure": sender.offer_resend,
             "failed": sender.send_failure,
             "timed_out": sender.send_failure,
@@ -5349,19 +5365,6 @@ class Deliverer:
 
     def deliver(self, job: Job) -> None:
         self.run_in_background(self._deliver(job))
-
-    def retry_due(self, now: float) -> None:
-        for job_id, when in list(self._redeliver_at.items()):
-            job = self.book.jobs.get(job_id)
-            if when <= now and job is not None:
-                del self._redeliver_at[job_id]
-                self.deliver(job)
-
-    def forget(self, job: Job) -> None:
-        self._redeliver_at.pop(job.id, None)
-
-    def clear(self) -> None:
-        self._redeliver_at.clear()
 
     def _give_up_at(self, job: Job) -> float:
         """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
@@ -5373,37 +5376,31 @@ class Deliverer:
             return
         self._delivering.add(job.id)
         try:
-            finished = await self._attempt(job, self._steps[job.state])
+            await self._attempt(job, self._steps[job.state])
         finally:
             self._delivering.discard(job.id)
-        if finished:
-            self.apply(job, DELIVERED)
+        self.apply(job, DELIVERED)
 
-    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
-        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
+    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
+        """Deliver, or tell the user it failed."""
         give_up_at = self._give_up_at(job)
         try:
             if self.clock.time() >= give_up_at:
                 raise TimeoutError
             async with self._within(give_up_at - self.clock.time()):
                 await step(job)
-            return True
+            return
         except TelegramError as error:
             if not error.retryable:
                 log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
-                return True
-            if self.clock.time() < give_up_at:
-                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
-                self._redeliver_at[job.id] = min(self.clock.time() + DELIVERY_RETRY_S, give_up_at)
-                return False
-            reason = f"Telegram keeps failing: {error}"
+                return
+            reason = f"Telegram keeps failing: {error}"  # the outbox tried until the deadline
         except TimeoutError:
             reason = "its delivery budget ran out"
         except Exception:
             log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
             reason = "an unexpected error"
         await self._tell_undelivered(job, reason)
-        return True
 
     async def _tell_undelivered(self, job: Job, reason: str) -> None:
         """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
@@ -5546,7 +5543,6 @@ class Generations:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
         self.book.forget(job)
-        self.deliverer.forget(job)
         self.progress.forget(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
@@ -5607,11 +5603,11 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer, self.progress):
+        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
-        """Time out overdue jobs, show running ones are alive, retry due deliveries, forget idle hourly stamps."""
+        """Time out overdue jobs, show running ones are alive, forget idle hourly stamps."""
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
@@ -5619,7 +5615,6 @@ class Generations:
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
             self.progress.tick(list(self.jobs.values()), now)
-            self.deliverer.retry_due(now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
                 self.fairness.forget_idle(now)
@@ -5813,7 +5808,8 @@ def outbox_senders(rate: int) -> int:
 
 
 class Outbox:
-    """The dialog's way to Telegram: ``send_message`` and ``call`` return once the message is queued.
+    """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
+    a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
 
     Queued means written to the ``outbox`` table (group commit), or held in
     memory while the database is unusable, so the update that produced it
@@ -5822,8 +5818,9 @@ class Outbox:
     handling it again queues it again).  Senders deliver
     them through the paced TelegramClient: a chat's messages in order, a
     chat waiting on its spacing or a failing Telegram set aside so others
-    go on.  A message Telegram refuses for good (400, 403) or still unsent
-    after ``max_wait_s`` ends, logged and counted; anything else waits.
+    go on.  A message Telegram refuses for good (400, 403) or still unsent at
+    its deadline (SEND_BY, or ``max_wait_s``) ends, logged and counted;
+    anything else waits.
     ``answer_callback`` goes out at once (Telegram exempts it from limits).
     """
 
@@ -7071,7 +7068,7 @@ class App:
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock)
+                                       on_finished=timings.job_finished, clock=SteadyClock(clock))
         self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
