@@ -286,6 +286,8 @@ class FakeKie(FakeServer):
         self.record_calls: list[str] = []  # task ids asked about
         self.tasks: dict[str, dict] = {}
         self.credits = 1234.5
+        self.images_asked = 0  # result image downloads
+        self.images_held: threading.Event | None = None  # set: downloads answer once it is set
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         super().__init__()
 
@@ -313,6 +315,10 @@ class FakeKie(FakeServer):
 
     def answer(self, method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
         if path.startswith("/images/"):
+            with self._cond:
+                self.images_asked += 1
+            if self.images_held is not None:
+                self.images_held.wait(30)
             return 200, PNG_BYTES
         endpoint = path.rsplit("/", 1)[-1]
         with self._cond:
@@ -457,10 +463,11 @@ class ManualClock(trt_bot.Clock):
     def __init__(self, start: float = 1_800_000_000.0, passing_s: float = 0.0):
         self.now = start
         self.passing_s = passing_s
+        self.wall_step = 0.0  # how far the wall clock was set forward (``time`` only: ``monotonic`` never jumps)
         self._sleepers: list[tuple[float, asyncio.Future]] = []
 
     def time(self) -> float:
-        return self.now
+        return self.now + self.wall_step
 
     def monotonic(self) -> float:
         return self.now

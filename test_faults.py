@@ -32,8 +32,8 @@ import pytest
 
 import trt_bot
 from conftest import (ALL_RECORDS, FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan,
-                      FaultyBotApi, FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, refuse_rows,
-                      update_callback, update_message)
+                      FaultyBotApi, FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, post_update,
+                      refuse_rows, update_callback, update_message)
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
@@ -652,6 +652,48 @@ async def test_every_reply_is_sent_once_and_in_order_while_telegram_fails_30_per
                        if photos[job_id]["photo"] != 1]
     assert sum(plan.injected.values()) > 50  # the faults really happened
     tally.report()
+
+
+class SteppedClock(trt_bot.Clock):
+    """The system's clock with its wall time set forward by ``step`` seconds, as an operator or NTP might."""
+
+    step = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.step
+
+
+async def test_a_wall_clock_step_forward_loses_no_queued_reply_no_pending_button_press_and_no_picture(
+        make_app, faulty_tg, faulty_kie, fast_jobs):
+    # All were measured on the wall clock: a step of two hours dropped every queued reply as "expired after
+    # 3600 s", every button press still waiting as too old for Telegram to answer, and timed out every job.
+    clock = SteppedClock()
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=faulty_kie.base_url, UPDATE_QUEUE_WORKERS="8", clock=clock)
+    drawer, chats = 6100, range(6000, 6005)
+    for update in (update_callback(next(_update_ids), drawer, "new"),
+                   update_message(next(_update_ids), drawer, "маяк"),
+                   update_callback(next(_update_ids), drawer, "ratio:1:1")):
+        await post_update(app, update)
+    (task_id,) = await eventually(lambda: list(faulty_kie.tasks))
+    await eventually(lambda: len(faulty_tg.calls_of("answerCallbackQuery")) == 2)  # the drawer's two presses
+    faulty_tg.stall("sendMessage")
+    faulty_tg.stall("answerCallbackQuery")
+    for chat in chats:
+        await post_update(app, update_message(next(_update_ids), chat, "/start"))
+        for _ in range(2):  # the second waits in the pipeline while the first's answer hangs
+            await post_update(app, update_callback(next(_update_ids), chat, "help"))
+    await eventually(lambda: faulty_tg.held("answerCallbackQuery") == len(chats))
+    clock.step = 2 * 3600.0
+    FAULT_KINDS["wall clock set 2 h forward"] += 1
+    faulty_tg.release("answerCallbackQuery")
+    faulty_tg.release("sendMessage")
+    await eventually(lambda: len(faulty_tg.calls_of("answerCallbackQuery")) == 2 + 2 * len(chats), timeout=30)
+    await eventually(lambda: app.role.outbox.depth == 0, timeout=30)
+    assert not app.role.outbox.dropped and app.pipeline.stats.dropped == 0
+    assert all(faulty_tg.texts_to(chat) for chat in chats)
+    faulty_kie.complete(task_id)
+    await eventually(lambda: [p for p in faulty_tg.calls_of("sendPhoto") if int(p["chat_id"]) == drawer])
+    assert [job.state for job in app.generations.jobs.values()] in ([], ["sending"])
 
 
 RESEND_PRESSES_MAX = 6  # a press whose photo is lost to a fault again is pressed again, up to this many times

@@ -2502,6 +2502,20 @@ async def test_a_reply_telegram_cannot_take_waits_and_one_older_than_outbox_max_
     await outbox.stop(1.0)
 
 
+@respx.mock
+async def test_a_wall_clock_step_forward_does_not_expire_a_queued_reply(database):
+    # A reply's age was read off the wall clock: setting it an hour forward dropped the reply at once.
+    clock, sent = ManualClock(), []
+    respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
+    outbox = trt_bot.Outbox(database, paced_client(clock), max_wait_s=600, clock=clock)
+    await outbox.send_message(5, "queued before the step")
+    clock.wall_step = 3600.0
+    await outbox.resume()
+    await eventually(lambda: outbox.depth == 0)
+    assert outbox.sent["sendMessage"] == 1 and not outbox.dropped
+    await outbox.stop(1.0)
+
+
 async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, fake_tg):
     # Telegram asks for an hour: the replies wait, the dialog moves on and button presses are still answered.
     fake_tg.fail("sendMessage", 429, {"ok": False, "error_code": 429, "description": "Too Many Requests",

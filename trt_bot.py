@@ -95,6 +95,25 @@ class Clock:
 SYSTEM_CLOCK = Clock()
 
 
+class SteadyClock(Clock):
+    """Wall time that a step of the system clock does not move: ``clock``'s at the start plus the monotonic
+    time since.  For parts whose stored stamps are also what they measure (a job's age): a row loaded at
+    start is judged by the wall clock, anything later by the monotonic one."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self._offset = clock.time() - clock.monotonic()
+
+    def time(self) -> float:
+        return self.clock.monotonic() + self._offset
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
 class OwnedTasks:
     """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
 
@@ -1816,7 +1835,8 @@ class InboxItem:
     chat_key: int
     update: dict
     body: bytes
-    received_at: float
+    received_at: float  # wall clock, for the row
+    arrived: float | None = None  # on the monotonic clock, when this process took it (None: read from the table)
     durable: bool = True
     # Set for an update about to go straight to the workers: its insert also reads into ``older`` the ids of
     # its chat's older unhandled updates, which another instance may have stored.
@@ -3329,7 +3349,7 @@ class UpdatePipeline:
     async def ingest(self, update: dict, body: bytes) -> Admission:
         """Keep ``update`` (``body`` is its JSON) before Telegram hears that it arrived."""
         update_id = update["update_id"]
-        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time())
+        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time(), self.clock.monotonic())
         if not self.db.ok and not self.db.tried.is_set():
             # Start-up: the port is bound before the database opens; an update arriving in
             # between waits for it rather than being kept in memory only.
@@ -3432,8 +3452,9 @@ class UpdatePipeline:
             self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
-        """A callback query too old for Telegram to accept its answer."""
-        return "callback_query" in item.update and self.clock.time() - item.received_at > CALLBACK_QUERY_TTL_S
+        """A callback query too old for Telegram to accept its answer (by the wall clock only if read back)."""
+        age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
+        return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
     def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
         if error.error_code == 403:
@@ -4423,9 +4444,8 @@ SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 1
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
-DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
+DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and signs of life shown: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
-DELIVERY_RETRY_S = 30.0
 CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
 # The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
 STATUS_EDIT_EVERY_S = 12.0
@@ -4435,7 +4455,6 @@ RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the u
 # kept for telling the user it failed, so every job ends by then.
 DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
-STATUS_MESSAGE_WAIT_S = 30.0  # a job's own messages wait at most this long for the dialog's queued before them
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
@@ -5007,10 +5026,10 @@ class KieSlots:
 class AdminAlerts:
     """Tells the admins once per Kie incident (the next accepted createTask ends it), in each one's language."""
 
-    def __init__(self, admin_ids: frozenset[int], db: Database, telegram: TelegramClient):
+    def __init__(self, admin_ids: frozenset[int], db: Database, outbox: Outbox):
         self.admin_ids = admin_ids
         self.db = db
-        self.telegram = telegram
+        self.outbox = outbox
         self.incident: int | None = None  # Kie error code of an ongoing incident
 
     def begin(self, code: int) -> bool:
@@ -5035,10 +5054,7 @@ class AdminAlerts:
             languages = {}
         for admin_id in admin_ids:
             t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
-            try:
-                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
-            except TelegramError as error:
-                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
+            await self.outbox.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
 
 
 class Submitter:
@@ -5162,92 +5178,51 @@ class Poller:
 
 
 class Progress:
-    """Signs of life while a job runs: the upload_photo chat action and the ⏳ message's elapsed time.
+    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time) from
+    ``tick``, by the injected clock; the outbox drops one a result follows, so none overwrites it."""
 
-    Driven by ``tick`` from the deadline watch, so by the injected clock.  At
-    most one call per job is in flight, none starts once the job has left the
-    running states, and delivery waits for the one in flight (``quiet``), so
-    a late edit never overwrites the result or the explanation.
-    """
-
-    def __init__(self, telegram: TelegramClient, outbox: Outbox, save: Callable[[Job], None],
-                 clock: Clock = SYSTEM_CLOCK):
-        self.telegram = telegram
-        self.outbox = outbox  # the dialog's messages to the chat, which a job's own must not overtake
+    def __init__(self, outbox: Outbox, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
+        self.outbox = outbox
         self.save = save  # writes a job whose status message was just posted
         self.clock = clock
         self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
         self._edit_due: dict[str, float] = {}  # job id -> when the elapsed time is due again
-        self._calls: dict[str, asyncio.Event] = {}  # job id -> set once its call in flight is over
 
-    def tick(self, jobs: Iterable[Job], now: float, run_in_background: Callable[[Awaitable[None]], None]) -> None:
+    def tick(self, jobs: Iterable[Job], now: float) -> None:
         for job in jobs:
-            if job.state not in RUNNING_STATES or job.id in self._calls:
+            if job.state not in RUNNING_STATES:
                 continue
-            action = now >= self._action_due.get(job.id, 0.0)
-            edit_due = self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
-            edit = bool(job.status_message_id) and now >= edit_due
-            if action or edit:
-                self._calls[job.id] = asyncio.Event()
-                run_in_background(self._show(job, now, action, edit))
-
-    async def _show(self, job: Job, now: float, action: bool, edit: bool) -> None:
-        try:
-            if action:
+            if now >= self._action_due.get(job.id, 0.0):
                 self._action_due[job.id] = now + CHAT_ACTION_EVERY_S
-                await self._try(job, "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
-            if edit and job.state in RUNNING_STATES:
+                self.outbox.show("action", "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
+            if job.status_message_id and now >= self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S):
                 self._edit_due[job.id] = now + STATUS_EDIT_EVERY_S
                 text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
-                await self._try(job, "editMessageText", {"chat_id": job.chat_id, "message_id": job.status_message_id,
-                                                         "text": text, "reply_markup": status_keyboard(job.lang)})
-        finally:
-            self._calls.pop(job.id).set()
+                self.outbox.show(job.id, "editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                             "message_id": job.status_message_id,
+                                                             "reply_markup": status_keyboard(job.lang)})
 
-    async def _try(self, job: Job, method: str, params: dict) -> None:
-        try:
-            await self.telegram.call(method, params)
-        except TelegramError as error:  # a sign of life that fails is skipped: the next one comes soon
-            log.info("[JOB] %s: %s failed: %s", job.id, method, error.description)
+    def post_status(self, job: Job) -> None:
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve).
 
-    def post_status(self, job: Job, run_in_background: Callable[[Awaitable[None]], None]) -> None:
-        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve)."""
-        self._calls[job.id] = asyncio.Event()  # now, so no tick and no delivery comes first
-        run_in_background(self._post_status(job))
+        Its message id is the job's once it is sent; a job that has left the
+        running states by then (its result or failure queued after it) deletes it.
+        """
+        text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
+        posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
+                                                     "reply_markup": status_keyboard(job.lang)})
+        posted.add_done_callback(lambda answer: self._posted(job, answer))
 
-    async def _post_status(self, job: Job) -> None:
-        try:
-            text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
-            params = {"chat_id": job.chat_id, "text": text, "reply_markup": status_keyboard(job.lang)}
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):  # in the chat's order, after the dialog's replies
-                message = await self.outbox.deliver("sendMessage", params)
-            message_id = message.get("message_id") if isinstance(message, dict) else None
-            if not isinstance(message_id, int):
-                return
-            if job.state in ENDED_STATES:  # cancelled meanwhile: the status would only mislead
-                await self._try(job, "deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
-                return
+    def _posted(self, job: Job, answer: asyncio.Future) -> None:
+        if answer.cancelled() or answer.exception() is not None:  # cancelled: another instance took over
+            log.info("[JOB] %s: the ⏳ message was not posted (%s)", job.id, answer.cancelled() or answer.exception())
+            return
+        message_id = answer.result().get("message_id") if isinstance(answer.result(), dict) else None
+        if isinstance(message_id, int) and job.state in RUNNING_STATES:
             job.status_message_id = message_id
             self.save(job)
-        except TelegramError as error:
-            log.info("[JOB] %s: could not post the ⏳ message: %s", job.id, error.description)
-        except TimeoutError:
-            log.info("[JOB] %s: the ⏳ message waited its chat's turn over %.0fs; the job goes on without it", job.id,
-                     STATUS_MESSAGE_WAIT_S)
-        finally:
-            self._calls.pop(job.id).set()
-
-    async def quiet(self, job: Job) -> None:
-        """Return once no sign of life of ``job`` is in flight and the dialog's messages queued for its chat
-        have gone (the ratio question turning into the status must not land on the result)."""
-        call = self._calls.get(job.id)
-        if call is not None:
-            await call.wait()
-        try:
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):
-                await self.outbox.caught_up(job.chat_id)
-        except TimeoutError:
-            log.info("[JOB] %s: delivered though its chat's queued messages have not gone yet", job.id)
+        elif isinstance(message_id, int):
+            self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
 
     def forget(self, job: Job) -> None:
         self._action_due.pop(job.id, None)
@@ -5264,11 +5239,11 @@ def job_model(job: Job) -> ImageModel:
 
 
 class ResultSender:
-    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer, the file."""
+    """Delivery's messages, via the outbox: the photo (by URL, else uploaded), the failure, the offer, the file."""
 
-    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False, *,
+    def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
                  catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
-        self.telegram = telegram
+        self.outbox = outbox
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
         self.catalog = catalog  # more than one model is offered: results offer another model
@@ -5284,7 +5259,7 @@ class ResultSender:
             "reply_markup": result_keyboard(job.id, job.model, job.lang, self.catalog),
         }
         try:
-            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
+            await self.outbox.deliver("sendPhoto", {**params, "photo": job.result_url})
         except TelegramError as error:
             if error.error_code != 400:
                 raise
@@ -5297,12 +5272,12 @@ class ResultSender:
         name, mime = image_file_name(job.result_url)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
-                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
+                await self.outbox.deliver("sendPhoto", params, files={"photo": (name, image, mime)})
                 return
             except TelegramError as error:
                 if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
                     raise
-        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
+        await self.outbox.deliver("sendDocument", params, files={"document": (name, image, mime)})
 
     async def resend(self, job: Job) -> None:
         """Send a finished job's picture again, because its user asked (see "unsure" and "delivery")."""
@@ -5310,8 +5285,8 @@ class ResultSender:
             await self.send_photo(job, counting=False)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
-                                             failure_keyboard(job.id, job.model, "failed", job.lang))
+            await self._say(job, TEXTS[job.lang]["fail_delivery"],
+                            failure_keyboard(job.id, job.model, "failed", job.lang))
 
     async def send_original(self, job: Job) -> None:
         """The stored result as a document, byte for byte (Telegram recompresses photos); once, never retried."""
@@ -5319,11 +5294,11 @@ class ResultSender:
             image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
                                            allow_private=self.allow_private)
             name, mime = image_file_name(job.result_url)
-            await self.telegram.call("sendDocument", {"chat_id": job.chat_id}, files={"document": (name, image, mime)},
-                                     repeatable=False)
+            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id},
+                                      files={"document": (name, image, mime)})
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["original_failed"])
+            await self._say(job, TEXTS[job.lang]["original_failed"])
 
     async def send_failure(self, job: Job) -> None:
         await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
@@ -5336,28 +5311,32 @@ class ResultSender:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
         if job.status_message_id:
             try:
-                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
-                                                             "message_id": job.status_message_id,
-                                                             "parse_mode": "HTML", "reply_markup": markup})
+                await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                              "message_id": job.status_message_id,
+                                                              "parse_mode": "HTML", "reply_markup": markup})
                 return
             except TelegramError as error:
                 if error.error_code != 400:
                     raise
                 if "not modified" in error.description:  # told already, before a restart
                     return
-        await self.telegram.send_message(job.chat_id, text, markup)
+        await self._say(job, text, markup)
+
+    async def _say(self, job: Job, text: str, markup: dict | None = None) -> None:
+        params = {"chat_id": job.chat_id, "text": text, "parse_mode": "HTML"}
+        await self.outbox.deliver("sendMessage", params if markup is None else {**params, "reply_markup": markup})
 
     async def delete_status_message(self, job: Job) -> None:
         if not job.status_message_id:
             return
         try:
-            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
+            await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
         except TelegramError as error:
             log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
 
 class Deliverer:
-    """Carries each finished job to its user once, retrying a failing Telegram, and ends it within its budget.
+    """Carries each finished job to its user once (the outbox retries a failing Telegram) within its budget.
 
     After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts
     stop ``notice_s`` before that, which is kept for telling the user.
@@ -5365,9 +5344,7 @@ class Deliverer:
 
     def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
                  apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
-                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S,
-                 settle: Callable[[Job], Awaitable[None]] = lambda job: asyncio.sleep(0)):
-        self.settle = settle  # waits until no sign of life is in flight (bounded by the Telegram client's budget)
+                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
         self.gen_timeout_s = gen_timeout_s
         self.book = book
         self.sender = sender
@@ -5377,10 +5354,8 @@ class Deliverer:
         self.budget_s = budget_s
         self.notice_s = notice_s
         self._delivering: set[str] = set()
-        self._redeliver_at: dict[str, float] = {}
         self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
             "succeeded": self._send_result,
-            "sending": self._send_result,  # again after a retryable error in this process
             "unsure": sender.offer_resend,
             "failed": sender.send_failure,
             "timed_out": sender.send_failure,
@@ -5388,19 +5363,6 @@ class Deliverer:
 
     def deliver(self, job: Job) -> None:
         self.run_in_background(self._deliver(job))
-
-    def retry_due(self, now: float) -> None:
-        for job_id, when in list(self._redeliver_at.items()):
-            job = self.book.jobs.get(job_id)
-            if when <= now and job is not None:
-                del self._redeliver_at[job_id]
-                self.deliver(job)
-
-    def forget(self, job: Job) -> None:
-        self._redeliver_at.pop(job.id, None)
-
-    def clear(self) -> None:
-        self._redeliver_at.clear()
 
     def _give_up_at(self, job: Job) -> float:
         """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
@@ -5412,39 +5374,31 @@ class Deliverer:
             return
         self._delivering.add(job.id)
         try:
-            await self.settle(job)  # the state is read after it: the job may have been cancelled meanwhile
-            step = self._steps.get(job.state)
-            finished = step is not None and await self._attempt(job, step)
+            await self._attempt(job, self._steps[job.state])
         finally:
             self._delivering.discard(job.id)
-        if finished:
-            self.apply(job, DELIVERED)
+        self.apply(job, DELIVERED)
 
-    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
-        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
+    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
+        """Deliver, or tell the user it failed."""
         give_up_at = self._give_up_at(job)
         try:
             if self.clock.time() >= give_up_at:
                 raise TimeoutError
-            async with asyncio.timeout(give_up_at - self.clock.time()):
+            async with self._within(give_up_at - self.clock.time()):
                 await step(job)
-            return True
+            return
         except TelegramError as error:
             if not error.retryable:
                 log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
-                return True
-            if self.clock.time() < give_up_at:
-                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
-                self._redeliver_at[job.id] = min(self.clock.time() + DELIVERY_RETRY_S, give_up_at)
-                return False
-            reason = f"Telegram keeps failing: {error}"
+                return
+            reason = f"Telegram keeps failing: {error}"  # the outbox tried until the deadline
         except TimeoutError:
             reason = "its delivery budget ran out"
         except Exception:
             log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
             reason = "an unexpected error"
         await self._tell_undelivered(job, reason)
-        return True
 
     async def _tell_undelivered(self, job: Job, reason: str) -> None:
         """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
@@ -5452,10 +5406,15 @@ class Deliverer:
         self.apply(job, UNDELIVERABLE)
         step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
         try:
-            async with asyncio.timeout(self.notice_s):
+            async with self._within(self.notice_s):
                 await step(job)
         except Exception as error:
             log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    def _within(self, seconds: float) -> asyncio.Timeout:
+        """The deadline of a delivery step, for its downloads and the messages it queues (SEND_BY) alike."""
+        SEND_BY.set(self.clock.monotonic() + seconds)
+        return asyncio.timeout(seconds)
 
     async def _commit_intent(self, job: Job) -> bool:
         """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
@@ -5498,7 +5457,7 @@ class Generations:
     Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
-    def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
+    def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
                  delivery_notice_s: float = DELIVERY_NOTICE_S):
@@ -5509,16 +5468,17 @@ class Generations:
         self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
-        self.alerts = AdminAlerts(config.admin_ids, db, telegram)
+        self.alerts = AdminAlerts(config.admin_ids, db, outbox)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.progress = Progress(telegram, outbox, self.book.save, clock)
-        sender = ResultSender(telegram, http, config.result_download_allow_private,
+        self.progress = Progress(outbox, self.book.save, clock)
+        sender = ResultSender(outbox, http, config.result_download_allow_private,
                               catalog=not config.single_model_only, remaining=self.fairness.remaining)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
-                                   clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
-        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts
+                                   clock, delivery_budget_s, delivery_notice_s)
+        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
+        self._originals: set[str] = set()  # jobs whose original file is on its way
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
@@ -5581,7 +5541,6 @@ class Generations:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
         self.book.forget(job)
-        self.deliverer.forget(job)
         self.progress.forget(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
@@ -5642,19 +5601,18 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer, self.progress):
+        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
-        """Time out overdue jobs, show running ones are alive, retry due deliveries, forget idle hourly stamps."""
+        """Time out overdue jobs, show running ones are alive, forget idle hourly stamps."""
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
             for job in list(self.jobs.values()):
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
-            self.progress.tick(list(self.jobs.values()), now, self._run_in_background)
-            self.deliverer.retry_due(now)
+            self.progress.tick(list(self.jobs.values()), now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
                 self.fairness.forget_idle(now)
@@ -5681,7 +5639,7 @@ class Generations:
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
-            self.progress.post_status(job, self._run_in_background)
+            self.progress.post_status(job)
         return job
 
     async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
@@ -5702,7 +5660,11 @@ class Generations:
         return self.fairness.remaining(user_id)
 
     def send_original(self, job: Job) -> None:
-        self._run_in_background(self.deliverer.sender.send_original(job))
+        """Send the original file; a press while it is on its way joins it (one download per job at a time)."""
+        if job.id not in self._originals:
+            self._originals.add(job.id)
+            self._tasks.start(self.deliverer.sender.send_original(job)).add_done_callback(
+                lambda task: self._originals.discard(job.id))
 
     async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
         """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
@@ -5731,12 +5693,14 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns the dialog's messages from the handler to Telegram: each is queued
-#    durably before its update counts as handled, then sent by a few sender
-#    tasks at Telegram's limits (section 7 paces), in order within a chat,
-#    one chat never holding up another.  Job drivers (section 12) call the
-#    TelegramClient themselves (paced there), except for the ⏳ message: it
-#    takes its chat's turn here (``deliver``) and hands back its message id.
+#    Owns every message to a chat, the bot's one sender.  Durable ones keep
+#    their chat's order: the dialog's replies queued durably before their
+#    update counts as handled, a job's (⏳, results, explanations) in memory,
+#    its job row being what survives.  Signs of life (chat actions, elapsed
+#    time) are in memory, one per key, and give way to any durable message
+#    in their chat.  A few senders go at Telegram's limits (section 7), one
+#    chat never holding up another; a message ends sent or at its deadline
+#    (monotonic), whether or not its caller still waits.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -5756,11 +5720,15 @@ class OutboxMessage:
     chat_id: int
     method: str
     params: dict
-    queued_at: float
+    queued_at: float  # wall clock, for the row: its age after a restart
     update_id: int | None  # the update whose handler queued it
+    since: float  # when it was queued, and when it ends unsent: on the monotonic clock
+    expires_at: float
     stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+    files: dict | None = None  # uploads of ``deliver``
+    sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
@@ -5828,6 +5796,10 @@ def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list
 # The update the running handler answers (set by the dialog for each update): the messages it queues
 # carry its id.
 REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
+# When (monotonic) the messages a job's driver queues must have gone, else they are dropped (None: max_wait_s).
+SEND_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("send_by", default=None)
+# Sent at most once: an answer lost on the way back ends the message (the job offers to re-send).
+SENT_ONCE_METHODS = frozenset({"sendPhoto", "sendDocument"})
 
 
 def outbox_senders(rate: int) -> int:
@@ -5835,7 +5807,8 @@ def outbox_senders(rate: int) -> int:
 
 
 class Outbox:
-    """The dialog's way to Telegram: ``send_message`` and ``call`` return once the message is queued.
+    """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
+    a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
 
     Queued means written to the ``outbox`` table (group commit), or held in
     memory while the database is unusable, so the update that produced it
@@ -5844,8 +5817,9 @@ class Outbox:
     handling it again queues it again).  Senders deliver
     them through the paced TelegramClient: a chat's messages in order, a
     chat waiting on its spacing or a failing Telegram set aside so others
-    go on.  A message Telegram refuses for good (400, 403) or still unsent
-    after ``max_wait_s`` ends, logged and counted; anything else waits.
+    go on.  A message Telegram refuses for good (400, 403) or still unsent at
+    its deadline (SEND_BY, or ``max_wait_s``) ends, logged and counted;
+    anything else waits.
     ``answer_callback`` goes out at once (Telegram exempts it from limits).
     """
 
@@ -5892,28 +5866,34 @@ class Outbox:
     async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
         await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
-    async def caught_up(self, chat_id: int) -> None:
-        """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
-        if self._chats.get(chat_id):
-            with contextlib.suppress(TelegramError):  # ended unsent: over all the same
-                await asyncio.shield(self._chats[chat_id][-1].ended())
-
-    async def deliver(self, method: str, params: dict) -> Any:
-        """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
-
-        For a job's driver, which needs the result; kept in memory only: the
-        job, stored itself, sends it again after a restart.
-        """
+    def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
+        """Queue a job's message in its chat's order: the future gives Telegram's answer (TelegramError if it
+        ended unsent).  Kept in memory only: the job, stored itself, sends it again after a restart.
+        Cancelling the future does not cancel the message; it ends by SEND_BY at the latest."""
         message = self._new_message(method, params)
-        message.result = asyncio.get_running_loop().create_future()
+        message.files = files
         if not self._push(message):
             raise TelegramError(method, 503, "the outbox is full")
-        return await message.result
+        answer = asyncio.shield(message.ended())
+        answer.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
+        return answer
+
+    def show(self, key: str, method: str, params: dict) -> None:
+        """A sign of life: replaces a waiting one with the same ``key`` in its chat, never stored."""
+        queue = self._chats.get(params["chat_id"], ())
+        waiting = next((m for m in itertools.islice(queue, 1, None) if m.sign_of_life == key), None)
+        if waiting is not None:
+            waiting.params = params
+            return
+        message = self._new_message(method, params)
+        message.sign_of_life = key
+        self._push(message)
 
     def _new_message(self, method: str, params: dict) -> OutboxMessage:
-        now = self.clock.time()
+        now, since = self.clock.time(), self.clock.monotonic()
         self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get())
+        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(), since,
+                             SEND_BY.get() or since + self.max_wait_s)
 
     def _push(self, message: OutboxMessage) -> bool:
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
@@ -5941,15 +5921,24 @@ class Outbox:
                 await self._send_first(chat_id)
 
     async def _send_first(self, chat_id: int) -> None:
-        message = self._chats[chat_id][0]
-        if self.clock.time() - message.queued_at > self.max_wait_s:
-            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s",
-                      TelegramError(message.method, 504, "expired in the outbox"))
+        queue = self._chats[chat_id]
+        message = queue[0]
+        if message.sign_of_life and any(not later.sign_of_life for later in itertools.islice(queue, 1, None)):
+            self._end(message, None, "")  # gives way to a durable message; a newer sign comes soon
             return
         try:
-            result = await self.telegram.call(message.method, message.params)
+            if self.clock.monotonic() >= message.expires_at:
+                raise TimeoutError
+            async with asyncio.timeout(message.expires_at - self.clock.monotonic()):
+                result = await self.telegram.call(message.method, message.params, message.files,
+                                                  repeatable=message.method not in SENT_ONCE_METHODS)
+        except TimeoutError:
+            self._end(message, "expired", "still unsent at its deadline",
+                      TelegramError(message.method, 504, "expired in the outbox"))
+            return
         except TelegramError as error:
-            if error.retryable:
+            once = message.sign_of_life or message.method in SENT_ONCE_METHODS and _answer_maybe_lost(error)
+            if error.retryable and not once:
                 message.attempts += 1
                 wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
                 log.warning("[OUTBOX] %s to %d failed (%s), tried again in %.0fs", message.method, chat_id,
@@ -6007,7 +5996,7 @@ class Outbox:
         """
         sent_ids = list(self._unrecorded)
         unstored = [message for queue in self._chats.values() for message in queue
-                    if not message.stored and message.result is None]
+                    if not message.stored and message.result is None and not message.sign_of_life]
         try:
             rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
         except (DatabaseUnavailable, RowRejected):
@@ -6021,8 +6010,9 @@ class Outbox:
         for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
+                since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
-                                                   update_id, stored=True))
+                                                   update_id, since, since + self.max_wait_s, stored=True))
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
@@ -6054,8 +6044,8 @@ class Outbox:
 
     def oldest_wait_s(self) -> float:
         """How long the oldest queued message has waited (each chat's first is its oldest)."""
-        oldest = min((queue[0].queued_at for queue in self._chats.values()), default=None)
-        return 0.0 if oldest is None else max(0.0, self.clock.time() - oldest)
+        oldest = min((queue[0].since for queue in self._chats.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
         pacer = self.telegram.pacer
@@ -7076,8 +7066,8 @@ class App:
         timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
-        self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock)
+        self.generations = Generations(config, self.db, outbox, self.kie, self.http,
+                                       on_finished=timings.job_finished, clock=SteadyClock(clock))
         self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
@@ -7145,9 +7135,10 @@ class App:
         await self._background.cancel_all()
         self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        # The replies of the updates just handled get half of what is left; unsent ones stay stored.
-        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
-        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
+        # unsent replies stay stored, unfinished jobs in their table.
+        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
+        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self.role.release()
         await self.http.aclose()
         await self.db.close()
