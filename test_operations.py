@@ -890,6 +890,22 @@ def test_dockerfile_runs_trt_bot_as_non_root_with_an_exec_form_cmd():
     assert any(op == "RUN" and "--no-cache-dir" in arg for op, arg in instructions)
 
 
+def test_the_image_user_writes_only_var_data_and_the_readme_advises_nothing_else():
+    instructions = dockerfile_instructions()
+    assert [arg for op, arg in instructions if op == "COPY" and "--chown" in arg] == []  # the code stays root's
+    (writable,) = re.findall(r"chown bot:bot (\S+)", " ".join(arg for op, arg in instructions if op == "RUN"))
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        advised = re.findall(r"DATABASE_URL=(sqlite:///\S+?)`", f.read().split("## Deploying on Render")[1])
+    assert advised and all(os.path.dirname(trt_bot.parse_database_url(url)) == writable for url in advised)
+
+
+def test_pytest_says_why_each_test_was_skipped():
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(HERE, "pytest.ini"))
+    assert "s" in parser["pytest"]["addopts"].split("-r", 1)[1].split()[0]
+
+
 async def test_dockerfile_healthcheck_probes_health_without_curl(make_app):
     (healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
