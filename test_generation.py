@@ -776,6 +776,17 @@ async def test_past_the_daily_limit_every_user_is_told_and_the_red_flag_is_raise
     assert 'trt_red_flag{flag="daily_limit"} 1.0' in metrics and len(flagged) == 1
 
 
+async def test_the_days_pictures_are_counted_again_after_a_restart(make_app, fake_tg, fake_kie):
+    first = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
+    await order(first, 84)
+    await first.stop()
+    second = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
+    await eventually(lambda: second.generations.fairness.loaded)
+    await order(second, 85)
+    await eventually(lambda: popups(fake_tg, "не больше 1 картинки в день"))
+    assert len(fake_kie.created) == 1
+
+
 def test_the_daily_limit_counts_starts_for_the_whole_bot_until_the_utc_day_turns():
     clock = ManualClock(start=19_999 * 86400 + 86000)  # 23:53 UTC
     fairness = trt_bot.Fairness(100, frozenset({900}), clock, daily_limit=2)

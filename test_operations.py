@@ -807,6 +807,20 @@ async def test_a_webhook_error_from_before_the_bot_started_is_not_flagged(make_a
     assert not flag_records(caplog, "Connection refused") and (await health_of(app))["warnings"] == []
 
 
+async def test_webhook_set_up_failing_in_a_loop_is_flagged_once_until_it_succeeds(make_app, fake_tg, caplog,
+                                                                                quick_red_flags, monkeypatch):
+    monkeypatch.setattr(trt_bot, "UNTIL_DONE", dataclasses.replace(trt_bot.UNTIL_DONE, base_s=0.05, cap_s=0.05))
+    for _ in range(30):
+        fake_tg.fail("setWebhook", 400, {"ok": False, "error_code": 400,
+                                         "description": "Bad Request: bad webhook: HTTPS url must be provided"})
+    app = await make_app()
+    warning = await flagged_once_everywhere(app, caplog, "setup_failing", "HTTPS url must be provided",
+                                            lambda: app.telegram.calls["setWebhook", "400"])
+    assert "WEBHOOK_BASE_URL" in warning["fix"]
+    await eventually(lambda: flag_records(caplog, "cleared: set-up succeeded"))
+    assert (await health_of(app))["status"] == "ok"
+
+
 async def test_a_stuck_outbox_is_flagged_once_as_failing(make_app, fake_tg, caplog, quick_red_flags, monkeypatch):
     monkeypatch.setattr(trt_bot, "OUTBOX_STUCK_FLAG_S", 0.5)
     app = await make_app()

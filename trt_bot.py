@@ -4691,10 +4691,6 @@ def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: 
                         (created_since, since)).fetchall()
 
 
-def jobs_created_since(conn: sqlite3.Connection, since: float) -> int:
-    return conn.execute("SELECT count(*) FROM jobs WHERE created_at >= ?", (since,)).fetchone()[0]
-
-
 def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
     return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone()
 
@@ -5031,7 +5027,7 @@ class Fairness:
             for user_id, delivered_at in await db.read(jobs_delivered_since, since, created_since):
                 self.note(user_id, delivered_at)
             day = self.clock.time() // 86400
-            self._today = (day, await db.read(jobs_created_since, day * 86400))
+            self._today = (day, sum((await db.read(usage_counts, day * 86400))["jobs_today"].values()))
             self.loaded = True
 
     def forget_idle(self, now: float) -> None:
@@ -6273,6 +6269,7 @@ class BotSetUp:
         self.spawn = spawn
         self.clock = clock
         self.started = False
+        self.failing: dict[str, str] = {}  # a step -> its latest error, while it keeps failing (a red flag)
 
     def start(self) -> None:
         if self.started:
@@ -6286,10 +6283,12 @@ class BotSetUp:
         """Run a set-up step against the Bot API until it succeeds."""
 
         def report(error: Exception, retry: int, wait: float) -> None:
+            self.failing[what] = str(error)
             level = logging.DEBUG if self.telegram.trouble else logging.ERROR  # its red flag says it once
             log.log(level, "[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
 
         await call_with_retries(attempt, UNTIL_DONE, clock=self.clock, on_retry=report)
+        self.failing.pop(what, None)
 
 
 class LongPolling:
@@ -6328,9 +6327,8 @@ class LongPolling:
                 continue  # turned passive meanwhile
             offset = await self._ingest(updates or [], offset)
 
-    # While the Bot API is unreachable or refuses the token, its red flag says so once, at ERROR; retries are quiet.
     def _report_delete_failure(self, error: Exception, retry: int, wait: float) -> None:
-        log.log(logging.DEBUG if self.telegram.trouble else logging.ERROR,
+        log.log(logging.DEBUG if self.telegram.trouble else logging.ERROR,  # its red flag says it once
                 "[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
 
     def _report_poll_failure(self, error: Exception, retry: int, wait: float) -> None:
@@ -6809,7 +6807,6 @@ class Metrics:
         ]
 
     def _red_flag_gauges(self) -> list[Family]:
-        """The red flags and the figures behind them: no sample until the figure was read once."""
         raised, seen = self.diagnostics.red_flags.raised, self.diagnostics.seen
         webhook, credits = seen.get("webhook", {}), seen.get("credits")
         error_at = webhook.get("last_error_date") if webhook.get("last_error_message") else None
@@ -6881,6 +6878,7 @@ RED_FLAGS: dict[str, tuple[str, str]] = {
     "telegram_unreachable": ("failing", "check the network and TELEGRAM_API_BASE; the bot keeps retrying"),
     "token_rejected": ("failing", "it was revoked or is wrong: copy TELEGRAM_BOT_TOKEN again from @BotFather"),
     "webhook_error": ("failing", "see /diag/webhook"),  # the fix depends on the error: WEBHOOK_ERROR_FIXES
+    "setup_failing": ("failing", "see the [WEBHOOK] and [COMMANDS] lines in the log; is WEBHOOK_BASE_URL right?"),
     "outbox_stuck": ("failing", "Telegram does not take the replies: see the [TG] and [OUTBOX] lines in the log"),
     "pending_updates": ("degraded", "Telegram cannot reach the bot, or acknowledgements are slow: see /diag/webhook"),
     "inbox_backlog": ("degraded", "the workers do not keep up: raise UPDATE_QUEUE_WORKERS, or find slow handlers"),
@@ -7068,12 +7066,14 @@ class Diagnostics:
 
     def _observe_here(self) -> None:
         trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations.fairness
-        waited, started = outbox.oldest_wait_s(), fairness.started_today()
+        waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.role.set_up.failing
         for flag, reason, all_clear in (
             ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
              "cannot be reached", "the Bot API answers again"),
             ("token_rejected", trouble == "token_rejected" and "Telegram rejects the bot token",
              "Telegram accepts the bot token again"),
+            ("setup_failing", not trouble and failing and "set-up keeps failing: " + "; ".join(failing.values()),
+             "set-up succeeded"),
             ("outbox_stuck", waited > OUTBOX_STUCK_FLAG_S and f"the oldest of {outbox.depth} replies has waited "
              f"{waited:.0f} s (over {OUTBOX_STUCK_FLAG_S:.0f} s)", "the outbox moves again"),
             ("daily_limit", 0 < fairness.daily_limit <= started and f"{started} pictures started today, "
