@@ -843,7 +843,7 @@ async def test_low_kie_credits_are_flagged_once_and_the_admins_alerted_once(make
     await flagged_once_everywhere(app, caplog, "kie_credits_low", "Kie.ai has 1234.5 credits left",
                                   lambda: app.kie.calls["credit", "ok"])
     assert (await health_and_metrics(app))[2]["trt_kie_credits", ()] == 1234.5
-    (alert,) = fake_tg.texts_to(900)
+    (alert,) = await eventually(lambda: fake_tg.texts_to(900))
     assert alert == trt_bot.render("ru", "admin_credits_low", credits="1234.5", low=2000)
     fake_kie.credits = 5000
     await eventually(lambda: flag_records(caplog, "cleared: Kie.ai has 5000 credits"))
