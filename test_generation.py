@@ -756,6 +756,49 @@ async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_picture
     assert limit["show_alert"] is True and len(fake_kie.created) == 3
 
 
+async def test_past_the_daily_limit_every_user_is_told_and_the_red_flag_is_raised_once(make_app, fake_tg, fake_kie,
+                                                                                      caplog, monkeypatch):
+    monkeypatch.setattr(trt_bot, "RED_FLAG_CHECK_S", 0.05)
+    app = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="2"))
+    await order(app, 81)
+    await order(app, 82)  # the failed one counts too: Kie may have spent on it
+    fake_kie.fail_task("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    await order(app, 83, lang="en")
+    (refused,) = await eventually(lambda: popups(fake_tg, "a day"))
+    assert refused["text"] == trt_bot.render("en", "daily_limit", limit=2) and refused["show_alert"] is True
+    assert len(fake_kie.created) == 2
+    flagged = await eventually(lambda: [r for r in caplog.records if "GEN_DAILY_LIMIT=2" in r.getMessage()])
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}") as client:
+        health = await client.get("/health")
+        metrics = (await client.get("/metrics")).text
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert [w["flag"] for w in health.json()["warnings"]] == ["daily_limit"]
+    assert 'trt_red_flag{flag="daily_limit"} 1.0' in metrics and len(flagged) == 1
+
+
+async def test_the_days_pictures_are_counted_again_after_a_restart(make_app, fake_tg, fake_kie):
+    first = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
+    await order(first, 84)
+    await first.stop()
+    second = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
+    await eventually(lambda: second.generations.fairness.loaded)
+    await order(second, 85)
+    await eventually(lambda: popups(fake_tg, "не больше 1 картинки в день"))
+    assert len(fake_kie.created) == 1
+
+
+def test_the_daily_limit_counts_starts_for_the_whole_bot_until_the_utc_day_turns():
+    clock = ManualClock(start=19_999 * 86400 + 86000)  # 23:53 UTC
+    fairness = trt_bot.Fairness(100, frozenset({900}), clock, daily_limit=2)
+    fairness.note_start()
+    assert fairness.refusal(7, busy=False) is None
+    fairness.note_start()
+    assert fairness.refusal(8, busy=False) == fairness.refusal(900, busy=False) == trt_bot.DailyLimit(2)
+    clock.advance(400)
+    assert fairness.refusal(8, busy=False) is None and fairness.started_today() == 0
+
+
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
     app = await make_app(ADMIN_IDS="900")
     await post_update(app, update_callback(1, 76, "new"))

@@ -397,11 +397,17 @@ SETTINGS = (
     Setting("GEN_HOURLY_LIMIT", "gen_hourly_limit", "20", _integer(1, 100_000),
             "pictures delivered per user per hour (failed, timed-out and cancelled ones do not count; admins are "
             "exempt)"),
+    Setting("GEN_DAILY_LIMIT", "gen_daily_limit", "0", _integer(0, 10_000_000),
+            "pictures started per day (UTC) by the whole bot, whatever became of them: a cap on what a day can "
+            "spend; past it users are told to come back tomorrow; `0`: no cap"),
     Setting("KIE_NSFW_CHECKER", "kie_nsfw_checker", "1", _flag,
             "`0`: turn off Kie's content filter (`nsfw_checker`) for the models that document it; on by default, "
             "as fits a public bot"),
     Setting("KIE_MAX_CONCURRENT_TASKS", "kie_max_tasks", "100", _integer(1, 10_000),
             "tasks at Kie at once, for all users; more wait their turn"),
+    Setting("KIE_CREDITS_LOW", "kie_credits_low", "100", _integer(0, 10**9),
+            "under this many Kie.ai credits (read every 10 minutes) a red flag is raised and the admins are "
+            "alerted once, before Kie refuses pictures (402); `0`: never"),
     Setting("WEBHOOK_FLUSH_PENDING_OVER", "flush_pending_over", "10", _integer(-1, 10**9),
             "at start, drop Telegram's backlog if more are pending (a smaller one is always kept); `-1` never "
             "drops"),
@@ -455,8 +461,10 @@ class Config:
     diag_token: str
     gen_timeout_s: float
     gen_hourly_limit: int
+    gen_daily_limit: int
     kie_nsfw_checker: bool
     kie_max_tasks: int
+    kie_credits_low: int
     flush_pending_over: int
     shutdown_grace_s: float
     lease_ttl_s: float
@@ -2350,6 +2358,17 @@ TELEGRAM_RETRY = RetryPolicy(budget_s=TELEGRAM_RETRY_BUDGET_S, base_s=TELEGRAM_B
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
 
+# Answers that refuse the token itself (revoked, or never valid), whatever the method.
+TOKEN_REJECTED_CODES = (401, 404)
+
+
+def telegram_trouble(error: TelegramError | None) -> str:
+    """What a call's outcome says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it works)."""
+    if isinstance(error, TelegramNetworkError):
+        return "unreachable"
+    return "token_rejected" if error is not None and error.error_code in TOKEN_REJECTED_CODES else ""
+
+
 def _answer_maybe_lost(error: TelegramError) -> bool:
     return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
@@ -2402,6 +2421,7 @@ class TelegramClient:
         self.pacer = pacer or telegram_pacer()
         self.gate = SendGate(self.pacer, clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
+        self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
 
     async def call(
         self,
@@ -2418,7 +2438,8 @@ class TelegramClient:
                                          and not _answer_maybe_lost(error))
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
-            log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
+            level = logging.DEBUG if self.trouble else logging.WARNING  # its red flag speaks for every retry
+            log.log(level, "[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
 
         return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
                                        clock=self.clock, on_retry=log_retry)
@@ -2430,10 +2451,12 @@ class TelegramClient:
             result = await self._post(method, params, files, timeout)
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
+            self.trouble = telegram_trouble(error)
             if error.error_code == 429:
                 self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
         self.calls[method, "ok"] += 1
+        self.trouble = ""
         return result
 
     async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
@@ -2692,8 +2715,8 @@ class KieClient:
                                    budget_s=budget_s)
         return parse_task_record(data)
 
-    async def credits(self) -> float:
-        data = await self._request("GET", "/api/v1/chat/credit", None)
+    async def credits(self, budget_s: float | None = None) -> float:
+        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s=budget_s)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise KieError(500, "credit answer is not a number")
         return data
@@ -3102,6 +3125,11 @@ class HandlerWatchdog:
         if task in self._cut:
             self._cut.discard(task)
             task.uncancel()
+
+    def stuck(self) -> int:
+        """Handlers still running a whole timeout after their cut: they ignore it, and only a restart ends them."""
+        now = self.clock.monotonic()
+        return sum(1 for task in self._cut if now > self._deadlines.get(task, now) + self.timeout)
 
     def cut_overdue(self) -> None:
         now = self.clock.monotonic()
@@ -3726,6 +3754,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
         "incident_key_rejected": "ключ API отклонён (401)",
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
+        "admin_credits_low": "⚠️ Kie.ai: осталось {credits} кредитов (меньше KIE_CREDITS_LOW = {low}). "
+                             "Пополните баланс, пока Kie не начал отказывать (402).",
+        "daily_limit": "На сегодня картинки закончились: бот рисует не больше {limit:картинки|картинок|картинок} "
+                       "в день. Приходите завтра!",
         "stats": "📊 <b>Статистика</b>\n"
                  "Пользователей: {users} (заблокировали бота: {blocked})\n"
                  "Картинок за сегодня: {jobs_today}\n"
@@ -3811,6 +3843,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
+        "admin_credits_low": "⚠️ Kie.ai: {credits} credits left (under KIE_CREDITS_LOW = {low}). "
+                             "Top them up before Kie starts refusing pictures (402).",
+        "daily_limit": "That's all the pictures for today: the bot draws up to {limit:picture|pictures} a day. "
+                       "Come back tomorrow!",
         "stats": "📊 <b>Stats</b>\n"
                  "Users: {users} ({blocked} blocked the bot)\n"
                  "Pictures today: {jobs_today}\n"
@@ -4004,11 +4040,13 @@ def parse_command(text: str) -> str | None:
     return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
 
 
-def refusal_text(refusal: Busy | HourlyLimit) -> tuple[str, dict[str, Any]]:
+def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
     """What the user is told when the jobs refuse a new one: (text key, format values)."""
     match refusal:
         case HourlyLimit(limit, minutes):
             return "hourly_limit", {"limit": limit, "minutes": minutes}
+        case DailyLimit(limit):
+            return "daily_limit", {"limit": limit}
         case _:
             return "busy_user", {}
 
@@ -4309,7 +4347,7 @@ class Conversation:
         refusal = self.generations.refusal(ctx.user_id)
         if refusal is not None:
             key, values = refusal_text(refusal)
-            await self.answer(ctx, render(ctx.lang, key, **values), alert=isinstance(refusal, HourlyLimit))
+            await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
             return
         await self.answer(ctx)
         status_message_id = ctx.message_id if status_message_id is None else status_message_id
@@ -4939,24 +4977,37 @@ class HourlyLimit:
     minutes: int
 
 
-class Fairness:
-    """One job per user at a time, and at most ``hourly_limit`` pictures an hour (admins have no hourly limit).
+@dataclasses.dataclass(frozen=True)
+class DailyLimit:
+    """The bot started ``limit`` pictures today (GEN_DAILY_LIMIT); the next may start after 00:00 UTC."""
 
-    Only delivered pictures count: a failed, timed-out or cancelled job
-    costs the user nothing, so an outage does not eat their quota.
+    limit: int
+
+
+class Fairness:
+    """One job per user at a time, at most ``hourly_limit`` pictures an hour (admins have no hourly limit),
+    and at most ``daily_limit`` started a day (UTC) by the whole bot (0: no cap), which bounds spending.
+
+    Only delivered pictures count towards the hour: a failed, timed-out or
+    cancelled job costs the user nothing, so an outage does not eat their quota.
     """
 
-    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK,
+                 daily_limit: int = 0):
         self.hourly_limit = hourly_limit
+        self.daily_limit = daily_limit
         self.admin_ids = admin_ids
         self.clock = clock
-        self.loaded = False  # the last hour's deliveries were read from the database
+        self.loaded = False  # the last hour's deliveries and today's starts were read from the database
         self._recent_by_user: dict[int, collections.deque[float]] = {}
+        self._today = (0, 0)  # (UTC day number, pictures started that day)
 
-    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | None:
+    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a job now, or None."""
         if busy:
             return Busy()
+        if self.daily_limit and self.started_today() >= self.daily_limit:
+            return DailyLimit(self.daily_limit)
         stamps = self._last_hour(user_id)
         if user_id not in self.admin_ids and len(stamps) >= self.hourly_limit:
             return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
@@ -4978,6 +5029,13 @@ class Fairness:
     def note(self, user_id: int, delivered_at: float) -> None:
         self._recent_by_user.setdefault(user_id, collections.deque()).append(delivered_at)
 
+    def started_today(self) -> int:
+        day, count = self._today
+        return count if day == self.clock.time() // 86400 else 0
+
+    def note_start(self) -> None:
+        self._today = (self.clock.time() // 86400, self.started_today() + 1)
+
     async def load(self, db: Database, gen_timeout_s: float) -> None:
         """Count the last hour's deliveries once: later ones are noted as they happen."""
         if not self.loaded:
@@ -4985,6 +5043,8 @@ class Fairness:
             created_since = since - gen_timeout_s - DELIVERY_BUDGET_S
             for user_id, delivered_at in await db.read(jobs_delivered_since, since, created_since):
                 self.note(user_id, delivered_at)
+            day = self.clock.time() // 86400
+            self._today = (day, sum((await db.read(usage_counts, day * 86400))["jobs_today"].values()))
             self.loaded = True
 
     def forget_idle(self, now: float) -> None:
@@ -4994,6 +5054,7 @@ class Fairness:
 
     def clear(self) -> None:
         self._recent_by_user.clear()
+        self._today = (0, 0)
         self.loaded = False
 
 
@@ -5046,15 +5107,19 @@ class AdminAlerts:
 
     async def alert(self, code: int) -> None:
         reason = kie_code(code).incident
+        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(self.admin_ids))
+        await self.tell(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason]))
+
+    async def tell(self, text: Callable[[str], str]) -> None:
+        """Send every admin ``text(language)``, in the admin's language."""
         admin_ids = sorted(self.admin_ids)
-        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(admin_ids))
         try:
             languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
-            t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
-            await self.outbox.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
+            lang = user_language({"language_code": languages.get(admin_id, "")})
+            await self.outbox.send_message(admin_id, text(lang))
 
 
 class Submitter:
@@ -5466,7 +5531,7 @@ class Generations:
         self.clock = clock
         self.on_finished = on_finished
         self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
-        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
+        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock, config.gen_daily_limit)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, outbox)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
@@ -5620,7 +5685,7 @@ class Generations:
 
     # -- what the dialog asks --------------------------------------------------
 
-    def refusal(self, user_id: int) -> Busy | HourlyLimit | None:
+    def refusal(self, user_id: int) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a generation now, or None."""
         return self.fairness.refusal(user_id, self.book.busy(user_id))
 
@@ -5635,6 +5700,7 @@ class Generations:
                   status_message_id=status_message_id, created_at=now, updated_at=now)
         self.book.track(job)
         self.book.created += 1
+        self.fairness.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
@@ -6088,6 +6154,11 @@ PENDING_UPDATES_FLAG_OVER = 50  # Telegram holding more: it cannot reach us, or 
 BACKLOG_GROWTH_FLAG_CHECKS = 6  # the inbox backlog grew at this many checks in a row: workers do not keep up
 RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two of the pipeline's recounts
 WEBHOOK_CHECK_S = 60.0  # how often getWebhookInfo is asked for the pending count (webhook mode)
+OUTBOX_STUCK_FLAG_S = 180.0  # the oldest reply waited this long: stuck (a group's 20/min spreads a burst this far)
+WEBHOOK_ERROR_RECENT_S = 600.0  # a webhook error younger than this, with updates still pending, is current
+KIE_CREDITS_CHECK_S = 600.0  # how often the active instance reads Kie's credit balance
+# /health answers 503 while the event loop runs a 1 s timer this late (a loop blocked for good answers nothing).
+LOOP_BEAT_S, LOOP_LAG_FAIL_S = 1.0, 5.0
 
 # The menu Telegram shows behind the "/" button, per language_code ("" is everyone
 # without a menu of their own).  /stats is for admins and stays out of it.
@@ -6187,6 +6258,7 @@ class BotSetUp:
         self.spawn = spawn
         self.clock = clock
         self.started = False
+        self.failing: dict[str, str] = {}  # a step -> its latest error, while it keeps failing (a red flag)
 
     def start(self) -> None:
         if self.started:
@@ -6200,9 +6272,12 @@ class BotSetUp:
         """Run a set-up step against the Bot API until it succeeds."""
 
         def report(error: Exception, retry: int, wait: float) -> None:
-            log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
+            self.failing[what] = str(error)
+            level = logging.DEBUG if self.telegram.trouble else logging.ERROR  # its red flag says it once
+            log.log(level, "[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
 
         await call_with_retries(attempt, UNTIL_DONE, clock=self.clock, on_retry=report)
+        self.failing.pop(what, None)
 
 
 class LongPolling:
@@ -6241,17 +6316,17 @@ class LongPolling:
                 continue  # turned passive meanwhile
             offset = await self._ingest(updates or [], offset)
 
-    @staticmethod
-    def _report_delete_failure(error: Exception, retry: int, wait: float) -> None:
-        log.error("[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
+    def _report_delete_failure(self, error: Exception, retry: int, wait: float) -> None:
+        log.log(logging.DEBUG if self.telegram.trouble else logging.ERROR,  # its red flag says it once
+                "[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
 
-    @staticmethod
-    def _report_poll_failure(error: Exception, retry: int, wait: float) -> None:
+    def _report_poll_failure(self, error: Exception, retry: int, wait: float) -> None:
         if isinstance(error, TelegramError) and error.error_code == 409:
             log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
                         "retrying in %.0fs", wait)
         else:
-            log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
+            log.log(logging.DEBUG if self.telegram.trouble else logging.WARNING,
+                    "[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
 
     async def _ingest(self, updates: list, offset: int | None) -> int | None:
         """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
@@ -6654,7 +6729,8 @@ class Metrics:
     """/metrics: every part's counters and gauges, and the timings, as Prometheus metric families."""
 
     def __init__(self, timings: Timings, db: Database, pipeline: UpdatePipeline, telegram: TelegramClient,
-                 kie: KieClient, generations: Generations, role: Role):
+                 kie: KieClient, generations: Generations, role: Role, diagnostics: Diagnostics):
+        self.diagnostics = diagnostics
         self.timings = timings
         self.db = db
         self.pipeline = pipeline
@@ -6664,7 +6740,7 @@ class Metrics:
         self.role = role
 
     def families(self, server: HttpServer) -> list[Family]:
-        return self._counters() + self._gauges(server) + self._histograms()
+        return self._counters() + self._gauges(server) + self._red_flag_gauges() + self._histograms()
 
     def _counters(self) -> list[Family]:
         stats = dataclasses.asdict(self.pipeline.stats)
@@ -6719,6 +6795,21 @@ class Metrics:
             ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, self.timings.uptime())]),
         ]
 
+    def _red_flag_gauges(self) -> list[Family]:
+        raised, seen = self.diagnostics.red_flags.raised, self.diagnostics.seen
+        webhook, credits = seen.get("webhook", {}), seen.get("credits")
+        error_at = webhook.get("last_error_date") if webhook.get("last_error_message") else None
+        return [
+            ("trt_red_flag", "gauge", "1 while a red flag is raised (/health's warnings say why), by flag.",
+             [("", {"flag": flag}, flag in raised) for flag in RED_FLAGS]),
+            ("trt_telegram_pending_updates", "gauge", "Updates Telegram holds for the webhook, at the last check.",
+             [("", {}, webhook["pending_update_count"])] if "pending_update_count" in webhook else []),
+            ("trt_webhook_last_error_age_seconds", "gauge", "Seconds since Telegram's last webhook error.",
+             [("", {}, self.diagnostics.clock.time() - error_at)] if isinstance(error_at, (int, float)) else []),
+            ("trt_kie_credits", "gauge", "Kie.ai's credit balance, read every 10 minutes.",
+             [("", {}, credits)] if credits is not None else []),
+        ]
+
     def _histograms(self) -> list[Family]:
         return [
             ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
@@ -6771,50 +6862,84 @@ class SharedCall:
             self._in_flight = None
 
 
+# Each red flag: "failing" while users get no answers (or none soon), else "degraded"; and what to do.
+RED_FLAGS: dict[str, tuple[str, str]] = {
+    "telegram_unreachable": ("failing", "check the network and TELEGRAM_API_BASE; the bot keeps retrying"),
+    "token_rejected": ("failing", "it was revoked or is wrong: copy TELEGRAM_BOT_TOKEN again from @BotFather"),
+    "webhook_error": ("failing", "see /diag/webhook"),  # the fix depends on the error: WEBHOOK_ERROR_FIXES
+    "setup_failing": ("failing", "see the [WEBHOOK] and [COMMANDS] lines in the log; is WEBHOOK_BASE_URL right?"),
+    "outbox_stuck": ("failing", "Telegram does not take the replies: see the [TG] and [OUTBOX] lines in the log"),
+    "pending_updates": ("degraded", "Telegram cannot reach the bot, or acknowledgements are slow: see /diag/webhook"),
+    "inbox_backlog": ("degraded", "the workers do not keep up: raise UPDATE_QUEUE_WORKERS, or find slow handlers"),
+    "kie_credits_low": ("degraded", "top them up in your Kie.ai dashboard before Kie refuses pictures (402)"),
+    "daily_limit": ("degraded", "new pictures are refused until 00:00 UTC; raise GEN_DAILY_LIMIT to allow more"),
+}
+# What a webhook error Telegram reports means, by a phrase in it (the first match wins).
+WEBHOOK_ERROR_FIXES = (
+    ("401", "the bot refused Telegram's secret token: another deployment registered this webhook, or "
+            "WEBHOOK_SECRET_TOKEN changed since; give every instance the same WEBHOOK_SECRET_TOKEN and restart"),
+    ("503", "the bot answered 503 (its inbox or memory full, or shutting down): see /health"),
+    ("SSL", "Telegram does not trust the certificate of WEBHOOK_BASE_URL"),
+    ("", "Telegram cannot reach WEBHOOK_BASE_URL: check the URL, its DNS, and that the service is up"),
+)
+
+
+def webhook_problem(info: dict, now: float, since: float = 0.0) -> tuple[str, str] | None:
+    """(reason, fix) when getWebhookInfo's last error is current: newer than ``since`` and
+    WEBHOOK_ERROR_RECENT_S, with updates still pending (a deploy gap's error outlives the gap)."""
+    message, date = info.get("last_error_message") or "", info.get("last_error_date")
+    if not (message and isinstance(date, (int, float)) and date >= max(since, now - WEBHOOK_ERROR_RECENT_S)
+            and info.get("pending_update_count")):
+        return None
+    fix = next(fix for phrase, fix in WEBHOOK_ERROR_FIXES if phrase in message)
+    return f"Telegram could not deliver an update {now - date:.0f} s ago: {message}", fix
+
+
 class RedFlags:
-    """The warning signs of the report, as plain state: fed observations, it says what to log.
+    """The warning signs of the report (RED_FLAGS), as plain state: fed observations, it says what to log.
 
     A flag is raised once when its condition starts and cleared once when it
     ends, however many checks see it in between.  ``warnings`` is what
-    /health shows.  The observe_* methods return ('raised' | 'cleared', text)
-    when a flag changes, else None.
+    /health shows.  The observe* methods return ('raised' | 'cleared', flag,
+    text) when a flag changes, else None.
     """
 
     def __init__(self, pending_over: int, growth_checks: int):
         self.pending_over = pending_over
         self.growth_checks = growth_checks
-        self.raised: dict[str, str] = {}  # flag -> what it says, with the latest figures
+        self.raised: dict[str, dict[str, str]] = {}  # flag -> its warning, with the latest figures
         self._backlog: int | None = None
         self._growth = 0  # checks in a row at which the backlog grew
 
     @property
-    def warnings(self) -> list[str]:
+    def warnings(self) -> list[dict[str, str]]:
         return list(self.raised.values())
 
-    def observe_pending(self, pending: int) -> tuple[str, str] | None:
-        if pending > self.pending_over:
-            return self._raise("pending_updates", f"Telegram holds {pending} pending updates (over "
-                               f"{self.pending_over}): it cannot reach the bot, or acknowledgements are slow; "
-                               "see /diag/webhook")
-        return self._clear("pending_updates", f"Telegram holds {pending} pending updates (at most {self.pending_over})")
+    def severities(self) -> set[str]:
+        return {RED_FLAGS[flag][0] for flag in self.raised}
 
-    def observe_backlog(self, backlog: int) -> tuple[str, str] | None:
+    def observe(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
+        """``flag`` is raised for ``reason`` (None: it is not, as ``all_clear`` says)."""
+        if reason is None:
+            return ("cleared", flag, all_clear) if self.raised.pop(flag, None) is not None else None
+        first = flag not in self.raised
+        self.raised[flag] = {"flag": flag, "reason": reason, "fix": fix or RED_FLAGS[flag][1]}
+        return ("raised", flag, f"{reason}; {self.raised[flag]['fix']}") if first else None
+
+    def observe_pending(self, pending: int) -> tuple[str, str, str] | None:
+        held, most = f"Telegram holds {pending} pending updates", self.pending_over
+        return self.observe("pending_updates", f"{held} (over {most})" if pending > most else None,
+                            f"{held} (at most {most})")
+
+    def observe_backlog(self, backlog: int) -> tuple[str, str, str] | None:
         previous, self._backlog = self._backlog, backlog
         self._growth = self._growth + 1 if previous is not None and backlog > previous else 0
         if self._growth >= self.growth_checks:
-            return self._raise("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
-                               f"to {backlog} updates: the workers do not keep up")
+            return self.observe("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
+                                f"to {backlog} updates", "")
         if backlog == 0 or (previous is not None and backlog < previous):
-            return self._clear("inbox_backlog", f"the inbox backlog is going down ({backlog} updates)")
+            return self.observe("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
         return None
-
-    def _raise(self, flag: str, text: str) -> tuple[str, str] | None:
-        first = flag not in self.raised
-        self.raised[flag] = text
-        return ("raised", text) if first else None
-
-    def _clear(self, flag: str, text: str) -> tuple[str, str] | None:
-        return ("cleared", text) if self.raised.pop(flag, None) is not None else None
 
 
 class Diagnostics:
@@ -6836,13 +6961,20 @@ class Diagnostics:
         self.stopping = stopping
         self.clock = clock
         self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S, clock)
+        self.kie_credits = SharedCall(lambda: generations.kie.credits(budget_s=0), KIE_CREDITS_CHECK_S, clock)
         self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
         self.red_flag_check_s, self.webhook_check_s = RED_FLAG_CHECK_S, WEBHOOK_CHECK_S
+        self.started_at = int(clock.time())  # a webhook error before it is not this process's (whole seconds)
+        self.seen: dict[str, Any] = {}  # the latest getWebhookInfo answer ("webhook") and credit balance ("credits")
+        self._beat = (math.inf, 0.0)  # (the event loop's last beat, how late it came): none before it starts
 
     async def on_health(self, request: Request) -> Response:
-        stopping, workers_dead = self.stopping.is_set(), not self.pipeline.workers_alive
+        """200 whatever a restart cannot fix (``status`` and ``warnings`` say it); 503 when one would help."""
+        stopping, failure = self.stopping.is_set(), self._cannot_work()
+        severities = self.red_flags.severities() | (set() if self.db.ok else {"degraded"})
         payload = {
-            "status": "stopping" if stopping else "ok" if self.db.ok else "degraded",
+            "status": "stopping" if stopping else "failing" if failure or "failing" in severities
+            else "degraded" if severities else "ok",
             "uptime": int(self.timings.uptime()),
             "active": self.role.active,
             "webhook_mode": self.config.bot_mode == "webhook",
@@ -6854,9 +6986,28 @@ class Diagnostics:
             "warnings": self.red_flags.warnings,
             "version": __version__,
         }
+        if failure:
+            payload["failure"] = failure
         if not self.db.ok:
             payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
-        return json_response(payload, 503 if stopping or workers_dead else 200)
+        return json_response(payload, 503 if stopping or failure else 200)
+
+    def _cannot_work(self) -> str:
+        """Why this process cannot do its job at all, which a restart ends; "" when it can."""
+        beat, late = self._beat
+        lag = max(late, time.monotonic() - beat - LOOP_BEAT_S)
+        if not self.pipeline.workers_alive:
+            return "the update workers have died"
+        if self.pipeline.watchdog.stuck() >= self.pipeline.workers.count:
+            return "every update worker is stuck in a handler that ignores its timeout"
+        return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
+
+    async def beat_forever(self) -> None:
+        """How late a short sleep ends is how long every request waits (real time: ``clock`` is no loop's)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LOOP_BEAT_S)
+            self._beat = (time.monotonic(), time.monotonic() - before - LOOP_BEAT_S)
 
     async def _get_webhook_info(self) -> dict:
         info = await self.telegram.call("getWebhookInfo")
@@ -6890,32 +7041,72 @@ class Diagnostics:
         })
 
     async def watch_red_flags(self) -> None:
-        """Sample the inbox backlog, and in webhook mode Telegram's pending count; log each incident once."""
+        """Look at this process every check, at Telegram and Kie.ai less often; log each incident once."""
         last_webhook_check = self.clock.monotonic()
         while True:
             await self.clock.sleep(self.red_flag_check_s)
-            self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
-            if self.config.bot_mode != "webhook" or self.clock.monotonic() - last_webhook_check < self.webhook_check_s:
-                continue
-            last_webhook_check = self.clock.monotonic()
-            try:
-                pending = (await self.webhook_info.get()).get("pending_update_count")
-            except TelegramError:
-                continue  # the Telegram client has logged it; the flag stays as it was
-            self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+            self._observe_here()
+            webhook_due = self.clock.monotonic() >= last_webhook_check + self.webhook_check_s
+            if self.config.bot_mode == "webhook" and webhook_due:
+                last_webhook_check = self.clock.monotonic()
+                await self._observe_webhook()
+            if self.role.active and self.generations.configured() and self.config.kie_credits_low:
+                await self._observe_credits()
+
+    def _observe_here(self) -> None:
+        trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations.fairness
+        waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.role.set_up.failing
+        for flag, reason, all_clear in (
+            ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
+             "cannot be reached", "the Bot API answers again"),
+            ("token_rejected", trouble == "token_rejected" and "Telegram rejects the bot token",
+             "Telegram accepts the bot token again"),
+            ("setup_failing", not trouble and failing and "set-up keeps failing: " + "; ".join(failing.values()),
+             "set-up succeeded"),
+            ("outbox_stuck", waited > OUTBOX_STUCK_FLAG_S and f"the oldest of {outbox.depth} replies has waited "
+             f"{waited:.0f} s (over {OUTBOX_STUCK_FLAG_S:.0f} s)", "the outbox moves again"),
+            ("daily_limit", 0 < fairness.daily_limit <= started and f"{started} pictures started today, "
+             f"GEN_DAILY_LIMIT={fairness.daily_limit}", "a new day: pictures may start again"),
+        ):
+            self._log_red_flag(self.red_flags.observe(flag, reason or None, all_clear))
+        self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
+
+    async def _observe_webhook(self) -> None:
+        try:
+            info = self.seen["webhook"] = await self.webhook_info.get()
+        except TelegramError:
+            return  # the Telegram client's trouble says why; these flags stay as they were
+        pending = info.get("pending_update_count")
+        self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+        reason, fix = webhook_problem(info, self.clock.time(), self.started_at) or (None, "")
+        reason = reason and mask_secrets(reason, self.config.secrets)
+        self._log_red_flag(self.red_flags.observe("webhook_error", reason, "Telegram delivers again", fix))
+
+    async def _observe_credits(self) -> None:
+        try:
+            credits = self.seen["credits"] = await self.kie_credits.get()
+        except KieError:
+            return  # counted in trt_kie_calls_total; the flag stays as it was
+        low, shown = self.config.kie_credits_low, f"{credits:g}"
+        reason = f"Kie.ai has {shown} credits left (under KIE_CREDITS_LOW={low})" if credits < low else None
+        change = self.red_flags.observe("kie_credits_low", reason, f"Kie.ai has {shown} credits")
+        self._log_red_flag(change)
+        if change is not None and change[0] == "raised":
+            await self.generations.alerts.tell(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
 
     @staticmethod
-    def _log_red_flag(change: tuple[str, str] | None) -> None:
+    def _log_red_flag(change: tuple[str, str, str] | None) -> None:
         if change is None:
             return
-        event, text = change
+        event, flag, text = change
         if event == "raised":
-            log.warning("[FLAG] %s", text)
+            log.log(logging.ERROR if RED_FLAGS[flag][0] == "failing" else logging.WARNING, "[FLAG] %s", text)
         else:
             log.info("[FLAG] cleared: %s", text)
 
     def close(self) -> None:
         self.webhook_info.cancel()
+        self.kie_credits.cancel()
 
 
 class Routes:
@@ -7074,11 +7265,13 @@ class App:
                          self.generations, outbox, set_up, clock)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
-        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
+        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role,
+                          self.diagnostics)
         self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
         # The loops that run for the life of the process, by task name.
         self._loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags}
+            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags,
+            "loop-beat": self.diagnostics.beat_forever}
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
 
@@ -7197,7 +7390,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
             report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
             await _check_webhook(config, telegram, report)
         except TelegramError as error:
-            if error.error_code in (401, 404):
+            if error.error_code in TOKEN_REJECTED_CODES:
                 report("FAIL", "Telegram", f"the bot token was rejected ({error.error_code} {error.description}): "
                                            "copy TELEGRAM_BOT_TOKEN again from @BotFather (/token)")
             else:
@@ -7214,7 +7407,10 @@ async def _check_webhook(config: Config, telegram: TelegramClient, report: Calla
     pending, error = info.get("pending_update_count") or 0, info.get("last_error_message") or ""
     status = "ok" if not error else "warn"
     detail = f"{url}, {pending} pending" + (f", last error: {error}" if error else "")
-    if config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
+    problem = webhook_problem(info, time.time())
+    if problem is not None:
+        status, detail = "FAIL", f"{url}, {pending} pending; {problem[0]}: {problem[1]}"
+    elif config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
         status, detail = "warn", detail + "; the bot will register its own URL when it starts"
     elif config.bot_mode == "polling" and info.get("url"):
         status, detail = "warn", detail + "; polling mode deletes this webhook when it starts"
