@@ -1121,8 +1121,31 @@ async def test_kies_408_has_its_own_message(make_app, fake_tg, fake_kie, fast_jo
     assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", (), "", "408")) == "stalled"
 
 
+@pytest.mark.parametrize("key, expected", [  # each input named as the model's Kie page names it
+    ("zimage", {"prompt": "p", "aspect_ratio": "4:3", "nsfw_checker": True}),
+    ("nanobanana", {"prompt": "p", "image_size": "4:3", "output_format": "png"}),  # its ratio is "image_size"
+    ("seedream45", {"prompt": "p", "aspect_ratio": "4:3", "quality": "o", "nsfw_checker": True}),
+    ("flux2pro", {"prompt": "p", "aspect_ratio": "4:3", "resolution": "o", "nsfw_checker": True}),
+    ("grok", {"prompt": "p", "aspect_ratio": "4:3", "nsfw_checker": True}),
+    ("imagen4fast", {"prompt": "p", "aspect_ratio": "4:3"}),
+])
+def test_each_catalog_row_fills_the_inputs_its_kie_page_names(key, expected):
+    request = trt_bot.MODELS_BY_KEY[key].request("p", "4:3", "o", True)
+    assert json.dumps(request) == json.dumps(expected)  # the same fields in the same order
+
+
+def test_an_edit_model_is_a_row_naming_where_the_pictures_go():
+    edit = trt_bot.ImageModel("nbedit", "google/nano-banana-edit", "Nano Banana Edit", ("1:1",),
+                              inputs=(("prompt", "prompt"), ("image_urls", "image_urls"), ("image_size", "ratio")))
+    assert edit.request("p", "1:1", image_urls=("https://a/1", "https://a/2")) == {
+        "prompt": "p", "image_urls": ["https://a/1", "https://a/2"], "image_size": "1:1"}
+    single = dataclasses.replace(edit, inputs=(("prompt", "prompt"), ("image_url", "image_url")))
+    assert single.request("p", "1:1", image_urls=("https://a/1", "https://a/2")) == {
+        "prompt": "p", "image_url": "https://a/1"}
+
+
 async def test_kies_content_filter_is_on_by_default_and_a_setting_turns_it_off(make_app, fake_tg, fake_kie):
-    documented = {model.key for model in trt_bot.CATALOG if model.nsfw_checker}
+    documented = {model.key for model in trt_bot.CATALOG if "nsfw_checker" in dict(model.inputs)}
     assert documented == {"zimage", "seedream45", "flux2pro", "grok"}  # as Kie's model pages list the parameter
     assert trt_bot.load_config(bot_env(fake_tg, "x.sqlite3")).kie_nsfw_checker is True
     with pytest.raises(trt_bot.ConfigError):
