@@ -1165,21 +1165,25 @@ async def test_a_call_that_must_not_repeat_is_retried_only_when_it_never_reached
     assert lost.value.maybe_performed and route.call_count == 1  # Telegram may have it: not sent twice
 
 
+@pytest.mark.parametrize("budget_s, tries", [(20.0, 6), (40.0, 8)])
 @respx.mock
-async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram):
+async def test_transient_failures_are_retried_until_the_budget_is_spent_not_a_fixed_count(telegram, budget_s, tries):
     failures = [httpx.Response(502, text="<html>Bad Gateway</html>"), httpx.ConnectError("refused"),
                 httpx.ReadTimeout("stalled"), httpx.RemoteProtocolError("dropped"),
                 bot_api_error(500, "Internal Server Error"), bot_api_error(429, "Too Many Requests", retry_after=0)]
     route = respx.post(f"{API}/bot{TOKEN}/sendMessage").mock(
         side_effect=failures + [httpx.Response(200, json={"ok": True, "result": {"message_id": 5}})])
-    client = await telegram()
+    # Without jitter each wait is its ceiling, so the test is the same on every run (it once failed 1 run in 75).
+    client = await telegram(dataclasses.replace(trt_bot.TELEGRAM_RETRY, budget_s=budget_s, jittered=False))
     assert await client.send_message(1, "hi") == {"message_id": 5} and route.call_count == 7
     route.side_effect = itertools.repeat(httpx.Response(503, text="down"))
     client.clock.slept.clear()
     with pytest.raises(trt_bot.TelegramError) as caught:
         await client.send_message(1, "hi")
-    assert caught.value.error_code == 503 and route.call_count > 7 + 2  # retried, then given up at the budget
-    assert sum(client.clock.slept) <= trt_bot.TELEGRAM_RETRY_BUDGET_S
+    assert caught.value.error_code == 503 and route.call_count == 7 + tries  # retried, then given up at the budget
+    assert client.clock.slept[:3] == [1.0, 0.5, 0.5]  # the chat's spacing, then 0.5 s and the spacing's rest
+    assert client.clock.slept[3:] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0][:tries - 2]  # doubling up to 8 s
+    assert sum(client.clock.slept) + 8.0 > budget_s >= sum(client.clock.slept)  # one more wait would pass the budget
 
 
 @respx.mock
