@@ -638,8 +638,19 @@ def bot_processes(tmp_path):
             assert secret not in process.log, "a secret reached the bot's log output"
 
 
+SLOW_NAMES = {"postgres", "bot_processes", "run_bot_cli", "subprocess"}  # a PostgreSQL server, a child process
+
+
 def pytest_collection_modifyitems(items):
-    """The suite-wide secret check reads every record the other tests logged: run it last."""
+    """Marks the slow tests (faults, subprocesses, PostgreSQL): ``pytest -m "not slow"`` runs the rest in seconds.
+
+    The suite-wide secret check reads every record the other tests logged: it runs last.
+    """
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("database_url")
+        uses = {*item.fixturenames, *item.function.__code__.co_names}  # the fixtures and the names it calls
+        if item.path.name == "test_faults.py" or backend == "postgresql" or SLOW_NAMES & uses:
+            item.add_marker(pytest.mark.slow)
     last = [item for item in items if item.name == "test_no_log_record_in_the_whole_suite_contains_a_secret"]
     items[:] = [item for item in items if item not in last] + last
 

@@ -453,6 +453,7 @@ async def test_402_for_five_users_tells_each_and_alerts_admins_once(make_app, fa
     assert len(fake_kie.created) == 5  # 402 is not retried
 
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_a_generation_that_takes_too_long_is_stopped_and_explained(make_app, fake_tg, fake_kie, fast_jobs):
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="1"))
     await order(app, 56)
@@ -1076,6 +1077,7 @@ async def app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch) -> trt
     return app
 
 
+@pytest.mark.slow  # seconds of real time under load
 @pytest.mark.parametrize("lang, failed", [("ru", "отправить её не удалось"), ("en", "could not be sent")])
 async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_new_one(make_app, fake_tg, fake_kie,
                                                                                        monkeypatch, lang, failed):
@@ -1340,6 +1342,7 @@ def test_a_failed_task_is_explained_as_moderation_only_when_its_message_says_so(
 # 12. Generation jobs: durability and load
 ###############################################################################
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_start_is_answered_with_200_generations_in_flight(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie), TELEGRAM_SEND_RATE="1000")  # 800 messages: paid-broadcast speed
     async with httpx.AsyncClient():
@@ -1580,6 +1583,7 @@ async def test_an_unexpected_delivery_error_still_tells_the_user_and_is_logged(m
     assert never_retrieved(unretrieved_task_errors) == []
 
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_an_exception_in_a_job_task_is_logged_not_left_unretrieved(make_app, fake_tg, fake_kie, monkeypatch,
                                                                          caplog, unretrieved_task_errors, fast_jobs):
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="1"))
@@ -1604,6 +1608,7 @@ async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkey
     await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-deadlines failed"])
 
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app, fake_tg, fake_kie, monkeypatch,
                                                                        tmp_path):
     # "succeeded" used to have no timeout: sendPhoto was retried every 30 s forever.

@@ -1510,6 +1510,7 @@ async def test_same_update_id_twice_is_answered_once(make_app, fake_tg, database
     assert len(fake_tg.calls_of("sendMessage")) == 1 and app.pipeline.stats.duplicates == 1
 
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_300_updates_over_30_chats_are_answered_in_each_chats_order(make_app, fake_tg, database_url):
     app = await make_app(UPDATE_QUEUE_WORKERS="3", DATABASE_URL=database_url)
     handled: dict[int, list[int]] = {}
@@ -2027,6 +2028,7 @@ async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
         release.set()
 
 
+@pytest.mark.slow  # seconds of real time under load
 async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_exactly_once(make_app):
     app = await make_app(UPDATE_QUEUE_WORKERS="3", UPDATE_QUEUE_SIZE="20")
     handled: list[int] = []
