@@ -137,6 +137,19 @@ def test_kie_envelope_code_is_read_even_on_http_200():
     assert caught.value.code == 502 and caught.value.retryable
 
 
+@pytest.mark.parametrize("status, body, code", [
+    (400, b"<html>Bad Request</html>", 400),  # not JSON: the HTTP status is the code
+    (500, b"", 500),
+    (200, b"[]", 500),  # HTTP 200 without a Kie body is still an error
+    (400, b'{"code":200,"msg":"success","data":{"taskId":"t"}}', 400),  # a code 200 does not make a 400 a success
+    (422, b'{"code":"422","msg":"bad"}', 422),  # a code that is not a number: the HTTP status
+])
+def test_a_kie_answer_without_a_usable_code_is_an_error_of_its_http_status(status, body, code):
+    with pytest.raises(trt_bot.KieError) as caught:
+        trt_bot.parse_kie_envelope(status, body)
+    assert caught.value.code == code
+
+
 @pytest.mark.parametrize("code, retryable", [(401, False), (402, False), (422, False), (501, False), (505, False),
                                              (429, True), (455, True), (500, True), (0, True), (503, True)])
 def test_kie_errors_are_classified_for_retry(code, retryable):
@@ -195,10 +208,21 @@ def test_result_urls_are_kept_only_when_well_formed_http_with_a_host():
         assert trt_bot.split_result_url(url) is not None
 
 
-def test_unreadable_task_records_raise():
+def test_unreadable_task_records_raise_as_server_errors_kie_may_fix():
     for data in (None, {"state": "exploded"}, {"state": "success", "resultJson": "{nope"}):
-        with pytest.raises(trt_bot.KieError):
+        with pytest.raises(trt_bot.KieError) as caught:
             trt_bot.parse_task_record(data)
+        assert (caught.value.code, caught.value.retryable) == (500, True)
+
+
+@pytest.mark.parametrize("url, kept", [
+    ("https://cdn.example/" + "x" * (2048 - len("https://cdn.example/")), True),  # 2,048 characters
+    ("https://cdn.example/" + "x" * (2049 - len("https://cdn.example/")), False),
+    ("https://" + ("a" * 63 + ".") * 3 + "a" * 61 + "/x.png", True),  # a host of 253 characters
+    ("https://" + ("a" * 63 + ".") * 3 + "a" * 62 + "/x.png", False),  # 254
+])
+def test_result_urls_and_hosts_are_kept_up_to_their_limits(url, kept):
+    assert (trt_bot.split_result_url(url) is not None) is kept
 
 
 def test_webhook_signature_is_base64_hmac_of_task_id_and_timestamp():

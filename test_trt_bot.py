@@ -201,6 +201,28 @@ def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
         trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
 
 
+@pytest.mark.parametrize("name, raw, field, value", [  # each limit itself is allowed
+    ("TELEGRAM_CHAT_INTERVAL_S", "60", "telegram_chat_interval_s", 60.0),
+    ("TELEGRAM_CHAT_INTERVAL_S", "0", "telegram_chat_interval_s", 0.0),
+    ("WEBHOOK_FLUSH_PENDING_OVER", "0", "flush_pending_over", 0),
+    ("WEBHOOK_FLUSH_PENDING_OVER", "-1", "flush_pending_over", -1),
+    ("KIE_API_KEY", "12345678", "kie_api_key", "12345678"),
+    ("DATABASE_URL", "postgresql://bot:12345678@db/x", "database", "postgresql://bot:12345678@db/x"),
+    ("DATABASE_URL", "postgresql://db/x?password=12345678", "database", "postgresql://db/x?password=12345678"),
+])
+def test_a_value_at_a_settings_limit_is_accepted(name, raw, field, value):
+    assert getattr(trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw}), field) == value
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("TELEGRAM_CHAT_INTERVAL_S", "60.001"), ("WEBHOOK_FLUSH_PENDING_OVER", "-2"), ("KIE_API_KEY", "1234567"),
+    ("DATABASE_URL", "postgresql://bot:1234567@db/x"),
+])
+def test_a_value_just_past_a_settings_limit_is_refused(name, raw):
+    with pytest.raises(trt_bot.ConfigError, match=name):
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
+
+
 ###############################################################################
 # 2. Logging: secrets never reach a log record
 ###############################################################################
@@ -291,51 +313,83 @@ def parse_all(data: bytes, *, bytewise: bool = False, **limits) -> list[trt_bot.
     return requests
 
 
+LINE = "malformed request line"
+HEADER = "malformed header line"
+BAD_LENGTH = "invalid Content-Length"
+ONE_HOST = "exactly one Host header"
+BARE_LF = "bare LF"
+# Each case has its Host, so it fails for its own reason, not for a missing Host.
 BAD_REQUESTS = [
-    # (label, bytes, status)
-    ("garbage request line", b"HELLO\r\n\r\n", 400),
-    ("missing version", b"GET /\r\n\r\n", 400),
-    ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
-    ("absolute-form target", b"GET http://x/ HTTP/1.1\r\n\r\n", 400),
-    ("TLS handshake on plain port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
-    ("NUL first byte", b"\x00GET / HTTP/1.1\r\n\r\n", 400),
-    ("header without colon", b"GET / HTTP/1.1\r\nHost a\r\n\r\n", 400),
-    ("whitespace before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
-    ("obs-fold continuation", b"GET / HTTP/1.1\r\nX: a\r\n  b\r\n\r\n", 400),
-    ("NUL in header value", b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
-    ("bare LF in header value", b"GET / HTTP/1.1\r\nX: a\nb: c\r\n\r\n", 400),
-    ("CR in header name", b"GET / HTTP/1.1\r\nX\rY: a\r\n\r\n", 400),
-    ("Content-Length not a number", b"POST / HTTP/1.1\r\nContent-Length: asdf\r\n\r\n", 400),
-    ("Content-Length with junk", b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", 400),
-    ("Content-Length of 21 digits", b"POST / HTTP/1.1\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n", 400),
-    ("negative Content-Length", b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    ("conflicting Content-Length", b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-    ("conflicting Content-Length list", b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
+    # (label, bytes, status, reason)
+    ("garbage request line", b"HELLO\r\nHost: a\r\n\r\n", 400, LINE),
+    ("missing version", b"GET /\r\nHost: a\r\n\r\n", 400, LINE),
+    ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "only HTTP/1.0 and HTTP/1.1"),
+    ("absolute-form target", b"GET http://x/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "target must be a path"),
+    ("TLS handshake on plain port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "not HTTP"),
+    ("NUL first byte", b"\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "not HTTP"),
+    ("header without colon", b"GET / HTTP/1.1\r\nHost: a\r\nX a\r\n\r\n", 400, HEADER),
+    ("whitespace before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n", 400, HEADER),
+    ("obs-fold continuation", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  b\r\n\r\n", 400, HEADER),
+    ("NUL in header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400, "invalid character"),
+    ("bare LF in header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\nb: c\r\n\r\n", 400, BARE_LF),
+    ("CR in header name", b"GET / HTTP/1.1\r\nHost: a\r\nX\rY: a\r\n\r\n", 400, HEADER),
+    ("Content-Length not a number", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: asdf\r\n\r\n", 400, BAD_LENGTH),
+    ("Content-Length with junk", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", 400, BAD_LENGTH),
+    ("Content-Length of 21 digits",
+     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n", 400, BAD_LENGTH),
+    ("negative Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400, BAD_LENGTH),
+    ("empty Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", 400, BAD_LENGTH),
+    ("conflicting Content-Length",
+     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "conflicting"),
+    ("conflicting Content-Length list", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 2\r\n\r\n", 400,
+     "conflicting"),
     ("Content-Length and Transfer-Encoding",
-     b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-    ("chunked body", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
-    ("unknown transfer coding", b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-    ("body over the limit", b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
-    ("headers over the limit, head complete", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n", 431),
-    ("headers over the limit, head unfinished", b"GET / HTTP/1.1\r\nX: " + b"a" * 17000, 431),
+     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+     "both Content-Length and Transfer-Encoding"),
+    ("chunked body", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411, "chunked"),
+    ("unknown transfer coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+     "unsupported Transfer-Encoding"),
+    ("body over the limit", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1048577\r\n\r\n", 413, "too large"),
+    ("headers over the limit, head complete", b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 17000 + b"\r\n\r\n",
+     431, "headers too large"),
+    ("headers over the limit, head unfinished", b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 17000, 431,
+     "headers too large"),
     # These used to raise UnicodeDecodeError (no answer, a traceback in the log) or wait 10 s for a 408.
-    ("non-ASCII byte in the target", b"GET /health\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-    ("non-ASCII byte in the method", b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-    ("bare LF request line", b"GET / HTTP/1.1\n\n", 400),
-    ("bare LF after a header", b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
-    ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nX: a\r\n\r\n", 400),
-    ("two Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
+    ("non-ASCII byte in the target", b"GET /health\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400, LINE),
+    ("non-ASCII byte in the method", b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n", 400, LINE),
+    ("bare LF request line", b"GET / HTTP/1.1\n\n", 400, BARE_LF),
+    ("bare LF after a header", b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400, BARE_LF),
+    ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nX: a\r\n\r\n", 400, ONE_HOST),
+    ("two Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400, ONE_HOST),
 ]
 
 
-@pytest.mark.parametrize("label, data, status", BAD_REQUESTS, ids=[row[0] for row in BAD_REQUESTS])
+@pytest.mark.parametrize("label, data, status, reason", BAD_REQUESTS, ids=[row[0] for row in BAD_REQUESTS])
 @pytest.mark.parametrize("how", ["whole", "bytewise", "with trailing data"])
-def test_bad_request_gets_its_status(label, data, status, how):
+def test_bad_request_gets_its_status_and_reason(label, data, status, reason, how):
     if how == "with trailing data":
         data += GOOD
     with pytest.raises(trt_bot.HttpError) as caught:
         parse_all(data, bytewise=how == "bytewise")
-    assert caught.value.status == status
+    assert (caught.value.status, reason in caught.value.reason) == (status, True), caught.value.reason
+
+
+@pytest.mark.parametrize("lengths", [b"2, 2", b"2,2", b"2\r\nContent-Length: 2"])
+def test_repeated_content_lengths_that_agree_are_one_length(lengths):
+    (request,) = parse_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: " + lengths + b"\r\n\r\n{}")
+    assert request.body == b"{}"
+
+
+@pytest.mark.parametrize("length, status", [(1024 * 1024, None), (1024 * 1024 + 1, 413)])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(length, status):
+    parser = trt_bot.RequestParser()
+    parser.feed(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % length)
+    if status is None:
+        assert parser.next_request() is None  # waiting for the body
+    else:
+        with pytest.raises(trt_bot.HttpError) as caught:
+            parser.next_request()
+        assert caught.value.status == status
 
 
 @pytest.mark.parametrize("how", ["whole", "bytewise"])
@@ -1096,6 +1150,21 @@ def test_a_flood_pause_holds_every_chat_and_then_sends_resume_at_the_rate_not_in
     assert pacer.pauses == 2
 
 
+def test_a_flood_pause_that_starts_as_the_last_one_ends_is_a_new_pause():
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
+    pacer.pause(50.0, 2.0)
+    pacer.pause(51.5, 1.0)  # a 429 during the pause lengthens it
+    assert pacer.pauses == 1 and pacer.wait(52.0) == 0.5
+    pacer.pause(52.5, 1.0)  # exactly when the last one ended
+    assert pacer.pauses == 2 and pacer.wait(52.5) == 1.0
+
+
+def test_a_pause_of_0_seconds_holds_nothing_back():
+    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
+    pacer.pause(50.0, 0)  # a 429 with retry_after 0
+    assert pacer.wait(50.0) == 0 and pacer.chat_wait(50.0, 7) == 0
+
+
 def test_the_pacer_forgets_chats_whose_spacing_has_passed():
     pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_per_minute=20)
     for n in range(20_000):  # 20,000 chats, ten a second
@@ -1255,6 +1324,9 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
     with pytest.raises(trt_bot.TelegramError) as caught:
         trt_bot.parse_bot_api_response("m", 502, b"<html>")
     assert caught.value.error_code == 502 and caught.value.retryable
+    with pytest.raises(trt_bot.TelegramError) as caught:  # 0 is an answer: retry at once, not "a second"
+        trt_bot.parse_bot_api_response("m", 429, b'{"ok":false,"error_code":429,"parameters":{"retry_after":0}}')
+    assert caught.value.retry_after == 0 and trt_bot._telegram_wait_asked(caught.value) == 0.0
     for unreadable in (b'"soon"', b'-1', b'true', b'null'):
         with pytest.raises(trt_bot.TelegramError) as caught:
             trt_bot.parse_bot_api_response("m", 429, b'{"ok":false,"error_code":429,"parameters":{"retry_after":'
@@ -2466,6 +2538,12 @@ MATCHING = {"url": "U", "allowed_updates": trt_bot.ALLOWED_UPDATES}
 def test_plan_webhook_drops_only_a_backlog_over_the_threshold_and_says_why(info, action, says):
     assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 10)[0] == action
     assert says in trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 10)[1]
+
+
+@pytest.mark.parametrize("pending, action", [(0, "keep"), (1, "flush")])
+def test_a_threshold_of_0_keeps_an_empty_backlog_and_drops_any_other(pending, action):
+    info = {**MATCHING, "pending_update_count": pending}
+    assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 0)[0] == action
 
 
 def test_flush_can_be_disabled():
