@@ -508,6 +508,17 @@ class InstantClock(ManualClock):
         await asyncio.sleep(0)
 
 
+def bot_text(lang: str, key: str, **values: Any) -> str:
+    """What the bot says, named by its TEXTS key: tests never repeat the copy, so a forker may change it."""
+    return trt_bot.render(lang, key, **values)
+
+
+def says(message: str, lang: str, key: str) -> bool:
+    """Whether ``message`` holds TEXTS[lang][key], whatever values fill its ``{placeholders}``."""
+    parts = re.split(r"\{[^{}]*\}", trt_bot.TEXTS[lang][key])
+    return re.search(".*?".join(re.escape(part) for part in parts), message, re.DOTALL) is not None
+
+
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Wait until predicate() is truthy; fail the test with its last value otherwise."""
     deadline = time.monotonic() + timeout

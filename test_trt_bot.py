@@ -31,8 +31,8 @@ import respx
 
 import trt_bot
 from conftest import (DERIVED_SECRETS, HERE, KIE_KEY, POSTGRES_PASSWORD, SECRETS, TOKEN, ALL_RECORDS, InstantClock,
-                      ManualClock, bot_env, eventually, eventually_async, formatted, free_port, post_update,
-                      run_bot_cli, secret_header, update_callback, update_message)
+                      ManualClock, bot_env, bot_text, eventually, eventually_async, formatted, free_port, post_update,
+                      run_bot_cli, says, secret_header, update_callback, update_message)
 
 _real_sleep = asyncio.sleep
 
