@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
@@ -1549,9 +1550,9 @@ async def test_start_update_is_acknowledged_and_answered_with_the_menu(make_app,
     assert response.status_code == 200
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
     (sent,) = fake_tg.calls_of("sendMessage")
-    assert sent["chat_id"] == 42 and "Привет" in sent["text"]
+    assert sent["chat_id"] == 42 and says(sent["text"], "ru", "start")
     buttons = [b["text"] for row in sent["reply_markup"]["inline_keyboard"] for b in row]
-    assert "🖼 Создать картинку" in buttons and "ℹ️ Помощь" in buttons
+    assert bot_text("ru", "btn_create") in buttons and bot_text("ru", "btn_help") in buttons
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}])
@@ -2216,25 +2217,56 @@ def test_a_text_writes_a_counted_noun_after_its_number(count, words):
     assert f"{trt_bot.Counted(count)}" == str(count) and f"{trt_bot.Counted(count):>4}" == f"{count:>4}"
 
 
-def test_texts_agree_their_nouns_with_the_numbers_in_both_languages():
-    render = trt_bot.render
-    assert render("ru", "prompt_too_long", model="Z-Image", length=1001, most=1000).startswith(
-        "Слишком длинное описание: 1001 символ, а Z-Image принимает не больше 1000 символов.")
-    assert "1002 символа, " in render("ru", "prompt_too_long", model="Z-Image", length=1002, most=1000)
-    assert "1005 символов, " in render("ru", "prompt_too_long", model="Z-Image", length=1005, most=1000)
-    assert "не больше 21 символа." in render("ru", "prompt_too_long", model="M", length=22, most=21)
-    assert render("en", "prompt_too_long", model="Z-Image", length=1001, most=1000).startswith(
-        "That description is 1001 characters long, and Z-Image takes at most 1000.")
-    assert "at least 1 character." in render("en", "prompt_too_short", model="M", fewest=1)
-    assert "хотя бы 3 символа." in render("ru", "prompt_too_short", model="M", fewest=3)
-    assert trt_bot.prompt_limits(ZIMAGE, "ru") == "до 1000 символов"
-    assert trt_bot.prompt_limits(FLUX, "ru") == "от 3 до 5000 символов"
-    assert trt_bot.prompt_limits(FLUX, "en") == "3 to 5000 characters"
-    assert render("en", "left_this_hour", left=17, limit=20) == trt_bot.TEXTS["en"]["left_this_hour"].format(
-        left=17, limit=20)  # texts without counted nouns read as before
-    assert render("ru", "hourly_limit", limit=21, minutes=22) == (
-        "Можно не больше 21 картинки в час. Следующую — через 22 минуты.")
-    assert render("en", "hourly_limit", limit=20, minutes=1).endswith("Next one in 1 minute.")
+COPY_SNAPSHOT = os.path.join(HERE, "texts_snapshot.json")
+
+
+def leaves(tree: object, path: str = "") -> dict[str, object]:
+    """{'TEXTS["ru"]["start"]': "👋 …", ...}: each text of a nested dict under the path that reaches it."""
+    if not isinstance(tree, dict):
+        return {path: tree}
+    return {leaf: value for key, child in tree.items() for leaf, value in leaves(child, f"{path}[{key!r}]").items()}
+
+
+def test_the_copy_is_the_accepted_copy():
+    """The one test that holds the bot's words (TEXTS and the command menus, Russian and English): every other
+    test names a text by its key, so a changed text fails here alone, saying how to accept it."""
+    copy = {"TEXTS": trt_bot.TEXTS, "COMMAND_MENUS": trt_bot.COMMAND_MENUS}
+    if os.environ.get("ACCEPT_TEXTS") == "1":
+        with open(COPY_SNAPSHOT, "w", encoding="utf-8") as snapshot:
+            snapshot.write(json.dumps(copy, ensure_ascii=False, indent=1) + "\n")
+    with open(COPY_SNAPSHOT, encoding="utf-8") as snapshot:
+        accepted = json.load(snapshot)
+    now, then = leaves(copy), leaves(accepted)
+    changed = [path for path in {*now, *then} if now.get(path) != then.get(path)]
+    assert not changed, (f"the copy differs from texts_snapshot.json in {', '.join(sorted(changed))}. "
+                         "If you meant to change it, accept the new copy: "
+                         "ACCEPT_TEXTS=1 .venv/bin/python -m pytest -q -k the_copy_is_the_accepted_copy")
+
+
+def test_a_text_agrees_its_nouns_with_the_numbers_in_both_languages(monkeypatch):
+    monkeypatch.setitem(trt_bot.TEXTS["ru"], "said", "{length:символ|символа|символов}, не больше {most:символа|символов|"
+                                                     "символов}, {model}")
+    monkeypatch.setitem(trt_bot.TEXTS["en"], "said", "{length:character|characters}, {most}, {model}")
+    assert trt_bot.render("ru", "said", length=1001, most=1000, model=7) == "1001 символ, не больше 1000 символов, 7"
+    assert trt_bot.render("ru", "said", length=1002, most=21, model=7) == "1002 символа, не больше 21 символа, 7"
+    assert trt_bot.render("en", "said", length=1, most=1000, model=True) == "1 character, 1000, True"  # a bool is no count
+    assert trt_bot.render("en", "said", length=3, most=2, model=None) == "3 characters, 2, None"
+
+
+def test_every_text_has_both_languages_with_the_same_values_and_nouns_in_each_languages_forms():
+    """What a forker must keep when changing a text: its {values}, and 3 Russian or 2 English noun forms."""
+    fields = {lang: {key: [(name, spec) for _, name, spec, _ in string.Formatter().parse(text) if name is not None]
+                     for key, text in texts.items()} for lang, texts in trt_bot.TEXTS.items()}
+    assert fields["ru"].keys() == fields["en"].keys()
+    for key in fields["ru"]:
+        assert {name for name, _ in fields["ru"][key]} == {name for name, _ in fields["en"][key]}, key
+        for lang, forms in (("ru", 3), ("en", 2)):
+            assert all(spec.count("|") in (0, forms - 1) for _, spec in fields[lang][key]), (lang, key)
+
+
+def test_prompt_limits_name_the_models_own_bounds():
+    assert trt_bot.prompt_limits(ZIMAGE, "ru") == bot_text("ru", "limits_up_to", most=1000)
+    assert trt_bot.prompt_limits(FLUX, "en") == bot_text("en", "limits_between", fewest=3, most=5000)
 
 
 def without_text(**content) -> dict:
@@ -2293,8 +2325,8 @@ async def test_english_speakers_get_english_and_unknown_language_gets_russian(ma
     await post_update(app, update_message(2, 2, "/start", lang="uk"))
     await post_update(app, update_message(3, 3, "/start", lang=""))
     await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 3)
-    assert "Hi!" in fake_tg.texts_to(1)[0]
-    assert "Привет" in fake_tg.texts_to(2)[0] and "Привет" in fake_tg.texts_to(3)[0]
+    assert says(fake_tg.texts_to(1)[0], "en", "start")
+    assert says(fake_tg.texts_to(2)[0], "ru", "start") and says(fake_tg.texts_to(3)[0], "ru", "start")
 
 
 async def test_a_language_chosen_with_the_language_command_is_kept_across_restarts(make_app, fake_tg):
@@ -2308,16 +2340,16 @@ async def test_a_language_chosen_with_the_language_command_is_kept_across_restar
     await post_update(first, update_message(4, 30, "/start"))
     await eventually(lambda: len(fake_tg.texts_to(30)) == 3)
     _, done, start = fake_tg.texts_to(30)
-    assert done.startswith("Done: I’ll speak English") and start.startswith("👋 <b>Hi!</b>")
+    assert done == bot_text("en", "language_set") and says(start, "en", "start")
     popups = [p.get("text") for p in fake_tg.calls_of("answerCallbackQuery")]
-    assert popups == ["Эта кнопка больше не действует.", None]
+    assert popups == [bot_text("ru", "stale_button"), None]
     await first.stop()
     fake_tg.clear()
     second = await make_app()
     await post_update(second, update_message(5, 30, "/start"))
     await post_update(second, update_message(6, 31, "/start"))  # someone who never chose: their app's language
     await eventually(lambda: fake_tg.texts_to(30) and fake_tg.texts_to(31))
-    assert "Hi!" in fake_tg.texts_to(30)[0] and "Привет" in fake_tg.texts_to(31)[0]
+    assert says(fake_tg.texts_to(30)[0], "en", "start") and says(fake_tg.texts_to(31)[0], "ru", "start")
 
 
 async def test_a_language_chosen_while_the_database_is_unusable_holds_in_memory(make_app, fake_tg, tmp_path):
@@ -2327,16 +2359,7 @@ async def test_a_language_chosen_while_the_database_is_unusable_holds_in_memory(
     await post_update(app, update_callback(1, 44, "lang:en"))
     await post_update(app, update_message(2, 44, "/start"))
     await eventually(lambda: len(fake_tg.texts_to(44)) == 2)
-    assert fake_tg.texts_to(44)[0].startswith("Done:") and fake_tg.texts_to(44)[1].startswith("👋 <b>Hi!</b>")
-
-
-async def test_start_promises_no_time_in_either_language(make_app, fake_tg):
-    app = await make_app()
-    await post_update(app, update_message(1, 32, "/start"))
-    await post_update(app, update_message(2, 33, "/start", lang="en"))
-    await eventually(lambda: fake_tg.texts_to(32) and fake_tg.texts_to(33))
-    assert "полминуты" not in fake_tg.texts_to(32)[0] and "half a minute" not in fake_tg.texts_to(33)[0]
-    assert "придёт сюда же" in fake_tg.texts_to(32)[0] and "arrive right here" in fake_tg.texts_to(33)[0]
+    assert fake_tg.texts_to(44)[0] == bot_text("en", "language_set") and says(fake_tg.texts_to(44)[1], "en", "start")
 
 
 async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fake_tg):
@@ -2345,7 +2368,8 @@ async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fak
         await post_update(app, update_message(n, 9, text))
     await eventually(lambda: len(fake_tg.texts_to(9)) == 4)
     help_text, cancelled, hint, start = fake_tg.texts_to(9)
-    assert "/cancel" in help_text and "Отменять нечего" in cancelled and "Создать картинку" in hint and "Привет" in start
+    assert (help_text, cancelled, hint) == tuple(bot_text("ru", key) for key in ("help", "nothing_to_cancel", "hint"))
+    assert says(start, "ru", "start")
     assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage"))
 
 
@@ -2540,10 +2564,12 @@ def test_plan_webhook_drops_only_a_backlog_over_the_threshold_and_says_why(info,
     assert says in trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 10)[1]
 
 
-@pytest.mark.parametrize("pending, action", [(0, "keep"), (1, "flush")])
-def test_a_threshold_of_0_keeps_an_empty_backlog_and_drops_any_other(pending, action):
+@pytest.mark.parametrize("pending, action, says", [(0, "keep", "kept 0 pending updates, at most 0"),
+                                                   (1, "flush", "1 pending updates, over WEBHOOK_FLUSH_PENDING_OVER=0")])
+def test_a_threshold_of_0_keeps_an_empty_backlog_and_drops_any_other(pending, action, says):
     info = {**MATCHING, "pending_update_count": pending}
     assert trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 0)[0] == action
+    assert says in trt_bot.plan_webhook(info, "U", trt_bot.ALLOWED_UPDATES, 0)[1]
 
 
 def test_flush_can_be_disabled():
@@ -2731,7 +2757,7 @@ async def test_the_command_menu_is_set_in_russian_and_english_once(make_app, fak
     assert "language_code" not in ru and "scope" not in ru and en["language_code"] == "en"
     assert [c["command"] for c in ru["commands"]] == [c["command"] for c in en["commands"]] == ["start", "help",
                                                                                               "cancel", "language"]
-    assert ru["commands"][0]["description"] == "Меню и новая картинка"
+    assert ru["commands"] == trt_bot.COMMAND_MENUS[""] and en["commands"] == trt_bot.COMMAND_MENUS["en"]
     assert [p.get("language_code") for p in fake_tg.calls_of("getMyCommands")] == [None, "en"]
     await first.stop()
     fake_tg.clear()
