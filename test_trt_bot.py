@@ -397,7 +397,41 @@ def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(length
 def test_request_parses_whole_or_one_byte_at_a_time(how):
     (request,) = parse_all(GOOD, bytewise=how == "bytewise")
     assert (request.method, request.path, request.body, request.keep_alive) == ("POST", "/x", b"{}", True)
-    assert request.headers["host"] == "a"
+    assert request.headers == {"host": "a", "content-length": "2"}
+
+
+def test_a_one_letter_header_name_first_is_a_header_like_any_other():
+    (request,) = parse_all(b"GET / HTTP/1.1\r\nX: 1\r\nHost: a\r\n\r\n")
+    assert request.headers == {"x": "1", "host": "a"}
+
+
+@pytest.mark.parametrize("data", [
+    b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # after an empty line, which is skipped
+    GOOD + b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # at the start of the next request on the connection
+])
+def test_a_bare_lf_first_is_refused_as_a_bare_lf(data):
+    with pytest.raises(trt_bot.HttpError) as caught:
+        parse_all(data)
+    assert "bare LF" in caught.value.reason
+
+
+def test_a_head_of_exactly_the_limit_is_read_and_one_byte_more_is_431():
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: "
+    head += b"a" * (100 - len(head) - 4) + b"\r\n\r\n"  # 100 bytes, the blank line's included
+    (request,) = parse_all(head, max_head=100 - 4)  # the limit counts the head before its blank line
+    assert request.headers["x"].startswith("a")
+    for unfinished in (head[:96], head[:97]):  # no blank line yet: up to the limit it is waited for, then refused
+        parser = trt_bot.RequestParser(max_head=96)
+        parser.feed(unfinished)
+        if len(unfinished) <= 96:
+            assert parser.next_request() is None
+        else:
+            with pytest.raises(trt_bot.HttpError) as caught:
+                parser.next_request()
+            assert caught.value.status == 431
+    with pytest.raises(trt_bot.HttpError) as caught:
+        parse_all(head, max_head=100 - 5)
+    assert caught.value.status == 431
 
 
 def test_bare_lf_is_refused_as_soon_as_it_arrives_not_after_a_blank_line():
