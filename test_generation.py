@@ -1152,17 +1152,25 @@ async def test_kies_408_has_its_own_message(make_app, fake_tg, fake_kie, fast_jo
     assert trt_bot.failure_for_record(trt_bot.TaskRecord("t", "fail", (), "", "408")) == "stalled"
 
 
-@pytest.mark.parametrize("key, expected", [  # each input named as the model's Kie page names it
+KIE_INPUTS = [  # each input named as the model's Kie page names it
     ("zimage", {"prompt": "p", "aspect_ratio": "4:3", "nsfw_checker": True}),
     ("nanobanana", {"prompt": "p", "image_size": "4:3", "output_format": "png"}),  # its ratio is "image_size"
     ("seedream45", {"prompt": "p", "aspect_ratio": "4:3", "quality": "o", "nsfw_checker": True}),
     ("flux2pro", {"prompt": "p", "aspect_ratio": "4:3", "resolution": "o", "nsfw_checker": True}),
     ("grok", {"prompt": "p", "aspect_ratio": "4:3", "nsfw_checker": True}),
     ("imagen4fast", {"prompt": "p", "aspect_ratio": "4:3"}),
-])
+]
+
+
+@pytest.mark.parametrize("key, expected", KIE_INPUTS)
 def test_each_catalog_row_fills_the_inputs_its_kie_page_names(key, expected):
     request = trt_bot.MODELS_BY_KEY[key].request("p", "4:3", "o", True)
     assert json.dumps(request) == json.dumps(expected)  # the same fields in the same order
+
+
+def test_every_catalog_row_has_its_inputs_checked_and_sends_the_prompt():
+    assert [key for key, _ in KIE_INPUTS] == [model.key for model in trt_bot.CATALOG]
+    assert all(("prompt", "prompt") in model.inputs for model in trt_bot.CATALOG)
 
 
 def test_an_edit_model_is_a_row_naming_where_the_pictures_go():
