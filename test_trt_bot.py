@@ -329,6 +329,7 @@ BAD_REQUESTS = [
     ("TLS handshake on plain port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "not HTTP"),
     ("NUL first byte", b"\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "not HTTP"),
     ("header without colon", b"GET / HTTP/1.1\r\nHost: a\r\nX a\r\n\r\n", 400, HEADER),
+    ("header without colon, then a bad value", b"GET / HTTP/1.1\r\nHost: a\r\nXa\r\nY: a\x00b\r\n\r\n", 400, HEADER),
     ("whitespace before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n", 400, HEADER),
     ("obs-fold continuation", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  b\r\n\r\n", 400, HEADER),
     ("NUL in header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400, "invalid character"),
@@ -375,9 +376,9 @@ def test_bad_request_gets_its_status_and_reason(label, data, status, reason, how
     assert (caught.value.status, reason in caught.value.reason) == (status, True), caught.value.reason
 
 
-@pytest.mark.parametrize("lengths", [b"2, 2", b"2,2", b"2\r\nContent-Length: 2"])
+@pytest.mark.parametrize("lengths", [b" 2, 2", b" 2,2", b"2,2", b" 2\r\nContent-Length: 2", b"2\r\nContent-Length:2"])
 def test_repeated_content_lengths_that_agree_are_one_length(lengths):
-    (request,) = parse_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: " + lengths + b"\r\n\r\n{}")
+    (request,) = parse_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length:" + lengths + b"\r\n\r\n{}")
     assert request.body == b"{}"
 
 
@@ -1208,6 +1209,34 @@ def test_the_pacer_forgets_chats_whose_spacing_has_passed():
     assert pacer.chat_wait(1999.95, 19_999) > 0  # the recent ones are still spaced
 
 
+def test_the_pacer_forgets_a_chat_the_moment_its_spacing_ends_and_prunes_when_its_memory_doubles():
+    prune_at = trt_bot.PACER_PRUNE_AT
+    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=1.0, group_per_minute=0)
+    for chat in range(prune_at):
+        pacer.take(0.0, chat)
+    assert pacer.chats_remembered == prune_at  # pruned at the limit, but every spacing still runs
+    for chat in range(prune_at, 2 * prune_at):
+        pacer.take(1.0, chat)  # the first chats' spacing ends now
+        assert pacer.chats_remembered == (chat + 1 if chat + 1 < 2 * prune_at else prune_at)  # next prune: at double
+
+
+def test_a_group_is_forgotten_the_moment_its_minute_ends():
+    prune_at = trt_bot.PACER_PRUNE_AT
+    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=0, group_per_minute=20)
+    for chat in range(1, prune_at + 1):
+        pacer.take(0.0, -chat)
+    for chat in range(prune_at + 1, 2 * prune_at + 1):
+        pacer.take(trt_bot.GROUP_WINDOW_S, -chat)
+    assert pacer.chats_remembered == prune_at  # the first groups' minute is over
+
+
+def test_without_a_spacing_a_private_chat_is_not_remembered_and_has_no_group_limit():
+    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=0, group_per_minute=2)
+    for _ in range(3):
+        pacer.take(0.0, 5)
+    assert pacer.chats_remembered == 0 and pacer.chat_wait(0.0, 5) == 0
+
+
 ###############################################################################
 # 7. Telegram client
 ###############################################################################
@@ -1362,6 +1391,7 @@ def test_bot_api_answers_parse_to_result_or_typed_error():
     with pytest.raises(trt_bot.TelegramError) as caught:  # 0 is an answer: retry at once, not "a second"
         trt_bot.parse_bot_api_response("m", 429, b'{"ok":false,"error_code":429,"parameters":{"retry_after":0}}')
     assert caught.value.retry_after == 0 and trt_bot._telegram_wait_asked(caught.value) == 0.0
+    assert trt_bot._telegram_wait_asked(trt_bot.TelegramError("m", 429, "slow")) == 1.0  # not said: a second
     for unreadable in (b'"soon"', b'-1', b'true', b'null'):
         with pytest.raises(trt_bot.TelegramError) as caught:
             trt_bot.parse_bot_api_response("m", 429, b'{"ok":false,"error_code":429,"parameters":{"retry_after":'
