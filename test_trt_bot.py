@@ -208,6 +208,7 @@ def test_every_kind_of_bad_value_is_refused_naming_its_variable(name, raw):
     ("WEBHOOK_FLUSH_PENDING_OVER", "0", "flush_pending_over", 0),
     ("WEBHOOK_FLUSH_PENDING_OVER", "-1", "flush_pending_over", -1),
     ("KIE_API_KEY", "12345678", "kie_api_key", "12345678"),
+    ("SINGLE_MODEL_ONLY", "Yes", "single_model_only", True), ("SINGLE_MODEL_ONLY", "off", "single_model_only", False),
     ("DATABASE_URL", "postgresql://bot:12345678@db/x", "database", "postgresql://bot:12345678@db/x"),
     ("DATABASE_URL", "postgresql://db/x?password=12345678", "database", "postgresql://db/x?password=12345678"),
 ])
@@ -222,6 +223,11 @@ def test_a_value_at_a_settings_limit_is_accepted(name, raw, field, value):
 def test_a_value_just_past_a_settings_limit_is_refused(name, raw):
     with pytest.raises(trt_bot.ConfigError, match=name):
         trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, name: raw})
+
+
+def test_a_database_url_of_another_kind_is_refused_naming_its_scheme():
+    with pytest.raises(trt_bot.ConfigError, match="starting with 'mysql'"):
+        trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "DATABASE_URL": "mysql://bot:12345678@db/x"})
 
 
 ###############################################################################
