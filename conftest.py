@@ -653,7 +653,7 @@ SLOW_NAMES = {"postgres", "bot_processes", "run_bot_cli", "subprocess"}  # a Pos
 
 
 def pytest_collection_modifyitems(items):
-    """Marks the slow tests (faults, subprocesses, PostgreSQL): ``pytest -m "not slow"`` runs the rest in seconds.
+    """Marks the slow tests (faults, subprocesses, PostgreSQL; load tests carry the mark themselves).
 
     The suite-wide secret check reads every record the other tests logged: it runs last.
     """

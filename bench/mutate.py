@@ -1,13 +1,13 @@
 """Mutation probe of trt_bot.py's pure parts: how many small bugs do the tests catch?
 
-Each mutant changes one operator or constant in one of the functions below
-(``<`` for ``<=``, ``and`` for ``or``, ``n`` for ``n + 1``, a dropped ``not``,
-``True`` for ``False``), then the pure tests of those parts (the plain ``def
-test_*`` of the sections named in TEST_SECTIONS) run against it in a scratch
-copy of the repository.  A mutant the tests still pass "survived": either a
+Each mutant changes one operator or constant in one of the functions PARTS
+lists (``<`` for ``<=``, ``and`` for ``or``, ``n`` for ``n + 1``, a dropped
+``not``, ``True`` for ``False``), then the pure tests of its part (the plain
+``def test_*`` of the sections PARTS names) run against it in a scratch copy of
+the repository.  A mutant the tests still pass "survived": either a
 test is missing or the mutant does the same thing (an equivalent mutant).
 
-    .venv/bin/python bench/mutate.py              # every function below; prints survivors and the score
+    .venv/bin/python bench/mutate.py              # every part; prints survivors and the score
     .venv/bin/python bench/mutate.py plan_webhook  # only the functions whose name contains one of these
 """
 
@@ -22,37 +22,34 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUNCTIONS = [
-    # HTTP parser
-    "RequestParser.next_head", "RequestParser.next_request", "RequestParser._parse_head",
-    "RequestParser._parse_head_bytes", "RequestParser._body_length_from", "_header_error",
-    # job machine, webhook plan, send pacer
-    "apply_event", "plan_webhook", "SendPacer.chat_wait", "SendPacer.wait", "SendPacer.take", "SendPacer.pause",
-    # Bot API and Kie parsing, URL checks
-    "parse_bot_api_response", "_telegram_wait_asked", "parse_kie_envelope", "parse_task_record",
-    "split_result_url", "_is_host",
-    # settings parsers
-    "_integer", "_fractional_seconds", "_flag", "_secret", "_webhook_secret", "parse_database_url", "_postgres_url",
-    "database_passwords",
-]
-# (test file, first line, last line): the plain (not async) tests between these lines are the pure tests.
-TEST_SECTIONS = [
-    ("test_trt_bot.py", "# 1. Configuration", "# 2. Logging"),
-    ("test_trt_bot.py", "# 3. HTTP parsing", "# 4. HTTP server"),
-    ("test_trt_bot.py", "# 6. Retry and pacing", "# 9. Update pipeline"),
-    ("test_trt_bot.py", "# 14. Application", None),
-    ("test_generation.py", "# 8. Kie client", "# 11. Dialog"),
-    ("test_generation.py", "# 12. Generation jobs: the state machine", "# 12. Generation jobs: durability"),
-]
+# Each part: the functions mutated, and the sections of the test files whose plain (not async) tests are the
+# pure tests of that part: (test file, the banner that opens the section, the banner that opens the next one).
+PARTS = {
+    "HTTP parser": (["RequestParser.next_head", "RequestParser.next_request", "RequestParser._parse_head",
+                     "RequestParser._parse_head_bytes", "RequestParser._body_length_from", "_header_error"],
+                    [("test_trt_bot.py", "# 3. HTTP parsing", "# 4. HTTP server")]),
+    "job machine": (["apply_event"], [("test_generation.py", "# 12. Generation jobs: the state machine",
+                                       "# 12. Generation jobs: durability")]),
+    "webhook plan": (["plan_webhook"], [("test_trt_bot.py", "# 14. Application", None)]),
+    "send pacer": (["SendPacer.chat_wait", "SendPacer.wait", "SendPacer.take", "SendPacer.pause"],
+                   [("test_trt_bot.py", "# 6. Retry and pacing", "# 7. Telegram client")]),
+    "Bot API parsing": (["parse_bot_api_response", "_telegram_wait_asked"],
+                        [("test_trt_bot.py", "# 6. Retry and pacing", "# 9. Update pipeline")]),
+    "Kie parsing, URL checks": (["parse_kie_envelope", "parse_task_record", "split_result_url", "_is_host"],
+                                [("test_generation.py", "# 8. Kie client", "# 11. Dialog")]),
+    "settings parsers": (["_integer", "_fractional_seconds", "_flag", "_secret", "_webhook_secret",
+                          "parse_database_url", "_postgres_url", "database_passwords"],
+                         [("test_trt_bot.py", "# 1. Configuration", "# 2. Logging")]),
+}
 NOT_PURE = {"test_no_log_record_in_the_whole_suite_contains_a_secret"}  # reads the records of the whole run
 SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
          ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And,
          ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
 
 
-def pure_tests() -> list[str]:
+def pure_tests(sections: list[tuple[str, str, str | None]]) -> list[str]:
     ids = []
-    for name, first, last in TEST_SECTIONS:
+    for name, first, last in sections:
         source = open(os.path.join(HERE, name)).read()
         start = source.index(first)
         end = source.index(last) if last else len(source)
@@ -142,29 +139,34 @@ def run_tests(folder: str, tests: list[str]) -> bool:
 
 def main(only: list[str]) -> int:
     source = open(os.path.join(HERE, "trt_bot.py")).read()
-    tests = pure_tests()
-    chosen = [name for name in FUNCTIONS if not only or any(part in name for part in only)]
+    killed_in_all, total_in_all, started = 0, 0, time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         for name in ("conftest.py", "pytest.ini", "test_trt_bot.py", "test_generation.py", "README.md"):
             shutil.copy(os.path.join(HERE, name), folder)
-        with open(os.path.join(folder, "trt_bot.py"), "w") as file:
-            file.write(ast.unparse(ast.parse(source)))
-        if not run_tests(folder, tests):
-            print("the pure tests fail on the unmutated file: nothing to measure")
-            return 2
-        killed, survivors, started = 0, [], time.monotonic()
-        for qualname in chosen:
-            for description, mutated in mutants(source, qualname):
-                with open(os.path.join(folder, "trt_bot.py"), "w") as file:
-                    file.write(mutated)
-                if run_tests(folder, tests):
-                    survivors.append(description)
-                    print("survived:", description, flush=True)
-                else:
-                    killed += 1
-        total = killed + len(survivors)
-        print(f"{killed} of {total} mutants killed ({100 * killed / max(total, 1):.1f}%), "
-              f"{len(tests)} tests, {time.monotonic() - started:.0f} s")
+        for part, (functions, sections) in PARTS.items():
+            chosen = [name for name in functions if not only or any(word in name for word in only)]
+            if not chosen:
+                continue
+            tests = pure_tests(sections)
+            with open(os.path.join(folder, "trt_bot.py"), "w") as file:
+                file.write(ast.unparse(ast.parse(source)))
+            if not run_tests(folder, tests):
+                print(f"{part}: the pure tests fail on the unmutated file: nothing to measure")
+                return 2
+            killed = total = 0
+            for qualname in chosen:
+                for description, mutated in mutants(source, qualname):
+                    with open(os.path.join(folder, "trt_bot.py"), "w") as file:
+                        file.write(mutated)
+                    total += 1
+                    if run_tests(folder, tests):
+                        print("survived:", description, flush=True)
+                    else:
+                        killed += 1
+            print(f"{part}: {killed} of {total} killed, {len(tests)} tests", flush=True)
+            killed_in_all, total_in_all = killed_in_all + killed, total_in_all + total
+    print(f"{killed_in_all} of {total_in_all} mutants killed ({100 * killed_in_all / max(total_in_all, 1):.1f}%) "
+          f"in {time.monotonic() - started:.0f} s")
     return 0
 
 
