@@ -336,6 +336,8 @@ BAD_REQUESTS = [
     ("NUL first byte", b"\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "not HTTP"),
     ("header without colon", b"GET / HTTP/1.1\r\nHost: a\r\nX a\r\n\r\n", 400, HEADER),
     ("header without colon, then a bad value", b"GET / HTTP/1.1\r\nHost: a\r\nXa\r\nY: a\x00b\r\n\r\n", 400, HEADER),
+    ("space before the first header, then a bad value", b"GET / HTTP/1.1\r\n X: a\r\nY: \x00\r\nHost: a\r\n\r\n", 400,
+     HEADER),
     ("whitespace before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n", 400, HEADER),
     ("obs-fold continuation", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  b\r\n\r\n", 400, HEADER),
     ("NUL in header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400, "invalid character"),
