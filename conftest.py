@@ -515,6 +515,17 @@ class InstantClock(ManualClock):
         await asyncio.sleep(0)
 
 
+def bot_text(lang: str, key: str, **values: Any) -> str:
+    """What the bot says, named by its TEXTS key: tests never repeat the copy, so a forker may change it."""
+    return trt_bot.render(lang, key, **values)
+
+
+def says(message: str, lang: str, key: str) -> bool:
+    """Whether ``message`` holds TEXTS[lang][key], whatever values fill its ``{placeholders}``."""
+    parts = re.split(r"\{[^{}]*\}", trt_bot.TEXTS[lang][key])
+    return re.search(".*?".join(re.escape(part) for part in parts), message, re.DOTALL) is not None
+
+
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Wait until predicate() is truthy; fail the test with its last value otherwise."""
     deadline = time.monotonic() + timeout
@@ -645,8 +656,19 @@ def bot_processes(tmp_path):
             assert secret not in process.log, "a secret reached the bot's log output"
 
 
+SLOW_NAMES = {"postgres", "bot_processes", "run_bot_cli", "subprocess"}  # a PostgreSQL server, a child process
+
+
 def pytest_collection_modifyitems(items):
-    """The suite-wide secret check reads every record the other tests logged: run it last."""
+    """Marks the slow tests (faults, subprocesses, PostgreSQL; load tests carry the mark themselves).
+
+    The suite-wide secret check reads every record the other tests logged: it runs last.
+    """
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("database_url")
+        uses = {*item.fixturenames, *item.function.__code__.co_names}  # the fixtures and the names it calls
+        if item.path.name == "test_faults.py" or backend == "postgresql" or SLOW_NAMES & uses:
+            item.add_marker(pytest.mark.slow)
     last = [item for item in items if item.name == "test_no_log_record_in_the_whole_suite_contains_a_secret"]
     items[:] = [item for item in items if item not in last] + last
 

@@ -3630,9 +3630,8 @@ def render(lang: str, key: str, **values: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelOption:
-    """A required choice a model adds after the ratio (quality, resolution)."""
+    """A required choice a model adds after the ratio (quality, resolution); its row's ``inputs`` names its field."""
 
-    field: str
     title: dict[str, str]  # per language
     choices: tuple[tuple[str, dict[str, str]], ...]  # (value sent to Kie, label per language)
 
@@ -3640,26 +3639,27 @@ class ModelOption:
         return dict(self.choices)[value][lang]
 
 
+TEXT_TO_IMAGE = (("prompt", "prompt"), ("aspect_ratio", "ratio"))  # the inputs most models take
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageModel:
-    """A Kie Market text-to-image model: adding one is adding a row to CATALOG."""
+    """A Kie Market model: adding one is adding a row to CATALOG, its inputs named as its Kie page names them."""
 
     key: str  # short id used in button data
     kie_model: str  # the ``model`` sent to createTask
     title: str
     ratios: tuple[str, ...]
     option: ModelOption | None = None
-    fixed_input: tuple[tuple[str, Any], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = TEXT_TO_IMAGE  # (Kie's field, the choice in it: any key of request's dict)
+    fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
-    nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
 
-    def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True) -> dict[str, Any]:
-        data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
-        if self.option is not None:
-            data[self.option.field] = option
-        if self.nsfw_checker:
-            data["nsfw_checker"] = nsfw_checker
-        return data
+    def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
+                image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
+        chosen = {"prompt": prompt, "ratio": ratio, "option": option, "nsfw_checker": nsfw_checker,  # KIE_NSFW_CHECKER
+                  "image_urls": list(image_urls), "image_url": image_urls[0] if image_urls else ""}  # to edit
+        return {**{field: chosen[name] for field, name in self.inputs}, **dict(self.fixed_input)}
 
     def details(self, ratio: str, option: str, lang: str) -> str:
         """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
@@ -3669,28 +3669,28 @@ class ImageModel:
         return " · ".join(chosen)
 
 
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000),
-                     nsfw_checker=True)
+FILTERED = TEXT_TO_IMAGE + (("nsfw_checker", "nsfw_checker"),)  # Kie's content filter, where the model documents it
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED)
 
-# Ratios, options, prompt lengths and ``nsfw_checker`` as Kie's model pages list them for text-to-image.
+# Ratios, options, prompt lengths and inputs as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),),
-               prompt_chars=(1, 5000)),
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), inputs=(("prompt", "prompt"),
+               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000)),
     ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
-               ModelOption("quality", {"ru": "качество", "en": "quality"},
+               ModelOption({"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
                             ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               prompt_chars=(1, 3000), nsfw_checker=True),
+               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000)),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
-               ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
+               ModelOption({"ru": "разрешение", "en": "resolution"},
                            (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               prompt_chars=(3, 5000), nsfw_checker=True),
+               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000)),
     ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               prompt_chars=(1, 5000), nsfw_checker=True),
+               inputs=FILTERED, prompt_chars=(1, 5000)),
     ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
                prompt_chars=(1, 5000)),
 )
@@ -5156,7 +5156,7 @@ class Submitter:
             self.apply(job, JobEvent("refused", None))
             return
         try:
-            inputs = model.inputs(job.prompt, job.ratio, job.option, self.nsfw_checker)
+            inputs = model.request(job.prompt, job.ratio, job.option, self.nsfw_checker)
             task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
         except KieError as error:
             self.slots.release()
