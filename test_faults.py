@@ -975,6 +975,6 @@ async def test_postgresql_down_at_start_restarted_and_cut_off_degrades_then_the_
     await phase(client, lives, chats, per_chat=6, fault=lambda: server.terminate_connections(server.url("postgres")))
     FAULT_KINDS["postgresql connections terminated"] += 1
     # Each outage was noticed and ended by itself (the last one's recovery may still be on its way).
-    await eventually(lambda: lives.current.log.count("[DB] recovered") >= 3, timeout=15)
+    await eventually(lambda: lives.current.log.count("INFO trt_bot: [DB] recovered") >= 3, timeout=15)
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)

@@ -2363,8 +2363,10 @@ class TelegramClient:
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
+                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None,
+                 acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
+        self.acting_left = acting_left  # a send must end within these seconds (the Mode's answer)
         self.http = http
         self.retry = retry
         self.clock = clock
@@ -2393,10 +2395,17 @@ class TelegramClient:
                                        clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
+        left = math.inf
         if method in PACED_METHODS:
             await self.gate.wait_turn(params.get("chat_id"))
+            left = self.acting_left()
+            if left <= 0:
+                raise TelegramError(method, 503, "this instance may not act now (the lease)")
         try:
-            result = await self._post(method, params, files, timeout)
+            async with asyncio.timeout(None if left == math.inf else left):
+                result = await self._post(method, params, files, timeout)
+        except TimeoutError as cut:  # the lease would lapse first: the request may have gone out
+            raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
             if error.error_code == 429:
@@ -3292,12 +3301,13 @@ class UpdatePipeline:
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
+        mode: Mode | None = None,
     ):
         self.db = db
         self.handler = handler
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
-        self.should_process = True  # False while another instance holds the lease
+        self.mode = mode or Mode()
         self.stats = PipelineStats()
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
@@ -3311,7 +3321,7 @@ class UpdatePipeline:
         self._accepting = True
 
     def _may_take(self) -> bool:
-        return self._accepting and self.should_process
+        return self._accepting and self.mode.may_act()
 
     # -- the ack path -------------------------------------------------------
 
@@ -3388,7 +3398,7 @@ class UpdatePipeline:
     def _memory_refusal(self, chat_key: int) -> RejectReason | None:
         if not self._accepting:
             return RejectReason.SHUTTING_DOWN
-        if not self.should_process:
+        if not self.mode.may_act():
             return RejectReason.PASSIVE
         if self.tracker.room() <= 0:
             return RejectReason.MEMORY_FULL
@@ -3400,11 +3410,12 @@ class UpdatePipeline:
         started = self.clock.monotonic()
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
+        HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
                 self.stats.dropped += 1
-            else:
+            elif not self.mode.void():
                 await self.handler(item.update)
         except asyncio.CancelledError:
             if not self.watchdog.cut_alone(task):
@@ -3437,7 +3448,10 @@ class UpdatePipeline:
         """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
-        if item.durable:
+        if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
+            self.tracker.drop(item.update_id)
+            self._mark_stored(item.chat_key)
+        elif item.durable:
             user_id, lang = update_sender(item.update)
             self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
         else:
@@ -5503,8 +5517,9 @@ class Generations:
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S):
+                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Mode | None = None):
         self.config = config
+        self.mode = mode or Mode()
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
@@ -5652,11 +5667,12 @@ class Generations:
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
-            for job in list(self.jobs.values()):
+            jobs = list(self.jobs.values()) if self.mode.may_act() else []  # else another may hold them now
+            for job in jobs:
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
-            self.progress.tick(list(self.jobs.values()), now, self._run_in_background)
-            self.deliverer.retry_due(now)
+            self.progress.tick(jobs, now, self._run_in_background)
+            self.deliverer.retry_due(now if jobs else -math.inf)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
                 self.fairness.forget_idle(now)
@@ -5851,9 +5867,10 @@ class Outbox:
     """
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
-                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK):
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Mode | None = None):
         self.db = db
         self.telegram = telegram
+        self.mode = mode or Mode()
         self.senders = senders
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -5881,6 +5898,8 @@ class Outbox:
 
     async def call(self, method: str, params: dict) -> None:
         """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+        if self.mode.void():  # its handler's update was handed over: the holder answers it
+            return
         message = self._new_message(method, params)
         if not self._push(message) or not self.db.ok:
             return
@@ -6227,18 +6246,18 @@ class LongPolling:
         self.clock = clock
         self.poll_timeout = poll_timeout
         # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
-        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.active)
+        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.mode.may_act())
 
     async def run(self) -> None:
         """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
-        while not self.role.active:
+        while not self.role.mode.may_act():
             await self.clock.sleep(PASSIVE_RETRY_S)
         await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
                                 UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
         log.info("[POLL] polling getUpdates")
         offset = None
         while True:
-            if not self.role.active:
+            if not self.role.mode.may_act():
                 await self.clock.sleep(PASSIVE_RETRY_S)
                 continue
             params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
@@ -6431,6 +6450,11 @@ class InstanceLease:
     LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
     ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
     holder's that may be alive within the TTL and a second.
+
+    Fencing: the row expires by the server's clock a TTL after the claim, so
+    the holder trusts it only until two thirds of the TTL after it *sent* the
+    claim, by its own monotonic clock (``trust_left``): a process paused or
+    cut off from the database stops acting before another can take over.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
@@ -6438,11 +6462,17 @@ class InstanceLease:
         self.ttl = ttl
         self.clock = clock
         self.owner = current_process_identity(secrets.token_hex(4)).owner()
-        self.held = False
+        self.held = False  # the last claim's answer
+        self.continued = False  # that claim renewed the lease with no other holder since ours (or none at all)
         self.holder = ""  # who holds it, as last seen
         self.expires_at = 0.0
         self.last_check = 0.0
-        self._checked = False
+        self.answered = False  # a claim got an answer (held or not)
+        self._trusted_until = -math.inf  # monotonic
+
+    def trust_left(self) -> float:
+        """Seconds this process may still act on the lease (0 when it does not hold it, or may have lost it)."""
+        return max(0.0, self._trusted_until - self.clock.monotonic()) if self.held else 0.0
 
     async def wait_for_turn(self) -> None:
         """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
@@ -6463,24 +6493,27 @@ class InstanceLease:
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
         None if the database is unusable."""
+        sent = self.clock.monotonic()
         try:
-            held, holder, expires_at = await self.db.write(self._claim, self.clock.time())
+            held, holder, expires_at, ours_before = await self.db.write(self._claim, self.clock.time())
         except DatabaseUnavailable:
             return None
-        was_held, first = self.held, not self._checked
-        self.held, self.holder, self.expires_at = held, holder, expires_at
-        self.last_check, self._checked = self.clock.time(), True
+        was_held, first = self.held, not self.answered
+        self.held, self.holder, self.expires_at, self.continued = held, holder, expires_at, held and ours_before
+        self._trusted_until = sent + self.ttl * 2 / 3
+        self.last_check, self.answered = self.clock.time(), True
         if held and not was_held:
             log.info("[LOCK] acquired by %s", self.owner)
         elif not held and (was_held or first):
-            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
+            log.info("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
         return held
 
-    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float]:
+    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float, bool]:
         """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
-        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's)."""
-        server_now = self.db.server_time(conn)
-        return lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now)
+        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
+        and whether no other process held the lease before it (a missing row: a new database file)."""
+        server_now, ours_before = self.db.server_time(conn), lease_holder(conn) in (None, self.owner)
+        return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
 
     async def release(self) -> None:
         if not self.held:
@@ -6493,75 +6526,114 @@ class InstanceLease:
         log.info("[LOCK] released by %s", self.owner)
 
 
-class Role:
-    """Whether this process is the active one, and becoming or ceasing to be it.
+# The hand-overs counted when the running handler began (-1: it began where it may not act): its replies and
+# its done mark are dropped if the count has moved since, for the holder handles its update.
+HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
 
-    It is *active* (processes updates, polls, runs jobs, sends the outbox,
-    sets up the webhook and the menu) while it holds the lease, or when the database is unusable
-    from the start (then nothing is shared to coordinate through).  A passive
-    instance still stores webhook updates in the shared inbox for the active
-    one.  The only owner of ``pipeline.should_process``.
+
+class Mode:
+    """The one answer to "may this instance act now?", asked before an update, a send or a job's step.
+
+    Yes while this process has taken up the stored work and still trusts its
+    lease (``InstanceLease.trust_left``: a margin before the lease can expire);
+    and, until a claim is first answered, while the database has been unusable
+    since the start: nothing is shared to coordinate through, so it serves
+    from memory.  The pipeline, the Telegram client and the jobs keep no copy.
     """
 
-    def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
-                 generations: Generations, outbox: Outbox, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
-        self.lease = lease
+    def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
+        self.lease = lease  # None: always acting (a part used on its own)
         self.db = db
+        self.holding = False  # the stored work is taken up in memory (set by Role)
+        self.handovers = 0
+
+    def acting_left(self) -> float:
+        """Seconds this instance may still act, by its monotonic clock: every send must end within them."""
+        if self.lease is None:
+            return math.inf
+        if self.holding:
+            return self.lease.trust_left()
+        return math.inf if not self.lease.answered and not self.db.ok else 0.0  # type: ignore[union-attr]
+
+    def may_act(self) -> bool:
+        return self.acting_left() > 0
+
+    def void(self) -> bool:
+        """Whether the running handler began where it may not act, or before the last hand-over."""
+        began = HANDLING_SINCE.get()
+        return began is not None and began != self.handovers
+
+
+class Role:
+    """Taking up the stored work when the lease is won, and letting it go when another instance holds it.
+
+    ``settle`` claims the lease and follows the answer.  Won: the dialogs
+    are loaded, the outbox and the unfinished jobs taken up, then the Mode
+    acts.  Lost, or won back after another held it meanwhile: what memory
+    holds of the stored work is forgotten (the holder takes it up) and the
+    handlers running are void.  A database that comes back is claimed for
+    before anything stored is resumed.  Unknown (the database unusable):
+    nothing changes; the Mode stops acting once the lease is not trusted.
+    A passive instance still stores webhook updates in the inbox for the holder.
+    """
+
+    def __init__(self, mode: Mode, states: ConversationStore, generations: Generations, outbox: Outbox,
+                 set_up: BotSetUp, wake: Callable[[], None], clock: Clock = SYSTEM_CLOCK):
+        self.mode = mode
+        self.lease: InstanceLease = mode.lease  # type: ignore[assignment]
         self.states = states
-        self.pipeline = pipeline
         self.generations = generations
         self.outbox = outbox
         self.set_up = set_up
+        self.wake = wake  # the pipeline looks at the inbox
         self.clock = clock
-        self.active = False
+        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
         self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
 
-    async def claim_at_start(self) -> bool | None:
-        """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
-        role = await self.lease.claim()
-        # Held: ``activate`` turns processing on once the dialogs are loaded.  Unknown (no usable
-        # database): nothing to load or share, so serve from memory at once.
-        self.pipeline.should_process = role is None
-        return role
+    async def settle(self, recovered: bool = False) -> None:
+        """Claim the lease and follow its answer; ``recovered``: the database is back after an outage."""
+        async with self._settling:
+            first, held = not self.lease.answered, await self.lease.claim()
+            if held is None:
+                if first:  # no database since the start: serve from memory
+                    await self._run()
+                return
+            if (self.mode.holding and not self.lease.continued) or (first and not held):
+                await self.hand_over()
+            if held and not self.mode.holding:
+                await self.take_over()
+            elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
+                await self._run()
 
-    async def activate(self) -> None:
-        """Become the processing instance: fresh state from the database, jobs, the webhook.
+    async def take_over(self) -> None:
+        """Load the dialogs, take up the outbox and the jobs, then act.
 
         Dialogs are loaded before any update is handled: a dialog step taken
         while they loaded would be overwritten by the stored state.
         """
-        if self.db.ok:
-            try:
-                log.info("[DB] %d open dialogs loaded", await self.states.load())
-            except DatabaseUnavailable:
-                pass
-        await self.outbox.resume(taking_over=True)  # before a handler queues a reply overtaking a stored one
-        self.active = True
-        self.pipeline.should_process = True
+        with contextlib.suppress(DatabaseUnavailable):
+            log.info("[DB] %d open dialogs loaded", await self.states.load())
+        await self._run(taking_over=True)
+        self.wake()
+
+    async def _run(self, taking_over: bool = False) -> None:
+        await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
+        self.mode.holding = self.mode.holding or taking_over
         await self.generations.resume()
-        self.pipeline.wake()
         self.set_up.start()
 
-    async def deactivate(self) -> None:
-        self.active = False
-        self.pipeline.should_process = False
+    async def hand_over(self) -> None:
+        """Forget the stored work memory holds: the holder takes it up from the database."""
+        self.mode.holding = False
+        self.mode.handovers += 1
         await self.generations.pause()
         await self.outbox.pause()
 
     async def hold(self) -> None:
-        """Renew the lease (or try for it) for the life of the process.
-
-        When the database is unusable the role stays as it was: a process that
-        cannot read the shared inbox or jobs cannot handle them twice, and
-        /start keeps working from memory.
-        """
+        """Renew the lease (or try for it) for the life of the process."""
         while True:
             await self.lease.wait_for_turn()
-            role = await self.lease.claim()
-            if role is True and not self.active:
-                await self.activate()
-            elif role is False and self.active:
-                await self.deactivate()
+            await self.settle()
 
     def renew_while_draining(self) -> None:
         """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
@@ -6722,7 +6794,7 @@ class Metrics:
             ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
              [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
-             [("", {}, self.role.active)]),
+             [("", {}, self.role.mode.may_act())]),
             ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
             ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
@@ -6855,9 +6927,9 @@ class Diagnostics:
         payload = {
             "status": "stopping" if stopping else "ok" if self.db.ok else "degraded",
             "uptime": int(self.timings.uptime()),
-            "active": self.role.active,
+            "active": self.role.mode.may_act(),
             "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.role.lease.held,
+            "lock_acquired": self.role.lease.trust_left() > 0,
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
@@ -6889,9 +6961,8 @@ class Diagnostics:
     async def on_diag_lock(self, request: Request) -> Response:
         lease = self.role.lease
         return json_response({
-            "active": self.role.active,
-            "should_process": self.pipeline.should_process,
-            "lock_acquired": lease.held,
+            "active": self.role.mode.may_act(),
+            "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
             "last_check": iso_utc(lease.last_check),
             "instance_id": lease.owner,
             "owner": lease.holder or None,
@@ -7059,7 +7130,7 @@ class Routes:
 class App:
     """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
 
-    Whether it processes updates is its Role's business (the lease).
+    Whether it acts is its Mode's answer (the lease); its Role takes up and lets go the stored work.
     """
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
@@ -7070,19 +7141,19 @@ class App:
         self.stopping = asyncio.Event()
         self._background = OwnedTasks("[APP]")
         self.db = Database(config.database)
+        self.mode = Mode(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
-                                       pacer=telegram_pacer(config))
+                                       pacer=telegram_pacer(config), acting_left=self.mode.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
-                        max_wait_s=config.outbox_max_wait_s, clock=clock)
+                        max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.mode)
         self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock)
+                                       on_finished=timings.job_finished, clock=clock, mode=self.mode)
         self.pipeline = self._build_pipeline(states, outbox, timings)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
-        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
-                         self.generations, outbox, set_up, clock)
+        self.role = Role(self.mode, states, self.generations, outbox, set_up, self.pipeline.wake, clock)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
         metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
@@ -7105,6 +7176,7 @@ class App:
             workers=self.config.queue_workers,
             on_handled=timings.handling_seconds.observe,
             clock=self.clock,
+            mode=self.mode,
         )
         return pipeline
 
@@ -7121,12 +7193,8 @@ class App:
         log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
         if await self.db.open():
             log.info("[DB] ready at %s (schema v%d)", self.db.where, SCHEMA_VERSION)
-        first_claim = await self.role.claim_at_start()
-        # The pipeline learns which chats have updates waiting in the inbox before any update may be
-        # taken; activating loads the dialogs, then lets the workers take updates.
+        await self.role.settle()  # the holder loads the dialogs before the workers start
         await self.pipeline.start()
-        if first_claim is not False:
-            await self.role.activate()
         for name, loop in self._loops.items():
             self._spawn(loop(), name)
 
@@ -7165,12 +7233,9 @@ class App:
             if self.db.ok:
                 await self.db.verify()
             if not self.db.ok and await self.db.open():
-                log.warning("[DB] recovered; back to durable mode")
-                if self.role.active:  # replies queued meanwhile are stored before their updates' done marks
-                    await self.role.outbox.resume()
+                log.info("[DB] recovered; back to durable mode")
+                await self.role.settle(recovered=True)  # the lease first: another may have taken over meanwhile
                 self.pipeline.wake()
-                if self.role.active:
-                    await self.generations.resume()
 
 
 CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
