@@ -184,15 +184,15 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
     try:
         await first.start()
         await second.start()
-        assert first.mode.may_act()
-        assert not second.mode.may_act()
+        assert first.role.may_act()
+        assert not second.role.may_act()
         await eventually(lambda: second_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         second_clock.advance(3.5)  # the first's lease has expired on the second's clock: taken
-        await eventually(lambda: second.mode.may_act())
-        assert first.mode.may_act()  # its clock stands still: it has not looked since
+        await eventually(lambda: second.role.may_act())
+        assert first.role.may_act()  # its clock stands still: it has not looked since
         await eventually(lambda: first_clock.sleepers >= 3)
         first_clock.advance(1.0)  # the holder's renewal finds the lease taken: it turns passive
-        await eventually(lambda: not first.mode.may_act())
+        await eventually(lambda: not first.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(second, 60)
@@ -206,11 +206,11 @@ async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_pa
     try:
         await first.start()
         await standby.start()
-        assert (first.mode.may_act(), standby.mode.may_act()) == (True, False)
+        assert (first.role.may_act(), standby.role.may_act()) == (True, False)
         await stop_within(first, 60)
         await eventually(lambda: standby_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: standby.mode.may_act())
+        await eventually(lambda: standby.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(standby, 60)
@@ -227,12 +227,12 @@ async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_pee
         with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
             assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
         await standby.start()
-        assert not standby.mode.may_act()  # the holder runs
+        assert not standby.role.may_act()  # the holder runs
         holder.kill()
         holder.wait()
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: standby.mode.may_act())
+        await eventually(lambda: standby.role.may_act())
     finally:
         holder.kill()
         holder.wait()
@@ -260,7 +260,7 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
         stopping = asyncio.create_task(holder.stop())
 
         def renewal_asleep() -> bool:  # started, so it sleeps on the clock before the clock moves
-            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease-renewal"]
+            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease"]
             return bool(renewal) and inspect.getcoroutinestate(renewal[0].get_coro()) == inspect.CORO_SUSPENDED
 
         await eventually(renewal_asleep)
@@ -272,14 +272,14 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
             checked = standby.role.lease.last_check
             standby_clock.advance(1.0)
             await eventually(lambda: standby.role.lease.last_check > checked)
-            assert not standby.mode.may_act()
+            assert not standby.role.may_act()
         handler_may_end.set()
         await asyncio.wait_for(stopping, 60)
         with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as conn:
             assert conn.execute("SELECT done_at IS NOT NULL FROM inbox").fetchall() == [(1,)]  # none left for the next
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # released once the work was done: taken at the next peek
-        await eventually(lambda: standby.mode.may_act())
+        await eventually(lambda: standby.role.may_act())
     finally:
         handler_may_end.set()
         await stop_within(holder, 60)
@@ -315,9 +315,9 @@ async def test_a_bot_started_without_its_database_claims_the_lease_before_resumi
     await eventually(lambda: fake_tg.texts_to(92))  # /start is answered from memory meanwhile
     locker.execute("ROLLBACK")
     locker.close()
-    await eventually(lambda: app.db.ok and app.mode.handovers == 1)  # the claim found the holder: it let go
+    await eventually(lambda: app.db.ok and app.role.handovers == 1)  # the claim found the holder: it let go
     await app.role.outbox.stop(grace=0)  # a barrier: no sender is left to send anything
-    assert not app.mode.may_act()
+    assert not app.role.may_act()
     assert fake_tg.texts_to(91) == [] and fake_tg.calls_of("sendPhoto") == []
 
 
@@ -326,14 +326,14 @@ async def test_a_holder_cut_off_from_its_database_stops_acting_before_its_lease_
     # Used to: it kept answering from memory after its lease expired, while another instance took over.
     clock = ManualClock(start=time.time(), passing_s=0.01)  # the send pacer's spacing passes at once
     app = await make_app(clock=clock, LEASE_TTL_S="3")
-    assert app.mode.may_act()
+    assert app.role.may_act()
     locker = sqlite3.connect(tmp_path / "bot.sqlite3", isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # another process holds the file: no write, no renewal
     try:
         assert (await post_update(app, update_message(1, 93, "/start"))).status_code == 200  # from memory
         await eventually(lambda: fake_tg.texts_to(93))
         clock.advance(2.1)  # past two thirds of the 3 s lease since the last claim was sent
-        assert app.mode.acting_left() == 0 and not app.mode.may_act()
+        assert app.role.acting_left() == 0 and not app.role.may_act()
         assert (await post_update(app, update_message(2, 93, "/help"))).status_code == 503  # Telegram sends it again
         lock = await get_json(f"http://127.0.0.1:{app.port}", "/diag/lock")
         assert (lock["active"], lock["lock_acquired"]) == (False, False)

@@ -2366,7 +2366,7 @@ class TelegramClient:
                  clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None,
                  acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
-        self.acting_left = acting_left  # a send must end within these seconds (the Mode's answer)
+        self.acting_left = acting_left  # a send must end within these seconds (the Role's answer)
         self.http = http
         self.retry = retry
         self.clock = clock
@@ -2395,14 +2395,13 @@ class TelegramClient:
                                        clock=self.clock, on_retry=log_retry)
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
-        left = math.inf
         if method in PACED_METHODS:
             await self.gate.wait_turn(params.get("chat_id"))
-            left = self.acting_left()
-            if left <= 0:
-                raise TelegramError(method, 503, "this instance may not act now (the lease)")
+        left = self.acting_left() if method in PACED_METHODS else math.inf
+        if left <= 0:
+            raise TelegramError(method, 503, "this instance may not act now (the lease)")
         try:
-            async with asyncio.timeout(None if left == math.inf else left):
+            async with asyncio.timeout(left):
                 result = await self._post(method, params, files, timeout)
         except TimeoutError as cut:  # the lease would lapse first: the request may have gone out
             raise TelegramNetworkError(method, cut) from None
@@ -3301,13 +3300,13 @@ class UpdatePipeline:
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
-        mode: Mode | None = None,
+        mode: Role | None = None,
     ):
         self.db = db
         self.handler = handler
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
-        self.mode = mode or Mode()
+        self.mode = mode or Role()
         self.stats = PipelineStats()
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
@@ -5517,9 +5516,9 @@ class Generations:
     def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Mode | None = None):
+                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Role | None = None):
         self.config = config
-        self.mode = mode or Mode()
+        self.mode = mode or Role()
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
@@ -5867,10 +5866,10 @@ class Outbox:
     """
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
-                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Mode | None = None):
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Role | None = None):
         self.db = db
         self.telegram = telegram
-        self.mode = mode or Mode()
+        self.mode = mode or Role()
         self.senders = senders
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -6246,18 +6245,18 @@ class LongPolling:
         self.clock = clock
         self.poll_timeout = poll_timeout
         # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
-        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.mode.may_act())
+        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: role.may_act())
 
     async def run(self) -> None:
         """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
-        while not self.role.mode.may_act():
+        while not self.role.may_act():
             await self.clock.sleep(PASSIVE_RETRY_S)
         await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
                                 UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
         log.info("[POLL] polling getUpdates")
         offset = None
         while True:
-            if not self.role.mode.may_act():
+            if not self.role.may_act():
                 await self.clock.sleep(PASSIVE_RETRY_S)
                 continue
             params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
@@ -6451,10 +6450,9 @@ class InstanceLease:
     ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
     holder's that may be alive within the TTL and a second.
 
-    Fencing: the row expires by the server's clock a TTL after the claim, so
-    the holder trusts it only until two thirds of the TTL after it *sent* the
-    claim, by its own monotonic clock (``trust_left``): a process paused or
-    cut off from the database stops acting before another can take over.
+    Fencing: the row expires a TTL after the claim by the server's clock; the holder trusts it for two thirds
+    of the TTL after it *sent* the claim, by its own monotonic clock (``trust_left``), so a process paused
+    or cut off from the database stops acting before another can take over.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
@@ -6526,69 +6524,46 @@ class InstanceLease:
         log.info("[LOCK] released by %s", self.owner)
 
 
-# The hand-overs counted when the running handler began (-1: it began where it may not act): its replies and
-# its done mark are dropped if the count has moved since, for the holder handles its update.
+# The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
 HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
 
 
-class Mode:
-    """The one answer to "may this instance act now?", asked before an update, a send or a job's step.
+class Role:
+    """The one answer to "may this instance act now?", and taking up or letting go the stored work.
 
-    Yes while this process has taken up the stored work and still trusts its
-    lease (``InstanceLease.trust_left``: a margin before the lease can expire);
-    and, until a claim is first answered, while the database has been unusable
-    since the start: nothing is shared to coordinate through, so it serves
-    from memory.  The pipeline, the Telegram client and the jobs keep no copy.
+    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep
+    no copy: yes while this process holds the stored work and trusts its lease
+    (``InstanceLease.trust_left``), or, until a claim is first answered, while
+    the database was never usable (nothing is shared: it serves from memory).
+    ``settle`` claims the lease and follows the answer: won, the dialogs are
+    loaded, the outbox and the jobs taken up; lost, or won back after another
+    held it meanwhile, memory's share of the stored work is forgotten and the
+    running handlers are void.  A database that is back is claimed for first.
     """
 
     def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
-        self.lease = lease  # None: always acting (a part used on its own)
+        self.lease: InstanceLease = lease  # type: ignore[assignment]  # None: always acting (a part on its own)
         self.db = db
-        self.holding = False  # the stored work is taken up in memory (set by Role)
+        self.holding = False  # the stored work is taken up in memory
         self.handovers = 0
+        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
+
+    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: BotSetUp,
+              wake: Callable[[], None]) -> None:
+        self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
     def acting_left(self) -> float:
         """Seconds this instance may still act, by its monotonic clock: every send must end within them."""
-        if self.lease is None:
+        if self.lease is None or not (self.lease.answered or self.db.ok):  # type: ignore[union-attr]
             return math.inf
-        if self.holding:
-            return self.lease.trust_left()
-        return math.inf if not self.lease.answered and not self.db.ok else 0.0  # type: ignore[union-attr]
+        return self.lease.trust_left() if self.holding else 0.0
 
     def may_act(self) -> bool:
         return self.acting_left() > 0
 
     def void(self) -> bool:
-        """Whether the running handler began where it may not act, or before the last hand-over."""
-        began = HANDLING_SINCE.get()
-        return began is not None and began != self.handovers
-
-
-class Role:
-    """Taking up the stored work when the lease is won, and letting it go when another instance holds it.
-
-    ``settle`` claims the lease and follows the answer.  Won: the dialogs
-    are loaded, the outbox and the unfinished jobs taken up, then the Mode
-    acts.  Lost, or won back after another held it meanwhile: what memory
-    holds of the stored work is forgotten (the holder takes it up) and the
-    handlers running are void.  A database that comes back is claimed for
-    before anything stored is resumed.  Unknown (the database unusable):
-    nothing changes; the Mode stops acting once the lease is not trusted.
-    A passive instance still stores webhook updates in the inbox for the holder.
-    """
-
-    def __init__(self, mode: Mode, states: ConversationStore, generations: Generations, outbox: Outbox,
-                 set_up: BotSetUp, wake: Callable[[], None], clock: Clock = SYSTEM_CLOCK):
-        self.mode = mode
-        self.lease: InstanceLease = mode.lease  # type: ignore[assignment]
-        self.states = states
-        self.generations = generations
-        self.outbox = outbox
-        self.set_up = set_up
-        self.wake = wake  # the pipeline looks at the inbox
-        self.clock = clock
-        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
-        self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
+        """Whether the running handler began where it might not act, or before the last hand-over."""
+        return HANDLING_SINCE.get() not in (None, self.handovers)
 
     async def settle(self, recovered: bool = False) -> None:
         """Claim the lease and follow its answer; ``recovered``: the database is back after an outage."""
@@ -6598,19 +6573,15 @@ class Role:
                 if first:  # no database since the start: serve from memory
                     await self._run()
                 return
-            if (self.mode.holding and not self.lease.continued) or (first and not held):
+            if (self.holding and not self.lease.continued) or (first and not held):
                 await self.hand_over()
-            if held and not self.mode.holding:
+            if held and not self.holding:
                 await self.take_over()
             elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
                 await self._run()
 
     async def take_over(self) -> None:
-        """Load the dialogs, take up the outbox and the jobs, then act.
-
-        Dialogs are loaded before any update is handled: a dialog step taken
-        while they loaded would be overwritten by the stored state.
-        """
+        """Load the dialogs first (a step taken while they loaded would be overwritten), then take up the rest."""
         with contextlib.suppress(DatabaseUnavailable):
             log.info("[DB] %d open dialogs loaded", await self.states.load())
         await self._run(taking_over=True)
@@ -6618,41 +6589,27 @@ class Role:
 
     async def _run(self, taking_over: bool = False) -> None:
         await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
-        self.mode.holding = self.mode.holding or taking_over
+        self.holding = self.holding or taking_over
         await self.generations.resume()
         self.set_up.start()
 
     async def hand_over(self) -> None:
         """Forget the stored work memory holds: the holder takes it up from the database."""
-        self.mode.holding = False
-        self.mode.handovers += 1
+        self.holding = False
+        self.handovers += 1
         await self.generations.pause()
         await self.outbox.pause()
 
-    async def hold(self) -> None:
-        """Renew the lease (or try for it) for the life of the process."""
+    async def hold(self, stopping: asyncio.Event) -> None:
+        """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
+        than the TTL must not be taken for a dead holder (its successor would handle again what this still does)."""
         while True:
             await self.lease.wait_for_turn()
-            await self.settle()
+            if not stopping.is_set():
+                await self.settle()
+            elif self.lease.held:
+                await self.lease.claim()
 
-    def renew_while_draining(self) -> None:
-        """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
-        so a drain longer than the lease's TTL is not taken for a dead holder (its successor would handle again
-        what this process still handles)."""
-        if self.lease.held:
-            self._renewal = asyncio.create_task(self._renew(), name="lease-renewal")
-
-    async def _renew(self) -> None:
-        while self.lease.held:
-            await self.clock.sleep(self.lease.ttl / 3)
-            await self.lease.claim()
-
-    async def release(self) -> None:
-        """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
-        if self._renewal is not None:
-            self._renewal.cancel()
-            await asyncio.gather(self._renewal, return_exceptions=True)
-        await self.lease.release()
 
 
 # -- metrics: the Prometheus text exposition format ---------------------------
@@ -6794,7 +6751,7 @@ class Metrics:
             ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
              [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
-             [("", {}, self.role.mode.may_act())]),
+             [("", {}, self.role.may_act())]),
             ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
             ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
@@ -6927,7 +6884,7 @@ class Diagnostics:
         payload = {
             "status": "stopping" if stopping else "ok" if self.db.ok else "degraded",
             "uptime": int(self.timings.uptime()),
-            "active": self.role.mode.may_act(),
+            "active": self.role.may_act(),
             "webhook_mode": self.config.bot_mode == "webhook",
             "lock_acquired": self.role.lease.trust_left() > 0,
             "db_schema_ready": self.db.ok,
@@ -6961,7 +6918,7 @@ class Diagnostics:
     async def on_diag_lock(self, request: Request) -> Response:
         lease = self.role.lease
         return json_response({
-            "active": self.role.mode.may_act(),
+            "active": self.role.may_act(),
             "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
             "last_check": iso_utc(lease.last_check),
             "instance_id": lease.owner,
@@ -7130,7 +7087,7 @@ class Routes:
 class App:
     """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
 
-    Whether it acts is its Mode's answer (the lease); its Role takes up and lets go the stored work.
+    Whether it acts is its Role's answer (the lease).
     """
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
@@ -7140,45 +7097,35 @@ class App:
         self.port: int | None = None
         self.stopping = asyncio.Event()
         self._background = OwnedTasks("[APP]")
+        self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
-        self.mode = Mode(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
+        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
-                                       pacer=telegram_pacer(config), acting_left=self.mode.acting_left)
+                                       pacer=telegram_pacer(config), acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
-                        max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.mode)
+                        max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock, mode=self.mode)
-        self.pipeline = self._build_pipeline(states, outbox, timings)
+                                       on_finished=timings.job_finished, clock=clock, mode=self.role)
+        # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
+        conversation = Conversation(config, outbox, states, self.generations,
+                                    queue_stats=lambda: self.pipeline.snapshot())
+        self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
+                                       workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
+                                       clock=clock, mode=self.role)
         set_up = BotSetUp(config, self.telegram, self._spawn, clock)
-        self.role = Role(self.mode, states, self.generations, outbox, set_up, self.pipeline.wake, clock)
+        self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
         metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
         self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
-        # The loops that run for the life of the process, by task name.
+        # The loops that run for the life of the process, by task name (the lease's until its release).
         self._loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags}
+            "db-watch": self._watch_database, "red-flags": self.diagnostics.watch_red_flags}
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
-
-    def _build_pipeline(self, states: ConversationStore, outbox: Outbox, timings: Timings) -> UpdatePipeline:
-        """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
-        # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
-        conversation = Conversation(self.config, outbox, states, self.generations,
-                                    queue_stats=lambda: pipeline.snapshot())
-        pipeline = UpdatePipeline(
-            self.db,
-            conversation.handle,
-            queue_size=self.config.queue_size,
-            workers=self.config.queue_workers,
-            on_handled=timings.handling_seconds.observe,
-            clock=self.clock,
-            mode=self.mode,
-        )
-        return pipeline
 
     @property
     def server(self) -> HttpServer:
@@ -7197,13 +7144,10 @@ class App:
         await self.pipeline.start()
         for name, loop in self._loops.items():
             self._spawn(loop(), name)
+        self._lease_loop.start(self.role.hold(self.stopping), "lease")
 
     async def stop(self) -> None:
-        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
-
-        The lease is released last, after in-memory work is finished, so the
-        successor never picks up an update this process is still handling.
-        """
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default)."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -7212,12 +7156,12 @@ class App:
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
         self.diagnostics.close()
         await self._background.cancel_all()
-        self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         # The replies of the updates just handled get half of what is left; unsent ones stay stored.
         await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        await self.role.release()
+        await self._lease_loop.cancel_all()
+        await self.role.lease.release()  # last: the successor never takes an update this process still handles
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
