@@ -346,6 +346,32 @@ async def test_a_holder_cut_off_from_its_database_stops_acting_before_its_lease_
     assert len(fake_tg.texts_to(93)) == 1
 
 
+async def test_a_handler_still_running_when_the_lease_is_lost_queues_no_reply_and_leaves_its_update(
+        make_app, fake_tg, tmp_path):
+    # Used to: the hand-over paused the outbox, then the handler queued its reply (stored, and sent by a later
+    # take-over) and marked its update done, so the new holder might never answer it.
+    app = await make_app(LEASE_TTL_S="3")
+    entered, may_end, handle = asyncio.Event(), asyncio.Event(), app.pipeline.handler
+
+    async def slow_handler(update: dict) -> None:
+        entered.set()
+        await may_end.wait()
+        await handle(update)
+
+    app.pipeline.handler = slow_handler
+    assert (await post_update(app, update_message(1, 95, "/start"))).status_code == 200
+    await entered.wait()
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn, conn:
+        conn.execute("UPDATE lease SET owner=?, expires_at=?", (ALIVE_ELSEWHERE, time.time() + 600))
+    await eventually(lambda: app.role.handovers == 1)  # its next renewal found the lease taken
+    may_end.set()
+    await app.pipeline.stop(grace=10)  # a barrier: the handler ended and any done mark is written
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+        assert conn.execute("SELECT done_at FROM inbox").fetchall() == [(None,)]  # the holder answers it
+    assert fake_tg.texts_to(95) == []
+
+
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
     """Two bot processes on one database (DATABASE_URL in ``overrides``, else a SQLite file), the first active."""
     env = bot_env(fake_tg, str(tmp_path / "shared.sqlite3"), PORT=str(free_port()), **{"LEASE_TTL_S": "3", **overrides})

@@ -2326,6 +2326,27 @@ async def test_a_chats_replies_keep_their_order_under_pacing_and_do_not_hold_up_
     await outbox.stop(1.0)
 
 
+async def test_a_message_sent_while_the_outbox_takes_up_its_table_is_not_sent_again(database, fake_tg):
+    # Used to: the take-up read the row of a message that ended meanwhile, and queued it again.
+    async with httpx.AsyncClient() as http:
+        outbox = trt_bot.Outbox(database, trt_bot.TelegramClient(TOKEN, fake_tg.base_url, http))
+        await outbox.resume()
+        fake_tg.stall("sendMessage")
+        await outbox.send_message(5, "once")  # stored, and on its way
+        await eventually(lambda: fake_tg.held("sendMessage") == 1)
+        database_free = threading.Event()
+        busy = asyncio.ensure_future(database.write(lambda conn: database_free.wait(10)))  # holds the database
+        taking_up = asyncio.ensure_future(outbox.resume())  # as when the database comes back
+        fake_tg.release("sendMessage")
+        await eventually(lambda: outbox.depth == 0)  # sent while the take-up waits for the database
+        database_free.set()
+        await busy
+        await taking_up
+        await outbox.stop(grace=5)  # a barrier: what is queued is sent
+    assert fake_tg.texts_to(5) == ["once"]
+    assert await database.read(trt_bot.outbox_pending) == []
+
+
 @respx.mock
 async def test_a_chat_waiting_for_its_spacing_does_not_hold_up_the_sender(database):
     clock, sent = ManualClock(), []

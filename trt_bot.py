@@ -6024,7 +6024,7 @@ class Outbox:
         Called on becoming active (``taking_over``) and when the database
         comes back; messages already in memory are not taken twice.
         """
-        sent_ids = list(self._unrecorded)
+        sent_ids, held = list(self._unrecorded), set(self._ids)  # held now: sent from memory, even if over meanwhile
         unstored = [message for queue in self._chats.values() for message in queue
                     if not message.stored and message.result is None]
         try:
@@ -6036,9 +6036,11 @@ class Outbox:
                 self._unrecorded.popleft()
             for message in unstored:
                 message.stored = True
+                if message.id not in self._ids:  # over while its row was written: the row goes
+                    self._writes.add(OutboxSent(message.id))
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
-            if message_id not in self._ids:
+            if message_id not in held and message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
                                                    update_id, stored=True))
