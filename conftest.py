@@ -731,6 +731,7 @@ class Performed:
     life: int
     method: str
     params: dict
+    at: float = 0.0  # time.monotonic() when it was carried out
 
 
 class FaultyBotApi(FakeBotApi):
@@ -822,7 +823,7 @@ class FaultyBotApi(FakeBotApi):
         status, payload = super().answer(http_method, path, query, headers, body)
         if status == 200:
             with self._cond:
-                self.performed.append(Performed(life, method, params))
+                self.performed.append(Performed(life, method, params, time.monotonic()))
         for predicate, event in list(self._held):
             if predicate(method, params):
                 event.wait(60)
@@ -897,7 +898,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(
         f"seed {', '.join(map(str, sorted(FAULT_SEEDS)))}: rounds {totals['rounds']}, updates {totals['updates']}, "
         f"jobs {totals['jobs']}, faults injected {sum(FAULT_KINDS.values())}, lost {totals['lost']}, "
-        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}")
+        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}, "
+        f"sent twice after a cut-off {totals['cut_duplicates']} (in flight at the cut {totals['cut_in_flight']})")
     terminalreporter.write_line(f"faults by kind: {kinds}")
 
 
