@@ -6445,12 +6445,10 @@ def iso_utc(timestamp: float | None) -> str | None:
 class InstanceLease:
     """Which process on this database is the active one, decided by a lease row.
 
-    ``claim()`` takes the lease if it is free or expired and renews it if it
-    is ours; it never takes a holder's that may be alive.  The holder renews
-    every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
-    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
-    ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
-    holder's that may be alive within the TTL and a second.
+    ``claim()`` takes the lease if it is free or expired and renews it if it is ours; it never takes a holder's that
+    may be alive.  The holder renews every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
+    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see ``lease_owner_is_gone``), changes hands
+    within LEASE_PEEK_S, and a dead holder's that may be alive within the TTL and a second.
 
     Fencing: the row expires a TTL after the claim by the server's clock; the holder trusts it for two thirds
     of the TTL after it *sent* the claim, by its own monotonic clock (``trust_left``), so a process paused
@@ -6458,15 +6456,12 @@ class InstanceLease:
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.ttl = ttl
-        self.clock = clock
+        self.db, self.ttl, self.clock = db, ttl, clock
         self.owner = current_process_identity(secrets.token_hex(4)).owner()
         self.held = False  # the last claim's answer
         self.continued = False  # that claim renewed the lease with no other holder since ours (or none at all)
         self.holder = ""  # who holds it, as last seen
-        self.expires_at = 0.0
-        self.last_check = 0.0
+        self.expires_at = self.last_check = 0.0
         self.answered = False  # a claim got an answer (held or not)
         self._trusted_until = -math.inf  # monotonic
 
@@ -6518,12 +6513,10 @@ class InstanceLease:
     async def release(self) -> None:
         if not self.held:
             return
-        try:
+        with contextlib.suppress(DatabaseUnavailable):  # else it expires by itself
             await self.db.write(lease_release, self.owner)
-        except DatabaseUnavailable:
-            return  # it expires by itself
-        self.held = False
-        log.info("[LOCK] released by %s", self.owner)
+            self.held = False
+            log.info("[LOCK] released by %s", self.owner)
 
 
 # The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
@@ -6533,21 +6526,17 @@ HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("han
 class Role:
     """The one answer to "may this instance act now?", and taking up or letting go the stored work.
 
-    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep
-    no copy: yes while this process holds the stored work and trusts its lease
-    (``InstanceLease.trust_left``), or, until a claim is first answered, while
-    the database was never usable (nothing is shared: it serves from memory).
-    ``settle`` claims the lease and follows the answer: won, the dialogs are
-    loaded, the outbox and the jobs taken up; lost, or won back after another
-    held it meanwhile, memory's share of the stored work is forgotten and the
-    running handlers are void.  A database that is back is claimed for first.
+    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep no copy: yes while this process holds
+    the stored work and trusts its lease (``InstanceLease.trust_left``), or, until a claim is first answered, while
+    the database was never usable (nothing is shared: it serves from memory). ``settle`` claims the lease and
+    follows the answer: won, the dialogs are loaded, the outbox and the jobs taken up; lost, or won back after
+    another held it meanwhile, memory's share of the stored work is forgotten and the running handlers are void.  A
+    database that is back is claimed for first.
     """
 
     def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
         self.lease: InstanceLease = lease  # type: ignore[assignment]  # None: always acting (a part on its own)
-        self.db = db
-        self.holding = False  # the stored work is taken up in memory
-        self.handovers = 0
+        self.db, self.holding, self.handovers = db, False, 0  # holding: the stored work is taken up in memory
         self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
 
     def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: BotSetUp,
@@ -7117,7 +7106,7 @@ class App:
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
                                        clock=clock, mode=self.role)
-        set_up = BotSetUp(config, self.telegram, self._spawn, clock)
+        set_up = BotSetUp(config, self.telegram, self._background.start, clock)
         self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
@@ -7145,7 +7134,7 @@ class App:
         await self.role.settle()  # the holder loads the dialogs before the workers start
         await self.pipeline.start()
         for name, loop in self._loops.items():
-            self._spawn(loop(), name)
+            self._background.start(loop(), name)
         self._lease_loop.start(self.role.hold(self.stopping), "lease")
 
     async def stop(self) -> None:
@@ -7167,9 +7156,6 @@ class App:
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._background.start(coro, name)
 
     async def _watch_database(self) -> None:
         """Notice the database file being deleted or replaced, even with no traffic, and reopen an
