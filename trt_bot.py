@@ -1485,10 +1485,12 @@ class SqliteFile:
 # connect_timeout; one that stops answering without closing the connection (a
 # dead host, a dropped route) is noticed within seconds by the keepalives and
 # tcp_user_timeout, not after the kernel's two hours, so writes fail over to
-# memory instead of hanging.
+# memory instead of hanging.  A transaction a paused process left open ends
+# after 5 s: its row locks must not hold up the instance taking over.
 POSTGRES_CONNECTION_DEFAULTS = {
     "connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
     "keepalives_count": "2", "tcp_user_timeout": "5000", "application_name": "trt_bot",
+    "options": "-c idle_in_transaction_session_timeout=5000",
 }
 POSTGRES_MIGRATION_LOCK = 0x7472745F626F74  # pg_advisory_xact_lock key ("trt_bot"): instances migrate one at a time
 POSTGRES_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
