@@ -412,6 +412,8 @@ async def make_app(fake_tg, tmp_path):
 
     async def start(*, poll_timeout: float = trt_bot.POLL_TIMEOUT_S, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK,
                     **overrides: str) -> trt_bot.App:
+        if isinstance(clock, ManualClock):  # moved by hand, further than a lease is trusted: it outlives the test
+            overrides = {"LEASE_TTL_S": "600", **overrides}
         env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), **overrides)
         config = trt_bot.load_config(env)
         app = trt_bot.App(config, clock=clock, poll_timeout=poll_timeout)
@@ -758,6 +760,7 @@ class Performed:
     life: int
     method: str
     params: dict
+    at: float = 0.0  # time.monotonic() when it was carried out
 
 
 class FaultyBotApi(FakeBotApi):
@@ -849,7 +852,7 @@ class FaultyBotApi(FakeBotApi):
         status, payload = super().answer(http_method, path, query, headers, body)
         if status == 200:
             with self._cond:
-                self.performed.append(Performed(life, method, params))
+                self.performed.append(Performed(life, method, params, time.monotonic()))
         for predicate, event in list(self._held):
             if predicate(method, params):
                 event.wait(60)
@@ -924,7 +927,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(
         f"seed {', '.join(map(str, sorted(FAULT_SEEDS)))}: rounds {totals['rounds']}, updates {totals['updates']}, "
         f"jobs {totals['jobs']}, faults injected {sum(FAULT_KINDS.values())}, lost {totals['lost']}, "
-        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}")
+        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}, "
+        f"sent twice after a cut-off {totals['cut_duplicates']} (in flight at the cut {totals['cut_in_flight']})")
     terminalreporter.write_line(f"faults by kind: {kinds}")
 
 

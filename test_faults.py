@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -1017,7 +1018,7 @@ async def test_postgresql_down_at_start_restarted_and_cut_off_degrades_then_the_
     await phase(client, lives, chats, per_chat=6, fault=lambda: server.terminate_connections(server.url("postgres")))
     FAULT_KINDS["postgresql connections terminated"] += 1
     # Each outage was noticed and ended by itself (the last one's recovery may still be on its way).
-    await eventually(lambda: lives.current.log.count("[DB] recovered") >= 3, timeout=15)
+    await eventually(lambda: lives.current.log.count("INFO trt_bot: [DB] recovered") >= 3, timeout=15)
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)
 
@@ -1069,4 +1070,52 @@ async def test_rows_the_database_refuses_fail_alone_and_nothing_else_is_lost(mak
             tally.problems.append(f"chat {chat.chat_id}: {by_chat[chat.chat_id, expected]} times {expected}, not once")
             tally.lost += 1
     assert not any(REFUSED_MARK in task["input"]["prompt"] for task in fake_kie.created)
+    tally.report()
+
+
+###############################################################################
+# 7. The active instance paused (SIGSTOP) while a second takes over, then woken
+###############################################################################
+
+async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_nothing_is_lost(
+        postgres, tmp_path, fault_bots, faulty_tg, client):
+    """Telegram has no idempotency key: a send in flight at the pause may land and be sent again by the
+    successor (counted), but the woken bot must start no send, and every update must be answered."""
+    faulty_tg.delay_s = 0.02  # answers take a while: sends are in flight when the pause comes
+    env = bot_env(faulty_tg, str(tmp_path / "unused.sqlite3"), DATABASE_URL=postgres.new_database_url(),
+                  LEASE_TTL_S="2", KIE_API_KEY=KIE_KEY, KIE_API_BASE="http://127.0.0.1:9")
+    lives = Lives(fault_bots, faulty_tg, env)
+    paused = lives.start()
+    await paused.wait_healthy()
+    successor = lives.start()
+    await successor.wait_healthy()
+    lives.current = paused  # Telegram reaches the active one first
+    chats = [Chat(7500 + n) for n in range(6)]
+    for chat in chats:
+        chat.too_long_prompts(8)
+    async with httpx.AsyncClient(timeout=2.0) as quick:  # a post to the paused bot is given up and sent again
+        sending = asyncio.create_task(send_all(quick, lives.target, chats))
+        await eventually(lambda: len(faulty_tg.performed_of("sendMessage")) >= 12, timeout=30)
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        cut = time.monotonic()
+        lives.current = successor
+        FAULT_KINDS["process paused past its lease"] += 1
+        try:
+            await asyncio.wait_for(sending, 60)
+            await all_answered(chats, lambda: faulty_tg.performed, timeout=30)
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+    woken = time.monotonic()
+    await eventually(lambda: "[LOCK] passive" in paused.log, timeout=15)  # woken, it found the lease taken
+    for bot in (paused, successor):
+        assert await asyncio.to_thread(bot.terminate) == 0  # a barrier: nothing is sent after this
+    in_flight = [call for call in faulty_tg.performed if call.life == 1 and cut - 0.01 <= call.at <= woken]
+    after_waking = [call for call in faulty_tg.performed if call.life == 1 and call.at > woken]
+    tally = Tally()
+    tally.check_chats(chats, faulty_tg.performed, killed=True)  # sent again by the successor: "replayed"
+    FAULT_TOTALS.update(cut_in_flight=len(in_flight), cut_duplicates=tally.replayed)
+    tally.problems += [f"the woken bot started {call.method} to {call.params.get('chat_id')}" for call in after_waking]
+    if tally.replayed > len(in_flight):
+        tally.problems.append(f"{tally.replayed} replies sent twice, {len(in_flight)} sends in flight at the cut")
+    tally.replayed = 0  # counted above as sent twice after a cut-off, not as replays after kill -9
     tally.report()

@@ -1558,7 +1558,7 @@ async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it
     conn.execute("COMMIT")
     conn.execute("BEGIN EXCLUSIVE")  # another process holds the file: the bot starts degraded
     app = await make_app(**gen_env(fake_kie))
-    assert app.db.ok is False and app.role.active
+    assert app.db.ok is False and app.role.may_act()
     await post_update(app, update_message(1, 82, "/start"))
     await eventually(lambda: fake_tg.texts_to(82))  # /start works meanwhile
     assert fake_tg.calls_of("sendPhoto") == []

@@ -185,15 +185,15 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
     try:
         await first.start()
         await second.start()
-        assert (first.role.active, first.pipeline.should_process) == (True, True)
-        assert (second.role.active, second.pipeline.should_process) == (False, False)
+        assert first.role.may_act()
+        assert not second.role.may_act()
         await eventually(lambda: second_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         second_clock.advance(3.5)  # the first's lease has expired on the second's clock: taken
-        await eventually(lambda: (second.role.active, second.pipeline.should_process) == (True, True))
-        assert first.role.active  # its clock stands still: it has not looked since
+        await eventually(lambda: second.role.may_act())
+        assert first.role.may_act()  # its clock stands still: it has not looked since
         await eventually(lambda: first_clock.sleepers >= 3)
         first_clock.advance(1.0)  # the holder's renewal finds the lease taken: it turns passive
-        await eventually(lambda: (first.role.active, first.pipeline.should_process) == (False, False))
+        await eventually(lambda: not first.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(second, 60)
@@ -207,11 +207,11 @@ async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_pa
     try:
         await first.start()
         await standby.start()
-        assert (first.role.active, standby.role.active) == (True, False)
+        assert (first.role.may_act(), standby.role.may_act()) == (True, False)
         await stop_within(first, 60)
         await eventually(lambda: standby_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+        await eventually(lambda: standby.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(standby, 60)
@@ -228,12 +228,12 @@ async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_pee
         with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
             assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
         await standby.start()
-        assert not standby.role.active  # the holder runs
+        assert not standby.role.may_act()  # the holder runs
         holder.kill()
         holder.wait()
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+        await eventually(lambda: standby.role.may_act())
     finally:
         holder.kill()
         holder.wait()
@@ -261,7 +261,7 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
         stopping = asyncio.create_task(holder.stop())
 
         def renewal_asleep() -> bool:  # started, so it sleeps on the clock before the clock moves
-            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease-renewal"]
+            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease"]
             return bool(renewal) and inspect.getcoroutinestate(renewal[0].get_coro()) == inspect.CORO_SUSPENDED
 
         await eventually(renewal_asleep)
@@ -273,18 +273,104 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
             checked = standby.role.lease.last_check
             standby_clock.advance(1.0)
             await eventually(lambda: standby.role.lease.last_check > checked)
-            assert not standby.role.active
+            assert not standby.role.may_act()
         handler_may_end.set()
         await asyncio.wait_for(stopping, 60)
         with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as conn:
             assert conn.execute("SELECT done_at IS NOT NULL FROM inbox").fetchall() == [(1,)]  # none left for the next
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # released once the work was done: taken at the next peek
-        await eventually(lambda: standby.role.active)
+        await eventually(lambda: standby.role.may_act())
     finally:
         handler_may_end.set()
         await stop_within(holder, 60)
         await stop_within(standby, 60)
+
+
+ALIVE_ELSEWHERE = "otherhost:7:holder:4026531999:another-boot:1"  # in another PID namespace: may be alive
+
+
+def stored_work_of_a_live_holder(path: str, photo_url: str) -> None:
+    """The lease of a holder that may be alive, one reply it queued and one finished job it has to deliver."""
+    with contextlib.closing(trt_bot.open_sqlite(path)) as conn, conn:
+        assert trt_bot.lease_claim(conn, ALIVE_ELSEWHERE, 600, time.time())[0]
+        conn.execute("INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id) VALUES (1, 91, "
+                     "'sendMessage', ?, ?, NULL)", (json.dumps({"chat_id": 91, "text": "the holder's"}), time.time()))
+        job = trt_bot.Job("00112233aabbccdd", 91, 91, "ru", "zimage", "маяк", "1:1", state="succeeded",
+                          result_url=photo_url, created_at=time.time(), updated_at=time.time())
+        trt_bot.jobs_save(conn, [tuple(vars(job).values())])
+
+
+async def test_a_bot_started_without_its_database_claims_the_lease_before_resuming_anything_stored(
+        make_app, fake_tg, fake_kie, tmp_path, monkeypatch):
+    # Used to: it served from memory as if active, and when the database came back it sent the holder's
+    # queued reply and delivered its job before its claim found the lease taken: the user got both twice.
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
+    path = str(tmp_path / "bot.sqlite3")
+    stored_work_of_a_live_holder(path, fake_kie.image_url())
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the database is unusable when the bot starts
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url)
+    assert not app.db.ok
+    await post_update(app, update_message(1, 92, "/start"))
+    await eventually(lambda: fake_tg.texts_to(92))  # /start is answered from memory meanwhile
+    locker.execute("ROLLBACK")
+    locker.close()
+    await eventually(lambda: app.db.ok and app.role.handovers == 1)  # the claim found the holder: it let go
+    await app.role.outbox.stop(grace=0)  # a barrier: no sender is left to send anything
+    assert not app.role.may_act()
+    assert fake_tg.texts_to(91) == [] and fake_tg.calls_of("sendPhoto") == []
+
+
+async def test_a_holder_cut_off_from_its_database_stops_acting_before_its_lease_can_expire(make_app, fake_tg,
+                                                                                         tmp_path):
+    # Used to: it kept answering from memory after its lease expired, while another instance took over.
+    clock = ManualClock(start=time.time(), passing_s=0.01)  # the send pacer's spacing passes at once
+    app = await make_app(clock=clock, LEASE_TTL_S="3")
+    assert app.role.may_act()
+    locker = sqlite3.connect(tmp_path / "bot.sqlite3", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the file: no write, no renewal
+    try:
+        assert (await post_update(app, update_message(1, 93, "/start"))).status_code == 200  # from memory
+        await eventually(lambda: fake_tg.texts_to(93))
+        clock.advance(2.1)  # past two thirds of the 3 s lease since the last claim was sent
+        assert app.role.acting_left() == 0 and not app.role.may_act()
+        assert (await post_update(app, update_message(2, 93, "/help"))).status_code == 503  # Telegram sends it again
+        lock = await get_json(f"http://127.0.0.1:{app.port}", "/diag/lock")
+        assert (lock["active"], lock["lock_acquired"]) == (False, False)
+        app.telegram.retry = trt_bot.ONE_TRY  # else it tries again until its budget: the lease may be renewed
+        with pytest.raises(trt_bot.TelegramError, match="may not act"):
+            await app.telegram.send_message(93, "late")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert len(fake_tg.texts_to(93)) == 1
+
+
+async def test_a_handler_still_running_when_the_lease_is_lost_queues_no_reply_and_leaves_its_update(
+        make_app, fake_tg, tmp_path):
+    # Used to: the hand-over paused the outbox, then the handler queued its reply (stored, and sent by a later
+    # take-over) and marked its update done, so the new holder might never answer it.
+    app = await make_app(LEASE_TTL_S="3")
+    entered, may_end, handle = asyncio.Event(), asyncio.Event(), app.pipeline.handler
+
+    async def slow_handler(update: dict) -> None:
+        entered.set()
+        await may_end.wait()
+        await handle(update)
+
+    app.pipeline.handler = slow_handler
+    assert (await post_update(app, update_message(1, 95, "/start"))).status_code == 200
+    await entered.wait()
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn, conn:
+        conn.execute("UPDATE lease SET owner=?, expires_at=?", (ALIVE_ELSEWHERE, time.time() + 600))
+    await eventually(lambda: app.role.handovers == 1)  # its next renewal found the lease taken
+    may_end.set()
+    await app.pipeline.stop(grace=10)  # a barrier: the handler ended and any done mark is written
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+        assert conn.execute("SELECT done_at FROM inbox").fetchall() == [(None,)]  # the holder answers it
+    assert fake_tg.texts_to(95) == []
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
@@ -308,7 +394,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     lock_first, lock_second = await get_json(first.base_url, "/diag/lock"), await get_json(second.base_url, "/diag/lock")
     assert (lock_first["active"], lock_first["lock_acquired"]) == (True, True)
-    assert (lock_second["active"], lock_second["lock_acquired"], lock_second["should_process"]) == (False, False, False)
+    assert (lock_second["active"], lock_second["lock_acquired"]) == (False, False)
     assert lock_second["owner"] == lock_first["instance_id"] != lock_second["instance_id"]
     health_second = await get_json(second.base_url, "/health")
     assert (health_second["active"], health_second["lock_acquired"]) == (False, False)
@@ -318,7 +404,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     assert second.terminate() == 0 and first.terminate() == 0  # each finishes all it started: nothing comes after
     chats = [p["chat_id"] for p in fake_tg.calls_of("sendMessage")]
     assert sorted(chats) == list(range(701, 741))  # every reply once, the passive one's posts included
-    assert "[LOCK] acquired" in first.log and "[LOCK] passive" in second.log
+    assert "[LOCK] acquired" in first.log and "INFO trt_bot: [LOCK] passive" in second.log  # a deploy's, not a fault
     assert "[COMMANDS] menu" in first.log and "[COMMANDS]" not in second.log  # only the active one sets the menu
 
 

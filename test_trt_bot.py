@@ -2227,7 +2227,8 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     assert await ingest(updates[0]) == trt_bot.Admitted()
     assert await ingest(updates[0]) == trt_bot.Duplicate()
     assert await ingest(updates[1]) == trt_bot.Rejected(trt_bot.RejectReason.MEMORY_FULL)
-    pipeline.should_process = False
+    pipeline.mode = trt_bot.Role(trt_bot.InstanceLease(db, 15), db)
+    pipeline.mode.lease.answered = True  # the lease was claimed: another instance holds it
     assert await ingest(updates[2]) == trt_bot.Rejected(trt_bot.RejectReason.PASSIVE)
     await pipeline.stop(grace=0)
     assert await ingest(updates[3]) == trt_bot.Rejected(trt_bot.RejectReason.SHUTTING_DOWN)
@@ -2627,6 +2628,27 @@ async def test_a_chats_replies_keep_their_order_under_pacing_and_do_not_hold_up_
     await eventually_async(lambda: database.read(trt_bot.outbox_pending), lambda rows: rows == [])  # sent: gone
     assert outbox.sent["sendMessage"] == 5 and outbox.depth == 0
     await outbox.stop(1.0)
+
+
+async def test_a_message_sent_while_the_outbox_takes_up_its_table_is_not_sent_again(database, fake_tg):
+    # Used to: the take-up read the row of a message that ended meanwhile, and queued it again.
+    async with httpx.AsyncClient() as http:
+        outbox = trt_bot.Outbox(database, trt_bot.TelegramClient(TOKEN, fake_tg.base_url, http))
+        await outbox.resume()
+        fake_tg.stall("sendMessage")
+        await outbox.send_message(5, "once")  # stored, and on its way
+        await eventually(lambda: fake_tg.held("sendMessage") == 1)
+        database_free = threading.Event()
+        busy = asyncio.ensure_future(database.write(lambda conn: database_free.wait(10)))  # holds the database
+        taking_up = asyncio.ensure_future(outbox.resume())  # as when the database comes back
+        fake_tg.release("sendMessage")
+        await eventually(lambda: outbox.depth == 0)  # sent while the take-up waits for the database
+        database_free.set()
+        await busy
+        await taking_up
+        await outbox.stop(grace=5)  # a barrier: what is queued is sent
+    assert fake_tg.texts_to(5) == ["once"]
+    assert await database.read(trt_bot.outbox_pending) == []
 
 
 @respx.mock

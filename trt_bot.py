@@ -1526,10 +1526,12 @@ class SqliteFile:
 # connect_timeout; one that stops answering without closing the connection (a
 # dead host, a dropped route) is noticed within seconds by the keepalives and
 # tcp_user_timeout, not after the kernel's two hours, so writes fail over to
-# memory instead of hanging.
+# memory instead of hanging.  A transaction a paused process left open ends
+# after 5 s: its row locks must not hold up the instance taking over.
 POSTGRES_CONNECTION_DEFAULTS = {
     "connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
     "keepalives_count": "2", "tcp_user_timeout": "5000", "application_name": "trt_bot",
+    "options": "-c idle_in_transaction_session_timeout=5000",
 }
 POSTGRES_MIGRATION_LOCK = 0x7472745F626F74  # pg_advisory_xact_lock key ("trt_bot"): instances migrate one at a time
 POSTGRES_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
@@ -2413,8 +2415,10 @@ class TelegramClient:
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
+                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None,
+                 acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
+        self.acting_left = acting_left  # a send must end within these seconds (the Role's answer)
         self.http = http
         self.retry = retry
         self.clock = clock
@@ -2447,8 +2451,14 @@ class TelegramClient:
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         if method in PACED_METHODS:
             await self.gate.wait_turn(params.get("chat_id"))
+        left = self.acting_left() if method in PACED_METHODS else math.inf
+        if left <= 0:
+            raise TelegramError(method, 503, "this instance may not act now (the lease)")
         try:
-            result = await self._post(method, params, files, timeout)
+            async with asyncio.timeout(left):
+                result = await self._post(method, params, files, timeout)
+        except TimeoutError as cut:  # the lease would lapse first: the request may have gone out
+            raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
             self.trouble = telegram_trouble(error)
@@ -3351,12 +3361,13 @@ class UpdatePipeline:
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
+        mode: Role | None = None,
     ):
         self.db = db
         self.handler = handler
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
-        self.should_process = True  # False while another instance holds the lease
+        self.mode = mode or Role()
         self.stats = PipelineStats()
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
@@ -3370,7 +3381,7 @@ class UpdatePipeline:
         self._accepting = True
 
     def _may_take(self) -> bool:
-        return self._accepting and self.should_process
+        return self._accepting and self.mode.may_act()
 
     # -- the ack path -------------------------------------------------------
 
@@ -3447,7 +3458,7 @@ class UpdatePipeline:
     def _memory_refusal(self, chat_key: int) -> RejectReason | None:
         if not self._accepting:
             return RejectReason.SHUTTING_DOWN
-        if not self.should_process:
+        if not self.mode.may_act():
             return RejectReason.PASSIVE
         if self.tracker.room() <= 0:
             return RejectReason.MEMORY_FULL
@@ -3459,11 +3470,12 @@ class UpdatePipeline:
         started = self.clock.monotonic()
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
+        HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
                 self.stats.dropped += 1
-            else:
+            elif not self.mode.void():
                 await self.handler(item.update)
         except asyncio.CancelledError:
             if not self.watchdog.cut_alone(task):
@@ -3497,7 +3509,10 @@ class UpdatePipeline:
         """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
-        if item.durable:
+        if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
+            self.tracker.drop(item.update_id)
+            self._mark_stored(item.chat_key)
+        elif item.durable:
             user_id, lang = update_sender(item.update)
             self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
         else:
@@ -5525,8 +5540,9 @@ class Generations:
     def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S):
+                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Role | None = None):
         self.config = config
+        self.mode = mode or Role()
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
@@ -5674,10 +5690,11 @@ class Generations:
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
-            for job in list(self.jobs.values()):
+            jobs = list(self.jobs.values()) if self.mode.may_act() else []  # else another may hold them now
+            for job in jobs:
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
-            self.progress.tick(list(self.jobs.values()), now)
+            self.progress.tick(jobs, now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
                 self.fairness.forget_idle(now)
@@ -5890,9 +5907,10 @@ class Outbox:
     """
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
-                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK):
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Role | None = None):
         self.db = db
         self.telegram = telegram
+        self.mode = mode or Role()
         self.senders = senders
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -5920,6 +5938,8 @@ class Outbox:
 
     async def call(self, method: str, params: dict) -> None:
         """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+        if self.mode.void():  # its handler's update was handed over: the holder answers it
+            return
         message = self._new_message(method, params)
         if not self._push(message) or not self.db.ok:
             return
@@ -6060,7 +6080,7 @@ class Outbox:
         Called on becoming active (``taking_over``) and when the database
         comes back; messages already in memory are not taken twice.
         """
-        sent_ids = list(self._unrecorded)
+        sent_ids, held = list(self._unrecorded), set(self._ids)  # held now: sent from memory, even if over meanwhile
         unstored = [message for queue in self._chats.values() for message in queue
                     if not message.stored and message.result is None and not message.sign_of_life]
         try:
@@ -6072,9 +6092,11 @@ class Outbox:
                 self._unrecorded.popleft()
             for message in unstored:
                 message.stored = True
+                if message.id not in self._ids:  # over while its row was written: the row goes
+                    self._writes.add(OutboxSent(message.id))
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
-            if message_id not in self._ids:
+            if message_id not in held and message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
                 since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
@@ -6291,18 +6313,18 @@ class LongPolling:
         self.clock = clock
         self.poll_timeout = poll_timeout
         # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
-        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.active)
+        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: role.may_act())
 
     async def run(self) -> None:
         """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
-        while not self.role.active:
+        while not self.role.may_act():
             await self.clock.sleep(PASSIVE_RETRY_S)
         await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
                                 UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
         log.info("[POLL] polling getUpdates")
         offset = None
         while True:
-            if not self.role.active:
+            if not self.role.may_act():
                 await self.clock.sleep(PASSIVE_RETRY_S)
                 continue
             params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
@@ -6489,24 +6511,29 @@ def iso_utc(timestamp: float | None) -> str | None:
 class InstanceLease:
     """Which process on this database is the active one, decided by a lease row.
 
-    ``claim()`` takes the lease if it is free or expired and renews it if it
-    is ours; it never takes a holder's that may be alive.  The holder renews
-    every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
-    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
-    ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
-    holder's that may be alive within the TTL and a second.
+    ``claim()`` takes the lease if it is free or expired and renews it if it is ours; it never takes a holder's that
+    may be alive.  The holder renews every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
+    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see ``lease_owner_is_gone``), changes hands
+    within LEASE_PEEK_S, and a dead holder's that may be alive within the TTL and a second.
+
+    Fencing: the row expires a TTL after the claim by the server's clock; the holder trusts it for two thirds
+    of the TTL after it *sent* the claim, by its own monotonic clock (``trust_left``), so a process paused
+    or cut off from the database stops acting before another can take over.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.ttl = ttl
-        self.clock = clock
+        self.db, self.ttl, self.clock = db, ttl, clock
         self.owner = current_process_identity(secrets.token_hex(4)).owner()
-        self.held = False
+        self.held = False  # the last claim's answer
+        self.continued = False  # that claim renewed the lease with no other holder since ours (or none at all)
         self.holder = ""  # who holds it, as last seen
-        self.expires_at = 0.0
-        self.last_check = 0.0
-        self._checked = False
+        self.expires_at = self.last_check = 0.0
+        self.answered = False  # a claim got an answer (held or not)
+        self._trusted_until = -math.inf  # monotonic
+
+    def trust_left(self) -> float:
+        """Seconds this process may still act on the lease (0 when it does not hold it, or may have lost it)."""
+        return max(0.0, self._trusted_until - self.clock.monotonic()) if self.held else 0.0
 
     async def wait_for_turn(self) -> None:
         """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
@@ -6527,124 +6554,119 @@ class InstanceLease:
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
         None if the database is unusable."""
+        sent = self.clock.monotonic()
         try:
-            held, holder, expires_at = await self.db.write(self._claim, self.clock.time())
+            held, holder, expires_at, ours_before = await self.db.write(self._claim, self.clock.time())
         except DatabaseUnavailable:
             return None
-        was_held, first = self.held, not self._checked
-        self.held, self.holder, self.expires_at = held, holder, expires_at
-        self.last_check, self._checked = self.clock.time(), True
+        was_held, first = self.held, not self.answered
+        self.held, self.holder, self.expires_at, self.continued = held, holder, expires_at, held and ours_before
+        self._trusted_until = sent + self.ttl * 2 / 3
+        self.last_check, self.answered = self.clock.time(), True
         if held and not was_held:
             log.info("[LOCK] acquired by %s", self.owner)
         elif not held and (was_held or first):
-            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
+            log.info("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
         return held
 
-    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float]:
+    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float, bool]:
         """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
-        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's)."""
-        server_now = self.db.server_time(conn)
-        return lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now)
+        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
+        and whether no other process held the lease before it (a missing row: a new database file)."""
+        server_now, ours_before = self.db.server_time(conn), lease_holder(conn) in (None, self.owner)
+        return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
 
     async def release(self) -> None:
         if not self.held:
             return
-        try:
+        with contextlib.suppress(DatabaseUnavailable):  # else it expires by itself
             await self.db.write(lease_release, self.owner)
-        except DatabaseUnavailable:
-            return  # it expires by itself
-        self.held = False
-        log.info("[LOCK] released by %s", self.owner)
+            self.held = False
+            log.info("[LOCK] released by %s", self.owner)
+
+
+# The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
+HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
 
 
 class Role:
-    """Whether this process is the active one, and becoming or ceasing to be it.
+    """The one answer to "may this instance act now?", and taking up or letting go the stored work.
 
-    It is *active* (processes updates, polls, runs jobs, sends the outbox,
-    sets up the webhook and the menu) while it holds the lease, or when the database is unusable
-    from the start (then nothing is shared to coordinate through).  A passive
-    instance still stores webhook updates in the shared inbox for the active
-    one.  The only owner of ``pipeline.should_process``.
+    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep no copy: yes while this process holds
+    the stored work and trusts its lease (``InstanceLease.trust_left``), or, until a claim is first answered, while
+    the database was never usable (nothing is shared: it serves from memory). ``settle`` claims the lease and
+    follows the answer: won, the dialogs are loaded, the outbox and the jobs taken up; lost, or won back after
+    another held it meanwhile, memory's share of the stored work is forgotten and the running handlers are void.  A
+    database that is back is claimed for first.
     """
 
-    def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
-                 generations: Generations, outbox: Outbox, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
-        self.lease = lease
-        self.db = db
-        self.states = states
-        self.pipeline = pipeline
-        self.generations = generations
-        self.outbox = outbox
-        self.set_up = set_up
-        self.clock = clock
-        self.active = False
-        self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
+    def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
+        self.lease: InstanceLease = lease  # type: ignore[assignment]  # None: always acting (a part on its own)
+        self.db, self.holding, self.handovers = db, False, 0  # holding: the stored work is taken up in memory
+        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
 
-    async def claim_at_start(self) -> bool | None:
-        """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
-        role = await self.lease.claim()
-        # Held: ``activate`` turns processing on once the dialogs are loaded.  Unknown (no usable
-        # database): nothing to load or share, so serve from memory at once.
-        self.pipeline.should_process = role is None
-        return role
+    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: BotSetUp,
+              wake: Callable[[], None]) -> None:
+        self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
-    async def activate(self) -> None:
-        """Become the processing instance: fresh state from the database, jobs, the webhook.
+    def acting_left(self) -> float:
+        """Seconds this instance may still act, by its monotonic clock: every send must end within them."""
+        if self.lease is None or not (self.lease.answered or self.db.ok):  # type: ignore[union-attr]
+            return math.inf
+        return self.lease.trust_left() if self.holding else 0.0
 
-        Dialogs are loaded before any update is handled: a dialog step taken
-        while they loaded would be overwritten by the stored state.
-        """
-        if self.db.ok:
-            try:
-                log.info("[DB] %d open dialogs loaded", await self.states.load())
-            except DatabaseUnavailable:
-                pass
-        await self.outbox.resume(taking_over=True)  # before a handler queues a reply overtaking a stored one
-        self.active = True
-        self.pipeline.should_process = True
+    def may_act(self) -> bool:
+        return self.acting_left() > 0
+
+    def void(self) -> bool:
+        """Whether the running handler began where it might not act, or before the last hand-over."""
+        return HANDLING_SINCE.get() not in (None, self.handovers)
+
+    async def settle(self, recovered: bool = False) -> None:
+        """Claim the lease and follow its answer; ``recovered``: the database is back after an outage."""
+        async with self._settling:
+            first, held = not self.lease.answered, await self.lease.claim()
+            if held is None:
+                if first:  # no database since the start: serve from memory
+                    await self._run()
+                return
+            if (self.holding and not self.lease.continued) or (first and not held):
+                await self.hand_over()
+            if held and not self.holding:
+                await self.take_over()
+            elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
+                await self._run()
+
+    async def take_over(self) -> None:
+        """Load the dialogs first (a step taken while they loaded would be overwritten), then take up the rest."""
+        with contextlib.suppress(DatabaseUnavailable):
+            log.info("[DB] %d open dialogs loaded", await self.states.load())
+        await self._run(taking_over=True)
+        self.wake()
+
+    async def _run(self, taking_over: bool = False) -> None:
+        await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
+        self.holding = self.holding or taking_over
         await self.generations.resume()
-        self.pipeline.wake()
         self.set_up.start()
 
-    async def deactivate(self) -> None:
-        self.active = False
-        self.pipeline.should_process = False
+    async def hand_over(self) -> None:
+        """Forget the stored work memory holds: the holder takes it up from the database."""
+        self.holding = False
+        self.handovers += 1
         await self.generations.pause()
         await self.outbox.pause()
 
-    async def hold(self) -> None:
-        """Renew the lease (or try for it) for the life of the process.
-
-        When the database is unusable the role stays as it was: a process that
-        cannot read the shared inbox or jobs cannot handle them twice, and
-        /start keeps working from memory.
-        """
+    async def hold(self, stopping: asyncio.Event) -> None:
+        """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
+        than the TTL must not be taken for a dead holder (its successor would handle again what this still does)."""
         while True:
             await self.lease.wait_for_turn()
-            role = await self.lease.claim()
-            if role is True and not self.active:
-                await self.activate()
-            elif role is False and self.active:
-                await self.deactivate()
+            if not stopping.is_set():
+                await self.settle()
+            elif self.lease.held:
+                await self.lease.claim()
 
-    def renew_while_draining(self) -> None:
-        """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
-        so a drain longer than the lease's TTL is not taken for a dead holder (its successor would handle again
-        what this process still handles)."""
-        if self.lease.held:
-            self._renewal = asyncio.create_task(self._renew(), name="lease-renewal")
-
-    async def _renew(self) -> None:
-        while self.lease.held:
-            await self.clock.sleep(self.lease.ttl / 3)
-            await self.lease.claim()
-
-    async def release(self) -> None:
-        """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
-        if self._renewal is not None:
-            self._renewal.cancel()
-            await asyncio.gather(self._renewal, return_exceptions=True)
-        await self.lease.release()
 
 
 # -- metrics: the Prometheus text exposition format ---------------------------
@@ -6787,7 +6809,7 @@ class Metrics:
             ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
              [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
-             [("", {}, self.role.active)]),
+             [("", {}, self.role.may_act())]),
             ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
             ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
@@ -6976,9 +6998,9 @@ class Diagnostics:
             "status": "stopping" if stopping else "failing" if failure or "failing" in severities
             else "degraded" if severities else "ok",
             "uptime": int(self.timings.uptime()),
-            "active": self.role.active,
+            "active": self.role.may_act(),
             "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.role.lease.held,
+            "lock_acquired": self.role.lease.trust_left() > 0,
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
@@ -7029,9 +7051,8 @@ class Diagnostics:
     async def on_diag_lock(self, request: Request) -> Response:
         lease = self.role.lease
         return json_response({
-            "active": self.role.active,
-            "should_process": self.pipeline.should_process,
-            "lock_acquired": lease.held,
+            "active": self.role.may_act(),
+            "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
             "last_check": iso_utc(lease.last_check),
             "instance_id": lease.owner,
             "owner": lease.holder or None,
@@ -7239,7 +7260,7 @@ class Routes:
 class App:
     """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
 
-    Whether it processes updates is its Role's business (the lease).
+    Whether it acts is its Role's answer (the lease).
     """
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
@@ -7249,46 +7270,37 @@ class App:
         self.port: int | None = None
         self.stopping = asyncio.Event()
         self._background = OwnedTasks("[APP]")
+        self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
+        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
-                                       pacer=telegram_pacer(config))
+                                       pacer=telegram_pacer(config), acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
         timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
-                        max_wait_s=config.outbox_max_wait_s, clock=clock)
+                        max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=SteadyClock(clock))
-        self.pipeline = self._build_pipeline(states, outbox, timings)
-        set_up = BotSetUp(config, self.telegram, self._spawn, clock)
-        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
-                         self.generations, outbox, set_up, clock)
+                                       on_finished=timings.job_finished, clock=SteadyClock(clock), mode=self.role)
+        # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
+        conversation = Conversation(config, outbox, states, self.generations,
+                                    queue_stats=lambda: self.pipeline.snapshot())
+        self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
+                                       workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
+                                       clock=clock, mode=self.role)
+        set_up = BotSetUp(config, self.telegram, self._background.start, clock)
+        self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
         metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role,
                           self.diagnostics)
         self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
-        # The loops that run for the life of the process, by task name.
+        # The loops that run for the life of the process, by task name (the lease's until its release).
         self._loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags,
+            "db-watch": self._watch_database, "red-flags": self.diagnostics.watch_red_flags,
             "loop-beat": self.diagnostics.beat_forever}
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
-
-    def _build_pipeline(self, states: ConversationStore, outbox: Outbox, timings: Timings) -> UpdatePipeline:
-        """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
-        # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
-        conversation = Conversation(self.config, outbox, states, self.generations,
-                                    queue_stats=lambda: pipeline.snapshot())
-        pipeline = UpdatePipeline(
-            self.db,
-            conversation.handle,
-            queue_size=self.config.queue_size,
-            workers=self.config.queue_workers,
-            on_handled=timings.handling_seconds.observe,
-            clock=self.clock,
-        )
-        return pipeline
 
     @property
     def server(self) -> HttpServer:
@@ -7303,21 +7315,14 @@ class App:
         log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
         if await self.db.open():
             log.info("[DB] ready at %s (schema v%d)", self.db.where, SCHEMA_VERSION)
-        first_claim = await self.role.claim_at_start()
-        # The pipeline learns which chats have updates waiting in the inbox before any update may be
-        # taken; activating loads the dialogs, then lets the workers take updates.
+        await self.role.settle()  # the holder loads the dialogs before the workers start
         await self.pipeline.start()
-        if first_claim is not False:
-            await self.role.activate()
         for name, loop in self._loops.items():
-            self._spawn(loop(), name)
+            self._background.start(loop(), name)
+        self._lease_loop.start(self.role.hold(self.stopping), "lease")
 
     async def stop(self) -> None:
-        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
-
-        The lease is released last, after in-memory work is finished, so the
-        successor never picks up an update this process is still handling.
-        """
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default)."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -7326,19 +7331,16 @@ class App:
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
         self.diagnostics.close()
         await self._background.cancel_all()
-        self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
         # unsent replies stay stored, unfinished jobs in their table.
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
         await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        await self.role.release()
+        await self._lease_loop.cancel_all()
+        await self.role.lease.release()  # last: the successor never takes an update this process still handles
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._background.start(coro, name)
 
     async def _watch_database(self) -> None:
         """Notice the database file being deleted or replaced, even with no traffic, and reopen an
@@ -7348,12 +7350,9 @@ class App:
             if self.db.ok:
                 await self.db.verify()
             if not self.db.ok and await self.db.open():
-                log.warning("[DB] recovered; back to durable mode")
-                if self.role.active:  # replies queued meanwhile are stored before their updates' done marks
-                    await self.role.outbox.resume()
+                log.info("[DB] recovered; back to durable mode")
+                await self.role.settle(recovered=True)  # the lease first: another may have taken over meanwhile
                 self.pipeline.wake()
-                if self.role.active:
-                    await self.generations.resume()
 
 
 CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
