@@ -7071,7 +7071,7 @@ class Diagnostics:
             if self.config.bot_mode == "webhook" and webhook_due:
                 last_webhook_check = self.clock.monotonic()
                 await self._observe_webhook()
-            if self.role.active and self.generations.configured() and self.config.kie_credits_low:
+            if self.role.may_act() and self.generations.configured() and self.config.kie_credits_low:
                 await self._observe_credits()
 
     def _observe_here(self) -> None:
