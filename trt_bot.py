@@ -857,14 +857,6 @@ def render_response(response: Response, keep_alive: bool = True, head_only: bool
 #    before the body is read.
 ###############################################################################
 
-IDLE_TIMEOUT_S = 75.0  # keep-alive connections Telegram reuses; nginx's default is 75 s
-REQUEST_TIMEOUT_S = 10.0  # a whole request head and body must arrive within this (slowloris)
-HANDLER_TIMEOUT_S = 60.0  # longer than every handler's own deadlines (a Bot API read times out at 30 s)
-WRITE_TIMEOUT_S = 10.0  # a stalled response must drain within this (nginx's send_timeout is 60 s)
-LINGER_S = 1.0  # a closing connection's time for its last bytes to leave, a turned-away one's to read its 503
-MAX_CONNECTIONS = 1000  # Telegram uses at most 100 (max_connections); the rest is ops and Kie
-MAX_UNSENT_BYTES = 64 * 1024  # per connection; past it no further request is read until the peer reads
-MAX_BUFFERED_BODY_BYTES = 32 * 1024 * 1024  # every connection's bodies together: 32 of the largest allowed
 READ_CHUNK = 64 * 1024
 RETRY_LATER = (("Retry-After", "5"),)
 
@@ -882,16 +874,16 @@ REQUEST_TIMEOUT_RESPONSE = render_response(text_response(408, "request not recei
 
 @dataclasses.dataclass(frozen=True)
 class HttpLimits:
-    """The server's bounds (the constants above say why each default); tests pass smaller ones."""
+    """The server's bounds, each default with why; tests pass smaller ones."""
 
-    idle_timeout: float = IDLE_TIMEOUT_S
-    request_timeout: float = REQUEST_TIMEOUT_S
-    handler_timeout: float = HANDLER_TIMEOUT_S
-    write_timeout: float = WRITE_TIMEOUT_S
-    linger: float = LINGER_S
-    max_connections: int = MAX_CONNECTIONS
-    max_unsent: int = MAX_UNSENT_BYTES
-    max_buffered_body: int = MAX_BUFFERED_BODY_BYTES
+    idle_timeout: float = 75.0  # keep-alive connections Telegram reuses; nginx's default is 75 s
+    request_timeout: float = 10.0  # a whole request head and body must arrive within this (slowloris)
+    handler_timeout: float = 60.0  # longer than every handler's own deadlines (a Bot API read times out at 30 s)
+    write_timeout: float = 10.0  # a stalled response must drain within this (nginx's send_timeout is 60 s)
+    linger: float = 1.0  # a closing connection's time for its last bytes to leave, a turned-away one's to read its 503
+    max_connections: int = 1000  # Telegram uses at most 100 (max_connections); the rest is ops and Kie
+    max_unsent: int = 64 * 1024  # per connection; past it no further request is read until the peer reads
+    max_buffered_body: int = 32 * 1024 * 1024  # every connection's bodies together: 32 of the largest allowed
     max_head: int = MAX_HEAD_BYTES
     max_body: int = MAX_BODY_BYTES
 
