@@ -2031,14 +2031,6 @@ class ConversationStore:
 #    service's rate limit.  The services' own rules live with their clients.
 ###############################################################################
 
-def _always(error: Exception) -> bool:
-    return True
-
-
-def _never_asked(error: Exception) -> float | None:
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """When a failed call is tried again: transient failures, with backoff, within a time budget.
@@ -2057,8 +2049,8 @@ class RetryPolicy:
     base_s: float = 1.0
     cap_s: float = 60.0
     retry_on: tuple[type[Exception], ...] = (Exception,)
-    transient: Callable[[Exception], bool] = _always
-    retry_after: Callable[[Exception], float | None] = _never_asked
+    transient: Callable[[Exception], bool] = lambda error: True
+    retry_after: Callable[[Exception], float | None] = lambda error: None
     jittered: bool = True
 
     def delay(self, error: Exception, retry: int, remaining_s: float,
