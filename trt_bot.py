@@ -2216,11 +2216,6 @@ class SendGate:
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
-# Long enough to ride out a Bot API hiccup or a short flood wait; short enough that a reply's
-# retries end inside the 30 s handler timeout, and a 429 asking for more is raised, not slept through.
-TELEGRAM_RETRY_BUDGET_S = 20.0
-TELEGRAM_BACKOFF_BASE_S = 0.5  # first retry within 0.5 s, then 1, 2, 4 s ...
-TELEGRAM_BACKOFF_CAP_S = 8.0  # ... never more than 8 s between two tries
 
 
 def httpx_error_for(error: Exception) -> Exception:
@@ -2338,9 +2333,10 @@ def _telegram_wait_asked(error: TelegramError) -> float | None:
 
 
 # 429, 5xx, network errors and timeouts are transient; anything else (400, 403, 404, ...) cannot get
-# better by asking again.
-TELEGRAM_RETRY = RetryPolicy(budget_s=TELEGRAM_RETRY_BUDGET_S, base_s=TELEGRAM_BACKOFF_BASE_S,
-                             cap_s=TELEGRAM_BACKOFF_CAP_S, retry_on=(TelegramError,),
+# better by asking again.  20 s is long enough to ride out a Bot API hiccup or a short flood wait; short
+# enough that a reply's retries end inside the 30 s handler timeout, and a 429 asking for more is raised,
+# not slept through.  Backoff: first retry within 0.5 s, then 1, 2, 4, never more than 8 s between tries.
+TELEGRAM_RETRY = RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0, retry_on=(TelegramError,),
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
 
