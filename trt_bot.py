@@ -2132,7 +2132,8 @@ class SendPacer:
     the number of chats ever served.
     """
 
-    def __init__(self, rate: float, chat_interval_s: float, group_per_minute: int):
+    # The defaults are Telegram's limits: 30 messages a second, one a second per chat, 20 a minute per group.
+    def __init__(self, rate: float = 30, chat_interval_s: float = 1.0, group_per_minute: int = 20):
         self.interval_s = 1.0 / rate
         self.chat_interval_s = chat_interval_s
         self.group_per_minute = group_per_minute  # 0: no limit of its own
@@ -2364,14 +2365,9 @@ PACED_METHODS = frozenset({
     "forwardMessage", "editMessageText", "editMessageCaption", "editMessageMedia", "editMessageReplyMarkup",
     "deleteMessage",
 })
-DEFAULT_SEND_RATE = 30  # Telegram's broadcast limit, messages per second
-DEFAULT_CHAT_INTERVAL_S = 1.0
-DEFAULT_GROUP_PER_MINUTE = 20
 
 
-def telegram_pacer(config: Config | None = None) -> SendPacer:
-    if config is None:
-        return SendPacer(DEFAULT_SEND_RATE, DEFAULT_CHAT_INTERVAL_S, DEFAULT_GROUP_PER_MINUTE)
+def telegram_pacer(config: Config) -> SendPacer:
     return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_per_minute)
 
 
@@ -2402,7 +2398,7 @@ class TelegramClient:
         self.http = http
         self.retry = retry
         self.clock = clock
-        self.pacer = pacer or telegram_pacer()
+        self.pacer = pacer or SendPacer()
         self.gate = SendGate(self.pacer, clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
         self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
