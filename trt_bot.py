@@ -2624,13 +2624,10 @@ def split_result_url(url: Any) -> urllib.parse.SplitResult | None:
     except ValueError:
         return None
     host = parts.hostname or ""
-    if parts.scheme not in ("http", "https") or "@" in parts.netloc or not _is_host(host):
+    is_host = _is_ip_literal(host) or len(host) <= 253 and HOST_NAME_PATTERN.fullmatch(host) is not None
+    if parts.scheme not in ("http", "https") or "@" in parts.netloc or not is_host:
         return None
     return parts
-
-
-def _is_host(host: str) -> bool:
-    return _is_ip_literal(host) or len(host) <= 253 and HOST_NAME_PATTERN.fullmatch(host) is not None
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -2724,22 +2721,19 @@ class KieClient:
 
     async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
                             params: dict | None) -> Any:
+        content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
         try:
-            data = await self._send(method, path, json_body, params)
+            try:
+                response = await self.http.request(method, self.api_base + path, content=content, params=params,
+                                                   headers=self._headers, timeout=KIE_TIMEOUT)
+            except httpx.HTTPError as error:
+                raise KieError(0, f"network error ({type(error).__name__})") from None
+            data = parse_kie_envelope(response.status_code, response.content)
         except KieError as error:
             self.calls[endpoint, error.kind] += 1
             raise
         self.calls[endpoint, "ok"] += 1
         return data
-
-    async def _send(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
-        content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
-        try:
-            response = await self.http.request(method, self.api_base + path, content=content, params=params,
-                                               headers=self._headers, timeout=KIE_TIMEOUT)
-        except httpx.HTTPError as error:
-            raise KieError(0, f"network error ({type(error).__name__})") from None
-        return parse_kie_envelope(response.status_code, response.content)
 
 
 ###############################################################################
