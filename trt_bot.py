@@ -503,7 +503,8 @@ class Config:
         values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
         values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret, *database_passwords(self.database)}
         values -= {""}
-        encoded = {quote(value) for value in values for quote in (_url_quote, urllib.parse.quote_plus)}
+        encoded = {quote(value) for value in values
+                   for quote in (functools.partial(urllib.parse.quote, safe=""), urllib.parse.quote_plus)}
         return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
 
     def describe(self) -> list[str]:
@@ -519,10 +520,6 @@ def _shown(value: Any, secret: bool) -> str:
     if isinstance(value, frozenset):
         return ",".join(map(str, sorted(value)))
     return str(int(value)) if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _url_quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
 
 
 def derive_secret(token: str, purpose: str) -> str:
