@@ -2178,33 +2178,6 @@ class SendPacer:
         return len(self._next_in_chat) + len(self._group_sends)
 
 
-class SendGate:
-    """Makes each sender wait its turn under a SendPacer.
-
-    A sender first waits out its own chat's spacing on its own, then queues
-    (first come, first served) for the shared spacing: one sleeper at a time
-    wakes per send, and a chat waiting on its spacing never holds up other
-    chats.
-    """
-
-    def __init__(self, pacer: SendPacer, clock: Clock = SYSTEM_CLOCK):
-        self.pacer = pacer
-        self.clock = clock
-        self._turns = asyncio.Lock()
-
-    async def wait_turn(self, chat_id: Any) -> None:
-        while True:
-            while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
-                await self.clock.sleep(wait)
-            async with self._turns:
-                while (wait := self.pacer.wait(self.clock.monotonic())) > 0:
-                    await self.clock.sleep(wait)
-                now = self.clock.monotonic()
-                if self.pacer.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
-                    self.pacer.take(now, chat_id)
-                    return
-
-
 ###############################################################################
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
@@ -2396,7 +2369,7 @@ class TelegramClient:
         self.retry = retry
         self.clock = clock
         self.pacer = pacer or SendPacer()
-        self.gate = SendGate(self.pacer, clock)
+        self._turns = asyncio.Lock()  # the queue for the pacer's shared spacing (_wait_turn)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
         self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
 
@@ -2423,7 +2396,7 @@ class TelegramClient:
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         if method in PACED_METHODS:
-            await self.gate.wait_turn(params.get("chat_id"))
+            await self._wait_turn(params.get("chat_id"))
         left = self.acting_left() if method in PACED_METHODS else math.inf
         if left <= 0:
             raise TelegramError(method, 503, "this instance may not act now (the lease)")
@@ -2441,6 +2414,25 @@ class TelegramClient:
         self.calls[method, "ok"] += 1
         self.trouble = ""
         return result
+
+    async def _wait_turn(self, chat_id: Any) -> None:
+        """Wait until ``pacer`` lets a send to ``chat_id`` go, and take that send.
+
+        A sender first waits out its own chat's spacing on its own, then queues
+        (first come, first served) for the shared spacing: one sleeper at a time
+        wakes per send, and a chat waiting on its spacing never holds up other
+        chats.
+        """
+        while True:
+            while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
+                await self.clock.sleep(wait)
+            async with self._turns:
+                while (wait := self.pacer.wait(self.clock.monotonic())) > 0:
+                    await self.clock.sleep(wait)
+                now = self.clock.monotonic()
+                if self.pacer.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
+                    self.pacer.take(now, chat_id)
+                    return
 
     async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
