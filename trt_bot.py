@@ -1040,11 +1040,9 @@ class HttpServer:
 
     @property
     def open_connections(self) -> int:
-        """Connections holding a place."""
         return self.connections.open
 
     def phase_counts(self) -> dict[str, int]:
-        """How many connections are in each phase (every phase listed)."""
         return self.connections.phase_counts()
 
     async def start(self, host: str, port: int) -> int:
