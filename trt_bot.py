@@ -617,7 +617,6 @@ def configure_logging(config: Config) -> None:
     install_secret_masking(config.secrets)
 
 
-
 ###############################################################################
 # 3. HTTP parsing
 #    Owns turning bytes into requests and responses into bytes.  No sockets:
