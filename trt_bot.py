@@ -2650,11 +2650,7 @@ KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, 
 
 
 class KieClient:
-    """createTask, recordInfo and credits, with transient failures retried within a budget.
-
-    Network errors, timeouts, HTTP 5xx and codes 429/455/500 are retried;
-    401/402/422/501/505 raise KieError at once.
-    """
+    """createTask, recordInfo and credits, with transient failures (KIE_CODES) retried within a budget."""
 
     def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy | None = None,
                  clock: Clock = SYSTEM_CLOCK):
