@@ -595,7 +595,7 @@ class SecretMaskingFilter(logging.Filter):
         return True
 
 
-def install_secret_masking(secrets: Iterable[str]) -> SecretMaskingFilter:
+def install_secret_masking(secrets: Iterable[str]) -> None:
     """Attach (or refresh) the masking filter on every logger that can leak; secrets masked before are kept."""
     known = set(secrets)
     for name in MASKED_LOGGERS:
@@ -606,7 +606,6 @@ def install_secret_masking(secrets: Iterable[str]) -> SecretMaskingFilter:
     masking = SecretMaskingFilter(known)
     for name in MASKED_LOGGERS:
         logging.getLogger(name).addFilter(masking)
-    return masking
 
 
 def configure_logging(config: Config) -> None:
