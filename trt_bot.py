@@ -2337,10 +2337,6 @@ def telegram_pacer(config: Config) -> SendPacer:
     return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_per_minute)
 
 
-def _encode_form_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
 class TelegramClient:
     """Calls Bot API methods, retrying transient failures as ``retry`` says.
 
@@ -2434,7 +2430,8 @@ class TelegramClient:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
         try:
             if files:
-                data = {key: _encode_form_value(value) for key, value in params.items()}
+                data = {key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                        for key, value in params.items()}
                 response = await self.http.post(self._url + method, data=data, files=files, **extra)
             else:
                 body = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
