@@ -7303,9 +7303,6 @@ class App:
                 self.pipeline.wake()
 
 
-CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-
-
 async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
     """``python trt_bot.py check``: the configuration, the database, Telegram and Kie.ai.
 
@@ -7330,7 +7327,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
     else:
         report("FAIL", "database", f"cannot open {database.where} ({database.last_error}): {database.dialect.fix}")
     await database.close()
-    async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as http:
         telegram = TelegramClient(config.telegram_token, config.telegram_api_base, http, ONE_TRY)
         try:
             me = await telegram.call("getMe") or {}
