@@ -883,16 +883,14 @@ class HttpLimits:
     max_body: int = MAX_BODY_BYTES
 
 
+@dataclasses.dataclass(eq=False, slots=True)  # eq=False: a connection is a dict key by identity
 class _Connection:
     """A served connection: what it is doing and the deadline by which it must be done."""
 
-    __slots__ = ("writer", "phase", "deadline", "counted")
-
-    def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
-        self.phase = IDLE
-        self.deadline = math.inf
-        self.counted = False  # holds one of the server's max_connections places (until it is cut or ends)
+    writer: asyncio.StreamWriter
+    phase: str = IDLE
+    deadline: float = math.inf
+    counted: bool = False  # holds one of the server's max_connections places (until it is cut or ends)
 
 
 class ConnectionTable:
