@@ -6693,19 +6693,18 @@ class Timings:
         self.generation_seconds.observe(seconds)
 
 
+@dataclasses.dataclass(eq=False)
 class Metrics:
     """/metrics: every part's counters and gauges, and the timings, as Prometheus metric families."""
 
-    def __init__(self, timings: Timings, db: Database, pipeline: UpdatePipeline, telegram: TelegramClient,
-                 kie: KieClient, generations: Generations, role: Role, diagnostics: Diagnostics):
-        self.diagnostics = diagnostics
-        self.timings = timings
-        self.db = db
-        self.pipeline = pipeline
-        self.telegram = telegram
-        self.kie = kie
-        self.generations = generations
-        self.role = role
+    timings: Timings
+    db: Database
+    pipeline: UpdatePipeline
+    telegram: TelegramClient
+    kie: KieClient
+    generations: Generations
+    role: Role
+    diagnostics: Diagnostics
 
     def families(self, server: HttpServer) -> list[Family]:
         return self._counters() + self._gauges(server) + self._red_flag_gauges() + self._histograms()
