@@ -6647,8 +6647,7 @@ class Histogram:
         return rows + [("_bucket", {"le": "+Inf"}, self.count), ("_sum", {}, self.sum), ("_count", {}, self.count)]
 
 
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})  # in a label value, as the format asks
 
 
 def exposition(families: list[Family]) -> bytes:
@@ -6657,7 +6656,7 @@ def exposition(families: list[Family]) -> bytes:
     for name, kind, help_text, samples in families:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for suffix, labels, value in samples:
-            label_text = ",".join(f'{key}="{_label_value(str(v))}"' for key, v in labels.items())
+            label_text = ",".join(f'{key}="{str(v).translate(_LABEL_ESCAPES)}"' for key, v in labels.items())
             lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
     return ("\n".join(lines) + "\n").encode()
 
