@@ -993,8 +993,7 @@ class ConnectionTable:
 
     async def _sweep_forever(self) -> None:
         limits = self.limits
-        interval = min(1.0, limits.request_timeout / 4, limits.idle_timeout / 4, limits.write_timeout / 4,
-                       limits.linger / 4)
+        interval = min(4.0, limits.request_timeout, limits.idle_timeout, limits.write_timeout, limits.linger) / 4
         while True:
             await self.clock.sleep(interval)
             now = self.clock.monotonic()
