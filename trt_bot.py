@@ -2662,7 +2662,7 @@ class KieClient:
         if callback_url:
             body["callBackUrl"] = callback_url
         data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace, json_body=body)
-        task_id = (data or {}).get("taskId") if isinstance(data, dict) else None
+        task_id = data.get("taskId") if isinstance(data, dict) else None
         if not task_id:
             raise KieError(500, "createTask answered without a taskId")
         return str(task_id)
