@@ -2623,18 +2623,17 @@ def kie_signature_valid(key: str, task_id: str, timestamp: str, signature: str) 
     return bool(timestamp) and hmac.compare_digest(base64.b64encode(digest), signature.encode())
 
 
-def kie_timestamp_fresh(timestamp: str, now: float, window_s: float = KIE_CALLBACK_WINDOW_S) -> bool:
-    """Whether X-Webhook-Timestamp (Unix seconds, as Kie documents it) is within ``window_s`` of ``now``."""
+def kie_timestamp_fresh(timestamp: str, now: float) -> bool:
+    """Whether X-Webhook-Timestamp (Unix seconds, as Kie documents it) is within KIE_CALLBACK_WINDOW_S of ``now``."""
     if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         return False
-    return abs(int(timestamp) - now) <= window_s
+    return abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S
 
 
-def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, now: float,
-                        window_s: float = KIE_CALLBACK_WINDOW_S) -> bool:
+def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, now: float) -> bool:
     """A fresh, correctly signed callback: a replayed one is refused once its timestamp is out of the window."""
     signed = kie_signature_valid(key, task_id, timestamp, signature)  # always computed: constant time
-    return kie_timestamp_fresh(timestamp, now, window_s) and signed
+    return kie_timestamp_fresh(timestamp, now) and signed
 
 
 # Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
