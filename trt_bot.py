@@ -219,8 +219,8 @@ def _fractional_seconds(low: float, high: float) -> SettingParser:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}") from None
-        if not low <= value <= high:  # also refuses nan
+            value = math.nan
+        if not low <= value <= high:  # also refuses nan, and what is not a number at all
             raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
         return value
     return parse
