@@ -447,6 +447,22 @@ def update_callback(update_id: int, chat_id: int, data: str, lang: str = "ru") -
         "message": {"message_id": 1, "date": int(time.time()), "chat": {"id": chat_id, "type": "private"}}}}
 
 
+def update_pre_checkout(update_id: int, user_id: int, payload: str, stars: int, currency: str = "XTR") -> dict:
+    user = {"id": user_id, "is_bot": False, "first_name": "U", "language_code": "ru"}
+    return {"update_id": update_id, "pre_checkout_query": {"id": f"pcq{update_id}", "from": user, "currency": currency,
+                                                           "total_amount": stars, "invoice_payload": payload}}
+
+
+def update_payment(update_id: int, user_id: int, charge_id: str, payload: str, stars: int,
+                   field: str = "successful_payment") -> dict:
+    """A successful_payment (or with ``field="refunded_payment"`` a refund) in the payer's private chat."""
+    update = update_message(update_id, user_id, "")
+    del update["message"]["text"]
+    update["message"][field] = {"currency": "XTR", "total_amount": stars, "invoice_payload": payload,
+                                "telegram_payment_charge_id": charge_id}
+    return update
+
+
 class ManualClock(trt_bot.Clock):
     """A clock that moves only when a test calls ``advance``; ``sleep`` returns once it has moved far enough.
 

@@ -321,6 +321,18 @@ def _admin_ids(name: str, raw: str) -> frozenset[int]:
         raise ConfigError(f"{name} must be comma-separated Telegram user ids, got {raw!r}") from None
 
 
+def _stars_packs(name: str, raw: str) -> tuple[tuple[int, int], ...]:
+    """"10:50,50:200" -> ((10, 50), (50, 200)): credits and their price in Stars, in the order offered."""
+    try:
+        packs = tuple(tuple(int(n) for n in part.split(":")) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        packs = ((0, 0),)
+    if any(len(pack) != 2 or not (1 <= pack[0] <= 1_000_000 and 1 <= pack[1] <= 100_000) for pack in packs):
+        raise ConfigError(f"{name} must be comma-separated credits:stars pairs (1-1000000 credits for 1-100000 "
+                          f"Stars), for example 10:50,50:200; got {raw!r}")
+    return packs  # type: ignore[return-value]
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in LOG_LEVELS:
@@ -403,6 +415,9 @@ SETTINGS = (
     Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
             "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
             "logged"),
+    Setting("STARS_PACKS", "stars_packs", "", _stars_packs,
+            "credits sold for Telegram Stars as `credits:stars` pairs, comma-separated (`10:50,50:200`); empty: "
+            "nothing is sold (see Selling pictures for Stars)"),
 )
 
 # Settings that, left empty, are derived from the bot token (the value names what the secret is for).
@@ -447,6 +462,7 @@ class Config:
     telegram_chat_interval_s: float
     telegram_group_per_minute: int
     outbox_max_wait_s: float
+    stars_packs: tuple[tuple[int, int], ...]  # (credits, stars) per pack on sale
 
     @property
     def webhook_path_secret(self) -> str:
@@ -1284,6 +1300,17 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
         "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
     ],
+    [  # 8: the Stars credits ledger (Wallet): every change of a user's credits, keyed by what caused it
+        """CREATE TABLE credits (
+               entry   TEXT PRIMARY KEY,
+               kind    TEXT NOT NULL,
+               user_id INTEGER NOT NULL,
+               credits INTEGER NOT NULL,
+               stars   INTEGER NOT NULL,
+               job_id  TEXT NOT NULL,
+               at      REAL NOT NULL)""",
+        "CREATE INDEX credits_user ON credits(user_id)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -2000,6 +2027,140 @@ class ConversationStore:
                              (chat_id, user_id, json.dumps(state, ensure_ascii=False), at))
         conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
+
+
+# -- the Stars credits ledger ----------------------------------------------------
+#
+# One row per change of a user's credits; its key names the cause, so each change is made at most once,
+# whoever makes it and however often: "paid:<charge id>" (+ a pack), "spent:<job id>" (- a picture's cost),
+# "returned:<job id>" (+ the cost of a picture the user did not get), "refunded:<charge id>" (- what is left
+# of a refunded pack).  A balance is the sum of a user's rows.
+
+def ledger_add(conn: sqlite3.Connection, kind: str, key: str, user_id: int, credits: int, stars: int = 0,
+               job_id: str = "") -> bool:
+    """Write the entry ``kind:key`` unless it was written before; whether it is new."""
+    return conn.execute("INSERT INTO credits VALUES (?,?,?,?,?,?,?) ON CONFLICT(entry) DO NOTHING",
+                        (f"{kind}:{key}", kind, user_id, credits, stars, job_id, time.time())).rowcount == 1
+
+
+def ledger_balance(conn: sqlite3.Connection, user_id: int) -> int:
+    return int(conn.execute("SELECT COALESCE(SUM(credits), 0) FROM credits WHERE user_id=?", (user_id,)).fetchone()[0])
+
+
+def ledger_entry(conn: sqlite3.Connection, entry: str) -> tuple[int, int] | None:
+    """(user, credits) of one entry, None if it was never written."""
+    return conn.execute("SELECT user_id, credits FROM credits WHERE entry=?", (entry,)).fetchone()
+
+
+def ledger_pay(conn: sqlite3.Connection, charge_id: str, user_id: int, credits: int, stars: int) -> tuple[bool, int]:
+    """Credit a pack once per charge id: (whether this call credited it, the balance)."""
+    return ledger_add(conn, "paid", charge_id, user_id, credits, stars), ledger_balance(conn, user_id)
+
+
+def ledger_spend(conn: sqlite3.Connection, job_id: str, user_id: int, cost: int) -> int | None:
+    """Spend a job's cost once; the balance after, or None when it is too small."""
+    if ledger_balance(conn, user_id) < cost and ledger_entry(conn, f"spent:{job_id}") is None:
+        return None
+    ledger_add(conn, "spent", job_id, user_id, -cost, job_id=job_id)
+    return ledger_balance(conn, user_id)
+
+
+def ledger_give_back(conn: sqlite3.Connection, job_ids: list[str]) -> dict[int, int]:
+    """Return what these jobs spent, once each; the new balance of each user who got credits back."""
+    balances = {}
+    for job_id in job_ids:
+        spent = ledger_entry(conn, f"spent:{job_id}")
+        if spent is not None and ledger_add(conn, "returned", job_id, spent[0], -spent[1], job_id=job_id):
+            balances[spent[0]] = ledger_balance(conn, spent[0])
+    return balances
+
+
+def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
+    """Jobs that spent credits, ended without a picture delivered, and got nothing back (a kill -9 came between)."""
+    rows = conn.execute("""SELECT c.job_id FROM credits c JOIN jobs j ON j.id = c.job_id
+        WHERE c.kind = 'spent' AND (j.state = 'cancelled' OR (j.state = 'delivered'
+            AND (j.outcome != 'success' OR j.error = 'delivery')))
+          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || c.job_id)""").fetchall()
+    return [row[0] for row in rows]
+
+
+def ledger_refund(conn: sqlite3.Connection, charge_id: str) -> tuple[int, int, int] | None:
+    """Remove what is left of a refunded pack, once: (user, credits removed, balance); None if unknown or done."""
+    paid = ledger_entry(conn, f"paid:{charge_id}")
+    if paid is None:
+        return None
+    user_id, bought = paid
+    removed = max(0, min(bought, ledger_balance(conn, user_id)))
+    if not ledger_add(conn, "refunded", charge_id, user_id, -removed):
+        return None
+    return user_id, removed, ledger_balance(conn, user_id)
+
+
+def ledger_totals(conn: sqlite3.Connection) -> dict[str, tuple[int, int, int]]:
+    """Per kind of entry: (entries, credits, stars), for /stats."""
+    rows = conn.execute("SELECT kind, COUNT(*), SUM(credits), SUM(stars) FROM credits GROUP BY kind").fetchall()
+    return {kind: (int(n), abs(int(credits)), int(stars)) for kind, n, credits, stars in rows}
+
+
+class Wallet:
+    """Each user's credits: the ledger above is the truth, every balance it gave is mirrored in memory.
+
+    "Exactly once" is the database's job: a payment delivered twice, handled
+    again after a kill -9 or by the instance that took over, writes a key
+    that exists already and changes nothing.  Balances are read from memory
+    (so /start needs no database) and replaced by the ledger's sum after
+    each write; writes raise DatabaseUnavailable (nothing is credited in memory alone).
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.balances: dict[int, int] = {}  # every user the ledger has rows of
+        self.counts: collections.Counter[str] = collections.Counter()  # this process's payments, credits, refunds
+
+    async def load(self) -> None:
+        """Return what jobs ended meanwhile spent in vain, then read every balance."""
+        await self.give_back(await self.db.read(ledger_unreturned))
+        rows = await self.db.read(lambda conn: conn.execute(
+            "SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall())
+        self.balances = {user_id: int(total) for user_id, total in rows}
+
+    def balance(self, user_id: int) -> int:
+        return self.balances.get(user_id, 0)
+
+    async def pay(self, charge_id: str, user_id: int, credits: int, stars: int) -> bool:
+        """Credit a pack; False when this charge id was credited before."""
+        new, self.balances[user_id] = await self.db.write(ledger_pay, charge_id, user_id, credits, stars)
+        self.counts.update({"payments": new, "stars": stars * new, "credits_sold": credits * new})
+        return new
+
+    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
+        balance = await self.db.write(ledger_spend, job_id, user_id, cost)
+        if balance is not None:
+            self.balances[user_id] = balance
+            self.counts["credits_spent"] += cost
+        return balance is not None
+
+    async def give_back(self, job_ids: list[str]) -> None:
+        if job_ids:
+            for user_id, balance in (await self.db.write(ledger_give_back, job_ids)).items():
+                self.counts["credits_returned"] += balance - self.balance(user_id)
+                self.balances[user_id] = balance
+
+    async def refund(self, charge_id: str) -> tuple[int, int, int] | None:
+        """(user, credits removed, balance) of a refund made now; None for an unknown or refunded charge."""
+        done = await self.db.write(ledger_refund, charge_id)
+        if done is not None:
+            self.balances[done[0]] = done[2]
+            self.counts.update({"refunds": 1, "credits_refunded": done[1]})
+        return done
+
+    async def payer(self, charge_id: str) -> int | None:
+        """The user a charge id credited, None if it credited nobody."""
+        paid = await self.db.read(ledger_entry, f"paid:{charge_id}")
+        return None if paid is None else paid[0]
+
+    def clear(self) -> None:
+        self.balances.clear()
 
 
 ###############################################################################
@@ -3303,9 +3464,12 @@ class UpdatePipeline:
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
+        answer_pre_checkout: Callable[[dict, bool], Awaitable[None]] | None = None,
     ):
         self.db = db
         self.handler = handler
+        self.answer_pre_checkout = answer_pre_checkout  # (query, whether this instance may record the payment)
+        self._answering = OwnedTasks("[QUEUE]")
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
         self.should_process = True  # False while another instance holds the lease
@@ -3334,6 +3498,8 @@ class UpdatePipeline:
             # Start-up: the port is bound before the database opens; an update arriving in
             # between waits for it rather than being kept in memory only.
             await wait_for_event(self.db.tried, FIRST_OPEN_WAIT_S)
+        if "pre_checkout_query" in update and self.answer_pre_checkout is not None:
+            return self._answer_at_once(update["pre_checkout_query"])
         if not self.db.ok:
             return self._ingest_in_memory(item)
         if self.stored.full():
@@ -3353,6 +3519,18 @@ class UpdatePipeline:
             if admitting:
                 self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
+
+    def _answer_at_once(self, query: Any) -> Admission:
+        """A pre-checkout query is answered now, not stored: Telegram waits 10 s, not for a chat's queue or a backlog.
+
+        Only the payment that follows changes anything; whether this instance
+        could record it durably is decided now (the database usable, the lease held).
+        """
+        self.stats.received += 1
+        self.stats.processed += 1
+        if isinstance(query, dict):
+            self._answering.start(self.answer_pre_checkout(query, self.db.ok and self._may_take()), "pre-checkout")
+        return ADMITTED
 
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
@@ -3482,6 +3660,7 @@ class UpdatePipeline:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._answering.cancel_all()
         lost = sum(1 for update_id, state in self.tracker.states.items()
                    if state.in_memory and update_id in self._recent_memory_ids)
         if lost:
@@ -3603,6 +3782,7 @@ class ImageModel:
     fixed_input: tuple[tuple[str, Any], ...] = ()
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
     nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
+    credits: int = 1  # Stars credits a picture costs past the free hourly ones (Kie's prices differ by model)
 
     def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
@@ -3732,6 +3912,25 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "не удалось",
         "outcome_timed_out": "не успели",
         "outcome_in_flight": "в работе",
+        "credits_left": "Кредитов: {credits}.",
+        "buy_offer": "⭐ Картинки сверх бесплатных в час — за кредиты: одна картинка стоит кредит (некоторые модели — "
+                     "больше). Кредиты покупаются за Telegram Stars и не сгорают. Сейчас у вас: {balance}.",
+        "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
+        "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
+        "not_selling": "Кредиты сейчас не продаются.",
+        "invoice_title": "{credits:кредит|кредита|кредитов}",
+        "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
+        "paid": "✅ Оплата получена: +{credits:кредит|кредита|кредитов}. Всего: {balance}.",
+        "balance": "💎 У вас {balance:кредит|кредита|кредитов}.",
+        "paysupport": "💬 <b>Вопросы об оплате</b>\nНапишите, что случилось, и номер платежа (он есть в чеке) "
+                      "администратору бота. Кредиты за картинку, которая не пришла, возвращаются сами.",
+        "pay_stale": "Это предложение устарело. Отправьте /buy, чтобы увидеть актуальные.",
+        "pay_unavailable": "Оплата сейчас не принимается. Попробуйте через минуту.",
+        "refunded": "↩️ Платёж возвращён, списано {removed:кредит|кредита|кредитов}. Осталось: {balance}.",
+        "refund_usage": "Использование: /refund <номер платежа>",
+        "refund_unknown": "Такого платежа нет или он уже возвращён.",
+        "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
+        "refund_failed": "Telegram не выполнил возврат: {reason}",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
@@ -3817,6 +4016,25 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "failed",
         "outcome_timed_out": "timed out",
         "outcome_in_flight": "in progress",
+        "credits_left": "Credits: {credits}.",
+        "buy_offer": "⭐ Pictures past the free hourly ones cost credits: one picture, one credit (some models "
+                     "more). Credits are bought with Telegram Stars and never expire. You have {balance}.",
+        "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
+        "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
+        "not_selling": "Credits are not on sale right now.",
+        "invoice_title": "{credits:credit|credits}",
+        "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
+        "paid": "✅ Payment received: +{credits:credit|credits}. You have {balance}.",
+        "balance": "💎 You have {balance:credit|credits}.",
+        "paysupport": "💬 <b>Payment questions</b>\nWrite to the bot's admin what happened, with the payment id "
+                      "(it is on the receipt). Credits for a picture that did not arrive come back by themselves.",
+        "pay_stale": "This offer has expired. Send /buy to see the current ones.",
+        "pay_unavailable": "Payments cannot be taken right now. Please try again in a minute.",
+        "refunded": "↩️ Payment refunded, {removed:credit|credits} removed. You have {balance}.",
+        "refund_usage": "Usage: /refund <payment id>",
+        "refund_unknown": "No such payment, or it was refunded already.",
+        "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
+        "refund_failed": "Telegram did not refund: {reason}",
     },
 }
 
@@ -3919,9 +4137,10 @@ def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s
     return TEXTS[lang]["status"].format(details=model.details(ratio, option, lang), elapsed=elapsed_text(elapsed_s))
 
 
-def left_text(remaining: tuple[int, int] | None, lang: str) -> str:
-    """"17 of 20 left this hour", or "" for a user without a limit."""
-    return "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
+def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) -> str:
+    """"17 of 20 left this hour" and the Stars credits the user has; "" for a user without either."""
+    hourly = "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
+    return " ".join(filter(None, (hourly, render(lang, "credits_left", credits=credits) if credits > 0 else "")))
 
 
 def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
@@ -4099,6 +4318,9 @@ class Conversation:
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
         self.buttons.update(JobButtons(self).handlers())
+        self.stars = StarsShop(self)
+        self.commands.update(self.stars.commands())
+        self.buttons["buy"] = self.stars.on_pack_button
         languages = LanguageChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
 
@@ -4133,7 +4355,10 @@ class Conversation:
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
-        if command is not None:  # never a prompt, even a command the bot does not know
+        service = next((field for field in self.stars.services() if isinstance(message.get(field), dict)), None)
+        if service is not None:  # a payment's news: never a prompt or a step of the dialog
+            await self.stars.services()[service](ctx, message[service])
+        elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif step not in ("prompt", "ratio", "option"):
             await self.send_hint(ctx)
@@ -4195,7 +4420,8 @@ class Conversation:
             lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
             menu = main_menu(lang, self.models)
             text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
-            left = left_text(self.generations.remaining(ctx.user_id), lang)  # from memory: no database read
+            left = left_text(self.generations.remaining(ctx.user_id), lang,  # from memory: no database read
+                             self.generations.wallet.balance(ctx.user_id))
             text += f"\n\n{left}" if left else ""
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
@@ -4285,9 +4511,13 @@ class Conversation:
         0 means there is no text message to evolve (the press came from a
         photo): the job posts its own status message.  A refusal is a popup.
         """
-        refusal = self.generations.refusal(ctx.user_id)
+        refusal = self.generations.refusal(ctx.user_id, model.credits)
         if refusal is not None:
             key, values = refusal_text(refusal)
+            if isinstance(refusal, HourlyLimit) and self.stars.selling(ctx):  # the limit, and the ⭐ packs past it
+                await self.answer(ctx)
+                await self.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
+                return
             await self.answer(ctx, render(ctx.lang, key, **values), alert=isinstance(refusal, HourlyLimit))
             return
         await self.answer(ctx)
@@ -4308,6 +4538,143 @@ class Conversation:
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+
+
+PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
+PRE_CHECKOUT_ANSWER_S = 8.0  # Telegram cancels the payment unless the answer arrives within 10 s
+
+
+def pack_payload(credits: int, stars: int) -> str:
+    return f"pack:{credits}:{stars}"
+
+
+def paid_pack(payload: Any) -> tuple[int, int] | None:
+    """(credits, stars) an invoice payload names; None for one this bot never wrote."""
+    match = PACK_PAYLOAD.fullmatch(payload) if isinstance(payload, str) else None
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def pre_checkout_refusal(query: dict, packs: tuple[tuple[int, int], ...]) -> str | None:
+    """None when a pre-checkout query pays for a pack on sale now, at its price; else the TEXTS key saying why not."""
+    pack = paid_pack(query.get("invoice_payload"))
+    on_sale = pack in packs and query.get("currency") == "XTR" and query.get("total_amount") == pack[1]
+    return None if on_sale else "pay_stale"
+
+
+class StarsShop:
+    """Credits for Telegram Stars: /buy and the ⭐ buttons, invoices, the pre-checkout answer, payments, refunds.
+
+    Invoices go to private chats only, in XTR with no provider token, their
+    payload naming the pack.  The pre-checkout query is answered by the
+    pipeline at once (``answer_pre_checkout``), never behind a chat's queue:
+    Telegram cancels the payment after 10 s.  The payment itself arrives as a
+    message and is credited by the Wallet once per charge id, whoever delivers it how often.
+    """
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.packs = conversation.config.stars_packs
+        self.wallet = conversation.generations.wallet
+
+    def commands(self) -> dict[str, Callable[[Context, dict], Awaitable[None]]]:
+        return {"/buy": self.on_buy, "/balance": self.on_balance, "/paysupport": self.on_paysupport,
+                "/refund": self.on_refund}
+
+    def services(self) -> dict[str, Callable[[Context, dict], Awaitable[None]]]:
+        """What a payment's service message carries, and who handles it."""
+        return {"successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+
+    def selling(self, ctx: Context) -> bool:
+        return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
+
+    async def offer(self, ctx: Context, lead: str = "") -> None:
+        """The packs as ⭐ buttons under ``lead``, in a private chat; elsewhere, where to buy them."""
+        if not self.selling(ctx):
+            await self.dialog.send(ctx, "buy_in_private" if self.packs else "not_selling")
+            return
+        text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
+        packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
+                 for credits, stars in self.packs]
+        await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
+
+    async def on_buy(self, ctx: Context, message: dict) -> None:
+        await self.offer(ctx)
+
+    async def on_balance(self, ctx: Context, message: dict) -> None:
+        await self.dialog.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id))
+
+    async def on_paysupport(self, ctx: Context, message: dict) -> None:
+        await self.dialog.send(ctx, "paysupport")
+
+    async def on_pack_button(self, ctx: Context, argument: str) -> None:
+        """⭐ pressed: the invoice for that pack, if it is still on sale (else the press is stale)."""
+        pack = paid_pack(f"pack:{argument}")
+        if pack not in self.packs or not self.selling(ctx):
+            return
+        await self.dialog.answer(ctx)
+        title = render(ctx.lang, "invoice_title", credits=pack[0])
+        await self.dialog.telegram.call("sendInvoice", {
+            "chat_id": ctx.chat_id, "title": title, "payload": pack_payload(*pack), "provider_token": "",
+            "description": render(ctx.lang, "invoice_description", credits=pack[0]), "currency": "XTR",
+            "prices": [{"label": title, "amount": pack[1]}]})
+
+    async def answer_pre_checkout(self, query: dict, may_record: bool) -> None:
+        """Yes for a pack on sale at its price while this instance can record the payment durably; else no, and why."""
+        user = query.get("from") if isinstance(query.get("from"), dict) else {}
+        refusal = pre_checkout_refusal(query, self.packs) if may_record else "pay_unavailable"
+        params: dict[str, Any] = {"pre_checkout_query_id": str(query.get("id", "")), "ok": refusal is None}
+        if refusal is not None:
+            params["error_message"] = TEXTS[self.dialog.language(user.get("id") or 0, user)][refusal]
+            log.info("[STARS] checkout of user %s refused: %s", user.get("id"), refusal)
+        async with asyncio.timeout(PRE_CHECKOUT_ANSWER_S):
+            await self.dialog.telegram.telegram.call("answerPreCheckoutQuery", params)
+
+    async def on_payment(self, ctx: Context, payment: dict) -> None:
+        pack, charge_id = paid_pack(payment.get("invoice_payload")), payment.get("telegram_payment_charge_id")
+        if pack is None or not isinstance(charge_id, str) or not charge_id:
+            log.error("[STARS] a payment of user %d names no pack of ours: %r", ctx.user_id, payment)
+            return
+        try:
+            credited = await self.wallet.pay(charge_id, ctx.user_id, pack[0], pack[1])
+        except DatabaseUnavailable:
+            log.error("[STARS] payment %s of user %d not recorded yet (database unusable): the next reconciliation "
+                      "credits it", charge_id, ctx.user_id)
+            raise
+        if credited:
+            log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
+            await self.dialog.send(ctx, "paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
+
+    async def on_refunded(self, ctx: Context, refund: dict) -> None:
+        refunded = await self.wallet.refund(str(refund.get("telegram_payment_charge_id", "")))
+        if refunded is not None:  # (else refunded already, by /refund)
+            await self.dialog.send(ctx, "refunded", removed=refunded[1], balance=refunded[2])
+
+    async def on_refund(self, ctx: Context, message: dict) -> None:
+        """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger removes what is left of the pack."""
+        words = str(message.get("text", "")).split()
+        if ctx.user_id not in self.dialog.config.admin_ids:
+            await self.dialog.send_hint(ctx)
+            return
+        user_id = await self.wallet.payer(words[1]) if len(words) == 2 else None
+        if user_id is None:
+            await self.dialog.send(ctx, "refund_usage" if len(words) != 2 else "refund_unknown")
+            return
+        try:
+            await self.dialog.telegram.telegram.call(
+                "refundStarPayment", {"user_id": user_id, "telegram_payment_charge_id": words[1]})
+        except TelegramError as error:
+            await self.dialog.send(ctx, "refund_failed", reason=html.escape(error.description))
+            return
+        refunded = await self.wallet.refund(words[1])
+        if refunded is None:
+            await self.dialog.send(ctx, "refund_unknown")
+            return
+        await self.dialog.send(ctx, "refund_done", user=user_id, removed=refunded[1])
+        await self.tell(user_id, "refunded", removed=refunded[1], balance=refunded[2])
+
+    async def tell(self, user_id: int, key: str, **values: Any) -> None:
+        """A message to a user in their private chat, in their language."""
+        await self.dialog.telegram.send_message(user_id, render(self.dialog.language(user_id, {}), key, **values))
 
 
 class LanguageChoice:
@@ -5267,16 +5634,18 @@ class ResultSender:
     """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer, the file."""
 
     def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False, *,
-                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
+                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None,
+                 balance: Callable[[int], int] = lambda user_id: 0):
         self.telegram = telegram
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
         self.catalog = catalog  # more than one model is offered: results offer another model
         self.remaining = remaining  # (user, pictures about to be counted) -> (left this hour, limit) or None
+        self.balance = balance  # the user's Stars credits
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
-        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang)
+        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang, self.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
@@ -5508,6 +5877,7 @@ class Generations:
         self.on_finished = on_finished
         self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
+        self.wallet = Wallet(db)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
@@ -5515,7 +5885,8 @@ class Generations:
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.progress = Progress(telegram, outbox, self.book.save, clock)
         sender = ResultSender(telegram, http, config.result_download_allow_private,
-                              catalog=not config.single_model_only, remaining=self.fairness.remaining)
+                              catalog=not config.single_model_only, remaining=self.fairness.remaining,
+                              balance=self.wallet.balance)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
                                    clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts
@@ -5580,6 +5951,8 @@ class Generations:
     def _forget(self, job: Job, effect: JobAction) -> None:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
+        elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
+            self._run_in_background(self.wallet.give_back([job.id]))
         self.book.forget(job)
         self.deliverer.forget(job)
         self.progress.forget(job)
@@ -5606,6 +5979,7 @@ class Generations:
         try:
             jobs = await self.book.load_unfinished()
             await self.fairness.load(self.book.db, self.config.gen_timeout_s)
+            await self.wallet.load()
         except DatabaseUnavailable:
             jobs = []
         for job in jobs:
@@ -5642,7 +6016,8 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer, self.progress):
+        for part in (self.book, self.fairness, self.wallet, self.slots, self.poller, self.submitter, self.deliverer,
+                     self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
@@ -5662,9 +6037,13 @@ class Generations:
 
     # -- what the dialog asks --------------------------------------------------
 
-    def refusal(self, user_id: int) -> Busy | HourlyLimit | None:
-        """Why ``user_id`` may not start a generation now, or None."""
-        return self.fairness.refusal(user_id, self.book.busy(user_id))
+    def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | None:
+        """Why ``user_id`` may not start a generation costing ``cost`` credits now, or None.
+
+        Past the free hourly pictures a user with enough credits may go on (while the ledger can be written)."""
+        refusal = self.fairness.refusal(user_id, self.book.busy(user_id))
+        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
+        return None if paid else refusal
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
                     option: str = "", status_message_id: int = 0) -> Job:
@@ -5678,11 +6057,20 @@ class Generations:
         self.book.track(job)
         self.book.created += 1
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
+        # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
+        if self.fairness.refusal(user_id, False) is not None and not await self._spend(job, model.credits):
+            log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
             self.progress.post_status(job, self._run_in_background)
         return job
+
+    async def _spend(self, job: Job, cost: int) -> bool:
+        try:
+            return await self.wallet.spend(job.id, job.user_id, cost)
+        except (DatabaseUnavailable, RowRejected):
+            return False
 
     async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
         """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)
@@ -6081,7 +6469,7 @@ class Outbox:
 
 # Adding a kind here is enough for running bots: set-up finds the webhook's list differs and
 # sets it again, and getUpdates asks with it on every call.
-ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "pre_checkout_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
@@ -7104,6 +7492,7 @@ class App:
             workers=self.config.queue_workers,
             on_handled=timings.handling_seconds.observe,
             clock=self.clock,
+            answer_pre_checkout=conversation.stars.answer_pre_checkout,
         )
         return pipeline
 
