@@ -14,7 +14,7 @@ import time
 import httpx
 
 import trt_bot
-from conftest import (bot_env, eventually, free_port, post_update, update_callback, update_message,
+from conftest import (bot_env, eventually, free_port, post_update, star_payment, update_callback, update_message,
                       update_payment, update_pre_checkout)
 from test_generation import answered, gen_env, kie_calls_back, order
 
@@ -205,3 +205,39 @@ async def test_a_payment_acknowledged_before_a_kill_9_is_credited_once_after_the
         "SELECT COUNT(*) FROM inbox WHERE done_at IS NULL").fetchone()[0] == 0)
     assert ledger(database) == [("paid:charge-9", 75, 10)] and fake_tg.texts_to(75).count(paid) == 1
 
+
+###############################################################################
+# 14. Application: reconciliation with Telegram's Star transactions
+###############################################################################
+
+def test_star_transactions_give_our_invoices_payments_and_the_refunds():
+    transactions = [
+        star_payment("c1", 75, PACK, 50),
+        star_payment("c2", 76, "someone else's payload", 5),
+        {"id": "c1", "amount": 50, "date": 1, "receiver": {"type": "user", "user": {"id": 75}}},
+        {"id": "w1", "amount": 500, "date": 2, "receiver": {"type": "fragment"}},
+        "garbage", {"id": 7},
+    ]
+    assert trt_bot.star_transactions(transactions) == ([("c1", 75, (10, 50))], ["c1"])
+
+
+async def test_a_payment_dropped_by_the_startup_flush_is_found_by_reconciliation_and_credited_once(
+        make_app, fake_tg, tmp_path):
+    fake_tg.webhook_info["pending_update_count"] = 500  # a stuck backlog: the start-up flush drops it
+    fake_tg.star_transactions = [star_payment(f"old-{n}", 80, PACK, 50) for n in range(100)]  # credited before
+    fake_tg.star_transactions.append(star_payment("dropped", 75, "pack:50:200", 200))
+    database = str(tmp_path / "bot.sqlite3")
+    db = trt_bot.Database(database)
+    await db.open()
+    for n in range(100):
+        await db.write(trt_bot.ledger_pay, f"old-{n}", 80, 10, 50)
+    await db.close()
+    app = await make_app(STARS_PACKS="10:50,50:200")
+    paid = rendered("ru", "paid", credits=50, balance=50)
+    await eventually(lambda: paid in fake_tg.texts_to(75))
+    assert fake_tg.calls_of("setWebhook")[0]["drop_pending_updates"] is True
+    assert [p["offset"] for p in fake_tg.calls_of("getStarTransactions")] == [0, 100]
+    assert app.generations.wallet.balance(75) == 50 and app.generations.wallet.balance(80) == 1000
+    await answered(app, update_payment(next(_update_ids), 75, "dropped", "pack:50:200", 200))  # it comes after all
+    assert fake_tg.texts_to(75) == [paid] and ledger(database).count(("paid:dropped", 75, 50)) == 1
+    assert not fake_tg.texts_to(80)

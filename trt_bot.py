@@ -2096,6 +2096,16 @@ def ledger_refund(conn: sqlite3.Connection, charge_id: str) -> tuple[int, int, i
     return user_id, removed, ledger_balance(conn, user_id)
 
 
+def ledger_reconcile(conn: sqlite3.Connection, payments: list[tuple[str, int, tuple[int, int]]],
+                     refunds: list[str]) -> tuple[list, list, dict[int, int]]:
+    """Telegram's payments and refunds the ledger lacks, in one transaction: (credited, refunded, new balances)."""
+    credited = [(charge_id, user_id, pack) for charge_id, user_id, pack in payments
+                if ledger_add(conn, "paid", charge_id, user_id, *pack)]
+    refunded = [done for done in (ledger_refund(conn, charge_id) for charge_id in refunds) if done is not None]
+    users = {user_id for _, user_id, _ in credited} | {user_id for user_id, *_ in refunded}
+    return credited, refunded, {user_id: ledger_balance(conn, user_id) for user_id in users}
+
+
 def ledger_totals(conn: sqlite3.Connection) -> dict[str, tuple[int, int, int]]:
     """Per kind of entry: (entries, credits, stars), for /stats."""
     rows = conn.execute("SELECT kind, COUNT(*), SUM(credits), SUM(stars) FROM credits GROUP BY kind").fetchall()
@@ -2153,6 +2163,16 @@ class Wallet:
             self.balances[done[0]] = done[2]
             self.counts.update({"refunds": 1, "credits_refunded": done[1]})
         return done
+
+    async def reconcile(self, payments: list[tuple[str, int, tuple[int, int]]], refunds: list[str]) -> tuple[list, list]:
+        """Record what Telegram's transactions show and the ledger lacks: (payments credited, refunds made)."""
+        credited, refunded, balances = await self.db.write(ledger_reconcile, payments, refunds)
+        self.balances.update(balances)
+        for _, _, (credits, stars) in credited:
+            self.counts.update({"payments": 1, "stars": stars, "credits_sold": credits})
+        for _, removed, _ in refunded:
+            self.counts.update({"refunds": 1, "credits_refunded": removed})
+        return credited, refunded
 
     async def payer(self, charge_id: str) -> int | None:
         """The user a charge id credited, None if it credited nobody."""
@@ -4542,6 +4562,7 @@ class Conversation:
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
 PRE_CHECKOUT_ANSWER_S = 8.0  # Telegram cancels the payment unless the answer arrives within 10 s
+STAR_TRANSACTIONS_PAGES = 100  # getStarTransactions pages of 100 a reconciliation reads at most
 
 
 def pack_payload(credits: int, stars: int) -> str:
@@ -4559,6 +4580,25 @@ def pre_checkout_refusal(query: dict, packs: tuple[tuple[int, int], ...]) -> str
     pack = paid_pack(query.get("invoice_payload"))
     on_sale = pack in packs and query.get("currency") == "XTR" and query.get("total_amount") == pack[1]
     return None if on_sale else "pay_stale"
+
+
+def star_transactions(transactions: Any) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
+    """getStarTransactions' answer -> payments for our invoices (charge id, payer, pack), and refunded charge ids.
+
+    A payment's transaction id is its telegram_payment_charge_id; a refund's
+    is the id of the payment it returns (Telegram sends it to the user).
+    """
+    payments, refunds = [], []
+    for transaction in transactions if isinstance(transactions, list) else []:
+        if not isinstance(transaction, dict) or not isinstance(transaction.get("id"), str):
+            continue
+        source, receiver = transaction.get("source") or {}, transaction.get("receiver") or {}
+        payer, pack = (source.get("user") or {}).get("id"), paid_pack(source.get("invoice_payload"))
+        if source.get("type") == "user" and pack is not None and isinstance(payer, int):
+            payments.append((transaction["id"], payer, pack))
+        elif receiver.get("type") == "user":
+            refunds.append(transaction["id"])
+    return payments, refunds
 
 
 class StarsShop:
@@ -4675,6 +4715,26 @@ class StarsShop:
     async def tell(self, user_id: int, key: str, **values: Any) -> None:
         """A message to a user in their private chat, in their language."""
         await self.dialog.telegram.send_message(user_id, render(self.dialog.language(user_id, {}), key, **values))
+
+    async def reconcile(self) -> None:
+        """Credit the payments Telegram lists and the ledger lacks (a flushed backlog dropped their updates),
+        and apply the refunds it lists; each user hears of what changed."""
+        transactions: list = []
+        for page in range(STAR_TRANSACTIONS_PAGES):
+            answer = await self.dialog.telegram.telegram.call("getStarTransactions", {"offset": page * 100,
+                                                                                      "limit": 100})
+            found = (answer or {}).get("transactions") if isinstance(answer, dict) else None
+            transactions += found if isinstance(found, list) else []
+            if not isinstance(found, list) or len(found) < 100:
+                break
+        credited, refunded = await self.wallet.reconcile(*star_transactions(transactions))
+        for charge_id, user_id, (credits, stars) in credited:
+            log.warning("[STARS] reconciliation credited payment %s of user %d (its update was lost)", charge_id, user_id)
+            await self.tell(user_id, "paid", credits=credits, balance=self.wallet.balance(user_id))
+        for user_id, removed, balance in refunded:
+            await self.tell(user_id, "refunded", removed=removed, balance=balance)
+        log.info("[STARS] reconciled %d transactions: %d payments credited, %d refunds applied", len(transactions),
+                 len(credited), len(refunded))
 
 
 class LanguageChoice:
@@ -6579,20 +6639,27 @@ class BotSetUp:
     succeeds: start-up never waits for the Bot API.
     """
 
-    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK,
+                 reconcile_payments: Callable[[], Awaitable[None]] | None = None):
         self.config = config
         self.telegram = telegram
         self.spawn = spawn
         self.clock = clock
+        self.reconcile_payments = reconcile_payments
         self.started = False
 
     def start(self) -> None:
         if self.started:
             return
         self.started = True
-        if self.config.bot_mode == "webhook":
-            self.spawn(self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config)), "webhook-setup")
+        self.spawn(self._webhook_then_payments(), "webhook-setup")
         self.spawn(self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), "commands-setup")
+
+    async def _webhook_then_payments(self) -> None:
+        if self.config.bot_mode == "webhook":
+            await self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config))
+        if self.reconcile_payments is not None:  # at start, after any flush of the backlog that dropped a payment
+            await self._set_up("STARS", self.reconcile_payments)
 
     async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
         """Run a set-up step against the Bot API until it succeeds."""
@@ -7467,7 +7534,8 @@ class App:
         self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
                                        on_finished=timings.job_finished, clock=clock)
         self.pipeline = self._build_pipeline(states, outbox, timings)
-        set_up = BotSetUp(config, self.telegram, self._spawn, clock)
+        set_up = BotSetUp(config, self.telegram, self._spawn, clock,
+                          self.shop.reconcile if config.stars_packs else None)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
                          self.generations, outbox, set_up, clock)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
@@ -7485,6 +7553,7 @@ class App:
         # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
         conversation = Conversation(self.config, outbox, states, self.generations,
                                     queue_stats=lambda: pipeline.snapshot())
+        self.shop = conversation.stars
         pipeline = UpdatePipeline(
             self.db,
             conversation.handle,
