@@ -112,7 +112,7 @@ async def test_pre_checkout_is_refused_with_a_reason_for_a_stale_pack_or_a_passi
 # 11. Dialog: the shop
 ###############################################################################
 
-async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_credit_and_refunds(
+async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_credit_refunds_and_counts(
         make_app, fake_tg, fake_kie, fast_jobs, tmp_path):
     app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="1", STARS_PACKS="10:50,50:200", ADMIN_IDS="900"))
     await draw(app, fake_kie, 75, "первая")  # the free picture of this hour
@@ -157,6 +157,16 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
     assert fake_tg.texts_to(75)[-1] == rendered("ru", "refunded", removed=50, balance=0)
     await answered(app, update_message(next(_update_ids), 75, "/balance"))
     assert fake_tg.texts_to(75)[-1] == rendered("ru", "balance", balance=0)
+
+    await answered(app, update_message(next(_update_ids), 900, "/stats"))
+    assert fake_tg.texts_to(900)[-1].endswith(rendered("ru", "stats_stars", payments=2, stars=250, refunds=2,
+                                                       sold=60, spent=2, returned=1))
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"http://127.0.0.1:{app.port}/metrics")).text
+    for line in ('trt_stars_total{what="payments"} 2', 'trt_stars_total{what="stars"} 250',
+                 'trt_credits_total{what="spent"} 2', 'trt_credits_total{what="returned"} 1',
+                 'trt_credits_total{what="refunded"} 59'):
+        assert line in metrics
 
 
 async def test_invoices_are_sent_only_in_private_chats_and_only_while_packs_are_on_sale(make_app, fake_tg):

@@ -3951,6 +3951,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "refund_unknown": "Такого платежа нет или он уже возвращён.",
         "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
         "refund_failed": "Telegram не выполнил возврат: {reason}",
+        "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
+                       "потрачено {spent}, возвращено за неудачные картинки {returned}",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
@@ -4055,6 +4057,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "refund_unknown": "No such payment, or it was refunded already.",
         "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
         "refund_failed": "Telegram did not refund: {reason}",
+        "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
+                       "{spent}, returned for failed pictures {returned}",
     },
 }
 
@@ -4474,7 +4478,8 @@ class Conversation:
         if ctx.user_id not in self.config.admin_ids:
             await self.send_hint(ctx)
             return
-        await self.send(ctx, "stats", **stats_values(await self.generations.usage(), self.queue_stats(), ctx.t))
+        values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx))
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
@@ -4711,6 +4716,16 @@ class StarsShop:
             return
         await self.dialog.send(ctx, "refund_done", user=user_id, removed=refunded[1])
         await self.tell(user_id, "refunded", removed=refunded[1], balance=refunded[2])
+
+    async def stats(self, ctx: Context) -> str:
+        """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
+        try:
+            totals = collections.defaultdict(lambda: (0, 0, 0), await self.wallet.db.read(ledger_totals))
+        except DatabaseUnavailable:
+            return ""
+        (payments, sold, stars), spent, returned = totals["paid"], totals["spent"][1], totals["returned"][1]
+        return render(ctx.lang, "stats_stars", payments=payments, stars=stars, refunds=totals["refunded"][0],
+                      sold=sold, spent=spent, returned=returned) if payments else ""
 
     async def tell(self, user_id: int, key: str, **values: Any) -> None:
         """A message to a user in their private chat, in their language."""
@@ -7147,6 +7162,11 @@ class Metrics:
              [("", {"outcome": o}, self.generations.finished[o])
               for o in ("success", "failed", "timed_out", "cancelled")]),
             *self._outbox_counters(),
+            ("trt_stars_total", "counter", "Stars payments and refunds recorded, and the Stars paid.",
+             [("", {"what": what}, self.generations.wallet.counts[what]) for what in ("payments", "refunds", "stars")]),
+            ("trt_credits_total", "counter", "Credits sold, spent on pictures, returned for undelivered ones, and "
+             "removed by refunds.", [("", {"what": what}, self.generations.wallet.counts[f"credits_{what}"])
+                                     for what in ("sold", "spent", "returned", "refunded")]),
         ]
 
     def _outbox_counters(self) -> list[Family]:
