@@ -7,6 +7,7 @@ the fake Kie.ai from conftest.py on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sqlite3
 import time
@@ -66,6 +67,46 @@ def test_stars_packs_are_credits_and_stars_pairs_and_empty_sells_nothing():
 
 
 ###############################################################################
+# 5. Storage: the credits ledger
+###############################################################################
+
+async def test_each_ledger_change_is_made_once_and_a_refund_takes_only_what_is_left(tmp_path):
+    db = trt_bot.Database(str(tmp_path / "ledger.sqlite3"))
+    await db.open()
+    try:
+        wallet = trt_bot.Wallet(db)
+        assert await wallet.write(("paid", "c1", 75, 10, 50), ("paid", "c1", 75, 10, 50)) == [
+            ("paid", "c1", 75, 10, 50)]
+        assert not await wallet.write(("spent", "job-a", 75, 11))  # more than the balance
+        assert await wallet.write(("spent", "job-a", 75, 4)) and not await wallet.write(("spent", "job-a", 75, 4))
+        assert not await wallet.write(("returned", "job-b"))  # it spent nothing
+        await wallet.write(("returned", "job-a"), ("returned", "job-a"))
+        await wallet.write(("spent", "job-c", 75, 3))
+        assert await wallet.write(("refunded", "c1"), ("refunded", "c1")) == [("refunded", "c1", 75, -7, 0)]
+        assert not await wallet.write(("refunded", "never-paid"))
+        assert wallet.balance(75) == 0 and wallet.counts["credits_returned"] == 4
+    finally:
+        await db.close()
+
+
+async def test_credits_of_a_paid_job_that_ended_undelivered_before_a_kill_9_are_returned_at_start(
+        make_app, tmp_path):
+    database = str(tmp_path / "bot.sqlite3")
+    db = trt_bot.Database(database)
+    await db.open()
+    ended = [trt_bot.Job("f" * 16, 75, 75, "ru", "zimage", "p", "1:1", state="delivered", outcome="failed"),
+             trt_bot.Job("c" * 16, 75, 75, "ru", "zimage", "p", "1:1", state="cancelled", outcome="cancelled"),
+             trt_bot.Job("d" * 16, 75, 75, "ru", "zimage", "p", "1:1", state="delivered", outcome="success")]
+    await db.write(trt_bot.jobs_save, [dataclasses.astuple(job) for job in ended])
+    await db.write(trt_bot.ledger_write, [("paid", "c1", 75, 10, 50)] + [("spent", job.id, 75, 2) for job in ended])
+    await db.close()
+    app = await make_app(STARS_PACKS="10:50")
+    await eventually(lambda: app.generations.wallet.balance(75) == 8)  # the delivered one's 2 stay spent
+    assert sorted(entry for entry, *_ in ledger(database) if entry.startswith("returned")) == [
+        "returned:" + "c" * 16, "returned:" + "f" * 16]
+
+
+###############################################################################
 # 9. Update pipeline: the pre-checkout answer
 ###############################################################################
 
@@ -108,6 +149,14 @@ async def test_pre_checkout_is_refused_with_a_reason_for_a_stale_pack_or_a_passi
     assert passive["ok"] is False and passive["error_message"] == trt_bot.TEXTS["ru"]["pay_unavailable"]
 
 
+async def test_pre_checkout_is_refused_while_the_database_cannot_record_the_payment(make_app, fake_tg):
+    app = await make_app(STARS_PACKS="10:50")
+    app.db.ok = False  # memory-only mode, as after a failed write (the watcher reopens it within a second)
+    await post_update(app, update_pre_checkout(next(_update_ids), 75, PACK, 50))
+    (answer,) = await eventually(lambda: fake_tg.calls_of("answerPreCheckoutQuery"))
+    assert answer["ok"] is False and answer["error_message"] == trt_bot.TEXTS["ru"]["pay_unavailable"]
+
+
 ###############################################################################
 # 11. Dialog: the shop
 ###############################################################################
@@ -139,7 +188,7 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
         ("paid", 10), ("spent", -1), ("returned", 1)]
     await draw(app, fake_kie, 75, "третья")  # a paid picture delivered costs its credit
     assert app.generations.wallet.balance(75) == 9
-    assert rendered("ru", "credits_left", credits=9) in fake_tg.calls_of("sendPhoto")[-1]["caption"]
+    assert rendered("ru", "balance", balance=9) in fake_tg.calls_of("sendPhoto")[-1]["caption"]
 
     await answered(app, update_message(next(_update_ids), 75, "/paysupport"))
     assert fake_tg.texts_to(75)[-1] == trt_bot.TEXTS["ru"]["paysupport"]
@@ -163,9 +212,9 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
                                                        sold=60, spent=2, returned=1))
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(f"http://127.0.0.1:{app.port}/metrics")).text
-    for line in ('trt_stars_total{what="payments"} 2', 'trt_stars_total{what="stars"} 250',
-                 'trt_credits_total{what="spent"} 2', 'trt_credits_total{what="returned"} 1',
-                 'trt_credits_total{what="refunded"} 59'):
+    for line in ('trt_ledger_entries_total{kind="paid"} 2', 'trt_ledger_entries_total{kind="refunded"} 2',
+                 'trt_credits_total{kind="paid"} 60', 'trt_credits_total{kind="spent"} 2',
+                 'trt_credits_total{kind="returned"} 1', 'trt_credits_total{kind="refunded"} 59'):
         assert line in metrics
 
 
@@ -181,10 +230,10 @@ async def test_invoices_are_sent_only_in_private_chats_and_only_while_packs_are_
     assert not fake_tg.calls_of("sendInvoice")
 
 
-async def test_without_packs_buy_says_nothing_is_sold(make_app, fake_tg):
+async def test_without_packs_buy_is_an_unknown_command(make_app, fake_tg):
     app = await make_app()
     await answered(app, update_message(next(_update_ids), 75, "/buy"))
-    assert fake_tg.texts_to(75) == [trt_bot.TEXTS["ru"]["not_selling"]]
+    assert fake_tg.texts_to(75) == [trt_bot.TEXTS["ru"]["unknown_command"]]
 
 
 async def test_a_payment_acknowledged_before_a_kill_9_is_credited_once_after_the_restart(fake_tg, tmp_path,
@@ -239,8 +288,7 @@ async def test_a_payment_dropped_by_the_startup_flush_is_found_by_reconciliation
     database = str(tmp_path / "bot.sqlite3")
     db = trt_bot.Database(database)
     await db.open()
-    for n in range(100):
-        await db.write(trt_bot.ledger_pay, f"old-{n}", 80, 10, 50)
+    await db.write(trt_bot.ledger_write, [("paid", f"old-{n}", 80, 10, 50) for n in range(100)])
     await db.close()
     app = await make_app(STARS_PACKS="10:50,50:200")
     paid = rendered("ru", "paid", credits=50, balance=50)

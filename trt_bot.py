@@ -323,14 +323,11 @@ def _admin_ids(name: str, raw: str) -> frozenset[int]:
 
 def _stars_packs(name: str, raw: str) -> tuple[tuple[int, int], ...]:
     """"10:50,50:200" -> ((10, 50), (50, 200)): credits and their price in Stars, in the order offered."""
-    try:
-        packs = tuple(tuple(int(n) for n in part.split(":")) for part in raw.replace(" ", "").split(",") if part)
-    except ValueError:
-        packs = ((0, 0),)
-    if any(len(pack) != 2 or not (1 <= pack[0] <= 1_000_000 and 1 <= pack[1] <= 100_000) for pack in packs):
-        raise ConfigError(f"{name} must be comma-separated credits:stars pairs (1-1000000 credits for 1-100000 "
-                          f"Stars), for example 10:50,50:200; got {raw!r}")
-    return packs  # type: ignore[return-value]
+    packs = [part for part in raw.replace(" ", "").split(",") if part]
+    if not all(re.fullmatch(r"[1-9][0-9]{0,5}:[1-9][0-9]{0,4}", pack) for pack in packs):
+        raise ConfigError(f"{name} must be comma-separated credits:stars pairs (up to 999999 credits for up to "
+                          f"99999 Stars), for example 10:50,50:200; got {raw!r}")
+    return tuple((int(pack.split(":")[0]), int(pack.split(":")[1])) for pack in packs)
 
 
 def _log_level(name: str, raw: str) -> str:
@@ -1307,7 +1304,6 @@ MIGRATIONS: list[list[str]] = [
                user_id INTEGER NOT NULL,
                credits INTEGER NOT NULL,
                stars   INTEGER NOT NULL,
-               job_id  TEXT NOT NULL,
                at      REAL NOT NULL)""",
         "CREATE INDEX credits_user ON credits(user_id)",
     ],
@@ -2031,16 +2027,11 @@ class ConversationStore:
 
 # -- the Stars credits ledger ----------------------------------------------------
 #
-# One row per change of a user's credits; its key names the cause, so each change is made at most once,
-# whoever makes it and however often: "paid:<charge id>" (+ a pack), "spent:<job id>" (- a picture's cost),
-# "returned:<job id>" (+ the cost of a picture the user did not get), "refunded:<charge id>" (- what is left
-# of a refunded pack).  A balance is the sum of a user's rows.
+# A row per change of a user's credits, keyed by its cause, so each is made once however often asked for: "paid:
+# <charge id>" (+ a pack), "spent:<job id>" (- a picture's cost), "returned:<job id>" (+ what a job that delivered
+# no picture spent), "refunded:<charge id>" (- what is left of the pack).  A balance is the sum of a user's rows.
 
-def ledger_add(conn: sqlite3.Connection, kind: str, key: str, user_id: int, credits: int, stars: int = 0,
-               job_id: str = "") -> bool:
-    """Write the entry ``kind:key`` unless it was written before; whether it is new."""
-    return conn.execute("INSERT INTO credits VALUES (?,?,?,?,?,?,?) ON CONFLICT(entry) DO NOTHING",
-                        (f"{kind}:{key}", kind, user_id, credits, stars, job_id, time.time())).rowcount == 1
+LEDGER_KINDS = ("paid", "spent", "returned", "refunded")
 
 
 def ledger_balance(conn: sqlite3.Connection, user_id: int) -> int:
@@ -2052,84 +2043,56 @@ def ledger_entry(conn: sqlite3.Connection, entry: str) -> tuple[int, int] | None
     return conn.execute("SELECT user_id, credits FROM credits WHERE entry=?", (entry,)).fetchone()
 
 
-def ledger_pay(conn: sqlite3.Connection, charge_id: str, user_id: int, credits: int, stars: int) -> tuple[bool, int]:
-    """Credit a pack once per charge id: (whether this call credited it, the balance)."""
-    return ledger_add(conn, "paid", charge_id, user_id, credits, stars), ledger_balance(conn, user_id)
+def _ledger_row(conn: sqlite3.Connection, kind: str, key: str, *args: int) -> tuple[int, int, int] | None:
+    """(user, credits, stars) of the change ``kind:key``; None when it changes nothing."""
+    match kind, args:
+        case "paid", (user_id, credits, stars):
+            return user_id, credits, stars
+        case "spent", (user_id, cost):
+            return (user_id, -cost, 0) if ledger_balance(conn, user_id) >= cost else None
+        case "returned", ():
+            spent = ledger_entry(conn, f"spent:{key}")
+            return None if spent is None else (spent[0], -spent[1], 0)
+        case "refunded", ():
+            paid = ledger_entry(conn, f"paid:{key}")
+            return None if paid is None else (paid[0], -max(0, min(paid[1], ledger_balance(conn, paid[0]))), 0)
+    raise ValueError(f"not a ledger change: {kind} {args}")
 
 
-def ledger_spend(conn: sqlite3.Connection, job_id: str, user_id: int, cost: int) -> int | None:
-    """Spend a job's cost once; the balance after, or None when it is too small."""
-    if ledger_balance(conn, user_id) < cost and ledger_entry(conn, f"spent:{job_id}") is None:
-        return None
-    ledger_add(conn, "spent", job_id, user_id, -cost, job_id=job_id)
-    return ledger_balance(conn, user_id)
-
-
-def ledger_give_back(conn: sqlite3.Connection, job_ids: list[str]) -> dict[int, int]:
-    """Return what these jobs spent, once each; the new balance of each user who got credits back."""
-    balances = {}
-    for job_id in job_ids:
-        spent = ledger_entry(conn, f"spent:{job_id}")
-        if spent is not None and ledger_add(conn, "returned", job_id, spent[0], -spent[1], job_id=job_id):
-            balances[spent[0]] = ledger_balance(conn, spent[0])
-    return balances
+def ledger_write(conn: sqlite3.Connection, changes: list[tuple]) -> tuple[list[tuple], dict[int, int]]:
+    """Make the changes (kind, key, *arguments) not made before: the rows written and their users' new balances."""
+    written = []
+    for kind, key, *args in changes:
+        row = _ledger_row(conn, kind, key, *args)
+        if row is not None and conn.execute("INSERT INTO credits VALUES (?,?,?,?,?,?) ON CONFLICT(entry) DO NOTHING",
+                                            (f"{kind}:{key}", kind, *row, time.time())).rowcount == 1:
+            written.append((kind, key, *row))
+    return written, {user_id: ledger_balance(conn, user_id) for _, _, user_id, *_ in written}
 
 
 def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
     """Jobs that spent credits, ended without a picture delivered, and got nothing back (a kill -9 came between)."""
-    rows = conn.execute("""SELECT c.job_id FROM credits c JOIN jobs j ON j.id = c.job_id
-        WHERE c.kind = 'spent' AND (j.state = 'cancelled' OR (j.state = 'delivered'
-            AND (j.outcome != 'success' OR j.error = 'delivery')))
-          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || c.job_id)""").fetchall()
+    rows = conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
+        WHERE (j.state = 'cancelled' OR (j.state = 'delivered' AND (j.outcome != 'success' OR j.error = 'delivery')))
+          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()
     return [row[0] for row in rows]
 
 
-def ledger_refund(conn: sqlite3.Connection, charge_id: str) -> tuple[int, int, int] | None:
-    """Remove what is left of a refunded pack, once: (user, credits removed, balance); None if unknown or done."""
-    paid = ledger_entry(conn, f"paid:{charge_id}")
-    if paid is None:
-        return None
-    user_id, bought = paid
-    removed = max(0, min(bought, ledger_balance(conn, user_id)))
-    if not ledger_add(conn, "refunded", charge_id, user_id, -removed):
-        return None
-    return user_id, removed, ledger_balance(conn, user_id)
-
-
-def ledger_reconcile(conn: sqlite3.Connection, payments: list[tuple[str, int, tuple[int, int]]],
-                     refunds: list[str]) -> tuple[list, list, dict[int, int]]:
-    """Telegram's payments and refunds the ledger lacks, in one transaction: (credited, refunded, new balances)."""
-    credited = [(charge_id, user_id, pack) for charge_id, user_id, pack in payments
-                if ledger_add(conn, "paid", charge_id, user_id, *pack)]
-    refunded = [done for done in (ledger_refund(conn, charge_id) for charge_id in refunds) if done is not None]
-    users = {user_id for _, user_id, _ in credited} | {user_id for user_id, *_ in refunded}
-    return credited, refunded, {user_id: ledger_balance(conn, user_id) for user_id in users}
-
-
-def ledger_totals(conn: sqlite3.Connection) -> dict[str, tuple[int, int, int]]:
-    """Per kind of entry: (entries, credits, stars), for /stats."""
-    rows = conn.execute("SELECT kind, COUNT(*), SUM(credits), SUM(stars) FROM credits GROUP BY kind").fetchall()
-    return {kind: (int(n), abs(int(credits)), int(stars)) for kind, n, credits, stars in rows}
-
-
 class Wallet:
-    """Each user's credits: the ledger above is the truth, every balance it gave is mirrored in memory.
+    """Each user's credits: the ledger is the truth, the balances it gave are mirrored in memory (for /start).
 
-    "Exactly once" is the database's job: a payment delivered twice, handled
-    again after a kill -9 or by the instance that took over, writes a key
-    that exists already and changes nothing.  Balances are read from memory
-    (so /start needs no database) and replaced by the ledger's sum after
-    each write; writes raise DatabaseUnavailable (nothing is credited in memory alone).
+    "Exactly once" is the database's job: a payment delivered twice, or handled again after a kill -9 or by the
+    instance that took over, writes a key that exists and changes nothing.  Nothing is credited in memory alone.
     """
 
     def __init__(self, db: Database):
         self.db = db
         self.balances: dict[int, int] = {}  # every user the ledger has rows of
-        self.counts: collections.Counter[str] = collections.Counter()  # this process's payments, credits, refunds
+        self.counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind) since start
 
     async def load(self) -> None:
-        """Return what jobs ended meanwhile spent in vain, then read every balance."""
-        await self.give_back(await self.db.read(ledger_unreturned))
+        """Return what jobs that ended meanwhile spent in vain, then read every balance."""
+        await self.write(*(("returned", job_id) for job_id in await self.db.read(ledger_unreturned)))
         rows = await self.db.read(lambda conn: conn.execute(
             "SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall())
         self.balances = {user_id: int(total) for user_id, total in rows}
@@ -2137,47 +2100,15 @@ class Wallet:
     def balance(self, user_id: int) -> int:
         return self.balances.get(user_id, 0)
 
-    async def pay(self, charge_id: str, user_id: int, credits: int, stars: int) -> bool:
-        """Credit a pack; False when this charge id was credited before."""
-        new, self.balances[user_id] = await self.db.write(ledger_pay, charge_id, user_id, credits, stars)
-        self.counts.update({"payments": new, "stars": stars * new, "credits_sold": credits * new})
-        return new
-
-    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
-        balance = await self.db.write(ledger_spend, job_id, user_id, cost)
-        if balance is not None:
-            self.balances[user_id] = balance
-            self.counts["credits_spent"] += cost
-        return balance is not None
-
-    async def give_back(self, job_ids: list[str]) -> None:
-        if job_ids:
-            for user_id, balance in (await self.db.write(ledger_give_back, job_ids)).items():
-                self.counts["credits_returned"] += balance - self.balance(user_id)
-                self.balances[user_id] = balance
-
-    async def refund(self, charge_id: str) -> tuple[int, int, int] | None:
-        """(user, credits removed, balance) of a refund made now; None for an unknown or refunded charge."""
-        done = await self.db.write(ledger_refund, charge_id)
-        if done is not None:
-            self.balances[done[0]] = done[2]
-            self.counts.update({"refunds": 1, "credits_refunded": done[1]})
-        return done
-
-    async def reconcile(self, payments: list[tuple[str, int, tuple[int, int]]], refunds: list[str]) -> tuple[list, list]:
-        """Record what Telegram's transactions show and the ledger lacks: (payments credited, refunds made)."""
-        credited, refunded, balances = await self.db.write(ledger_reconcile, payments, refunds)
+    async def write(self, *changes: tuple) -> list[tuple]:
+        """Make the changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
+        if not changes:
+            return []
+        written, balances = await self.db.write(ledger_write, list(changes))
         self.balances.update(balances)
-        for _, _, (credits, stars) in credited:
-            self.counts.update({"payments": 1, "stars": stars, "credits_sold": credits})
-        for _, removed, _ in refunded:
-            self.counts.update({"refunds": 1, "credits_refunded": removed})
-        return credited, refunded
-
-    async def payer(self, charge_id: str) -> int | None:
-        """The user a charge id credited, None if it credited nobody."""
-        paid = await self.db.read(ledger_entry, f"paid:{charge_id}")
-        return None if paid is None else paid[0]
+        for kind, _, _, credits, _ in written:
+            self.counts.update({kind: 1, f"credits_{kind}": abs(credits)})
+        return written
 
     def clear(self) -> None:
         self.balances.clear()
@@ -3541,11 +3472,8 @@ class UpdatePipeline:
         return self._ingest_in_memory(item)
 
     def _answer_at_once(self, query: Any) -> Admission:
-        """A pre-checkout query is answered now, not stored: Telegram waits 10 s, not for a chat's queue or a backlog.
-
-        Only the payment that follows changes anything; whether this instance
-        could record it durably is decided now (the database usable, the lease held).
-        """
+        """A pre-checkout query is answered now, not stored (only the payment that follows changes anything):
+        Telegram waits 10 s, not for a chat's queue or a backlog."""
         self.stats.received += 1
         self.stats.processed += 1
         if isinstance(query, dict):
@@ -3932,13 +3860,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "не удалось",
         "outcome_timed_out": "не успели",
         "outcome_in_flight": "в работе",
-        "credits_left": "Кредитов: {credits}.",
         "buy_offer": "⭐ Картинки сверх бесплатных в час — за кредиты: одна картинка стоит кредит (некоторые модели — "
                      "больше). Кредиты покупаются за Telegram Stars и не сгорают. Сейчас у вас: {balance}.",
         "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
         "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
-        "not_selling": "Кредиты сейчас не продаются.",
-        "invoice_title": "{credits:кредит|кредита|кредитов}",
         "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
         "paid": "✅ Оплата получена: +{credits:кредит|кредита|кредитов}. Всего: {balance}.",
         "balance": "💎 У вас {balance:кредит|кредита|кредитов}.",
@@ -3947,8 +3872,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "pay_stale": "Это предложение устарело. Отправьте /buy, чтобы увидеть актуальные.",
         "pay_unavailable": "Оплата сейчас не принимается. Попробуйте через минуту.",
         "refunded": "↩️ Платёж возвращён, списано {removed:кредит|кредита|кредитов}. Осталось: {balance}.",
-        "refund_usage": "Использование: /refund <номер платежа>",
-        "refund_unknown": "Такого платежа нет или он уже возвращён.",
+        "refund_unknown": "Такого платежа нет или он уже возвращён. Формат: /refund <номер платежа>",
         "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
         "refund_failed": "Telegram не выполнил возврат: {reason}",
         "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
@@ -4038,13 +3962,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "failed",
         "outcome_timed_out": "timed out",
         "outcome_in_flight": "in progress",
-        "credits_left": "Credits: {credits}.",
         "buy_offer": "⭐ Pictures past the free hourly ones cost credits: one picture, one credit (some models "
                      "more). Credits are bought with Telegram Stars and never expire. You have {balance}.",
         "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
         "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
-        "not_selling": "Credits are not on sale right now.",
-        "invoice_title": "{credits:credit|credits}",
         "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
         "paid": "✅ Payment received: +{credits:credit|credits}. You have {balance}.",
         "balance": "💎 You have {balance:credit|credits}.",
@@ -4053,8 +3974,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "pay_stale": "This offer has expired. Send /buy to see the current ones.",
         "pay_unavailable": "Payments cannot be taken right now. Please try again in a minute.",
         "refunded": "↩️ Payment refunded, {removed:credit|credits} removed. You have {balance}.",
-        "refund_usage": "Usage: /refund <payment id>",
-        "refund_unknown": "No such payment, or it was refunded already.",
+        "refund_unknown": "No such payment, or it was refunded already. Usage: /refund <payment id>",
         "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
         "refund_failed": "Telegram did not refund: {reason}",
         "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
@@ -4164,7 +4084,7 @@ def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s
 def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) -> str:
     """"17 of 20 left this hour" and the Stars credits the user has; "" for a user without either."""
     hourly = "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
-    return " ".join(filter(None, (hourly, render(lang, "credits_left", credits=credits) if credits > 0 else "")))
+    return " ".join(filter(None, (hourly, render(lang, "balance", balance=credits) if credits > 0 else "")))
 
 
 def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
@@ -4343,7 +4263,7 @@ class Conversation:
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
         self.buttons.update(JobButtons(self).handlers())
         self.stars = StarsShop(self)
-        self.commands.update(self.stars.commands())
+        self.commands.update(self.stars.commands)
         self.buttons["buy"] = self.stars.on_pack_button
         languages = LanguageChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
@@ -4379,9 +4299,9 @@ class Conversation:
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
-        service = next((field for field in self.stars.services() if isinstance(message.get(field), dict)), None)
+        service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
-            await self.stars.services()[service](ctx, message[service])
+            await self.stars.services[service](ctx, message[service])
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif step not in ("prompt", "ratio", "option"):
@@ -4567,11 +4487,7 @@ class Conversation:
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
 PRE_CHECKOUT_ANSWER_S = 8.0  # Telegram cancels the payment unless the answer arrives within 10 s
-STAR_TRANSACTIONS_PAGES = 100  # getStarTransactions pages of 100 a reconciliation reads at most
-
-
-def pack_payload(credits: int, stars: int) -> str:
-    return f"pack:{credits}:{stars}"
+STAR_TRANSACTIONS_MAX = 10_000  # transactions a reconciliation reads at most (getStarTransactions: 100 a page)
 
 
 def paid_pack(payload: Any) -> tuple[int, int] | None:
@@ -4588,11 +4504,8 @@ def pre_checkout_refusal(query: dict, packs: tuple[tuple[int, int], ...]) -> str
 
 
 def star_transactions(transactions: Any) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
-    """getStarTransactions' answer -> payments for our invoices (charge id, payer, pack), and refunded charge ids.
-
-    A payment's transaction id is its telegram_payment_charge_id; a refund's
-    is the id of the payment it returns (Telegram sends it to the user).
-    """
+    """getStarTransactions' answer -> payments for our invoices (charge id, payer, pack), and refunded charge ids
+    (a payment's transaction id is its telegram_payment_charge_id, a refund's that of the payment it returns)."""
     payments, refunds = [], []
     for transaction in transactions if isinstance(transactions, list) else []:
         if not isinstance(transaction, dict) or not isinstance(transaction.get("id"), str):
@@ -4609,25 +4522,21 @@ def star_transactions(transactions: Any) -> tuple[list[tuple[str, int, tuple[int
 class StarsShop:
     """Credits for Telegram Stars: /buy and the ⭐ buttons, invoices, the pre-checkout answer, payments, refunds.
 
-    Invoices go to private chats only, in XTR with no provider token, their
-    payload naming the pack.  The pre-checkout query is answered by the
-    pipeline at once (``answer_pre_checkout``), never behind a chat's queue:
-    Telegram cancels the payment after 10 s.  The payment itself arrives as a
-    message and is credited by the Wallet once per charge id, whoever delivers it how often.
+    Invoices go to private chats only, in XTR with no provider token, the payload naming the pack.  The
+    pipeline has the pre-checkout query answered at once (Telegram cancels the payment after 10 s); the
+    payment arrives as a message, credited by the Wallet once per charge id however often it comes.
     """
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.packs = conversation.config.stars_packs
         self.wallet = conversation.generations.wallet
-
-    def commands(self) -> dict[str, Callable[[Context, dict], Awaitable[None]]]:
-        return {"/buy": self.on_buy, "/balance": self.on_balance, "/paysupport": self.on_paysupport,
-                "/refund": self.on_refund}
-
-    def services(self) -> dict[str, Callable[[Context, dict], Awaitable[None]]]:
-        """What a payment's service message carries, and who handles it."""
-        return {"successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+        self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
+            "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
+            "/balance": lambda ctx, message: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
+            "/paysupport": lambda ctx, message: conversation.send(ctx, "paysupport")}
+        # What a payment's service message carries, and who handles it.
+        self.services = {"successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
 
     def selling(self, ctx: Context) -> bool:
         return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
@@ -4635,21 +4544,12 @@ class StarsShop:
     async def offer(self, ctx: Context, lead: str = "") -> None:
         """The packs as ⭐ buttons under ``lead``, in a private chat; elsewhere, where to buy them."""
         if not self.selling(ctx):
-            await self.dialog.send(ctx, "buy_in_private" if self.packs else "not_selling")
+            await self.dialog.send(ctx, "buy_in_private" if self.packs else "unknown_command")
             return
         text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
         packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
                  for credits, stars in self.packs]
         await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
-
-    async def on_buy(self, ctx: Context, message: dict) -> None:
-        await self.offer(ctx)
-
-    async def on_balance(self, ctx: Context, message: dict) -> None:
-        await self.dialog.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id))
-
-    async def on_paysupport(self, ctx: Context, message: dict) -> None:
-        await self.dialog.send(ctx, "paysupport")
 
     async def on_pack_button(self, ctx: Context, argument: str) -> None:
         """⭐ pressed: the invoice for that pack, if it is still on sale (else the press is stale)."""
@@ -4657,9 +4557,9 @@ class StarsShop:
         if pack not in self.packs or not self.selling(ctx):
             return
         await self.dialog.answer(ctx)
-        title = render(ctx.lang, "invoice_title", credits=pack[0])
+        title = render(ctx.lang, "btn_pack", credits=pack[0], stars=pack[1])
         await self.dialog.telegram.call("sendInvoice", {
-            "chat_id": ctx.chat_id, "title": title, "payload": pack_payload(*pack), "provider_token": "",
+            "chat_id": ctx.chat_id, "title": title, "payload": "pack:{}:{}".format(*pack), "provider_token": "",
             "description": render(ctx.lang, "invoice_description", credits=pack[0]), "currency": "XTR",
             "prices": [{"label": title, "amount": pack[1]}]})
 
@@ -4679,77 +4579,74 @@ class StarsShop:
         if pack is None or not isinstance(charge_id, str) or not charge_id:
             log.error("[STARS] a payment of user %d names no pack of ours: %r", ctx.user_id, payment)
             return
-        try:
-            credited = await self.wallet.pay(charge_id, ctx.user_id, pack[0], pack[1])
-        except DatabaseUnavailable:
-            log.error("[STARS] payment %s of user %d not recorded yet (database unusable): the next reconciliation "
-                      "credits it", charge_id, ctx.user_id)
-            raise
-        if credited:
+        # A database that cannot record it raises (logged); the next start's reconciliation credits it.
+        if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
             log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
             await self.dialog.send(ctx, "paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
 
     async def on_refunded(self, ctx: Context, refund: dict) -> None:
-        refunded = await self.wallet.refund(str(refund.get("telegram_payment_charge_id", "")))
-        if refunded is not None:  # (else refunded already, by /refund)
-            await self.dialog.send(ctx, "refunded", removed=refunded[1], balance=refunded[2])
+        await self.refunded(str(refund.get("telegram_payment_charge_id", "")), ctx.lang)
+
+    async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
+        """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
+        written = await self.wallet.write(("refunded", charge_id))
+        for _, _, user_id, removed, _ in written:
+            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.wallet.balance(user_id))
+        return written
 
     async def on_refund(self, ctx: Context, message: dict) -> None:
-        """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger removes what is left of the pack."""
+        """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
         words = str(message.get("text", "")).split()
         if ctx.user_id not in self.dialog.config.admin_ids:
             await self.dialog.send_hint(ctx)
             return
-        user_id = await self.wallet.payer(words[1]) if len(words) == 2 else None
-        if user_id is None:
-            await self.dialog.send(ctx, "refund_usage" if len(words) != 2 else "refund_unknown")
+        paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
+        if paid is None:
+            await self.dialog.send(ctx, "refund_unknown")
             return
         try:
             await self.dialog.telegram.telegram.call(
-                "refundStarPayment", {"user_id": user_id, "telegram_payment_charge_id": words[1]})
+                "refundStarPayment", {"user_id": paid[0], "telegram_payment_charge_id": words[1]})
         except TelegramError as error:
             await self.dialog.send(ctx, "refund_failed", reason=html.escape(error.description))
             return
-        refunded = await self.wallet.refund(words[1])
-        if refunded is None:
-            await self.dialog.send(ctx, "refund_unknown")
-            return
-        await self.dialog.send(ctx, "refund_done", user=user_id, removed=refunded[1])
-        await self.tell(user_id, "refunded", removed=refunded[1], balance=refunded[2])
+        for _, _, user_id, removed, _ in await self.refunded(words[1]):
+            await self.dialog.send(ctx, "refund_done", user=user_id, removed=-removed)
 
     async def stats(self, ctx: Context) -> str:
         """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
+        query = "SELECT kind, COUNT(*), ABS(SUM(credits)), SUM(stars) FROM credits GROUP BY kind"
         try:
-            totals = collections.defaultdict(lambda: (0, 0, 0), await self.wallet.db.read(ledger_totals))
+            rows = await self.wallet.db.read(lambda conn: conn.execute(query).fetchall())
         except DatabaseUnavailable:
             return ""
-        (payments, sold, stars), spent, returned = totals["paid"], totals["spent"][1], totals["returned"][1]
-        return render(ctx.lang, "stats_stars", payments=payments, stars=stars, refunds=totals["refunded"][0],
-                      sold=sold, spent=spent, returned=returned) if payments else ""
+        totals = collections.defaultdict(lambda: (0, 0, 0), {kind: tuple(map(int, row)) for kind, *row in rows})
+        (payments, sold, stars), refunds = totals["paid"], totals["refunded"][0]
+        return render(ctx.lang, "stats_stars", payments=payments, stars=stars, refunds=refunds, sold=sold,
+                      spent=totals["spent"][1], returned=totals["returned"][1]) if payments else ""
 
-    async def tell(self, user_id: int, key: str, **values: Any) -> None:
-        """A message to a user in their private chat, in their language."""
-        await self.dialog.telegram.send_message(user_id, render(self.dialog.language(user_id, {}), key, **values))
+    async def tell(self, user_id: int, key: str, lang: str = "", **values: Any) -> None:
+        """A message to a user in their private chat, in ``lang`` or else the language they chose."""
+        lang = lang or self.dialog.language(user_id, {})
+        await self.dialog.telegram.send_message(user_id, render(lang, key, **values))
 
     async def reconcile(self) -> None:
         """Credit the payments Telegram lists and the ledger lacks (a flushed backlog dropped their updates),
         and apply the refunds it lists; each user hears of what changed."""
         transactions: list = []
-        for page in range(STAR_TRANSACTIONS_PAGES):
-            answer = await self.dialog.telegram.telegram.call("getStarTransactions", {"offset": page * 100,
-                                                                                      "limit": 100})
-            found = (answer or {}).get("transactions") if isinstance(answer, dict) else None
-            transactions += found if isinstance(found, list) else []
-            if not isinstance(found, list) or len(found) < 100:
+        while len(transactions) < STAR_TRANSACTIONS_MAX:
+            page = (await self.dialog.telegram.telegram.call(
+                "getStarTransactions", {"offset": len(transactions), "limit": 100}) or {}).get("transactions") or []
+            transactions += page
+            if len(page) < 100:
                 break
-        credited, refunded = await self.wallet.reconcile(*star_transactions(transactions))
-        for charge_id, user_id, (credits, stars) in credited:
-            log.warning("[STARS] reconciliation credited payment %s of user %d (its update was lost)", charge_id, user_id)
+        payments, refunds = star_transactions(transactions)
+        written = await self.wallet.write(*(("paid", charge_id, payer, *pack) for charge_id, payer, pack in payments))
+        for _, charge_id, user_id, credits, _ in written:
+            log.warning("[STARS] reconciliation credited %s of user %d (its update was lost)", charge_id, user_id)
             await self.tell(user_id, "paid", credits=credits, balance=self.wallet.balance(user_id))
-        for user_id, removed, balance in refunded:
-            await self.tell(user_id, "refunded", removed=removed, balance=balance)
-        log.info("[STARS] reconciled %d transactions: %d payments credited, %d refunds applied", len(transactions),
-                 len(credited), len(refunded))
+        for charge_id in refunds:
+            await self.refunded(charge_id)
 
 
 class LanguageChoice:
@@ -6027,7 +5924,7 @@ class Generations:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
         elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
-            self._run_in_background(self.wallet.give_back([job.id]))
+            self._run_in_background(self.wallet.write(("returned", job.id)))
         self.book.forget(job)
         self.deliverer.forget(job)
         self.progress.forget(job)
@@ -6143,7 +6040,7 @@ class Generations:
 
     async def _spend(self, job: Job, cost: int) -> bool:
         try:
-            return await self.wallet.spend(job.id, job.user_id, cost)
+            return bool(await self.wallet.write(("spent", job.id, job.user_id, cost)))
         except (DatabaseUnavailable, RowRejected):
             return False
 
@@ -7147,7 +7044,7 @@ class Metrics:
         return self._counters() + self._gauges(server) + self._histograms()
 
     def _counters(self) -> list[Family]:
-        stats = dataclasses.asdict(self.pipeline.stats)
+        stats, wallet = dataclasses.asdict(self.pipeline.stats), self.generations.wallet
         families: list[Family] = [
             (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
             for name, help_text in UPDATE_COUNTERS
@@ -7162,11 +7059,10 @@ class Metrics:
              [("", {"outcome": o}, self.generations.finished[o])
               for o in ("success", "failed", "timed_out", "cancelled")]),
             *self._outbox_counters(),
-            ("trt_stars_total", "counter", "Stars payments and refunds recorded, and the Stars paid.",
-             [("", {"what": what}, self.generations.wallet.counts[what]) for what in ("payments", "refunds", "stars")]),
-            ("trt_credits_total", "counter", "Credits sold, spent on pictures, returned for undelivered ones, and "
-             "removed by refunds.", [("", {"what": what}, self.generations.wallet.counts[f"credits_{what}"])
-                                     for what in ("sold", "spent", "returned", "refunded")]),
+            ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
+             "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
+            ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
+             [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
         ]
 
     def _outbox_counters(self) -> list[Family]:
