@@ -218,6 +218,17 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
         assert line in metrics
 
 
+async def test_a_cancelled_paid_picture_gives_its_credits_back(make_app, fake_tg, fake_kie, fast_jobs):
+    app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="1", STARS_PACKS="10:50"))
+    await answered(app, update_payment(next(_update_ids), 75, "charge-c", PACK, 50))
+    await draw(app, fake_kie, 75, "первая")  # free
+    await order(app, 75, "вторая")  # paid
+    await eventually(lambda: app.generations.wallet.balance(75) == 9 and len(fake_kie.created) == 2)
+    await answered(app, update_message(next(_update_ids), 75, "/cancel"))
+    await eventually(lambda: app.generations.wallet.balance(75) == 10)
+    assert not app.generations.jobs
+
+
 async def test_invoices_are_sent_only_in_private_chats_and_only_while_packs_are_on_sale(make_app, fake_tg):
     app = await make_app(STARS_PACKS="10:50")
     group = update_message(next(_update_ids), 75, "/buy")

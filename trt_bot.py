@@ -3860,8 +3860,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "не удалось",
         "outcome_timed_out": "не успели",
         "outcome_in_flight": "в работе",
-        "buy_offer": "⭐ Картинки сверх бесплатных в час — за кредиты: одна картинка стоит кредит (некоторые модели — "
-                     "больше). Кредиты покупаются за Telegram Stars и не сгорают. Сейчас у вас: {balance}.",
+        "buy_offer": "⭐ Сверх бесплатных — за кредиты: картинка = кредит (некоторые модели дороже). У вас: {balance}.",
         "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
         "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
         "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
@@ -3962,8 +3961,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "failed",
         "outcome_timed_out": "timed out",
         "outcome_in_flight": "in progress",
-        "buy_offer": "⭐ Pictures past the free hourly ones cost credits: one picture, one credit (some models "
-                     "more). Credits are bought with Telegram Stars and never expire. You have {balance}.",
+        "buy_offer": "⭐ Past the free hourly ones, a picture costs a credit (some models more). You have {balance}.",
         "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
         "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
         "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
@@ -4533,7 +4531,7 @@ class StarsShop:
         self.wallet = conversation.generations.wallet
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
-            "/balance": lambda ctx, message: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
+            "/balance": lambda ctx, _: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
             "/paysupport": lambda ctx, message: conversation.send(ctx, "paysupport")}
         # What a payment's service message carries, and who handles it.
         self.services = {"successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
@@ -5951,9 +5949,10 @@ class Generations:
         try:
             jobs = await self.book.load_unfinished()
             await self.fairness.load(self.book.db, self.config.gen_timeout_s)
-            await self.wallet.load()
         except DatabaseUnavailable:
             jobs = []
+        with contextlib.suppress(DatabaseUnavailable):  # (paid pictures wait for the database anyway)
+            await self.wallet.load()
         for job in jobs:
             self._resume_job(job)
         if jobs:
