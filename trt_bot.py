@@ -413,8 +413,7 @@ SETTINGS = (
             "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
             "logged"),
     Setting("STARS_PACKS", "stars_packs", "", _stars_packs,
-            "credits sold for Telegram Stars as `credits:stars` pairs, comma-separated (`10:50,50:200`); empty: "
-            "nothing is sold (see Selling pictures for Stars)"),
+            "credits sold for Telegram Stars, `credits:stars` pairs (`10:50,50:200`); empty: nothing is sold"),
 )
 
 # Settings that, left empty, are derived from the bot token (the value names what the secret is for).
@@ -2039,7 +2038,6 @@ def ledger_balance(conn: sqlite3.Connection, user_id: int) -> int:
 
 
 def ledger_entry(conn: sqlite3.Connection, entry: str) -> tuple[int, int] | None:
-    """(user, credits) of one entry, None if it was never written."""
     return conn.execute("SELECT user_id, credits FROM credits WHERE entry=?", (entry,)).fetchone()
 
 
@@ -2079,11 +2077,8 @@ def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
 
 
 class Wallet:
-    """Each user's credits: the ledger is the truth, the balances it gave are mirrored in memory (for /start).
-
-    "Exactly once" is the database's job: a payment delivered twice, or handled again after a kill -9 or by the
-    instance that took over, writes a key that exists and changes nothing.  Nothing is credited in memory alone.
-    """
+    """Each user's credits: the ledger is the truth (exactly once is the database's job: a payment delivered twice,
+    or handled again after a kill -9 or a takeover, writes a key that exists); balances mirrored for /start."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -2102,13 +2097,16 @@ class Wallet:
 
     async def write(self, *changes: tuple) -> list[tuple]:
         """Make the changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
-        if not changes:
-            return []
         written, balances = await self.db.write(ledger_write, list(changes))
         self.balances.update(balances)
         for kind, _, _, credits, _ in written:
             self.counts.update({kind: 1, f"credits_{kind}": abs(credits)})
         return written
+
+    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
+        with contextlib.suppress(DatabaseUnavailable, RowRejected):
+            return bool(await self.write(("spent", job_id, user_id, cost)))
+        return False
 
     def clear(self) -> None:
         self.balances.clear()
@@ -4501,13 +4499,11 @@ def pre_checkout_refusal(query: dict, packs: tuple[tuple[int, int], ...]) -> str
     return None if on_sale else "pay_stale"
 
 
-def star_transactions(transactions: Any) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
+def star_transactions(transactions: list) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
     """getStarTransactions' answer -> payments for our invoices (charge id, payer, pack), and refunded charge ids
     (a payment's transaction id is its telegram_payment_charge_id, a refund's that of the payment it returns)."""
     payments, refunds = [], []
-    for transaction in transactions if isinstance(transactions, list) else []:
-        if not isinstance(transaction, dict) or not isinstance(transaction.get("id"), str):
-            continue
+    for transaction in (t for t in transactions if isinstance(t, dict) and isinstance(t.get("id"), str)):
         source, receiver = transaction.get("source") or {}, transaction.get("receiver") or {}
         payer, pack = (source.get("user") or {}).get("id"), paid_pack(source.get("invoice_payload"))
         if source.get("type") == "user" and pack is not None and isinstance(payer, int):
@@ -4520,10 +4516,8 @@ def star_transactions(transactions: Any) -> tuple[list[tuple[str, int, tuple[int
 class StarsShop:
     """Credits for Telegram Stars: /buy and the ⭐ buttons, invoices, the pre-checkout answer, payments, refunds.
 
-    Invoices go to private chats only, in XTR with no provider token, the payload naming the pack.  The
-    pipeline has the pre-checkout query answered at once (Telegram cancels the payment after 10 s); the
-    payment arrives as a message, credited by the Wallet once per charge id however often it comes.
-    """
+    Invoices go to private chats only, in XTR with no provider token, the payload naming the pack.  The pipeline
+    has the pre-checkout query answered at once (Telegram cancels the payment after 10 s)."""
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
@@ -4533,8 +4527,8 @@ class StarsShop:
             "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
             "/balance": lambda ctx, _: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
             "/paysupport": lambda ctx, message: conversation.send(ctx, "paysupport")}
-        # What a payment's service message carries, and who handles it.
-        self.services = {"successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+        self.services = {  # what a payment's service message carries, and who handles it
+            "successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
 
     def selling(self, ctx: Context) -> bool:
         return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
@@ -4625,8 +4619,8 @@ class StarsShop:
 
     async def tell(self, user_id: int, key: str, lang: str = "", **values: Any) -> None:
         """A message to a user in their private chat, in ``lang`` or else the language they chose."""
-        lang = lang or self.dialog.language(user_id, {})
-        await self.dialog.telegram.send_message(user_id, render(lang, key, **values))
+        text = render(lang or self.dialog.language(user_id, {}), key, **values)
+        await self.dialog.telegram.send_message(user_id, text)
 
     async def reconcile(self) -> None:
         """Credit the payments Telegram lists and the ledger lacks (a flushed backlog dropped their updates),
@@ -6009,9 +6003,7 @@ class Generations:
     # -- what the dialog asks --------------------------------------------------
 
     def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | None:
-        """Why ``user_id`` may not start a generation costing ``cost`` credits now, or None.
-
-        Past the free hourly pictures a user with enough credits may go on (while the ledger can be written)."""
+        """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
         refusal = self.fairness.refusal(user_id, self.book.busy(user_id))
         paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
         return None if paid else refusal
@@ -6029,19 +6021,14 @@ class Generations:
         self.book.created += 1
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
-        if self.fairness.refusal(user_id, False) is not None and not await self._spend(job, model.credits):
+        paid = self.fairness.refusal(user_id, False) is not None
+        if paid and not await self.wallet.spend(job.id, user_id, model.credits):
             log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
             self.progress.post_status(job, self._run_in_background)
         return job
-
-    async def _spend(self, job: Job, cost: int) -> bool:
-        try:
-            return bool(await self.wallet.write(("spent", job.id, job.user_id, cost)))
-        except (DatabaseUnavailable, RowRejected):
-            return False
 
     async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
         """("cancelled", job): the user is free at once; ("too_late", job): its photo is on its way; ("none", None)
