@@ -15,8 +15,8 @@ import time
 import httpx
 
 import trt_bot
-from conftest import (bot_env, eventually, free_port, post_update, star_payment, update_callback, update_message,
-                      update_payment, update_pre_checkout)
+from conftest import (bot_env, eventually, free_port, post_update, query, star_payment, update_callback,
+                      update_message, update_payment, update_pre_checkout)
 from test_generation import answered, gen_env, kie_calls_back, order
 
 _update_ids = itertools.count(50_000)
@@ -70,8 +70,8 @@ def test_stars_packs_are_credits_and_stars_pairs_and_empty_sells_nothing():
 # 5. Storage: the credits ledger
 ###############################################################################
 
-async def test_each_ledger_change_is_made_once_and_a_refund_takes_only_what_is_left(tmp_path):
-    db = trt_bot.Database(str(tmp_path / "ledger.sqlite3"))
+async def test_each_ledger_change_is_made_once_and_a_refund_takes_only_what_is_left(database_url):
+    db = trt_bot.Database(trt_bot.parse_database_url(database_url))
     await db.open()
     try:
         wallet = trt_bot.Wallet(db)
@@ -248,9 +248,9 @@ async def test_without_packs_buy_is_an_unknown_command(make_app, fake_tg):
 
 
 async def test_a_payment_acknowledged_before_a_kill_9_is_credited_once_after_the_restart(fake_tg, tmp_path,
-                                                                                         bot_processes):
-    database = str(tmp_path / "bot.sqlite3")
-    env = bot_env(fake_tg, database, PORT=str(free_port()), STARS_PACKS="10:50")
+                                                                                         bot_processes, database_url):
+    env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), PORT=str(free_port()), STARS_PACKS="10:50",
+                  DATABASE_URL=database_url)
     fake_tg.stall("answerCallbackQuery")  # the chat's earlier press hangs: the payment waits behind it
     first = bot_processes(env)
     await first.wait_healthy()
@@ -270,10 +270,9 @@ async def test_a_payment_acknowledged_before_a_kill_9_is_credited_once_after_the
         redelivered = update_payment(3, 75, "charge-9", PACK, 50)  # Telegram sends it again: still once
         assert (await client.post(second.base_url + config.webhook_path, json=redelivered, headers=headers)
                 ).status_code == 200
-        await eventually(lambda: ledger(database) and len(fake_tg.calls_of("answerCallbackQuery")) >= 1)
-    await eventually(lambda: sqlite3.connect(database).execute(
-        "SELECT COUNT(*) FROM inbox WHERE done_at IS NULL").fetchone()[0] == 0)
-    assert ledger(database) == [("paid:charge-9", 75, 10)] and fake_tg.texts_to(75).count(paid) == 1
+    await eventually(lambda: query(database_url, "SELECT COUNT(*) FROM inbox WHERE done_at IS NULL") == [(0,)])
+    assert query(database_url, "SELECT entry, user_id, credits FROM credits") == [("paid:charge-9", 75, 10)]
+    assert fake_tg.texts_to(75).count(paid) == 1
 
 
 ###############################################################################
