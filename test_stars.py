@@ -142,7 +142,7 @@ async def test_pre_checkout_is_refused_with_a_reason_for_a_stale_pack_or_a_passi
     (stale,) = await eventually(lambda: fake_tg.calls_of("answerPreCheckoutQuery"))
     assert stale == {"pre_checkout_query_id": stale["pre_checkout_query_id"], "ok": False,
                      "error_message": trt_bot.TEXTS["ru"]["pay_stale"]}
-    app.pipeline.should_process = False  # a standby: it could not record the payment
+    app.role.may_act = lambda: False  # a standby (the mode switch says no): it could not record the payment
     await post_update(app, update_pre_checkout(next(_update_ids), 75, PACK, 50))
     await eventually(lambda: len(fake_tg.calls_of("answerPreCheckoutQuery")) == 2)
     passive = fake_tg.calls_of("answerPreCheckoutQuery")[1]
