@@ -150,6 +150,7 @@ class FakeBotApi(FakeServer):
         self.calls: list[tuple[str, dict]] = []
         self.webhook_info: dict[str, Any] = {"url": "", "pending_update_count": 0, "has_custom_certificate": False}
         self.pending_updates: list[dict] = []
+        self.star_transactions: list[dict] = []  # what getStarTransactions pages through, oldest first
         self.commands: dict[str, list[dict]] = {}  # the command menu per language_code ("" = default)
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         self._stalled: dict[str, threading.Event] = {}
@@ -254,6 +255,10 @@ class FakeBotApi(FakeServer):
             return True
         if method == "getMyCommands":
             return self.commands.get(params.get("language_code", ""), [])
+        if method == "getStarTransactions":
+            offset, limit = int(params.get("offset") or 0), int(params.get("limit") or 100)
+            with self._cond:
+                return {"transactions": self.star_transactions[offset:offset + limit]}
         if method == "getMe":
             return {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}
         return True
@@ -453,6 +458,29 @@ def update_callback(update_id: int, chat_id: int, data: str, lang: str = "ru") -
     return {"update_id": update_id, "callback_query": {
         "id": f"cq{update_id}", "from": user, "chat_instance": "1", "data": data,
         "message": {"message_id": 1, "date": int(time.time()), "chat": {"id": chat_id, "type": "private"}}}}
+
+
+def update_pre_checkout(update_id: int, user_id: int, payload: str, stars: int, currency: str = "XTR") -> dict:
+    user = {"id": user_id, "is_bot": False, "first_name": "U", "language_code": "ru"}
+    return {"update_id": update_id, "pre_checkout_query": {"id": f"pcq{update_id}", "from": user, "currency": currency,
+                                                           "total_amount": stars, "invoice_payload": payload}}
+
+
+def update_payment(update_id: int, user_id: int, charge_id: str, payload: str, stars: int,
+                   field: str = "successful_payment") -> dict:
+    """A successful_payment (or with ``field="refunded_payment"`` a refund) in the payer's private chat."""
+    update = update_message(update_id, user_id, "")
+    del update["message"]["text"]
+    update["message"][field] = {"currency": "XTR", "total_amount": stars, "invoice_payload": payload,
+                                "telegram_payment_charge_id": charge_id}
+    return update
+
+
+def star_payment(charge_id: str, user_id: int, payload: str, stars: int) -> dict:
+    """A StarTransaction of getStarTransactions: a user paying one of our invoices."""
+    return {"id": charge_id, "amount": stars, "date": int(time.time()),
+            "source": {"type": "user", "transaction_type": "invoice_payment", "invoice_payload": payload,
+                       "user": {"id": user_id, "is_bot": False, "first_name": "U"}}}
 
 
 class ManualClock(trt_bot.Clock):

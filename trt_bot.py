@@ -340,6 +340,15 @@ def _admin_ids(name: str, raw: str) -> frozenset[int]:
         raise ConfigError(f"{name} must be comma-separated Telegram user ids, got {raw!r}") from None
 
 
+def _stars_packs(name: str, raw: str) -> tuple[tuple[int, int], ...]:
+    """"10:50,50:200" -> ((10, 50), (50, 200)): credits and their price in Stars, in the order offered."""
+    packs = [part for part in raw.replace(" ", "").split(",") if part]
+    if not all(re.fullmatch(r"[1-9][0-9]{0,5}:[1-9][0-9]{0,4}", pack) for pack in packs):
+        raise ConfigError(f"{name} must be comma-separated credits:stars pairs (up to 999999 credits for up to "
+                          f"99999 Stars), for example 10:50,50:200; got {raw!r}")
+    return tuple((int(pack.split(":")[0]), int(pack.split(":")[1])) for pack in packs)
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in LOG_LEVELS:
@@ -428,6 +437,8 @@ SETTINGS = (
     Setting("OUTBOX_MAX_WAIT_S", "outbox_max_wait_s", "3600", _seconds(1, 7 * 86400),
             "a reply still unsent after this many seconds (Telegram down, a long flood wait) is dropped and "
             "logged"),
+    Setting("STARS_PACKS", "stars_packs", "", _stars_packs,
+            "credits sold for Telegram Stars, `credits:stars` pairs (`10:50,50:200`); empty: nothing is sold"),
 )
 
 # Settings that, left empty, are derived from the bot token (the value names what the secret is for).
@@ -474,6 +485,7 @@ class Config:
     telegram_chat_interval_s: float
     telegram_group_per_minute: int
     outbox_max_wait_s: float
+    stars_packs: tuple[tuple[int, int], ...]  # (credits, stars) per pack on sale
 
     @property
     def webhook_path_secret(self) -> str:
@@ -1293,6 +1305,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
         "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
     ],
+    [  # 8: the Stars credits ledger (Wallet): every change of a user's credits, keyed by what caused it
+        """CREATE TABLE credits (
+               entry   TEXT PRIMARY KEY,
+               kind    TEXT NOT NULL,
+               user_id INTEGER NOT NULL,
+               credits INTEGER NOT NULL,
+               stars   INTEGER NOT NULL,
+               at      REAL NOT NULL)""",
+        "CREATE INDEX credits_user ON credits(user_id)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -2012,6 +2034,94 @@ class ConversationStore:
                              (chat_id, user_id, json.dumps(state, ensure_ascii=False), at))
         conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
+
+
+# -- the Stars credits ledger ----------------------------------------------------
+#
+# A row per change of a user's credits, keyed by its cause, so each is made once however often asked for: "paid:
+# <charge id>" (+ a pack), "spent:<job id>" (- a picture's cost), "returned:<job id>" (+ what a job that delivered
+# no picture spent), "refunded:<charge id>" (- what is left of the pack).  A balance is the sum of a user's rows.
+
+LEDGER_KINDS = ("paid", "spent", "returned", "refunded")
+
+
+def ledger_balance(conn: sqlite3.Connection, user_id: int) -> int:
+    return int(conn.execute("SELECT COALESCE(SUM(credits), 0) FROM credits WHERE user_id=?", (user_id,)).fetchone()[0])
+
+
+def ledger_entry(conn: sqlite3.Connection, entry: str) -> tuple[int, int] | None:
+    return conn.execute("SELECT user_id, credits FROM credits WHERE entry=?", (entry,)).fetchone()
+
+
+def _ledger_row(conn: sqlite3.Connection, kind: str, key: str, *args: int) -> tuple[int, int, int] | None:
+    """(user, credits, stars) of the change ``kind:key``; None when it changes nothing."""
+    match kind, args:
+        case "paid", (user_id, credits, stars):
+            return user_id, credits, stars
+        case "spent", (user_id, cost):
+            return (user_id, -cost, 0) if ledger_balance(conn, user_id) >= cost else None
+        case "returned", ():
+            spent = ledger_entry(conn, f"spent:{key}")
+            return None if spent is None else (spent[0], -spent[1], 0)
+        case "refunded", ():
+            paid = ledger_entry(conn, f"paid:{key}")
+            return None if paid is None else (paid[0], -max(0, min(paid[1], ledger_balance(conn, paid[0]))), 0)
+    raise ValueError(f"not a ledger change: {kind} {args}")
+
+
+def ledger_write(conn: sqlite3.Connection, changes: list[tuple]) -> tuple[list[tuple], dict[int, int]]:
+    """Make the changes (kind, key, *arguments) not made before: the rows written and their users' new balances."""
+    written = []
+    for kind, key, *args in changes:
+        row = _ledger_row(conn, kind, key, *args)
+        if row is not None and conn.execute("INSERT INTO credits VALUES (?,?,?,?,?,?) ON CONFLICT(entry) DO NOTHING",
+                                            (f"{kind}:{key}", kind, *row, time.time())).rowcount == 1:
+            written.append((kind, key, *row))
+    return written, {user_id: ledger_balance(conn, user_id) for _, _, user_id, *_ in written}
+
+
+def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
+    """Jobs that spent credits, ended without a picture delivered, and got nothing back (a kill -9 came between)."""
+    rows = conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
+        WHERE (j.state = 'cancelled' OR (j.state = 'delivered' AND (j.outcome != 'success' OR j.error = 'delivery')))
+          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()
+    return [row[0] for row in rows]
+
+
+class Wallet:
+    """Each user's credits: the ledger is the truth (exactly once is the database's job: a payment delivered twice,
+    or handled again after a kill -9 or a takeover, writes a key that exists); balances mirrored for /start."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.balances: dict[int, int] = {}  # every user the ledger has rows of
+        self.counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind) since start
+
+    async def load(self) -> None:
+        """Return what jobs that ended meanwhile spent in vain, then read every balance."""
+        await self.write(*(("returned", job_id) for job_id in await self.db.read(ledger_unreturned)))
+        rows = await self.db.read(lambda conn: conn.execute(
+            "SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall())
+        self.balances = {user_id: int(total) for user_id, total in rows}
+
+    def balance(self, user_id: int) -> int:
+        return self.balances.get(user_id, 0)
+
+    async def write(self, *changes: tuple) -> list[tuple]:
+        """Make the changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
+        written, balances = await self.db.write(ledger_write, list(changes))
+        self.balances.update(balances)
+        for kind, _, _, credits, _ in written:
+            self.counts.update({kind: 1, f"credits_{kind}": abs(credits)})
+        return written
+
+    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
+        with contextlib.suppress(DatabaseUnavailable, RowRejected):
+            return bool(await self.write(("spent", job_id, user_id, cost)))
+        return False
+
+    def clear(self) -> None:
+        self.balances.clear()
 
 
 ###############################################################################
@@ -3306,9 +3416,12 @@ class UpdatePipeline:
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
         mode: Role | None = None,
+        answer_pre_checkout: Callable[[dict, bool], Awaitable[None]] | None = None,
     ):
         self.db = db
         self.handler = handler
+        self.answer_pre_checkout = answer_pre_checkout  # (query, whether this instance may record the payment)
+        self._answering = OwnedTasks("[QUEUE]")
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
         self.mode = mode or Role()
@@ -3337,6 +3450,8 @@ class UpdatePipeline:
             # Start-up: the port is bound before the database opens; an update arriving in
             # between waits for it rather than being kept in memory only.
             await wait_for_event(self.db.tried, FIRST_OPEN_WAIT_S)
+        if "pre_checkout_query" in update and self.answer_pre_checkout is not None:
+            return self._answer_at_once(update["pre_checkout_query"])
         if not self.db.ok:
             return self._ingest_in_memory(item)
         if self.stored.full():
@@ -3356,6 +3471,15 @@ class UpdatePipeline:
             if admitting:
                 self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
+
+    def _answer_at_once(self, query: Any) -> Admission:
+        """A pre-checkout query is answered now, not stored (only the payment that follows changes anything):
+        Telegram waits 10 s, not for a chat's queue or a backlog."""
+        self.stats.received += 1
+        self.stats.processed += 1
+        if isinstance(query, dict):
+            self._answering.start(self.answer_pre_checkout(query, self.db.ok and self._may_take()), "pre-checkout")
+        return ADMITTED
 
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
@@ -3490,6 +3614,7 @@ class UpdatePipeline:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._answering.cancel_all()
         lost = sum(1 for update_id, state in self.tracker.states.items()
                    if state.in_memory and update_id in self._recent_memory_ids)
         if lost:
@@ -3613,6 +3738,7 @@ class ImageModel:
     inputs: tuple[tuple[str, str], ...] = TEXT_TO_IMAGE  # (Kie's field, the choice in it: any key of request's dict)
     fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
+    credits: int = 1  # Stars credits a picture costs past the free hourly ones (Kie's prices differ by model)
 
     def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
                 image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -3744,6 +3870,22 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "не удалось",
         "outcome_timed_out": "не успели",
         "outcome_in_flight": "в работе",
+        "buy_offer": "⭐ Сверх бесплатных — за кредиты: картинка = кредит (некоторые модели дороже). У вас: {balance}.",
+        "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
+        "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
+        "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
+        "paid": "✅ Оплата получена: +{credits:кредит|кредита|кредитов}. Всего: {balance}.",
+        "balance": "💎 У вас {balance:кредит|кредита|кредитов}.",
+        "paysupport": "💬 <b>Вопросы об оплате</b>\nНапишите, что случилось, и номер платежа (он есть в чеке) "
+                      "администратору бота. Кредиты за картинку, которая не пришла, возвращаются сами.",
+        "pay_stale": "Это предложение устарело. Отправьте /buy, чтобы увидеть актуальные.",
+        "pay_unavailable": "Оплата сейчас не принимается. Попробуйте через минуту.",
+        "refunded": "↩️ Платёж возвращён, списано {removed:кредит|кредита|кредитов}. Осталось: {balance}.",
+        "refund_unknown": "Такого платежа нет или он уже возвращён. Формат: /refund <номер платежа>",
+        "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
+        "refund_failed": "Telegram не выполнил возврат: {reason}",
+        "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
+                       "потрачено {spent}, возвращено за неудачные картинки {returned}",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
@@ -3833,6 +3975,22 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "failed",
         "outcome_timed_out": "timed out",
         "outcome_in_flight": "in progress",
+        "buy_offer": "⭐ Past the free hourly ones, a picture costs a credit (some models more). You have {balance}.",
+        "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
+        "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
+        "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
+        "paid": "✅ Payment received: +{credits:credit|credits}. You have {balance}.",
+        "balance": "💎 You have {balance:credit|credits}.",
+        "paysupport": "💬 <b>Payment questions</b>\nWrite to the bot's admin what happened, with the payment id "
+                      "(it is on the receipt). Credits for a picture that did not arrive come back by themselves.",
+        "pay_stale": "This offer has expired. Send /buy to see the current ones.",
+        "pay_unavailable": "Payments cannot be taken right now. Please try again in a minute.",
+        "refunded": "↩️ Payment refunded, {removed:credit|credits} removed. You have {balance}.",
+        "refund_unknown": "No such payment, or it was refunded already. Usage: /refund <payment id>",
+        "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
+        "refund_failed": "Telegram did not refund: {reason}",
+        "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
+                       "{spent}, returned for failed pictures {returned}",
     },
 }
 
@@ -3935,9 +4093,10 @@ def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s
     return TEXTS[lang]["status"].format(details=model.details(ratio, option, lang), elapsed=elapsed_text(elapsed_s))
 
 
-def left_text(remaining: tuple[int, int] | None, lang: str) -> str:
-    """"17 of 20 left this hour", or "" for a user without a limit."""
-    return "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
+def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) -> str:
+    """"17 of 20 left this hour" and the Stars credits the user has; "" for a user without either."""
+    hourly = "" if remaining is None else render(lang, "left_this_hour", left=remaining[0], limit=remaining[1])
+    return " ".join(filter(None, (hourly, render(lang, "balance", balance=credits) if credits > 0 else "")))
 
 
 def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
@@ -4117,6 +4276,9 @@ class Conversation:
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
         self.buttons.update(JobButtons(self).handlers())
+        self.stars = StarsShop(self)
+        self.commands.update(self.stars.commands)
+        self.buttons["buy"] = self.stars.on_pack_button
         languages = LanguageChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
 
@@ -4151,7 +4313,10 @@ class Conversation:
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
-        if command is not None:  # never a prompt, even a command the bot does not know
+        service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
+        if service is not None:  # a payment's news: never a prompt or a step of the dialog
+            await self.stars.services[service](ctx, message[service])
+        elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif step not in ("prompt", "ratio", "option"):
             await self.send_hint(ctx)
@@ -4213,7 +4378,8 @@ class Conversation:
             lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
             menu = main_menu(lang, self.models)
             text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
-            left = left_text(self.generations.remaining(ctx.user_id), lang)  # from memory: no database read
+            left = left_text(self.generations.remaining(ctx.user_id), lang,  # from memory: no database read
+                             self.generations.wallet.balance(ctx.user_id))
             text += f"\n\n{left}" if left else ""
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
@@ -4246,7 +4412,8 @@ class Conversation:
         if ctx.user_id not in self.config.admin_ids:
             await self.send_hint(ctx)
             return
-        await self.send(ctx, "stats", **stats_values(await self.generations.usage(), self.queue_stats(), ctx.t))
+        values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx))
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
@@ -4303,9 +4470,13 @@ class Conversation:
         0 means there is no text message to evolve (the press came from a
         photo): the job posts its own status message.  A refusal is a popup.
         """
-        refusal = self.generations.refusal(ctx.user_id)
+        refusal = self.generations.refusal(ctx.user_id, model.credits)
         if refusal is not None:
             key, values = refusal_text(refusal)
+            if isinstance(refusal, HourlyLimit) and self.stars.selling(ctx):  # the limit, and the ⭐ packs past it
+                await self.answer(ctx)
+                await self.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
+                return
             await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
             return
         await self.answer(ctx)
@@ -4326,6 +4497,166 @@ class Conversation:
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+
+
+PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
+PRE_CHECKOUT_ANSWER_S = 8.0  # Telegram cancels the payment unless the answer arrives within 10 s
+STAR_TRANSACTIONS_MAX = 10_000  # transactions a reconciliation reads at most (getStarTransactions: 100 a page)
+
+
+def paid_pack(payload: Any) -> tuple[int, int] | None:
+    """(credits, stars) an invoice payload names; None for one this bot never wrote."""
+    match = PACK_PAYLOAD.fullmatch(payload) if isinstance(payload, str) else None
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def pre_checkout_refusal(query: dict, packs: tuple[tuple[int, int], ...]) -> str | None:
+    """None when a pre-checkout query pays for a pack on sale now, at its price; else the TEXTS key saying why not."""
+    pack = paid_pack(query.get("invoice_payload"))
+    on_sale = pack in packs and query.get("currency") == "XTR" and query.get("total_amount") == pack[1]
+    return None if on_sale else "pay_stale"
+
+
+def star_transactions(transactions: list) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
+    """getStarTransactions' answer -> payments for our invoices (charge id, payer, pack), and refunded charge ids
+    (a payment's transaction id is its telegram_payment_charge_id, a refund's that of the payment it returns)."""
+    payments, refunds = [], []
+    for transaction in (t for t in transactions if isinstance(t, dict) and isinstance(t.get("id"), str)):
+        source, receiver = transaction.get("source") or {}, transaction.get("receiver") or {}
+        payer, pack = (source.get("user") or {}).get("id"), paid_pack(source.get("invoice_payload"))
+        if source.get("type") == "user" and pack is not None and isinstance(payer, int):
+            payments.append((transaction["id"], payer, pack))
+        elif receiver.get("type") == "user":
+            refunds.append(transaction["id"])
+    return payments, refunds
+
+
+class StarsShop:
+    """Credits for Telegram Stars: /buy and the ⭐ buttons, invoices, the pre-checkout answer, payments, refunds.
+
+    Invoices go to private chats only, in XTR with no provider token, the payload naming the pack.  The pipeline
+    has the pre-checkout query answered at once (Telegram cancels the payment after 10 s)."""
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.packs = conversation.config.stars_packs
+        self.wallet = conversation.generations.wallet
+        self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
+            "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
+            "/balance": lambda ctx, _: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
+            "/paysupport": lambda ctx, message: conversation.send(ctx, "paysupport")}
+        self.services = {  # what a payment's service message carries, and who handles it
+            "successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+
+    def selling(self, ctx: Context) -> bool:
+        return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
+
+    async def offer(self, ctx: Context, lead: str = "") -> None:
+        """The packs as ⭐ buttons under ``lead``, in a private chat; elsewhere, where to buy them."""
+        if not self.selling(ctx):
+            await self.dialog.send(ctx, "buy_in_private" if self.packs else "unknown_command")
+            return
+        text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
+        packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
+                 for credits, stars in self.packs]
+        await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
+
+    async def on_pack_button(self, ctx: Context, argument: str) -> None:
+        """⭐ pressed: the invoice for that pack, if it is still on sale (else the press is stale)."""
+        pack = paid_pack(f"pack:{argument}")
+        if pack not in self.packs or not self.selling(ctx):
+            return
+        await self.dialog.answer(ctx)
+        title = render(ctx.lang, "btn_pack", credits=pack[0], stars=pack[1])
+        await self.dialog.telegram.call("sendInvoice", {
+            "chat_id": ctx.chat_id, "title": title, "payload": "pack:{}:{}".format(*pack), "provider_token": "",
+            "description": render(ctx.lang, "invoice_description", credits=pack[0]), "currency": "XTR",
+            "prices": [{"label": title, "amount": pack[1]}]})
+
+    async def answer_pre_checkout(self, query: dict, may_record: bool) -> None:
+        """Yes for a pack on sale at its price while this instance can record the payment durably; else no, and why."""
+        user = query.get("from") if isinstance(query.get("from"), dict) else {}
+        refusal = pre_checkout_refusal(query, self.packs) if may_record else "pay_unavailable"
+        params: dict[str, Any] = {"pre_checkout_query_id": str(query.get("id", "")), "ok": refusal is None}
+        if refusal is not None:
+            params["error_message"] = TEXTS[self.dialog.language(user.get("id") or 0, user)][refusal]
+            log.info("[STARS] checkout of user %s refused: %s", user.get("id"), refusal)
+        async with asyncio.timeout(PRE_CHECKOUT_ANSWER_S):
+            await self.dialog.telegram.telegram.call("answerPreCheckoutQuery", params)
+
+    async def on_payment(self, ctx: Context, payment: dict) -> None:
+        pack, charge_id = paid_pack(payment.get("invoice_payload")), payment.get("telegram_payment_charge_id")
+        if pack is None or not isinstance(charge_id, str) or not charge_id:
+            log.error("[STARS] a payment of user %d names no pack of ours: %r", ctx.user_id, payment)
+            return
+        # A database that cannot record it raises (logged); the next start's reconciliation credits it.
+        if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
+            log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
+            await self.dialog.send(ctx, "paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
+
+    async def on_refunded(self, ctx: Context, refund: dict) -> None:
+        await self.refunded(str(refund.get("telegram_payment_charge_id", "")), ctx.lang)
+
+    async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
+        """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
+        written = await self.wallet.write(("refunded", charge_id))
+        for _, _, user_id, removed, _ in written:
+            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.wallet.balance(user_id))
+        return written
+
+    async def on_refund(self, ctx: Context, message: dict) -> None:
+        """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
+        words = str(message.get("text", "")).split()
+        if ctx.user_id not in self.dialog.config.admin_ids:
+            await self.dialog.send_hint(ctx)
+            return
+        paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
+        if paid is None:
+            await self.dialog.send(ctx, "refund_unknown")
+            return
+        try:
+            await self.dialog.telegram.telegram.call(
+                "refundStarPayment", {"user_id": paid[0], "telegram_payment_charge_id": words[1]})
+        except TelegramError as error:
+            await self.dialog.send(ctx, "refund_failed", reason=html.escape(error.description))
+            return
+        for _, _, user_id, removed, _ in await self.refunded(words[1]):
+            await self.dialog.send(ctx, "refund_done", user=user_id, removed=-removed)
+
+    async def stats(self, ctx: Context) -> str:
+        """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
+        query = "SELECT kind, COUNT(*), ABS(SUM(credits)), SUM(stars) FROM credits GROUP BY kind"
+        try:
+            rows = await self.wallet.db.read(lambda conn: conn.execute(query).fetchall())
+        except DatabaseUnavailable:
+            return ""
+        totals = collections.defaultdict(lambda: (0, 0, 0), {kind: tuple(map(int, row)) for kind, *row in rows})
+        (payments, sold, stars), refunds = totals["paid"], totals["refunded"][0]
+        return render(ctx.lang, "stats_stars", payments=payments, stars=stars, refunds=refunds, sold=sold,
+                      spent=totals["spent"][1], returned=totals["returned"][1]) if payments else ""
+
+    async def tell(self, user_id: int, key: str, lang: str = "", **values: Any) -> None:
+        """A message to a user in their private chat, in ``lang`` or else the language they chose."""
+        text = render(lang or self.dialog.language(user_id, {}), key, **values)
+        await self.dialog.telegram.send_message(user_id, text)
+
+    async def reconcile(self) -> None:
+        """Credit the payments Telegram lists and the ledger lacks (a flushed backlog dropped their updates),
+        and apply the refunds it lists; each user hears of what changed."""
+        transactions: list = []
+        while len(transactions) < STAR_TRANSACTIONS_MAX:
+            page = (await self.dialog.telegram.telegram.call(
+                "getStarTransactions", {"offset": len(transactions), "limit": 100}) or {}).get("transactions") or []
+            transactions += page
+            if len(page) < 100:
+                break
+        payments, refunds = star_transactions(transactions)
+        written = await self.wallet.write(*(("paid", charge_id, payer, *pack) for charge_id, payer, pack in payments))
+        for _, charge_id, user_id, credits, _ in written:
+            log.warning("[STARS] reconciliation credited %s of user %d (its update was lost)", charge_id, user_id)
+            await self.tell(user_id, "paid", credits=credits, balance=self.wallet.balance(user_id))
+        for charge_id in refunds:
+            await self.refunded(charge_id)
 
 
 class LanguageChoice:
@@ -5266,16 +5597,18 @@ class ResultSender:
     """Delivery's messages, via the outbox: the photo (by URL, else uploaded), the failure, the offer, the file."""
 
     def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
-                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
+                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None,
+                 balance: Callable[[int], int] = lambda user_id: 0):
         self.outbox = outbox
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
         self.catalog = catalog  # more than one model is offered: results offer another model
         self.remaining = remaining  # (user, pictures about to be counted) -> (left this hour, limit) or None
+        self.balance = balance  # the user's Stars credits
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
-        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang)
+        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang, self.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
@@ -5492,6 +5825,7 @@ class Generations:
         self.on_finished = on_finished
         self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock, config.gen_daily_limit)
+        self.wallet = Wallet(db)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, outbox)
         self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
@@ -5499,7 +5833,8 @@ class Generations:
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.progress = Progress(outbox, self.book.save, clock)
         sender = ResultSender(outbox, http, config.result_download_allow_private,
-                              catalog=not config.single_model_only, remaining=self.fairness.remaining)
+                              catalog=not config.single_model_only, remaining=self.fairness.remaining,
+                              balance=self.wallet.balance)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
                                    clock, delivery_budget_s, delivery_notice_s)
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
@@ -5565,6 +5900,8 @@ class Generations:
     def _forget(self, job: Job, effect: JobAction) -> None:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
+        elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
+            self._run_in_background(self.wallet.write(("returned", job.id)))
         self.book.forget(job)
         self.progress.forget(job)
 
@@ -5592,6 +5929,8 @@ class Generations:
             await self.fairness.load(self.book.db, self.config.gen_timeout_s)
         except DatabaseUnavailable:
             jobs = []
+        with contextlib.suppress(DatabaseUnavailable):  # (paid pictures wait for the database anyway)
+            await self.wallet.load()
         for job in jobs:
             self._resume_job(job)
         if jobs:
@@ -5626,7 +5965,7 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.progress):
+        for part in (self.book, self.fairness, self.wallet, self.slots, self.poller, self.submitter, self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
@@ -5646,9 +5985,11 @@ class Generations:
 
     # -- what the dialog asks --------------------------------------------------
 
-    def refusal(self, user_id: int) -> Busy | HourlyLimit | DailyLimit | None:
-        """Why ``user_id`` may not start a generation now, or None."""
-        return self.fairness.refusal(user_id, self.book.busy(user_id))
+    def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
+        """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
+        refusal = self.fairness.refusal(user_id, self.book.busy(user_id))
+        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
+        return None if paid else refusal
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
                     option: str = "", status_message_id: int = 0) -> Job:
@@ -5663,6 +6004,10 @@ class Generations:
         self.book.created += 1
         self.fairness.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
+        # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
+        paid = self.fairness.refusal(user_id, False) is not None
+        if paid and not await self.wallet.spend(job.id, user_id, model.credits):
+            log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
@@ -6103,7 +6448,7 @@ class Outbox:
 
 # Adding a kind here is enough for running bots: set-up finds the webhook's list differs and
 # sets it again, and getUpdates asks with it on every call.
-ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "pre_checkout_query"]
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
@@ -6218,11 +6563,13 @@ class BotSetUp:
     succeeds: start-up never waits for the Bot API.
     """
 
-    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK,
+                 reconcile_payments: Callable[[], Awaitable[None]] | None = None):
         self.config = config
         self.telegram = telegram
         self.spawn = spawn
         self.clock = clock
+        self.reconcile_payments = reconcile_payments
         self.started = False
         self.failing: dict[str, str] = {}  # a step -> its latest error, while it keeps failing (a red flag)
 
@@ -6230,9 +6577,14 @@ class BotSetUp:
         if self.started:
             return
         self.started = True
-        if self.config.bot_mode == "webhook":
-            self.spawn(self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config)), "webhook-setup")
+        self.spawn(self._webhook_then_payments(), "webhook-setup")
         self.spawn(self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), "commands-setup")
+
+    async def _webhook_then_payments(self) -> None:
+        if self.config.bot_mode == "webhook":
+            await self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config))
+        if self.reconcile_payments is not None:  # at start, after any flush of the backlog that dropped a payment
+            await self._set_up("STARS", self.reconcile_payments)
 
     async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
         """Run a set-up step against the Bot API until it succeeds."""
@@ -6707,7 +7059,7 @@ class Metrics:
         return self._counters() + self._gauges(server) + self._red_flag_gauges() + self._histograms()
 
     def _counters(self) -> list[Family]:
-        stats = dataclasses.asdict(self.pipeline.stats)
+        stats, wallet = dataclasses.asdict(self.pipeline.stats), self.generations.wallet
         families: list[Family] = [
             (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
             for name, help_text in UPDATE_COUNTERS
@@ -6722,6 +7074,10 @@ class Metrics:
              [("", {"outcome": o}, self.generations.finished[o])
               for o in ("success", "failed", "timed_out", "cancelled")]),
             *self._outbox_counters(),
+            ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
+             "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
+            ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
+             [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
         ]
 
     def _outbox_counters(self) -> list[Family]:
@@ -7229,8 +7585,10 @@ class App:
                                     queue_stats=lambda: self.pipeline.snapshot())
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
-                                       clock=clock, mode=self.role)
-        set_up = BotSetUp(config, self.telegram, self._background.start, clock)
+                                       clock=clock, mode=self.role,
+                                       answer_pre_checkout=conversation.stars.answer_pre_checkout)
+        set_up = BotSetUp(config, self.telegram, self._background.start, clock,
+                          conversation.stars.reconcile if config.stars_packs else None)
         self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
