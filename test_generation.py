@@ -730,13 +730,17 @@ def popups(fake_tg, fragment: str) -> list[dict]:
     return [p for p in fake_tg.calls_of("answerCallbackQuery") if fragment in p.get("text", "")]
 
 
-async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_pictures_told_in_popups(
+async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_pictures_told_before_the_user_types(
         make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="2"))
+    busy = trt_bot.render("ru", "busy_user")
     await order(app, 75)
-    await order(app, 75, "второй")
-    (busy,) = await eventually(lambda: popups(fake_tg, "ещё рисуется"))
-    assert "show_alert" not in busy and not [t for t in fake_tg.texts_to(75) if "ещё рисуется" in t]  # no new message
+    await answered(app, update_callback(next(_update_ids), 75, "new"))  # 🖼 while the picture is drawn
+    await answered(app, update_message(next(_update_ids), 75, "второй"))  # a description while it is drawn
+    told = [p for p in fake_tg.calls_of("sendMessage") if p["text"] == busy]
+    assert len(told) == 2 and all(buttons_of(p) == [("✖️ Отмена", "stop")] for p in told)
+    assert trt_bot.render("ru", "ask_prompt", model="Z-Image", limits=trt_bot.prompt_limits(trt_bot.Z_IMAGE, "ru")) \
+        not in fake_tg.texts_to(75)[1:]  # no second prompt question to type into
     assert len(fake_kie.created) == 1
     fake_kie.fail_task("task00001")  # our failure costs the user nothing
     await kie_calls_back(app, fake_kie, "task00001")
@@ -750,9 +754,69 @@ async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_picture
         await eventually(lambda: not app.generations.jobs)
     assert [p["caption"].split("\n")[-1] for p in fake_tg.calls_of("sendPhoto")] == [
         "Осталось 1 из 2 на этот час.", "Осталось 0 из 2 на этот час."]
-    await order(app, 75, "пятый")
-    (limit,) = await eventually(lambda: popups(fake_tg, "не больше 2 картинок в час"))
-    assert limit["show_alert"] is True and len(fake_kie.created) == 3
+    fake_tg.clear()
+    await answered(app, update_callback(next(_update_ids), 75, "new"))
+    await answered(app, update_message(next(_update_ids), 75, "пятый"))
+    key, values = trt_bot.refusal_text(app.generations.refusal(75))
+    limit = trt_bot.render("ru", key, **values)  # "… Next one in 60 minutes"
+    assert fake_tg.texts_to(75) == [limit, limit] and len(fake_kie.created) == 3  # said at once, with the wait
+
+
+def questions_to(fake_tg, user: int, key: str, lang: str, **values) -> list[dict]:
+    text = trt_bot.render(lang, key, **values)
+    return [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == user and p["text"] == text]
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_any_text_in_a_private_chat_is_a_description_followed_by_the_format_question(
+        make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_message(next(_update_ids), 4100, "a red fox in snow", lang))
+    (question,) = questions_to(fake_tg, 4100, "ask_ratio", lang, prompt="a red fox in snow")
+    assert ("16:9", "ratio:16:9") in buttons_of(question)
+    await answered(app, update_callback(next(_update_ids), 4100, "ratio:16:9", lang))
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["input"]["prompt"] == "a red fox in snow"
+    assert not [t for t in fake_tg.texts_to(4100) if t == trt_bot.render(lang, "hint")]
+
+
+def settings_pressed(update_id: int, user: int, data: str, message_id: int, lang: str) -> dict:
+    return press(update_id, user, f"set:{data}", message_id, lang)
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_default_format_from_settings_draws_a_text_at_once_and_survives_a_restart(
+        make_app, fake_tg, fake_kie, database_url, lang):
+    env = {**gen_env(fake_kie), "SINGLE_MODEL_ONLY": "0", "DATABASE_URL": database_url}
+    app = await make_app(**env)
+    await answered(app, update_message(next(_update_ids), 4200, "/settings", lang))
+    (screen,) = [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == 4200]
+    ask = trt_bot.TEXTS[lang]["btn_ask_every_time"]
+    assert ("✅ Z-Image", "set:model:zimage") in buttons_of(screen) and (f"✅ {ask}", "set:ratio:") in buttons_of(screen)
+    for data in ("model:seedream45", "ratio:16:9", "option:high", "ratio:99:1", "model:nope"):  # the last two forged
+        await answered(app, settings_pressed(next(_update_ids), 4200, data, 70, lang))
+    assert [p.get("text") for p in fake_tg.calls_of("answerCallbackQuery")][-2:] == [
+        trt_bot.TEXTS[lang]["stale_button"]] * 2
+    last = edits_of(fake_tg, 4200)[-1]
+    assert last["message_id"] == 70 and {("✅ Seedream 4.5", "set:model:seedream45"), ("✅ 16:9", "set:ratio:16:9")} \
+        <= set(buttons_of(last))
+    await app.stop()
+    fake_tg.clear()
+    app = await make_app(**env)
+    await answered(app, update_message(next(_update_ids), 4200, "a red fox in snow", lang))
+    await eventually(lambda: fake_kie.created)
+    (task,) = fake_kie.created
+    assert task["model"] == "seedream/4.5-text-to-image"
+    assert task["input"].items() >= {"prompt": "a red fox in snow", "aspect_ratio": "16:9", "quality": "high"}.items()
+    status = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⏳")])
+    assert status[0]["text"].startswith("⏳ 16:9 · Seedream 4.5")
+    assert not questions_to(fake_tg, 4200, "ask_ratio", lang, prompt="a red fox in snow")
+
+
+async def test_group_chatter_is_never_a_description(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, in_group(update_message(next(_update_ids), 4300, "a red fox in snow")))
+    assert not fake_kie.created and not app.role.states.get((GROUP, 4300))
 
 
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
@@ -849,7 +913,7 @@ async def test_the_cancel_button_under_a_new_question_closes_it_and_leaves_the_r
     app = await make_app(**gen_env(fake_kie))
     await order(app, 3000)  # its ⏳ is message 1
     job = await submitted_job(app, 3000)
-    await answered(app, press(next(_update_ids), 3000, "new", 7))  # a new question while the picture is drawn
+    await answered(app, press(next(_update_ids), 3000, f"ratios:{job.id}", 7))  # a question while it is drawn
     await answered(app, press(next(_update_ids), 3000, "cancel", 8))  # ✖️ under that question
     (closed,) = [p for p in edits_of(fake_tg, 3000) if p["message_id"] == 8]
     assert closed["text"] == trt_bot.render("ru", "cancelled") and job.state == "submitted"  # it used to stop

@@ -2329,14 +2329,15 @@ async def test_start_promises_no_time_in_either_language(make_app, fake_tg):
     assert "придёт сюда же" in fake_tg.texts_to(32)[0] and "arrive right here" in fake_tg.texts_to(33)[0]
 
 
-async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fake_tg):
+async def test_help_cancel_and_free_text_get_answers(make_app, fake_tg):
     app = await make_app()
     for n, text in enumerate(["/help", "/cancel", "просто текст", "/start@trt_test_bot"], start=1):
         await post_update(app, update_message(n, 9, text))
     await eventually(lambda: len(fake_tg.texts_to(9)) == 4)
-    help_text, cancelled, hint, start = fake_tg.texts_to(9)
-    assert "/cancel" in help_text and "Отменять нечего" in cancelled and "Создать картинку" in hint and "Привет" in start
-    assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage"))
+    help_text, cancelled, described, start = fake_tg.texts_to(9)
+    assert "/cancel" in help_text and "Отменять нечего" in cancelled and "Привет" in start
+    assert described == trt_bot.render("ru", "not_configured")  # free text is a description: without a key, said so
+    assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage") if p["text"] != described)
 
 
 @pytest.mark.parametrize("data", ["help", "nonsense", "ratio:99:99", "", "new:" + "x" * 60])

@@ -1282,6 +1282,12 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
         "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
     ],
+    [  # 8: a user's /settings, a JSON object (without a row: the defaults, "ask every time")
+        """CREATE TABLE user_settings (
+               user_id    INTEGER PRIMARY KEY,
+               settings   TEXT NOT NULL,
+               updated_at REAL NOT NULL)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1934,6 +1940,12 @@ def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> 
                  (user_id, lang, time.time()))
 
 
+def store_user_settings(conn: sqlite3.Connection, user_id: int, settings: dict) -> None:
+    conn.execute("""INSERT INTO user_settings(user_id, settings, updated_at) VALUES (?,?,?)
+                    ON CONFLICT(user_id) DO UPDATE SET settings=excluded.settings, updated_at=excluded.updated_at""",
+                 (user_id, json.dumps(settings, ensure_ascii=False), time.time()))
+
+
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
 DIALOG_IDLE_S = 24 * 3600.0
 DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: each can hold a prompt of a few KB
@@ -1954,6 +1966,7 @@ class ConversationStore:
         self.clock = clock
         self._states: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
         self._languages: dict[int, str] = {}
+        self._settings: dict[int, dict] = {}  # user id -> their /settings
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
@@ -1963,6 +1976,8 @@ class ConversationStore:
         self._states = {(chat, user): (at, json.loads(state)) for chat, user, at, state in rows}
         chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
         self._languages = dict(chosen)
+        stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
+        self._settings = {user_id: json.loads(settings) for user_id, settings in stored}
         return len(self._states)
 
     def get(self, key: DialogKey) -> dict | None:
@@ -1975,12 +1990,23 @@ class ConversationStore:
 
     async def set_language(self, user_id: int, lang: str) -> None:
         self._languages[user_id] = lang
+        await self._store_choice(store_language_choice, user_id, lang)
+
+    def settings(self, user_id: int) -> dict:
+        """The user's /settings; {} if they never chose any."""
+        return self._settings.get(user_id, {})
+
+    async def set_settings(self, user_id: int, settings: dict) -> None:
+        self._settings[user_id] = settings
+        await self._store_choice(store_user_settings, user_id, settings)
+
+    async def _store_choice(self, store: Callable[..., None], user_id: int, value: Any) -> None:
         try:
-            await self.db.write(store_language_choice, user_id, lang)
+            await self.db.write(store, user_id, value)
         except DatabaseUnavailable:
             pass  # Database logged why; the choice holds in memory until a restart
         except RowRejected as error:
-            log.warning("[DB] language choice of %d not stored: %s", user_id, error)
+            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
 
     async def set(self, key: DialogKey, state: dict | None) -> None:
         """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
@@ -3658,17 +3684,22 @@ MODELS_BY_KEY = {model.key: model for model in CATALOG}
 TEXTS: dict[str, dict[str, str]] = {
     "ru": {
         "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
-                 "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, и выберите формат — "
-                 "картинка придёт сюда же, в чат.",
+                 "Напишите, что хотите увидеть, и выберите формат — картинка придёт сюда же, в чат. "
+                 "Формат и модель по умолчанию — в /settings.",
         "start_catalog": "\n\nИли сначала выберите модель ниже.",
         "help": "ℹ️ <b>Как пользоваться</b>\n"
-                "1. Нажмите «🖼 Создать картинку».\n"
-                "2. Опишите картинку одним сообщением.\n"
-                "3. Выберите формат — картинка придёт в этот чат.\n\n"
+                "1. Опишите картинку одним сообщением.\n"
+                "2. Выберите формат — картинка придёт в этот чат. "
+                "Формат, выбранный в /settings, не спрашивается: картинка рисуется сразу.\n\n"
                 "Пока формат не выбран, описание можно поправить: пришлите новое или отредактируйте своё.\n\n"
-                "/start — меню, /cancel — отменить, /language — язык, /help — эта справка.",
+                "/start — меню, /settings — настройки, /cancel — отменить, /language — язык, /help — эта справка.",
         "cancelled": "Отменено. Меню — ниже.",
-        "hint": "Чтобы нарисовать картинку, нажмите «🖼 Создать картинку».",
+        "hint": "Чтобы нарисовать картинку, напишите, что нарисовать.",
+        "settings": "⚙️ <b>Настройки</b>\nМодель: {model}\nФормат: {ratio}{option}\n\n"
+                    "С выбранным форматом любое описание рисуется сразу, без вопросов.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "спрашивать каждый раз",
+        "btn_ask_every_time": "❓ Спрашивать каждый раз",
         "stale_button": "Эта кнопка больше не действует.",
         "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
                       "Например: <i>кот-космонавт, акварель</i>",
@@ -3741,17 +3772,22 @@ TEXTS: dict[str, dict[str, str]] = {
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
-                 "Tap “🖼 Create a picture”, describe what you’d like to see and pick a format: "
-                 "the picture will arrive right here in the chat.",
+                 "Write what you’d like to see and pick a format: the picture will arrive right here in the "
+                 "chat. The default format and model are in /settings.",
         "start_catalog": "\n\nOr pick a model below first.",
         "help": "ℹ️ <b>How to use</b>\n"
-                "1. Tap “🖼 Create a picture”.\n"
-                "2. Describe the picture in one message.\n"
-                "3. Pick a format, and the picture will arrive in this chat.\n\n"
+                "1. Describe the picture in one message.\n"
+                "2. Pick a format, and the picture will arrive in this chat. "
+                "With a format chosen in /settings there is no question: the picture is drawn at once.\n\n"
                 "Until you pick a format you can still change the description: send a new one or edit yours.\n\n"
-                "/start — menu, /cancel — cancel, /language — language, /help — this help.",
+                "/start — menu, /settings — settings, /cancel — cancel, /language — language, /help — this help.",
         "cancelled": "Cancelled. The menu is below.",
-        "hint": "To draw a picture, tap “🖼 Create a picture”.",
+        "hint": "To draw a picture, write what to draw.",
+        "settings": "⚙️ <b>Settings</b>\nModel: {model}\nFormat: {ratio}{option}\n\n"
+                    "With a format chosen, any description is drawn at once, without questions.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "ask every time",
+        "btn_ask_every_time": "❓ Ask every time",
         "stale_button": "This button no longer works.",
         "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
@@ -3865,6 +3901,37 @@ def option_keyboard(option: ModelOption, lang: str) -> dict:
 
 def language_keyboard() -> dict:
     return keyboard([button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()])
+
+
+def marked(label: str, chosen: bool) -> str:
+    """A button's label with ✅ when it is the current choice."""
+    return f"✅ {label}" if chosen else label
+
+
+def user_defaults(settings: Mapping[str, Any], models: tuple[ImageModel, ...]) -> tuple[ImageModel, str, str]:
+    """A user's /settings as (model, ratio or "" to ask every time, option), each one ``models`` still offer."""
+    model = next((m for m in models if m.key == settings.get("model")), models[0])
+    ratio = settings.get("ratio") if settings.get("ratio") in model.ratios else ""
+    choices = [value for value, _ in model.option.choices] if model.option is not None else [""]
+    option = settings.get("option") if settings.get("option") in choices else choices[0]
+    return model, ratio, option
+
+
+def settings_screen(settings: Mapping[str, Any], models: tuple[ImageModel, ...], lang: str) -> tuple[str, dict]:
+    """/settings as one message, edited in place on each press: its text and its keyboard."""
+    t = TEXTS[lang]
+    model, ratio, option = user_defaults(settings, models)
+    rows = in_rows([button(marked(m.title, m is model), f"set:model:{m.key}") for m in models], 2)
+    rows = rows if len(models) > 1 else []
+    rows += in_rows([button(marked(r, r == ratio), f"set:ratio:{r}") for r in model.ratios], 4)
+    rows.append([button(marked(t["btn_ask_every_time"], not ratio), "set:ratio:")])
+    extra = ""
+    if model.option is not None:
+        rows.append([button(marked(labels[lang], value == option), f"set:option:{value}")
+                     for value, labels in model.option.choices])
+        extra = render(lang, "settings_option", title=model.option.title[lang].capitalize(),
+                       value=model.option.label(option, lang))
+    return render(lang, "settings", model=model.title, ratio=ratio or t["settings_ask"], option=extra), keyboard(*rows)
 
 
 def prompt_limits(model: ImageModel, lang: str) -> str:
@@ -4100,10 +4167,12 @@ class Conversation:
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
-            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
+            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
+            "stop": self.on_stop_button}
         self.buttons.update(JobButtons(self).handlers())
-        languages = LanguageChoice(self)
+        languages, settings = LanguageChoice(self), SettingsChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
+        self.commands["/settings"], self.buttons["set"] = settings.on_command, settings.on_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4136,14 +4205,17 @@ class Conversation:
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
+        private = (message.get("chat") or {}).get("type") == "private"
         if command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
-        elif step not in ("prompt", "ratio", "option"):
-            await self.send_hint(ctx)
         elif not isinstance(text, str):
-            await self.send(ctx, not_text_answer(message))
-        else:
+            await (self.send(ctx, not_text_answer(message)) if step else self.send_hint(ctx))
+        elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
+        elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
+            await self.draw(ctx, text, message.get("message_id"))
+        else:
+            await self.send_hint(ctx)
 
     async def on_edited_message(self, message: dict) -> None:
         ctx = self.message_context(message)
@@ -4169,7 +4241,8 @@ class Conversation:
     async def answer(self, ctx: Context, text: str = "", alert: bool = False) -> None:
         """Answer the button press: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         ctx.answered = True
-        await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
+        if ctx.callback_id:  # (a message, not a press: nothing to answer)
+            await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
 
     async def edit(self, ctx: Context, message_id: int, text: str, markup: dict | None = None) -> None:
         """Turn one of our messages into ``text``: the dialog's messages evolve rather than pile up."""
@@ -4249,11 +4322,36 @@ class Conversation:
         if model is not None:
             await self.ask_prompt(ctx, model)
 
+    async def may_draw(self, ctx: Context) -> bool:
+        """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
+        if not self.generations.configured():  # only admins can fix it, so only they read how
+            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
+            return False
+        refusal = self.generations.refusal(ctx.user_id)
+        if refusal is not None:
+            key, values = refusal_text(refusal)
+            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
+            await self.send(ctx, key, stop, **values)
+        return refusal is None
+
+    async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
+        """A description: drawn at once in the user's default format (/settings), else the format question."""
+        state = self.states.get(ctx.dialog) or {}
+        settings = self.states.settings(ctx.user_id)
+        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
+                                             self.models)
+        if not await self.may_draw(ctx):
+            return
+        if not ratio:
+            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+            await self.prompts.take(ctx, text, message_id)
+        elif not await self.prompts.refuse(ctx, model, text):
+            await self.generate(ctx, model, text.strip(), ratio, option, 0)
+
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
         await self.answer(ctx)
-        if not self.generations.configured():  # only admins can fix it, so only they read how
-            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
+        if not await self.may_draw(ctx):
             return
         await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
         cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
@@ -4308,6 +4406,13 @@ class Conversation:
         await self.answer(ctx)
         await self.on_cancel(ctx)
 
+    async def on_stop_button(self, ctx: Context, argument: str) -> None:
+        """✖️ under "still drawing": stops the running picture, as /cancel does."""
+        await self.answer(ctx)
+        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": ctx.message_id,
+                                                            "reply_markup": {"inline_keyboard": []}})
+        await self.on_cancel(dataclasses.replace(ctx, message_id=0))
+
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang, self.models))
@@ -4332,6 +4437,33 @@ class LanguageChoice:
             await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
         chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
         await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
+
+
+class SettingsChoice:
+    """``/settings`` and its buttons: the user's default model, format and quality, remembered durably.
+
+    With a default format, a description is drawn at once; without one
+    ("ask every time", the default) the format question follows it.
+    """
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+
+    async def on_command(self, ctx: Context, message: dict) -> None:
+        text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup)
+
+    async def on_button(self, ctx: Context, argument: str) -> None:
+        name, _, value = argument.partition(":")
+        chosen = {**self.dialog.states.settings(ctx.user_id), name: value}
+        model, ratio, option = user_defaults(chosen, self.dialog.models)
+        settings = {"model": model.key, "ratio": ratio, "option": option}
+        if settings.get(name) != value:
+            return  # a forged button, or one for a model no longer offered: answered as stale
+        await self.dialog.answer(ctx)
+        await self.dialog.states.set_settings(ctx.user_id, settings)
+        text, markup = settings_screen(settings, self.dialog.models, ctx.lang)
+        await self.dialog.edit(ctx, ctx.message_id, text, markup)
 
 
 class JobButtons:
