@@ -819,6 +819,68 @@ async def test_group_chatter_is_never_a_description(make_app, fake_tg, fake_kie)
     assert not fake_kie.created and not app.role.states.get((GROUP, 4300))
 
 
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_description_while_a_picture_is_drawn_says_so_and_its_cancel_stops_the_picture(
+        make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 4500, lang=lang)
+    job = await submitted_job(app, 4500)
+    await answered(app, update_message(next(_update_ids), 4500, "a red fox in snow", lang))
+    (busy,) = questions_to(fake_tg, 4500, "busy_user", lang)
+    assert buttons_of(busy) == [(trt_bot.TEXTS[lang]["btn_cancel"], "stop")]
+    await answered(app, press(next(_update_ids), 4500, "stop", returned_message_id(fake_tg, busy),
+                              lang))
+    assert job.state == "cancelled" and len(fake_kie.created) == 1
+    (status,) = [p for p in edits_of(fake_tg, 4500) if p["message_id"] == 1][-1:]  # the picture's ⏳ says it
+    assert status["text"] == trt_bot.TEXTS[lang]["cancelled_job"]
+    assert {"chat_id": 4500, "message_id": returned_message_id(fake_tg, busy), "reply_markup": {"inline_keyboard": []}} \
+        in fake_tg.calls_of("editMessageReplyMarkup")  # its ✖️ has done its work
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_superseded_format_question_loses_its_keyboard(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_message(next(_update_ids), 4600, "a red fox", lang))
+    (first,) = questions_to(fake_tg, 4600, "ask_ratio", lang, prompt="a red fox")
+    await answered(app, update_message(next(_update_ids), 4600, "a grey wolf", lang))
+    assert questions_to(fake_tg, 4600, "prompt_replaced", lang, prompt="a grey wolf")
+    (stripped,) = fake_tg.calls_of("editMessageReplyMarkup")
+    assert stripped["message_id"] == returned_message_id(fake_tg, first)
+    assert stripped["reply_markup"] == {"inline_keyboard": []}
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_double_taps_on_new_picture_and_on_the_original_file_send_one_each(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 4700, lang)
+    for _ in range(2):
+        await answered(app, press(next(_update_ids), 4700, button_data(photo, "file"), 77, lang))
+        await answered(app, press(next(_update_ids), 4700, "model:zimage", 77, lang))
+    asked = questions_to(fake_tg, 4700, "ask_prompt", lang, model="Z-Image",
+                         limits=trt_bot.prompt_limits(trt_bot.Z_IMAGE, lang))
+    assert len(asked) == 2  # the first from ordering the picture, one for 🖼 New picture
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 4701)
+    assert len(fake_tg.calls_of("sendDocument")) == 1
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_description_too_long_for_the_model_offers_the_models_that_take_it(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie), SINGLE_MODEL_ONLY="0")
+    long_prompt = "a red fox in snow, " * 60  # 1140 characters: Z-Image takes 1000
+    await answered(app, update_message(next(_update_ids), 4800, long_prompt, lang))
+    (offer,) = questions_to(fake_tg, 4800, "prompt_too_long_models", lang, model="Z-Image", length=1139, most=1000)
+    offered = [data for _, data in buttons_of(offer)]
+    assert "long:nanobanana" in offered and "long:zimage" not in offered and offered[-1] == "cancel"
+    for _ in range(2):  # a second tap changes nothing
+        await answered(app, press(next(_update_ids), 4800, "long:nanobanana", returned_message_id(fake_tg, offer), lang))
+    shown = html.escape(trt_bot.shorten(long_prompt.strip(), 200))
+    assert len(questions_to(fake_tg, 4800, "ask_ratio", lang, prompt=shown)) == 1
+    await answered(app, update_callback(next(_update_ids), 4800, "ratio:16:9", lang))
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["model"] == "google/nano-banana"
+    assert fake_kie.created[0]["input"]["prompt"] == long_prompt.strip()
+
+
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
     app = await make_app(ADMIN_IDS="900")
     await post_update(app, update_callback(1, 76, "new"))
@@ -1221,19 +1283,34 @@ async def test_after_a_delivery_failure_retry_sends_the_finished_picture_not_a_n
     assert fake_tg.calls_of("sendPhoto")[-1]["photo"] == fake_kie.image_url() and len(fake_kie.created) == 1
 
 
-@pytest.mark.parametrize("lang, invalid", [("ru", "Сервис не принял запрос"), ("en", "did not accept the request")])
-async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(make_app, fake_tg, fake_kie, lang,
-                                                                              invalid):
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(make_app, fake_tg, fake_kie, lang):
     fake_kie.script("createTask", 200, {"code": 422, "msg": "prompt is invalid"})
     app = await make_app(**gen_env(fake_kie))
     await order(app, 104, "ab", lang=lang)
-    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if invalid in p["text"]])
+    invalid = trt_bot.TEXTS[lang]["fail_invalid_prompt"]
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if invalid == p["text"]])
     await eventually(lambda: not app.generations.jobs)
     await post_update(app, update_callback(next(_update_ids), 104, button_data(told, "edit"), lang))
     await post_update(app, update_message(next(_update_ids), 104, "a longer prompt", lang))
     await post_update(app, update_callback(next(_update_ids), 104, "ratio:1:1", lang))
     await eventually(lambda: len(fake_kie.created) == 2)
     assert fake_kie.created[1]["input"]["prompt"] == "a longer prompt"
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+@pytest.mark.parametrize("message, failure, buttons", [
+    ("aspect_ratio is not supported by this model", "invalid_ratio", ["ratios", "edit", "model"]),
+    ("Prompt must be at most 1000 characters", "invalid_prompt", ["again", "edit", "model"]),
+    ("validation failed", "invalid", ["again", "edit", "model"])])
+async def test_a_422_says_what_to_change_from_the_input_kie_names(make_app, fake_tg, fake_kie, lang, message, failure,
+                                                                   buttons):
+    fake_kie.script("createTask", 200, {"code": 422, "msg": message})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 4400, lang=lang)
+    text = trt_bot.TEXTS[lang][f"fail_{failure}"]
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 4400) if p["text"] == text])
+    assert [data.split(":")[0] for _, data in buttons_of(told)] == buttons
 
 
 @pytest.mark.parametrize("lang, stalled", [("ru", "не выдал картинку за 10 минут"),
@@ -1290,7 +1367,7 @@ def test_a_refusal_is_told_in_the_users_words():
 NOW = 1_700_000_100.0
 SAMPLE_EVENTS = {
     "accepted": trt_bot.JobEvent("accepted", "task00042"),
-    "refused": trt_bot.JobEvent("refused", 422),
+    "refused": trt_bot.JobEvent("refused", trt_bot.KieError(422, "prompt is invalid")),
     "succeeded": trt_bot.JobEvent("succeeded", "https://cdn.example/x.png"),
     "failed": trt_bot.JobEvent("failed", "moderation"),
     "callback": trt_bot.CALLBACK_CAME,
@@ -1392,7 +1469,8 @@ def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
                                                   (429, "busy", False), (422, "invalid", False),
                                                   (None, "failed", False)])
 def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on_incidents(code, failure, alert):
-    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("refused", code), NOW)
+    refused = trt_bot.JobEvent("refused", trt_bot.KieError(code, "") if code else None)
+    changes, effects = trt_bot.apply_event(job_in("created"), refused, NOW)
     assert (changes["state"], changes["error"]) == ("failed", failure)
     assert (trt_bot.Alert(code) in effects) is alert
 

@@ -724,7 +724,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
     app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="1")
     unstuck = asyncio.Event()
 
-    async def stuck(method: str, params: dict) -> None:
+    async def stuck(method: str, params: dict, on_sent: object = None) -> None:
         await unstuck.wait()
     monkeypatch.setattr(app.role.outbox, "call", stuck)  # the one worker is stuck: every update waits in the inbox
     async with httpx.AsyncClient() as client:

@@ -3716,7 +3716,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
         "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
         "fail_unavailable": "🛠 Генерация временно недоступна. Мы уже разбираемся.",
-        "fail_invalid": "Сервис не принял запрос. Попробуйте изменить описание.",
+        "fail_invalid": "Сервис не принял запрос. Измените описание или выберите другой формат.",
+        "fail_invalid_prompt": "✏️ Сервис не принял описание. Перепишите его — короче или другими словами.",
+        "fail_invalid_ratio": "📐 Сервис не принял этот формат для этой модели. Выберите другой.",
+        "fail_invalid_image": "🖼 Сервис не принял фото. Пришлите другое: JPEG, PNG или WebP.",
         "fail_failed": "😔 Не получилось нарисовать картинку.",
         "fail_delivery": "Картинка готова, но отправить её не удалось.",
         "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
@@ -3751,6 +3754,9 @@ TEXTS: dict[str, dict[str, str]] = {
                  "Кредиты Kie.ai: {credits}",
         "limits_up_to": "до {most:символа|символов|символов}",
         "limits_between": "от {fewest} до {most:символа|символов|символов}",
+        "prompt_too_long_models": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
+                                  "не больше {most:символа|символов|символов}. Сократите его — или нарисуйте "
+                                  "моделью, которая примет его целиком:",
         "prompt_too_short": "Слишком короткое описание: {model} нужно хотя бы {fewest:символ|символа|символов}. "
                             "Допишите подробнее.",
         "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
@@ -3804,7 +3810,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
         "fail_timeout": "⌛ Generation took too long and was stopped.",
         "fail_unavailable": "🛠 Generation is temporarily unavailable. We are on it.",
-        "fail_invalid": "The service did not accept the request. Try changing the description.",
+        "fail_invalid": "The service did not accept the request. Change the description or pick another format.",
+        "fail_invalid_prompt": "✏️ The service did not accept the description. Rewrite it: shorter, or in other "
+                               "words.",
+        "fail_invalid_ratio": "📐 The service did not accept this format for this model. Pick another one.",
+        "fail_invalid_image": "🖼 The service did not accept the photo. Send another one: JPEG, PNG or WebP.",
         "fail_failed": "😔 The picture could not be generated.",
         "fail_delivery": "The picture is ready but could not be sent.",
         "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
@@ -3840,6 +3850,8 @@ TEXTS: dict[str, dict[str, str]] = {
                  "Kie.ai credits: {credits}",
         "limits_up_to": "up to {most:character|characters}",
         "limits_between": "{fewest} to {most:character|characters}",
+        "prompt_too_long_models": "That description is {length:character|characters} long, and {model} takes at "
+                                  "most {most}. Shorten it, or draw it with a model that takes it whole:",
         "prompt_too_short": "That description is too short: {model} needs at least {fewest:character|characters}. "
                             "Please add a little more.",
         "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
@@ -3950,7 +3962,8 @@ RESULT_BUTTONS = {
 }
 # Which buttons follow a failure (Job.error): fix the prompt after moderation or
 # validation, re-send a picture that is ready, else try the same again.
-FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "delivery": ("resend",)}
+FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "invalid_prompt": ("retry", "edit"),
+                   "invalid_ratio": ("ratio", "edit"), "delivery": ("resend",)}
 
 
 def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
@@ -4092,15 +4105,17 @@ class PromptStep:
     """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
 
     A new or edited description before the job starts replaces the old one and
-    the open question is asked again; every button of the dialog reads the
-    prompt from the state, so the old question's buttons draw the new prompt too.
+    the open question is asked again (the old one loses its keyboard).  A
+    description too long for the model is kept, with the models that take it offered.
     """
 
     def __init__(self, states: ConversationStore, models_by_key: Mapping[str, ImageModel],
-                 send: Callable[..., Awaitable[None]], send_hint: Callable[[Context], Awaitable[None]]):
+                 send: Callable[..., Awaitable[None]], ask: Callable[..., Awaitable[None]],
+                 send_hint: Callable[[Context], Awaitable[None]]):
         self.states = states
         self.models_by_key = models_by_key
         self.send = send
+        self.ask = ask
         self.send_hint = send_hint
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
@@ -4114,16 +4129,15 @@ class PromptStep:
         if await self.refuse(ctx, model, text):
             return
         prompt = text.strip()
-        await self.states.set(ctx.dialog, {**state, "step": "ratio" if step == "prompt" else step, "model": model.key,
-                                           "prompt": prompt,
-                                           "prompt_message_id": message_id if isinstance(message_id, int) else 0})
+        state = {**state, "step": "ratio" if step == "prompt" else step, "model": model.key, "prompt": prompt,
+                 "prompt_message_id": message_id if isinstance(message_id, int) else 0}
         shown = html.escape(shorten(prompt, 200))
         if step == "option" and model.option is not None:
-            await self.send(ctx, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
-                            option=model.option.title[ctx.lang])
+            await self.ask(ctx, state, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
+                           option=model.option.title[ctx.lang])
         else:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
-            await self.send(ctx, key, ratio_keyboard(model, ctx.lang), prompt=shown)
+            await self.ask(ctx, state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
@@ -4137,7 +4151,13 @@ class PromptStep:
     async def refuse(self, ctx: Context, model: ImageModel, text: str) -> bool:
         """Tells the user why ``text`` cannot be ``model``'s prompt; False if it can."""
         problem = check_prompt(text, model)
-        if problem is not None:
+        takers = [m for m in self.models_by_key.values() if check_prompt(text, m) is None]
+        if problem is not None and problem[0] == "prompt_too_long" and takers:
+            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2),
+                             [button(ctx.t["btn_cancel"], "cancel")])
+            await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
+                           "prompt_too_long_models", offer, **problem[1])
+        elif problem is not None:
             await self.send(ctx, problem[0], **problem[1])
         return problem is not None
 
@@ -4162,13 +4182,13 @@ class Conversation:
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
-        self.prompts = PromptStep(states, self.models_by_key, self.send, self.send_hint)
+        self.prompts = PromptStep(states, self.models_by_key, self.send, self.ask, self.send_hint)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
-            "stop": self.on_stop_button}
+            "stop": self.on_stop_button, "long": self.on_long_prompt_button}
         self.buttons.update(JobButtons(self).handlers())
         languages, settings = LanguageChoice(self), SettingsChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
@@ -4263,6 +4283,39 @@ class Conversation:
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
 
+    async def ask(self, ctx: Context, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
+        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it.
+
+        The question it replaces loses its keyboard; a sent one's id is noted
+        once Telegram has it, so the next change can take its keyboard off too.
+        """
+        question = secrets.token_hex(4)
+        await self.set_state(ctx, {**state, "question": question, "question_id": message_id}, keep=message_id)
+        text = render(ctx.lang, key, **values)
+        if message_id:
+            await self.edit(ctx, message_id, text, markup)
+        else:
+            await self.telegram.send_message(ctx.chat_id, text, markup,
+                                             on_sent=functools.partial(self._asked, ctx.dialog, question))
+
+    def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
+        state = self.states.get(dialog)
+        if state is not None and state.get("question") == question and isinstance(message, dict):
+            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
+
+    async def set_state(self, ctx: Context, state: dict | None, keep: int = 0) -> None:
+        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
+        (each is edited into what comes next)."""
+        old = (self.states.get(ctx.dialog) or {}).get("question_id")
+        await self.states.set(ctx.dialog, state)
+        if old and old not in (keep, ctx.message_id):
+            await self.retire(ctx, old)
+
+    async def retire(self, ctx: Context, message_id: int) -> None:
+        """Take the keyboard off a message whose buttons no longer mean anything."""
+        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": message_id,
+                                                            "reply_markup": {"inline_keyboard": []}})
+
     # -- commands -----------------------------------------------------------
 
     async def on_start(self, ctx: Context, message: dict) -> None:
@@ -4277,7 +4330,7 @@ class Conversation:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
         try:
-            await self.states.set(ctx.dialog, None)
+            await self.set_state(ctx, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
         await self.telegram.send_message(ctx.chat_id, text, menu)
@@ -4288,7 +4341,7 @@ class Conversation:
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
         had_question = self.states.get(ctx.dialog) is not None
-        await self.states.set(ctx.dialog, None)
+        await self.set_state(ctx, None)
         menu = main_menu(ctx.lang, self.models)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
@@ -4351,11 +4404,15 @@ class Conversation:
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
         await self.answer(ctx)
+        state = self.states.get(ctx.dialog) or {}
+        if ctx.message_id and (state.get("step"), state.get("model"), state.get("asked_by")) == (
+                "prompt", model.key, ctx.message_id):
+            return  # a second tap on the same button: the question is out already
         if not await self.may_draw(ctx):
             return
-        await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
         cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
-        await self.send(ctx, "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
+        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang, "asked_by": ctx.message_id},
+                       "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
         state = self.states.get(ctx.dialog) or {}
@@ -4400,7 +4457,7 @@ class Conversation:
         # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
                                      status_message_id)
-        await self.states.set(ctx.dialog, None)
+        await self.set_state(ctx, None, keep=status_message_id)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
@@ -4409,9 +4466,18 @@ class Conversation:
     async def on_stop_button(self, ctx: Context, argument: str) -> None:
         """✖️ under "still drawing": stops the running picture, as /cancel does."""
         await self.answer(ctx)
-        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": ctx.message_id,
-                                                            "reply_markup": {"inline_keyboard": []}})
+        await self.retire(ctx, ctx.message_id)
         await self.on_cancel(dataclasses.replace(ctx, message_id=0))
+
+    async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
+        """A model offered for a description too long for the one chosen: the description goes on with it."""
+        state = self.states.get(ctx.dialog) or {}
+        model, prompt = self.models_by_key.get(key), state.get("prompt", "")
+        if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
+            return  # stale, forged, or tapped twice
+        await self.answer(ctx)
+        await self.set_state(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+        await self.draw(dataclasses.replace(ctx, message_id=0), prompt, 0)
 
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
@@ -4466,6 +4532,9 @@ class SettingsChoice:
         await self.dialog.edit(ctx, ctx.message_id, text, markup)
 
 
+ORIGINALS_REMEMBERED = 10_000  # pictures whose 📎 was pressed, kept so a second tap sends nothing more
+
+
 class JobButtons:
     """The buttons under a result or a failure; each names its job, which must be the presser's in this chat.
 
@@ -4476,6 +4545,7 @@ class JobButtons:
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.generations = conversation.generations
+        self.originals_sent: collections.deque[str] = collections.deque(maxlen=ORIGINALS_REMEMBERED)
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
         return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
@@ -4519,9 +4589,8 @@ class JobButtons:
 
     async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
         await self.dialog.answer(ctx)
-        await self.dialog.states.set(ctx.dialog, {"step": "ratio", "model": model.key, "prompt": prompt})
-        await self.dialog.reply(dataclasses.replace(ctx, message_id=message_id), "ask_ratio",
-                                ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
+        await self.dialog.ask(ctx, {"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
+                              ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
 
     async def on_edit(self, ctx: Context, job_id: str) -> None:
         """Ask for a new prompt for the same model."""
@@ -4534,7 +4603,9 @@ class JobButtons:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and job.result_url and job.outcome == "success":
             await self.dialog.answer(ctx)
-            self.generations.send_original(job)
+            if job.id not in self.originals_sent:  # a second tap sends nothing more
+                self.originals_sent.append(job.id)
+                self.generations.send_original(job)
 
     async def on_resend(self, ctx: Context, job_id: str) -> None:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
@@ -4588,6 +4659,20 @@ def failure_for_record(record: TaskRecord) -> str:
     return "moderation" if any(word in message for word in MODERATION_WORDS) else "failed"
 
 
+# What a 422 (Kie's validation) asks the user to change: the first input its message names.
+INVALID_INPUTS = (("image", "invalid_image"), ("aspect", "invalid_ratio"), ("ratio", "invalid_ratio"),
+                  ("prompt", "invalid_prompt"))
+
+
+def refusal_failure(error: KieError | None) -> str:
+    """Why createTask refused a job, in user terms: KIE_CODES's answer, and for a 422 what to change."""
+    if error is None:  # the job's model left the catalog
+        return "failed"
+    if error.code == 422:
+        return next((failure for word, failure in INVALID_INPUTS if word in error.message.lower()), "invalid")
+    return kie_code(error.code).user_failure
+
+
 def poll_interval(age_s: float) -> float:
     for younger_than, every in POLL_SCHEDULE:
         if age_s < younger_than:
@@ -4633,7 +4718,7 @@ class JobEvent:
 
 # The events and what they carry:
 #   accepted    createTask gave the task id
-#   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
+#   refused     createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
 #   succeeded   Kie's record says the task finished with this result URL
 #   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
@@ -4718,7 +4803,7 @@ KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the 
 def event_changes(event: JobEvent) -> dict[str, Any]:
     """The job fields an event sets besides its state."""
     if event.name == "refused":
-        return {"error": "failed" if event.value is None else kie_code(event.value).user_failure}
+        return {"error": refusal_failure(event.value)}
     field = EVENT_FIELDS.get(event.name)
     return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
 
@@ -4749,8 +4834,8 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
             effects.append(Finish(OUTCOMES[state], now - job.created_at))
         if state != "cancelled":
             effects.append(DELIVER)
-    if event.name == "refused" and event.value is not None and kie_code(event.value).incident:
-        effects.append(Alert(event.value))
+    if event.name == "refused" and event.value is not None and kie_code(event.value.code).incident:
+        effects.append(Alert(event.value.code))
     if state in ENDED_STATES:
         effects.append(FORGET)
     return changes, effects
@@ -5212,7 +5297,7 @@ class Submitter:
         except KieError as error:
             self.slots.release()
             log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            self.apply(job, JobEvent("refused", error.code))
+            self.apply(job, JobEvent("refused", error))
             return
         self.alerts.over()
         self.apply(job, JobEvent("accepted", task_id))
@@ -5893,6 +5978,7 @@ class OutboxMessage:
     stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+    on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
@@ -6004,15 +6090,20 @@ class Outbox:
 
     # -- the handler's side -----------------------------------------------------
 
-    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> None:
+    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, *,
+                           on_sent: Callable[[Any], None] | None = None, **extra: Any) -> None:
         params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
         if reply_markup is not None:
             params["reply_markup"] = reply_markup
-        await self.call("sendMessage", params)
+        await self.call("sendMessage", params, on_sent)
 
-    async def call(self, method: str, params: dict) -> None:
-        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+    async def call(self, method: str, params: dict, on_sent: Callable[[Any], None] | None = None) -> None:
+        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory).
+
+        ``on_sent`` is given Telegram's answer if this process sends it (not after a restart).
+        """
         message = self._new_message(method, params)
+        message.on_sent = on_sent
         if not self._push(message) or not self.db.ok:
             return
         message.stored = True
@@ -6093,6 +6184,8 @@ class Outbox:
             self._end(message, "refused", f"{error.error_code} {error.description}", error)
             return
         self.sent[message.method] += 1
+        if message.on_sent is not None:
+            message.on_sent(result)
         if message.result is not None and not message.result.done():
             message.result.set_result(result)
         self._end(message, None, "")
