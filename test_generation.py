@@ -28,14 +28,14 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
+from conftest import (ALL_RECORDS, KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, formatted, FakeBotApi, InstantClock, ManualClock,
                       _dropping, bot_env, eventually, free_port, post_update, query, update_callback, update_message)
 
 _update_ids = itertools.count(10_000)
 
 
 def gen_env(fake_kie, **more: str) -> dict[str, str]:
-    return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
+    return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, "KIE_UPLOAD_BASE": fake_kie.base_url, **more}
 
 
 PACING_S = 0.1  # the send pacer's spacing passes at once on a ManualClock (see conftest)
@@ -296,7 +296,7 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
     assert photo["photo"] == fake_kie.image_url("cat.png")
     assert photo["caption"] == "16:9 · Z-Image\nкот-космонавт\n\nОсталось 19 из 20 на этот час."
     assert [text for text, _ in buttons_of(photo)] == ["🔁 Ещё вариант", "📐 Другой формат", "✏️ Изменить описание",
-                                                        "📎 Исходный файл", "🖼 Новая картинка"]
+                                                        "🪄 Изменить фото", "📎 Исходный файл", "🖼 Новая картинка"]
     await eventually(lambda: fake_tg.calls_of("deleteMessage"))
     assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1  # the ⏳ message gives way to the result
     assert [method for method, _ in new_messages_to(fake_tg, 50)] == ["sendMessage", "sendMessage", "sendPhoto"]
@@ -318,7 +318,7 @@ async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, 
     (photo,) = fake_tg.calls_of("sendPhoto")
     assert photo["photo"] == fake_kie.image_url()
     assert photo["caption"] == "1:1 · Z-Image\na red fox\n\n19 of 20 left this hour."
-    assert [text for text, _ in buttons_of(photo)] == ["🔁 Regenerate", "📐 Another ratio", "✏️ Change the prompt",
+    assert [text for text, _ in buttons_of(photo)] == ["🔁 Regenerate", "📐 Another ratio", "✏️ Change the prompt", "🪄 Edit",
                                                         "📎 Original file", "🖼 New picture"]
     assert buttons_of(photo)[-1] == ("🖼 New picture", "model:zimage")
     assert "task00001" in fake_kie.record_calls
@@ -622,7 +622,7 @@ async def test_commands_are_never_prompts_and_an_unknown_one_gets_a_short_help(m
 
 @pytest.mark.parametrize("lang, kind, says", [
     ("ru", {"voice": {"file_id": "v", "duration": 2}}, "🎤 Голосовые я пока не слушаю"),
-    ("ru", {"photo": [{"file_id": "p", "width": 1, "height": 1}]}, "по картинкам"),
+    ("ru", {"document": {"file_id": "d", "mime_type": "application/pdf"}}, "Такой файл я не открываю"),
     ("ru", {"sticker": {"file_id": "s"}}, "Стикеры я не читаю"),
     ("en", {"voice": {"file_id": "v", "duration": 2}}, "I can’t listen to voice messages"),
     ("en", {"video_note": {"file_id": "n"}}, "I can’t watch videos"),
@@ -879,6 +879,119 @@ async def test_a_description_too_long_for_the_model_offers_the_models_that_take_
     await eventually(lambda: fake_kie.created)
     assert fake_kie.created[0]["model"] == "google/nano-banana"
     assert fake_kie.created[0]["input"]["prompt"] == long_prompt.strip()
+
+
+def photo_message(update_id: int, user: int, caption: str = "", lang: str = "ru", **extra) -> dict:
+    """A photo as Telegram sends it: its sizes smallest first, the caption if any."""
+    update = update_message(update_id, user, "", lang)
+    message = update["message"]
+    del message["text"]
+    message["photo"] = [{"file_id": f"small-{user}", "file_size": 900, "width": 90, "height": 90},
+                        {"file_id": f"large-{user}", "file_size": len(PNG_BYTES), "width": 1280, "height": 960}]
+    message.update({"caption": caption} if caption else {}, **extra)
+    return update
+
+
+async def edit_task(fake_kie, n: int = 1) -> dict:
+    await eventually(lambda: len(fake_kie.created) >= n)
+    return fake_kie.created[n - 1]
+
+
+@pytest.mark.parametrize("lang, caption", [("ru", "сделай в стиле аниме"), ("en", "make it anime style")])
+async def test_a_photo_with_a_caption_is_edited_with_the_caption_as_the_instruction(make_app, fake_tg, fake_kie,
+                                                                                   lang, caption):
+    fake_tg.files["large-4900"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4900, caption, lang))
+    task = await edit_task(fake_kie)
+    assert [p["file_id"] for p in fake_tg.calls_of("getFile")] == ["large-4900"]  # the largest size
+    (name,) = fake_kie.uploads
+    assert fake_kie.uploads[name] == PNG_BYTES
+    assert task["model"] == "google/nano-banana-edit"
+    assert task["input"] == {"prompt": caption, "image_urls": [f"{fake_kie.base_url}/uploads/{name}"],
+                             "output_format": "png", "image_size": "auto"}
+    status = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⏳")])
+    assert status[0]["text"] == "⏳ Nano Banana Edit · 0:00"
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    (photo,) = await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert [data.split(":")[0] for _, data in buttons_of(photo)] == ["again", "edit", "retouch", "file", "model"]
+    assert photo["caption"].startswith(f"Nano Banana Edit\n{caption}")
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_photo_then_a_text_asks_what_to_change_then_edits_it(make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["large-4910"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4910, lang=lang))
+    assert questions_to(fake_tg, 4910, "ask_edit", lang) and not fake_kie.created
+    await answered(app, update_message(next(_update_ids), 4910, "add a hat", lang))
+    task = await edit_task(fake_kie)
+    assert task["model"] == "google/nano-banana-edit" and task["input"]["prompt"] == "add a hat"
+    assert len(task["input"]["image_urls"]) == 1
+
+
+def pressed_under_photo(update_id: int, user: int, data: str, file_id: str, lang: str) -> dict:
+    update = press(update_id, user, data, 500, lang)
+    update["callback_query"]["message"]["photo"] = [{"file_id": file_id, "file_size": len(PNG_BYTES)}]
+    return update
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_retouch_edits_a_result_fetched_again_from_telegram_even_after_kies_copy_expired(
+        make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["result-4920"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 4920, lang)
+    for n, instruction in ((2, "add a hat"), (3, "now a scarf")):
+        await answered(app, pressed_under_photo(next(_update_ids), 4920, button_data(photo, "retouch"), "result-4920",
+                                                lang))
+        await answered(app, update_message(next(_update_ids), 4920, instruction, lang))
+        task = await edit_task(fake_kie, n)
+        assert task["input"]["prompt"] == instruction
+        await eventually(lambda: fake_kie.uploads)
+        uploaded = task["input"]["image_urls"][0].rsplit("/", 1)[-1]
+        assert fake_kie.uploads.pop(uploaded) == PNG_BYTES  # Kie's copy: gone before the next 🪄 (it expires)
+        fake_kie.complete(f"task0000{n}")
+        await kie_calls_back(app, fake_kie, f"task0000{n}")
+        await eventually(lambda: not app.generations.jobs)
+    assert [p["file_id"] for p in fake_tg.calls_of("getFile")] == ["result-4920"] * 2  # fetched anew each time
+
+
+async def test_a_photo_edit_sends_kie_neither_the_bot_token_nor_a_telegram_file_path_and_logs_neither(
+        make_app, fake_tg, fake_kie):
+    fake_tg.files["large-4930"] = PNG_BYTES
+    seen = len(ALL_RECORDS.records)
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4930, "make it blue"))
+    await edit_task(fake_kie)
+    lines = [formatted(record) for record in ALL_RECORDS.records[seen:]]
+    for secret in (TOKEN, TOKEN.split(":")[1], "photos/large-4930", "/file/bot"):
+        assert not [request for request in fake_kie.requests if secret in repr(request)], secret
+    for secret in (TOKEN, TOKEN.split(":")[1], "photos/large-4930"):
+        assert not [line for line in lines if secret in line], secret
+    downloads = [line for line in lines if "/file/bot" in line]
+    assert downloads and all("/file/bot*** " in line for line in downloads)  # httpx logged it, masked
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_photo_over_20_mb_a_non_image_file_and_an_albums_other_photos_are_refused_with_a_sentence(
+        make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["large-4940"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    huge = photo_message(next(_update_ids), 4940, "x", lang)
+    for size in huge["message"]["photo"]:
+        size["file_size"] = 21 * 1024 * 1024
+    pdf = update_message(next(_update_ids), 4940, "", lang)
+    pdf["message"].update(document={"file_id": "doc", "mime_type": "application/pdf", "file_size": 10})
+    del pdf["message"]["text"]
+    for update in (huge, pdf, *(photo_message(next(_update_ids), 4940, "make it red" if n == 0 else "", lang,
+                                              media_group_id="album-1") for n in range(3))):
+        await answered(app, update)
+    told = [text for text in fake_tg.texts_to(4940) if not text.startswith("⏳")]
+    assert told == [trt_bot.render(lang, "photo_too_large"), trt_bot.render(lang, "photo_not_image"),
+                    trt_bot.render(lang, "album_one_photo")]
+    assert len(await eventually(lambda: fake_kie.created)) == 1 and not fake_tg.calls_of("getFile")[1:]
 
 
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):

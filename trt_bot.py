@@ -367,6 +367,8 @@ SETTINGS = (
     Setting("TELEGRAM_API_BASE", "telegram_api_base", "https://api.telegram.org", _url,
             "a self-hosted Bot API server, or a test fake"),
     Setting("KIE_API_BASE", "kie_api_base", "https://api.kie.ai", _url, "a test fake"),
+    Setting("KIE_UPLOAD_BASE", "kie_upload_base", "https://kieai.redpandaai.co", _url,
+            "Kie's File Upload API, where the bot puts its own copy of a photo to edit; or a test fake"),
     Setting("ADMIN_IDS", "admin_ids", "", _admin_ids,
             "comma-separated Telegram user ids: `/stats`, and alerts when Kie rejects the key (401) or runs out "
             "of credits (402)"),
@@ -432,6 +434,7 @@ class Config:
     kie_hmac_key: str
     telegram_api_base: str
     kie_api_base: str
+    kie_upload_base: str
     admin_ids: frozenset[int]
     diag_token: str
     gen_timeout_s: float
@@ -540,11 +543,15 @@ MASKED_LOGGERS = (
 )
 
 
+# A Telegram file URL (/file/bot<token>/<path>): the path is masked with the token, since the two fetch the file.
+TELEGRAM_FILE_URL = re.compile(r"/file/bot[^\s\"']*")
+
+
 def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text
+    return TELEGRAM_FILE_URL.sub("/file/bot***", text)
 
 
 class SecretMaskingFilter(logging.Filter):
@@ -1287,6 +1294,9 @@ MIGRATIONS: list[list[str]] = [
                user_id    INTEGER PRIMARY KEY,
                settings   TEXT NOT NULL,
                updated_at REAL NOT NULL)""",
+    ],
+    [  # 9: the Telegram file id of the photo an edit job changes ('' for a picture drawn from words)
+        "ALTER TABLE jobs ADD COLUMN image TEXT NOT NULL DEFAULT ''",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2409,6 +2419,7 @@ class TelegramClient:
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
                  clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
         self._url = f"{api_base}/bot{token}/"
+        self._file_url = f"{api_base}/file/bot{token}/"  # carries the token: requested here only, never passed on
         self.http = http
         self.retry = retry
         self.clock = clock
@@ -2463,6 +2474,25 @@ class TelegramClient:
             raise TelegramNetworkError(method, error) from None
         return parse_bot_api_response(method, response.status_code, response.content)
 
+    async def download_file(self, file_id: str, limit: int) -> tuple[bytes, str]:
+        """A file a user sent, by its id: (its bytes, its extension); getFile, then at most ``limit`` bytes.
+
+        DownloadError (naming neither the URL nor the file's path) when it cannot be had.
+        """
+        found = await self.call("getFile", {"file_id": file_id})
+        path = found.get("file_path") if isinstance(found, dict) else None
+        if not isinstance(path, str) or not path:
+            raise DownloadError("Telegram gave no file path")
+        try:
+            async with asyncio.timeout(RESULT_DOWNLOAD_DEADLINE_S):
+                async with self.http.stream("GET", self._file_url + path, timeout=KIE_TIMEOUT) as response:
+                    data = await read_bounded(response, limit)
+        except TimeoutError:
+            raise DownloadError(f"not finished within {RESULT_DOWNLOAD_DEADLINE_S:g}s") from None
+        except httpx.HTTPError as error:
+            raise DownloadError(type(error).__name__) from None
+        return data, os.path.splitext(path)[1].lower()
+
     async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> Any:
         params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
         if reply_markup is not None:
@@ -2498,6 +2528,7 @@ KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
 # older or newer than this is a replay or a badly wrong clock.
 KIE_CALLBACK_WINDOW_S = 300.0
+KIE_UPLOAD_PATH = "trt-bot"  # the folder Kie's File Upload API keeps the bot's photos in
 RESULT_URL_MAX_CHARS = 2048  # Kie's CDN URLs are ~150; more is not a result URL
 HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 URL_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces or control characters
@@ -2678,8 +2709,9 @@ class KieClient:
     """
 
     def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy | None = None,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, upload_base: str = "https://kieai.redpandaai.co"):
         self.api_base = api_base
+        self.upload_base = upload_base
         self.http = http
         self.retry = KIE_RETRY if retry is None else retry  # read when built, so tests can shorten KIE_RETRY
         self.clock = clock
@@ -2705,6 +2737,18 @@ class KieClient:
                                    budget_s=budget_s)
         return parse_task_record(data)
 
+    async def upload(self, data: bytes, name: str) -> str:
+        """Kie's own copy of a photo to edit (its File Upload API; Kie deletes it within days): its URL.
+
+        ``name`` must be unique: Kie overwrites a file of the same name.
+        """
+        form = ({"uploadPath": KIE_UPLOAD_PATH, "fileName": name}, {"file": (name, data, "application/octet-stream")})
+        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace, form=form)
+        url = answer.get("downloadUrl") if isinstance(answer, dict) else None
+        if split_result_url(url) is None:
+            raise KieError(500, "the upload answered without a download URL")
+        return url
+
     async def credits(self) -> float:
         data = await self._request("GET", "/api/v1/chat/credit", None)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
@@ -2712,14 +2756,15 @@ class KieClient:
         return data
 
     async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
-                       params: dict | None = None, budget_s: float | None = None) -> Any:
+                       params: dict | None = None, budget_s: float | None = None,
+                       form: tuple[dict, dict] | None = None) -> Any:
         endpoint = path.rsplit("/", 1)[-1]
         policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
 
         async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            return await self._request_once(endpoint, method, path, json_body, params)
+            return await self._request_once(endpoint, method, path, json_body, params, form)
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
             log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
@@ -2727,20 +2772,26 @@ class KieClient:
         return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
 
     async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
-                            params: dict | None) -> Any:
+                            params: dict | None, form: tuple[dict, dict] | None = None) -> Any:
         try:
-            data = await self._send(method, path, json_body, params)
+            data = await self._send(method, path, json_body, params, form)
         except KieError as error:
             self.calls[endpoint, error.kind] += 1
             raise
         self.calls[endpoint, "ok"] += 1
         return data
 
-    async def _send(self, method: str, path: str, json_body: dict | None, params: dict | None) -> Any:
+    async def _send(self, method: str, path: str, json_body: dict | None, params: dict | None,
+                    form: tuple[dict, dict] | None = None) -> Any:
         content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
         try:
-            response = await self.http.request(method, self.api_base + path, content=content, params=params,
-                                               headers=self._headers, timeout=KIE_TIMEOUT)
+            if form is not None:  # multipart, to the upload host
+                response = await self.http.request(method, self.upload_base + path, data=form[0], files=form[1],
+                                                   headers={"Authorization": self._headers["Authorization"]},
+                                                   timeout=KIE_TIMEOUT)
+            else:
+                response = await self.http.request(method, self.api_base + path, content=content, params=params,
+                                                   headers=self._headers, timeout=KIE_TIMEOUT)
         except httpx.HTTPError as error:
             raise KieError(0, f"network error ({type(error).__name__})") from None
         return parse_kie_envelope(response.status_code, response.content)
@@ -3636,9 +3687,13 @@ class ImageModel:
     fixed_input: tuple[tuple[str, Any], ...] = ()
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
     nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
+    image_field: str = ""  # an edit model's input for the photo's URL: a list if it ends in "s", else one URL
 
-    def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True) -> dict[str, Any]:
-        data: dict[str, Any] = {"prompt": prompt, "aspect_ratio": ratio, **dict(self.fixed_input)}
+    def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
+               image_url: str = "") -> dict[str, Any]:
+        data: dict[str, Any] = {"prompt": prompt, **({"aspect_ratio": ratio} if ratio else {}), **dict(self.fixed_input)}
+        if self.image_field:
+            data[self.image_field] = [image_url] if self.image_field.endswith("s") else image_url
         if self.option is not None:
             data[self.option.field] = option
         if self.nsfw_checker:
@@ -3647,7 +3702,7 @@ class ImageModel:
 
     def details(self, ratio: str, option: str, lang: str) -> str:
         """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
-        chosen = [ratio, self.title]
+        chosen = [ratio, self.title] if ratio else [self.title]
         if self.option is not None and option in dict(self.option.choices):
             chosen.append(self.option.label(option, lang))
         return " · ".join(chosen)
@@ -3679,7 +3734,12 @@ CATALOG: tuple[ImageModel, ...] = (
                prompt_chars=(1, 5000)),
 )
 
-MODELS_BY_KEY = {model.key: model for model in CATALOG}
+# Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
+EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
+                        fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
+                        image_field="image_urls")
+
+MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
 
 TEXTS: dict[str, dict[str, str]] = {
     "ru": {
@@ -3742,6 +3802,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_model": "🎨 Другая модель",
         "btn_edit": "✏️ Изменить описание",
         "btn_file": "📎 Исходный файл",
+        "btn_retouch": "🪄 Изменить фото",
+        "ask_edit": "🪄 Что изменить на фото? Напишите одним сообщением.\nНапример: <i>сделай в стиле аниме</i>",
+        "photo_too_large": "Это фото больше 20 МБ — столько я скачать не могу. Пришлите его поменьше.",
+        "photo_not_image": "📎 Такой файл я не открываю. Пришлите фото (JPEG, PNG, WebP) — я его изменю.",
+        "album_one_photo": "Я меняю по одному фото: взял первое из альбома.",
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
         "incident_key_rejected": "ключ API отклонён (401)",
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
@@ -3762,7 +3827,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
         "prompt_replaced_option": "✏️ Описание заменено: «{prompt}». Выберите {option}:",
         "not_text_voice": "🎤 Голосовые я пока не слушаю. Напишите описание текстом.",
-        "not_text_photo": "🖼 Я рисую по словам, а не по картинкам. Опишите текстом, что нарисовать.",
         "not_text_sticker": "Стикеры я не читаю 🙂 Опишите картинку словами.",
         "not_text_video": "🎬 Видео я не смотрю. Опишите картинку словами.",
         "not_text_file": "📎 Файлы я не открываю. Опишите картинку словами.",
@@ -3838,6 +3902,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_model": "🎨 Another model",
         "btn_edit": "✏️ Change the prompt",
         "btn_file": "📎 Original file",
+        "btn_retouch": "🪄 Edit",
+        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\nFor example: <i>make it anime style</i>",
+        "photo_too_large": "That photo is over 20 MB, more than I can download. Please send a smaller one.",
+        "photo_not_image": "📎 I don’t open files like that. Send a photo (JPEG, PNG, WebP) and I’ll edit it.",
+        "album_one_photo": "I edit one photo at a time: I took the first one of the album.",
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
@@ -3857,7 +3926,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
         "prompt_replaced_option": "✏️ Description updated: “{prompt}”. Pick the {option}:",
         "not_text_voice": "🎤 I can’t listen to voice messages yet. Please type the description.",
-        "not_text_photo": "🖼 I draw from words, not from pictures. Please describe in text what to draw.",
         "not_text_sticker": "I can’t read stickers 🙂 Please describe the picture in words.",
         "not_text_video": "🎬 I can’t watch videos. Please describe the picture in words.",
         "not_text_file": "📎 I don’t open files. Please describe the picture in words.",
@@ -3958,7 +4026,7 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
 RESULT_BUTTONS = {
     "again": ("btn_again", "again"), "retry": ("btn_retry", "again"), "ratio": ("btn_ratio", "ratios"),
     "model": ("btn_model", "models"), "edit": ("btn_edit", "edit"), "file": ("btn_file", "file"),
-    "resend": ("btn_resend", "resend"),
+    "resend": ("btn_resend", "resend"), "retouch": ("btn_retouch", "retouch"),
 }
 # Which buttons follow a failure (Job.error): fix the prompt after moderation or
 # validation, re-send a picture that is ready, else try the same again.
@@ -3971,12 +4039,16 @@ def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
 
 
 def new_picture_button(model_key: str, lang: str) -> dict:
-    """"New picture" keeps the model last used."""
-    return button(TEXTS[lang]["btn_new"], f"model:{model_key}")
+    """"New picture" keeps the model last used (after an edit: the default one)."""
+    edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].image_field
+    return button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")
 
 
 def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
-    names = ("again", "ratio", "model", "edit", "file") if catalog else ("again", "ratio", "edit", "file")
+    names = ("again", "ratio", "model", "edit", "retouch", "file") if catalog else (
+        "again", "ratio", "edit", "retouch", "file")
+    if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].image_field:  # an edit keeps the photo's proportions
+        names = ("again", "edit", "retouch", "file")
     return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
 
 
@@ -4049,7 +4121,7 @@ def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str,
 # an animation also carries a document).
 NOT_TEXT_ANSWERS: tuple[tuple[str, str], ...] = (
     ("voice", "not_text_voice"), ("video_note", "not_text_video"), ("video", "not_text_video"),
-    ("animation", "not_text_video"), ("sticker", "not_text_sticker"), ("photo", "not_text_photo"),
+    ("animation", "not_text_video"), ("sticker", "not_text_sticker"),
     ("audio", "not_text_file"), ("document", "not_text_file"),
 )
 
@@ -4057,6 +4129,22 @@ NOT_TEXT_ANSWERS: tuple[tuple[str, str], ...] = (
 def not_text_answer(message: dict) -> str:
     """The text key answering a message that carries no text where a description was expected."""
     return next((key for field, key in NOT_TEXT_ANSWERS if field in message), "prompt_not_text")
+
+
+def photo_to_edit(message: dict) -> tuple[str, str]:
+    """(file id, "") of the photo a message carries, its largest size a bot may download; ("", text key) when
+    it carries one the bot refuses; ("", "") when it carries none.  A document counts if it is an image."""
+    sizes, document = message.get("photo"), message.get("document")
+    if isinstance(sizes, list) and sizes:
+        fitting = [size for size in sizes if isinstance(size, dict) and isinstance(size.get("file_id"), str)
+                   and (size.get("file_size") or 0) <= PHOTO_DOWNLOAD_MAX_BYTES]
+        return (fitting[-1]["file_id"], "") if fitting else ("", "photo_too_large")  # Telegram lists them smallest first
+    if not isinstance(document, dict) or "animation" in message:
+        return "", ""
+    if not str(document.get("mime_type") or "").startswith("image/") or not isinstance(document.get("file_id"), str):
+        return "", "photo_not_image"
+    return ("", "photo_too_large") if (document.get("file_size") or 0) > PHOTO_DOWNLOAD_MAX_BYTES else (
+        document["file_id"], "")
 
 
 def parse_command(text: str) -> str | None:
@@ -4086,6 +4174,7 @@ class Context:
     callback_id: str = ""
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
+    photo: str = ""  # the file id of the photo under the pressed button (a result's)
 
     @property
     def dialog(self) -> DialogKey:
@@ -4182,6 +4271,7 @@ class Conversation:
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
+        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
         self.prompts = PromptStep(states, self.models_by_key, self.send, self.ask, self.send_hint)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
@@ -4228,8 +4318,12 @@ class Conversation:
         private = (message.get("chat") or {}).get("type") == "private"
         if command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
+        elif private and any(photo_to_edit(message)):
+            await self.on_photo(ctx, message)
         elif not isinstance(text, str):
             await (self.send(ctx, not_text_answer(message)) if step else self.send_hint(ctx))
+        elif step == "edit":
+            await self.edit_photo(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
@@ -4248,6 +4342,7 @@ class Conversation:
         ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
         message_id = (query.get("message") or {}).get("message_id")
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
+        ctx.photo = photo_to_edit(query.get("message") or {})[0]
         data = query.get("data")
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
@@ -4401,6 +4496,44 @@ class Conversation:
         elif not await self.prompts.refuse(ctx, model, text):
             await self.generate(ctx, model, text.strip(), ratio, option, 0)
 
+    async def on_photo(self, ctx: Context, message: dict) -> None:
+        """A photo is an edit: with a caption it starts at once, else the user is asked what to change."""
+        photo, refusal = photo_to_edit(message)
+        if refusal:
+            await self.send(ctx, refusal)
+        elif not await self.album_seen(ctx, message.get("media_group_id")):
+            caption = message.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                await self.edit_photo(ctx, photo, caption)
+            elif await self.may_draw(ctx):
+                await self.ask_edit(ctx, photo)
+
+    async def album_seen(self, ctx: Context, album: Any) -> bool:
+        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
+        if not isinstance(album, str):
+            return False
+        seen = self.albums.pop(album, 0)
+        self.albums[album] = seen + 1
+        if len(self.albums) > ALBUMS_REMEMBERED:
+            del self.albums[next(iter(self.albums))]
+        if seen == 1:
+            await self.send(ctx, "album_one_photo")
+        return seen > 0
+
+    async def ask_edit(self, ctx: Context, photo: str) -> None:
+        await self.ask(ctx, {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}, "ask_edit",
+                       keyboard([button(ctx.t["btn_cancel"], "cancel")]))
+
+    async def edit_photo(self, ctx: Context, photo: str, text: str) -> None:
+        """Start an edit of ``photo`` with ``text`` as the instruction."""
+        if not await self.may_draw(ctx):
+            return
+        problem = check_prompt(text, EDIT_MODEL)
+        if problem is not None:
+            await self.send(ctx, problem[0], **problem[1])
+        else:
+            await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
+
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
         await self.answer(ctx)
@@ -4437,7 +4570,7 @@ class Conversation:
         await self.generate(ctx, model, state["prompt"], state["ratio"], value)
 
     async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
-                       status_message_id: int | None = None) -> None:
+                       status_message_id: int | None = None, image: str = "") -> None:
         """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.
 
         0 means there is no text message to evolve (the press came from a
@@ -4456,7 +4589,7 @@ class Conversation:
         # The dialog ends only once the job is stored, so a press replayed after kill -9
         # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                     status_message_id)
+                                     status_message_id, image)
         await self.set_state(ctx, None, keep=status_message_id)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
@@ -4533,6 +4666,7 @@ class SettingsChoice:
 
 
 ORIGINALS_REMEMBERED = 10_000  # pictures whose 📎 was pressed, kept so a second tap sends nothing more
+ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
 
 
 class JobButtons:
@@ -4545,15 +4679,16 @@ class JobButtons:
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.generations = conversation.generations
+        self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
         self.originals_sent: collections.deque[str] = collections.deque(maxlen=ORIGINALS_REMEMBERED)
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
         return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend}
+                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch}
 
     async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        model = self.dialog.models_by_key.get(job.model) if job is not None else None
+        model = self.models_by_key.get(job.model) if job is not None else None
         return (job, model) if job is not None and model is not None else None
 
     async def on_again(self, ctx: Context, job_id: str) -> None:
@@ -4562,7 +4697,7 @@ class JobButtons:
         if found is not None:
             job, model = found
             status = ctx.message_id if ctx.message_id == job.status_message_id else 0
-            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status)
+            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
 
     async def on_ratios(self, ctx: Context, job_id: str) -> None:
         """Ask the ratio again, for the same prompt and model."""
@@ -4593,10 +4728,21 @@ class JobButtons:
                               ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
 
     async def on_edit(self, ctx: Context, job_id: str) -> None:
-        """Ask for a new prompt for the same model."""
+        """Ask for a new prompt for the same model (for an edit: a new instruction for the same photo)."""
         found = await self.job_and_model(ctx, job_id)
-        if found is not None:
+        if found is not None and found[0].image:
+            await self.dialog.answer(ctx)
+            await self.dialog.ask_edit(ctx, found[0].image)
+        elif found is not None:
             await self.dialog.ask_prompt(ctx, found[1])
+
+    async def on_retouch(self, ctx: Context, job_id: str) -> None:
+        """🪄 under a result: edit that picture, fetched again from Telegram by the photo's file id."""
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
+        if job is not None and ctx.photo:
+            await self.dialog.answer(ctx)
+            if await self.dialog.may_draw(ctx):
+                await self.dialog.ask_edit(ctx, ctx.photo)
 
     async def on_file(self, ctx: Context, job_id: str) -> None:
         """The finished picture as a file, uncompressed: one send per press."""
@@ -4644,6 +4790,7 @@ DELIVERY_NOTICE_S = 15.0
 STATUS_MESSAGE_WAIT_S = 30.0  # a job's own messages wait at most this long for the dialog's queued before them
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
+PHOTO_DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024  # Bot API limit for files a bot downloads
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
 UNSAVED_JOB_ROWS_MAX = 10_000  # job rows kept for a database that comes back; beyond it the oldest go
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -4700,6 +4847,7 @@ class Job:
     status_message_id: int = 0  # the ⏳ message
     created_at: float = 0.0
     updated_at: float = 0.0
+    image: str = ""  # an edit's photo: its Telegram file id (fetched again for each job; Kie's copies expire)
 
 
 # -- the job state machine: pure, no I/O ------------------------------------------
@@ -4975,20 +5123,25 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
             headers = {"Host": parts.netloc, "Connection": "close"}
             async with http.stream("GET", pinned_url(parts, address), headers=headers, extensions=sni,
                                    timeout=KIE_TIMEOUT, follow_redirects=False) as response:
-                if response.status_code != 200:
-                    raise DownloadError(f"HTTP {response.status_code}")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise DownloadError(f"image larger than {limit} bytes")
-                    chunks.append(chunk)
+                return await read_bounded(response, limit)
     except TimeoutError:
         raise DownloadError(f"not finished within {deadline_s:g}s") from None
     except OSError as error:  # the name did not resolve
         raise DownloadError(f"cannot resolve the host ({type(error).__name__})") from None
     except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise DownloadError(type(error).__name__) from None
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """A 200 answer's body, at most ``limit`` bytes; DownloadError otherwise."""
+    if response.status_code != 200:
+        raise DownloadError(f"HTTP {response.status_code}")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise DownloadError(f"image larger than {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -5261,9 +5414,10 @@ class AdminAlerts:
 class Submitter:
     """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
 
-    def __init__(self, kie: KieClient, slots: KieSlots, alerts: AdminAlerts, apply: Callable[[Job, JobEvent], None],
-                 callback_url: str, nsfw_checker: bool = True):
+    def __init__(self, kie: KieClient, telegram: TelegramClient, slots: KieSlots, alerts: AdminAlerts,
+                 apply: Callable[[Job, JobEvent], None], callback_url: str, nsfw_checker: bool = True):
         self.kie = kie
+        self.telegram = telegram  # fetches an edit's photo
         self.slots = slots
         self.alerts = alerts
         self.apply = apply
@@ -5292,7 +5446,8 @@ class Submitter:
             self.apply(job, JobEvent("refused", None))
             return
         try:
-            inputs = model.inputs(job.prompt, job.ratio, job.option, self.nsfw_checker)
+            image_url = await self._upload_photo(job) if model.image_field else ""
+            inputs = model.inputs(job.prompt, job.ratio, job.option, self.nsfw_checker, image_url)
             task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
         except KieError as error:
             self.slots.release()
@@ -5303,6 +5458,15 @@ class Submitter:
         self.apply(job, JobEvent("accepted", task_id))
         if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
             self.slots.release()
+
+
+    async def _upload_photo(self, job: Job) -> str:
+        """Kie's own copy of the job's photo, fetched from Telegram now (a copy made earlier may have expired)."""
+        try:
+            data, extension = await self.telegram.download_file(job.image, PHOTO_DOWNLOAD_MAX_BYTES)
+        except (TelegramError, DownloadError) as error:
+            raise KieError(422, f"image could not be fetched from Telegram ({type(error).__name__})") from None
+        return await self.kie.upload(data, f"{job.id}-{secrets.token_hex(4)}{extension or '.jpg'}")
 
 
 class Poller:
@@ -5727,7 +5891,7 @@ class Generations:
         self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, telegram)
-        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
+        self.submitter = Submitter(kie, telegram, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.progress = Progress(telegram, outbox, self.book.save, clock)
@@ -5884,14 +6048,14 @@ class Generations:
         return self.fairness.refusal(user_id, self.book.busy(user_id))
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
-                    option: str = "", status_message_id: int = 0) -> Job:
+                    option: str = "", status_message_id: int = 0, image: str = "") -> Job:
         """Create a job (durably when the database works) and queue it; returns at once.
 
         Without a status message (the dialog had none to turn into one) the job posts its own.
         """
         now = self.clock.time()
         job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
-                  status_message_id=status_message_id, created_at=now, updated_at=now)
+                  status_message_id=status_message_id, created_at=now, updated_at=now, image=image)
         self.book.track(job)
         self.book.created += 1
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
@@ -7294,10 +7458,11 @@ class App:
         self.stopping = asyncio.Event()
         self._background = OwnedTasks("[APP]")
         self.db = Database(config.database)
-        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        pacer=telegram_pacer(config))
-        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
+        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
+                             upload_base=config.kie_upload_base)
         timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock)
