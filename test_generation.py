@@ -704,7 +704,7 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     await post_update(app, update_message(1, 74, "/start"))
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
     menu = [data for _, data in buttons_of(fake_tg.calls_of("sendMessage")[0])]
-    assert menu[0] == "new" and {f"model:{m.key}" for m in trt_bot.CATALOG} <= set(menu) and len(trt_bot.CATALOG) >= 5
+    assert menu == ["new", "settings", "help"] and len(trt_bot.CATALOG) >= 5  # one entry point per action
     await order(app, 74, "горы", "21:9", model="seedream45", option="high")
     await eventually(lambda: fake_kie.created)
     assert fake_kie.created[0]["model"] == "seedream/4.5-text-to-image"
@@ -715,9 +715,24 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     assert [method for method, _ in new_messages_to(fake_tg, 74)] == ["sendMessage"] * 3  # menu, prompt, ratio
 
 
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_the_menu_has_one_entry_per_action_and_create_draws_in_the_model_of_settings(make_app, fake_tg, fake_kie,
+                                                                                          lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await answered(app, update_message(next(_update_ids), 5000, "/start", lang))
+    await answered(app, press(next(_update_ids), 5000, "settings", 80, lang))  # ⚙️ under the menu
+    assert [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⚙️")]
+    await answered(app, press(next(_update_ids), 5000, "set:model:grok", 81, lang))
+    await answered(app, press(next(_update_ids), 5000, "new", 80, lang))
+    grok = trt_bot.MODELS_BY_KEY["grok"]
+    assert questions_to(fake_tg, 5000, "ask_prompt", lang, model="Grok Imagine", limits=trt_bot.prompt_limits(grok, lang))
+
+
 def test_every_catalog_row_is_consistent():
     keys = [model.key for model in trt_bot.CATALOG]
     assert len(set(keys)) == len(keys) and trt_bot.CATALOG[0] is trt_bot.Z_IMAGE
+    for model in (*trt_bot.CATALOG, trt_bot.EDIT_MODEL):
+        assert all(model.about) and "\n" not in model.described("ru") + model.described("en")  # one line each
     for model in trt_bot.CATALOG:
         assert model.ratios and all(len(f"ratio:{r}".encode()) <= 64 for r in model.ratios)
         if model.option is not None:
@@ -1021,6 +1036,13 @@ async def test_stats_are_for_admins_only_and_read_in_the_admins_language(make_ap
     assert "Статистика" not in fake_tg.texts_to(77)[0]
 
 
+@pytest.mark.parametrize("lang", ["ru", "en"])
+def test_stats_name_every_job_outcome_in_the_admins_language(lang):
+    for outcome in {*trt_bot.OUTCOMES.values(), "in_flight"}:
+        shown = trt_bot.stats_values({"jobs_today": {outcome: 2}}, {}, trt_bot.TEXTS[lang])["jobs_today"]
+        assert shown == f"{trt_bot.TEXTS[lang][f'outcome_{outcome}']} 2"  # "cancelled" stayed English for RU
+
+
 def press(update_id: int, user: int, data: str, message_id: int, lang: str = "ru") -> dict:
     """A button press on message ``message_id`` (Telegram says which message carried the button)."""
     update = update_callback(update_id, user, data, lang)
@@ -1314,8 +1336,10 @@ async def test_another_model_draws_the_same_prompt_with_the_chosen_model(make_ap
     models = button_data(photo, "models")
     await post_update(app, update_callback(next(_update_ids), 96, models, "en"))
     offer = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if "Which model" in p["text"]])
-    choices = [data for _, data in buttons_of(offer[0])]
-    assert len(choices) == len(trt_bot.CATALOG) and all(len(data.encode()) < 64 for data in choices)
+    choices = buttons_of(offer[0])
+    assert len(choices) == len(trt_bot.CATALOG) + 1 and all(len(data.encode()) < 64 for _, data in choices)
+    assert ("✅ Z-Image", f"use:{models[7:]}:zimage") in choices and choices[-1] == ("✖️ Cancel", "cancel")
+    assert all(f"• {m.described('en')}" in offer[0]["text"] for m in trt_bot.CATALOG)  # a line on each
     await post_update(app, press(next(_update_ids), 96, f"use:{models[7:]}:imagen4fast", 1500, "en"))
     await eventually(lambda: [p for p in edits_of(fake_tg, 96) if p["message_id"] == 1500])  # the offer evolves
     await post_update(app, press(next(_update_ids), 96, "ratio:4:3", 1500, "en"))
@@ -1336,12 +1360,13 @@ async def test_change_the_prompt_asks_for_a_new_one_for_the_same_model(make_app,
     assert fake_kie.created[1]["input"]["prompt"] == "кот-водолаз"
 
 
-async def test_the_original_file_is_sent_as_a_document_once_per_press(make_app, fake_tg, fake_kie):
+async def test_the_original_file_is_sent_as_a_document_with_its_caption_once_per_press(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
     photo = await delivered_picture(app, fake_tg, fake_kie, 98)
     await post_update(app, update_callback(next(_update_ids), 98, button_data(photo, "file")))
     (document,) = await eventually(lambda: fake_tg.calls_of("sendDocument"))
     assert document["document"] == PNG_BYTES and document["chat_id"] == "98"
+    assert document["caption"] == "16:9 · Z-Image\nкот-космонавт"  # what it is, as under the photo
     await another_picture_is_delivered(app, fake_tg, fake_kie, 198)
     assert len(fake_tg.calls_of("sendDocument")) == 1
 

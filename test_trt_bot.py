@@ -2708,20 +2708,20 @@ async def test_a_waiter_that_gives_up_does_not_cancel_the_shared_call():
     assert impatient.cancelled() and shared.calls == 1
 
 
-async def test_the_command_menu_is_set_in_russian_and_english_once(make_app, fake_tg, caplog):
-    fake_tg.commands = {"en": [{"command": "start", "description": "an old menu"}]}
+async def test_the_command_menu_is_english_by_default_and_russian_for_russian_reading_languages_set_once(
+        make_app, fake_tg, caplog):
+    fake_tg.commands = {"ru": [{"command": "start", "description": "an old menu"}]}
     first = await make_app()
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu" in r.getMessage()])
-    ru, en = fake_tg.calls_of("setMyCommands")
-    assert "language_code" not in ru and "scope" not in ru and en["language_code"] == "en"
-    assert [c["command"] for c in ru["commands"]] == [c["command"] for c in en["commands"]] == ["start", "help",
-                                                                                              "cancel", "language"]
-    assert ru["commands"][0]["description"] == "Меню и новая картинка"
-    assert [p.get("language_code") for p in fake_tg.calls_of("getMyCommands")] == [None, "en"]
+    menus = {p.get("language_code", ""): p["commands"] for p in fake_tg.calls_of("setMyCommands")}
+    assert sorted(menus) == ["", "be", "kk", "ru", "uk"]
+    assert all([c["command"] for c in menu] == ["start", "settings", "help", "cancel", "language"]
+               for menu in menus.values())
+    assert menus[""][0]["description"] == "Menu and a new picture"  # a German user reads English, as replies are
+    assert menus["uk"][0]["description"] == menus["ru"][0]["description"] == "Меню и новая картинка"
     await first.stop()
     fake_tg.clear()
     await make_app()  # a restart finds the menu in place and leaves it alone
-    await eventually(lambda: len(fake_tg.calls_of("getMyCommands")) == 2)
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu already up to date" in r.getMessage()])
     assert fake_tg.calls_of("setMyCommands") == []
 
@@ -2733,7 +2733,7 @@ async def test_a_failing_command_menu_set_up_is_retried_without_holding_up_start
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"http://127.0.0.1:{app.port}/health")).status_code == 200
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] set-up failed" in r.getMessage()])
-    await eventually(lambda: set(fake_tg.commands) == {"", "en"})
+    await eventually(lambda: set(fake_tg.commands) == {"", "be", "kk", "ru", "uk"})
 
 
 async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_processes):

@@ -3688,10 +3688,16 @@ class ImageModel:
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
     nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
     image_field: str = ""  # an edit model's input for the photo's URL: a list if it ends in "s", else one URL
+    about: tuple[str, str] = ("", "")  # what it is good at, in one line: (Russian, English)
+
+    def described(self, lang: str) -> str:
+        """"Seedream 4.5 — detailed pictures in 2K or 4K"."""
+        return f"{self.title} — {self.about[lang == 'en']}"
 
     def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
                image_url: str = "") -> dict[str, Any]:
-        data: dict[str, Any] = {"prompt": prompt, **({"aspect_ratio": ratio} if ratio else {}), **dict(self.fixed_input)}
+        data: dict[str, Any] = {"prompt": prompt, **({"aspect_ratio": ratio} if ratio else {}),
+                                **dict(self.fixed_input)}
         if self.image_field:
             data[self.image_field] = [image_url] if self.image_field.endswith("s") else image_url
         if self.option is not None:
@@ -3709,35 +3715,42 @@ class ImageModel:
 
 
 Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000),
-                     nsfw_checker=True)
+                     nsfw_checker=True, about=("быстрая и недорогая, умеет писать текст на картинке",
+                                               "fast and cheap, writes text in pictures well"))
 
 # Ratios, options, prompt lengths and ``nsfw_checker`` as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),),
-               prompt_chars=(1, 5000)),
+               prompt_chars=(1, 5000), about=("от Google: точно следует длинным описаниям",
+                                              "Google's: follows long descriptions closely")),
     ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
                ModelOption("quality", {"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
                             ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               prompt_chars=(1, 3000), nsfw_checker=True),
+               prompt_chars=(1, 3000), nsfw_checker=True, about=("подробные картинки в 2K или 4K",
+                                                                  "detailed pictures in 2K or 4K")),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
                ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
                            (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               prompt_chars=(3, 5000), nsfw_checker=True),
+               prompt_chars=(3, 5000), nsfw_checker=True,
+               about=("фотореализм в 1K или 2K", "photorealism in 1K or 2K")),
     ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               prompt_chars=(1, 5000), nsfw_checker=True),
+               prompt_chars=(1, 5000), nsfw_checker=True,
+               about=("от xAI: смелый, яркий стиль", "xAI's: a bold, vivid style")),
     ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
-               prompt_chars=(1, 5000)),
+               prompt_chars=(1, 5000), about=("от Google: быстрые фотореалистичные картинки",
+                                              "Google's: fast photorealistic pictures")),
 )
 
 # Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
 EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
                         fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
-                        image_field="image_urls")
+                        image_field="image_urls", about=("меняет ваше фото по описанию",
+                                                         "changes your photo as you describe"))
 
 MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
 
@@ -3746,7 +3759,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
                  "Напишите, что хотите увидеть, и выберите формат — картинка придёт сюда же, в чат. "
                  "Формат и модель по умолчанию — в /settings.",
-        "start_catalog": "\n\nИли сначала выберите модель ниже.",
         "help": "ℹ️ <b>Как пользоваться</b>\n"
                 "1. Опишите картинку одним сообщением.\n"
                 "2. Выберите формат — картинка придёт в этот чат. "
@@ -3789,10 +3801,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "cancelled_job": "✖️ Отменено: эту картинку я не пришлю, и в часовой лимит она не засчитана.",
         "cancel_too_late": "Картинка уже готова и отправляется — отменить её нельзя.",
         "nothing_to_cancel": "Отменять нечего. Меню — ниже.",
-        "ask_model": "Какой моделью нарисовать «{prompt}»?",
+        "ask_model": "Какой моделью нарисовать «{prompt}»?\n\n{models}",
         "original_failed": "Исходный файл сейчас недоступен. Попробуйте позже.",
         "btn_create": "🖼 Создать картинку",
         "btn_help": "ℹ️ Помощь",
+        "btn_settings": "⚙️ Настройки",
         "btn_cancel": "✖️ Отмена",
         "btn_again": "🔁 Ещё вариант",
         "btn_new": "🖼 Новая картинка",
@@ -3839,12 +3852,12 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "не удалось",
         "outcome_timed_out": "не успели",
         "outcome_in_flight": "в работе",
+        "outcome_cancelled": "отменено",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
                  "Write what you’d like to see and pick a format: the picture will arrive right here in the "
                  "chat. The default format and model are in /settings.",
-        "start_catalog": "\n\nOr pick a model below first.",
         "help": "ℹ️ <b>How to use</b>\n"
                 "1. Describe the picture in one message.\n"
                 "2. Pick a format, and the picture will arrive in this chat. "
@@ -3889,10 +3902,11 @@ TEXTS: dict[str, dict[str, str]] = {
                          "limit.",
         "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
         "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
-        "ask_model": "Which model should draw “{prompt}”?",
+        "ask_model": "Which model should draw “{prompt}”?\n\n{models}",
         "original_failed": "The original file is not available right now. Please try later.",
         "btn_create": "🖼 Create a picture",
         "btn_help": "ℹ️ Help",
+        "btn_settings": "⚙️ Settings",
         "btn_cancel": "✖️ Cancel",
         "btn_again": "🔁 Regenerate",
         "btn_new": "🖼 New picture",
@@ -3903,7 +3917,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_edit": "✏️ Change the prompt",
         "btn_file": "📎 Original file",
         "btn_retouch": "🪄 Edit",
-        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\nFor example: <i>make it anime style</i>",
+        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\n"
+                    "For example: <i>make it anime style</i>",
         "photo_too_large": "That photo is over 20 MB, more than I can download. Please send a smaller one.",
         "photo_not_image": "📎 I don’t open files like that. Send a photo (JPEG, PNG, WebP) and I’ll edit it.",
         "album_one_photo": "I edit one photo at a time: I took the first one of the album.",
@@ -3938,6 +3953,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "outcome_failed": "failed",
         "outcome_timed_out": "timed out",
         "outcome_in_flight": "in progress",
+        "outcome_cancelled": "cancelled",
     },
 }
 
@@ -3963,10 +3979,11 @@ def in_rows(buttons: list[dict], per_row: int) -> list[list[dict]]:
     return [buttons[i:i + per_row] for i in range(0, len(buttons), per_row)]
 
 
-def main_menu(lang: str, models: tuple[ImageModel, ...] = (Z_IMAGE,)) -> dict:
+def main_menu(lang: str) -> dict:
+    """One button per action: draw (in the model of /settings), settings, help."""
     t = TEXTS[lang]
-    model_rows = in_rows([button(f"🎨 {m.title}", f"model:{m.key}") for m in models], 2) if len(models) > 1 else []
-    return keyboard([button(t["btn_create"], "new")], *model_rows, [button(t["btn_help"], "help")])
+    return keyboard([button(t["btn_create"], "new")],
+                    [button(t["btn_settings"], "settings"), button(t["btn_help"], "help")])
 
 
 def ratio_keyboard(model: ImageModel, lang: str) -> dict:
@@ -4011,7 +4028,8 @@ def settings_screen(settings: Mapping[str, Any], models: tuple[ImageModel, ...],
                      for value, labels in model.option.choices])
         extra = render(lang, "settings_option", title=model.option.title[lang].capitalize(),
                        value=model.option.label(option, lang))
-    return render(lang, "settings", model=model.title, ratio=ratio or t["settings_ask"], option=extra), keyboard(*rows)
+    return (render(lang, "settings", model=model.described(lang), ratio=ratio or t["settings_ask"], option=extra),
+            keyboard(*rows))
 
 
 def prompt_limits(model: ImageModel, lang: str) -> str:
@@ -4138,7 +4156,7 @@ def photo_to_edit(message: dict) -> tuple[str, str]:
     if isinstance(sizes, list) and sizes:
         fitting = [size for size in sizes if isinstance(size, dict) and isinstance(size.get("file_id"), str)
                    and (size.get("file_size") or 0) <= PHOTO_DOWNLOAD_MAX_BYTES]
-        return (fitting[-1]["file_id"], "") if fitting else ("", "photo_too_large")  # Telegram lists them smallest first
+        return (fitting[-1]["file_id"], "") if fitting else ("", "photo_too_large")  # Telegram lists smallest first
     if not isinstance(document, dict) or "animation" in message:
         return "", ""
     if not str(document.get("mime_type") or "").startswith("image/") or not isinstance(document.get("file_id"), str):
@@ -4283,6 +4301,7 @@ class Conversation:
         languages, settings = LanguageChoice(self), SettingsChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
         self.commands["/settings"], self.buttons["set"] = settings.on_command, settings.on_button
+        self.buttons["settings"] = settings.on_menu_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4417,8 +4436,8 @@ class Conversation:
         """Must answer whatever else is broken: no database read, a fallback menu."""
         try:
             lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
-            menu = main_menu(lang, self.models)
-            text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
+            menu = main_menu(lang)
+            text = TEXTS[lang]["start"]
             left = left_text(self.generations.remaining(ctx.user_id), lang)  # from memory: no database read
             text += f"\n\n{left}" if left else ""
         except Exception:
@@ -4431,13 +4450,13 @@ class Conversation:
         await self.telegram.send_message(ctx.chat_id, text, menu)
 
     async def on_help(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "help", main_menu(ctx.lang))
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
         had_question = self.states.get(ctx.dialog) is not None
         await self.set_state(ctx, None)
-        menu = main_menu(ctx.lang, self.models)
+        menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
             await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
@@ -4455,7 +4474,7 @@ class Conversation:
         await self.send(ctx, "stats", **stats_values(await self.generations.usage(), self.queue_stats(), ctx.t))
 
     async def send_hint(self, ctx: Context) -> None:
-        await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "hint", main_menu(ctx.lang))
 
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "unknown_command")  # an open dialog stays open
@@ -4463,7 +4482,7 @@ class Conversation:
     # -- the dialog ---------------------------------------------------------
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.ask_prompt(ctx, Z_IMAGE)
+        await self.ask_prompt(ctx, user_defaults(self.states.settings(ctx.user_id), self.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
         model = self.models_by_key.get(key)
@@ -4614,7 +4633,7 @@ class Conversation:
 
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
-        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "help", main_menu(ctx.lang))
 
 
 class LanguageChoice:
@@ -4635,7 +4654,7 @@ class LanguageChoice:
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
             await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
         chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
-        await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
+        await self.dialog.send(chosen, "language_set", main_menu(lang))
 
 
 class SettingsChoice:
@@ -4651,6 +4670,10 @@ class SettingsChoice:
     async def on_command(self, ctx: Context, message: dict) -> None:
         text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
         await self.dialog.telegram.send_message(ctx.chat_id, text, markup)
+
+    async def on_menu_button(self, ctx: Context, argument: str) -> None:
+        await self.dialog.answer(ctx)
+        await self.on_command(ctx, {})
 
     async def on_button(self, ctx: Context, argument: str) -> None:
         name, _, value = argument.partition(":")
@@ -4711,9 +4734,11 @@ class JobButtons:
         if job is None or len(self.dialog.models) < 2:
             return
         await self.dialog.answer(ctx)
-        choices = [button(m.title, f"use:{job.id}:{m.key}") for m in self.dialog.models]
-        await self.dialog.send(ctx, "ask_model", keyboard(*in_rows(choices, 2)),
-                               prompt=html.escape(shorten(job.prompt, 200)))
+        choices = [button(marked(m.title, m.key == job.model), f"use:{job.id}:{m.key}") for m in self.dialog.models]
+        await self.dialog.ask(ctx, {"step": "model", "lang": ctx.lang}, "ask_model",
+                              keyboard(*in_rows(choices, 2), [button(ctx.t["btn_cancel"], "cancel")]),
+                              prompt=html.escape(shorten(job.prompt, 200)),
+                              models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
 
     async def on_use(self, ctx: Context, argument: str) -> None:
         job_id, _, key = argument.partition(":")
@@ -5700,8 +5725,9 @@ class ResultSender:
             image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
                                            allow_private=self.allow_private)
             name, mime = image_file_name(job.result_url)
-            await self.telegram.call("sendDocument", {"chat_id": job.chat_id}, files={"document": (name, image, mime)},
-                                     repeatable=False)
+            caption = result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang)
+            await self.telegram.call("sendDocument", {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"},
+                                     files={"document": (name, image, mime)}, repeatable=False)
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
             await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["original_failed"])
@@ -6489,16 +6515,20 @@ RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two o
 WEBHOOK_CHECK_S = 60.0  # how often getWebhookInfo is asked for the pending count (webhook mode)
 
 # The menu Telegram shows behind the "/" button, per language_code ("" is everyone
-# without a menu of their own).  /stats is for admins and stays out of it.
+# without a menu of their own): English, as the replies to a language the bot does not
+# speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
+RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
+                {"command": "settings", "description": "Модель и формат по умолчанию"},
+                {"command": "help", "description": "Как пользоваться"},
+                {"command": "cancel", "description": "Отменить"},
+                {"command": "language", "description": "Язык / Language"}]
 COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
-    "": [{"command": "start", "description": "Меню и новая картинка"},
-         {"command": "help", "description": "Как пользоваться"},
-         {"command": "cancel", "description": "Отменить"},
-         {"command": "language", "description": "Язык / Language"}],
-    "en": [{"command": "start", "description": "Menu and a new picture"},
-           {"command": "help", "description": "How to use"},
-           {"command": "cancel", "description": "Cancel"},
-           {"command": "language", "description": "Language / Язык"}],
+    "": [{"command": "start", "description": "Menu and a new picture"},
+         {"command": "settings", "description": "Default model and format"},
+         {"command": "help", "description": "How to use"},
+         {"command": "cancel", "description": "Cancel"},
+         {"command": "language", "description": "Language / Язык"}],
+    **{language: RUSSIAN_MENU for language in sorted(RU_LANGUAGES)},
 }
 
 
