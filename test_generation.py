@@ -868,9 +868,8 @@ async def test_a_superseded_format_question_loses_its_keyboard(make_app, fake_tg
 async def test_double_taps_on_new_picture_and_on_the_original_file_send_one_each(make_app, fake_tg, fake_kie, lang):
     app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
     photo = await delivered_picture(app, fake_tg, fake_kie, 4700, lang)
-    for _ in range(2):
-        await answered(app, press(next(_update_ids), 4700, button_data(photo, "file"), 77, lang))
-        await answered(app, press(next(_update_ids), 4700, "model:zimage", 77, lang))
+    for data in (button_data(photo, "file"), button_data(photo, "file"), "model:zimage", "model:zimage"):
+        await answered(app, press(next(_update_ids), 4700, data, 77, lang))
     asked = questions_to(fake_tg, 4700, "ask_prompt", lang, model="Z-Image",
                          limits=trt_bot.prompt_limits(trt_bot.Z_IMAGE, lang))
     assert len(asked) == 2  # the first from ordering the picture, one for 🖼 New picture

@@ -1963,7 +1963,7 @@ DialogKey = tuple[int, int]  # (chat id, user id): a user's dialogs in different
 
 
 class ConversationStore:
-    """Each open dialog by (chat, user), and the language each user chose: in memory, written through.
+    """Each open dialog by (chat, user), and each user's language and /settings: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
@@ -4181,6 +4181,10 @@ def refusal_text(refusal: Busy | HourlyLimit) -> tuple[str, dict[str, Any]]:
             return "busy_user", {}
 
 
+ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
+PRESSES_REMEMBERED = 10_000  # dialogs whose last press is kept to tell a double tap
+
+
 @dataclasses.dataclass
 class Context:
     """Who an update came from, where to answer, and whether a button press was answered."""
@@ -4193,6 +4197,7 @@ class Context:
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
     photo: str = ""  # the file id of the photo under the pressed button (a result's)
+    repeated: bool = False  # the dialog's previous press was this one, with no message between: a double tap
 
     @property
     def dialog(self) -> DialogKey:
@@ -4272,12 +4277,15 @@ class PromptStep:
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option",
-    "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
-    "ratio": ...}.  A dialog speaks the language it started in.  Button data is
+    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option"
+    | "edit" | "model", "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
+    "ratio": ..., "image": an edit's photo, "question"/"question_id": the open
+    question (see ``ask``)}.  In a private chat any text is a description and
+    a photo an edit.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
     answered politely and changes nothing.  Replies go through the outbox
-    (section 13): a handler never waits for Telegram nor sees a send's result.
+    (section 13): a handler never waits for Telegram; only a question's message
+    id comes back, later, so the next question can take its keyboard off.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4290,6 +4298,8 @@ class Conversation:
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
         self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
+        # Each dialog's last press (message id, data) since its last message, to tell a double tap (memory only).
+        self.presses: dict[DialogKey, tuple[int, Any]] = {}
         self.prompts = PromptStep(states, self.models_by_key, self.send, self.ask, self.send_hint)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
@@ -4331,6 +4341,7 @@ class Conversation:
         ctx = self.message_context(message)
         if ctx is None:
             return
+        self.presses.pop(ctx.dialog, None)  # a press after a message is no repeat of the one before
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
@@ -4363,6 +4374,10 @@ class Conversation:
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
         ctx.photo = photo_to_edit(query.get("message") or {})[0]
         data = query.get("data")
+        ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
+        self.presses[ctx.dialog] = ctx.message_id, data
+        if len(self.presses) > PRESSES_REMEMBERED:
+            del self.presses[next(iter(self.presses))]
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
         try:
@@ -4556,15 +4571,11 @@ class Conversation:
     async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
         await self.answer(ctx)
-        state = self.states.get(ctx.dialog) or {}
-        if ctx.message_id and (state.get("step"), state.get("model"), state.get("asked_by")) == (
-                "prompt", model.key, ctx.message_id):
-            return  # a second tap on the same button: the question is out already
-        if not await self.may_draw(ctx):
-            return
+        if ctx.repeated or not await self.may_draw(ctx):
+            return  # (a second tap on the same button: the question is out already)
         cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
-        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang, "asked_by": ctx.message_id},
-                       "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
+        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
+                       model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
         state = self.states.get(ctx.dialog) or {}
@@ -4689,7 +4700,6 @@ class SettingsChoice:
 
 
 ORIGINALS_REMEMBERED = 10_000  # pictures whose 📎 was pressed, kept so a second tap sends nothing more
-ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
 
 
 class JobButtons:
@@ -4766,7 +4776,7 @@ class JobButtons:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and ctx.photo:
             await self.dialog.answer(ctx)
-            if await self.dialog.may_draw(ctx):
+            if not ctx.repeated and await self.dialog.may_draw(ctx):
                 await self.dialog.ask_edit(ctx, ctx.photo)
 
     async def on_file(self, ctx: Context, job_id: str) -> None:
