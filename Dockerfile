@@ -17,7 +17,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 RUN useradd --create-home --uid 10001 bot \
     && mkdir -p /var/data \
     && chown bot:bot /var/data
-COPY --chown=bot:bot trt_bot.py .
+# Owned by root: the user that runs the bot can write /var/data, not its own code.
+COPY trt_bot.py .
 USER bot
 
 EXPOSE 10000

@@ -294,6 +294,8 @@ class FakeKie(FakeServer):
         self.record_calls: list[str] = []  # task ids asked about
         self.tasks: dict[str, dict] = {}
         self.credits = 1234.5
+        self.images_asked = 0  # result image downloads
+        self.images_held: threading.Event | None = None  # set: downloads answer once it is set
         self.uploads: dict[str, bytes] = {}  # file name -> content (Kie deletes them within days: clear() it)
         self.requests: list[tuple[str, dict, dict, bytes]] = []  # (path, query, headers, body) of every request
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
@@ -325,6 +327,10 @@ class FakeKie(FakeServer):
         with self._cond:
             self.requests.append((path, query, dict(headers), body))
         if path.startswith("/images/"):
+            with self._cond:
+                self.images_asked += 1
+            if self.images_held is not None:
+                self.images_held.wait(30)
             return 200, PNG_BYTES
         if path.startswith("/uploads/"):
             content = self.uploads.get(path.rsplit("/", 1)[-1])
@@ -427,6 +433,8 @@ async def make_app(fake_tg, tmp_path):
 
     async def start(*, poll_timeout: float = trt_bot.POLL_TIMEOUT_S, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK,
                     **overrides: str) -> trt_bot.App:
+        if isinstance(clock, ManualClock):  # moved by hand, further than a lease is trusted: it outlives the test
+            overrides = {"LEASE_TTL_S": "600", **overrides}
         env = bot_env(fake_tg, str(tmp_path / "bot.sqlite3"), **overrides)
         config = trt_bot.load_config(env)
         app = trt_bot.App(config, clock=clock, poll_timeout=poll_timeout)
@@ -478,10 +486,11 @@ class ManualClock(trt_bot.Clock):
     def __init__(self, start: float = 1_800_000_000.0, passing_s: float = 0.0):
         self.now = start
         self.passing_s = passing_s
+        self.wall_step = 0.0  # how far the wall clock was set forward (``time`` only: ``monotonic`` never jumps)
         self._sleepers: list[tuple[float, asyncio.Future]] = []
 
     def time(self) -> float:
-        return self.now
+        return self.now + self.wall_step
 
     def monotonic(self) -> float:
         return self.now
@@ -527,6 +536,17 @@ class InstantClock(ManualClock):
         self.slept.append(seconds)
         self.advance(max(seconds, 0.0))
         await asyncio.sleep(0)
+
+
+def bot_text(lang: str, key: str, **values: Any) -> str:
+    """What the bot says, named by its TEXTS key: tests never repeat the copy, so a forker may change it."""
+    return trt_bot.render(lang, key, **values)
+
+
+def says(message: str, lang: str, key: str) -> bool:
+    """Whether ``message`` holds TEXTS[lang][key], whatever values fill its ``{placeholders}``."""
+    parts = re.split(r"\{[^{}]*\}", trt_bot.TEXTS[lang][key])
+    return re.search(".*?".join(re.escape(part) for part in parts), message, re.DOTALL) is not None
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -659,8 +679,19 @@ def bot_processes(tmp_path):
             assert secret not in process.log, "a secret reached the bot's log output"
 
 
+SLOW_NAMES = {"postgres", "bot_processes", "run_bot_cli", "subprocess"}  # a PostgreSQL server, a child process
+
+
 def pytest_collection_modifyitems(items):
-    """The suite-wide secret check reads every record the other tests logged: run it last."""
+    """Marks the slow tests (faults, subprocesses, PostgreSQL; load tests carry the mark themselves).
+
+    The suite-wide secret check reads every record the other tests logged: it runs last.
+    """
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("database_url")
+        uses = {*item.fixturenames, *item.function.__code__.co_names}  # the fixtures and the names it calls
+        if item.path.name == "test_faults.py" or backend == "postgresql" or SLOW_NAMES & uses:
+            item.add_marker(pytest.mark.slow)
     last = [item for item in items if item.name == "test_no_log_record_in_the_whole_suite_contains_a_secret"]
     items[:] = [item for item in items if item not in last] + last
 
@@ -750,6 +781,7 @@ class Performed:
     life: int
     method: str
     params: dict
+    at: float = 0.0  # time.monotonic() when it was carried out
 
 
 class FaultyBotApi(FakeBotApi):
@@ -841,7 +873,7 @@ class FaultyBotApi(FakeBotApi):
         status, payload = super().answer(http_method, path, query, headers, body)
         if status == 200:
             with self._cond:
-                self.performed.append(Performed(life, method, params))
+                self.performed.append(Performed(life, method, params, time.monotonic()))
         for predicate, event in list(self._held):
             if predicate(method, params):
                 event.wait(60)
@@ -916,7 +948,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(
         f"seed {', '.join(map(str, sorted(FAULT_SEEDS)))}: rounds {totals['rounds']}, updates {totals['updates']}, "
         f"jobs {totals['jobs']}, faults injected {sum(FAULT_KINDS.values())}, lost {totals['lost']}, "
-        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}")
+        f"duplicated {totals['duplicated']}, replayed after kill -9 {totals['replayed']}, "
+        f"sent twice after a cut-off {totals['cut_duplicates']} (in flight at the cut {totals['cut_in_flight']})")
     terminalreporter.write_line(f"faults by kind: {kinds}")
 
 
@@ -1096,3 +1129,17 @@ def query(database_url: str, sql: str, params: tuple = ()) -> list[tuple]:
     finally:
         conn.close()
 
+
+
+def refuse_rows(database_url: str, table: str, column: str, marker: str) -> None:
+    """Make the database refuse every row of ``table`` whose ``column`` holds ``marker`` (a row error, not an
+    outage): a trigger in SQLite, a CHECK constraint in PostgreSQL, as a value it cannot store would be."""
+    location = trt_bot.parse_database_url(database_url)
+    if location.startswith(trt_bot.POSTGRES_SCHEMES):
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT refuse_{table} "
+                         f"CHECK (position('{marker}' in {column}) = 0)")
+    else:
+        query(database_url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} WHEN instr(NEW.{column}, "
+                            f"'{marker}') BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")

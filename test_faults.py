@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -31,9 +32,9 @@ import httpx
 import pytest
 
 import trt_bot
-from conftest import (FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan, FaultyBotApi,
-                      FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, update_callback,
-                      update_message)
+from conftest import (ALL_RECORDS, FAULT_KINDS, FAULT_SEEDS, FAULT_TOTALS, KIE_KEY, POSTGRES_PASSWORD, FaultPlan,
+                      FaultyBotApi, FaultyKie, Performed, bot_env, eventually, free_port, new_postgres, post_update,
+                      refuse_rows, update_callback, update_message)
 
 SEED = int(os.environ.get("FAULT_SEED", "1"))
 TEXTS = trt_bot.TEXTS["ru"]
@@ -654,6 +655,48 @@ async def test_every_reply_is_sent_once_and_in_order_while_telegram_fails_30_per
     tally.report()
 
 
+class SteppedClock(trt_bot.Clock):
+    """The system's clock with its wall time set forward by ``step`` seconds, as an operator or NTP might."""
+
+    step = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.step
+
+
+async def test_a_wall_clock_step_forward_loses_no_queued_reply_no_pending_button_press_and_no_picture(
+        make_app, faulty_tg, faulty_kie, fast_jobs):
+    # All were measured on the wall clock: a step of two hours dropped every queued reply as "expired after
+    # 3600 s", every button press still waiting as too old for Telegram to answer, and timed out every job.
+    clock = SteppedClock()
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=faulty_kie.base_url, UPDATE_QUEUE_WORKERS="8", clock=clock)
+    drawer, chats = 6100, range(6000, 6005)
+    for update in (update_callback(next(_update_ids), drawer, "new"),
+                   update_message(next(_update_ids), drawer, "маяк"),
+                   update_callback(next(_update_ids), drawer, "ratio:1:1")):
+        await post_update(app, update)
+    (task_id,) = await eventually(lambda: list(faulty_kie.tasks))
+    await eventually(lambda: len(faulty_tg.calls_of("answerCallbackQuery")) == 2)  # the drawer's two presses
+    faulty_tg.stall("sendMessage")
+    faulty_tg.stall("answerCallbackQuery")
+    for chat in chats:
+        await post_update(app, update_message(next(_update_ids), chat, "/start"))
+        for _ in range(2):  # the second waits in the pipeline while the first's answer hangs
+            await post_update(app, update_callback(next(_update_ids), chat, "help"))
+    await eventually(lambda: faulty_tg.held("answerCallbackQuery") == len(chats))
+    clock.step = 2 * 3600.0
+    FAULT_KINDS["wall clock set 2 h forward"] += 1
+    faulty_tg.release("answerCallbackQuery")
+    faulty_tg.release("sendMessage")
+    await eventually(lambda: len(faulty_tg.calls_of("answerCallbackQuery")) == 2 + 2 * len(chats), timeout=30)
+    await eventually(lambda: app.role.outbox.depth == 0, timeout=30)
+    assert not app.role.outbox.dropped and app.pipeline.stats.dropped == 0
+    assert all(faulty_tg.texts_to(chat) for chat in chats)
+    faulty_kie.complete(task_id)
+    await eventually(lambda: [p for p in faulty_tg.calls_of("sendPhoto") if int(p["chat_id"]) == drawer])
+    assert [job.state for job in app.generations.jobs.values()] in ([], ["sending"])
+
+
 RESEND_PRESSES_MAX = 6  # a press whose photo is lost to a fault again is pressed again, up to this many times
 
 
@@ -975,6 +1018,104 @@ async def test_postgresql_down_at_start_restarted_and_cut_off_degrades_then_the_
     await phase(client, lives, chats, per_chat=6, fault=lambda: server.terminate_connections(server.url("postgres")))
     FAULT_KINDS["postgresql connections terminated"] += 1
     # Each outage was noticed and ended by itself (the last one's recovery may still be on its way).
-    await eventually(lambda: lives.current.log.count("[DB] recovered") >= 3, timeout=15)
+    await eventually(lambda: lives.current.log.count("INFO trt_bot: [DB] recovered") >= 3, timeout=15)
     await durable_again(client, lives, chats)
     tally_disk_test(chats, faulty_tg)
+
+
+###############################################################################
+# 6. Rows the database refuses (text it cannot store, a value out of range)
+###############################################################################
+
+REFUSED_MARK = "refuse-me"
+REFUSED_ROWS = (("jobs", "prompt"), ("outbox", "params"))  # the prompt is in each: a job's, the ratio question's
+
+
+async def test_rows_the_database_refuses_fail_alone_and_nothing_else_is_lost(make_app, faulty_tg, fake_kie, client,
+                                                                            fast_jobs, database_url):
+    # Some users' prompts carry what the database refuses, in the ratio question's outbox row and in their job's
+    # row: those jobs end with one failure, and everything else goes through untouched.
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, DATABASE_URL=database_url)
+    for table, column in REFUSED_ROWS:
+        refuse_rows(database_url, table, column, REFUSED_MARK)
+    chats = [Chat(7000 + n) for n in range(16)]
+    refused = {chat.chat_id for chat in chats[::4]}
+    for chat in chats:
+        chat.generate(f"{REFUSED_MARK}-{chat.chat_id}" if chat.chat_id in refused else f"маяк-{chat.chat_id}")
+        chat.say("/help", "help")
+        chat.say("/start", "start")  # (a description now, while the picture is drawn, is told to wait)
+    target = Target(f"http://127.0.0.1:{app.port}", app.config)
+    first_record = len(ALL_RECORDS.records)
+    await send_all(client, lambda: target, chats)
+    await eventually(lambda: len(fake_kie.created) == len(chats) - len(refused), timeout=30)
+    for task_id in list(fake_kie.tasks):
+        fake_kie.complete(task_id)
+    await all_answered(chats, lambda: faulty_tg.performed, timeout=30)
+    await eventually(lambda: not app.generations.jobs, timeout=30)
+    await app.stop()  # a barrier: nothing is sent after this
+    refusals = [record.getMessage().split()[1] for record in ALL_RECORDS.records[first_record:]
+                if "refused a row" in record.getMessage()]  # "[DB] <the write> refused a row ..."
+    assert len(set(refusals)) == len(REFUSED_ROWS)  # each table refused rows
+    FAULT_KINDS["database refused a row"] += len(refusals)
+    tally = Tally()
+    tally.check_chats(chats, faulty_tg.performed, killed=False)
+    outcomes = job_outcomes(faulty_tg.performed)
+    tally.check_jobs(outcomes, list(outcomes))
+    by_chat = collections.Counter((int(call.params["chat_id"]), "failure" if call.method not in PHOTO_METHODS
+                                   else "photo") for call in faulty_tg.performed
+                                  if call.method in RESULT_METHODS and again_job_id(call.params))
+    for chat in chats:
+        expected = "failure" if chat.chat_id in refused else "photo"
+        if by_chat[chat.chat_id, expected] != 1:
+            tally.problems.append(f"chat {chat.chat_id}: {by_chat[chat.chat_id, expected]} times {expected}, not once")
+            tally.lost += 1
+    assert not any(REFUSED_MARK in task["input"]["prompt"] for task in fake_kie.created)
+    tally.report()
+
+
+###############################################################################
+# 7. The active instance paused (SIGSTOP) while a second takes over, then woken
+###############################################################################
+
+async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_nothing_is_lost(
+        postgres, tmp_path, fault_bots, faulty_tg, client):
+    """Telegram has no idempotency key: a send in flight at the pause may land and be sent again by the
+    successor (counted), but the woken bot must start no send, and every update must be answered."""
+    faulty_tg.delay_s = 0.02  # answers take a while: sends are in flight when the pause comes
+    env = bot_env(faulty_tg, str(tmp_path / "unused.sqlite3"), DATABASE_URL=postgres.new_database_url(),
+                  LEASE_TTL_S="2", KIE_API_KEY=KIE_KEY, KIE_API_BASE="http://127.0.0.1:9")
+    lives = Lives(fault_bots, faulty_tg, env)
+    paused = lives.start()
+    await paused.wait_healthy()
+    successor = lives.start()
+    await successor.wait_healthy()
+    lives.current = paused  # Telegram reaches the active one first
+    chats = [Chat(7500 + n) for n in range(6)]
+    for chat in chats:
+        chat.too_long_prompts(8)
+    async with httpx.AsyncClient(timeout=2.0) as quick:  # a post to the paused bot is given up and sent again
+        sending = asyncio.create_task(send_all(quick, lives.target, chats))
+        await eventually(lambda: len(faulty_tg.performed_of("sendMessage")) >= 12, timeout=30)
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        cut = time.monotonic()
+        lives.current = successor
+        FAULT_KINDS["process paused past its lease"] += 1
+        try:
+            await asyncio.wait_for(sending, 60)
+            await all_answered(chats, lambda: faulty_tg.performed, timeout=30)
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+    woken = time.monotonic()
+    await eventually(lambda: "[LOCK] passive" in paused.log, timeout=15)  # woken, it found the lease taken
+    for bot in (paused, successor):
+        assert await asyncio.to_thread(bot.terminate) == 0  # a barrier: nothing is sent after this
+    in_flight = [call for call in faulty_tg.performed if call.life == 1 and cut - 0.01 <= call.at <= woken]
+    after_waking = [call for call in faulty_tg.performed if call.life == 1 and call.at > woken]
+    tally = Tally()
+    tally.check_chats(chats, faulty_tg.performed, killed=True)  # sent again by the successor: "replayed"
+    FAULT_TOTALS.update(cut_in_flight=len(in_flight), cut_duplicates=tally.replayed)
+    tally.problems += [f"the woken bot started {call.method} to {call.params.get('chat_id')}" for call in after_waking]
+    if tally.replayed > len(in_flight):
+        tally.problems.append(f"{tally.replayed} replies sent twice, {len(in_flight)} sends in flight at the cut")
+    tally.replayed = 0  # counted above as sent twice after a cut-off, not as replays after kill -9
+    tally.report()

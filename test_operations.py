@@ -14,6 +14,7 @@ import glob
 import inspect
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import httpx
 import pytest
@@ -184,15 +185,15 @@ async def test_the_role_follows_the_lease_on_each_apps_own_clock(fake_tg, tmp_pa
     try:
         await first.start()
         await second.start()
-        assert (first.role.active, first.pipeline.should_process) == (True, True)
-        assert (second.role.active, second.pipeline.should_process) == (False, False)
+        assert first.role.may_act()
+        assert not second.role.may_act()
         await eventually(lambda: second_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         second_clock.advance(3.5)  # the first's lease has expired on the second's clock: taken
-        await eventually(lambda: (second.role.active, second.pipeline.should_process) == (True, True))
-        assert first.role.active  # its clock stands still: it has not looked since
+        await eventually(lambda: second.role.may_act())
+        assert first.role.may_act()  # its clock stands still: it has not looked since
         await eventually(lambda: first_clock.sleepers >= 3)
         first_clock.advance(1.0)  # the holder's renewal finds the lease taken: it turns passive
-        await eventually(lambda: (first.role.active, first.pipeline.should_process) == (False, False))
+        await eventually(lambda: not first.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(second, 60)
@@ -206,11 +207,11 @@ async def test_a_standby_takes_a_released_lease_at_its_next_peek(fake_tg, tmp_pa
     try:
         await first.start()
         await standby.start()
-        assert (first.role.active, standby.role.active) == (True, False)
+        assert (first.role.may_act(), standby.role.may_act()) == (True, False)
         await stop_within(first, 60)
         await eventually(lambda: standby_clock.sleepers >= 3)  # the lease, database and red-flag loops wait
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+        await eventually(lambda: standby.role.may_act())
     finally:
         await stop_within(first, 60)
         await stop_within(standby, 60)
@@ -227,12 +228,12 @@ async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_pee
         with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
             assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
         await standby.start()
-        assert not standby.role.active  # the holder runs
+        assert not standby.role.may_act()  # the holder runs
         holder.kill()
         holder.wait()
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # a tenth of the time between its claims
-        await eventually(lambda: (standby.role.active, standby.pipeline.should_process) == (True, True))
+        await eventually(lambda: standby.role.may_act())
     finally:
         holder.kill()
         holder.wait()
@@ -260,7 +261,7 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
         stopping = asyncio.create_task(holder.stop())
 
         def renewal_asleep() -> bool:  # started, so it sleeps on the clock before the clock moves
-            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease-renewal"]
+            renewal = [t for t in asyncio.all_tasks() if t.get_name() == "lease"]
             return bool(renewal) and inspect.getcoroutinestate(renewal[0].get_coro()) == inspect.CORO_SUSPENDED
 
         await eventually(renewal_asleep)
@@ -272,18 +273,104 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
             checked = standby.role.lease.last_check
             standby_clock.advance(1.0)
             await eventually(lambda: standby.role.lease.last_check > checked)
-            assert not standby.role.active
+            assert not standby.role.may_act()
         handler_may_end.set()
         await asyncio.wait_for(stopping, 60)
         with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as conn:
             assert conn.execute("SELECT done_at IS NOT NULL FROM inbox").fetchall() == [(1,)]  # none left for the next
         await eventually(lambda: standby_clock.sleepers >= 3)
         standby_clock.advance(trt_bot.LEASE_PEEK_S)  # released once the work was done: taken at the next peek
-        await eventually(lambda: standby.role.active)
+        await eventually(lambda: standby.role.may_act())
     finally:
         handler_may_end.set()
         await stop_within(holder, 60)
         await stop_within(standby, 60)
+
+
+ALIVE_ELSEWHERE = "otherhost:7:holder:4026531999:another-boot:1"  # in another PID namespace: may be alive
+
+
+def stored_work_of_a_live_holder(path: str, photo_url: str) -> None:
+    """The lease of a holder that may be alive, one reply it queued and one finished job it has to deliver."""
+    with contextlib.closing(trt_bot.open_sqlite(path)) as conn, conn:
+        assert trt_bot.lease_claim(conn, ALIVE_ELSEWHERE, 600, time.time())[0]
+        conn.execute("INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id) VALUES (1, 91, "
+                     "'sendMessage', ?, ?, NULL)", (json.dumps({"chat_id": 91, "text": "the holder's"}), time.time()))
+        job = trt_bot.Job("00112233aabbccdd", 91, 91, "ru", "zimage", "маяк", "1:1", state="succeeded",
+                          result_url=photo_url, created_at=time.time(), updated_at=time.time())
+        trt_bot.jobs_save(conn, [tuple(vars(job).values())])
+
+
+async def test_a_bot_started_without_its_database_claims_the_lease_before_resuming_anything_stored(
+        make_app, fake_tg, fake_kie, tmp_path, monkeypatch):
+    # Used to: it served from memory as if active, and when the database came back it sent the holder's
+    # queued reply and delivered its job before its claim found the lease taken: the user got both twice.
+    monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
+    path = str(tmp_path / "bot.sqlite3")
+    stored_work_of_a_live_holder(path, fake_kie.image_url())
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the database is unusable when the bot starts
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url)
+    assert not app.db.ok
+    await post_update(app, update_message(1, 92, "/start"))
+    await eventually(lambda: fake_tg.texts_to(92))  # /start is answered from memory meanwhile
+    locker.execute("ROLLBACK")
+    locker.close()
+    await eventually(lambda: app.db.ok and app.role.handovers == 1)  # the claim found the holder: it let go
+    await app.role.outbox.stop(grace=0)  # a barrier: no sender is left to send anything
+    assert not app.role.may_act()
+    assert fake_tg.texts_to(91) == [] and fake_tg.calls_of("sendPhoto") == []
+
+
+async def test_a_holder_cut_off_from_its_database_stops_acting_before_its_lease_can_expire(make_app, fake_tg,
+                                                                                         tmp_path):
+    # Used to: it kept answering from memory after its lease expired, while another instance took over.
+    clock = ManualClock(start=time.time(), passing_s=0.01)  # the send pacer's spacing passes at once
+    app = await make_app(clock=clock, LEASE_TTL_S="3")
+    assert app.role.may_act()
+    locker = sqlite3.connect(tmp_path / "bot.sqlite3", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the file: no write, no renewal
+    try:
+        assert (await post_update(app, update_message(1, 93, "/start"))).status_code == 200  # from memory
+        await eventually(lambda: fake_tg.texts_to(93))
+        clock.advance(2.1)  # past two thirds of the 3 s lease since the last claim was sent
+        assert app.role.acting_left() == 0 and not app.role.may_act()
+        assert (await post_update(app, update_message(2, 93, "/help"))).status_code == 503  # Telegram sends it again
+        lock = await get_json(f"http://127.0.0.1:{app.port}", "/diag/lock")
+        assert (lock["active"], lock["lock_acquired"]) == (False, False)
+        app.telegram.retry = trt_bot.ONE_TRY  # else it tries again until its budget: the lease may be renewed
+        with pytest.raises(trt_bot.TelegramError, match="may not act"):
+            await app.telegram.send_message(93, "late")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert len(fake_tg.texts_to(93)) == 1
+
+
+async def test_a_handler_still_running_when_the_lease_is_lost_queues_no_reply_and_leaves_its_update(
+        make_app, fake_tg, tmp_path):
+    # Used to: the hand-over paused the outbox, then the handler queued its reply (stored, and sent by a later
+    # take-over) and marked its update done, so the new holder might never answer it.
+    app = await make_app(LEASE_TTL_S="3")
+    entered, may_end, handle = asyncio.Event(), asyncio.Event(), app.pipeline.handler
+
+    async def slow_handler(update: dict) -> None:
+        entered.set()
+        await may_end.wait()
+        await handle(update)
+
+    app.pipeline.handler = slow_handler
+    assert (await post_update(app, update_message(1, 95, "/start"))).status_code == 200
+    await entered.wait()
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn, conn:
+        conn.execute("UPDATE lease SET owner=?, expires_at=?", (ALIVE_ELSEWHERE, time.time() + 600))
+    await eventually(lambda: app.role.handovers == 1)  # its next renewal found the lease taken
+    may_end.set()
+    await app.pipeline.stop(grace=10)  # a barrier: the handler ended and any done mark is written
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.sqlite3")) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+        assert conn.execute("SELECT done_at FROM inbox").fetchall() == [(None,)]  # the holder answers it
+    assert fake_tg.texts_to(95) == []
 
 
 async def start_pair(fake_tg, tmp_path, bot_processes, **overrides: str):
@@ -307,7 +394,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     first, second, config = await start_pair(fake_tg, tmp_path, bot_processes, DATABASE_URL=database_url)
     lock_first, lock_second = await get_json(first.base_url, "/diag/lock"), await get_json(second.base_url, "/diag/lock")
     assert (lock_first["active"], lock_first["lock_acquired"]) == (True, True)
-    assert (lock_second["active"], lock_second["lock_acquired"], lock_second["should_process"]) == (False, False, False)
+    assert (lock_second["active"], lock_second["lock_acquired"]) == (False, False)
     assert lock_second["owner"] == lock_first["instance_id"] != lock_second["instance_id"]
     health_second = await get_json(second.base_url, "/health")
     assert (health_second["active"], health_second["lock_acquired"]) == (False, False)
@@ -317,7 +404,7 @@ async def test_two_processes_on_one_database_process_each_update_once(fake_tg, t
     assert second.terminate() == 0 and first.terminate() == 0  # each finishes all it started: nothing comes after
     chats = [p["chat_id"] for p in fake_tg.calls_of("sendMessage")]
     assert sorted(chats) == list(range(701, 741))  # every reply once, the passive one's posts included
-    assert "[LOCK] acquired" in first.log and "[LOCK] passive" in second.log
+    assert "[LOCK] acquired" in first.log and "INFO trt_bot: [LOCK] passive" in second.log  # a deploy's, not a fault
     assert "[COMMANDS] menu" in first.log and "[COMMANDS]" not in second.log  # only the active one sets the menu
 
 
@@ -670,8 +757,10 @@ def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once():
     flags = trt_bot.RedFlags(pending_over=50, growth_checks=3)
     changes = [flags.observe_pending(n) for n in (10, 51, 80, 60, 50, 40, 90)]
     assert [change and change[0] for change in changes] == [None, "raised", None, None, "cleared", None, "raised"]
-    assert flags.warnings == [changes[-1][1]] and "Telegram holds 90 pending updates (over 50)" in changes[-1][1]
-    assert changes[4][1] == "Telegram holds 50 pending updates (at most 50)"
+    (warning,) = flags.warnings
+    assert warning["flag"] == "pending_updates" and warning["reason"] == "Telegram holds 90 pending updates (over 50)"
+    assert warning["fix"] == trt_bot.RED_FLAGS["pending_updates"][1] and warning["reason"] in changes[-1][2]
+    assert changes[4][1:] == ("pending_updates", "Telegram holds 50 pending updates (at most 50)")
 
 
 def test_a_backlog_growing_check_after_check_is_raised_until_it_goes_down():
@@ -680,8 +769,8 @@ def test_a_backlog_growing_check_after_check_is_raised_until_it_goes_down():
     changes = [flags.observe_backlog(n) for n in backlogs]
     assert [change and change[0] for change in changes] == [None, None, None, "raised", None, None, None, "cleared",
                                                             None, None, None]
-    assert changes[3][1] == "the inbox backlog grew at 3 checks in a row, to 20 updates: the workers do not keep up"
-    assert changes[7][1] == "the inbox backlog is going down (35 updates)" and flags.warnings == []
+    assert changes[3][2].startswith("the inbox backlog grew at 3 checks in a row, to 20 updates; the workers do not")
+    assert changes[7][2] == "the inbox backlog is going down (35 updates)" and flags.warnings == []
 
 
 async def health_of(app) -> dict:
@@ -710,7 +799,7 @@ async def test_telegram_holding_over_50_updates_is_warned_once_and_shown_in_heal
     asked = len(fake_tg.calls_of("getWebhookInfo"))
     await eventually(lambda: len(fake_tg.calls_of("getWebhookInfo")) >= asked + 3)  # checked again, still over
     assert len(flag_records(caplog, "pending updates")) == 1
-    assert [w for w in (await health_of(app))["warnings"] if "Telegram holds 73 pending updates (over 50)" in w]
+    assert [w for w in (await health_of(app))["warnings"] if w["reason"] == "Telegram holds 73 pending updates (over 50)"]
     fake_tg.webhook_info["pending_update_count"] = 2
     await eventually(lambda: flag_records(caplog, "cleared"))
     asked = len(fake_tg.calls_of("getWebhookInfo"))
@@ -733,12 +822,174 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
             if flag_records(caplog, "the inbox backlog grew"):
                 break
             await asyncio.sleep(0.02)  # a few updates between checks, so each check sees it grow
-    assert (await health_of(app))["warnings"][0].startswith("the inbox backlog grew at ")
+    assert (await health_of(app))["warnings"][0]["reason"].startswith("the inbox backlog grew at ")
     unstuck.set()
     await eventually(lambda: flag_records(caplog, "cleared: the inbox backlog is going down"))
     await eventually(lambda: app.pipeline.backlog == 0)
     assert len(flag_records(caplog, "the inbox backlog grew")) == 1
     assert (await health_of(app))["warnings"] == []
+
+
+async def health_and_metrics(app) -> tuple[int, dict, dict]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}") as client:
+        health = await client.get("/health")
+        return health.status_code, health.json(), metric_values((await client.get("/metrics")).text)
+
+
+def raised_flag_records(caplog, flag: str) -> list[logging.LogRecord]:
+    """The log records raising ``flag``: its reason's first words are in each."""
+    return [r for r in caplog.records if r.getMessage().startswith("[FLAG]") and "cleared" not in r.getMessage()
+            and flag in r.getMessage()]
+
+
+async def flagged_once_everywhere(app, caplog, flag: str, says: str, checks: Callable[[], int]) -> dict:
+    """``flag`` is raised, logged once (while ``checks`` shows the condition seen again), in /health with HTTP
+    200 and a fix, and 1 in /metrics; returns its warning."""
+    await eventually(lambda: raised_flag_records(caplog, says))
+    seen = checks()
+    await eventually(lambda: checks() >= seen + 3)
+    (record,) = raised_flag_records(caplog, says)
+    status, health, metrics = await health_and_metrics(app)
+    (warning,) = [w for w in health["warnings"] if w["flag"] == flag]
+    assert status == 200 and says in warning["reason"] and warning["fix"] and health["status"] != "ok"
+    assert metrics["trt_red_flag", (("flag", flag),)] == 1
+    assert record.levelno == (logging.ERROR if trt_bot.RED_FLAGS[flag][0] == "failing" else logging.WARNING)
+    return warning
+
+
+async def test_a_revoked_token_is_flagged_once_as_failing_and_cleared_when_accepted(make_app, fake_tg, caplog,
+                                                                                   quick_red_flags):
+    app = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    token, fake_tg.token = fake_tg.token, "987654321:AAHrevokedTOKENrevokedTOKENrevokedXY"
+    warning = await flagged_once_everywhere(app, caplog, "token_rejected", "Telegram rejects the bot token",
+                                            lambda: app.telegram.calls["getWebhookInfo", "401"])
+    assert "TELEGRAM_BOT_TOKEN" in warning["fix"] and (await health_of(app))["status"] == "failing"
+    fake_tg.token = token
+    await eventually(lambda: flag_records(caplog, "cleared: Telegram accepts the bot token again"))
+    assert (await health_and_metrics(app))[2]["trt_red_flag", (("flag", "token_rejected"),)] == 0
+
+
+async def test_a_current_webhook_error_is_flagged_with_its_fix_and_its_age_and_pending_count_are_gauges(
+        make_app, fake_tg, caplog, quick_red_flags):
+    app = await make_app()
+    await eventually(lambda: fake_tg.calls_of("setWebhook"))
+    fake_tg.webhook_info.update(last_error_message="Wrong response from the webhook: 401 Unauthorized",
+                                last_error_date=int(time.time()), pending_update_count=3)
+    warning = await flagged_once_everywhere(app, caplog, "webhook_error", "401 Unauthorized",
+                                            lambda: len(fake_tg.calls_of("getWebhookInfo")))
+    assert "WEBHOOK_SECRET_TOKEN" in warning["fix"]
+    metrics = (await health_and_metrics(app))[2]
+    assert metrics["trt_telegram_pending_updates", ()] == 3 and 0 <= metrics["trt_webhook_last_error_age_seconds", ()] < 60
+    fake_tg.webhook_info["pending_update_count"] = 0  # Telegram delivered them: the error is history
+    await eventually(lambda: flag_records(caplog, "cleared: Telegram delivers again"))
+
+
+async def test_a_webhook_error_from_before_the_bot_started_is_not_flagged(make_app, fake_tg, caplog, quick_red_flags):
+    fake_tg.webhook_info.update(last_error_message="Connection refused", last_error_date=int(time.time()) - 30,
+                                pending_update_count=3)
+    app = await make_app()
+    await eventually(lambda: len(fake_tg.calls_of("getWebhookInfo")) >= 4)
+    assert not flag_records(caplog, "Connection refused") and (await health_of(app))["warnings"] == []
+
+
+async def test_webhook_set_up_failing_in_a_loop_is_flagged_once_until_it_succeeds(make_app, fake_tg, caplog,
+                                                                                quick_red_flags, monkeypatch):
+    monkeypatch.setattr(trt_bot, "UNTIL_DONE", dataclasses.replace(trt_bot.UNTIL_DONE, base_s=0.05, cap_s=0.05))
+    for _ in range(30):
+        fake_tg.fail("setWebhook", 400, {"ok": False, "error_code": 400,
+                                         "description": "Bad Request: bad webhook: HTTPS url must be provided"})
+    app = await make_app()
+    warning = await flagged_once_everywhere(app, caplog, "setup_failing", "HTTPS url must be provided",
+                                            lambda: app.telegram.calls["setWebhook", "400"])
+    assert "WEBHOOK_BASE_URL" in warning["fix"]
+    await eventually(lambda: flag_records(caplog, "cleared: set-up succeeded"))
+    assert (await health_of(app))["status"] == "ok"
+
+
+async def test_a_stuck_outbox_is_flagged_once_as_failing(make_app, fake_tg, caplog, quick_red_flags, monkeypatch):
+    monkeypatch.setattr(trt_bot, "OUTBOX_STUCK_FLAG_S", 0.5)
+    app = await make_app()
+    fake_tg.stall("sendMessage")
+    try:
+        await post_update(app, update_message(1, 4242, "/start"))
+        await flagged_once_everywhere(app, caplog, "outbox_stuck", "the oldest of 1 replies has waited",
+                                      lambda: int(app.role.outbox.oldest_wait_s() * 10))
+        assert (await health_of(app))["status"] == "failing"
+    finally:
+        fake_tg.release("sendMessage")
+    await eventually(lambda: flag_records(caplog, "cleared: the outbox moves again"))
+
+
+async def test_low_kie_credits_are_flagged_once_and_the_admins_alerted_once(make_app, fake_tg, fake_kie, caplog,
+                                                                          quick_red_flags, monkeypatch):
+    monkeypatch.setattr(trt_bot, "KIE_CREDITS_CHECK_S", 0.05)
+    app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, KIE_CREDITS_LOW="2000",
+                         ADMIN_IDS="900")
+    await flagged_once_everywhere(app, caplog, "kie_credits_low", "Kie.ai has 1234.5 credits left",
+                                  lambda: app.kie.calls["credit", "ok"])
+    assert (await health_and_metrics(app))[2]["trt_kie_credits", ()] == 1234.5
+    (alert,) = await eventually(lambda: fake_tg.texts_to(900))
+    assert alert == trt_bot.render("ru", "admin_credits_low", credits="1234.5", low=2000)
+    fake_kie.credits = 5000
+    await eventually(lambda: flag_records(caplog, "cleared: Kie.ai has 5000 credits"))
+
+
+async def test_polling_without_the_bot_api_says_so_once_at_error_and_retries_quietly(make_app, caplog,
+                                                                                      quick_red_flags):
+    app = await make_app(BOT_MODE="polling", TELEGRAM_API_BASE=f"http://127.0.0.1:{free_port()}")
+
+    def failed_calls() -> int:
+        return sum(n for (method, outcome), n in app.telegram.calls.items() if outcome == "599")
+
+    await flagged_once_everywhere(app, caplog, "telegram_unreachable", "cannot be reached", failed_calls)
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and not r.getMessage().startswith("[FLAG]")]
+    assert loud == [] and {method for method, _ in app.telegram.calls} >= {"deleteWebhook", "getMyCommands"}
+
+
+async def test_a_worker_stuck_in_a_handler_that_ignores_its_timeout_makes_health_answer_503(make_app, monkeypatch):
+    monkeypatch.setattr(trt_bot, "WATCHDOG_INTERVAL_S", 0.05)
+    app = await make_app(UPDATE_QUEUE_WORKERS="1")
+    app.pipeline.watchdog.timeout = 0.2
+    freed = asyncio.Event()
+
+    async def stubborn(method: str, params: dict, on_sent: object = None) -> None:
+        while not freed.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await freed.wait()
+    monkeypatch.setattr(app.role.outbox, "call", stubborn)
+    await post_update(app, update_message(1, 4343, "/start"))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}") as client:
+        try:
+            stuck = await eventually_async(lambda: client.get("/health"), lambda r: r.status_code == 503)
+            assert stuck.json()["status"] == "failing" and "stuck" in stuck.json()["failure"]
+        finally:
+            freed.set()
+        await eventually_async(lambda: client.get("/health"), lambda r: r.status_code == 200)
+
+
+async def test_an_event_loop_running_late_makes_health_answer_503_until_it_keeps_time(make_app, monkeypatch):
+    monkeypatch.setattr(trt_bot, "LOOP_BEAT_S", 0.05)
+    monkeypatch.setattr(trt_bot, "LOOP_LAG_FAIL_S", 0.3)
+    app = await make_app()
+    hogging = True
+
+    async def hog() -> None:  # blocks the loop 0.5 s at a time, letting it breathe in between
+        while hogging:
+            time.sleep(0.5)
+            await asyncio.sleep(0.02)
+    hogger = asyncio.create_task(hog())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}", timeout=30) as client:
+            late = await eventually_async(lambda: client.get("/health"), lambda r: r.status_code == 503, timeout=30)
+            assert "the event loop runs" in late.json()["failure"]
+            hogging = False
+            await hogger
+            await eventually_async(lambda: client.get("/health"), lambda r: r.status_code == 200)
+    finally:
+        hogging = False
+        await hogger
 
 
 ###############################################################################
@@ -773,6 +1024,18 @@ def test_check_names_the_problem_and_exits_1(fake_tg, fake_kie, tmp_path, overri
     assert len(failures) == 1 and problem in failures[0] and "rejected" in failures[0]
     output = result.stdout + result.stderr
     assert all(secret not in output for secret in (*SECRETS, *overrides.values(), "AAHotherTOKEN"))
+
+
+def test_check_fails_on_a_recent_webhook_401_and_names_the_secret_token(fake_tg, fake_kie, tmp_path):
+    env = check_env(fake_tg, fake_kie, tmp_path)
+    fake_tg.webhook_info.update(url=trt_bot.load_config(env).webhook_url, pending_update_count=2,
+                                last_error_message="Wrong response from the webhook: 401 Unauthorized",
+                                last_error_date=int(time.time()) - 5)
+    result = run_bot_cli(env, "check")
+    assert result.returncode == 1
+    (failure,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert failure.startswith("[FAIL] webhook:") and "401 Unauthorized" in failure
+    assert "WEBHOOK_SECRET_TOKEN" in failure and all(secret not in result.stdout for secret in SECRETS)
 
 
 def test_check_reports_an_unusable_database(fake_tg, fake_kie, tmp_path):
@@ -888,6 +1151,22 @@ def test_dockerfile_runs_trt_bot_as_non_root_with_an_exec_form_cmd():
     env = " ".join(arg for op, arg in instructions if op == "ENV")
     assert "PYTHONUNBUFFERED=1" in env and "sqlite:////var/data/" in env
     assert any(op == "RUN" and "--no-cache-dir" in arg for op, arg in instructions)
+
+
+def test_the_image_user_writes_only_var_data_and_the_readme_advises_nothing_else():
+    instructions = dockerfile_instructions()
+    assert [arg for op, arg in instructions if op == "COPY" and "--chown" in arg] == []  # the code stays root's
+    (writable,) = re.findall(r"chown bot:bot (\S+)", " ".join(arg for op, arg in instructions if op == "RUN"))
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        advised = re.findall(r"DATABASE_URL=(sqlite:///\S+?)`", f.read().split("## Deploying on Render")[1])
+    assert advised and all(os.path.dirname(trt_bot.parse_database_url(url)) == writable for url in advised)
+
+
+def test_pytest_says_why_each_test_was_skipped():
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(HERE, "pytest.ini"))
+    assert "s" in parser["pytest"]["addopts"].split("-r", 1)[1].split()[0]
 
 
 async def test_dockerfile_healthcheck_probes_health_without_curl(make_app):

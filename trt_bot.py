@@ -95,6 +95,25 @@ class Clock:
 SYSTEM_CLOCK = Clock()
 
 
+class SteadyClock(Clock):
+    """Wall time that a step of the system clock does not move: ``clock``'s at the start plus the monotonic
+    time since.  For parts whose stored stamps are also what they measure (a job's age): a row loaded at
+    start is judged by the wall clock, anything later by the monotonic one."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self._offset = clock.time() - clock.monotonic()
+
+    def time(self) -> float:
+        return self.clock.monotonic() + self._offset
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
 class OwnedTasks:
     """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
 
@@ -380,11 +399,17 @@ SETTINGS = (
     Setting("GEN_HOURLY_LIMIT", "gen_hourly_limit", "20", _integer(1, 100_000),
             "pictures delivered per user per hour (failed, timed-out and cancelled ones do not count; admins are "
             "exempt)"),
+    Setting("GEN_DAILY_LIMIT", "gen_daily_limit", "0", _integer(0, 10_000_000),
+            "pictures started per day (UTC) by the whole bot, whatever became of them: a cap on what a day can "
+            "spend; past it users are told to come back tomorrow; `0`: no cap"),
     Setting("KIE_NSFW_CHECKER", "kie_nsfw_checker", "1", _flag,
             "`0`: turn off Kie's content filter (`nsfw_checker`) for the models that document it; on by default, "
             "as fits a public bot"),
     Setting("KIE_MAX_CONCURRENT_TASKS", "kie_max_tasks", "100", _integer(1, 10_000),
             "tasks at Kie at once, for all users; more wait their turn"),
+    Setting("KIE_CREDITS_LOW", "kie_credits_low", "100", _integer(0, 10**9),
+            "under this many Kie.ai credits (read every 10 minutes) a red flag is raised and the admins are "
+            "alerted once, before Kie refuses pictures (402); `0`: never"),
     Setting("WEBHOOK_FLUSH_PENDING_OVER", "flush_pending_over", "10", _integer(-1, 10**9),
             "at start, drop Telegram's backlog if more are pending (a smaller one is always kept); `-1` never "
             "drops"),
@@ -439,8 +464,10 @@ class Config:
     diag_token: str
     gen_timeout_s: float
     gen_hourly_limit: int
+    gen_daily_limit: int
     kie_nsfw_checker: bool
     kie_max_tasks: int
+    kie_credits_low: int
     flush_pending_over: int
     shutdown_grace_s: float
     lease_ttl_s: float
@@ -1210,7 +1237,9 @@ INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to
 
 # Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
 # PostgreSQL's schema_version table).  Append new versions; never edit a released
-# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.
+# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
+# index, a column with a default), so the bot before runs on it (a deploy's old instance, a rollback); a change
+# it could not live with adds "INSERT INTO schema_readers(oldest) VALUES (<its version>)": older bots refuse it.
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1344,45 +1373,49 @@ def _inode(path: str) -> tuple[int, int] | str | None:
     return status.st_dev, status.st_ino
 
 
-def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
     if path != ":memory:":
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
     try:
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        migrate(conn)
+        dialect = SqliteFile(path, busy_timeout_ms, migrations)
+        in_transaction(conn, dialect, migrate, dialect)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def migrate(conn: Any, dialect: Any = None) -> int:
-    """Bring the schema to SCHEMA_VERSION; safe when two processes race to do it.
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
+    # While another connection writes a file not yet in WAL mode (instances opening a new file together do),
+    # SQLite answers "locked" at once here, skipping its busy handler (the wait could deadlock): retried.
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.OperationalError):
+            return conn.execute("PRAGMA journal_mode=WAL")
+        time.sleep(0.002)
+    return conn.execute("PRAGMA journal_mode=WAL")  # the last try: its error is the one reported
 
-    ``dialect`` (SqliteFile by default, or PostgresServer) says how the version
-    is kept, how the DDL is spelled and what makes racing migrations wait.
-    """
-    dialect = dialect or SqliteFile
-    conn.execute(dialect.begin)
-    try:
-        version = dialect.schema_version(conn)
-        if version > SCHEMA_VERSION:
-            raise TrtError(f"database schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[number - 1]:
-                conn.execute(dialect.ddl(statement))
-            dialect.set_schema_version(conn, number)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return SCHEMA_VERSION
+
+def migrate(conn: Any, dialect: SqliteFile | PostgresServer) -> None:
+    """In a transaction, apply the dialect's ``migrations`` the schema lacks (a newer schema is left as it is).
+
+    ``dialect`` says how the version is kept, how the DDL is spelled and what makes racing migrations wait.
+    TrtError when the stored schema needs a bot that knows a newer version."""
+    known = len(dialect.migrations)
+    version = dialect.schema_version(conn)
+    conn.execute(dialect.ddl("CREATE TABLE IF NOT EXISTS schema_readers (oldest INTEGER NOT NULL)"))
+    oldest_reader = conn.execute("SELECT coalesce(max(oldest), 1) FROM schema_readers").fetchone()[0]
+    if oldest_reader > known:
+        raise TrtError(f"database schema v{version} needs a bot that knows schema v{oldest_reader} or newer; "
+                       f"this one knows v{known}")
+    for number in range(version + 1, known + 1):
+        for statement in dialect.migrations[number - 1]:
+            conn.execute(dialect.ddl(statement))
+        dialect.set_schema_version(conn, number)
 
 
 def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1437,9 +1470,9 @@ class SqliteFile:
     failures = (sqlite3.Error,)
     fix = "check DATABASE_URL and that its folder exists and is writable (a mounted disk on Render)"
 
-    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
+    def __init__(self, path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
         self.path = self.where = path
-        self.busy_timeout_ms = busy_timeout_ms
+        self.busy_timeout_ms, self.migrations = busy_timeout_ms, migrations
         self._identity: tuple | None = None  # file_identity() when opened
         self._salvage: dict[str, list[tuple]] | None = None  # rows of a lost file, until a new one takes them
 
@@ -1451,9 +1484,7 @@ class SqliteFile:
     def set_schema_version(conn: sqlite3.Connection, number: int) -> None:
         conn.execute(f"PRAGMA user_version={int(number)}")
 
-    @staticmethod
-    def ddl(statement: str) -> str:
-        return statement
+    ddl = staticmethod(str)  # SQLite takes the migrations as they are written
 
     def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
         """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
@@ -1464,7 +1495,7 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms)
+        conn = open_sqlite(self.path, self.busy_timeout_ms, self.migrations)
         self._identity = file_identity(self.path)
         if self._salvage:
             try:
@@ -1511,10 +1542,12 @@ class SqliteFile:
 # connect_timeout; one that stops answering without closing the connection (a
 # dead host, a dropped route) is noticed within seconds by the keepalives and
 # tcp_user_timeout, not after the kernel's two hours, so writes fail over to
-# memory instead of hanging.
+# memory instead of hanging.  A transaction a paused process left open ends
+# after 5 s: its row locks must not hold up the instance taking over.
 POSTGRES_CONNECTION_DEFAULTS = {
     "connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
     "keepalives_count": "2", "tcp_user_timeout": "5000", "application_name": "trt_bot",
+    "options": "-c idle_in_transaction_session_timeout=5000",
 }
 POSTGRES_MIGRATION_LOCK = 0x7472745F626F74  # pg_advisory_xact_lock key ("trt_bot"): instances migrate one at a time
 POSTGRES_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
@@ -1592,9 +1625,9 @@ class PostgresServer:
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
            "connections from here")
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, migrations: list = MIGRATIONS):
         self.psycopg = importlib.import_module("psycopg")
-        self.url = url
+        self.url, self.migrations = url, migrations
         parts = urllib.parse.urlsplit(url)
         self.where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no secrets
         # A value out of range, text PostgreSQL cannot hold (NUL), a duplicate key, or one psycopg cannot
@@ -1623,7 +1656,7 @@ class PostgresServer:
         conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
                                   self.psycopg.ProgrammingError)
         try:
-            migrate(conn, self)
+            in_transaction(conn, self, migrate, self)
         except BaseException:
             conn.close()
             raise
@@ -1642,11 +1675,12 @@ class PostgresServer:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
-def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> SqliteFile | PostgresServer:
+def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                     migrations: list = MIGRATIONS) -> SqliteFile | PostgresServer:
     """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
     if location.startswith(POSTGRES_SCHEMES):
-        return PostgresServer(location)
-    return SqliteFile(location, busy_timeout_ms)
+        return PostgresServer(location, migrations)
+    return SqliteFile(location, busy_timeout_ms, migrations)
 
 
 class Database:
@@ -1663,19 +1697,15 @@ class Database:
     database refuses raises RowRejected and leaves the database usable.
     """
 
-    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS):
-        self.dialect = database_dialect(location, busy_timeout_ms)
+    def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
+        self.dialect = database_dialect(location, busy_timeout_ms, migrations)
+        self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
         self.ok = False
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
         self._passwords = database_passwords(location)  # kept out of last_error and the log
         self._conn: Any = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
-
-    @property
-    def where(self) -> str:
-        """The file's path or the server's address and database, without credentials."""
-        return self.dialect.where
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
@@ -1778,13 +1808,10 @@ class GroupCommit:
 
     def submit(self, item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue(item, future)
+        self.add(item, future)
         return future
 
-    def add(self, item: Any) -> None:
-        self._queue(item, None)
-
-    def _queue(self, item: Any, future: asyncio.Future | None) -> None:
+    def add(self, item: Any, future: asyncio.Future | None = None) -> None:
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())
@@ -1803,9 +1830,8 @@ class GroupCommit:
             results = await self.db.write(self.write_batch, items)
         except RowRejected as error:
             if len(batch) > 1:
-                middle = len(batch) // 2
-                await self._write(batch[:middle])
-                await self._write(batch[middle:])
+                for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+                    await self._write(half)
                 return
             log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
             self._settle(batch, None, error)
@@ -1835,7 +1861,8 @@ class InboxItem:
     chat_key: int
     update: dict
     body: bytes
-    received_at: float
+    received_at: float  # wall clock, for the row
+    arrived: float | None = None  # on the monotonic clock, when this process took it (None: read from the table)
     durable: bool = True
     # Set for an update about to go straight to the workers: its insert also reads into ``older`` the ids of
     # its chat's older unhandled updates, which another instance may have stored.
@@ -1897,23 +1924,19 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
-def inbox_write(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
     """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
 
     Under load the marks of handled updates ride along with the commit of
-    arriving ones: one transaction and one thread hop for both.
+    arriving ones: one transaction and one thread hop for both.  Each new
+    update that ``ask_older`` gets in its ``older`` the ids of its chat's
+    older unhandled updates, read in the same transaction (no round trip of its own).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
     if marks:
         inbox_mark_done(conn, marks)
-    return [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
-
-
-def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
-    """``inbox_write``; and in the same transaction (no round trip of its own), for each new update that
-    ``ask_older``, the ids of its chat's older unhandled updates into its ``older``."""
-    results = inbox_write(conn, entries)
+    results = [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
     for entry, is_new in zip(entries, results):
         if is_new and isinstance(entry, InboxItem) and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
@@ -2373,6 +2396,17 @@ TELEGRAM_RETRY = RetryPolicy(budget_s=TELEGRAM_RETRY_BUDGET_S, base_s=TELEGRAM_B
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
 
+# Answers that refuse the token itself (revoked, or never valid), whatever the method.
+TOKEN_REJECTED_CODES = (401, 404)
+
+
+def telegram_trouble(error: TelegramError | None) -> str:
+    """What a call's outcome says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it works)."""
+    if isinstance(error, TelegramNetworkError):
+        return "unreachable"
+    return "token_rejected" if error is not None and error.error_code in TOKEN_REJECTED_CODES else ""
+
+
 def _answer_maybe_lost(error: TelegramError) -> bool:
     return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
@@ -2417,8 +2451,10 @@ class TelegramClient:
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None):
+                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None,
+                 acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
+        self.acting_left = acting_left  # a send must end within these seconds (the Role's answer)
         self._file_url = f"{api_base}/file/bot{token}/"  # carries the token: requested here only, never passed on
         self.http = http
         self.retry = retry
@@ -2426,6 +2462,7 @@ class TelegramClient:
         self.pacer = pacer or telegram_pacer()
         self.gate = SendGate(self.pacer, clock)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
+        self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
 
     async def call(
         self,
@@ -2442,7 +2479,8 @@ class TelegramClient:
                                          and not _answer_maybe_lost(error))
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
-            log.warning("[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
+            level = logging.DEBUG if self.trouble else logging.WARNING  # its red flag speaks for every retry
+            log.log(level, "[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
 
         return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
                                        clock=self.clock, on_retry=log_retry)
@@ -2450,14 +2488,22 @@ class TelegramClient:
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         if method in PACED_METHODS:
             await self.gate.wait_turn(params.get("chat_id"))
+        left = self.acting_left() if method in PACED_METHODS else math.inf
+        if left <= 0:
+            raise TelegramError(method, 503, "this instance may not act now (the lease)")
         try:
-            result = await self._post(method, params, files, timeout)
+            async with asyncio.timeout(left):
+                result = await self._post(method, params, files, timeout)
+        except TimeoutError as cut:  # the lease would lapse first: the request may have gone out
+            raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
+            self.trouble = telegram_trouble(error)
             if error.error_code == 429:
                 self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
         self.calls[method, "ok"] += 1
+        self.trouble = ""
         return result
 
     async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
@@ -2749,8 +2795,8 @@ class KieClient:
             raise KieError(500, "the upload answered without a download URL")
         return url
 
-    async def credits(self) -> float:
-        data = await self._request("GET", "/api/v1/chat/credit", None)
+    async def credits(self, budget_s: float | None = None) -> float:
+        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s=budget_s)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise KieError(500, "credit answer is not a number")
         return data
@@ -3167,6 +3213,11 @@ class HandlerWatchdog:
             self._cut.discard(task)
             task.uncancel()
 
+    def stuck(self) -> int:
+        """Handlers still running a whole timeout after their cut: they ignore it, and only a restart ends them."""
+        now = self.clock.monotonic()
+        return sum(1 for task in self._cut if now > self._deadlines.get(task, now) + self.timeout)
+
     def cut_overdue(self) -> None:
         now = self.clock.monotonic()
         for task, deadline in self._deadlines.items():
@@ -3387,12 +3438,13 @@ class UpdatePipeline:
         max_backlog: int = INBOX_MAX_BACKLOG,
         on_handled: Callable[[float], None] = lambda seconds: None,
         clock: Clock = SYSTEM_CLOCK,
+        mode: Role | None = None,
     ):
         self.db = db
         self.handler = handler
         self.on_handled = on_handled  # hears how long each handler ran
         self.clock = clock
-        self.should_process = True  # False while another instance holds the lease
+        self.mode = mode or Role()
         self.stats = PipelineStats()
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
@@ -3406,14 +3458,14 @@ class UpdatePipeline:
         self._accepting = True
 
     def _may_take(self) -> bool:
-        return self._accepting and self.should_process
+        return self._accepting and self.mode.may_act()
 
     # -- the ack path -------------------------------------------------------
 
     async def ingest(self, update: dict, body: bytes) -> Admission:
         """Keep ``update`` (``body`` is its JSON) before Telegram hears that it arrived."""
         update_id = update["update_id"]
-        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time())
+        item = InboxItem(update_id, update_chat_key(update), update, body, self.clock.time(), self.clock.monotonic())
         if not self.db.ok and not self.db.tried.is_set():
             # Start-up: the port is bound before the database opens; an update arriving in
             # between waits for it rather than being kept in memory only.
@@ -3483,7 +3535,7 @@ class UpdatePipeline:
     def _memory_refusal(self, chat_key: int) -> RejectReason | None:
         if not self._accepting:
             return RejectReason.SHUTTING_DOWN
-        if not self.should_process:
+        if not self.mode.may_act():
             return RejectReason.PASSIVE
         if self.tracker.room() <= 0:
             return RejectReason.MEMORY_FULL
@@ -3495,11 +3547,12 @@ class UpdatePipeline:
         started = self.clock.monotonic()
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
+        HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
                 self.stats.dropped += 1
-            else:
+            elif not self.mode.void():
                 await self.handler(item.update)
         except asyncio.CancelledError:
             if not self.watchdog.cut_alone(task):
@@ -3516,8 +3569,9 @@ class UpdatePipeline:
             self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
-        """A callback query too old for Telegram to accept its answer."""
-        return "callback_query" in item.update and self.clock.time() - item.received_at > CALLBACK_QUERY_TTL_S
+        """A callback query too old for Telegram to accept its answer (by the wall clock only if read back)."""
+        age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
+        return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
     def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
         if error.error_code == 403:
@@ -3532,7 +3586,10 @@ class UpdatePipeline:
         """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
-        if item.durable:
+        if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
+            self.tracker.drop(item.update_id)
+            self._mark_stored(item.chat_key)
+        elif item.durable:
             user_id, lang = update_sender(item.update)
             self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
         else:
@@ -3665,9 +3722,8 @@ def render(lang: str, key: str, **values: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelOption:
-    """A required choice a model adds after the ratio (quality, resolution)."""
+    """A required choice a model adds after the ratio (quality, resolution); its row's ``inputs`` names its field."""
 
-    field: str
     title: dict[str, str]  # per language
     choices: tuple[tuple[str, dict[str, str]], ...]  # (value sent to Kie, label per language)
 
@@ -3675,36 +3731,37 @@ class ModelOption:
         return dict(self.choices)[value][lang]
 
 
+TEXT_TO_IMAGE = (("prompt", "prompt"), ("aspect_ratio", "ratio"))  # the inputs most models take
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageModel:
-    """A Kie Market text-to-image model: adding one is adding a row to CATALOG."""
+    """A Kie Market model: adding one is adding a row to CATALOG, its inputs named as its Kie page names them."""
 
     key: str  # short id used in button data
     kie_model: str  # the ``model`` sent to createTask
     title: str
     ratios: tuple[str, ...]
     option: ModelOption | None = None
-    fixed_input: tuple[tuple[str, Any], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = TEXT_TO_IMAGE  # (Kie's field, the choice in it: any key of request's dict)
+    fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
-    nsfw_checker: bool = False  # Kie documents ``nsfw_checker`` (its content filter) for this model
-    image_field: str = ""  # an edit model's input for the photo's URL: a list if it ends in "s", else one URL
     about: tuple[str, str] = ("", "")  # what it is good at, in one line: (Russian, English)
+
+    @property
+    def edits(self) -> bool:
+        """Whether it changes a photo (it takes the photo's URL) rather than drawing from words."""
+        return any(name.startswith("image_url") for _, name in self.inputs)
 
     def described(self, lang: str) -> str:
         """"Seedream 4.5 — detailed pictures in 2K or 4K"."""
         return f"{self.title} — {self.about[lang == 'en']}"
 
-    def inputs(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
-               image_url: str = "") -> dict[str, Any]:
-        data: dict[str, Any] = {"prompt": prompt, **({"aspect_ratio": ratio} if ratio else {}),
-                                **dict(self.fixed_input)}
-        if self.image_field:
-            data[self.image_field] = [image_url] if self.image_field.endswith("s") else image_url
-        if self.option is not None:
-            data[self.option.field] = option
-        if self.nsfw_checker:
-            data["nsfw_checker"] = nsfw_checker
-        return data
+    def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
+                image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
+        chosen = {"prompt": prompt, "ratio": ratio, "option": option, "nsfw_checker": nsfw_checker,  # KIE_NSFW_CHECKER
+                  "image_urls": list(image_urls), "image_url": image_urls[0] if image_urls else ""}  # to edit
+        return {**{field: chosen[name] for field, name in self.inputs}, **dict(self.fixed_input)}
 
     def details(self, ratio: str, option: str, lang: str) -> str:
         """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
@@ -3714,32 +3771,33 @@ class ImageModel:
         return " · ".join(chosen)
 
 
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), prompt_chars=(1, 1000),
-                     nsfw_checker=True, about=("быстрая и недорогая, умеет писать текст на картинке",
-                                               "fast and cheap, writes text in pictures well"))
+FILTERED = TEXT_TO_IMAGE + (("nsfw_checker", "nsfw_checker"),)  # Kie's content filter, where the model documents it
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED,
+                     about=("быстрая и недорогая, умеет писать текст на картинке",
+                            "fast and cheap, writes text in pictures well"))
 
-# Ratios, options, prompt lengths and ``nsfw_checker`` as Kie's model pages list them for text-to-image.
+# Ratios, options, prompt lengths and inputs as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), fixed_input=(("output_format", "png"),),
-               prompt_chars=(1, 5000), about=("от Google: точно следует длинным описаниям",
-                                              "Google's: follows long descriptions closely")),
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), inputs=(("prompt", "prompt"),
+               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000),
+               about=("от Google: точно следует длинным описаниям", "Google's: follows long descriptions closely")),
     ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
-               ModelOption("quality", {"ru": "качество", "en": "quality"},
+               ModelOption({"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
                             ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               prompt_chars=(1, 3000), nsfw_checker=True, about=("подробные картинки в 2K или 4K",
-                                                                  "detailed pictures in 2K or 4K")),
+               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000),
+               about=("подробные картинки в 2K или 4K", "detailed pictures in 2K or 4K")),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
-               ModelOption("resolution", {"ru": "разрешение", "en": "resolution"},
+               ModelOption({"ru": "разрешение", "en": "resolution"},
                            (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               prompt_chars=(3, 5000), nsfw_checker=True,
+               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000),
                about=("фотореализм в 1K или 2K", "photorealism in 1K or 2K")),
     ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               prompt_chars=(1, 5000), nsfw_checker=True,
+               inputs=FILTERED, prompt_chars=(1, 5000),
                about=("от xAI: смелый, яркий стиль", "xAI's: a bold, vivid style")),
     ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
                prompt_chars=(1, 5000), about=("от Google: быстрые фотореалистичные картинки",
@@ -3748,9 +3806,9 @@ CATALOG: tuple[ImageModel, ...] = (
 
 # Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
 EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
+                        inputs=(("prompt", "prompt"), ("image_urls", "image_urls")),
                         fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
-                        image_field="image_urls", about=("меняет ваше фото по описанию",
-                                                         "changes your photo as you describe"))
+                        about=("меняет ваше фото по описанию", "changes your photo as you describe"))
 
 MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
 
@@ -3779,6 +3837,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
                            "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
         "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
+        "prompt_nul": "В описании есть невидимый символ U+0000, его не сохранить. Пришлите описание без него.",
         "ask_ratio": "Выберите формат для «{prompt}»:",
         "ask_option": "Выберите {option}:",
         "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
@@ -3823,6 +3882,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
         "incident_key_rejected": "ключ API отклонён (401)",
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
+        "admin_credits_low": "⚠️ Kie.ai: осталось {credits} кредитов (меньше KIE_CREDITS_LOW = {low}). "
+                             "Пополните баланс, пока Kie не начал отказывать (402).",
+        "daily_limit": "На сегодня картинки закончились: бот рисует не больше {limit:картинки|картинок|картинок} "
+                       "в день. Приходите завтра!",
         "stats": "📊 <b>Статистика</b>\n"
                  "Пользователей: {users} (заблокировали бота: {blocked})\n"
                  "Картинок за сегодня: {jobs_today}\n"
@@ -3878,6 +3941,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
                            "{most}. Please shorten it and send it again.",
         "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
+        "prompt_nul": "The description holds an invisible U+0000 character that cannot be stored. Send it without.",
         "ask_ratio": "Pick a format for “{prompt}”:",
         "ask_option": "Pick the {option}:",
         "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
@@ -3925,6 +3989,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
+        "admin_credits_low": "⚠️ Kie.ai: {credits} credits left (under KIE_CREDITS_LOW = {low}). "
+                             "Top them up before Kie starts refusing pictures (402).",
+        "daily_limit": "That's all the pictures for today: the bot draws up to {limit:picture|pictures} a day. "
+                       "Come back tomorrow!",
         "stats": "📊 <b>Stats</b>\n"
                  "Users: {users} ({blocked} blocked the bot)\n"
                  "Pictures today: {jobs_today}\n"
@@ -4058,14 +4126,14 @@ def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
 
 def new_picture_button(model_key: str, lang: str) -> dict:
     """"New picture" keeps the model last used (after an edit: the default one)."""
-    edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].image_field
+    edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits
     return button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")
 
 
 def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
     names = ("again", "ratio", "model", "edit", "retouch", "file") if catalog else (
         "again", "ratio", "edit", "retouch", "file")
-    if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].image_field:  # an edit keeps the photo's proportions
+    if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits:  # an edit keeps the photo's proportions
         names = ("again", "edit", "retouch", "file")
     return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
 
@@ -4128,6 +4196,8 @@ def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str,
     fewest, most = model.prompt_chars
     if not prompt:
         return "prompt_empty", {}
+    if "\0" in prompt:  # PostgreSQL cannot store it: the job's row would be refused
+        return "prompt_nul", {}
     if len(prompt) < fewest:
         return "prompt_too_short", {"model": model.title, "fewest": fewest}
     if len(prompt) > most:
@@ -4172,11 +4242,13 @@ def parse_command(text: str) -> str | None:
     return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
 
 
-def refusal_text(refusal: Busy | HourlyLimit) -> tuple[str, dict[str, Any]]:
+def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
     """What the user is told when the jobs refuse a new one: (text key, format values)."""
     match refusal:
         case HourlyLimit(limit, minutes):
             return "hourly_limit", {"limit": limit, "minutes": minutes}
+        case DailyLimit(limit):
+            return "daily_limit", {"limit": limit}
         case _:
             return "busy_user", {}
 
@@ -4609,7 +4681,7 @@ class Conversation:
         refusal = self.generations.refusal(ctx.user_id)
         if refusal is not None:
             key, values = refusal_text(refusal)
-            await self.answer(ctx, render(ctx.lang, key, **values), alert=isinstance(refusal, HourlyLimit))
+            await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
             return
         await self.answer(ctx)
         status_message_id = ctx.message_id if status_message_id is None else status_message_id
@@ -4699,7 +4771,6 @@ class SettingsChoice:
         await self.dialog.edit(ctx, ctx.message_id, text, markup)
 
 
-ORIGINALS_REMEMBERED = 10_000  # pictures whose 📎 was pressed, kept so a second tap sends nothing more
 
 
 class JobButtons:
@@ -4713,7 +4784,6 @@ class JobButtons:
         self.dialog = conversation
         self.generations = conversation.generations
         self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
-        self.originals_sent: collections.deque[str] = collections.deque(maxlen=ORIGINALS_REMEMBERED)
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
         return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
@@ -4784,8 +4854,7 @@ class JobButtons:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and job.result_url and job.outcome == "success":
             await self.dialog.answer(ctx)
-            if job.id not in self.originals_sent:  # a second tap sends nothing more
-                self.originals_sent.append(job.id)
+            if not ctx.repeated:  # a double tap sends one
                 self.generations.send_original(job)
 
     async def on_resend(self, ctx: Context, job_id: str) -> None:
@@ -4810,9 +4879,8 @@ SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 1
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
 POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
 POLL_EVERY_AFTERWARDS = 30.0
-DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and due deliveries retried: a job ends within 1 s
+DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and signs of life shown: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
-DELIVERY_RETRY_S = 30.0
 CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
 # The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
 STATUS_EDIT_EVERY_S = 12.0
@@ -4822,7 +4890,6 @@ RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the u
 # kept for telling the user it failed, so every job ends by then.
 DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
-STATUS_MESSAGE_WAIT_S = 30.0  # a job's own messages wait at most this long for the dialog's queued before them
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 PHOTO_DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024  # Bot API limit for files a bot downloads
@@ -4903,13 +4970,14 @@ class JobEvent:
 #   accepted    createTask gave the task id
 #   refused     createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
 #   succeeded   Kie's record says the task finished with this result URL
-#   failed      Kie's record says the task failed; what the user is told (see failure_for_record)
+#   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
 EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
 MAYBE_SENT = JobEvent("maybe_sent")  # unknown whether it went out: a lost answer, an unwritable intent, a restart
 DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, or was told nothing more comes
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
+UNSTORABLE = JobEvent("failed", "failed")  # the database refuses the job's row for what it holds
 CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
 EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
@@ -4923,7 +4991,7 @@ _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "fa
               "callback": IGNORED, "expired": IGNORED}
 JOB_TRANSITIONS: dict[str, dict[str, str]] = {
     "created": {"accepted": "submitted", "refused": "failed", "expired": "timed_out",  # waiting for a slot, createTask
-                "cancel": "cancelled"},
+                "failed": "failed", "cancel": "cancelled"},
     "submitted": {"succeeded": "succeeded", "failed": "failed", "expired": "timed_out",  # Kie has the task id
                   "callback": "submitted", "cancel": "cancelled"},
     # Result URL known; delivered directly when the budget ran out before sending.
@@ -5198,13 +5266,13 @@ def kie_callback_url(config: Config) -> str:
 class JobBook:
     """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
 
-    Memory is the authority inside the process (so transitions are atomic).
-    Rows the database could not take are kept and written when it comes
-    back, so it never resurrects a stale state.
+    Memory is the authority inside the process (so transitions are atomic).  Rows the database could not
+    take are kept and written when it comes back, so it never resurrects a stale state; a row it refuses
+    for what it holds (it would refuse it again) is not kept: its job alone goes to ``on_refused``.
     """
 
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
+        self.db, self.on_refused = db, on_refused
         self.jobs: dict[str, Job] = {}
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
@@ -5249,10 +5317,10 @@ class JobBook:
         self._writes.add(dataclasses.astuple(job))
 
     async def save_durably(self, job: Job) -> bool:
-        """Write the job's state and wait for the commit; False when the database is unusable."""
+        """Write the job's state and wait for the commit; False when the database is unusable or refuses it."""
         try:
             await self._writes.submit(dataclasses.astuple(job))
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, RowRejected):
             return False
         return True
 
@@ -5261,11 +5329,14 @@ class JobBook:
         return job.id in self._stored
 
     def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
-        """Note which jobs the database holds; keep the rows it refused for when it comes back."""
+        """Note which jobs the database holds; keep the rows it could not take for when it comes back."""
         for row in rows:
             job_id = row[0]
             self._unsaved.pop(job_id, None)
-            if error is not None:
+            if isinstance(error, RowRejected):
+                if job_id in self.jobs:
+                    self.on_refused(self.jobs[job_id])
+            elif error is not None:
                 self._unsaved[job_id] = row
             elif job_id in self.jobs:
                 self._stored.add(job_id)
@@ -5277,9 +5348,8 @@ class JobBook:
     async def load_unfinished(self) -> list[Job]:
         """Write the rows kept while the database was unusable, then read unfinished jobs not in memory."""
         rows = list(self._unsaved.values())
-        if rows:
-            await self.db.write(jobs_save, rows)
-            self._on_rows_written(rows, None)
+        if rows:  # through the group commit, so a row the database refuses fails alone
+            await asyncio.gather(*map(self._writes.submit, rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
         jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
         jobs = [job for job in jobs if job.id not in self.jobs]
@@ -5325,24 +5395,37 @@ class HourlyLimit:
     minutes: int
 
 
-class Fairness:
-    """One job per user at a time, and at most ``hourly_limit`` pictures an hour (admins have no hourly limit).
+@dataclasses.dataclass(frozen=True)
+class DailyLimit:
+    """The bot started ``limit`` pictures today (GEN_DAILY_LIMIT); the next may start after 00:00 UTC."""
 
-    Only delivered pictures count: a failed, timed-out or cancelled job
-    costs the user nothing, so an outage does not eat their quota.
+    limit: int
+
+
+class Fairness:
+    """One job per user at a time, at most ``hourly_limit`` pictures an hour (admins have no hourly limit),
+    and at most ``daily_limit`` started a day (UTC) by the whole bot (0: no cap), which bounds spending.
+
+    Only delivered pictures count towards the hour: a failed, timed-out or
+    cancelled job costs the user nothing, so an outage does not eat their quota.
     """
 
-    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK,
+                 daily_limit: int = 0):
         self.hourly_limit = hourly_limit
+        self.daily_limit = daily_limit
         self.admin_ids = admin_ids
         self.clock = clock
-        self.loaded = False  # the last hour's deliveries were read from the database
+        self.loaded = False  # the last hour's deliveries and today's starts were read from the database
         self._recent_by_user: dict[int, collections.deque[float]] = {}
+        self._today = (0, 0)  # (UTC day number, pictures started that day)
 
-    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | None:
+    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a job now, or None."""
         if busy:
             return Busy()
+        if self.daily_limit and self.started_today() >= self.daily_limit:
+            return DailyLimit(self.daily_limit)
         stamps = self._last_hour(user_id)
         if user_id not in self.admin_ids and len(stamps) >= self.hourly_limit:
             return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
@@ -5364,6 +5447,13 @@ class Fairness:
     def note(self, user_id: int, delivered_at: float) -> None:
         self._recent_by_user.setdefault(user_id, collections.deque()).append(delivered_at)
 
+    def started_today(self) -> int:
+        day, count = self._today
+        return count if day == self.clock.time() // 86400 else 0
+
+    def note_start(self) -> None:
+        self._today = (self.clock.time() // 86400, self.started_today() + 1)
+
     async def load(self, db: Database, gen_timeout_s: float) -> None:
         """Count the last hour's deliveries once: later ones are noted as they happen."""
         if not self.loaded:
@@ -5371,6 +5461,8 @@ class Fairness:
             created_since = since - gen_timeout_s - DELIVERY_BUDGET_S
             for user_id, delivered_at in await db.read(jobs_delivered_since, since, created_since):
                 self.note(user_id, delivered_at)
+            day = self.clock.time() // 86400
+            self._today = (day, sum((await db.read(usage_counts, day * 86400))["jobs_today"].values()))
             self.loaded = True
 
     def forget_idle(self, now: float) -> None:
@@ -5380,6 +5472,7 @@ class Fairness:
 
     def clear(self) -> None:
         self._recent_by_user.clear()
+        self._today = (0, 0)
         self.loaded = False
 
 
@@ -5412,10 +5505,10 @@ class KieSlots:
 class AdminAlerts:
     """Tells the admins once per Kie incident (the next accepted createTask ends it), in each one's language."""
 
-    def __init__(self, admin_ids: frozenset[int], db: Database, telegram: TelegramClient):
+    def __init__(self, admin_ids: frozenset[int], db: Database, outbox: Outbox):
         self.admin_ids = admin_ids
         self.db = db
-        self.telegram = telegram
+        self.outbox = outbox
         self.incident: int | None = None  # Kie error code of an ongoing incident
 
     def begin(self, code: int) -> bool:
@@ -5432,18 +5525,19 @@ class AdminAlerts:
 
     async def alert(self, code: int) -> None:
         reason = kie_code(code).incident
+        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(self.admin_ids))
+        await self.tell(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason]))
+
+    async def tell(self, text: Callable[[str], str]) -> None:
+        """Send every admin ``text(language)``, in the admin's language."""
         admin_ids = sorted(self.admin_ids)
-        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(admin_ids))
         try:
             languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
-            t = TEXTS[user_language({"language_code": languages.get(admin_id, "")})]
-            try:
-                await self.telegram.send_message(admin_id, t["admin_alert"].format(reason=t[reason]))
-            except TelegramError as error:
-                log.warning("[JOB] could not alert admin %d: %s", admin_id, error.description)
+            lang = user_language({"language_code": languages.get(admin_id, "")})
+            await self.outbox.send_message(admin_id, text(lang))
 
 
 class Submitter:
@@ -5481,8 +5575,8 @@ class Submitter:
             self.apply(job, JobEvent("refused", None))
             return
         try:
-            image_url = await self._upload_photo(job) if model.image_field else ""
-            inputs = model.inputs(job.prompt, job.ratio, job.option, self.nsfw_checker, image_url)
+            image_urls = (await self._upload_photo(job),) if model.edits else ()
+            inputs = model.request(job.prompt, job.ratio, job.option, self.nsfw_checker, image_urls)
             task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
         except KieError as error:
             self.slots.release()
@@ -5578,92 +5672,51 @@ class Poller:
 
 
 class Progress:
-    """Signs of life while a job runs: the upload_photo chat action and the ⏳ message's elapsed time.
+    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time) from
+    ``tick``, by the injected clock; the outbox drops one a result follows, so none overwrites it."""
 
-    Driven by ``tick`` from the deadline watch, so by the injected clock.  At
-    most one call per job is in flight, none starts once the job has left the
-    running states, and delivery waits for the one in flight (``quiet``), so
-    a late edit never overwrites the result or the explanation.
-    """
-
-    def __init__(self, telegram: TelegramClient, outbox: Outbox, save: Callable[[Job], None],
-                 clock: Clock = SYSTEM_CLOCK):
-        self.telegram = telegram
-        self.outbox = outbox  # the dialog's messages to the chat, which a job's own must not overtake
+    def __init__(self, outbox: Outbox, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
+        self.outbox = outbox
         self.save = save  # writes a job whose status message was just posted
         self.clock = clock
         self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
         self._edit_due: dict[str, float] = {}  # job id -> when the elapsed time is due again
-        self._calls: dict[str, asyncio.Event] = {}  # job id -> set once its call in flight is over
 
-    def tick(self, jobs: Iterable[Job], now: float, run_in_background: Callable[[Awaitable[None]], None]) -> None:
+    def tick(self, jobs: Iterable[Job], now: float) -> None:
         for job in jobs:
-            if job.state not in RUNNING_STATES or job.id in self._calls:
+            if job.state not in RUNNING_STATES:
                 continue
-            action = now >= self._action_due.get(job.id, 0.0)
-            edit_due = self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S)
-            edit = bool(job.status_message_id) and now >= edit_due
-            if action or edit:
-                self._calls[job.id] = asyncio.Event()
-                run_in_background(self._show(job, now, action, edit))
-
-    async def _show(self, job: Job, now: float, action: bool, edit: bool) -> None:
-        try:
-            if action:
+            if now >= self._action_due.get(job.id, 0.0):
                 self._action_due[job.id] = now + CHAT_ACTION_EVERY_S
-                await self._try(job, "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
-            if edit and job.state in RUNNING_STATES:
+                self.outbox.show("action", "sendChatAction", {"chat_id": job.chat_id, "action": "upload_photo"})
+            if job.status_message_id and now >= self._edit_due.get(job.id, job.created_at + STATUS_EDIT_EVERY_S):
                 self._edit_due[job.id] = now + STATUS_EDIT_EVERY_S
                 text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
-                await self._try(job, "editMessageText", {"chat_id": job.chat_id, "message_id": job.status_message_id,
-                                                         "text": text, "reply_markup": status_keyboard(job.lang)})
-        finally:
-            self._calls.pop(job.id).set()
+                self.outbox.show(job.id, "editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                             "message_id": job.status_message_id,
+                                                             "reply_markup": status_keyboard(job.lang)})
 
-    async def _try(self, job: Job, method: str, params: dict) -> None:
-        try:
-            await self.telegram.call(method, params)
-        except TelegramError as error:  # a sign of life that fails is skipped: the next one comes soon
-            log.info("[JOB] %s: %s failed: %s", job.id, method, error.description)
+    def post_status(self, job: Job) -> None:
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve).
 
-    def post_status(self, job: Job, run_in_background: Callable[[Awaitable[None]], None]) -> None:
-        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve)."""
-        self._calls[job.id] = asyncio.Event()  # now, so no tick and no delivery comes first
-        run_in_background(self._post_status(job))
+        Its message id is the job's once it is sent; a job that has left the
+        running states by then (its result or failure queued after it) deletes it.
+        """
+        text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
+        posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
+                                                     "reply_markup": status_keyboard(job.lang)})
+        posted.add_done_callback(lambda answer: self._posted(job, answer))
 
-    async def _post_status(self, job: Job) -> None:
-        try:
-            text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
-            params = {"chat_id": job.chat_id, "text": text, "reply_markup": status_keyboard(job.lang)}
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):  # in the chat's order, after the dialog's replies
-                message = await self.outbox.deliver("sendMessage", params)
-            message_id = message.get("message_id") if isinstance(message, dict) else None
-            if not isinstance(message_id, int):
-                return
-            if job.state in ENDED_STATES:  # cancelled meanwhile: the status would only mislead
-                await self._try(job, "deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
-                return
+    def _posted(self, job: Job, answer: asyncio.Future) -> None:
+        if answer.cancelled() or answer.exception() is not None:  # cancelled: another instance took over
+            log.info("[JOB] %s: the ⏳ message was not posted (%s)", job.id, answer.cancelled() or answer.exception())
+            return
+        message_id = answer.result().get("message_id") if isinstance(answer.result(), dict) else None
+        if isinstance(message_id, int) and job.state in RUNNING_STATES:
             job.status_message_id = message_id
             self.save(job)
-        except TelegramError as error:
-            log.info("[JOB] %s: could not post the ⏳ message: %s", job.id, error.description)
-        except TimeoutError:
-            log.info("[JOB] %s: the ⏳ message waited its chat's turn over %.0fs; the job goes on without it", job.id,
-                     STATUS_MESSAGE_WAIT_S)
-        finally:
-            self._calls.pop(job.id).set()
-
-    async def quiet(self, job: Job) -> None:
-        """Return once no sign of life of ``job`` is in flight and the dialog's messages queued for its chat
-        have gone (the ratio question turning into the status must not land on the result)."""
-        call = self._calls.get(job.id)
-        if call is not None:
-            await call.wait()
-        try:
-            async with asyncio.timeout(STATUS_MESSAGE_WAIT_S):
-                await self.outbox.caught_up(job.chat_id)
-        except TimeoutError:
-            log.info("[JOB] %s: delivered though its chat's queued messages have not gone yet", job.id)
+        elif isinstance(message_id, int):
+            self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
 
     def forget(self, job: Job) -> None:
         self._action_due.pop(job.id, None)
@@ -5680,11 +5733,11 @@ def job_model(job: Job) -> ImageModel:
 
 
 class ResultSender:
-    """The Telegram side of delivery: the photo (by URL, else uploaded), the failure, the re-send offer, the file."""
+    """Delivery's messages, via the outbox: the photo (by URL, else uploaded), the failure, the offer, the file."""
 
-    def __init__(self, telegram: TelegramClient, http: httpx.AsyncClient, allow_private: bool = False, *,
+    def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
                  catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None):
-        self.telegram = telegram
+        self.outbox = outbox
         self.http = http
         self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
         self.catalog = catalog  # more than one model is offered: results offer another model
@@ -5700,7 +5753,7 @@ class ResultSender:
             "reply_markup": result_keyboard(job.id, job.model, job.lang, self.catalog),
         }
         try:
-            await self.telegram.call("sendPhoto", {**params, "photo": job.result_url}, repeatable=False)
+            await self.outbox.deliver("sendPhoto", {**params, "photo": job.result_url})
         except TelegramError as error:
             if error.error_code != 400:
                 raise
@@ -5713,12 +5766,12 @@ class ResultSender:
         name, mime = image_file_name(job.result_url)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
-                await self.telegram.call("sendPhoto", params, files={"photo": (name, image, mime)}, repeatable=False)
+                await self.outbox.deliver("sendPhoto", params, files={"photo": (name, image, mime)})
                 return
             except TelegramError as error:
                 if error.error_code != 400:  # e.g. PHOTO_INVALID_DIMENSIONS: a document still works
                     raise
-        await self.telegram.call("sendDocument", params, files={"document": (name, image, mime)}, repeatable=False)
+        await self.outbox.deliver("sendDocument", params, files={"document": (name, image, mime)})
 
     async def resend(self, job: Job) -> None:
         """Send a finished job's picture again, because its user asked (see "unsure" and "delivery")."""
@@ -5726,8 +5779,8 @@ class ResultSender:
             await self.send_photo(job, counting=False)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result to re-send it: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["fail_delivery"],
-                                             failure_keyboard(job.id, job.model, "failed", job.lang))
+            await self._say(job, TEXTS[job.lang]["fail_delivery"],
+                            failure_keyboard(job.id, job.model, "failed", job.lang))
 
     async def send_original(self, job: Job) -> None:
         """The stored result as a document, byte for byte (Telegram recompresses photos); once, never retried."""
@@ -5736,11 +5789,11 @@ class ResultSender:
                                            allow_private=self.allow_private)
             name, mime = image_file_name(job.result_url)
             caption = result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang)
-            await self.telegram.call("sendDocument", {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"},
-                                     files={"document": (name, image, mime)}, repeatable=False)
+            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"},
+                                      files={"document": (name, image, mime)})
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
-            await self.telegram.send_message(job.chat_id, TEXTS[job.lang]["original_failed"])
+            await self._say(job, TEXTS[job.lang]["original_failed"])
 
     async def send_failure(self, job: Job) -> None:
         await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
@@ -5753,28 +5806,32 @@ class ResultSender:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
         if job.status_message_id:
             try:
-                await self.telegram.call("editMessageText", {"chat_id": job.chat_id, "text": text,
-                                                             "message_id": job.status_message_id,
-                                                             "parse_mode": "HTML", "reply_markup": markup})
+                await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
+                                                              "message_id": job.status_message_id,
+                                                              "parse_mode": "HTML", "reply_markup": markup})
                 return
             except TelegramError as error:
                 if error.error_code != 400:
                     raise
                 if "not modified" in error.description:  # told already, before a restart
                     return
-        await self.telegram.send_message(job.chat_id, text, markup)
+        await self._say(job, text, markup)
+
+    async def _say(self, job: Job, text: str, markup: dict | None = None) -> None:
+        params = {"chat_id": job.chat_id, "text": text, "parse_mode": "HTML"}
+        await self.outbox.deliver("sendMessage", params if markup is None else {**params, "reply_markup": markup})
 
     async def delete_status_message(self, job: Job) -> None:
         if not job.status_message_id:
             return
         try:
-            await self.telegram.call("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
+            await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
         except TelegramError as error:
             log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
 
 class Deliverer:
-    """Carries each finished job to its user once, retrying a failing Telegram, and ends it within its budget.
+    """Carries each finished job to its user once (the outbox retries a failing Telegram) within its budget.
 
     After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts
     stop ``notice_s`` before that, which is kept for telling the user.
@@ -5782,9 +5839,7 @@ class Deliverer:
 
     def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
                  apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
-                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S,
-                 settle: Callable[[Job], Awaitable[None]] = lambda job: asyncio.sleep(0)):
-        self.settle = settle  # waits until no sign of life is in flight (bounded by the Telegram client's budget)
+                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
         self.gen_timeout_s = gen_timeout_s
         self.book = book
         self.sender = sender
@@ -5794,10 +5849,8 @@ class Deliverer:
         self.budget_s = budget_s
         self.notice_s = notice_s
         self._delivering: set[str] = set()
-        self._redeliver_at: dict[str, float] = {}
         self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
             "succeeded": self._send_result,
-            "sending": self._send_result,  # again after a retryable error in this process
             "unsure": sender.offer_resend,
             "failed": sender.send_failure,
             "timed_out": sender.send_failure,
@@ -5805,19 +5858,6 @@ class Deliverer:
 
     def deliver(self, job: Job) -> None:
         self.run_in_background(self._deliver(job))
-
-    def retry_due(self, now: float) -> None:
-        for job_id, when in list(self._redeliver_at.items()):
-            job = self.book.jobs.get(job_id)
-            if when <= now and job is not None:
-                del self._redeliver_at[job_id]
-                self.deliver(job)
-
-    def forget(self, job: Job) -> None:
-        self._redeliver_at.pop(job.id, None)
-
-    def clear(self) -> None:
-        self._redeliver_at.clear()
 
     def _give_up_at(self, job: Job) -> float:
         """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
@@ -5829,39 +5869,31 @@ class Deliverer:
             return
         self._delivering.add(job.id)
         try:
-            await self.settle(job)  # the state is read after it: the job may have been cancelled meanwhile
-            step = self._steps.get(job.state)
-            finished = step is not None and await self._attempt(job, step)
+            await self._attempt(job, self._steps[job.state])
         finally:
             self._delivering.discard(job.id)
-        if finished:
-            self.apply(job, DELIVERED)
+        self.apply(job, DELIVERED)
 
-    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> bool:
-        """True when the job is done with (delivered, or the user told it failed); False when retried later."""
+    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
+        """Deliver, or tell the user it failed."""
         give_up_at = self._give_up_at(job)
         try:
             if self.clock.time() >= give_up_at:
                 raise TimeoutError
-            async with asyncio.timeout(give_up_at - self.clock.time()):
+            async with self._within(give_up_at - self.clock.time()):
                 await step(job)
-            return True
+            return
         except TelegramError as error:
             if not error.retryable:
                 log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
-                return True
-            if self.clock.time() < give_up_at:
-                log.warning("[JOB] %s: delivery failed (%s); retrying in %.0fs", job.id, error, DELIVERY_RETRY_S)
-                self._redeliver_at[job.id] = min(self.clock.time() + DELIVERY_RETRY_S, give_up_at)
-                return False
-            reason = f"Telegram keeps failing: {error}"
+                return
+            reason = f"Telegram keeps failing: {error}"  # the outbox tried until the deadline
         except TimeoutError:
             reason = "its delivery budget ran out"
         except Exception:
             log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
             reason = "an unexpected error"
         await self._tell_undelivered(job, reason)
-        return True
 
     async def _tell_undelivered(self, job: Job, reason: str) -> None:
         """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
@@ -5869,10 +5901,15 @@ class Deliverer:
         self.apply(job, UNDELIVERABLE)
         step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
         try:
-            async with asyncio.timeout(self.notice_s):
+            async with self._within(self.notice_s):
                 await step(job)
         except Exception as error:
             log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    def _within(self, seconds: float) -> asyncio.Timeout:
+        """The deadline of a delivery step, for its downloads and the messages it queues (SEND_BY) alike."""
+        SEND_BY.set(self.clock.monotonic() + seconds)
+        return asyncio.timeout(seconds)
 
     async def _commit_intent(self, job: Job) -> bool:
         """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
@@ -5915,27 +5952,29 @@ class Generations:
     Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
     """
 
-    def __init__(self, config: Config, db: Database, telegram: TelegramClient, outbox: Outbox, kie: KieClient,
+    def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S):
+                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Role | None = None):
         self.config = config
+        self.mode = mode or Role()
         self.kie = kie
         self.clock = clock
         self.on_finished = on_finished
-        self.book = JobBook(db)
-        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock)
+        self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
+        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock, config.gen_daily_limit)
         self.slots = KieSlots(config.kie_max_tasks)
-        self.alerts = AdminAlerts(config.admin_ids, db, telegram)
-        self.submitter = Submitter(kie, telegram, self.slots, self.alerts, self.apply, kie_callback_url(config),
+        self.alerts = AdminAlerts(config.admin_ids, db, outbox)
+        self.submitter = Submitter(kie, outbox.telegram, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.progress = Progress(telegram, outbox, self.book.save, clock)
-        sender = ResultSender(telegram, http, config.result_download_allow_private,
+        self.progress = Progress(outbox, self.book.save, clock)
+        sender = ResultSender(outbox, http, config.result_download_allow_private,
                               catalog=not config.single_model_only, remaining=self.fairness.remaining)
         self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
-                                   clock, delivery_budget_s, delivery_notice_s, settle=self.progress.quiet)
-        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts
+                                   clock, delivery_budget_s, delivery_notice_s)
+        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
+        self._originals: set[str] = set()  # jobs whose original file is on its way
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
@@ -5998,7 +6037,6 @@ class Generations:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
             self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
         self.book.forget(job)
-        self.deliverer.forget(job)
         self.progress.forget(job)
 
     def _on_record(self, job: Job, record: TaskRecord) -> None:
@@ -6059,19 +6097,19 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.deliverer, self.progress):
+        for part in (self.book, self.fairness, self.slots, self.poller, self.submitter, self.progress):
             part.clear()
 
     async def _watch_deadlines_forever(self) -> None:
-        """Time out overdue jobs, show running ones are alive, retry due deliveries, forget idle hourly stamps."""
+        """Time out overdue jobs, show running ones are alive, forget idle hourly stamps."""
         last_prune = self.clock.time()
         while True:
             now = self.clock.time()
-            for job in list(self.jobs.values()):
+            jobs = list(self.jobs.values()) if self.mode.may_act() else []  # else another may hold them now
+            for job in jobs:
                 if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
                     self.apply(job, EXPIRED)
-            self.progress.tick(list(self.jobs.values()), now, self._run_in_background)
-            self.deliverer.retry_due(now)
+            self.progress.tick(jobs, now)
             if now - last_prune > USAGE_PRUNE_S:
                 last_prune = now
                 self.fairness.forget_idle(now)
@@ -6079,7 +6117,7 @@ class Generations:
 
     # -- what the dialog asks --------------------------------------------------
 
-    def refusal(self, user_id: int) -> Busy | HourlyLimit | None:
+    def refusal(self, user_id: int) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a generation now, or None."""
         return self.fairness.refusal(user_id, self.book.busy(user_id))
 
@@ -6094,11 +6132,12 @@ class Generations:
                   status_message_id=status_message_id, created_at=now, updated_at=now, image=image)
         self.book.track(job)
         self.book.created += 1
+        self.fairness.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.submitter.enqueue(job)
         if not status_message_id:
-            self.progress.post_status(job, self._run_in_background)
+            self.progress.post_status(job)
         return job
 
     async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
@@ -6119,7 +6158,11 @@ class Generations:
         return self.fairness.remaining(user_id)
 
     def send_original(self, job: Job) -> None:
-        self._run_in_background(self.deliverer.sender.send_original(job))
+        """Send the original file; a press while it is on its way joins it (one download per job at a time)."""
+        if job.id not in self._originals:
+            self._originals.add(job.id)
+            self._tasks.start(self.deliverer.sender.send_original(job)).add_done_callback(
+                lambda task: self._originals.discard(job.id))
 
     async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
         """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
@@ -6148,12 +6191,14 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns the dialog's messages from the handler to Telegram: each is queued
-#    durably before its update counts as handled, then sent by a few sender
-#    tasks at Telegram's limits (section 7 paces), in order within a chat,
-#    one chat never holding up another.  Job drivers (section 12) call the
-#    TelegramClient themselves (paced there), except for the ⏳ message: it
-#    takes its chat's turn here (``deliver``) and hands back its message id.
+#    Owns every message to a chat, the bot's one sender.  Durable ones keep
+#    their chat's order: the dialog's replies queued durably before their
+#    update counts as handled, a job's (⏳, results, explanations) in memory,
+#    its job row being what survives.  Signs of life (chat actions, elapsed
+#    time) are in memory, one per key, and give way to any durable message
+#    in their chat.  A few senders go at Telegram's limits (section 7), one
+#    chat never holding up another; a message ends sent or at its deadline
+#    (monotonic), whether or not its caller still waits.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -6173,11 +6218,15 @@ class OutboxMessage:
     chat_id: int
     method: str
     params: dict
-    queued_at: float
+    queued_at: float  # wall clock, for the row: its age after a restart
     update_id: int | None  # the update whose handler queued it
+    since: float  # when it was queued, and when it ends unsent: on the monotonic clock
+    expires_at: float
     stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+    files: dict | None = None  # uploads of ``deliver``
+    sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
     on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
 
     def ended(self) -> asyncio.Future:
@@ -6246,6 +6295,10 @@ def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list
 # The update the running handler answers (set by the dialog for each update): the messages it queues
 # carry its id.
 REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
+# When (monotonic) the messages a job's driver queues must have gone, else they are dropped (None: max_wait_s).
+SEND_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("send_by", default=None)
+# Sent at most once: an answer lost on the way back ends the message (the job offers to re-send).
+SENT_ONCE_METHODS = frozenset({"sendPhoto", "sendDocument"})
 
 
 def outbox_senders(rate: int) -> int:
@@ -6253,7 +6306,8 @@ def outbox_senders(rate: int) -> int:
 
 
 class Outbox:
-    """The dialog's way to Telegram: ``send_message`` and ``call`` return once the message is queued.
+    """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
+    a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
 
     Queued means written to the ``outbox`` table (group commit), or held in
     memory while the database is unusable, so the update that produced it
@@ -6262,15 +6316,17 @@ class Outbox:
     handling it again queues it again).  Senders deliver
     them through the paced TelegramClient: a chat's messages in order, a
     chat waiting on its spacing or a failing Telegram set aside so others
-    go on.  A message Telegram refuses for good (400, 403) or still unsent
-    after ``max_wait_s`` ends, logged and counted; anything else waits.
+    go on.  A message Telegram refuses for good (400, 403) or still unsent at
+    its deadline (SEND_BY, or ``max_wait_s``) ends, logged and counted;
+    anything else waits.
     ``answer_callback`` goes out at once (Telegram exempts it from limits).
     """
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
-                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK):
+                 max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Role | None = None):
         self.db = db
         self.telegram = telegram
+        self.mode = mode or Role()
         self.senders = senders
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -6302,6 +6358,8 @@ class Outbox:
 
         ``on_sent`` is given Telegram's answer if this process sends it (not after a restart).
         """
+        if self.mode.void():  # its handler's update was handed over: the holder answers it
+            return
         message = self._new_message(method, params)
         message.on_sent = on_sent
         if not self._push(message) or not self.db.ok:
@@ -6315,28 +6373,34 @@ class Outbox:
     async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
         await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
-    async def caught_up(self, chat_id: int) -> None:
-        """Return once the messages queued for ``chat_id`` so far are over (sent, refused or expired)."""
-        if self._chats.get(chat_id):
-            with contextlib.suppress(TelegramError):  # ended unsent: over all the same
-                await asyncio.shield(self._chats[chat_id][-1].ended())
-
-    async def deliver(self, method: str, params: dict) -> Any:
-        """Send in the chat's order and return what Telegram answered (TelegramError if it ended unsent).
-
-        For a job's driver, which needs the result; kept in memory only: the
-        job, stored itself, sends it again after a restart.
-        """
+    def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
+        """Queue a job's message in its chat's order: the future gives Telegram's answer (TelegramError if it
+        ended unsent).  Kept in memory only: the job, stored itself, sends it again after a restart.
+        Cancelling the future does not cancel the message; it ends by SEND_BY at the latest."""
         message = self._new_message(method, params)
-        message.result = asyncio.get_running_loop().create_future()
+        message.files = files
         if not self._push(message):
             raise TelegramError(method, 503, "the outbox is full")
-        return await message.result
+        answer = asyncio.shield(message.ended())
+        answer.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
+        return answer
+
+    def show(self, key: str, method: str, params: dict) -> None:
+        """A sign of life: replaces a waiting one with the same ``key`` in its chat, never stored."""
+        queue = self._chats.get(params["chat_id"], ())
+        waiting = next((m for m in itertools.islice(queue, 1, None) if m.sign_of_life == key), None)
+        if waiting is not None:
+            waiting.params = params
+            return
+        message = self._new_message(method, params)
+        message.sign_of_life = key
+        self._push(message)
 
     def _new_message(self, method: str, params: dict) -> OutboxMessage:
-        now = self.clock.time()
+        now, since = self.clock.time(), self.clock.monotonic()
         self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get())
+        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(), since,
+                             SEND_BY.get() or since + self.max_wait_s)
 
     def _push(self, message: OutboxMessage) -> bool:
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
@@ -6364,15 +6428,24 @@ class Outbox:
                 await self._send_first(chat_id)
 
     async def _send_first(self, chat_id: int) -> None:
-        message = self._chats[chat_id][0]
-        if self.clock.time() - message.queued_at > self.max_wait_s:
-            self._end(message, "expired", f"still unsent after {self.max_wait_s:.0f}s",
-                      TelegramError(message.method, 504, "expired in the outbox"))
+        queue = self._chats[chat_id]
+        message = queue[0]
+        if message.sign_of_life and any(not later.sign_of_life for later in itertools.islice(queue, 1, None)):
+            self._end(message, None, "")  # gives way to a durable message; a newer sign comes soon
             return
         try:
-            result = await self.telegram.call(message.method, message.params)
+            if self.clock.monotonic() >= message.expires_at:
+                raise TimeoutError
+            async with asyncio.timeout(message.expires_at - self.clock.monotonic()):
+                result = await self.telegram.call(message.method, message.params, message.files,
+                                                  repeatable=message.method not in SENT_ONCE_METHODS)
+        except TimeoutError:
+            self._end(message, "expired", "still unsent at its deadline",
+                      TelegramError(message.method, 504, "expired in the outbox"))
+            return
         except TelegramError as error:
-            if error.retryable:
+            once = message.sign_of_life or message.method in SENT_ONCE_METHODS and _answer_maybe_lost(error)
+            if error.retryable and not once:
                 message.attempts += 1
                 wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
                 log.warning("[OUTBOX] %s to %d failed (%s), tried again in %.0fs", message.method, chat_id,
@@ -6430,9 +6503,9 @@ class Outbox:
         Called on becoming active (``taking_over``) and when the database
         comes back; messages already in memory are not taken twice.
         """
-        sent_ids = list(self._unrecorded)
+        sent_ids, held = list(self._unrecorded), set(self._ids)  # held now: sent from memory, even if over meanwhile
         unstored = [message for queue in self._chats.values() for message in queue
-                    if not message.stored and message.result is None]
+                    if not message.stored and message.result is None and not message.sign_of_life]
         try:
             rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
         except (DatabaseUnavailable, RowRejected):
@@ -6442,12 +6515,15 @@ class Outbox:
                 self._unrecorded.popleft()
             for message in unstored:
                 message.stored = True
+                if message.id not in self._ids:  # over while its row was written: the row goes
+                    self._writes.add(OutboxSent(message.id))
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
-            if message_id not in self._ids:
+            if message_id not in held and message_id not in self._ids:
                 self._last_id = max(self._last_id, message_id)
+                since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
-                                                   update_id, stored=True))
+                                                   update_id, since, since + self.max_wait_s, stored=True))
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
@@ -6479,8 +6555,8 @@ class Outbox:
 
     def oldest_wait_s(self) -> float:
         """How long the oldest queued message has waited (each chat's first is its oldest)."""
-        oldest = min((queue[0].queued_at for queue in self._chats.values()), default=None)
-        return 0.0 if oldest is None else max(0.0, self.clock.time() - oldest)
+        oldest = min((queue[0].since for queue in self._chats.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
         pacer = self.telegram.pacer
@@ -6523,6 +6599,11 @@ PENDING_UPDATES_FLAG_OVER = 50  # Telegram holding more: it cannot reach us, or 
 BACKLOG_GROWTH_FLAG_CHECKS = 6  # the inbox backlog grew at this many checks in a row: workers do not keep up
 RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two of the pipeline's recounts
 WEBHOOK_CHECK_S = 60.0  # how often getWebhookInfo is asked for the pending count (webhook mode)
+OUTBOX_STUCK_FLAG_S = 180.0  # the oldest reply waited this long: stuck (a group's 20/min spreads a burst this far)
+WEBHOOK_ERROR_RECENT_S = 600.0  # a webhook error younger than this, with updates still pending, is current
+KIE_CREDITS_CHECK_S = 600.0  # how often the active instance reads Kie's credit balance
+# /health answers 503 while the event loop runs a 1 s timer this late (a loop blocked for good answers nothing).
+LOOP_BEAT_S, LOOP_LAG_FAIL_S = 1.0, 5.0
 
 # The menu Telegram shows behind the "/" button, per language_code ("" is everyone
 # without a menu of their own): English, as the replies to a language the bot does not
@@ -6626,6 +6707,7 @@ class BotSetUp:
         self.spawn = spawn
         self.clock = clock
         self.started = False
+        self.failing: dict[str, str] = {}  # a step -> its latest error, while it keeps failing (a red flag)
 
     def start(self) -> None:
         if self.started:
@@ -6639,9 +6721,12 @@ class BotSetUp:
         """Run a set-up step against the Bot API until it succeeds."""
 
         def report(error: Exception, retry: int, wait: float) -> None:
-            log.error("[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
+            self.failing[what] = str(error)
+            level = logging.DEBUG if self.telegram.trouble else logging.ERROR  # its red flag says it once
+            log.log(level, "[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
 
         await call_with_retries(attempt, UNTIL_DONE, clock=self.clock, on_retry=report)
+        self.failing.pop(what, None)
 
 
 class LongPolling:
@@ -6655,18 +6740,18 @@ class LongPolling:
         self.clock = clock
         self.poll_timeout = poll_timeout
         # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
-        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: self.role.active)
+        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: role.may_act())
 
     async def run(self) -> None:
         """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
-        while not self.role.active:
+        while not self.role.may_act():
             await self.clock.sleep(PASSIVE_RETRY_S)
         await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
                                 UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
         log.info("[POLL] polling getUpdates")
         offset = None
         while True:
-            if not self.role.active:
+            if not self.role.may_act():
                 await self.clock.sleep(PASSIVE_RETRY_S)
                 continue
             params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
@@ -6680,17 +6765,17 @@ class LongPolling:
                 continue  # turned passive meanwhile
             offset = await self._ingest(updates or [], offset)
 
-    @staticmethod
-    def _report_delete_failure(error: Exception, retry: int, wait: float) -> None:
-        log.error("[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
+    def _report_delete_failure(self, error: Exception, retry: int, wait: float) -> None:
+        log.log(logging.DEBUG if self.telegram.trouble else logging.ERROR,  # its red flag says it once
+                "[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
 
-    @staticmethod
-    def _report_poll_failure(error: Exception, retry: int, wait: float) -> None:
+    def _report_poll_failure(self, error: Exception, retry: int, wait: float) -> None:
         if isinstance(error, TelegramError) and error.error_code == 409:
             log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
                         "retrying in %.0fs", wait)
         else:
-            log.warning("[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
+            log.log(logging.DEBUG if self.telegram.trouble else logging.WARNING,
+                    "[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
 
     async def _ingest(self, updates: list, offset: int | None) -> int | None:
         """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
@@ -6853,24 +6938,29 @@ def iso_utc(timestamp: float | None) -> str | None:
 class InstanceLease:
     """Which process on this database is the active one, decided by a lease row.
 
-    ``claim()`` takes the lease if it is free or expired and renews it if it
-    is ours; it never takes a holder's that may be alive.  The holder renews
-    every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
-    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see
-    ``lease_owner_is_gone``), changes hands within LEASE_PEEK_S, and a dead
-    holder's that may be alive within the TTL and a second.
+    ``claim()`` takes the lease if it is free or expired and renews it if it is ours; it never takes a holder's that
+    may be alive.  The holder renews every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
+    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see ``lease_owner_is_gone``), changes hands
+    within LEASE_PEEK_S, and a dead holder's that may be alive within the TTL and a second.
+
+    Fencing: the row expires a TTL after the claim by the server's clock; the holder trusts it for two thirds
+    of the TTL after it *sent* the claim, by its own monotonic clock (``trust_left``), so a process paused
+    or cut off from the database stops acting before another can take over.
     """
 
     def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.ttl = ttl
-        self.clock = clock
+        self.db, self.ttl, self.clock = db, ttl, clock
         self.owner = current_process_identity(secrets.token_hex(4)).owner()
-        self.held = False
+        self.held = False  # the last claim's answer
+        self.continued = False  # that claim renewed the lease with no other holder since ours (or none at all)
         self.holder = ""  # who holds it, as last seen
-        self.expires_at = 0.0
-        self.last_check = 0.0
-        self._checked = False
+        self.expires_at = self.last_check = 0.0
+        self.answered = False  # a claim got an answer (held or not)
+        self._trusted_until = -math.inf  # monotonic
+
+    def trust_left(self) -> float:
+        """Seconds this process may still act on the lease (0 when it does not hold it, or may have lost it)."""
+        return max(0.0, self._trusted_until - self.clock.monotonic()) if self.held else 0.0
 
     async def wait_for_turn(self) -> None:
         """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
@@ -6891,124 +6981,119 @@ class InstanceLease:
     async def claim(self) -> bool | None:
         """Take or renew the lease (a write): True if we hold it now, False if another live process does,
         None if the database is unusable."""
+        sent = self.clock.monotonic()
         try:
-            held, holder, expires_at = await self.db.write(self._claim, self.clock.time())
+            held, holder, expires_at, ours_before = await self.db.write(self._claim, self.clock.time())
         except DatabaseUnavailable:
             return None
-        was_held, first = self.held, not self._checked
-        self.held, self.holder, self.expires_at = held, holder, expires_at
-        self.last_check, self._checked = self.clock.time(), True
+        was_held, first = self.held, not self.answered
+        self.held, self.holder, self.expires_at, self.continued = held, holder, expires_at, held and ours_before
+        self._trusted_until = sent + self.ttl * 2 / 3
+        self.last_check, self.answered = self.clock.time(), True
         if held and not was_held:
             log.info("[LOCK] acquired by %s", self.owner)
         elif not held and (was_held or first):
-            log.warning("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
+            log.info("[LOCK] passive: %s holds the lease until %s", holder, iso_utc(expires_at))
         return held
 
-    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float]:
+    def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float, bool]:
         """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
-        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's)."""
-        server_now = self.db.server_time(conn)
-        return lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now)
+        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
+        and whether no other process held the lease before it (a missing row: a new database file)."""
+        server_now, ours_before = self.db.server_time(conn), lease_holder(conn) in (None, self.owner)
+        return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
 
     async def release(self) -> None:
         if not self.held:
             return
-        try:
+        with contextlib.suppress(DatabaseUnavailable):  # else it expires by itself
             await self.db.write(lease_release, self.owner)
-        except DatabaseUnavailable:
-            return  # it expires by itself
-        self.held = False
-        log.info("[LOCK] released by %s", self.owner)
+            self.held = False
+            log.info("[LOCK] released by %s", self.owner)
+
+
+# The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
+HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
 
 
 class Role:
-    """Whether this process is the active one, and becoming or ceasing to be it.
+    """The one answer to "may this instance act now?", and taking up or letting go the stored work.
 
-    It is *active* (processes updates, polls, runs jobs, sends the outbox,
-    sets up the webhook and the menu) while it holds the lease, or when the database is unusable
-    from the start (then nothing is shared to coordinate through).  A passive
-    instance still stores webhook updates in the shared inbox for the active
-    one.  The only owner of ``pipeline.should_process``.
+    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep no copy: yes while this process holds
+    the stored work and trusts its lease (``InstanceLease.trust_left``), or, until a claim is first answered, while
+    the database was never usable (nothing is shared: it serves from memory). ``settle`` claims the lease and
+    follows the answer: won, the dialogs are loaded, the outbox and the jobs taken up; lost, or won back after
+    another held it meanwhile, memory's share of the stored work is forgotten and the running handlers are void.  A
+    database that is back is claimed for first.
     """
 
-    def __init__(self, lease: InstanceLease, db: Database, states: ConversationStore, pipeline: UpdatePipeline,
-                 generations: Generations, outbox: Outbox, set_up: BotSetUp, clock: Clock = SYSTEM_CLOCK):
-        self.lease = lease
-        self.db = db
-        self.states = states
-        self.pipeline = pipeline
-        self.generations = generations
-        self.outbox = outbox
-        self.set_up = set_up
-        self.clock = clock
-        self.active = False
-        self._renewal: asyncio.Task | None = None  # renews the lease while shutdown finishes the work
+    def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
+        self.lease: InstanceLease = lease  # type: ignore[assignment]  # None: always acting (a part on its own)
+        self.db, self.holding, self.handovers = db, False, 0  # holding: the stored work is taken up in memory
+        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
 
-    async def claim_at_start(self) -> bool | None:
-        """The lease's first answer, applied before the pipeline starts: a passive one never takes from the inbox."""
-        role = await self.lease.claim()
-        # Held: ``activate`` turns processing on once the dialogs are loaded.  Unknown (no usable
-        # database): nothing to load or share, so serve from memory at once.
-        self.pipeline.should_process = role is None
-        return role
+    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: BotSetUp,
+              wake: Callable[[], None]) -> None:
+        self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
-    async def activate(self) -> None:
-        """Become the processing instance: fresh state from the database, jobs, the webhook.
+    def acting_left(self) -> float:
+        """Seconds this instance may still act, by its monotonic clock: every send must end within them."""
+        if self.lease is None or not (self.lease.answered or self.db.ok):  # type: ignore[union-attr]
+            return math.inf
+        return self.lease.trust_left() if self.holding else 0.0
 
-        Dialogs are loaded before any update is handled: a dialog step taken
-        while they loaded would be overwritten by the stored state.
-        """
-        if self.db.ok:
-            try:
-                log.info("[DB] %d open dialogs loaded", await self.states.load())
-            except DatabaseUnavailable:
-                pass
-        await self.outbox.resume(taking_over=True)  # before a handler queues a reply overtaking a stored one
-        self.active = True
-        self.pipeline.should_process = True
+    def may_act(self) -> bool:
+        return self.acting_left() > 0
+
+    def void(self) -> bool:
+        """Whether the running handler began where it might not act, or before the last hand-over."""
+        return HANDLING_SINCE.get() not in (None, self.handovers)
+
+    async def settle(self, recovered: bool = False) -> None:
+        """Claim the lease and follow its answer; ``recovered``: the database is back after an outage."""
+        async with self._settling:
+            first, held = not self.lease.answered, await self.lease.claim()
+            if held is None:
+                if first:  # no database since the start: serve from memory
+                    await self._run()
+                return
+            if (self.holding and not self.lease.continued) or (first and not held):
+                await self.hand_over()
+            if held and not self.holding:
+                await self.take_over()
+            elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
+                await self._run()
+
+    async def take_over(self) -> None:
+        """Load the dialogs first (a step taken while they loaded would be overwritten), then take up the rest."""
+        with contextlib.suppress(DatabaseUnavailable):
+            log.info("[DB] %d open dialogs loaded", await self.states.load())
+        await self._run(taking_over=True)
+        self.wake()
+
+    async def _run(self, taking_over: bool = False) -> None:
+        await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
+        self.holding = self.holding or taking_over
         await self.generations.resume()
-        self.pipeline.wake()
         self.set_up.start()
 
-    async def deactivate(self) -> None:
-        self.active = False
-        self.pipeline.should_process = False
+    async def hand_over(self) -> None:
+        """Forget the stored work memory holds: the holder takes it up from the database."""
+        self.holding = False
+        self.handovers += 1
         await self.generations.pause()
         await self.outbox.pause()
 
-    async def hold(self) -> None:
-        """Renew the lease (or try for it) for the life of the process.
-
-        When the database is unusable the role stays as it was: a process that
-        cannot read the shared inbox or jobs cannot handle them twice, and
-        /start keeps working from memory.
-        """
+    async def hold(self, stopping: asyncio.Event) -> None:
+        """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
+        than the TTL must not be taken for a dead holder (its successor would handle again what this still does)."""
         while True:
             await self.lease.wait_for_turn()
-            role = await self.lease.claim()
-            if role is True and not self.active:
-                await self.activate()
-            elif role is False and self.active:
-                await self.deactivate()
+            if not stopping.is_set():
+                await self.settle()
+            elif self.lease.held:
+                await self.lease.claim()
 
-    def renew_while_draining(self) -> None:
-        """At shutdown, once ``hold`` has stopped: keep a held lease renewed while the work in hand is finished,
-        so a drain longer than the lease's TTL is not taken for a dead holder (its successor would handle again
-        what this process still handles)."""
-        if self.lease.held:
-            self._renewal = asyncio.create_task(self._renew(), name="lease-renewal")
-
-    async def _renew(self) -> None:
-        while self.lease.held:
-            await self.clock.sleep(self.lease.ttl / 3)
-            await self.lease.claim()
-
-    async def release(self) -> None:
-        """Give the lease up: last at shutdown, so the successor never takes an update this process still handles."""
-        if self._renewal is not None:
-            self._renewal.cancel()
-            await asyncio.gather(self._renewal, return_exceptions=True)
-        await self.lease.release()
 
 
 # -- metrics: the Prometheus text exposition format ---------------------------
@@ -7093,7 +7178,8 @@ class Metrics:
     """/metrics: every part's counters and gauges, and the timings, as Prometheus metric families."""
 
     def __init__(self, timings: Timings, db: Database, pipeline: UpdatePipeline, telegram: TelegramClient,
-                 kie: KieClient, generations: Generations, role: Role):
+                 kie: KieClient, generations: Generations, role: Role, diagnostics: Diagnostics):
+        self.diagnostics = diagnostics
         self.timings = timings
         self.db = db
         self.pipeline = pipeline
@@ -7103,7 +7189,7 @@ class Metrics:
         self.role = role
 
     def families(self, server: HttpServer) -> list[Family]:
-        return self._counters() + self._gauges(server) + self._histograms()
+        return self._counters() + self._gauges(server) + self._red_flag_gauges() + self._histograms()
 
     def _counters(self) -> list[Family]:
         stats = dataclasses.asdict(self.pipeline.stats)
@@ -7150,12 +7236,27 @@ class Metrics:
             ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
              [("", {}, self.role.outbox.oldest_wait_s())]),
             ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
-             [("", {}, self.role.active)]),
+             [("", {}, self.role.may_act())]),
             ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
             ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
             ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
              [("", {"phase": phase}, n) for phase, n in server.phase_counts().items()]),
             ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, self.timings.uptime())]),
+        ]
+
+    def _red_flag_gauges(self) -> list[Family]:
+        raised, seen = self.diagnostics.red_flags.raised, self.diagnostics.seen
+        webhook, credits = seen.get("webhook", {}), seen.get("credits")
+        error_at = webhook.get("last_error_date") if webhook.get("last_error_message") else None
+        return [
+            ("trt_red_flag", "gauge", "1 while a red flag is raised (/health's warnings say why), by flag.",
+             [("", {"flag": flag}, flag in raised) for flag in RED_FLAGS]),
+            ("trt_telegram_pending_updates", "gauge", "Updates Telegram holds for the webhook, at the last check.",
+             [("", {}, webhook["pending_update_count"])] if "pending_update_count" in webhook else []),
+            ("trt_webhook_last_error_age_seconds", "gauge", "Seconds since Telegram's last webhook error.",
+             [("", {}, self.diagnostics.clock.time() - error_at)] if isinstance(error_at, (int, float)) else []),
+            ("trt_kie_credits", "gauge", "Kie.ai's credit balance, read every 10 minutes.",
+             [("", {}, credits)] if credits is not None else []),
         ]
 
     def _histograms(self) -> list[Family]:
@@ -7210,50 +7311,84 @@ class SharedCall:
             self._in_flight = None
 
 
+# Each red flag: "failing" while users get no answers (or none soon), else "degraded"; and what to do.
+RED_FLAGS: dict[str, tuple[str, str]] = {
+    "telegram_unreachable": ("failing", "check the network and TELEGRAM_API_BASE; the bot keeps retrying"),
+    "token_rejected": ("failing", "it was revoked or is wrong: copy TELEGRAM_BOT_TOKEN again from @BotFather"),
+    "webhook_error": ("failing", "see /diag/webhook"),  # the fix depends on the error: WEBHOOK_ERROR_FIXES
+    "setup_failing": ("failing", "see the [WEBHOOK] and [COMMANDS] lines in the log; is WEBHOOK_BASE_URL right?"),
+    "outbox_stuck": ("failing", "Telegram does not take the replies: see the [TG] and [OUTBOX] lines in the log"),
+    "pending_updates": ("degraded", "Telegram cannot reach the bot, or acknowledgements are slow: see /diag/webhook"),
+    "inbox_backlog": ("degraded", "the workers do not keep up: raise UPDATE_QUEUE_WORKERS, or find slow handlers"),
+    "kie_credits_low": ("degraded", "top them up in your Kie.ai dashboard before Kie refuses pictures (402)"),
+    "daily_limit": ("degraded", "new pictures are refused until 00:00 UTC; raise GEN_DAILY_LIMIT to allow more"),
+}
+# What a webhook error Telegram reports means, by a phrase in it (the first match wins).
+WEBHOOK_ERROR_FIXES = (
+    ("401", "the bot refused Telegram's secret token: another deployment registered this webhook, or "
+            "WEBHOOK_SECRET_TOKEN changed since; give every instance the same WEBHOOK_SECRET_TOKEN and restart"),
+    ("503", "the bot answered 503 (its inbox or memory full, or shutting down): see /health"),
+    ("SSL", "Telegram does not trust the certificate of WEBHOOK_BASE_URL"),
+    ("", "Telegram cannot reach WEBHOOK_BASE_URL: check the URL, its DNS, and that the service is up"),
+)
+
+
+def webhook_problem(info: dict, now: float, since: float = 0.0) -> tuple[str, str] | None:
+    """(reason, fix) when getWebhookInfo's last error is current: newer than ``since`` and
+    WEBHOOK_ERROR_RECENT_S, with updates still pending (a deploy gap's error outlives the gap)."""
+    message, date = info.get("last_error_message") or "", info.get("last_error_date")
+    if not (message and isinstance(date, (int, float)) and date >= max(since, now - WEBHOOK_ERROR_RECENT_S)
+            and info.get("pending_update_count")):
+        return None
+    fix = next(fix for phrase, fix in WEBHOOK_ERROR_FIXES if phrase in message)
+    return f"Telegram could not deliver an update {now - date:.0f} s ago: {message}", fix
+
+
 class RedFlags:
-    """The warning signs of the report, as plain state: fed observations, it says what to log.
+    """The warning signs of the report (RED_FLAGS), as plain state: fed observations, it says what to log.
 
     A flag is raised once when its condition starts and cleared once when it
     ends, however many checks see it in between.  ``warnings`` is what
-    /health shows.  The observe_* methods return ('raised' | 'cleared', text)
-    when a flag changes, else None.
+    /health shows.  The observe* methods return ('raised' | 'cleared', flag,
+    text) when a flag changes, else None.
     """
 
     def __init__(self, pending_over: int, growth_checks: int):
         self.pending_over = pending_over
         self.growth_checks = growth_checks
-        self.raised: dict[str, str] = {}  # flag -> what it says, with the latest figures
+        self.raised: dict[str, dict[str, str]] = {}  # flag -> its warning, with the latest figures
         self._backlog: int | None = None
         self._growth = 0  # checks in a row at which the backlog grew
 
     @property
-    def warnings(self) -> list[str]:
+    def warnings(self) -> list[dict[str, str]]:
         return list(self.raised.values())
 
-    def observe_pending(self, pending: int) -> tuple[str, str] | None:
-        if pending > self.pending_over:
-            return self._raise("pending_updates", f"Telegram holds {pending} pending updates (over "
-                               f"{self.pending_over}): it cannot reach the bot, or acknowledgements are slow; "
-                               "see /diag/webhook")
-        return self._clear("pending_updates", f"Telegram holds {pending} pending updates (at most {self.pending_over})")
+    def severities(self) -> set[str]:
+        return {RED_FLAGS[flag][0] for flag in self.raised}
 
-    def observe_backlog(self, backlog: int) -> tuple[str, str] | None:
+    def observe(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
+        """``flag`` is raised for ``reason`` (None: it is not, as ``all_clear`` says)."""
+        if reason is None:
+            return ("cleared", flag, all_clear) if self.raised.pop(flag, None) is not None else None
+        first = flag not in self.raised
+        self.raised[flag] = {"flag": flag, "reason": reason, "fix": fix or RED_FLAGS[flag][1]}
+        return ("raised", flag, f"{reason}; {self.raised[flag]['fix']}") if first else None
+
+    def observe_pending(self, pending: int) -> tuple[str, str, str] | None:
+        held, most = f"Telegram holds {pending} pending updates", self.pending_over
+        return self.observe("pending_updates", f"{held} (over {most})" if pending > most else None,
+                            f"{held} (at most {most})")
+
+    def observe_backlog(self, backlog: int) -> tuple[str, str, str] | None:
         previous, self._backlog = self._backlog, backlog
         self._growth = self._growth + 1 if previous is not None and backlog > previous else 0
         if self._growth >= self.growth_checks:
-            return self._raise("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
-                               f"to {backlog} updates: the workers do not keep up")
+            return self.observe("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
+                                f"to {backlog} updates", "")
         if backlog == 0 or (previous is not None and backlog < previous):
-            return self._clear("inbox_backlog", f"the inbox backlog is going down ({backlog} updates)")
+            return self.observe("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
         return None
-
-    def _raise(self, flag: str, text: str) -> tuple[str, str] | None:
-        first = flag not in self.raised
-        self.raised[flag] = text
-        return ("raised", text) if first else None
-
-    def _clear(self, flag: str, text: str) -> tuple[str, str] | None:
-        return ("cleared", text) if self.raised.pop(flag, None) is not None else None
 
 
 class Diagnostics:
@@ -7275,17 +7410,24 @@ class Diagnostics:
         self.stopping = stopping
         self.clock = clock
         self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S, clock)
+        self.kie_credits = SharedCall(lambda: generations.kie.credits(budget_s=0), KIE_CREDITS_CHECK_S, clock)
         self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
         self.red_flag_check_s, self.webhook_check_s = RED_FLAG_CHECK_S, WEBHOOK_CHECK_S
+        self.started_at = int(clock.time())  # a webhook error before it is not this process's (whole seconds)
+        self.seen: dict[str, Any] = {}  # the latest getWebhookInfo answer ("webhook") and credit balance ("credits")
+        self._beat = (math.inf, 0.0)  # (the event loop's last beat, how late it came): none before it starts
 
     async def on_health(self, request: Request) -> Response:
-        stopping, workers_dead = self.stopping.is_set(), not self.pipeline.workers_alive
+        """200 whatever a restart cannot fix (``status`` and ``warnings`` say it); 503 when one would help."""
+        stopping, failure = self.stopping.is_set(), self._cannot_work()
+        severities = self.red_flags.severities() | (set() if self.db.ok else {"degraded"})
         payload = {
-            "status": "stopping" if stopping else "ok" if self.db.ok else "degraded",
+            "status": "stopping" if stopping else "failing" if failure or "failing" in severities
+            else "degraded" if severities else "ok",
             "uptime": int(self.timings.uptime()),
-            "active": self.role.active,
+            "active": self.role.may_act(),
             "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.role.lease.held,
+            "lock_acquired": self.role.lease.trust_left() > 0,
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
@@ -7293,9 +7435,28 @@ class Diagnostics:
             "warnings": self.red_flags.warnings,
             "version": __version__,
         }
+        if failure:
+            payload["failure"] = failure
         if not self.db.ok:
             payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
-        return json_response(payload, 503 if stopping or workers_dead else 200)
+        return json_response(payload, 503 if stopping or failure else 200)
+
+    def _cannot_work(self) -> str:
+        """Why this process cannot do its job at all, which a restart ends; "" when it can."""
+        beat, late = self._beat
+        lag = max(late, time.monotonic() - beat - LOOP_BEAT_S)
+        if not self.pipeline.workers_alive:
+            return "the update workers have died"
+        if self.pipeline.watchdog.stuck() >= self.pipeline.workers.count:
+            return "every update worker is stuck in a handler that ignores its timeout"
+        return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
+
+    async def beat_forever(self) -> None:
+        """How late a short sleep ends is how long every request waits (real time: ``clock`` is no loop's)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LOOP_BEAT_S)
+            self._beat = (time.monotonic(), time.monotonic() - before - LOOP_BEAT_S)
 
     async def _get_webhook_info(self) -> dict:
         info = await self.telegram.call("getWebhookInfo")
@@ -7317,9 +7478,8 @@ class Diagnostics:
     async def on_diag_lock(self, request: Request) -> Response:
         lease = self.role.lease
         return json_response({
-            "active": self.role.active,
-            "should_process": self.pipeline.should_process,
-            "lock_acquired": lease.held,
+            "active": self.role.may_act(),
+            "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
             "last_check": iso_utc(lease.last_check),
             "instance_id": lease.owner,
             "owner": lease.holder or None,
@@ -7329,32 +7489,72 @@ class Diagnostics:
         })
 
     async def watch_red_flags(self) -> None:
-        """Sample the inbox backlog, and in webhook mode Telegram's pending count; log each incident once."""
+        """Look at this process every check, at Telegram and Kie.ai less often; log each incident once."""
         last_webhook_check = self.clock.monotonic()
         while True:
             await self.clock.sleep(self.red_flag_check_s)
-            self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
-            if self.config.bot_mode != "webhook" or self.clock.monotonic() - last_webhook_check < self.webhook_check_s:
-                continue
-            last_webhook_check = self.clock.monotonic()
-            try:
-                pending = (await self.webhook_info.get()).get("pending_update_count")
-            except TelegramError:
-                continue  # the Telegram client has logged it; the flag stays as it was
-            self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+            self._observe_here()
+            webhook_due = self.clock.monotonic() >= last_webhook_check + self.webhook_check_s
+            if self.config.bot_mode == "webhook" and webhook_due:
+                last_webhook_check = self.clock.monotonic()
+                await self._observe_webhook()
+            if self.role.may_act() and self.generations.configured() and self.config.kie_credits_low:
+                await self._observe_credits()
+
+    def _observe_here(self) -> None:
+        trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations.fairness
+        waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.role.set_up.failing
+        for flag, reason, all_clear in (
+            ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
+             "cannot be reached", "the Bot API answers again"),
+            ("token_rejected", trouble == "token_rejected" and "Telegram rejects the bot token",
+             "Telegram accepts the bot token again"),
+            ("setup_failing", not trouble and failing and "set-up keeps failing: " + "; ".join(failing.values()),
+             "set-up succeeded"),
+            ("outbox_stuck", waited > OUTBOX_STUCK_FLAG_S and f"the oldest of {outbox.depth} replies has waited "
+             f"{waited:.0f} s (over {OUTBOX_STUCK_FLAG_S:.0f} s)", "the outbox moves again"),
+            ("daily_limit", 0 < fairness.daily_limit <= started and f"{started} pictures started today, "
+             f"GEN_DAILY_LIMIT={fairness.daily_limit}", "a new day: pictures may start again"),
+        ):
+            self._log_red_flag(self.red_flags.observe(flag, reason or None, all_clear))
+        self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
+
+    async def _observe_webhook(self) -> None:
+        try:
+            info = self.seen["webhook"] = await self.webhook_info.get()
+        except TelegramError:
+            return  # the Telegram client's trouble says why; these flags stay as they were
+        pending = info.get("pending_update_count")
+        self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+        reason, fix = webhook_problem(info, self.clock.time(), self.started_at) or (None, "")
+        reason = reason and mask_secrets(reason, self.config.secrets)
+        self._log_red_flag(self.red_flags.observe("webhook_error", reason, "Telegram delivers again", fix))
+
+    async def _observe_credits(self) -> None:
+        try:
+            credits = self.seen["credits"] = await self.kie_credits.get()
+        except KieError:
+            return  # counted in trt_kie_calls_total; the flag stays as it was
+        low, shown = self.config.kie_credits_low, f"{credits:g}"
+        reason = f"Kie.ai has {shown} credits left (under KIE_CREDITS_LOW={low})" if credits < low else None
+        change = self.red_flags.observe("kie_credits_low", reason, f"Kie.ai has {shown} credits")
+        self._log_red_flag(change)
+        if change is not None and change[0] == "raised":
+            await self.generations.alerts.tell(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
 
     @staticmethod
-    def _log_red_flag(change: tuple[str, str] | None) -> None:
+    def _log_red_flag(change: tuple[str, str, str] | None) -> None:
         if change is None:
             return
-        event, text = change
+        event, flag, text = change
         if event == "raised":
-            log.warning("[FLAG] %s", text)
+            log.log(logging.ERROR if RED_FLAGS[flag][0] == "failing" else logging.WARNING, "[FLAG] %s", text)
         else:
             log.info("[FLAG] cleared: %s", text)
 
     def close(self) -> None:
         self.webhook_info.cancel()
+        self.kie_credits.cancel()
 
 
 class Routes:
@@ -7487,7 +7687,7 @@ class Routes:
 class App:
     """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
 
-    Whether it processes updates is its Role's business (the lease).
+    Whether it acts is its Role's answer (the lease).
     """
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
@@ -7497,45 +7697,38 @@ class App:
         self.port: int | None = None
         self.stopping = asyncio.Event()
         self._background = OwnedTasks("[APP]")
+        self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
+        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
-                                       pacer=telegram_pacer(config))
+                                       pacer=telegram_pacer(config), acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
         timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
-                        max_wait_s=config.outbox_max_wait_s, clock=clock)
-        self.generations = Generations(config, self.db, self.telegram, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=clock)
-        self.pipeline = self._build_pipeline(states, outbox, timings)
-        set_up = BotSetUp(config, self.telegram, self._spawn, clock)
-        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db, states, self.pipeline,
-                         self.generations, outbox, set_up, clock)
+                        max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
+        self.generations = Generations(config, self.db, outbox, self.kie, self.http,
+                                       on_finished=timings.job_finished, clock=SteadyClock(clock), mode=self.role)
+        # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
+        conversation = Conversation(config, outbox, states, self.generations,
+                                    queue_stats=lambda: self.pipeline.snapshot())
+        self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
+                                       workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
+                                       clock=clock, mode=self.role)
+        set_up = BotSetUp(config, self.telegram, self._background.start, clock)
+        self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        timings, self.stopping, clock)
-        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role)
+        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role,
+                          self.diagnostics)
         self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
-        # The loops that run for the life of the process, by task name.
+        # The loops that run for the life of the process, by task name (the lease's until its release).
         self._loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "db-watch": self._watch_database, "lease": self.role.hold, "red-flags": self.diagnostics.watch_red_flags}
+            "db-watch": self._watch_database, "red-flags": self.diagnostics.watch_red_flags,
+            "loop-beat": self.diagnostics.beat_forever}
         if config.bot_mode == "polling":
             self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
-
-    def _build_pipeline(self, states: ConversationStore, outbox: Outbox, timings: Timings) -> UpdatePipeline:
-        """The pipeline, built around the dialog's handler; the dialog's /stats shows the pipeline's figures."""
-        # The pipeline needs the dialog and the dialog the pipeline: the lambda looks ``pipeline`` up when called.
-        conversation = Conversation(self.config, outbox, states, self.generations,
-                                    queue_stats=lambda: pipeline.snapshot())
-        pipeline = UpdatePipeline(
-            self.db,
-            conversation.handle,
-            queue_size=self.config.queue_size,
-            workers=self.config.queue_workers,
-            on_handled=timings.handling_seconds.observe,
-            clock=self.clock,
-        )
-        return pipeline
 
     @property
     def server(self) -> HttpServer:
@@ -7550,21 +7743,14 @@ class App:
         log.info("[HTTP] listening on %s:%d", self.config.host, self.port)
         if await self.db.open():
             log.info("[DB] ready at %s (schema v%d)", self.db.where, SCHEMA_VERSION)
-        first_claim = await self.role.claim_at_start()
-        # The pipeline learns which chats have updates waiting in the inbox before any update may be
-        # taken; activating loads the dialogs, then lets the workers take updates.
+        await self.role.settle()  # the holder loads the dialogs before the workers start
         await self.pipeline.start()
-        if first_claim is not False:
-            await self.role.activate()
         for name, loop in self._loops.items():
-            self._spawn(loop(), name)
+            self._background.start(loop(), name)
+        self._lease_loop.start(self.role.hold(self.stopping), "lease")
 
     async def stop(self) -> None:
-        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default).
-
-        The lease is released last, after in-memory work is finished, so the
-        successor never picks up an update this process is still handling.
-        """
+        """Graceful shutdown within config.shutdown_grace_s (Render waits 30 s by default)."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -7573,18 +7759,16 @@ class App:
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
         self.diagnostics.close()
         await self._background.cancel_all()
-        self.role.renew_while_draining()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        # The replies of the updates just handled get half of what is left; unsent ones stay stored.
-        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
-        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()))
-        await self.role.release()
+        # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
+        # unsent replies stay stored, unfinished jobs in their table.
+        await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
+        await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()))
+        await self._lease_loop.cancel_all()
+        await self.role.lease.release()  # last: the successor never takes an update this process still handles
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._background.start(coro, name)
 
     async def _watch_database(self) -> None:
         """Notice the database file being deleted or replaced, even with no traffic, and reopen an
@@ -7594,12 +7778,9 @@ class App:
             if self.db.ok:
                 await self.db.verify()
             if not self.db.ok and await self.db.open():
-                log.warning("[DB] recovered; back to durable mode")
-                if self.role.active:  # replies queued meanwhile are stored before their updates' done marks
-                    await self.role.outbox.resume()
+                log.info("[DB] recovered; back to durable mode")
+                await self.role.settle(recovered=True)  # the lease first: another may have taken over meanwhile
                 self.pipeline.wake()
-                if self.role.active:
-                    await self.generations.resume()
 
 
 CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -7636,7 +7817,7 @@ async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
             report("ok", "Telegram", f"token accepted: @{me.get('username')} (id {me.get('id')})")
             await _check_webhook(config, telegram, report)
         except TelegramError as error:
-            if error.error_code in (401, 404):
+            if error.error_code in TOKEN_REJECTED_CODES:
                 report("FAIL", "Telegram", f"the bot token was rejected ({error.error_code} {error.description}): "
                                            "copy TELEGRAM_BOT_TOKEN again from @BotFather (/token)")
             else:
@@ -7653,7 +7834,10 @@ async def _check_webhook(config: Config, telegram: TelegramClient, report: Calla
     pending, error = info.get("pending_update_count") or 0, info.get("last_error_message") or ""
     status = "ok" if not error else "warn"
     detail = f"{url}, {pending} pending" + (f", last error: {error}" if error else "")
-    if config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
+    problem = webhook_problem(info, time.time())
+    if problem is not None:
+        status, detail = "FAIL", f"{url}, {pending} pending; {problem[0]}: {problem[1]}"
+    elif config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
         status, detail = "warn", detail + "; the bot will register its own URL when it starts"
     elif config.bot_mode == "polling" and info.get("url"):
         status, detail = "warn", detail + "; polling mode deletes this webhook when it starts"
