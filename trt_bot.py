@@ -4288,19 +4288,63 @@ def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
 class PromptStep:
     """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
 
-    A new or edited description before the job starts replaces the old one and
-    the open question is asked again (the old one loses its keyboard).  A
-    description too long for the model is kept, with the models that take it offered.
+    A description outside a question starts a picture (at once in the user's
+    default format).  A new or edited description before the job starts
+    replaces the old one and the open question is asked again (the old one
+    loses its keyboard).  A description too long for the model is kept, with
+    the models that take it offered.
     """
 
-    def __init__(self, states: ConversationStore, models_by_key: Mapping[str, ImageModel],
-                 send: Callable[..., Awaitable[None]], ask: Callable[..., Awaitable[None]],
-                 send_hint: Callable[[Context], Awaitable[None]]):
-        self.states = states
-        self.models_by_key = models_by_key
-        self.send = send
-        self.ask = ask
-        self.send_hint = send_hint
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.states = conversation.states
+        self.models_by_key = conversation.models_by_key
+        self.send, self.ask, self.send_hint = conversation.send, conversation.ask, conversation.send_hint
+
+    async def may_draw(self, ctx: Context) -> bool:
+        """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
+        if not self.dialog.generations.configured():  # only admins can fix it, so only they read how
+            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
+            return False
+        refusal = self.dialog.generations.refusal(ctx.user_id)
+        if refusal is not None:
+            key, values = refusal_text(refusal)
+            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
+            await self.send(ctx, key, stop, **values)
+        return refusal is None
+
+    async def ask_for(self, ctx: Context, model: ImageModel) -> None:
+        """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
+        await self.dialog.answer(ctx)
+        if ctx.repeated or not await self.may_draw(ctx):
+            return  # (a second tap on the same button: the question is out already)
+        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
+        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
+                       model=model.title, limits=prompt_limits(model, ctx.lang))
+
+    async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
+        """A description: drawn at once in the user's default format (/settings), else the format question."""
+        state = self.states.get(ctx.dialog) or {}
+        settings = self.states.settings(ctx.user_id)
+        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
+                                             self.dialog.models)
+        if not await self.may_draw(ctx):
+            return
+        if not ratio:
+            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+            await self.take(ctx, text, message_id)
+        elif not await self.refuse(ctx, model, text):
+            await self.dialog.generate(ctx, model, text.strip(), ratio, option, 0)
+
+    async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
+        """A model offered for a description too long for the one chosen: the description goes on with it."""
+        state = self.states.get(ctx.dialog) or {}
+        model, prompt = self.models_by_key.get(key), state.get("prompt", "")
+        if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
+            return  # stale, forged, or tapped twice
+        await self.dialog.answer(ctx)
+        await self.dialog.set_state(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+        await self.draw(dataclasses.replace(ctx, message_id=0), prompt, 0)
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
         """The answer to the prompt question, or a new description while a ratio or option question is open."""
@@ -4346,13 +4390,60 @@ class PromptStep:
         return problem is not None
 
 
+class OpenQuestion:
+    """The dialog's one open question: each new one (or the dialog's end) takes the keyboard off the one before.
+
+    A question edited into a pressed message is known at once; a sent one's
+    id comes back from the outbox once Telegram has it (memory only: after a
+    restart an old question may keep its buttons, which then answer as stale).
+    """
+
+    def __init__(self, states: ConversationStore, telegram: Outbox,
+                 edit: Callable[[Context, int, str, dict | None], Awaitable[None]]):
+        self.states = states
+        self.telegram = telegram
+        self.edit = edit
+
+    async def ask(self, ctx: Context, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
+        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it.
+
+        The question it replaces loses its keyboard; a sent one's id is noted
+        once Telegram has it, so the next change can take its keyboard off too.
+        """
+        question = secrets.token_hex(4)
+        await self.set_state(ctx, {**state, "question": question, "question_id": message_id}, keep=message_id)
+        text = render(ctx.lang, key, **values)
+        if message_id:
+            await self.edit(ctx, message_id, text, markup)
+        else:
+            await self.telegram.send_message(ctx.chat_id, text, markup,
+                                             on_sent=functools.partial(self._asked, ctx.dialog, question))
+
+    def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
+        state = self.states.get(dialog)
+        if state is not None and state.get("question") == question and isinstance(message, dict):
+            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
+
+    async def set_state(self, ctx: Context, state: dict | None, keep: int = 0) -> None:
+        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
+        (each is edited into what comes next)."""
+        old = (self.states.get(ctx.dialog) or {}).get("question_id")
+        await self.states.set(ctx.dialog, state)
+        if old and old not in (keep, ctx.message_id):
+            await self.retire(ctx, old)
+
+    async def retire(self, ctx: Context, message_id: int) -> None:
+        """Take the keyboard off a message whose buttons no longer mean anything."""
+        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": message_id,
+                                                            "reply_markup": {"inline_keyboard": []}})
+
+
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option"
-    | "edit" | "model", "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
-    "ratio": ..., "image": an edit's photo, "question"/"question_id": the open
-    question (see ``ask``)}.  In a private chat any text is a description and
+    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
+    "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
+    photo, "question"/"question_id": see OpenQuestion}.  In a private chat any text is a description and
     a photo an edit.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
     answered politely and changes nothing.  Replies go through the outbox
@@ -4369,16 +4460,18 @@ class Conversation:
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
-        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
         # Each dialog's last press (message id, data) since its last message, to tell a double tap (memory only).
         self.presses: dict[DialogKey, tuple[int, Any]] = {}
-        self.prompts = PromptStep(states, self.models_by_key, self.send, self.ask, self.send_hint)
+        questions = OpenQuestion(states, telegram, self.edit)
+        self.ask, self.set_state, self.retire = questions.ask, questions.set_state, questions.retire
+        self.prompts = PromptStep(self)
+        self.photos = PhotoEdits(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
-            "stop": self.on_stop_button, "long": self.on_long_prompt_button}
+            "long": self.prompts.on_long_prompt_button}
         self.buttons.update(JobButtons(self).handlers())
         languages, settings = LanguageChoice(self), SettingsChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
@@ -4421,15 +4514,15 @@ class Conversation:
         if command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
-            await self.on_photo(ctx, message)
+            await self.photos.on_message(ctx, message)
         elif not isinstance(text, str):
             await (self.send(ctx, not_text_answer(message)) if step else self.send_hint(ctx))
         elif step == "edit":
-            await self.edit_photo(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+            await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
-            await self.draw(ctx, text, message.get("message_id"))
+            await self.prompts.draw(ctx, text, message.get("message_id"))
         else:
             await self.send_hint(ctx)
 
@@ -4484,39 +4577,6 @@ class Conversation:
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
 
-    async def ask(self, ctx: Context, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
-        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it.
-
-        The question it replaces loses its keyboard; a sent one's id is noted
-        once Telegram has it, so the next change can take its keyboard off too.
-        """
-        question = secrets.token_hex(4)
-        await self.set_state(ctx, {**state, "question": question, "question_id": message_id}, keep=message_id)
-        text = render(ctx.lang, key, **values)
-        if message_id:
-            await self.edit(ctx, message_id, text, markup)
-        else:
-            await self.telegram.send_message(ctx.chat_id, text, markup,
-                                             on_sent=functools.partial(self._asked, ctx.dialog, question))
-
-    def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
-        state = self.states.get(dialog)
-        if state is not None and state.get("question") == question and isinstance(message, dict):
-            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
-
-    async def set_state(self, ctx: Context, state: dict | None, keep: int = 0) -> None:
-        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
-        (each is edited into what comes next)."""
-        old = (self.states.get(ctx.dialog) or {}).get("question_id")
-        await self.states.set(ctx.dialog, state)
-        if old and old not in (keep, ctx.message_id):
-            await self.retire(ctx, old)
-
-    async def retire(self, ctx: Context, message_id: int) -> None:
-        """Take the keyboard off a message whose buttons no longer mean anything."""
-        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": message_id,
-                                                            "reply_markup": {"inline_keyboard": []}})
-
     # -- commands -----------------------------------------------------------
 
     async def on_start(self, ctx: Context, message: dict) -> None:
@@ -4569,85 +4629,12 @@ class Conversation:
     # -- the dialog ---------------------------------------------------------
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.ask_prompt(ctx, user_defaults(self.states.settings(ctx.user_id), self.models)[0])
+        await self.prompts.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
         model = self.models_by_key.get(key)
         if model is not None:
-            await self.ask_prompt(ctx, model)
-
-    async def may_draw(self, ctx: Context) -> bool:
-        """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
-        if not self.generations.configured():  # only admins can fix it, so only they read how
-            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
-            return False
-        refusal = self.generations.refusal(ctx.user_id)
-        if refusal is not None:
-            key, values = refusal_text(refusal)
-            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
-            await self.send(ctx, key, stop, **values)
-        return refusal is None
-
-    async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
-        """A description: drawn at once in the user's default format (/settings), else the format question."""
-        state = self.states.get(ctx.dialog) or {}
-        settings = self.states.settings(ctx.user_id)
-        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
-                                             self.models)
-        if not await self.may_draw(ctx):
-            return
-        if not ratio:
-            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
-            await self.prompts.take(ctx, text, message_id)
-        elif not await self.prompts.refuse(ctx, model, text):
-            await self.generate(ctx, model, text.strip(), ratio, option, 0)
-
-    async def on_photo(self, ctx: Context, message: dict) -> None:
-        """A photo is an edit: with a caption it starts at once, else the user is asked what to change."""
-        photo, refusal = photo_to_edit(message)
-        if refusal:
-            await self.send(ctx, refusal)
-        elif not await self.album_seen(ctx, message.get("media_group_id")):
-            caption = message.get("caption")
-            if isinstance(caption, str) and caption.strip():
-                await self.edit_photo(ctx, photo, caption)
-            elif await self.may_draw(ctx):
-                await self.ask_edit(ctx, photo)
-
-    async def album_seen(self, ctx: Context, album: Any) -> bool:
-        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
-        if not isinstance(album, str):
-            return False
-        seen = self.albums.pop(album, 0)
-        self.albums[album] = seen + 1
-        if len(self.albums) > ALBUMS_REMEMBERED:
-            del self.albums[next(iter(self.albums))]
-        if seen == 1:
-            await self.send(ctx, "album_one_photo")
-        return seen > 0
-
-    async def ask_edit(self, ctx: Context, photo: str) -> None:
-        await self.ask(ctx, {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}, "ask_edit",
-                       keyboard([button(ctx.t["btn_cancel"], "cancel")]))
-
-    async def edit_photo(self, ctx: Context, photo: str, text: str) -> None:
-        """Start an edit of ``photo`` with ``text`` as the instruction."""
-        if not await self.may_draw(ctx):
-            return
-        problem = check_prompt(text, EDIT_MODEL)
-        if problem is not None:
-            await self.send(ctx, problem[0], **problem[1])
-        else:
-            await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
-
-    async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
-        """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
-        await self.answer(ctx)
-        if ctx.repeated or not await self.may_draw(ctx):
-            return  # (a second tap on the same button: the question is out already)
-        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
-        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
-                       model=model.title, limits=prompt_limits(model, ctx.lang))
+            await self.prompts.ask_for(ctx, model)
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
         state = self.states.get(ctx.dialog) or {}
@@ -4698,25 +4685,55 @@ class Conversation:
         await self.answer(ctx)
         await self.on_cancel(ctx)
 
-    async def on_stop_button(self, ctx: Context, argument: str) -> None:
-        """✖️ under "still drawing": stops the running picture, as /cancel does."""
-        await self.answer(ctx)
-        await self.retire(ctx, ctx.message_id)
-        await self.on_cancel(dataclasses.replace(ctx, message_id=0))
-
-    async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
-        """A model offered for a description too long for the one chosen: the description goes on with it."""
-        state = self.states.get(ctx.dialog) or {}
-        model, prompt = self.models_by_key.get(key), state.get("prompt", "")
-        if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
-            return  # stale, forged, or tapped twice
-        await self.answer(ctx)
-        await self.set_state(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang})
-        await self.draw(dataclasses.replace(ctx, message_id=0), prompt, 0)
-
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
         await self.send(ctx, "help", main_menu(ctx.lang))
+
+
+class PhotoEdits:
+    """A photo in a private chat is an edit: with a caption it starts at once, else the user is asked what to
+    change; an album's first photo is taken, its others are told so once."""
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
+
+    async def on_message(self, ctx: Context, message: dict) -> None:
+        photo, refusal = photo_to_edit(message)
+        if refusal:
+            await self.dialog.send(ctx, refusal)
+        elif not await self.album_seen(ctx, message.get("media_group_id")):
+            caption = message.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                await self.start(ctx, photo, caption)
+            elif await self.dialog.prompts.may_draw(ctx):
+                await self.ask_what(ctx, photo)
+
+    async def album_seen(self, ctx: Context, album: Any) -> bool:
+        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
+        if not isinstance(album, str):
+            return False
+        seen = self.albums.pop(album, 0)
+        self.albums[album] = seen + 1
+        if len(self.albums) > ALBUMS_REMEMBERED:
+            del self.albums[next(iter(self.albums))]
+        if seen == 1:
+            await self.dialog.send(ctx, "album_one_photo")
+        return seen > 0
+
+    async def ask_what(self, ctx: Context, photo: str) -> None:
+        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
+        await self.dialog.ask(ctx, state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
+
+    async def start(self, ctx: Context, photo: str, text: str) -> None:
+        """Start an edit of ``photo`` with ``text`` as the instruction."""
+        if not await self.dialog.prompts.may_draw(ctx):
+            return
+        problem = check_prompt(text, EDIT_MODEL)
+        if problem is not None:
+            await self.dialog.send(ctx, problem[0], **problem[1])
+        else:
+            await self.dialog.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
 class LanguageChoice:
@@ -4787,7 +4804,8 @@ class JobButtons:
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
         return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch}
+                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch,
+                "stop": self.on_stop}
 
     async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
@@ -4837,17 +4855,23 @@ class JobButtons:
         found = await self.job_and_model(ctx, job_id)
         if found is not None and found[0].image:
             await self.dialog.answer(ctx)
-            await self.dialog.ask_edit(ctx, found[0].image)
+            await self.dialog.photos.ask_what(ctx, found[0].image)
         elif found is not None:
-            await self.dialog.ask_prompt(ctx, found[1])
+            await self.dialog.prompts.ask_for(ctx, found[1])
 
     async def on_retouch(self, ctx: Context, job_id: str) -> None:
         """🪄 under a result: edit that picture, fetched again from Telegram by the photo's file id."""
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and ctx.photo:
             await self.dialog.answer(ctx)
-            if not ctx.repeated and await self.dialog.may_draw(ctx):
-                await self.dialog.ask_edit(ctx, ctx.photo)
+            if not ctx.repeated and await self.dialog.prompts.may_draw(ctx):
+                await self.dialog.photos.ask_what(ctx, ctx.photo)
+
+    async def on_stop(self, ctx: Context, argument: str) -> None:
+        """✖️ under "still drawing": stops the running picture, as /cancel does."""
+        await self.dialog.answer(ctx)
+        await self.dialog.retire(ctx, ctx.message_id)
+        await self.dialog.on_cancel(dataclasses.replace(ctx, message_id=0))
 
     async def on_file(self, ctx: Context, job_id: str) -> None:
         """The finished picture as a file, uncompressed: one send per press."""
@@ -6355,9 +6379,7 @@ class Outbox:
 
     async def call(self, method: str, params: dict, on_sent: Callable[[Any], None] | None = None) -> None:
         """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory).
-
-        ``on_sent`` is given Telegram's answer if this process sends it (not after a restart).
-        """
+        ``on_sent`` gets Telegram's answer if this process sends it (not after a restart)."""
         if self.mode.void():  # its handler's update was handed over: the holder answers it
             return
         message = self._new_message(method, params)
