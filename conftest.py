@@ -157,6 +157,7 @@ class FakeBotApi(FakeServer):
         self._stalled_calls: dict[str, int] = {}
         self._message_id = 1000
         self._edited: dict[tuple, tuple] = {}  # (chat id, message id) -> its text and keyboard after the last edit
+        self.files: dict[str, bytes] = {}  # file id -> content, for getFile and /file/bot<token>/<path>
         super().__init__()
 
     def close(self) -> None:
@@ -199,6 +200,9 @@ class FakeBotApi(FakeServer):
     # serving
     def answer(self, http_method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
         prefix = f"/bot{self.token}/"
+        if path.startswith(f"/file/bot{self.token}/photos/"):  # a file download, by the path getFile gave
+            content = self.files.get(path.rsplit("/", 1)[-1])
+            return (200, content) if content is not None else (404, {"ok": False, "error_code": 404})
         if not path.startswith(prefix):
             return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
         method = path[len(prefix):]
@@ -259,6 +263,10 @@ class FakeBotApi(FakeServer):
             offset, limit = int(params.get("offset") or 0), int(params.get("limit") or 100)
             with self._cond:
                 return {"transactions": self.star_transactions[offset:offset + limit]}
+        if method == "getFile":
+            content = self.files.get(params.get("file_id", ""))
+            return None if content is None else {"file_id": params["file_id"], "file_size": len(content),
+                                                 "file_path": f"photos/{params['file_id']}"}
         if method == "getMe":
             return {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}
         return True
@@ -293,6 +301,8 @@ class FakeKie(FakeServer):
         self.credits = 1234.5
         self.images_asked = 0  # result image downloads
         self.images_held: threading.Event | None = None  # set: downloads answer once it is set
+        self.uploads: dict[str, bytes] = {}  # file name -> content (Kie deletes them within days: clear() it)
+        self.requests: list[tuple[str, dict, dict, bytes]] = []  # (path, query, headers, body) of every request
         self._scripted: dict[str, list[tuple[int, dict]]] = {}
         super().__init__()
 
@@ -319,16 +329,27 @@ class FakeKie(FakeServer):
                 "data": record}
 
     def answer(self, method: str, path: str, query: dict, headers: Any, body: bytes) -> tuple[int, Any]:
+        with self._cond:
+            self.requests.append((path, query, dict(headers), body))
         if path.startswith("/images/"):
             with self._cond:
                 self.images_asked += 1
             if self.images_held is not None:
                 self.images_held.wait(30)
             return 200, PNG_BYTES
+        if path.startswith("/uploads/"):
+            content = self.uploads.get(path.rsplit("/", 1)[-1])
+            return (200, content) if content is not None else (404, {"code": 404, "msg": "expired"})
         endpoint = path.rsplit("/", 1)[-1]
         with self._cond:
             if headers.get("Authorization") != f"Bearer {self.key}":
                 return 200, {"code": 401, "msg": "You do not have access permissions"}
+            if endpoint == "file-stream-upload":  # Kie's File Upload API (KIE_UPLOAD_BASE is this fake too)
+                form = parse_body(headers.get("Content-Type", ""), body)
+                self.uploads[form["fileName"]] = form["file"]
+                return 200, {"success": True, "code": 200, "msg": "File uploaded successfully",
+                             "data": {"fileName": form["fileName"], "downloadUrl": f"{self.base_url}/uploads/"
+                                                                                   f"{form['fileName']}"}}
             if endpoint == "createTask":
                 self.created.append(json.loads(body))
             elif endpoint == "recordInfo":

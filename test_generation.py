@@ -28,15 +28,15 @@ import pytest
 import respx
 
 import trt_bot
-from conftest import (KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
-                      _dropping, bot_env, bot_text, eventually, free_port, post_update, query, refuse_rows, says,
+from conftest import (ALL_RECORDS, KIE_KEY, PNG_BYTES, SECRETS, TOKEN, DropConnection, FakeBotApi, InstantClock, ManualClock,
+                      _dropping, bot_env, bot_text, eventually, formatted, free_port, post_update, query, refuse_rows, says,
                       update_callback, update_message)
 
 _update_ids = itertools.count(10_000)
 
 
 def gen_env(fake_kie, **more: str) -> dict[str, str]:
-    return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, **more}
+    return {"KIE_API_KEY": KIE_KEY, "KIE_API_BASE": fake_kie.base_url, "KIE_UPLOAD_BASE": fake_kie.base_url, **more}
 
 
 PACING_S = 0.1  # the send pacer's spacing passes at once on a ManualClock (see conftest)
@@ -322,7 +322,7 @@ async def test_zimage_flow_end_to_end_completed_by_callback(make_app, fake_tg, f
     assert photo["photo"] == fake_kie.image_url("cat.png")
     assert photo["caption"] == "16:9 · Z-Image\nкот-космонавт\n\n" + bot_text("ru", "left_this_hour", left=19, limit=20)
     assert [text for text, _ in buttons_of(photo)] == [bot_text("ru", f"btn_{key}")
-                                                        for key in ("again", "ratio", "edit", "file", "new")]
+                                                        for key in ("again", "ratio", "edit", "retouch", "file", "new")]
     await eventually(lambda: fake_tg.calls_of("deleteMessage"))
     assert fake_tg.calls_of("deleteMessage")[0]["message_id"] == 1  # the ⏳ message gives way to the result
     assert [method for method, _ in new_messages_to(fake_tg, 50)] == ["sendMessage", "sendMessage", "sendPhoto"]
@@ -345,7 +345,7 @@ async def test_zimage_flow_in_polling_mode_completes_by_polling_alone(make_app, 
     assert photo["photo"] == fake_kie.image_url()
     assert photo["caption"] == "1:1 · Z-Image\na red fox\n\n" + bot_text("en", "left_this_hour", left=19, limit=20)
     assert [text for text, _ in buttons_of(photo)] == [bot_text("en", f"btn_{key}")
-                                                        for key in ("again", "ratio", "edit", "file", "new")]
+                                                        for key in ("again", "ratio", "edit", "retouch", "file", "new")]
     assert buttons_of(photo)[-1] == (bot_text("en", "btn_new"), "model:zimage")
     assert "task00001" in fake_kie.record_calls
 
@@ -650,7 +650,7 @@ async def test_commands_are_never_prompts_and_an_unknown_one_gets_a_short_help(m
 
 @pytest.mark.parametrize("lang, kind, key", [
     ("ru", {"voice": {"file_id": "v", "duration": 2}}, "not_text_voice"),
-    ("ru", {"photo": [{"file_id": "p", "width": 1, "height": 1}]}, "not_text_photo"),
+    ("ru", {"document": {"file_id": "d", "mime_type": "application/pdf"}}, "photo_not_image"),
     ("ru", {"sticker": {"file_id": "s"}}, "not_text_sticker"),
     ("en", {"voice": {"file_id": "v", "duration": 2}}, "not_text_voice"),
     ("en", {"video_note": {"file_id": "n"}}, "not_text_video"),
@@ -731,7 +731,7 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     await post_update(app, update_message(1, 74, "/start"))
     await eventually(lambda: fake_tg.calls_of("sendMessage"))
     menu = [data for _, data in buttons_of(fake_tg.calls_of("sendMessage")[0])]
-    assert menu[0] == "new" and {f"model:{m.key}" for m in trt_bot.CATALOG} <= set(menu) and len(trt_bot.CATALOG) >= 5
+    assert menu == ["new", "settings", "help"] and len(trt_bot.CATALOG) >= 5  # one entry point per action
     await order(app, 74, "горы", "21:9", model="seedream45", option="high")
     await eventually(lambda: fake_kie.created)
     assert fake_kie.created[0]["model"] == "seedream/4.5-text-to-image"
@@ -744,9 +744,24 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     assert [method for method, _ in new_messages_to(fake_tg, 74)] == ["sendMessage"] * 3  # menu, prompt, ratio
 
 
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_the_menu_has_one_entry_per_action_and_create_draws_in_the_model_of_settings(make_app, fake_tg, fake_kie,
+                                                                                          lang):
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await answered(app, update_message(next(_update_ids), 5000, "/start", lang))
+    await answered(app, press(next(_update_ids), 5000, "settings", 80, lang))  # ⚙️ under the menu
+    assert [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⚙️")]
+    await answered(app, press(next(_update_ids), 5000, "set:model:grok", 81, lang))
+    await answered(app, press(next(_update_ids), 5000, "new", 80, lang))
+    grok = trt_bot.MODELS_BY_KEY["grok"]
+    assert questions_to(fake_tg, 5000, "ask_prompt", lang, model="Grok Imagine", limits=trt_bot.prompt_limits(grok, lang))
+
+
 def test_every_catalog_row_is_consistent():
     keys = [model.key for model in trt_bot.CATALOG]
     assert len(set(keys)) == len(keys) and trt_bot.CATALOG[0] is trt_bot.Z_IMAGE
+    for model in (*trt_bot.CATALOG, trt_bot.EDIT_MODEL):
+        assert all(model.about) and "\n" not in model.described("ru") + model.described("en")  # one line each
     for model in trt_bot.CATALOG:
         assert model.ratios and all(len(f"ratio:{r}".encode()) <= 64 for r in model.ratios)
         if model.option is not None:
@@ -759,13 +774,17 @@ def popups(fake_tg, text: str) -> list[dict]:
     return [p for p in fake_tg.calls_of("answerCallbackQuery") if p.get("text") == text]
 
 
-async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_pictures_told_in_popups(
+async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_pictures_told_before_the_user_types(
         make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="2"))
+    busy = trt_bot.render("ru", "busy_user")
     await order(app, 75)
-    await order(app, 75, "второй")
-    (busy,) = await eventually(lambda: popups(fake_tg, bot_text("ru", "busy_user")))
-    assert "show_alert" not in busy and bot_text("ru", "busy_user") not in fake_tg.texts_to(75)  # no new message
+    await answered(app, update_callback(next(_update_ids), 75, "new"))  # 🖼 while the picture is drawn
+    await answered(app, update_message(next(_update_ids), 75, "второй"))  # a description while it is drawn
+    told = [p for p in fake_tg.calls_of("sendMessage") if p["text"] == busy]
+    assert len(told) == 2 and all(buttons_of(p) == [("✖️ Отмена", "stop")] for p in told)
+    assert trt_bot.render("ru", "ask_prompt", model="Z-Image", limits=trt_bot.prompt_limits(trt_bot.Z_IMAGE, "ru")) \
+        not in fake_tg.texts_to(75)[1:]  # no second prompt question to type into
     assert len(fake_kie.created) == 1
     fake_kie.fail_task("task00001")  # our failure costs the user nothing
     await kie_calls_back(app, fake_kie, "task00001")
@@ -779,10 +798,243 @@ async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_picture
         await eventually(lambda: not app.generations.jobs)
     assert [p["caption"].split("\n")[-1] for p in fake_tg.calls_of("sendPhoto")] == [
         bot_text("ru", "left_this_hour", left=left, limit=2) for left in (1, 0)]
-    await order(app, 75, "пятый")
-    told = [bot_text("ru", "hourly_limit", limit=2, minutes=minutes) for minutes in range(61)]
-    (limit,) = await eventually(lambda: [p for p in fake_tg.calls_of("answerCallbackQuery") if p.get("text") in told])
-    assert limit["show_alert"] is True and len(fake_kie.created) == 3
+    fake_tg.clear()
+    await answered(app, update_callback(next(_update_ids), 75, "new"))
+    await answered(app, update_message(next(_update_ids), 75, "пятый"))
+    key, values = trt_bot.refusal_text(app.generations.refusal(75))
+    limit = trt_bot.render("ru", key, **values)  # "… Next one in 60 minutes"
+    assert fake_tg.texts_to(75) == [limit, limit] and len(fake_kie.created) == 3  # said at once, with the wait
+
+
+def questions_to(fake_tg, user: int, key: str, lang: str, **values) -> list[dict]:
+    text = trt_bot.render(lang, key, **values)
+    return [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == user and p["text"] == text]
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_any_text_in_a_private_chat_is_a_description_followed_by_the_format_question(
+        make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_message(next(_update_ids), 4100, "a red fox in snow", lang))
+    (question,) = questions_to(fake_tg, 4100, "ask_ratio", lang, prompt="a red fox in snow")
+    assert ("16:9", "ratio:16:9") in buttons_of(question)
+    await answered(app, update_callback(next(_update_ids), 4100, "ratio:16:9", lang))
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["input"]["prompt"] == "a red fox in snow"
+    assert not [t for t in fake_tg.texts_to(4100) if t == trt_bot.render(lang, "hint")]
+
+
+def settings_pressed(update_id: int, user: int, data: str, message_id: int, lang: str) -> dict:
+    return press(update_id, user, f"set:{data}", message_id, lang)
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_default_format_from_settings_draws_a_text_at_once_and_survives_a_restart(
+        make_app, fake_tg, fake_kie, database_url, lang):
+    env = {**gen_env(fake_kie), "SINGLE_MODEL_ONLY": "0", "DATABASE_URL": database_url}
+    app = await make_app(**env)
+    await answered(app, update_message(next(_update_ids), 4200, "/settings", lang))
+    (screen,) = [p for p in fake_tg.calls_of("sendMessage") if p["chat_id"] == 4200]
+    ask = trt_bot.TEXTS[lang]["btn_ask_every_time"]
+    assert ("✅ Z-Image", "set:model:zimage") in buttons_of(screen) and (f"✅ {ask}", "set:ratio:") in buttons_of(screen)
+    for data in ("model:seedream45", "ratio:16:9", "option:high", "ratio:99:1", "model:nope"):  # the last two forged
+        await answered(app, settings_pressed(next(_update_ids), 4200, data, 70, lang))
+    assert [p.get("text") for p in fake_tg.calls_of("answerCallbackQuery")][-2:] == [
+        trt_bot.TEXTS[lang]["stale_button"]] * 2
+    last = edits_of(fake_tg, 4200)[-1]
+    assert last["message_id"] == 70 and {("✅ Seedream 4.5", "set:model:seedream45"), ("✅ 16:9", "set:ratio:16:9")} \
+        <= set(buttons_of(last))
+    await app.stop()
+    fake_tg.clear()
+    app = await make_app(**env)
+    await answered(app, update_message(next(_update_ids), 4200, "a red fox in snow", lang))
+    await eventually(lambda: fake_kie.created)
+    (task,) = fake_kie.created
+    assert task["model"] == "seedream/4.5-text-to-image"
+    assert task["input"].items() >= {"prompt": "a red fox in snow", "aspect_ratio": "16:9", "quality": "high"}.items()
+    status = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⏳")])
+    assert status[0]["text"].startswith("⏳ 16:9 · Seedream 4.5")
+    assert not questions_to(fake_tg, 4200, "ask_ratio", lang, prompt="a red fox in snow")
+
+
+async def test_group_chatter_is_never_a_description(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, in_group(update_message(next(_update_ids), 4300, "a red fox in snow")))
+    assert not fake_kie.created and not app.role.states.get((GROUP, 4300))
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_description_while_a_picture_is_drawn_says_so_and_its_cancel_stops_the_picture(
+        make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 4500, lang=lang)
+    job = await submitted_job(app, 4500)
+    await answered(app, update_message(next(_update_ids), 4500, "a red fox in snow", lang))
+    (busy,) = questions_to(fake_tg, 4500, "busy_user", lang)
+    assert buttons_of(busy) == [(trt_bot.TEXTS[lang]["btn_cancel"], "stop")]
+    await answered(app, press(next(_update_ids), 4500, "stop", returned_message_id(fake_tg, busy),
+                              lang))
+    assert job.state == "cancelled" and len(fake_kie.created) == 1
+    (status,) = [p for p in edits_of(fake_tg, 4500) if p["message_id"] == 1][-1:]  # the picture's ⏳ says it
+    assert status["text"] == trt_bot.TEXTS[lang]["cancelled_job"]
+    assert {"chat_id": 4500, "message_id": returned_message_id(fake_tg, busy), "reply_markup": {"inline_keyboard": []}} \
+        in fake_tg.calls_of("editMessageReplyMarkup")  # its ✖️ has done its work
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_superseded_format_question_loses_its_keyboard(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_message(next(_update_ids), 4600, "a red fox", lang))
+    (first,) = questions_to(fake_tg, 4600, "ask_ratio", lang, prompt="a red fox")
+    await answered(app, update_message(next(_update_ids), 4600, "a grey wolf", lang))
+    assert questions_to(fake_tg, 4600, "prompt_replaced", lang, prompt="a grey wolf")
+    (stripped,) = fake_tg.calls_of("editMessageReplyMarkup")
+    assert stripped["message_id"] == returned_message_id(fake_tg, first)
+    assert stripped["reply_markup"] == {"inline_keyboard": []}
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_double_taps_on_new_picture_and_on_the_original_file_send_one_each(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 4700, lang)
+    for data in (button_data(photo, "file"), button_data(photo, "file"), "model:zimage", "model:zimage"):
+        await answered(app, press(next(_update_ids), 4700, data, 77, lang))
+    asked = questions_to(fake_tg, 4700, "ask_prompt", lang, model="Z-Image",
+                         limits=trt_bot.prompt_limits(trt_bot.Z_IMAGE, lang))
+    assert len(asked) == 2  # the first from ordering the picture, one for 🖼 New picture
+    await another_picture_is_delivered(app, fake_tg, fake_kie, 4701)
+    assert len(fake_tg.calls_of("sendDocument")) == 1
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_description_too_long_for_the_model_offers_the_models_that_take_it(make_app, fake_tg, fake_kie, lang):
+    app = await make_app(**gen_env(fake_kie), SINGLE_MODEL_ONLY="0")
+    long_prompt = "a red fox in snow, " * 60  # 1140 characters: Z-Image takes 1000
+    await answered(app, update_message(next(_update_ids), 4800, long_prompt, lang))
+    (offer,) = questions_to(fake_tg, 4800, "prompt_too_long_models", lang, model="Z-Image", length=1139, most=1000)
+    offered = [data for _, data in buttons_of(offer)]
+    assert "long:nanobanana" in offered and "long:zimage" not in offered and offered[-1] == "cancel"
+    for _ in range(2):  # a second tap changes nothing
+        await answered(app, press(next(_update_ids), 4800, "long:nanobanana", returned_message_id(fake_tg, offer), lang))
+    shown = html.escape(trt_bot.shorten(long_prompt.strip(), 200))
+    assert len(questions_to(fake_tg, 4800, "ask_ratio", lang, prompt=shown)) == 1
+    await answered(app, update_callback(next(_update_ids), 4800, "ratio:16:9", lang))
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["model"] == "google/nano-banana"
+    assert fake_kie.created[0]["input"]["prompt"] == long_prompt.strip()
+
+
+def photo_message(update_id: int, user: int, caption: str = "", lang: str = "ru", **extra) -> dict:
+    """A photo as Telegram sends it: its sizes smallest first, the caption if any."""
+    update = update_message(update_id, user, "", lang)
+    message = update["message"]
+    del message["text"]
+    message["photo"] = [{"file_id": f"small-{user}", "file_size": 900, "width": 90, "height": 90},
+                        {"file_id": f"large-{user}", "file_size": len(PNG_BYTES), "width": 1280, "height": 960}]
+    message.update({"caption": caption} if caption else {}, **extra)
+    return update
+
+
+async def edit_task(fake_kie, n: int = 1) -> dict:
+    await eventually(lambda: len(fake_kie.created) >= n)
+    return fake_kie.created[n - 1]
+
+
+@pytest.mark.parametrize("lang, caption", [("ru", "сделай в стиле аниме"), ("en", "make it anime style")])
+async def test_a_photo_with_a_caption_is_edited_with_the_caption_as_the_instruction(make_app, fake_tg, fake_kie,
+                                                                                   lang, caption):
+    fake_tg.files["large-4900"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4900, caption, lang))
+    task = await edit_task(fake_kie)
+    assert [p["file_id"] for p in fake_tg.calls_of("getFile")] == ["large-4900"]  # the largest size
+    (name,) = fake_kie.uploads
+    assert fake_kie.uploads[name] == PNG_BYTES
+    assert task["model"] == "google/nano-banana-edit"
+    assert task["input"] == {"prompt": caption, "image_urls": [f"{fake_kie.base_url}/uploads/{name}"],
+                             "output_format": "png", "image_size": "auto"}
+    status = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if p["text"].startswith("⏳")])
+    assert status[0]["text"] == "⏳ Nano Banana Edit · 0:00"
+    fake_kie.complete("task00001")
+    await kie_calls_back(app, fake_kie, "task00001")
+    (photo,) = await eventually(lambda: fake_tg.calls_of("sendPhoto"))
+    assert [data.split(":")[0] for _, data in buttons_of(photo)] == ["again", "edit", "retouch", "file", "model"]
+    assert photo["caption"].startswith(f"Nano Banana Edit\n{caption}")
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_photo_then_a_text_asks_what_to_change_then_edits_it(make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["large-4910"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4910, lang=lang))
+    assert questions_to(fake_tg, 4910, "ask_edit", lang) and not fake_kie.created
+    await answered(app, update_message(next(_update_ids), 4910, "add a hat", lang))
+    task = await edit_task(fake_kie)
+    assert task["model"] == "google/nano-banana-edit" and task["input"]["prompt"] == "add a hat"
+    assert len(task["input"]["image_urls"]) == 1
+
+
+def pressed_under_photo(update_id: int, user: int, data: str, file_id: str, lang: str) -> dict:
+    update = press(update_id, user, data, 500, lang)
+    update["callback_query"]["message"]["photo"] = [{"file_id": file_id, "file_size": len(PNG_BYTES)}]
+    return update
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_retouch_edits_a_result_fetched_again_from_telegram_even_after_kies_copy_expired(
+        make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["result-4920"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    photo = await delivered_picture(app, fake_tg, fake_kie, 4920, lang)
+    for n, instruction in ((2, "add a hat"), (3, "now a scarf")):
+        await answered(app, pressed_under_photo(next(_update_ids), 4920, button_data(photo, "retouch"), "result-4920",
+                                                lang))
+        await answered(app, update_message(next(_update_ids), 4920, instruction, lang))
+        task = await edit_task(fake_kie, n)
+        assert task["input"]["prompt"] == instruction
+        await eventually(lambda: fake_kie.uploads)
+        uploaded = task["input"]["image_urls"][0].rsplit("/", 1)[-1]
+        assert fake_kie.uploads.pop(uploaded) == PNG_BYTES  # Kie's copy: gone before the next 🪄 (it expires)
+        fake_kie.complete(f"task0000{n}")
+        await kie_calls_back(app, fake_kie, f"task0000{n}")
+        await eventually(lambda: not app.generations.jobs)
+    assert [p["file_id"] for p in fake_tg.calls_of("getFile")] == ["result-4920"] * 2  # fetched anew each time
+
+
+async def test_a_photo_edit_sends_kie_neither_the_bot_token_nor_a_telegram_file_path_and_logs_neither(
+        make_app, fake_tg, fake_kie):
+    fake_tg.files["large-4930"] = PNG_BYTES
+    seen = len(ALL_RECORDS.records)
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, photo_message(next(_update_ids), 4930, "make it blue"))
+    await edit_task(fake_kie)
+    lines = [formatted(record) for record in ALL_RECORDS.records[seen:]]
+    for secret in (TOKEN, TOKEN.split(":")[1], "photos/large-4930", "/file/bot"):
+        assert not [request for request in fake_kie.requests if secret in repr(request)], secret
+    for secret in (TOKEN, TOKEN.split(":")[1], "photos/large-4930"):
+        assert not [line for line in lines if secret in line], secret
+    downloads = [line for line in lines if "/file/bot" in line]
+    assert downloads and all("/file/bot*** " in line for line in downloads)  # httpx logged it, masked
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+async def test_a_photo_over_20_mb_a_non_image_file_and_an_albums_other_photos_are_refused_with_a_sentence(
+        make_app, fake_tg, fake_kie, lang):
+    fake_tg.files["large-4940"] = PNG_BYTES
+    app = await make_app(**gen_env(fake_kie))
+    huge = photo_message(next(_update_ids), 4940, "x", lang)
+    for size in huge["message"]["photo"]:
+        size["file_size"] = 21 * 1024 * 1024
+    pdf = update_message(next(_update_ids), 4940, "", lang)
+    pdf["message"].update(document={"file_id": "doc", "mime_type": "application/pdf", "file_size": 10})
+    del pdf["message"]["text"]
+    for update in (huge, pdf, *(photo_message(next(_update_ids), 4940, "make it red" if n == 0 else "", lang,
+                                              media_group_id="album-1") for n in range(3))):
+        await answered(app, update)
+    told = [text for text in fake_tg.texts_to(4940) if not text.startswith("⏳")]
+    assert told == [trt_bot.render(lang, "photo_too_large"), trt_bot.render(lang, "photo_not_image"),
+                    trt_bot.render(lang, "album_one_photo")]
+    assert len(await eventually(lambda: fake_kie.created)) == 1 and not fake_tg.calls_of("getFile")[1:]
 
 
 async def test_past_the_daily_limit_every_user_is_told_and_the_red_flag_is_raised_once(make_app, fake_tg, fake_kie,
@@ -794,8 +1046,7 @@ async def test_past_the_daily_limit_every_user_is_told_and_the_red_flag_is_raise
     fake_kie.fail_task("task00001")
     await kie_calls_back(app, fake_kie, "task00001")
     await order(app, 83, lang="en")
-    (refused,) = await eventually(lambda: popups(fake_tg, bot_text("en", "daily_limit", limit=2)))
-    assert refused["show_alert"] is True
+    assert bot_text("en", "daily_limit", limit=2) in fake_tg.texts_to(83)  # told up front, before typing
     assert len(fake_kie.created) == 2
     flagged = await eventually(lambda: [r for r in caplog.records if "GEN_DAILY_LIMIT=2" in r.getMessage()])
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}") as client:
@@ -813,7 +1064,7 @@ async def test_the_days_pictures_are_counted_again_after_a_restart(make_app, fak
     second = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
     await eventually(lambda: second.generations.fairness.loaded)
     await order(second, 85)
-    await eventually(lambda: popups(fake_tg, bot_text("ru", "daily_limit", limit=1)))
+    assert bot_text("ru", "daily_limit", limit=1) in fake_tg.texts_to(85)
     assert len(fake_kie.created) == 1
 
 
@@ -854,6 +1105,13 @@ async def test_stats_are_for_admins_only_and_read_in_the_admins_language(make_ap
     assert not re.search("[A-Za-z]", russian.replace("Kie.ai", "").replace("<b>", "").replace("</b>", ""))
     assert says(english, "en", "stats") and f'{bot_text("en", "outcome_in_flight")} 1' in english
     assert not says(fake_tg.texts_to(77)[0], "ru", "stats")
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+def test_stats_name_every_job_outcome_in_the_admins_language(lang):
+    for outcome in {*trt_bot.OUTCOMES.values(), "in_flight"}:
+        shown = trt_bot.stats_values({"jobs_today": {outcome: 2}}, {}, trt_bot.TEXTS[lang])["jobs_today"]
+        assert shown == f"{trt_bot.TEXTS[lang][f'outcome_{outcome}']} 2"  # "cancelled" stayed English for RU
 
 
 def press(update_id: int, user: int, data: str, message_id: int, lang: str = "ru") -> dict:
@@ -920,7 +1178,7 @@ async def test_the_cancel_button_under_a_new_question_closes_it_and_leaves_the_r
     app = await make_app(**gen_env(fake_kie))
     await order(app, 3000)  # its ⏳ is message 1
     job = await submitted_job(app, 3000)
-    await answered(app, press(next(_update_ids), 3000, "new", 7))  # a new question while the picture is drawn
+    await answered(app, press(next(_update_ids), 3000, f"ratios:{job.id}", 7))  # a question while it is drawn
     await answered(app, press(next(_update_ids), 3000, "cancel", 8))  # ✖️ under that question
     (closed,) = [p for p in edits_of(fake_tg, 3000) if p["message_id"] == 8]
     assert closed["text"] == trt_bot.render("ru", "cancelled") and job.state == "submitted"  # it used to stop
@@ -1168,8 +1426,10 @@ async def test_another_model_draws_the_same_prompt_with_the_chosen_model(make_ap
     models = button_data(photo, "models")
     await post_update(app, update_callback(next(_update_ids), 96, models, "en"))
     offer = await eventually(lambda: [p for p in fake_tg.calls_of("sendMessage") if says(p["text"], "en", "ask_model")])
-    choices = [data for _, data in buttons_of(offer[0])]
-    assert len(choices) == len(trt_bot.CATALOG) and all(len(data.encode()) < 64 for data in choices)
+    choices = buttons_of(offer[0])
+    assert len(choices) == len(trt_bot.CATALOG) + 1 and all(len(data.encode()) < 64 for _, data in choices)
+    assert ("✅ Z-Image", f"use:{models[7:]}:zimage") in choices and choices[-1] == ("✖️ Cancel", "cancel")
+    assert all(f"• {m.described('en')}" in offer[0]["text"] for m in trt_bot.CATALOG)  # a line on each
     await post_update(app, press(next(_update_ids), 96, f"use:{models[7:]}:imagen4fast", 1500, "en"))
     await eventually(lambda: [p for p in edits_of(fake_tg, 96) if p["message_id"] == 1500])  # the offer evolves
     await post_update(app, press(next(_update_ids), 96, "ratio:4:3", 1500, "en"))
@@ -1190,12 +1450,13 @@ async def test_change_the_prompt_asks_for_a_new_one_for_the_same_model(make_app,
     assert fake_kie.created[1]["input"]["prompt"] == "кот-водолаз"
 
 
-async def test_the_original_file_is_sent_as_a_document_once_per_press(make_app, fake_tg, fake_kie):
+async def test_the_original_file_is_sent_as_a_document_with_its_caption_once_per_press(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie, RESULT_DOWNLOAD_ALLOW_PRIVATE="1"))
     photo = await delivered_picture(app, fake_tg, fake_kie, 98)
     await post_update(app, update_callback(next(_update_ids), 98, button_data(photo, "file")))
     (document,) = await eventually(lambda: fake_tg.calls_of("sendDocument"))
     assert document["document"] == PNG_BYTES and document["chat_id"] == "98"
+    assert document["caption"] == "16:9 · Z-Image\nкот-космонавт"  # what it is, as under the photo
     await another_picture_is_delivered(app, fake_tg, fake_kie, 198)
     assert len(fake_tg.calls_of("sendDocument")) == 1
 
@@ -1256,13 +1517,29 @@ async def test_after_a_422_the_prompt_can_be_changed_and_the_new_one_is_drawn(ma
     fake_kie.script("createTask", 200, {"code": 422, "msg": "prompt is invalid"})
     app = await make_app(**gen_env(fake_kie))
     await order(app, 104, "ab", lang=lang)
-    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if says(p["text"], lang, "fail_invalid")])
+    invalid = trt_bot.TEXTS[lang]["fail_invalid_prompt"]
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 104) if invalid == p["text"]])
     await eventually(lambda: not app.generations.jobs)
     await post_update(app, update_callback(next(_update_ids), 104, button_data(told, "edit"), lang))
     await post_update(app, update_message(next(_update_ids), 104, "a longer prompt", lang))
     await post_update(app, update_callback(next(_update_ids), 104, "ratio:1:1", lang))
     await eventually(lambda: len(fake_kie.created) == 2)
     assert fake_kie.created[1]["input"]["prompt"] == "a longer prompt"
+
+
+@pytest.mark.parametrize("lang", ["ru", "en"])
+@pytest.mark.parametrize("message, failure, buttons", [
+    ("aspect_ratio is not supported by this model", "invalid_ratio", ["ratios", "edit", "model"]),
+    ("Prompt must be at most 1000 characters", "invalid_prompt", ["again", "edit", "model"]),
+    ("validation failed", "invalid", ["again", "edit", "model"])])
+async def test_a_422_says_what_to_change_from_the_input_kie_names(make_app, fake_tg, fake_kie, lang, message, failure,
+                                                                   buttons):
+    fake_kie.script("createTask", 200, {"code": 422, "msg": message})
+    app = await make_app(**gen_env(fake_kie))
+    await order(app, 4400, lang=lang)
+    text = trt_bot.TEXTS[lang][f"fail_{failure}"]
+    (told,) = await eventually(lambda: [p for p in edits_of(fake_tg, 4400) if p["text"] == text])
+    assert [data.split(":")[0] for _, data in buttons_of(told)] == buttons
 
 
 @pytest.mark.parametrize("lang", ["ru", "en"])
@@ -1348,7 +1625,7 @@ def test_a_refusal_is_told_in_the_users_words():
 NOW = 1_700_000_100.0
 SAMPLE_EVENTS = {
     "accepted": trt_bot.JobEvent("accepted", "task00042"),
-    "refused": trt_bot.JobEvent("refused", 422),
+    "refused": trt_bot.JobEvent("refused", trt_bot.KieError(422, "prompt is invalid")),
     "succeeded": trt_bot.JobEvent("succeeded", "https://cdn.example/x.png"),
     "failed": trt_bot.JobEvent("failed", "moderation"),
     "callback": trt_bot.CALLBACK_CAME,
@@ -1450,7 +1727,8 @@ def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
                                                   (429, "busy", False), (422, "invalid", False),
                                                   (None, "failed", False)])
 def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on_incidents(code, failure, alert):
-    changes, effects = trt_bot.apply_event(job_in("created"), trt_bot.JobEvent("refused", code), NOW)
+    refused = trt_bot.JobEvent("refused", trt_bot.KieError(code, "") if code else None)
+    changes, effects = trt_bot.apply_event(job_in("created"), refused, NOW)
     assert (changes["state"], changes["error"]) == ("failed", failure)
     assert (trt_bot.Alert(code) in effects) is alert
 

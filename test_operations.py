@@ -813,7 +813,7 @@ async def test_an_inbox_backlog_that_keeps_growing_is_warned_once_and_cleared_wh
     app = await make_app(UPDATE_QUEUE_WORKERS="1", UPDATE_QUEUE_SIZE="1")
     unstuck = asyncio.Event()
 
-    async def stuck(method: str, params: dict) -> None:
+    async def stuck(method: str, params: dict, on_sent: object = None) -> None:
         await unstuck.wait()
     monkeypatch.setattr(app.role.outbox, "call", stuck)  # the one worker is stuck: every update waits in the inbox
     async with httpx.AsyncClient() as client:
@@ -954,7 +954,7 @@ async def test_a_worker_stuck_in_a_handler_that_ignores_its_timeout_makes_health
     app.pipeline.watchdog.timeout = 0.2
     freed = asyncio.Event()
 
-    async def stubborn(method: str, params: dict) -> None:
+    async def stubborn(method: str, params: dict, on_sent: object = None) -> None:
         while not freed.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await freed.wait()

@@ -2478,7 +2478,7 @@ def without_text(**content) -> dict:
 
 @pytest.mark.parametrize("content, key", [
     ({"voice": {}}, "not_text_voice"),
-    ({"photo": [{}]}, "not_text_photo"),
+    ({"photo": [{}]}, "prompt_not_text"),  # (in a private chat a photo is an edit, before this is asked)
     ({"sticker": {}}, "not_text_sticker"),
     ({"video_note": {}}, "not_text_video"),
     ({"video": {}}, "not_text_video"),
@@ -2565,15 +2565,16 @@ async def test_a_language_chosen_while_the_database_is_unusable_holds_in_memory(
     assert fake_tg.texts_to(44)[0] == bot_text("en", "language_set") and says(fake_tg.texts_to(44)[1], "en", "start")
 
 
-async def test_help_cancel_and_free_text_get_answers_with_the_menu(make_app, fake_tg):
+async def test_help_cancel_and_free_text_get_answers(make_app, fake_tg):
     app = await make_app()
     for n, text in enumerate(["/help", "/cancel", "просто текст", "/start@trt_test_bot"], start=1):
         await post_update(app, update_message(n, 9, text))
     await eventually(lambda: len(fake_tg.texts_to(9)) == 4)
-    help_text, cancelled, hint, start = fake_tg.texts_to(9)
-    assert (help_text, cancelled, hint) == tuple(bot_text("ru", key) for key in ("help", "nothing_to_cancel", "hint"))
-    assert says(start, "ru", "start")
-    assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage"))
+    help_text, cancelled, described, start = fake_tg.texts_to(9)
+    assert (help_text, cancelled, described) == tuple(bot_text("ru", key) for key in ("help", "nothing_to_cancel",
+                                                                                     "not_configured"))
+    assert says(start, "ru", "start")  # free text is a description: without a key, the bot says it is not set up
+    assert all("reply_markup" in p for p in fake_tg.calls_of("sendMessage") if p["text"] != described)
 
 
 @pytest.mark.parametrize("data", ["help", "nonsense", "ratio:99:99", "", "new:" + "x" * 60])
@@ -2987,20 +2988,20 @@ async def test_a_waiter_that_gives_up_does_not_cancel_the_shared_call():
     assert impatient.cancelled() and shared.calls == 1
 
 
-async def test_the_command_menu_is_set_in_russian_and_english_once(make_app, fake_tg, caplog):
-    fake_tg.commands = {"en": [{"command": "start", "description": "an old menu"}]}
+async def test_the_command_menu_is_english_by_default_and_russian_for_russian_reading_languages_set_once(
+        make_app, fake_tg, caplog):
+    fake_tg.commands = {"ru": [{"command": "start", "description": "an old menu"}]}
     first = await make_app()
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu" in r.getMessage()])
-    ru, en = fake_tg.calls_of("setMyCommands")
-    assert "language_code" not in ru and "scope" not in ru and en["language_code"] == "en"
-    assert [c["command"] for c in ru["commands"]] == [c["command"] for c in en["commands"]] == ["start", "help",
-                                                                                              "cancel", "language"]
-    assert ru["commands"] == trt_bot.COMMAND_MENUS[""] and en["commands"] == trt_bot.COMMAND_MENUS["en"]
-    assert [p.get("language_code") for p in fake_tg.calls_of("getMyCommands")] == [None, "en"]
+    menus = {p.get("language_code", ""): p["commands"] for p in fake_tg.calls_of("setMyCommands")}
+    assert sorted(menus) == ["", "be", "kk", "ru", "uk"]
+    assert all([c["command"] for c in menu] == ["start", "settings", "help", "cancel", "language"]
+               for menu in menus.values())
+    assert menus[""] == trt_bot.COMMAND_MENUS[""]  # English: a German user reads the menu the replies speak
+    assert menus["uk"] == menus["ru"] == trt_bot.RUSSIAN_MENU != menus[""]
     await first.stop()
     fake_tg.clear()
     await make_app()  # a restart finds the menu in place and leaves it alone
-    await eventually(lambda: len(fake_tg.calls_of("getMyCommands")) == 2)
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu already up to date" in r.getMessage()])
     assert fake_tg.calls_of("setMyCommands") == []
 
@@ -3012,7 +3013,7 @@ async def test_a_failing_command_menu_set_up_is_retried_without_holding_up_start
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"http://127.0.0.1:{app.port}/health")).status_code == 200
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] set-up failed" in r.getMessage()])
-    await eventually(lambda: set(fake_tg.commands) == {"", "en"})
+    await eventually(lambda: set(fake_tg.commands) == {"", "be", "kk", "ru", "uk"})
 
 
 async def test_sigterm_drains_in_flight_work_and_exits_0(fake_tg, tmp_path, bot_processes):

@@ -395,6 +395,8 @@ SETTINGS = (
     Setting("TELEGRAM_API_BASE", "telegram_api_base", "https://api.telegram.org", _url,
             "a self-hosted Bot API server, or a test fake"),
     Setting("KIE_API_BASE", "kie_api_base", "https://api.kie.ai", _url, "a test fake"),
+    Setting("KIE_UPLOAD_BASE", "kie_upload_base", "https://kieai.redpandaai.co", _url,
+            "Kie's File Upload API, where the bot puts its own copy of a photo to edit; or a test fake"),
     Setting("ADMIN_IDS", "admin_ids", "", _admin_ids,
             "comma-separated Telegram user ids: `/stats`, and alerts when Kie rejects the key (401) or runs out "
             "of credits (402)"),
@@ -468,6 +470,7 @@ class Config:
     kie_hmac_key: str
     telegram_api_base: str
     kie_api_base: str
+    kie_upload_base: str
     admin_ids: frozenset[int]
     diag_token: str
     gen_timeout_s: float
@@ -576,11 +579,15 @@ MASKED_LOGGERS = (
 )
 
 
+# A Telegram file URL (/file/bot<token>/<path>): the path is masked with the token, since the two fetch the file.
+TELEGRAM_FILE_URL = re.compile(r"/file/bot[^\s\"']*")
+
+
 def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text
+    return TELEGRAM_FILE_URL.sub("/file/bot***", text)
 
 
 class SecretMaskingFilter(logging.Filter):
@@ -1315,6 +1322,15 @@ MIGRATIONS: list[list[str]] = [
                at      REAL NOT NULL)""",
         "CREATE INDEX credits_user ON credits(user_id)",
     ],
+    [  # 9: a user's /settings, a JSON object (without a row: the defaults, "ask every time")
+        """CREATE TABLE user_settings (
+               user_id    INTEGER PRIMARY KEY,
+               settings   TEXT NOT NULL,
+               updated_at REAL NOT NULL)""",
+    ],
+    [  # 10: the Telegram file id of the photo an edit job changes ('' for a picture drawn from words)
+        "ALTER TABLE jobs ADD COLUMN image TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1961,6 +1977,12 @@ def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> 
                  (user_id, lang, time.time()))
 
 
+def store_user_settings(conn: sqlite3.Connection, user_id: int, settings: dict) -> None:
+    conn.execute("""INSERT INTO user_settings(user_id, settings, updated_at) VALUES (?,?,?)
+                    ON CONFLICT(user_id) DO UPDATE SET settings=excluded.settings, updated_at=excluded.updated_at""",
+                 (user_id, json.dumps(settings, ensure_ascii=False), time.time()))
+
+
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
 DIALOG_IDLE_S = 24 * 3600.0
 DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: each can hold a prompt of a few KB
@@ -1968,7 +1990,7 @@ DialogKey = tuple[int, int]  # (chat id, user id): a user's dialogs in different
 
 
 class ConversationStore:
-    """Each open dialog by (chat, user), and the language each user chose: in memory, written through.
+    """Each open dialog by (chat, user), and each user's language and /settings: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
@@ -1981,6 +2003,7 @@ class ConversationStore:
         self.clock = clock
         self._states: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
         self._languages: dict[int, str] = {}
+        self._settings: dict[int, dict] = {}  # user id -> their /settings
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
@@ -1990,6 +2013,8 @@ class ConversationStore:
         self._states = {(chat, user): (at, json.loads(state)) for chat, user, at, state in rows}
         chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
         self._languages = dict(chosen)
+        stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
+        self._settings = {user_id: json.loads(settings) for user_id, settings in stored}
         return len(self._states)
 
     def get(self, key: DialogKey) -> dict | None:
@@ -2002,12 +2027,23 @@ class ConversationStore:
 
     async def set_language(self, user_id: int, lang: str) -> None:
         self._languages[user_id] = lang
+        await self._store_choice(store_language_choice, user_id, lang)
+
+    def settings(self, user_id: int) -> dict:
+        """The user's /settings; {} if they never chose any."""
+        return self._settings.get(user_id, {})
+
+    async def set_settings(self, user_id: int, settings: dict) -> None:
+        self._settings[user_id] = settings
+        await self._store_choice(store_user_settings, user_id, settings)
+
+    async def _store_choice(self, store: Callable[..., None], user_id: int, value: Any) -> None:
         try:
-            await self.db.write(store_language_choice, user_id, lang)
+            await self.db.write(store, user_id, value)
         except DatabaseUnavailable:
             pass  # Database logged why; the choice holds in memory until a restart
         except RowRejected as error:
-            log.warning("[DB] language choice of %d not stored: %s", user_id, error)
+            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
 
     async def set(self, key: DialogKey, state: dict | None) -> None:
         """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
@@ -2464,6 +2500,7 @@ class TelegramClient:
                  acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
         self.acting_left = acting_left  # a send must end within these seconds (the Role's answer)
+        self._file_url = f"{api_base}/file/bot{token}/"  # carries the token: requested here only, never passed on
         self.http = http
         self.retry = retry
         self.clock = clock
@@ -2548,6 +2585,25 @@ class TelegramClient:
             raise TelegramNetworkError(method, error) from None
         return parse_bot_api_response(method, response.status_code, response.content)
 
+    async def download_file(self, file_id: str, limit: int) -> tuple[bytes, str]:
+        """A file a user sent, by its id: (its bytes, its extension); getFile, then at most ``limit`` bytes.
+
+        DownloadError (naming neither the URL nor the file's path) when it cannot be had.
+        """
+        found = await self.call("getFile", {"file_id": file_id})
+        path = found.get("file_path") if isinstance(found, dict) else None
+        if not isinstance(path, str) or not path:
+            raise DownloadError("Telegram gave no file path")
+        try:
+            async with asyncio.timeout(RESULT_DOWNLOAD_DEADLINE_S):
+                async with self.http.stream("GET", self._file_url + path, timeout=KIE_TIMEOUT) as response:
+                    data = await read_bounded(response, limit)
+        except TimeoutError:
+            raise DownloadError(f"not finished within {RESULT_DOWNLOAD_DEADLINE_S:g}s") from None
+        except httpx.HTTPError as error:
+            raise DownloadError(type(error).__name__) from None
+        return data, os.path.splitext(path)[1].lower()
+
     async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> Any:
         params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
         if reply_markup is not None:
@@ -2583,6 +2639,7 @@ KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
 # older or newer than this is a replay or a badly wrong clock.
 KIE_CALLBACK_WINDOW_S = 300.0
+KIE_UPLOAD_PATH = "trt-bot"  # the folder Kie's File Upload API keeps the bot's photos in
 RESULT_URL_MAX_CHARS = 2048  # Kie's CDN URLs are ~150; more is not a result URL
 HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 URL_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces or control characters
@@ -2755,8 +2812,9 @@ class KieClient:
     """createTask, recordInfo and credits, with transient failures (KIE_CODES) retried within a budget."""
 
     def __init__(self, api_key: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy | None = None,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, upload_base: str = "https://kieai.redpandaai.co"):
         self.api_base = api_base
+        self.upload_base = upload_base
         self.http = http
         self.retry = KIE_RETRY if retry is None else retry  # read when built, so tests can shorten KIE_RETRY
         self.clock = clock
@@ -2782,6 +2840,18 @@ class KieClient:
                                    budget_s=budget_s)
         return parse_task_record(data)
 
+    async def upload(self, data: bytes, name: str) -> str:
+        """Kie's own copy of a photo to edit (its File Upload API; Kie deletes it within days): its URL.
+
+        ``name`` must be unique: Kie overwrites a file of the same name.
+        """
+        form = ({"uploadPath": KIE_UPLOAD_PATH, "fileName": name}, {"file": (name, data, "application/octet-stream")})
+        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace, form=form)
+        url = answer.get("downloadUrl") if isinstance(answer, dict) else None
+        if split_result_url(url) is None:
+            raise KieError(500, "the upload answered without a download URL")
+        return url
+
     async def credits(self, budget_s: float | None = None) -> float:
         data = await self._request("GET", "/api/v1/chat/credit", None, budget_s=budget_s)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
@@ -2789,14 +2859,15 @@ class KieClient:
         return data
 
     async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
-                       params: dict | None = None, budget_s: float | None = None) -> Any:
+                       params: dict | None = None, budget_s: float | None = None,
+                       form: tuple[dict, dict] | None = None) -> Any:
         endpoint = path.rsplit("/", 1)[-1]
         policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
 
         async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            return await self._request_once(endpoint, method, path, json_body, params)
+            return await self._request_once(endpoint, method, path, json_body, params, form)
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
             log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
@@ -2804,12 +2875,17 @@ class KieClient:
         return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
 
     async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
-                            params: dict | None) -> Any:
+                            params: dict | None, form: tuple[dict, dict] | None = None) -> Any:
         content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
         try:
             try:
-                response = await self.http.request(method, self.api_base + path, content=content, params=params,
-                                                   headers=self._headers, timeout=KIE_TIMEOUT)
+                if form is not None:  # multipart, to the upload host
+                    response = await self.http.request(method, self.upload_base + path, data=form[0], files=form[1],
+                                                       headers={"Authorization": self._headers["Authorization"]},
+                                                       timeout=KIE_TIMEOUT)
+                else:
+                    response = await self.http.request(method, self.api_base + path, content=content, params=params,
+                                                       headers=self._headers, timeout=KIE_TIMEOUT)
             except httpx.HTTPError as error:
                 raise KieError(0, f"network error ({type(error).__name__})") from None
             data = parse_kie_envelope(response.status_code, response.content)
@@ -3739,6 +3815,16 @@ class ImageModel:
     fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
     prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
     credits: int = 1  # Stars credits a picture costs past the free hourly ones (Kie's prices differ by model)
+    about: tuple[str, str] = ("", "")  # what it is good at, in one line: (Russian, English)
+
+    @property
+    def edits(self) -> bool:
+        """Whether it changes a photo (it takes the photo's URL) rather than drawing from words."""
+        return any(name.startswith("image_url") for _, name in self.inputs)
+
+    def described(self, lang: str) -> str:
+        """"Seedream 4.5 — detailed pictures in 2K or 4K"."""
+        return f"{self.title} — {self.about[lang == 'en']}"
 
     def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
                 image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -3748,54 +3834,71 @@ class ImageModel:
 
     def details(self, ratio: str, option: str, lang: str) -> str:
         """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
-        chosen = [ratio, self.title]
+        chosen = [ratio, self.title] if ratio else [self.title]
         if self.option is not None and option in dict(self.option.choices):
             chosen.append(self.option.label(option, lang))
         return " · ".join(chosen)
 
 
 FILTERED = TEXT_TO_IMAGE + (("nsfw_checker", "nsfw_checker"),)  # Kie's content filter, where the model documents it
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED)
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED,
+                     about=("быстрая и недорогая, умеет писать текст на картинке",
+                            "fast and cheap, writes text in pictures well"))
 
 # Ratios, options, prompt lengths and inputs as Kie's model pages list them for text-to-image.
 CATALOG: tuple[ImageModel, ...] = (
     Z_IMAGE,
     ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), inputs=(("prompt", "prompt"),
-               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000)),
+               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000),
+               about=("от Google: точно следует длинным описаниям", "Google's: follows long descriptions closely")),
     ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
                ModelOption({"ru": "качество", "en": "quality"},
                            (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
                             ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000)),
+               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000),
+               about=("подробные картинки в 2K или 4K", "detailed pictures in 2K or 4K")),
     ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
                ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
                ModelOption({"ru": "разрешение", "en": "resolution"},
                            (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000)),
+               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000),
+               about=("фотореализм в 1K или 2K", "photorealism in 1K or 2K")),
     ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               inputs=FILTERED, prompt_chars=(1, 5000)),
+               inputs=FILTERED, prompt_chars=(1, 5000),
+               about=("от xAI: смелый, яркий стиль", "xAI's: a bold, vivid style")),
     ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
-               prompt_chars=(1, 5000)),
+               prompt_chars=(1, 5000), about=("от Google: быстрые фотореалистичные картинки",
+                                              "Google's: fast photorealistic pictures")),
 )
 
-MODELS_BY_KEY = {model.key: model for model in CATALOG}
+# Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
+EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
+                        inputs=(("prompt", "prompt"), ("image_urls", "image_urls")),
+                        fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
+                        about=("меняет ваше фото по описанию", "changes your photo as you describe"))
+
+MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
 
 TEXTS: dict[str, dict[str, str]] = {
     "ru": {
         "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
-                 "Нажмите «🖼 Создать картинку», опишите, что хотите увидеть, и выберите формат — "
-                 "картинка придёт сюда же, в чат.",
-        "start_catalog": "\n\nИли сначала выберите модель ниже.",
+                 "Напишите, что хотите увидеть, и выберите формат — картинка придёт сюда же, в чат. "
+                 "Формат и модель по умолчанию — в /settings.",
         "help": "ℹ️ <b>Как пользоваться</b>\n"
-                "1. Нажмите «🖼 Создать картинку».\n"
-                "2. Опишите картинку одним сообщением.\n"
-                "3. Выберите формат — картинка придёт в этот чат.\n\n"
+                "1. Опишите картинку одним сообщением.\n"
+                "2. Выберите формат — картинка придёт в этот чат. "
+                "Формат, выбранный в /settings, не спрашивается: картинка рисуется сразу.\n\n"
                 "Пока формат не выбран, описание можно поправить: пришлите новое или отредактируйте своё.\n\n"
-                "/start — меню, /cancel — отменить, /language — язык, /help — эта справка.",
+                "/start — меню, /settings — настройки, /cancel — отменить, /language — язык, /help — эта справка.",
         "cancelled": "Отменено. Меню — ниже.",
-        "hint": "Чтобы нарисовать картинку, нажмите «🖼 Создать картинку».",
+        "hint": "Чтобы нарисовать картинку, напишите, что нарисовать.",
+        "settings": "⚙️ <b>Настройки</b>\nМодель: {model}\nФормат: {ratio}{option}\n\n"
+                    "С выбранным форматом любое описание рисуется сразу, без вопросов.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "спрашивать каждый раз",
+        "btn_ask_every_time": "❓ Спрашивать каждый раз",
         "stale_button": "Эта кнопка больше не действует.",
         "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
                       "Например: <i>кот-космонавт, акварель</i>",
@@ -3813,7 +3916,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
         "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
         "fail_unavailable": "🛠 Генерация временно недоступна. Мы уже разбираемся.",
-        "fail_invalid": "Сервис не принял запрос. Попробуйте изменить описание.",
+        "fail_invalid": "Сервис не принял запрос. Измените описание или выберите другой формат.",
+        "fail_invalid_prompt": "✏️ Сервис не принял описание. Перепишите его — короче или другими словами.",
+        "fail_invalid_ratio": "📐 Сервис не принял этот формат для этой модели. Выберите другой.",
+        "fail_invalid_image": "🖼 Сервис не принял фото. Пришлите другое: JPEG, PNG или WebP.",
         "fail_failed": "😔 Не получилось нарисовать картинку.",
         "fail_delivery": "Картинка готова, но отправить её не удалось.",
         "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
@@ -3823,10 +3929,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "cancelled_job": "✖️ Отменено: эту картинку я не пришлю, и в часовой лимит она не засчитана.",
         "cancel_too_late": "Картинка уже готова и отправляется — отменить её нельзя.",
         "nothing_to_cancel": "Отменять нечего. Меню — ниже.",
-        "ask_model": "Какой моделью нарисовать «{prompt}»?",
+        "ask_model": "Какой моделью нарисовать «{prompt}»?\n\n{models}",
         "original_failed": "Исходный файл сейчас недоступен. Попробуйте позже.",
         "btn_create": "🖼 Создать картинку",
         "btn_help": "ℹ️ Помощь",
+        "btn_settings": "⚙️ Настройки",
         "btn_cancel": "✖️ Отмена",
         "btn_again": "🔁 Ещё вариант",
         "btn_new": "🖼 Новая картинка",
@@ -3836,6 +3943,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_model": "🎨 Другая модель",
         "btn_edit": "✏️ Изменить описание",
         "btn_file": "📎 Исходный файл",
+        "btn_retouch": "🪄 Изменить фото",
+        "ask_edit": "🪄 Что изменить на фото? Напишите одним сообщением.\nНапример: <i>сделай в стиле аниме</i>",
+        "photo_too_large": "Это фото больше 20 МБ — столько я скачать не могу. Пришлите его поменьше.",
+        "photo_not_image": "📎 Такой файл я не открываю. Пришлите фото (JPEG, PNG, WebP) — я его изменю.",
+        "album_one_photo": "Я меняю по одному фото: взял первое из альбома.",
         "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
         "incident_key_rejected": "ключ API отклонён (401)",
         "incident_no_credits": "на аккаунте закончились кредиты (402)",
@@ -3852,12 +3964,14 @@ TEXTS: dict[str, dict[str, str]] = {
                  "Кредиты Kie.ai: {credits}",
         "limits_up_to": "до {most:символа|символов|символов}",
         "limits_between": "от {fewest} до {most:символа|символов|символов}",
+        "prompt_too_long_models": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
+                                  "не больше {most:символа|символов|символов}. Сократите его — или нарисуйте "
+                                  "моделью, которая примет его целиком:",
         "prompt_too_short": "Слишком короткое описание: {model} нужно хотя бы {fewest:символ|символа|символов}. "
                             "Допишите подробнее.",
         "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
         "prompt_replaced_option": "✏️ Описание заменено: «{prompt}». Выберите {option}:",
         "not_text_voice": "🎤 Голосовые я пока не слушаю. Напишите описание текстом.",
-        "not_text_photo": "🖼 Я рисую по словам, а не по картинкам. Опишите текстом, что нарисовать.",
         "not_text_sticker": "Стикеры я не читаю 🙂 Опишите картинку словами.",
         "not_text_video": "🎬 Видео я не смотрю. Опишите картинку словами.",
         "not_text_file": "📎 Файлы я не открываю. Опишите картинку словами.",
@@ -3886,20 +4000,25 @@ TEXTS: dict[str, dict[str, str]] = {
         "refund_failed": "Telegram не выполнил возврат: {reason}",
         "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
                        "потрачено {spent}, возвращено за неудачные картинки {returned}",
+        "outcome_cancelled": "отменено",
     },
     "en": {
         "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
-                 "Tap “🖼 Create a picture”, describe what you’d like to see and pick a format: "
-                 "the picture will arrive right here in the chat.",
-        "start_catalog": "\n\nOr pick a model below first.",
+                 "Write what you’d like to see and pick a format: the picture will arrive right here in the "
+                 "chat. The default format and model are in /settings.",
         "help": "ℹ️ <b>How to use</b>\n"
-                "1. Tap “🖼 Create a picture”.\n"
-                "2. Describe the picture in one message.\n"
-                "3. Pick a format, and the picture will arrive in this chat.\n\n"
+                "1. Describe the picture in one message.\n"
+                "2. Pick a format, and the picture will arrive in this chat. "
+                "With a format chosen in /settings there is no question: the picture is drawn at once.\n\n"
                 "Until you pick a format you can still change the description: send a new one or edit yours.\n\n"
-                "/start — menu, /cancel — cancel, /language — language, /help — this help.",
+                "/start — menu, /settings — settings, /cancel — cancel, /language — language, /help — this help.",
         "cancelled": "Cancelled. The menu is below.",
-        "hint": "To draw a picture, tap “🖼 Create a picture”.",
+        "hint": "To draw a picture, write what to draw.",
+        "settings": "⚙️ <b>Settings</b>\nModel: {model}\nFormat: {ratio}{option}\n\n"
+                    "With a format chosen, any description is drawn at once, without questions.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "ask every time",
+        "btn_ask_every_time": "❓ Ask every time",
         "stale_button": "This button no longer works.",
         "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
@@ -3917,7 +4036,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
         "fail_timeout": "⌛ Generation took too long and was stopped.",
         "fail_unavailable": "🛠 Generation is temporarily unavailable. We are on it.",
-        "fail_invalid": "The service did not accept the request. Try changing the description.",
+        "fail_invalid": "The service did not accept the request. Change the description or pick another format.",
+        "fail_invalid_prompt": "✏️ The service did not accept the description. Rewrite it: shorter, or in other "
+                               "words.",
+        "fail_invalid_ratio": "📐 The service did not accept this format for this model. Pick another one.",
+        "fail_invalid_image": "🖼 The service did not accept the photo. Send another one: JPEG, PNG or WebP.",
         "fail_failed": "😔 The picture could not be generated.",
         "fail_delivery": "The picture is ready but could not be sent.",
         "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
@@ -3928,10 +4051,11 @@ TEXTS: dict[str, dict[str, str]] = {
                          "limit.",
         "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
         "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
-        "ask_model": "Which model should draw “{prompt}”?",
+        "ask_model": "Which model should draw “{prompt}”?\n\n{models}",
         "original_failed": "The original file is not available right now. Please try later.",
         "btn_create": "🖼 Create a picture",
         "btn_help": "ℹ️ Help",
+        "btn_settings": "⚙️ Settings",
         "btn_cancel": "✖️ Cancel",
         "btn_again": "🔁 Regenerate",
         "btn_new": "🖼 New picture",
@@ -3941,6 +4065,12 @@ TEXTS: dict[str, dict[str, str]] = {
         "btn_model": "🎨 Another model",
         "btn_edit": "✏️ Change the prompt",
         "btn_file": "📎 Original file",
+        "btn_retouch": "🪄 Edit",
+        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\n"
+                    "For example: <i>make it anime style</i>",
+        "photo_too_large": "That photo is over 20 MB, more than I can download. Please send a smaller one.",
+        "photo_not_image": "📎 I don’t open files like that. Send a photo (JPEG, PNG, WebP) and I’ll edit it.",
+        "album_one_photo": "I edit one photo at a time: I took the first one of the album.",
         "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
         "incident_key_rejected": "the API key was rejected (401)",
         "incident_no_credits": "the account is out of credits (402)",
@@ -3957,12 +4087,13 @@ TEXTS: dict[str, dict[str, str]] = {
                  "Kie.ai credits: {credits}",
         "limits_up_to": "up to {most:character|characters}",
         "limits_between": "{fewest} to {most:character|characters}",
+        "prompt_too_long_models": "That description is {length:character|characters} long, and {model} takes at "
+                                  "most {most}. Shorten it, or draw it with a model that takes it whole:",
         "prompt_too_short": "That description is too short: {model} needs at least {fewest:character|characters}. "
                             "Please add a little more.",
         "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
         "prompt_replaced_option": "✏️ Description updated: “{prompt}”. Pick the {option}:",
         "not_text_voice": "🎤 I can’t listen to voice messages yet. Please type the description.",
-        "not_text_photo": "🖼 I draw from words, not from pictures. Please describe in text what to draw.",
         "not_text_sticker": "I can’t read stickers 🙂 Please describe the picture in words.",
         "not_text_video": "🎬 I can’t watch videos. Please describe the picture in words.",
         "not_text_file": "📎 I don’t open files. Please describe the picture in words.",
@@ -3991,6 +4122,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "refund_failed": "Telegram did not refund: {reason}",
         "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
                        "{spent}, returned for failed pictures {returned}",
+        "outcome_cancelled": "cancelled",
     },
 }
 
@@ -4016,10 +4148,11 @@ def in_rows(buttons: list[dict], per_row: int) -> list[list[dict]]:
     return [buttons[i:i + per_row] for i in range(0, len(buttons), per_row)]
 
 
-def main_menu(lang: str, models: tuple[ImageModel, ...] = (Z_IMAGE,)) -> dict:
+def main_menu(lang: str) -> dict:
+    """One button per action: draw (in the model of /settings), settings, help."""
     t = TEXTS[lang]
-    model_rows = in_rows([button(f"🎨 {m.title}", f"model:{m.key}") for m in models], 2) if len(models) > 1 else []
-    return keyboard([button(t["btn_create"], "new")], *model_rows, [button(t["btn_help"], "help")])
+    return keyboard([button(t["btn_create"], "new")],
+                    [button(t["btn_settings"], "settings"), button(t["btn_help"], "help")])
 
 
 def ratio_keyboard(model: ImageModel, lang: str) -> dict:
@@ -4036,6 +4169,38 @@ def language_keyboard() -> dict:
     return keyboard([button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()])
 
 
+def marked(label: str, chosen: bool) -> str:
+    """A button's label with ✅ when it is the current choice."""
+    return f"✅ {label}" if chosen else label
+
+
+def user_defaults(settings: Mapping[str, Any], models: tuple[ImageModel, ...]) -> tuple[ImageModel, str, str]:
+    """A user's /settings as (model, ratio or "" to ask every time, option), each one ``models`` still offer."""
+    model = next((m for m in models if m.key == settings.get("model")), models[0])
+    ratio = settings.get("ratio") if settings.get("ratio") in model.ratios else ""
+    choices = [value for value, _ in model.option.choices] if model.option is not None else [""]
+    option = settings.get("option") if settings.get("option") in choices else choices[0]
+    return model, ratio, option
+
+
+def settings_screen(settings: Mapping[str, Any], models: tuple[ImageModel, ...], lang: str) -> tuple[str, dict]:
+    """/settings as one message, edited in place on each press: its text and its keyboard."""
+    t = TEXTS[lang]
+    model, ratio, option = user_defaults(settings, models)
+    rows = in_rows([button(marked(m.title, m is model), f"set:model:{m.key}") for m in models], 2)
+    rows = rows if len(models) > 1 else []
+    rows += in_rows([button(marked(r, r == ratio), f"set:ratio:{r}") for r in model.ratios], 4)
+    rows.append([button(marked(t["btn_ask_every_time"], not ratio), "set:ratio:")])
+    extra = ""
+    if model.option is not None:
+        rows.append([button(marked(labels[lang], value == option), f"set:option:{value}")
+                     for value, labels in model.option.choices])
+        extra = render(lang, "settings_option", title=model.option.title[lang].capitalize(),
+                       value=model.option.label(option, lang))
+    return (render(lang, "settings", model=model.described(lang), ratio=ratio or t["settings_ask"], option=extra),
+            keyboard(*rows))
+
+
 def prompt_limits(model: ImageModel, lang: str) -> str:
     """How long ``model``'s prompt may be, in words: "до 1000 символов", "3 to 5000 characters"."""
     fewest, most = model.prompt_chars
@@ -4048,11 +4213,12 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
 RESULT_BUTTONS = {
     "again": ("btn_again", "again"), "retry": ("btn_retry", "again"), "ratio": ("btn_ratio", "ratios"),
     "model": ("btn_model", "models"), "edit": ("btn_edit", "edit"), "file": ("btn_file", "file"),
-    "resend": ("btn_resend", "resend"),
+    "resend": ("btn_resend", "resend"), "retouch": ("btn_retouch", "retouch"),
 }
 # Which buttons follow a failure (Job.error): fix the prompt after moderation or
 # validation, re-send a picture that is ready, else try the same again.
-FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "delivery": ("resend",)}
+FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "invalid_prompt": ("retry", "edit"),
+                   "invalid_ratio": ("ratio", "edit"), "delivery": ("resend",)}
 
 
 def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
@@ -4060,12 +4226,16 @@ def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
 
 
 def new_picture_button(model_key: str, lang: str) -> dict:
-    """"New picture" keeps the model last used."""
-    return button(TEXTS[lang]["btn_new"], f"model:{model_key}")
+    """"New picture" keeps the model last used (after an edit: the default one)."""
+    edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits
+    return button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")
 
 
 def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
-    names = ("again", "ratio", "model", "edit", "file") if catalog else ("again", "ratio", "edit", "file")
+    names = ("again", "ratio", "model", "edit", "retouch", "file") if catalog else (
+        "again", "ratio", "edit", "retouch", "file")
+    if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits:  # an edit keeps the photo's proportions
+        names = ("again", "edit", "retouch", "file")
     return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
 
 
@@ -4141,7 +4311,7 @@ def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str,
 # an animation also carries a document).
 NOT_TEXT_ANSWERS: tuple[tuple[str, str], ...] = (
     ("voice", "not_text_voice"), ("video_note", "not_text_video"), ("video", "not_text_video"),
-    ("animation", "not_text_video"), ("sticker", "not_text_sticker"), ("photo", "not_text_photo"),
+    ("animation", "not_text_video"), ("sticker", "not_text_sticker"),
     ("audio", "not_text_file"), ("document", "not_text_file"),
 )
 
@@ -4149,6 +4319,22 @@ NOT_TEXT_ANSWERS: tuple[tuple[str, str], ...] = (
 def not_text_answer(message: dict) -> str:
     """The text key answering a message that carries no text where a description was expected."""
     return next((key for field, key in NOT_TEXT_ANSWERS if field in message), "prompt_not_text")
+
+
+def photo_to_edit(message: dict) -> tuple[str, str]:
+    """(file id, "") of the photo a message carries, its largest size a bot may download; ("", text key) when
+    it carries one the bot refuses; ("", "") when it carries none.  A document counts if it is an image."""
+    sizes, document = message.get("photo"), message.get("document")
+    if isinstance(sizes, list) and sizes:
+        fitting = [size for size in sizes if isinstance(size, dict) and isinstance(size.get("file_id"), str)
+                   and (size.get("file_size") or 0) <= PHOTO_DOWNLOAD_MAX_BYTES]
+        return (fitting[-1]["file_id"], "") if fitting else ("", "photo_too_large")  # Telegram lists smallest first
+    if not isinstance(document, dict) or "animation" in message:
+        return "", ""
+    if not str(document.get("mime_type") or "").startswith("image/") or not isinstance(document.get("file_id"), str):
+        return "", "photo_not_image"
+    return ("", "photo_too_large") if (document.get("file_size") or 0) > PHOTO_DOWNLOAD_MAX_BYTES else (
+        document["file_id"], "")
 
 
 def parse_command(text: str) -> str | None:
@@ -4169,6 +4355,10 @@ def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[st
             return "busy_user", {}
 
 
+ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
+PRESSES_REMEMBERED = 10_000  # dialogs whose last press is kept to tell a double tap
+
+
 @dataclasses.dataclass
 class Context:
     """Who an update came from, where to answer, and whether a button press was answered."""
@@ -4180,6 +4370,8 @@ class Context:
     callback_id: str = ""
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
+    photo: str = ""  # the file id of the photo under the pressed button (a result's)
+    repeated: bool = False  # the dialog's previous press was this one, with no message between: a double tap
 
     @property
     def dialog(self) -> DialogKey:
@@ -4198,17 +4390,63 @@ def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
 class PromptStep:
     """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
 
-    A new or edited description before the job starts replaces the old one and
-    the open question is asked again; every button of the dialog reads the
-    prompt from the state, so the old question's buttons draw the new prompt too.
+    A description outside a question starts a picture (at once in the user's
+    default format).  A new or edited description before the job starts
+    replaces the old one and the open question is asked again (the old one
+    loses its keyboard).  A description too long for the model is kept, with
+    the models that take it offered.
     """
 
-    def __init__(self, states: ConversationStore, models_by_key: Mapping[str, ImageModel],
-                 send: Callable[..., Awaitable[None]], send_hint: Callable[[Context], Awaitable[None]]):
-        self.states = states
-        self.models_by_key = models_by_key
-        self.send = send
-        self.send_hint = send_hint
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.states = conversation.states
+        self.models_by_key = conversation.models_by_key
+        self.send, self.ask, self.send_hint = conversation.send, conversation.ask, conversation.send_hint
+
+    async def may_draw(self, ctx: Context) -> bool:
+        """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
+        if not self.dialog.generations.configured():  # only admins can fix it, so only they read how
+            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
+            return False
+        refusal = self.dialog.generations.refusal(ctx.user_id)
+        if refusal is not None:
+            key, values = refusal_text(refusal)
+            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
+            await self.send(ctx, key, stop, **values)
+        return refusal is None
+
+    async def ask_for(self, ctx: Context, model: ImageModel) -> None:
+        """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
+        await self.dialog.answer(ctx)
+        if ctx.repeated or not await self.may_draw(ctx):
+            return  # (a second tap on the same button: the question is out already)
+        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
+        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
+                       model=model.title, limits=prompt_limits(model, ctx.lang))
+
+    async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
+        """A description: drawn at once in the user's default format (/settings), else the format question."""
+        state = self.states.get(ctx.dialog) or {}
+        settings = self.states.settings(ctx.user_id)
+        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
+                                             self.dialog.models)
+        if not await self.may_draw(ctx):
+            return
+        if not ratio:
+            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+            await self.take(ctx, text, message_id)
+        elif not await self.refuse(ctx, model, text):
+            await self.dialog.generate(ctx, model, text.strip(), ratio, option, 0)
+
+    async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
+        """A model offered for a description too long for the one chosen: the description goes on with it."""
+        state = self.states.get(ctx.dialog) or {}
+        model, prompt = self.models_by_key.get(key), state.get("prompt", "")
+        if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
+            return  # stale, forged, or tapped twice
+        await self.dialog.answer(ctx)
+        await self.dialog.set_state(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+        await self.draw(dataclasses.replace(ctx, message_id=0), prompt, 0)
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
         """The answer to the prompt question, or a new description while a ratio or option question is open."""
@@ -4221,16 +4459,15 @@ class PromptStep:
         if await self.refuse(ctx, model, text):
             return
         prompt = text.strip()
-        await self.states.set(ctx.dialog, {**state, "step": "ratio" if step == "prompt" else step, "model": model.key,
-                                           "prompt": prompt,
-                                           "prompt_message_id": message_id if isinstance(message_id, int) else 0})
+        state = {**state, "step": "ratio" if step == "prompt" else step, "model": model.key, "prompt": prompt,
+                 "prompt_message_id": message_id if isinstance(message_id, int) else 0}
         shown = html.escape(shorten(prompt, 200))
         if step == "option" and model.option is not None:
-            await self.send(ctx, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
-                            option=model.option.title[ctx.lang])
+            await self.ask(ctx, state, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
+                           option=model.option.title[ctx.lang])
         else:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
-            await self.send(ctx, key, ratio_keyboard(model, ctx.lang), prompt=shown)
+            await self.ask(ctx, state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
@@ -4244,20 +4481,76 @@ class PromptStep:
     async def refuse(self, ctx: Context, model: ImageModel, text: str) -> bool:
         """Tells the user why ``text`` cannot be ``model``'s prompt; False if it can."""
         problem = check_prompt(text, model)
-        if problem is not None:
+        takers = [m for m in self.models_by_key.values() if check_prompt(text, m) is None]
+        if problem is not None and problem[0] == "prompt_too_long" and takers:
+            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2),
+                             [button(ctx.t["btn_cancel"], "cancel")])
+            await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
+                           "prompt_too_long_models", offer, **problem[1])
+        elif problem is not None:
             await self.send(ctx, problem[0], **problem[1])
         return problem is not None
+
+
+class OpenQuestion:
+    """The dialog's one open question: each new one (or the dialog's end) takes the keyboard off the one before.
+
+    A question edited into a pressed message is known at once; a sent one's
+    id comes back from the outbox once Telegram has it (memory only: after a
+    restart an old question may keep its buttons, which then answer as stale).
+    """
+
+    def __init__(self, states: ConversationStore, telegram: Outbox,
+                 edit: Callable[[Context, int, str, dict | None], Awaitable[None]]):
+        self.states = states
+        self.telegram = telegram
+        self.edit = edit
+
+    async def ask(self, ctx: Context, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
+        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it.
+
+        The question it replaces loses its keyboard; a sent one's id is noted
+        once Telegram has it, so the next change can take its keyboard off too.
+        """
+        question = secrets.token_hex(4)
+        await self.set_state(ctx, {**state, "question": question, "question_id": message_id}, keep=message_id)
+        text = render(ctx.lang, key, **values)
+        if message_id:
+            await self.edit(ctx, message_id, text, markup)
+        else:
+            await self.telegram.send_message(ctx.chat_id, text, markup,
+                                             on_sent=functools.partial(self._asked, ctx.dialog, question))
+
+    def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
+        state = self.states.get(dialog)
+        if state is not None and state.get("question") == question and isinstance(message, dict):
+            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
+
+    async def set_state(self, ctx: Context, state: dict | None, keep: int = 0) -> None:
+        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
+        (each is edited into what comes next)."""
+        old = (self.states.get(ctx.dialog) or {}).get("question_id")
+        await self.states.set(ctx.dialog, state)
+        if old and old not in (keep, ctx.message_id):
+            await self.retire(ctx, old)
+
+    async def retire(self, ctx: Context, message_id: int) -> None:
+        """Take the keyboard off a message whose buttons no longer mean anything."""
+        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": message_id,
+                                                            "reply_markup": {"inline_keyboard": []}})
 
 
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option",
-    "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ...,
-    "ratio": ...}.  A dialog speaks the language it started in.  Button data is
+    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
+    "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
+    photo, "question"/"question_id": see OpenQuestion}.  In a private chat any text is a description and
+    a photo an edit.  A dialog speaks the language it started in.  Button data is
     untrusted: a value not in the tables or not matching the user's step is
     answered politely and changes nothing.  Replies go through the outbox
-    (section 13): a handler never waits for Telegram nor sees a send's result.
+    (section 13): a handler never waits for Telegram; only a question's message
+    id comes back, later, so the next question can take its keyboard off.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4269,18 +4562,26 @@ class Conversation:
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
-        self.prompts = PromptStep(states, self.models_by_key, self.send, self.send_hint)
+        # Each dialog's last press (message id, data) since its last message, to tell a double tap (memory only).
+        self.presses: dict[DialogKey, tuple[int, Any]] = {}
+        questions = OpenQuestion(states, telegram, self.edit)
+        self.ask, self.set_state, self.retire = questions.ask, questions.set_state, questions.retire
+        self.prompts = PromptStep(self)
+        self.photos = PhotoEdits(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
-            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button}
+            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
+            "long": self.prompts.on_long_prompt_button}
         self.buttons.update(JobButtons(self).handlers())
         self.stars = StarsShop(self)
         self.commands.update(self.stars.commands)
         self.buttons["buy"] = self.stars.on_pack_button
-        languages = LanguageChoice(self)
+        languages, settings = LanguageChoice(self), SettingsChoice(self)
         self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
+        self.commands["/settings"], self.buttons["set"] = settings.on_command, settings.on_button
+        self.buttons["settings"] = settings.on_menu_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4310,20 +4611,28 @@ class Conversation:
         ctx = self.message_context(message)
         if ctx is None:
             return
+        self.presses.pop(ctx.dialog, None)  # a press after a message is no repeat of the one before
         text = message.get("text")
         command = parse_command(text) if isinstance(text, str) else None
         step = (self.states.get(ctx.dialog) or {}).get("step")
+        private = (message.get("chat") or {}).get("type") == "private"
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
-        elif step not in ("prompt", "ratio", "option"):
-            await self.send_hint(ctx)
+        elif private and any(photo_to_edit(message)):
+            await self.photos.on_message(ctx, message)
         elif not isinstance(text, str):
-            await self.send(ctx, not_text_answer(message))
-        else:
+            await (self.send(ctx, not_text_answer(message)) if step else self.send_hint(ctx))
+        elif step == "edit":
+            await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+        elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
+        elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
+            await self.prompts.draw(ctx, text, message.get("message_id"))
+        else:
+            await self.send_hint(ctx)
 
     async def on_edited_message(self, message: dict) -> None:
         ctx = self.message_context(message)
@@ -4336,7 +4645,12 @@ class Conversation:
         ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
         message_id = (query.get("message") or {}).get("message_id")
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
+        ctx.photo = photo_to_edit(query.get("message") or {})[0]
         data = query.get("data")
+        ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
+        self.presses[ctx.dialog] = ctx.message_id, data
+        if len(self.presses) > PRESSES_REMEMBERED:
+            del self.presses[next(iter(self.presses))]
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
         try:
@@ -4349,7 +4663,8 @@ class Conversation:
     async def answer(self, ctx: Context, text: str = "", alert: bool = False) -> None:
         """Answer the button press: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         ctx.answered = True
-        await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
+        if ctx.callback_id:  # (a message, not a press: nothing to answer)
+            await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
 
     async def edit(self, ctx: Context, message_id: int, text: str, markup: dict | None = None) -> None:
         """Turn one of our messages into ``text``: the dialog's messages evolve rather than pile up."""
@@ -4376,8 +4691,8 @@ class Conversation:
         """Must answer whatever else is broken: no database read, a fallback menu."""
         try:
             lang = self.language(ctx.user_id, message.get("from") or {})  # /start ends the dialog and its language
-            menu = main_menu(lang, self.models)
-            text = TEXTS[lang]["start"] + (TEXTS[lang]["start_catalog"] if len(self.models) > 1 else "")
+            menu = main_menu(lang)
+            text = TEXTS[lang]["start"]
             left = left_text(self.generations.remaining(ctx.user_id), lang,  # from memory: no database read
                              self.generations.wallet.balance(ctx.user_id))
             text += f"\n\n{left}" if left else ""
@@ -4385,19 +4700,19 @@ class Conversation:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
         try:
-            await self.states.set(ctx.dialog, None)
+            await self.set_state(ctx, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
         await self.telegram.send_message(ctx.chat_id, text, menu)
 
     async def on_help(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "help", main_menu(ctx.lang))
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
         had_question = self.states.get(ctx.dialog) is not None
-        await self.states.set(ctx.dialog, None)
-        menu = main_menu(ctx.lang, self.models)
+        await self.set_state(ctx, None)
+        menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
             await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
@@ -4416,7 +4731,7 @@ class Conversation:
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx))
 
     async def send_hint(self, ctx: Context) -> None:
-        await self.send(ctx, "hint", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "hint", main_menu(ctx.lang))
 
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "unknown_command")  # an open dialog stays open
@@ -4424,22 +4739,12 @@ class Conversation:
     # -- the dialog ---------------------------------------------------------
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.ask_prompt(ctx, Z_IMAGE)
+        await self.prompts.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
         model = self.models_by_key.get(key)
         if model is not None:
-            await self.ask_prompt(ctx, model)
-
-    async def ask_prompt(self, ctx: Context, model: ImageModel) -> None:
-        """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
-        await self.answer(ctx)
-        if not self.generations.configured():  # only admins can fix it, so only they read how
-            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.config.admin_ids else "not_configured")
-            return
-        await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
-        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
-        await self.send(ctx, "ask_prompt", cancel, model=model.title, limits=prompt_limits(model, ctx.lang))
+            await self.prompts.ask_for(ctx, model)
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
         state = self.states.get(ctx.dialog) or {}
@@ -4464,7 +4769,7 @@ class Conversation:
         await self.generate(ctx, model, state["prompt"], state["ratio"], value)
 
     async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
-                       status_message_id: int | None = None) -> None:
+                       status_message_id: int | None = None, image: str = "") -> None:
         """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.
 
         0 means there is no text message to evolve (the press came from a
@@ -4487,8 +4792,8 @@ class Conversation:
         # The dialog ends only once the job is stored, so a press replayed after kill -9
         # never finds the dialog over and no job to show for it.
         await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                     status_message_id)
-        await self.states.set(ctx.dialog, None)
+                                     status_message_id, image)
+        await self.set_state(ctx, None, keep=status_message_id)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
@@ -4496,7 +4801,53 @@ class Conversation:
 
     async def on_help_button(self, ctx: Context, argument: str) -> None:
         await self.answer(ctx)
-        await self.send(ctx, "help", main_menu(ctx.lang, self.models))
+        await self.send(ctx, "help", main_menu(ctx.lang))
+
+
+class PhotoEdits:
+    """A photo in a private chat is an edit: with a caption it starts at once, else the user is asked what to
+    change; an album's first photo is taken, its others are told so once."""
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
+
+    async def on_message(self, ctx: Context, message: dict) -> None:
+        photo, refusal = photo_to_edit(message)
+        if refusal:
+            await self.dialog.send(ctx, refusal)
+        elif not await self.album_seen(ctx, message.get("media_group_id")):
+            caption = message.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                await self.start(ctx, photo, caption)
+            elif await self.dialog.prompts.may_draw(ctx):
+                await self.ask_what(ctx, photo)
+
+    async def album_seen(self, ctx: Context, album: Any) -> bool:
+        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
+        if not isinstance(album, str):
+            return False
+        seen = self.albums.pop(album, 0)
+        self.albums[album] = seen + 1
+        if len(self.albums) > ALBUMS_REMEMBERED:
+            del self.albums[next(iter(self.albums))]
+        if seen == 1:
+            await self.dialog.send(ctx, "album_one_photo")
+        return seen > 0
+
+    async def ask_what(self, ctx: Context, photo: str) -> None:
+        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
+        await self.dialog.ask(ctx, state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
+
+    async def start(self, ctx: Context, photo: str, text: str) -> None:
+        """Start an edit of ``photo`` with ``text`` as the instruction."""
+        if not await self.dialog.prompts.may_draw(ctx):
+            return
+        problem = check_prompt(text, EDIT_MODEL)
+        if problem is not None:
+            await self.dialog.send(ctx, problem[0], **problem[1])
+        else:
+            await self.dialog.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
@@ -4677,7 +5028,40 @@ class LanguageChoice:
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
             await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
         chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
-        await self.dialog.send(chosen, "language_set", main_menu(lang, self.dialog.models))
+        await self.dialog.send(chosen, "language_set", main_menu(lang))
+
+
+class SettingsChoice:
+    """``/settings`` and its buttons: the user's default model, format and quality, remembered durably.
+
+    With a default format, a description is drawn at once; without one
+    ("ask every time", the default) the format question follows it.
+    """
+
+    def __init__(self, conversation: Conversation):
+        self.dialog = conversation
+
+    async def on_command(self, ctx: Context, message: dict) -> None:
+        text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup)
+
+    async def on_menu_button(self, ctx: Context, argument: str) -> None:
+        await self.dialog.answer(ctx)
+        await self.on_command(ctx, {})
+
+    async def on_button(self, ctx: Context, argument: str) -> None:
+        name, _, value = argument.partition(":")
+        chosen = {**self.dialog.states.settings(ctx.user_id), name: value}
+        model, ratio, option = user_defaults(chosen, self.dialog.models)
+        settings = {"model": model.key, "ratio": ratio, "option": option}
+        if settings.get(name) != value:
+            return  # a forged button, or one for a model no longer offered: answered as stale
+        await self.dialog.answer(ctx)
+        await self.dialog.states.set_settings(ctx.user_id, settings)
+        text, markup = settings_screen(settings, self.dialog.models, ctx.lang)
+        await self.dialog.edit(ctx, ctx.message_id, text, markup)
+
+
 
 
 class JobButtons:
@@ -4690,14 +5074,16 @@ class JobButtons:
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.generations = conversation.generations
+        self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
         return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend}
+                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch,
+                "stop": self.on_stop}
 
     async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        model = self.dialog.models_by_key.get(job.model) if job is not None else None
+        model = self.models_by_key.get(job.model) if job is not None else None
         return (job, model) if job is not None and model is not None else None
 
     async def on_again(self, ctx: Context, job_id: str) -> None:
@@ -4706,7 +5092,7 @@ class JobButtons:
         if found is not None:
             job, model = found
             status = ctx.message_id if ctx.message_id == job.status_message_id else 0
-            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status)
+            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
 
     async def on_ratios(self, ctx: Context, job_id: str) -> None:
         """Ask the ratio again, for the same prompt and model."""
@@ -4720,9 +5106,11 @@ class JobButtons:
         if job is None or len(self.dialog.models) < 2:
             return
         await self.dialog.answer(ctx)
-        choices = [button(m.title, f"use:{job.id}:{m.key}") for m in self.dialog.models]
-        await self.dialog.send(ctx, "ask_model", keyboard(*in_rows(choices, 2)),
-                               prompt=html.escape(shorten(job.prompt, 200)))
+        choices = [button(marked(m.title, m.key == job.model), f"use:{job.id}:{m.key}") for m in self.dialog.models]
+        await self.dialog.ask(ctx, {"step": "model", "lang": ctx.lang}, "ask_model",
+                              keyboard(*in_rows(choices, 2), [button(ctx.t["btn_cancel"], "cancel")]),
+                              prompt=html.escape(shorten(job.prompt, 200)),
+                              models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
 
     async def on_use(self, ctx: Context, argument: str) -> None:
         job_id, _, key = argument.partition(":")
@@ -4733,22 +5121,39 @@ class JobButtons:
 
     async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
         await self.dialog.answer(ctx)
-        await self.dialog.states.set(ctx.dialog, {"step": "ratio", "model": model.key, "prompt": prompt})
-        await self.dialog.reply(dataclasses.replace(ctx, message_id=message_id), "ask_ratio",
-                                ratio_keyboard(model, ctx.lang), prompt=html.escape(shorten(prompt, 200)))
+        await self.dialog.ask(ctx, {"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
+                              ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
 
     async def on_edit(self, ctx: Context, job_id: str) -> None:
-        """Ask for a new prompt for the same model."""
+        """Ask for a new prompt for the same model (for an edit: a new instruction for the same photo)."""
         found = await self.job_and_model(ctx, job_id)
-        if found is not None:
-            await self.dialog.ask_prompt(ctx, found[1])
+        if found is not None and found[0].image:
+            await self.dialog.answer(ctx)
+            await self.dialog.photos.ask_what(ctx, found[0].image)
+        elif found is not None:
+            await self.dialog.prompts.ask_for(ctx, found[1])
+
+    async def on_retouch(self, ctx: Context, job_id: str) -> None:
+        """🪄 under a result: edit that picture, fetched again from Telegram by the photo's file id."""
+        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
+        if job is not None and ctx.photo:
+            await self.dialog.answer(ctx)
+            if not ctx.repeated and await self.dialog.prompts.may_draw(ctx):
+                await self.dialog.photos.ask_what(ctx, ctx.photo)
+
+    async def on_stop(self, ctx: Context, argument: str) -> None:
+        """✖️ under "still drawing": stops the running picture, as /cancel does."""
+        await self.dialog.answer(ctx)
+        await self.dialog.retire(ctx, ctx.message_id)
+        await self.dialog.on_cancel(dataclasses.replace(ctx, message_id=0))
 
     async def on_file(self, ctx: Context, job_id: str) -> None:
         """The finished picture as a file, uncompressed: one send per press."""
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
         if job is not None and job.result_url and job.outcome == "success":
             await self.dialog.answer(ctx)
-            self.generations.send_original(job)
+            if not ctx.repeated:  # a double tap sends one
+                self.generations.send_original(job)
 
     async def on_resend(self, ctx: Context, job_id: str) -> None:
         job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
@@ -4785,6 +5190,7 @@ DELIVERY_BUDGET_S = 120.0
 DELIVERY_NOTICE_S = 15.0
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
+PHOTO_DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024  # Bot API limit for files a bot downloads
 DOCUMENT_UPLOAD_MAX_BYTES = 50 * 1024 * 1024  # ... and for documents
 UNSAVED_JOB_ROWS_MAX = 10_000  # job rows kept for a database that comes back; beyond it the oldest go
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -4798,6 +5204,20 @@ def failure_for_record(record: TaskRecord) -> str:
         return kie_code(408).user_failure
     message = record.fail_message.lower()
     return "moderation" if any(word in message for word in MODERATION_WORDS) else "failed"
+
+
+# What a 422 (Kie's validation) asks the user to change: the first input its message names.
+INVALID_INPUTS = (("image", "invalid_image"), ("aspect", "invalid_ratio"), ("ratio", "invalid_ratio"),
+                  ("prompt", "invalid_prompt"))
+
+
+def refusal_failure(error: KieError | None) -> str:
+    """Why createTask refused a job, in user terms: KIE_CODES's answer, and for a 422 what to change."""
+    if error is None:  # the job's model left the catalog
+        return "failed"
+    if error.code == 422:
+        return next((failure for word, failure in INVALID_INPUTS if word in error.message.lower()), "invalid")
+    return kie_code(error.code).user_failure
 
 
 def poll_interval(age_s: float) -> float:
@@ -4827,6 +5247,7 @@ class Job:
     status_message_id: int = 0  # the ⏳ message
     created_at: float = 0.0
     updated_at: float = 0.0
+    image: str = ""  # an edit's photo: its Telegram file id (fetched again for each job; Kie's copies expire)
 
 
 # -- the job state machine: pure, no I/O ------------------------------------------
@@ -4845,7 +5266,7 @@ class JobEvent:
 
 # The events and what they carry:
 #   accepted    createTask gave the task id
-#   refused     createTask failed with this Kie code (KIE_CODES), or None: the job's model left the catalog
+#   refused     createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
 #   succeeded   Kie's record says the task finished with this result URL
 #   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
@@ -4931,7 +5352,7 @@ KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the 
 def event_changes(event: JobEvent) -> dict[str, Any]:
     """The job fields an event sets besides its state."""
     if event.name == "refused":
-        return {"error": "failed" if event.value is None else kie_code(event.value).user_failure}
+        return {"error": refusal_failure(event.value)}
     field = EVENT_FIELDS.get(event.name)
     return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
 
@@ -4962,8 +5383,8 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
             effects.append(Finish(OUTCOMES[state], now - job.created_at))
         if state != "cancelled":
             effects.append(DELIVER)
-    if event.name == "refused" and event.value is not None and kie_code(event.value).incident:
-        effects.append(Alert(event.value))
+    if event.name == "refused" and event.value is not None and kie_code(event.value.code).incident:
+        effects.append(Alert(event.value.code))
     if state in ENDED_STATES:
         effects.append(FORGET)
     return changes, effects
@@ -5103,20 +5524,25 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
             headers = {"Host": parts.netloc, "Connection": "close"}
             async with http.stream("GET", pinned_url(parts, address), headers=headers, extensions=sni,
                                    timeout=KIE_TIMEOUT, follow_redirects=False) as response:
-                if response.status_code != 200:
-                    raise DownloadError(f"HTTP {response.status_code}")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise DownloadError(f"image larger than {limit} bytes")
-                    chunks.append(chunk)
+                return await read_bounded(response, limit)
     except TimeoutError:
         raise DownloadError(f"not finished within {deadline_s:g}s") from None
     except OSError as error:  # the name did not resolve
         raise DownloadError(f"cannot resolve the host ({type(error).__name__})") from None
     except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise DownloadError(type(error).__name__) from None
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """A 200 answer's body, at most ``limit`` bytes; DownloadError otherwise."""
+    if response.status_code != 200:
+        raise DownloadError(f"HTTP {response.status_code}")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise DownloadError(f"image larger than {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -5415,9 +5841,10 @@ class AdminAlerts:
 class Submitter:
     """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
 
-    def __init__(self, kie: KieClient, slots: KieSlots, alerts: AdminAlerts, apply: Callable[[Job, JobEvent], None],
-                 callback_url: str, nsfw_checker: bool = True):
+    def __init__(self, kie: KieClient, telegram: TelegramClient, slots: KieSlots, alerts: AdminAlerts,
+                 apply: Callable[[Job, JobEvent], None], callback_url: str, nsfw_checker: bool = True):
         self.kie = kie
+        self.telegram = telegram  # fetches an edit's photo
         self.slots = slots
         self.alerts = alerts
         self.apply = apply
@@ -5446,17 +5873,27 @@ class Submitter:
             self.apply(job, JobEvent("refused", None))
             return
         try:
-            inputs = model.request(job.prompt, job.ratio, job.option, self.nsfw_checker)
+            image_urls = (await self._upload_photo(job),) if model.edits else ()
+            inputs = model.request(job.prompt, job.ratio, job.option, self.nsfw_checker, image_urls)
             task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
         except KieError as error:
             self.slots.release()
             log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            self.apply(job, JobEvent("refused", error.code))
+            self.apply(job, JobEvent("refused", error))
             return
         self.alerts.over()
         self.apply(job, JobEvent("accepted", task_id))
         if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
             self.slots.release()
+
+
+    async def _upload_photo(self, job: Job) -> str:
+        """Kie's own copy of the job's photo, fetched from Telegram now (a copy made earlier may have expired)."""
+        try:
+            data, extension = await self.telegram.download_file(job.image, PHOTO_DOWNLOAD_MAX_BYTES)
+        except (TelegramError, DownloadError) as error:
+            raise KieError(422, f"image could not be fetched from Telegram ({type(error).__name__})") from None
+        return await self.kie.upload(data, f"{job.id}-{secrets.token_hex(4)}{extension or '.jpg'}")
 
 
 class Poller:
@@ -5651,7 +6088,8 @@ class ResultSender:
             image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
                                            allow_private=self.allow_private)
             name, mime = image_file_name(job.result_url)
-            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id},
+            caption = result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang)
+            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"},
                                       files={"document": (name, image, mime)})
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
@@ -5828,7 +6266,7 @@ class Generations:
         self.wallet = Wallet(db)
         self.slots = KieSlots(config.kie_max_tasks)
         self.alerts = AdminAlerts(config.admin_ids, db, outbox)
-        self.submitter = Submitter(kie, self.slots, self.alerts, self.apply, kie_callback_url(config),
+        self.submitter = Submitter(kie, outbox.telegram, self.slots, self.alerts, self.apply, kie_callback_url(config),
                                    config.kie_nsfw_checker)
         self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
         self.progress = Progress(outbox, self.book.save, clock)
@@ -5992,14 +6430,14 @@ class Generations:
         return None if paid else refusal
 
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
-                    option: str = "", status_message_id: int = 0) -> Job:
+                    option: str = "", status_message_id: int = 0, image: str = "") -> Job:
         """Create a job (durably when the database works) and queue it; returns at once.
 
         Without a status message (the dialog had none to turn into one) the job posts its own.
         """
         now = self.clock.time()
         job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
-                  status_message_id=status_message_id, created_at=now, updated_at=now)
+                  status_message_id=status_message_id, created_at=now, updated_at=now, image=image)
         self.book.track(job)
         self.book.created += 1
         self.fairness.note_start()
@@ -6101,6 +6539,7 @@ class OutboxMessage:
     result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
     files: dict | None = None  # uploads of ``deliver``
     sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
+    on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
@@ -6219,17 +6658,20 @@ class Outbox:
 
     # -- the handler's side -----------------------------------------------------
 
-    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, **extra: Any) -> None:
+    async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, *,
+                           on_sent: Callable[[Any], None] | None = None, **extra: Any) -> None:
         params: dict[str, Any] = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **extra}
         if reply_markup is not None:
             params["reply_markup"] = reply_markup
-        await self.call("sendMessage", params)
+        await self.call("sendMessage", params, on_sent)
 
-    async def call(self, method: str, params: dict) -> None:
-        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory)."""
+    async def call(self, method: str, params: dict, on_sent: Callable[[Any], None] | None = None) -> None:
+        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory).
+        ``on_sent`` gets Telegram's answer if this process sends it (not after a restart)."""
         if self.mode.void():  # its handler's update was handed over: the holder answers it
             return
         message = self._new_message(method, params)
+        message.on_sent = on_sent
         if not self._push(message) or not self.db.ok:
             return
         message.stored = True
@@ -6325,6 +6767,8 @@ class Outbox:
             self._end(message, "refused", f"{error.error_code} {error.description}", error)
             return
         self.sent[message.method] += 1
+        if message.on_sent is not None:
+            message.on_sent(result)
         if message.result is not None and not message.result.done():
             message.result.set_result(result)
         self._end(message, None, "")
@@ -6472,16 +6916,20 @@ KIE_CREDITS_CHECK_S = 600.0  # how often the active instance reads Kie's credit 
 LOOP_BEAT_S, LOOP_LAG_FAIL_S = 1.0, 5.0
 
 # The menu Telegram shows behind the "/" button, per language_code ("" is everyone
-# without a menu of their own).  /stats is for admins and stays out of it.
+# without a menu of their own): English, as the replies to a language the bot does not
+# speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
+RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
+                {"command": "settings", "description": "Модель и формат по умолчанию"},
+                {"command": "help", "description": "Как пользоваться"},
+                {"command": "cancel", "description": "Отменить"},
+                {"command": "language", "description": "Язык / Language"}]
 COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
-    "": [{"command": "start", "description": "Меню и новая картинка"},
-         {"command": "help", "description": "Как пользоваться"},
-         {"command": "cancel", "description": "Отменить"},
-         {"command": "language", "description": "Язык / Language"}],
-    "en": [{"command": "start", "description": "Menu and a new picture"},
-           {"command": "help", "description": "How to use"},
-           {"command": "cancel", "description": "Cancel"},
-           {"command": "language", "description": "Language / Язык"}],
+    "": [{"command": "start", "description": "Menu and a new picture"},
+         {"command": "settings", "description": "Default model and format"},
+         {"command": "help", "description": "How to use"},
+         {"command": "cancel", "description": "Cancel"},
+         {"command": "language", "description": "Language / Язык"}],
+    **{language: RUSSIAN_MENU for language in sorted(RU_LANGUAGES)},
 }
 
 
@@ -7571,10 +8019,11 @@ class App:
         self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
         self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
-        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base))
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        pacer=telegram_pacer(config), acting_left=self.role.acting_left)
-        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock)
+        self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
+                             upload_base=config.kie_upload_base)
         timings, states = Timings(clock), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
