@@ -165,7 +165,7 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
         make_app, fake_tg, fake_kie, fast_jobs, tmp_path):
     app = await make_app(**gen_env(fake_kie, GEN_HOURLY_LIMIT="1", STARS_PACKS="10:50,50:200", ADMIN_IDS="900"))
     await draw(app, fake_kie, 75, "первая")  # the free picture of this hour
-    await order(app, 75, "вторая")  # at the limit: the ⭐ packs are offered, nothing is drawn
+    await answered(app, update_callback(next(_update_ids), 75, "new"))  # at the limit: told at once, with ⭐ packs
     (offer,) = await eventually(lambda: offers(fake_tg, 75))
     assert rendered("ru", "hourly_limit", limit=1, minutes=60) in offer["text"] and len(fake_kie.created) == 1
     assert [row[0]["callback_data"] for row in offer["reply_markup"]["inline_keyboard"]] == ["buy:10:50", "buy:50:200"]

@@ -4409,11 +4409,15 @@ class PromptStep:
             await self.send(ctx, "not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
             return False
         refusal = self.dialog.generations.refusal(ctx.user_id)
-        if refusal is not None:
-            key, values = refusal_text(refusal)
-            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
-            await self.send(ctx, key, stop, **values)
-        return refusal is None
+        if refusal is None:
+            return True
+        key, values = refusal_text(refusal)
+        if isinstance(refusal, HourlyLimit) and self.dialog.stars.selling(ctx):  # the limit, and the ⭐ packs past it
+            await self.dialog.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
+            return False
+        stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
+        await self.send(ctx, key, stop, **values)
+        return False
 
     async def ask_for(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
