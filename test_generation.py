@@ -744,6 +744,19 @@ async def test_catalog_mode_sends_the_chosen_models_own_id_ratio_and_option(make
     assert [method for method, _ in new_messages_to(fake_tg, 74)] == ["sendMessage"] * 3  # menu, prompt, ratio
 
 
+async def test_a_model_added_as_one_catalog_row_is_drawn_with_no_other_edit(make_app, fake_tg, fake_kie, monkeypatch):
+    """The forker's "add a model": a row with Kie's id, its ratios and inputs; nothing else names models."""
+    row = trt_bot.ImageModel("fork", "someone/new-model", "Forked", ("1:1", "5:4"), about=("своя", "its own"),
+                             inputs=(("prompt", "prompt"), ("size", "ratio")), fixed_input=(("steps", 8),))
+    monkeypatch.setattr(trt_bot, "CATALOG", (*trt_bot.CATALOG, row))  # as if the row were written in CATALOG
+    monkeypatch.setitem(trt_bot.MODELS_BY_KEY, row.key, row)
+    app = await make_app(**gen_env(fake_kie, SINGLE_MODEL_ONLY="0"))
+    await order(app, 73, "лиса в снегу", "5:4", model="fork")
+    await eventually(lambda: fake_kie.created)
+    assert fake_kie.created[0]["model"] == "someone/new-model"
+    assert fake_kie.created[0]["input"] == {"prompt": "лиса в снегу", "size": "5:4", "steps": 8}
+
+
 @pytest.mark.parametrize("lang", ["ru", "en"])
 async def test_the_menu_has_one_entry_per_action_and_create_draws_in_the_model_of_settings(make_app, fake_tg, fake_kie,
                                                                                           lang):

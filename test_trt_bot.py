@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import inspect
 import itertools
 import json
 import logging
@@ -2444,6 +2445,21 @@ def test_the_copy_is_the_accepted_copy():
     assert not changed, (f"the copy differs from texts_snapshot.json in {', '.join(sorted(changed))}. "
                          "If you meant to change it, accept the new copy: "
                          "ACCEPT_TEXTS=1 .venv/bin/python -m pytest -q -k the_copy_is_the_accepted_copy")
+
+
+QUICK_EDITS = {"change a text": "TEXTS", "add a model": "CATALOG", "add a command": "COMMAND_MENUS",
+               "change a limit": "SETTINGS"}
+
+
+@pytest.mark.parametrize("edit, place", QUICK_EDITS.items())
+def test_each_quick_edit_in_the_docstring_names_a_place_that_is_there(edit, place):
+    """The docstring's index sends a forker to one place per edit; what a forker changes comes before the engine."""
+    (line,) = [line for line in trt_bot.__doc__.splitlines() if line.strip().startswith(edit)]
+    assert line.split()[len(edit.split())].rstrip(":") == place and hasattr(trt_bot, place)
+    source = inspect.getsource(trt_bot)
+    defined_at = source.index(f"\n{place}:") if f"\n{place}:" in source else source.index(f"\n{place} =")
+    surface = place != "SETTINGS"  # limits are environment variables: SETTINGS is the configuration section's
+    assert (defined_at < source.index("\nclass TrtError")) == surface
 
 
 def test_a_text_agrees_its_nouns_with_the_numbers_in_both_languages(monkeypatch):

@@ -1,8 +1,16 @@
 """trt_bot: a Telegram bot that turns a text prompt into an image through Kie.ai.
 
-One file, read top-down in the order data flows through it.  Find a section by
-grepping for its banner (``#####``):
+Quick edits: each is one place, in section 0 unless said; run ``pytest -m "not slow"`` after.
+   change a text     TEXTS: Russian and English side by side; then accept the copy
+                     (ACCEPT_TEXTS=1 pytest -q -k the_copy_is_the_accepted_copy)
+   add a model       CATALOG: one ImageModel row, its Kie inputs and credit cost as data
+   add a command     COMMAND_MENUS for Telegram's "/" menu; what it does: Conversation.commands (section 11)
+   change a limit    SETTINGS (section 1): one row per environment variable, as README's table
 
+One file, read top-down: first what a forker changes, then the engine in the
+order data flows through it.  Find a section by grepping for its banner (``#####``):
+
+   0. What a forker changes  TEXTS, CATALOG, COMMAND_MENUS, the result buttons
    1. Configuration        SETTINGS: environment variables -> a frozen Config
    2. Logging              the log format; every secret masked in every record
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
@@ -10,12 +18,12 @@ grepping for its banner (``#####``):
    5. Storage              one thread, two dialects (SQLite, PostgreSQL): schema, group commit, inbox, dialogs
    6. Retry and pacing     one retry policy for every retried call; rate limiters; the send pacer
    7. Telegram client      raw Bot API over httpx, typed errors, every sending method paced
-   8. Kie client           createTask / recordInfo / credits, KIE_CODES, result URLs
+   8. Kie client           createTask / recordInfo / credits / uploads, KIE_CODES, result URLs
    9. Update pipeline      durable ack, one state per update, ordered workers, watchdog
-  10. Texts and keyboards  the model catalog, RU/EN texts, menus and buttons
+  10. Texts and keyboards  rendering section 0's tables: plural forms, menus and buttons
   11. Dialog               what a user's update means
   12. Generation jobs      a pure job state machine and the drivers of its effects
-  13. Outbox               the dialog's messages: queued durably, sent paced, in order per chat
+  13. Outbox               the one sender: durable messages in order per chat, signs of life, paced
   14. Application          lease and role, set-up and polling, routes, diagnostics, main()
 
 Run it with ``python trt_bot.py`` (see README.md for the environment).
@@ -68,6 +76,399 @@ except ImportError:
 __version__ = "1.0.0"
 
 log = logging.getLogger("trt_bot")
+
+
+###############################################################################
+# 0. What a forker changes
+#    The copy (TEXTS, in Russian and English), the model catalog (CATALOG: one
+#    row a model, its Kie inputs as data), the command menus (COMMAND_MENUS)
+#    and the buttons under a result (RESULT_BUTTONS, FAILURE_BUTTONS).  The
+#    engine below reads these tables; nothing else needs editing for the
+#    common changes.  Limits are environment variables, each one a row of
+#    SETTINGS (section 1) and of README's table; the ones most changed:
+#      GEN_HOURLY_LIMIT  pictures per user per hour     GEN_DAILY_LIMIT  per day, the whole bot
+#      SINGLE_MODEL_ONLY Z-Image alone, or the catalog  ADMIN_IDS        who sees /stats and alerts
+#      GEN_TIMEOUT_S     when a picture is given up     KIE_CREDITS_LOW  when the owner is warned
+###############################################################################
+
+TEXTS: dict[str, dict[str, str]] = {
+    "ru": {
+        "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
+                 "Напишите, что хотите увидеть, и выберите формат — картинка придёт сюда же, в чат. "
+                 "Формат и модель по умолчанию — в /settings.",
+        "help": "ℹ️ <b>Как пользоваться</b>\n"
+                "1. Опишите картинку одним сообщением.\n"
+                "2. Выберите формат — картинка придёт в этот чат. "
+                "Формат, выбранный в /settings, не спрашивается: картинка рисуется сразу.\n\n"
+                "Пока формат не выбран, описание можно поправить: пришлите новое или отредактируйте своё.\n\n"
+                "/start — меню, /settings — настройки, /cancel — отменить, /language — язык, /help — эта справка.",
+        "cancelled": "Отменено. Меню — ниже.",
+        "hint": "Чтобы нарисовать картинку, напишите, что нарисовать.",
+        "settings": "⚙️ <b>Настройки</b>\nМодель: {model}\nФормат: {ratio}{option}\n\n"
+                    "С выбранным форматом любое описание рисуется сразу, без вопросов.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "спрашивать каждый раз",
+        "btn_ask_every_time": "❓ Спрашивать каждый раз",
+        "stale_button": "Эта кнопка больше не действует.",
+        "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
+                      "Например: <i>кот-космонавт, акварель</i>",
+        "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
+        "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
+                           "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
+        "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
+        "prompt_nul": "В описании есть невидимый символ U+0000, его не сохранить. Пришлите описание без него.",
+        "ask_ratio": "Выберите формат для «{prompt}»:",
+        "ask_option": "Выберите {option}:",
+        "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
+        "hourly_limit": "Можно не больше {limit:картинки|картинок|картинок} в час. Следующую — через {minutes:минуту|минуты|минут}.",
+        "not_configured": "🛠 Рисовать пока не получится: бот ещё не до конца настроен. Загляните попозже.",
+        "fail_moderation": "🚫 Запрос отклонён модерацией. Попробуйте описать иначе.",
+        "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
+        "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
+        "fail_unavailable": "🛠 Генерация временно недоступна. Мы уже разбираемся.",
+        "fail_invalid": "Сервис не принял запрос. Измените описание или выберите другой формат.",
+        "fail_invalid_prompt": "✏️ Сервис не принял описание. Перепишите его — короче или другими словами.",
+        "fail_invalid_ratio": "📐 Сервис не принял этот формат для этой модели. Выберите другой.",
+        "fail_invalid_image": "🖼 Сервис не принял фото. Пришлите другое: JPEG, PNG или WebP.",
+        "fail_failed": "😔 Не получилось нарисовать картинку.",
+        "fail_delivery": "Картинка готова, но отправить её не удалось.",
+        "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
+        "fail_stalled": "⌛ Сервис не выдал картинку за 10 минут и прекратил попытку. Попробуйте ещё раз.",
+        "status": "⏳ {details} · {elapsed}",
+        "left_this_hour": "Осталось {left} из {limit} на этот час.",
+        "cancelled_job": "✖️ Отменено: эту картинку я не пришлю, и в часовой лимит она не засчитана.",
+        "cancel_too_late": "Картинка уже готова и отправляется — отменить её нельзя.",
+        "nothing_to_cancel": "Отменять нечего. Меню — ниже.",
+        "ask_model": "Какой моделью нарисовать «{prompt}»?\n\n{models}",
+        "original_failed": "Исходный файл сейчас недоступен. Попробуйте позже.",
+        "btn_create": "🖼 Создать картинку",
+        "btn_help": "ℹ️ Помощь",
+        "btn_settings": "⚙️ Настройки",
+        "btn_cancel": "✖️ Отмена",
+        "btn_again": "🔁 Ещё вариант",
+        "btn_new": "🖼 Новая картинка",
+        "btn_retry": "🔁 Попробовать снова",
+        "btn_resend": "📥 Прислать картинку",
+        "btn_ratio": "📐 Другой формат",
+        "btn_model": "🎨 Другая модель",
+        "btn_edit": "✏️ Изменить описание",
+        "btn_file": "📎 Исходный файл",
+        "btn_retouch": "🪄 Изменить фото",
+        "ask_edit": "🪄 Что изменить на фото? Напишите одним сообщением.\nНапример: <i>сделай в стиле аниме</i>",
+        "photo_too_large": "Это фото больше 20 МБ — столько я скачать не могу. Пришлите его поменьше.",
+        "photo_not_image": "📎 Такой файл я не открываю. Пришлите фото (JPEG, PNG, WebP) — я его изменю.",
+        "album_one_photo": "Я меняю по одному фото: взял первое из альбома.",
+        "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
+        "incident_key_rejected": "ключ API отклонён (401)",
+        "incident_no_credits": "на аккаунте закончились кредиты (402)",
+        "admin_credits_low": "⚠️ Kie.ai: осталось {credits} кредитов (меньше KIE_CREDITS_LOW = {low}). "
+                             "Пополните баланс, пока Kie не начал отказывать (402).",
+        "daily_limit": "На сегодня картинки закончились: бот рисует не больше {limit:картинки|картинок|картинок} "
+                       "в день. Приходите завтра!",
+        "stats": "📊 <b>Статистика</b>\n"
+                 "Пользователей: {users} (заблокировали бота: {blocked})\n"
+                 "Картинок за сегодня: {jobs_today}\n"
+                 "Рисуется сейчас: {in_flight}\n"
+                 "Входящие сообщения: получено {received}, обработано {processed}, с ошибкой {errors}; "
+                 "ждут обработки: {queue_depth} в памяти, {backlog} в базе\n"
+                 "Кредиты Kie.ai: {credits}",
+        "limits_up_to": "до {most:символа|символов|символов}",
+        "limits_between": "от {fewest} до {most:символа|символов|символов}",
+        "prompt_too_long_models": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
+                                  "не больше {most:символа|символов|символов}. Сократите его — или нарисуйте "
+                                  "моделью, которая примет его целиком:",
+        "prompt_too_short": "Слишком короткое описание: {model} нужно хотя бы {fewest:символ|символа|символов}. "
+                            "Допишите подробнее.",
+        "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
+        "prompt_replaced_option": "✏️ Описание заменено: «{prompt}». Выберите {option}:",
+        "not_text_voice": "🎤 Голосовые я пока не слушаю. Напишите описание текстом.",
+        "not_text_sticker": "Стикеры я не читаю 🙂 Опишите картинку словами.",
+        "not_text_video": "🎬 Видео я не смотрю. Опишите картинку словами.",
+        "not_text_file": "📎 Файлы я не открываю. Опишите картинку словами.",
+        "unknown_command": "Такой команды нет. /start — меню, /help — справка, /language — язык.",
+        "not_configured_admin": "🛠 Генерация не настроена: не задан ключ Kie.ai. "
+                                "Укажите KIE_API_KEY в окружении бота и перезапустите его.",
+        "choose_language": "🌐 Выберите язык:",
+        "language_set": "Готово: теперь я говорю по-русски.",
+        "outcome_success": "готово",
+        "outcome_failed": "не удалось",
+        "outcome_timed_out": "не успели",
+        "outcome_in_flight": "в работе",
+        "buy_offer": "⭐ Сверх бесплатных — за кредиты: картинка = кредит (некоторые модели дороже). У вас: {balance}.",
+        "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
+        "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
+        "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
+        "paid": "✅ Оплата получена: +{credits:кредит|кредита|кредитов}. Всего: {balance}.",
+        "balance": "💎 У вас {balance:кредит|кредита|кредитов}.",
+        "paysupport": "💬 <b>Вопросы об оплате</b>\nНапишите, что случилось, и номер платежа (он есть в чеке) "
+                      "администратору бота. Кредиты за картинку, которая не пришла, возвращаются сами.",
+        "pay_stale": "Это предложение устарело. Отправьте /buy, чтобы увидеть актуальные.",
+        "pay_unavailable": "Оплата сейчас не принимается. Попробуйте через минуту.",
+        "refunded": "↩️ Платёж возвращён, списано {removed:кредит|кредита|кредитов}. Осталось: {balance}.",
+        "refund_unknown": "Такого платежа нет или он уже возвращён. Формат: /refund <номер платежа>",
+        "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
+        "refund_failed": "Telegram не выполнил возврат: {reason}",
+        "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
+                       "потрачено {spent}, возвращено за неудачные картинки {returned}",
+        "outcome_cancelled": "отменено",
+    },
+    "en": {
+        "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
+                 "Write what you’d like to see and pick a format: the picture will arrive right here in the "
+                 "chat. The default format and model are in /settings.",
+        "help": "ℹ️ <b>How to use</b>\n"
+                "1. Describe the picture in one message.\n"
+                "2. Pick a format, and the picture will arrive in this chat. "
+                "With a format chosen in /settings there is no question: the picture is drawn at once.\n\n"
+                "Until you pick a format you can still change the description: send a new one or edit yours.\n\n"
+                "/start — menu, /settings — settings, /cancel — cancel, /language — language, /help — this help.",
+        "cancelled": "Cancelled. The menu is below.",
+        "hint": "To draw a picture, write what to draw.",
+        "settings": "⚙️ <b>Settings</b>\nModel: {model}\nFormat: {ratio}{option}\n\n"
+                    "With a format chosen, any description is drawn at once, without questions.",
+        "settings_option": "\n{title}: {value}",
+        "settings_ask": "ask every time",
+        "btn_ask_every_time": "❓ Ask every time",
+        "stale_button": "This button no longer works.",
+        "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
+                      "For example: <i>an astronaut cat, watercolour</i>",
+        "prompt_empty": "The description is empty. Tell me in words what to draw.",
+        "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
+                           "{most}. Please shorten it and send it again.",
+        "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
+        "prompt_nul": "The description holds an invisible U+0000 character that cannot be stored. Send it without.",
+        "ask_ratio": "Pick a format for “{prompt}”:",
+        "ask_option": "Pick the {option}:",
+        "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
+        "hourly_limit": "You can make up to {limit:picture|pictures} an hour. Next one in {minutes:minute|minutes}.",
+        "not_configured": "🛠 I can’t draw just yet: the bot isn’t fully set up. Please check back later.",
+        "fail_moderation": "🚫 The request was rejected by moderation. Try describing it differently.",
+        "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
+        "fail_timeout": "⌛ Generation took too long and was stopped.",
+        "fail_unavailable": "🛠 Generation is temporarily unavailable. We are on it.",
+        "fail_invalid": "The service did not accept the request. Change the description or pick another format.",
+        "fail_invalid_prompt": "✏️ The service did not accept the description. Rewrite it: shorter, or in other "
+                               "words.",
+        "fail_invalid_ratio": "📐 The service did not accept this format for this model. Pick another one.",
+        "fail_invalid_image": "🖼 The service did not accept the photo. Send another one: JPEG, PNG or WebP.",
+        "fail_failed": "😔 The picture could not be generated.",
+        "fail_delivery": "The picture is ready but could not be sent.",
+        "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
+        "fail_stalled": "⌛ The service produced no picture within 10 minutes and gave up. Please try again.",
+        "status": "⏳ {details} · {elapsed}",
+        "left_this_hour": "{left} of {limit} left this hour.",
+        "cancelled_job": "✖️ Cancelled: this picture will not be sent, and it does not count towards your hourly "
+                         "limit.",
+        "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
+        "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
+        "ask_model": "Which model should draw “{prompt}”?\n\n{models}",
+        "original_failed": "The original file is not available right now. Please try later.",
+        "btn_create": "🖼 Create a picture",
+        "btn_help": "ℹ️ Help",
+        "btn_settings": "⚙️ Settings",
+        "btn_cancel": "✖️ Cancel",
+        "btn_again": "🔁 Regenerate",
+        "btn_new": "🖼 New picture",
+        "btn_retry": "🔁 Try again",
+        "btn_resend": "📥 Send the picture",
+        "btn_ratio": "📐 Another ratio",
+        "btn_model": "🎨 Another model",
+        "btn_edit": "✏️ Change the prompt",
+        "btn_file": "📎 Original file",
+        "btn_retouch": "🪄 Edit",
+        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\n"
+                    "For example: <i>make it anime style</i>",
+        "photo_too_large": "That photo is over 20 MB, more than I can download. Please send a smaller one.",
+        "photo_not_image": "📎 I don’t open files like that. Send a photo (JPEG, PNG, WebP) and I’ll edit it.",
+        "album_one_photo": "I edit one photo at a time: I took the first one of the album.",
+        "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
+        "incident_key_rejected": "the API key was rejected (401)",
+        "incident_no_credits": "the account is out of credits (402)",
+        "admin_credits_low": "⚠️ Kie.ai: {credits} credits left (under KIE_CREDITS_LOW = {low}). "
+                             "Top them up before Kie starts refusing pictures (402).",
+        "daily_limit": "That's all the pictures for today: the bot draws up to {limit:picture|pictures} a day. "
+                       "Come back tomorrow!",
+        "stats": "📊 <b>Stats</b>\n"
+                 "Users: {users} ({blocked} blocked the bot)\n"
+                 "Pictures today: {jobs_today}\n"
+                 "Being drawn now: {in_flight}\n"
+                 "Incoming updates: {received} received, {processed} handled, {errors} failed; "
+                 "waiting: {queue_depth} in memory, {backlog} in the database\n"
+                 "Kie.ai credits: {credits}",
+        "limits_up_to": "up to {most:character|characters}",
+        "limits_between": "{fewest} to {most:character|characters}",
+        "prompt_too_long_models": "That description is {length:character|characters} long, and {model} takes at "
+                                  "most {most}. Shorten it, or draw it with a model that takes it whole:",
+        "prompt_too_short": "That description is too short: {model} needs at least {fewest:character|characters}. "
+                            "Please add a little more.",
+        "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
+        "prompt_replaced_option": "✏️ Description updated: “{prompt}”. Pick the {option}:",
+        "not_text_voice": "🎤 I can’t listen to voice messages yet. Please type the description.",
+        "not_text_sticker": "I can’t read stickers 🙂 Please describe the picture in words.",
+        "not_text_video": "🎬 I can’t watch videos. Please describe the picture in words.",
+        "not_text_file": "📎 I don’t open files. Please describe the picture in words.",
+        "unknown_command": "I don’t know that command. /start — menu, /help — help, /language — language.",
+        "not_configured_admin": "🛠 Generation is not set up: there is no Kie.ai key. "
+                                "Set KIE_API_KEY in the bot’s environment and restart it.",
+        "choose_language": "🌐 Choose your language:",
+        "language_set": "Done: I’ll speak English from now on.",
+        "outcome_success": "done",
+        "outcome_failed": "failed",
+        "outcome_timed_out": "timed out",
+        "outcome_in_flight": "in progress",
+        "buy_offer": "⭐ Past the free hourly ones, a picture costs a credit (some models more). You have {balance}.",
+        "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
+        "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
+        "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
+        "paid": "✅ Payment received: +{credits:credit|credits}. You have {balance}.",
+        "balance": "💎 You have {balance:credit|credits}.",
+        "paysupport": "💬 <b>Payment questions</b>\nWrite to the bot's admin what happened, with the payment id "
+                      "(it is on the receipt). Credits for a picture that did not arrive come back by themselves.",
+        "pay_stale": "This offer has expired. Send /buy to see the current ones.",
+        "pay_unavailable": "Payments cannot be taken right now. Please try again in a minute.",
+        "refunded": "↩️ Payment refunded, {removed:credit|credits} removed. You have {balance}.",
+        "refund_unknown": "No such payment, or it was refunded already. Usage: /refund <payment id>",
+        "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
+        "refund_failed": "Telegram did not refund: {reason}",
+        "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
+                       "{spent}, returned for failed pictures {returned}",
+        "outcome_cancelled": "cancelled",
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOption:
+    """A required choice a model adds after the ratio (quality, resolution); its row's ``inputs`` names its field."""
+
+    title: dict[str, str]  # per language
+    choices: tuple[tuple[str, dict[str, str]], ...]  # (value sent to Kie, label per language)
+
+    def label(self, value: str, lang: str) -> str:
+        return dict(self.choices)[value][lang]
+
+
+TEXT_TO_IMAGE = (("prompt", "prompt"), ("aspect_ratio", "ratio"))  # the inputs most models take
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageModel:
+    """A Kie Market model: adding one is adding a row to CATALOG, its inputs named as its Kie page names them."""
+
+    key: str  # short id used in button data
+    kie_model: str  # the ``model`` sent to createTask
+    title: str
+    ratios: tuple[str, ...]
+    option: ModelOption | None = None
+    inputs: tuple[tuple[str, str], ...] = TEXT_TO_IMAGE  # (Kie's field, the choice in it: any key of request's dict)
+    fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
+    prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
+    credits: int = 1  # Stars credits a picture costs past the free hourly ones (Kie's prices differ by model)
+    about: tuple[str, str] = ("", "")  # what it is good at, in one line: (Russian, English)
+
+    @property
+    def edits(self) -> bool:
+        """Whether it changes a photo (it takes the photo's URL) rather than drawing from words."""
+        return any(name.startswith("image_url") for _, name in self.inputs)
+
+    def described(self, lang: str) -> str:
+        """"Seedream 4.5 — detailed pictures in 2K or 4K"."""
+        return f"{self.title} — {self.about[lang == 'en']}"
+
+    def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
+                image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
+        chosen = {"prompt": prompt, "ratio": ratio, "option": option, "nsfw_checker": nsfw_checker,  # KIE_NSFW_CHECKER
+                  "image_urls": list(image_urls), "image_url": image_urls[0] if image_urls else ""}  # to edit
+        return {**{field: chosen[name] for field, name in self.inputs}, **dict(self.fixed_input)}
+
+    def details(self, ratio: str, option: str, lang: str) -> str:
+        """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
+        chosen = [ratio, self.title] if ratio else [self.title]
+        if self.option is not None and option in dict(self.option.choices):
+            chosen.append(self.option.label(option, lang))
+        return " · ".join(chosen)
+
+
+FILTERED = TEXT_TO_IMAGE + (("nsfw_checker", "nsfw_checker"),)  # Kie's content filter, where the model documents it
+
+Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED,
+                     about=("быстрая и недорогая, умеет писать текст на картинке",
+                            "fast and cheap, writes text in pictures well"))
+
+# Ratios, options, prompt lengths and inputs as Kie's model pages list them for text-to-image.
+CATALOG: tuple[ImageModel, ...] = (
+    Z_IMAGE,
+    ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), inputs=(("prompt", "prompt"),
+               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000),
+               about=("от Google: точно следует длинным описаниям", "Google's: follows long descriptions closely")),
+    ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
+               ModelOption({"ru": "качество", "en": "quality"},
+                           (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
+                            ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
+               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000),
+               about=("подробные картинки в 2K или 4K", "detailed pictures in 2K or 4K")),
+    ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
+               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
+               ModelOption({"ru": "разрешение", "en": "resolution"},
+                           (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
+               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000),
+               about=("фотореализм в 1K или 2K", "photorealism in 1K or 2K")),
+    ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
+               inputs=FILTERED, prompt_chars=(1, 5000),
+               about=("от xAI: смелый, яркий стиль", "xAI's: a bold, vivid style")),
+    ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
+               prompt_chars=(1, 5000), about=("от Google: быстрые фотореалистичные картинки",
+                                              "Google's: fast photorealistic pictures")),
+)
+
+# Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
+EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
+                        inputs=(("prompt", "prompt"), ("image_urls", "image_urls")),
+                        fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
+                        about=("меняет ваше фото по описанию", "changes your photo as you describe"))
+
+MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
+
+# Shown when building the real menu fails: no lookups, nothing that can raise.
+FALLBACK_MENU = {"inline_keyboard": [[{"text": "🖼 Создать картинку", "callback_data": "new"}]]}
+
+RU_LANGUAGES = frozenset({"ru", "uk", "be", "kk"})
+
+LANGUAGES = {"ru": "🇷🇺 Русский", "en": "🇬🇧 English"}  # what /language offers, each named in itself
+
+# The menu Telegram shows behind the "/" button, per language_code ("" is everyone
+# without a menu of their own): English, as the replies to a language the bot does not
+# speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
+RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
+                {"command": "settings", "description": "Модель и формат по умолчанию"},
+                {"command": "help", "description": "Как пользоваться"},
+                {"command": "cancel", "description": "Отменить"},
+                {"command": "language", "description": "Язык / Language"}]
+
+COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
+    "": [{"command": "start", "description": "Menu and a new picture"},
+         {"command": "settings", "description": "Default model and format"},
+         {"command": "help", "description": "How to use"},
+         {"command": "cancel", "description": "Cancel"},
+         {"command": "language", "description": "Language / Язык"}],
+    **{language: RUSSIAN_MENU for language in sorted(RU_LANGUAGES)},
+}
+
+# Buttons under a result or a failure, by name: (TEXTS key, callback verb).  The
+# data carries the job id, so a press names the picture it is about; another
+# user's or an unknown id is refused as a stale button.
+RESULT_BUTTONS = {
+    "again": ("btn_again", "again"), "retry": ("btn_retry", "again"), "ratio": ("btn_ratio", "ratios"),
+    "model": ("btn_model", "models"), "edit": ("btn_edit", "edit"), "file": ("btn_file", "file"),
+    "resend": ("btn_resend", "resend"), "retouch": ("btn_retouch", "retouch"),
+}
+
+# Which buttons follow a failure (Job.error): fix the prompt after moderation or
+# validation, re-send a picture that is ready, else try the same again.
+FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "invalid_prompt": ("retry", "edit"),
+                   "invalid_ratio": ("ratio", "edit"), "delivery": ("resend",)}
 
 
 class TrtError(Exception):
@@ -3744,13 +4145,11 @@ class UpdatePipeline:
 
 ###############################################################################
 # 10. Texts and keyboards
-#    Owns what the user sees, for both the dialog and the jobs: the model
-#    catalog, texts in both languages, menus and keyboards.
+#    Owns turning section 0's tables into what the user sees, for both the
+#    dialog and the jobs: texts with their values, menus and keyboards.
 ###############################################################################
 
 CAPTION_MAX_CHARS = 1024  # Telegram's photo caption limit
-RU_LANGUAGES = frozenset({"ru", "uk", "be", "kk"})
-LANGUAGES = {"ru": "🇷🇺 Русский", "en": "🇬🇧 English"}  # what /language offers, each named in itself
 
 
 def plural_form(count: int, forms: tuple[str, ...]) -> str:
@@ -3786,348 +4185,6 @@ def render(lang: str, key: str, **values: Any) -> str:
     """TEXTS[lang][key] filled in; whole numbers may carry their nouns (see Counted)."""
     counted = {k: Counted(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
     return TEXTS[lang][key].format(**counted)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOption:
-    """A required choice a model adds after the ratio (quality, resolution); its row's ``inputs`` names its field."""
-
-    title: dict[str, str]  # per language
-    choices: tuple[tuple[str, dict[str, str]], ...]  # (value sent to Kie, label per language)
-
-    def label(self, value: str, lang: str) -> str:
-        return dict(self.choices)[value][lang]
-
-
-TEXT_TO_IMAGE = (("prompt", "prompt"), ("aspect_ratio", "ratio"))  # the inputs most models take
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageModel:
-    """A Kie Market model: adding one is adding a row to CATALOG, its inputs named as its Kie page names them."""
-
-    key: str  # short id used in button data
-    kie_model: str  # the ``model`` sent to createTask
-    title: str
-    ratios: tuple[str, ...]
-    option: ModelOption | None = None
-    inputs: tuple[tuple[str, str], ...] = TEXT_TO_IMAGE  # (Kie's field, the choice in it: any key of request's dict)
-    fixed_input: tuple[tuple[str, Any], ...] = ()  # sent as they are, after the chosen ones
-    prompt_chars: tuple[int, int] = (1, 1000)  # (fewest, most) characters Kie accepts in the prompt
-    credits: int = 1  # Stars credits a picture costs past the free hourly ones (Kie's prices differ by model)
-    about: tuple[str, str] = ("", "")  # what it is good at, in one line: (Russian, English)
-
-    @property
-    def edits(self) -> bool:
-        """Whether it changes a photo (it takes the photo's URL) rather than drawing from words."""
-        return any(name.startswith("image_url") for _, name in self.inputs)
-
-    def described(self, lang: str) -> str:
-        """"Seedream 4.5 — detailed pictures in 2K or 4K"."""
-        return f"{self.title} — {self.about[lang == 'en']}"
-
-    def request(self, prompt: str, ratio: str, option: str = "", nsfw_checker: bool = True,
-                image_urls: tuple[str, ...] = ()) -> dict[str, Any]:
-        chosen = {"prompt": prompt, "ratio": ratio, "option": option, "nsfw_checker": nsfw_checker,  # KIE_NSFW_CHECKER
-                  "image_urls": list(image_urls), "image_url": image_urls[0] if image_urls else ""}  # to edit
-        return {**{field: chosen[name] for field, name in self.inputs}, **dict(self.fixed_input)}
-
-    def details(self, ratio: str, option: str, lang: str) -> str:
-        """What a picture was made with, as the user chose it: "16:9 · Seedream 4.5 · High (4K)"."""
-        chosen = [ratio, self.title] if ratio else [self.title]
-        if self.option is not None and option in dict(self.option.choices):
-            chosen.append(self.option.label(option, lang))
-        return " · ".join(chosen)
-
-
-FILTERED = TEXT_TO_IMAGE + (("nsfw_checker", "nsfw_checker"),)  # Kie's content filter, where the model documents it
-Z_IMAGE = ImageModel("zimage", "z-image", "Z-Image", ("1:1", "16:9", "9:16", "4:3", "3:4"), inputs=FILTERED,
-                     about=("быстрая и недорогая, умеет писать текст на картинке",
-                            "fast and cheap, writes text in pictures well"))
-
-# Ratios, options, prompt lengths and inputs as Kie's model pages list them for text-to-image.
-CATALOG: tuple[ImageModel, ...] = (
-    Z_IMAGE,
-    ImageModel("nanobanana", "google/nano-banana", "Nano Banana",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"), inputs=(("prompt", "prompt"),
-               ("image_size", "ratio")), fixed_input=(("output_format", "png"),), prompt_chars=(1, 5000),
-               about=("от Google: точно следует длинным описаниям", "Google's: follows long descriptions closely")),
-    ImageModel("seedream45", "seedream/4.5-text-to-image", "Seedream 4.5",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9"),
-               ModelOption({"ru": "качество", "en": "quality"},
-                           (("basic", {"ru": "Обычное (2K)", "en": "Basic (2K)"}),
-                            ("high", {"ru": "Высокое (4K)", "en": "High (4K)"}))),
-               TEXT_TO_IMAGE + (("quality", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(1, 3000),
-               about=("подробные картинки в 2K или 4K", "detailed pictures in 2K or 4K")),
-    ImageModel("flux2pro", "flux-2/pro-text-to-image", "Flux 2 Pro",
-               ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"),
-               ModelOption({"ru": "разрешение", "en": "resolution"},
-                           (("1K", {"ru": "1K", "en": "1K"}), ("2K", {"ru": "2K", "en": "2K"}))),
-               TEXT_TO_IMAGE + (("resolution", "option"), ("nsfw_checker", "nsfw_checker")), prompt_chars=(3, 5000),
-               about=("фотореализм в 1K или 2K", "photorealism in 1K or 2K")),
-    ImageModel("grok", "grok-imagine/text-to-image", "Grok Imagine", ("1:1", "16:9", "9:16", "3:2", "2:3"),
-               inputs=FILTERED, prompt_chars=(1, 5000),
-               about=("от xAI: смелый, яркий стиль", "xAI's: a bold, vivid style")),
-    ImageModel("imagen4fast", "google/imagen4-fast", "Imagen 4 Fast", ("1:1", "16:9", "9:16", "4:3", "3:4"),
-               prompt_chars=(1, 5000), about=("от Google: быстрые фотореалистичные картинки",
-                                              "Google's: fast photorealistic pictures")),
-)
-
-# Edit models take the user's photo (the bot's own upload of it to Kie) and keep its proportions: no ratio.
-EDIT_MODEL = ImageModel("nanobananaedit", "google/nano-banana-edit", "Nano Banana Edit", (),
-                        inputs=(("prompt", "prompt"), ("image_urls", "image_urls")),
-                        fixed_input=(("output_format", "png"), ("image_size", "auto")), prompt_chars=(1, 5000),
-                        about=("меняет ваше фото по описанию", "changes your photo as you describe"))
-
-MODELS_BY_KEY = {model.key: model for model in (*CATALOG, EDIT_MODEL)}
-
-TEXTS: dict[str, dict[str, str]] = {
-    "ru": {
-        "start": "👋 <b>Привет!</b> Я рисую картинки по описанию.\n\n"
-                 "Напишите, что хотите увидеть, и выберите формат — картинка придёт сюда же, в чат. "
-                 "Формат и модель по умолчанию — в /settings.",
-        "help": "ℹ️ <b>Как пользоваться</b>\n"
-                "1. Опишите картинку одним сообщением.\n"
-                "2. Выберите формат — картинка придёт в этот чат. "
-                "Формат, выбранный в /settings, не спрашивается: картинка рисуется сразу.\n\n"
-                "Пока формат не выбран, описание можно поправить: пришлите новое или отредактируйте своё.\n\n"
-                "/start — меню, /settings — настройки, /cancel — отменить, /language — язык, /help — эта справка.",
-        "cancelled": "Отменено. Меню — ниже.",
-        "hint": "Чтобы нарисовать картинку, напишите, что нарисовать.",
-        "settings": "⚙️ <b>Настройки</b>\nМодель: {model}\nФормат: {ratio}{option}\n\n"
-                    "С выбранным форматом любое описание рисуется сразу, без вопросов.",
-        "settings_option": "\n{title}: {value}",
-        "settings_ask": "спрашивать каждый раз",
-        "btn_ask_every_time": "❓ Спрашивать каждый раз",
-        "stale_button": "Эта кнопка больше не действует.",
-        "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
-                      "Например: <i>кот-космонавт, акварель</i>",
-        "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
-        "prompt_too_long": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
-                           "не больше {most:символа|символов|символов}. Сократите и пришлите снова.",
-        "prompt_not_text": "Пришлите описание текстом: словами, что нарисовать.",
-        "prompt_nul": "В описании есть невидимый символ U+0000, его не сохранить. Пришлите описание без него.",
-        "ask_ratio": "Выберите формат для «{prompt}»:",
-        "ask_option": "Выберите {option}:",
-        "busy_user": "⏳ Предыдущая картинка ещё рисуется. Дождитесь её — и можно следующую.",
-        "hourly_limit": "Можно не больше {limit:картинки|картинок|картинок} в час. Следующую — через {minutes:минуту|минуты|минут}.",
-        "not_configured": "🛠 Рисовать пока не получится: бот ещё не до конца настроен. Загляните попозже.",
-        "fail_moderation": "🚫 Запрос отклонён модерацией. Попробуйте описать иначе.",
-        "fail_busy": "😮‍💨 Сервис сейчас перегружен. Попробуйте ещё раз через минуту.",
-        "fail_timeout": "⌛ Генерация заняла слишком много времени и была остановлена.",
-        "fail_unavailable": "🛠 Генерация временно недоступна. Мы уже разбираемся.",
-        "fail_invalid": "Сервис не принял запрос. Измените описание или выберите другой формат.",
-        "fail_invalid_prompt": "✏️ Сервис не принял описание. Перепишите его — короче или другими словами.",
-        "fail_invalid_ratio": "📐 Сервис не принял этот формат для этой модели. Выберите другой.",
-        "fail_invalid_image": "🖼 Сервис не принял фото. Пришлите другое: JPEG, PNG или WebP.",
-        "fail_failed": "😔 Не получилось нарисовать картинку.",
-        "fail_delivery": "Картинка готова, но отправить её не удалось.",
-        "maybe_sent": "🖼 Картинка готова. Если её нет выше — нажмите кнопку, и я пришлю её ещё раз.",
-        "fail_stalled": "⌛ Сервис не выдал картинку за 10 минут и прекратил попытку. Попробуйте ещё раз.",
-        "status": "⏳ {details} · {elapsed}",
-        "left_this_hour": "Осталось {left} из {limit} на этот час.",
-        "cancelled_job": "✖️ Отменено: эту картинку я не пришлю, и в часовой лимит она не засчитана.",
-        "cancel_too_late": "Картинка уже готова и отправляется — отменить её нельзя.",
-        "nothing_to_cancel": "Отменять нечего. Меню — ниже.",
-        "ask_model": "Какой моделью нарисовать «{prompt}»?\n\n{models}",
-        "original_failed": "Исходный файл сейчас недоступен. Попробуйте позже.",
-        "btn_create": "🖼 Создать картинку",
-        "btn_help": "ℹ️ Помощь",
-        "btn_settings": "⚙️ Настройки",
-        "btn_cancel": "✖️ Отмена",
-        "btn_again": "🔁 Ещё вариант",
-        "btn_new": "🖼 Новая картинка",
-        "btn_retry": "🔁 Попробовать снова",
-        "btn_resend": "📥 Прислать картинку",
-        "btn_ratio": "📐 Другой формат",
-        "btn_model": "🎨 Другая модель",
-        "btn_edit": "✏️ Изменить описание",
-        "btn_file": "📎 Исходный файл",
-        "btn_retouch": "🪄 Изменить фото",
-        "ask_edit": "🪄 Что изменить на фото? Напишите одним сообщением.\nНапример: <i>сделай в стиле аниме</i>",
-        "photo_too_large": "Это фото больше 20 МБ — столько я скачать не могу. Пришлите его поменьше.",
-        "photo_not_image": "📎 Такой файл я не открываю. Пришлите фото (JPEG, PNG, WebP) — я его изменю.",
-        "album_one_photo": "Я меняю по одному фото: взял первое из альбома.",
-        "admin_alert": "⚠️ Kie.ai: {reason}. Пользователи видят «временно недоступно», пока это не исправлено.",
-        "incident_key_rejected": "ключ API отклонён (401)",
-        "incident_no_credits": "на аккаунте закончились кредиты (402)",
-        "admin_credits_low": "⚠️ Kie.ai: осталось {credits} кредитов (меньше KIE_CREDITS_LOW = {low}). "
-                             "Пополните баланс, пока Kie не начал отказывать (402).",
-        "daily_limit": "На сегодня картинки закончились: бот рисует не больше {limit:картинки|картинок|картинок} "
-                       "в день. Приходите завтра!",
-        "stats": "📊 <b>Статистика</b>\n"
-                 "Пользователей: {users} (заблокировали бота: {blocked})\n"
-                 "Картинок за сегодня: {jobs_today}\n"
-                 "Рисуется сейчас: {in_flight}\n"
-                 "Входящие сообщения: получено {received}, обработано {processed}, с ошибкой {errors}; "
-                 "ждут обработки: {queue_depth} в памяти, {backlog} в базе\n"
-                 "Кредиты Kie.ai: {credits}",
-        "limits_up_to": "до {most:символа|символов|символов}",
-        "limits_between": "от {fewest} до {most:символа|символов|символов}",
-        "prompt_too_long_models": "Слишком длинное описание: {length:символ|символа|символов}, а {model} принимает "
-                                  "не больше {most:символа|символов|символов}. Сократите его — или нарисуйте "
-                                  "моделью, которая примет его целиком:",
-        "prompt_too_short": "Слишком короткое описание: {model} нужно хотя бы {fewest:символ|символа|символов}. "
-                            "Допишите подробнее.",
-        "prompt_replaced": "✏️ Описание заменено. Выберите формат для «{prompt}»:",
-        "prompt_replaced_option": "✏️ Описание заменено: «{prompt}». Выберите {option}:",
-        "not_text_voice": "🎤 Голосовые я пока не слушаю. Напишите описание текстом.",
-        "not_text_sticker": "Стикеры я не читаю 🙂 Опишите картинку словами.",
-        "not_text_video": "🎬 Видео я не смотрю. Опишите картинку словами.",
-        "not_text_file": "📎 Файлы я не открываю. Опишите картинку словами.",
-        "unknown_command": "Такой команды нет. /start — меню, /help — справка, /language — язык.",
-        "not_configured_admin": "🛠 Генерация не настроена: не задан ключ Kie.ai. "
-                                "Укажите KIE_API_KEY в окружении бота и перезапустите его.",
-        "choose_language": "🌐 Выберите язык:",
-        "language_set": "Готово: теперь я говорю по-русски.",
-        "outcome_success": "готово",
-        "outcome_failed": "не удалось",
-        "outcome_timed_out": "не успели",
-        "outcome_in_flight": "в работе",
-        "buy_offer": "⭐ Сверх бесплатных — за кредиты: картинка = кредит (некоторые модели дороже). У вас: {balance}.",
-        "btn_pack": "⭐ {credits:кредит|кредита|кредитов} — {stars} ⭐",
-        "buy_in_private": "Кредиты покупаются в личном чате с ботом: откройте его и отправьте /buy.",
-        "invoice_description": "{credits:картинка|картинки|картинок} сверх бесплатных в час. Кредиты не сгорают.",
-        "paid": "✅ Оплата получена: +{credits:кредит|кредита|кредитов}. Всего: {balance}.",
-        "balance": "💎 У вас {balance:кредит|кредита|кредитов}.",
-        "paysupport": "💬 <b>Вопросы об оплате</b>\nНапишите, что случилось, и номер платежа (он есть в чеке) "
-                      "администратору бота. Кредиты за картинку, которая не пришла, возвращаются сами.",
-        "pay_stale": "Это предложение устарело. Отправьте /buy, чтобы увидеть актуальные.",
-        "pay_unavailable": "Оплата сейчас не принимается. Попробуйте через минуту.",
-        "refunded": "↩️ Платёж возвращён, списано {removed:кредит|кредита|кредитов}. Осталось: {balance}.",
-        "refund_unknown": "Такого платежа нет или он уже возвращён. Формат: /refund <номер платежа>",
-        "refund_done": "Возврат выполнен: у пользователя {user} списано {removed:кредит|кредита|кредитов}.",
-        "refund_failed": "Telegram не выполнил возврат: {reason}",
-        "stats_stars": "\nЗвёзды: платежей {payments} на {stars} ⭐, возвратов {refunds}; кредитов продано {sold}, "
-                       "потрачено {spent}, возвращено за неудачные картинки {returned}",
-        "outcome_cancelled": "отменено",
-    },
-    "en": {
-        "start": "👋 <b>Hi!</b> I draw pictures from a description.\n\n"
-                 "Write what you’d like to see and pick a format: the picture will arrive right here in the "
-                 "chat. The default format and model are in /settings.",
-        "help": "ℹ️ <b>How to use</b>\n"
-                "1. Describe the picture in one message.\n"
-                "2. Pick a format, and the picture will arrive in this chat. "
-                "With a format chosen in /settings there is no question: the picture is drawn at once.\n\n"
-                "Until you pick a format you can still change the description: send a new one or edit yours.\n\n"
-                "/start — menu, /settings — settings, /cancel — cancel, /language — language, /help — this help.",
-        "cancelled": "Cancelled. The menu is below.",
-        "hint": "To draw a picture, write what to draw.",
-        "settings": "⚙️ <b>Settings</b>\nModel: {model}\nFormat: {ratio}{option}\n\n"
-                    "With a format chosen, any description is drawn at once, without questions.",
-        "settings_option": "\n{title}: {value}",
-        "settings_ask": "ask every time",
-        "btn_ask_every_time": "❓ Ask every time",
-        "stale_button": "This button no longer works.",
-        "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
-                      "For example: <i>an astronaut cat, watercolour</i>",
-        "prompt_empty": "The description is empty. Tell me in words what to draw.",
-        "prompt_too_long": "That description is {length:character|characters} long, and {model} takes at most "
-                           "{most}. Please shorten it and send it again.",
-        "prompt_not_text": "Please send the description as text: tell me in words what to draw.",
-        "prompt_nul": "The description holds an invisible U+0000 character that cannot be stored. Send it without.",
-        "ask_ratio": "Pick a format for “{prompt}”:",
-        "ask_option": "Pick the {option}:",
-        "busy_user": "⏳ Your previous picture is still being drawn. Wait for it, then ask for the next one.",
-        "hourly_limit": "You can make up to {limit:picture|pictures} an hour. Next one in {minutes:minute|minutes}.",
-        "not_configured": "🛠 I can’t draw just yet: the bot isn’t fully set up. Please check back later.",
-        "fail_moderation": "🚫 The request was rejected by moderation. Try describing it differently.",
-        "fail_busy": "😮‍💨 The service is overloaded right now. Try again in a minute.",
-        "fail_timeout": "⌛ Generation took too long and was stopped.",
-        "fail_unavailable": "🛠 Generation is temporarily unavailable. We are on it.",
-        "fail_invalid": "The service did not accept the request. Change the description or pick another format.",
-        "fail_invalid_prompt": "✏️ The service did not accept the description. Rewrite it: shorter, or in other "
-                               "words.",
-        "fail_invalid_ratio": "📐 The service did not accept this format for this model. Pick another one.",
-        "fail_invalid_image": "🖼 The service did not accept the photo. Send another one: JPEG, PNG or WebP.",
-        "fail_failed": "😔 The picture could not be generated.",
-        "fail_delivery": "The picture is ready but could not be sent.",
-        "maybe_sent": "🖼 Your picture is ready. If it is not above, tap the button and I will send it again.",
-        "fail_stalled": "⌛ The service produced no picture within 10 minutes and gave up. Please try again.",
-        "status": "⏳ {details} · {elapsed}",
-        "left_this_hour": "{left} of {limit} left this hour.",
-        "cancelled_job": "✖️ Cancelled: this picture will not be sent, and it does not count towards your hourly "
-                         "limit.",
-        "cancel_too_late": "The picture is ready and on its way; it is too late to cancel it.",
-        "nothing_to_cancel": "There is nothing to cancel. The menu is below.",
-        "ask_model": "Which model should draw “{prompt}”?\n\n{models}",
-        "original_failed": "The original file is not available right now. Please try later.",
-        "btn_create": "🖼 Create a picture",
-        "btn_help": "ℹ️ Help",
-        "btn_settings": "⚙️ Settings",
-        "btn_cancel": "✖️ Cancel",
-        "btn_again": "🔁 Regenerate",
-        "btn_new": "🖼 New picture",
-        "btn_retry": "🔁 Try again",
-        "btn_resend": "📥 Send the picture",
-        "btn_ratio": "📐 Another ratio",
-        "btn_model": "🎨 Another model",
-        "btn_edit": "✏️ Change the prompt",
-        "btn_file": "📎 Original file",
-        "btn_retouch": "🪄 Edit",
-        "ask_edit": "🪄 What should change in the photo? Tell me in one message.\n"
-                    "For example: <i>make it anime style</i>",
-        "photo_too_large": "That photo is over 20 MB, more than I can download. Please send a smaller one.",
-        "photo_not_image": "📎 I don’t open files like that. Send a photo (JPEG, PNG, WebP) and I’ll edit it.",
-        "album_one_photo": "I edit one photo at a time: I took the first one of the album.",
-        "admin_alert": "⚠️ Kie.ai: {reason}. Users see “temporarily unavailable” until this is fixed.",
-        "incident_key_rejected": "the API key was rejected (401)",
-        "incident_no_credits": "the account is out of credits (402)",
-        "admin_credits_low": "⚠️ Kie.ai: {credits} credits left (under KIE_CREDITS_LOW = {low}). "
-                             "Top them up before Kie starts refusing pictures (402).",
-        "daily_limit": "That's all the pictures for today: the bot draws up to {limit:picture|pictures} a day. "
-                       "Come back tomorrow!",
-        "stats": "📊 <b>Stats</b>\n"
-                 "Users: {users} ({blocked} blocked the bot)\n"
-                 "Pictures today: {jobs_today}\n"
-                 "Being drawn now: {in_flight}\n"
-                 "Incoming updates: {received} received, {processed} handled, {errors} failed; "
-                 "waiting: {queue_depth} in memory, {backlog} in the database\n"
-                 "Kie.ai credits: {credits}",
-        "limits_up_to": "up to {most:character|characters}",
-        "limits_between": "{fewest} to {most:character|characters}",
-        "prompt_too_long_models": "That description is {length:character|characters} long, and {model} takes at "
-                                  "most {most}. Shorten it, or draw it with a model that takes it whole:",
-        "prompt_too_short": "That description is too short: {model} needs at least {fewest:character|characters}. "
-                            "Please add a little more.",
-        "prompt_replaced": "✏️ Description updated. Pick a format for “{prompt}”:",
-        "prompt_replaced_option": "✏️ Description updated: “{prompt}”. Pick the {option}:",
-        "not_text_voice": "🎤 I can’t listen to voice messages yet. Please type the description.",
-        "not_text_sticker": "I can’t read stickers 🙂 Please describe the picture in words.",
-        "not_text_video": "🎬 I can’t watch videos. Please describe the picture in words.",
-        "not_text_file": "📎 I don’t open files. Please describe the picture in words.",
-        "unknown_command": "I don’t know that command. /start — menu, /help — help, /language — language.",
-        "not_configured_admin": "🛠 Generation is not set up: there is no Kie.ai key. "
-                                "Set KIE_API_KEY in the bot’s environment and restart it.",
-        "choose_language": "🌐 Choose your language:",
-        "language_set": "Done: I’ll speak English from now on.",
-        "outcome_success": "done",
-        "outcome_failed": "failed",
-        "outcome_timed_out": "timed out",
-        "outcome_in_flight": "in progress",
-        "buy_offer": "⭐ Past the free hourly ones, a picture costs a credit (some models more). You have {balance}.",
-        "btn_pack": "⭐ {credits:credit|credits} for {stars} ⭐",
-        "buy_in_private": "Credits are sold in a private chat with the bot: open it and send /buy.",
-        "invoice_description": "{credits:picture|pictures} past the free hourly ones. Credits never expire.",
-        "paid": "✅ Payment received: +{credits:credit|credits}. You have {balance}.",
-        "balance": "💎 You have {balance:credit|credits}.",
-        "paysupport": "💬 <b>Payment questions</b>\nWrite to the bot's admin what happened, with the payment id "
-                      "(it is on the receipt). Credits for a picture that did not arrive come back by themselves.",
-        "pay_stale": "This offer has expired. Send /buy to see the current ones.",
-        "pay_unavailable": "Payments cannot be taken right now. Please try again in a minute.",
-        "refunded": "↩️ Payment refunded, {removed:credit|credits} removed. You have {balance}.",
-        "refund_unknown": "No such payment, or it was refunded already. Usage: /refund <payment id>",
-        "refund_done": "Refunded: {removed:credit|credits} removed from user {user}.",
-        "refund_failed": "Telegram did not refund: {reason}",
-        "stats_stars": "\nStars: {payments} payments for {stars} ⭐, {refunds} refunds; credits sold {sold}, spent "
-                       "{spent}, returned for failed pictures {returned}",
-        "outcome_cancelled": "cancelled",
-    },
-}
-
-# Shown when building the real menu fails: no lookups, nothing that can raise.
-FALLBACK_MENU = {"inline_keyboard": [[{"text": "🖼 Создать картинку", "callback_data": "new"}]]}
 
 
 def user_language(user: dict | None) -> str:
@@ -4205,20 +4262,6 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
     """How long ``model``'s prompt may be, in words: "до 1000 символов", "3 to 5000 characters"."""
     fewest, most = model.prompt_chars
     return render(lang, "limits_up_to" if fewest <= 1 else "limits_between", fewest=fewest, most=most)
-
-
-# Buttons under a result or a failure, by name: (TEXTS key, callback verb).  The
-# data carries the job id, so a press names the picture it is about; another
-# user's or an unknown id is refused as a stale button.
-RESULT_BUTTONS = {
-    "again": ("btn_again", "again"), "retry": ("btn_retry", "again"), "ratio": ("btn_ratio", "ratios"),
-    "model": ("btn_model", "models"), "edit": ("btn_edit", "edit"), "file": ("btn_file", "file"),
-    "resend": ("btn_resend", "resend"), "retouch": ("btn_retouch", "retouch"),
-}
-# Which buttons follow a failure (Job.error): fix the prompt after moderation or
-# validation, re-send a picture that is ready, else try the same again.
-FAILURE_BUTTONS = {"moderation": ("retry", "edit"), "invalid": ("retry", "edit"), "invalid_prompt": ("retry", "edit"),
-                   "invalid_ratio": ("ratio", "edit"), "delivery": ("resend",)}
 
 
 def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
@@ -5064,8 +5107,6 @@ class SettingsChoice:
         await self.dialog.states.set_settings(ctx.user_id, settings)
         text, markup = settings_screen(settings, self.dialog.models, ctx.lang)
         await self.dialog.edit(ctx, ctx.message_id, text, markup)
-
-
 
 
 class JobButtons:
@@ -6919,23 +6960,6 @@ KIE_CREDITS_CHECK_S = 600.0  # how often the active instance reads Kie's credit 
 # /health answers 503 while the event loop runs a 1 s timer this late (a loop blocked for good answers nothing).
 LOOP_BEAT_S, LOOP_LAG_FAIL_S = 1.0, 5.0
 
-# The menu Telegram shows behind the "/" button, per language_code ("" is everyone
-# without a menu of their own): English, as the replies to a language the bot does not
-# speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
-RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
-                {"command": "settings", "description": "Модель и формат по умолчанию"},
-                {"command": "help", "description": "Как пользоваться"},
-                {"command": "cancel", "description": "Отменить"},
-                {"command": "language", "description": "Язык / Language"}]
-COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
-    "": [{"command": "start", "description": "Menu and a new picture"},
-         {"command": "settings", "description": "Default model and format"},
-         {"command": "help", "description": "How to use"},
-         {"command": "cancel", "description": "Cancel"},
-         {"command": "language", "description": "Language / Язык"}],
-    **{language: RUSSIAN_MENU for language in sorted(RU_LANGUAGES)},
-}
-
 
 # -- webhook and command-menu set-up, long polling -----------------------------
 
@@ -7114,7 +7138,6 @@ class LongPolling:
                 break
             offset = update["update_id"] + 1
         return offset
-
 
 
 # -- role: the lease that makes one process on a database the active one --------
@@ -7414,7 +7437,6 @@ class Role:
                 await self.settle()
             elif self.lease.held:
                 await self.lease.claim()
-
 
 
 # -- metrics: the Prometheus text exposition format ---------------------------
