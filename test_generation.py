@@ -1216,16 +1216,88 @@ async def test_cancel_in_a_group_leaves_the_users_private_picture_and_edits_noth
     assert edits_of(fake_tg, GROUP) == [] and job.state == "submitted"  # used to edit the group's message 1
 
 
+BOT = {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}  # the fake's getMe
+
+
+def group_message(update_id: int, user: int, text: str, *, to_bot: int = 0, topic: int = 0, name: str = "U") -> dict:
+    """A member's message in GROUP; ``to_bot``: the bot's message it replies to; ``topic``: its forum topic."""
+    update = in_group(update_message(update_id, user, text))
+    update["message"]["from"]["first_name"] = name
+    if to_bot:
+        update["message"]["reply_to_message"] = {"message_id": to_bot, "from": BOT, "chat": update["message"]["chat"]}
+    if topic:
+        update["message"].update(message_thread_id=topic, is_topic_message=True)
+    return update
+
+
+def group_press(update_id: int, user: int, data: str, sent: dict, requester: dict) -> dict:
+    """``user`` presses a button of the bot's message ``sent`` (sendMessage's params), a reply to ``requester``."""
+    update = in_group(press(update_id, user, data, sent["message_id"]))
+    update["callback_query"]["message"]["reply_to_message"] = requester["message"]
+    return update
+
+
+def replies_to(params: dict) -> int:
+    return params["reply_parameters"]["message_id"]
+
+
+def test_a_command_for_another_bot_is_not_ours_and_draw_takes_the_rest_of_the_line():
+    assert trt_bot.parse_command("/draw@TRT_test_bot кот", "trt_test_bot") == "/draw"
+    assert trt_bot.parse_command("/draw@otherbot кот", "trt_test_bot") == ""
+    assert trt_bot.parse_command("/draw@otherbot", "") == "/draw"  # a private chat: only we read it
+    assert trt_bot.command_argument("/draw@trt_test_bot  рыжий кот") == "рыжий кот"
+
+
+async def test_draw_in_a_supergroup_replies_to_the_requester_and_another_members_tap_only_names_whose_it_is(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    ask = group_message(next(_update_ids), 3101, "/draw@trt_test_bot рыжий кот", name="Ann")
+    await answered(app, ask)
+    (question,) = fake_tg.calls_of("sendMessage")
+    assert question["text"] == bot_text("ru", "ask_ratio", prompt="рыжий кот")
+    assert replies_to(question) == ask["message"]["message_id"]
+    question["message_id"] = 1  # the fake's first message
+    await answered(app, group_press(next(_update_ids), 3102, "ratio:1:1", question, ask))  # another member
+    assert popups(fake_tg, bot_text("ru", "not_your_picture", name="Ann"))[0]["show_alert"] is True
+    assert not app.generations.jobs and edits_of(fake_tg, GROUP) == []
+    await answered(app, group_press(next(_update_ids), 3101, "ratio:1:1", question, ask))
+    job = await submitted_job(app, 3101)
+    assert (job.chat_id, job.prompt, job.ratio) == (GROUP, "рыжий кот", "1:1")
+
+
+async def test_in_a_group_chatter_and_another_bots_command_get_no_answer_and_a_bare_draw_asks_with_force_reply(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, group_message(next(_update_ids), 3103, "/draw@otherbot кот"))
+    await answered(app, group_message(next(_update_ids), 3103, "просто болтаем"))
+    assert fake_tg.calls_of("sendMessage") == []
+    draw = group_message(next(_update_ids), 3103, "/draw")
+    await answered(app, draw)
+    (question,) = fake_tg.calls_of("sendMessage")
+    assert says(question["text"], "ru", "ask_prompt") and replies_to(question) == draw["message"]["message_id"]
+    assert question["reply_markup"] == {"force_reply": True, "selective": True}
+    await answered(app, group_message(next(_update_ids), 3103, "болтовня мимо"))  # not a reply: not the answer
+    await answered(app, group_message(next(_update_ids), 3103, "тигр", to_bot=1))
+    assert fake_tg.texts_to(GROUP)[1:] == [bot_text("ru", "ask_ratio", prompt="тигр")]
+
+
+async def test_a_forum_topic_gets_its_answers_in_the_topic(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, group_message(next(_update_ids), 3104, "/draw кот", topic=7))
+    (question,) = fake_tg.calls_of("sendMessage")
+    assert question["message_thread_id"] == 7 and question["text"] == bot_text("ru", "ask_ratio", prompt="кот")
+
+
 async def test_a_users_dialogs_in_a_private_chat_and_a_group_are_apart(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await answered(app, update_callback(next(_update_ids), 3002, "new"))
-    await answered(app, in_group(update_message(next(_update_ids), 3002, "собака")))  # not the private prompt
-    await answered(app, in_group(update_callback(next(_update_ids), 3002, "new")))
-    await answered(app, update_message(next(_update_ids), 3002, "кот"))
-    await answered(app, in_group(update_message(next(_update_ids), 3002, "тигр")))
-    hint, _, group_question = fake_tg.texts_to(GROUP)
-    assert hint == trt_bot.render("ru", "hint") and group_question == trt_bot.render("ru", "ask_ratio", prompt="тигр")
-    assert fake_tg.texts_to(3002)[1] == trt_bot.render("ru", "ask_ratio", prompt="кот")
+    await answered(app, in_group(update_message(next(_update_ids), 3002, "собака")))  # group chatter: not the prompt
+    await answered(app, group_message(next(_update_ids), 3002, "/draw"))
+    await answered(app, update_message(next(_update_ids), 3002, "/draw кот"))  # /draw works in private chats too
+    await answered(app, group_message(next(_update_ids), 3002, "тигр", to_bot=2))
+    ask_prompt, group_question = fake_tg.texts_to(GROUP)
+    assert says(ask_prompt, "ru", "ask_prompt") and group_question == bot_text("ru", "ask_ratio", prompt="тигр")
+    assert fake_tg.texts_to(3002)[1] == bot_text("ru", "ask_ratio", prompt="кот")
     await answered(app, update_callback(next(_update_ids), 3002, "ratio:1:1"))
     job = await submitted_job(app, 3002)
     assert (job.chat_id, job.prompt) == (3002, "кот")

@@ -3011,7 +3011,7 @@ async def test_the_command_menu_is_english_by_default_and_russian_for_russian_re
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu" in r.getMessage()])
     menus = {p.get("language_code", ""): p["commands"] for p in fake_tg.calls_of("setMyCommands")}
     assert sorted(menus) == ["", "be", "kk", "ru", "uk"]
-    assert all([c["command"] for c in menu] == ["start", "settings", "help", "cancel", "language"]
+    assert all([c["command"] for c in menu] == ["start", "draw", "settings", "help", "cancel", "language"]
                for menu in menus.values())
     assert menus[""] == trt_bot.COMMAND_MENUS[""]  # English: a German user reads the menu the replies speak
     assert menus["uk"] == menus["ru"] == trt_bot.RUSSIAN_MENU != menus[""]

@@ -110,6 +110,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "settings_ask": "спрашивать каждый раз",
         "btn_ask_every_time": "❓ Спрашивать каждый раз",
         "stale_button": "Эта кнопка больше не действует.",
+        "not_your_picture": "Это картинка {name}: кнопки под ней — для {name}. Своя — /draw и описание.",
         "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
                       "Например: <i>кот-космонавт, акварель</i>",
         "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
@@ -230,6 +231,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "settings_ask": "ask every time",
         "btn_ask_every_time": "❓ Ask every time",
         "stale_button": "This button no longer works.",
+        "not_your_picture": "This is {name}’s picture: its buttons are for {name}. For your own, /draw and a description.",
         "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
         "prompt_empty": "The description is empty. Tell me in words what to draw.",
@@ -442,6 +444,7 @@ LANGUAGES = {"ru": "🇷🇺 Русский", "en": "🇬🇧 English"}  # what 
 # without a menu of their own): English, as the replies to a language the bot does not
 # speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
 RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
+                {"command": "draw", "description": "Нарисовать: /draw и описание (и в группах)"},
                 {"command": "settings", "description": "Модель и формат по умолчанию"},
                 {"command": "help", "description": "Как пользоваться"},
                 {"command": "cancel", "description": "Отменить"},
@@ -449,6 +452,7 @@ RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая ка
 
 COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
     "": [{"command": "start", "description": "Menu and a new picture"},
+         {"command": "draw", "description": "Draw: /draw and a description (in groups too)"},
          {"command": "settings", "description": "Default model and format"},
          {"command": "help", "description": "How to use"},
          {"command": "cancel", "description": "Cancel"},
@@ -4380,11 +4384,39 @@ def photo_to_edit(message: dict) -> tuple[str, str]:
         document["file_id"], "")
 
 
-def parse_command(text: str) -> str | None:
-    """'/start@MyBot payload' -> '/start'; None when the text is not a command."""
+def parse_command(text: str, bot: str = "") -> str | None:
+    """'/start@MyBot payload' -> '/start'; None when the text is not a command, '' when it is addressed to
+    another bot than ``bot`` (our username; '' takes any: only we read a private chat)."""
     if not text.startswith("/"):
         return None
-    return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
+    command, _, to = text.split(maxsplit=1)[0].partition("@")
+    return command.lower() if not (bot and to) or to.lower() == bot.lower() else ""
+
+
+def command_argument(text: str) -> str:
+    """'/draw@MyBot a red fox' -> 'a red fox'."""
+    return (text.split(maxsplit=1) + [""])[1]
+
+
+def for_the_bot(message: dict, bot: str) -> bool:
+    """Whether a group message is addressed to the bot (``bot``: its username): a reply to one of its messages
+    or a mention.  Commands are told apart by parse_command; any other group chatter is not for the bot."""
+    replied_to = (message.get("reply_to_message") or {}).get("from") or {}
+    text = message.get("text") or message.get("caption") or ""
+    return bool(bot) and (str(replied_to.get("username", "")).lower() == bot.lower()
+                          or f"@{bot.lower()}" in str(text).lower())
+
+
+def group_reply(chat: dict, requester_message: dict) -> dict[str, Any]:
+    """sendMessage's placement for an answer in a group: a reply to the requester's message, in its forum topic
+    (so the requester's ForceReply and a member's button find their picture); nothing in a private chat."""
+    if chat.get("type") == "private" or not isinstance(requester_message.get("message_id"), int):
+        return {}
+    placement: dict[str, Any] = {"reply_parameters": {"message_id": requester_message["message_id"],
+                                                      "allow_sending_without_reply": True}}
+    if requester_message.get("is_topic_message") and isinstance(requester_message.get("message_thread_id"), int):
+        placement["message_thread_id"] = requester_message["message_thread_id"]
+    return placement
 
 
 def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
@@ -4415,6 +4447,7 @@ class Context:
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
     photo: str = ""  # the file id of the photo under the pressed button (a result's)
     repeated: bool = False  # the dialog's previous press was this one, with no message between: a double tap
+    placement: dict[str, Any] = dataclasses.field(default_factory=dict)  # group_reply: {} in a private chat
 
     @property
     def dialog(self) -> DialogKey:
@@ -4467,9 +4500,20 @@ class PromptStep:
         await self.dialog.answer(ctx)
         if ctx.repeated or not await self.may_draw(ctx):
             return  # (a second tap on the same button: the question is out already)
-        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
+        # In a group the answer must reach the bot under privacy mode: a reply, which a selective ForceReply
+        # opens for the requester alone (the question replies to them); /cancel closes it.
+        cancel = (keyboard([button(ctx.t["btn_cancel"], "cancel")]) if not ctx.placement
+                  else {"force_reply": True, "selective": True})
         await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
                        model=model.title, limits=prompt_limits(model, ctx.lang))
+
+    async def on_draw_command(self, ctx: Context, message: dict) -> None:
+        """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
+        description = command_argument(message.get("text", ""))
+        if description:
+            await self.draw(ctx, description, message.get("message_id"))
+        else:
+            await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
 
     async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
         """A description: drawn at once in the user's default format (/settings), else the format question."""
@@ -4565,7 +4609,7 @@ class OpenQuestion:
         if message_id:
             await self.edit(ctx, message_id, text, markup)
         else:
-            await self.telegram.send_message(ctx.chat_id, text, markup,
+            await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement,
                                              on_sent=functools.partial(self._asked, ctx.dialog, question))
 
     def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
@@ -4616,7 +4660,9 @@ class Conversation:
         self.prompts = PromptStep(self)
         self.photos = PhotoEdits(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
+            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats,
+            "/draw": self.prompts.on_draw_command}
+        self.username = ""  # the bot's, from getMe: a group's commands and mentions are told by it
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
@@ -4652,7 +4698,18 @@ class Conversation:
         chat, user = message.get("chat") or {}, message.get("from") or {}
         if not isinstance(chat.get("id"), int):
             return None
-        return self.context(chat["id"], user.get("id") or chat["id"], user)
+        ctx = self.context(chat["id"], user.get("id") or chat["id"], user)
+        ctx.placement = group_reply(chat, message)
+        return ctx
+
+    async def bot_username(self) -> str:
+        """The bot's username (getMe, asked once it answers): '' while Telegram cannot say."""
+        if not self.username:
+            try:
+                self.username = str((await self.telegram.telegram.call("getMe") or {}).get("username") or "")
+            except TelegramError as error:
+                log.warning("[BOT] getMe failed: %s", error.description)
+        return self.username
 
     async def on_message(self, message: dict) -> None:
         ctx = self.message_context(message)
@@ -4660,12 +4717,15 @@ class Conversation:
             return
         self.presses.pop(ctx.dialog, None)  # a press after a message is no repeat of the one before
         text = message.get("text")
-        command = parse_command(text) if isinstance(text, str) else None
-        step = (self.states.get(ctx.dialog) or {}).get("step")
         private = (message.get("chat") or {}).get("type") == "private"
+        bot = "" if private else await self.bot_username()
+        command = parse_command(text, bot) if isinstance(text, str) else None
+        step = (self.states.get(ctx.dialog) or {}).get("step")
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
+        elif not (private or command or for_the_bot(message, bot)):
+            return  # group chatter, or another bot's command: not ours to answer
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
@@ -4676,7 +4736,7 @@ class Conversation:
             await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
-        elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
+        elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
             await self.prompts.draw(ctx, text, message.get("message_id"))
         else:
             await self.send_hint(ctx)
@@ -4693,6 +4753,13 @@ class Conversation:
         message_id = (query.get("message") or {}).get("message_id")
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
         ctx.photo = photo_to_edit(query.get("message") or {})[0]
+        pressed = query.get("message") or {}
+        requester = pressed.get("reply_to_message") or {}
+        ctx.placement = group_reply(pressed.get("chat") or {}, requester)
+        owner = requester.get("from") or {}
+        if ctx.placement and owner.get("id") not in (None, ctx.user_id):  # a member's picture: theirs to steer
+            return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=owner.get("first_name", "")),
+                                     alert=True)
         data = query.get("data")
         ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
         self.presses[ctx.dialog] = ctx.message_id, data
@@ -4730,7 +4797,7 @@ class Conversation:
             await self.send(ctx, key, markup, **values)
 
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup, **ctx.placement)
 
     # -- commands -----------------------------------------------------------
 
@@ -4750,7 +4817,7 @@ class Conversation:
             await self.set_state(ctx, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
-        await self.telegram.send_message(ctx.chat_id, text, menu)
+        await self.telegram.send_message(ctx.chat_id, text, menu, **ctx.placement)
 
     async def on_help(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "help", main_menu(ctx.lang))
@@ -4775,7 +4842,8 @@ class Conversation:
             await self.send_hint(ctx)
             return
         values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx))
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
+                                         **ctx.placement)
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang))
@@ -5090,7 +5158,7 @@ class SettingsChoice:
 
     async def on_command(self, ctx: Context, message: dict) -> None:
         text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
-        await self.dialog.telegram.send_message(ctx.chat_id, text, markup)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
 
     async def on_menu_button(self, ctx: Context, argument: str) -> None:
         await self.dialog.answer(ctx)
