@@ -640,7 +640,7 @@ async def test_an_edited_prompt_is_used_until_the_job_starts_and_other_edits_cha
 async def test_commands_are_never_prompts_and_an_unknown_one_gets_a_short_help(make_app, fake_tg, fake_kie, lang):
     app = await make_app(**gen_env(fake_kie))
     await post_update(app, update_callback(1, 62, "new", lang))
-    for n, text in enumerate(["/foo", "/", "/Draw@trt_test_bot a cat", "кот"], start=2):
+    for n, text in enumerate(["/foo", "/", "/Paint@trt_test_bot a cat", "кот"], start=2):
         await post_update(app, update_message(n, 62, text, lang))
     await eventually(lambda: len(fake_tg.texts_to(62)) == 5)
     _, *unknowns, ratio = fake_tg.texts_to(62)
@@ -873,7 +873,7 @@ async def test_a_default_format_from_settings_draws_a_text_at_once_and_survives_
 async def test_group_chatter_is_never_a_description(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await answered(app, in_group(update_message(next(_update_ids), 4300, "a red fox in snow")))
-    assert not fake_kie.created and not app.role.states.get((GROUP, 4300))
+    assert not fake_kie.created and not app.role.states.get((GROUP, 0, 4300))
 
 
 @pytest.mark.parametrize("lang", ["ru", "en"])
@@ -1281,11 +1281,50 @@ async def test_in_a_group_chatter_and_another_bots_command_get_no_answer_and_a_b
     assert fake_tg.texts_to(GROUP)[1:] == [bot_text("ru", "ask_ratio", prompt="тигр")]
 
 
-async def test_a_forum_topic_gets_its_answers_in_the_topic(make_app, fake_tg, fake_kie):
+async def test_forum_topics_keep_their_own_dialogs_and_get_their_answers_in_the_topic(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
-    await answered(app, group_message(next(_update_ids), 3104, "/draw кот", topic=7))
-    (question,) = fake_tg.calls_of("sendMessage")
-    assert question["message_thread_id"] == 7 and question["text"] == bot_text("ru", "ask_ratio", prompt="кот")
+    for topic in (7, 9):
+        await answered(app, group_message(next(_update_ids), 3104, "/draw", topic=topic))
+    await answered(app, group_message(next(_update_ids), 3104, "кот", to_bot=1, topic=7))
+    tiger = group_message(next(_update_ids), 3104, "тигр", to_bot=2, topic=9)
+    await answered(app, tiger)
+    *_, cat_question, tiger_question = fake_tg.calls_of("sendMessage")
+    assert (cat_question["message_thread_id"], cat_question["text"]) == (7, bot_text("ru", "ask_ratio", prompt="кот"))
+    assert (tiger_question["message_thread_id"], tiger_question["text"]) == (9, bot_text("ru", "ask_ratio", prompt="тигр"))
+    await answered(app, group_press(next(_update_ids), 3104, "ratio:1:1", {"message_id": 4}, tiger))
+    assert (await submitted_job(app, 3104)).prompt == "тигр"
+
+
+async def test_a_group_that_becomes_a_supergroup_keeps_its_queued_messages_and_jobs(make_app, fake_tg, fake_kie,
+                                                                                    tmp_path):
+    app = await make_app(**gen_env(fake_kie))
+    group, supergroup = {"id": -4001, "type": "group", "title": "Friends"}, -1004001
+
+    def in_old_group(update: dict) -> dict:
+        next(value for value in update.values() if isinstance(value, dict)).get("message", {})["chat"] = group
+        update.get("callback_query", update).get("message", {})["chat"] = group
+        return update
+
+    ask = in_old_group(group_message(next(_update_ids), 3106, "/draw кот"))
+    await answered(app, ask)
+    question = {"message_id": 1}
+    await answered(app, in_old_group(group_press(next(_update_ids), 3106, "ratio:1:1", question, ask)))
+    job = await submitted_job(app, 3106)
+    moved = {"ok": False, "error_code": 400, "description": "Bad Request: group chat was upgraded to a supergroup chat",
+             "parameters": {"migrate_to_chat_id": supergroup}}
+    fake_tg.fail("sendMessage", 400, moved)  # Telegram refuses what was queued for the old group, and says where
+    await post_update(app, in_old_group(group_message(next(_update_ids), 3106, "/help")))
+    await eventually(lambda: fake_tg.texts_to(supergroup) == [bot_text("ru", "help")])
+    migrated = in_old_group(group_message(next(_update_ids), 3106, ""))
+    del migrated["message"]["text"]
+    migrated["message"]["migrate_to_chat_id"] = supergroup
+    await answered(app, migrated)
+    assert job.chat_id == supergroup
+    stored = query(f"sqlite:///{tmp_path / 'bot.sqlite3'}", "SELECT chat_id FROM jobs WHERE id=?", (job.id,))
+    assert stored == [(supergroup,)]
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: [p for p in fake_tg.calls_of("sendPhoto") if p["chat_id"] == supergroup])
 
 
 async def test_a_users_dialogs_in_a_private_chat_and_a_group_are_apart(make_app, fake_tg, fake_kie):

@@ -2737,7 +2737,7 @@ async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, 
     await post_update(app, update_message(1, 42, "/start"))
     await eventually(lambda: app.telegram.pacer.pauses == 1)
     await post_update(app, update_callback(2, 42, "new"))
-    await eventually(lambda: (app.role.states.get((42, 42)) or {}).get("step") == "prompt")  # handled meanwhile
+    await eventually(lambda: (app.role.states.get((42, 0, 42)) or {}).get("step") == "prompt")  # handled meanwhile
     await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))  # exempt: not held by the pause
     assert app.role.outbox.depth == 2 and len(fake_tg.calls_of("sendMessage")) == 1
     assert app.pipeline.stats.processed == 2

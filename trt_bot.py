@@ -1736,6 +1736,19 @@ MIGRATIONS: list[list[str]] = [
     [  # 10: the Telegram file id of the photo an edit job changes ('' for a picture drawn from words)
         "ALTER TABLE jobs ADD COLUMN image TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 11: dialogs by (chat, forum topic, user): each topic keeps its own (0: a chat without topics)
+        """CREATE TABLE dialogs_by_topic (
+               chat_id    INTEGER NOT NULL,
+               thread_id  INTEGER NOT NULL,
+               user_id    INTEGER NOT NULL,
+               state      TEXT NOT NULL,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (chat_id, thread_id, user_id))""",
+        "INSERT INTO dialogs_by_topic SELECT chat_id, 0, user_id, state, updated_at FROM dialogs",
+        "DROP TABLE dialogs",
+        "ALTER TABLE dialogs_by_topic RENAME TO dialogs",
+        "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -2391,11 +2404,11 @@ def store_user_settings(conn: sqlite3.Connection, user_id: int, settings: dict) 
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
 DIALOG_IDLE_S = 24 * 3600.0
 DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: each can hold a prompt of a few KB
-DialogKey = tuple[int, int]  # (chat id, user id): a user's dialogs in different chats are apart
+DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user's dialogs in two chats are apart
 
 
 class ConversationStore:
-    """Each open dialog by (chat, user), and each user's language and /settings: in memory, written through.
+    """Each open dialog by (chat, forum topic, user), and each user's language and /settings: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
@@ -2412,10 +2425,11 @@ class ConversationStore:
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
-        query = "SELECT chat_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? ORDER BY updated_at"
+        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? "
+                 "ORDER BY updated_at")
         since = self.clock.time() - DIALOG_IDLE_S
         rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
-        self._states = {(chat, user): (at, json.loads(state)) for chat, user, at, state in rows}
+        self._states = {(chat, topic, user): (at, json.loads(state)) for chat, topic, user, at, state in rows}
         chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
         self._languages = dict(chosen)
         stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
@@ -2466,13 +2480,13 @@ class ConversationStore:
 
     @staticmethod
     def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
-        for (chat_id, user_id), state, at in items:
+        for key, state, at in items:
             if state is None:
-                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND user_id=?", (chat_id, user_id))
+                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
             else:
-                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?) ON CONFLICT(chat_id, user_id)
+                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
                                 DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
-                             (chat_id, user_id, json.dumps(state, ensure_ascii=False), at))
+                             (*key, json.dumps(state, ensure_ascii=False), at))
         conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
 
@@ -2793,12 +2807,14 @@ def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
 class TelegramError(TrtError):
     """The Bot API refused a call (``error_code`` as Telegram gives it, or the HTTP status)."""
 
-    def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None):
+    def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None,
+                 moved_to: int | None = None):
         super().__init__(f"{method}: {error_code} {description}")
         self.method = method
         self.error_code = error_code
         self.description = description
         self.retry_after = retry_after
+        self.moved_to = moved_to  # the group became this supergroup (migrate_to_chat_id)
 
     @property
     def retryable(self) -> bool:
@@ -2837,7 +2853,9 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
         retry_after = None
     return_code = error_code if isinstance(error_code, int) else status_code
-    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
+    moved_to = parameters.get("migrate_to_chat_id") if isinstance(parameters, dict) else None
+    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after,
+                        moved_to if isinstance(moved_to, int) and not isinstance(moved_to, bool) else None)
 
 
 def _telegram_wait_asked(error: TelegramError) -> float | None:
@@ -2932,8 +2950,17 @@ class TelegramClient:
             level = logging.DEBUG if self.trouble else logging.WARNING  # its red flag speaks for every retry
             log.log(level, "[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
 
-        return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
-                                       clock=self.clock, on_retry=log_retry)
+        def attempt(params: dict) -> Awaitable[Any]:
+            return call_with_retries(lambda: self._call_once(method, params, files, timeout), policy,
+                                     clock=self.clock, on_retry=log_retry)
+
+        try:
+            return await attempt(params or {})
+        except TelegramError as error:  # the group became a supergroup: what was meant for it goes there
+            if error.moved_to is None or (params or {}).get("chat_id") in (None, error.moved_to):
+                raise
+            log.info("[TG] %s: chat %s is now supergroup %d", method, params.get("chat_id"), error.moved_to)
+            return await attempt({**params, "chat_id": error.moved_to})
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         if method in PACED_METHODS:
@@ -4335,8 +4362,11 @@ def shorten(text: str, limit: int) -> str:
 # 11. Dialog
 #    Owns the conversation with a user: commands, dialog steps and button
 #    presses, turning what the jobs answer into messages.  A dialog belongs to
-#    (chat, user), so a user's private chat and a group never share one; a job
-#    belongs to its chat, and a button, /cancel or an edit acts only there.
+#    (chat, forum topic, user), so a user's private chat and a group never share
+#    one and two members of a group draw at once; a job belongs to its chat, and
+#    a button, /cancel or an edit acts only there.  In a group the bot answers
+#    only what is addressed to it, always replying to the requester's message
+#    (a member's tap on another's buttons only names whose they are).
 ###############################################################################
 
 def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str, Any]] | None:
@@ -4451,7 +4481,7 @@ class Context:
 
     @property
     def dialog(self) -> DialogKey:
-        return self.chat_id, self.user_id
+        return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
 
 
 def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
@@ -4634,7 +4664,7 @@ class OpenQuestion:
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
+    A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
     photo, "question"/"question_id": see OpenQuestion}.  In a private chat any text is a description and
     a photo an edit.  A dialog speaks the language it started in.  Button data is
@@ -4688,19 +4718,20 @@ class Conversation:
         chosen = self.states.language(user_id)
         return chosen if chosen in TEXTS else user_language(user)
 
-    def context(self, chat_id: int, user_id: int, user: dict, callback_id: str = "") -> Context:
-        """Who and where; an open dialog keeps its language even if the user's app changes its own."""
-        lang = (self.states.get((chat_id, user_id)) or {}).get("lang")
-        lang = lang if lang in TEXTS else self.language(user_id, user)
-        return Context(chat_id, user_id, lang, TEXTS[lang], callback_id)
+    def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
+        """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
+        language even if the user's app changes its own."""
+        ctx = Context(chat["id"], user_id, "", {}, callback_id, placement=group_reply(chat, requester))
+        lang = (self.states.get(ctx.dialog) or {}).get("lang")
+        ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
+        ctx.t = TEXTS[ctx.lang]
+        return ctx
 
     def message_context(self, message: dict) -> Context | None:
         chat, user = message.get("chat") or {}, message.get("from") or {}
         if not isinstance(chat.get("id"), int):
             return None
-        ctx = self.context(chat["id"], user.get("id") or chat["id"], user)
-        ctx.placement = group_reply(chat, message)
-        return ctx
+        return self.context(chat, user.get("id") or chat["id"], user, message)
 
     async def bot_username(self) -> str:
         """The bot's username (getMe, asked once it answers): '' while Telegram cannot say."""
@@ -4724,6 +4755,8 @@ class Conversation:
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
+        elif fits_sqlite_integer(message.get("migrate_to_chat_id")):  # (queued messages follow: TelegramClient.call)
+            await self.generations.move_chat(ctx.chat_id, message["migrate_to_chat_id"])
         elif not (private or command or for_the_bot(message, bot)):
             return  # group chatter, or another bot's command: not ours to answer
         elif command is not None:  # never a prompt, even a command the bot does not know
@@ -4747,15 +4780,13 @@ class Conversation:
             await self.prompts.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
-        user = query.get("from") or {}
-        chat_id = ((query.get("message") or {}).get("chat") or {}).get("id") or user.get("id")
-        ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
-        message_id = (query.get("message") or {}).get("message_id")
+        user, pressed = query.get("from") or {}, query.get("message") or {}
+        chat = pressed["chat"] if (pressed.get("chat") or {}).get("id") else {"id": user.get("id")}
+        requester = pressed.get("reply_to_message") or {}  # in a group, our messages reply to the requester's
+        ctx = self.context(chat, user.get("id") or 0, user, requester, str(query.get("id", "")))
+        message_id = pressed.get("message_id")
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
-        ctx.photo = photo_to_edit(query.get("message") or {})[0]
-        pressed = query.get("message") or {}
-        requester = pressed.get("reply_to_message") or {}
-        ctx.placement = group_reply(pressed.get("chat") or {}, requester)
+        ctx.photo = photo_to_edit(pressed)[0]
         owner = requester.get("from") or {}
         if ctx.placement and owner.get("id") not in (None, ctx.user_id):  # a member's picture: theirs to steer
             return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=owner.get("first_name", "")),
@@ -4768,7 +4799,7 @@ class Conversation:
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
         try:
-            if handler is not None and isinstance(chat_id, int) and ctx.user_id:
+            if handler is not None and isinstance(ctx.chat_id, int) and ctx.user_id:
                 await handler(ctx, argument)
         finally:
             if not ctx.answered:  # every query gets an answer, forged and failing ones too
@@ -5142,7 +5173,7 @@ class LanguageChoice:
         state = self.dialog.states.get(ctx.dialog)
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
             await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
-        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
+        chosen = dataclasses.replace(ctx, lang=lang, t=TEXTS[lang])
         await self.dialog.send(chosen, "language_set", main_menu(lang))
 
 
@@ -5528,6 +5559,10 @@ def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: 
     return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
                         "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
                         (created_since, since)).fetchall()
+
+
+def jobs_move_chat(conn: sqlite3.Connection, group: int, supergroup: int) -> None:
+    conn.execute("UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group))
 
 
 def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
@@ -6596,6 +6631,14 @@ class Generations:
 
     async def resend(self, job: Job) -> None:
         await self.deliverer.sender.resend(job)
+
+    async def move_chat(self, group: int, supergroup: int) -> None:
+        """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
+        for job in self.jobs.values():
+            if job.chat_id == group:
+                job.chat_id = supergroup
+        with contextlib.suppress(DatabaseUnavailable):  # (logged by Database; unfinished jobs are saved again)
+            await self.book.db.write(jobs_move_chat, group, supergroup)
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
