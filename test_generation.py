@@ -1289,10 +1289,25 @@ async def test_forum_topics_keep_their_own_dialogs_and_get_their_answers_in_the_
     tiger = group_message(next(_update_ids), 3104, "тигр", to_bot=2, topic=9)
     await answered(app, tiger)
     *_, cat_question, tiger_question = fake_tg.calls_of("sendMessage")
-    assert (cat_question["message_thread_id"], cat_question["text"]) == (7, bot_text("ru", "ask_ratio", prompt="кот"))
-    assert (tiger_question["message_thread_id"], tiger_question["text"]) == (9, bot_text("ru", "ask_ratio", prompt="тигр"))
+    for question, topic, prompt in ((cat_question, 7, "кот"), (tiger_question, 9, "тигр")):
+        assert (question["message_thread_id"], question["text"]) == (topic, bot_text("ru", "ask_ratio", prompt=prompt))
     await answered(app, group_press(next(_update_ids), 3104, "ratio:1:1", {"message_id": 4}, tiger))
     assert (await submitted_job(app, 3104)).prompt == "тигр"
+
+
+async def test_a_press_in_a_private_chat_and_a_draw_in_a_group_at_once_start_one_picture(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_callback(next(_update_ids), 3108, "new"))
+    await answered(app, update_message(next(_update_ids), 3108, "кот"))  # the private format question is open
+    await answered(app, press(next(_update_ids), 3108, "set:ratio:1:1", 70))  # a group's /draw now starts at once
+    fake_tg.stall("answerCallbackQuery")  # the press (queued by its user) waits inside the job's start
+    await post_update(app, update_callback(next(_update_ids), 3108, "ratio:1:1"))
+    await eventually(lambda: fake_tg.held("answerCallbackQuery"))
+    await answered(app, group_message(next(_update_ids), 3108, "/draw тигр"))  # queued by the group: runs meanwhile
+    fake_tg.release("answerCallbackQuery")
+    await eventually(lambda: app.pipeline.stats.processed >= 5 and not app.role.outbox._chats)
+    assert [job.prompt for job in app.generations.jobs.values()] == ["кот"]
+    assert fake_tg.texts_to(GROUP) == [bot_text("ru", "busy_user")]
 
 
 async def test_a_group_that_becomes_a_supergroup_keeps_its_queued_messages_and_jobs(make_app, fake_tg, fake_kie,

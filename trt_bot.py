@@ -231,7 +231,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "settings_ask": "ask every time",
         "btn_ask_every_time": "❓ Ask every time",
         "stale_button": "This button no longer works.",
-        "not_your_picture": "This is {name}’s picture: its buttons are for {name}. For your own, /draw and a description.",
+        "not_your_picture": "This is {name}’s picture: its buttons are for {name}. Yours: /draw and a description.",
         "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
         "prompt_empty": "The description is empty. Tell me in words what to draw.",
@@ -2408,7 +2408,7 @@ DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user
 
 
 class ConversationStore:
-    """Each open dialog by (chat, forum topic, user), and each user's language and /settings: in memory, written through.
+    """Each open dialog by (chat, forum topic, user), each user's language and /settings: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
@@ -4930,15 +4930,21 @@ class Conversation:
                 return
             await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
             return
-        await self.answer(ctx)
-        status_message_id = ctx.message_id if status_message_id is None else status_message_id
-        if status_message_id:
-            await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
-                            status_keyboard(ctx.lang))
-        # The dialog ends only once the job is stored, so a press replayed after kill -9
-        # never finds the dialog over and no job to show for it.
-        await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                     status_message_id, image)
+        # A user's presses and group messages run in different queues (by user, by chat): from the check to
+        # the job the user counts as busy, so two at once never both start.
+        self.generations.starting.add(ctx.user_id)
+        try:
+            await self.answer(ctx)
+            status_message_id = ctx.message_id if status_message_id is None else status_message_id
+            if status_message_id:
+                await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
+                                status_keyboard(ctx.lang))
+            # The dialog ends only once the job is stored, so a press replayed after kill -9
+            # never finds the dialog over and no job to show for it.
+            await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
+                                         status_message_id, image)
+        finally:
+            self.generations.starting.discard(ctx.user_id)
         await self.set_state(ctx, None, keep=status_message_id)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
@@ -6425,6 +6431,7 @@ class Generations:
                                    clock, delivery_budget_s, delivery_notice_s)
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._originals: set[str] = set()  # jobs whose original file is on its way
+        self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
@@ -6573,7 +6580,7 @@ class Generations:
 
     def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
-        refusal = self.fairness.refusal(user_id, self.book.busy(user_id))
+        refusal = self.fairness.refusal(user_id, self.book.busy(user_id) or user_id in self.starting)
         paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
         return None if paid else refusal
 
