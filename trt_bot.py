@@ -4789,8 +4789,8 @@ class Conversation:
         ctx.photo = photo_to_edit(pressed)[0]
         owner = requester.get("from") or {}
         if ctx.placement and owner.get("id") not in (None, ctx.user_id):  # a member's picture: theirs to steer
-            return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=owner.get("first_name", "")),
-                                     alert=True)
+            name = shorten(str(owner.get("first_name", "")), 64)  # (a pop-up holds 200 characters)
+            return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=name), alert=True)
         data = query.get("data")
         ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
         self.presses[ctx.dialog] = ctx.message_id, data
