@@ -640,7 +640,7 @@ async def test_an_edited_prompt_is_used_until_the_job_starts_and_other_edits_cha
 async def test_commands_are_never_prompts_and_an_unknown_one_gets_a_short_help(make_app, fake_tg, fake_kie, lang):
     app = await make_app(**gen_env(fake_kie))
     await post_update(app, update_callback(1, 62, "new", lang))
-    for n, text in enumerate(["/foo", "/", "/Draw@trt_test_bot a cat", "кот"], start=2):
+    for n, text in enumerate(["/foo", "/", "/Paint@trt_test_bot a cat", "кот"], start=2):
         await post_update(app, update_message(n, 62, text, lang))
     await eventually(lambda: len(fake_tg.texts_to(62)) == 5)
     _, *unknowns, ratio = fake_tg.texts_to(62)
@@ -873,7 +873,7 @@ async def test_a_default_format_from_settings_draws_a_text_at_once_and_survives_
 async def test_group_chatter_is_never_a_description(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await answered(app, in_group(update_message(next(_update_ids), 4300, "a red fox in snow")))
-    assert not fake_kie.created and not app.role.states.get((GROUP, 4300))
+    assert not fake_kie.created and not app.role.states.get((GROUP, 0, 4300))
 
 
 @pytest.mark.parametrize("lang", ["ru", "en"])
@@ -1216,16 +1216,142 @@ async def test_cancel_in_a_group_leaves_the_users_private_picture_and_edits_noth
     assert edits_of(fake_tg, GROUP) == [] and job.state == "submitted"  # used to edit the group's message 1
 
 
+BOT = {"id": 123456789, "is_bot": True, "first_name": "Test", "username": "trt_test_bot"}  # the fake's getMe
+
+
+def group_message(update_id: int, user: int, text: str, *, to_bot: int = 0, topic: int = 0, name: str = "U") -> dict:
+    """A member's message in GROUP; ``to_bot``: the bot's message it replies to; ``topic``: its forum topic."""
+    update = in_group(update_message(update_id, user, text))
+    update["message"]["from"]["first_name"] = name
+    if to_bot:
+        update["message"]["reply_to_message"] = {"message_id": to_bot, "from": BOT, "chat": update["message"]["chat"]}
+    if topic:
+        update["message"].update(message_thread_id=topic, is_topic_message=True)
+    return update
+
+
+def group_press(update_id: int, user: int, data: str, sent: dict, requester: dict) -> dict:
+    """``user`` presses a button of the bot's message ``sent`` (sendMessage's params), a reply to ``requester``."""
+    update = in_group(press(update_id, user, data, sent["message_id"]))
+    update["callback_query"]["message"]["reply_to_message"] = requester["message"]
+    return update
+
+
+def replies_to(params: dict) -> int:
+    return params["reply_parameters"]["message_id"]
+
+
+def test_a_command_for_another_bot_is_not_ours_and_draw_takes_the_rest_of_the_line():
+    assert trt_bot.parse_command("/draw@TRT_test_bot кот", "trt_test_bot") == "/draw"
+    assert trt_bot.parse_command("/draw@otherbot кот", "trt_test_bot") == ""
+    assert trt_bot.parse_command("/draw@otherbot", "") == "/draw"  # a private chat: only we read it
+    assert trt_bot.command_argument("/draw@trt_test_bot  рыжий кот") == "рыжий кот"
+
+
+async def test_draw_in_a_supergroup_replies_to_the_requester_and_another_members_tap_only_names_whose_it_is(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    ask = group_message(next(_update_ids), 3101, "/draw@trt_test_bot рыжий кот", name="Ann")
+    await answered(app, ask)
+    (question,) = fake_tg.calls_of("sendMessage")
+    assert question["text"] == bot_text("ru", "ask_ratio", prompt="рыжий кот")
+    assert replies_to(question) == ask["message"]["message_id"]
+    question["message_id"] = 1  # the fake's first message
+    await answered(app, group_press(next(_update_ids), 3102, "ratio:1:1", question, ask))  # another member
+    assert popups(fake_tg, bot_text("ru", "not_your_picture", name="Ann"))[0]["show_alert"] is True
+    assert not app.generations.jobs and edits_of(fake_tg, GROUP) == []
+    await answered(app, group_press(next(_update_ids), 3101, "ratio:1:1", question, ask))
+    job = await submitted_job(app, 3101)
+    assert (job.chat_id, job.prompt, job.ratio) == (GROUP, "рыжий кот", "1:1")
+
+
+async def test_in_a_group_chatter_and_another_bots_command_get_no_answer_and_a_bare_draw_asks_with_force_reply(
+        make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, group_message(next(_update_ids), 3103, "/draw@otherbot кот"))
+    await answered(app, group_message(next(_update_ids), 3103, "просто болтаем"))
+    assert fake_tg.calls_of("sendMessage") == []
+    draw = group_message(next(_update_ids), 3103, "/draw")
+    await answered(app, draw)
+    (question,) = fake_tg.calls_of("sendMessage")
+    assert says(question["text"], "ru", "ask_prompt") and replies_to(question) == draw["message"]["message_id"]
+    assert question["reply_markup"] == {"force_reply": True, "selective": True}
+    await answered(app, group_message(next(_update_ids), 3103, "болтовня мимо"))  # not a reply: not the answer
+    await answered(app, group_message(next(_update_ids), 3103, "тигр", to_bot=1))
+    assert fake_tg.texts_to(GROUP)[1:] == [bot_text("ru", "ask_ratio", prompt="тигр")]
+
+
+async def test_forum_topics_keep_their_own_dialogs_and_get_their_answers_in_the_topic(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    for topic in (7, 9):
+        await answered(app, group_message(next(_update_ids), 3104, "/draw", topic=topic))
+    await answered(app, group_message(next(_update_ids), 3104, "кот", to_bot=1, topic=7))
+    tiger = group_message(next(_update_ids), 3104, "тигр", to_bot=2, topic=9)
+    await answered(app, tiger)
+    *_, cat_question, tiger_question = fake_tg.calls_of("sendMessage")
+    for question, topic, prompt in ((cat_question, 7, "кот"), (tiger_question, 9, "тигр")):
+        assert (question["message_thread_id"], question["text"]) == (topic, bot_text("ru", "ask_ratio", prompt=prompt))
+    await answered(app, group_press(next(_update_ids), 3104, "ratio:1:1", {"message_id": 4}, tiger))
+    assert (await submitted_job(app, 3104)).prompt == "тигр"
+
+
+async def test_a_press_in_a_private_chat_and_a_draw_in_a_group_at_once_start_one_picture(make_app, fake_tg, fake_kie):
+    app = await make_app(**gen_env(fake_kie))
+    await answered(app, update_callback(next(_update_ids), 3108, "new"))
+    await answered(app, update_message(next(_update_ids), 3108, "кот"))  # the private format question is open
+    await answered(app, press(next(_update_ids), 3108, "set:ratio:1:1", 70))  # a group's /draw now starts at once
+    fake_tg.stall("answerCallbackQuery")  # the press (queued by its user) waits inside the job's start
+    await post_update(app, update_callback(next(_update_ids), 3108, "ratio:1:1"))
+    await eventually(lambda: fake_tg.held("answerCallbackQuery"))
+    await answered(app, group_message(next(_update_ids), 3108, "/draw тигр"))  # queued by the group: runs meanwhile
+    fake_tg.release("answerCallbackQuery")
+    await eventually(lambda: app.pipeline.stats.processed >= 5 and not app.role.outbox._chats)
+    assert [job.prompt for job in app.generations.jobs.values()] == ["кот"]
+    assert fake_tg.texts_to(GROUP) == [bot_text("ru", "busy_user")]
+
+
+async def test_a_group_that_becomes_a_supergroup_keeps_its_queued_messages_and_jobs(make_app, fake_tg, fake_kie,
+                                                                                    tmp_path):
+    app = await make_app(**gen_env(fake_kie))
+    group, supergroup = {"id": -4001, "type": "group", "title": "Friends"}, -1004001
+
+    def in_old_group(update: dict) -> dict:
+        next(value for value in update.values() if isinstance(value, dict)).get("message", {})["chat"] = group
+        update.get("callback_query", update).get("message", {})["chat"] = group
+        return update
+
+    ask = in_old_group(group_message(next(_update_ids), 3106, "/draw кот"))
+    await answered(app, ask)
+    question = {"message_id": 1}
+    await answered(app, in_old_group(group_press(next(_update_ids), 3106, "ratio:1:1", question, ask)))
+    job = await submitted_job(app, 3106)
+    moved = {"ok": False, "error_code": 400, "description": "Bad Request: group chat was upgraded to a supergroup chat",
+             "parameters": {"migrate_to_chat_id": supergroup}}
+    fake_tg.fail("sendMessage", 400, moved)  # Telegram refuses what was queued for the old group, and says where
+    await post_update(app, in_old_group(group_message(next(_update_ids), 3106, "/help")))
+    await eventually(lambda: fake_tg.texts_to(supergroup) == [bot_text("ru", "help")])
+    migrated = in_old_group(group_message(next(_update_ids), 3106, ""))
+    del migrated["message"]["text"]
+    migrated["message"]["migrate_to_chat_id"] = supergroup
+    await answered(app, migrated)
+    assert job.chat_id == supergroup
+    stored = query(f"sqlite:///{tmp_path / 'bot.sqlite3'}", "SELECT chat_id FROM jobs WHERE id=?", (job.id,))
+    assert stored == [(supergroup,)]
+    fake_kie.complete(job.task_id)
+    await kie_calls_back(app, fake_kie, job.task_id)
+    await eventually(lambda: [p for p in fake_tg.calls_of("sendPhoto") if p["chat_id"] == supergroup])
+
+
 async def test_a_users_dialogs_in_a_private_chat_and_a_group_are_apart(make_app, fake_tg, fake_kie):
     app = await make_app(**gen_env(fake_kie))
     await answered(app, update_callback(next(_update_ids), 3002, "new"))
-    await answered(app, in_group(update_message(next(_update_ids), 3002, "собака")))  # not the private prompt
-    await answered(app, in_group(update_callback(next(_update_ids), 3002, "new")))
-    await answered(app, update_message(next(_update_ids), 3002, "кот"))
-    await answered(app, in_group(update_message(next(_update_ids), 3002, "тигр")))
-    hint, _, group_question = fake_tg.texts_to(GROUP)
-    assert hint == trt_bot.render("ru", "hint") and group_question == trt_bot.render("ru", "ask_ratio", prompt="тигр")
-    assert fake_tg.texts_to(3002)[1] == trt_bot.render("ru", "ask_ratio", prompt="кот")
+    await answered(app, in_group(update_message(next(_update_ids), 3002, "собака")))  # group chatter: not the prompt
+    await answered(app, group_message(next(_update_ids), 3002, "/draw"))
+    await answered(app, update_message(next(_update_ids), 3002, "/draw кот"))  # /draw works in private chats too
+    await answered(app, group_message(next(_update_ids), 3002, "тигр", to_bot=2))
+    ask_prompt, group_question = fake_tg.texts_to(GROUP)
+    assert says(ask_prompt, "ru", "ask_prompt") and group_question == bot_text("ru", "ask_ratio", prompt="тигр")
+    assert fake_tg.texts_to(3002)[1] == bot_text("ru", "ask_ratio", prompt="кот")
     await answered(app, update_callback(next(_update_ids), 3002, "ratio:1:1"))
     job = await submitted_job(app, 3002)
     assert (job.chat_id, job.prompt) == (3002, "кот")

@@ -933,26 +933,28 @@ async def test_conversation_state_survives_a_reopen(database_url):
     db = trt_bot.Database(path)
     await db.open()
     store = trt_bot.ConversationStore(db)
-    await store.set((7, 7), {"step": "prompt"})
-    await store.set((8, 8), {"step": "ratio"})
-    await store.set((8, 8), None)
+    await store.set((7, 0, 7), {"step": "prompt"})
+    await store.set((8, 0, 8), {"step": "ratio"})
+    await store.set((8, 0, 8), None)
     await db.close()
     db = trt_bot.Database(path)
     await db.open()
     reloaded = trt_bot.ConversationStore(db)
-    assert await reloaded.load() == 1 and reloaded.get((7, 7)) == {"step": "prompt"} and reloaded.get((8, 8)) is None
+    assert await reloaded.load() == 1 and reloaded.get((7, 0, 7)) == {"step": "prompt"} and reloaded.get((8, 0, 8)) is None
     await db.close()
 
 
-async def test_a_users_dialogs_in_two_chats_are_stored_apart(database_url):
+async def test_a_users_dialogs_in_two_chats_and_two_forum_topics_are_stored_apart(database_url):
     db = open_database(database_url)
     await db.open()
     store = trt_bot.ConversationStore(db)
-    await store.set((7, 7), {"step": "prompt"})
-    await store.set((-100, 7), {"step": "ratio"})
-    await store.set((-100, 7), None)
+    await store.set((7, 0, 7), {"step": "prompt"})
+    await store.set((-100, 0, 7), {"step": "ratio"})
+    await store.set((-100, 5, 7), {"step": "option"})  # another topic of the same group
+    await store.set((-100, 0, 7), None)
     reloaded = trt_bot.ConversationStore(db)
-    assert await reloaded.load() == 1 and reloaded.get((7, 7)) == {"step": "prompt"} and reloaded.get((-100, 7)) is None
+    assert await reloaded.load() == 2 and reloaded.get((-100, 0, 7)) is None
+    assert reloaded.get((7, 0, 7)) == {"step": "prompt"} and reloaded.get((-100, 5, 7)) == {"step": "option"}
     await db.close()
 
 
@@ -967,12 +969,12 @@ async def test_an_abandoned_dialog_leaves_memory_and_the_database_after_its_idle
     db = open_database(database_url)
     await db.open()
     store = trt_bot.ConversationStore(db, clock)
-    await store.set((7, 7), {"step": "prompt"})  # the user never answers
+    await store.set((7, 0, 7), {"step": "prompt"})  # the user never answers
     clock.advance(trt_bot.DIALOG_IDLE_S - 1)
-    assert store.get((7, 7)) == {"step": "prompt"}
+    assert store.get((7, 0, 7)) == {"step": "prompt"}
     clock.advance(1)
-    assert store.get((7, 7)) is None  # its buttons are stale from now on
-    await store.set((8, 8), {"step": "prompt"})  # any write sweeps the abandoned ones out
+    assert store.get((7, 0, 7)) is None  # its buttons are stale from now on
+    await store.set((8, 0, 8), {"step": "prompt"})  # any write sweeps the abandoned ones out
     assert await dialogs_kept(store, db) == (1, 1)
     clock.advance(trt_bot.DIALOG_IDLE_S)
     reloaded = trt_bot.ConversationStore(db, clock)
@@ -987,12 +989,12 @@ async def test_dialogs_beyond_the_bound_go_longest_untouched_first(database_url,
     await db.open()
     store = trt_bot.ConversationStore(db, clock)
     for user in (1, 2, 3):
-        await store.set((user, user), {"step": "prompt"})
+        await store.set((user, 0, user), {"step": "prompt"})
         clock.advance(1)
-    await store.set((1, 1), {"step": "ratio"})  # touched again: now the newest
-    assert [store.get((user, user)) is not None for user in (1, 2, 3)] == [True, False, True]
+    await store.set((1, 0, 1), {"step": "ratio"})  # touched again: now the newest
+    assert [store.get((user, 0, user)) is not None for user in (1, 2, 3)] == [True, False, True]
     reloaded = trt_bot.ConversationStore(db, clock)
-    assert await reloaded.load() == 2 and reloaded.get((2, 2)) is None
+    assert await reloaded.load() == 2 and reloaded.get((2, 0, 2)) is None
     await db.close()
 
 
@@ -2737,7 +2739,7 @@ async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, 
     await post_update(app, update_message(1, 42, "/start"))
     await eventually(lambda: app.telegram.pacer.pauses == 1)
     await post_update(app, update_callback(2, 42, "new"))
-    await eventually(lambda: (app.role.states.get((42, 42)) or {}).get("step") == "prompt")  # handled meanwhile
+    await eventually(lambda: (app.role.states.get((42, 0, 42)) or {}).get("step") == "prompt")  # handled meanwhile
     await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))  # exempt: not held by the pause
     assert app.role.outbox.depth == 2 and len(fake_tg.calls_of("sendMessage")) == 1
     assert app.pipeline.stats.processed == 2
@@ -3011,7 +3013,7 @@ async def test_the_command_menu_is_english_by_default_and_russian_for_russian_re
     await eventually(lambda: [r for r in caplog.records if "[COMMANDS] menu" in r.getMessage()])
     menus = {p.get("language_code", ""): p["commands"] for p in fake_tg.calls_of("setMyCommands")}
     assert sorted(menus) == ["", "be", "kk", "ru", "uk"]
-    assert all([c["command"] for c in menu] == ["start", "settings", "help", "cancel", "language"]
+    assert all([c["command"] for c in menu] == ["start", "draw", "settings", "help", "cancel", "language"]
                for menu in menus.values())
     assert menus[""] == trt_bot.COMMAND_MENUS[""]  # English: a German user reads the menu the replies speak
     assert menus["uk"] == menus["ru"] == trt_bot.RUSSIAN_MENU != menus[""]

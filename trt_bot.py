@@ -110,6 +110,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "settings_ask": "спрашивать каждый раз",
         "btn_ask_every_time": "❓ Спрашивать каждый раз",
         "stale_button": "Эта кнопка больше не действует.",
+        "not_your_picture": "Это картинка {name}: кнопки под ней — для {name}. Своя — /draw и описание.",
         "ask_prompt": "🎨 Модель: <b>{model}</b>\n\n✍️ Опишите картинку одним сообщением ({limits}).\n"
                       "Например: <i>кот-космонавт, акварель</i>",
         "prompt_empty": "Описание пустое. Напишите словами, что нарисовать.",
@@ -230,6 +231,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "settings_ask": "ask every time",
         "btn_ask_every_time": "❓ Ask every time",
         "stale_button": "This button no longer works.",
+        "not_your_picture": "This is {name}’s picture: its buttons are for {name}. Yours: /draw and a description.",
         "ask_prompt": "🎨 Model: <b>{model}</b>\n\n✍️ Describe the picture in one message ({limits}).\n"
                       "For example: <i>an astronaut cat, watercolour</i>",
         "prompt_empty": "The description is empty. Tell me in words what to draw.",
@@ -442,6 +444,7 @@ LANGUAGES = {"ru": "🇷🇺 Русский", "en": "🇬🇧 English"}  # what 
 # without a menu of their own): English, as the replies to a language the bot does not
 # speak; Russian for the languages answered in Russian.  /stats is for admins and stays out of it.
 RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая картинка"},
+                {"command": "draw", "description": "Нарисовать: /draw и описание (и в группах)"},
                 {"command": "settings", "description": "Модель и формат по умолчанию"},
                 {"command": "help", "description": "Как пользоваться"},
                 {"command": "cancel", "description": "Отменить"},
@@ -449,6 +452,7 @@ RUSSIAN_MENU = [{"command": "start", "description": "Меню и новая ка
 
 COMMAND_MENUS: dict[str, list[dict[str, str]]] = {
     "": [{"command": "start", "description": "Menu and a new picture"},
+         {"command": "draw", "description": "Draw: /draw and a description (in groups too)"},
          {"command": "settings", "description": "Default model and format"},
          {"command": "help", "description": "How to use"},
          {"command": "cancel", "description": "Cancel"},
@@ -1732,6 +1736,19 @@ MIGRATIONS: list[list[str]] = [
     [  # 10: the Telegram file id of the photo an edit job changes ('' for a picture drawn from words)
         "ALTER TABLE jobs ADD COLUMN image TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 11: dialogs by (chat, forum topic, user): each topic keeps its own (0: a chat without topics)
+        """CREATE TABLE dialogs_by_topic (
+               chat_id    INTEGER NOT NULL,
+               thread_id  INTEGER NOT NULL,
+               user_id    INTEGER NOT NULL,
+               state      TEXT NOT NULL,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (chat_id, thread_id, user_id))""",
+        "INSERT INTO dialogs_by_topic SELECT chat_id, 0, user_id, state, updated_at FROM dialogs",
+        "DROP TABLE dialogs",
+        "ALTER TABLE dialogs_by_topic RENAME TO dialogs",
+        "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -2387,11 +2404,11 @@ def store_user_settings(conn: sqlite3.Connection, user_id: int, settings: dict) 
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
 DIALOG_IDLE_S = 24 * 3600.0
 DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: each can hold a prompt of a few KB
-DialogKey = tuple[int, int]  # (chat id, user id): a user's dialogs in different chats are apart
+DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user's dialogs in two chats are apart
 
 
 class ConversationStore:
-    """Each open dialog by (chat, user), and each user's language and /settings: in memory, written through.
+    """Each open dialog by (chat, forum topic, user), each user's language and /settings: in memory, written through.
 
     Reads never touch the database (so /start needs none).  A write that fails
     (database down, a value it refuses) is logged and kept in memory:
@@ -2408,10 +2425,11 @@ class ConversationStore:
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
-        query = "SELECT chat_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? ORDER BY updated_at"
+        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? "
+                 "ORDER BY updated_at")
         since = self.clock.time() - DIALOG_IDLE_S
         rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
-        self._states = {(chat, user): (at, json.loads(state)) for chat, user, at, state in rows}
+        self._states = {(chat, topic, user): (at, json.loads(state)) for chat, topic, user, at, state in rows}
         chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
         self._languages = dict(chosen)
         stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
@@ -2462,13 +2480,13 @@ class ConversationStore:
 
     @staticmethod
     def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
-        for (chat_id, user_id), state, at in items:
+        for key, state, at in items:
             if state is None:
-                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND user_id=?", (chat_id, user_id))
+                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
             else:
-                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?) ON CONFLICT(chat_id, user_id)
+                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
                                 DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
-                             (chat_id, user_id, json.dumps(state, ensure_ascii=False), at))
+                             (*key, json.dumps(state, ensure_ascii=False), at))
         conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
 
@@ -2789,12 +2807,14 @@ def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
 class TelegramError(TrtError):
     """The Bot API refused a call (``error_code`` as Telegram gives it, or the HTTP status)."""
 
-    def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None):
+    def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None,
+                 moved_to: int | None = None):
         super().__init__(f"{method}: {error_code} {description}")
         self.method = method
         self.error_code = error_code
         self.description = description
         self.retry_after = retry_after
+        self.moved_to = moved_to  # the group became this supergroup (migrate_to_chat_id)
 
     @property
     def retryable(self) -> bool:
@@ -2833,7 +2853,9 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
         retry_after = None
     return_code = error_code if isinstance(error_code, int) else status_code
-    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after)
+    moved_to = parameters.get("migrate_to_chat_id") if isinstance(parameters, dict) else None
+    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after,
+                        moved_to if isinstance(moved_to, int) and not isinstance(moved_to, bool) else None)
 
 
 def _telegram_wait_asked(error: TelegramError) -> float | None:
@@ -2928,8 +2950,17 @@ class TelegramClient:
             level = logging.DEBUG if self.trouble else logging.WARNING  # its red flag speaks for every retry
             log.log(level, "[TG] %s failed (%s), retry %d in %.1fs", method, error.description, retry, wait)
 
-        return await call_with_retries(lambda: self._call_once(method, params or {}, files, timeout), policy,
-                                       clock=self.clock, on_retry=log_retry)
+        def attempt(params: dict) -> Awaitable[Any]:
+            return call_with_retries(lambda: self._call_once(method, params, files, timeout), policy,
+                                     clock=self.clock, on_retry=log_retry)
+
+        try:
+            return await attempt(params or {})
+        except TelegramError as error:  # the group became a supergroup: what was meant for it goes there
+            if error.moved_to is None or (params or {}).get("chat_id") in (None, error.moved_to):
+                raise
+            log.info("[TG] %s: chat %s is now supergroup %d", method, params.get("chat_id"), error.moved_to)
+            return await attempt({**params, "chat_id": error.moved_to})
 
     async def _call_once(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         if method in PACED_METHODS:
@@ -4331,8 +4362,11 @@ def shorten(text: str, limit: int) -> str:
 # 11. Dialog
 #    Owns the conversation with a user: commands, dialog steps and button
 #    presses, turning what the jobs answer into messages.  A dialog belongs to
-#    (chat, user), so a user's private chat and a group never share one; a job
-#    belongs to its chat, and a button, /cancel or an edit acts only there.
+#    (chat, forum topic, user), so a user's private chat and a group never share
+#    one and two members of a group draw at once; a job belongs to its chat, and
+#    a button, /cancel or an edit acts only there.  In a group the bot answers
+#    only what is addressed to it, always replying to the requester's message
+#    (a member's tap on another's buttons only names whose they are).
 ###############################################################################
 
 def check_prompt(text: str, model: ImageModel = Z_IMAGE) -> tuple[str, dict[str, Any]] | None:
@@ -4380,11 +4414,39 @@ def photo_to_edit(message: dict) -> tuple[str, str]:
         document["file_id"], "")
 
 
-def parse_command(text: str) -> str | None:
-    """'/start@MyBot payload' -> '/start'; None when the text is not a command."""
+def parse_command(text: str, bot: str = "") -> str | None:
+    """'/start@MyBot payload' -> '/start'; None when the text is not a command, '' when it is addressed to
+    another bot than ``bot`` (our username; '' takes any: only we read a private chat)."""
     if not text.startswith("/"):
         return None
-    return text.split(maxsplit=1)[0].split("@", 1)[0].lower()
+    command, _, to = text.split(maxsplit=1)[0].partition("@")
+    return command.lower() if not (bot and to) or to.lower() == bot.lower() else ""
+
+
+def command_argument(text: str) -> str:
+    """'/draw@MyBot a red fox' -> 'a red fox'."""
+    return (text.split(maxsplit=1) + [""])[1]
+
+
+def for_the_bot(message: dict, bot: str) -> bool:
+    """Whether a group message is addressed to the bot (``bot``: its username): a reply to one of its messages
+    or a mention.  Commands are told apart by parse_command; any other group chatter is not for the bot."""
+    replied_to = (message.get("reply_to_message") or {}).get("from") or {}
+    text = message.get("text") or message.get("caption") or ""
+    return bool(bot) and (str(replied_to.get("username", "")).lower() == bot.lower()
+                          or f"@{bot.lower()}" in str(text).lower())
+
+
+def group_reply(chat: dict, requester_message: dict) -> dict[str, Any]:
+    """sendMessage's placement for an answer in a group: a reply to the requester's message, in its forum topic
+    (so the requester's ForceReply and a member's button find their picture); nothing in a private chat."""
+    if chat.get("type") == "private" or not isinstance(requester_message.get("message_id"), int):
+        return {}
+    placement: dict[str, Any] = {"reply_parameters": {"message_id": requester_message["message_id"],
+                                                      "allow_sending_without_reply": True}}
+    if requester_message.get("is_topic_message") and isinstance(requester_message.get("message_thread_id"), int):
+        placement["message_thread_id"] = requester_message["message_thread_id"]
+    return placement
 
 
 def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
@@ -4415,10 +4477,11 @@ class Context:
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
     photo: str = ""  # the file id of the photo under the pressed button (a result's)
     repeated: bool = False  # the dialog's previous press was this one, with no message between: a double tap
+    placement: dict[str, Any] = dataclasses.field(default_factory=dict)  # group_reply: {} in a private chat
 
     @property
     def dialog(self) -> DialogKey:
-        return self.chat_id, self.user_id
+        return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
 
 
 def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
@@ -4467,9 +4530,20 @@ class PromptStep:
         await self.dialog.answer(ctx)
         if ctx.repeated or not await self.may_draw(ctx):
             return  # (a second tap on the same button: the question is out already)
-        cancel = keyboard([button(ctx.t["btn_cancel"], "cancel")])
+        # In a group the answer must reach the bot under privacy mode: a reply, which a selective ForceReply
+        # opens for the requester alone (the question replies to them); /cancel closes it.
+        cancel = (keyboard([button(ctx.t["btn_cancel"], "cancel")]) if not ctx.placement
+                  else {"force_reply": True, "selective": True})
         await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
                        model=model.title, limits=prompt_limits(model, ctx.lang))
+
+    async def on_draw_command(self, ctx: Context, message: dict) -> None:
+        """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
+        description = command_argument(message.get("text", ""))
+        if description:
+            await self.draw(ctx, description, message.get("message_id"))
+        else:
+            await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
 
     async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
         """A description: drawn at once in the user's default format (/settings), else the format question."""
@@ -4565,7 +4639,7 @@ class OpenQuestion:
         if message_id:
             await self.edit(ctx, message_id, text, markup)
         else:
-            await self.telegram.send_message(ctx.chat_id, text, markup,
+            await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement,
                                              on_sent=functools.partial(self._asked, ctx.dialog, question))
 
     def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
@@ -4590,7 +4664,7 @@ class OpenQuestion:
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
 
-    A dialog's state, per (chat, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
+    A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
     photo, "question"/"question_id": see OpenQuestion}.  In a private chat any text is a description and
     a photo an edit.  A dialog speaks the language it started in.  Button data is
@@ -4616,7 +4690,9 @@ class Conversation:
         self.prompts = PromptStep(self)
         self.photos = PhotoEdits(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats}
+            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats,
+            "/draw": self.prompts.on_draw_command}
+        self.username = ""  # the bot's, from getMe: a group's commands and mentions are told by it
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
             "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
@@ -4642,17 +4718,29 @@ class Conversation:
         chosen = self.states.language(user_id)
         return chosen if chosen in TEXTS else user_language(user)
 
-    def context(self, chat_id: int, user_id: int, user: dict, callback_id: str = "") -> Context:
-        """Who and where; an open dialog keeps its language even if the user's app changes its own."""
-        lang = (self.states.get((chat_id, user_id)) or {}).get("lang")
-        lang = lang if lang in TEXTS else self.language(user_id, user)
-        return Context(chat_id, user_id, lang, TEXTS[lang], callback_id)
+    def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
+        """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
+        language even if the user's app changes its own."""
+        ctx = Context(chat["id"], user_id, "", {}, callback_id, placement=group_reply(chat, requester))
+        lang = (self.states.get(ctx.dialog) or {}).get("lang")
+        ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
+        ctx.t = TEXTS[ctx.lang]
+        return ctx
 
     def message_context(self, message: dict) -> Context | None:
         chat, user = message.get("chat") or {}, message.get("from") or {}
         if not isinstance(chat.get("id"), int):
             return None
-        return self.context(chat["id"], user.get("id") or chat["id"], user)
+        return self.context(chat, user.get("id") or chat["id"], user, message)
+
+    async def bot_username(self) -> str:
+        """The bot's username (getMe, asked once it answers): '' while Telegram cannot say."""
+        if not self.username:
+            try:
+                self.username = str((await self.telegram.telegram.call("getMe") or {}).get("username") or "")
+            except TelegramError as error:
+                log.warning("[BOT] getMe failed: %s", error.description)
+        return self.username
 
     async def on_message(self, message: dict) -> None:
         ctx = self.message_context(message)
@@ -4660,12 +4748,17 @@ class Conversation:
             return
         self.presses.pop(ctx.dialog, None)  # a press after a message is no repeat of the one before
         text = message.get("text")
-        command = parse_command(text) if isinstance(text, str) else None
-        step = (self.states.get(ctx.dialog) or {}).get("step")
         private = (message.get("chat") or {}).get("type") == "private"
+        bot = "" if private else await self.bot_username()
+        command = parse_command(text, bot) if isinstance(text, str) else None
+        step = (self.states.get(ctx.dialog) or {}).get("step")
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
+        elif fits_sqlite_integer(message.get("migrate_to_chat_id")):  # (queued messages follow: TelegramClient.call)
+            await self.generations.move_chat(ctx.chat_id, message["migrate_to_chat_id"])
+        elif not (private or command or for_the_bot(message, bot)):
+            return  # group chatter, or another bot's command: not ours to answer
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
@@ -4676,7 +4769,7 @@ class Conversation:
             await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.prompts.take(ctx, text, message.get("message_id"))
-        elif step == "prompt" or private:  # in a private chat any text is a description (group chatter is not)
+        elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
             await self.prompts.draw(ctx, text, message.get("message_id"))
         else:
             await self.send_hint(ctx)
@@ -4687,12 +4780,17 @@ class Conversation:
             await self.prompts.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
-        user = query.get("from") or {}
-        chat_id = ((query.get("message") or {}).get("chat") or {}).get("id") or user.get("id")
-        ctx = self.context(chat_id, user.get("id") or 0, user, str(query.get("id", "")))
-        message_id = (query.get("message") or {}).get("message_id")
+        user, pressed = query.get("from") or {}, query.get("message") or {}
+        chat = pressed["chat"] if (pressed.get("chat") or {}).get("id") else {"id": user.get("id")}
+        requester = pressed.get("reply_to_message") or {}  # in a group, our messages reply to the requester's
+        ctx = self.context(chat, user.get("id") or 0, user, requester, str(query.get("id", "")))
+        message_id = pressed.get("message_id")
         ctx.message_id = message_id if isinstance(message_id, int) and fits_sqlite_integer(message_id) else 0
-        ctx.photo = photo_to_edit(query.get("message") or {})[0]
+        ctx.photo = photo_to_edit(pressed)[0]
+        owner = requester.get("from") or {}
+        if ctx.placement and owner.get("id") not in (None, ctx.user_id):  # a member's picture: theirs to steer
+            name = shorten(str(owner.get("first_name", "")), 64)  # (a pop-up holds 200 characters)
+            return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=name), alert=True)
         data = query.get("data")
         ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
         self.presses[ctx.dialog] = ctx.message_id, data
@@ -4701,7 +4799,7 @@ class Conversation:
         verb, _, argument = data.partition(":") if isinstance(data, str) else ("", "", "")
         handler = self.buttons.get(verb)
         try:
-            if handler is not None and isinstance(chat_id, int) and ctx.user_id:
+            if handler is not None and isinstance(ctx.chat_id, int) and ctx.user_id:
                 await handler(ctx, argument)
         finally:
             if not ctx.answered:  # every query gets an answer, forged and failing ones too
@@ -4730,7 +4828,7 @@ class Conversation:
             await self.send(ctx, key, markup, **values)
 
     async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup)
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup, **ctx.placement)
 
     # -- commands -----------------------------------------------------------
 
@@ -4750,7 +4848,7 @@ class Conversation:
             await self.set_state(ctx, None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
-        await self.telegram.send_message(ctx.chat_id, text, menu)
+        await self.telegram.send_message(ctx.chat_id, text, menu, **ctx.placement)
 
     async def on_help(self, ctx: Context, message: dict) -> None:
         await self.send(ctx, "help", main_menu(ctx.lang))
@@ -4775,7 +4873,8 @@ class Conversation:
             await self.send_hint(ctx)
             return
         values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx))
+        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
+                                         **ctx.placement)
 
     async def send_hint(self, ctx: Context) -> None:
         await self.send(ctx, "hint", main_menu(ctx.lang))
@@ -4831,15 +4930,21 @@ class Conversation:
                 return
             await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
             return
-        await self.answer(ctx)
-        status_message_id = ctx.message_id if status_message_id is None else status_message_id
-        if status_message_id:
-            await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
-                            status_keyboard(ctx.lang))
-        # The dialog ends only once the job is stored, so a press replayed after kill -9
-        # never finds the dialog over and no job to show for it.
-        await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                     status_message_id, image)
+        # A user's presses and group messages run in different queues (by user, by chat): from the check to
+        # the job the user counts as busy, so two at once never both start.
+        self.generations.starting.add(ctx.user_id)
+        try:
+            await self.answer(ctx)
+            status_message_id = ctx.message_id if status_message_id is None else status_message_id
+            if status_message_id:
+                await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
+                                status_keyboard(ctx.lang))
+            # The dialog ends only once the job is stored, so a press replayed after kill -9
+            # never finds the dialog over and no job to show for it.
+            await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
+                                         status_message_id, image)
+        finally:
+            self.generations.starting.discard(ctx.user_id)
         await self.set_state(ctx, None, keep=status_message_id)
 
     async def on_cancel_button(self, ctx: Context, argument: str) -> None:
@@ -5074,7 +5179,7 @@ class LanguageChoice:
         state = self.dialog.states.get(ctx.dialog)
         if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
             await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
-        chosen = Context(ctx.chat_id, ctx.user_id, lang, TEXTS[lang], ctx.callback_id, answered=True)
+        chosen = dataclasses.replace(ctx, lang=lang, t=TEXTS[lang])
         await self.dialog.send(chosen, "language_set", main_menu(lang))
 
 
@@ -5090,7 +5195,7 @@ class SettingsChoice:
 
     async def on_command(self, ctx: Context, message: dict) -> None:
         text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
-        await self.dialog.telegram.send_message(ctx.chat_id, text, markup)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
 
     async def on_menu_button(self, ctx: Context, argument: str) -> None:
         await self.dialog.answer(ctx)
@@ -5460,6 +5565,10 @@ def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: 
     return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
                         "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
                         (created_since, since)).fetchall()
+
+
+def jobs_move_chat(conn: sqlite3.Connection, group: int, supergroup: int) -> None:
+    conn.execute("UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group))
 
 
 def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
@@ -6322,6 +6431,7 @@ class Generations:
                                    clock, delivery_budget_s, delivery_notice_s)
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._originals: set[str] = set()  # jobs whose original file is on its way
+        self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
         self._effects: dict[str, Callable[[Job, Any], None]] = {
             SAVE.name: lambda job, effect: self.book.save(job),
@@ -6470,7 +6580,7 @@ class Generations:
 
     def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
-        refusal = self.fairness.refusal(user_id, self.book.busy(user_id))
+        refusal = self.fairness.refusal(user_id, self.book.busy(user_id) or user_id in self.starting)
         paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
         return None if paid else refusal
 
@@ -6528,6 +6638,14 @@ class Generations:
 
     async def resend(self, job: Job) -> None:
         await self.deliverer.sender.resend(job)
+
+    async def move_chat(self, group: int, supergroup: int) -> None:
+        """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
+        for job in self.jobs.values():
+            if job.chat_id == group:
+                job.chat_id = supergroup
+        with contextlib.suppress(DatabaseUnavailable):  # (logged by Database; unfinished jobs are saved again)
+            await self.book.db.write(jobs_move_chat, group, supergroup)
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
