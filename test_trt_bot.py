@@ -960,7 +960,7 @@ async def test_a_users_dialogs_in_two_chats_and_two_forum_topics_are_stored_apar
 
 async def dialogs_kept(store: trt_bot.ConversationStore, db: trt_bot.Database) -> tuple[int, int]:
     """How many dialogs the store holds in memory, and how many rows the database has."""
-    rows = await db.read(lambda conn: conn.execute("SELECT count(*) FROM dialogs").fetchone()[0])
+    rows = await db.read(lambda conn: conn.execute("SELECT count(*) FROM topic_dialogs").fetchone()[0])
     return len(store._states), rows
 
 

@@ -1736,18 +1736,16 @@ MIGRATIONS: list[list[str]] = [
     [  # 10: the Telegram file id of the photo an edit job changes ('' for a picture drawn from words)
         "ALTER TABLE jobs ADD COLUMN image TEXT NOT NULL DEFAULT ''",
     ],
-    [  # 11: dialogs by (chat, forum topic, user): each topic keeps its own (0: a chat without topics)
-        """CREATE TABLE dialogs_by_topic (
+    [  # 11: dialogs by (chat, forum topic, user) beside the table of 7, which bots before 11 go on writing
+        """CREATE TABLE topic_dialogs (
                chat_id    INTEGER NOT NULL,
                thread_id  INTEGER NOT NULL,
                user_id    INTEGER NOT NULL,
                state      TEXT NOT NULL,
                updated_at REAL NOT NULL,
                PRIMARY KEY (chat_id, thread_id, user_id))""",
-        "INSERT INTO dialogs_by_topic SELECT chat_id, 0, user_id, state, updated_at FROM dialogs",
-        "DROP TABLE dialogs",
-        "ALTER TABLE dialogs_by_topic RENAME TO dialogs",
-        "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
+        "CREATE INDEX topic_dialogs_idle ON topic_dialogs(updated_at)",
+        "INSERT INTO topic_dialogs SELECT chat_id, 0, user_id, state, updated_at FROM dialogs",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1857,7 +1855,7 @@ def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) 
 # What must outlive the database file being deleted or replaced under us: unhandled
 # updates, jobs not yet delivered, dialogs, unsent messages.  Read from the old file
 # (still open) and added to the new one; rows the new file already has are kept.
-SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("dialogs", "1"),
+SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("topic_dialogs", "1"),
                  ("outbox", "1"))
 
 
@@ -2425,7 +2423,7 @@ class ConversationStore:
         self._writes = GroupCommit(db, self._write_states)
 
     async def load(self) -> int:
-        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM dialogs WHERE updated_at > ? "
+        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM topic_dialogs WHERE updated_at > ? "
                  "ORDER BY updated_at")
         since = self.clock.time() - DIALOG_IDLE_S
         rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
@@ -2482,12 +2480,12 @@ class ConversationStore:
     def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
         for key, state, at in items:
             if state is None:
-                conn.execute("DELETE FROM dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
+                conn.execute("DELETE FROM topic_dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
             else:
-                conn.execute("""INSERT INTO dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
+                conn.execute("""INSERT INTO topic_dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
                                 DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
                              (*key, json.dumps(state, ensure_ascii=False), at))
-        conn.execute("DELETE FROM dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
+        conn.execute("DELETE FROM topic_dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
         return [None] * len(items)
 
 
