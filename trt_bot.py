@@ -1816,7 +1816,7 @@ def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
     while time.monotonic() < deadline:
         with contextlib.suppress(sqlite3.OperationalError):
             return conn.execute("PRAGMA journal_mode=WAL")
-        time.sleep(0.002)
+        time.sleep(0.002)  # on the database thread (Database._on_thread): the event loop goes on
     return conn.execute("PRAGMA journal_mode=WAL")  # the last try: its error is the one reported
 
 
