@@ -1,6 +1,6 @@
 """trt_bot: a Telegram bot that turns a text prompt into an image through Kie.ai.
 
-Quick edits: each is one place, in section 0 unless said; run ``pytest -m "not slow"`` after.
+Quick edits: each is one place, in section 0 unless said; run ``pytest -m "not slow" -n 2`` after.
    change a text     TEXTS: Russian and English side by side; then accept the copy
                      (ACCEPT_TEXTS=1 pytest -q -k the_copy_is_the_accepted_copy)
    add a model       CATALOG: one ImageModel row, its Kie inputs and credit cost as data
