@@ -1084,8 +1084,9 @@ async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_
     """Telegram has no idempotency key: a send in flight at the pause may land and be sent again by the
     successor (counted), but the woken bot must start no send, and every update must be answered."""
     faulty_tg.delay_s = 0.02  # answers take a while: sends are in flight when the pause comes
+    # A TTL long enough that a successor starved of CPU (a loaded machine) does not lapse its own lease's trust.
     env = bot_env(faulty_tg, str(tmp_path / "unused.sqlite3"), DATABASE_URL=postgres.new_database_url(),
-                  LEASE_TTL_S="2", KIE_API_KEY=KIE_KEY, KIE_API_BASE="http://127.0.0.1:9")
+                  LEASE_TTL_S="4", KIE_API_KEY=KIE_KEY, KIE_API_BASE="http://127.0.0.1:9")
     lives = Lives(fault_bots, faulty_tg, env)
     paused = lives.start()
     await paused.wait_healthy()
