@@ -49,7 +49,7 @@ async def get_json(base_url: str, path: str, **headers: str) -> dict:
 @pytest.fixture
 def lease_db(database_url):
     """A connection to a fresh database of each kind, migrated, outside any transaction."""
-    conn = trt_bot.database_dialect(trt_bot.parse_database_url(database_url)).connect(None)
+    conn = trt_bot.Database(trt_bot.parse_database_url(database_url)).dialect.connect(None)
     yield conn
     conn.close()
 
@@ -140,9 +140,9 @@ def test_a_dead_holder_in_my_pid_namespace_is_not_waited_out(lease_db):
     assert trt_bot.lease_claim(lease_db, me.owner(), 15, now=1216)[0] is True
 
 
-def open_lease(database_url: str, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.InstanceLease:
-    return trt_bot.InstanceLease(trt_bot.Database(trt_bot.parse_database_url(database_url), busy_timeout_ms=10_000),
-                                 ttl=15, clock=clock)
+def open_lease(database_url: str, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.Role:
+    return trt_bot.Role(trt_bot.Database(trt_bot.parse_database_url(database_url), busy_timeout_ms=10_000),
+                        ttl=15, clock=clock)
 
 
 def expire_the_lease(conn) -> None:
@@ -266,13 +266,13 @@ async def test_a_holder_renews_its_lease_while_shutdown_finishes_its_work_then_h
 
         await eventually(renewal_asleep)
         for _ in range(4):  # 4 s of drain, past the 3 s lease; the holder renews every second of it
-            renewed_until = holder.role.lease.expires_at
+            renewed_until = holder.role.expires_at
             await eventually(lambda: holder_clock.sleepers >= 1 and standby_clock.sleepers >= 3)
             holder_clock.advance(1.0)
-            await eventually(lambda: holder.role.lease.expires_at > renewed_until)
-            checked = standby.role.lease.last_check
+            await eventually(lambda: holder.role.expires_at > renewed_until)
+            checked = standby.role.last_check
             standby_clock.advance(1.0)
-            await eventually(lambda: standby.role.lease.last_check > checked)
+            await eventually(lambda: standby.role.last_check > checked)
             assert not standby.role.may_act()
         handler_may_end.set()
         await asyncio.wait_for(stopping, 60)
@@ -737,11 +737,12 @@ async def test_diag_token_guards_diagnostics_but_not_health(make_app, path):
         assert (await client.get("/health")).status_code == 200
 
 
-def test_histogram_buckets_are_cumulative_and_labels_escaped():
-    histogram = trt_bot.Histogram((0.1, 1.0))
+def test_histogram_buckets_are_cumulative_and_labels_escaped(monkeypatch):
+    monkeypatch.setitem(trt_bot.HISTOGRAMS, "x_seconds", ((0.1, 1.0), "h"))
+    histograms = trt_bot.new_histograms()
     for value in (0.05, 0.1, 0.5, 7.0):
-        histogram.observe(value)
-    text = trt_bot.exposition([("x_seconds", "histogram", "h", histogram.samples()),
+        trt_bot.observe(histograms, "x_seconds", value)
+    text = trt_bot.exposition([trt_bot.histogram_family("x_seconds", histograms["x_seconds"]),
                                ("y_total", "counter", "c", [("", {"m": 'a"b\\c'}, 2)])]).decode()
     assert 'x_seconds_bucket{le="0.1"} 2.0' in text and 'x_seconds_bucket{le="1.0"} 3.0' in text
     assert 'x_seconds_bucket{le="+Inf"} 4.0' in text and "x_seconds_sum 7.65" in text
@@ -753,24 +754,25 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped():
 # 14. Red flags: Telegram's pending count and a growing inbox backlog
 ###############################################################################
 
-def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once():
-    flags = trt_bot.RedFlags(pending_over=50, growth_checks=3)
+async def test_a_pending_count_over_the_limit_is_raised_once_and_cleared_once(make_app):
+    flags = (await make_app()).diagnostics
     changes = [flags.observe_pending(n) for n in (10, 51, 80, 60, 50, 40, 90)]
     assert [change and change[0] for change in changes] == [None, "raised", None, None, "cleared", None, "raised"]
-    (warning,) = flags.warnings
+    (warning,) = flags.raised.values()
     assert warning["flag"] == "pending_updates" and warning["reason"] == "Telegram holds 90 pending updates (over 50)"
     assert warning["fix"] == trt_bot.RED_FLAGS["pending_updates"][1] and warning["reason"] in changes[-1][2]
     assert changes[4][1:] == ("pending_updates", "Telegram holds 50 pending updates (at most 50)")
 
 
-def test_a_backlog_growing_check_after_check_is_raised_until_it_goes_down():
-    flags = trt_bot.RedFlags(pending_over=50, growth_checks=3)
+async def test_a_backlog_growing_check_after_check_is_raised_until_it_goes_down(make_app, monkeypatch):
+    monkeypatch.setattr(trt_bot, "BACKLOG_GROWTH_FLAG_CHECKS", 3)
+    flags = (await make_app()).diagnostics
     backlogs = (0, 5, 10, 20, 30, 30, 40, 35, 36, 37, 0)
     changes = [flags.observe_backlog(n) for n in backlogs]
     assert [change and change[0] for change in changes] == [None, None, None, "raised", None, None, None, "cleared",
                                                             None, None, None]
     assert changes[3][2].startswith("the inbox backlog grew at 3 checks in a row, to 20 updates; the workers do not")
-    assert changes[7][2] == "the inbox backlog is going down (35 updates)" and flags.warnings == []
+    assert changes[7][2] == "the inbox backlog is going down (35 updates)" and not flags.raised
 
 
 async def health_of(app) -> dict:

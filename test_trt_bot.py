@@ -2230,8 +2230,8 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     assert await ingest(updates[0]) == trt_bot.Admitted()
     assert await ingest(updates[0]) == trt_bot.Duplicate()
     assert await ingest(updates[1]) == trt_bot.Rejected(trt_bot.RejectReason.MEMORY_FULL)
-    pipeline.mode = trt_bot.Role(trt_bot.InstanceLease(db, 15), db)
-    pipeline.mode.lease.answered = True  # the lease was claimed: another instance holds it
+    pipeline.mode = trt_bot.Role(db, 15)
+    pipeline.mode.answered = True  # the lease was claimed: another instance holds it
     assert await ingest(updates[2]) == trt_bot.Rejected(trt_bot.RejectReason.PASSIVE)
     await pipeline.stop(grace=0)
     assert await ingest(updates[3]) == trt_bot.Rejected(trt_bot.RejectReason.SHUTTING_DOWN)

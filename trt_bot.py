@@ -1618,27 +1618,65 @@ class HttpServer:
 ###############################################################################
 # 5. Storage
 #    Owns the database: the schema and its versions, the one thread every
-#    query runs on, the two dialects (a SQLite file, noticed when deleted or
-#    replaced under it; a PostgreSQL server shared by instances), group
-#    commits, the update inbox and conversation state.
+#    query runs on, the two dialects, group commits, the update inbox,
+#    dialogs and choices, and the credits ledger.
+#
+# Theory of operation (storage and the lease; the lease's code is in section 14)
+#
+# Tables.  inbox: every update by update_id, done_at set once handled (kept INBOX_KEEP_DONE_S so a redelivery is
+# known); outbox: the dialog's replies not yet taken by Telegram; jobs: a generation's row, saved as its state
+# changes; credits: the Stars ledger, a row per change keyed by its cause ("paid:<charge>", "spent:<job>"...),
+# so doing a change twice writes a key that exists; topic_dialogs, user_languages, user_settings, users; lease.
+# What is durable when: an update is committed to the inbox before its 200 is sent (else Telegram keeps it and
+# sends it again); a handler's replies are in the outbox before its update's done mark (both with group commits:
+# one transaction and one fsync for many acks).
+#
+# Dialects.  A SQLite file (the default): WAL mode, synchronous=FULL, written under BEGIN IMMEDIATE, every commit
+# vouched for by the file's inode: a file deleted or replaced under the bot is reopened, and the rows only the
+# lost one held (unhandled updates, open jobs, dialogs, the outbox) copied into the new one.  PostgreSQL when
+# DATABASE_URL says postgresql://: shared by instances on several hosts, the same SQL (? becomes %s), READ
+# COMMITTED, the lease on the server's clock.  MIGRATIONS only add (a table, an index, a column with a default),
+# so the bot before runs on the new schema during a deploy or a rollback; a change it could not live with
+# writes its version into schema_readers, and older bots refuse to start on it.
+#
+# The lease.  One process on a database acts: it handles updates, sends and runs jobs; the others are passive
+# (they acknowledge updates into the inbox for it).  Role.may_act() is the only answer: this process claimed the
+# lease row, and trusts it for 2/3 of the TTL after the claim was *sent*, on the monotonic clock; the row expires
+# a TTL after the claim, so a holder paused or cut off stops acting before another may take over.  The holder
+# renews every TTL/3; a passive instance claims every PASSIVE_RETRY_S and peeks every LEASE_PEEK_S, taking over
+# at once from a holder that released the lease or is provably gone (kill -9: its pid no longer runs, in our PID
+# namespace and boot), else after the row expires (SIGSTOP, another host).  Every Bot API send must end within
+# the trust left (fencing), so a woken holder sends nothing; its next claim finds another holder, it forgets the
+# stored work, and its running handlers' results are void.  Taking over loads the dialogs, then the outbox and
+# the jobs; replies of updates not marked done are dropped, as those updates are handled again.
+#
+# The database going down: Database.ok turns False, the error is logged once, and every call raises
+# DatabaseUnavailable at once.  Updates are then acknowledged from memory, dialogs and replies held there
+# (degraded, /health says so), by the holder while its lease is trusted (its claims fail meanwhile: another
+# instance may still reach the database) or by a process that never reached one; a passive one answers 503.
+# The database is reopened every DB_RETRY_S; back, the lease is claimed first, then what memory queued is
+# written.  A row the database refuses (RowRejected) fails alone, and is not retried.
+#
+# A kill -9 ... before an update's commit: no 200, Telegram sends it again.  After it: the next holder handles
+# the update from the inbox, in order per chat; a reply may go twice if the kill came between its send and the
+# update's done mark.  Mid-job: the job row resumes where it stood; credits spent on a job that ended without a
+# picture are returned at the next start (ledger_unreturned).  A lost commit never counts: nothing is reported
+# written before COMMIT returns.
 ###############################################################################
 
 # Longer than this counts as "locked too long": the write fails and the ack goes to memory (degraded).
 # The webhook's ack budget is ~100 ms; SQLite's busy handler retries within it, so another process holding
 # the lock for a few tens of milliseconds is waited out.
 SQLITE_BUSY_TIMEOUT_MS = 100
-# FULL: every commit is fsynced before it is reported, so an acknowledged update
-# survives an OS crash or power loss too, not only the process being killed
-# (NORMAL in WAL mode).  Group commit shares one fsync among concurrent acks;
-# bench/durability.py measures what it costs.
+# FULL: an acknowledged update survives an OS crash or power loss too, not only a kill (NORMAL would not, in WAL
+# mode); bench/durability.py measures what the fsync per commit costs.
 SQLITE_SYNCHRONOUS = "FULL"
 INBOX_KEEP_DONE_S = 26 * 3600  # Telegram redelivers for up to 24 h; keep ids to drop duplicates
 
-# Each entry upgrades the schema by one version (SQLite's PRAGMA user_version,
-# PostgreSQL's schema_version table).  Append new versions; never edit a released
-# one.  Types INTEGER, REAL, TEXT, BLOB only: PostgreSQL gets them translated.  Additive only (a table, an
-# index, a column with a default), so the bot before runs on it (a deploy's old instance, a rollback); a change
-# it could not live with adds "INSERT INTO schema_readers(oldest) VALUES (<its version>)": older bots refuse it.
+# Each entry upgrades the schema by one version (SQLite's PRAGMA user_version, PostgreSQL's schema_version table).
+# Append new versions, additive only (see above); never edit a released one.  Types INTEGER, REAL, TEXT, BLOB
+# only: PostgreSQL gets them translated.  A change older bots could not live with adds
+# "INSERT INTO schema_readers(oldest) VALUES (<its version>)".
 MIGRATIONS: list[list[str]] = [
     [  # 1: the update inbox, conversation state, users
         """CREATE TABLE inbox (
@@ -1756,11 +1794,7 @@ class DatabaseUnavailable(TrtError):
 
 
 class RowRejected(TrtError):
-    """The database refused a row for what it holds (a number out of range, text it cannot encode).
-
-    The database is fine and the rest of the batch is written; writing the
-    same row again would fail again, so it is not retried.
-    """
+    """The database refused a row for what it holds (a number out of range, text it cannot encode); it is fine."""
 
 
 SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
@@ -1772,12 +1806,8 @@ def fits_sqlite_integer(value: object) -> bool:
 
 
 def file_identity(path: str) -> tuple | None:
-    """(st_dev, st_ino) of the database file and its -wal and -shm; None for ``:memory:``.
-
-    SQLite writes through the handles it opened, so a file deleted or replaced
-    on disk goes on taking commits that no restart will see.  A changed
-    identity is how that is noticed.
-    """
+    """(st_dev, st_ino) of the database file and its -wal and -shm (None for ``:memory:``): a changed identity
+    is how a file deleted or replaced under the bot is noticed."""
     if path == ":memory:":
         return None
     return tuple(_inode(path + suffix) for suffix in DATABASE_FILE_SUFFIXES)
@@ -1821,9 +1851,7 @@ def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
 
 
 def migrate(conn: Any, dialect: SqliteFile | PostgresServer) -> None:
-    """In a transaction, apply the dialect's ``migrations`` the schema lacks (a newer schema is left as it is).
-
-    ``dialect`` says how the version is kept, how the DDL is spelled and what makes racing migrations wait.
+    """In a transaction, apply the dialect's ``migrations`` the schema lacks (a newer schema is left as it is);
     TrtError when the stored schema needs a bot that knows a newer version."""
     known = len(dialect.migrations)
     version = dialect.schema_version(conn)
@@ -1852,15 +1880,10 @@ def in_transaction(conn: Any, dialect: Any, fn: Callable[..., Any], *args: Any) 
     return result
 
 
-# What must outlive the database file being deleted or replaced under us: unhandled
-# updates, jobs not yet delivered, dialogs, unsent messages.  Read from the old file
-# (still open) and added to the new one; rows the new file already has are kept.
+# What must outlive the database file being deleted or replaced under us, read from the old file (still open);
+# rows the new file already has are kept.
 SALVAGED_ROWS = (("inbox", "done_at IS NULL"), ("jobs", "state != 'delivered'"), ("topic_dialogs", "1"),
                  ("outbox", "1"))
-
-
-def salvage_rows(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
-    return {table: conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchall() for table, where in SALVAGED_ROWS}
 
 
 def restore_rows(conn: sqlite3.Connection, salvage: dict[str, list[tuple]]) -> int:
@@ -1872,19 +1895,11 @@ def restore_rows(conn: sqlite3.Connection, salvage: dict[str, list[tuple]]) -> i
 
 
 class SqliteFile:
-    """The SQLite dialect: one file on this host, in WAL mode, written under BEGIN IMMEDIATE.
-
-    SQLite writes through the handles it opened, so a file deleted or replaced
-    on disk would go on taking commits no restart will see: every commit is
-    vouched for by the file's identity, and when a reopen finds another file,
-    what only the lost one held is copied into it.  The processes sharing the
-    file share this host's clock, so the lease runs on the callers' clock.
-    """
+    """The SQLite dialect: one file on this host (see the essay above)."""
 
     begin = "BEGIN IMMEDIATE"
-    # Errors about the values of a row, not about the database.  Anything else
-    # from SQLite (locked, disk I/O, read-only, full, not a database) makes the
-    # database unusable until it is reopened.
+    # Errors about the values of a row, not about the database.  Anything else from SQLite (locked, disk I/O,
+    # read-only, full, not a database) makes the database unusable until it is reopened.
     row_errors = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
                   ValueError, OverflowError, TypeError)
     failures = (sqlite3.Error,)
@@ -1940,17 +1955,15 @@ class SqliteFile:
 
     def _read_salvage(self, conn: sqlite3.Connection) -> dict[str, list[tuple]]:
         try:
-            return salvage_rows(conn)
+            return {table: conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()
+                    for table, where in SALVAGED_ROWS}
         except sqlite3.Error as error:
             log.error("[DB] the lost database file cannot be read any more (%s); what only it held is gone", error)
             return {}
 
     def _remove_stale_companions(self) -> None:
-        """Delete a -wal or -shm left by the lost file (another process on it keeps them alive).
-
-        Paired with a new file at ``path``, SQLite would take the old file's
-        pages for the new one's: corruption.
-        """
+        """Delete a -wal or -shm the lost file left (another process on it keeps them alive): paired with a new
+        file at ``path``, SQLite would take the old file's pages for the new one's."""
         for suffix, identity in zip(DATABASE_FILE_SUFFIXES[1:], self._identity[1:]):  # type: ignore[index]
             if identity is not None and _inode(self.path + suffix) == identity:
                 os.unlink(self.path + suffix)
@@ -1958,12 +1971,10 @@ class SqliteFile:
 
 # -- PostgreSQL: the same SQL, spelled for psycopg --------------------------------
 
-# Set unless DATABASE_URL sets them.  An unreachable server is reported within
-# connect_timeout; one that stops answering without closing the connection (a
-# dead host, a dropped route) is noticed within seconds by the keepalives and
-# tcp_user_timeout, not after the kernel's two hours, so writes fail over to
-# memory instead of hanging.  A transaction a paused process left open ends
-# after 5 s: its row locks must not hold up the instance taking over.
+# Set unless DATABASE_URL sets them.  A server that stops answering without closing the connection (a dead host,
+# a dropped route) is noticed within seconds by the keepalives and tcp_user_timeout, not after the kernel's two
+# hours, so writes fail over to memory instead of hanging.  A transaction a paused process left open ends after
+# 5 s: its row locks must not hold up the instance taking over.
 POSTGRES_CONNECTION_DEFAULTS = {
     "connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
     "keepalives_count": "2", "tcp_user_timeout": "5000", "application_name": "trt_bot",
@@ -1995,11 +2006,8 @@ def _postgres_params(params: Iterable[Any]) -> list[Any]:
 
 
 class PostgresConnection:
-    """A psycopg connection that takes the storage functions' SQL (``?`` placeholders) as they are.
-
-    It runs in autocommit mode: transactions are the explicit BEGIN ... COMMIT
-    of ``in_transaction``, reads outside one see the latest commits.
-    """
+    """A psycopg connection that takes the storage functions' SQL (``?`` placeholders) as they are, in autocommit
+    mode: transactions are ``in_transaction``'s explicit BEGIN ... COMMIT."""
 
     def __init__(self, conn: Any, programming_error: type[Exception]):
         self._conn = conn
@@ -2032,13 +2040,10 @@ class PostgresConnection:
 
 
 class PostgresServer:
-    """The PostgreSQL dialect: a server every instance shares, reached through psycopg 3.
+    """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed).
 
-    psycopg is imported only here, so SQLite alone needs nothing installed.
-    Transactions run at READ COMMITTED: the inbox's duplicate check is its
-    unique key (a second insert of an update_id waits for the first and then
-    does nothing) and the lease is a compare-and-set (see ``lease_claim``).
-    Time for the lease comes from the server, so hosts' clocks never disagree.
+    At READ COMMITTED the inbox's duplicate check is its unique key (a second insert of an update_id waits for
+    the first, then does nothing) and the lease a compare-and-set (``lease_claim``).
     """
 
     begin = "BEGIN"
@@ -2095,30 +2100,17 @@ class PostgresServer:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
-def database_dialect(location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-                     migrations: list = MIGRATIONS) -> SqliteFile | PostgresServer:
-    """The dialect for parse_database_url's answer: a PostgreSQL URL or a SQLite file's path."""
-    if location.startswith(POSTGRES_SCHEMES):
-        return PostgresServer(location, migrations)
-    return SqliteFile(location, busy_timeout_ms, migrations)
-
-
 class Database:
-    """The one database connection, used only from its own thread.
-
-    Every query runs on that thread, so the event loop never waits on the disk,
-    the network or a lock.  ``write`` runs a function inside one transaction;
-    ``read`` runs it outside one.  ``dialect`` is what differs between SQLite
-    and PostgreSQL; storage functions call only ``conn.execute`` and
-    ``conn.executemany`` and work on both.  When the database fails, or its
-    dialect can no longer vouch for it, ``ok`` turns False, the error is logged
-    once, and callers get DatabaseUnavailable until ``open`` succeeds again
-    (calls already queued fail at once, without waiting on a lock).  A row the
-    database refuses raises RowRejected and leaves the database usable.
+    """The one database connection, used only from its own thread, so the event loop never waits on the disk, the
+    network or a lock.  ``write`` runs ``fn(conn, *args)`` inside one transaction, ``read`` outside one; storage
+    functions call only ``conn.execute`` and ``conn.executemany`` and work on both dialects.
     """
 
     def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
-        self.dialect = database_dialect(location, busy_timeout_ms, migrations)
+        # parse_database_url's answer: a PostgreSQL URL or a SQLite file's path
+        self.dialect: SqliteFile | PostgresServer = (PostgresServer(location, migrations)
+                                                     if location.startswith(POSTGRES_SCHEMES)
+                                                     else SqliteFile(location, busy_timeout_ms, migrations))
         self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
         self.ok = False
         self.last_error = "not opened yet"
@@ -2137,31 +2129,24 @@ class Database:
     async def verify(self) -> bool:
         """Whether the database is still there and still the one written; if not, it turns unusable."""
         try:
-            await self._call(self.dialect.check)
+            await self.read(self.dialect.check)
         except DatabaseUnavailable:
             return False
         return True
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self._call(in_transaction, self.dialect, fn, *args)
+        return await self.read(in_transaction, self.dialect, fn, *args)
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self._call(fn, *args)
-
-    def server_time(self, conn: Any) -> float | None:
-        """Now by the database server's clock, on the database thread; None when it has no clock of its own."""
-        return self.dialect.server_time(conn)
+        if not self.ok:  # calls already queued fail at once too, without waiting on a lock
+            raise DatabaseUnavailable(self.last_error)
+        return await self._on_thread(self._with_connection, fn, *args)
 
     async def close(self) -> None:
         try:
             await self._on_thread(self._close)
         finally:
             self._thread.shutdown(wait=False)
-
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if not self.ok:
-            raise DatabaseUnavailable(self.last_error)
-        return await self._on_thread(self._with_connection, fn, *args)
 
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -2387,16 +2372,12 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-def store_language_choice(conn: sqlite3.Connection, user_id: int, lang: str) -> None:
-    conn.execute("""INSERT INTO user_languages(user_id, lang, chosen_at) VALUES (?,?,?)
-                    ON CONFLICT(user_id) DO UPDATE SET lang=excluded.lang, chosen_at=excluded.chosen_at""",
-                 (user_id, lang, time.time()))
-
-
-def store_user_settings(conn: sqlite3.Connection, user_id: int, settings: dict) -> None:
-    conn.execute("""INSERT INTO user_settings(user_id, settings, updated_at) VALUES (?,?,?)
-                    ON CONFLICT(user_id) DO UPDATE SET settings=excluded.settings, updated_at=excluded.updated_at""",
-                 (user_id, json.dumps(settings, ensure_ascii=False), time.time()))
+def store_choice(conn: sqlite3.Connection, table: str, user_id: int, value: str) -> None:
+    """A user's /language (``table`` user_languages) or /settings (user_settings, a JSON object)."""
+    column, at = ("lang", "chosen_at") if table == "user_languages" else ("settings", "updated_at")
+    conn.execute(f"""INSERT INTO {table}(user_id, {column}, {at}) VALUES (?,?,?)
+                     ON CONFLICT(user_id) DO UPDATE SET {column}=excluded.{column}, {at}=excluded.{at}""",
+                 (user_id, value, time.time()))
 
 
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
@@ -2408,10 +2389,8 @@ DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user
 class ConversationStore:
     """Each open dialog by (chat, forum topic, user), each user's language and /settings: in memory, written through.
 
-    Reads never touch the database (so /start needs none).  A write that fails
-    (database down, a value it refuses) is logged and kept in memory:
-    the dialog goes on, it just would not survive a restart.  Dialogs are kept
-    in the order last written, so the abandoned ones are found first and go.
+    Reads never touch the database (so /start needs none).  A write that fails is logged and kept in memory: the
+    dialog goes on, it would just not survive a restart.  Dialogs are in the order last written: abandoned ones first.
     """
 
     def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK):
@@ -2444,7 +2423,7 @@ class ConversationStore:
 
     async def set_language(self, user_id: int, lang: str) -> None:
         self._languages[user_id] = lang
-        await self._store_choice(store_language_choice, user_id, lang)
+        await self._store_choice("user_languages", user_id, lang)
 
     def settings(self, user_id: int) -> dict:
         """The user's /settings; {} if they never chose any."""
@@ -2452,11 +2431,11 @@ class ConversationStore:
 
     async def set_settings(self, user_id: int, settings: dict) -> None:
         self._settings[user_id] = settings
-        await self._store_choice(store_user_settings, user_id, settings)
+        await self._store_choice("user_settings", user_id, json.dumps(settings, ensure_ascii=False))
 
-    async def _store_choice(self, store: Callable[..., None], user_id: int, value: Any) -> None:
+    async def _store_choice(self, table: str, user_id: int, value: str) -> None:
         try:
-            await self.db.write(store, user_id, value)
+            await self.db.write(store_choice, table, user_id, value)
         except DatabaseUnavailable:
             pass  # Database logged why; the choice holds in memory until a restart
         except RowRejected as error:
@@ -6405,7 +6384,7 @@ class Generations:
     """
 
     def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
-                 http: httpx.AsyncClient, *, on_finished: Callable[[Job, float], None] = lambda job, seconds: None,
+                 http: httpx.AsyncClient, *, on_finished: Callable[[float], None] = lambda seconds: None,
                  clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
                  delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Role | None = None):
         self.config = config
@@ -6481,7 +6460,7 @@ class Generations:
     def _finish(self, job: Job, effect: Finish) -> None:
         self.book.finished[effect.outcome] += 1
         if effect.outcome != "cancelled":  # how long Kie took: a cancelled job never said
-            self.on_finished(job, effect.seconds)
+            self.on_finished(effect.seconds)
         log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, effect.seconds, f" ({job.error})" if job.error else "")
 
     def _alert(self, job: Job, effect: Alert) -> None:
@@ -7062,10 +7041,8 @@ PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an ex
 # How often a passive instance looks (a read, no lock) whether the lease was released or its holder has
 # provably exited: a holder stopping on SIGTERM hands over this fast; the claims, writes, stay a second apart.
 LEASE_PEEK_S = 0.1
-SETUP_RETRY_MAX_S = 60.0  # webhook and command-menu set-up retry with backoff up to this
-POLL_RETRY_MAX_S = 30.0  # a failing getUpdates is asked again with backoff up to this
 # Bot API calls the bot cannot work without: tried until they succeed, 1, 2, 4 ... 60 s apart.
-UNTIL_DONE = RetryPolicy(cap_s=SETUP_RETRY_MAX_S, retry_on=(TelegramError,), jittered=False)
+UNTIL_DONE = RetryPolicy(cap_s=60.0, retry_on=(TelegramError,), jittered=False)
 PENDING_UPDATES_FLAG_OVER = 50  # Telegram holding more: it cannot reach us, or we acknowledge too slowly
 BACKLOG_GROWTH_FLAG_CHECKS = 6  # the inbox backlog grew at this many checks in a row: workers do not keep up
 RED_FLAG_CHECK_S = 10.0  # how often the backlog is sampled; 6 checks span two of the pipeline's recounts
@@ -7080,12 +7057,8 @@ LOOP_BEAT_S, LOOP_LAG_FAIL_S = 1.0, 5.0
 # -- webhook and command-menu set-up, long polling -----------------------------
 
 def plan_webhook(info: dict, url: str, allowed_updates: list[str], flush_over: int) -> tuple[str, str]:
-    """What ensure_webhook should do: ('keep' | 'set' | 'flush', why, with the counts).
-
-    Only the size of the backlog decides a flush.  ``last_error_message`` does
-    not: Telegram keeps reporting the last error long after a deploy gap has
-    passed, and the updates users sent during that gap are worth keeping.
-    """
+    """What ensure_webhook should do: ('keep' | 'set' | 'flush', why, with the counts).  Only the backlog's size
+    decides a flush: Telegram reports the last error long after a deploy gap, whose updates are worth keeping."""
     pending = info.get("pending_update_count") or 0
     last_error = info.get("last_error_message") or ""
     if flush_over >= 0 and pending > flush_over:
@@ -7130,11 +7103,7 @@ def _command_pairs(commands: Any) -> list[tuple[Any, Any]]:
 
 
 async def ensure_commands(telegram: TelegramClient) -> list[str]:
-    """Make the command menu match COMMAND_MENUS; returns the languages it had to set.
-
-    Each language's menu is read first and set only when it differs, so a
-    restart changes nothing Telegram already has.
-    """
+    """Make the command menu match COMMAND_MENUS, setting only the languages whose menu differs (returned)."""
     changed = []
     for language, commands in COMMAND_MENUS.items():
         scope = {"language_code": language} if language else {}
@@ -7145,115 +7114,73 @@ async def ensure_commands(telegram: TelegramClient) -> list[str]:
     return changed
 
 
-Spawn = Callable[[Awaitable[None], str], None]  # runs a coroutine as a named task the App cancels at shutdown
+async def until_done(what: str, attempt: Callable[[], Awaitable[Any]], telegram: TelegramClient, clock: Clock,
+                     failing: dict[str, str]) -> Any:
+    """A Bot API step the bot cannot work without, tried until it succeeds; ``failing`` holds its latest error
+    meanwhile (a red flag)."""
+
+    def report(error: Exception, retry: int, wait: float) -> None:
+        failing[what] = str(error)
+        level = logging.DEBUG if telegram.trouble else logging.ERROR  # its red flag says it once
+        log.log(level, "[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
+
+    result = await call_with_retries(attempt, UNTIL_DONE, clock=clock, on_retry=report)
+    failing.pop(what, None)
+    return result
 
 
-class BotSetUp:
-    """The webhook and the command menu made to match ours, once, when this process first becomes active.
+async def long_poll(telegram: TelegramClient, pipeline: UpdatePipeline, role: Role, clock: Clock,
+                    poll_timeout: float) -> None:
+    """Polling mode: delete the webhook (Telegram refuses getUpdates while one is set), then, while active, poll
+    getUpdates into the same inbox the webhook feeds, for the life of the process."""
+    # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
+    policy = dataclasses.replace(UNTIL_DONE, cap_s=30.0, transient=lambda error: role.may_act())
 
-    Each step runs in the background (a task handed to ``spawn``) until it
-    succeeds: start-up never waits for the Bot API.
-    """
-
-    def __init__(self, config: Config, telegram: TelegramClient, spawn: Spawn, clock: Clock = SYSTEM_CLOCK,
-                 reconcile_payments: Callable[[], Awaitable[None]] | None = None):
-        self.config = config
-        self.telegram = telegram
-        self.spawn = spawn
-        self.clock = clock
-        self.reconcile_payments = reconcile_payments
-        self.started = False
-        self.failing: dict[str, str] = {}  # a step -> its latest error, while it keeps failing (a red flag)
-
-    def start(self) -> None:
-        if self.started:
-            return
-        self.started = True
-        self.spawn(self._webhook_then_payments(), "webhook-setup")
-        self.spawn(self._set_up("COMMANDS", lambda: ensure_commands(self.telegram)), "commands-setup")
-
-    async def _webhook_then_payments(self) -> None:
-        if self.config.bot_mode == "webhook":
-            await self._set_up("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config))
-        if self.reconcile_payments is not None:  # at start, after any flush of the backlog that dropped a payment
-            await self._set_up("STARS", self.reconcile_payments)
-
-    async def _set_up(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
-        """Run a set-up step against the Bot API until it succeeds."""
-
-        def report(error: Exception, retry: int, wait: float) -> None:
-            self.failing[what] = str(error)
-            level = logging.DEBUG if self.telegram.trouble else logging.ERROR  # its red flag says it once
-            log.log(level, "[%s] set-up failed (%s); retrying in %.0fs", what, error, wait)
-
-        await call_with_retries(attempt, UNTIL_DONE, clock=self.clock, on_retry=report)
-        self.failing.pop(what, None)
-
-
-class LongPolling:
-    """Polling mode: getUpdates long polling into the same inbox the webhook feeds, only while active."""
-
-    def __init__(self, telegram: TelegramClient, pipeline: UpdatePipeline, role: Role, clock: Clock = SYSTEM_CLOCK,
-                 poll_timeout: float = POLL_TIMEOUT_S):
-        self.telegram = telegram
-        self.pipeline = pipeline
-        self.role = role
-        self.clock = clock
-        self.poll_timeout = poll_timeout
-        # Backs off 1, 2, 4 ... 30 s while getUpdates fails; stops retrying when the instance turns passive.
-        self.retry = dataclasses.replace(UNTIL_DONE, cap_s=POLL_RETRY_MAX_S, transient=lambda error: role.may_act())
-
-    async def run(self) -> None:
-        """Delete the webhook (Telegram refuses getUpdates while one is set), then poll for the life of the process."""
-        while not self.role.may_act():
-            await self.clock.sleep(PASSIVE_RETRY_S)
-        await call_with_retries(lambda: self.telegram.call("deleteWebhook", {"drop_pending_updates": False}),
-                                UNTIL_DONE, clock=self.clock, on_retry=self._report_delete_failure)
-        log.info("[POLL] polling getUpdates")
-        offset = None
-        while True:
-            if not self.role.may_act():
-                await self.clock.sleep(PASSIVE_RETRY_S)
-                continue
-            params = {"timeout": self.poll_timeout, "allowed_updates": ALLOWED_UPDATES}
-            if offset is not None:
-                params["offset"] = offset
-            try:
-                updates = await call_with_retries(
-                    lambda: self.telegram.call("getUpdates", params, timeout=self.poll_timeout + 10),
-                    self.retry, clock=self.clock, on_retry=self._report_poll_failure)
-            except TelegramError:
-                continue  # turned passive meanwhile
-            offset = await self._ingest(updates or [], offset)
-
-    def _report_delete_failure(self, error: Exception, retry: int, wait: float) -> None:
-        log.log(logging.DEBUG if self.telegram.trouble else logging.ERROR,  # its red flag says it once
-                "[TG] deleteWebhook failed (%s); retrying in %.0fs", error, wait)
-
-    def _report_poll_failure(self, error: Exception, retry: int, wait: float) -> None:
+    def report(error: Exception, retry: int, wait: float) -> None:
         if isinstance(error, TelegramError) and error.error_code == 409:
             log.warning("[POLL] 409 Conflict: another process polls this bot or a webhook is set; "
                         "retrying in %.0fs", wait)
         else:
-            log.log(logging.DEBUG if self.telegram.trouble else logging.WARNING,
+            log.log(logging.DEBUG if telegram.trouble else logging.WARNING,
                     "[POLL] getUpdates failed (%s); retrying in %.0fs", error, wait)
 
-    async def _ingest(self, updates: list, offset: int | None) -> int | None:
-        """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
-        for update in updates:
-            if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
-                continue
-            body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
-            try:
-                outcome = await self.pipeline.ingest(parse_update(body), body)  # checked as a webhook's
-            except HttpError as error:
-                log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
-                outcome = REJECTED[RejectReason.INVALID]
-            if isinstance(outcome, Rejected) and outcome.retry_later:
-                await self.clock.sleep(1.0)  # full: ask again later from this update on
-                break
-            offset = update["update_id"] + 1
-        return offset
+    while not role.may_act():
+        await clock.sleep(PASSIVE_RETRY_S)
+    await until_done("POLL", lambda: telegram.call("deleteWebhook", {"drop_pending_updates": False}),
+                     telegram, clock, {})
+    log.info("[POLL] polling getUpdates")
+    offset = None
+    while True:
+        if not role.may_act():
+            await clock.sleep(PASSIVE_RETRY_S)
+            continue
+        params = {"timeout": poll_timeout, "allowed_updates": ALLOWED_UPDATES}
+        if offset is not None:
+            params["offset"] = offset
+        try:
+            updates = await call_with_retries(lambda: telegram.call("getUpdates", params, timeout=poll_timeout + 10),
+                                              policy, clock=clock, on_retry=report)
+        except TelegramError:
+            continue  # turned passive meanwhile
+        offset = await ingest_polled(pipeline, clock, updates or [], offset)
+
+
+async def ingest_polled(pipeline: UpdatePipeline, clock: Clock, updates: list, offset: int | None) -> int | None:
+    """Feed a batch to the pipeline; returns the offset to ask from next (a full pipeline ends the batch)."""
+    for update in updates:
+        if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
+            continue
+        body = json.dumps(update, separators=(",", ":")).encode()  # ASCII: a lone surrogate is escaped
+        try:
+            outcome = await pipeline.ingest(parse_update(body), body)  # checked as a webhook's
+        except HttpError as error:
+            log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
+            outcome = REJECTED[RejectReason.INVALID]
+        if isinstance(outcome, Rejected) and outcome.retry_later:
+            await clock.sleep(1.0)  # full: ask again later from this update on
+            break
+        offset = update["update_id"] + 1
+    return offset
 
 
 # -- role: the lease that makes one process on a database the active one --------
@@ -7263,12 +7190,8 @@ PID_MAX_LIMIT = 4_194_304  # Linux's ceiling for pid_max; a larger "pid" is garb
 
 @dataclasses.dataclass(frozen=True)
 class ProcessIdentity:
-    """Who holds the lease, written so another process can tell whether it has exited.
-
-    A pid means something only inside its PID namespace and until the machine
-    reboots, and pids are reused: so the identity carries the namespace, the
-    boot and the process's start time (empty when /proc cannot tell them).
-    """
+    """Who holds the lease, so another process can tell whether it has exited: a pid means something only in its
+    PID namespace until a reboot, and is reused, so the namespace, boot and start time go with it ('' if unknown)."""
 
     host: str
     pid: int
@@ -7296,10 +7219,7 @@ PidProbe = Callable[[int], tuple[bool, str]]
 
 
 def probe_pid(pid: int) -> tuple[bool, str]:
-    """(runs, start time) of ``pid`` in this PID namespace; the start time is "" when unreadable.
-
-    A zombie has exited: it only waits for its parent to reap it.
-    """
+    """(runs, start time) of ``pid`` in this PID namespace (a zombie has exited); start time "" when unreadable."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -7335,13 +7255,9 @@ def current_process_identity(instance: str) -> ProcessIdentity:
 
 
 def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
-    """Whether the process that wrote ``holder`` has provably exited, judged by the process ``me``.
-
-    Only a holder in my own PID namespace during this boot can be judged:
-    gone when its pid no longer runs or now runs a process started at
-    another time.  Any other holder may be alive: it is waited out until its
-    lease expires (two containers on one host can both be pid 1).
-    """
+    """Whether the process that wrote ``holder`` has provably exited, judged by ``me``: only one in my PID namespace
+    during this boot can be (its pid gone, or a process started at another time).  Any other may be alive: two
+    containers on one host can both be pid 1."""
     theirs, mine = ProcessIdentity.parse(holder), ProcessIdentity.parse(me)
     if theirs is None or mine is None or not mine.pid_namespace or not mine.boot_id:
         return False
@@ -7358,11 +7274,8 @@ def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
                 probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
     """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
 
-    The write is a compare-and-set: it happens only if the row is still the
-    one read.  SQLite's BEGIN IMMEDIATE already lets one writer in at a time;
-    on PostgreSQL (READ COMMITTED) two instances may read the same expired
-    row, and the upsert's row lock lets the second see the first's win and
-    write nothing.  A holder that may be alive keeps its lease until it expires.
+    A compare-and-set: on PostgreSQL (READ COMMITTED) two instances may read the same expired row, and the
+    upsert's row lock lets the second see the first's win and write nothing.
     """
     row = conn.execute(LEASE_ROW).fetchone()
     if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
@@ -7395,20 +7308,17 @@ def iso_utc(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else None
 
 
-class InstanceLease:
-    """Which process on this database is the active one, decided by a lease row.
+# The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
+HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
 
-    ``claim()`` takes the lease if it is free or expired and renews it if it is ours; it never takes a holder's that
-    may be alive.  The holder renews every third of the TTL; others claim every PASSIVE_RETRY_S and peek every
-    LEASE_PEEK_S, so a released lease, or a holder's provably gone (see ``lease_owner_is_gone``), changes hands
-    within LEASE_PEEK_S, and a dead holder's that may be alive within the TTL and a second.
 
-    Fencing: the row expires a TTL after the claim by the server's clock; the holder trusts it for two thirds
-    of the TTL after it *sent* the claim, by its own monotonic clock (``trust_left``), so a process paused
-    or cut off from the database stops acting before another can take over.
+class Role:
+    """The one answer to "may this instance act now?" (``may_act``: nobody keeps a copy), the lease that gives it
+    (section 5's essay), and taking up or letting go the stored work as the lease is won or lost.  Without a
+    database (``Role()``, a part on its own) it always acts.
     """
 
-    def __init__(self, db: Database, ttl: float, clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, db: Database | None = None, ttl: float = 0.0, clock: Clock = SYSTEM_CLOCK):
         self.db, self.ttl, self.clock = db, ttl, clock
         self.owner = current_process_identity(secrets.token_hex(4)).owner()
         self.held = False  # the last claim's answer
@@ -7417,10 +7327,30 @@ class InstanceLease:
         self.expires_at = self.last_check = 0.0
         self.answered = False  # a claim got an answer (held or not)
         self._trusted_until = -math.inf  # monotonic
+        self.holding, self.handovers = False, 0  # holding: the stored work is taken up in memory
+        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
+
+    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: Callable[[], None],
+              wake: Callable[[], None]) -> None:
+        self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
     def trust_left(self) -> float:
         """Seconds this process may still act on the lease (0 when it does not hold it, or may have lost it)."""
         return max(0.0, self._trusted_until - self.clock.monotonic()) if self.held else 0.0
+
+    def acting_left(self) -> float:
+        """Seconds this instance may still act, by its monotonic clock: every send must end within them.  Until a
+        claim is first answered, a database never usable shares nothing: this instance serves from memory."""
+        if self.db is None or not (self.answered or self.db.ok):
+            return math.inf
+        return self.trust_left() if self.holding else 0.0
+
+    def may_act(self) -> bool:
+        return self.acting_left() > 0
+
+    def void(self) -> bool:
+        """Whether the running handler began where it might not act, or before the last hand-over."""
+        return HANDLING_SINCE.get() not in (None, self.handovers)
 
     async def wait_for_turn(self) -> None:
         """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
@@ -7432,7 +7362,7 @@ class InstanceLease:
         while self.clock.monotonic() < due:
             await self.clock.sleep(min(LEASE_PEEK_S, due - self.clock.monotonic()))
             try:
-                holder = await self.db.read(lease_holder)
+                holder = await self.db.read(lease_holder)  # type: ignore[union-attr]
             except DatabaseUnavailable:
                 continue  # the claim, when due, reports it
             if holder is None or lease_owner_is_gone(holder, self.owner, probe_pid):
@@ -7443,7 +7373,7 @@ class InstanceLease:
         None if the database is unusable."""
         sent = self.clock.monotonic()
         try:
-            held, holder, expires_at, ours_before = await self.db.write(self._claim, self.clock.time())
+            held, holder, expires_at, ours_before = await self.db.write(self._claim, self.clock.time())  # type: ignore
         except DatabaseUnavailable:
             return None
         was_held, first = self.held, not self.answered
@@ -7460,64 +7390,27 @@ class InstanceLease:
         """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
         instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
         and whether no other process held the lease before it (a missing row: a new database file)."""
-        server_now, ours_before = self.db.server_time(conn), lease_holder(conn) in (None, self.owner)
+        server_now = self.db.dialect.server_time(conn)  # type: ignore[union-attr]
+        ours_before = lease_holder(conn) in (None, self.owner)
         return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
 
     async def release(self) -> None:
         if not self.held:
             return
         with contextlib.suppress(DatabaseUnavailable):  # else it expires by itself
-            await self.db.write(lease_release, self.owner)
+            await self.db.write(lease_release, self.owner)  # type: ignore[union-attr]
             self.held = False
             log.info("[LOCK] released by %s", self.owner)
-
-
-# The hand-overs counted when the running handler began (-1: where it might not act); moved since, its work is void.
-HANDLING_SINCE: contextvars.ContextVar[int | None] = contextvars.ContextVar("handling_since", default=None)
-
-
-class Role:
-    """The one answer to "may this instance act now?", and taking up or letting go the stored work.
-
-    The pipeline, the Telegram client and the jobs ask ``may_act`` and keep no copy: yes while this process holds
-    the stored work and trusts its lease (``InstanceLease.trust_left``), or, until a claim is first answered, while
-    the database was never usable (nothing is shared: it serves from memory). ``settle`` claims the lease and
-    follows the answer: won, the dialogs are loaded, the outbox and the jobs taken up; lost, or won back after
-    another held it meanwhile, memory's share of the stored work is forgotten and the running handlers are void.  A
-    database that is back is claimed for first.
-    """
-
-    def __init__(self, lease: InstanceLease | None = None, db: Database | None = None):
-        self.lease: InstanceLease = lease  # type: ignore[assignment]  # None: always acting (a part on its own)
-        self.db, self.holding, self.handovers = db, False, 0  # holding: the stored work is taken up in memory
-        self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
-
-    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: BotSetUp,
-              wake: Callable[[], None]) -> None:
-        self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
-
-    def acting_left(self) -> float:
-        """Seconds this instance may still act, by its monotonic clock: every send must end within them."""
-        if self.lease is None or not (self.lease.answered or self.db.ok):  # type: ignore[union-attr]
-            return math.inf
-        return self.lease.trust_left() if self.holding else 0.0
-
-    def may_act(self) -> bool:
-        return self.acting_left() > 0
-
-    def void(self) -> bool:
-        """Whether the running handler began where it might not act, or before the last hand-over."""
-        return HANDLING_SINCE.get() not in (None, self.handovers)
 
     async def settle(self, recovered: bool = False) -> None:
         """Claim the lease and follow its answer; ``recovered``: the database is back after an outage."""
         async with self._settling:
-            first, held = not self.lease.answered, await self.lease.claim()
+            first, held = not self.answered, await self.claim()
             if held is None:
                 if first:  # no database since the start: serve from memory
                     await self._run()
                 return
-            if (self.holding and not self.lease.continued) or (first and not held):
+            if (self.holding and not self.continued) or (first and not held):
                 await self.hand_over()
             if held and not self.holding:
                 await self.take_over()
@@ -7535,7 +7428,8 @@ class Role:
         await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
         self.holding = self.holding or taking_over
         await self.generations.resume()
-        self.set_up.start()
+        self.set_up, set_up = lambda: None, self.set_up  # only when this process first becomes active
+        set_up()
 
     async def hand_over(self) -> None:
         """Forget the stored work memory holds: the holder takes it up from the database."""
@@ -7548,43 +7442,46 @@ class Role:
         """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
         than the TTL must not be taken for a dead holder (its successor would handle again what this still does)."""
         while True:
-            await self.lease.wait_for_turn()
+            await self.wait_for_turn()
             if not stopping.is_set():
                 await self.settle()
-            elif self.lease.held:
-                await self.lease.claim()
+            elif self.held:
+                await self.claim()
 
 
 # -- metrics: the Prometheus text exposition format ---------------------------
 
-ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-GENERATION_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
-
 Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
 Family = tuple[str, str, str, list[Sample]]  # (name, type, help, samples)
+# The histograms /metrics shows: name -> (bucket bounds, help).
+HISTOGRAMS: dict[str, tuple[tuple[float, ...], str]] = {
+    "trt_webhook_ack_seconds": ((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+                                "Webhook request handling time up to the acknowledgement."),
+    "trt_update_handling_seconds": ((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+                                    "Time a handler took per update."),
+    "trt_generation_seconds": ((5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0),
+                               "Time from job creation to its outcome."),
+}
+# By name: a count per bucket (values over every bound counted last), then the sum of the values.
+Histograms = dict[str, list[float]]
 
 
-class Histogram:
-    """Observations counted into fixed buckets, rendered cumulatively as Prometheus expects."""
+def new_histograms() -> Histograms:
+    return {name: [0.0] * (len(bounds) + 2) for name, (bounds, _) in HISTOGRAMS.items()}
 
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.count = 0
-        self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self.buckets, value)
-        if index < len(self.buckets):
-            self.counts[index] += 1
-        self.count += 1
-        self.sum += value
+def observe(histograms: Histograms, name: str, value: float) -> None:
+    counts = histograms[name]
+    counts[bisect.bisect_left(HISTOGRAMS[name][0], value)] += 1
+    counts[-1] += value
 
-    def samples(self) -> list[Sample]:
-        cumulative = list(itertools.accumulate(self.counts))
-        rows: list[Sample] = [("_bucket", {"le": repr(bound)}, n) for bound, n in zip(self.buckets, cumulative)]
-        return rows + [("_bucket", {"le": "+Inf"}, self.count), ("_sum", {}, self.sum), ("_count", {}, self.count)]
+
+def histogram_family(name: str, counts: list[float]) -> Family:
+    """A histogram as Prometheus expects it: its buckets cumulative."""
+    cumulative = list(itertools.accumulate(counts[:-1]))
+    bounds = [repr(bound) for bound in HISTOGRAMS[name][0]] + ["+Inf"]
+    samples: list[Sample] = [("_bucket", {"le": bound}, n) for bound, n in zip(bounds, cumulative)]
+    return name, "histogram", HISTOGRAMS[name][1], samples + [("_sum", {}, counts[-1]), ("_count", {}, cumulative[-1])]
 
 
 _LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})  # in a label value, as the format asks
@@ -7615,131 +7512,87 @@ UPDATE_COUNTERS = (
 )
 
 
-class Timings:
-    """How long things take, as histograms the parts feed while they work; built before them, read by /metrics."""
-
-    def __init__(self, clock: Clock = SYSTEM_CLOCK):
-        self.clock = clock
-        self.started_at = clock.monotonic()
-        self.ack_seconds = Histogram(ACK_BUCKETS)
-        self.handling_seconds = Histogram(HANDLING_BUCKETS)
-        self.generation_seconds = Histogram(GENERATION_BUCKETS)
-
-    def uptime(self) -> float:
-        return self.clock.monotonic() - self.started_at
-
-    def job_finished(self, job: Job, seconds: float) -> None:
-        self.generation_seconds.observe(seconds)
+def metric_families(d: Diagnostics, histograms: Histograms, server: HttpServer) -> list[Family]:
+    """/metrics: every part's counters and gauges, and the histograms, as Prometheus metric families."""
+    return (_counter_families(d) + _outbox_families(d) + _gauge_families(d, server) + _red_flag_families(d)
+            + [histogram_family(name, counts) for name, counts in histograms.items()])
 
 
-@dataclasses.dataclass(eq=False)
-class Metrics:
-    """/metrics: every part's counters and gauges, and the timings, as Prometheus metric families."""
+def _counter_families(d: Diagnostics) -> list[Family]:
+    stats, wallet, jobs = dataclasses.asdict(d.pipeline.stats), d.generations.wallet, d.generations
+    families: list[Family] = [
+        (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
+        for name, help_text in UPDATE_COUNTERS
+    ]
+    return families + [
+        ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
+         [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(d.telegram.calls.items())]),
+        ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
+         [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(jobs.kie.calls.items())]),
+        ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, jobs.created)]),
+        ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
+         [("", {"outcome": o}, jobs.finished[o]) for o in ("success", "failed", "timed_out", "cancelled")]),
+        ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
+         "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
+        ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
+         [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
+    ]
 
-    timings: Timings
-    db: Database
-    pipeline: UpdatePipeline
-    telegram: TelegramClient
-    kie: KieClient
-    generations: Generations
-    role: Role
-    diagnostics: Diagnostics
 
-    def families(self, server: HttpServer) -> list[Family]:
-        return self._counters() + self._gauges(server) + self._red_flag_gauges() + self._histograms()
+def _outbox_families(d: Diagnostics) -> list[Family]:
+    outbox = d.role.outbox
+    answers_429 = sum(n for (_, outcome), n in d.telegram.calls.items() if outcome == "429")
+    return [
+        ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
+         [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
+        ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
+         [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
+        ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
+         [("", {}, answers_429)]),
+        ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
+         [("", {}, d.telegram.pacer.pauses)]),
+    ]
 
-    def _counters(self) -> list[Family]:
-        stats, wallet = dataclasses.asdict(self.pipeline.stats), self.generations.wallet
-        families: list[Family] = [
-            (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
-            for name, help_text in UPDATE_COUNTERS
-        ]
-        return families + [
-            ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
-             [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(self.telegram.calls.items())]),
-            ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
-             [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.kie.calls.items())]),
-            ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, self.generations.created)]),
-            ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
-             [("", {"outcome": o}, self.generations.finished[o])
-              for o in ("success", "failed", "timed_out", "cancelled")]),
-            *self._outbox_counters(),
-            ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
-             "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
-            ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
-             [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
-        ]
 
-    def _outbox_counters(self) -> list[Family]:
-        outbox = self.role.outbox
-        answers_429 = sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429")
-        return [
-            ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
-             [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
-            ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
-             [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
-            ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
-             [("", {}, answers_429)]),
-            ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
-             [("", {}, self.telegram.pacer.pauses)]),
-        ]
+def _gauge_families(d: Diagnostics, server: HttpServer) -> list[Family]:
+    gauges = (
+        ("trt_queue_depth", "Updates in memory waiting for a worker.", d.pipeline.queue_depth),
+        ("trt_inbox_backlog", "Unhandled updates in the SQLite inbox.", d.pipeline.backlog),
+        ("trt_workers_busy", "Workers handling an update now.", d.pipeline.workers_active),
+        ("trt_jobs_in_flight", "Generation jobs not yet delivered.", len(d.generations.jobs)),
+        ("trt_outbox_depth", "Messages queued for Telegram, not yet sent.", d.role.outbox.depth),
+        ("trt_outbox_oldest_wait_seconds", "How long the oldest queued message has waited.",
+         d.role.outbox.oldest_wait_s()),
+        ("trt_active", "1 if this instance processes updates, 0 if passive.", d.role.may_act()),
+        ("trt_database_ok", "1 if the database is usable, 0 in degraded mode.", d.db.ok),
+        ("trt_open_connections", "Open HTTP connections.", server.open_connections),
+        ("trt_uptime_seconds", "Seconds since start.", d.uptime()),
+    )
+    return [(name, "gauge", help_text, [("", {}, value)]) for name, help_text, value in gauges] + [
+        ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
+         [("", {"phase": phase}, n) for phase, n in server.phase_counts().items()])]
 
-    def _gauges(self, server: HttpServer) -> list[Family]:
-        return [
-            ("trt_queue_depth", "gauge", "Updates in memory waiting for a worker.",
-             [("", {}, self.pipeline.queue_depth)]),
-            ("trt_inbox_backlog", "gauge", "Unhandled updates in the SQLite inbox.", [("", {}, self.pipeline.backlog)]),
-            ("trt_workers_busy", "gauge", "Workers handling an update now.", [("", {}, self.pipeline.workers_active)]),
-            ("trt_jobs_in_flight", "gauge", "Generation jobs not yet delivered.",
-             [("", {}, len(self.generations.jobs))]),
-            ("trt_outbox_depth", "gauge", "Messages queued for Telegram, not yet sent.",
-             [("", {}, self.role.outbox.depth)]),
-            ("trt_outbox_oldest_wait_seconds", "gauge", "How long the oldest queued message has waited.",
-             [("", {}, self.role.outbox.oldest_wait_s())]),
-            ("trt_active", "gauge", "1 if this instance processes updates, 0 if passive.",
-             [("", {}, self.role.may_act())]),
-            ("trt_database_ok", "gauge", "1 if the database is usable, 0 in degraded mode.", [("", {}, self.db.ok)]),
-            ("trt_open_connections", "gauge", "Open HTTP connections.", [("", {}, server.open_connections)]),
-            ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
-             [("", {"phase": phase}, n) for phase, n in server.phase_counts().items()]),
-            ("trt_uptime_seconds", "gauge", "Seconds since start.", [("", {}, self.timings.uptime())]),
-        ]
 
-    def _red_flag_gauges(self) -> list[Family]:
-        raised, seen = self.diagnostics.red_flags.raised, self.diagnostics.seen
-        webhook, credits = seen.get("webhook", {}), seen.get("credits")
-        error_at = webhook.get("last_error_date") if webhook.get("last_error_message") else None
-        return [
-            ("trt_red_flag", "gauge", "1 while a red flag is raised (/health's warnings say why), by flag.",
-             [("", {"flag": flag}, flag in raised) for flag in RED_FLAGS]),
-            ("trt_telegram_pending_updates", "gauge", "Updates Telegram holds for the webhook, at the last check.",
-             [("", {}, webhook["pending_update_count"])] if "pending_update_count" in webhook else []),
-            ("trt_webhook_last_error_age_seconds", "gauge", "Seconds since Telegram's last webhook error.",
-             [("", {}, self.diagnostics.clock.time() - error_at)] if isinstance(error_at, (int, float)) else []),
-            ("trt_kie_credits", "gauge", "Kie.ai's credit balance, read every 10 minutes.",
-             [("", {}, credits)] if credits is not None else []),
-        ]
-
-    def _histograms(self) -> list[Family]:
-        return [
-            ("trt_webhook_ack_seconds", "histogram", "Webhook request handling time up to the acknowledgement.",
-             self.timings.ack_seconds.samples()),
-            ("trt_update_handling_seconds", "histogram", "Time a handler took per update.",
-             self.timings.handling_seconds.samples()),
-            ("trt_generation_seconds", "histogram", "Time from job creation to its outcome.",
-             self.timings.generation_seconds.samples()),
-        ]
+def _red_flag_families(d: Diagnostics) -> list[Family]:
+    webhook, credits = d.seen.get("webhook", {}), d.seen.get("credits")
+    error_at = webhook.get("last_error_date") if webhook.get("last_error_message") else None
+    return [
+        ("trt_red_flag", "gauge", "1 while a red flag is raised (/health's warnings say why), by flag.",
+         [("", {"flag": flag}, flag in d.raised) for flag in RED_FLAGS]),
+        ("trt_telegram_pending_updates", "gauge", "Updates Telegram holds for the webhook, at the last check.",
+         [("", {}, webhook["pending_update_count"])] if "pending_update_count" in webhook else []),
+        ("trt_webhook_last_error_age_seconds", "gauge", "Seconds since Telegram's last webhook error.",
+         [("", {}, d.clock.time() - error_at)] if isinstance(error_at, (int, float)) else []),
+        ("trt_kie_credits", "gauge", "Kie.ai's credit balance, read every 10 minutes.",
+         [("", {}, credits)] if credits is not None else []),
+    ]
 
 
 # -- HTTP routes and diagnostics ------------------------------------------------
 
 class SharedCall:
-    """At most one call in flight; every caller that comes meanwhile waits for it and gets its outcome.
-
-    A success is reused for ``max_age`` seconds.  A failure reaches every
-    caller that waited for it and is not kept: the next caller calls again.
-    A caller that gives up (is cancelled) does not cancel the call for the others.
-    """
+    """At most one call in flight; every caller that comes meanwhile waits for it and gets its outcome (one that
+    gives up does not cancel it for the others).  A success is reused for ``max_age`` seconds, a failure not."""
 
     def __init__(self, call: Callable[[], Awaitable[Any]], max_age: float, clock: Clock = SYSTEM_CLOCK):
         self.call = call
@@ -7805,95 +7658,47 @@ def webhook_problem(info: dict, now: float, since: float = 0.0) -> tuple[str, st
     return f"Telegram could not deliver an update {now - date:.0f} s ago: {message}", fix
 
 
-class RedFlags:
-    """The warning signs of the report (RED_FLAGS), as plain state: fed observations, it says what to log.
-
-    A flag is raised once when its condition starts and cleared once when it
-    ends, however many checks see it in between.  ``warnings`` is what
-    /health shows.  The observe* methods return ('raised' | 'cleared', flag,
-    text) when a flag changes, else None.
-    """
-
-    def __init__(self, pending_over: int, growth_checks: int):
-        self.pending_over = pending_over
-        self.growth_checks = growth_checks
-        self.raised: dict[str, dict[str, str]] = {}  # flag -> its warning, with the latest figures
-        self._backlog: int | None = None
-        self._growth = 0  # checks in a row at which the backlog grew
-
-    @property
-    def warnings(self) -> list[dict[str, str]]:
-        return list(self.raised.values())
-
-    def severities(self) -> set[str]:
-        return {RED_FLAGS[flag][0] for flag in self.raised}
-
-    def observe(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
-        """``flag`` is raised for ``reason`` (None: it is not, as ``all_clear`` says)."""
-        if reason is None:
-            return ("cleared", flag, all_clear) if self.raised.pop(flag, None) is not None else None
-        first = flag not in self.raised
-        self.raised[flag] = {"flag": flag, "reason": reason, "fix": fix or RED_FLAGS[flag][1]}
-        return ("raised", flag, f"{reason}; {self.raised[flag]['fix']}") if first else None
-
-    def observe_pending(self, pending: int) -> tuple[str, str, str] | None:
-        held, most = f"Telegram holds {pending} pending updates", self.pending_over
-        return self.observe("pending_updates", f"{held} (over {most})" if pending > most else None,
-                            f"{held} (at most {most})")
-
-    def observe_backlog(self, backlog: int) -> tuple[str, str, str] | None:
-        previous, self._backlog = self._backlog, backlog
-        self._growth = self._growth + 1 if previous is not None and backlog > previous else 0
-        if self._growth >= self.growth_checks:
-            return self.observe("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
-                                f"to {backlog} updates", "")
-        if backlog == 0 or (previous is not None and backlog < previous):
-            return self.observe("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
-        return None
-
-
 class Diagnostics:
-    """What the bot tells its operator: /health, /diag/webhook, /diag/lock, and red flags in the log.
-
-    getWebhookInfo is asked through one SharedCall, so /diag/webhook requests
-    arriving together and the red-flag check share an answer.
-    """
+    """What the bot tells its operator: /health, /diag/webhook, /diag/lock, and red flags (RED_FLAGS) in the log;
+    /diag/webhook requests arriving together and the red-flag check share one getWebhookInfo."""
 
     def __init__(self, config: Config, db: Database, pipeline: UpdatePipeline, generations: Generations, role: Role,
-                 telegram: TelegramClient, timings: Timings, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
+                 telegram: TelegramClient, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
         self.config = config
         self.db = db
         self.pipeline = pipeline
         self.generations = generations
         self.role = role
         self.telegram = telegram
-        self.timings = timings
         self.stopping = stopping
         self.clock = clock
         self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S, clock)
         self.kie_credits = SharedCall(lambda: generations.kie.credits(budget_s=0), KIE_CREDITS_CHECK_S, clock)
-        self.red_flags = RedFlags(PENDING_UPDATES_FLAG_OVER, BACKLOG_GROWTH_FLAG_CHECKS)
-        self.red_flag_check_s, self.webhook_check_s = RED_FLAG_CHECK_S, WEBHOOK_CHECK_S
+        self.raised: dict[str, dict[str, str]] = {}  # each red flag raised -> its warning, with the latest figures
+        self._backlog: int | None = None
+        self._growth = 0  # checks in a row at which the backlog grew
+        self.set_up_failing: dict[str, str] = {}  # a set-up step -> its latest error, while it keeps failing
         self.started_at = int(clock.time())  # a webhook error before it is not this process's (whole seconds)
+        self._started = clock.monotonic()
         self.seen: dict[str, Any] = {}  # the latest getWebhookInfo answer ("webhook") and credit balance ("credits")
         self._beat = (math.inf, 0.0)  # (the event loop's last beat, how late it came): none before it starts
 
     async def on_health(self, request: Request) -> Response:
         """200 whatever a restart cannot fix (``status`` and ``warnings`` say it); 503 when one would help."""
         stopping, failure = self.stopping.is_set(), self._cannot_work()
-        severities = self.red_flags.severities() | (set() if self.db.ok else {"degraded"})
+        severities = {RED_FLAGS[flag][0] for flag in self.raised} | (set() if self.db.ok else {"degraded"})
         payload = {
             "status": "stopping" if stopping else "failing" if failure or "failing" in severities
             else "degraded" if severities else "ok",
-            "uptime": int(self.timings.uptime()),
+            "uptime": int(self.uptime()),
             "active": self.role.may_act(),
             "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.role.lease.trust_left() > 0,
+            "lock_acquired": self.role.trust_left() > 0,
             "db_schema_ready": self.db.ok,
             "queue": self.pipeline.snapshot(),
             "jobs_in_flight": len(self.generations.jobs),
             "outbox": self.role.outbox.snapshot(),
-            "warnings": self.red_flags.warnings,
+            "warnings": list(self.raised.values()),
             "version": __version__,
         }
         if failure:
@@ -7911,6 +7716,9 @@ class Diagnostics:
         if self.pipeline.watchdog.stuck() >= self.pipeline.workers.count:
             return "every update worker is stuck in a handler that ignores its timeout"
         return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
+
+    def uptime(self) -> float:
+        return self.clock.monotonic() - self._started
 
     async def beat_forever(self) -> None:
         """How late a short sleep ends is how long every request waits (real time: ``clock`` is no loop's)."""
@@ -7937,7 +7745,7 @@ class Diagnostics:
         })
 
     async def on_diag_lock(self, request: Request) -> Response:
-        lease = self.role.lease
+        lease = self.role
         return json_response({
             "active": self.role.may_act(),
             "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
@@ -7953,9 +7761,9 @@ class Diagnostics:
         """Look at this process every check, at Telegram and Kie.ai less often; log each incident once."""
         last_webhook_check = self.clock.monotonic()
         while True:
-            await self.clock.sleep(self.red_flag_check_s)
+            await self.clock.sleep(RED_FLAG_CHECK_S)
             self._observe_here()
-            webhook_due = self.clock.monotonic() >= last_webhook_check + self.webhook_check_s
+            webhook_due = self.clock.monotonic() >= last_webhook_check + WEBHOOK_CHECK_S
             if self.config.bot_mode == "webhook" and webhook_due:
                 last_webhook_check = self.clock.monotonic()
                 await self._observe_webhook()
@@ -7964,7 +7772,7 @@ class Diagnostics:
 
     def _observe_here(self) -> None:
         trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations.fairness
-        waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.role.set_up.failing
+        waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.set_up_failing
         for flag, reason, all_clear in (
             ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
              "cannot be reached", "the Bot API answers again"),
@@ -7977,8 +7785,8 @@ class Diagnostics:
             ("daily_limit", 0 < fairness.daily_limit <= started and f"{started} pictures started today, "
              f"GEN_DAILY_LIMIT={fairness.daily_limit}", "a new day: pictures may start again"),
         ):
-            self._log_red_flag(self.red_flags.observe(flag, reason or None, all_clear))
-        self._log_red_flag(self.red_flags.observe_backlog(self.pipeline.backlog))
+            self.flag(flag, reason or None, all_clear)
+        self.observe_backlog(self.pipeline.backlog)
 
     async def _observe_webhook(self) -> None:
         try:
@@ -7986,10 +7794,9 @@ class Diagnostics:
         except TelegramError:
             return  # the Telegram client's trouble says why; these flags stay as they were
         pending = info.get("pending_update_count")
-        self._log_red_flag(self.red_flags.observe_pending(pending if isinstance(pending, int) else 0))
+        self.observe_pending(pending if isinstance(pending, int) else 0)
         reason, fix = webhook_problem(info, self.clock.time(), self.started_at) or (None, "")
-        reason = reason and mask_secrets(reason, self.config.secrets)
-        self._log_red_flag(self.red_flags.observe("webhook_error", reason, "Telegram delivers again", fix))
+        self.flag("webhook_error", reason and mask_secrets(reason, self.config.secrets), "Telegram delivers again", fix)
 
     async def _observe_credits(self) -> None:
         try:
@@ -7998,41 +7805,62 @@ class Diagnostics:
             return  # counted in trt_kie_calls_total; the flag stays as it was
         low, shown = self.config.kie_credits_low, f"{credits:g}"
         reason = f"Kie.ai has {shown} credits left (under KIE_CREDITS_LOW={low})" if credits < low else None
-        change = self.red_flags.observe("kie_credits_low", reason, f"Kie.ai has {shown} credits")
-        self._log_red_flag(change)
+        change = self.flag("kie_credits_low", reason, f"Kie.ai has {shown} credits")
         if change is not None and change[0] == "raised":
             await self.generations.alerts.tell(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
 
-    @staticmethod
-    def _log_red_flag(change: tuple[str, str, str] | None) -> None:
-        if change is None:
-            return
-        event, flag, text = change
-        if event == "raised":
-            log.log(logging.ERROR if RED_FLAGS[flag][0] == "failing" else logging.WARNING, "[FLAG] %s", text)
-        else:
-            log.info("[FLAG] cleared: %s", text)
+    def flag(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
+        """Raise ``flag`` (RED_FLAGS) for ``reason`` (None: it is not, as ``all_clear`` says).  Logged once when its
+        condition starts and once when it ends, however many checks see it between: ('raised' | 'cleared', flag,
+        text) then, else None."""
+        if reason is None:
+            if self.raised.pop(flag, None) is None:
+                return None
+            log.info("[FLAG] cleared: %s", all_clear)
+            return "cleared", flag, all_clear
+        first = flag not in self.raised
+        self.raised[flag] = {"flag": flag, "reason": reason, "fix": fix or RED_FLAGS[flag][1]}
+        if not first:
+            return None
+        text = f"{reason}; {self.raised[flag]['fix']}"
+        log.log(logging.ERROR if RED_FLAGS[flag][0] == "failing" else logging.WARNING, "[FLAG] %s", text)
+        return "raised", flag, text
+
+    def observe_pending(self, pending: int) -> tuple[str, str, str] | None:
+        held, most = f"Telegram holds {pending} pending updates", PENDING_UPDATES_FLAG_OVER
+        return self.flag("pending_updates", f"{held} (over {most})" if pending > most else None,
+                         f"{held} (at most {most})")
+
+    def observe_backlog(self, backlog: int) -> tuple[str, str, str] | None:
+        previous, self._backlog = self._backlog, backlog
+        self._growth = self._growth + 1 if previous is not None and backlog > previous else 0
+        if self._growth >= BACKLOG_GROWTH_FLAG_CHECKS:
+            return self.flag("inbox_backlog", f"the inbox backlog grew at {self._growth} checks in a row, "
+                             f"to {backlog} updates", "")
+        if backlog == 0 or (previous is not None and backlog < previous):
+            return self.flag("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
+        return None
 
     def close(self) -> None:
         self.webhook_info.cancel()
         self.kie_credits.cancel()
 
 
+def diag_token_given(request: Request) -> str:
+    """The diagnostics token a request gives: as a Bearer token or ?token=."""
+    authorization = request.headers.get("authorization", "")
+    return authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
+
+
 class Routes:
-    """What the bot serves over HTTP: the routes table, what each path requires, and the server that runs them.
+    """What the bot serves over HTTP: the routes table, what each path requires (judged from a request's head,
+    before its body is read), and the server that runs them."""
 
-    A request is judged from its head first (path, method, secret), before
-    its body is read; only a request that passes reaches its handler.
-    """
-
-    def __init__(self, config: Config, pipeline: UpdatePipeline, generations: Generations, diagnostics: Diagnostics,
-                 metrics: Metrics, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
-        self.config = config
-        self.pipeline = pipeline
-        self.generations = generations
-        self.metrics = metrics
-        self.stopping = stopping
-        self.clock = clock
+    def __init__(self, diagnostics: Diagnostics, histograms: Histograms):
+        self.diagnostics, self.histograms = diagnostics, histograms  # it serves the parts diagnostics reports on
+        self.config = config = diagnostics.config
+        self.pipeline, self.generations = diagnostics.pipeline, diagnostics.generations
+        self.stopping, self.clock = diagnostics.stopping, diagnostics.clock
         self.table: dict[str, dict[str, RequestHandler]] = {
             config.webhook_path: {"POST": self.on_webhook},
             "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
@@ -8042,15 +7870,17 @@ class Routes:
             "/metrics": {"GET": self.on_metrics},
             "/": {"GET": self.on_root},
         }
-        # What a request must carry, by path: judged from its head, before the body is read.
-        self.guards: dict[str, HeadCheck] = {
-            config.webhook_path: self._require_webhook_secret,
-            "/" + config.kie_callback_path: self._require_callback_token,
+        # What a request must carry, by path: (the token it gives, the one expected, the refusal's reason, headers).
+        self.guards: dict[str, tuple[Callable[[Request], str], str, str, tuple]] = {
+            config.webhook_path: (lambda request: request.headers.get("x-telegram-bot-api-secret-token", ""),
+                                  config.webhook_secret, "wrong secret token", ()),
+            "/" + config.kie_callback_path: (lambda request: request.query.get("token", ""),
+                                             config.kie_callback_token, "wrong callback token", ()),
         }
         if config.diag_token:
-            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), self._require_diag_token))
-        self._webhook_secret = config.webhook_secret.encode()
-        self.server = HttpServer(self.handle_request, check_head=self.check_head, clock=clock)
+            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), (
+                diag_token_given, config.diag_token, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))))
+        self.server = HttpServer(self.handle_request, check_head=self.check_head, clock=self.clock)
 
     def check_head(self, request: Request) -> Response | None:
         """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
@@ -8058,10 +7888,7 @@ class Routes:
         return verdict if isinstance(verdict, Response) else None
 
     async def handle_request(self, request: Request) -> Response:
-        """Route a complete request; an HttpError its handler raises becomes the response.
-
-        (HttpServer answers the HttpErrors of reading a request itself, and a 500 for any other error.)
-        """
+        """Route a complete request; an HttpError its handler raises becomes the response."""
         verdict = self._route(request)
         if isinstance(verdict, Response):
             return verdict
@@ -8081,29 +7908,11 @@ class Routes:
         if handler is None:
             allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
             return text_response(405, "method not allowed", (("Allow", allow),))
-        guard = self.guards.get(request.path)
-        refusal = guard(request) if guard is not None else None
-        return handler if refusal is None else refusal
-
-    def _require_webhook_secret(self, request: Request) -> Response | None:
-        given = request.headers.get("x-telegram-bot-api-secret-token", "").encode()
-        if hmac.compare_digest(given, self._webhook_secret):
-            return None
-        return text_response(401, "wrong secret token")
-
-    def _require_callback_token(self, request: Request) -> Response | None:
-        given = request.query.get("token", "").encode()
-        if hmac.compare_digest(given, self.config.kie_callback_token.encode()):
-            return None
-        return text_response(401, "wrong callback token")
-
-    def _require_diag_token(self, request: Request) -> Response | None:
-        """Diagnostics with DIAG_TOKEN set: the token as a Bearer token or ?token=."""
-        authorization = request.headers.get("authorization", "")
-        given = authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
-        if hmac.compare_digest(given.encode(), self.config.diag_token.encode()):
-            return None
-        return text_response(401, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))
+        if request.path in self.guards:
+            given, expected, reason, headers = self.guards[request.path]
+            if not hmac.compare_digest(given(request).encode(), expected.encode()):
+                return text_response(401, reason, headers)
+        return handler
 
     async def on_webhook(self, request: Request) -> Response:
         started = self.clock.monotonic()
@@ -8112,7 +7921,7 @@ class Routes:
             return text_response(503, "shutting down", (("Retry-After", "5"),))
         with self.pipeline.workers.ack_first:  # handlers wait while it is owed
             outcome = await self.pipeline.ingest(update, request.body)
-        self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
+        observe(self.histograms, "trt_webhook_ack_seconds", self.clock.monotonic() - started)
         if not isinstance(outcome, Rejected):
             return Response(200, OK_BODY, "application/json")
         if not outcome.retry_later:
@@ -8138,7 +7947,7 @@ class Routes:
         return json_response({"code": 200, "msg": "success"})
 
     async def on_metrics(self, request: Request) -> Response:
-        text = exposition(self.metrics.families(self.server))
+        text = exposition(metric_families(self.diagnostics, self.histograms, self.server))
         return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
 
     async def on_root(self, request: Request) -> Response:
@@ -8146,10 +7955,7 @@ class Routes:
 
 
 class App:
-    """The running bot: builds every part, hands each its collaborators, starts and stops them in order.
-
-    Whether it acts is its Role's answer (the lease).
-    """
+    """The running bot: builds every part, hands each its collaborators, starts and stops them in order."""
 
     def __init__(self, config: Config, http: httpx.AsyncClient | None = None, *, clock: Clock = SYSTEM_CLOCK,
                  poll_timeout: float = POLL_TIMEOUT_S):
@@ -8160,38 +7966,37 @@ class App:
         self._background = OwnedTasks("[APP]")
         self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
-        self.role = Role(InstanceLease(self.db, config.lease_ttl_s, clock), self.db)
+        self.role = Role(self.db, config.lease_ttl_s, clock)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        pacer=telegram_pacer(config), acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
-        timings, states = Timings(clock), ConversationStore(self.db, clock)
+        histograms, states = new_histograms(), ConversationStore(self.db, clock)
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
-                                       on_finished=timings.job_finished, clock=SteadyClock(clock), mode=self.role)
+                                       on_finished=functools.partial(observe, histograms, "trt_generation_seconds"),
+                                       clock=SteadyClock(clock), mode=self.role)
         # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
         conversation = Conversation(config, outbox, states, self.generations,
                                     queue_stats=lambda: self.pipeline.snapshot())
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
-                                       workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
-                                       clock=clock, mode=self.role,
+                                       workers=config.queue_workers, clock=clock, mode=self.role,
+                                       on_handled=functools.partial(observe, histograms, "trt_update_handling_seconds"),
                                        answer_pre_checkout=conversation.stars.answer_pre_checkout)
-        set_up = BotSetUp(config, self.telegram, self._background.start, clock,
-                          conversation.stars.reconcile if config.stars_packs else None)
-        self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)
+        self.stars = conversation.stars
+        self.role.serve(states, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
-                                       timings, self.stopping, clock)
-        metrics = Metrics(timings, self.db, self.pipeline, self.telegram, self.kie, self.generations, self.role,
-                          self.diagnostics)
-        self.routes = Routes(config, self.pipeline, self.generations, self.diagnostics, metrics, self.stopping, clock)
+                                       self.stopping, clock)
+        self.routes = Routes(self.diagnostics, histograms)
         # The loops that run for the life of the process, by task name (the lease's until its release).
         self._loops: dict[str, Callable[[], Awaitable[None]]] = {
             "db-watch": self._watch_database, "red-flags": self.diagnostics.watch_red_flags,
             "loop-beat": self.diagnostics.beat_forever}
         if config.bot_mode == "polling":
-            self._loops["polling"] = LongPolling(self.telegram, self.pipeline, self.role, clock, poll_timeout).run
+            self._loops["polling"] = functools.partial(long_poll, self.telegram, self.pipeline, self.role, clock,
+                                                       poll_timeout)
 
     @property
     def server(self) -> HttpServer:
@@ -8228,10 +8033,25 @@ class App:
         await self.generations.stop(grace=max(0.0, deadline - self.clock.monotonic()) / 2)
         await self.role.outbox.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         await self._lease_loop.cancel_all()
-        await self.role.lease.release()  # last: the successor never takes an update this process still handles
+        await self.role.release()  # last: the successor never takes an update this process still handles
         await self.http.aclose()
         await self.db.close()
         log.info("[APP] stopped")
+
+    def _set_up_bot(self) -> None:
+        """The webhook (then the payments a flush of its backlog dropped) and the command menu made to match ours,
+        each in the background until it succeeds: start-up never waits for the Bot API."""
+        self._background.start(self._set_up_webhook_then_payments(), "webhook-setup")
+        self._background.start(until_done("COMMANDS", lambda: ensure_commands(self.telegram), self.telegram,
+                                          self.clock, self.diagnostics.set_up_failing), "commands-setup")
+
+    async def _set_up_webhook_then_payments(self) -> None:
+        failing = self.diagnostics.set_up_failing
+        if self.config.bot_mode == "webhook":
+            await until_done("WEBHOOK", lambda: ensure_webhook(self.telegram, self.config), self.telegram, self.clock,
+                             failing)
+        if self.config.stars_packs:
+            await until_done("STARS", self.stars.reconcile, self.telegram, self.clock, failing)
 
     async def _watch_database(self) -> None:
         """Notice the database file being deleted or replaced, even with no traffic, and reopen an
@@ -8247,11 +8067,8 @@ class App:
 
 
 async def run_check(config: Config, out: Callable[[str], None] = print) -> int:
-    """``python trt_bot.py check``: the configuration, the database, Telegram and Kie.ai.
-
-    Prints one line per check, problems with what to do; returns the exit
-    code: 0 when all is well, 1 when something needs fixing.
-    """
+    """``python trt_bot.py check``: a line per check of the configuration, the database, Telegram and Kie.ai,
+    problems with what to do; the exit code is 1 when something needs fixing."""
     problems = 0
 
     def report(status: str, subject: str, detail: str) -> None:
