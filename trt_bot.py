@@ -7084,13 +7084,9 @@ async def ensure_webhook(telegram: TelegramClient, config: Config) -> str:
     info = await telegram.call("getWebhookInfo") or {}
     action, reason = plan_webhook(info, config.webhook_url, ALLOWED_UPDATES, config.flush_pending_over)
     if action != "keep":
-        params = {
-            "url": config.webhook_url,
-            "secret_token": config.webhook_secret,
-            "allowed_updates": ALLOWED_UPDATES,
-            "drop_pending_updates": action == "flush",
-        }
-        await telegram.call("setWebhook", params)
+        await telegram.call("setWebhook", {
+            "url": config.webhook_url, "secret_token": config.webhook_secret, "allowed_updates": ALLOWED_UPDATES,
+            "drop_pending_updates": action == "flush"})
     if action == "flush":
         log.warning("[WEBHOOK] flushed: dropped %s", reason)
     log.info("[WEBHOOK] configured %s (%s: %s)", mask_webhook_url(config.webhook_url), action, reason)
@@ -7514,12 +7510,13 @@ UPDATE_COUNTERS = (
 
 def metric_families(d: Diagnostics, histograms: Histograms, server: HttpServer) -> list[Family]:
     """/metrics: every part's counters and gauges, and the histograms, as Prometheus metric families."""
-    return (_counter_families(d) + _outbox_families(d) + _gauge_families(d, server) + _red_flag_families(d)
+    return (_counter_families(d) + _gauge_families(d, server) + _red_flag_families(d)
             + [histogram_family(name, counts) for name, counts in histograms.items()])
 
 
 def _counter_families(d: Diagnostics) -> list[Family]:
-    stats, wallet, jobs = dataclasses.asdict(d.pipeline.stats), d.generations.wallet, d.generations
+    stats, jobs, outbox = dataclasses.asdict(d.pipeline.stats), d.generations, d.role.outbox
+    wallet = jobs.wallet
     families: list[Family] = [
         (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
         for name, help_text in UPDATE_COUNTERS
@@ -7536,19 +7533,12 @@ def _counter_families(d: Diagnostics) -> list[Family]:
          "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
         ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
          [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
-    ]
-
-
-def _outbox_families(d: Diagnostics) -> list[Family]:
-    outbox = d.role.outbox
-    answers_429 = sum(n for (_, outcome), n in d.telegram.calls.items() if outcome == "429")
-    return [
         ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
          [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
         ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
          [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
         ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
-         [("", {}, answers_429)]),
+         [("", {}, sum(n for (_, outcome), n in d.telegram.calls.items() if outcome == "429"))]),
         ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
          [("", {}, d.telegram.pacer.pauses)]),
     ]
@@ -7745,15 +7735,15 @@ class Diagnostics:
         })
 
     async def on_diag_lock(self, request: Request) -> Response:
-        lease = self.role
+        role = self.role
         return json_response({
-            "active": self.role.may_act(),
-            "lock_acquired": lease.trust_left() > 0,  # an expired lease, or one that may be, is not held
-            "last_check": iso_utc(lease.last_check),
-            "instance_id": lease.owner,
-            "owner": lease.holder or None,
-            "expires_at": iso_utc(lease.expires_at),
-            "ttl_s": lease.ttl,
+            "active": role.may_act(),
+            "lock_acquired": role.trust_left() > 0,  # an expired lease, or one that may be, is not held
+            "last_check": iso_utc(role.last_check),
+            "instance_id": role.owner,
+            "owner": role.holder or None,
+            "expires_at": iso_utc(role.expires_at),
+            "ttl_s": role.ttl,
             "database_ok": self.db.ok,
         })
 
