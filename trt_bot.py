@@ -1658,10 +1658,10 @@ class HttpServer:
 # written.  A row the database refuses (RowRejected) fails alone, and is not retried.
 #
 # A kill -9 ... before an update's commit: no 200, Telegram sends it again.  After it: the next holder handles
-# the update from the inbox, in order per chat; a reply may go twice if the kill came between its send and the
-# update's done mark.  Mid-job: the job row resumes where it stood; credits spent on a job that ended without a
-# picture are returned at the next start (ledger_unreturned).  A lost commit never counts: nothing is reported
-# written before COMMIT returns.
+# the update from the inbox, in order per chat; a reply already sent may go again (its send and the deletion of
+# its row, or its update's done mark, are not one step).  Mid-job: the job resumes from its row; credits a job
+# spent and ended without a picture are returned when the next holder takes over (ledger_unreturned).  Nothing
+# is reported written before COMMIT returns.
 ###############################################################################
 
 # Longer than this counts as "locked too long": the write fails and the ack goes to memory (degraded).
