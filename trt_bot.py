@@ -1949,9 +1949,7 @@ class SqliteFile:
 
     check = vouch  # between transactions: the same question
 
-    @staticmethod
-    def server_time(conn: sqlite3.Connection) -> None:
-        return None
+    server_time = staticmethod(lambda conn: None)  # no clock of its own: every process on the file shares this host's
 
     def _read_salvage(self, conn: sqlite3.Connection) -> dict[str, list[tuple]]:
         try:
@@ -2087,9 +2085,7 @@ class PostgresServer:
             raise
         return conn
 
-    @staticmethod
-    def vouch(conn: PostgresConnection) -> None:
-        """Nothing to check: the server reports COMMIT once the transaction is durable."""
+    vouch = staticmethod(lambda conn: None)  # nothing to check: the server reports COMMIT once it is durable
 
     @staticmethod
     def check(conn: PostgresConnection) -> None:
@@ -2418,16 +2414,14 @@ class ConversationStore:
         return state if self.clock.time() - at < DIALOG_IDLE_S else None
 
     def language(self, user_id: int) -> str:
-        """The language the user chose with /language; '' if they never did."""
-        return self._languages.get(user_id, "")
+        return self._languages.get(user_id, "")  # '' if they never chose one with /language
 
     async def set_language(self, user_id: int, lang: str) -> None:
         self._languages[user_id] = lang
         await self._store_choice("user_languages", user_id, lang)
 
     def settings(self, user_id: int) -> dict:
-        """The user's /settings; {} if they never chose any."""
-        return self._settings.get(user_id, {})
+        return self._settings.get(user_id, {})  # {} if they never chose any
 
     async def set_settings(self, user_id: int, settings: dict) -> None:
         self._settings[user_id] = settings
@@ -2521,8 +2515,7 @@ def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
 
 
 class Wallet:
-    """Each user's credits: the ledger is the truth (exactly once is the database's job: a payment delivered twice,
-    or handled again after a kill -9 or a takeover, writes a key that exists); balances mirrored for /start."""
+    """Each user's credits: the ledger is the truth (exactly once is its keys' job), balances mirrored for /start."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -7203,11 +7196,9 @@ class ProcessIdentity:
     def parse(cls, owner: str) -> ProcessIdentity | None:
         """The identity in an owner string, or None (an older format, or garbage)."""
         parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
-        if len(parts) != 6 or not parts[1].isdigit():
+        if len(parts) != 6 or not parts[1].isdigit() or not 0 < int(parts[1]) <= PID_MAX_LIMIT:
             return None
         host, pid, instance, pid_namespace, boot_id, start_time = parts
-        if not 0 < int(pid) <= PID_MAX_LIMIT:
-            return None
         return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
 
 
