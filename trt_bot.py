@@ -4551,7 +4551,9 @@ class PictureSteps:
     default format).  A new or edited description before the job starts
     replaces the old one and the open question is asked again (the old one
     loses its keyboard).  A description too long for the model is kept, with
-    the models that take it offered.
+    the models that take it offered.  A photo in a private chat is an edit: with
+    a caption it starts at once, else the user is asked what to change; an
+    album's first photo is taken, its others are told so once.
     """
 
     def __init__(self, conversation: Conversation):
@@ -4559,6 +4561,7 @@ class PictureSteps:
         self.states = conversation.states
         self.generations = conversation.generations
         self.models_by_key = conversation.models_by_key
+        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
 
     async def may_draw(self, ctx: Context) -> bool:
         """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
@@ -4594,7 +4597,7 @@ class PictureSteps:
         cancel = (keyboard([button(ctx.t["btn_cancel"], "cancel")]) if not ctx.placement
                   else {"force_reply": True, "selective": True})
         await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
-                       model=model.title, limits=prompt_limits(model, ctx.lang))
+                      model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_draw_command(self, ctx: Context, message: dict) -> None:
         """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
@@ -4644,7 +4647,7 @@ class PictureSteps:
         shown = html.escape(shorten(prompt, 200))
         if step == "option" and model.option is not None:
             await ctx.ask(state, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
-                           option=model.option.title[ctx.lang])
+                          option=model.option.title[ctx.lang])
         else:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
             await ctx.ask(state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
@@ -4666,7 +4669,7 @@ class PictureSteps:
             offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2),
                              [button(ctx.t["btn_cancel"], "cancel")])
             await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
-                           "prompt_too_long_models", offer, **problem[1])
+                          "prompt_too_long_models", offer, **problem[1])
         elif problem is not None:
             await ctx.send(problem[0], **problem[1])
         return problem is not None
@@ -4725,6 +4728,43 @@ class PictureSteps:
             self.generations.starting.discard(ctx.user_id)
         await ctx.set_state(None, keep=status_message_id)
 
+    async def on_photo(self, ctx: Context, message: dict) -> None:
+        photo, refusal = photo_to_edit(message)
+        if refusal:
+            await ctx.send(refusal)
+        elif not await self.album_seen(ctx, message.get("media_group_id")):
+            caption = message.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                await self.start_edit(ctx, photo, caption)
+            elif await self.may_draw(ctx):
+                await self.ask_what(ctx, photo)
+
+    async def album_seen(self, ctx: Context, album: Any) -> bool:
+        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
+        if not isinstance(album, str):
+            return False
+        seen = self.albums.pop(album, 0)
+        self.albums[album] = seen + 1
+        if len(self.albums) > ALBUMS_REMEMBERED:
+            del self.albums[next(iter(self.albums))]
+        if seen == 1:
+            await ctx.send("album_one_photo")
+        return seen > 0
+
+    async def ask_what(self, ctx: Context, photo: str) -> None:
+        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
+        await ctx.ask(state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
+
+    async def start_edit(self, ctx: Context, photo: str, text: str) -> None:
+        """Start an edit of ``photo`` with ``text`` as the instruction."""
+        if not await self.may_draw(ctx):
+            return
+        problem = check_prompt(text, EDIT_MODEL)
+        if problem is not None:
+            await ctx.send(problem[0], **problem[1])
+        else:
+            await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
+
 
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table.
@@ -4750,7 +4790,6 @@ class Conversation:
         self.presses: dict[DialogKey, tuple[int, Any]] = {}
         self.username = ""  # the bot's, from getMe: a group's commands and mentions are told by it
         self.steps = PictureSteps(self)
-        self.photos = PhotoEdits(self)
         self.stars = StarsShop(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats,
@@ -4828,11 +4867,11 @@ class Conversation:
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
-            await self.photos.on_message(ctx, message)
+            await self.steps.on_photo(ctx, message)
         elif not isinstance(text, str):
             await (ctx.send(not_text_answer(message)) if step else ctx.send_hint())
         elif step == "edit":
-            await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+            await self.steps.start_edit(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.steps.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
@@ -4950,52 +4989,6 @@ class Conversation:
         await ctx.answer()
         await self.states.set_settings(ctx.user_id, settings)
         await ctx.edit(ctx.message_id, *settings_screen(settings, self.models, ctx.lang))
-
-
-class PhotoEdits:
-    """A photo in a private chat is an edit: with a caption it starts at once, else the user is asked what to
-    change; an album's first photo is taken, its others are told so once."""
-
-    def __init__(self, conversation: Conversation):
-        self.dialog = conversation
-        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
-
-    async def on_message(self, ctx: Context, message: dict) -> None:
-        photo, refusal = photo_to_edit(message)
-        if refusal:
-            await ctx.send(refusal)
-        elif not await self.album_seen(ctx, message.get("media_group_id")):
-            caption = message.get("caption")
-            if isinstance(caption, str) and caption.strip():
-                await self.start(ctx, photo, caption)
-            elif await self.dialog.steps.may_draw(ctx):
-                await self.ask_what(ctx, photo)
-
-    async def album_seen(self, ctx: Context, album: Any) -> bool:
-        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
-        if not isinstance(album, str):
-            return False
-        seen = self.albums.pop(album, 0)
-        self.albums[album] = seen + 1
-        if len(self.albums) > ALBUMS_REMEMBERED:
-            del self.albums[next(iter(self.albums))]
-        if seen == 1:
-            await ctx.send("album_one_photo")
-        return seen > 0
-
-    async def ask_what(self, ctx: Context, photo: str) -> None:
-        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
-        await ctx.ask(state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
-
-    async def start(self, ctx: Context, photo: str, text: str) -> None:
-        """Start an edit of ``photo`` with ``text`` as the instruction."""
-        if not await self.dialog.steps.may_draw(ctx):
-            return
-        problem = check_prompt(text, EDIT_MODEL)
-        if problem is not None:
-            await ctx.send(problem[0], **problem[1])
-        else:
-            await self.dialog.steps.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
@@ -5225,7 +5218,7 @@ class JobButtons:
         model = self.models_by_key.get(job.model)
         if model is not None and job.image:
             await ctx.answer()
-            await self.dialog.photos.ask_what(ctx, job.image)
+            await self.dialog.steps.ask_what(ctx, job.image)
         elif model is not None:
             await self.dialog.steps.ask_for(ctx, model)
 
@@ -5234,7 +5227,7 @@ class JobButtons:
         if ctx.photo:
             await ctx.answer()
             if not ctx.repeated and await self.dialog.steps.may_draw(ctx):
-                await self.dialog.photos.ask_what(ctx, ctx.photo)
+                await self.dialog.steps.ask_what(ctx, ctx.photo)
 
     async def on_stop(self, ctx: Context, argument: str) -> None:
         """✖️ under "still drawing": stops the running picture, as /cancel does."""
