@@ -4236,14 +4236,18 @@ def main_menu(lang: str) -> dict:
                     [button(t["btn_settings"], "settings"), button(t["btn_help"], "help")])
 
 
+def cancel_row(lang: str, data: str = "cancel") -> list[dict]:
+    return [button(TEXTS[lang]["btn_cancel"], data)]
+
+
 def ratio_keyboard(model: ImageModel, lang: str) -> dict:
     ratios = [button(ratio, f"ratio:{ratio}") for ratio in model.ratios]
-    return keyboard(*in_rows(ratios, 3), [button(TEXTS[lang]["btn_cancel"], "cancel")])
+    return keyboard(*in_rows(ratios, 3), cancel_row(lang))
 
 
 def option_keyboard(option: ModelOption, lang: str) -> dict:
     choices = [button(labels[lang], f"opt:{value}") for value, labels in option.choices]
-    return keyboard(choices, [button(TEXTS[lang]["btn_cancel"], "cancel")])
+    return keyboard(choices, cancel_row(lang))
 
 
 def marked(label: str, chosen: bool) -> str:
@@ -4309,7 +4313,7 @@ def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict
 
 def status_keyboard(lang: str) -> dict:
     """Under the ⏳ message while a picture is drawn: the one button that still means something."""
-    return keyboard([button(TEXTS[lang]["btn_cancel"], "cancel")])
+    return keyboard(cancel_row(lang))
 
 
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
@@ -4583,8 +4587,7 @@ class PictureSteps:
         elif popup:
             await ctx.answer(render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
         else:
-            stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
-            await ctx.send(key, stop, **values)
+            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if isinstance(refusal, Busy) else None, **values)
         return True
 
     async def ask_for(self, ctx: Context, model: ImageModel) -> None:
@@ -4594,8 +4597,7 @@ class PictureSteps:
             return  # (a second tap on the same button: the question is out already)
         # In a group the answer must reach the bot under privacy mode: a reply, which a selective ForceReply
         # opens for the requester alone (the question replies to them); /cancel closes it.
-        cancel = (keyboard([button(ctx.t["btn_cancel"], "cancel")]) if not ctx.placement
-                  else {"force_reply": True, "selective": True})
+        cancel = keyboard(cancel_row(ctx.lang)) if not ctx.placement else {"force_reply": True, "selective": True}
         await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
                       model=model.title, limits=prompt_limits(model, ctx.lang))
 
@@ -4666,8 +4668,7 @@ class PictureSteps:
         problem = check_prompt(text, model)
         takers = [m for m in self.models_by_key.values() if check_prompt(text, m) is None]
         if problem is not None and problem[0] == "prompt_too_long" and takers:
-            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2),
-                             [button(ctx.t["btn_cancel"], "cancel")])
+            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2), cancel_row(ctx.lang))
             await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
                           "prompt_too_long_models", offer, **problem[1])
         elif problem is not None:
@@ -4753,7 +4754,7 @@ class PictureSteps:
 
     async def ask_what(self, ctx: Context, photo: str) -> None:
         state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
-        await ctx.ask(state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
+        await ctx.ask(state, "ask_edit", keyboard(cancel_row(ctx.lang)))
 
     async def start_edit(self, ctx: Context, photo: str, text: str) -> None:
         """Start an edit of ``photo`` with ``text`` as the instruction."""
@@ -5038,7 +5039,9 @@ class StarsShop:
             "/balance": lambda ctx, _: ctx.send("balance", balance=self.wallet.balance(ctx.user_id)),
             "/paysupport": lambda ctx, message: ctx.send("paysupport")}
         self.services = {  # what a payment's service message carries, and who handles it
-            "successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+            "successful_payment": self.on_payment,
+            "refunded_payment": lambda ctx, refund: self.refunded(str(refund.get("telegram_payment_charge_id", "")),
+                                                                  ctx.lang)}
 
     def selling(self, ctx: Context) -> bool:
         return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
@@ -5085,9 +5088,6 @@ class StarsShop:
         if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
             log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
             await ctx.send("paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
-
-    async def on_refunded(self, ctx: Context, refund: dict) -> None:
-        await self.refunded(str(refund.get("telegram_payment_charge_id", "")), ctx.lang)
 
     async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
         """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
@@ -5198,7 +5198,7 @@ class JobButtons:
         await ctx.answer()
         choices = [button(marked(m.title, m.key == job.model), f"use:{job.id}:{m.key}") for m in self.dialog.models]
         await ctx.ask({"step": "model", "lang": ctx.lang}, "ask_model",
-                      keyboard(*in_rows(choices, 2), [button(ctx.t["btn_cancel"], "cancel")]),
+                      keyboard(*in_rows(choices, 2), cancel_row(ctx.lang)),
                       prompt=html.escape(shorten(job.prompt, 200)),
                       models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
 
