@@ -4201,10 +4201,8 @@ COUNTED_NOUN = re.compile(r"\{(\w+):([^{}]*\|[^{}]*)\}")  # "{n:картинка
 
 
 def render(lang: str, key: str, **values: Any) -> str:
-    """TEXTS[lang][key] filled in; a number may carry its noun: "{n:картинка|картинки|картинок}" -> "5 картинок".
-
-    Any text can so name a counted noun without the caller knowing which texts do.
-    """
+    """TEXTS[lang][key] filled in; any text may give a number its noun ("{n:картинка|картинки|картинок}" ->
+    "5 картинок") without the caller knowing which texts do."""
     def counted(field: re.Match) -> str:
         count = values[field[1]]
         return f"{count} {plural_form(count, tuple(field[2].split('|')))}"
@@ -4330,10 +4328,8 @@ def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) ->
 
 
 def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
-    """"model · ratio", the prompt (shortened to fit), and what is left: within Telegram's caption limit.
-
-    The limit counts the text as shown, so the prompt is shortened before it is escaped.
-    """
+    """"model · ratio", the prompt (shortened to fit), and what is left: within Telegram's caption limit, which
+    counts the text as shown, so the prompt is shortened before it is escaped."""
     head = html.escape(model.details(ratio, option, lang))
     tail = f"\n\n{left}" if left else ""
     room = CAPTION_MAX_CHARS - len(model.details(ratio, option, lang)) - len(left) - 3
@@ -4448,18 +4444,17 @@ def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[st
 
 ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
 PRESSES_REMEMBERED = 10_000  # dialogs whose last press is kept to tell a double tap
+ADMIN_COMMANDS = frozenset({"/stats", "/refund"})  # to anyone else, answered with the hint
 
 
 @dataclasses.dataclass
 class Context:
-    """Who an update came from, where to answer, and the answers themselves.
+    """Who an update came from, where to answer, and the answers, through the outbox (section 13): a handler
+    never waits for Telegram.
 
-    Replies go through the outbox (section 13): a handler never waits for
-    Telegram.  The dialog has one open question: each new one (or the dialog's
-    end) takes the keyboard off the one before.  A question edited into a
-    pressed message is known at once; a sent one's id comes back from the
-    outbox once Telegram has it (memory only: after a restart an old question
-    may keep its buttons, which then answer as stale).
+    The dialog has one open question: each new one (or the dialog's end) takes the keyboard off the one before.
+    A question edited into a pressed message is known at once; a sent one's id comes back from the outbox once
+    Telegram has it (memory only: after a restart an old question may keep its buttons, which answer as stale).
     """
 
     chat_id: int
@@ -4477,10 +4472,6 @@ class Context:
     @property
     def dialog(self) -> DialogKey:
         return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
-
-    @property
-    def t(self) -> dict[str, str]:
-        return TEXTS[self.lang]
 
     async def answer(self, text: str = "", alert: bool = False) -> None:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
@@ -4551,12 +4542,10 @@ def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
 class PictureSteps:
     """The dialog's steps toward a picture: the description, the ratio, the option, and the job's start.
 
-    A description outside a question starts a picture (at once in the user's
-    default format).  A new or edited description before the job starts
-    replaces the old one and the open question is asked again (the old one
-    loses its keyboard).  A description too long for the model is kept, with
-    the models that take it offered.  A photo in a private chat is an edit: with
-    a caption it starts at once, else the user is asked what to change; an
+    A description outside a question starts a picture (at once in the user's default format).  A new or edited
+    description before the job starts replaces the old one and the open question is asked again (the old one loses
+    its keyboard).  A description too long for the model is kept, with the models that take it offered.  A photo
+    in a private chat is an edit: with a caption it starts at once, else the user is asked what to change; an
     album's first photo is taken, its others are told so once.
     """
 
@@ -4705,11 +4694,8 @@ class PictureSteps:
 
     async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
                        status_message_id: int | None = None, image: str = "") -> None:
-        """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.
-
-        0 means there is no text message to evolve (the press came from a
-        photo): the job posts its own status message.  A refusal is a popup.
-        """
+        """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.  With 0 (no
+        text message to evolve, as under a photo) the job posts its own status message."""
         if await self.refused(ctx, model.credits, popup=True):
             return
         # A user's presses and group messages run in different queues (by user, by chat): from the check to
@@ -4772,10 +4758,9 @@ class Conversation:
 
     A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
-    photo, "question"/"question_id": see Context}.  In a private chat any text is a description and
-    a photo an edit.  A dialog speaks the language it started in.  Button data is
-    untrusted: a value not in the tables or not matching the user's step is
-    answered politely and changes nothing.
+    photo, "question"/"question_id": see Context}.  In a private chat any text is a description and a photo an
+    edit.  A dialog speaks the language it started in.  Button data is untrusted: a value not in the tables or
+    not matching the user's step is answered politely and changes nothing.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4865,6 +4850,8 @@ class Conversation:
             await self.generations.move_chat(ctx.chat_id, message["migrate_to_chat_id"])
         elif not (private or command or for_the_bot(message, bot)):
             return  # group chatter, or another bot's command: not ours to answer
+        elif command in ADMIN_COMMANDS and ctx.user_id not in self.config.admin_ids:
+            await ctx.send_hint()
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
@@ -4909,7 +4896,7 @@ class Conversation:
                 await handler(ctx, argument)
         finally:
             if not ctx.answered:  # every query gets an answer, forged and failing ones too
-                await ctx.answer(ctx.t["stale_button"])
+                await ctx.answer(TEXTS[ctx.lang]["stale_button"])
 
     # -- commands -----------------------------------------------------------
 
@@ -4941,7 +4928,7 @@ class Conversation:
         menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
-            await ctx.edit(job.status_message_id, ctx.t["cancelled_job"], menu)
+            await ctx.edit(job.status_message_id, TEXTS[ctx.lang]["cancelled_job"], menu)
         elif outcome == "cancelled":
             await ctx.reply("cancelled_job", menu)
         elif outcome == "too_late":
@@ -4950,10 +4937,7 @@ class Conversation:
             await ctx.reply("cancelled" if had_question else "nothing_to_cancel", menu)
 
     async def on_stats(self, ctx: Context, message: dict) -> None:
-        if ctx.user_id not in self.config.admin_ids:
-            await ctx.send_hint()
-            return
-        values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
+        values = stats_values(await self.generations.usage(), self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
 
@@ -5099,9 +5083,6 @@ class StarsShop:
     async def on_refund(self, ctx: Context, message: dict) -> None:
         """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
         words = str(message.get("text", "")).split()
-        if ctx.user_id not in self.dialog.config.admin_ids:
-            await ctx.send_hint()
-            return
         paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
         if paid is None:
             await ctx.send("refund_unknown")
@@ -5153,10 +5134,8 @@ class StarsShop:
 
 class JobButtons:
     """The buttons under a result or a failure; each names its job, which must be the presser's in this chat.
-
-    Anything else (another user's job, an unknown or malformed id, a model
-    no longer offered) is answered as a stale button and changes nothing.
-    """
+    Anything else (another user's job, an unknown or malformed id, a model no longer offered) is answered as a
+    stale button and changes nothing."""
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
@@ -5187,9 +5166,7 @@ class JobButtons:
 
     async def on_ratios(self, ctx: Context, job: Job, _: str) -> None:
         """Ask the ratio again, for the same prompt and model."""
-        model = self.models_by_key.get(job.model)
-        if model is not None:
-            await self.ask_ratio(ctx, model, job.prompt)
+        await self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt)
 
     async def on_models(self, ctx: Context, job: Job, _: str) -> None:
         """Offer the other models for the same prompt (catalog mode)."""
@@ -5204,14 +5181,13 @@ class JobButtons:
 
     async def on_use(self, ctx: Context, job: Job, key: str) -> None:
         """A model chosen from on_models' list: its ratio question, in that message."""
-        model = self.dialog.models_by_key.get(key)
-        if model is not None:
-            await self.ask_ratio(ctx, model, job.prompt, ctx.message_id)
+        await self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt, ctx.message_id)
 
-    async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
-        await ctx.answer()
-        await ctx.ask({"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
-                      ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
+    async def ask_ratio(self, ctx: Context, model: ImageModel | None, prompt: str, message_id: int = 0) -> None:
+        if model is not None:  # (else a model no longer offered: stale)
+            await ctx.answer()
+            await ctx.ask({"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
+                          ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
 
     async def on_edit(self, ctx: Context, job: Job, _: str) -> None:
         """Ask for a new prompt for the same model (for an edit: a new instruction for the same photo)."""
