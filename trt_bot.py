@@ -4778,16 +4778,18 @@ class Conversation:
         self.steps = PictureSteps(self)
         self.stars = StarsShop(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats,
-            "/language": self.on_language, "/settings": self.on_settings, "/draw": self.steps.on_draw_command,
-            **self.stars.commands}
+            "/start": self.on_start, "/cancel": self.on_cancel, "/stats": self.on_stats,
+            "/settings": self.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
+            "/help": lambda ctx, _: ctx.send("help", main_menu(ctx.lang)),
+            "/language": lambda ctx, _: ctx.send("choose_language", keyboard(
+                [button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()]))}
         self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
             "new": self.steps.on_create_button, "model": self.steps.on_model_button,
             "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
             "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
             "set": self.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
             **{verb: self.menu_button(command) for verb, command in (
-                ("cancel", self.on_cancel), ("help", self.on_help), ("settings", self.on_settings))}}
+                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.on_settings))}}
 
     @staticmethod
     def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
@@ -4918,9 +4920,6 @@ class Conversation:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
         await self.telegram.send_message(ctx.chat_id, text, menu, **ctx.placement)
 
-    async def on_help(self, ctx: Context, message: dict) -> None:
-        await ctx.send("help", main_menu(ctx.lang))
-
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
         had_question = self.states.get(ctx.dialog) is not None
@@ -4943,9 +4942,6 @@ class Conversation:
 
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
         await ctx.send("unknown_command")  # an open dialog stays open
-
-    async def on_language(self, ctx: Context, message: dict) -> None:
-        await ctx.send("choose_language", keyboard([button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()]))
 
     async def on_language_button(self, ctx: Context, lang: str) -> None:
         """The user's choice of RU or EN, remembered, and applied to an open dialog."""
