@@ -4169,23 +4169,16 @@ def plural_form(count: int, forms: tuple[str, ...]) -> str:
     return forms[2]
 
 
-class Counted(int):
-    """A number that writes itself with its noun: ``"{n:картинка|картинки|картинок}"`` -> "5 картинок".
-
-    Without a ``|`` in the format spec it formats as a plain int, so any text
-    can name a counted noun without the caller knowing which texts do.
-    """
-
-    def __format__(self, spec: str) -> str:
-        if "|" not in spec:
-            return int.__format__(self, spec)
-        return f"{int(self)} {plural_form(int(self), tuple(spec.split('|')))}"
+COUNTED_NOUN = re.compile(r"\{(\w+):([^{}]*\|[^{}]*)\}")  # "{n:картинка|картинки|картинок}": a number's noun forms
 
 
 def render(lang: str, key: str, **values: Any) -> str:
-    """TEXTS[lang][key] filled in; whole numbers may carry their nouns (see Counted)."""
-    counted = {k: Counted(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
-    return TEXTS[lang][key].format(**counted)
+    """TEXTS[lang][key] filled in; any text may give a number its noun ("{n:картинка|картинки|картинок}" ->
+    "5 картинок") without the caller knowing which texts do."""
+    def counted(field: re.Match) -> str:
+        count = values[field[1]]
+        return f"{count} {plural_form(count, tuple(field[2].split('|')))}"
+    return COUNTED_NOUN.sub(counted, TEXTS[lang][key]).format(**values)
 
 
 def user_language(user: dict | None) -> str:
@@ -4213,18 +4206,18 @@ def main_menu(lang: str) -> dict:
                     [button(t["btn_settings"], "settings"), button(t["btn_help"], "help")])
 
 
+def cancel_row(lang: str, data: str = "cancel") -> list[dict]:
+    return [button(TEXTS[lang]["btn_cancel"], data)]
+
+
 def ratio_keyboard(model: ImageModel, lang: str) -> dict:
     ratios = [button(ratio, f"ratio:{ratio}") for ratio in model.ratios]
-    return keyboard(*in_rows(ratios, 3), [button(TEXTS[lang]["btn_cancel"], "cancel")])
+    return keyboard(*in_rows(ratios, 3), cancel_row(lang))
 
 
 def option_keyboard(option: ModelOption, lang: str) -> dict:
     choices = [button(labels[lang], f"opt:{value}") for value, labels in option.choices]
-    return keyboard(choices, [button(TEXTS[lang]["btn_cancel"], "cancel")])
-
-
-def language_keyboard() -> dict:
-    return keyboard([button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()])
+    return keyboard(choices, cancel_row(lang))
 
 
 def marked(label: str, chosen: bool) -> str:
@@ -4288,23 +4281,16 @@ def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict
     return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
 
 
-def resend_keyboard(job_id: str, model_key: str, lang: str) -> dict:
-    return failure_keyboard(job_id, model_key, "delivery", lang)
-
-
 def status_keyboard(lang: str) -> dict:
     """Under the ⏳ message while a picture is drawn: the one button that still means something."""
-    return keyboard([button(TEXTS[lang]["btn_cancel"], "cancel")])
-
-
-def elapsed_text(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    return keyboard(cancel_row(lang))
 
 
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
     """The ⏳ message a picture's question becomes: "⏳ 16:9 · Z-Image · 0:12"."""
-    return TEXTS[lang]["status"].format(details=model.details(ratio, option, lang), elapsed=elapsed_text(elapsed_s))
+    seconds = max(0, int(elapsed_s))
+    return TEXTS[lang]["status"].format(details=model.details(ratio, option, lang),
+                                        elapsed=f"{seconds // 60}:{seconds % 60:02d}")
 
 
 def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) -> str:
@@ -4314,10 +4300,8 @@ def left_text(remaining: tuple[int, int] | None, lang: str, credits: int = 0) ->
 
 
 def result_caption(model: ImageModel, ratio: str, option: str, prompt: str, lang: str, left: str = "") -> str:
-    """"model · ratio", the prompt (shortened to fit), and what is left: within Telegram's caption limit.
-
-    The limit counts the text as shown, so the prompt is shortened before it is escaped.
-    """
+    """"model · ratio", the prompt (shortened to fit), and what is left: within Telegram's caption limit, which
+    counts the text as shown, so the prompt is shortened before it is escaped."""
     head = html.escape(model.details(ratio, option, lang))
     tail = f"\n\n{left}" if left else ""
     room = CAPTION_MAX_CHARS - len(model.details(ratio, option, lang)) - len(left) - 3
@@ -4432,16 +4416,24 @@ def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[st
 
 ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
 PRESSES_REMEMBERED = 10_000  # dialogs whose last press is kept to tell a double tap
+ADMIN_COMMANDS = frozenset({"/stats", "/refund"})  # to anyone else, answered with the hint
 
 
 @dataclasses.dataclass
 class Context:
-    """Who an update came from, where to answer, and whether a button press was answered."""
+    """Who an update came from, where to answer, and the answers, through the outbox (section 13): a handler
+    never waits for Telegram.
+
+    The dialog has one open question: each new one (or the dialog's end) takes the keyboard off the one before.
+    A question edited into a pressed message is known at once; a sent one's id comes back from the outbox once
+    Telegram has it (memory only: after a restart an old question may keep its buttons, which answer as stale).
+    """
 
     chat_id: int
     user_id: int
     lang: str
-    t: dict[str, str]
+    telegram: Outbox
+    states: ConversationStore
     callback_id: str = ""
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
@@ -4453,6 +4445,62 @@ class Context:
     def dialog(self) -> DialogKey:
         return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
 
+    async def answer(self, text: str = "", alert: bool = False) -> None:
+        """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
+        answered, self.answered = self.answered, True
+        if self.callback_id and not answered:  # (a message, not a press: nothing to answer)
+            await self.telegram.answer_callback(self.callback_id, text, show_alert=alert)
+
+    async def send(self, key: str, markup: dict | None = None, **values: Any) -> None:
+        await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup, **self.placement)
+
+    async def send_hint(self) -> None:
+        await self.send("hint", main_menu(self.lang))
+
+    async def edit(self, message_id: int, text: str, markup: dict | None = None) -> None:
+        """Turn one of our messages into ``text``: the dialog's messages evolve rather than pile up."""
+        params = {"chat_id": self.chat_id, "message_id": message_id, "text": text, "parse_mode": "HTML",
+                  "reply_markup": markup or {"inline_keyboard": []}}
+        try:
+            await self.telegram.call("editMessageText", params)
+        except TelegramError as error:  # gone, too old or unchanged: the dialog goes on without it
+            log.info("[BOT] could not edit message %d: %s", message_id, error.description)
+
+    async def reply(self, key: str, markup: dict | None = None, **values: Any) -> None:
+        """Answer in the pressed message when there is one, else in a new message."""
+        if self.message_id:
+            await self.edit(self.message_id, render(self.lang, key, **values), markup)
+        else:
+            await self.send(key, markup, **values)
+
+    async def ask(self, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
+        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it."""
+        question = secrets.token_hex(4)
+        await self.set_state({**state, "question": question, "question_id": message_id}, keep=message_id)
+        if message_id:
+            await self.edit(message_id, render(self.lang, key, **values), markup)
+        else:
+            await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup,
+                                             **self.placement, on_sent=functools.partial(self._asked, question))
+
+    def _asked(self, question: str, message: Any) -> None:
+        state = self.states.get(self.dialog)
+        if state is not None and state.get("question") == question and isinstance(message, dict):
+            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
+
+    async def set_state(self, state: dict | None, keep: int = 0) -> None:
+        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
+        (each is edited into what comes next)."""
+        old = (self.states.get(self.dialog) or {}).get("question_id")
+        await self.states.set(self.dialog, state)
+        if old and old not in (keep, self.message_id):
+            await self.retire(old)
+
+    async def retire(self, message_id: int) -> None:
+        """Take the keyboard off a message whose buttons no longer mean anything."""
+        await self.telegram.call("editMessageReplyMarkup", {"chat_id": self.chat_id, "message_id": message_id,
+                                                            "reply_markup": {"inline_keyboard": []}})
+
 
 def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
     """The figures /stats shows, by the names its text uses: the jobs' usage and the pipeline's counts."""
@@ -4463,49 +4511,56 @@ def stats_values(usage: dict, queue: dict, t: dict[str, str]) -> dict[str, Any]:
             "queue_depth": queue.get("queue_depth"), "backlog": queue.get("inbox_backlog")}
 
 
-class PromptStep:
-    """The dialog's description step: takes a prompt, checks it against the model, and corrects it.
+class PictureSteps:
+    """The dialog's steps toward a picture: the description, the ratio, the option, and the job's start.
 
-    A description outside a question starts a picture (at once in the user's
-    default format).  A new or edited description before the job starts
-    replaces the old one and the open question is asked again (the old one
-    loses its keyboard).  A description too long for the model is kept, with
-    the models that take it offered.
+    A description outside a question starts a picture (at once in the user's default format).  A new or edited
+    description before the job starts replaces the old one and the open question is asked again (the old one loses
+    its keyboard).  A description too long for the model is kept, with the models that take it offered.  A photo
+    in a private chat is an edit: with a caption it starts at once, else the user is asked what to change; an
+    album's first photo is taken, its others are told so once.
     """
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.states = conversation.states
+        self.generations = conversation.generations
         self.models_by_key = conversation.models_by_key
-        self.send, self.ask, self.send_hint = conversation.send, conversation.ask, conversation.send_hint
+        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
 
     async def may_draw(self, ctx: Context) -> bool:
         """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
-        if not self.dialog.generations.configured():  # only admins can fix it, so only they read how
-            await self.send(ctx, "not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
+        if not self.generations.configured():  # only admins can fix it, so only they read how
+            await ctx.send("not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
             return False
-        refusal = self.dialog.generations.refusal(ctx.user_id)
+        return not await self.refused(ctx)
+
+    async def refused(self, ctx: Context, cost: int = 1, popup: bool = False) -> bool:
+        """Whether the jobs refuse the user a picture of ``cost`` credits now, the user told why: past the hourly
+        limit with the ⭐ packs that lift it, else in a popup (a press that would start it) or a message."""
+        refusal = self.generations.refusal(ctx.user_id, cost)
         if refusal is None:
-            return True
-        key, values = refusal_text(refusal)
-        if isinstance(refusal, HourlyLimit) and self.dialog.stars.selling(ctx):  # the limit, and the ⭐ packs past it
-            await self.dialog.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
             return False
-        stop = keyboard([button(ctx.t["btn_cancel"], "stop")]) if isinstance(refusal, Busy) else None
-        await self.send(ctx, key, stop, **values)
-        return False
+        key, values = refusal_text(refusal)
+        if isinstance(refusal, HourlyLimit) and self.dialog.stars.selling(ctx):
+            await ctx.answer()
+            await self.dialog.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
+        elif popup:
+            await ctx.answer(render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
+        else:
+            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if isinstance(refusal, Busy) else None, **values)
+        return True
 
     async def ask_for(self, ctx: Context, model: ImageModel) -> None:
         """Asks for a description; a question already open is replaced (the dialog starts over, in this model)."""
-        await self.dialog.answer(ctx)
+        await ctx.answer()
         if ctx.repeated or not await self.may_draw(ctx):
             return  # (a second tap on the same button: the question is out already)
         # In a group the answer must reach the bot under privacy mode: a reply, which a selective ForceReply
         # opens for the requester alone (the question replies to them); /cancel closes it.
-        cancel = (keyboard([button(ctx.t["btn_cancel"], "cancel")]) if not ctx.placement
-                  else {"force_reply": True, "selective": True})
-        await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
-                       model=model.title, limits=prompt_limits(model, ctx.lang))
+        cancel = keyboard(cancel_row(ctx.lang)) if not ctx.placement else {"force_reply": True, "selective": True}
+        await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang}, "ask_prompt", cancel,
+                      model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_draw_command(self, ctx: Context, message: dict) -> None:
         """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
@@ -4527,7 +4582,7 @@ class PromptStep:
             await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
             await self.take(ctx, text, message_id)
         elif not await self.refuse(ctx, model, text):
-            await self.dialog.generate(ctx, model, text.strip(), ratio, option, 0)
+            await self.generate(ctx, model, text.strip(), ratio, option, 0)
 
     async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
         """A model offered for a description too long for the one chosen: the description goes on with it."""
@@ -4535,8 +4590,8 @@ class PromptStep:
         model, prompt = self.models_by_key.get(key), state.get("prompt", "")
         if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
             return  # stale, forged, or tapped twice
-        await self.dialog.answer(ctx)
-        await self.dialog.set_state(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+        await ctx.answer()
+        await ctx.set_state({"step": "prompt", "model": model.key, "lang": ctx.lang})
         await self.draw(dataclasses.replace(ctx, message_id=0), prompt, 0)
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
@@ -4545,7 +4600,7 @@ class PromptStep:
         step = state.get("step")
         model = self.models_by_key.get(state.get("model", ""), Z_IMAGE if step == "prompt" else None)
         if model is None:  # (a saved dialog can outlive a catalog change)
-            await self.send_hint(ctx)
+            await ctx.send_hint()
             return
         if await self.refuse(ctx, model, text):
             return
@@ -4554,11 +4609,11 @@ class PromptStep:
                  "prompt_message_id": message_id if isinstance(message_id, int) else 0}
         shown = html.escape(shorten(prompt, 200))
         if step == "option" and model.option is not None:
-            await self.ask(ctx, state, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
-                           option=model.option.title[ctx.lang])
+            await ctx.ask(state, "prompt_replaced_option", option_keyboard(model.option, ctx.lang), prompt=shown,
+                          option=model.option.title[ctx.lang])
         else:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
-            await self.ask(ctx, state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
+            await ctx.ask(state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
@@ -4574,61 +4629,100 @@ class PromptStep:
         problem = check_prompt(text, model)
         takers = [m for m in self.models_by_key.values() if check_prompt(text, m) is None]
         if problem is not None and problem[0] == "prompt_too_long" and takers:
-            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2),
-                             [button(ctx.t["btn_cancel"], "cancel")])
-            await self.ask(ctx, {"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
-                           "prompt_too_long_models", offer, **problem[1])
+            offer = keyboard(*in_rows([button(m.title, f"long:{m.key}") for m in takers], 2), cancel_row(ctx.lang))
+            await ctx.ask({"step": "prompt", "model": model.key, "lang": ctx.lang, "prompt": text.strip()},
+                          "prompt_too_long_models", offer, **problem[1])
         elif problem is not None:
-            await self.send(ctx, problem[0], **problem[1])
+            await ctx.send(problem[0], **problem[1])
         return problem is not None
 
+    async def on_create_button(self, ctx: Context, argument: str) -> None:
+        await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
 
-class OpenQuestion:
-    """The dialog's one open question: each new one (or the dialog's end) takes the keyboard off the one before.
+    async def on_model_button(self, ctx: Context, key: str) -> None:
+        model = self.models_by_key.get(key)
+        if model is not None:
+            await self.ask_for(ctx, model)
 
-    A question edited into a pressed message is known at once; a sent one's
-    id comes back from the outbox once Telegram has it (memory only: after a
-    restart an old question may keep its buttons, which then answer as stale).
-    """
+    async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
+        state = self.states.get(ctx.dialog) or {}
+        model = self.models_by_key.get(state.get("model", ""))
+        if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
+            return  # a stale or forged button, or a second tap: answered as stale, nothing changes
+        if model.option is None:
+            await self.generate(ctx, model, state["prompt"], ratio)
+            return
+        await ctx.answer()
+        await self.states.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
+        await ctx.reply("ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
 
-    def __init__(self, states: ConversationStore, telegram: Outbox,
-                 edit: Callable[[Context, int, str, dict | None], Awaitable[None]]):
-        self.states = states
-        self.telegram = telegram
-        self.edit = edit
+    async def on_option_button(self, ctx: Context, value: str) -> None:
+        state = self.states.get(ctx.dialog) or {}
+        model = self.models_by_key.get(state.get("model", ""))
+        if state.get("step") != "option" or model is None or model.option is None:
+            return  # (a saved dialog can outlive a catalog change)
+        if value in dict(model.option.choices):
+            await self.generate(ctx, model, state["prompt"], state["ratio"], value)
 
-    async def ask(self, ctx: Context, state: dict, key: str, markup: dict, message_id: int = 0, **values: Any) -> None:
-        """The dialog's next question, with ``state``: sent, or ``message_id`` edited into it.
+    async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
+                       status_message_id: int | None = None, image: str = "") -> None:
+        """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.  With 0 (no
+        text message to evolve, as under a photo) the job posts its own status message."""
+        if await self.refused(ctx, model.credits, popup=True):
+            return
+        # A user's presses and group messages run in different queues (by user, by chat): from the check to
+        # the job the user counts as busy, so two at once never both start.
+        self.generations.starting.add(ctx.user_id)
+        try:
+            await ctx.answer()
+            status_message_id = ctx.message_id if status_message_id is None else status_message_id
+            if status_message_id:
+                await ctx.edit(status_message_id, status_text(model, ratio, option, ctx.lang, 0),
+                               status_keyboard(ctx.lang))
+            # The dialog ends only once the job is stored, so a press replayed after kill -9
+            # never finds the dialog over and no job to show for it.
+            await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
+                                         status_message_id, image)
+        finally:
+            self.generations.starting.discard(ctx.user_id)
+        await ctx.set_state(None, keep=status_message_id)
 
-        The question it replaces loses its keyboard; a sent one's id is noted
-        once Telegram has it, so the next change can take its keyboard off too.
-        """
-        question = secrets.token_hex(4)
-        await self.set_state(ctx, {**state, "question": question, "question_id": message_id}, keep=message_id)
-        text = render(ctx.lang, key, **values)
-        if message_id:
-            await self.edit(ctx, message_id, text, markup)
+    async def on_photo(self, ctx: Context, message: dict) -> None:
+        photo, refusal = photo_to_edit(message)
+        if refusal:
+            await ctx.send(refusal)
+        elif not await self.album_seen(ctx, message.get("media_group_id")):
+            caption = message.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                await self.start_edit(ctx, photo, caption)
+            elif await self.may_draw(ctx):
+                await self.ask_what(ctx, photo)
+
+    async def album_seen(self, ctx: Context, album: Any) -> bool:
+        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
+        if not isinstance(album, str):
+            return False
+        seen = self.albums.pop(album, 0)
+        self.albums[album] = seen + 1
+        if len(self.albums) > ALBUMS_REMEMBERED:
+            del self.albums[next(iter(self.albums))]
+        if seen == 1:
+            await ctx.send("album_one_photo")
+        return seen > 0
+
+    async def ask_what(self, ctx: Context, photo: str) -> None:
+        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
+        await ctx.ask(state, "ask_edit", keyboard(cancel_row(ctx.lang)))
+
+    async def start_edit(self, ctx: Context, photo: str, text: str) -> None:
+        """Start an edit of ``photo`` with ``text`` as the instruction."""
+        if not await self.may_draw(ctx):
+            return
+        problem = check_prompt(text, EDIT_MODEL)
+        if problem is not None:
+            await ctx.send(problem[0], **problem[1])
         else:
-            await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement,
-                                             on_sent=functools.partial(self._asked, ctx.dialog, question))
-
-    def _asked(self, dialog: DialogKey, question: str, message: Any) -> None:
-        state = self.states.get(dialog)
-        if state is not None and state.get("question") == question and isinstance(message, dict):
-            state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
-
-    async def set_state(self, ctx: Context, state: dict | None, keep: int = 0) -> None:
-        """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
-        (each is edited into what comes next)."""
-        old = (self.states.get(ctx.dialog) or {}).get("question_id")
-        await self.states.set(ctx.dialog, state)
-        if old and old not in (keep, ctx.message_id):
-            await self.retire(ctx, old)
-
-    async def retire(self, ctx: Context, message_id: int) -> None:
-        """Take the keyboard off a message whose buttons no longer mean anything."""
-        await self.telegram.call("editMessageReplyMarkup", {"chat_id": ctx.chat_id, "message_id": message_id,
-                                                            "reply_markup": {"inline_keyboard": []}})
+            await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
 class Conversation:
@@ -4636,12 +4730,9 @@ class Conversation:
 
     A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
-    photo, "question"/"question_id": see OpenQuestion}.  In a private chat any text is a description and
-    a photo an edit.  A dialog speaks the language it started in.  Button data is
-    untrusted: a value not in the tables or not matching the user's step is
-    answered politely and changes nothing.  Replies go through the outbox
-    (section 13): a handler never waits for Telegram; only a question's message
-    id comes back, later, so the next question can take its keyboard off.
+    photo, "question"/"question_id": see Context}.  In a private chat any text is a description and a photo an
+    edit.  A dialog speaks the language it started in.  Button data is untrusted: a value not in the tables or
+    not matching the user's step is answered politely and changes nothing.
     """
 
     def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
@@ -4655,26 +4746,30 @@ class Conversation:
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
         # Each dialog's last press (message id, data) since its last message, to tell a double tap (memory only).
         self.presses: dict[DialogKey, tuple[int, Any]] = {}
-        questions = OpenQuestion(states, telegram, self.edit)
-        self.ask, self.set_state, self.retire = questions.ask, questions.set_state, questions.retire
-        self.prompts = PromptStep(self)
-        self.photos = PhotoEdits(self)
-        self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-            "/start": self.on_start, "/help": self.on_help, "/cancel": self.on_cancel, "/stats": self.on_stats,
-            "/draw": self.prompts.on_draw_command}
         self.username = ""  # the bot's, from getMe: a group's commands and mentions are told by it
-        self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
-            "new": self.on_create_button, "model": self.on_model_button, "ratio": self.on_ratio_button,
-            "opt": self.on_option_button, "cancel": self.on_cancel_button, "help": self.on_help_button,
-            "long": self.prompts.on_long_prompt_button}
-        self.buttons.update(JobButtons(self).handlers())
+        self.steps = PictureSteps(self)
         self.stars = StarsShop(self)
-        self.commands.update(self.stars.commands)
-        self.buttons["buy"] = self.stars.on_pack_button
-        languages, settings = LanguageChoice(self), SettingsChoice(self)
-        self.commands["/language"], self.buttons["lang"] = languages.on_command, languages.on_button
-        self.commands["/settings"], self.buttons["set"] = settings.on_command, settings.on_button
-        self.buttons["settings"] = settings.on_menu_button
+        self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
+            "/start": self.on_start, "/cancel": self.on_cancel, "/stats": self.on_stats,
+            "/settings": self.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
+            "/help": lambda ctx, _: ctx.send("help", main_menu(ctx.lang)),
+            "/language": lambda ctx, _: ctx.send("choose_language", keyboard(
+                [button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()]))}
+        self.buttons: dict[str, Callable[[Context, str], Awaitable[None]]] = {
+            "new": self.steps.on_create_button, "model": self.steps.on_model_button,
+            "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
+            "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
+            "set": self.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
+            **{verb: self.menu_button(command) for verb, command in (
+                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.on_settings))}}
+
+    @staticmethod
+    def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
+        """A button that does what its command does, the press answered first."""
+        async def on_button(ctx: Context, argument: str) -> None:
+            await ctx.answer()
+            await command(ctx, {})
+        return on_button
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4691,10 +4786,10 @@ class Conversation:
     def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
         """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
         language even if the user's app changes its own."""
-        ctx = Context(chat["id"], user_id, "", {}, callback_id, placement=group_reply(chat, requester))
+        ctx = Context(chat["id"], user_id, "", self.telegram, self.states, callback_id,
+                      placement=group_reply(chat, requester))
         lang = (self.states.get(ctx.dialog) or {}).get("lang")
         ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
-        ctx.t = TEXTS[ctx.lang]
         return ctx
 
     def message_context(self, message: dict) -> Context | None:
@@ -4729,25 +4824,27 @@ class Conversation:
             await self.generations.move_chat(ctx.chat_id, message["migrate_to_chat_id"])
         elif not (private or command or for_the_bot(message, bot)):
             return  # group chatter, or another bot's command: not ours to answer
+        elif command in ADMIN_COMMANDS and ctx.user_id not in self.config.admin_ids:
+            await ctx.send_hint()
         elif command is not None:  # never a prompt, even a command the bot does not know
             await self.commands.get(command, self.on_unknown_command)(ctx, message)
         elif private and any(photo_to_edit(message)):
-            await self.photos.on_message(ctx, message)
+            await self.steps.on_photo(ctx, message)
         elif not isinstance(text, str):
-            await (self.send(ctx, not_text_answer(message)) if step else self.send_hint(ctx))
+            await (ctx.send(not_text_answer(message)) if step else ctx.send_hint())
         elif step == "edit":
-            await self.photos.start(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+            await self.steps.start_edit(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
         elif step in ("ratio", "option"):
-            await self.prompts.take(ctx, text, message.get("message_id"))
+            await self.steps.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
-            await self.prompts.draw(ctx, text, message.get("message_id"))
+            await self.steps.draw(ctx, text, message.get("message_id"))
         else:
-            await self.send_hint(ctx)
+            await ctx.send_hint()
 
     async def on_edited_message(self, message: dict) -> None:
         ctx = self.message_context(message)
         if ctx is not None:
-            await self.prompts.on_edit(ctx, message)
+            await self.steps.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
         user, pressed = query.get("from") or {}, query.get("message") or {}
@@ -4760,7 +4857,7 @@ class Conversation:
         owner = requester.get("from") or {}
         if ctx.placement and owner.get("id") not in (None, ctx.user_id):  # a member's picture: theirs to steer
             name = shorten(str(owner.get("first_name", "")), 64)  # (a pop-up holds 200 characters)
-            return await self.answer(ctx, render(ctx.lang, "not_your_picture", name=name), alert=True)
+            return await ctx.answer(render(ctx.lang, "not_your_picture", name=name), alert=True)
         data = query.get("data")
         ctx.repeated = bool(ctx.message_id) and self.presses.pop(ctx.dialog, None) == (ctx.message_id, data)
         self.presses[ctx.dialog] = ctx.message_id, data
@@ -4773,32 +4870,7 @@ class Conversation:
                 await handler(ctx, argument)
         finally:
             if not ctx.answered:  # every query gets an answer, forged and failing ones too
-                await self.answer(ctx, ctx.t["stale_button"])
-
-    async def answer(self, ctx: Context, text: str = "", alert: bool = False) -> None:
-        """Answer the button press: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
-        ctx.answered = True
-        if ctx.callback_id:  # (a message, not a press: nothing to answer)
-            await self.telegram.answer_callback(ctx.callback_id, text, show_alert=alert)
-
-    async def edit(self, ctx: Context, message_id: int, text: str, markup: dict | None = None) -> None:
-        """Turn one of our messages into ``text``: the dialog's messages evolve rather than pile up."""
-        params = {"chat_id": ctx.chat_id, "message_id": message_id, "text": text, "parse_mode": "HTML",
-                  "reply_markup": markup or {"inline_keyboard": []}}
-        try:
-            await self.telegram.call("editMessageText", params)
-        except TelegramError as error:  # gone, too old or unchanged: the dialog goes on without it
-            log.info("[BOT] could not edit message %d: %s", message_id, error.description)
-
-    async def reply(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
-        """Answer in the pressed message when there is one, else in a new message."""
-        if ctx.message_id:
-            await self.edit(ctx, ctx.message_id, render(ctx.lang, key, **values), markup)
-        else:
-            await self.send(ctx, key, markup, **values)
-
-    async def send(self, ctx: Context, key: str, markup: dict | None = None, **values: Any) -> None:
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, key, **values), markup, **ctx.placement)
+                await ctx.answer(TEXTS[ctx.lang]["stale_button"])
 
     # -- commands -----------------------------------------------------------
 
@@ -4815,161 +4887,61 @@ class Conversation:
             log.exception("[BOT] main menu failed; sending the fallback")
             menu, text = FALLBACK_MENU, TEXTS["ru"]["start"]
         try:
-            await self.set_state(ctx, None)
+            await ctx.set_state(None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
         await self.telegram.send_message(ctx.chat_id, text, menu, **ctx.placement)
 
-    async def on_help(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "help", main_menu(ctx.lang))
-
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
         had_question = self.states.get(ctx.dialog) is not None
-        await self.set_state(ctx, None)
+        await ctx.set_state(None)
         menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
         if outcome == "cancelled" and job is not None and job.status_message_id:  # the ⏳ message says it
-            await self.edit(ctx, job.status_message_id, ctx.t["cancelled_job"], menu)
+            await ctx.edit(job.status_message_id, TEXTS[ctx.lang]["cancelled_job"], menu)
         elif outcome == "cancelled":
-            await self.reply(ctx, "cancelled_job", menu)
+            await ctx.reply("cancelled_job", menu)
         elif outcome == "too_late":
-            await self.send(ctx, "cancel_too_late")
+            await ctx.send("cancel_too_late")
         else:
-            await self.reply(ctx, "cancelled" if had_question else "nothing_to_cancel", menu)
+            await ctx.reply("cancelled" if had_question else "nothing_to_cancel", menu)
 
     async def on_stats(self, ctx: Context, message: dict) -> None:
-        if ctx.user_id not in self.config.admin_ids:
-            await self.send_hint(ctx)
-            return
-        values = stats_values(await self.generations.usage(), self.queue_stats(), ctx.t)
+        values = stats_values(await self.generations.usage(), self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
 
-    async def send_hint(self, ctx: Context) -> None:
-        await self.send(ctx, "hint", main_menu(ctx.lang))
-
     async def on_unknown_command(self, ctx: Context, message: dict) -> None:
-        await self.send(ctx, "unknown_command")  # an open dialog stays open
+        await ctx.send("unknown_command")  # an open dialog stays open
 
-    # -- the dialog ---------------------------------------------------------
+    async def on_language_button(self, ctx: Context, lang: str) -> None:
+        """The user's choice of RU or EN, remembered, and applied to an open dialog."""
+        if lang not in LANGUAGES:
+            return  # a forged button: answered as stale
+        await ctx.answer()
+        await self.states.set_language(ctx.user_id, lang)
+        state = self.states.get(ctx.dialog)
+        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.states.set(ctx.dialog, {**state, "lang": lang})
+        await dataclasses.replace(ctx, lang=lang).send("language_set", main_menu(lang))
 
-    async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.prompts.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.models)[0])
+    async def on_settings(self, ctx: Context, message: dict) -> None:
+        """The user's default model, format and quality.  With a default format a description is drawn at once;
+        without one ("ask every time", the default) the format question follows it."""
+        text, markup = settings_screen(self.states.settings(ctx.user_id), self.models, ctx.lang)
+        await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
 
-    async def on_model_button(self, ctx: Context, key: str) -> None:
-        model = self.models_by_key.get(key)
-        if model is not None:
-            await self.prompts.ask_for(ctx, model)
-
-    async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
-        model = self.models_by_key.get(state.get("model", ""))
-        if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
-            return  # a stale or forged button, or a second tap: answered as stale, nothing changes
-        if model.option is None:
-            await self.generate(ctx, model, state["prompt"], ratio)
-            return
-        await self.answer(ctx)
-        await self.states.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
-        await self.reply(ctx, "ask_option", option_keyboard(model.option, ctx.lang),
-                         option=model.option.title[ctx.lang])
-
-    async def on_option_button(self, ctx: Context, value: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
-        model = self.models_by_key.get(state.get("model", ""))
-        if state.get("step") != "option" or model is None or model.option is None:
-            return  # (a saved dialog can outlive a catalog change)
-        if value not in dict(model.option.choices):
-            return
-        await self.generate(ctx, model, state["prompt"], state["ratio"], value)
-
-    async def generate(self, ctx: Context, model: ImageModel, prompt: str, ratio: str, option: str = "",
-                       status_message_id: int | None = None, image: str = "") -> None:
-        """Start the picture; the pressed message (or ``status_message_id``) becomes its ⏳ status.
-
-        0 means there is no text message to evolve (the press came from a
-        photo): the job posts its own status message.  A refusal is a popup.
-        """
-        refusal = self.generations.refusal(ctx.user_id, model.credits)
-        if refusal is not None:
-            key, values = refusal_text(refusal)
-            if isinstance(refusal, HourlyLimit) and self.stars.selling(ctx):  # the limit, and the ⭐ packs past it
-                await self.answer(ctx)
-                await self.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
-                return
-            await self.answer(ctx, render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
-            return
-        # A user's presses and group messages run in different queues (by user, by chat): from the check to
-        # the job the user counts as busy, so two at once never both start.
-        self.generations.starting.add(ctx.user_id)
-        try:
-            await self.answer(ctx)
-            status_message_id = ctx.message_id if status_message_id is None else status_message_id
-            if status_message_id:
-                await self.edit(ctx, status_message_id, status_text(model, ratio, option, ctx.lang, 0),
-                                status_keyboard(ctx.lang))
-            # The dialog ends only once the job is stored, so a press replayed after kill -9
-            # never finds the dialog over and no job to show for it.
-            await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
-                                         status_message_id, image)
-        finally:
-            self.generations.starting.discard(ctx.user_id)
-        await self.set_state(ctx, None, keep=status_message_id)
-
-    async def on_cancel_button(self, ctx: Context, argument: str) -> None:
-        await self.answer(ctx)
-        await self.on_cancel(ctx)
-
-    async def on_help_button(self, ctx: Context, argument: str) -> None:
-        await self.answer(ctx)
-        await self.send(ctx, "help", main_menu(ctx.lang))
-
-
-class PhotoEdits:
-    """A photo in a private chat is an edit: with a caption it starts at once, else the user is asked what to
-    change; an album's first photo is taken, its others are told so once."""
-
-    def __init__(self, conversation: Conversation):
-        self.dialog = conversation
-        self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
-
-    async def on_message(self, ctx: Context, message: dict) -> None:
-        photo, refusal = photo_to_edit(message)
-        if refusal:
-            await self.dialog.send(ctx, refusal)
-        elif not await self.album_seen(ctx, message.get("media_group_id")):
-            caption = message.get("caption")
-            if isinstance(caption, str) and caption.strip():
-                await self.start(ctx, photo, caption)
-            elif await self.dialog.prompts.may_draw(ctx):
-                await self.ask_what(ctx, photo)
-
-    async def album_seen(self, ctx: Context, album: Any) -> bool:
-        """Whether an album's earlier photo was taken already (each comes in its own message; one is edited)."""
-        if not isinstance(album, str):
-            return False
-        seen = self.albums.pop(album, 0)
-        self.albums[album] = seen + 1
-        if len(self.albums) > ALBUMS_REMEMBERED:
-            del self.albums[next(iter(self.albums))]
-        if seen == 1:
-            await self.dialog.send(ctx, "album_one_photo")
-        return seen > 0
-
-    async def ask_what(self, ctx: Context, photo: str) -> None:
-        state = {"step": "edit", "model": EDIT_MODEL.key, "lang": ctx.lang, "image": photo}
-        await self.dialog.ask(ctx, state, "ask_edit", keyboard([button(ctx.t["btn_cancel"], "cancel")]))
-
-    async def start(self, ctx: Context, photo: str, text: str) -> None:
-        """Start an edit of ``photo`` with ``text`` as the instruction."""
-        if not await self.dialog.prompts.may_draw(ctx):
-            return
-        problem = check_prompt(text, EDIT_MODEL)
-        if problem is not None:
-            await self.dialog.send(ctx, problem[0], **problem[1])
-        else:
-            await self.dialog.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
+    async def on_settings_button(self, ctx: Context, argument: str) -> None:
+        """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
+        name, _, value = argument.partition(":")
+        model, ratio, option = user_defaults({**self.states.settings(ctx.user_id), name: value}, self.models)
+        settings = {"model": model.key, "ratio": ratio, "option": option}
+        if settings.get(name) != value:
+            return  # a forged button, or one for a model no longer offered: answered as stale
+        await ctx.answer()
+        await self.states.set_settings(ctx.user_id, settings)
+        await ctx.edit(ctx.message_id, *settings_screen(settings, self.models, ctx.lang))
 
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
@@ -5016,10 +4988,12 @@ class StarsShop:
         self.wallet = conversation.generations.wallet
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
-            "/balance": lambda ctx, _: conversation.send(ctx, "balance", balance=self.wallet.balance(ctx.user_id)),
-            "/paysupport": lambda ctx, message: conversation.send(ctx, "paysupport")}
+            "/balance": lambda ctx, _: ctx.send("balance", balance=self.wallet.balance(ctx.user_id)),
+            "/paysupport": lambda ctx, message: ctx.send("paysupport")}
         self.services = {  # what a payment's service message carries, and who handles it
-            "successful_payment": self.on_payment, "refunded_payment": self.on_refunded}
+            "successful_payment": self.on_payment,
+            "refunded_payment": lambda ctx, refund: self.refunded(str(refund.get("telegram_payment_charge_id", "")),
+                                                                  ctx.lang)}
 
     def selling(self, ctx: Context) -> bool:
         return bool(self.packs) and ctx.chat_id == ctx.user_id  # a private chat's id is its user's
@@ -5027,7 +5001,7 @@ class StarsShop:
     async def offer(self, ctx: Context, lead: str = "") -> None:
         """The packs as ⭐ buttons under ``lead``, in a private chat; elsewhere, where to buy them."""
         if not self.selling(ctx):
-            await self.dialog.send(ctx, "buy_in_private" if self.packs else "unknown_command")
+            await ctx.send("buy_in_private" if self.packs else "unknown_command")
             return
         text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
         packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
@@ -5039,7 +5013,7 @@ class StarsShop:
         pack = paid_pack(f"pack:{argument}")
         if pack not in self.packs or not self.selling(ctx):
             return
-        await self.dialog.answer(ctx)
+        await ctx.answer()
         title = render(ctx.lang, "btn_pack", credits=pack[0], stars=pack[1])
         await self.dialog.telegram.call("sendInvoice", {
             "chat_id": ctx.chat_id, "title": title, "payload": "pack:{}:{}".format(*pack), "provider_token": "",
@@ -5065,10 +5039,7 @@ class StarsShop:
         # A database that cannot record it raises (logged); the next start's reconciliation credits it.
         if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
             log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
-            await self.dialog.send(ctx, "paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
-
-    async def on_refunded(self, ctx: Context, refund: dict) -> None:
-        await self.refunded(str(refund.get("telegram_payment_charge_id", "")), ctx.lang)
+            await ctx.send("paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
 
     async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
         """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
@@ -5080,21 +5051,18 @@ class StarsShop:
     async def on_refund(self, ctx: Context, message: dict) -> None:
         """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
         words = str(message.get("text", "")).split()
-        if ctx.user_id not in self.dialog.config.admin_ids:
-            await self.dialog.send_hint(ctx)
-            return
         paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
         if paid is None:
-            await self.dialog.send(ctx, "refund_unknown")
+            await ctx.send("refund_unknown")
             return
         try:
             await self.dialog.telegram.telegram.call(
                 "refundStarPayment", {"user_id": paid[0], "telegram_payment_charge_id": words[1]})
         except TelegramError as error:
-            await self.dialog.send(ctx, "refund_failed", reason=html.escape(error.description))
+            await ctx.send("refund_failed", reason=html.escape(error.description))
             return
         for _, _, user_id, removed, _ in await self.refunded(words[1]):
-            await self.dialog.send(ctx, "refund_done", user=user_id, removed=-removed)
+            await ctx.send("refund_done", user=user_id, removed=-removed)
 
     async def stats(self, ctx: Context) -> str:
         """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
@@ -5132,64 +5100,10 @@ class StarsShop:
             await self.refunded(charge_id)
 
 
-class LanguageChoice:
-    """``/language`` and its buttons: the user's choice of RU or EN, remembered, and applied to an open dialog."""
-
-    def __init__(self, conversation: Conversation):
-        self.dialog = conversation
-
-    async def on_command(self, ctx: Context, message: dict) -> None:
-        await self.dialog.send(ctx, "choose_language", language_keyboard())
-
-    async def on_button(self, ctx: Context, lang: str) -> None:
-        if lang not in LANGUAGES:
-            return  # a forged button: answered as stale
-        await self.dialog.answer(ctx)
-        await self.dialog.states.set_language(ctx.user_id, lang)
-        state = self.dialog.states.get(ctx.dialog)
-        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.dialog.states.set(ctx.dialog, {**state, "lang": lang})
-        chosen = dataclasses.replace(ctx, lang=lang, t=TEXTS[lang])
-        await self.dialog.send(chosen, "language_set", main_menu(lang))
-
-
-class SettingsChoice:
-    """``/settings`` and its buttons: the user's default model, format and quality, remembered durably.
-
-    With a default format, a description is drawn at once; without one
-    ("ask every time", the default) the format question follows it.
-    """
-
-    def __init__(self, conversation: Conversation):
-        self.dialog = conversation
-
-    async def on_command(self, ctx: Context, message: dict) -> None:
-        text, markup = settings_screen(self.dialog.states.settings(ctx.user_id), self.dialog.models, ctx.lang)
-        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
-
-    async def on_menu_button(self, ctx: Context, argument: str) -> None:
-        await self.dialog.answer(ctx)
-        await self.on_command(ctx, {})
-
-    async def on_button(self, ctx: Context, argument: str) -> None:
-        name, _, value = argument.partition(":")
-        chosen = {**self.dialog.states.settings(ctx.user_id), name: value}
-        model, ratio, option = user_defaults(chosen, self.dialog.models)
-        settings = {"model": model.key, "ratio": ratio, "option": option}
-        if settings.get(name) != value:
-            return  # a forged button, or one for a model no longer offered: answered as stale
-        await self.dialog.answer(ctx)
-        await self.dialog.states.set_settings(ctx.user_id, settings)
-        text, markup = settings_screen(settings, self.dialog.models, ctx.lang)
-        await self.dialog.edit(ctx, ctx.message_id, text, markup)
-
-
 class JobButtons:
     """The buttons under a result or a failure; each names its job, which must be the presser's in this chat.
-
-    Anything else (another user's job, an unknown or malformed id, a model
-    no longer offered) is answered as a stale button and changes nothing.
-    """
+    Anything else (another user's job, an unknown or malformed id, a model no longer offered) is answered as a
+    stale button and changes nothing."""
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
@@ -5197,90 +5111,85 @@ class JobButtons:
         self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
-        return {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch,
-                "stop": self.on_stop}
+        by_job = {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
+                  "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch}
+        return {"stop": self.on_stop, **{verb: self.with_job(handler) for verb, handler in by_job.items()}}
 
-    async def job_and_model(self, ctx: Context, job_id: str) -> tuple[Job, ImageModel] | None:
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        model = self.models_by_key.get(job.model) if job is not None else None
-        return (job, model) if job is not None and model is not None else None
+    def with_job(self, handler: Callable[[Context, Job, str], Awaitable[None]]
+                 ) -> Callable[[Context, str], Awaitable[None]]:
+        """The handler of "verb:job id[:choice]", given the job when it is the presser's in this chat."""
+        async def on_button(ctx: Context, argument: str) -> None:
+            job_id, _, choice = argument.partition(":")
+            job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
+            if job is not None:
+                await handler(ctx, job, choice)
+        return on_button
 
-    async def on_again(self, ctx: Context, job_id: str) -> None:
+    async def on_again(self, ctx: Context, job: Job, _: str) -> None:
         """The same picture again; a failure's own message becomes the new status."""
-        found = await self.job_and_model(ctx, job_id)
-        if found is not None:
-            job, model = found
+        model = self.models_by_key.get(job.model)
+        if model is not None:
             status = ctx.message_id if ctx.message_id == job.status_message_id else 0
-            await self.dialog.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
+            await self.dialog.steps.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
 
-    async def on_ratios(self, ctx: Context, job_id: str) -> None:
+    async def on_ratios(self, ctx: Context, job: Job, _: str) -> None:
         """Ask the ratio again, for the same prompt and model."""
-        found = await self.job_and_model(ctx, job_id)
-        if found is not None:
-            await self.ask_ratio(ctx, found[1], found[0].prompt)
+        await self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt)
 
-    async def on_models(self, ctx: Context, job_id: str) -> None:
+    async def on_models(self, ctx: Context, job: Job, _: str) -> None:
         """Offer the other models for the same prompt (catalog mode)."""
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        if job is None or len(self.dialog.models) < 2:
+        if len(self.dialog.models) < 2:
             return
-        await self.dialog.answer(ctx)
+        await ctx.answer()
         choices = [button(marked(m.title, m.key == job.model), f"use:{job.id}:{m.key}") for m in self.dialog.models]
-        await self.dialog.ask(ctx, {"step": "model", "lang": ctx.lang}, "ask_model",
-                              keyboard(*in_rows(choices, 2), [button(ctx.t["btn_cancel"], "cancel")]),
-                              prompt=html.escape(shorten(job.prompt, 200)),
-                              models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
+        await ctx.ask({"step": "model", "lang": ctx.lang}, "ask_model",
+                      keyboard(*in_rows(choices, 2), cancel_row(ctx.lang)),
+                      prompt=html.escape(shorten(job.prompt, 200)),
+                      models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
 
-    async def on_use(self, ctx: Context, argument: str) -> None:
-        job_id, _, key = argument.partition(":")
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        model = self.dialog.models_by_key.get(key)
-        if job is not None and model is not None:
-            await self.ask_ratio(ctx, model, job.prompt, ctx.message_id)
+    async def on_use(self, ctx: Context, job: Job, key: str) -> None:
+        """A model chosen from on_models' list: its ratio question, in that message."""
+        await self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt, ctx.message_id)
 
-    async def ask_ratio(self, ctx: Context, model: ImageModel, prompt: str, message_id: int = 0) -> None:
-        await self.dialog.answer(ctx)
-        await self.dialog.ask(ctx, {"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
-                              ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
+    async def ask_ratio(self, ctx: Context, model: ImageModel | None, prompt: str, message_id: int = 0) -> None:
+        if model is not None:  # (else a model no longer offered: stale)
+            await ctx.answer()
+            await ctx.ask({"step": "ratio", "model": model.key, "prompt": prompt}, "ask_ratio",
+                          ratio_keyboard(model, ctx.lang), message_id, prompt=html.escape(shorten(prompt, 200)))
 
-    async def on_edit(self, ctx: Context, job_id: str) -> None:
+    async def on_edit(self, ctx: Context, job: Job, _: str) -> None:
         """Ask for a new prompt for the same model (for an edit: a new instruction for the same photo)."""
-        found = await self.job_and_model(ctx, job_id)
-        if found is not None and found[0].image:
-            await self.dialog.answer(ctx)
-            await self.dialog.photos.ask_what(ctx, found[0].image)
-        elif found is not None:
-            await self.dialog.prompts.ask_for(ctx, found[1])
+        model = self.models_by_key.get(job.model)
+        if model is not None and job.image:
+            await ctx.answer()
+            await self.dialog.steps.ask_what(ctx, job.image)
+        elif model is not None:
+            await self.dialog.steps.ask_for(ctx, model)
 
-    async def on_retouch(self, ctx: Context, job_id: str) -> None:
+    async def on_retouch(self, ctx: Context, job: Job, _: str) -> None:
         """🪄 under a result: edit that picture, fetched again from Telegram by the photo's file id."""
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        if job is not None and ctx.photo:
-            await self.dialog.answer(ctx)
-            if not ctx.repeated and await self.dialog.prompts.may_draw(ctx):
-                await self.dialog.photos.ask_what(ctx, ctx.photo)
+        if ctx.photo:
+            await ctx.answer()
+            if not ctx.repeated and await self.dialog.steps.may_draw(ctx):
+                await self.dialog.steps.ask_what(ctx, ctx.photo)
 
     async def on_stop(self, ctx: Context, argument: str) -> None:
         """✖️ under "still drawing": stops the running picture, as /cancel does."""
-        await self.dialog.answer(ctx)
-        await self.dialog.retire(ctx, ctx.message_id)
+        await ctx.answer()
+        await ctx.retire(ctx.message_id)
         await self.dialog.on_cancel(dataclasses.replace(ctx, message_id=0))
 
-    async def on_file(self, ctx: Context, job_id: str) -> None:
+    async def on_file(self, ctx: Context, job: Job, _: str) -> None:
         """The finished picture as a file, uncompressed: one send per press."""
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        if job is not None and job.result_url and job.outcome == "success":
-            await self.dialog.answer(ctx)
+        if job.result_url and job.outcome == "success":
+            await ctx.answer()
             if not ctx.repeated:  # a double tap sends one
                 self.generations.send_original(job)
 
-    async def on_resend(self, ctx: Context, job_id: str) -> None:
-        job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-        if job is None or job.state != "delivered" or job.outcome != "success":
-            return
-        await self.dialog.answer(ctx)
-        await self.generations.resend(job)
+    async def on_resend(self, ctx: Context, job: Job, _: str) -> None:
+        if job.state == "delivered" and job.outcome == "success":
+            await ctx.answer()
+            await self.generations.resend(job)
 
 
 ###############################################################################
@@ -6224,7 +6133,7 @@ class ResultSender:
                          failure_keyboard(job.id, job.model, job.error, job.lang))
 
     async def offer_resend(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang))
+        await self._tell(job, TEXTS[job.lang]["maybe_sent"], failure_keyboard(job.id, job.model, "delivery", job.lang))
 
     async def _tell(self, job: Job, text: str, markup: dict) -> None:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
