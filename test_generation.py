@@ -228,22 +228,25 @@ def test_result_urls_and_hosts_are_kept_up_to_their_limits(url, kept):
 
 def test_webhook_signature_is_base64_hmac_of_task_id_and_timestamp():
     signature = base64.b64encode(hmac.new(b"k", b"task1.1769670760", hashlib.sha256).digest()).decode()
-    assert trt_bot.kie_signature_valid("k", "task1", "1769670760", signature)
-    assert not trt_bot.kie_signature_valid("k", "task2", "1769670760", signature)
-    assert not trt_bot.kie_signature_valid("k", "task1", "1769670761", signature)
-    assert not trt_bot.kie_signature_valid("k", "task1", "", signature)
+    now = 1_769_670_760
+    assert trt_bot.kie_callback_signed("k", "task1", "1769670760", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task2", "1769670760", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task1", "1769670761", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task1", "", signature, now)
 
 
 def test_signed_callback_timestamps_are_fresh_only_within_the_window():
     now = 1_769_670_760.4
-    assert trt_bot.kie_timestamp_fresh("1769670760", now)
-    assert trt_bot.kie_timestamp_fresh(str(int(now) - 299), now) and trt_bot.kie_timestamp_fresh(str(int(now) + 299), now)
+
+    def fresh(timestamp: str) -> bool:  # correctly signed, so only the timestamp decides
+        return trt_bot.kie_callback_signed("k", "task1", timestamp, signed("k", "task1", timestamp)["X-Webhook-Signature"],
+                                           now)
+
+    assert fresh("1769670760")
+    assert fresh(str(int(now) - 299)) and fresh(str(int(now) + 299))
     for stale in ("1", str(int(now) - 301), str(int(now) + 301), "1769670760000", "", "-1769670760", "1769670760.0",
                   "１７６９６７０７６０", "0x6975"):
-        assert not trt_bot.kie_timestamp_fresh(stale, now), stale
-    headers = signed("k", "task1", "1")
-    assert trt_bot.kie_signature_valid("k", "task1", "1", headers["X-Webhook-Signature"])
-    assert not trt_bot.kie_callback_signed("k", "task1", "1", headers["X-Webhook-Signature"], now)  # a replay
+        assert not fresh(stale), stale  # "1": a replay of a correctly signed callback
     fresh = signed("k", "task1", int(now))
     assert trt_bot.kie_callback_signed("k", "task1", str(int(now)), fresh["X-Webhook-Signature"], now)
 

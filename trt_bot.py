@@ -3118,14 +3118,8 @@ class KieError(TrtError):
         super().__init__(f"Kie {code}: {message}")
         self.code = code
         self.message = message
-
-    @property
-    def kind(self) -> str:
-        return kie_code(self.code).kind
-
-    @property
-    def retryable(self) -> bool:
-        return kie_code(self.code).retryable
+        self.kind = kie_code(code).kind  # for logs, metrics and /stats
+        self.retryable = kie_code(code).retryable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3214,23 +3208,13 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def kie_signature_valid(key: str, task_id: str, timestamp: str, signature: str) -> bool:
-    """Kie's X-Webhook-Signature: base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp))."""
-    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
-    return bool(timestamp) and hmac.compare_digest(base64.b64encode(digest), signature.encode())
-
-
-def kie_timestamp_fresh(timestamp: str, now: float) -> bool:
-    """Whether X-Webhook-Timestamp (Unix seconds, as Kie documents it) is within KIE_CALLBACK_WINDOW_S of ``now``."""
-    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
-        return False
-    return abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S
-
-
 def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, now: float) -> bool:
-    """A fresh, correctly signed callback: a replayed one is refused once its timestamp is out of the window."""
-    signed = kie_signature_valid(key, task_id, timestamp, signature)  # always computed: constant time
-    return kie_timestamp_fresh(timestamp, now) and signed
+    """Kie's X-Webhook-Signature, base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp)), with the timestamp
+    (Unix seconds) within KIE_CALLBACK_WINDOW_S of ``now``: a replay is refused once out of the window."""
+    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
+    signed = hmac.compare_digest(base64.b64encode(digest), signature.encode())  # always computed: constant time
+    fresh = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12
+    return fresh and abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S and signed
 
 
 # Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
@@ -3258,7 +3242,8 @@ class KieClient:
         body: dict[str, Any] = {"model": model, "input": inputs}
         if callback_url:
             body["callBackUrl"] = callback_url
-        data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace, json_body=body)
+        data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace,
+                                   content=json.dumps(body, ensure_ascii=False).encode())
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not task_id:
             raise KieError(500, "createTask answered without a taskId")
@@ -3266,8 +3251,8 @@ class KieClient:
 
     async def record_info(self, task_id: str, budget_s: float | None = None) -> TaskRecord:
         """The task's record; ``budget_s=0`` tries once (a poller asks again later anyway)."""
-        data = await self._request("GET", "/api/v1/jobs/recordInfo", self.record_pace, params={"taskId": task_id},
-                                   budget_s=budget_s)
+        data = await self._request("GET", "/api/v1/jobs/recordInfo", self.record_pace, budget_s,
+                                   params={"taskId": task_id})
         return parse_task_record(data)
 
     async def upload(self, data: bytes, name: str) -> str:
@@ -3275,55 +3260,49 @@ class KieClient:
 
         ``name`` must be unique: Kie overwrites a file of the same name.
         """
-        form = ({"uploadPath": KIE_UPLOAD_PATH, "fileName": name}, {"file": (name, data, "application/octet-stream")})
-        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace, form=form)
+        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace,
+                                     data={"uploadPath": KIE_UPLOAD_PATH, "fileName": name},
+                                     files={"file": (name, data, "application/octet-stream")})
         url = answer.get("downloadUrl") if isinstance(answer, dict) else None
         if split_result_url(url) is None:
             raise KieError(500, "the upload answered without a download URL")
         return url
 
     async def credits(self, budget_s: float | None = None) -> float:
-        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s=budget_s)
+        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise KieError(500, "credit answer is not a number")
         return data
 
-    async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
-                       params: dict | None = None, budget_s: float | None = None,
-                       form: tuple[dict, dict] | None = None) -> Any:
+    async def _request(self, method: str, path: str, pace: RateLimiter | None, budget_s: float | None = None,
+                       **request: Any) -> Any:
+        """``data`` of one call, paced, retried (KIE_RETRY) and counted; ``request`` is httpx's arguments."""
         endpoint = path.rsplit("/", 1)[-1]
         policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
+        if "files" in request:  # multipart, to the upload host
+            url, headers = self.upload_base + path, {"Authorization": self._headers["Authorization"]}
+        else:
+            url, headers = self.api_base + path, self._headers
 
         async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            return await self._request_once(endpoint, method, path, json_body, params, form)
+            try:
+                try:
+                    response = await self.http.request(method, url, headers=headers, timeout=KIE_TIMEOUT, **request)
+                except httpx.HTTPError as error:
+                    raise KieError(0, f"network error ({type(error).__name__})") from None
+                data = parse_kie_envelope(response.status_code, response.content)
+            except KieError as error:
+                self.calls[endpoint, error.kind] += 1
+                raise
+            self.calls[endpoint, "ok"] += 1
+            return data
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
             log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
 
         return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
-
-    async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
-                            params: dict | None, form: tuple[dict, dict] | None = None) -> Any:
-        content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
-        try:
-            try:
-                if form is not None:  # multipart, to the upload host
-                    response = await self.http.request(method, self.upload_base + path, data=form[0], files=form[1],
-                                                       headers={"Authorization": self._headers["Authorization"]},
-                                                       timeout=KIE_TIMEOUT)
-                else:
-                    response = await self.http.request(method, self.api_base + path, content=content, params=params,
-                                                       headers=self._headers, timeout=KIE_TIMEOUT)
-            except httpx.HTTPError as error:
-                raise KieError(0, f"network error ({type(error).__name__})") from None
-            data = parse_kie_envelope(response.status_code, response.content)
-        except KieError as error:
-            self.calls[endpoint, error.kind] += 1
-            raise
-        self.calls[endpoint, "ok"] += 1
-        return data
 
 
 ###############################################################################
@@ -5365,11 +5344,8 @@ CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s a
 # The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
 STATUS_EDIT_EVERY_S = 12.0
 RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the user sees signs of life
-# After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
-# failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
-# kept for telling the user it failed, so every job ends by then.
-DELIVERY_BUDGET_S = 120.0
-DELIVERY_NOTICE_S = 15.0
+DELIVERY_BUDGET_S = 120.0  # after GEN_TIMEOUT_S: a few retries of a failing Telegram and one download fit
+DELIVERY_NOTICE_S = 15.0  # the budget's last seconds, kept for telling the user it failed: every job ends by then
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 PHOTO_DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024  # Bot API limit for files a bot downloads
@@ -5403,10 +5379,7 @@ def refusal_failure(error: KieError | None) -> str:
 
 
 def poll_interval(age_s: float) -> float:
-    for younger_than, every in POLL_SCHEDULE:
-        if age_s < younger_than:
-            return every
-    return POLL_EVERY_AFTERWARDS
+    return next((every for younger_than, every in POLL_SCHEDULE if age_s < younger_than), POLL_EVERY_AFTERWARDS)
 
 
 @dataclasses.dataclass
@@ -5463,9 +5436,7 @@ EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "err
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
 # The state machine: state -> event -> next state.  An event not listed raises
-# IllegalTransition; IGNORED marks one that may come late or twice and changes
-# nothing, which is what makes a callback, a duplicate callback and the poller
-# deliver one photo.
+# IllegalTransition; IGNORED marks one that may come late or twice and changes nothing.
 IGNORED = ""
 _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "failed": IGNORED,
               "callback": IGNORED, "expired": IGNORED}
@@ -5515,11 +5486,7 @@ def event_changes(event: JobEvent) -> dict[str, Any]:
 
 
 def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[str]]:
-    """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched.
-
-    IllegalTransition if JOB_TRANSITIONS does not list the event for the
-    job's state; no changes and no effects if it marks it IGNORED.
-    """
+    """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched."""
     moves = JOB_TRANSITIONS[job.state]
     if event.name not in moves:
         raise IllegalTransition(f"job {job.id}: {event.name!r} is not allowed in state {job.state!r}")
@@ -5564,11 +5531,8 @@ def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
 
 
 def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: float) -> list[tuple[int, float]]:
-    """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts.
-
-    ``created_since`` bounds the rows read: a job is delivered within its
-    timeout and delivery budget of its creation.
-    """
+    """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts
+    (``created_since`` bounds the rows read: a job is delivered within its timeout and budget of its creation)."""
     return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
                         "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
                         (created_since, since)).fetchall()
@@ -5723,12 +5687,9 @@ def kie_callback_url(config: Config) -> str:
 
 
 class JobBook:
-    """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
-
-    Memory is the authority inside the process (so transitions are atomic).  Rows the database could not
-    take are kept and written when it comes back, so it never resurrects a stale state; a row it refuses
-    for what it holds (it would refuse it again) is not kept: its job alone goes to ``on_refused``.
-    """
+    """The unfinished jobs of this process, found by id, task and user, written through to the database.
+    Rows it could not take are kept and written when it comes back, so it never resurrects a stale state;
+    a row it refuses for what it holds (it would refuse it again) is not kept: its job goes to ``on_refused``."""
 
     def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
         self.db, self.on_refused = db, on_refused
@@ -5750,9 +5711,6 @@ class JobBook:
 
     def by_task(self, task_id: str) -> Job | None:
         return self.jobs.get(self._by_task.get(task_id, ""))
-
-    def busy(self, user_id: int) -> bool:
-        return user_id in self._active_by_user
 
     def active(self, user_id: int) -> Job | None:
         """The user's unfinished job, if any."""
@@ -5896,10 +5854,6 @@ class RunningJobs:
 
     def enqueue(self, job: Job) -> None:
         self._queue.put_nowait(job)
-
-    def take_slot(self) -> None:
-        """Count a resumed "submitted" job, whatever the limit: Kie has its task already."""
-        self.in_kie += 1
 
     def release_slot(self) -> None:
         self.in_kie -= 1
@@ -6088,11 +6042,8 @@ def job_model(job: Job) -> ImageModel:
 
 
 class Delivery:
-    """Carries each finished job to its user once, within its budget: the photo (by URL, else uploaded), the
-    failure or the re-send offer, through the outbox (which retries a failing Telegram); and what users ask
-    for again.  After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts stop ``notice_s``
-    before that, which is kept for telling the user.
-    """
+    """Carries each finished job to its user once, through the outbox (which retries a failing Telegram), within
+    ``budget_s`` after GEN_TIMEOUT_S: the photo, the failure or the re-send offer; and what users ask for again."""
 
     def __init__(self, generations: Generations, outbox: Outbox, http: httpx.AsyncClient):
         self.generations = generations  # applies the events, runs one-off work, knows the hourly limit
@@ -6102,23 +6053,17 @@ class Delivery:
         self.notice_s = DELIVERY_NOTICE_S
         self._delivering: set[str] = set()
         self._originals: set[str] = set()  # jobs whose original file is on its way
-        self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
-            "succeeded": self._send_result,
-            "unsure": self.offer_resend,
-            "failed": self.send_failure,
-            "timed_out": self.send_failure,
-        }
 
     def deliver(self, job: Job) -> None:
         self.generations.run_in_background(self._deliver(job))
 
     async def _deliver(self, job: Job) -> None:
         """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
-        if job.id in self._delivering or job.state not in self._steps:
+        if job.id in self._delivering or job.state not in ("succeeded", "unsure", "failed", "timed_out"):
             return
         self._delivering.add(job.id)
         try:
-            await self._attempt(job, self._steps[job.state])
+            await self._attempt(job, self._send_result if job.state == "succeeded" else self._tell_outcome)
         finally:
             self._delivering.discard(job.id)
         self.generations.apply(job, DELIVERED)
@@ -6145,10 +6090,9 @@ class Delivery:
             reason = "an unexpected error"
         log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
         self.generations.apply(job, UNDELIVERABLE)
-        step = self.offer_resend if job.state == "unsure" else self.send_failure
         try:  # within the notice time: why nothing more is coming, or the re-send offer
             async with self._within(self.notice_s):
-                await step(job)
+                await self._tell_outcome(job)
         except Exception as error:
             log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
 
@@ -6171,7 +6115,7 @@ class Delivery:
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result: %s", job.id, error)
             self.generations.apply(job, UNDELIVERABLE)
-            await self.send_failure(job)
+            await self._tell_outcome(job)
             return
         except TelegramNetworkError as error:
             if not error.maybe_performed:
@@ -6180,11 +6124,16 @@ class Delivery:
             log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
             await self._offer_instead(job)
             return
-        await self.delete_status_message(job)
+        if job.status_message_id:  # the photo is out: the ⏳ message goes
+            try:
+                await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
+                                                            "message_id": job.status_message_id})
+            except TelegramError as error:
+                log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
     async def _offer_instead(self, job: Job) -> None:
         self.generations.apply(job, MAYBE_SENT)
-        await self.offer_resend(job)
+        await self._tell_outcome(job)
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
@@ -6250,12 +6199,13 @@ class Delivery:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
             await self._say(job, TEXTS[job.lang]["original_failed"])
 
-    async def send_failure(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
-                         failure_keyboard(job.id, job.model, job.error, job.lang))
-
-    async def offer_resend(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang))
+    async def _tell_outcome(self, job: Job) -> None:
+        """The re-send offer of a job that may have been sent ("unsure"), else why it failed."""
+        if job.state == "unsure":
+            await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang))
+        else:
+            await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
+                             failure_keyboard(job.id, job.model, job.error, job.lang))
 
     async def _tell(self, job: Job, text: str, markup: dict) -> None:
         """Turn the ⏳ message into ``text``, or send it when that message is gone."""
@@ -6275,14 +6225,6 @@ class Delivery:
     async def _say(self, job: Job, text: str, markup: dict | None = None) -> None:
         params = {"chat_id": job.chat_id, "text": text, "parse_mode": "HTML"}
         await self.outbox.deliver("sendMessage", params if markup is None else {**params, "reply_markup": markup})
-
-    async def delete_status_message(self, job: Job) -> None:
-        if not job.status_message_id:
-            return
-        try:
-            await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
-        except TelegramError as error:
-            log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
 
 class Generations:
@@ -6376,7 +6318,7 @@ class Generations:
             if job.state == "created":
                 self.running.enqueue(job)
             elif job.state == "submitted":
-                self.running.take_slot()
+                self.running.in_kie += 1  # its slot, whatever the limit: Kie has its task already
                 self.running.schedule_poll(job, 0.0)  # callbacks may have come while we were down
             else:
                 if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
@@ -6422,7 +6364,7 @@ class Generations:
 
     def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
-        if self.book.busy(user_id) or user_id in self.starting:
+        if self.book.active(user_id) is not None or user_id in self.starting:
             return Busy()
         refusal = self._over_limit(user_id)
         paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
