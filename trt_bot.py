@@ -3257,9 +3257,7 @@ class KieClient:
 
     async def upload(self, data: bytes, name: str) -> str:
         """Kie's own copy of a photo to edit (its File Upload API; Kie deletes it within days): its URL.
-
-        ``name`` must be unique: Kie overwrites a file of the same name.
-        """
+        ``name`` must be unique: Kie overwrites a file of the same name."""
         answer = await self._request("POST", "/api/file-stream-upload", self.create_pace,
                                      data={"uploadPath": KIE_UPLOAD_PATH, "fileName": name},
                                      files={"file": (name, data, "application/octet-stream")})
@@ -5294,44 +5292,43 @@ class JobButtons:
 # 12. Generation jobs
 #
 # Theory of operation.  A job is one picture, from the button press to the
-# photo: a row of the ``jobs`` table, and in memory (the authority inside the
-# process) while unfinished.  apply_event is its pure state machine
+# photo: a row of the ``jobs`` table, and while unfinished an object in memory,
+# the authority inside the process.  apply_event is its pure state machine
 # (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply
 # alone carries the effects out, with RunningJobs (createTask, recordInfo,
-# signs of life, admin alerts) and Delivery (messages to the user).
+# signs of life, admin alerts) and Delivery (the messages to the user).
 #   created -> submitted (createTask accepted) | failed (refused) | timed_out | cancelled
 #   submitted -> succeeded | failed (Kie's record) | timed_out (GEN_TIMEOUT_S) | cancelled
 #   succeeded -> sending -> delivered, or -> unsure (maybe sent: the user gets a re-send button) -> delivered
-#   failed, timed_out -> delivered (the user was told);  delivered and cancelled end it.
+#   failed, timed_out -> delivered (the user was told);  delivered and cancelled end the job.
 # News that comes late or twice (a second callback, a poll after the timeout)
-# is IGNORED, so one photo goes out however often Kie answers.
+# is IGNORED: one photo goes out however often Kie answers.
 # Durable when: a new job's row is committed (the database working) before
-# the update counts as handled, and only then are paid credits spent (a kill -9 between the two
-# gives a picture away, never charges twice); "sending" is committed before
-# sendPhoto; a cancel before it is answered.  Other changes go by group commit
-# (memory stays the authority; rows a database that is down could not take
-# are written when it comes back).  After a kill -9, resume() reads what the
-# rows say: "created" is submitted again (killed between createTask's answer
-# and the commit of "submitted", Kie draws it twice); "submitted" is polled at
-# once (its callback may have come meanwhile), then on POLL_SCHEDULE;
-# "succeeded", "failed", "timed_out" and "unsure" are delivered (a failure
-# told twice edits the same message); "sending" becomes "unsure", never sent
-# blindly.  A callback is only a hint: the App checks its token (and
-# signature), and the bot asks recordInfo over its own key; a forged one can
-# do no more than that, a late one for a finished task changes nothing.
-# Who acts: only the lease holder, between resume() and pause() (the App's
-# Role).  The deadline watch asks Role.may_act() each second; the submitters,
-# the poller and deliveries do not ask it, they stop on pause().
-# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are
-# retried within KIE_RETRY; other codes fail the job with KIE_CODES's words (401/402 alert the
-# admins once per incident, until a createTask succeeds).  A failed recordInfo
-# waits for the next poll.  A job without an outcome by GEN_TIMEOUT_S times
-# out.  Telegram refusing the photo by URL gets it uploaded (as a document when
-# a photo will not do); a download refused (non-public address, too large,
-# too slow) or a budget spent (DELIVERY_BUDGET_S) tells the user instead.
-# Limits: one job per user, GEN_HOURLY_LIMIT delivered pictures an hour (past
-# it paid with credits), GEN_DAILY_LIMIT started a day by the whole bot; a paid
-# picture that does not reach its user gives its credits back.
+# its update counts as handled, and only then are paid credits spent (a kill
+# -9 between the two gives a picture away, never charges twice); "sending" is
+# committed before sendPhoto, a cancel before it is answered.  Other changes
+# go by group commit; rows a database that is down could not take are written
+# when it comes back.  After a kill -9, resume() goes by the rows: "created" is
+# submitted again (killed between createTask's answer and the commit of
+# "submitted", Kie draws it twice); "submitted" is polled at once (its
+# callback may have come meanwhile), then on POLL_SCHEDULE; "succeeded",
+# "failed", "timed_out" and "unsure" are delivered (a failure told twice edits
+# the same message); "sending" becomes "unsure", never sent again blindly.
+# A callback is only a hint: the App checks its token (and signature), then
+# the bot asks recordInfo over its own key, so a forged one can do no more
+# than that, and a late one for a finished task changes nothing.
+# Who acts: the lease holder, between resume() and pause() (the App's Role).
+# The deadline watch asks Role.may_act() every second; the submitters, the
+# poller and deliveries do not ask it: they stop on pause().
+# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried
+# within KIE_RETRY; other codes fail the job in KIE_CODES's words (401 and 402
+# also alert the admins, once until a createTask succeeds).  A failed
+# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets
+# it uploaded (as a document if not as a photo); a download refused (not a
+# public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells the
+# user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures
+# an hour (past it, paid with credits); GEN_DAILY_LIMIT started a day by the
+# whole bot.  A paid picture that does not reach its user gives its credits back.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
@@ -5571,11 +5568,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def address_is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether a download may connect to ``address``: globally routable, and so is any IPv4 address it embeds.
-
-    ``is_global`` alone is not enough: it is True for multicast, and for 6to4
-    or NAT64 addresses that lead to 127.0.0.1.
-    """
+    """Whether a download may connect to ``address``: globally routable, and so is any IPv4 address it embeds
+    (``is_global`` alone is True for multicast, and for 6to4 or NAT64 addresses that lead to 127.0.0.1)."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(address)
         if embedded is not None and not address_is_public(embedded):
@@ -5598,11 +5592,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 def choose_download_address(addresses: Iterable[str],
                             allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address to connect to, from what the host name resolved to; DownloadError unless all are public.
-
-    All, not the first: a name that resolves to a public and an internal
-    address is refused whole, whichever one a client would pick.
-    """
+    """The address to connect to, from what the host name resolved to; DownloadError unless all are public
+    (all: a name that resolves to a public and an internal address is refused, whichever a client would pick)."""
     try:
         resolved = [ipaddress.ip_address(text) for text in addresses]
     except ValueError:
@@ -5678,14 +5669,6 @@ def image_file_name(url: str) -> tuple[str, str]:
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
 
 
-def kie_callback_url(config: Config) -> str:
-    """Where Kie posts a task's callback, or "" when the bot has no public URL (the poller alone then)."""
-    if not config.webhook_base_url:
-        return ""
-    return (f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
-            + urllib.parse.urlencode({"token": config.kie_callback_token}))
-
-
 class JobBook:
     """The unfinished jobs of this process, found by id, task and user, written through to the database.
     Rows it could not take are kept and written when it comes back, so it never resurrects a stale state;
@@ -5713,7 +5696,6 @@ class JobBook:
         return self.jobs.get(self._by_task.get(task_id, ""))
 
     def active(self, user_id: int) -> Job | None:
-        """The user's unfinished job, if any."""
         return self.jobs.get(self._active_by_user.get(user_id, ""))
 
     def forget(self, job: Job) -> None:
@@ -5740,7 +5722,6 @@ class JobBook:
         return True
 
     def stored(self, job: Job) -> bool:
-        """Whether the database holds a row of this unfinished job."""
         return job.id in self._stored
 
     def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
@@ -5826,7 +5807,11 @@ class RunningJobs:
         self.db = db
         self.outbox = outbox
         self.clock = generations.clock
-        self.callback_url = kie_callback_url(generations.config)
+        config = generations.config
+        self.callback_url = ""  # where Kie posts a task's callback; none without a public URL: the poller alone then
+        if config.webhook_base_url:
+            self.callback_url = (f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
+                                 + urllib.parse.urlencode({"token": config.kie_callback_token}))
         self.in_kie = 0  # slots taken: by createTask calls under way and by "submitted" jobs
         self.incident: int | None = None  # Kie error code of an ongoing incident
         self._slot_freed = asyncio.Event()
@@ -6013,11 +5998,8 @@ class RunningJobs:
                                                              "reply_markup": status_keyboard(job.lang)})
 
     def post_status(self, job: Job) -> None:
-        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve).
-
-        Its message id is the job's once it is sent; a job that has left the
-        running states by then (its result or failure queued after it) deletes it.
-        """
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve); a job
+        that has left the running states once it is out (its result or failure queued after it) deletes it."""
         elapsed_s = self.clock.time() - job.created_at
         text = status_text(job_model(job), job.ratio, job.option, job.lang, elapsed_s)
         posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
@@ -6254,8 +6236,7 @@ class Generations:
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
 
-    def configured(self) -> bool:
-        """Whether generation can work at all (a Kie key is set)."""
+    def configured(self) -> bool:  # whether generation can work at all
         return self.kie.configured
 
     # -- the driver ------------------------------------------------------------
@@ -6276,19 +6257,18 @@ class Generations:
             elif effect == POLL_NOW:
                 self.running.poll_now(job)
             elif effect == FINISH:
-                self._finish(job, job.updated_at - job.created_at)
+                self.finished[job.outcome] += 1
+                seconds = job.updated_at - job.created_at
+                if job.outcome != "cancelled":  # how long Kie took: a cancelled job never said
+                    self.on_finished(job, seconds)
+                log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, seconds,
+                         f" ({job.error})" if job.error else "")
             elif effect == DELIVER:
                 self.delivery.deliver(job)
             elif effect == ALERT:
                 self.running.alert(event.value.code)
             elif effect == FORGET:
                 self._forget(job)
-
-    def _finish(self, job: Job, seconds: float) -> None:
-        self.finished[job.outcome] += 1
-        if job.outcome != "cancelled":  # how long Kie took: a cancelled job never said
-            self.on_finished(job, seconds)
-        log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, seconds, f" ({job.error})" if job.error else "")
 
     def _forget(self, job: Job) -> None:
         if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
