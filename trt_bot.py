@@ -5333,8 +5333,7 @@ class JobButtons:
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
-POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
-POLL_EVERY_AFTERWARDS = 30.0
+POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0), (math.inf, 30.0))  # (job younger than, poll every) s
 DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and signs of life shown: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
 CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
@@ -5376,7 +5375,7 @@ def refusal_failure(error: KieError | None) -> str:
 
 
 def poll_interval(age_s: float) -> float:
-    return next((every for younger_than, every in POLL_SCHEDULE if age_s < younger_than), POLL_EVERY_AFTERWARDS)
+    return next(every for younger_than, every in POLL_SCHEDULE if age_s < younger_than)
 
 
 @dataclasses.dataclass
@@ -5858,10 +5857,9 @@ class RunningJobs:
 
     async def _submit(self, job: Job) -> None:
         model = MODELS_BY_KEY.get(job.model)
-        apply = self.generations.apply
         if model is None:  # a stored job of a model since removed from CATALOG
             self.release_slot()
-            apply(job, JobEvent("refused", None))
+            self.generations.apply(job, JobEvent("refused", None))
             return
         try:
             image_urls = (await self._upload_photo(job),) if model.edits else ()
@@ -5871,12 +5869,12 @@ class RunningJobs:
         except KieError as error:
             self.release_slot()
             log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            apply(job, JobEvent("refused", error))
+            self.generations.apply(job, JobEvent("refused", error))
             return
         if self.incident is not None:
             log.warning("[JOB] Kie works again; incident %d over", self.incident)
             self.incident = None
-        apply(job, JobEvent("accepted", task_id))
+        self.generations.apply(job, JobEvent("accepted", task_id))
         if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
             self.release_slot()
 
@@ -6090,7 +6088,8 @@ class Delivery:
             # Unless the database already holds a row of the job: it still says "succeeded", and sending now
             # could be repeated.
             if not await book.save_durably(job) and book.stored(job):
-                await self._offer_instead(job)
+                self.generations.apply(job, MAYBE_SENT)
+                await self._tell_outcome(job)
                 return
         try:
             await self.send_photo(job)
@@ -6104,7 +6103,8 @@ class Delivery:
                 raise
             # Telegram may have the photo already; sending it again could show it twice.
             log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
-            await self._offer_instead(job)
+            self.generations.apply(job, MAYBE_SENT)
+            await self._tell_outcome(job)
             return
         if job.status_message_id:  # the photo is out: the ⏳ message goes
             try:
@@ -6113,15 +6113,10 @@ class Delivery:
             except TelegramError as error:
                 log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
-    async def _offer_instead(self, job: Job) -> None:
-        self.generations.apply(job, MAYBE_SENT)
-        await self._tell_outcome(job)
-
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
-        user_id = job.user_id
-        left = left_text(self.generations.remaining(user_id, 1 if counting else 0), job.lang,
-                         self.generations.wallet.balance(user_id))
+        left = left_text(self.generations.remaining(job.user_id, 1 if counting else 0), job.lang,
+                         self.generations.wallet.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
@@ -6182,15 +6177,13 @@ class Delivery:
             await self._say(job, TEXTS[job.lang]["original_failed"])
 
     async def _tell_outcome(self, job: Job) -> None:
-        """The re-send offer of a job that may have been sent ("unsure"), else why it failed."""
+        """Turn the ⏳ message into the re-send offer of a job that may have been sent ("unsure"), else into why
+        it failed; or send that when the message is gone."""
         if job.state == "unsure":
-            await self._tell(job, TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang))
+            text, markup = TEXTS[job.lang]["maybe_sent"], resend_keyboard(job.id, job.model, job.lang)
         else:
-            await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
-                             failure_keyboard(job.id, job.model, job.error, job.lang))
-
-    async def _tell(self, job: Job, text: str, markup: dict) -> None:
-        """Turn the ⏳ message into ``text``, or send it when that message is gone."""
+            text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
+            markup = failure_keyboard(job.id, job.model, job.error, job.lang)
         if job.status_message_id:
             try:
                 await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
