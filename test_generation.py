@@ -239,8 +239,8 @@ def test_signed_callback_timestamps_are_fresh_only_within_the_window():
     now = 1_769_670_760.4
 
     def fresh(timestamp: str) -> bool:  # correctly signed, so only the timestamp decides
-        return trt_bot.kie_callback_signed("k", "task1", timestamp, signed("k", "task1", timestamp)["X-Webhook-Signature"],
-                                           now)
+        signature = signed("k", "task1", timestamp)["X-Webhook-Signature"]
+        return trt_bot.kie_callback_signed("k", "task1", timestamp, signature, now)
 
     assert fresh("1769670760")
     assert fresh(str(int(now) - 299)) and fresh(str(int(now) + 299))

@@ -6261,15 +6261,12 @@ class Generations:
             elif effect == ALERT:
                 self.running.alert(event.value.code)
             elif effect == FORGET:
-                self._forget(job)
-
-    def _forget(self, job: Job) -> None:
-        if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
-            self.note_delivered(job.user_id, job.updated_at)  # only pictures the user got count
-        elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
-            self.run_in_background(self.wallet.write(("returned", job.id)))
-        self.book.forget(job)
-        self.running.forget(job)
+                if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
+                    self.note_delivered(job.user_id, job.updated_at)  # only pictures the user got count
+                elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
+                    self.run_in_background(self.wallet.write(("returned", job.id)))
+                self.book.forget(job)
+                self.running.forget(job)
 
     def run_in_background(self, coro: Awaitable[None]) -> asyncio.Task:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
