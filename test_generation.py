@@ -228,22 +228,25 @@ def test_result_urls_and_hosts_are_kept_up_to_their_limits(url, kept):
 
 def test_webhook_signature_is_base64_hmac_of_task_id_and_timestamp():
     signature = base64.b64encode(hmac.new(b"k", b"task1.1769670760", hashlib.sha256).digest()).decode()
-    assert trt_bot.kie_signature_valid("k", "task1", "1769670760", signature)
-    assert not trt_bot.kie_signature_valid("k", "task2", "1769670760", signature)
-    assert not trt_bot.kie_signature_valid("k", "task1", "1769670761", signature)
-    assert not trt_bot.kie_signature_valid("k", "task1", "", signature)
+    now = 1_769_670_760
+    assert trt_bot.kie_callback_signed("k", "task1", "1769670760", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task2", "1769670760", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task1", "1769670761", signature, now)
+    assert not trt_bot.kie_callback_signed("k", "task1", "", signature, now)
 
 
 def test_signed_callback_timestamps_are_fresh_only_within_the_window():
     now = 1_769_670_760.4
-    assert trt_bot.kie_timestamp_fresh("1769670760", now)
-    assert trt_bot.kie_timestamp_fresh(str(int(now) - 299), now) and trt_bot.kie_timestamp_fresh(str(int(now) + 299), now)
+
+    def fresh(timestamp: str) -> bool:  # correctly signed, so only the timestamp decides
+        signature = signed("k", "task1", timestamp)["X-Webhook-Signature"]
+        return trt_bot.kie_callback_signed("k", "task1", timestamp, signature, now)
+
+    assert fresh("1769670760")
+    assert fresh(str(int(now) - 299)) and fresh(str(int(now) + 299))
     for stale in ("1", str(int(now) - 301), str(int(now) + 301), "1769670760000", "", "-1769670760", "1769670760.0",
                   "１７６９６７０７６０", "0x6975"):
-        assert not trt_bot.kie_timestamp_fresh(stale, now), stale
-    headers = signed("k", "task1", "1")
-    assert trt_bot.kie_signature_valid("k", "task1", "1", headers["X-Webhook-Signature"])
-    assert not trt_bot.kie_callback_signed("k", "task1", "1", headers["X-Webhook-Signature"], now)  # a replay
+        assert not fresh(stale), stale  # "1": a replay of a correctly signed callback
     fresh = signed("k", "task1", int(now))
     assert trt_bot.kie_callback_signed("k", "task1", str(int(now)), fresh["X-Webhook-Signature"], now)
 
@@ -1075,21 +1078,26 @@ async def test_the_days_pictures_are_counted_again_after_a_restart(make_app, fak
     await order(first, 84)
     await first.stop()
     second = await make_app(**gen_env(fake_kie, GEN_DAILY_LIMIT="1"))
-    await eventually(lambda: second.generations.fairness.loaded)
+    await eventually(lambda: second.generations.fairness_loaded)
     await order(second, 85)
     assert bot_text("ru", "daily_limit", limit=1) in fake_tg.texts_to(85)
     assert len(fake_kie.created) == 1
 
 
-def test_the_daily_limit_counts_starts_for_the_whole_bot_until_the_utc_day_turns():
+def generations_of(fake_tg, clock: ManualClock, **env: str) -> trt_bot.Generations:
+    """A bot's jobs part, built and never started: its limits are counted in memory."""
+    return trt_bot.App(trt_bot.load_config(bot_env(fake_tg, "x.sqlite3", **env)), clock=clock).generations
+
+
+def test_the_daily_limit_counts_starts_for_the_whole_bot_until_the_utc_day_turns(fake_tg):
     clock = ManualClock(start=19_999 * 86400 + 86000)  # 23:53 UTC
-    fairness = trt_bot.Fairness(100, frozenset({900}), clock, daily_limit=2)
+    fairness = generations_of(fake_tg, clock, GEN_HOURLY_LIMIT="100", ADMIN_IDS="900", GEN_DAILY_LIMIT="2")
     fairness.note_start()
-    assert fairness.refusal(7, busy=False) is None
+    assert fairness.refusal(7) is None
     fairness.note_start()
-    assert fairness.refusal(8, busy=False) == fairness.refusal(900, busy=False) == trt_bot.DailyLimit(2)
+    assert fairness.refusal(8) == fairness.refusal(900) == trt_bot.DailyLimit(2)
     clock.advance(400)
-    assert fairness.refusal(8, busy=False) is None and fairness.started_today() == 0
+    assert fairness.refusal(8) is None and fairness.started_today() == 0
 
 
 async def test_without_a_kie_key_users_get_a_neutral_answer_and_admins_the_details(make_app, fake_tg):
@@ -1627,7 +1635,7 @@ async def app_whose_photos_fail(make_app, fake_tg, fake_kie, monkeypatch) -> trt
     for _ in range(500):
         fake_tg.fail("sendPhoto", 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"})
     app = await make_app(**gen_env(fake_kie, GEN_TIMEOUT_S="2"))
-    app.generations.deliverer.budget_s, app.generations.deliverer.notice_s = 1.0, 0.5
+    app.generations.delivery.budget_s, app.generations.delivery.notice_s = 1.0, 0.5
     return app
 
 
@@ -1853,7 +1861,8 @@ def test_a_result_frees_the_slot_counts_the_outcome_and_is_delivered():
     changes, effects = trt_bot.apply_event(job_in("submitted"), succeeded, NOW)
     assert changes == {"result_url": "https://cdn.example/x.png", "state": "succeeded", "updated_at": NOW,
                        "outcome": "success"}
-    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.Finish("success", 12.0), trt_bot.DELIVER]
+    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.FINISH, trt_bot.DELIVER]
+    assert changes["updated_at"] - job_in("submitted").created_at == 12.0  # how long it took, as FINISH observes
 
 
 def test_a_job_that_expires_before_kie_has_it_holds_no_slot():
@@ -1869,13 +1878,13 @@ def test_a_refused_task_tells_the_user_from_the_codes_table_and_alerts_admins_on
     refused = trt_bot.JobEvent("refused", trt_bot.KieError(code, "") if code else None)
     changes, effects = trt_bot.apply_event(job_in("created"), refused, NOW)
     assert (changes["state"], changes["error"]) == ("failed", failure)
-    assert (trt_bot.Alert(code) in effects) is alert
+    assert (trt_bot.ALERT in effects) is alert
 
 
 def test_a_cancelled_job_frees_its_slot_is_counted_once_and_forgotten_never_delivered():
     changes, effects = trt_bot.apply_event(job_in("submitted"), trt_bot.CANCEL, NOW)
     assert (changes["state"], changes["outcome"]) == ("cancelled", "cancelled")
-    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.Finish("cancelled", 12.0), trt_bot.FORGET]
+    assert effects == [trt_bot.RELEASE_SLOT, trt_bot.SAVE, trt_bot.FINISH, trt_bot.FORGET]
     known = dataclasses.replace(job_in("succeeded"), outcome="success")  # its outcome was counted already
     assert trt_bot.apply_event(known, trt_bot.CANCEL, NOW)[1] == [trt_bot.SAVE, trt_bot.FORGET]
 
@@ -1893,19 +1902,21 @@ def test_a_delivered_job_is_saved_and_forgotten():
         {"state": "delivered", "updated_at": NOW}, [trt_bot.SAVE, trt_bot.FORGET])
 
 
-def test_a_user_is_refused_while_busy_and_past_the_hourly_limit_until_the_hour_turns():
+def test_a_user_is_refused_while_busy_and_past_the_hourly_limit_until_the_hour_turns(fake_tg):
     clock = ManualClock()
-    fairness = trt_bot.Fairness(2, frozenset({900}), clock)
-    assert fairness.refusal(7, busy=True) == trt_bot.Busy()
+    fairness = generations_of(fake_tg, clock, GEN_HOURLY_LIMIT="2", ADMIN_IDS="900")
+    fairness.starting.add(7)
+    assert fairness.refusal(7) == trt_bot.Busy()
+    fairness.starting.discard(7)
     for user in (7, 7, 900, 900):
-        fairness.note(user, clock.time())
+        fairness.note_delivered(user, clock.time())
     clock.advance(60)
-    assert fairness.refusal(7, busy=False) == trt_bot.HourlyLimit(2, 60)
-    assert fairness.refusal(900, busy=False) is None  # admins have no hourly limit
+    assert fairness.refusal(7) == trt_bot.HourlyLimit(2, 60)
+    assert fairness.refusal(900) is None  # admins have no hourly limit
     clock.advance(3540)
-    assert fairness.refusal(7, busy=False) is None
-    fairness.forget_idle(clock.time())
-    assert fairness.refusal(7, busy=False) is None
+    assert fairness.refusal(7) is None
+    fairness.forget_idle_users(clock.time())
+    assert fairness.refusal(7) is None
 
 
 @pytest.mark.parametrize("message, failure", [
@@ -2257,7 +2268,7 @@ async def test_a_job_loop_that_dies_is_logged_at_once(make_app, fake_kie, monkey
     def broken(self, jobs, now):
         raise RuntimeError("a bug in the deadline watch")
 
-    monkeypatch.setattr(trt_bot.Progress, "tick", broken)
+    monkeypatch.setattr(trt_bot.RunningJobs, "tick", broken)
     await make_app(**gen_env(fake_kie))
     await eventually(lambda: [r for r in caplog.records if r.getMessage() == "[JOB] job-deadlines failed"])
 

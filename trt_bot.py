@@ -3090,14 +3090,8 @@ class KieError(TrtError):
         super().__init__(f"Kie {code}: {message}")
         self.code = code
         self.message = message
-
-    @property
-    def kind(self) -> str:
-        return kie_code(self.code).kind
-
-    @property
-    def retryable(self) -> bool:
-        return kie_code(self.code).retryable
+        self.kind = kie_code(code).kind  # for logs, metrics and /stats
+        self.retryable = kie_code(code).retryable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3186,23 +3180,13 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def kie_signature_valid(key: str, task_id: str, timestamp: str, signature: str) -> bool:
-    """Kie's X-Webhook-Signature: base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp))."""
-    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
-    return bool(timestamp) and hmac.compare_digest(base64.b64encode(digest), signature.encode())
-
-
-def kie_timestamp_fresh(timestamp: str, now: float) -> bool:
-    """Whether X-Webhook-Timestamp (Unix seconds, as Kie documents it) is within KIE_CALLBACK_WINDOW_S of ``now``."""
-    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
-        return False
-    return abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S
-
-
 def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, now: float) -> bool:
-    """A fresh, correctly signed callback: a replayed one is refused once its timestamp is out of the window."""
-    signed = kie_signature_valid(key, task_id, timestamp, signature)  # always computed: constant time
-    return kie_timestamp_fresh(timestamp, now) and signed
+    """Kie's X-Webhook-Signature, base64(HMAC-SHA256(key, taskId + "." + X-Webhook-Timestamp)), with the timestamp
+    (Unix seconds) within KIE_CALLBACK_WINDOW_S of ``now``: a replay is refused once out of the window."""
+    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256).digest()
+    signed = hmac.compare_digest(base64.b64encode(digest), signature.encode())  # always computed: constant time
+    fresh = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12
+    return fresh and abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S and signed
 
 
 # Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
@@ -3230,7 +3214,8 @@ class KieClient:
         body: dict[str, Any] = {"model": model, "input": inputs}
         if callback_url:
             body["callBackUrl"] = callback_url
-        data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace, json_body=body)
+        data = await self._request("POST", "/api/v1/jobs/createTask", self.create_pace,
+                                   content=json.dumps(body, ensure_ascii=False).encode())
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not task_id:
             raise KieError(500, "createTask answered without a taskId")
@@ -3238,64 +3223,56 @@ class KieClient:
 
     async def record_info(self, task_id: str, budget_s: float | None = None) -> TaskRecord:
         """The task's record; ``budget_s=0`` tries once (a poller asks again later anyway)."""
-        data = await self._request("GET", "/api/v1/jobs/recordInfo", self.record_pace, params={"taskId": task_id},
-                                   budget_s=budget_s)
+        data = await self._request("GET", "/api/v1/jobs/recordInfo", self.record_pace, budget_s,
+                                   params={"taskId": task_id})
         return parse_task_record(data)
 
     async def upload(self, data: bytes, name: str) -> str:
         """Kie's own copy of a photo to edit (its File Upload API; Kie deletes it within days): its URL.
-
-        ``name`` must be unique: Kie overwrites a file of the same name.
-        """
-        form = ({"uploadPath": KIE_UPLOAD_PATH, "fileName": name}, {"file": (name, data, "application/octet-stream")})
-        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace, form=form)
+        ``name`` must be unique: Kie overwrites a file of the same name."""
+        answer = await self._request("POST", "/api/file-stream-upload", self.create_pace,
+                                     data={"uploadPath": KIE_UPLOAD_PATH, "fileName": name},
+                                     files={"file": (name, data, "application/octet-stream")})
         url = answer.get("downloadUrl") if isinstance(answer, dict) else None
         if split_result_url(url) is None:
             raise KieError(500, "the upload answered without a download URL")
         return url
 
     async def credits(self, budget_s: float | None = None) -> float:
-        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s=budget_s)
+        data = await self._request("GET", "/api/v1/chat/credit", None, budget_s)
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise KieError(500, "credit answer is not a number")
         return data
 
-    async def _request(self, method: str, path: str, pace: RateLimiter | None, *, json_body: dict | None = None,
-                       params: dict | None = None, budget_s: float | None = None,
-                       form: tuple[dict, dict] | None = None) -> Any:
+    async def _request(self, method: str, path: str, pace: RateLimiter | None, budget_s: float | None = None,
+                       **request: Any) -> Any:
+        """``data`` of one call, paced, retried (KIE_RETRY) and counted; ``request`` is httpx's arguments."""
         endpoint = path.rsplit("/", 1)[-1]
         policy = self.retry if budget_s is None else dataclasses.replace(self.retry, budget_s=budget_s)
+        if "files" in request:  # multipart, to the upload host
+            url, headers = self.upload_base + path, {"Authorization": self._headers["Authorization"]}
+        else:
+            url, headers = self.api_base + path, self._headers
 
         async def paced_attempt() -> Any:
             if pace is not None:
                 await pace.acquire()
-            return await self._request_once(endpoint, method, path, json_body, params, form)
+            try:
+                try:
+                    response = await self.http.request(method, url, headers=headers, timeout=KIE_TIMEOUT, **request)
+                except httpx.HTTPError as error:
+                    raise KieError(0, f"network error ({type(error).__name__})") from None
+                data = parse_kie_envelope(response.status_code, response.content)
+            except KieError as error:
+                self.calls[endpoint, error.kind] += 1
+                raise
+            self.calls[endpoint, "ok"] += 1
+            return data
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
             log.warning("[KIE] %s failed (%s); retrying in %.1fs", endpoint, error, wait)
 
         return await call_with_retries(paced_attempt, policy, clock=self.clock, on_retry=log_retry)
-
-    async def _request_once(self, endpoint: str, method: str, path: str, json_body: dict | None,
-                            params: dict | None, form: tuple[dict, dict] | None = None) -> Any:
-        content = json.dumps(json_body, ensure_ascii=False).encode() if json_body is not None else None
-        try:
-            try:
-                if form is not None:  # multipart, to the upload host
-                    response = await self.http.request(method, self.upload_base + path, data=form[0], files=form[1],
-                                                       headers={"Authorization": self._headers["Authorization"]},
-                                                       timeout=KIE_TIMEOUT)
-                else:
-                    response = await self.http.request(method, self.api_base + path, content=content, params=params,
-                                                       headers=self._headers, timeout=KIE_TIMEOUT)
-            except httpx.HTTPError as error:
-                raise KieError(0, f"network error ({type(error).__name__})") from None
-            data = parse_kie_envelope(response.status_code, response.content)
-        except KieError as error:
-            self.calls[endpoint, error.kind] += 1
-            raise
-        self.calls[endpoint, "ok"] += 1
-        return data
 
 
 ###############################################################################
@@ -5194,29 +5171,58 @@ class JobButtons:
 
 ###############################################################################
 # 12. Generation jobs
-#    Owns a generation from the button press to the photo: the job table and
-#    its pure state machine (an event in, changes and effects out), and the
-#    drivers that carry the effects out: submitting to Kie under the fairness
-#    limits, the callback hint and the paced poller, signs of life while Kie
-#    draws, cancelling, delivery within its budget (result downloads from
-#    public addresses only), and admin alerts.
+#
+# Theory of operation.  A job is one picture, from the button press to the
+# photo: a row of the ``jobs`` table, and while unfinished an object in memory,
+# the authority inside the process.  apply_event is its pure state machine
+# (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply
+# alone carries the effects out, with RunningJobs (createTask, recordInfo,
+# signs of life, admin alerts) and Delivery (the messages to the user).
+#   created -> submitted (createTask accepted) | failed (refused) | timed_out | cancelled
+#   submitted -> succeeded | failed (Kie's record) | timed_out (GEN_TIMEOUT_S) | cancelled
+#   succeeded -> sending -> delivered, or -> unsure (maybe sent: the user gets a re-send button) -> delivered
+#   failed, timed_out -> delivered (the user was told);  delivered and cancelled end the job.
+# News that comes late or twice (a second callback, a poll after the timeout)
+# is IGNORED: one photo goes out however often Kie answers.
+# Durable when: a new job's row is committed (the database working) before
+# its update counts as handled, and only then are paid credits spent (a kill
+# -9 between the two gives a picture away, never charges twice); "sending" is
+# committed before sendPhoto, a cancel before it is answered.  Other changes
+# go by group commit; rows a database that is down could not take are written
+# when it comes back.  After a kill -9, resume() goes by the rows: "created" is
+# submitted again (killed between createTask's answer and the commit of
+# "submitted", Kie draws it twice); "submitted" is polled at once (its
+# callback may have come meanwhile), then on POLL_SCHEDULE; "succeeded",
+# "failed", "timed_out" and "unsure" are delivered (a failure told twice edits
+# the same message); "sending" becomes "unsure", never sent again blindly.
+# A callback is only a hint: the App checks its token (and signature), then
+# the bot asks recordInfo over its own key, so a forged one can do no more
+# than that, and a late one for a finished task changes nothing.
+# Who acts: the lease holder, between resume() and pause() (the App's Role).
+# The deadline watch asks Role.may_act() every second; the submitters, the
+# poller and deliveries do not ask it: they stop on pause().
+# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried
+# within KIE_RETRY; other codes fail the job in KIE_CODES's words (401 and 402
+# also alert the admins, once until a createTask succeeds).  A failed
+# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets
+# it uploaded (as a document if not as a photo); a download refused (not a
+# public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells the
+# user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures
+# an hour (past it, paid with credits); GEN_DAILY_LIMIT started a day by the
+# whole bot.  A paid picture that does not reach its user gives its credits back.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
 POLLS_AT_ONCE = 8  # recordInfo calls in flight at once (paced to 8 per second)
-POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0))  # (job younger than, poll every) seconds
-POLL_EVERY_AFTERWARDS = 30.0
+POLL_SCHEDULE = ((30.0, 3.0), (120.0, 6.0), (600.0, 15.0), (math.inf, 30.0))  # (job younger than, poll every) s
 DEADLINE_CHECK_S = 1.0  # how often overdue jobs are timed out and signs of life shown: a job ends within 1 s
 USAGE_PRUNE_S = 600.0  # how often idle users' hourly-limit stamps are dropped; they are small
 CHAT_ACTION_EVERY_S = 5.0  # Telegram shows "sending a photo…" for about 5 s after each sendChatAction
 # The ⏳ message's elapsed time is edited this often: each edit counts against the chat's send rate.
 STATUS_EDIT_EVERY_S = 12.0
 RUNNING_STATES = ("created", "submitted")  # Kie is drawing (or about to): the user sees signs of life
-# After GEN_TIMEOUT_S a job has this long to reach the user: a few retries of a
-# failing Telegram and one result download fit.  Its last DELIVERY_NOTICE_S are
-# kept for telling the user it failed, so every job ends by then.
-DELIVERY_BUDGET_S = 120.0
-DELIVERY_NOTICE_S = 15.0
+DELIVERY_BUDGET_S = 120.0  # after GEN_TIMEOUT_S: a few retries of a failing Telegram and one download fit
+DELIVERY_NOTICE_S = 15.0  # the budget's last seconds, kept for telling the user it failed: every job ends by then
 RESULT_DOWNLOAD_DEADLINE_S = 60.0  # one whole download, however slowly the host sends it
 PHOTO_UPLOAD_MAX_BYTES = 10 * 1024 * 1024  # Bot API limit for photos sent as files
 PHOTO_DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024  # Bot API limit for files a bot downloads
@@ -5250,10 +5256,7 @@ def refusal_failure(error: KieError | None) -> str:
 
 
 def poll_interval(age_s: float) -> float:
-    for younger_than, every in POLL_SCHEDULE:
-        if age_s < younger_than:
-            return every
-    return POLL_EVERY_AFTERWARDS
+    return next(every for younger_than, every in POLL_SCHEDULE if age_s < younger_than)
 
 
 @dataclasses.dataclass
@@ -5310,9 +5313,7 @@ EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "err
 EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
 # The state machine: state -> event -> next state.  An event not listed raises
-# IllegalTransition; IGNORED marks one that may come late or twice and changes
-# nothing, which is what makes a callback, a duplicate callback and the poller
-# deliver one photo.
+# IllegalTransition; IGNORED marks one that may come late or twice and changes nothing.
 IGNORED = ""
 _LATE_NEWS = {"accepted": IGNORED, "refused": IGNORED, "succeeded": IGNORED, "failed": IGNORED,
               "callback": IGNORED, "expired": IGNORED}
@@ -5341,40 +5342,15 @@ OUTCOMES = {"succeeded": "success", "failed": "failed", "timed_out": "timed_out"
 ENDED_STATES = ("delivered", "cancelled")  # the job is over: forgotten in memory, never resumed
 
 
-# Effects: what a driver does after a transition; ``name`` says which.
-@dataclasses.dataclass(frozen=True)
-class JobAction:
-    """An effect that carries nothing but its name."""
-
-    name: str
-
-
-SAVE = JobAction("save")  # write the job's row (group commit: memory stays the authority)
-RELEASE_SLOT = JobAction("release_slot")  # the job no longer holds one of the ``kie_max_tasks`` slots
-WATCH_TASK = JobAction("watch_task")  # find the job by its task id from now on, and poll Kie about it
-POLL_NOW = JobAction("poll_now")  # ask Kie about the job at once
-DELIVER = JobAction("deliver")  # send the user the photo or the failure
-FORGET = JobAction("forget")  # the job is over: drop it from memory
-
-
-@dataclasses.dataclass(frozen=True)
-class Finish:
-    """The job's outcome is known: count it and observe how long it took."""
-
-    outcome: str
-    seconds: float
-    name = "finish"
-
-
-@dataclasses.dataclass(frozen=True)
-class Alert:
-    """Tell the admins that Kie stopped every generation (``code`` is the incident's)."""
-
-    code: int
-    name = "alert"
-
-
-JobEffect = JobAction | Finish | Alert
+# Effects: what the driver (Generations.apply) does after a transition.
+SAVE = "save"  # write the job's row (group commit: memory stays the authority)
+RELEASE_SLOT = "release_slot"  # the job no longer holds one of the ``kie_max_tasks`` slots
+WATCH_TASK = "watch_task"  # find the job by its task id from now on, and poll Kie about it
+POLL_NOW = "poll_now"  # ask Kie about the job at once
+FINISH = "finish"  # the outcome is known: count it and observe how long it took
+DELIVER = "deliver"  # send the user the photo or the failure
+ALERT = "alert"  # createTask's refusal stops every generation: tell the admins
+FORGET = "forget"  # the job is over: drop it from memory
 KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the events that leave the state as it is
 
 
@@ -5386,12 +5362,8 @@ def event_changes(event: JobEvent) -> dict[str, Any]:
     return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
 
 
-def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[JobEffect]]:
-    """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched.
-
-    IllegalTransition if JOB_TRANSITIONS does not list the event for the
-    job's state; no changes and no effects if it marks it IGNORED.
-    """
+def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[str]]:
+    """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched."""
     moves = JOB_TRANSITIONS[job.state]
     if event.name not in moves:
         raise IllegalTransition(f"job {job.id}: {event.name!r} is not allowed in state {job.state!r}")
@@ -5401,7 +5373,7 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     if state == job.state:
         return event_changes(event), list(KEEPING_STATE_EFFECTS[event.name])
     changes = {**event_changes(event), "state": state, "updated_at": now}
-    effects: list[JobEffect] = [RELEASE_SLOT] if job.state == "submitted" else []
+    effects = [RELEASE_SLOT] if job.state == "submitted" else []
     if event != SEND_STARTED:
         effects.append(SAVE)
     if event.name == "accepted":
@@ -5409,11 +5381,11 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     if state in OUTCOMES:
         changes["outcome"] = OUTCOMES[state]
         if not job.outcome:  # a job cancelled after its outcome was known has been counted
-            effects.append(Finish(OUTCOMES[state], now - job.created_at))
+            effects.append(FINISH)
         if state != "cancelled":
             effects.append(DELIVER)
     if event.name == "refused" and event.value is not None and kie_code(event.value.code).incident:
-        effects.append(Alert(event.value.code))
+        effects.append(ALERT)
     if state in ENDED_STATES:
         effects.append(FORGET)
     return changes, effects
@@ -5436,11 +5408,8 @@ def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
 
 
 def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: float) -> list[tuple[int, float]]:
-    """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts.
-
-    ``created_since`` bounds the rows read: a job is delivered within its
-    timeout and delivery budget of its creation.
-    """
+    """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts
+    (``created_since`` bounds the rows read: a job is delivered within its timeout and budget of its creation)."""
     return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
                         "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
                         (created_since, since)).fetchall()
@@ -5479,11 +5448,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def address_is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether a download may connect to ``address``: globally routable, and so is any IPv4 address it embeds.
-
-    ``is_global`` alone is not enough: it is True for multicast, and for 6to4
-    or NAT64 addresses that lead to 127.0.0.1.
-    """
+    """Whether a download may connect to ``address``: globally routable, and so is any IPv4 address it embeds
+    (``is_global`` alone is True for multicast, and for 6to4 or NAT64 addresses that lead to 127.0.0.1)."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(address)
         if embedded is not None and not address_is_public(embedded):
@@ -5506,11 +5472,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 def choose_download_address(addresses: Iterable[str],
                             allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address to connect to, from what the host name resolved to; DownloadError unless all are public.
-
-    All, not the first: a name that resolves to a public and an internal
-    address is refused whole, whichever one a client would pick.
-    """
+    """The address to connect to, from what the host name resolved to; DownloadError unless all are public
+    (all: a name that resolves to a public and an internal address is refused, whichever a client would pick)."""
     try:
         resolved = [ipaddress.ip_address(text) for text in addresses]
     except ValueError:
@@ -5586,27 +5549,14 @@ def image_file_name(url: str) -> tuple[str, str]:
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
 
 
-def kie_callback_url(config: Config) -> str:
-    """Where Kie posts a task's callback, or "" when the bot has no public URL (the poller alone then)."""
-    if not config.webhook_base_url:
-        return ""
-    return (f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
-            + urllib.parse.urlencode({"token": config.kie_callback_token}))
-
-
 class JobBook:
-    """The unfinished jobs of this process, found by id, task and user, written through to SQLite.
-
-    Memory is the authority inside the process (so transitions are atomic).  Rows the database could not
-    take are kept and written when it comes back, so it never resurrects a stale state; a row it refuses
-    for what it holds (it would refuse it again) is not kept: its job alone goes to ``on_refused``.
-    """
+    """The unfinished jobs of this process, found by id, task and user, written through to the database.
+    Rows it could not take are kept and written when it comes back, so it never resurrects a stale state;
+    a row it refuses for what it holds (it would refuse it again) is not kept: its job goes to ``on_refused``."""
 
     def __init__(self, db: Database, on_refused: Callable[[Job], None] = lambda job: None):
         self.db, self.on_refused = db, on_refused
         self.jobs: dict[str, Job] = {}
-        self.created = 0
-        self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
         self._by_task: dict[str, str] = {}
         self._active_by_user: dict[int, str] = {}
         self._stored: set[str] = set()  # unfinished jobs the database has a row of
@@ -5625,11 +5575,7 @@ class JobBook:
     def by_task(self, task_id: str) -> Job | None:
         return self.jobs.get(self._by_task.get(task_id, ""))
 
-    def busy(self, user_id: int) -> bool:
-        return user_id in self._active_by_user
-
     def active(self, user_id: int) -> Job | None:
-        """The user's unfinished job, if any."""
         return self.jobs.get(self._active_by_user.get(user_id, ""))
 
     def forget(self, job: Job) -> None:
@@ -5656,7 +5602,6 @@ class JobBook:
         return True
 
     def stored(self, job: Job) -> bool:
-        """Whether the database holds a row of this unfinished job."""
         return job.id in self._stored
 
     def _on_rows_written(self, rows: list[tuple], error: BaseException | None) -> None:
@@ -5733,135 +5678,109 @@ class DailyLimit:
     limit: int
 
 
-class Fairness:
-    """One job per user at a time, at most ``hourly_limit`` pictures an hour (admins have no hourly limit),
-    and at most ``daily_limit`` started a day (UTC) by the whole bot (0: no cap), which bounds spending.
+class RunningJobs:
+    """Jobs while Kie draws them: createTask in order within ``kie_max_tasks`` slots, recordInfo on a schedule
+    by age and at once on a callback, signs of life for the user, and the admins told once per Kie incident."""
 
-    Only delivered pictures count towards the hour: a failed, timed-out or
-    cancelled job costs the user nothing, so an outage does not eat their quota.
-    """
-
-    def __init__(self, hourly_limit: int, admin_ids: frozenset[int], clock: Clock = SYSTEM_CLOCK,
-                 daily_limit: int = 0):
-        self.hourly_limit = hourly_limit
-        self.daily_limit = daily_limit
-        self.admin_ids = admin_ids
-        self.clock = clock
-        self.loaded = False  # the last hour's deliveries and today's starts were read from the database
-        self._recent_by_user: dict[int, collections.deque[float]] = {}
-        self._today = (0, 0)  # (UTC day number, pictures started that day)
-
-    def refusal(self, user_id: int, busy: bool) -> Busy | HourlyLimit | DailyLimit | None:
-        """Why ``user_id`` may not start a job now, or None."""
-        if busy:
-            return Busy()
-        if self.daily_limit and self.started_today() >= self.daily_limit:
-            return DailyLimit(self.daily_limit)
-        stamps = self._last_hour(user_id)
-        if user_id not in self.admin_ids and len(stamps) >= self.hourly_limit:
-            return HourlyLimit(self.hourly_limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
-        return None
-
-    def remaining(self, user_id: int, extra: int = 0) -> tuple[int, int] | None:
-        """(pictures left this hour, the limit) once ``extra`` more are counted; None for admins."""
-        if user_id in self.admin_ids:
-            return None
-        return max(0, self.hourly_limit - len(self._last_hour(user_id)) - extra), self.hourly_limit
-
-    def _last_hour(self, user_id: int) -> collections.deque[float]:
-        stamps = self._recent_by_user.get(user_id, collections.deque())
-        now = self.clock.time()
-        while stamps and now - stamps[0] >= 3600:
-            stamps.popleft()
-        return stamps
-
-    def note(self, user_id: int, delivered_at: float) -> None:
-        self._recent_by_user.setdefault(user_id, collections.deque()).append(delivered_at)
-
-    def started_today(self) -> int:
-        day, count = self._today
-        return count if day == self.clock.time() // 86400 else 0
-
-    def note_start(self) -> None:
-        self._today = (self.clock.time() // 86400, self.started_today() + 1)
-
-    async def load(self, db: Database, gen_timeout_s: float) -> None:
-        """Count the last hour's deliveries once: later ones are noted as they happen."""
-        if not self.loaded:
-            since = self.clock.time() - 3600
-            created_since = since - gen_timeout_s - DELIVERY_BUDGET_S
-            for user_id, delivered_at in await db.read(jobs_delivered_since, since, created_since):
-                self.note(user_id, delivered_at)
-            day = self.clock.time() // 86400
-            self._today = (day, sum((await db.read(usage_counts, day * 86400))["jobs_today"].values()))
-            self.loaded = True
-
-    def forget_idle(self, now: float) -> None:
-        """Drop stamps older than an hour, so idle users cost no memory."""
-        for user_id in [u for u, stamps in self._recent_by_user.items() if not stamps or now - stamps[-1] >= 3600]:
-            del self._recent_by_user[user_id]
-
-    def clear(self) -> None:
-        self._recent_by_user.clear()
-        self._today = (0, 0)
-        self.loaded = False
-
-
-class KieSlots:
-    """The bound on tasks at Kie: the submitter holds a slot during createTask, the job while "submitted"."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_use = 0
-        self._freed = asyncio.Event()
-
-    async def acquire(self) -> None:
-        while self.in_use >= self.limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self.in_use += 1
-
-    def take(self) -> None:
-        """Count a resumed "submitted" job, whatever the limit: Kie has its task already."""
-        self.in_use += 1
-
-    def release(self) -> None:
-        self.in_use -= 1
-        self._freed.set()
-
-    def clear(self) -> None:
-        self.in_use = 0
-
-
-class AdminAlerts:
-    """Tells the admins once per Kie incident (the next accepted createTask ends it), in each one's language."""
-
-    def __init__(self, admin_ids: frozenset[int], db: Database, outbox: Outbox):
-        self.admin_ids = admin_ids
+    def __init__(self, generations: Generations, db: Database, outbox: Outbox):
+        self.generations = generations  # applies the events, runs one-off work
         self.db = db
         self.outbox = outbox
+        self.clock = generations.clock
+        config = generations.config
+        self.callback_url = ""  # where Kie posts a task's callback; none without a public URL: the poller alone then
+        if config.webhook_base_url:
+            self.callback_url = (f"{config.webhook_base_url.rstrip('/')}/{config.kie_callback_path}?"
+                                 + urllib.parse.urlencode({"token": config.kie_callback_token}))
+        self.in_kie = 0  # slots taken: by createTask calls under way and by "submitted" jobs
         self.incident: int | None = None  # Kie error code of an ongoing incident
+        self._slot_freed = asyncio.Event()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._due: list[tuple[float, int, Job]] = []  # polls, a heap of (when, sequence, job)
+        self._sequence = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._polling: set[str] = set()
+        self._rechecks: set[str] = set()  # polled when a callback came: ask again, the answer may predate it
+        self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
+        self._edit_due: dict[str, float] = {}  # job id -> when the ⏳ message's elapsed time is due again
 
-    def begin(self, code: int) -> bool:
-        """Note an incident; False when one is already under way (its admins were told)."""
-        if self.incident is not None:
-            return False
-        self.incident = code
-        return True
+    def clear(self) -> None:
+        self.in_kie = 0
+        self._queue = asyncio.Queue()
+        self._due.clear()
+        self._action_due.clear()
+        self._edit_due.clear()
 
-    def over(self) -> None:
+    def forget(self, job: Job) -> None:
+        self._action_due.pop(job.id, None)
+        self._edit_due.pop(job.id, None)
+
+    # -- createTask ------------------------------------------------------------
+
+    def enqueue(self, job: Job) -> None:
+        self._queue.put_nowait(job)
+
+    def release_slot(self) -> None:
+        self.in_kie -= 1
+        self._slot_freed.set()
+
+    async def submit_forever(self) -> None:
+        """Send created jobs to createTask in order, each once a slot is free."""
+        while True:
+            job = await self._queue.get()
+            if job.state != "created":
+                continue
+            while self.in_kie >= self.generations.config.kie_max_tasks:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            self.in_kie += 1
+            await self._submit(job)
+
+    async def _submit(self, job: Job) -> None:
+        model = MODELS_BY_KEY.get(job.model)
+        if model is None:  # a stored job of a model since removed from CATALOG
+            self.release_slot()
+            self.generations.apply(job, JobEvent("refused", None))
+            return
+        try:
+            image_urls = (await self._upload_photo(job),) if model.edits else ()
+            inputs = model.request(job.prompt, job.ratio, job.option, self.generations.config.kie_nsfw_checker,
+                                   image_urls)
+            task_id = await self.generations.kie.create_task(model.kie_model, inputs, self.callback_url)
+        except KieError as error:
+            self.release_slot()
+            log.warning("[JOB] %s: createTask failed: %s", job.id, error)
+            self.generations.apply(job, JobEvent("refused", error))
+            return
         if self.incident is not None:
             log.warning("[JOB] Kie works again; incident %d over", self.incident)
             self.incident = None
+        self.generations.apply(job, JobEvent("accepted", task_id))
+        if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
+            self.release_slot()
 
-    async def alert(self, code: int) -> None:
+    async def _upload_photo(self, job: Job) -> str:
+        """Kie's own copy of the job's photo, fetched from Telegram now (a copy made earlier may have expired)."""
+        try:
+            data, extension = await self.outbox.telegram.download_file(job.image, PHOTO_DOWNLOAD_MAX_BYTES)
+        except (TelegramError, DownloadError) as error:
+            raise KieError(422, f"image could not be fetched from Telegram ({type(error).__name__})") from None
+        return await self.generations.kie.upload(data, f"{job.id}-{secrets.token_hex(4)}{extension or '.jpg'}")
+
+    def alert(self, code: int) -> None:
+        """Tell the admins of a Kie incident, unless one is under way already (they were told)."""
+        if self.incident is not None:
+            return
+        self.incident = code
         reason = kie_code(code).incident
-        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], len(self.admin_ids))
-        await self.tell(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason]))
+        admins = len(self.generations.config.admin_ids)
+        log.error("[JOB] Kie incident: %s; alerting %d admins", TEXTS["en"][reason], admins)
+        self.generations.run_in_background(
+            self.tell_admins(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason])))
 
-    async def tell(self, text: Callable[[str], str]) -> None:
+    async def tell_admins(self, text: Callable[[str], str]) -> None:
         """Send every admin ``text(language)``, in the admin's language."""
-        admin_ids = sorted(self.admin_ids)
+        admin_ids = sorted(self.generations.config.admin_ids)
         try:
             languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
         except DatabaseUnavailable:
@@ -5870,121 +5789,40 @@ class AdminAlerts:
             lang = user_language({"language_code": languages.get(admin_id, "")})
             await self.outbox.send_message(admin_id, text(lang))
 
+    # -- recordInfo ------------------------------------------------------------
 
-class Submitter:
-    """Sends created jobs to Kie's createTask in order, within the Kie slots; the job table decides what follows."""
-
-    def __init__(self, kie: KieClient, telegram: TelegramClient, slots: KieSlots, alerts: AdminAlerts,
-                 apply: Callable[[Job, JobEvent], None], callback_url: str, nsfw_checker: bool = True):
-        self.kie = kie
-        self.telegram = telegram  # fetches an edit's photo
-        self.slots = slots
-        self.alerts = alerts
-        self.apply = apply
-        self.callback_url = callback_url
-        self.nsfw_checker = nsfw_checker  # Kie's content filter, for the models that have one
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
-
-    def enqueue(self, job: Job) -> None:
-        self._queue.put_nowait(job)
-
-    def clear(self) -> None:
-        self._queue = asyncio.Queue()
-
-    async def submit_forever(self) -> None:
-        while True:
-            job = await self._queue.get()
-            if job.state != "created":
-                continue
-            await self.slots.acquire()
-            await self._submit(job)
-
-    async def _submit(self, job: Job) -> None:
-        model = MODELS_BY_KEY.get(job.model)
-        if model is None:  # a stored job of a model since removed from CATALOG
-            self.slots.release()
-            self.apply(job, JobEvent("refused", None))
-            return
-        try:
-            image_urls = (await self._upload_photo(job),) if model.edits else ()
-            inputs = model.request(job.prompt, job.ratio, job.option, self.nsfw_checker, image_urls)
-            task_id = await self.kie.create_task(model.kie_model, inputs, self.callback_url)
-        except KieError as error:
-            self.slots.release()
-            log.warning("[JOB] %s: createTask failed: %s", job.id, error)
-            self.apply(job, JobEvent("refused", error))
-            return
-        self.alerts.over()
-        self.apply(job, JobEvent("accepted", task_id))
-        if job.state != "submitted":  # it timed out while createTask ran; Kie's task runs out on its own
-            self.slots.release()
-
-
-    async def _upload_photo(self, job: Job) -> str:
-        """Kie's own copy of the job's photo, fetched from Telegram now (a copy made earlier may have expired)."""
-        try:
-            data, extension = await self.telegram.download_file(job.image, PHOTO_DOWNLOAD_MAX_BYTES)
-        except (TelegramError, DownloadError) as error:
-            raise KieError(422, f"image could not be fetched from Telegram ({type(error).__name__})") from None
-        return await self.kie.upload(data, f"{job.id}-{secrets.token_hex(4)}{extension or '.jpg'}")
-
-
-class Poller:
-    """Asks Kie's recordInfo about submitted jobs: on a schedule by their age, and at once on a callback."""
-
-    def __init__(self, kie: KieClient, on_record: Callable[[Job, TaskRecord], None],
-                 run_in_background: Callable[[Awaitable[None]], None], clock: Clock = SYSTEM_CLOCK,
-                 polls_at_once: int = POLLS_AT_ONCE):
-        self.kie = kie
-        self.on_record = on_record
-        self.run_in_background = run_in_background
-        self.clock = clock
-        self.polls_at_once = polls_at_once
-        self._heap: list[tuple[float, int, Job]] = []  # (when, sequence, job)
-        self._sequence = itertools.count()
-        self._wakeup = asyncio.Event()
-        self._polling: set[str] = set()
-        self._rechecks: set[str] = set()  # polled when a callback came: ask again, the answer may predate it
-
-    def schedule(self, job: Job, when: float) -> None:
-        heapq.heappush(self._heap, (when, next(self._sequence), job))
+    def schedule_poll(self, job: Job, when: float) -> None:
+        heapq.heappush(self._due, (when, next(self._sequence), job))
         self._wakeup.set()
-
-    def schedule_next(self, job: Job) -> None:
-        now = self.clock.time()
-        self.schedule(job, now + poll_interval(now - job.created_at))
-
-    def clear(self) -> None:
-        self._heap.clear()
 
     def poll_now(self, job: Job) -> None:
         if job.id in self._polling:
             self._rechecks.add(job.id)
             return
         self._polling.add(job.id)
-        self.run_in_background(self._poll(job))
+        self.generations.run_in_background(self._poll(job))
 
     async def poll_due_forever(self) -> None:
         while True:
             now = self.clock.time()
-            while self._heap and self._heap[0][0] <= now and len(self._polling) < self.polls_at_once:
-                job = heapq.heappop(self._heap)[2]
+            while self._due and self._due[0][0] <= now and len(self._polling) < POLLS_AT_ONCE:
+                job = heapq.heappop(self._due)[2]
                 if job.state == "submitted" and job.id not in self._polling:
                     self.poll_now(job)
             delay = 1.0  # also picks up a clock that jumped
-            if self._heap and len(self._polling) < self.polls_at_once:
-                delay = min(delay, max(0.0, self._heap[0][0] - now))
+            if self._due and len(self._polling) < POLLS_AT_ONCE:
+                delay = min(delay, max(0.0, self._due[0][0] - now))
             self._wakeup.clear()
             await wait_for_event(self._wakeup, delay)
 
     async def _poll(self, job: Job) -> None:
-        """Ask Kie about the job, again if a callback came meanwhile; hand on a finished record."""
+        """Ask Kie about the job, again if a callback came meanwhile; a finished record is the job's outcome."""
         record = None
         try:
             while job.state == "submitted":
                 self._rechecks.discard(job.id)
                 try:
-                    record = await self.kie.record_info(job.task_id, budget_s=0)
+                    record = await self.generations.kie.record_info(job.task_id, budget_s=0)
                 except KieError as error:
                     log.warning("[JOB] %s: recordInfo failed: %s", job.id, error)
                     record = None
@@ -5996,24 +5834,35 @@ class Poller:
             self._wakeup.set()
         if job.state != "submitted":
             return
-        if record is not None and record.state != "pending":
-            self.on_record(job, record)
+        if record is not None and record.state == "success":
+            self.generations.apply(job, JobEvent("succeeded", record.urls[0]))
+        elif record is not None and record.state == "fail":
+            self.generations.apply(job, JobEvent("failed", failure_for_record(record)))
         else:
-            self.schedule_next(job)
+            now = self.clock.time()
+            self.schedule_poll(job, now + poll_interval(now - job.created_at))
 
+    # -- signs of life -----------------------------------------------------------
 
-class Progress:
-    """Signs of life while a job runs (the upload_photo chat action, the ⏳ message's elapsed time) from
-    ``tick``, by the injected clock; the outbox drops one a result follows, so none overwrites it."""
-
-    def __init__(self, outbox: Outbox, save: Callable[[Job], None], clock: Clock = SYSTEM_CLOCK):
-        self.outbox = outbox
-        self.save = save  # writes a job whose status message was just posted
-        self.clock = clock
-        self._action_due: dict[str, float] = {}  # job id -> when the chat action is due again
-        self._edit_due: dict[str, float] = {}  # job id -> when the elapsed time is due again
+    async def watch_deadlines_forever(self) -> None:
+        """Time out overdue jobs, show running ones are alive, forget idle users' delivery stamps."""
+        generations = self.generations
+        last_prune = self.clock.time()
+        while True:
+            now = self.clock.time()
+            jobs = list(generations.jobs.values()) if generations.mode.may_act() else []  # else another may hold them
+            for job in jobs:
+                if job.state in RUNNING_STATES and now - job.created_at > generations.config.gen_timeout_s:
+                    generations.apply(job, EXPIRED)
+            self.tick(jobs, now)
+            if now - last_prune > USAGE_PRUNE_S:
+                last_prune = now
+                generations.forget_idle_users(now)
+            await self.clock.sleep(DEADLINE_CHECK_S)
 
     def tick(self, jobs: Iterable[Job], now: float) -> None:
+        """The upload_photo chat action and the ⏳ message's elapsed time, when due; the outbox drops one
+        that a result follows, so none overwrites it."""
         for job in jobs:
             if job.state not in RUNNING_STATES:
                 continue
@@ -6028,12 +5877,10 @@ class Progress:
                                                              "reply_markup": status_keyboard(job.lang)})
 
     def post_status(self, job: Job) -> None:
-        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve).
-
-        Its message id is the job's once it is sent; a job that has left the
-        running states by then (its result or failure queued after it) deletes it.
-        """
-        text = status_text(job_model(job), job.ratio, job.option, job.lang, self.clock.time() - job.created_at)
+        """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve); a job
+        that has left the running states once it is out (its result or failure queued after it) deletes it."""
+        elapsed_s = self.clock.time() - job.created_at
+        text = status_text(job_model(job), job.ratio, job.option, job.lang, elapsed_s)
         posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
                                                      "reply_markup": status_keyboard(job.lang)})
         posted.add_done_callback(lambda answer: self._posted(job, answer))
@@ -6045,17 +5892,9 @@ class Progress:
         message_id = answer.result().get("message_id") if isinstance(answer.result(), dict) else None
         if isinstance(message_id, int) and job.state in RUNNING_STATES:
             job.status_message_id = message_id
-            self.save(job)
+            self.generations.book.save(job)
         elif isinstance(message_id, int):
             self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": message_id})
-
-    def forget(self, job: Job) -> None:
-        self._action_due.pop(job.id, None)
-        self._edit_due.pop(job.id, None)
-
-    def clear(self) -> None:
-        self._action_due.clear()
-        self._edit_due.clear()
 
 
 def job_model(job: Job) -> ImageModel:
@@ -6063,27 +5902,107 @@ def job_model(job: Job) -> ImageModel:
     return MODELS_BY_KEY.get(job.model) or ImageModel(job.model, job.model, job.model, (job.ratio,))
 
 
-class ResultSender:
-    """Delivery's messages, via the outbox: the photo (by URL, else uploaded), the failure, the offer, the file."""
+class Delivery:
+    """Carries each finished job to its user once, through the outbox (which retries a failing Telegram), within
+    ``budget_s`` after GEN_TIMEOUT_S: the photo, the failure or the re-send offer; and what users ask for again."""
 
-    def __init__(self, outbox: Outbox, http: httpx.AsyncClient, allow_private: bool = False, *,
-                 catalog: bool = False, remaining: Callable[[int, int], tuple[int, int] | None] = lambda u, n: None,
-                 balance: Callable[[int], int] = lambda user_id: 0):
+    def __init__(self, generations: Generations, outbox: Outbox, http: httpx.AsyncClient):
+        self.generations = generations  # applies the events, runs one-off work, knows the hourly limit
         self.outbox = outbox
         self.http = http
-        self.allow_private = allow_private  # result downloads may reach loopback/private hosts (tests' fakes)
-        self.catalog = catalog  # more than one model is offered: results offer another model
-        self.remaining = remaining  # (user, pictures about to be counted) -> (left this hour, limit) or None
-        self.balance = balance  # the user's Stars credits
+        self.budget_s = DELIVERY_BUDGET_S
+        self.notice_s = DELIVERY_NOTICE_S
+        self._delivering: set[str] = set()
+        self._originals: set[str] = set()  # jobs whose original file is on its way
+
+    def deliver(self, job: Job) -> None:
+        self.generations.run_in_background(self._deliver(job))
+
+    async def _deliver(self, job: Job) -> None:
+        """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
+        if job.id in self._delivering or job.state not in ("succeeded", "unsure", "failed", "timed_out"):
+            return
+        self._delivering.add(job.id)
+        try:
+            await self._attempt(job, self._send_result if job.state == "succeeded" else self._tell_outcome)
+        finally:
+            self._delivering.discard(job.id)
+        self.generations.apply(job, DELIVERED)
+
+    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
+        """Deliver, or tell the user it failed."""
+        clock = self.generations.clock
+        give_up_at = job.created_at + self.generations.config.gen_timeout_s + self.budget_s - self.notice_s
+        try:
+            if clock.time() >= give_up_at:
+                raise TimeoutError
+            async with self._within(give_up_at - clock.time()):
+                await step(job)
+            return
+        except TelegramError as error:
+            if not error.retryable:
+                log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
+                return
+            reason = f"Telegram keeps failing: {error}"  # the outbox tried until the deadline
+        except TimeoutError:
+            reason = "its delivery budget ran out"
+        except Exception:
+            log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
+            reason = "an unexpected error"
+        log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
+        self.generations.apply(job, UNDELIVERABLE)
+        try:  # within the notice time: why nothing more is coming, or the re-send offer
+            async with self._within(self.notice_s):
+                await self._tell_outcome(job)
+        except Exception as error:
+            log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
+
+    def _within(self, seconds: float) -> asyncio.Timeout:
+        """The deadline of a delivery step, for its downloads and the messages it queues (SEND_BY) alike."""
+        SEND_BY.set(self.generations.clock.monotonic() + seconds)
+        return asyncio.timeout(seconds)
+
+    async def _send_result(self, job: Job) -> None:
+        book = self.generations.book
+        if job.state == "succeeded":  # "sending" is committed first, so a restart never sends it again blindly
+            self.generations.apply(job, SEND_STARTED)
+            # Unless the database already holds a row of the job: it still says "succeeded", and sending now
+            # could be repeated.
+            if not await book.save_durably(job) and book.stored(job):
+                self.generations.apply(job, MAYBE_SENT)
+                await self._tell_outcome(job)
+                return
+        try:
+            await self.send_photo(job)
+        except DownloadError as error:
+            log.warning("[JOB] %s: could not download the result: %s", job.id, error)
+            self.generations.apply(job, UNDELIVERABLE)
+            await self._tell_outcome(job)
+            return
+        except TelegramNetworkError as error:
+            if not error.maybe_performed:
+                raise
+            # Telegram may have the photo already; sending it again could show it twice.
+            log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
+            self.generations.apply(job, MAYBE_SENT)
+            await self._tell_outcome(job)
+            return
+        if job.status_message_id:  # the photo is out: the ⏳ message goes
+            try:
+                await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
+                                                            "message_id": job.status_message_id})
+            except TelegramError as error:
+                log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
-        left = left_text(self.remaining(job.user_id, 1 if counting else 0), job.lang, self.balance(job.user_id))
+        left = left_text(self.generations.remaining(job.user_id, 1 if counting else 0), job.lang,
+                         self.generations.wallet.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
             "parse_mode": "HTML",
-            "reply_markup": result_keyboard(job.id, job.model, job.lang, self.catalog),
+            "reply_markup": result_keyboard(job.id, job.model, job.lang, not self.generations.config.single_model_only),
         }
         try:
             await self.outbox.deliver("sendPhoto", {**params, "photo": job.result_url})
@@ -6093,10 +6012,15 @@ class ResultSender:
             log.info("[JOB] %s: Telegram could not fetch the image (%s); uploading it", job.id, error.description)
             await self._upload_result(job, params)
 
-    async def _upload_result(self, job: Job, params: dict) -> None:
+    async def _download(self, job: Job) -> tuple[bytes, str, str]:
+        """The result's bytes, file name and MIME type; result downloads may reach loopback or private hosts
+        only when configured to (tests' fakes)."""
         image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
-                                       allow_private=self.allow_private)
-        name, mime = image_file_name(job.result_url)
+                                       allow_private=self.generations.config.result_download_allow_private)
+        return image, *image_file_name(job.result_url)
+
+    async def _upload_result(self, job: Job, params: dict) -> None:
+        image, name, mime = await self._download(job)
         if len(image) <= PHOTO_UPLOAD_MAX_BYTES:
             try:
                 await self.outbox.deliver("sendPhoto", params, files={"photo": (name, image, mime)})
@@ -6115,28 +6039,32 @@ class ResultSender:
             await self._say(job, TEXTS[job.lang]["fail_delivery"],
                             failure_keyboard(job.id, job.model, "failed", job.lang))
 
-    async def send_original(self, job: Job) -> None:
+    def send_original(self, job: Job) -> None:
+        """Send the original file; a press while it is on its way joins it (one download per job at a time)."""
+        if job.id not in self._originals:
+            self._originals.add(job.id)
+            self.generations.run_in_background(self._send_original(job)).add_done_callback(
+                lambda task: self._originals.discard(job.id))
+
+    async def _send_original(self, job: Job) -> None:
         """The stored result as a document, byte for byte (Telegram recompresses photos); once, never retried."""
         try:
-            image = await download_bounded(self.http, job.result_url, DOCUMENT_UPLOAD_MAX_BYTES,
-                                           allow_private=self.allow_private)
-            name, mime = image_file_name(job.result_url)
+            image, name, mime = await self._download(job)
             caption = result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang)
-            await self.outbox.deliver("sendDocument", {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"},
-                                      files={"document": (name, image, mime)})
+            params = {"chat_id": job.chat_id, "caption": caption, "parse_mode": "HTML"}
+            await self.outbox.deliver("sendDocument", params, files={"document": (name, image, mime)})
         except (DownloadError, TelegramError) as error:
             log.warning("[JOB] %s: could not send the original file: %s", job.id, error)
             await self._say(job, TEXTS[job.lang]["original_failed"])
 
-    async def send_failure(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang][f"fail_{job.error or 'failed'}"],
-                         failure_keyboard(job.id, job.model, job.error, job.lang))
-
-    async def offer_resend(self, job: Job) -> None:
-        await self._tell(job, TEXTS[job.lang]["maybe_sent"], failure_keyboard(job.id, job.model, "delivery", job.lang))
-
-    async def _tell(self, job: Job, text: str, markup: dict) -> None:
-        """Turn the ⏳ message into ``text``, or send it when that message is gone."""
+    async def _tell_outcome(self, job: Job) -> None:
+        """Turn the ⏳ message into the re-send offer of a job that may have been sent ("unsure"), else into why
+        it failed; or send that when the message is gone."""
+        if job.state == "unsure":
+            text, markup = TEXTS[job.lang]["maybe_sent"], failure_keyboard(job.id, job.model, "delivery", job.lang)
+        else:
+            text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
+            markup = failure_keyboard(job.id, job.model, job.error, job.lang)
         if job.status_message_id:
             try:
                 await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
@@ -6154,195 +6082,35 @@ class ResultSender:
         params = {"chat_id": job.chat_id, "text": text, "parse_mode": "HTML"}
         await self.outbox.deliver("sendMessage", params if markup is None else {**params, "reply_markup": markup})
 
-    async def delete_status_message(self, job: Job) -> None:
-        if not job.status_message_id:
-            return
-        try:
-            await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id, "message_id": job.status_message_id})
-        except TelegramError as error:
-            log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
-
-
-class Deliverer:
-    """Carries each finished job to its user once (the outbox retries a failing Telegram) within its budget.
-
-    After GEN_TIMEOUT_S a job has ``budget_s`` to reach the user; attempts
-    stop ``notice_s`` before that, which is kept for telling the user.
-    """
-
-    def __init__(self, gen_timeout_s: float, book: JobBook, sender: ResultSender,
-                 apply: Callable[[Job, JobEvent], None], run_in_background: Callable[[Awaitable[None]], None],
-                 clock: Clock = SYSTEM_CLOCK, budget_s: float = DELIVERY_BUDGET_S, notice_s: float = DELIVERY_NOTICE_S):
-        self.gen_timeout_s = gen_timeout_s
-        self.book = book
-        self.sender = sender
-        self.apply = apply
-        self.run_in_background = run_in_background
-        self.clock = clock
-        self.budget_s = budget_s
-        self.notice_s = notice_s
-        self._delivering: set[str] = set()
-        self._steps: dict[str, Callable[[Job], Awaitable[None]]] = {
-            "succeeded": self._send_result,
-            "unsure": sender.offer_resend,
-            "failed": sender.send_failure,
-            "timed_out": sender.send_failure,
-        }
-
-    def deliver(self, job: Job) -> None:
-        self.run_in_background(self._deliver(job))
-
-    def _give_up_at(self, job: Job) -> float:
-        """When attempts stop and the user is told instead, so the job ends within the delivery budget."""
-        return job.created_at + self.gen_timeout_s + self.budget_s - self.notice_s
-
-    async def _deliver(self, job: Job) -> None:
-        """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
-        if job.id in self._delivering or job.state not in self._steps:
-            return
-        self._delivering.add(job.id)
-        try:
-            await self._attempt(job, self._steps[job.state])
-        finally:
-            self._delivering.discard(job.id)
-        self.apply(job, DELIVERED)
-
-    async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
-        """Deliver, or tell the user it failed."""
-        give_up_at = self._give_up_at(job)
-        try:
-            if self.clock.time() >= give_up_at:
-                raise TimeoutError
-            async with self._within(give_up_at - self.clock.time()):
-                await step(job)
-            return
-        except TelegramError as error:
-            if not error.retryable:
-                log.warning("[JOB] %s: cannot deliver (%s)", job.id, error.description)
-                return
-            reason = f"Telegram keeps failing: {error}"  # the outbox tried until the deadline
-        except TimeoutError:
-            reason = "its delivery budget ran out"
-        except Exception:
-            log.exception("[JOB] %s: delivery failed unexpectedly", job.id)
-            reason = "an unexpected error"
-        await self._tell_undelivered(job, reason)
-
-    async def _tell_undelivered(self, job: Job, reason: str) -> None:
-        """Tell the user, within the notice time, that nothing more is coming: why, or the re-send offer."""
-        log.warning("[JOB] %s: giving up delivery (%s); telling the user", job.id, reason)
-        self.apply(job, UNDELIVERABLE)
-        step = self.sender.offer_resend if job.state == "unsure" else self.sender.send_failure
-        try:
-            async with self._within(self.notice_s):
-                await step(job)
-        except Exception as error:
-            log.warning("[JOB] %s: could not tell the user either (%s)", job.id, type(error).__name__)
-
-    def _within(self, seconds: float) -> asyncio.Timeout:
-        """The deadline of a delivery step, for its downloads and the messages it queues (SEND_BY) alike."""
-        SEND_BY.set(self.clock.monotonic() + seconds)
-        return asyncio.timeout(seconds)
-
-    async def _commit_intent(self, job: Job) -> bool:
-        """Commit "sending" before the photo goes out, so a restart never sends it again blindly.
-
-        False when that cannot be committed for a job the database already
-        holds: its row still says "succeeded", and sending now could be repeated.
-        """
-        self.apply(job, SEND_STARTED)
-        return await self.book.save_durably(job) or not self.book.stored(job)
-
-    async def _send_result(self, job: Job) -> None:
-        if job.state == "succeeded" and not await self._commit_intent(job):
-            await self._offer_instead(job)
-            return
-        try:
-            await self.sender.send_photo(job)
-        except DownloadError as error:
-            log.warning("[JOB] %s: could not download the result: %s", job.id, error)
-            self.apply(job, UNDELIVERABLE)
-            await self.sender.send_failure(job)
-            return
-        except TelegramNetworkError as error:
-            if not error.maybe_performed:
-                raise
-            # Telegram may have the photo already; sending it again could show it twice.
-            log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
-            await self._offer_instead(job)
-            return
-        await self.sender.delete_status_message(job)
-
-    async def _offer_instead(self, job: Job) -> None:
-        self.apply(job, MAYBE_SENT)
-        await self.sender.offer_resend(job)
-
 
 class Generations:
-    """Every job of this process, from creation to delivery: the one driver of the job state machine.
-
-    ``apply`` changes a job as ``apply_event`` says, and the collaborators carry out the effects.
-    Every job ends: outcomes by ``GEN_TIMEOUT_S``, delivery by the delivery budget after that.
-    """
+    """Every job of this process, from creation to delivery: the one driver of the job state machine
+    (``apply``), and the fairness limits, which only delivered pictures count towards the hour."""
 
     def __init__(self, config: Config, db: Database, outbox: Outbox, kie: KieClient,
                  http: httpx.AsyncClient, *, on_finished: Callable[[float], None] = lambda seconds: None,
-                 clock: Clock = SYSTEM_CLOCK, delivery_budget_s: float = DELIVERY_BUDGET_S,
-                 delivery_notice_s: float = DELIVERY_NOTICE_S, mode: Role | None = None):
+                 clock: Clock = SYSTEM_CLOCK, mode: Role | None = None):
         self.config = config
         self.mode = mode or Role()
         self.kie = kie
         self.clock = clock
-        self.on_finished = on_finished
+        self.on_finished = on_finished  # how long Kie took
         self.book = JobBook(db, on_refused=lambda job: self.apply(job, UNSTORABLE))
-        self.fairness = Fairness(config.gen_hourly_limit, config.admin_ids, clock, config.gen_daily_limit)
+        self.jobs = self.book.jobs  # unfinished jobs by id
+        self.created = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
         self.wallet = Wallet(db)
-        self.slots = KieSlots(config.kie_max_tasks)
-        self.alerts = AdminAlerts(config.admin_ids, db, outbox)
-        self.submitter = Submitter(kie, outbox.telegram, self.slots, self.alerts, self.apply, kie_callback_url(config),
-                                   config.kie_nsfw_checker)
-        self.poller = Poller(kie, self._on_record, self._run_in_background, clock)
-        self.progress = Progress(outbox, self.book.save, clock)
-        sender = ResultSender(outbox, http, config.result_download_allow_private,
-                              catalog=not config.single_model_only, remaining=self.fairness.remaining,
-                              balance=self.wallet.balance)
-        self.deliverer = Deliverer(config.gen_timeout_s, self.book, sender, self.apply, self._run_in_background,
-                                   clock, delivery_budget_s, delivery_notice_s)
-        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
-        self._originals: set[str] = set()  # jobs whose original file is on its way
+        self.running = RunningJobs(self, db, outbox)
+        self.delivery = Delivery(self, outbox, http)
         self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
+        self.daily_limit = config.gen_daily_limit  # pictures the whole bot may start a UTC day (0: no cap)
+        self.fairness_loaded = False  # the last hour's deliveries and today's starts were read from the database
+        self._delivered: dict[int, collections.deque[float]] = {}  # user -> when pictures reached them, oldest first
+        self._today = (0, 0)  # (UTC day number, pictures started that day)
+        self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
-        self._effects: dict[str, Callable[[Job, Any], None]] = {
-            SAVE.name: lambda job, effect: self.book.save(job),
-            RELEASE_SLOT.name: lambda job, effect: self.slots.release(),
-            WATCH_TASK.name: self._watch_task,
-            POLL_NOW.name: lambda job, effect: self.poller.poll_now(job),
-            Finish.name: self._finish,
-            DELIVER.name: lambda job, effect: self.deliverer.deliver(job),
-            Alert.name: self._alert,
-            FORGET.name: self._forget,
-        }
 
-    @property
-    def jobs(self) -> dict[str, Job]:
-        """Unfinished jobs by id."""
-        return self.book.jobs
-
-    @property
-    def in_kie(self) -> int:
-        """Jobs holding one of ``kie_max_tasks`` slots."""
-        return self.slots.in_use
-
-    @property
-    def created(self) -> int:
-        return self.book.created
-
-    @property
-    def finished(self) -> collections.Counter[str]:
-        return self.book.finished
-
-    def configured(self) -> bool:
-        """Whether generation can work at all (a Kie key is set)."""
+    def configured(self) -> bool:  # whether generation can work at all
         return self.kie.configured
 
     # -- the driver ------------------------------------------------------------
@@ -6353,82 +6121,83 @@ class Generations:
         for name, value in changes.items():
             setattr(job, name, value)
         for effect in effects:
-            self._effects[effect.name](job, effect)
+            if effect == SAVE:
+                self.book.save(job)
+            elif effect == RELEASE_SLOT:
+                self.running.release_slot()
+            elif effect == WATCH_TASK:
+                self.book.watch_task(job)
+                self.running.schedule_poll(job, self.clock.time() + poll_interval(0.0))
+            elif effect == POLL_NOW:
+                self.running.poll_now(job)
+            elif effect == FINISH:
+                self.finished[job.outcome] += 1
+                seconds = job.updated_at - job.created_at
+                if job.outcome != "cancelled":  # how long Kie took: a cancelled job never said
+                    self.on_finished(seconds)
+                log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, seconds,
+                         f" ({job.error})" if job.error else "")
+            elif effect == DELIVER:
+                self.delivery.deliver(job)
+            elif effect == ALERT:
+                self.running.alert(event.value.code)
+            elif effect == FORGET:
+                if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
+                    self.note_delivered(job.user_id, job.updated_at)  # only pictures the user got count
+                elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
+                    self.run_in_background(self.wallet.write(("returned", job.id)))
+                self.book.forget(job)
+                self.running.forget(job)
 
-    def _watch_task(self, job: Job, effect: JobAction) -> None:
-        self.book.watch_task(job)
-        self.poller.schedule(job, self.clock.time() + poll_interval(0.0))
-
-    def _finish(self, job: Job, effect: Finish) -> None:
-        self.book.finished[effect.outcome] += 1
-        if effect.outcome != "cancelled":  # how long Kie took: a cancelled job never said
-            self.on_finished(effect.seconds)
-        log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, effect.seconds, f" ({job.error})" if job.error else "")
-
-    def _alert(self, job: Job, effect: Alert) -> None:
-        if self.alerts.begin(effect.code):
-            self._run_in_background(self.alerts.alert(effect.code))
-
-    def _forget(self, job: Job, effect: JobAction) -> None:
-        if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
-            self.fairness.note(job.user_id, job.updated_at)  # only pictures the user got count
-        elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
-            self._run_in_background(self.wallet.write(("returned", job.id)))
-        self.book.forget(job)
-        self.progress.forget(job)
-
-    def _on_record(self, job: Job, record: TaskRecord) -> None:
-        if record.state == "success":
-            self.apply(job, JobEvent("succeeded", record.urls[0]))
-        elif record.state == "fail":
-            self.apply(job, JobEvent("failed", failure_for_record(record)))
-
-    def _run_in_background(self, coro: Awaitable[None]) -> None:
+    def run_in_background(self, coro: Awaitable[None]) -> asyncio.Task:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
-        self._tasks.start(coro)
+        return self._tasks.start(coro)
 
     # -- lifecycle -----------------------------------------------------------
 
     async def resume(self) -> None:
-        """Load unfinished jobs not yet in memory, and run the submitters, the poller and the deadline watch.
-
-        Called on becoming active, and again when the database comes back
-        after being unusable; jobs already in memory are left as they are,
-        and what they became meanwhile is written first.
-        """
+        """Load unfinished jobs not yet in memory (on becoming active, and when the database comes back: what
+        jobs in memory became meanwhile is written first), and run the submitters, the poller and the deadline watch."""
         try:
             jobs = await self.book.load_unfinished()
-            await self.fairness.load(self.book.db, self.config.gen_timeout_s)
+            await self._load_counts()
         except DatabaseUnavailable:
             jobs = []
         with contextlib.suppress(DatabaseUnavailable):  # (paid pictures wait for the database anyway)
             await self.wallet.load()
         for job in jobs:
-            self._resume_job(job)
+            if job.state == "created":
+                self.running.enqueue(job)
+            elif job.state == "submitted":
+                self.running.in_kie += 1  # its slot, whatever the limit: Kie has its task already
+                self.running.schedule_poll(job, 0.0)  # callbacks may have come while we were down
+            else:
+                if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
+                    self.apply(job, MAYBE_SENT)
+                self.delivery.deliver(job)
         if jobs:
             log.info("[JOB] resumed %d unfinished jobs", len(jobs))
         if not self._loops.running:
             for n in range(SUBMITTERS):
-                self._loops.start(self.submitter.submit_forever(), f"submitter-{n}")
-            self._loops.start(self.poller.poll_due_forever(), "job-poller")
-            self._loops.start(self._watch_deadlines_forever(), "job-deadlines")
+                self._loops.start(self.running.submit_forever(), f"submitter-{n}")
+            self._loops.start(self.running.poll_due_forever(), "job-poller")
+            self._loops.start(self.running.watch_deadlines_forever(), "job-deadlines")
 
-    def _resume_job(self, job: Job) -> None:
-        if job.state == "created":
-            self.submitter.enqueue(job)
-        elif job.state == "submitted":
-            self.slots.take()
-            self.poller.schedule(job, 0.0)  # callbacks may have come while we were down
-        else:
-            if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
-                self.apply(job, MAYBE_SENT)
-            self.deliverer.deliver(job)
+    async def _load_counts(self) -> None:
+        """Count the last hour's deliveries and today's starts once: later ones are noted as they happen."""
+        if self.fairness_loaded:
+            return
+        since = self.clock.time() - 3600
+        created_since = since - self.config.gen_timeout_s - DELIVERY_BUDGET_S
+        for user_id, delivered_at in await self.book.db.read(jobs_delivered_since, since, created_since):
+            self.note_delivered(user_id, delivered_at)
+        day = self.clock.time() // 86400
+        self._today = (day, sum((await self.book.db.read(usage_counts, day * 86400))["jobs_today"].values()))
+        self.fairness_loaded = True
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop submitting and polling; let deliveries under way finish within ``grace``.
-
-        Whatever is cut short stays in the jobs table and resumes on the next start.
-        """
+        """Stop submitting and polling; let deliveries under way finish within ``grace`` (what is cut short
+        resumes on the next start)."""
         await self._loops.cancel_all()
         if self._tasks.running:
             await asyncio.wait(set(self._tasks.running), timeout=grace)
@@ -6437,53 +6206,78 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.fairness, self.wallet, self.slots, self.poller, self.submitter, self.progress):
+        for part in (self.book, self.wallet, self.running, self._delivered):
             part.clear()
+        self._today = (0, 0)
+        self.fairness_loaded = False
 
-    async def _watch_deadlines_forever(self) -> None:
-        """Time out overdue jobs, show running ones are alive, forget idle hourly stamps."""
-        last_prune = self.clock.time()
-        while True:
-            now = self.clock.time()
-            jobs = list(self.jobs.values()) if self.mode.may_act() else []  # else another may hold them now
-            for job in jobs:
-                if job.state in RUNNING_STATES and now - job.created_at > self.config.gen_timeout_s:
-                    self.apply(job, EXPIRED)
-            self.progress.tick(jobs, now)
-            if now - last_prune > USAGE_PRUNE_S:
-                last_prune = now
-                self.fairness.forget_idle(now)
-            await self.clock.sleep(DEADLINE_CHECK_S)
-
-    # -- what the dialog asks --------------------------------------------------
+    # -- fairness: one job per user, GEN_HOURLY_LIMIT an hour (not for admins), GEN_DAILY_LIMIT a day --------
 
     def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
-        refusal = self.fairness.refusal(user_id, self.book.busy(user_id) or user_id in self.starting)
+        if self.book.active(user_id) is not None or user_id in self.starting:
+            return Busy()
+        refusal = self._over_limit(user_id)
         paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
         return None if paid else refusal
 
+    def _over_limit(self, user_id: int) -> HourlyLimit | DailyLimit | None:
+        if self.daily_limit and self.started_today() >= self.daily_limit:
+            return DailyLimit(self.daily_limit)
+        stamps, limit = self._last_hour(user_id), self.config.gen_hourly_limit
+        if user_id not in self.config.admin_ids and len(stamps) >= limit:
+            return HourlyLimit(limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
+        return None
+
+    def remaining(self, user_id: int, extra: int = 0) -> tuple[int, int] | None:
+        """(pictures left this hour, the limit) once ``extra`` more are counted, from memory; None for admins."""
+        if user_id in self.config.admin_ids:
+            return None
+        limit = self.config.gen_hourly_limit
+        return max(0, limit - len(self._last_hour(user_id)) - extra), limit
+
+    def _last_hour(self, user_id: int) -> collections.deque[float]:
+        stamps = self._delivered.get(user_id, collections.deque())
+        now = self.clock.time()
+        while stamps and now - stamps[0] >= 3600:
+            stamps.popleft()
+        return stamps
+
+    def note_delivered(self, user_id: int, delivered_at: float) -> None:
+        self._delivered.setdefault(user_id, collections.deque()).append(delivered_at)
+
+    def forget_idle_users(self, now: float) -> None:
+        """Drop stamps older than an hour, so idle users cost no memory."""
+        for user_id in [u for u, stamps in self._delivered.items() if not stamps or now - stamps[-1] >= 3600]:
+            del self._delivered[user_id]
+
+    def started_today(self) -> int:
+        day, count = self._today
+        return count if day == self.clock.time() // 86400 else 0
+
+    def note_start(self) -> None:
+        self._today = (self.clock.time() // 86400, self.started_today() + 1)
+
+    # -- what the dialog asks --------------------------------------------------
+
     async def start(self, user_id: int, chat_id: int, lang: str, model: ImageModel, prompt: str, ratio: str,
                     option: str = "", status_message_id: int = 0, image: str = "") -> Job:
-        """Create a job (durably when the database works) and queue it; returns at once.
-
-        Without a status message (the dialog had none to turn into one) the job posts its own.
-        """
+        """Create a job (durably when the database works) and queue it; returns at once.  Without a status
+        message (the dialog had none to turn into one) the job posts its own."""
         now = self.clock.time()
         job = Job(secrets.token_hex(8), user_id, chat_id, lang, model.key, prompt, ratio, option,
                   status_message_id=status_message_id, created_at=now, updated_at=now, image=image)
         self.book.track(job)
-        self.book.created += 1
-        self.fairness.note_start()
+        self.created += 1
+        self.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
-        paid = self.fairness.refusal(user_id, False) is not None
-        if paid and not await self.wallet.spend(job.id, user_id, model.credits):
+        if self._over_limit(user_id) is not None and not await self.wallet.spend(job.id, user_id, model.credits):
             log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
-        self.submitter.enqueue(job)
+        self.running.enqueue(job)
         if not status_message_id:
-            self.progress.post_status(job)
+            self.running.post_status(job)
         return job
 
     async def cancel(self, user_id: int, chat_id: int, message_id: int = 0) -> tuple[str, Job | None]:
@@ -6499,16 +6293,8 @@ class Generations:
         log.info("[JOB] %s cancelled by its user", job.id)
         return "cancelled", job
 
-    def remaining(self, user_id: int) -> tuple[int, int] | None:
-        """(pictures left this hour, the limit) for ``user_id``, from memory; None for admins."""
-        return self.fairness.remaining(user_id)
-
     def send_original(self, job: Job) -> None:
-        """Send the original file; a press while it is on its way joins it (one download per job at a time)."""
-        if job.id not in self._originals:
-            self._originals.add(job.id)
-            self._tasks.start(self.deliverer.sender.send_original(job)).add_done_callback(
-                lambda task: self._originals.discard(job.id))
+        self.delivery.send_original(job)
 
     async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
         """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
@@ -6516,7 +6302,7 @@ class Generations:
         return job if job is not None and (job.user_id, job.chat_id) == (user_id, chat_id) else None
 
     async def resend(self, job: Job) -> None:
-        await self.deliverer.sender.resend(job)
+        await self.delivery.resend(job)
 
     async def move_chat(self, group: int, supergroup: int) -> None:
         """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
@@ -6527,11 +6313,7 @@ class Generations:
             await self.book.db.write(jobs_move_chat, group, supergroup)
 
     def on_callback(self, task_id: str) -> None:
-        """A Kie callback (already authenticated) is a hint: ask recordInfo now, over our own key.
-
-        Its body is never trusted for the outcome or the result URLs; a task
-        that is unknown or already finished changes nothing.
-        """
+        """A Kie callback (authenticated, its body never trusted) is a hint: ask recordInfo now, over our key."""
         job = self.book.by_task(task_id)
         if job is None or job.state != "submitted":
             log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
@@ -6541,7 +6323,6 @@ class Generations:
     async def usage(self) -> dict[str, Any]:
         """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
         return await self.book.usage(self.kie, self.clock.time())
-
 
 ###############################################################################
 # 13. Outbox
@@ -7661,7 +7442,7 @@ class Diagnostics:
                 await self._observe_credits()
 
     def _observe_here(self) -> None:
-        trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations.fairness
+        trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations
         waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.set_up_failing
         for flag, reason, all_clear in (
             ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
@@ -7697,7 +7478,7 @@ class Diagnostics:
         reason = f"Kie.ai has {shown} credits left (under KIE_CREDITS_LOW={low})" if credits < low else None
         change = self.flag("kie_credits_low", reason, f"Kie.ai has {shown} credits")
         if change is not None and change[0] == "raised":
-            await self.generations.alerts.tell(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
+            await self.generations.running.tell_admins(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
 
     def flag(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
         """Raise ``flag`` (RED_FLAGS) for ``reason`` (None: it is not, as ``all_clear`` says).  Logged once when its
