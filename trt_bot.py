@@ -1307,124 +1307,6 @@ class HttpLimits:
     max_body: int = MAX_BODY_BYTES
 
 
-@dataclasses.dataclass(eq=False, slots=True)  # eq=False: a connection is a dict key by identity
-class _Connection:
-    """A served connection: what it is doing and the deadline by which it must be done."""
-
-    writer: asyncio.StreamWriter
-    phase: str = IDLE
-    deadline: float = math.inf
-    counted: bool = False  # holds one of the server's max_connections places (until it is cut or ends)
-
-
-class ConnectionTable:
-    """Every served connection's phase and deadline, the places under ``max_connections``, and who is evicted.
-
-    One sweeper task cuts connections whose deadline passed, so a read or a
-    write costs no timer of its own.  ``open`` counts the connections holding a
-    place; a cut or evicted connection frees its place at once.
-    """
-
-    def __init__(self, limits: HttpLimits, clock: Clock = SYSTEM_CLOCK):
-        self.limits = limits
-        self.clock = clock
-        self.open = 0
-        self._by_task: dict[asyncio.Task, _Connection] = {}
-        # Connections a newcomer may evict, oldest first (in the order they entered their phase):
-        self._leaving: dict[_Connection, None] = {}  # closing, still holding a place
-        self._evictable: dict[_Connection, None] = {}  # idle, or writing to a peer that does not read
-        self._sweeper: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
-
-    def add(self, writer: asyncio.StreamWriter) -> _Connection:
-        """The current task's connection, served until ``remove()``."""
-        connection = self._by_task[asyncio.current_task()] = _Connection(writer)  # type: ignore[index]
-        return connection
-
-    def remove(self, connection: _Connection) -> None:
-        self._free_place(connection)
-        self._evictable.pop(connection, None)
-        self._leaving.pop(connection, None)
-        del self._by_task[asyncio.current_task()]  # type: ignore[arg-type]
-
-    def in_phase(self, phase: str) -> list[_Connection]:
-        return [c for c in self._by_task.values() if c.phase == phase]
-
-    def phase_counts(self) -> dict[str, int]:
-        """How many connections are in each phase (every phase listed)."""
-        counts = dict.fromkeys(PHASES, 0)
-        for connection in self._by_task.values():
-            counts[connection.phase] += 1
-        return counts
-
-    def enter(self, connection: _Connection, phase: str, timeout: float) -> None:
-        connection.phase = phase
-        connection.deadline = self.clock.monotonic() + timeout
-        self._evictable.pop(connection, None)
-        self._leaving.pop(connection, None)
-        if phase in EVICTABLE_PHASES:
-            self._evictable[connection] = None
-        elif phase == CLOSING and connection.counted:
-            self._leaving[connection] = None
-
-    def admit(self, connection: _Connection) -> bool:
-        """Give ``connection`` a place if one is free, or can be freed by evicting a closing
-        connection, else the one idle or stalled longest; False when every place is mid-request."""
-        if self.open >= self.limits.max_connections:
-            victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
-            if victim is None:
-                return False
-            self.cut(victim, evict=True)
-        connection.counted = True
-        self.open += 1
-        return True
-
-    def cut(self, connection: _Connection, evict: bool = False) -> None:
-        """End a connection whose deadline passed, or evict one; either way its place is free at once.
-
-        A request that trickled in too slowly gets a 408 first.  An evicted
-        connection, one stalled writing or one still closing is reset: a polite
-        close would wait for the peer to read.
-        """
-        if evict or connection.phase in (WRITING, CLOSING):
-            connection.writer.transport.abort()
-        else:
-            if connection.phase == READING:
-                connection.writer.write(REQUEST_TIMEOUT_RESPONSE)
-            connection.writer.close()  # the pending read sees end of stream and the connection ends
-        self._free_place(connection)
-        self.enter(connection, CLOSING, self.limits.linger)
-
-    async def end_all(self, grace: float) -> None:
-        """Give every connection ``grace`` seconds to end, then cut it; stop the sweeper."""
-        if self._by_task:
-            _, pending = await asyncio.wait(set(self._by_task), timeout=grace)
-            for task in pending:
-                self._by_task[task].writer.transport.abort()
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
-
-    def _free_place(self, connection: _Connection) -> None:
-        if connection.counted:
-            connection.counted = False
-            self.open -= 1
-
-    async def _sweep_forever(self) -> None:
-        limits = self.limits
-        interval = min(4.0, limits.request_timeout, limits.idle_timeout, limits.write_timeout, limits.linger) / 4
-        while True:
-            await self.clock.sleep(interval)
-            now = self.clock.monotonic()
-            for connection in [c for c in self._by_task.values() if c.deadline < now]:
-                self.cut(connection)
-
-
 class HttpServer:
     """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
 
@@ -1435,39 +1317,46 @@ class HttpServer:
     500 with no detail and the error is logged; if it takes over
     ``handler_timeout``, a 503.
 
-    Every phase of a connection has a deadline: idle between requests, reading
-    a request, handling it, writing a response the peer does not read, closing;
-    the ConnectionTable enforces them (the handler's is its own timer).  At
-    ``max_connections`` a newcomer evicts a closing connection, else the one
-    idle or stalled longest; only when every connection is in the middle of a
-    request is it refused with 503.  Request bodies held in memory total at
-    most ``max_buffered_body`` bytes; a request that would pass that gets 503.
+    Every phase of a connection has a deadline (PHASES); one sweeper task cuts
+    the connections whose deadline passed, so a read or a write costs no timer
+    of its own.  At ``max_connections`` a newcomer evicts a closing connection,
+    else the one idle or stalled longest; only when every connection is in the
+    middle of a request is it refused with 503.  Request bodies held in memory
+    total at most ``max_buffered_body`` bytes; a request that would pass that
+    gets 503.
     """
 
     def __init__(self, handler: RequestHandler, *, check_head: HeadCheck | None = None,
                  limits: HttpLimits = HttpLimits(), clock: Clock = SYSTEM_CLOCK):
         self.handler = handler
         self.check_head = check_head
-        self.connections = ConnectionTable(limits, clock)
+        self.limits = limits
+        self.clock = clock
         self.buffered_body = 0  # body bytes reserved by the requests being read or handled
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
-
-    @property
-    def limits(self) -> HttpLimits:
-        return self.connections.limits
+        self._sweeper: asyncio.Task | None = None
+        # A served connection is its writer: its task, its phase and the deadline by which that must end.
+        self._writers: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._phases: dict[asyncio.StreamWriter, str] = {}
+        self._deadlines: dict[asyncio.StreamWriter, float] = {}
+        self._placed: set[asyncio.StreamWriter] = set()  # those holding one of the max_connections places
+        # Connections a newcomer may evict, oldest first (in the order they entered their phase):
+        self._leaving: dict[asyncio.StreamWriter, None] = {}  # closing, still holding a place
+        self._evictable: dict[asyncio.StreamWriter, None] = {}  # idle, or writing to a peer that does not read
 
     @property
     def open_connections(self) -> int:
-        return self.connections.open
+        return len(self._placed)
 
     def phase_counts(self) -> dict[str, int]:
-        return self.connections.phase_counts()
+        """How many connections are in each phase (every phase listed)."""
+        return dict.fromkeys(PHASES, 0) | collections.Counter(self._phases.values())
 
     async def start(self, host: str, port: int) -> int:
         """Listen and return the bound port (useful with port 0)."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
-        self.connections.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float = 5.0) -> None:
@@ -1479,64 +1368,124 @@ class HttpServer:
         self.closing = True
         if self._server is not None:
             self._server.close()
-        for connection in self.connections.in_phase(IDLE):
-            self.connections.cut(connection)
-        await self.connections.end_all(grace)
+        for writer in [w for w, phase in self._phases.items() if phase == IDLE]:
+            self._cut(writer)
+        if self._writers:
+            _, pending = await asyncio.wait(set(self._writers), timeout=grace)
+            for task in pending:
+                self._writers[task].transport.abort()
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = self.connections.add(writer)
+        self._writers[asyncio.current_task()] = writer  # type: ignore[index]
+        self._phases[writer] = IDLE  # not evictable before it has a place
+        self._deadlines[writer] = math.inf
         try:
             try:
-                if self.connections.admit(connection):
-                    await self._serve_requests(reader, connection)
+                if self._admit(writer):
+                    await self._serve_requests(reader, writer)
                 else:
-                    await self._turn_away(connection)
+                    await self._turn_away(writer)
             finally:
-                await self._finish(connection)
+                await self._finish(writer)
         except (OSError, asyncio.CancelledError):
             pass  # the peer went away, or the server is shutting down: nothing to report
         finally:
-            self.connections.remove(connection)
+            self._placed.discard(writer)
+            for table in (self._phases, self._deadlines, self._evictable, self._leaving):
+                table.pop(writer, None)
+            del self._writers[asyncio.current_task()]  # type: ignore[arg-type]
 
-    async def _serve_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
-        sock = connection.writer.get_extra_info("socket")
+    def _enter(self, writer: asyncio.StreamWriter, phase: str, timeout: float) -> None:
+        self._phases[writer] = phase
+        self._deadlines[writer] = self.clock.monotonic() + timeout
+        self._evictable.pop(writer, None)
+        self._leaving.pop(writer, None)
+        if phase in EVICTABLE_PHASES:
+            self._evictable[writer] = None
+        elif phase == CLOSING and writer in self._placed:
+            self._leaving[writer] = None
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Give ``writer`` a place if one is free, or can be freed by evicting a closing
+        connection, else the one idle or stalled longest; False when every place is mid-request."""
+        if len(self._placed) >= self.limits.max_connections:
+            victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
+            if victim is None:
+                return False
+            self._cut(victim, evict=True)
+        self._placed.add(writer)
+        return True
+
+    def _cut(self, writer: asyncio.StreamWriter, evict: bool = False) -> None:
+        """End a connection whose deadline passed, or evict one; either way its place is free at once.
+
+        A request that trickled in too slowly gets a 408 first.  An evicted
+        connection, one stalled writing or one still closing is reset: a polite
+        close would wait for the peer to read.
+        """
+        if evict or self._phases[writer] in (WRITING, CLOSING):
+            writer.transport.abort()
+        else:
+            if self._phases[writer] == READING:
+                writer.write(REQUEST_TIMEOUT_RESPONSE)
+            writer.close()  # the pending read sees end of stream and the connection ends
+        self._placed.discard(writer)
+        self._enter(writer, CLOSING, self.limits.linger)
+
+    async def _sweep_forever(self) -> None:
+        limits = self.limits
+        interval = min(4.0, limits.request_timeout, limits.idle_timeout, limits.write_timeout, limits.linger) / 4
+        while True:
+            await self.clock.sleep(interval)
+            now = self.clock.monotonic()
+            for writer in [w for w, deadline in self._deadlines.items() if deadline < now]:
+                self._cut(writer)
+
+    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
+        writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
         parser = RequestParser(self.limits.max_head, self.limits.max_body)
-        while await self._serve_one(reader, parser, connection):
+        while await self._serve_one(reader, parser, writer):
             pass
 
     async def _serve_one(self, reader: asyncio.StreamReader, parser: RequestParser,
-                         connection: _Connection) -> bool:
+                         writer: asyncio.StreamWriter) -> bool:
         """Read, judge, handle and answer one request; False when the connection is done."""
         if parser.has_partial_request:
-            self.connections.enter(connection, READING, self.limits.request_timeout)
+            self._enter(writer, READING, self.limits.request_timeout)
         else:
-            self.connections.enter(connection, IDLE, self.limits.idle_timeout)
+            self._enter(writer, IDLE, self.limits.idle_timeout)
         try:
-            head = await self._read(reader, parser, parser.next_head, connection)
+            head = await self._read(reader, parser, parser.next_head, writer)
         except HttpError as error:
-            connection.writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
+            writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
             return False
         if head is None:
             return False
         refusal = self._refusal(head)
         if refusal is not None:
             if head.content_length:  # unread, perhaps still arriving: answer and close
-                connection.writer.write(render_response(refusal, keep_alive=False))
+                writer.write(render_response(refusal, keep_alive=False))
                 return False
             parser.next_request()  # a head without a body is the whole request
-            return await self._respond(connection, head, refusal)
+            return await self._respond(writer, head, refusal)
         self.buffered_body += head.content_length
         try:
-            request = await self._read(reader, parser, parser.next_request, connection)
+            request = await self._read(reader, parser, parser.next_request, writer)
             if request is None:
                 return False
-            response = await self._handle(request, connection)
+            response = await self._handle(request, writer)
         finally:
             self.buffered_body -= head.content_length
-        return await self._respond(connection, request, response)
+        return await self._respond(writer, request, response)
 
     def _refusal(self, head: Request) -> Response | None:
         """The answer a request earns from its head alone, or None to read its body and handle it."""
@@ -1546,21 +1495,21 @@ class HttpServer:
         return refusal
 
     async def _read(self, reader: asyncio.StreamReader, parser: RequestParser,
-                    step: Callable[[], Request | None], connection: _Connection) -> Request | None:
+                    step: Callable[[], Request | None], writer: asyncio.StreamWriter) -> Request | None:
         """step()'s first answer, reading as needed; None when the peer closed or the connection was cut."""
         while (result := step()) is None:
-            if connection.phase == IDLE and self.closing:
+            if self._phases[writer] == IDLE and self.closing:
                 return None
             data = await reader.read(READ_CHUNK)
-            if not data or connection.phase == CLOSING:
+            if not data or self._phases[writer] == CLOSING:
                 return None
-            if connection.phase == IDLE:
-                self.connections.enter(connection, READING, self.limits.request_timeout)
+            if self._phases[writer] == IDLE:
+                self._enter(writer, READING, self.limits.request_timeout)
             parser.feed(data)
         return result
 
-    async def _handle(self, request: Request, connection: _Connection) -> Response:
-        self.connections.enter(connection, HANDLING, math.inf)  # bounded by the handler's own timer, below
+    async def _handle(self, request: Request, writer: asyncio.StreamWriter) -> Response:
+        self._enter(writer, HANDLING, math.inf)  # bounded by the handler's own timer, below
         handler_timeout = self.limits.handler_timeout
         deadline = asyncio.timeout(handler_timeout)
         try:
@@ -1573,46 +1522,44 @@ class HttpServer:
             log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
             return text_response(500, "internal error")
 
-    async def _respond(self, connection: _Connection, request: Request, response: Response) -> bool:
+    async def _respond(self, writer: asyncio.StreamWriter, request: Request, response: Response) -> bool:
         """Send a response; True when the connection stays open for the next request.
 
         While more than ``max_unsent`` bytes wait for the peer to read, no
         further request is read; they must drain within ``write_timeout``.
         """
-        writer = connection.writer
         if writer.transport.is_closing():
             return False  # the peer is gone; pipelined requests still parsed get no answer
         keep_alive = request.keep_alive and not self.closing
         writer.write(render_response(response, keep_alive, request.method == "HEAD"))
         if not keep_alive:
-            self.connections.enter(connection, CLOSING, self.limits.write_timeout)  # the last bytes get it too
+            self._enter(writer, CLOSING, self.limits.write_timeout)  # the last bytes get it too
             return False
         if writer.transport.get_write_buffer_size() > self.limits.max_unsent:
-            self.connections.enter(connection, WRITING, self.limits.write_timeout)
+            self._enter(writer, WRITING, self.limits.write_timeout)
             await writer.drain()
-            return connection.phase == WRITING  # not cut meanwhile
+            return self._phases[writer] == WRITING  # not cut meanwhile
         return True
 
-    async def _turn_away(self, connection: _Connection) -> None:
+    async def _turn_away(self, writer: asyncio.StreamWriter) -> None:
         """503 for a connection over the bound, closed after ``linger`` without reading anything.
 
         Closing at once would reset the request the client is sending, and
         the reset can reach it before the 503; nothing is read, so waiting
         costs no memory.
         """
-        writer = connection.writer
         writer.transport.pause_reading()
         writer.write(render_response(text_response(503, "too many connections", RETRY_LATER), keep_alive=False))
         writer.write_eof()
-        self.connections.enter(connection, CLOSING, self.limits.linger)
+        self._enter(writer, CLOSING, self.limits.linger)
         await writer.wait_closed()  # the sweeper closes it at the deadline
 
-    async def _finish(self, connection: _Connection) -> None:
+    async def _finish(self, writer: asyncio.StreamWriter) -> None:
         """Close; unsent bytes have until the closing phase's deadline to leave, then the sweeper resets."""
-        if connection.phase != CLOSING:
-            self.connections.enter(connection, CLOSING, self.limits.linger)
-        connection.writer.close()
-        await connection.writer.wait_closed()
+        if self._phases[writer] != CLOSING:
+            self._enter(writer, CLOSING, self.limits.linger)
+        writer.close()
+        await writer.wait_closed()
 
 
 ###############################################################################
