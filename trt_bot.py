@@ -63,7 +63,7 @@ import sqlite3
 import sys
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple
 
 import httpx
 
@@ -925,7 +925,7 @@ class Config:
         values -= {""}
         encoded = {quote(value) for value in values
                    for quote in (functools.partial(urllib.parse.quote, safe=""), urllib.parse.quote_plus)}
-        return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
+        return sorted(values | encoded, key=lambda value: (-len(value), value))  # see install_secret_masking
 
     def describe(self) -> list[str]:
         """``NAME=value`` for every setting, secrets as *** (``python trt_bot.py check`` prints them)."""
@@ -995,28 +995,21 @@ def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     return TELEGRAM_FILE_URL.sub("/file/bot***", text)
 
 
-class SecretMaskingFilter(logging.Filter):
-    """Rewrites a record's message and traceback with every secret replaced by ***.
+def _mask_record(secrets: list[str], record: logging.LogRecord) -> bool:
+    """The masking filter: rewrites a record's message and traceback with every secret replaced by ***.
 
     It sits on the loggers that emit records (not on handlers), so every handler,
     pytest's capture included, sees the masked record.
     """
-
-    def __init__(self, secrets: Iterable[str]):
-        super().__init__()
-        # Longest first: masking a short secret never leaves part of a longer one showing.
-        self.secrets = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message, self.secrets)
-        if masked != message or record.args:
-            record.msg, record.args = masked, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = mask_secrets(record.exc_text, self.secrets)
-        return True
+    message = record.getMessage()
+    masked = mask_secrets(message, secrets)
+    if masked != message or record.args:
+        record.msg, record.args = masked, ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = mask_secrets(record.exc_text, secrets)
+    return True
 
 
 def install_secret_masking(secrets: Iterable[str]) -> None:
@@ -1024,10 +1017,11 @@ def install_secret_masking(secrets: Iterable[str]) -> None:
     known = set(secrets)
     for name in MASKED_LOGGERS:
         logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, SecretMaskingFilter)]:
-            known.update(old.secrets)
+        for old in [f for f in logger.filters if getattr(f, "func", None) is _mask_record]:
+            known.update(old.args[0])
             logger.removeFilter(old)
-    masking = SecretMaskingFilter(known)
+    # Longest first: masking a short secret never leaves part of a longer one showing.
+    masking = functools.partial(_mask_record, sorted({s for s in known if s}, key=lambda s: (-len(s), s)))
     for name in MASKED_LOGGERS:
         logging.getLogger(name).addFilter(masking)
 
@@ -1236,8 +1230,7 @@ def _header_error(block: bytes) -> HttpError:
     return HttpError(400, "malformed header line")
 
 
-@dataclasses.dataclass
-class Response:
+class Response(NamedTuple):
     status: int = 200
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
