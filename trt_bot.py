@@ -1331,12 +1331,9 @@ class HttpServer:
         self._sweeper: asyncio.Task | None = None
         # A served connection is its writer: its task, its phase and the deadline by which that must end.
         self._writers: dict[asyncio.Task, asyncio.StreamWriter] = {}
-        self._phases: dict[asyncio.StreamWriter, str] = {}
+        self._phases: dict[asyncio.StreamWriter, str] = {}  # in the order they entered their phase, oldest first
         self._deadlines: dict[asyncio.StreamWriter, float] = {}
         self._placed: set[asyncio.StreamWriter] = set()  # those holding one of the max_connections places
-        # Connections a newcomer may evict, oldest first (in the order they entered their phase):
-        self._leaving: dict[asyncio.StreamWriter, None] = {}  # closing, still holding a place
-        self._evictable: dict[asyncio.StreamWriter, None] = {}  # idle, or writing to a peer that does not read
 
     @property
     def open_connections(self) -> int:
@@ -1376,7 +1373,7 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers[asyncio.current_task()] = writer  # type: ignore[index]
-        self._phases[writer] = IDLE  # not evictable before it has a place
+        self._phases[writer] = IDLE  # not evictable (by _admit) before it has a place
         self._deadlines[writer] = math.inf
         try:
             try:
@@ -1390,25 +1387,20 @@ class HttpServer:
             pass  # the peer went away, or the server is shutting down: nothing to report
         finally:
             self._placed.discard(writer)
-            for table in (self._phases, self._deadlines, self._evictable, self._leaving):
-                table.pop(writer, None)
-            del self._writers[asyncio.current_task()]  # type: ignore[arg-type]
+            del self._phases[writer], self._deadlines[writer], self._writers[asyncio.current_task()]  # type: ignore
 
     def _enter(self, writer: asyncio.StreamWriter, phase: str, timeout: float) -> None:
+        del self._phases[writer]  # and put back last: the longest in its phase comes first
         self._phases[writer] = phase
         self._deadlines[writer] = self.clock.monotonic() + timeout
-        self._evictable.pop(writer, None)
-        self._leaving.pop(writer, None)
-        if phase in EVICTABLE_PHASES:
-            self._evictable[writer] = None
-        elif phase == CLOSING and writer in self._placed:
-            self._leaving[writer] = None
 
     def _admit(self, writer: asyncio.StreamWriter) -> bool:
         """Give ``writer`` a place if one is free, or can be freed by evicting a closing
         connection, else the one idle or stalled longest; False when every place is mid-request."""
         if len(self._placed) >= self.limits.max_connections:
-            victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
+            leaving = (w for w, phase in self._phases.items() if phase == CLOSING and w in self._placed)
+            stalled = (w for w, phase in self._phases.items() if phase in EVICTABLE_PHASES and w is not writer)
+            victim = next(leaving, None) or next(stalled, None)
             if victim is None:
                 return False
             self._cut(victim, evict=True)
