@@ -63,6 +63,7 @@ import sqlite3
 import sys
 import time
 import urllib.parse
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple
 
 import httpx
@@ -856,44 +857,11 @@ TOKEN_DERIVED_SECRETS = {"webhook_secret": "webhook-secret", "kie_callback_token
 class Config:
     """Everything the bot reads from its environment, validated; build it with load_config.
 
-    One field per entry of SETTINGS (the defaults live there, not here).
+    Its fields are SETTINGS' ``field``s in their order: each entry there says what its field holds (the
+    value its parser returns), its default and the variable it is read from.
     """
 
-    telegram_token: str
-    kie_api_key: str
-    bot_mode: str
-    webhook_base_url: str
-    webhook_secret: str
-    port: int
-    host: str
-    database: str  # a SQLite file's path or a PostgreSQL URL (parse_database_url)
-    single_model_only: bool
-    queue_size: int
-    queue_workers: int
-    kie_callback_path: str
-    kie_callback_token: str
-    kie_hmac_key: str
-    telegram_api_base: str
-    kie_api_base: str
-    kie_upload_base: str
-    admin_ids: frozenset[int]
-    diag_token: str
-    gen_timeout_s: float
-    gen_hourly_limit: int
-    gen_daily_limit: int
-    kie_nsfw_checker: bool
-    kie_max_tasks: int
-    kie_credits_low: int
-    flush_pending_over: int
-    shutdown_grace_s: float
-    lease_ttl_s: float
-    log_level: str
-    result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
-    telegram_send_rate: int
-    telegram_chat_interval_s: float
-    telegram_group_per_minute: int
-    outbox_max_wait_s: float
-    stars_packs: tuple[tuple[int, int], ...]  # (credits, stars) per pack on sale
+    __annotations__ = {setting.field: Any for setting in SETTINGS}
 
     @property
     def webhook_path_secret(self) -> str:
@@ -1055,22 +1023,8 @@ _BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
-STATUS_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
+# Every status's reason phrase; 413's as RFC 9110 names it (Python's before 3.13 is the older name).
+STATUS_REASONS = {status.value: status.phrase for status in HTTPStatus} | {413: "Content Too Large"}
 
 
 class HttpError(TrtError):
