@@ -521,12 +521,8 @@ class SteadyClock(Clock):
 
 
 class OwnedTasks:
-    """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
-
-    Unretrieved task exceptions would surface only as "Task exception was
-    never retrieved" when collected, if at all; here every one is logged when
-    its task ends, and ``cancel_all`` is the part's way to stop its own.
-    """
+    """The tasks one part starts: kept until they end, each failure logged under ``tag`` when its task ends
+    (not as "Task exception was never retrieved" when collected, if at all), none left to the GC."""
 
     def __init__(self, tag: str):
         self.tag = tag
@@ -687,18 +683,12 @@ def parse_database_url(url: str) -> str:
     (or ``postgres://``, Render's form, with ``?sslmode=`` and the other libpq
     parameters) is checked and kept whole.
     """
-    if url.startswith(POSTGRES_SCHEMES):
-        return _postgres_url(url)
     prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ConfigError(
-            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} or postgresql://user:password@host:5432/database, "
-            f"got a URL starting with {url.split(':', 1)[0]!r}"
-        )
-    return url[len(prefix):]
-
-
-def _postgres_url(url: str) -> str:
+    if not url.startswith(POSTGRES_SCHEMES):
+        if not url.startswith(prefix) or len(url) == len(prefix):
+            raise ConfigError(f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} or postgresql://user:password@"
+                              f"host:5432/database, got a URL starting with {url.split(':', 1)[0]!r}")
+        return url[len(prefix):]
     parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018 -- raises on a port that is not a number
@@ -910,11 +900,6 @@ def _shown(value: Any, secret: bool) -> str:
     return str(int(value)) if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def derive_secret(token: str, purpose: str) -> str:
-    """A stable secret for ``purpose`` that reveals nothing about the bot token."""
-    return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
-
-
 def load_config(env: Mapping[str, str]) -> Config:
     """Build a Config from environment variables or raise ConfigError naming what to fix."""
     values = {setting.field: setting.parse(setting.name, env.get(setting.name, "").strip() or setting.default)
@@ -926,8 +911,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
             "starting with https://, for example https://my-bot.onrender.com"
         )
-    for field, purpose in TOKEN_DERIVED_SECRETS.items():
-        values[field] = values[field] or derive_secret(values["telegram_token"], purpose)
+    token = values["telegram_token"].encode()
+    for field, purpose in TOKEN_DERIVED_SECRETS.items():  # stable, and revealing nothing about the token
+        values[field] = values[field] or hmac.new(token, purpose.encode(), hashlib.sha256).hexdigest()
     return Config(**values)
 
 
@@ -940,16 +926,8 @@ def load_config(env: Mapping[str, str]) -> Config:
 # Loggers that may format a request URL (which carries the bot token, the
 # webhook path or the callback token) or an exception mentioning one.  httpx
 # logs every request URL at INFO.
-MASKED_LOGGERS = (
-    "trt_bot",
-    "httpx",
-    "httpcore.connection",
-    "httpcore.http11",
-    "httpcore.http2",
-    "httpcore.proxy",
-    "asyncio",
-    "psycopg",
-)
+MASKED_LOGGERS = ("trt_bot", "httpx", "httpcore.connection", "httpcore.http11",
+                  "httpcore.http2", "httpcore.proxy", "asyncio", "psycopg")
 
 
 # A Telegram file URL (/file/bot<token>/<path>): the path is masked with the token, since the two fetch the file.
@@ -1235,7 +1213,6 @@ HeadCheck = Callable[[Request], Response | None]
 # in the middle of a request.
 PHASES = IDLE, READING, HANDLING, WRITING, CLOSING = "idle", "reading", "handling", "writing", "closing"
 EVICTABLE_PHASES = frozenset({IDLE, WRITING})
-REQUEST_TIMEOUT_RESPONSE = render_response(text_response(408, "request not received in time"), keep_alive=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1335,8 +1312,11 @@ class HttpServer:
                     await self._serve_requests(reader, writer)
                 else:
                     await self._turn_away(writer)
-            finally:
-                await self._finish(writer)
+            finally:  # unsent bytes have until the closing phase's deadline to leave, then the sweeper resets
+                if self._phases[writer] != CLOSING:
+                    self._enter(writer, CLOSING, self.limits.linger)
+                writer.close()
+                await writer.wait_closed()
         except (OSError, asyncio.CancelledError):
             pass  # the peer went away, or the server is shutting down: nothing to report
         finally:
@@ -1372,7 +1352,7 @@ class HttpServer:
             writer.transport.abort()
         else:
             if self._phases[writer] == READING:
-                writer.write(REQUEST_TIMEOUT_RESPONSE)
+                writer.write(render_response(text_response(408, "request not received in time"), keep_alive=False))
             writer.close()  # the pending read sees end of stream and the connection ends
         self._placed.discard(writer)
         self._enter(writer, CLOSING, self.limits.linger)
@@ -1409,7 +1389,10 @@ class HttpServer:
             return False
         if head is None:
             return False
-        refusal = self._refusal(head)
+        # The answer a request earns from its head alone, or None to read its body and handle it:
+        refusal = self.check_head(head) if self.check_head is not None else None
+        if refusal is None and head.content_length > self.limits.max_buffered_body - self.buffered_body:
+            refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
         if refusal is not None:
             if head.content_length:  # unread, perhaps still arriving: answer and close
                 writer.write(render_response(refusal, keep_alive=False))
@@ -1425,13 +1408,6 @@ class HttpServer:
         finally:
             self.buffered_body -= head.content_length
         return await self._respond(writer, request, response)
-
-    def _refusal(self, head: Request) -> Response | None:
-        """The answer a request earns from its head alone, or None to read its body and handle it."""
-        refusal = self.check_head(head) if self.check_head is not None else None
-        if refusal is None and head.content_length > self.limits.max_buffered_body - self.buffered_body:
-            refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
-        return refusal
 
     async def _read(self, reader: asyncio.StreamReader, parser: RequestParser,
                     step: Callable[[], Request | None], writer: asyncio.StreamWriter) -> Request | None:
@@ -1492,13 +1468,6 @@ class HttpServer:
         writer.write_eof()
         self._enter(writer, CLOSING, self.limits.linger)
         await writer.wait_closed()  # the sweeper closes it at the deadline
-
-    async def _finish(self, writer: asyncio.StreamWriter) -> None:
-        """Close; unsent bytes have until the closing phase's deadline to leave, then the sweeper resets."""
-        if self._phases[writer] != CLOSING:
-            self._enter(writer, CLOSING, self.limits.linger)
-        writer.close()
-        await writer.wait_closed()
 
 
 ###############################################################################
