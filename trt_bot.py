@@ -2476,13 +2476,8 @@ class RetryPolicy:
 ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``python trt_bot.py check``)
 
 
-async def call_with_retries(
-    attempt: Callable[[], Awaitable[Any]],
-    policy: RetryPolicy,
-    *,
-    clock: Clock = SYSTEM_CLOCK,
-    on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None,
-) -> Any:
+async def call_with_retries(attempt: Callable[[], Awaitable[Any]], policy: RetryPolicy, *, clock: Clock = SYSTEM_CLOCK,
+                            on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None) -> Any:
     """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error.
 
     ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
@@ -2701,13 +2696,12 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     if payload.get("ok") is True:
         return payload.get("result")
     error_code = payload.get("error_code")
-    parameters = payload.get("parameters") or {}
-    retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+    parameters = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
+    retry_after, moved_to = parameters.get("retry_after"), parameters.get("migrate_to_chat_id")
     if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
         retry_after = None
-    return_code = error_code if isinstance(error_code, int) else status_code
-    moved_to = parameters.get("migrate_to_chat_id") if isinstance(parameters, dict) else None
-    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after,
+    raise TelegramError(method, error_code if isinstance(error_code, int) else status_code,
+                        str(payload.get("description", "")), retry_after,
                         moved_to if isinstance(moved_to, int) and not isinstance(moved_to, bool) else None)
 
 
@@ -2785,14 +2779,8 @@ class TelegramClient:
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
         self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
 
-    async def call(
-        self,
-        method: str,
-        params: dict | None = None,
-        files: dict[str, tuple[str, bytes, str]] | None = None,
-        timeout: float | None = None,
-        repeatable: bool = True,
-    ) -> Any:
+    async def call(self, method: str, params: dict | None = None, files: dict | None = None,
+                   timeout: float | None = None, repeatable: bool = True) -> Any:
         policy = self.retry
         if not repeatable:  # an answer lost on the way back is raised: the call may have been performed
             transient = policy.transient
