@@ -481,12 +481,8 @@ class TrtError(Exception):
 
 
 class Clock:
-    """Time as the bot sees it, passed to every part that waits or stamps, so tests can drive it.
-
-    ``time()`` is wall time (stored timestamps), ``monotonic()`` measures
-    deadlines and intervals, ``sleep()`` waits.  Tests pass a clock they move
-    by hand instead of patching ``time`` or ``asyncio.sleep``.
-    """
+    """Time as the bot sees it, passed to every part that waits or stamps, so tests can drive it by hand:
+    ``time()`` is wall time (stored timestamps), ``monotonic()`` measures deadlines and intervals."""
 
     def time(self) -> float:
         return time.time()
@@ -1108,8 +1104,14 @@ class RequestParser:
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         if not (target.startswith(b"/") or target == b"*"):
             raise HttpError(400, "request target must be a path")
-        if not _HEADER_BLOCK.fullmatch(head, line_end + 2):
-            raise _header_error(head[line_end + 2:])
+        if not _HEADER_BLOCK.fullmatch(head, line_end + 2):  # which rule it broke (the slow path, bad requests only)
+            for line in head[line_end + 2:].split(b"\r\n"):
+                name, colon, value = line.partition(b":")
+                if line and (not colon or not _HEADER_NAME.fullmatch(name)):
+                    raise HttpError(400, "malformed header line")
+                if _BAD_VALUE_CHARS.search(value):
+                    raise HttpError(400, "invalid character in header value")
+            raise HttpError(400, "malformed header line")
         headers: dict[str, str] = {}
         for line in head[line_end + 2: -2].decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
@@ -1149,17 +1151,6 @@ class RequestParser:
         if length > self.max_body:
             raise HttpError(413, "request body too large")
         return length
-
-
-def _header_error(block: bytes) -> HttpError:
-    """Which rule a header block broke (the slow path, only for bad requests)."""
-    for line in block.split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        if line and (not colon or not _HEADER_NAME.fullmatch(name)):
-            return HttpError(400, "malformed header line")
-        if _BAD_VALUE_CHARS.search(value):
-            return HttpError(400, "invalid character in header value")
-    return HttpError(400, "malformed header line")
 
 
 class Response(NamedTuple):
@@ -2720,17 +2711,6 @@ TELEGRAM_RETRY = RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0, retry_on=(Tel
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
 
-# Answers that refuse the token itself (revoked, or never valid), whatever the method.
-TOKEN_REJECTED_CODES = (401, 404)
-
-
-def telegram_trouble(error: TelegramError | None) -> str:
-    """What a call's outcome says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it works)."""
-    if isinstance(error, TelegramNetworkError):
-        return "unreachable"
-    return "token_rejected" if error is not None and error.error_code in TOKEN_REJECTED_CODES else ""
-
-
 def _answer_maybe_lost(error: TelegramError) -> bool:
     return isinstance(error, TelegramNetworkError) and error.maybe_performed
 
@@ -2777,7 +2757,9 @@ class TelegramClient:
         self.pacer = pacer or SendPacer()
         self._turns = asyncio.Lock()  # the queue for the pacer's shared spacing (_wait_turn)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
-        self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
+        # What the latest answer says of the Bot API as a whole: "unreachable", "token_rejected" (401 and 404
+        # refuse the token itself, whatever the method), or "" (it works).  A red flag (section 14) says it once.
+        self.trouble = ""
 
     async def call(self, method: str, params: dict | None = None, files: dict | None = None,
                    timeout: float | None = None, repeatable: bool = True) -> Any:
@@ -2816,7 +2798,8 @@ class TelegramClient:
             raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
-            self.trouble = telegram_trouble(error)
+            rejected = "token_rejected" if error.error_code in (401, 404) else ""
+            self.trouble = "unreachable" if isinstance(error, TelegramNetworkError) else rejected
             if error.error_code == 429:
                 self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
