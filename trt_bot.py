@@ -672,13 +672,8 @@ def _webhook_secret(name: str, raw: str) -> str:
 
 
 def parse_database_url(url: str) -> str:
-    """Where the database is: a SQLite file's path, or a PostgreSQL URL as given.
-
-    ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or
-    ``sqlite:///:memory:`` give the path; ``postgresql://user:password@host:port/database``
-    (or ``postgres://``, Render's form, with ``?sslmode=`` and the other libpq
-    parameters) is checked and kept whole.
-    """
+    """Where the database is: a SQLite file's path (from ``sqlite:///<path>``), or a PostgreSQL URL
+    (``postgresql://`` or Render's ``postgres://``, with ``?sslmode=`` and the like) checked and kept whole."""
     prefix = "sqlite:///"
     if not url.startswith(POSTGRES_SCHEMES):
         if not url.startswith(prefix) or len(url) == len(prefix):
@@ -851,11 +846,8 @@ class Config:
 
     @property
     def webhook_path_secret(self) -> str:
-        """The secret part of the path Telegram posts to.
-
-        It is a digest of the secret token, so a changed secret changes the URL
-        and ``ensure_webhook`` notices (getWebhookInfo never returns the secret).
-        """
+        """The secret part of the path Telegram posts to: a digest of the secret token, so a changed secret
+        changes the URL and ``ensure_webhook`` notices (getWebhookInfo never returns the secret)."""
         return hashlib.sha256(b"trt-webhook-path:" + self.webhook_secret.encode()).hexdigest()[:32]
 
     @property
@@ -868,12 +860,8 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never reach a log line, response or error.
-
-        Every secret setting, everything derived from one, and the forms they
-        take URL-encoded (a callback URL's ``?token=``); longest first, so
-        masking a short one never leaves part of a longer one showing.
-        """
+        """Values that must never reach a log line, response or error: every secret setting, everything
+        derived from one, and their URL-encoded forms (a callback URL's ``?token=``); longest first."""
         values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
         values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret, *database_passwords(self.database)}
         values -= {""}
@@ -1082,13 +1070,11 @@ class RequestParser:
         end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if _BARE_LF.search(self._buffer, self._scanned, len(self._buffer) if end < 0 else end):
             raise HttpError(400, "bare LF: lines must end with CRLF")
+        if (len(self._buffer) if end < 0 else end) > self.max_head:
+            raise HttpError(431, "request headers too large")
         if end < 0:
-            if len(self._buffer) > self.max_head:
-                raise HttpError(431, "request headers too large")
             self._scanned = len(self._buffer)
             return None
-        if end > self.max_head:
-            raise HttpError(431, "request headers too large")
         head = bytes(self._buffer[: end + 2])  # the request line and header lines, each with its CRLF
         del self._buffer[: end + 4]
         self._scanned = 0
@@ -1198,10 +1184,7 @@ RETRY_LATER = (("Retry-After", "5"),)
 RequestHandler = Callable[[Request], Awaitable[Response]]
 HeadCheck = Callable[[Request], Response | None]
 
-# A connection's phases.  Each has a deadline the sweeper enforces (a handler's
-# is its own timer).  A newcomer to a full server evicts a closing connection
-# first, then an idle one or one stalled on a peer that does not read, never one
-# in the middle of a request.
+# A connection's phases (HttpServer says who enforces their deadlines), and those a newcomer may evict it in.
 PHASES = IDLE, READING, HANDLING, WRITING, CLOSING = "idle", "reading", "handling", "writing", "closing"
 EVICTABLE_PHASES = frozenset({IDLE, WRITING})
 
@@ -1234,11 +1217,9 @@ class HttpServer:
 
     Every phase of a connection has a deadline (PHASES); one sweeper task cuts
     the connections whose deadline passed, so a read or a write costs no timer
-    of its own.  At ``max_connections`` a newcomer evicts a closing connection,
-    else the one idle or stalled longest; only when every connection is in the
-    middle of a request is it refused with 503.  Request bodies held in memory
-    total at most ``max_buffered_body`` bytes; a request that would pass that
-    gets 503.
+    of its own.  At ``max_connections`` a newcomer evicts another (``_admit``).
+    Request bodies held in memory total at most ``max_buffered_body`` bytes; a
+    request that would pass that gets 503.
     """
 
     def __init__(self, handler: RequestHandler, *, check_head: HeadCheck | None = None,
@@ -2665,11 +2646,8 @@ UNSENT_REQUEST_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTim
 
 
 class TelegramNetworkError(TelegramError):
-    """The call did not get an answer (connection refused, timeout, reset).
-
-    ``maybe_performed``: the request may have reached Telegram and been carried
-    out, only its answer lost (a read timeout, a dropped connection).
-    """
+    """The call did not get an answer (connection refused, timeout, reset).  ``maybe_performed``: the request
+    may have reached Telegram and been carried out, only its answer lost (a read timeout, a dropped connection)."""
 
     def __init__(self, method: str, cause: BaseException):
         super().__init__(method, 599, f"network error ({type(cause).__name__})")
@@ -2736,8 +2714,7 @@ class TelegramClient:
     400/403/404 are raised at once as TelegramError: retrying cannot help.
     A call whose answer was lost (a timeout, a dropped connection) is sent
     again although Telegram may have performed it: a message can then arrive
-    twice, but is never lost.  That is the pipeline's promise too (an update
-    handled when the process died is handled again after the restart).  With
+    twice, but is never lost (the pipeline's promise too).  With
     ``repeatable=False`` (a photo, which must arrive at most once) such a
     loss is raised at once instead, for the caller to decide.
 
