@@ -574,8 +574,7 @@ class ConfigError(TrtError):
 SettingParser = Callable[[str, str], Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One environment variable: the Config field it fills, its default, how it is read, the README's line."""
 
     name: str
@@ -2455,16 +2454,14 @@ async def call_with_retries(attempt: Callable[[], Awaitable[Any]], policy: Retry
     ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
     """
     deadline = clock.monotonic() + policy.budget_s
-    retries = 0
-    while True:
+    for retry in itertools.count(1):
         try:
             return await attempt()
         except policy.retry_on as error:
-            retries += 1
-            wait = policy.delay(error, retries, deadline - clock.monotonic())
+            wait = policy.delay(error, retry, deadline - clock.monotonic())
             if wait is None:
                 raise
-            on_retry(error, retries, wait)
+            on_retry(error, retry, wait)
         await clock.sleep(wait)
 
 
