@@ -890,10 +890,8 @@ def load_config(env: Mapping[str, str]) -> Config:
     values["webhook_base_url"] = values["webhook_base_url"] or env.get("RENDER_EXTERNAL_URL", "").strip()
     values["bot_mode"] = values["bot_mode"] or ("webhook" if values["webhook_base_url"] else "polling")
     if values["bot_mode"] == "webhook" and not values["webhook_base_url"].startswith("https://"):
-        raise ConfigError(
-            "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
-            "starting with https://, for example https://my-bot.onrender.com"
-        )
+        raise ConfigError("BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
+                          "starting with https://, for example https://my-bot.onrender.com")
     token = values["telegram_token"].encode()
     for field, purpose in TOKEN_DERIVED_SECRETS.items():  # stable, and revealing nothing about the token
         values[field] = values[field] or hmac.new(token, purpose.encode(), hashlib.sha256).hexdigest()
@@ -1018,16 +1016,13 @@ class Request:
 
 
 class RequestParser:
-    """Incremental HTTP/1.1 request parser.
+    """Incremental HTTP/1.1 request parser: ``feed()`` bytes as they arrive.
 
-    ``feed()`` bytes as they arrive.  ``next_head()`` returns the request now
-    arriving as soon as its head (request line and headers) is complete, its
-    body still to come, so the server can judge it before reading the body;
-    ``next_request()`` returns the same Request once its body is complete too.
-    Both return None when more bytes are needed and raise HttpError for a
-    malformed head.  Several pipelined requests in one feed come out one per
-    call.  After an HttpError the connection must be closed: the parser cannot
-    know where the next request starts.
+    ``next_head()`` returns the request now arriving as soon as its head (request line and headers) is
+    complete, so the server can judge it before reading the body; ``next_request()`` returns the same
+    Request once its body is complete too.  Both return None when more bytes are needed and raise HttpError
+    for a malformed head; pipelined requests come out one per call.  After an HttpError the connection must
+    be closed: the parser cannot know where the next request starts.
     """
 
     def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES):
@@ -1315,9 +1310,8 @@ class HttpServer:
     def _cut(self, writer: asyncio.StreamWriter, evict: bool = False) -> None:
         """End a connection whose deadline passed, or evict one; either way its place is free at once.
 
-        A request that trickled in too slowly gets a 408 first.  An evicted
-        connection, one stalled writing or one still closing is reset: a polite
-        close would wait for the peer to read.
+        A request that trickled in too slowly gets a 408 first.  An evicted connection, one stalled writing
+        or one still closing is reset: a polite close would wait for the peer to read.
         """
         if evict or self._phases[writer] in (WRITING, CLOSING):
             writer.transport.abort()
@@ -1430,9 +1424,8 @@ class HttpServer:
     async def _turn_away(self, writer: asyncio.StreamWriter) -> None:
         """503 for a connection over the bound, closed after ``linger`` without reading anything.
 
-        Closing at once would reset the request the client is sending, and
-        the reset can reach it before the 503; nothing is read, so waiting
-        costs no memory.
+        Closing at once would reset the request the client is sending, and the reset can reach it before
+        the 503; nothing is read, so waiting costs no memory.
         """
         writer.transport.pause_reading()
         writer.write(render_response(text_response(503, "too many connections", RETRY_LATER), keep_alive=False))
@@ -2414,13 +2407,11 @@ class Wallet:
 class RetryPolicy:
     """When a failed call is tried again: transient failures, with backoff, within a time budget.
 
-    ``retry_on`` are the exception types the policy judges (anything else
-    propagates at once) and ``transient`` says which of those can get better
-    by asking again.  A failure may say how long to wait (``retry_after``,
-    e.g. a 429's); otherwise the wait backs off exponentially from ``base_s``
-    up to ``cap_s``, with full jitter so calls that failed together do not
-    come back together (``jittered=False``: exactly 1, 2, 4 ... ``cap_s``).
-    A wait that would end past ``budget_s`` means giving up: ``0`` is one
+    ``retry_on`` are the exception types the policy judges (anything else propagates at once) and
+    ``transient`` says which of those can get better by asking again.  A failure may say how long to wait
+    (``retry_after``, e.g. a 429's); otherwise the wait backs off exponentially from ``base_s`` up to
+    ``cap_s``, with full jitter so calls that failed together do not come back together (``jittered=False``:
+    exactly 1, 2, 4 ... ``cap_s``).  A wait that would end past ``budget_s`` means giving up: ``0`` is one
     try, ``math.inf`` never gives up.
     """
 
@@ -2449,10 +2440,8 @@ ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``py
 
 async def call_with_retries(attempt: Callable[[], Awaitable[Any]], policy: RetryPolicy, *, clock: Clock = SYSTEM_CLOCK,
                             on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None) -> Any:
-    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error.
-
-    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
-    """
+    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error;
+    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it)."""
     deadline = clock.monotonic() + policy.budget_s
     for retry in itertools.count(1):
         try:
@@ -2494,14 +2483,12 @@ GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
 class SendPacer:
     """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
 
-    Spacings between any two sends (one ``rate``-th of a second) and between
-    two sends to one chat, and at most ``group_per_minute`` sends to one group
-    (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window, as Telegram
-    counts).  ``pause(now, seconds)`` holds every send until then (a flood
-    wait applies to the bot, not to one call); afterwards sends resume one
-    spacing apart, not in a burst.  A chat is remembered only while its
-    spacing or window has not passed, so memory follows the send rate, not
-    the number of chats ever served.
+    Spacings between any two sends (one ``rate``-th of a second) and between two sends to one chat, and at
+    most ``group_per_minute`` sends to one group (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window,
+    as Telegram counts).  ``pause(now, seconds)`` holds every send until then (a flood wait applies to the
+    bot, not to one call); afterwards sends resume one spacing apart, not in a burst.  A chat is remembered
+    only while its spacing or window has not passed, so memory follows the send rate, not the number of
+    chats ever served.
     """
 
     # The defaults are Telegram's limits: 30 messages a second, one a second per chat, 20 a minute per group.
@@ -2784,10 +2771,8 @@ class TelegramClient:
     async def _wait_turn(self, chat_id: Any) -> None:
         """Wait until ``pacer`` lets a send to ``chat_id`` go, and take that send.
 
-        A sender first waits out its own chat's spacing on its own, then queues
-        (first come, first served) for the shared spacing: one sleeper at a time
-        wakes per send, and a chat waiting on its spacing never holds up other
-        chats.
+        A sender waits out its own chat's spacing alone, then queues (first come, first served) for the
+        shared spacing: one sleeper wakes per send, and a chat waiting on its spacing holds up no other.
         """
         while True:
             while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
@@ -2817,9 +2802,7 @@ class TelegramClient:
 
     async def download_file(self, file_id: str, limit: int) -> tuple[bytes, str]:
         """A file a user sent, by its id: (its bytes, its extension); getFile, then at most ``limit`` bytes.
-
-        DownloadError (naming neither the URL nor the file's path) when it cannot be had.
-        """
+        DownloadError (naming neither the URL nor the file's path) when it cannot be had."""
         found = await self.call("getFile", {"file_id": file_id})
         path = found.get("file_path") if isinstance(found, dict) else None
         if not isinstance(path, str) or not path:
