@@ -924,10 +924,8 @@ def mask_secrets(text: str, secrets: Iterable[str]) -> str:
 
 def _mask_record(secrets: list[str], record: logging.LogRecord) -> bool:
     """The masking filter: rewrites a record's message and traceback with every secret replaced by ***.
-
-    It sits on the loggers that emit records (not on handlers), so every handler,
-    pytest's capture included, sees the masked record.
-    """
+    It sits on the loggers that emit records (not on handlers), so every handler, pytest's capture too,
+    sees the masked record."""
     message = record.getMessage()
     masked = mask_secrets(message, secrets)
     if masked != message or record.args:
@@ -1178,9 +1176,8 @@ RETRY_LATER = (("Retry-After", "5"),)
 RequestHandler = Callable[[Request], Awaitable[Response]]
 HeadCheck = Callable[[Request], Response | None]
 
-# A connection's phases (HttpServer says who enforces their deadlines), and those a newcomer may evict it in.
+# A connection's phases; HttpServer says who enforces their deadlines, and _admit which a newcomer may evict.
 PHASES = IDLE, READING, HANDLING, WRITING, CLOSING = "idle", "reading", "handling", "writing", "closing"
-EVICTABLE_PHASES = frozenset({IDLE, WRITING})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1299,7 +1296,7 @@ class HttpServer:
         connection, else the one idle or stalled longest; False when every place is mid-request."""
         if len(self._placed) >= self.limits.max_connections:
             leaving = (w for w, phase in self._phases.items() if phase == CLOSING and w in self._placed)
-            stalled = (w for w, phase in self._phases.items() if phase in EVICTABLE_PHASES and w is not writer)
+            stalled = (w for w, phase in self._phases.items() if phase in (IDLE, WRITING) and w is not writer)
             victim = next(leaving, None) or next(stalled, None)
             if victim is None:
                 return False
