@@ -503,17 +503,12 @@ class SteadyClock(Clock):
     start is judged by the wall clock, anything later by the monotonic one."""
 
     def __init__(self, clock: Clock):
-        self.clock = clock
+        self.monotonic = clock.monotonic  # measures and waits as ``clock`` does
+        self.sleep = clock.sleep
         self._offset = clock.time() - clock.monotonic()
 
     def time(self) -> float:
-        return self.clock.monotonic() + self._offset
-
-    def monotonic(self) -> float:
-        return self.clock.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await self.clock.sleep(seconds)
+        return self.monotonic() + self._offset
 
 
 class OwnedTasks:
@@ -2655,6 +2650,10 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
                         moved_to if isinstance(moved_to, int) and not isinstance(moved_to, bool) else None)
 
 
+# Answers that refuse the token itself (revoked, or never valid), whatever the method.
+TOKEN_REJECTED_CODES = (401, 404)
+
+
 def _telegram_wait_asked(error: TelegramError) -> float | None:
     """A 429 waits what Telegram asks (a second if its answer did not say); other failures back off."""
     if error.error_code != 429:
@@ -2715,8 +2714,8 @@ class TelegramClient:
         self.pacer = pacer or SendPacer()
         self._turns = asyncio.Lock()  # the queue for the pacer's shared spacing (_wait_turn)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
-        # What the latest answer says of the Bot API as a whole: "unreachable", "token_rejected" (401 and 404
-        # refuse the token itself, whatever the method), or "" (it works).  A red flag (section 14) says it once.
+        # What the latest answer says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it
+        # works).  A red flag (section 14) says it once.
         self.trouble = ""
 
     async def call(self, method: str, params: dict | None = None, files: dict | None = None,
@@ -2756,7 +2755,7 @@ class TelegramClient:
             raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
-            rejected = "token_rejected" if error.error_code in (401, 404) else ""
+            rejected = "token_rejected" if error.error_code in TOKEN_REJECTED_CODES else ""
             self.trouble = "unreachable" if isinstance(error, TelegramNetworkError) else rejected
             if error.error_code == 429:
                 self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
