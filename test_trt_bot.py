@@ -671,7 +671,7 @@ async def test_a_client_that_does_not_read_is_cut_after_the_write_timeout():
 
 async def test_clients_that_do_not_read_cannot_starve_the_webhook(make_app, fake_tg):
     app = await make_app()
-    app.server.connections.limits = trt_bot.HttpLimits(max_connections=3, max_unsent=1024)
+    app.server.limits = trt_bot.HttpLimits(max_connections=3, max_unsent=1024)
     health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     clients = [await open_non_reading_client(app.port, health * 20000) for _ in range(3)]
     await eventually(lambda: app.server.phase_counts()["writing"] == 3)  # each stalled on answers it does not read

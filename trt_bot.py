@@ -63,7 +63,8 @@ import sqlite3
 import sys
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple
 
 import httpx
 
@@ -480,12 +481,8 @@ class TrtError(Exception):
 
 
 class Clock:
-    """Time as the bot sees it, passed to every part that waits or stamps, so tests can drive it.
-
-    ``time()`` is wall time (stored timestamps), ``monotonic()`` measures
-    deadlines and intervals, ``sleep()`` waits.  Tests pass a clock they move
-    by hand instead of patching ``time`` or ``asyncio.sleep``.
-    """
+    """Time as the bot sees it, passed to every part that waits or stamps, so tests can drive it by hand:
+    ``time()`` is wall time (stored timestamps), ``monotonic()`` measures deadlines and intervals."""
 
     def time(self) -> float:
         return time.time()
@@ -506,26 +503,17 @@ class SteadyClock(Clock):
     start is judged by the wall clock, anything later by the monotonic one."""
 
     def __init__(self, clock: Clock):
-        self.clock = clock
+        self.monotonic = clock.monotonic  # measures and waits as ``clock`` does
+        self.sleep = clock.sleep
         self._offset = clock.time() - clock.monotonic()
 
     def time(self) -> float:
-        return self.clock.monotonic() + self._offset
-
-    def monotonic(self) -> float:
-        return self.clock.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await self.clock.sleep(seconds)
+        return self.monotonic() + self._offset
 
 
 class OwnedTasks:
-    """The tasks one part starts: kept until they end, each failure logged under ``tag``, none left to the GC.
-
-    Unretrieved task exceptions would surface only as "Task exception was
-    never retrieved" when collected, if at all; here every one is logged when
-    its task ends, and ``cancel_all`` is the part's way to stop its own.
-    """
+    """The tasks one part starts: kept until they end, each failure logged under ``tag`` when its task ends
+    (not as "Task exception was never retrieved" when collected, if at all), none left to the GC."""
 
     def __init__(self, tag: str):
         self.tag = tag
@@ -581,8 +569,7 @@ class ConfigError(TrtError):
 SettingParser = Callable[[str, str], Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One environment variable: the Config field it fills, its default, how it is read, the README's line."""
 
     name: str
@@ -679,25 +666,14 @@ def _webhook_secret(name: str, raw: str) -> str:
 
 
 def parse_database_url(url: str) -> str:
-    """Where the database is: a SQLite file's path, or a PostgreSQL URL as given.
-
-    ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or
-    ``sqlite:///:memory:`` give the path; ``postgresql://user:password@host:port/database``
-    (or ``postgres://``, Render's form, with ``?sslmode=`` and the other libpq
-    parameters) is checked and kept whole.
-    """
-    if url.startswith(POSTGRES_SCHEMES):
-        return _postgres_url(url)
+    """Where the database is: a SQLite file's path (from ``sqlite:///<path>``), or a PostgreSQL URL
+    (``postgresql://`` or Render's ``postgres://``, with ``?sslmode=`` and the like) checked and kept whole."""
     prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ConfigError(
-            f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} or postgresql://user:password@host:5432/database, "
-            f"got a URL starting with {url.split(':', 1)[0]!r}"
-        )
-    return url[len(prefix):]
-
-
-def _postgres_url(url: str) -> str:
+    if not url.startswith(POSTGRES_SCHEMES):
+        if not url.startswith(prefix) or len(url) == len(prefix):
+            raise ConfigError(f"DATABASE_URL must look like {DEFAULT_DATABASE_URL} or postgresql://user:password@"
+                              f"host:5432/database, got a URL starting with {url.split(':', 1)[0]!r}")
+        return url[len(prefix):]
     parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018 -- raises on a port that is not a number
@@ -856,52 +832,16 @@ TOKEN_DERIVED_SECRETS = {"webhook_secret": "webhook-secret", "kie_callback_token
 class Config:
     """Everything the bot reads from its environment, validated; build it with load_config.
 
-    One field per entry of SETTINGS (the defaults live there, not here).
+    Its fields are SETTINGS' ``field``s in their order: each entry there says what its field holds (the
+    value its parser returns), its default and the variable it is read from.
     """
 
-    telegram_token: str
-    kie_api_key: str
-    bot_mode: str
-    webhook_base_url: str
-    webhook_secret: str
-    port: int
-    host: str
-    database: str  # a SQLite file's path or a PostgreSQL URL (parse_database_url)
-    single_model_only: bool
-    queue_size: int
-    queue_workers: int
-    kie_callback_path: str
-    kie_callback_token: str
-    kie_hmac_key: str
-    telegram_api_base: str
-    kie_api_base: str
-    kie_upload_base: str
-    admin_ids: frozenset[int]
-    diag_token: str
-    gen_timeout_s: float
-    gen_hourly_limit: int
-    gen_daily_limit: int
-    kie_nsfw_checker: bool
-    kie_max_tasks: int
-    kie_credits_low: int
-    flush_pending_over: int
-    shutdown_grace_s: float
-    lease_ttl_s: float
-    log_level: str
-    result_download_allow_private: bool  # downloads may reach loopback/private hosts (tests' fakes)
-    telegram_send_rate: int
-    telegram_chat_interval_s: float
-    telegram_group_per_minute: int
-    outbox_max_wait_s: float
-    stars_packs: tuple[tuple[int, int], ...]  # (credits, stars) per pack on sale
+    __annotations__ = {setting.field: Any for setting in SETTINGS}
 
     @property
     def webhook_path_secret(self) -> str:
-        """The secret part of the path Telegram posts to.
-
-        It is a digest of the secret token, so a changed secret changes the URL
-        and ``ensure_webhook`` notices (getWebhookInfo never returns the secret).
-        """
+        """The secret part of the path Telegram posts to: a digest of the secret token, so a changed secret
+        changes the URL and ``ensure_webhook`` notices (getWebhookInfo never returns the secret)."""
         return hashlib.sha256(b"trt-webhook-path:" + self.webhook_secret.encode()).hexdigest()[:32]
 
     @property
@@ -914,18 +854,14 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never reach a log line, response or error.
-
-        Every secret setting, everything derived from one, and the forms they
-        take URL-encoded (a callback URL's ``?token=``); longest first, so
-        masking a short one never leaves part of a longer one showing.
-        """
+        """Values that must never reach a log line, response or error: every secret setting, everything
+        derived from one, and their URL-encoded forms (a callback URL's ``?token=``); longest first."""
         values = {getattr(self, setting.field) for setting in SETTINGS if setting.secret}
         values |= {self.telegram_token.partition(":")[2], self.webhook_path_secret, *database_passwords(self.database)}
         values -= {""}
         encoded = {quote(value) for value in values
                    for quote in (functools.partial(urllib.parse.quote, safe=""), urllib.parse.quote_plus)}
-        return sorted(values | encoded, key=lambda value: (-len(value), value))  # see SecretMaskingFilter
+        return sorted(values | encoded, key=lambda value: (-len(value), value))  # see install_secret_masking
 
     def describe(self) -> list[str]:
         """``NAME=value`` for every setting, secrets as *** (``python trt_bot.py check`` prints them)."""
@@ -942,11 +878,6 @@ def _shown(value: Any, secret: bool) -> str:
     return str(int(value)) if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def derive_secret(token: str, purpose: str) -> str:
-    """A stable secret for ``purpose`` that reveals nothing about the bot token."""
-    return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
-
-
 def load_config(env: Mapping[str, str]) -> Config:
     """Build a Config from environment variables or raise ConfigError naming what to fix."""
     values = {setting.field: setting.parse(setting.name, env.get(setting.name, "").strip() or setting.default)
@@ -954,12 +885,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     values["webhook_base_url"] = values["webhook_base_url"] or env.get("RENDER_EXTERNAL_URL", "").strip()
     values["bot_mode"] = values["bot_mode"] or ("webhook" if values["webhook_base_url"] else "polling")
     if values["bot_mode"] == "webhook" and not values["webhook_base_url"].startswith("https://"):
-        raise ConfigError(
-            "BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
-            "starting with https://, for example https://my-bot.onrender.com"
-        )
-    for field, purpose in TOKEN_DERIVED_SECRETS.items():
-        values[field] = values[field] or derive_secret(values["telegram_token"], purpose)
+        raise ConfigError("BOT_MODE=webhook needs WEBHOOK_BASE_URL (or RENDER_EXTERNAL_URL) "
+                          "starting with https://, for example https://my-bot.onrender.com")
+    token = values["telegram_token"].encode()
+    for field, purpose in TOKEN_DERIVED_SECRETS.items():  # stable, and revealing nothing about the token
+        values[field] = values[field] or hmac.new(token, purpose.encode(), hashlib.sha256).hexdigest()
     return Config(**values)
 
 
@@ -972,16 +902,8 @@ def load_config(env: Mapping[str, str]) -> Config:
 # Loggers that may format a request URL (which carries the bot token, the
 # webhook path or the callback token) or an exception mentioning one.  httpx
 # logs every request URL at INFO.
-MASKED_LOGGERS = (
-    "trt_bot",
-    "httpx",
-    "httpcore.connection",
-    "httpcore.http11",
-    "httpcore.http2",
-    "httpcore.proxy",
-    "asyncio",
-    "psycopg",
-)
+MASKED_LOGGERS = ("trt_bot", "httpx", "httpcore.connection", "httpcore.http11",
+                  "httpcore.http2", "httpcore.proxy", "asyncio", "psycopg")
 
 
 # A Telegram file URL (/file/bot<token>/<path>): the path is masked with the token, since the two fetch the file.
@@ -995,28 +917,19 @@ def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     return TELEGRAM_FILE_URL.sub("/file/bot***", text)
 
 
-class SecretMaskingFilter(logging.Filter):
-    """Rewrites a record's message and traceback with every secret replaced by ***.
-
-    It sits on the loggers that emit records (not on handlers), so every handler,
-    pytest's capture included, sees the masked record.
-    """
-
-    def __init__(self, secrets: Iterable[str]):
-        super().__init__()
-        # Longest first: masking a short secret never leaves part of a longer one showing.
-        self.secrets = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message, self.secrets)
-        if masked != message or record.args:
-            record.msg, record.args = masked, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = mask_secrets(record.exc_text, self.secrets)
-        return True
+def _mask_record(secrets: list[str], record: logging.LogRecord) -> bool:
+    """The masking filter: rewrites a record's message and traceback with every secret replaced by ***.
+    It sits on the loggers that emit records (not on handlers), so every handler, pytest's capture too,
+    sees the masked record."""
+    message = record.getMessage()
+    masked = mask_secrets(message, secrets)
+    if masked != message or record.args:
+        record.msg, record.args = masked, ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = mask_secrets(record.exc_text, secrets)
+    return True
 
 
 def install_secret_masking(secrets: Iterable[str]) -> None:
@@ -1024,10 +937,11 @@ def install_secret_masking(secrets: Iterable[str]) -> None:
     known = set(secrets)
     for name in MASKED_LOGGERS:
         logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, SecretMaskingFilter)]:
-            known.update(old.secrets)
+        for old in [f for f in logger.filters if getattr(f, "func", None) is _mask_record]:
+            known.update(old.args[0])
             logger.removeFilter(old)
-    masking = SecretMaskingFilter(known)
+    # Longest first: masking a short secret never leaves part of a longer one showing.
+    masking = functools.partial(_mask_record, sorted({s for s in known if s}, key=lambda s: (-len(s), s)))
     for name in MASKED_LOGGERS:
         logging.getLogger(name).addFilter(masking)
 
@@ -1061,22 +975,8 @@ _BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
-STATUS_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
+# Every status's reason phrase; 413's as RFC 9110 names it (Python's before 3.13 is the older name).
+STATUS_REASONS = {status.value: status.phrase for status in HTTPStatus} | {413: "Content Too Large"}
 
 
 class HttpError(TrtError):
@@ -1109,16 +1009,13 @@ class Request:
 
 
 class RequestParser:
-    """Incremental HTTP/1.1 request parser.
+    """Incremental HTTP/1.1 request parser: ``feed()`` bytes as they arrive.
 
-    ``feed()`` bytes as they arrive.  ``next_head()`` returns the request now
-    arriving as soon as its head (request line and headers) is complete, its
-    body still to come, so the server can judge it before reading the body;
-    ``next_request()`` returns the same Request once its body is complete too.
-    Both return None when more bytes are needed and raise HttpError for a
-    malformed head.  Several pipelined requests in one feed come out one per
-    call.  After an HttpError the connection must be closed: the parser cannot
-    know where the next request starts.
+    ``next_head()`` returns the request now arriving as soon as its head (request line and headers) is
+    complete, so the server can judge it before reading the body; ``next_request()`` returns the same
+    Request once its body is complete too.  Both return None when more bytes are needed and raise HttpError
+    for a malformed head; pipelined requests come out one per call.  After an HttpError the connection must
+    be closed: the parser cannot know where the next request starts.
     """
 
     def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES):
@@ -1160,13 +1057,11 @@ class RequestParser:
         end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if _BARE_LF.search(self._buffer, self._scanned, len(self._buffer) if end < 0 else end):
             raise HttpError(400, "bare LF: lines must end with CRLF")
+        if (len(self._buffer) if end < 0 else end) > self.max_head:
+            raise HttpError(431, "request headers too large")
         if end < 0:
-            if len(self._buffer) > self.max_head:
-                raise HttpError(431, "request headers too large")
             self._scanned = len(self._buffer)
             return None
-        if end > self.max_head:
-            raise HttpError(431, "request headers too large")
         head = bytes(self._buffer[: end + 2])  # the request line and header lines, each with its CRLF
         del self._buffer[: end + 4]
         self._scanned = 0
@@ -1182,8 +1077,14 @@ class RequestParser:
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         if not (target.startswith(b"/") or target == b"*"):
             raise HttpError(400, "request target must be a path")
-        if not _HEADER_BLOCK.fullmatch(head, line_end + 2):
-            raise _header_error(head[line_end + 2:])
+        if not _HEADER_BLOCK.fullmatch(head, line_end + 2):  # which rule it broke (the slow path, bad requests only)
+            for line in head[line_end + 2:].split(b"\r\n"):
+                name, colon, value = line.partition(b":")
+                if line and (not colon or not _HEADER_NAME.fullmatch(name)):
+                    raise HttpError(400, "malformed header line")
+                if _BAD_VALUE_CHARS.search(value):
+                    raise HttpError(400, "invalid character in header value")
+            raise HttpError(400, "malformed header line")
         headers: dict[str, str] = {}
         for line in head[line_end + 2: -2].decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
@@ -1225,19 +1126,7 @@ class RequestParser:
         return length
 
 
-def _header_error(block: bytes) -> HttpError:
-    """Which rule a header block broke (the slow path, only for bad requests)."""
-    for line in block.split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        if line and (not colon or not _HEADER_NAME.fullmatch(name)):
-            return HttpError(400, "malformed header line")
-        if _BAD_VALUE_CHARS.search(value):
-            return HttpError(400, "invalid character in header value")
-    return HttpError(400, "malformed header line")
-
-
-@dataclasses.dataclass
-class Response:
+class Response(NamedTuple):
     status: int = 200
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
@@ -1282,13 +1171,8 @@ RETRY_LATER = (("Retry-After", "5"),)
 RequestHandler = Callable[[Request], Awaitable[Response]]
 HeadCheck = Callable[[Request], Response | None]
 
-# A connection's phases.  Each has a deadline the sweeper enforces (a handler's
-# is its own timer).  A newcomer to a full server evicts a closing connection
-# first, then an idle one or one stalled on a peer that does not read, never one
-# in the middle of a request.
+# A connection's phases; HttpServer says who enforces their deadlines, and _admit which a newcomer may evict.
 PHASES = IDLE, READING, HANDLING, WRITING, CLOSING = "idle", "reading", "handling", "writing", "closing"
-EVICTABLE_PHASES = frozenset({IDLE, WRITING})
-REQUEST_TIMEOUT_RESPONSE = render_response(text_response(408, "request not received in time"), keep_alive=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1307,124 +1191,6 @@ class HttpLimits:
     max_body: int = MAX_BODY_BYTES
 
 
-@dataclasses.dataclass(eq=False, slots=True)  # eq=False: a connection is a dict key by identity
-class _Connection:
-    """A served connection: what it is doing and the deadline by which it must be done."""
-
-    writer: asyncio.StreamWriter
-    phase: str = IDLE
-    deadline: float = math.inf
-    counted: bool = False  # holds one of the server's max_connections places (until it is cut or ends)
-
-
-class ConnectionTable:
-    """Every served connection's phase and deadline, the places under ``max_connections``, and who is evicted.
-
-    One sweeper task cuts connections whose deadline passed, so a read or a
-    write costs no timer of its own.  ``open`` counts the connections holding a
-    place; a cut or evicted connection frees its place at once.
-    """
-
-    def __init__(self, limits: HttpLimits, clock: Clock = SYSTEM_CLOCK):
-        self.limits = limits
-        self.clock = clock
-        self.open = 0
-        self._by_task: dict[asyncio.Task, _Connection] = {}
-        # Connections a newcomer may evict, oldest first (in the order they entered their phase):
-        self._leaving: dict[_Connection, None] = {}  # closing, still holding a place
-        self._evictable: dict[_Connection, None] = {}  # idle, or writing to a peer that does not read
-        self._sweeper: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
-
-    def add(self, writer: asyncio.StreamWriter) -> _Connection:
-        """The current task's connection, served until ``remove()``."""
-        connection = self._by_task[asyncio.current_task()] = _Connection(writer)  # type: ignore[index]
-        return connection
-
-    def remove(self, connection: _Connection) -> None:
-        self._free_place(connection)
-        self._evictable.pop(connection, None)
-        self._leaving.pop(connection, None)
-        del self._by_task[asyncio.current_task()]  # type: ignore[arg-type]
-
-    def in_phase(self, phase: str) -> list[_Connection]:
-        return [c for c in self._by_task.values() if c.phase == phase]
-
-    def phase_counts(self) -> dict[str, int]:
-        """How many connections are in each phase (every phase listed)."""
-        counts = dict.fromkeys(PHASES, 0)
-        for connection in self._by_task.values():
-            counts[connection.phase] += 1
-        return counts
-
-    def enter(self, connection: _Connection, phase: str, timeout: float) -> None:
-        connection.phase = phase
-        connection.deadline = self.clock.monotonic() + timeout
-        self._evictable.pop(connection, None)
-        self._leaving.pop(connection, None)
-        if phase in EVICTABLE_PHASES:
-            self._evictable[connection] = None
-        elif phase == CLOSING and connection.counted:
-            self._leaving[connection] = None
-
-    def admit(self, connection: _Connection) -> bool:
-        """Give ``connection`` a place if one is free, or can be freed by evicting a closing
-        connection, else the one idle or stalled longest; False when every place is mid-request."""
-        if self.open >= self.limits.max_connections:
-            victim = next(iter(self._leaving), None) or next(iter(self._evictable), None)
-            if victim is None:
-                return False
-            self.cut(victim, evict=True)
-        connection.counted = True
-        self.open += 1
-        return True
-
-    def cut(self, connection: _Connection, evict: bool = False) -> None:
-        """End a connection whose deadline passed, or evict one; either way its place is free at once.
-
-        A request that trickled in too slowly gets a 408 first.  An evicted
-        connection, one stalled writing or one still closing is reset: a polite
-        close would wait for the peer to read.
-        """
-        if evict or connection.phase in (WRITING, CLOSING):
-            connection.writer.transport.abort()
-        else:
-            if connection.phase == READING:
-                connection.writer.write(REQUEST_TIMEOUT_RESPONSE)
-            connection.writer.close()  # the pending read sees end of stream and the connection ends
-        self._free_place(connection)
-        self.enter(connection, CLOSING, self.limits.linger)
-
-    async def end_all(self, grace: float) -> None:
-        """Give every connection ``grace`` seconds to end, then cut it; stop the sweeper."""
-        if self._by_task:
-            _, pending = await asyncio.wait(set(self._by_task), timeout=grace)
-            for task in pending:
-                self._by_task[task].writer.transport.abort()
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
-
-    def _free_place(self, connection: _Connection) -> None:
-        if connection.counted:
-            connection.counted = False
-            self.open -= 1
-
-    async def _sweep_forever(self) -> None:
-        limits = self.limits
-        interval = min(4.0, limits.request_timeout, limits.idle_timeout, limits.write_timeout, limits.linger) / 4
-        while True:
-            await self.clock.sleep(interval)
-            now = self.clock.monotonic()
-            for connection in [c for c in self._by_task.values() if c.deadline < now]:
-                self.cut(connection)
-
-
 class HttpServer:
     """HTTP/1.1 with keep-alive and pipelining on asyncio.start_server.
 
@@ -1435,39 +1201,41 @@ class HttpServer:
     500 with no detail and the error is logged; if it takes over
     ``handler_timeout``, a 503.
 
-    Every phase of a connection has a deadline: idle between requests, reading
-    a request, handling it, writing a response the peer does not read, closing;
-    the ConnectionTable enforces them (the handler's is its own timer).  At
-    ``max_connections`` a newcomer evicts a closing connection, else the one
-    idle or stalled longest; only when every connection is in the middle of a
-    request is it refused with 503.  Request bodies held in memory total at
-    most ``max_buffered_body`` bytes; a request that would pass that gets 503.
+    Every phase of a connection has a deadline (PHASES); one sweeper task cuts
+    the connections whose deadline passed, so a read or a write costs no timer
+    of its own.  At ``max_connections`` a newcomer evicts another (``_admit``).
+    Request bodies held in memory total at most ``max_buffered_body`` bytes; a
+    request that would pass that gets 503.
     """
 
     def __init__(self, handler: RequestHandler, *, check_head: HeadCheck | None = None,
                  limits: HttpLimits = HttpLimits(), clock: Clock = SYSTEM_CLOCK):
         self.handler = handler
         self.check_head = check_head
-        self.connections = ConnectionTable(limits, clock)
+        self.limits = limits
+        self.clock = clock
         self.buffered_body = 0  # body bytes reserved by the requests being read or handled
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
-
-    @property
-    def limits(self) -> HttpLimits:
-        return self.connections.limits
+        self._sweeper: asyncio.Task | None = None
+        # A served connection is its writer: its task, its phase and the deadline by which that must end.
+        self._writers: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._phases: dict[asyncio.StreamWriter, str] = {}  # in the order they entered their phase, oldest first
+        self._deadlines: dict[asyncio.StreamWriter, float] = {}
+        self._placed: set[asyncio.StreamWriter] = set()  # those holding one of the max_connections places
 
     @property
     def open_connections(self) -> int:
-        return self.connections.open
+        return len(self._placed)
 
     def phase_counts(self) -> dict[str, int]:
-        return self.connections.phase_counts()
+        """How many connections are in each phase (every phase listed)."""
+        return dict.fromkeys(PHASES, 0) | collections.Counter(self._phases.values())
 
     async def start(self, host: str, port: int) -> int:
         """Listen and return the bound port (useful with port 0)."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK, backlog=1024)
-        self.connections.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="http-deadlines")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float = 5.0) -> None:
@@ -1479,88 +1247,141 @@ class HttpServer:
         self.closing = True
         if self._server is not None:
             self._server.close()
-        for connection in self.connections.in_phase(IDLE):
-            self.connections.cut(connection)
-        await self.connections.end_all(grace)
+        for writer in [w for w, phase in self._phases.items() if phase == IDLE]:
+            self._cut(writer)
+        if self._writers:
+            _, pending = await asyncio.wait(set(self._writers), timeout=grace)
+            for task in pending:
+                self._writers[task].transport.abort()
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = self.connections.add(writer)
+        self._writers[asyncio.current_task()] = writer  # type: ignore[index]
+        self._phases[writer] = IDLE  # not evictable (by _admit) before it has a place
+        self._deadlines[writer] = math.inf
         try:
             try:
-                if self.connections.admit(connection):
-                    await self._serve_requests(reader, connection)
+                if self._admit(writer):
+                    await self._serve_requests(reader, writer)
                 else:
-                    await self._turn_away(connection)
-            finally:
-                await self._finish(connection)
+                    await self._turn_away(writer)
+            finally:  # unsent bytes have until the closing phase's deadline to leave, then the sweeper resets
+                if self._phases[writer] != CLOSING:
+                    self._enter(writer, CLOSING, self.limits.linger)
+                writer.close()
+                await writer.wait_closed()
         except (OSError, asyncio.CancelledError):
             pass  # the peer went away, or the server is shutting down: nothing to report
         finally:
-            self.connections.remove(connection)
+            self._placed.discard(writer)
+            del self._phases[writer], self._deadlines[writer], self._writers[asyncio.current_task()]  # type: ignore
 
-    async def _serve_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
-        sock = connection.writer.get_extra_info("socket")
+    def _enter(self, writer: asyncio.StreamWriter, phase: str, timeout: float) -> None:
+        del self._phases[writer]  # and put back last: the longest in its phase comes first
+        self._phases[writer] = phase
+        self._deadlines[writer] = self.clock.monotonic() + timeout
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Give ``writer`` a place if one is free, or can be freed by evicting a closing
+        connection, else the one idle or stalled longest; False when every place is mid-request."""
+        if len(self._placed) >= self.limits.max_connections:
+            leaving = (w for w, phase in self._phases.items() if phase == CLOSING and w in self._placed)
+            stalled = (w for w, phase in self._phases.items() if phase in (IDLE, WRITING) and w is not writer)
+            victim = next(leaving, None) or next(stalled, None)
+            if victim is None:
+                return False
+            self._cut(victim, evict=True)
+        self._placed.add(writer)
+        return True
+
+    def _cut(self, writer: asyncio.StreamWriter, evict: bool = False) -> None:
+        """End a connection whose deadline passed, or evict one; either way its place is free at once.
+
+        A request that trickled in too slowly gets a 408 first.  An evicted connection, one stalled writing
+        or one still closing is reset: a polite close would wait for the peer to read.
+        """
+        if evict or self._phases[writer] in (WRITING, CLOSING):
+            writer.transport.abort()
+        else:
+            if self._phases[writer] == READING:
+                writer.write(render_response(text_response(408, "request not received in time"), keep_alive=False))
+            writer.close()  # the pending read sees end of stream and the connection ends
+        self._placed.discard(writer)
+        self._enter(writer, CLOSING, self.limits.linger)
+
+    async def _sweep_forever(self) -> None:
+        limits = self.limits
+        interval = min(4.0, limits.request_timeout, limits.idle_timeout, limits.write_timeout, limits.linger) / 4
+        while True:
+            await self.clock.sleep(interval)
+            now = self.clock.monotonic()
+            for writer in [w for w, deadline in self._deadlines.items() if deadline < now]:
+                self._cut(writer)
+
+    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
+        writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
         parser = RequestParser(self.limits.max_head, self.limits.max_body)
-        while await self._serve_one(reader, parser, connection):
+        while await self._serve_one(reader, parser, writer):
             pass
 
     async def _serve_one(self, reader: asyncio.StreamReader, parser: RequestParser,
-                         connection: _Connection) -> bool:
+                         writer: asyncio.StreamWriter) -> bool:
         """Read, judge, handle and answer one request; False when the connection is done."""
         if parser.has_partial_request:
-            self.connections.enter(connection, READING, self.limits.request_timeout)
+            self._enter(writer, READING, self.limits.request_timeout)
         else:
-            self.connections.enter(connection, IDLE, self.limits.idle_timeout)
+            self._enter(writer, IDLE, self.limits.idle_timeout)
         try:
-            head = await self._read(reader, parser, parser.next_head, connection)
+            head = await self._read(reader, parser, parser.next_head, writer)
         except HttpError as error:
-            connection.writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
+            writer.write(render_response(text_response(error.status, error.reason), keep_alive=False))
             return False
         if head is None:
             return False
-        refusal = self._refusal(head)
-        if refusal is not None:
-            if head.content_length:  # unread, perhaps still arriving: answer and close
-                connection.writer.write(render_response(refusal, keep_alive=False))
-                return False
-            parser.next_request()  # a head without a body is the whole request
-            return await self._respond(connection, head, refusal)
-        self.buffered_body += head.content_length
-        try:
-            request = await self._read(reader, parser, parser.next_request, connection)
-            if request is None:
-                return False
-            response = await self._handle(request, connection)
-        finally:
-            self.buffered_body -= head.content_length
-        return await self._respond(connection, request, response)
-
-    def _refusal(self, head: Request) -> Response | None:
-        """The answer a request earns from its head alone, or None to read its body and handle it."""
+        # The answer a request earns from its head alone, or None to read its body and handle it:
         refusal = self.check_head(head) if self.check_head is not None else None
         if refusal is None and head.content_length > self.limits.max_buffered_body - self.buffered_body:
             refusal = text_response(503, "too many request bodies in flight", RETRY_LATER)
-        return refusal
+        if refusal is not None:
+            if head.content_length:  # unread, perhaps still arriving: answer and close
+                writer.write(render_response(refusal, keep_alive=False))
+                return False
+            parser.next_request()  # a head without a body is the whole request
+            return await self._respond(writer, head, refusal)
+        self.buffered_body += head.content_length
+        try:
+            request = await self._read(reader, parser, parser.next_request, writer)
+            if request is None:
+                return False
+            response = await self._handle(request, writer)
+        finally:
+            self.buffered_body -= head.content_length
+        return await self._respond(writer, request, response)
 
     async def _read(self, reader: asyncio.StreamReader, parser: RequestParser,
-                    step: Callable[[], Request | None], connection: _Connection) -> Request | None:
+                    step: Callable[[], Request | None], writer: asyncio.StreamWriter) -> Request | None:
         """step()'s first answer, reading as needed; None when the peer closed or the connection was cut."""
         while (result := step()) is None:
-            if connection.phase == IDLE and self.closing:
+            if self._phases[writer] == IDLE and self.closing:
                 return None
             data = await reader.read(READ_CHUNK)
-            if not data or connection.phase == CLOSING:
+            if not data or self._phases[writer] == CLOSING:
                 return None
-            if connection.phase == IDLE:
-                self.connections.enter(connection, READING, self.limits.request_timeout)
+            if self._phases[writer] == IDLE:
+                self._enter(writer, READING, self.limits.request_timeout)
             parser.feed(data)
         return result
 
-    async def _handle(self, request: Request, connection: _Connection) -> Response:
-        self.connections.enter(connection, HANDLING, math.inf)  # bounded by the handler's own timer, below
+    async def _handle(self, request: Request, writer: asyncio.StreamWriter) -> Response:
+        self._enter(writer, HANDLING, math.inf)  # bounded by the handler's own timer, below
         handler_timeout = self.limits.handler_timeout
         deadline = asyncio.timeout(handler_timeout)
         try:
@@ -1573,46 +1394,36 @@ class HttpServer:
             log.exception("[HTTP] handler failed for %s %s", request.method, request.path)
             return text_response(500, "internal error")
 
-    async def _respond(self, connection: _Connection, request: Request, response: Response) -> bool:
+    async def _respond(self, writer: asyncio.StreamWriter, request: Request, response: Response) -> bool:
         """Send a response; True when the connection stays open for the next request.
 
         While more than ``max_unsent`` bytes wait for the peer to read, no
         further request is read; they must drain within ``write_timeout``.
         """
-        writer = connection.writer
         if writer.transport.is_closing():
             return False  # the peer is gone; pipelined requests still parsed get no answer
         keep_alive = request.keep_alive and not self.closing
         writer.write(render_response(response, keep_alive, request.method == "HEAD"))
         if not keep_alive:
-            self.connections.enter(connection, CLOSING, self.limits.write_timeout)  # the last bytes get it too
+            self._enter(writer, CLOSING, self.limits.write_timeout)  # the last bytes get it too
             return False
         if writer.transport.get_write_buffer_size() > self.limits.max_unsent:
-            self.connections.enter(connection, WRITING, self.limits.write_timeout)
+            self._enter(writer, WRITING, self.limits.write_timeout)
             await writer.drain()
-            return connection.phase == WRITING  # not cut meanwhile
+            return self._phases[writer] == WRITING  # not cut meanwhile
         return True
 
-    async def _turn_away(self, connection: _Connection) -> None:
+    async def _turn_away(self, writer: asyncio.StreamWriter) -> None:
         """503 for a connection over the bound, closed after ``linger`` without reading anything.
 
-        Closing at once would reset the request the client is sending, and
-        the reset can reach it before the 503; nothing is read, so waiting
-        costs no memory.
+        Closing at once would reset the request the client is sending, and the reset can reach it before
+        the 503; nothing is read, so waiting costs no memory.
         """
-        writer = connection.writer
         writer.transport.pause_reading()
         writer.write(render_response(text_response(503, "too many connections", RETRY_LATER), keep_alive=False))
         writer.write_eof()
-        self.connections.enter(connection, CLOSING, self.limits.linger)
+        self._enter(writer, CLOSING, self.limits.linger)
         await writer.wait_closed()  # the sweeper closes it at the deadline
-
-    async def _finish(self, connection: _Connection) -> None:
-        """Close; unsent bytes have until the closing phase's deadline to leave, then the sweeper resets."""
-        if connection.phase != CLOSING:
-            self.connections.enter(connection, CLOSING, self.limits.linger)
-        connection.writer.close()
-        await connection.writer.wait_closed()
 
 
 ###############################################################################
@@ -2560,13 +2371,11 @@ class Wallet:
 class RetryPolicy:
     """When a failed call is tried again: transient failures, with backoff, within a time budget.
 
-    ``retry_on`` are the exception types the policy judges (anything else
-    propagates at once) and ``transient`` says which of those can get better
-    by asking again.  A failure may say how long to wait (``retry_after``,
-    e.g. a 429's); otherwise the wait backs off exponentially from ``base_s``
-    up to ``cap_s``, with full jitter so calls that failed together do not
-    come back together (``jittered=False``: exactly 1, 2, 4 ... ``cap_s``).
-    A wait that would end past ``budget_s`` means giving up: ``0`` is one
+    ``retry_on`` are the exception types the policy judges (anything else propagates at once) and
+    ``transient`` says which of those can get better by asking again.  A failure may say how long to wait
+    (``retry_after``, e.g. a 429's); otherwise the wait backs off exponentially from ``base_s`` up to
+    ``cap_s``, with full jitter so calls that failed together do not come back together (``jittered=False``:
+    exactly 1, 2, 4 ... ``cap_s``).  A wait that would end past ``budget_s`` means giving up: ``0`` is one
     try, ``math.inf`` never gives up.
     """
 
@@ -2593,28 +2402,19 @@ class RetryPolicy:
 ONE_TRY = RetryPolicy(budget_s=0)  # a failure is reported, not waited out (``python trt_bot.py check``)
 
 
-async def call_with_retries(
-    attempt: Callable[[], Awaitable[Any]],
-    policy: RetryPolicy,
-    *,
-    clock: Clock = SYSTEM_CLOCK,
-    on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None,
-) -> Any:
-    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error.
-
-    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it).
-    """
+async def call_with_retries(attempt: Callable[[], Awaitable[Any]], policy: RetryPolicy, *, clock: Clock = SYSTEM_CLOCK,
+                            on_retry: Callable[[Exception, int, float], None] = lambda error, retry, wait: None) -> Any:
+    """``await attempt()`` until it succeeds or ``policy`` says to give up, then raise its last error;
+    ``on_retry(error, retry number, seconds)`` runs before each wait (to log it)."""
     deadline = clock.monotonic() + policy.budget_s
-    retries = 0
-    while True:
+    for retry in itertools.count(1):
         try:
             return await attempt()
         except policy.retry_on as error:
-            retries += 1
-            wait = policy.delay(error, retries, deadline - clock.monotonic())
+            wait = policy.delay(error, retry, deadline - clock.monotonic())
             if wait is None:
                 raise
-            on_retry(error, retries, wait)
+            on_retry(error, retry, wait)
         await clock.sleep(wait)
 
 
@@ -2647,14 +2447,12 @@ GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
 class SendPacer:
     """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
 
-    Spacings between any two sends (one ``rate``-th of a second) and between
-    two sends to one chat, and at most ``group_per_minute`` sends to one group
-    (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window, as Telegram
-    counts).  ``pause(now, seconds)`` holds every send until then (a flood
-    wait applies to the bot, not to one call); afterwards sends resume one
-    spacing apart, not in a burst.  A chat is remembered only while its
-    spacing or window has not passed, so memory follows the send rate, not
-    the number of chats ever served.
+    Spacings between any two sends (one ``rate``-th of a second) and between two sends to one chat, and at
+    most ``group_per_minute`` sends to one group (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window,
+    as Telegram counts).  ``pause(now, seconds)`` holds every send until then (a flood wait applies to the
+    bot, not to one call); afterwards sends resume one spacing apart, not in a burst.  A chat is remembered
+    only while its spacing or window has not passed, so memory follows the send rate, not the number of
+    chats ever served.
     """
 
     # The defaults are Telegram's limits: 30 messages a second, one a second per chat, 20 a minute per group.
@@ -2796,11 +2594,8 @@ UNSENT_REQUEST_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTim
 
 
 class TelegramNetworkError(TelegramError):
-    """The call did not get an answer (connection refused, timeout, reset).
-
-    ``maybe_performed``: the request may have reached Telegram and been carried
-    out, only its answer lost (a read timeout, a dropped connection).
-    """
+    """The call did not get an answer (connection refused, timeout, reset).  ``maybe_performed``: the request
+    may have reached Telegram and been carried out, only its answer lost (a read timeout, a dropped connection)."""
 
     def __init__(self, method: str, cause: BaseException):
         super().__init__(method, 599, f"network error ({type(cause).__name__})")
@@ -2818,14 +2613,17 @@ def parse_bot_api_response(method: str, status_code: int, content: bytes) -> Any
     if payload.get("ok") is True:
         return payload.get("result")
     error_code = payload.get("error_code")
-    parameters = payload.get("parameters") or {}
-    retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+    parameters = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
+    retry_after, moved_to = parameters.get("retry_after"), parameters.get("migrate_to_chat_id")
     if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
         retry_after = None
-    return_code = error_code if isinstance(error_code, int) else status_code
-    moved_to = parameters.get("migrate_to_chat_id") if isinstance(parameters, dict) else None
-    raise TelegramError(method, return_code, str(payload.get("description", "")), retry_after,
+    raise TelegramError(method, error_code if isinstance(error_code, int) else status_code,
+                        str(payload.get("description", "")), retry_after,
                         moved_to if isinstance(moved_to, int) and not isinstance(moved_to, bool) else None)
+
+
+# Answers that refuse the token itself (revoked, or never valid), whatever the method.
+TOKEN_REJECTED_CODES = (401, 404)
 
 
 def _telegram_wait_asked(error: TelegramError) -> float | None:
@@ -2841,17 +2639,6 @@ def _telegram_wait_asked(error: TelegramError) -> float | None:
 # not slept through.  Backoff: first retry within 0.5 s, then 1, 2, 4, never more than 8 s between tries.
 TELEGRAM_RETRY = RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0, retry_on=(TelegramError,),
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
-
-
-# Answers that refuse the token itself (revoked, or never valid), whatever the method.
-TOKEN_REJECTED_CODES = (401, 404)
-
-
-def telegram_trouble(error: TelegramError | None) -> str:
-    """What a call's outcome says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it works)."""
-    if isinstance(error, TelegramNetworkError):
-        return "unreachable"
-    return "token_rejected" if error is not None and error.error_code in TOKEN_REJECTED_CODES else ""
 
 
 def _answer_maybe_lost(error: TelegramError) -> bool:
@@ -2879,8 +2666,7 @@ class TelegramClient:
     400/403/404 are raised at once as TelegramError: retrying cannot help.
     A call whose answer was lost (a timeout, a dropped connection) is sent
     again although Telegram may have performed it: a message can then arrive
-    twice, but is never lost.  That is the pipeline's promise too (an update
-    handled when the process died is handled again after the restart).  With
+    twice, but is never lost (the pipeline's promise too).  With
     ``repeatable=False`` (a photo, which must arrive at most once) such a
     loss is raised at once instead, for the caller to decide.
 
@@ -2900,16 +2686,12 @@ class TelegramClient:
         self.pacer = pacer or SendPacer()
         self._turns = asyncio.Lock()  # the queue for the pacer's shared spacing (_wait_turn)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
-        self.trouble = ""  # telegram_trouble of the latest answer: a red flag (section 14) says it once
+        # What the latest answer says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it
+        # works).  A red flag (section 14) says it once.
+        self.trouble = ""
 
-    async def call(
-        self,
-        method: str,
-        params: dict | None = None,
-        files: dict[str, tuple[str, bytes, str]] | None = None,
-        timeout: float | None = None,
-        repeatable: bool = True,
-    ) -> Any:
+    async def call(self, method: str, params: dict | None = None, files: dict | None = None,
+                   timeout: float | None = None, repeatable: bool = True) -> Any:
         policy = self.retry
         if not repeatable:  # an answer lost on the way back is raised: the call may have been performed
             transient = policy.transient
@@ -2945,7 +2727,8 @@ class TelegramClient:
             raise TelegramNetworkError(method, cut) from None
         except TelegramError as error:
             self.calls[method, str(error.error_code)] += 1
-            self.trouble = telegram_trouble(error)
+            rejected = "token_rejected" if error.error_code in TOKEN_REJECTED_CODES else ""
+            self.trouble = "unreachable" if isinstance(error, TelegramNetworkError) else rejected
             if error.error_code == 429:
                 self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
@@ -2956,10 +2739,8 @@ class TelegramClient:
     async def _wait_turn(self, chat_id: Any) -> None:
         """Wait until ``pacer`` lets a send to ``chat_id`` go, and take that send.
 
-        A sender first waits out its own chat's spacing on its own, then queues
-        (first come, first served) for the shared spacing: one sleeper at a time
-        wakes per send, and a chat waiting on its spacing never holds up other
-        chats.
+        A sender waits out its own chat's spacing alone, then queues (first come, first served) for the
+        shared spacing: one sleeper wakes per send, and a chat waiting on its spacing holds up no other.
         """
         while True:
             while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
@@ -2989,9 +2770,7 @@ class TelegramClient:
 
     async def download_file(self, file_id: str, limit: int) -> tuple[bytes, str]:
         """A file a user sent, by its id: (its bytes, its extension); getFile, then at most ``limit`` bytes.
-
-        DownloadError (naming neither the URL nor the file's path) when it cannot be had.
-        """
+        DownloadError (naming neither the URL nor the file's path) when it cannot be had."""
         found = await self.call("getFile", {"file_id": file_id})
         path = found.get("file_path") if isinstance(found, dict) else None
         if not isinstance(path, str) or not path:

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pure tests of that part: (test file, the banner that opens the section, the banner that opens the next one).
 PARTS = {
     "HTTP parser": (["RequestParser.next_head", "RequestParser.next_request", "RequestParser._parse_head",
-                     "RequestParser._parse_head_bytes", "RequestParser._body_length_from", "_header_error"],
+                     "RequestParser._parse_head_bytes", "RequestParser._body_length_from"],
                     [("test_trt_bot.py", "# 3. HTTP parsing", "# 4. HTTP server")]),
     "job machine": (["apply_event"], [("test_generation.py", "# 12. Generation jobs: the state machine",
                                        "# 12. Generation jobs: durability")]),
@@ -38,7 +38,7 @@ PARTS = {
     "Kie parsing, URL checks": (["parse_kie_envelope", "parse_task_record", "split_result_url", "_is_host"],
                                 [("test_generation.py", "# 8. Kie client", "# 11. Dialog")]),
     "settings parsers": (["_integer", "_fractional_seconds", "_flag", "_secret", "_webhook_secret",
-                          "parse_database_url", "_postgres_url", "database_passwords"],
+                          "parse_database_url", "database_passwords"],
                          [("test_trt_bot.py", "# 1. Configuration", "# 2. Logging")]),
 }
 NOT_PURE = {"test_no_log_record_in_the_whole_suite_contains_a_secret"}  # reads the records of the whole run
