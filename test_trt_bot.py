@@ -101,7 +101,7 @@ def test_every_send_limit_setting_is_validated_and_a_bad_value_exits_2(name, raw
 def test_send_limits_may_be_shrunk_for_tests_and_raised_for_paid_broadcasts():
     config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_SEND_RATE": "1000",
                                   "TELEGRAM_CHAT_INTERVAL_S": "0.05", "TELEGRAM_GROUP_PER_MINUTE": "0"})
-    pacer = trt_bot.telegram_pacer(config)
+    pacer = trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), send_limits=config.send_limits)
     assert pacer.interval_s == 0.001 and pacer.chat_interval_s == 0.05 and pacer.group_per_minute == 0
 
 
@@ -1290,91 +1290,98 @@ async def test_rate_limiter_admits_at_most_its_calls_per_period():
     assert stamps[19] == stamps[0]  # the first 20 go at once
 
 
+def paced_client(rate: int = 30, chat_interval_s: float = 0.0, group_per_minute: int = 20,
+                 clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.TelegramClient:
+    """A client whose sends are paced at these limits; its pacing is plain arithmetic on the times it is given."""
+    return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), clock=clock,
+                                  send_limits=(rate, chat_interval_s, group_per_minute))
+
+
 def test_the_pacer_spaces_sends_at_the_global_rate_whatever_the_chat():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
-    assert pacer.wait(100.0) == 0
-    pacer.take(100.0, 1)
-    assert pacer.wait(100.0) == pytest.approx(0.1) and pacer.wait(100.05) == pytest.approx(0.05)
-    assert pacer.chat_wait(100.0, 2) == 0  # the shared spacing is ``wait``'s, not a chat's
-    pacer.take(100.1, 2)
-    assert pacer.wait(100.1) == pytest.approx(0.1)
+    pacer = paced_client(rate=10, chat_interval_s=0, group_per_minute=0)
+    assert pacer.send_wait(100.0) == 0
+    pacer.take_send(100.0, 1)
+    assert pacer.send_wait(100.0) == pytest.approx(0.1) and pacer.send_wait(100.05) == pytest.approx(0.05)
+    assert pacer.chat_wait(100.0, 2) == 0  # the shared spacing is ``send_wait``'s, not a chat's
+    pacer.take_send(100.1, 2)
+    assert pacer.send_wait(100.1) == pytest.approx(0.1)
 
 
 def test_the_pacer_spaces_one_chat_by_its_interval_and_holds_a_group_to_20_in_any_minute():
-    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_per_minute=20)
-    pacer.take(0.0, 5)
+    pacer = paced_client(rate=1000, chat_interval_s=1.0, group_per_minute=20)
+    pacer.take_send(0.0, 5)
     assert pacer.chat_wait(0.5, 5) == pytest.approx(0.5)
     assert pacer.chat_wait(0.5, 6) == 0  # another chat is not held up
     assert pacer.chat_wait(1.0, 5) == 0
     for second in range(20):  # a group: one a second, like any chat ...
         assert pacer.chat_wait(float(second), -100) == 0
-        pacer.take(float(second), -100)
+        pacer.take_send(float(second), -100)
     assert pacer.chat_wait(20.0, -100) == pytest.approx(40.0)  # ... and the 21st a minute after the first
-    pacer.take(60.0, -100)
+    pacer.take_send(60.0, -100)
     assert pacer.chat_wait(61.0, -100) == 0  # the window slid: the second send is a minute old
 
 
 def test_a_flood_pause_holds_every_chat_and_then_sends_resume_at_the_rate_not_in_a_burst():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
-    pacer.pause(50.0, 2.0)
-    pacer.pause(51.0, 0.5)  # a 429 during the pause: the same pause
+    pacer = paced_client(rate=10, chat_interval_s=0, group_per_minute=0)
+    pacer.pause_sends(50.0, 2.0)
+    pacer.pause_sends(51.0, 0.5)  # a 429 during the pause: the same pause
     assert pacer.pauses == 1
-    assert pacer.wait(51.0) == pytest.approx(1.0) and pacer.chat_wait(51.0, 7) == pytest.approx(1.0)
-    assert pacer.wait(52.0) == 0
-    pacer.take(52.0, 7)
-    assert pacer.wait(52.0) == pytest.approx(0.1)
-    pacer.pause(60.0, 1.0)
+    assert pacer.send_wait(51.0) == pytest.approx(1.0) and pacer.chat_wait(51.0, 7) == pytest.approx(1.0)
+    assert pacer.send_wait(52.0) == 0
+    pacer.take_send(52.0, 7)
+    assert pacer.send_wait(52.0) == pytest.approx(0.1)
+    pacer.pause_sends(60.0, 1.0)
     assert pacer.pauses == 2
 
 
 def test_a_flood_pause_that_starts_as_the_last_one_ends_is_a_new_pause():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
-    pacer.pause(50.0, 2.0)
-    pacer.pause(51.5, 1.0)  # a 429 during the pause lengthens it
-    assert pacer.pauses == 1 and pacer.wait(52.0) == 0.5
-    pacer.pause(52.5, 1.0)  # exactly when the last one ended
-    assert pacer.pauses == 2 and pacer.wait(52.5) == 1.0
+    pacer = paced_client(rate=10, chat_interval_s=0, group_per_minute=0)
+    pacer.pause_sends(50.0, 2.0)
+    pacer.pause_sends(51.5, 1.0)  # a 429 during the pause lengthens it
+    assert pacer.pauses == 1 and pacer.send_wait(52.0) == 0.5
+    pacer.pause_sends(52.5, 1.0)  # exactly when the last one ended
+    assert pacer.pauses == 2 and pacer.send_wait(52.5) == 1.0
 
 
 def test_a_pause_of_0_seconds_holds_nothing_back():
-    pacer = trt_bot.SendPacer(rate=10, chat_interval_s=0, group_per_minute=0)
-    pacer.pause(50.0, 0)  # a 429 with retry_after 0
-    assert pacer.wait(50.0) == 0 and pacer.chat_wait(50.0, 7) == 0
+    pacer = paced_client(rate=10, chat_interval_s=0, group_per_minute=0)
+    pacer.pause_sends(50.0, 0)  # a 429 with retry_after 0
+    assert pacer.send_wait(50.0) == 0 and pacer.chat_wait(50.0, 7) == 0
 
 
 def test_the_pacer_forgets_chats_whose_spacing_has_passed():
-    pacer = trt_bot.SendPacer(rate=1000, chat_interval_s=1.0, group_per_minute=20)
+    pacer = paced_client(rate=1000, chat_interval_s=1.0, group_per_minute=20)
     for n in range(20_000):  # 20,000 chats, ten a second
-        pacer.take(n / 10, n)
+        pacer.take_send(n / 10, n)
     assert pacer.chats_remembered <= trt_bot.PACER_PRUNE_AT
     assert pacer.chat_wait(1999.95, 19_999) > 0  # the recent ones are still spaced
 
 
 def test_the_pacer_forgets_a_chat_the_moment_its_spacing_ends_and_prunes_when_its_memory_doubles():
     prune_at = trt_bot.PACER_PRUNE_AT
-    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=1.0, group_per_minute=0)
+    pacer = paced_client(rate=10**6, chat_interval_s=1.0, group_per_minute=0)
     for chat in range(prune_at):
-        pacer.take(0.0, chat)
+        pacer.take_send(0.0, chat)
     assert pacer.chats_remembered == prune_at  # pruned at the limit, but every spacing still runs
     for chat in range(prune_at, 2 * prune_at):
-        pacer.take(1.0, chat)  # the first chats' spacing ends now
+        pacer.take_send(1.0, chat)  # the first chats' spacing ends now
         assert pacer.chats_remembered == (chat + 1 if chat + 1 < 2 * prune_at else prune_at)  # next prune: at double
 
 
 def test_a_group_is_forgotten_the_moment_its_minute_ends():
     prune_at = trt_bot.PACER_PRUNE_AT
-    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=0, group_per_minute=20)
+    pacer = paced_client(rate=10**6, chat_interval_s=0, group_per_minute=20)
     for chat in range(1, prune_at + 1):
-        pacer.take(0.0, -chat)
+        pacer.take_send(0.0, -chat)
     for chat in range(prune_at + 1, 2 * prune_at + 1):
-        pacer.take(trt_bot.GROUP_WINDOW_S, -chat)
+        pacer.take_send(trt_bot.GROUP_WINDOW_S, -chat)
     assert pacer.chats_remembered == prune_at  # the first groups' minute is over
 
 
 def test_without_a_spacing_a_private_chat_is_not_remembered_and_has_no_group_limit():
-    pacer = trt_bot.SendPacer(rate=10**6, chat_interval_s=0, group_per_minute=2)
+    pacer = paced_client(rate=10**6, chat_interval_s=0, group_per_minute=2)
     for _ in range(3):
-        pacer.take(0.0, 5)
+        pacer.take_send(0.0, 5)
     assert pacer.chats_remembered == 0 and pacer.chat_wait(0.0, 5) == 0
 
 
@@ -1661,9 +1668,6 @@ async def advance_until(clock: ManualClock, done, step: float, timeout: float = 
             await asyncio.sleep(0.001)  # let the woken tasks run before the clock moves again
 
 
-def paced_client(clock: trt_bot.Clock, rate: int = 30, chat_interval_s: float = 0.0) -> trt_bot.TelegramClient:
-    return trt_bot.TelegramClient(TOKEN, API, httpx.AsyncClient(), clock=clock,
-                                  pacer=trt_bot.SendPacer(rate, chat_interval_s, 20))
 
 
 def recording(sent: list, clock: ManualClock, first: httpx.Response | None = None):
@@ -1682,7 +1686,7 @@ async def test_a_429_on_one_chat_pauses_every_send_then_they_go_one_spacing_apar
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
         side_effect=recording(sent, clock, bot_api_error(429, "Too Many Requests: retry after 5", retry_after=5)))
-    client = paced_client(clock, rate=10)
+    client = paced_client(rate=10, clock=clock)
     started = clock.now
     sends = [asyncio.create_task(client.send_message(1, "flooded"))]
     await eventually(lambda: clock.sleepers == 1)  # the 429's retry waits
@@ -1694,7 +1698,7 @@ async def test_a_429_on_one_chat_pauses_every_send_then_they_go_one_spacing_apar
     after = sorted(when for _, _, when in sent[1:])
     assert len(after) == 3 and after[0] >= started + 5  # nothing went during the pause
     assert all(later - earlier >= 0.1 - 1e-6 for earlier, later in zip(after, after[1:]))  # then at the rate
-    assert client.pacer.pauses == 1 and client.calls["sendMessage", "429"] == 1
+    assert client.pauses == 1 and client.calls["sendMessage", "429"] == 1
 
 
 @respx.mock
@@ -1702,9 +1706,9 @@ async def test_answer_callback_query_is_not_delayed_by_a_flood_pause_or_waiting_
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
         side_effect=recording(sent, clock, bot_api_error(429, "Too Many Requests: retry after 10", retry_after=10)))
-    client = paced_client(clock)
+    client = paced_client(clock=clock)
     sends = [asyncio.create_task(client.send_message(chat, "hi")) for chat in range(1, 6)]
-    await eventually(lambda: client.pacer.pauses == 1 and clock.sleepers)  # the sends wait out the pause
+    await eventually(lambda: client.pauses == 1 and clock.sleepers)  # the sends wait out the pause
     await asyncio.wait_for(client.answer_callback("q1"), 5)  # the clock never moves: it did not wait
     assert [method for _, method, _ in sent] == ["sendMessage", "answerCallbackQuery"]
     for task in sends:
@@ -1716,7 +1720,7 @@ async def test_answer_callback_query_is_not_delayed_by_a_flood_pause_or_waiting_
 async def test_edits_and_deletions_wait_their_chats_turn_like_messages():
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
-    client = paced_client(clock, chat_interval_s=1.0)
+    client = paced_client(chat_interval_s=1.0, clock=clock)
     calls = [client.call("editMessageText", {"chat_id": 4, "message_id": 1, "text": "x"}),
              client.call("deleteMessage", {"chat_id": 4, "message_id": 1}), client.call("getMe")]
     tasks = [asyncio.create_task(call) for call in calls]
@@ -2633,7 +2637,7 @@ async def database(tmp_path):
 async def test_a_chats_replies_keep_their_order_under_pacing_and_do_not_hold_up_other_chats(database):
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
-    outbox = trt_bot.Outbox(database, paced_client(clock, chat_interval_s=1.0), clock=clock)
+    outbox = trt_bot.Outbox(database, paced_client(chat_interval_s=1.0, clock=clock), clock=clock)
     for chat, text in ((1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (2, "b2")):
         await outbox.send_message(chat, text)
     assert outbox.depth == 5 and len(await database.read(trt_bot.outbox_pending)) == 5  # queued durably
@@ -2674,7 +2678,7 @@ async def test_a_message_sent_while_the_outbox_takes_up_its_table_is_not_sent_ag
 async def test_a_chat_waiting_for_its_spacing_does_not_hold_up_the_sender(database):
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
-    outbox = trt_bot.Outbox(database, paced_client(clock, chat_interval_s=1.0), senders=1, clock=clock)
+    outbox = trt_bot.Outbox(database, paced_client(chat_interval_s=1.0, clock=clock), senders=1, clock=clock)
     await outbox.resume()
     await outbox.send_message(1, "a1")
     await eventually(lambda: len(sent) == 1)
@@ -2692,7 +2696,7 @@ async def test_a_reply_refused_for_good_ends_and_its_chat_goes_on(database):
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
         side_effect=recording(sent, clock, bot_api_error(400, "Bad Request: chat not found")))
-    outbox = trt_bot.Outbox(database, paced_client(clock), clock=clock)
+    outbox = trt_bot.Outbox(database, paced_client(clock=clock), clock=clock)
     await outbox.resume()
     await outbox.send_message(3, "refused")
     await outbox.send_message(3, "next")
@@ -2707,7 +2711,7 @@ async def test_a_reply_telegram_cannot_take_waits_and_one_older_than_outbox_max_
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(
         side_effect=lambda request: sent.append(clock.now) or httpx.Response(502, text="Bad Gateway"))
-    outbox = trt_bot.Outbox(database, paced_client(clock), max_wait_s=600, clock=clock)
+    outbox = trt_bot.Outbox(database, paced_client(clock=clock), max_wait_s=600, clock=clock)
     await outbox.resume()
     await outbox.send_message(5, "stuck")
     await advance_until(clock, lambda: clock.now - sent[0] > 60 if sent else False, 1.0)
@@ -2722,7 +2726,7 @@ async def test_a_wall_clock_step_forward_does_not_expire_a_queued_reply(database
     # A reply's age was read off the wall clock: setting it an hour forward dropped the reply at once.
     clock, sent = ManualClock(), []
     respx.post(url__startswith=f"{API}/bot{TOKEN}/").mock(side_effect=recording(sent, clock))
-    outbox = trt_bot.Outbox(database, paced_client(clock), max_wait_s=600, clock=clock)
+    outbox = trt_bot.Outbox(database, paced_client(clock=clock), max_wait_s=600, clock=clock)
     await outbox.send_message(5, "queued before the step")
     clock.wall_step = 3600.0
     await outbox.resume()
@@ -2737,7 +2741,7 @@ async def test_handling_goes_on_while_a_flood_pause_holds_the_replies(make_app, 
                                       "parameters": {"retry_after": 3600}})
     app = await make_app(KIE_API_KEY=KIE_KEY, SHUTDOWN_GRACE_S="1")
     await post_update(app, update_message(1, 42, "/start"))
-    await eventually(lambda: app.telegram.pacer.pauses == 1)
+    await eventually(lambda: app.telegram.pauses == 1)
     await post_update(app, update_callback(2, 42, "new"))
     await eventually(lambda: (app.role.states.get((42, 0, 42)) or {}).get("step") == "prompt")  # handled meanwhile
     await eventually(lambda: fake_tg.calls_of("answerCallbackQuery"))  # exempt: not held by the pause

@@ -16,8 +16,8 @@ order data flows through it.  Find a section by grepping for its banner (``#####
    3. HTTP parsing         bytes -> Request, a pure state machine (no sockets)
    4. HTTP server          asyncio.start_server, a deadline per connection phase, bounds
    5. Storage              one thread, two dialects (SQLite, PostgreSQL): schema, group commit, inbox, dialogs
-   6. Retry and pacing     one retry policy for every retried call; rate limiters; the send pacer
-   7. Telegram client      raw Bot API over httpx, typed errors, every sending method paced
+   6. Retry and pacing     one retry policy for every retried call; rate limiters
+   7. Telegram client      raw Bot API over httpx, typed errors, every sending method paced at Telegram's limits
    8. Kie client           createTask / recordInfo / credits / uploads, KIE_CODES, result URLs
    9. Update pipeline      durable ack, one state per update, ordered workers, watchdog
   10. Texts and keyboards  rendering section 0's tables: plural forms, menus and buttons
@@ -493,22 +493,18 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    def steady(self) -> "Clock":
+        """This clock, with a wall time that a step of the system clock does not move: ``time()`` now plus the
+        monotonic time since.  For parts whose stored stamps are also what they measure (a job's age): a row
+        loaded at start is judged by the wall clock, anything later by the monotonic one."""
+        offset = self.time() - self.monotonic()
+        steady = Clock()
+        steady.monotonic, steady.sleep = self.monotonic, self.sleep  # type: ignore[method-assign]
+        steady.time = lambda: self.monotonic() + offset  # type: ignore[method-assign]
+        return steady
+
 
 SYSTEM_CLOCK = Clock()
-
-
-class SteadyClock(Clock):
-    """Wall time that a step of the system clock does not move: ``clock``'s at the start plus the monotonic
-    time since.  For parts whose stored stamps are also what they measure (a job's age): a row loaded at
-    start is judged by the wall clock, anything later by the monotonic one."""
-
-    def __init__(self, clock: Clock):
-        self.monotonic = clock.monotonic  # measures and waits as ``clock`` does
-        self.sleep = clock.sleep
-        self._offset = clock.time() - clock.monotonic()
-
-    def time(self) -> float:
-        return self.monotonic() + self._offset
 
 
 class OwnedTasks:
@@ -851,6 +847,11 @@ class Config:
     @property
     def webhook_url(self) -> str:
         return self.webhook_base_url.rstrip("/") + self.webhook_path
+
+    @property
+    def send_limits(self) -> tuple[float, float, int]:
+        """The Telegram client's pacing (TelegramClient)."""
+        return self.telegram_send_rate, self.telegram_chat_interval_s, self.telegram_group_per_minute
 
     @property
     def secrets(self) -> list[str]:
@@ -2440,70 +2441,6 @@ class RateLimiter:
                 await self.clock.sleep(self._stamps[0] + self.period - now)
 
 
-PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
-GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
-
-
-class SendPacer:
-    """When the next message may go out under a service's send limits: arithmetic only, no waiting (sans-I/O).
-
-    Spacings between any two sends (one ``rate``-th of a second) and between two sends to one chat, and at
-    most ``group_per_minute`` sends to one group (``chat_id < 0``) in any GROUP_WINDOW_S (a sliding window,
-    as Telegram counts).  ``pause(now, seconds)`` holds every send until then (a flood wait applies to the
-    bot, not to one call); afterwards sends resume one spacing apart, not in a burst.  A chat is remembered
-    only while its spacing or window has not passed, so memory follows the send rate, not the number of
-    chats ever served.
-    """
-
-    # The defaults are Telegram's limits: 30 messages a second, one a second per chat, 20 a minute per group.
-    def __init__(self, rate: float = 30, chat_interval_s: float = 1.0, group_per_minute: int = 20):
-        self.interval_s = 1.0 / rate
-        self.chat_interval_s = chat_interval_s
-        self.group_per_minute = group_per_minute  # 0: no limit of its own
-        self.paused_until = -math.inf
-        self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
-        self._next_send = -math.inf
-        self._next_in_chat: dict[Any, float] = {}
-        self._group_sends: dict[int, collections.deque[float]] = {}  # a group's last ``group_per_minute`` sends
-        self._prune_at = PACER_PRUNE_AT
-
-    def chat_wait(self, now: float, chat_id: Any) -> float:
-        """Seconds until ``chat_id`` may be sent to, as far as its own limits and a flood pause go."""
-        sends = self._group_sends.get(chat_id)
-        window = sends[0] + GROUP_WINDOW_S - now if sends and len(sends) == self.group_per_minute else 0.0
-        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, window, self.paused_until - now)
-
-    def wait(self, now: float) -> float:
-        """Seconds until the next send to any chat may go."""
-        return max(0.0, self._next_send - now, self.paused_until - now)
-
-    def take(self, now: float, chat_id: Any) -> None:
-        """A send goes out now (callers check ``wait`` and ``chat_wait`` first)."""
-        self._next_send = max(self._next_send, now) + self.interval_s
-        if chat_id is None:
-            return
-        if self.chat_interval_s > 0:
-            self._next_in_chat[chat_id] = now + self.chat_interval_s
-        if self.group_per_minute and isinstance(chat_id, int) and chat_id < 0:
-            self._group_sends.setdefault(chat_id, collections.deque(maxlen=self.group_per_minute)).append(now)
-        if self.chats_remembered >= self._prune_at:
-            self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
-            self._group_sends = {chat: sends for chat, sends in self._group_sends.items()
-                                 if sends[-1] + GROUP_WINDOW_S > now}
-            self._prune_at = max(PACER_PRUNE_AT, 2 * self.chats_remembered)
-
-    def pause(self, now: float, seconds: float) -> None:
-        """Hold every send for ``seconds`` from ``now``."""
-        if now >= self.paused_until:
-            self.pauses += 1
-        self.paused_until = max(self.paused_until, now + seconds)
-        self._next_send = max(self._next_send, self.paused_until)
-
-    @property
-    def chats_remembered(self) -> int:
-        return len(self._next_in_chat) + len(self._group_sends)
-
-
 ###############################################################################
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
@@ -2656,8 +2593,8 @@ PACED_METHODS = frozenset({
 })
 
 
-def telegram_pacer(config: Config) -> SendPacer:
-    return SendPacer(config.telegram_send_rate, config.telegram_chat_interval_s, config.telegram_group_per_minute)
+PACER_PRUNE_AT = 1024  # chats remembered before those whose spacing has passed are forgotten
+GROUP_WINDOW_S = 60.0  # Telegram counts a group's messages per minute
 
 
 class TelegramClient:
@@ -2670,12 +2607,17 @@ class TelegramClient:
     ``repeatable=False`` (a photo, which must arrive at most once) such a
     loss is raised at once instead, for the caller to decide.
 
-    Every attempt of a PACED_METHODS call first waits its turn at ``pacer``'s
-    limits, and a 429 on any call pauses them all for its ``retry_after``.
+    Every attempt of a PACED_METHODS call first waits its turn under ``send_limits`` (Telegram's by default):
+    sends a second across all chats, seconds between two sends to one chat, and sends to one group
+    (``chat_id < 0``) in any GROUP_WINDOW_S, a sliding window as Telegram counts (0: no limit of its own).
+    A 429 on any call pauses every send for its ``retry_after`` (a flood wait applies to the bot, not to
+    one call); afterwards sends resume one spacing apart, not in a burst.  The pacing itself is arithmetic on
+    the time it is given (``chat_wait``, ``send_wait``, ``take_send``, ``pause_sends``), and a chat is remembered only while
+    its spacing or window has not passed, so memory follows the send rate, not the number of chats served.
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
-                 clock: Clock = SYSTEM_CLOCK, pacer: SendPacer | None = None,
+                 clock: Clock = SYSTEM_CLOCK, send_limits: tuple[float, float, int] = (30, 1.0, 20),
                  acting_left: Callable[[], float] = lambda: math.inf):
         self._url = f"{api_base}/bot{token}/"
         self.acting_left = acting_left  # a send must end within these seconds (the Role's answer)
@@ -2683,8 +2625,15 @@ class TelegramClient:
         self.http = http
         self.retry = retry
         self.clock = clock
-        self.pacer = pacer or SendPacer()
-        self._turns = asyncio.Lock()  # the queue for the pacer's shared spacing (_wait_turn)
+        rate, self.chat_interval_s, self.group_per_minute = send_limits
+        self.interval_s = 1.0 / rate
+        self.paused_until = -math.inf
+        self.pauses = 0  # flood pauses begun (a 429 during a pause extends it)
+        self._next_send = -math.inf
+        self._next_in_chat: dict[Any, float] = {}
+        self._group_sends: dict[int, collections.deque[float]] = {}  # a group's last ``group_per_minute`` sends
+        self._prune_at = PACER_PRUNE_AT
+        self._turns = asyncio.Lock()  # the queue for the shared spacing (_wait_turn)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, outcome)
         # What the latest answer says of the Bot API as a whole: "unreachable", "token_rejected", or "" (it
         # works).  A red flag (section 14) says it once.
@@ -2730,28 +2679,64 @@ class TelegramClient:
             rejected = "token_rejected" if error.error_code in TOKEN_REJECTED_CODES else ""
             self.trouble = "unreachable" if isinstance(error, TelegramNetworkError) else rejected
             if error.error_code == 429:
-                self.pacer.pause(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
+                self.pause_sends(self.clock.monotonic(), _telegram_wait_asked(error))  # type: ignore[arg-type]
             raise
         self.calls[method, "ok"] += 1
         self.trouble = ""
         return result
 
     async def _wait_turn(self, chat_id: Any) -> None:
-        """Wait until ``pacer`` lets a send to ``chat_id`` go, and take that send.
+        """Wait until the send limits let a send to ``chat_id`` go, and take that send.
 
         A sender waits out its own chat's spacing alone, then queues (first come, first served) for the
         shared spacing: one sleeper wakes per send, and a chat waiting on its spacing holds up no other.
         """
         while True:
-            while (wait := self.pacer.chat_wait(self.clock.monotonic(), chat_id)) > 0:
+            while (wait := self.chat_wait(self.clock.monotonic(), chat_id)) > 0:
                 await self.clock.sleep(wait)
             async with self._turns:
-                while (wait := self.pacer.wait(self.clock.monotonic())) > 0:
+                while (wait := self.send_wait(self.clock.monotonic())) > 0:
                     await self.clock.sleep(wait)
                 now = self.clock.monotonic()
-                if self.pacer.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
-                    self.pacer.take(now, chat_id)
+                if self.chat_wait(now, chat_id) <= 0:  # another send to this chat may have gone meanwhile
+                    self.take_send(now, chat_id)
                     return
+
+    def chat_wait(self, now: float, chat_id: Any) -> float:
+        """Seconds until ``chat_id`` may be sent to, as far as its own limits and a flood pause go."""
+        sends = self._group_sends.get(chat_id)
+        window = sends[0] + GROUP_WINDOW_S - now if sends and len(sends) == self.group_per_minute else 0.0
+        return max(0.0, self._next_in_chat.get(chat_id, -math.inf) - now, window, self.paused_until - now)
+
+    def send_wait(self, now: float) -> float:
+        """Seconds until the next send to any chat may go."""
+        return max(0.0, self._next_send - now, self.paused_until - now)
+
+    def take_send(self, now: float, chat_id: Any) -> None:
+        """A send goes out now (callers check ``send_wait`` and ``chat_wait`` first)."""
+        self._next_send = max(self._next_send, now) + self.interval_s
+        if chat_id is None:
+            return
+        if self.chat_interval_s > 0:
+            self._next_in_chat[chat_id] = now + self.chat_interval_s
+        if self.group_per_minute and isinstance(chat_id, int) and chat_id < 0:
+            self._group_sends.setdefault(chat_id, collections.deque(maxlen=self.group_per_minute)).append(now)
+        if self.chats_remembered >= self._prune_at:
+            self._next_in_chat = {chat: at for chat, at in self._next_in_chat.items() if at > now}
+            self._group_sends = {chat: sends for chat, sends in self._group_sends.items()
+                                 if sends[-1] + GROUP_WINDOW_S > now}
+            self._prune_at = max(PACER_PRUNE_AT, 2 * self.chats_remembered)
+
+    def pause_sends(self, now: float, seconds: float) -> None:
+        """Hold every send for ``seconds`` from ``now``."""
+        if now >= self.paused_until:
+            self.pauses += 1
+        self.paused_until = max(self.paused_until, now + seconds)
+        self._next_send = max(self._next_send, self.paused_until)
+
+    @property
+    def chats_remembered(self) -> int:
+        return len(self._next_in_chat) + len(self._group_sends)
 
     async def _post(self, method: str, params: dict, files: dict | None, timeout: float | None) -> Any:
         extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=5.0)}
@@ -6333,7 +6318,7 @@ class Outbox:
     async def _send_forever(self) -> None:
         while True:
             chat_id = await self._ready.get()
-            wait = self.telegram.pacer.chat_wait(self.clock.monotonic(), chat_id)
+            wait = self.telegram.chat_wait(self.clock.monotonic(), chat_id)
             if wait > 0:
                 self._set_aside(chat_id, wait)  # a sender waiting on one chat's spacing would idle
             else:
@@ -6471,7 +6456,7 @@ class Outbox:
         return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
-        pacer = self.telegram.pacer
+        pacer = self.telegram
         return {
             "depth": self.depth,
             "oldest_wait_s": round(self.oldest_wait_s(), 3),
@@ -7000,7 +6985,7 @@ def _counter_families(d: Diagnostics) -> list[Family]:
         ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
          [("", {}, sum(n for (_, outcome), n in d.telegram.calls.items() if outcome == "429"))]),
         ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
-         [("", {}, d.telegram.pacer.pauses)]),
+         [("", {}, d.telegram.pauses)]),
     ]
 
 
@@ -7419,7 +7404,7 @@ class App:
         self.role = Role(self.db, config.lease_ttl_s, clock)
         self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
-                                       pacer=telegram_pacer(config), acting_left=self.role.acting_left)
+                                       send_limits=config.send_limits, acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
         histograms, states = new_histograms(), ConversationStore(self.db, clock)
@@ -7427,7 +7412,7 @@ class App:
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
                                        on_finished=functools.partial(observe, histograms, "trt_generation_seconds"),
-                                       clock=SteadyClock(clock), mode=self.role)
+                                       clock=clock.steady(), mode=self.role)
         # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
         conversation = Conversation(config, outbox, states, self.generations,
                                     queue_stats=lambda: self.pipeline.snapshot())
