@@ -1096,7 +1096,7 @@ class RequestParser:
         hosts = head.lower().count(b"\nhost:")
         if hosts > 1 or (hosts == 0 and minor != b"0"):
             raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
-        version = "1.1" if minor == b"1" else f"1.{minor.decode()}"
+        version = f"1.{minor.decode()}"
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection if version == "1.1" else "keep-alive" in connection
         return Request(method.decode("ascii"), target.decode("ascii"), version, headers, b"", keep_alive,
@@ -2512,6 +2512,8 @@ def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
 class TelegramError(TrtError):
     """The Bot API refused a call (``error_code`` as Telegram gives it, or the HTTP status)."""
 
+    maybe_performed = False  # only a lost answer (TelegramNetworkError) leaves the call perhaps carried out
+
     def __init__(self, method: str, error_code: int, description: str, retry_after: float | None = None,
                  moved_to: int | None = None):
         super().__init__(f"{method}: {error_code} {description}")
@@ -2578,10 +2580,6 @@ TELEGRAM_RETRY = RetryPolicy(budget_s=20.0, base_s=0.5, cap_s=8.0, retry_on=(Tel
                              transient=lambda error: error.retryable, retry_after=_telegram_wait_asked)
 
 
-def _answer_maybe_lost(error: TelegramError) -> bool:
-    return isinstance(error, TelegramNetworkError) and error.maybe_performed
-
-
 # Methods that put something into a chat, paced at Telegram's limits.  sendChatAction and
 # deleteMessage are paced too: Telegram floods them like messages, and a 429 on any call stops
 # the whole bot.  answerCallbackQuery is exempt (Telegram does not count it, and a button's
@@ -2610,10 +2608,10 @@ class TelegramClient:
     Every attempt of a PACED_METHODS call first waits its turn under ``send_limits`` (Telegram's by default):
     sends a second across all chats, seconds between two sends to one chat, and sends to one group
     (``chat_id < 0``) in any GROUP_WINDOW_S, a sliding window as Telegram counts (0: no limit of its own).
-    A 429 on any call pauses every send for its ``retry_after`` (a flood wait applies to the bot, not to
-    one call); afterwards sends resume one spacing apart, not in a burst.  The pacing itself is arithmetic on
-    the time it is given (``chat_wait``, ``send_wait``, ``take_send``, ``pause_sends``), and a chat is remembered only while
-    its spacing or window has not passed, so memory follows the send rate, not the number of chats served.
+    A 429 on any call pauses every send for its ``retry_after`` (a flood wait applies to the bot, not to one
+    call); then sends resume one spacing apart, not in a burst.  The pacing is arithmetic on the time it is
+    given (``chat_wait`` to ``pause_sends``); a chat is remembered only while its spacing or window runs, so
+    memory follows the send rate, not the number of chats ever served.
     """
 
     def __init__(self, token: str, api_base: str, http: httpx.AsyncClient, retry: RetryPolicy = TELEGRAM_RETRY,
@@ -2644,8 +2642,7 @@ class TelegramClient:
         policy = self.retry
         if not repeatable:  # an answer lost on the way back is raised: the call may have been performed
             transient = policy.transient
-            policy = dataclasses.replace(policy, transient=lambda error: transient(error)
-                                         and not _answer_maybe_lost(error))
+            policy = dataclasses.replace(policy, transient=lambda error: transient(error) and not error.maybe_performed)
 
         def log_retry(error: Exception, retry: int, wait: float) -> None:
             level = logging.DEBUG if self.trouble else logging.WARNING  # its red flag speaks for every retry
@@ -6341,7 +6338,7 @@ class Outbox:
                       TelegramError(message.method, 504, "expired in the outbox"))
             return
         except TelegramError as error:
-            once = message.sign_of_life or message.method in SENT_ONCE_METHODS and _answer_maybe_lost(error)
+            once = message.sign_of_life or message.method in SENT_ONCE_METHODS and error.maybe_performed
             if error.retryable and not once:
                 message.attempts += 1
                 wait = min(OUTBOX_RETRY_CAP_S, OUTBOX_RETRY_BASE_S * 2 ** (message.attempts - 1))
