@@ -2423,22 +2423,18 @@ class RateLimiter:
     """At most ``calls`` acquisitions per ``period`` seconds, shared by every caller."""
 
     def __init__(self, calls: int, period: float, clock: Clock = SYSTEM_CLOCK):
-        self.calls = calls
         self.period = period
         self.clock = clock
-        self._stamps: collections.deque[float] = collections.deque()
+        self._stamps: collections.deque[float] = collections.deque(maxlen=calls)  # the last ``calls`` acquisitions
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
         async with self._lock:
-            while True:
-                now = self.clock.monotonic()
-                while self._stamps and now - self._stamps[0] >= self.period:
-                    self._stamps.popleft()
-                if len(self._stamps) < self.calls:
-                    self._stamps.append(now)
-                    return
-                await self.clock.sleep(self._stamps[0] + self.period - now)
+            while len(self._stamps) == self._stamps.maxlen:  # the next may go a period after the oldest of them
+                if (wait := self._stamps[0] + self.period - self.clock.monotonic()) <= 0:
+                    break
+                await self.clock.sleep(wait)
+            self._stamps.append(self.clock.monotonic())
 
 
 ###############################################################################
