@@ -2441,8 +2441,8 @@ class RateLimiter:
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
 #    calls over aiohttp when httpx-aiohttp is installed), response parsing,
-#    which failures are retried (TELEGRAM_RETRY).  The token lives only in
-#    request URLs.
+#    which failures are retried (TELEGRAM_RETRY), sends paced at Telegram's
+#    limits.  The token lives only in request URLs.
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
