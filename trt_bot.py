@@ -6449,14 +6449,13 @@ class Outbox:
         return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
-        pacer = self.telegram
         return {
             "depth": self.depth,
             "oldest_wait_s": round(self.oldest_wait_s(), 3),
             "sent": sum(self.sent.values()),
             "dropped": dict(self.dropped),
-            "flood_pauses": pacer.pauses,
-            "flood_paused_for_s": round(max(0.0, pacer.paused_until - self.clock.monotonic()), 3),
+            "flood_pauses": self.telegram.pauses,
+            "flood_paused_for_s": round(max(0.0, self.telegram.paused_until - self.clock.monotonic()), 3),
             "telegram_429s": sum(n for (_, outcome), n in self.telegram.calls.items() if outcome == "429"),
         }
 
