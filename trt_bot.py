@@ -1566,7 +1566,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
         "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
     ],
-    [  # 8: the Stars credits ledger (Wallet): every change of a user's credits, keyed by what caused it
+    [  # 8: the Stars credits ledger: every change of a user's credits, keyed by what caused it
         """CREATE TABLE credits (
                entry   TEXT PRIMARY KEY,
                kind    TEXT NOT NULL,
@@ -2179,12 +2179,12 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-def store_choice(conn: sqlite3.Connection, table: str, user_id: int, value: str) -> None:
-    """A user's /language (``table`` user_languages) or /settings (user_settings, a JSON object)."""
+def store_choice(conn: sqlite3.Connection, table: str, user_id: int, value: str | dict) -> None:
+    """A user's /language (``table`` user_languages) or /settings (user_settings, a dict stored as JSON)."""
     column, at = ("lang", "chosen_at") if table == "user_languages" else ("settings", "updated_at")
     conn.execute(f"""INSERT INTO {table}(user_id, {column}, {at}) VALUES (?,?,?)
                      ON CONFLICT(user_id) DO UPDATE SET {column}=excluded.{column}, {at}=excluded.{at}""",
-                 (user_id, value, time.time()))
+                 (user_id, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), time.time()))
 
 
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
@@ -2193,84 +2193,25 @@ DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: eac
 DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user's dialogs in two chats are apart
 
 
-class ConversationStore:
-    """Each open dialog by (chat, forum topic, user), each user's language and /settings: in memory, written through.
+def dialogs_load(conn: sqlite3.Connection, since: float) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """The dialogs written since ``since`` (the oldest first), and every user's language and /settings."""
+    return (conn.execute("SELECT chat_id, thread_id, user_id, updated_at, state FROM topic_dialogs "
+                         "WHERE updated_at > ? ORDER BY updated_at", (since,)).fetchall(),
+            conn.execute("SELECT user_id, lang FROM user_languages").fetchall(),
+            conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
 
-    Reads never touch the database (so /start needs none).  A write that fails is logged and kept in memory: the
-    dialog goes on, it would just not survive a restart.  Dialogs are in the order last written: abandoned ones first.
-    """
 
-    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.clock = clock
-        self._states: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
-        self._languages: dict[int, str] = {}
-        self._settings: dict[int, dict] = {}  # user id -> their /settings
-        self._writes = GroupCommit(db, self._write_states)
-
-    async def load(self) -> int:
-        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM topic_dialogs WHERE updated_at > ? "
-                 "ORDER BY updated_at")
-        since = self.clock.time() - DIALOG_IDLE_S
-        rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
-        self._states = {(chat, topic, user): (at, json.loads(state)) for chat, topic, user, at, state in rows}
-        chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
-        self._languages = dict(chosen)
-        stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
-        self._settings = {user_id: json.loads(settings) for user_id, settings in stored}
-        return len(self._states)
-
-    def get(self, key: DialogKey) -> dict | None:
-        at, state = self._states.get(key, (0.0, None))
-        return state if self.clock.time() - at < DIALOG_IDLE_S else None
-
-    def language(self, user_id: int) -> str:
-        return self._languages.get(user_id, "")  # '' if they never chose one with /language
-
-    async def set_language(self, user_id: int, lang: str) -> None:
-        self._languages[user_id] = lang
-        await self._store_choice("user_languages", user_id, lang)
-
-    def settings(self, user_id: int) -> dict:
-        return self._settings.get(user_id, {})  # {} if they never chose any
-
-    async def set_settings(self, user_id: int, settings: dict) -> None:
-        self._settings[user_id] = settings
-        await self._store_choice("user_settings", user_id, json.dumps(settings, ensure_ascii=False))
-
-    async def _store_choice(self, table: str, user_id: int, value: str) -> None:
-        try:
-            await self.db.write(store_choice, table, user_id, value)
-        except DatabaseUnavailable:
-            pass  # Database logged why; the choice holds in memory until a restart
-        except RowRejected as error:
-            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
-
-    async def set(self, key: DialogKey, state: dict | None) -> None:
-        """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
-        now = self.clock.time()
-        if self._states.pop(key, None) is None and state is None:
-            return
-        if state is not None:
-            self._states[key] = now, state  # last in the order
-        while self._states and (len(self._states) > DIALOGS_MAX
-                                or now - next(iter(self._states.values()))[0] >= DIALOG_IDLE_S):
-            del self._states[next(iter(self._states))]
-        if self.db.ok:
-            with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there; memory stays authoritative
-                await self._writes.submit((key, state, now))
-
-    @staticmethod
-    def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
-        for key, state, at in items:
-            if state is None:
-                conn.execute("DELETE FROM topic_dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
-            else:
-                conn.execute("""INSERT INTO topic_dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
-                                DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
-                             (*key, json.dumps(state, ensure_ascii=False), at))
-        conn.execute("DELETE FROM topic_dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
-        return [None] * len(items)
+def dialogs_save(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
+    """Each dialog's new state (None: ended) as of when it was set; abandoned ones go."""
+    for key, state, at in items:
+        if state is None:
+            conn.execute("DELETE FROM topic_dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
+        else:
+            conn.execute("""INSERT INTO topic_dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
+                            DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
+                         (*key, json.dumps(state, ensure_ascii=False), at))
+    conn.execute("DELETE FROM topic_dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))
+    return [None] * len(items)
 
 
 # -- the Stars credits ledger ----------------------------------------------------
@@ -2325,39 +2266,10 @@ def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
     return [row[0] for row in rows]
 
 
-class Wallet:
-    """Each user's credits: the ledger is the truth (exactly once is its keys' job), balances mirrored for /start."""
-
-    def __init__(self, db: Database):
-        self.db = db
-        self.balances: dict[int, int] = {}  # every user the ledger has rows of
-        self.counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind) since start
-
-    async def load(self) -> None:
-        """Return what jobs that ended meanwhile spent in vain, then read every balance."""
-        await self.write(*(("returned", job_id) for job_id in await self.db.read(ledger_unreturned)))
-        rows = await self.db.read(lambda conn: conn.execute(
-            "SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall())
-        self.balances = {user_id: int(total) for user_id, total in rows}
-
-    def balance(self, user_id: int) -> int:
-        return self.balances.get(user_id, 0)
-
-    async def write(self, *changes: tuple) -> list[tuple]:
-        """Make the changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
-        written, balances = await self.db.write(ledger_write, list(changes))
-        self.balances.update(balances)
-        for kind, _, _, credits, _ in written:
-            self.counts.update({kind: 1, f"credits_{kind}": abs(credits)})
-        return written
-
-    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
-        with contextlib.suppress(DatabaseUnavailable, RowRejected):
-            return bool(await self.write(("spent", job_id, user_id, cost)))
-        return False
-
-    def clear(self) -> None:
-        self.balances.clear()
+def ledger_balances(conn: sqlite3.Connection) -> dict[int, int]:
+    """Every user the ledger has rows of, with their balance."""
+    rows = conn.execute("SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall()
+    return {user_id: int(total) for user_id, total in rows}
 
 
 ###############################################################################
@@ -4189,7 +4101,7 @@ class Context:
     user_id: int
     lang: str
     telegram: Outbox
-    states: ConversationStore
+    conversation: Conversation  # keeps the dialog's state
     callback_id: str = ""
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
@@ -4200,6 +4112,16 @@ class Context:
     @property
     def dialog(self) -> DialogKey:
         return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
+
+    @property
+    def state(self) -> dict:
+        """The dialog's state; {} when none is open."""
+        return self.conversation.get(self.dialog) or {}
+
+    @property
+    def settings(self) -> dict:
+        """The user's /settings; {} when they never chose any."""
+        return self.conversation.user_settings.get(self.user_id, {})
 
     async def answer(self, text: str = "", alert: bool = False) -> None:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
@@ -4240,15 +4162,15 @@ class Context:
                                              **self.placement, on_sent=functools.partial(self._asked, question))
 
     def _asked(self, question: str, message: Any) -> None:
-        state = self.states.get(self.dialog)
-        if state is not None and state.get("question") == question and isinstance(message, dict):
+        state = self.state
+        if state.get("question") == question and isinstance(message, dict):
             state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
 
     async def set_state(self, state: dict | None, keep: int = 0) -> None:
         """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
         (each is edited into what comes next)."""
-        old = (self.states.get(self.dialog) or {}).get("question_id")
-        await self.states.set(self.dialog, state)
+        old = self.state.get("question_id")
+        await self.conversation.set(self.dialog, state)
         if old and old not in (keep, self.message_id):
             await self.retire(old)
 
@@ -4279,14 +4201,13 @@ class PictureSteps:
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
-        self.states = conversation.states
         self.generations = conversation.generations
         self.models_by_key = conversation.models_by_key
         self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
 
     async def may_draw(self, ctx: Context) -> bool:
         """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
-        if not self.generations.configured():  # only admins can fix it, so only they read how
+        if not self.generations.kie.configured:  # only admins can fix it, so only they read how
             await ctx.send("not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
             return False
         return not await self.refused(ctx)
@@ -4324,25 +4245,41 @@ class PictureSteps:
         if description:
             await self.draw(ctx, description, message.get("message_id"))
         else:
-            await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
+            await self.on_create_button(ctx, "")
+
+    async def on_settings(self, ctx: Context, message: dict) -> None:
+        """The user's default model, format and quality.  With a default format a description is drawn at once;
+        without one ("ask every time", the default) the format question follows it."""
+        text, markup = settings_screen(ctx.settings, self.dialog.models, ctx.lang)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
+
+    async def on_settings_button(self, ctx: Context, argument: str) -> None:
+        """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
+        name, _, value = argument.partition(":")
+        model, ratio, option = user_defaults({**ctx.settings, name: value}, self.dialog.models)
+        settings = {"model": model.key, "ratio": ratio, "option": option}
+        if settings.get(name) != value:
+            return  # a forged button, or one for a model no longer offered: answered as stale
+        await ctx.answer()
+        await self.dialog.choose("user_settings", ctx.user_id, settings)
+        await ctx.edit(ctx.message_id, *settings_screen(settings, self.dialog.models, ctx.lang))
 
     async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
         """A description: drawn at once in the user's default format (/settings), else the format question."""
-        state = self.states.get(ctx.dialog) or {}
-        settings = self.states.settings(ctx.user_id)
-        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
+        settings = ctx.settings
+        model, ratio, option = user_defaults({**settings, "model": ctx.state.get("model", settings.get("model"))},
                                              self.dialog.models)
         if not await self.may_draw(ctx):
             return
         if not ratio:
-            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+            await self.dialog.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
             await self.take(ctx, text, message_id)
         elif not await self.refuse(ctx, model, text):
             await self.generate(ctx, model, text.strip(), ratio, option, 0)
 
     async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
         """A model offered for a description too long for the one chosen: the description goes on with it."""
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model, prompt = self.models_by_key.get(key), state.get("prompt", "")
         if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
             return  # stale, forged, or tapped twice
@@ -4352,7 +4289,7 @@ class PictureSteps:
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
         """The answer to the prompt question, or a new description while a ratio or option question is open."""
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         step = state.get("step")
         model = self.models_by_key.get(state.get("model", ""), Z_IMAGE if step == "prompt" else None)
         if model is None:  # (a saved dialog can outlive a catalog change)
@@ -4374,7 +4311,7 @@ class PictureSteps:
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
         text, message_id = message.get("text"), message.get("message_id")
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
                 and message_id == state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
@@ -4393,7 +4330,8 @@ class PictureSteps:
         return problem is not None
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
+        """Asks for a description in the user's default model."""
+        await self.ask_for(ctx, user_defaults(ctx.settings, self.dialog.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
         model = self.models_by_key.get(key)
@@ -4401,7 +4339,7 @@ class PictureSteps:
             await self.ask_for(ctx, model)
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
             return  # a stale or forged button, or a second tap: answered as stale, nothing changes
@@ -4409,11 +4347,11 @@ class PictureSteps:
             await self.generate(ctx, model, state["prompt"], ratio)
             return
         await ctx.answer()
-        await self.states.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
+        await self.dialog.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
         await ctx.reply("ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
 
     async def on_option_button(self, ctx: Context, value: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "option" or model is None or model.option is None:
             return  # (a saved dialog can outlive a catalog change)
@@ -4481,8 +4419,17 @@ class PictureSteps:
             await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
+def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
+    """A button that does what its command does, the press answered first."""
+    async def on_button(ctx: Context, argument: str) -> None:
+        await ctx.answer()
+        await command(ctx, {})
+    return on_button
+
+
 class Conversation:
-    """Routes each update to a handler: commands, dialog steps and buttons by table.
+    """Routes each update to a handler: commands, dialog steps and buttons by table; keeps each open dialog, each
+    user's language and /settings in memory, written through (reads never touch the database: /start needs none).
 
     A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
@@ -4491,12 +4438,17 @@ class Conversation:
     not matching the user's step is answered politely and changes nothing.
     """
 
-    def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
-                 generations: Generations, *, queue_stats: Callable[[], dict] = dict):
+    def __init__(self, config: Config, telegram: Outbox, db: Database, generations: Generations, *,
+                 clock: Clock = SYSTEM_CLOCK, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
-        self.states = states
+        self.db = db
+        self.clock = clock
         self.generations = generations
+        self.dialogs: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
+        self.languages: dict[int, str] = {}  # user id -> their /language
+        self.user_settings: dict[int, dict] = {}  # user id -> their /settings
+        self._dialog_writes = GroupCommit(db, dialogs_save)
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
@@ -4507,7 +4459,7 @@ class Conversation:
         self.stars = StarsShop(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/cancel": self.on_cancel, "/stats": self.on_stats,
-            "/settings": self.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
+            "/settings": self.steps.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
             "/help": lambda ctx, _: ctx.send("help", main_menu(ctx.lang)),
             "/language": lambda ctx, _: ctx.send("choose_language", keyboard(
                 [button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()]))}
@@ -4515,17 +4467,9 @@ class Conversation:
             "new": self.steps.on_create_button, "model": self.steps.on_model_button,
             "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
             "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
-            "set": self.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
-            **{verb: self.menu_button(command) for verb, command in (
-                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.on_settings))}}
-
-    @staticmethod
-    def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
-        """A button that does what its command does, the press answered first."""
-        async def on_button(ctx: Context, argument: str) -> None:
-            await ctx.answer()
-            await command(ctx, {})
-        return on_button
+            "set": self.steps.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
+            **{verb: menu_button(command) for verb, command in (
+                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.steps.on_settings))}}
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4534,17 +4478,59 @@ class Conversation:
             if isinstance(update.get(kind), dict):
                 return await handler(update[kind])
 
+    # -- dialogs, languages and settings: in memory, written through -------------
+
+    async def load(self) -> int:
+        """Read the open dialogs, every language and /settings (on taking over): from then on only writes wait for
+        the database.  The number of dialogs."""
+        rows, languages, settings = await self.db.read(dialogs_load, self.clock.time() - DIALOG_IDLE_S)
+        self.dialogs = {(chat, topic, user): (at, json.loads(state))
+                        for chat, topic, user, at, state in rows[-DIALOGS_MAX:]}
+        self.languages = dict(languages)
+        self.user_settings = {user_id: json.loads(chosen) for user_id, chosen in settings}
+        return len(self.dialogs)
+
+    def get(self, key: DialogKey) -> dict | None:
+        """A dialog's state; None when there is none or it was abandoned (DIALOG_IDLE_S)."""
+        at, state = self.dialogs.get(key, (0.0, None))
+        return state if self.clock.time() - at < DIALOG_IDLE_S else None
+
+    async def set(self, key: DialogKey, state: dict | None) -> None:
+        """Replace a dialog's state (None ends it) and store it; abandoned dialogs go meanwhile.  A write that fails
+        is logged and the state kept in memory: the dialog goes on, it would just not survive a restart."""
+        now = self.clock.time()
+        if self.dialogs.pop(key, None) is None and state is None:
+            return
+        if state is not None:
+            self.dialogs[key] = now, state  # last: the dialogs are in the order written, abandoned ones first
+        while self.dialogs and (len(self.dialogs) > DIALOGS_MAX
+                                or now - next(iter(self.dialogs.values()))[0] >= DIALOG_IDLE_S):
+            del self.dialogs[next(iter(self.dialogs))]
+        if self.db.ok:
+            with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there
+                await self._dialog_writes.submit((key, state, now))
+
+    async def choose(self, table: str, user_id: int, value: str | dict) -> None:
+        """A user's /language (``table`` user_languages) or /settings (user_settings), held in memory until a
+        restart when the database cannot take it."""
+        (self.languages if table == "user_languages" else self.user_settings)[user_id] = value
+        try:
+            await self.db.write(store_choice, table, user_id, value)
+        except DatabaseUnavailable:
+            pass  # Database logged why
+        except RowRejected as error:
+            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
+
     def language(self, user_id: int, user: dict) -> str:
         """The language the user chose with /language, else their Telegram app's."""
-        chosen = self.states.language(user_id)
+        chosen = self.languages.get(user_id, "")
         return chosen if chosen in TEXTS else user_language(user)
 
     def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
         """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
         language even if the user's app changes its own."""
-        ctx = Context(chat["id"], user_id, "", self.telegram, self.states, callback_id,
-                      placement=group_reply(chat, requester))
-        lang = (self.states.get(ctx.dialog) or {}).get("lang")
+        ctx = Context(chat["id"], user_id, "", self.telegram, self, callback_id, placement=group_reply(chat, requester))
+        lang = ctx.state.get("lang")
         ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
         return ctx
 
@@ -4572,7 +4558,7 @@ class Conversation:
         private = (message.get("chat") or {}).get("type") == "private"
         bot = "" if private else await self.bot_username()
         command = parse_command(text, bot) if isinstance(text, str) else None
-        step = (self.states.get(ctx.dialog) or {}).get("step")
+        step = ctx.state.get("step")
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
@@ -4589,7 +4575,7 @@ class Conversation:
         elif not isinstance(text, str):
             await (ctx.send(not_text_answer(message)) if step else ctx.send_hint())
         elif step == "edit":
-            await self.steps.start_edit(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+            await self.steps.start_edit(ctx, ctx.state.get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.steps.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
@@ -4637,7 +4623,7 @@ class Conversation:
             menu = main_menu(lang)
             text = TEXTS[lang]["start"]
             left = left_text(self.generations.remaining(ctx.user_id), lang,  # from memory: no database read
-                             self.generations.wallet.balance(ctx.user_id))
+                             self.generations.balance(ctx.user_id))
             text += f"\n\n{left}" if left else ""
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
@@ -4650,7 +4636,7 @@ class Conversation:
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
-        had_question = self.states.get(ctx.dialog) is not None
+        had_question = bool(ctx.state)
         await ctx.set_state(None)
         menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
@@ -4664,7 +4650,8 @@ class Conversation:
             await ctx.reply("cancelled" if had_question else "nothing_to_cancel", menu)
 
     async def on_stats(self, ctx: Context, message: dict) -> None:
-        values = stats_values(await self.generations.usage(), self.queue_stats(), TEXTS[ctx.lang])
+        usage = await self.generations.book.usage(self.generations.kie, self.generations.clock.time())
+        values = stats_values(usage, self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
 
@@ -4676,28 +4663,12 @@ class Conversation:
         if lang not in LANGUAGES:
             return  # a forged button: answered as stale
         await ctx.answer()
-        await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.dialog)
-        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.dialog, {**state, "lang": lang})
+        await self.choose("user_languages", ctx.user_id, lang)
+        state = ctx.state
+        if state and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.set(ctx.dialog, {**state, "lang": lang})
         await dataclasses.replace(ctx, lang=lang).send("language_set", main_menu(lang))
 
-    async def on_settings(self, ctx: Context, message: dict) -> None:
-        """The user's default model, format and quality.  With a default format a description is drawn at once;
-        without one ("ask every time", the default) the format question follows it."""
-        text, markup = settings_screen(self.states.settings(ctx.user_id), self.models, ctx.lang)
-        await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
-
-    async def on_settings_button(self, ctx: Context, argument: str) -> None:
-        """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
-        name, _, value = argument.partition(":")
-        model, ratio, option = user_defaults({**self.states.settings(ctx.user_id), name: value}, self.models)
-        settings = {"model": model.key, "ratio": ratio, "option": option}
-        if settings.get(name) != value:
-            return  # a forged button, or one for a model no longer offered: answered as stale
-        await ctx.answer()
-        await self.states.set_settings(ctx.user_id, settings)
-        await ctx.edit(ctx.message_id, *settings_screen(settings, self.models, ctx.lang))
 
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
@@ -4741,10 +4712,10 @@ class StarsShop:
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.packs = conversation.config.stars_packs
-        self.wallet = conversation.generations.wallet
+        self.generations = conversation.generations
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
-            "/balance": lambda ctx, _: ctx.send("balance", balance=self.wallet.balance(ctx.user_id)),
+            "/balance": lambda ctx, _: ctx.send("balance", balance=self.generations.balance(ctx.user_id)),
             "/paysupport": lambda ctx, message: ctx.send("paysupport")}
         self.services = {  # what a payment's service message carries, and who handles it
             "successful_payment": self.on_payment,
@@ -4759,7 +4730,7 @@ class StarsShop:
         if not self.selling(ctx):
             await ctx.send("buy_in_private" if self.packs else "unknown_command")
             return
-        text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
+        text = lead + render(ctx.lang, "buy_offer", balance=self.generations.balance(ctx.user_id))
         packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
                  for credits, stars in self.packs]
         await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
@@ -4793,21 +4764,21 @@ class StarsShop:
             log.error("[STARS] a payment of user %d names no pack of ours: %r", ctx.user_id, payment)
             return
         # A database that cannot record it raises (logged); the next start's reconciliation credits it.
-        if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
+        if await self.generations.write_ledger(("paid", charge_id, ctx.user_id, *pack)):
             log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
-            await ctx.send("paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
+            await ctx.send("paid", credits=pack[0], balance=self.generations.balance(ctx.user_id))
 
     async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
         """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
-        written = await self.wallet.write(("refunded", charge_id))
+        written = await self.generations.write_ledger(("refunded", charge_id))
         for _, _, user_id, removed, _ in written:
-            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.wallet.balance(user_id))
+            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.generations.balance(user_id))
         return written
 
     async def on_refund(self, ctx: Context, message: dict) -> None:
         """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
         words = str(message.get("text", "")).split()
-        paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
+        paid = await self.dialog.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
         if paid is None:
             await ctx.send("refund_unknown")
             return
@@ -4824,7 +4795,7 @@ class StarsShop:
         """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
         query = "SELECT kind, COUNT(*), ABS(SUM(credits)), SUM(stars) FROM credits GROUP BY kind"
         try:
-            rows = await self.wallet.db.read(lambda conn: conn.execute(query).fetchall())
+            rows = await self.dialog.db.read(lambda conn: conn.execute(query).fetchall())
         except DatabaseUnavailable:
             return ""
         totals = collections.defaultdict(lambda: (0, 0, 0), {kind: tuple(map(int, row)) for kind, *row in rows})
@@ -4848,10 +4819,11 @@ class StarsShop:
             if len(page) < 100:
                 break
         payments, refunds = star_transactions(transactions)
-        written = await self.wallet.write(*(("paid", charge_id, payer, *pack) for charge_id, payer, pack in payments))
+        written = await self.generations.write_ledger(*(("paid", charge_id, payer, *pack)
+                                                         for charge_id, payer, pack in payments))
         for _, charge_id, user_id, credits, _ in written:
             log.warning("[STARS] reconciliation credited %s of user %d (its update was lost)", charge_id, user_id)
-            await self.tell(user_id, "paid", credits=credits, balance=self.wallet.balance(user_id))
+            await self.tell(user_id, "paid", credits=credits, balance=self.generations.balance(user_id))
         for charge_id in refunds:
             await self.refunded(charge_id)
 
@@ -4940,12 +4912,12 @@ class JobButtons:
         if job.result_url and job.outcome == "success":
             await ctx.answer()
             if not ctx.repeated:  # a double tap sends one
-                self.generations.send_original(job)
+                self.generations.delivery.send_original(job)
 
     async def on_resend(self, ctx: Context, job: Job, _: str) -> None:
         if job.state == "delivered" and job.outcome == "success":
             await ctx.answer()
-            await self.generations.resend(job)
+            await self.generations.delivery.resend(job)
 
 
 ###############################################################################
@@ -5776,7 +5748,7 @@ class Delivery:
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
         left = left_text(self.generations.remaining(job.user_id, 1 if counting else 0), job.lang,
-                         self.generations.wallet.balance(job.user_id))
+                         self.generations.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
@@ -5878,7 +5850,9 @@ class Generations:
         self.jobs = self.book.jobs  # unfinished jobs by id
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
-        self.wallet = Wallet(db)
+        # Each user's credits, mirrored for /start from the ledger: the truth, which makes each change once.
+        self.balances: dict[int, int] = {}
+        self.ledger_counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind)
         self.running = RunningJobs(self, db, outbox)
         self.delivery = Delivery(self, outbox, http)
         self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
@@ -5923,10 +5897,21 @@ class Generations:
             elif effect == FORGET:
                 if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
                     self.note_delivered(job.user_id, job.updated_at)  # only pictures the user got count
-                elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
-                    self.run_in_background(self.wallet.write(("returned", job.id)))
+                elif job.user_id in self.balances:  # a paid picture the user did not get costs nothing
+                    self.run_in_background(self.write_ledger(("returned", job.id)))
                 self.book.forget(job)
                 self.running.forget(job)
+
+    def balance(self, user_id: int) -> int:
+        return self.balances.get(user_id, 0)
+
+    async def write_ledger(self, *changes: tuple) -> list[tuple]:
+        """Make the ledger changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
+        written, balances = await self.book.db.write(ledger_write, list(changes))
+        self.balances.update(balances)
+        for kind, _, _, credits, _ in written:
+            self.ledger_counts.update({kind: 1, f"credits_{kind}": abs(credits)})
+        return written
 
     def run_in_background(self, coro: Awaitable[None]) -> asyncio.Task:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
@@ -5943,7 +5928,8 @@ class Generations:
         except DatabaseUnavailable:
             jobs = []
         with contextlib.suppress(DatabaseUnavailable):  # (paid pictures wait for the database anyway)
-            await self.wallet.load()
+            await self.write_ledger(*(("returned", job_id) for job_id in await self.book.db.read(ledger_unreturned)))
+            self.balances = await self.book.db.read(ledger_balances)  # what jobs ended meanwhile spent came back
         for job in jobs:
             if job.state == "created":
                 self.running.enqueue(job)
@@ -5985,7 +5971,7 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.wallet, self.running, self._delivered):
+        for part in (self.book, self.balances, self.running, self._delivered):
             part.clear()
         self._today = (0, 0)
         self.fairness_loaded = False
@@ -5997,7 +5983,7 @@ class Generations:
         if self.book.active(user_id) is not None or user_id in self.starting:
             return Busy()
         refusal = self._over_limit(user_id)
-        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
+        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.balance(user_id) >= cost
         return None if paid else refusal
 
     def _over_limit(self, user_id: int) -> HourlyLimit | DailyLimit | None:
@@ -6051,8 +6037,13 @@ class Generations:
         self.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
-        if self._over_limit(user_id) is not None and not await self.wallet.spend(job.id, user_id, model.credits):
-            log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
+        if self._over_limit(user_id) is not None:  # past the free pictures: paid with credits
+            try:
+                spent = await self.write_ledger(("spent", job.id, user_id, model.credits))
+            except (DatabaseUnavailable, RowRejected):  # (logged by Database)
+                spent = []
+            if not spent:
+                log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
         self.running.enqueue(job)
         if not status_message_id:
@@ -6072,16 +6063,10 @@ class Generations:
         log.info("[JOB] %s cancelled by its user", job.id)
         return "cancelled", job
 
-    def send_original(self, job: Job) -> None:
-        self.delivery.send_original(job)
-
     async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
         """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
         job = await self.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
         return job if job is not None and (job.user_id, job.chat_id) == (user_id, chat_id) else None
-
-    async def resend(self, job: Job) -> None:
-        await self.delivery.resend(job)
 
     async def move_chat(self, group: int, supergroup: int) -> None:
         """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
@@ -6098,10 +6083,6 @@ class Generations:
             log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
             return
         self.apply(job, CALLBACK_CAME)
-
-    async def usage(self) -> dict[str, Any]:
-        """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
-        return await self.book.usage(self.kie, self.clock.time())
 
 ###############################################################################
 # 13. Outbox
@@ -6786,7 +6767,7 @@ class Role:
         self.holding, self.handovers = False, 0  # holding: the stored work is taken up in memory
         self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
 
-    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: Callable[[], None],
+    def serve(self, states: Conversation, generations: Generations, outbox: Outbox, set_up: Callable[[], None],
               wake: Callable[[], None]) -> None:
         self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
@@ -6976,7 +6957,6 @@ def metric_families(d: Diagnostics, histograms: Histograms, server: HttpServer) 
 
 def _counter_families(d: Diagnostics) -> list[Family]:
     stats, jobs, outbox = dataclasses.asdict(d.pipeline.stats), d.generations, d.role.outbox
-    wallet = jobs.wallet
     families: list[Family] = [
         (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
         for name, help_text in UPDATE_COUNTERS
@@ -6990,9 +6970,9 @@ def _counter_families(d: Diagnostics) -> list[Family]:
         ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
          [("", {"outcome": o}, jobs.finished[o]) for o in ("success", "failed", "timed_out", "cancelled")]),
         ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
-         "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
+         "(undelivered paid pictures), refunded.", [("", {"kind": k}, jobs.ledger_counts[k]) for k in LEDGER_KINDS]),
         ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
-         [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
+         [("", {"kind": k}, jobs.ledger_counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
         ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
          [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
         ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
@@ -7422,21 +7402,21 @@ class App:
                                        pacer=telegram_pacer(config), acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
-        histograms, states = new_histograms(), ConversationStore(self.db, clock)
+        histograms = new_histograms()
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
                                        on_finished=functools.partial(observe, histograms, "trt_generation_seconds"),
                                        clock=SteadyClock(clock), mode=self.role)
         # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
-        conversation = Conversation(config, outbox, states, self.generations,
+        conversation = Conversation(config, outbox, self.db, self.generations, clock=clock,
                                     queue_stats=lambda: self.pipeline.snapshot())
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, clock=clock, mode=self.role,
                                        on_handled=functools.partial(observe, histograms, "trt_update_handling_seconds"),
                                        answer_pre_checkout=conversation.stars.answer_pre_checkout)
         self.stars = conversation.stars
-        self.role.serve(states, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
+        self.role.serve(conversation, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        self.stopping, clock)
         self.routes = Routes(self.diagnostics, histograms)
