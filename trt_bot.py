@@ -2724,9 +2724,6 @@ class TelegramClient:
 ###############################################################################
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
-KIE_BACKOFF_BASE_S = 1.0  # first retry within 1 s, then 2, 4, 8 s ...
-KIE_BACKOFF_CAP_S = 20.0  # ... never more than 20 s between two tries
 KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
 KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
@@ -2807,14 +2804,9 @@ def parse_kie_envelope(status_code: int, content: bytes) -> Any:
         payload = None
     if not isinstance(payload, dict):
         raise KieError(status_code if status_code >= 400 else 500, f"HTTP {status_code} without a Kie body")
-    code = payload.get("code", status_code)
-    message = str(payload.get("msg") or payload.get("message") or "")
-    if not isinstance(code, int):
-        code = status_code
-    if code != 200:
-        raise KieError(code, message)
-    if status_code >= 400:
-        raise KieError(status_code, message)
+    code = payload["code"] if isinstance(payload.get("code"), int) else status_code
+    if code != 200 or status_code >= 400:  # Kie's code first: it says more than the HTTP status
+        raise KieError(code if code != 200 else status_code, str(payload.get("msg") or payload.get("message") or ""))
     return payload.get("data")
 
 
@@ -2880,9 +2872,9 @@ def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, 
     return fresh and abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S and signed
 
 
-# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
-KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
-                        retry_on=(KieError,), transient=lambda error: error.retryable)
+# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again: the first retry within
+# 1 s, then 2, 4, 8 s..., never more than 20 s between two tries, for 60 s at most in all.
+KIE_RETRY = RetryPolicy(budget_s=60.0, base_s=1.0, cap_s=20.0, retry_on=(KieError,), transient=lambda e: e.retryable)
 
 
 class KieClient:
@@ -3949,11 +3941,6 @@ def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict
     return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
 
 
-def status_keyboard(lang: str) -> dict:
-    """Under the ⏳ message while a picture is drawn: the one button that still means something."""
-    return keyboard(cancel_row(lang))
-
-
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
     """The ⏳ message a picture's question becomes: "⏳ 16:9 · Z-Image · 0:12"."""
     seconds = max(0, int(elapsed_s))
@@ -4069,17 +4056,6 @@ def group_reply(chat: dict, requester_message: dict) -> dict[str, Any]:
     if requester_message.get("is_topic_message") and isinstance(requester_message.get("message_thread_id"), int):
         placement["message_thread_id"] = requester_message["message_thread_id"]
     return placement
-
-
-def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
-    """What the user is told when the jobs refuse a new one: (text key, format values)."""
-    match refusal:
-        case HourlyLimit(limit, minutes):
-            return "hourly_limit", {"limit": limit, "minutes": minutes}
-        case DailyLimit(limit):
-            return "daily_limit", {"limit": limit}
-        case _:
-            return "busy_user", {}
 
 
 ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
@@ -4218,14 +4194,14 @@ class PictureSteps:
         refusal = self.generations.refusal(ctx.user_id, cost)
         if refusal is None:
             return False
-        key, values = refusal_text(refusal)
-        if isinstance(refusal, HourlyLimit) and self.dialog.stars.selling(ctx):
+        key, values = refusal
+        if key == "hourly_limit" and self.dialog.stars.selling(ctx):
             await ctx.answer()
             await self.dialog.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
         elif popup:
-            await ctx.answer(render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
+            await ctx.answer(render(ctx.lang, key, **values), alert=key != "busy_user")
         else:
-            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if isinstance(refusal, Busy) else None, **values)
+            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if key == "busy_user" else None, **values)
         return True
 
     async def ask_for(self, ctx: Context, model: ImageModel) -> None:
@@ -4372,7 +4348,7 @@ class PictureSteps:
             status_message_id = ctx.message_id if status_message_id is None else status_message_id
             if status_message_id:
                 await ctx.edit(status_message_id, status_text(model, ratio, option, ctx.lang, 0),
-                               status_keyboard(ctx.lang))
+                               keyboard(cancel_row(ctx.lang)))
             # The dialog ends only once the job is stored, so a press replayed after kill -9
             # never finds the dialog over and no job to show for it.
             await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
@@ -5047,11 +5023,15 @@ class JobEvent:
     value: Any = None
 
 
-# The events and what they carry:
-#   accepted    createTask gave the task id
-#   refused     createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
-#   succeeded   Kie's record says the task finished with this result URL
-#   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
+# The events that carry a value, and the job fields each sets from it besides the state.
+EVENT_CHANGES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "accepted": lambda task_id: {"task_id": task_id},  # createTask gave the task id
+    # createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
+    "refused": lambda error: {"error": refusal_failure(error)},
+    "succeeded": lambda url: {"result_url": url},  # Kie's record says the task finished with this result URL
+    # Kie's record says the task failed, or the database refuses the job's row: what the user is told
+    "failed": lambda failure: {"error": failure},
+    "expired": lambda _: {"error": "timeout"}, "undeliverable": lambda _: {"error": "delivery"}}
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
 EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
@@ -5060,8 +5040,6 @@ DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, 
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
 UNSTORABLE = JobEvent("failed", "failed")  # the database refuses the job's row for what it holds
 CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
-EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
-EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
 # The state machine: state -> event -> next state.  An event not listed raises
 # IllegalTransition; IGNORED marks one that may come late or twice and changes nothing.
@@ -5105,14 +5083,6 @@ FORGET = "forget"  # the job is over: drop it from memory
 KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the events that leave the state as it is
 
 
-def event_changes(event: JobEvent) -> dict[str, Any]:
-    """The job fields an event sets besides its state."""
-    if event.name == "refused":
-        return {"error": refusal_failure(event.value)}
-    field = EVENT_FIELDS.get(event.name)
-    return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
-
-
 def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[str]]:
     """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched."""
     moves = JOB_TRANSITIONS[job.state]
@@ -5121,9 +5091,10 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     state = moves[event.name]
     if state == IGNORED:
         return {}, []
+    changes = EVENT_CHANGES[event.name](event.value) if event.name in EVENT_CHANGES else {}
     if state == job.state:
-        return event_changes(event), list(KEEPING_STATE_EFFECTS[event.name])
-    changes = {**event_changes(event), "state": state, "updated_at": now}
+        return changes, list(KEEPING_STATE_EFFECTS[event.name])
+    changes.update(state=state, updated_at=now)
     effects = [RELEASE_SLOT] if job.state == "submitted" else []
     if event != SEND_STARTED:
         effects.append(SAVE)
@@ -5409,24 +5380,10 @@ class JobBook:
         return Job(*row) if row else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Busy:
-    """The user's previous job is not finished yet."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HourlyLimit:
-    """The user got ``limit`` pictures in the last hour; the next one may start in ``minutes``."""
-
-    limit: int
-    minutes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DailyLimit:
-    """The bot started ``limit`` pictures today (GEN_DAILY_LIMIT); the next may start after 00:00 UTC."""
-
-    limit: int
+# Why the jobs refuse a user a new picture: the TEXTS key telling them, and its values.  "busy_user": their
+# previous job is not finished; "hourly_limit": they got ``limit`` pictures in the last hour, the next may start
+# in ``minutes``; "daily_limit": the bot started ``limit`` today (GEN_DAILY_LIMIT), the next after 00:00 UTC.
+Refusal = tuple[str, dict[str, int]]
 
 
 class RunningJobs:
@@ -5625,7 +5582,7 @@ class RunningJobs:
                 text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
                 self.outbox.show(job.id, "editMessageText", {"chat_id": job.chat_id, "text": text,
                                                              "message_id": job.status_message_id,
-                                                             "reply_markup": status_keyboard(job.lang)})
+                                                             "reply_markup": keyboard(cancel_row(job.lang))})
 
     def post_status(self, job: Job) -> None:
         """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve); a job
@@ -5633,7 +5590,7 @@ class RunningJobs:
         elapsed_s = self.clock.time() - job.created_at
         text = status_text(job_model(job), job.ratio, job.option, job.lang, elapsed_s)
         posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
-                                                     "reply_markup": status_keyboard(job.lang)})
+                                                     "reply_markup": keyboard(cancel_row(job.lang))})
         posted.add_done_callback(lambda answer: self._posted(job, answer))
 
     def _posted(self, job: Job, answer: asyncio.Future) -> None:
@@ -5978,20 +5935,21 @@ class Generations:
 
     # -- fairness: one job per user, GEN_HOURLY_LIMIT an hour (not for admins), GEN_DAILY_LIMIT a day --------
 
-    def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
+    def refusal(self, user_id: int, cost: int = 1) -> Refusal | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
         if self.book.active(user_id) is not None or user_id in self.starting:
-            return Busy()
+            return "busy_user", {}
         refusal = self._over_limit(user_id)
-        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.balance(user_id) >= cost
-        return None if paid else refusal
+        key = refusal[0] if refusal else ""
+        return None if key == "hourly_limit" and self.book.db.ok and self.balance(user_id) >= cost else refusal
 
-    def _over_limit(self, user_id: int) -> HourlyLimit | DailyLimit | None:
+    def _over_limit(self, user_id: int) -> Refusal | None:
         if self.daily_limit and self.started_today() >= self.daily_limit:
-            return DailyLimit(self.daily_limit)
+            return "daily_limit", {"limit": self.daily_limit}
         stamps, limit = self._last_hour(user_id), self.config.gen_hourly_limit
         if user_id not in self.config.admin_ids and len(stamps) >= limit:
-            return HourlyLimit(limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
+            minutes = max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1)
+            return "hourly_limit", {"limit": limit, "minutes": minutes}
         return None
 
     def remaining(self, user_id: int, extra: int = 0) -> tuple[int, int] | None:
