@@ -2724,6 +2724,9 @@ class TelegramClient:
 ###############################################################################
 
 KIE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+KIE_RETRY_BUDGET_S = 60.0  # total time one call may spend retrying
+KIE_BACKOFF_BASE_S = 1.0  # first retry within 1 s, then 2, 4, 8 s ...
+KIE_BACKOFF_CAP_S = 20.0  # ... never more than 20 s between two tries
 KIE_CREATE_PACE = (20, 10.0)  # createTask: Kie allows 20 per 10 s per account
 KIE_RECORD_PACE = (8, 1.0)  # recordInfo: Kie allows 10 per second per key; keep headroom
 # Kie signs the moment it sends a callback (Unix seconds); a signed callback
@@ -2872,9 +2875,9 @@ def kie_callback_signed(key: str, task_id: str, timestamp: str, signature: str, 
     return fresh and abs(int(timestamp) - now) <= KIE_CALLBACK_WINDOW_S and signed
 
 
-# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again: the first retry within
-# 1 s, then 2, 4, 8 s..., never more than 20 s between two tries, for 60 s at most in all.
-KIE_RETRY = RetryPolicy(budget_s=60.0, base_s=1.0, cap_s=20.0, retry_on=(KieError,), transient=lambda e: e.retryable)
+# Network errors, HTTP 5xx and Kie's transient codes (KieError.retryable) are tried again.
+KIE_RETRY = RetryPolicy(budget_s=KIE_RETRY_BUDGET_S, base_s=KIE_BACKOFF_BASE_S, cap_s=KIE_BACKOFF_CAP_S,
+                        retry_on=(KieError,), transient=lambda error: error.retryable)
 
 
 class KieClient:
@@ -3408,19 +3411,19 @@ class ChatWorkers:
         self.ack_first = ack_first
         self.active = 0  # workers running a handler now
         self._process = process
-        self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
+        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
         self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
 
     def enqueue(self, item: InboxItem) -> None:
         self.tracker.move(item.update_id, UpdateState.QUEUED)
-        self._queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
 
     def start(self) -> list[asyncio.Task]:
         return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
 
     async def _work(self) -> None:
         while True:
-            item: InboxItem | None = await self._queue.get()
+            item: InboxItem | None = await self.queue.get()
             key = item.chat_key  # type: ignore[union-attr]
             parked = self._parked.get(key)
             if parked is not None:  # another worker is on this chat; it takes this one next
@@ -4815,8 +4818,12 @@ class JobButtons:
         self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
-        by_job = {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                  "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch}
+        by_job = {"again": self.on_again, "models": self.on_models, "edit": self.on_edit, "file": self.on_file,
+                  "resend": self.on_resend, "retouch": self.on_retouch,
+                  # the ratio question again, for the same prompt: in that model, or one chosen from on_models' list
+                  "ratios": lambda ctx, job, _: self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt),
+                  "use": lambda ctx, job, key: self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt,
+                                                              ctx.message_id)}
         return {"stop": self.on_stop, **{verb: self.with_job(handler) for verb, handler in by_job.items()}}
 
     def with_job(self, handler: Callable[[Context, Job, str], Awaitable[None]]
@@ -4836,10 +4843,6 @@ class JobButtons:
             status = ctx.message_id if ctx.message_id == job.status_message_id else 0
             await self.dialog.steps.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
 
-    async def on_ratios(self, ctx: Context, job: Job, _: str) -> None:
-        """Ask the ratio again, for the same prompt and model."""
-        await self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt)
-
     async def on_models(self, ctx: Context, job: Job, _: str) -> None:
         """Offer the other models for the same prompt (catalog mode)."""
         if len(self.dialog.models) < 2:
@@ -4850,10 +4853,6 @@ class JobButtons:
                       keyboard(*in_rows(choices, 2), cancel_row(ctx.lang)),
                       prompt=html.escape(shorten(job.prompt, 200)),
                       models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
-
-    async def on_use(self, ctx: Context, job: Job, key: str) -> None:
-        """A model chosen from on_models' list: its ratio question, in that message."""
-        await self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt, ctx.message_id)
 
     async def ask_ratio(self, ctx: Context, model: ImageModel | None, prompt: str, message_id: int = 0) -> None:
         if model is not None:  # (else a model no longer offered: stale)
@@ -5137,14 +5136,6 @@ def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: 
                         (created_since, since)).fetchall()
 
 
-def jobs_move_chat(conn: sqlite3.Connection, group: int, supergroup: int) -> None:
-    conn.execute("UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group))
-
-
-def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
-    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone()
-
-
 def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
     users, blocked = conn.execute("SELECT count(*), coalesce(sum(blocked), 0) FROM users").fetchone()
     outcomes = conn.execute("SELECT outcome, count(*) FROM jobs WHERE created_at >= ? GROUP BY outcome",
@@ -5374,7 +5365,8 @@ class JobBook:
         if job is not None:
             return job
         try:
-            row = await self.db.read(job_row, job_id)
+            row = await self.db.read(lambda conn: conn.execute(
+                f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone())
         except DatabaseUnavailable:
             row = None
         return Job(*row) if row else None
@@ -5403,7 +5395,7 @@ class RunningJobs:
         self.in_kie = 0  # slots taken: by createTask calls under way and by "submitted" jobs
         self.incident: int | None = None  # Kie error code of an ongoing incident
         self._slot_freed = asyncio.Event()
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()  # created jobs, in order
         self._due: list[tuple[float, int, Job]] = []  # polls, a heap of (when, sequence, job)
         self._sequence = itertools.count()
         self._wakeup = asyncio.Event()
@@ -5414,7 +5406,7 @@ class RunningJobs:
 
     def clear(self) -> None:
         self.in_kie = 0
-        self._queue = asyncio.Queue()
+        self.queue = asyncio.Queue()
         self._due.clear()
         self._action_due.clear()
         self._edit_due.clear()
@@ -5425,9 +5417,6 @@ class RunningJobs:
 
     # -- createTask ------------------------------------------------------------
 
-    def enqueue(self, job: Job) -> None:
-        self._queue.put_nowait(job)
-
     def release_slot(self) -> None:
         self.in_kie -= 1
         self._slot_freed.set()
@@ -5435,7 +5424,7 @@ class RunningJobs:
     async def submit_forever(self) -> None:
         """Send created jobs to createTask in order, each once a slot is free."""
         while True:
-            job = await self._queue.get()
+            job = await self.queue.get()
             if job.state != "created":
                 continue
             while self.in_kie >= self.generations.config.kie_max_tasks:
@@ -5623,10 +5612,7 @@ class Delivery:
         self._delivering: set[str] = set()
         self._originals: set[str] = set()  # jobs whose original file is on its way
 
-    def deliver(self, job: Job) -> None:
-        self.generations.run_in_background(self._deliver(job))
-
-    async def _deliver(self, job: Job) -> None:
+    async def deliver(self, job: Job) -> None:
         """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
         if job.id in self._delivering or job.state not in ("succeeded", "unsure", "failed", "timed_out"):
             return
@@ -5684,23 +5670,23 @@ class Delivery:
             await self.send_photo(job)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result: %s", job.id, error)
-            self.generations.apply(job, UNDELIVERABLE)
-            await self._tell_outcome(job)
-            return
+            instead = UNDELIVERABLE
         except TelegramNetworkError as error:
             if not error.maybe_performed:
                 raise
             # Telegram may have the photo already; sending it again could show it twice.
             log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
-            self.generations.apply(job, MAYBE_SENT)
-            await self._tell_outcome(job)
+            instead = MAYBE_SENT
+        else:
+            if job.status_message_id:  # the photo is out: the ⏳ message goes
+                try:
+                    await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
+                                                                "message_id": job.status_message_id})
+                except TelegramError as error:
+                    log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
             return
-        if job.status_message_id:  # the photo is out: the ⏳ message goes
-            try:
-                await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
-                                                            "message_id": job.status_message_id})
-            except TelegramError as error:
-                log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
+        self.generations.apply(job, instead)
+        await self._tell_outcome(job)
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
@@ -5820,9 +5806,6 @@ class Generations:
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
 
-    def configured(self) -> bool:  # whether generation can work at all
-        return self.kie.configured
-
     # -- the driver ------------------------------------------------------------
 
     def apply(self, job: Job, event: JobEvent) -> None:
@@ -5848,7 +5831,7 @@ class Generations:
                 log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, seconds,
                          f" ({job.error})" if job.error else "")
             elif effect == DELIVER:
-                self.delivery.deliver(job)
+                self.run_in_background(self.delivery.deliver(job))
             elif effect == ALERT:
                 self.running.alert(event.value.code)
             elif effect == FORGET:
@@ -5889,14 +5872,14 @@ class Generations:
             self.balances = await self.book.db.read(ledger_balances)  # what jobs ended meanwhile spent came back
         for job in jobs:
             if job.state == "created":
-                self.running.enqueue(job)
+                self.running.queue.put_nowait(job)
             elif job.state == "submitted":
                 self.running.in_kie += 1  # its slot, whatever the limit: Kie has its task already
                 self.running.schedule_poll(job, 0.0)  # callbacks may have come while we were down
             else:
                 if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
                     self.apply(job, MAYBE_SENT)
-                self.delivery.deliver(job)
+                self.run_in_background(self.delivery.deliver(job))
         if jobs:
             log.info("[JOB] resumed %d unfinished jobs", len(jobs))
         if not self._loops.running:
@@ -6003,7 +5986,7 @@ class Generations:
             if not spent:
                 log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
-        self.running.enqueue(job)
+        self.running.queue.put_nowait(job)
         if not status_message_id:
             self.running.post_status(job)
         return job
@@ -6032,7 +6015,8 @@ class Generations:
             if job.chat_id == group:
                 job.chat_id = supergroup
         with contextlib.suppress(DatabaseUnavailable):  # (logged by Database; unfinished jobs are saved again)
-            await self.book.db.write(jobs_move_chat, group, supergroup)
+            await self.book.db.write(lambda conn: conn.execute(
+                "UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group)))
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (authenticated, its body never trusted) is a hint: ask recordInfo now, over our key."""
@@ -7155,7 +7139,7 @@ class Diagnostics:
             if self.config.bot_mode == "webhook" and webhook_due:
                 last_webhook_check = self.clock.monotonic()
                 await self._observe_webhook()
-            if self.role.may_act() and self.generations.configured() and self.config.kie_credits_low:
+            if self.role.may_act() and self.generations.kie.configured and self.config.kie_credits_low:
                 await self._observe_credits()
 
     def _observe_here(self) -> None:
