@@ -4898,44 +4898,35 @@ class JobButtons:
 ###############################################################################
 # 12. Generation jobs
 #
-# Theory of operation.  A job is one picture, from the button press to the
-# photo: a row of the ``jobs`` table, and while unfinished an object in memory,
-# the authority inside the process.  apply_event is its pure state machine
-# (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply
-# alone carries the effects out, with RunningJobs (createTask, recordInfo,
-# signs of life, admin alerts) and Delivery (the messages to the user).
+# Theory of operation.  A job is one picture, from the button press to the photo: a row of the ``jobs`` table,
+# and while unfinished an object in memory, the authority inside the process.  apply_event is its pure state
+# machine (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply alone carries the effects
+# out, with RunningJobs (createTask, recordInfo, signs of life, admin alerts) and Delivery (the user's messages).
 #   created -> submitted (createTask accepted) | failed (refused) | timed_out | cancelled
 #   submitted -> succeeded | failed (Kie's record) | timed_out (GEN_TIMEOUT_S) | cancelled
 #   succeeded -> sending -> delivered, or -> unsure (maybe sent: the user gets a re-send button) -> delivered
 #   failed, timed_out -> delivered (the user was told);  delivered and cancelled end the job.
-# News that comes late or twice (a second callback, a poll after the timeout)
-# is IGNORED: one photo goes out however often Kie answers.
-# Durable when: a new job's row is committed (the database working) before
-# its update counts as handled, and only then are paid credits spent (a kill
-# -9 between the two gives a picture away, never charges twice); "sending" is
-# committed before sendPhoto, a cancel before it is answered.  Other changes
-# go by group commit; rows a database that is down could not take are written
-# when it comes back.  After a kill -9, resume() goes by the rows: "created" is
-# submitted again (killed between createTask's answer and the commit of
-# "submitted", Kie draws it twice); "submitted" is polled at once (its
-# callback may have come meanwhile), then on POLL_SCHEDULE; "succeeded",
-# "failed", "timed_out" and "unsure" are delivered (a failure told twice edits
-# the same message); "sending" becomes "unsure", never sent again blindly.
-# A callback is only a hint: the App checks its token (and signature), then
-# the bot asks recordInfo over its own key, so a forged one can do no more
-# than that, and a late one for a finished task changes nothing.
-# Who acts: the lease holder, between resume() and pause() (the App's Role).
-# The deadline watch asks Role.may_act() every second; the submitters, the
-# poller and deliveries do not ask it: they stop on pause().
-# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried
-# within KIE_RETRY; other codes fail the job in KIE_CODES's words (401 and 402
-# also alert the admins, once until a createTask succeeds).  A failed
-# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets
-# it uploaded (as a document if not as a photo); a download refused (not a
-# public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells the
-# user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures
-# an hour (past it, paid with credits); GEN_DAILY_LIMIT started a day by the
-# whole bot.  A paid picture that does not reach its user gives its credits back.
+# News that comes late or twice (a second callback, a poll after the timeout) is IGNORED: one photo goes out
+# however often Kie answers.
+# Durable when: a new job's row is committed (the database working) before its update counts as handled, and only
+# then are paid credits spent (a kill -9 between the two gives a picture away, never charges twice); "sending" is
+# committed before sendPhoto, a cancel before it is answered.  Other changes go by group commit; rows a database
+# that is down could not take are written when it comes back.  After a kill -9, resume() goes by the rows:
+# "created" is submitted again (killed between createTask's answer and the commit of "submitted", Kie draws it
+# twice); "submitted" is polled at once (its callback may have come meanwhile), then on POLL_SCHEDULE;
+# "succeeded", "failed", "timed_out" and "unsure" are delivered (a failure told twice edits the same message);
+# "sending" becomes "unsure", never sent again blindly.
+# A callback is only a hint: the App checks its token (and signature), then the bot asks recordInfo over its own
+# key, so a forged one can do no more than that, and a late one for a finished task changes nothing.
+# Who acts: the lease holder, between resume() and pause() (the App's Role).  The deadline watch asks
+# Role.may_act() every second; the submitters, the poller and deliveries do not: they stop on pause().
+# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried within KIE_RETRY; other codes fail
+# the job in KIE_CODES's words (401 and 402 also alert the admins, once until a createTask succeeds).  A failed
+# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets it uploaded (as a document if not
+# as a photo); a download refused (not a public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells
+# the user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures an hour (past it, paid with
+# credits); GEN_DAILY_LIMIT started a day by the whole bot.  A paid picture that does not reach its user gives
+# its credits back.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
@@ -5754,11 +5745,9 @@ class Delivery:
     async def _tell_outcome(self, job: Job) -> None:
         """Turn the ⏳ message into the re-send offer of a job that may have been sent ("unsure"), else into why
         it failed; or send that when the message is gone."""
-        if job.state == "unsure":
-            text, markup = TEXTS[job.lang]["maybe_sent"], failure_keyboard(job.id, job.model, "delivery", job.lang)
-        else:
-            text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
-            markup = failure_keyboard(job.id, job.model, job.error, job.lang)
+        unsure = job.state == "unsure"
+        text = TEXTS[job.lang]["maybe_sent" if unsure else f"fail_{job.error or 'failed'}"]
+        markup = failure_keyboard(job.id, job.model, "delivery" if unsure else job.error, job.lang)
         if job.status_message_id:
             try:
                 await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
