@@ -4309,7 +4309,6 @@ class PictureSteps:
         return problem is not None
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        """Asks for a description in the user's default model."""
         await self.ask_for(ctx, user_defaults(ctx.settings, self.dialog.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
@@ -5373,9 +5372,8 @@ class RunningJobs:
     """Jobs while Kie draws them: createTask in order within ``kie_max_tasks`` slots, recordInfo on a schedule
     by age and at once on a callback, signs of life for the user, and the admins told once per Kie incident."""
 
-    def __init__(self, generations: Generations, db: Database, outbox: Outbox):
+    def __init__(self, generations: Generations, outbox: Outbox):
         self.generations = generations  # applies the events, runs one-off work
-        self.db = db
         self.outbox = outbox
         self.clock = generations.clock
         config = generations.config
@@ -5470,7 +5468,7 @@ class RunningJobs:
         """Send every admin ``text(language)``, in the admin's language."""
         admin_ids = sorted(self.generations.config.admin_ids)
         try:
-            languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
+            languages = await self.generations.book.db.read(language_codes, admin_ids) if admin_ids else {}
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
@@ -5785,7 +5783,7 @@ class Generations:
         # Each user's credits, mirrored for /start from the ledger: the truth, which makes each change once.
         self.balances: dict[int, int] = {}
         self.ledger_counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind)
-        self.running = RunningJobs(self, db, outbox)
+        self.running = RunningJobs(self, outbox)
         self.delivery = Delivery(self, outbox, http)
         self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
         self.daily_limit = config.gen_daily_limit  # pictures the whole bot may start a UTC day (0: no cap)
