@@ -4830,8 +4830,8 @@ class JobButtons:
         """The handler of "verb:job id[:choice]", given the job when it is the presser's in this chat."""
         async def on_button(ctx: Context, argument: str) -> None:
             job_id, _, choice = argument.partition(":")
-            job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-            if job is not None:
+            job = await self.generations.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
+            if job is not None and (job.user_id, job.chat_id) == (ctx.user_id, ctx.chat_id):
                 await handler(ctx, job, choice)
         return on_button
 
@@ -5990,11 +5990,6 @@ class Generations:
         await self.book.save_durably(job)  # so a restart does not resume and deliver it
         log.info("[JOB] %s cancelled by its user", job.id)
         return "cancelled", job
-
-    async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
-        """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
-        job = await self.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
-        return job if job is not None and (job.user_id, job.chat_id) == (user_id, chat_id) else None
 
     async def move_chat(self, group: int, supergroup: int) -> None:
         """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
