@@ -817,7 +817,7 @@ async def test_one_generation_at_a_time_and_an_hourly_limit_of_delivered_picture
     fake_tg.clear()
     await answered(app, update_callback(next(_update_ids), 75, "new"))
     await answered(app, update_message(next(_update_ids), 75, "пятый"))
-    key, values = trt_bot.refusal_text(app.generations.refusal(75))
+    key, values = app.generations.refusal(75)
     limit = trt_bot.render("ru", key, **values)  # "… Next one in 60 minutes"
     assert fake_tg.texts_to(75) == [limit, limit] and len(fake_kie.created) == 3  # said at once, with the wait
 
@@ -1095,7 +1095,7 @@ def test_the_daily_limit_counts_starts_for_the_whole_bot_until_the_utc_day_turns
     fairness.note_start()
     assert fairness.refusal(7) is None
     fairness.note_start()
-    assert fairness.refusal(8) == fairness.refusal(900) == trt_bot.DailyLimit(2)
+    assert fairness.refusal(8) == fairness.refusal(900) == ("daily_limit", {"limit": 2})
     clock.advance(400)
     assert fairness.refusal(8) is None and fairness.started_today() == 0
 
@@ -1761,8 +1761,8 @@ async def test_start_shows_what_is_left_when_the_database_is_down(make_app, fake
 
 
 def test_a_refusal_is_told_in_the_users_words():
-    assert trt_bot.refusal_text(trt_bot.Busy()) == ("busy_user", {})
-    assert trt_bot.refusal_text(trt_bot.HourlyLimit(20, 5)) == ("hourly_limit", {"limit": 20, "minutes": 5})
+    for key, values in (("busy_user", {}), ("hourly_limit", {"limit": 20, "minutes": 5}), ("daily_limit", {"limit": 9})):
+        assert all(trt_bot.render(lang, key, **values) for lang in trt_bot.TEXTS)
 
 
 ###############################################################################
@@ -1906,12 +1906,12 @@ def test_a_user_is_refused_while_busy_and_past_the_hourly_limit_until_the_hour_t
     clock = ManualClock()
     fairness = generations_of(fake_tg, clock, GEN_HOURLY_LIMIT="2", ADMIN_IDS="900")
     fairness.starting.add(7)
-    assert fairness.refusal(7) == trt_bot.Busy()
+    assert fairness.refusal(7) == ("busy_user", {})
     fairness.starting.discard(7)
     for user in (7, 7, 900, 900):
         fairness.note_delivered(user, clock.time())
     clock.advance(60)
-    assert fairness.refusal(7) == trt_bot.HourlyLimit(2, 60)
+    assert fairness.refusal(7) == ("hourly_limit", {"limit": 2, "minutes": 60})
     assert fairness.refusal(900) is None  # admins have no hourly limit
     clock.advance(3540)
     assert fairness.refusal(7) is None

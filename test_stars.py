@@ -74,17 +74,18 @@ async def test_each_ledger_change_is_made_once_and_a_refund_takes_only_what_is_l
     db = trt_bot.Database(trt_bot.parse_database_url(database_url))
     await db.open()
     try:
-        wallet = trt_bot.Wallet(db)
-        assert await wallet.write(("paid", "c1", 75, 10, 50), ("paid", "c1", 75, 10, 50)) == [
-            ("paid", "c1", 75, 10, 50)]
-        assert not await wallet.write(("spent", "job-a", 75, 11))  # more than the balance
-        assert await wallet.write(("spent", "job-a", 75, 4)) and not await wallet.write(("spent", "job-a", 75, 4))
-        assert not await wallet.write(("returned", "job-b"))  # it spent nothing
-        await wallet.write(("returned", "job-a"), ("returned", "job-a"))
-        await wallet.write(("spent", "job-c", 75, 3))
-        assert await wallet.write(("refunded", "c1"), ("refunded", "c1")) == [("refunded", "c1", 75, -7, 0)]
-        assert not await wallet.write(("refunded", "never-paid"))
-        assert wallet.balance(75) == 0 and wallet.counts["credits_returned"] == 4
+        async def write(*changes: tuple) -> list[tuple]:
+            return (await db.write(trt_bot.ledger_write, list(changes)))[0]
+
+        assert await write(("paid", "c1", 75, 10, 50), ("paid", "c1", 75, 10, 50)) == [("paid", "c1", 75, 10, 50)]
+        assert not await write(("spent", "job-a", 75, 11))  # more than the balance
+        assert await write(("spent", "job-a", 75, 4)) and not await write(("spent", "job-a", 75, 4))
+        assert not await write(("returned", "job-b"))  # it spent nothing
+        assert await write(("returned", "job-a"), ("returned", "job-a")) == [("returned", "job-a", 75, 4, 0)]
+        await write(("spent", "job-c", 75, 3))
+        assert await write(("refunded", "c1"), ("refunded", "c1")) == [("refunded", "c1", 75, -7, 0)]
+        assert not await write(("refunded", "never-paid"))
+        assert await db.read(trt_bot.ledger_balance, 75) == 0 and await db.read(trt_bot.ledger_balances) == {75: 0}
     finally:
         await db.close()
 
@@ -101,7 +102,7 @@ async def test_credits_of_a_paid_job_that_ended_undelivered_before_a_kill_9_are_
     await db.write(trt_bot.ledger_write, [("paid", "c1", 75, 10, 50)] + [("spent", job.id, 75, 2) for job in ended])
     await db.close()
     app = await make_app(STARS_PACKS="10:50")
-    await eventually(lambda: app.generations.wallet.balance(75) == 8)  # the delivered one's 2 stay spent
+    await eventually(lambda: app.generations.balance(75) == 8)  # the delivered one's 2 stay spent
     assert sorted(entry for entry, *_ in ledger(database) if entry.startswith("returned")) == [
         "returned:" + "c" * 16, "returned:" + "f" * 16]
 
@@ -179,15 +180,15 @@ async def test_a_full_stars_purchase_credits_once_returns_a_failed_pictures_cred
     for _ in range(2):  # Telegram delivers the same payment twice
         await answered(app, update_payment(next(_update_ids), 75, "charge-1", invoice["payload"], 50))
     paid = rendered("ru", "paid", credits=10, balance=10)
-    assert fake_tg.texts_to(75).count(paid) == 1 and app.generations.wallet.balance(75) == 10
+    assert fake_tg.texts_to(75).count(paid) == 1 and app.generations.balance(75) == 10
 
     await draw(app, fake_kie, 75, "вторая", succeed=False)  # a paid picture that fails gives its credit back
-    await eventually(lambda: app.generations.wallet.balance(75) == 10)
+    await eventually(lambda: app.generations.balance(75) == 10)
     database = str(tmp_path / "bot.sqlite3")
     assert [(entry.split(":")[0], credits) for entry, _, credits in ledger(database)] == [
         ("paid", 10), ("spent", -1), ("returned", 1)]
     await draw(app, fake_kie, 75, "третья")  # a paid picture delivered costs its credit
-    assert app.generations.wallet.balance(75) == 9
+    assert app.generations.balance(75) == 9
     assert rendered("ru", "balance", balance=9) in fake_tg.calls_of("sendPhoto")[-1]["caption"]
 
     await answered(app, update_message(next(_update_ids), 75, "/paysupport"))
@@ -223,9 +224,9 @@ async def test_a_cancelled_paid_picture_gives_its_credits_back(make_app, fake_tg
     await answered(app, update_payment(next(_update_ids), 75, "charge-c", PACK, 50))
     await draw(app, fake_kie, 75, "первая")  # free
     await order(app, 75, "вторая")  # paid
-    await eventually(lambda: app.generations.wallet.balance(75) == 9 and len(fake_kie.created) == 2)
+    await eventually(lambda: app.generations.balance(75) == 9 and len(fake_kie.created) == 2)
     await answered(app, update_message(next(_update_ids), 75, "/cancel"))
-    await eventually(lambda: app.generations.wallet.balance(75) == 10)
+    await eventually(lambda: app.generations.balance(75) == 10)
     assert not app.generations.jobs
 
 
@@ -305,7 +306,7 @@ async def test_a_payment_dropped_by_the_startup_flush_is_found_by_reconciliation
     await eventually(lambda: paid in fake_tg.texts_to(75))
     assert fake_tg.calls_of("setWebhook")[0]["drop_pending_updates"] is True
     assert [p["offset"] for p in fake_tg.calls_of("getStarTransactions")] == [0, 100]
-    assert app.generations.wallet.balance(75) == 50 and app.generations.wallet.balance(80) == 1000
+    assert app.generations.balance(75) == 50 and app.generations.balance(80) == 1000
     await answered(app, update_payment(next(_update_ids), 75, "dropped", "pack:50:200", 200))  # it comes after all
     assert fake_tg.texts_to(75) == [paid] and ledger(database).count(("paid:dropped", 75, 50)) == 1
     assert not fake_tg.texts_to(80)

@@ -928,18 +928,24 @@ async def test_handled_updates_are_pruned_after_the_redelivery_window_and_unhand
     await db.close()
 
 
+def dialogs(db: trt_bot.Database, clock: trt_bot.Clock = trt_bot.SYSTEM_CLOCK) -> trt_bot.Conversation:
+    """A conversation with nowhere to send: what it keeps of the dialogs is all these tests read."""
+    config = trt_bot.load_config({"TELEGRAM_BOT_TOKEN": "123:" + "a" * 35})
+    return trt_bot.Conversation(config, None, db, None, clock=clock)
+
+
 async def test_conversation_state_survives_a_reopen(database_url):
     path = trt_bot.parse_database_url(database_url)
     db = trt_bot.Database(path)
     await db.open()
-    store = trt_bot.ConversationStore(db)
+    store = dialogs(db)
     await store.set((7, 0, 7), {"step": "prompt"})
     await store.set((8, 0, 8), {"step": "ratio"})
     await store.set((8, 0, 8), None)
     await db.close()
     db = trt_bot.Database(path)
     await db.open()
-    reloaded = trt_bot.ConversationStore(db)
+    reloaded = dialogs(db)
     assert await reloaded.load() == 1 and reloaded.get((7, 0, 7)) == {"step": "prompt"} and reloaded.get((8, 0, 8)) is None
     await db.close()
 
@@ -947,28 +953,28 @@ async def test_conversation_state_survives_a_reopen(database_url):
 async def test_a_users_dialogs_in_two_chats_and_two_forum_topics_are_stored_apart(database_url):
     db = open_database(database_url)
     await db.open()
-    store = trt_bot.ConversationStore(db)
+    store = dialogs(db)
     await store.set((7, 0, 7), {"step": "prompt"})
     await store.set((-100, 0, 7), {"step": "ratio"})
     await store.set((-100, 5, 7), {"step": "option"})  # another topic of the same group
     await store.set((-100, 0, 7), None)
-    reloaded = trt_bot.ConversationStore(db)
+    reloaded = dialogs(db)
     assert await reloaded.load() == 2 and reloaded.get((-100, 0, 7)) is None
     assert reloaded.get((7, 0, 7)) == {"step": "prompt"} and reloaded.get((-100, 5, 7)) == {"step": "option"}
     await db.close()
 
 
-async def dialogs_kept(store: trt_bot.ConversationStore, db: trt_bot.Database) -> tuple[int, int]:
+async def dialogs_kept(store: trt_bot.Conversation, db: trt_bot.Database) -> tuple[int, int]:
     """How many dialogs the store holds in memory, and how many rows the database has."""
     rows = await db.read(lambda conn: conn.execute("SELECT count(*) FROM topic_dialogs").fetchone()[0])
-    return len(store._states), rows
+    return len(store.dialogs), rows
 
 
 async def test_an_abandoned_dialog_leaves_memory_and_the_database_after_its_idle_time(database_url):
     clock = ManualClock()
     db = open_database(database_url)
     await db.open()
-    store = trt_bot.ConversationStore(db, clock)
+    store = dialogs(db, clock)
     await store.set((7, 0, 7), {"step": "prompt"})  # the user never answers
     clock.advance(trt_bot.DIALOG_IDLE_S - 1)
     assert store.get((7, 0, 7)) == {"step": "prompt"}
@@ -977,7 +983,7 @@ async def test_an_abandoned_dialog_leaves_memory_and_the_database_after_its_idle
     await store.set((8, 0, 8), {"step": "prompt"})  # any write sweeps the abandoned ones out
     assert await dialogs_kept(store, db) == (1, 1)
     clock.advance(trt_bot.DIALOG_IDLE_S)
-    reloaded = trt_bot.ConversationStore(db, clock)
+    reloaded = dialogs(db, clock)
     assert await reloaded.load() == 0  # nor does a restart bring one back
     await db.close()
 
@@ -987,13 +993,13 @@ async def test_dialogs_beyond_the_bound_go_longest_untouched_first(database_url,
     clock = ManualClock()
     db = open_database(database_url)
     await db.open()
-    store = trt_bot.ConversationStore(db, clock)
+    store = dialogs(db, clock)
     for user in (1, 2, 3):
         await store.set((user, 0, user), {"step": "prompt"})
         clock.advance(1)
     await store.set((1, 0, 1), {"step": "ratio"})  # touched again: now the newest
     assert [store.get((user, 0, user)) is not None for user in (1, 2, 3)] == [True, False, True]
-    reloaded = trt_bot.ConversationStore(db, clock)
+    reloaded = dialogs(db, clock)
     assert await reloaded.load() == 2 and reloaded.get((2, 0, 2)) is None
     await db.close()
 

@@ -1567,7 +1567,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dialogs_idle ON dialogs(updated_at)",
         "INSERT INTO dialogs SELECT user_id, user_id, state, updated_at FROM conversations",
     ],
-    [  # 8: the Stars credits ledger (Wallet): every change of a user's credits, keyed by what caused it
+    [  # 8: the Stars credits ledger: every change of a user's credits, keyed by what caused it
         """CREATE TABLE credits (
                entry   TEXT PRIMARY KEY,
                kind    TEXT NOT NULL,
@@ -2180,12 +2180,12 @@ def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
     return conn.execute("DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (older_than,)).rowcount
 
 
-def store_choice(conn: sqlite3.Connection, table: str, user_id: int, value: str) -> None:
-    """A user's /language (``table`` user_languages) or /settings (user_settings, a JSON object)."""
+def store_choice(conn: sqlite3.Connection, table: str, user_id: int, value: str | dict) -> None:
+    """A user's /language (``table`` user_languages) or /settings (user_settings, a dict stored as JSON)."""
     column, at = ("lang", "chosen_at") if table == "user_languages" else ("settings", "updated_at")
     conn.execute(f"""INSERT INTO {table}(user_id, {column}, {at}) VALUES (?,?,?)
                      ON CONFLICT(user_id) DO UPDATE SET {column}=excluded.{column}, {at}=excluded.{at}""",
-                 (user_id, value, time.time()))
+                 (user_id, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), time.time()))
 
 
 # A dialog untouched this long is abandoned: it leaves memory and the database (its buttons answer as stale).
@@ -2194,84 +2194,25 @@ DIALOGS_MAX = 50_000  # beyond this the longest untouched dialog goes first: eac
 DialogKey = tuple[int, int, int]  # (chat id, forum topic or 0, user id): a user's dialogs in two chats are apart
 
 
-class ConversationStore:
-    """Each open dialog by (chat, forum topic, user), each user's language and /settings: in memory, written through.
+def dialogs_load(conn: sqlite3.Connection, since: float) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """The dialogs written since ``since`` (the oldest first), and every user's language and /settings."""
+    return (conn.execute("SELECT chat_id, thread_id, user_id, updated_at, state FROM topic_dialogs "
+                         "WHERE updated_at > ? ORDER BY updated_at", (since,)).fetchall(),
+            conn.execute("SELECT user_id, lang FROM user_languages").fetchall(),
+            conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
 
-    Reads never touch the database (so /start needs none).  A write that fails is logged and kept in memory: the
-    dialog goes on, it would just not survive a restart.  Dialogs are in the order last written: abandoned ones first.
-    """
 
-    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK):
-        self.db = db
-        self.clock = clock
-        self._states: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
-        self._languages: dict[int, str] = {}
-        self._settings: dict[int, dict] = {}  # user id -> their /settings
-        self._writes = GroupCommit(db, self._write_states)
-
-    async def load(self) -> int:
-        query = ("SELECT chat_id, thread_id, user_id, updated_at, state FROM topic_dialogs WHERE updated_at > ? "
-                 "ORDER BY updated_at")
-        since = self.clock.time() - DIALOG_IDLE_S
-        rows = (await self.db.read(lambda conn: conn.execute(query, (since,)).fetchall()))[-DIALOGS_MAX:]
-        self._states = {(chat, topic, user): (at, json.loads(state)) for chat, topic, user, at, state in rows}
-        chosen = await self.db.read(lambda conn: conn.execute("SELECT user_id, lang FROM user_languages").fetchall())
-        self._languages = dict(chosen)
-        stored = await self.db.read(lambda conn: conn.execute("SELECT user_id, settings FROM user_settings").fetchall())
-        self._settings = {user_id: json.loads(settings) for user_id, settings in stored}
-        return len(self._states)
-
-    def get(self, key: DialogKey) -> dict | None:
-        at, state = self._states.get(key, (0.0, None))
-        return state if self.clock.time() - at < DIALOG_IDLE_S else None
-
-    def language(self, user_id: int) -> str:
-        return self._languages.get(user_id, "")  # '' if they never chose one with /language
-
-    async def set_language(self, user_id: int, lang: str) -> None:
-        self._languages[user_id] = lang
-        await self._store_choice("user_languages", user_id, lang)
-
-    def settings(self, user_id: int) -> dict:
-        return self._settings.get(user_id, {})  # {} if they never chose any
-
-    async def set_settings(self, user_id: int, settings: dict) -> None:
-        self._settings[user_id] = settings
-        await self._store_choice("user_settings", user_id, json.dumps(settings, ensure_ascii=False))
-
-    async def _store_choice(self, table: str, user_id: int, value: str) -> None:
-        try:
-            await self.db.write(store_choice, table, user_id, value)
-        except DatabaseUnavailable:
-            pass  # Database logged why; the choice holds in memory until a restart
-        except RowRejected as error:
-            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
-
-    async def set(self, key: DialogKey, state: dict | None) -> None:
-        """Replace a dialog's state (None ends it) and persist it; abandoned dialogs go meanwhile."""
-        now = self.clock.time()
-        if self._states.pop(key, None) is None and state is None:
-            return
-        if state is not None:
-            self._states[key] = now, state  # last in the order
-        while self._states and (len(self._states) > DIALOGS_MAX
-                                or now - next(iter(self._states.values()))[0] >= DIALOG_IDLE_S):
-            del self._states[next(iter(self._states))]
-        if self.db.ok:
-            with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there; memory stays authoritative
-                await self._writes.submit((key, state, now))
-
-    @staticmethod
-    def _write_states(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
-        for key, state, at in items:
-            if state is None:
-                conn.execute("DELETE FROM topic_dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
-            else:
-                conn.execute("""INSERT INTO topic_dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
-                                DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
-                             (*key, json.dumps(state, ensure_ascii=False), at))
-        conn.execute("DELETE FROM topic_dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))  # abandoned ones
-        return [None] * len(items)
+def dialogs_save(conn: sqlite3.Connection, items: list[tuple[DialogKey, dict | None, float]]) -> list[None]:
+    """Each dialog's new state (None: ended) as of when it was set; abandoned ones go."""
+    for key, state, at in items:
+        if state is None:
+            conn.execute("DELETE FROM topic_dialogs WHERE chat_id=? AND thread_id=? AND user_id=?", key)
+        else:
+            conn.execute("""INSERT INTO topic_dialogs VALUES (?,?,?,?,?) ON CONFLICT(chat_id, thread_id, user_id)
+                            DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at""",
+                         (*key, json.dumps(state, ensure_ascii=False), at))
+    conn.execute("DELETE FROM topic_dialogs WHERE updated_at <= ?", (items[-1][2] - DIALOG_IDLE_S,))
+    return [None] * len(items)
 
 
 # -- the Stars credits ledger ----------------------------------------------------
@@ -2326,39 +2267,10 @@ def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
     return [row[0] for row in rows]
 
 
-class Wallet:
-    """Each user's credits: the ledger is the truth (exactly once is its keys' job), balances mirrored for /start."""
-
-    def __init__(self, db: Database):
-        self.db = db
-        self.balances: dict[int, int] = {}  # every user the ledger has rows of
-        self.counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind) since start
-
-    async def load(self) -> None:
-        """Return what jobs that ended meanwhile spent in vain, then read every balance."""
-        await self.write(*(("returned", job_id) for job_id in await self.db.read(ledger_unreturned)))
-        rows = await self.db.read(lambda conn: conn.execute(
-            "SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall())
-        self.balances = {user_id: int(total) for user_id, total in rows}
-
-    def balance(self, user_id: int) -> int:
-        return self.balances.get(user_id, 0)
-
-    async def write(self, *changes: tuple) -> list[tuple]:
-        """Make the changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
-        written, balances = await self.db.write(ledger_write, list(changes))
-        self.balances.update(balances)
-        for kind, _, _, credits, _ in written:
-            self.counts.update({kind: 1, f"credits_{kind}": abs(credits)})
-        return written
-
-    async def spend(self, job_id: str, user_id: int, cost: int) -> bool:
-        with contextlib.suppress(DatabaseUnavailable, RowRejected):
-            return bool(await self.write(("spent", job_id, user_id, cost)))
-        return False
-
-    def clear(self) -> None:
-        self.balances.clear()
+def ledger_balances(conn: sqlite3.Connection) -> dict[int, int]:
+    """Every user the ledger has rows of, with their balance."""
+    rows = conn.execute("SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall()
+    return {user_id: int(total) for user_id, total in rows}
 
 
 ###############################################################################
@@ -2873,14 +2785,9 @@ def parse_kie_envelope(status_code: int, content: bytes) -> Any:
         payload = None
     if not isinstance(payload, dict):
         raise KieError(status_code if status_code >= 400 else 500, f"HTTP {status_code} without a Kie body")
-    code = payload.get("code", status_code)
-    message = str(payload.get("msg") or payload.get("message") or "")
-    if not isinstance(code, int):
-        code = status_code
-    if code != 200:
-        raise KieError(code, message)
-    if status_code >= 400:
-        raise KieError(status_code, message)
+    code = payload["code"] if isinstance(payload.get("code"), int) else status_code
+    if code != 200 or status_code >= 400:  # Kie's code first: it says more than the HTTP status
+        raise KieError(code if code != 200 else status_code, str(payload.get("msg") or payload.get("message") or ""))
     return payload.get("data")
 
 
@@ -3482,19 +3389,19 @@ class ChatWorkers:
         self.ack_first = ack_first
         self.active = 0  # workers running a handler now
         self._process = process
-        self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
+        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
         self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
 
     def enqueue(self, item: InboxItem) -> None:
         self.tracker.move(item.update_id, UpdateState.QUEUED)
-        self._queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
 
     def start(self) -> list[asyncio.Task]:
         return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
 
     async def _work(self) -> None:
         while True:
-            item: InboxItem | None = await self._queue.get()
+            item: InboxItem | None = await self.queue.get()
             key = item.chat_key  # type: ignore[union-attr]
             parked = self._parked.get(key)
             if parked is not None:  # another worker is on this chat; it takes this one next
@@ -4015,11 +3922,6 @@ def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict
     return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
 
 
-def status_keyboard(lang: str) -> dict:
-    """Under the ⏳ message while a picture is drawn: the one button that still means something."""
-    return keyboard(cancel_row(lang))
-
-
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
     """The ⏳ message a picture's question becomes: "⏳ 16:9 · Z-Image · 0:12"."""
     seconds = max(0, int(elapsed_s))
@@ -4137,17 +4039,6 @@ def group_reply(chat: dict, requester_message: dict) -> dict[str, Any]:
     return placement
 
 
-def refusal_text(refusal: Busy | HourlyLimit | DailyLimit) -> tuple[str, dict[str, Any]]:
-    """What the user is told when the jobs refuse a new one: (text key, format values)."""
-    match refusal:
-        case HourlyLimit(limit, minutes):
-            return "hourly_limit", {"limit": limit, "minutes": minutes}
-        case DailyLimit(limit):
-            return "daily_limit", {"limit": limit}
-        case _:
-            return "busy_user", {}
-
-
 ALBUMS_REMEMBERED = 10_000  # albums whose first photo was taken, kept so their others are told apart
 PRESSES_REMEMBERED = 10_000  # dialogs whose last press is kept to tell a double tap
 ADMIN_COMMANDS = frozenset({"/stats", "/refund"})  # to anyone else, answered with the hint
@@ -4167,7 +4058,7 @@ class Context:
     user_id: int
     lang: str
     telegram: Outbox
-    states: ConversationStore
+    conversation: Conversation  # keeps the dialog's state
     callback_id: str = ""
     answered: bool = False
     message_id: int = 0  # the message whose button was pressed: it evolves instead of a new one being sent
@@ -4178,6 +4069,16 @@ class Context:
     @property
     def dialog(self) -> DialogKey:
         return self.chat_id, self.placement.get("message_thread_id", 0), self.user_id
+
+    @property
+    def state(self) -> dict:
+        """The dialog's state; {} when none is open."""
+        return self.conversation.get(self.dialog) or {}
+
+    @property
+    def settings(self) -> dict:
+        """The user's /settings; {} when they never chose any."""
+        return self.conversation.user_settings.get(self.user_id, {})
 
     async def answer(self, text: str = "", alert: bool = False) -> None:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
@@ -4218,15 +4119,15 @@ class Context:
                                              **self.placement, on_sent=functools.partial(self._asked, question))
 
     def _asked(self, question: str, message: Any) -> None:
-        state = self.states.get(self.dialog)
-        if state is not None and state.get("question") == question and isinstance(message, dict):
+        state = self.state
+        if state.get("question") == question and isinstance(message, dict):
             state["question_id"] = message.get("message_id") or 0  # memory; stored with the dialog's next change
 
     async def set_state(self, state: dict | None, keep: int = 0) -> None:
         """Change the dialog; its open question loses its keyboard unless it is ``keep`` or the pressed message
         (each is edited into what comes next)."""
-        old = (self.states.get(self.dialog) or {}).get("question_id")
-        await self.states.set(self.dialog, state)
+        old = self.state.get("question_id")
+        await self.conversation.set(self.dialog, state)
         if old and old not in (keep, self.message_id):
             await self.retire(old)
 
@@ -4257,14 +4158,13 @@ class PictureSteps:
 
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
-        self.states = conversation.states
         self.generations = conversation.generations
         self.models_by_key = conversation.models_by_key
         self.albums: dict[str, int] = {}  # album (media group) id -> its photos seen, the latest last
 
     async def may_draw(self, ctx: Context) -> bool:
         """Whether a picture may be asked for now; if not, the user is told why before typing or tapping more."""
-        if not self.generations.configured():  # only admins can fix it, so only they read how
+        if not self.generations.kie.configured:  # only admins can fix it, so only they read how
             await ctx.send("not_configured_admin" if ctx.user_id in self.dialog.config.admin_ids else "not_configured")
             return False
         return not await self.refused(ctx)
@@ -4275,14 +4175,14 @@ class PictureSteps:
         refusal = self.generations.refusal(ctx.user_id, cost)
         if refusal is None:
             return False
-        key, values = refusal_text(refusal)
-        if isinstance(refusal, HourlyLimit) and self.dialog.stars.selling(ctx):
+        key, values = refusal
+        if key == "hourly_limit" and self.dialog.stars.selling(ctx):
             await ctx.answer()
             await self.dialog.stars.offer(ctx, render(ctx.lang, key, **values) + "\n\n")
         elif popup:
-            await ctx.answer(render(ctx.lang, key, **values), alert=not isinstance(refusal, Busy))
+            await ctx.answer(render(ctx.lang, key, **values), alert=key != "busy_user")
         else:
-            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if isinstance(refusal, Busy) else None, **values)
+            await ctx.send(key, keyboard(cancel_row(ctx.lang, "stop")) if key == "busy_user" else None, **values)
         return True
 
     async def ask_for(self, ctx: Context, model: ImageModel) -> None:
@@ -4302,25 +4202,41 @@ class PictureSteps:
         if description:
             await self.draw(ctx, description, message.get("message_id"))
         else:
-            await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
+            await self.on_create_button(ctx, "")
+
+    async def on_settings(self, ctx: Context, message: dict) -> None:
+        """The user's default model, format and quality.  With a default format a description is drawn at once;
+        without one ("ask every time", the default) the format question follows it."""
+        text, markup = settings_screen(ctx.settings, self.dialog.models, ctx.lang)
+        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
+
+    async def on_settings_button(self, ctx: Context, argument: str) -> None:
+        """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
+        name, _, value = argument.partition(":")
+        model, ratio, option = user_defaults({**ctx.settings, name: value}, self.dialog.models)
+        settings = {"model": model.key, "ratio": ratio, "option": option}
+        if settings.get(name) != value:
+            return  # a forged button, or one for a model no longer offered: answered as stale
+        await ctx.answer()
+        await self.dialog.choose("user_settings", ctx.user_id, settings)
+        await ctx.edit(ctx.message_id, *settings_screen(settings, self.dialog.models, ctx.lang))
 
     async def draw(self, ctx: Context, text: str, message_id: Any) -> None:
         """A description: drawn at once in the user's default format (/settings), else the format question."""
-        state = self.states.get(ctx.dialog) or {}
-        settings = self.states.settings(ctx.user_id)
-        model, ratio, option = user_defaults({**settings, "model": state.get("model", settings.get("model"))},
+        settings = ctx.settings
+        model, ratio, option = user_defaults({**settings, "model": ctx.state.get("model", settings.get("model"))},
                                              self.dialog.models)
         if not await self.may_draw(ctx):
             return
         if not ratio:
-            await self.states.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
+            await self.dialog.set(ctx.dialog, {"step": "prompt", "model": model.key, "lang": ctx.lang})
             await self.take(ctx, text, message_id)
         elif not await self.refuse(ctx, model, text):
             await self.generate(ctx, model, text.strip(), ratio, option, 0)
 
     async def on_long_prompt_button(self, ctx: Context, key: str) -> None:
         """A model offered for a description too long for the one chosen: the description goes on with it."""
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model, prompt = self.models_by_key.get(key), state.get("prompt", "")
         if state.get("step") != "prompt" or model is None or not prompt or check_prompt(prompt, model) is not None:
             return  # stale, forged, or tapped twice
@@ -4330,7 +4246,7 @@ class PictureSteps:
 
     async def take(self, ctx: Context, text: str, message_id: Any) -> None:
         """The answer to the prompt question, or a new description while a ratio or option question is open."""
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         step = state.get("step")
         model = self.models_by_key.get(state.get("model", ""), Z_IMAGE if step == "prompt" else None)
         if model is None:  # (a saved dialog can outlive a catalog change)
@@ -4352,7 +4268,7 @@ class PictureSteps:
     async def on_edit(self, ctx: Context, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
         text, message_id = message.get("text"), message.get("message_id")
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
                 and message_id == state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
@@ -4371,7 +4287,7 @@ class PictureSteps:
         return problem is not None
 
     async def on_create_button(self, ctx: Context, argument: str) -> None:
-        await self.ask_for(ctx, user_defaults(self.states.settings(ctx.user_id), self.dialog.models)[0])
+        await self.ask_for(ctx, user_defaults(ctx.settings, self.dialog.models)[0])
 
     async def on_model_button(self, ctx: Context, key: str) -> None:
         model = self.models_by_key.get(key)
@@ -4379,7 +4295,7 @@ class PictureSteps:
             await self.ask_for(ctx, model)
 
     async def on_ratio_button(self, ctx: Context, ratio: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "ratio" or model is None or ratio not in model.ratios:
             return  # a stale or forged button, or a second tap: answered as stale, nothing changes
@@ -4387,11 +4303,11 @@ class PictureSteps:
             await self.generate(ctx, model, state["prompt"], ratio)
             return
         await ctx.answer()
-        await self.states.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
+        await self.dialog.set(ctx.dialog, {**state, "step": "option", "ratio": ratio})
         await ctx.reply("ask_option", option_keyboard(model.option, ctx.lang), option=model.option.title[ctx.lang])
 
     async def on_option_button(self, ctx: Context, value: str) -> None:
-        state = self.states.get(ctx.dialog) or {}
+        state = ctx.state
         model = self.models_by_key.get(state.get("model", ""))
         if state.get("step") != "option" or model is None or model.option is None:
             return  # (a saved dialog can outlive a catalog change)
@@ -4412,7 +4328,7 @@ class PictureSteps:
             status_message_id = ctx.message_id if status_message_id is None else status_message_id
             if status_message_id:
                 await ctx.edit(status_message_id, status_text(model, ratio, option, ctx.lang, 0),
-                               status_keyboard(ctx.lang))
+                               keyboard(cancel_row(ctx.lang)))
             # The dialog ends only once the job is stored, so a press replayed after kill -9
             # never finds the dialog over and no job to show for it.
             await self.generations.start(ctx.user_id, ctx.chat_id, ctx.lang, model, prompt, ratio, option,
@@ -4459,8 +4375,17 @@ class PictureSteps:
             await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
+def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
+    """A button that does what its command does, the press answered first."""
+    async def on_button(ctx: Context, argument: str) -> None:
+        await ctx.answer()
+        await command(ctx, {})
+    return on_button
+
+
 class Conversation:
-    """Routes each update to a handler: commands, dialog steps and buttons by table.
+    """Routes each update to a handler: commands, dialog steps and buttons by table; keeps each open dialog, each
+    user's language and /settings in memory, written through (reads never touch the database: /start needs none).
 
     A dialog's state, per (chat, topic, user), is {"step": "prompt" | "ratio" | "option" | "edit" | "model",
     "model": key, "lang": ..., "prompt": ..., "prompt_message_id": ..., "ratio": ..., "image": an edit's
@@ -4469,12 +4394,17 @@ class Conversation:
     not matching the user's step is answered politely and changes nothing.
     """
 
-    def __init__(self, config: Config, telegram: Outbox, states: ConversationStore,
-                 generations: Generations, *, queue_stats: Callable[[], dict] = dict):
+    def __init__(self, config: Config, telegram: Outbox, db: Database, generations: Generations, *,
+                 clock: Clock = SYSTEM_CLOCK, queue_stats: Callable[[], dict] = dict):
         self.config = config
         self.telegram = telegram
-        self.states = states
+        self.db = db
+        self.clock = clock
         self.generations = generations
+        self.dialogs: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
+        self.languages: dict[int, str] = {}  # user id -> their /language
+        self.user_settings: dict[int, dict] = {}  # user id -> their /settings
+        self._dialog_writes = GroupCommit(db, dialogs_save)
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
@@ -4485,7 +4415,7 @@ class Conversation:
         self.stars = StarsShop(self)
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/start": self.on_start, "/cancel": self.on_cancel, "/stats": self.on_stats,
-            "/settings": self.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
+            "/settings": self.steps.on_settings, "/draw": self.steps.on_draw_command, **self.stars.commands,
             "/help": lambda ctx, _: ctx.send("help", main_menu(ctx.lang)),
             "/language": lambda ctx, _: ctx.send("choose_language", keyboard(
                 [button(name, f"lang:{lang}") for lang, name in LANGUAGES.items()]))}
@@ -4493,17 +4423,9 @@ class Conversation:
             "new": self.steps.on_create_button, "model": self.steps.on_model_button,
             "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
             "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
-            "set": self.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
-            **{verb: self.menu_button(command) for verb, command in (
-                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.on_settings))}}
-
-    @staticmethod
-    def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
-        """A button that does what its command does, the press answered first."""
-        async def on_button(ctx: Context, argument: str) -> None:
-            await ctx.answer()
-            await command(ctx, {})
-        return on_button
+            "set": self.steps.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
+            **{verb: menu_button(command) for verb, command in (
+                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.steps.on_settings))}}
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4512,17 +4434,59 @@ class Conversation:
             if isinstance(update.get(kind), dict):
                 return await handler(update[kind])
 
+    # -- dialogs, languages and settings: in memory, written through -------------
+
+    async def load(self) -> int:
+        """Read the open dialogs, every language and /settings (on taking over): from then on only writes wait for
+        the database.  The number of dialogs."""
+        rows, languages, settings = await self.db.read(dialogs_load, self.clock.time() - DIALOG_IDLE_S)
+        self.dialogs = {(chat, topic, user): (at, json.loads(state))
+                        for chat, topic, user, at, state in rows[-DIALOGS_MAX:]}
+        self.languages = dict(languages)
+        self.user_settings = {user_id: json.loads(chosen) for user_id, chosen in settings}
+        return len(self.dialogs)
+
+    def get(self, key: DialogKey) -> dict | None:
+        """A dialog's state; None when there is none or it was abandoned (DIALOG_IDLE_S)."""
+        at, state = self.dialogs.get(key, (0.0, None))
+        return state if self.clock.time() - at < DIALOG_IDLE_S else None
+
+    async def set(self, key: DialogKey, state: dict | None) -> None:
+        """Replace a dialog's state (None ends it) and store it; abandoned dialogs go meanwhile.  A write that fails
+        is logged and the state kept in memory: the dialog goes on, it would just not survive a restart."""
+        now = self.clock.time()
+        if self.dialogs.pop(key, None) is None and state is None:
+            return
+        if state is not None:
+            self.dialogs[key] = now, state  # last: the dialogs are in the order written, abandoned ones first
+        while self.dialogs and (len(self.dialogs) > DIALOGS_MAX
+                                or now - next(iter(self.dialogs.values()))[0] >= DIALOG_IDLE_S):
+            del self.dialogs[next(iter(self.dialogs))]
+        if self.db.ok:
+            with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there
+                await self._dialog_writes.submit((key, state, now))
+
+    async def choose(self, table: str, user_id: int, value: str | dict) -> None:
+        """A user's /language (``table`` user_languages) or /settings (user_settings), held in memory until a
+        restart when the database cannot take it."""
+        (self.languages if table == "user_languages" else self.user_settings)[user_id] = value
+        try:
+            await self.db.write(store_choice, table, user_id, value)
+        except DatabaseUnavailable:
+            pass  # Database logged why
+        except RowRejected as error:
+            log.warning("[DB] a choice of %d not stored: %s", user_id, error)
+
     def language(self, user_id: int, user: dict) -> str:
         """The language the user chose with /language, else their Telegram app's."""
-        chosen = self.states.language(user_id)
+        chosen = self.languages.get(user_id, "")
         return chosen if chosen in TEXTS else user_language(user)
 
     def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
         """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
         language even if the user's app changes its own."""
-        ctx = Context(chat["id"], user_id, "", self.telegram, self.states, callback_id,
-                      placement=group_reply(chat, requester))
-        lang = (self.states.get(ctx.dialog) or {}).get("lang")
+        ctx = Context(chat["id"], user_id, "", self.telegram, self, callback_id, placement=group_reply(chat, requester))
+        lang = ctx.state.get("lang")
         ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
         return ctx
 
@@ -4550,7 +4514,7 @@ class Conversation:
         private = (message.get("chat") or {}).get("type") == "private"
         bot = "" if private else await self.bot_username()
         command = parse_command(text, bot) if isinstance(text, str) else None
-        step = (self.states.get(ctx.dialog) or {}).get("step")
+        step = ctx.state.get("step")
         service = next((field for field in self.stars.services if isinstance(message.get(field), dict)), None)
         if service is not None:  # a payment's news: never a prompt or a step of the dialog
             await self.stars.services[service](ctx, message[service])
@@ -4567,7 +4531,7 @@ class Conversation:
         elif not isinstance(text, str):
             await (ctx.send(not_text_answer(message)) if step else ctx.send_hint())
         elif step == "edit":
-            await self.steps.start_edit(ctx, (self.states.get(ctx.dialog) or {}).get("image", ""), text)
+            await self.steps.start_edit(ctx, ctx.state.get("image", ""), text)
         elif step in ("ratio", "option"):
             await self.steps.take(ctx, text, message.get("message_id"))
         elif step == "prompt" or private:  # in a private chat any text is a description (in a group, /draw's)
@@ -4615,7 +4579,7 @@ class Conversation:
             menu = main_menu(lang)
             text = TEXTS[lang]["start"]
             left = left_text(self.generations.remaining(ctx.user_id), lang,  # from memory: no database read
-                             self.generations.wallet.balance(ctx.user_id))
+                             self.generations.balance(ctx.user_id))
             text += f"\n\n{left}" if left else ""
         except Exception:
             log.exception("[BOT] main menu failed; sending the fallback")
@@ -4628,7 +4592,7 @@ class Conversation:
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
-        had_question = self.states.get(ctx.dialog) is not None
+        had_question = bool(ctx.state)
         await ctx.set_state(None)
         menu = main_menu(ctx.lang)
         outcome, job = await self.generations.cancel(ctx.user_id, ctx.chat_id, ctx.message_id)
@@ -4642,7 +4606,8 @@ class Conversation:
             await ctx.reply("cancelled" if had_question else "nothing_to_cancel", menu)
 
     async def on_stats(self, ctx: Context, message: dict) -> None:
-        values = stats_values(await self.generations.usage(), self.queue_stats(), TEXTS[ctx.lang])
+        usage = await self.generations.book.usage(self.generations.kie, self.generations.clock.time())
+        values = stats_values(usage, self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
 
@@ -4654,28 +4619,12 @@ class Conversation:
         if lang not in LANGUAGES:
             return  # a forged button: answered as stale
         await ctx.answer()
-        await self.states.set_language(ctx.user_id, lang)
-        state = self.states.get(ctx.dialog)
-        if state is not None and state.get("lang") != lang:  # a choice made on purpose applies at once
-            await self.states.set(ctx.dialog, {**state, "lang": lang})
+        await self.choose("user_languages", ctx.user_id, lang)
+        state = ctx.state
+        if state and state.get("lang") != lang:  # a choice made on purpose applies at once
+            await self.set(ctx.dialog, {**state, "lang": lang})
         await dataclasses.replace(ctx, lang=lang).send("language_set", main_menu(lang))
 
-    async def on_settings(self, ctx: Context, message: dict) -> None:
-        """The user's default model, format and quality.  With a default format a description is drawn at once;
-        without one ("ask every time", the default) the format question follows it."""
-        text, markup = settings_screen(self.states.settings(ctx.user_id), self.models, ctx.lang)
-        await self.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
-
-    async def on_settings_button(self, ctx: Context, argument: str) -> None:
-        """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
-        name, _, value = argument.partition(":")
-        model, ratio, option = user_defaults({**self.states.settings(ctx.user_id), name: value}, self.models)
-        settings = {"model": model.key, "ratio": ratio, "option": option}
-        if settings.get(name) != value:
-            return  # a forged button, or one for a model no longer offered: answered as stale
-        await ctx.answer()
-        await self.states.set_settings(ctx.user_id, settings)
-        await ctx.edit(ctx.message_id, *settings_screen(settings, self.models, ctx.lang))
 
 
 PACK_PAYLOAD = re.compile(r"pack:([0-9]{1,7}):([0-9]{1,6})")  # an invoice's payload: its credits and its Stars
@@ -4719,10 +4668,10 @@ class StarsShop:
     def __init__(self, conversation: Conversation):
         self.dialog = conversation
         self.packs = conversation.config.stars_packs
-        self.wallet = conversation.generations.wallet
+        self.generations = conversation.generations
         self.commands: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
             "/buy": lambda ctx, message: self.offer(ctx), "/refund": self.on_refund,
-            "/balance": lambda ctx, _: ctx.send("balance", balance=self.wallet.balance(ctx.user_id)),
+            "/balance": lambda ctx, _: ctx.send("balance", balance=self.generations.balance(ctx.user_id)),
             "/paysupport": lambda ctx, message: ctx.send("paysupport")}
         self.services = {  # what a payment's service message carries, and who handles it
             "successful_payment": self.on_payment,
@@ -4737,7 +4686,7 @@ class StarsShop:
         if not self.selling(ctx):
             await ctx.send("buy_in_private" if self.packs else "unknown_command")
             return
-        text = lead + render(ctx.lang, "buy_offer", balance=self.wallet.balance(ctx.user_id))
+        text = lead + render(ctx.lang, "buy_offer", balance=self.generations.balance(ctx.user_id))
         packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
                  for credits, stars in self.packs]
         await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
@@ -4771,21 +4720,21 @@ class StarsShop:
             log.error("[STARS] a payment of user %d names no pack of ours: %r", ctx.user_id, payment)
             return
         # A database that cannot record it raises (logged); the next start's reconciliation credits it.
-        if await self.wallet.write(("paid", charge_id, ctx.user_id, *pack)):
+        if await self.generations.write_ledger(("paid", charge_id, ctx.user_id, *pack)):
             log.info("[STARS] user %d paid %d Stars for %d credits (%s)", ctx.user_id, pack[1], pack[0], charge_id)
-            await ctx.send("paid", credits=pack[0], balance=self.wallet.balance(ctx.user_id))
+            await ctx.send("paid", credits=pack[0], balance=self.generations.balance(ctx.user_id))
 
     async def refunded(self, charge_id: str, lang: str = "") -> list[tuple]:
         """Take what is left of a refunded pack, once, and tell its buyer; the ledger rows written."""
-        written = await self.wallet.write(("refunded", charge_id))
+        written = await self.generations.write_ledger(("refunded", charge_id))
         for _, _, user_id, removed, _ in written:
-            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.wallet.balance(user_id))
+            await self.tell(user_id, "refunded", lang, removed=-removed, balance=self.generations.balance(user_id))
         return written
 
     async def on_refund(self, ctx: Context, message: dict) -> None:
         """An admin's ``/refund <charge id>``: Telegram returns the Stars, the ledger takes what is left of the pack."""
         words = str(message.get("text", "")).split()
-        paid = await self.wallet.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
+        paid = await self.dialog.db.read(ledger_entry, f"paid:{words[1]}") if len(words) == 2 else None
         if paid is None:
             await ctx.send("refund_unknown")
             return
@@ -4802,7 +4751,7 @@ class StarsShop:
         """The ledger's totals for /stats; "" when nothing was ever sold (or the database cannot say)."""
         query = "SELECT kind, COUNT(*), ABS(SUM(credits)), SUM(stars) FROM credits GROUP BY kind"
         try:
-            rows = await self.wallet.db.read(lambda conn: conn.execute(query).fetchall())
+            rows = await self.dialog.db.read(lambda conn: conn.execute(query).fetchall())
         except DatabaseUnavailable:
             return ""
         totals = collections.defaultdict(lambda: (0, 0, 0), {kind: tuple(map(int, row)) for kind, *row in rows})
@@ -4826,10 +4775,11 @@ class StarsShop:
             if len(page) < 100:
                 break
         payments, refunds = star_transactions(transactions)
-        written = await self.wallet.write(*(("paid", charge_id, payer, *pack) for charge_id, payer, pack in payments))
+        written = await self.generations.write_ledger(*(("paid", charge_id, payer, *pack)
+                                                         for charge_id, payer, pack in payments))
         for _, charge_id, user_id, credits, _ in written:
             log.warning("[STARS] reconciliation credited %s of user %d (its update was lost)", charge_id, user_id)
-            await self.tell(user_id, "paid", credits=credits, balance=self.wallet.balance(user_id))
+            await self.tell(user_id, "paid", credits=credits, balance=self.generations.balance(user_id))
         for charge_id in refunds:
             await self.refunded(charge_id)
 
@@ -4845,8 +4795,12 @@ class JobButtons:
         self.models_by_key = {**conversation.models_by_key, EDIT_MODEL.key: EDIT_MODEL}  # an edit's buttons too
 
     def handlers(self) -> dict[str, Callable[[Context, str], Awaitable[None]]]:
-        by_job = {"again": self.on_again, "ratios": self.on_ratios, "models": self.on_models, "use": self.on_use,
-                  "edit": self.on_edit, "file": self.on_file, "resend": self.on_resend, "retouch": self.on_retouch}
+        by_job = {"again": self.on_again, "models": self.on_models, "edit": self.on_edit, "file": self.on_file,
+                  "resend": self.on_resend, "retouch": self.on_retouch,
+                  # the ratio question again, for the same prompt: in that model, or one chosen from on_models' list
+                  "ratios": lambda ctx, job, _: self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt),
+                  "use": lambda ctx, job, key: self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt,
+                                                              ctx.message_id)}
         return {"stop": self.on_stop, **{verb: self.with_job(handler) for verb, handler in by_job.items()}}
 
     def with_job(self, handler: Callable[[Context, Job, str], Awaitable[None]]
@@ -4854,8 +4808,8 @@ class JobButtons:
         """The handler of "verb:job id[:choice]", given the job when it is the presser's in this chat."""
         async def on_button(ctx: Context, argument: str) -> None:
             job_id, _, choice = argument.partition(":")
-            job = await self.generations.find(job_id, ctx.user_id, ctx.chat_id)
-            if job is not None:
+            job = await self.generations.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
+            if job is not None and (job.user_id, job.chat_id) == (ctx.user_id, ctx.chat_id):
                 await handler(ctx, job, choice)
         return on_button
 
@@ -4865,10 +4819,6 @@ class JobButtons:
         if model is not None:
             status = ctx.message_id if ctx.message_id == job.status_message_id else 0
             await self.dialog.steps.generate(ctx, model, job.prompt, job.ratio, job.option, status, job.image)
-
-    async def on_ratios(self, ctx: Context, job: Job, _: str) -> None:
-        """Ask the ratio again, for the same prompt and model."""
-        await self.ask_ratio(ctx, self.models_by_key.get(job.model), job.prompt)
 
     async def on_models(self, ctx: Context, job: Job, _: str) -> None:
         """Offer the other models for the same prompt (catalog mode)."""
@@ -4880,10 +4830,6 @@ class JobButtons:
                       keyboard(*in_rows(choices, 2), cancel_row(ctx.lang)),
                       prompt=html.escape(shorten(job.prompt, 200)),
                       models="\n".join(f"• {m.described(ctx.lang)}" for m in self.dialog.models))
-
-    async def on_use(self, ctx: Context, job: Job, key: str) -> None:
-        """A model chosen from on_models' list: its ratio question, in that message."""
-        await self.ask_ratio(ctx, self.dialog.models_by_key.get(key), job.prompt, ctx.message_id)
 
     async def ask_ratio(self, ctx: Context, model: ImageModel | None, prompt: str, message_id: int = 0) -> None:
         if model is not None:  # (else a model no longer offered: stale)
@@ -4918,55 +4864,46 @@ class JobButtons:
         if job.result_url and job.outcome == "success":
             await ctx.answer()
             if not ctx.repeated:  # a double tap sends one
-                self.generations.send_original(job)
+                self.generations.delivery.send_original(job)
 
     async def on_resend(self, ctx: Context, job: Job, _: str) -> None:
         if job.state == "delivered" and job.outcome == "success":
             await ctx.answer()
-            await self.generations.resend(job)
+            await self.generations.delivery.resend(job)
 
 
 ###############################################################################
 # 12. Generation jobs
 #
-# Theory of operation.  A job is one picture, from the button press to the
-# photo: a row of the ``jobs`` table, and while unfinished an object in memory,
-# the authority inside the process.  apply_event is its pure state machine
-# (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply
-# alone carries the effects out, with RunningJobs (createTask, recordInfo,
-# signs of life, admin alerts) and Delivery (the messages to the user).
+# Theory of operation.  A job is one picture, from the button press to the photo: a row of the ``jobs`` table,
+# and while unfinished an object in memory, the authority inside the process.  apply_event is its pure state
+# machine (JOB_TRANSITIONS: an event in, changes and effects out); Generations.apply alone carries the effects
+# out, with RunningJobs (createTask, recordInfo, signs of life, admin alerts) and Delivery (the user's messages).
 #   created -> submitted (createTask accepted) | failed (refused) | timed_out | cancelled
 #   submitted -> succeeded | failed (Kie's record) | timed_out (GEN_TIMEOUT_S) | cancelled
 #   succeeded -> sending -> delivered, or -> unsure (maybe sent: the user gets a re-send button) -> delivered
 #   failed, timed_out -> delivered (the user was told);  delivered and cancelled end the job.
-# News that comes late or twice (a second callback, a poll after the timeout)
-# is IGNORED: one photo goes out however often Kie answers.
-# Durable when: a new job's row is committed (the database working) before
-# its update counts as handled, and only then are paid credits spent (a kill
-# -9 between the two gives a picture away, never charges twice); "sending" is
-# committed before sendPhoto, a cancel before it is answered.  Other changes
-# go by group commit; rows a database that is down could not take are written
-# when it comes back.  After a kill -9, resume() goes by the rows: "created" is
-# submitted again (killed between createTask's answer and the commit of
-# "submitted", Kie draws it twice); "submitted" is polled at once (its
-# callback may have come meanwhile), then on POLL_SCHEDULE; "succeeded",
-# "failed", "timed_out" and "unsure" are delivered (a failure told twice edits
-# the same message); "sending" becomes "unsure", never sent again blindly.
-# A callback is only a hint: the App checks its token (and signature), then
-# the bot asks recordInfo over its own key, so a forged one can do no more
-# than that, and a late one for a finished task changes nothing.
-# Who acts: the lease holder, between resume() and pause() (the App's Role).
-# The deadline watch asks Role.may_act() every second; the submitters, the
-# poller and deliveries do not ask it: they stop on pause().
-# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried
-# within KIE_RETRY; other codes fail the job in KIE_CODES's words (401 and 402
-# also alert the admins, once until a createTask succeeds).  A failed
-# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets
-# it uploaded (as a document if not as a photo); a download refused (not a
-# public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells the
-# user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures
-# an hour (past it, paid with credits); GEN_DAILY_LIMIT started a day by the
-# whole bot.  A paid picture that does not reach its user gives its credits back.
+# News that comes late or twice (a second callback, a poll after the timeout) is IGNORED: one photo goes out
+# however often Kie answers.
+# Durable when: a new job's row is committed (the database working) before its update counts as handled, and only
+# then are paid credits spent (a kill -9 between the two gives a picture away, never charges twice); "sending" is
+# committed before sendPhoto, a cancel before it is answered.  Other changes go by group commit; rows a database
+# that is down could not take are written when it comes back.  After a kill -9, resume() goes by the rows:
+# "created" is submitted again (killed between createTask's answer and the commit of "submitted", Kie draws it
+# twice); "submitted" is polled at once (its callback may have come meanwhile), then on POLL_SCHEDULE;
+# "succeeded", "failed", "timed_out" and "unsure" are delivered (a failure told twice edits the same message);
+# "sending" becomes "unsure", never sent again blindly.
+# A callback is only a hint: the App checks its token (and signature), then the bot asks recordInfo over its own
+# key, so a forged one can do no more than that, and a late one for a finished task changes nothing.
+# Who acts: the lease holder, between resume() and pause() (the App's Role).  The deadline watch asks
+# Role.may_act() every second; the submitters, the poller and deliveries do not: they stop on pause().
+# Faults: Kie's network errors, 429, 455, 500 and undocumented 5xx are retried within KIE_RETRY; other codes fail
+# the job in KIE_CODES's words (401 and 402 also alert the admins, once until a createTask succeeds).  A failed
+# recordInfo waits for the next poll.  Telegram refusing the photo by URL gets it uploaded (as a document if not
+# as a photo); a download refused (not a public address, too large, too slow) or a spent DELIVERY_BUDGET_S tells
+# the user instead.  Limits: one job per user; GEN_HOURLY_LIMIT delivered pictures an hour (past it, paid with
+# credits); GEN_DAILY_LIMIT started a day by the whole bot.  A paid picture that does not reach its user gives
+# its credits back.
 ###############################################################################
 
 SUBMITTERS = 2  # createTask calls in flight at once (they are paced to 20 per 10 s anyway)
@@ -5053,11 +4990,15 @@ class JobEvent:
     value: Any = None
 
 
-# The events and what they carry:
-#   accepted    createTask gave the task id
-#   refused     createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
-#   succeeded   Kie's record says the task finished with this result URL
-#   failed      Kie's record says the task failed, or the database refuses the job's row; what the user is told
+# The events that carry a value, and the job fields each sets from it besides the state.
+EVENT_CHANGES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "accepted": lambda task_id: {"task_id": task_id},  # createTask gave the task id
+    # createTask failed with this KieError (KIE_CODES), or None: the job's model left the catalog
+    "refused": lambda error: {"error": refusal_failure(error)},
+    "succeeded": lambda url: {"result_url": url},  # Kie's record says the task finished with this result URL
+    # Kie's record says the task failed, or the database refuses the job's row: what the user is told
+    "failed": lambda failure: {"error": failure},
+    "expired": lambda _: {"error": "timeout"}, "undeliverable": lambda _: {"error": "delivery"}}
 CALLBACK_CAME = JobEvent("callback")  # an authenticated Kie callback named the job's task: ask Kie now
 EXPIRED = JobEvent("expired")  # GEN_TIMEOUT_S passed before Kie said how the job ended
 SEND_STARTED = JobEvent("sending")  # the photo is about to go out (the deliverer writes this durably itself)
@@ -5066,8 +5007,6 @@ DELIVERED = JobEvent("delivered")  # the user has the photo or the explanation, 
 UNDELIVERABLE = JobEvent("undeliverable")  # the picture cannot reach the user: tell them so instead
 UNSTORABLE = JobEvent("failed", "failed")  # the database refuses the job's row for what it holds
 CANCEL = JobEvent("cancel")  # the user cancelled: nothing more is sent (Kie cannot stop a task; its result is dropped)
-EVENT_FIELDS = {"accepted": "task_id", "succeeded": "result_url", "failed": "error"}  # the field ``value`` sets
-EVENT_SETS = {"expired": {"error": "timeout"}, "undeliverable": {"error": "delivery"}}  # fields set to fixed values
 
 # The state machine: state -> event -> next state.  An event not listed raises
 # IllegalTransition; IGNORED marks one that may come late or twice and changes nothing.
@@ -5111,14 +5050,6 @@ FORGET = "forget"  # the job is over: drop it from memory
 KEEPING_STATE_EFFECTS = {"callback": [POLL_NOW], "undeliverable": []}  # of the events that leave the state as it is
 
 
-def event_changes(event: JobEvent) -> dict[str, Any]:
-    """The job fields an event sets besides its state."""
-    if event.name == "refused":
-        return {"error": refusal_failure(event.value)}
-    field = EVENT_FIELDS.get(event.name)
-    return {field: event.value} if field else dict(EVENT_SETS.get(event.name, {}))
-
-
 def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], list[str]]:
     """The changes ``event`` makes to ``job`` at ``now``, and the effects to carry out; ``job`` is not touched."""
     moves = JOB_TRANSITIONS[job.state]
@@ -5127,9 +5058,10 @@ def apply_event(job: Job, event: JobEvent, now: float) -> tuple[dict[str, Any], 
     state = moves[event.name]
     if state == IGNORED:
         return {}, []
+    changes = EVENT_CHANGES[event.name](event.value) if event.name in EVENT_CHANGES else {}
     if state == job.state:
-        return event_changes(event), list(KEEPING_STATE_EFFECTS[event.name])
-    changes = {**event_changes(event), "state": state, "updated_at": now}
+        return changes, list(KEEPING_STATE_EFFECTS[event.name])
+    changes.update(state=state, updated_at=now)
     effects = [RELEASE_SLOT] if job.state == "submitted" else []
     if event != SEND_STARTED:
         effects.append(SAVE)
@@ -5170,14 +5102,6 @@ def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: 
     return conn.execute("SELECT user_id, updated_at FROM jobs WHERE created_at >= ? AND state = 'delivered' "
                         "AND outcome = 'success' AND error != 'delivery' AND updated_at >= ? ORDER BY updated_at",
                         (created_since, since)).fetchall()
-
-
-def jobs_move_chat(conn: sqlite3.Connection, group: int, supergroup: int) -> None:
-    conn.execute("UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group))
-
-
-def job_row(conn: sqlite3.Connection, job_id: str) -> tuple | None:
-    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone()
 
 
 def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
@@ -5409,39 +5333,25 @@ class JobBook:
         if job is not None:
             return job
         try:
-            row = await self.db.read(job_row, job_id)
+            row = await self.db.read(lambda conn: conn.execute(
+                f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE id=?", (job_id,)).fetchone())
         except DatabaseUnavailable:
             row = None
         return Job(*row) if row else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Busy:
-    """The user's previous job is not finished yet."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HourlyLimit:
-    """The user got ``limit`` pictures in the last hour; the next one may start in ``minutes``."""
-
-    limit: int
-    minutes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DailyLimit:
-    """The bot started ``limit`` pictures today (GEN_DAILY_LIMIT); the next may start after 00:00 UTC."""
-
-    limit: int
+# Why the jobs refuse a user a new picture: the TEXTS key telling them, and its values.  "busy_user": their
+# previous job is not finished; "hourly_limit": they got ``limit`` pictures in the last hour, the next may start
+# in ``minutes``; "daily_limit": the bot started ``limit`` today (GEN_DAILY_LIMIT), the next after 00:00 UTC.
+Refusal = tuple[str, dict[str, int]]
 
 
 class RunningJobs:
     """Jobs while Kie draws them: createTask in order within ``kie_max_tasks`` slots, recordInfo on a schedule
     by age and at once on a callback, signs of life for the user, and the admins told once per Kie incident."""
 
-    def __init__(self, generations: Generations, db: Database, outbox: Outbox):
+    def __init__(self, generations: Generations, outbox: Outbox):
         self.generations = generations  # applies the events, runs one-off work
-        self.db = db
         self.outbox = outbox
         self.clock = generations.clock
         config = generations.config
@@ -5452,7 +5362,7 @@ class RunningJobs:
         self.in_kie = 0  # slots taken: by createTask calls under way and by "submitted" jobs
         self.incident: int | None = None  # Kie error code of an ongoing incident
         self._slot_freed = asyncio.Event()
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()  # created jobs, in order
         self._due: list[tuple[float, int, Job]] = []  # polls, a heap of (when, sequence, job)
         self._sequence = itertools.count()
         self._wakeup = asyncio.Event()
@@ -5463,7 +5373,7 @@ class RunningJobs:
 
     def clear(self) -> None:
         self.in_kie = 0
-        self._queue = asyncio.Queue()
+        self.queue = asyncio.Queue()
         self._due.clear()
         self._action_due.clear()
         self._edit_due.clear()
@@ -5474,9 +5384,6 @@ class RunningJobs:
 
     # -- createTask ------------------------------------------------------------
 
-    def enqueue(self, job: Job) -> None:
-        self._queue.put_nowait(job)
-
     def release_slot(self) -> None:
         self.in_kie -= 1
         self._slot_freed.set()
@@ -5484,7 +5391,7 @@ class RunningJobs:
     async def submit_forever(self) -> None:
         """Send created jobs to createTask in order, each once a slot is free."""
         while True:
-            job = await self._queue.get()
+            job = await self.queue.get()
             if job.state != "created":
                 continue
             while self.in_kie >= self.generations.config.kie_max_tasks:
@@ -5539,7 +5446,7 @@ class RunningJobs:
         """Send every admin ``text(language)``, in the admin's language."""
         admin_ids = sorted(self.generations.config.admin_ids)
         try:
-            languages = await self.db.read(language_codes, admin_ids) if admin_ids else {}
+            languages = await self.generations.book.db.read(language_codes, admin_ids) if admin_ids else {}
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
@@ -5631,7 +5538,7 @@ class RunningJobs:
                 text = status_text(job_model(job), job.ratio, job.option, job.lang, now - job.created_at)
                 self.outbox.show(job.id, "editMessageText", {"chat_id": job.chat_id, "text": text,
                                                              "message_id": job.status_message_id,
-                                                             "reply_markup": status_keyboard(job.lang)})
+                                                             "reply_markup": keyboard(cancel_row(job.lang))})
 
     def post_status(self, job: Job) -> None:
         """Post the ⏳ message of a job started from a photo's button (there was no text message to evolve); a job
@@ -5639,7 +5546,7 @@ class RunningJobs:
         elapsed_s = self.clock.time() - job.created_at
         text = status_text(job_model(job), job.ratio, job.option, job.lang, elapsed_s)
         posted = self.outbox.deliver("sendMessage", {"chat_id": job.chat_id, "text": text,
-                                                     "reply_markup": status_keyboard(job.lang)})
+                                                     "reply_markup": keyboard(cancel_row(job.lang))})
         posted.add_done_callback(lambda answer: self._posted(job, answer))
 
     def _posted(self, job: Job, answer: asyncio.Future) -> None:
@@ -5672,10 +5579,7 @@ class Delivery:
         self._delivering: set[str] = set()
         self._originals: set[str] = set()  # jobs whose original file is on its way
 
-    def deliver(self, job: Job) -> None:
-        self.generations.run_in_background(self._deliver(job))
-
-    async def _deliver(self, job: Job) -> None:
+    async def deliver(self, job: Job) -> None:
         """Send the photo, the failure or the re-send offer once; whatever happens, the job ends in time."""
         if job.id in self._delivering or job.state not in ("succeeded", "unsure", "failed", "timed_out"):
             return
@@ -5733,28 +5637,28 @@ class Delivery:
             await self.send_photo(job)
         except DownloadError as error:
             log.warning("[JOB] %s: could not download the result: %s", job.id, error)
-            self.generations.apply(job, UNDELIVERABLE)
-            await self._tell_outcome(job)
-            return
+            instead = UNDELIVERABLE
         except TelegramNetworkError as error:
             if not error.maybe_performed:
                 raise
             # Telegram may have the photo already; sending it again could show it twice.
             log.warning("[JOB] %s: the answer to %s was lost; offering to re-send", job.id, error.method)
-            self.generations.apply(job, MAYBE_SENT)
-            await self._tell_outcome(job)
+            instead = MAYBE_SENT
+        else:
+            if job.status_message_id:  # the photo is out: the ⏳ message goes
+                try:
+                    await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
+                                                                "message_id": job.status_message_id})
+                except TelegramError as error:
+                    log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
             return
-        if job.status_message_id:  # the photo is out: the ⏳ message goes
-            try:
-                await self.outbox.deliver("deleteMessage", {"chat_id": job.chat_id,
-                                                            "message_id": job.status_message_id})
-            except TelegramError as error:
-                log.info("[JOB] %s: could not remove the ⏳ message: %s", job.id, error.description)
+        self.generations.apply(job, instead)
+        await self._tell_outcome(job)
 
     async def send_photo(self, job: Job, counting: bool = True) -> None:
         """The result with its caption and buttons; ``counting`` when this delivery is about to count."""
         left = left_text(self.generations.remaining(job.user_id, 1 if counting else 0), job.lang,
-                         self.generations.wallet.balance(job.user_id))
+                         self.generations.balance(job.user_id))
         params = {
             "chat_id": job.chat_id,
             "caption": result_caption(job_model(job), job.ratio, job.option, job.prompt, job.lang, left),
@@ -5817,11 +5721,9 @@ class Delivery:
     async def _tell_outcome(self, job: Job) -> None:
         """Turn the ⏳ message into the re-send offer of a job that may have been sent ("unsure"), else into why
         it failed; or send that when the message is gone."""
-        if job.state == "unsure":
-            text, markup = TEXTS[job.lang]["maybe_sent"], failure_keyboard(job.id, job.model, "delivery", job.lang)
-        else:
-            text = TEXTS[job.lang][f"fail_{job.error or 'failed'}"]
-            markup = failure_keyboard(job.id, job.model, job.error, job.lang)
+        unsure = job.state == "unsure"
+        text = TEXTS[job.lang]["maybe_sent" if unsure else f"fail_{job.error or 'failed'}"]
+        markup = failure_keyboard(job.id, job.model, "delivery" if unsure else job.error, job.lang)
         if job.status_message_id:
             try:
                 await self.outbox.deliver("editMessageText", {"chat_id": job.chat_id, "text": text,
@@ -5856,8 +5758,10 @@ class Generations:
         self.jobs = self.book.jobs  # unfinished jobs by id
         self.created = 0
         self.finished: collections.Counter[str] = collections.Counter()  # outcome -> count
-        self.wallet = Wallet(db)
-        self.running = RunningJobs(self, db, outbox)
+        # Each user's credits, mirrored for /start from the ledger: the truth, which makes each change once.
+        self.balances: dict[int, int] = {}
+        self.ledger_counts: collections.Counter[str] = collections.Counter()  # entries and credits (by kind)
+        self.running = RunningJobs(self, outbox)
         self.delivery = Delivery(self, outbox, http)
         self.starting: set[int] = set()  # users whose job a handler is starting: busy already (Conversation.generate)
         self.daily_limit = config.gen_daily_limit  # pictures the whole bot may start a UTC day (0: no cap)
@@ -5866,9 +5770,6 @@ class Generations:
         self._today = (0, 0)  # (UTC day number, pictures started that day)
         self._tasks = OwnedTasks("[JOB]")  # one-off work: polls, deliveries, alerts, original files
         self._loops = OwnedTasks("[JOB]")  # the submitters, the poller, the deadline watch
-
-    def configured(self) -> bool:  # whether generation can work at all
-        return self.kie.configured
 
     # -- the driver ------------------------------------------------------------
 
@@ -5895,16 +5796,27 @@ class Generations:
                 log.info("[JOB] %s %s after %.1fs%s", job.id, job.state, seconds,
                          f" ({job.error})" if job.error else "")
             elif effect == DELIVER:
-                self.delivery.deliver(job)
+                self.run_in_background(self.delivery.deliver(job))
             elif effect == ALERT:
                 self.running.alert(event.value.code)
             elif effect == FORGET:
                 if job.state == "delivered" and job.outcome == "success" and job.error != "delivery":
                     self.note_delivered(job.user_id, job.updated_at)  # only pictures the user got count
-                elif job.user_id in self.wallet.balances:  # a paid picture the user did not get costs nothing
-                    self.run_in_background(self.wallet.write(("returned", job.id)))
+                elif job.user_id in self.balances:  # a paid picture the user did not get costs nothing
+                    self.run_in_background(self.write_ledger(("returned", job.id)))
                 self.book.forget(job)
                 self.running.forget(job)
+
+    def balance(self, user_id: int) -> int:
+        return self.balances.get(user_id, 0)
+
+    async def write_ledger(self, *changes: tuple) -> list[tuple]:
+        """Make the ledger changes (see ledger_write) at once; the rows (kind, key, user, credits, stars) written."""
+        written, balances = await self.book.db.write(ledger_write, list(changes))
+        self.balances.update(balances)
+        for kind, _, _, credits, _ in written:
+            self.ledger_counts.update({kind: 1, f"credits_{kind}": abs(credits)})
+        return written
 
     def run_in_background(self, coro: Awaitable[None]) -> asyncio.Task:
         """Run one-off work as a task that ``stop`` waits for and whose failure is logged."""
@@ -5921,17 +5833,18 @@ class Generations:
         except DatabaseUnavailable:
             jobs = []
         with contextlib.suppress(DatabaseUnavailable):  # (paid pictures wait for the database anyway)
-            await self.wallet.load()
+            await self.write_ledger(*(("returned", job_id) for job_id in await self.book.db.read(ledger_unreturned)))
+            self.balances = await self.book.db.read(ledger_balances)  # what jobs ended meanwhile spent came back
         for job in jobs:
             if job.state == "created":
-                self.running.enqueue(job)
+                self.running.queue.put_nowait(job)
             elif job.state == "submitted":
                 self.running.in_kie += 1  # its slot, whatever the limit: Kie has its task already
                 self.running.schedule_poll(job, 0.0)  # callbacks may have come while we were down
             else:
                 if job.state == "sending":  # the photo may be out already: offer it, do not send it blindly
                     self.apply(job, MAYBE_SENT)
-                self.delivery.deliver(job)
+                self.run_in_background(self.delivery.deliver(job))
         if jobs:
             log.info("[JOB] resumed %d unfinished jobs", len(jobs))
         if not self._loops.running:
@@ -5963,27 +5876,28 @@ class Generations:
     async def pause(self) -> None:
         """Stop and forget every job: another instance became active and resumes them."""
         await self.stop(grace=5.0)
-        for part in (self.book, self.wallet, self.running, self._delivered):
+        for part in (self.book, self.balances, self.running, self._delivered):
             part.clear()
         self._today = (0, 0)
         self.fairness_loaded = False
 
     # -- fairness: one job per user, GEN_HOURLY_LIMIT an hour (not for admins), GEN_DAILY_LIMIT a day --------
 
-    def refusal(self, user_id: int, cost: int = 1) -> Busy | HourlyLimit | DailyLimit | None:
+    def refusal(self, user_id: int, cost: int = 1) -> Refusal | None:
         """Why ``user_id`` may not start a picture costing ``cost`` credits now (past the free ones, paid), or None."""
         if self.book.active(user_id) is not None or user_id in self.starting:
-            return Busy()
+            return "busy_user", {}
         refusal = self._over_limit(user_id)
-        paid = isinstance(refusal, HourlyLimit) and self.book.db.ok and self.wallet.balance(user_id) >= cost
-        return None if paid else refusal
+        key = refusal[0] if refusal else ""
+        return None if key == "hourly_limit" and self.book.db.ok and self.balance(user_id) >= cost else refusal
 
-    def _over_limit(self, user_id: int) -> HourlyLimit | DailyLimit | None:
+    def _over_limit(self, user_id: int) -> Refusal | None:
         if self.daily_limit and self.started_today() >= self.daily_limit:
-            return DailyLimit(self.daily_limit)
+            return "daily_limit", {"limit": self.daily_limit}
         stamps, limit = self._last_hour(user_id), self.config.gen_hourly_limit
         if user_id not in self.config.admin_ids and len(stamps) >= limit:
-            return HourlyLimit(limit, max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1))
+            minutes = max(1, int((stamps[0] + 3600 - self.clock.time()) / 60) + 1)
+            return "hourly_limit", {"limit": limit, "minutes": minutes}
         return None
 
     def remaining(self, user_id: int, extra: int = 0) -> tuple[int, int] | None:
@@ -6029,10 +5943,15 @@ class Generations:
         self.note_start()
         await self.book.save_durably(job)  # before the update counts as handled; else memory keeps it
         # Spent after the job is stored: a kill -9 between the two gives a picture away, never takes credits twice.
-        if self._over_limit(user_id) is not None and not await self.wallet.spend(job.id, user_id, model.credits):
-            log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
+        if self._over_limit(user_id) is not None:  # past the free pictures: paid with credits
+            try:
+                spent = await self.write_ledger(("spent", job.id, user_id, model.credits))
+            except (DatabaseUnavailable, RowRejected):  # (logged by Database)
+                spent = []
+            if not spent:
+                log.warning("[JOB] %s: its credits could not be spent; it is drawn for free", job.id)
         log.info("[JOB] %s created: user %d, %s %s", job.id, job.user_id, model.kie_model, ratio)
-        self.running.enqueue(job)
+        self.running.queue.put_nowait(job)
         if not status_message_id:
             self.running.post_status(job)
         return job
@@ -6050,24 +5969,14 @@ class Generations:
         log.info("[JOB] %s cancelled by its user", job.id)
         return "cancelled", job
 
-    def send_original(self, job: Job) -> None:
-        self.delivery.send_original(job)
-
-    async def find(self, job_id: str, user_id: int, chat_id: int) -> Job | None:
-        """A job of ``user_id`` in ``chat_id`` by id (for "🔁"), None if unknown, someone else's or another chat's."""
-        job = await self.book.find(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
-        return job if job is not None and (job.user_id, job.chat_id) == (user_id, chat_id) else None
-
-    async def resend(self, job: Job) -> None:
-        await self.delivery.resend(job)
-
     async def move_chat(self, group: int, supergroup: int) -> None:
         """A group became a supergroup: its jobs, unfinished and finished (their buttons), go on there."""
         for job in self.jobs.values():
             if job.chat_id == group:
                 job.chat_id = supergroup
         with contextlib.suppress(DatabaseUnavailable):  # (logged by Database; unfinished jobs are saved again)
-            await self.book.db.write(jobs_move_chat, group, supergroup)
+            await self.book.db.write(lambda conn: conn.execute(
+                "UPDATE jobs SET chat_id=? WHERE chat_id=?", (supergroup, group)))
 
     def on_callback(self, task_id: str) -> None:
         """A Kie callback (authenticated, its body never trusted) is a hint: ask recordInfo now, over our key."""
@@ -6076,10 +5985,6 @@ class Generations:
             log.info("[JOB] callback for a task that is unknown or finished: %r", shorten(task_id, 64))
             return
         self.apply(job, CALLBACK_CAME)
-
-    async def usage(self) -> dict[str, Any]:
-        """Users, today's jobs by outcome (UTC day), jobs in flight and Kie credits, for /stats."""
-        return await self.book.usage(self.kie, self.clock.time())
 
 ###############################################################################
 # 13. Outbox
@@ -6763,7 +6668,7 @@ class Role:
         self.holding, self.handovers = False, 0  # holding: the stored work is taken up in memory
         self._settling = asyncio.Lock()  # the lease loop and the database watch both settle
 
-    def serve(self, states: ConversationStore, generations: Generations, outbox: Outbox, set_up: Callable[[], None],
+    def serve(self, states: Conversation, generations: Generations, outbox: Outbox, set_up: Callable[[], None],
               wake: Callable[[], None]) -> None:
         self.states, self.generations, self.outbox, self.set_up, self.wake = states, generations, outbox, set_up, wake
 
@@ -6953,7 +6858,6 @@ def metric_families(d: Diagnostics, histograms: Histograms, server: HttpServer) 
 
 def _counter_families(d: Diagnostics) -> list[Family]:
     stats, jobs, outbox = dataclasses.asdict(d.pipeline.stats), d.generations, d.role.outbox
-    wallet = jobs.wallet
     families: list[Family] = [
         (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
         for name, help_text in UPDATE_COUNTERS
@@ -6967,9 +6871,9 @@ def _counter_families(d: Diagnostics) -> list[Family]:
         ("trt_jobs_finished_total", "counter", "Generation jobs finished, by outcome.",
          [("", {"outcome": o}, jobs.finished[o]) for o in ("success", "failed", "timed_out", "cancelled")]),
         ("trt_ledger_entries_total", "counter", "Credit ledger entries: paid (Stars payments), spent, returned "
-         "(undelivered paid pictures), refunded.", [("", {"kind": k}, wallet.counts[k]) for k in LEDGER_KINDS]),
+         "(undelivered paid pictures), refunded.", [("", {"kind": k}, jobs.ledger_counts[k]) for k in LEDGER_KINDS]),
         ("trt_credits_total", "counter", "Credits moved by those entries (paid: sold).",
-         [("", {"kind": k}, wallet.counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
+         [("", {"kind": k}, jobs.ledger_counts[f"credits_{k}"]) for k in LEDGER_KINDS]),
         ("trt_outbox_sent_total", "counter", "Queued messages Telegram took, by method.",
          [("", {"method": m}, n) for m, n in sorted(outbox.sent.items())]),
         ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
@@ -7194,7 +7098,7 @@ class Diagnostics:
             if self.config.bot_mode == "webhook" and webhook_due:
                 last_webhook_check = self.clock.monotonic()
                 await self._observe_webhook()
-            if self.role.may_act() and self.generations.configured() and self.config.kie_credits_low:
+            if self.role.may_act() and self.generations.kie.configured and self.config.kie_credits_low:
                 await self._observe_credits()
 
     def _observe_here(self) -> None:
@@ -7399,21 +7303,21 @@ class App:
                                        send_limits=config.send_limits, acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
-        histograms, states = new_histograms(), ConversationStore(self.db, clock)
+        histograms = new_histograms()
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
                                        on_finished=functools.partial(observe, histograms, "trt_generation_seconds"),
                                        clock=clock.steady(), mode=self.role)
         # The lambda looks ``self.pipeline`` up when the dialog's /stats asks: it is built after the dialog.
-        conversation = Conversation(config, outbox, states, self.generations,
+        conversation = Conversation(config, outbox, self.db, self.generations, clock=clock,
                                     queue_stats=lambda: self.pipeline.snapshot())
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, clock=clock, mode=self.role,
                                        on_handled=functools.partial(observe, histograms, "trt_update_handling_seconds"),
                                        answer_pre_checkout=conversation.stars.answer_pre_checkout)
         self.stars = conversation.stars
-        self.role.serve(states, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
+        self.role.serve(conversation, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
                                        self.stopping, clock)
         self.routes = Routes(self.diagnostics, histograms)
