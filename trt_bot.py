@@ -63,7 +63,7 @@ import sqlite3
 import sys
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import httpx
 
@@ -2344,19 +2344,23 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
-def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
-    """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
+    """Updates, the outbox's writes and done marks in one transaction: per entry, is-new for an update, else None.
 
     Under load the marks of handled updates ride along with the commit of
-    arriving ones: one transaction and one thread hop for both.  Each new
+    arriving ones: one transaction and one thread hop for both, and for the
+    outbox's writes (section 13).  A handler's replies go in with its update's
+    mark (before it: a mark never commits without them); a message Telegram
+    has taken by now is not written at all.  Each new
     update that ``ask_older`` gets in its ``older`` the ids of its chat's
     older unhandled updates, read in the same transaction (no round trip of its own).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
+    outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, OutboxSent, ChatBlocked))])
     if marks:
         inbox_mark_done(conn, marks)
-    results = [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
+    results = [next(news) if isinstance(entry, InboxItem) else None for entry in entries]
     for entry, is_new in zip(entries, results):
         if is_new and isinstance(entry, InboxItem) and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
@@ -3622,33 +3626,34 @@ class StoredUpdates:
 
 
 class InboxWriter:
-    """The inbox's group commit: update inserts from the ack path and done marks from the workers.
+    """The inbox's group commit: update inserts from the ack path, done marks and their replies from the workers.
 
-    A done mark that fails to commit is kept, its update still awaiting it, and
-    sent again by ``retry_failed`` once the database is back.
+    A done mark that fails to commit is kept with its update's replies, its
+    update still awaiting it, and sent again by ``retry_failed`` once the database is back.
     """
 
     def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
         self.tracker = tracker
         self.stored = stored
-        self._commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark] = []
+        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
+        self._failed: list[DoneMark | OutboxMessage] = []
 
     def insert(self, item: InboxItem) -> asyncio.Future:
         """A future for whether the update is new (RowRejected, DatabaseUnavailable on failure)."""
-        return self._commit.submit(item)
+        return self.commit.submit(item)
 
-    def mark_done(self, marks: list[DoneMark]) -> None:
+    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
         for mark in marks:
-            self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self._commit.add(mark)
+            if isinstance(mark, DoneMark):
+                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
+            self.commit.add(mark)
 
     def retry_failed(self) -> None:
         if self._failed:
             retry, self._failed = self._failed, []
             self.mark_done(retry)
 
-    def _on_written(self, entries: list[InboxItem | DoneMark], error: BaseException | None) -> None:
+    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
         marks = [entry for entry in entries if isinstance(entry, DoneMark)]
         if not marks:
             return
@@ -3656,7 +3661,9 @@ class InboxWriter:
             # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
             self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
         elif error is not None:
-            self._failed.extend(marks)  # kept out of refill until the database is back
+            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
+                                and entry.update_id in handled)
             self.tracker.notify()
         else:
             for mark in marks:
@@ -3714,66 +3721,21 @@ class HandlerWatchdog:
             self.cut_overdue()
 
 
-ACK_FIRST_MAX_WAIT_S = 0.05  # under overload a worker still starts a handler this often: handling slows, never stops
-
-
-class AckFirst:
-    """Handlers give way to the webhook's acknowledgements.
-
-    An acknowledgement is owed (``with ack_first:``) from the moment the
-    webhook has an update until its answer is decided.  A worker about to
-    start a handler waits while any is owed, so the event loop runs the ack
-    path first and the inbox absorbs what the handlers cannot take yet
-    (acknowledged updates are stored already).  Under sustained overload acks are nearly always owed:
-    the wait then ends after ``max_wait``, so handling keeps a bounded share
-    of the loop and every update is handled once the load stops.
-    """
-
-    def __init__(self, max_wait: float = ACK_FIRST_MAX_WAIT_S, clock: Clock = SYSTEM_CLOCK):
-        self.max_wait = max_wait
-        self.clock = clock
-        self.owed = 0
-        self.deferred = 0  # handler starts that waited for acks
-        self._settled = asyncio.Event()
-        self._settled.set()
-
-    def __enter__(self) -> None:
-        """An acknowledgement is owed until the block ends."""
-        self.owed += 1
-        self._settled.clear()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.owed -= 1
-        if not self.owed:
-            self._settled.set()
-
-    async def turn(self) -> None:
-        """Return once no acknowledgement is owed, or after ``max_wait`` of waiting for that."""
-        if not self.owed:
-            return
-        self.deferred += 1
-        settled = asyncio.ensure_future(self._settled.wait())
-        waited = asyncio.ensure_future(self.clock.sleep(self.max_wait))
-        try:
-            await asyncio.wait((settled, waited), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            settled.cancel()
-            waited.cancel()
-            await asyncio.wait((settled, waited))
-
-
 class ChatWorkers:
     """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
 
     A worker that takes an update of a chat another worker is on parks it with
     that worker, which runs the chat's parked updates before taking new work.
+    Handlers give way to the webhook's acks without leaving the CPU idle: a worker about to start one while an
+    ack is owed yields one turn of the loop, so every ack ready to go on (its commit landed) runs first.  An ack
+    waiting on the disk needs no CPU, so no handler waits for it, however long a burst lasts.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
-                 ack_first: AckFirst):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
         self.tracker = tracker
         self.count = count
-        self.ack_first = ack_first
+        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
+        self.deferred = 0  # handler starts that gave way to acks owed
         self.active = 0  # workers running a handler now
         self._process = process
         self._queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
@@ -3785,6 +3747,14 @@ class ChatWorkers:
 
     def start(self) -> list[asyncio.Task]:
         return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
+
+    @contextlib.contextmanager
+    def ack_owed(self) -> Iterator[None]:
+        self.acks_owed += 1
+        try:
+            yield
+        finally:
+            self.acks_owed -= 1
 
     async def _work(self) -> None:
         while True:
@@ -3798,7 +3768,9 @@ class ChatWorkers:
             self._parked[key] = parked = collections.deque()
             try:
                 while item is not None:
-                    await self.ack_first.turn()
+                    if self.acks_owed:  # one loop turn, never a timed wait
+                        self.deferred += 1
+                        await asyncio.sleep(0)
                     self.tracker.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
                     try:
@@ -3923,9 +3895,11 @@ class UpdatePipeline:
         clock: Clock = SYSTEM_CLOCK,
         mode: Role | None = None,
         answer_pre_checkout: Callable[[dict, bool], Awaitable[None]] | None = None,
+        outbox: Outbox | None = None,  # its replies are written with their update's done mark
     ):
         self.db = db
         self.handler = handler
+        self.outbox = outbox
         self.answer_pre_checkout = answer_pre_checkout  # (query, whether this instance may record the payment)
         self._answering = OwnedTasks("[QUEUE]")
         self.on_handled = on_handled  # hears how long each handler ran
@@ -3935,8 +3909,10 @@ class UpdatePipeline:
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
         self.writer = InboxWriter(db, self.tracker, self.stored)
+        if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
+            outbox.writes = self.writer.commit
         self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers, AckFirst(clock=clock))
+        self.workers = ChatWorkers(self.tracker, self._process, workers)
         self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
                                   self._may_take, clock)
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
@@ -4045,6 +4021,8 @@ class UpdatePipeline:
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
         HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
+        if item.durable and self.outbox is not None:
+            self.outbox.hold_replies(item.update_id)
         blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
@@ -4083,12 +4061,13 @@ class UpdatePipeline:
         """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
+        replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
         if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
             self.tracker.drop(item.update_id)
             self._mark_stored(item.chat_key)
         elif item.durable:
             user_id, lang = update_sender(item.update)
-            self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
+            self.writer.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
         else:
             self.tracker.drop(item.update_id)
         if self.stored.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
@@ -4168,7 +4147,7 @@ class UpdatePipeline:
             "memory_only": stats.memory_only,
             "rejected": stats.rejected,
             "inbox_backlog": self.backlog,
-            "handling_deferred": self.workers.ack_first.deferred,
+            "handling_deferred": self.workers.deferred,
         }
 
 
@@ -6701,6 +6680,7 @@ class OutboxMessage:
     files: dict | None = None  # uploads of ``deliver``
     sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
     on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
+    over: bool = False  # sent or dropped: a row not written yet is then not written at all
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
@@ -6725,19 +6705,19 @@ class ChatBlocked:
 
 
 def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxSent | ChatBlocked]) -> list[None]:
-    """New messages, the ends of old ones and blocked users, in the order they were queued."""
+    """New messages (not one Telegram has taken by now), the ends of old ones and blocked users, in queued order."""
     now = time.time()
     for entry in entries:
-        if isinstance(entry, OutboxMessage):
+        if isinstance(entry, OutboxSent):
+            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
+        elif isinstance(entry, ChatBlocked):
+            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
+                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
+        elif not entry.over:
             conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id)
                             VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING""",
                          (entry.id, entry.chat_id, entry.method, json.dumps(entry.params, ensure_ascii=False),
                           entry.queued_at, entry.update_id))
-        elif isinstance(entry, OutboxSent):
-            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
-        else:
-            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
-                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
     return [None] * len(entries)
 
 
@@ -6782,8 +6762,8 @@ class Outbox:
     """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
     a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
 
-    Queued means written to the ``outbox`` table (group commit), or held in
-    memory while the database is unusable, so the update that produced it
+    Queued means written to the ``outbox`` table (a handler's reply with its update's done mark, others
+    in a group commit), or held in memory while the database is unusable, so the update that produced it
     counts as handled only after its replies are safe; after a restart a
     reply is sent from the table only if its update counts as handled (else
     handling it again queues it again).  Senders deliver
@@ -6809,7 +6789,8 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self._writes = GroupCommit(db, outbox_write, self._on_written)
+        self.writes = GroupCommit(db, outbox_write)
+        self._held: dict[int, list[OutboxMessage]] = {}  # update id -> replies written with its done mark
         # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
         # when it is back, before the table is read again.
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
@@ -6835,9 +6816,12 @@ class Outbox:
         message.on_sent = on_sent
         if not self._push(message) or not self.db.ok:
             return
+        if message.update_id in self._held:
+            self._held[message.update_id].append(message)
+            return
         message.stored = True
         try:
-            await self._writes.submit(message)
+            await self.writes.submit(message)
         except (DatabaseUnavailable, RowRejected):
             message.stored = False  # logged by Database or GroupCommit; sent from memory, written when it is back
 
@@ -6887,6 +6871,17 @@ class Outbox:
             self._ready.put_nowait(message.chat_id)
         return True
 
+    def hold_replies(self, update_id: int) -> None:
+        """The update's handler starts: its replies wait for its done mark's transaction, not a commit of their own."""
+        self._held[update_id] = []
+
+    def held_replies(self, update_id: int) -> list[OutboxMessage]:
+        """The handler ended: its replies still queued, to be written with its done mark (those sent are not)."""
+        replies = [message for message in self._held.pop(update_id, ()) if not message.over]
+        for message in replies:
+            message.stored = True
+        return replies
+
     # -- the senders --------------------------------------------------------------
 
     async def _send_forever(self) -> None:
@@ -6924,7 +6919,7 @@ class Outbox:
                 self._set_aside(chat_id, wait)
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
-                self._writes.add(ChatBlocked(chat_id))
+                self.writes.add(ChatBlocked(chat_id))
             self._end(message, "refused", f"{error.error_code} {error.description}", error)
             return
         self.sent[message.method] += 1
@@ -6943,11 +6938,12 @@ class Outbox:
             message.result.set_exception(error)
         queue = self._chats[message.chat_id]
         queue.popleft()
+        message.over = True
         self._ids.discard(message.id)
         if not self._ids:
             self._emptied.set()
         if message.stored and self.db.ok:
-            self._writes.add(OutboxSent(message.id))
+            self._write_sent(message.id)
         elif message.stored:
             self._unrecorded.append(message.id)
         if queue:
@@ -6955,9 +6951,10 @@ class Outbox:
         else:
             del self._chats[message.chat_id]
 
-    def _on_written(self, entries: list, error: BaseException | None) -> None:
-        if error is not None:
-            self._unrecorded.extend(entry.id for entry in entries if isinstance(entry, OutboxSent))
+    def _write_sent(self, message_id: int) -> None:
+        """The row of a message that is over goes in the next commit (with the inbox's, under load), else later."""
+        written = self.writes.submit(OutboxSent(message_id))
+        written.add_done_callback(lambda done: done.exception() is None or self._unrecorded.append(message_id))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
         self._tasks.start(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
@@ -6987,7 +6984,7 @@ class Outbox:
             for message in unstored:
                 message.stored = True
                 if message.id not in self._ids:  # over while its row was written: the row goes
-                    self._writes.add(OutboxSent(message.id))
+                    self._write_sent(message.id)
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in held and message_id not in self._ids:
@@ -7018,7 +7015,7 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self._writes.settled(OUTBOX_FLUSH_S)
+        await self.writes.settled(OUTBOX_FLUSH_S)
 
     @property
     def depth(self) -> int:
@@ -8110,7 +8107,7 @@ class Routes:
         update = parse_update(request.body)
         if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        with self.pipeline.workers.ack_first:  # handlers wait while it is owed
+        with self.pipeline.workers.ack_owed():  # handlers give way while it is owed
             outcome = await self.pipeline.ingest(update, request.body)
         self.metrics.timings.ack_seconds.observe(self.clock.monotonic() - started)
         if not isinstance(outcome, Rejected):
@@ -8177,7 +8174,7 @@ class App:
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, on_handled=timings.handling_seconds.observe,
                                        clock=clock, mode=self.role,
-                                       answer_pre_checkout=conversation.stars.answer_pre_checkout)
+                                       answer_pre_checkout=conversation.stars.answer_pre_checkout, outbox=outbox)
         set_up = BotSetUp(config, self.telegram, self._background.start, clock,
                           conversation.stars.reconcile if config.stars_packs else None)
         self.role.serve(states, self.generations, outbox, set_up, self.pipeline.wake)

@@ -439,6 +439,7 @@ class LoadRun:
     cpu_wrk: float
     total_acked: int  # warm-up included
     seconds: float = 0.0  # burst: first post -> last reply
+    answered_while_posting: float = 0.0  # burst: sendMessage per second while wrk posted
     complete: bool = True  # burst: every acknowledged update was answered before the time limit
 
 
@@ -487,6 +488,7 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
             on_running(running, plan.burst / 1000)
         started = time.monotonic()
         result = bench.wrk_updates(running, "start", 600, script="counted.lua", arg=plan.burst)
+        answered_while_posting = (bench.botapi.stats()["send_message"] - before) / result.seconds
         acked = result.requests - result.status_errors
         complete = _wait_answered(bench, before, acked)
         stats = bench.botapi.stats()
@@ -497,6 +499,7 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
             ack_p50_ms=result.lat_p50_ms, ack_p99_ms=result.lat_p99_ms,
             errors=result.status_errors + result.socket_errors, cpu_server=cpu_server, cpu_fake=cpu_fake,
             cpu_wrk=result.cpu_seconds / seconds, total_acked=warm_acked + acked, seconds=seconds, complete=complete,
+            answered_while_posting=answered_while_posting,
         )
     finally:
         running.stop()
