@@ -1550,9 +1550,12 @@ async def test_bot_api_calls_go_over_aiohttp_and_other_urls_over_httpxs_own_tran
     assert [p["text"] for p in fake_tg.calls_of("sendMessage")] == ["hi"]  # ... which reached the fake
 
 
-async def test_without_httpx_aiohttp_the_bots_calls_use_httpxs_own_transport(monkeypatch):
-    monkeypatch.setattr(trt_bot, "AiohttpTransport", None)  # as when the import failed
-    async with trt_bot.bot_http_client([API]) as http, respx.mock() as mock:
+@pytest.mark.parametrize("installed, fast", [(False, True), (True, False)])
+async def test_without_httpx_aiohttp_or_at_telegrams_free_rate_the_bots_calls_use_httpxs_own_transport(
+        monkeypatch, installed, fast):
+    if not installed:
+        monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # its import fails
+    async with trt_bot.bot_http_client([API], fast=fast) as http, respx.mock() as mock:
         route = mock.post(f"{API}/bot{TOKEN}/getMe").mock(return_value=httpx.Response(200, json={"ok": True,
                                                                                                "result": {}}))
         assert await trt_bot.TelegramClient(TOKEN, API, http).call("getMe") == {}
@@ -2279,6 +2282,33 @@ async def test_a_worker_never_waits_for_an_ack_still_owed_and_starts_handler_aft
                     workers.enqueue(queued_item(update_id, 42))
                 await eventually(lambda: len(handled) == batch * 10 + 10, timeout=deadline - time.monotonic())
         assert handled == list(range(1, 51)) and workers.deferred == 50 and workers.acks_owed == 0
+
+
+async def test_while_acks_are_owed_handlers_run_at_most_their_share_of_each_window_and_are_never_starved():
+    handled: list[int] = []
+    busy: list[float] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.003:  # a handler that uses the CPU for 3 ms
+            pass
+        busy.append(time.perf_counter() - started)
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(50), process, 2)
+    tasks = workers.start()
+    try:
+        with workers.ack_owed():  # owed all along: a steady stream of acks
+            started = time.perf_counter()
+            for update_id in range(1, 41):
+                workers.enqueue(queued_item(update_id, update_id))
+            await eventually(lambda: len(handled) == 40, timeout=20)  # handled all the same
+            elapsed = time.perf_counter() - started
+        assert elapsed >= 1.25 * sum(busy)  # handlers had at most their share (one may finish past it): acks the rest
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
 
 
 async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
