@@ -17,7 +17,9 @@ What each figure measures, and why it is a fair comparison
    the time from the first post to the last sendMessage reaching the fake Bot
    API, so a bot that acknowledges first and answers later is charged for the
    backlog it builds (counting replies inside a fixed window would instead
-   measure how a flooded bot splits its CPU between taking and answering).
+   measure how a flooded bot splits its CPU between taking and answering;
+   that is shown beside it, as answered/s while posting, with the server's
+   CPU per answered update, acks included).
    Ack latency is wrk's, request to webhook 200, while it posts.  Paced: every
    bot gets the same offered rate (3/4 of aiogram's burst answered/s by
    default, so aiogram is busy but keeping up) for a fixed window; this is
