@@ -8326,10 +8326,6 @@ def freeze_start_up_objects() -> None:
     gc.freeze()
 
 
-# An ack's commit retakes the GIL several times on the database thread: with the loop busy, each took up to 5 ms.
-GIL_SWITCH_S = 0.0005
-
-
 async def serve(config: Config) -> int:
     """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
     app = App(config)
@@ -8337,7 +8333,6 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    sys.setswitchinterval(GIL_SWITCH_S)
     await app.start()
     freeze_start_up_objects()
     await stop.wait()
