@@ -1038,6 +1038,7 @@ async def test_rows_the_database_refuses_fail_alone_and_nothing_else_is_lost(mak
     # Some users' prompts carry what the database refuses, in the ratio question's outbox row and in their job's
     # row: those jobs end with one failure, and everything else goes through untouched.
     app = await make_app(KIE_API_KEY=KIE_KEY, KIE_API_BASE=fake_kie.base_url, DATABASE_URL=database_url)
+    faulty_tg.delay_s = 0.2  # replies are still unsent when their update's done mark is written (a reply sent is not)
     for table, column in REFUSED_ROWS:
         refuse_rows(database_url, table, column, REFUSED_MARK)
     chats = [Chat(7000 + n) for n in range(16)]

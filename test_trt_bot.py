@@ -1563,9 +1563,12 @@ async def test_bot_api_calls_go_over_aiohttp_and_other_urls_over_httpxs_own_tran
     assert [p["text"] for p in fake_tg.calls_of("sendMessage")] == ["hi"]  # ... which reached the fake
 
 
-async def test_without_httpx_aiohttp_the_bots_calls_use_httpxs_own_transport(monkeypatch):
-    monkeypatch.setattr(trt_bot, "AiohttpTransport", None)  # as when the import failed
-    async with trt_bot.bot_http_client([API]) as http, respx.mock() as mock:
+@pytest.mark.parametrize("installed, fast", [(False, True), (True, False)])
+async def test_without_httpx_aiohttp_or_at_telegrams_free_rate_the_bots_calls_use_httpxs_own_transport(
+        monkeypatch, installed, fast):
+    if not installed:
+        monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # its import fails
+    async with trt_bot.bot_http_client([API], fast=fast) as http, respx.mock() as mock:
         route = mock.post(f"{API}/bot{TOKEN}/getMe").mock(return_value=httpx.Response(200, json={"ok": True,
                                                                                                "result": {}}))
         assert await trt_bot.TelegramClient(TOKEN, API, http).call("getMe") == {}
@@ -2254,12 +2257,12 @@ def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
 
 
 @contextlib.asynccontextmanager
-async def one_worker(ack_first: trt_bot.AckFirst, handled: list[int]):
+async def one_worker(handled: list[int]):
     """ChatWorkers with one worker that notes the update ids it handles; the worker is stopped on exit."""
     async def process(item: trt_bot.InboxItem) -> None:
         handled.append(item.update_id)
 
-    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(10), process, 1, ack_first)
+    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(10), process, 1)
     (worker,) = workers.start()
     try:
         yield workers
@@ -2268,35 +2271,54 @@ async def one_worker(ack_first: trt_bot.AckFirst, handled: list[int]):
         await asyncio.wait([worker])
 
 
-async def test_a_worker_starts_no_handler_while_an_ack_is_owed_and_starts_once_it_is_settled():
-    clock = ManualClock()
-    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+async def test_while_an_ack_is_owed_a_worker_lets_the_ready_acks_run_first_then_starts_its_handler():
+    order: list[str] = []
     handled: list[int] = []
-    async with one_worker(ack_first, handled) as workers:
-        with ack_first:
+    async with one_worker(handled) as workers:
+        with workers.ack_owed():
             workers.enqueue(queued_item(1, 42))
-            await eventually(lambda: ack_first.deferred == 1 and clock.sleepers == 1)  # the worker waits, bounded
-            assert handled == []
-        await eventually(lambda: handled == [1])
-        assert clock.sleepers == 0  # its bound ended with the wait
+            asyncio.get_running_loop().call_soon(lambda: order.append(f"ack ran, handled {handled}"))
+            await eventually(lambda: handled == [1])  # no timed wait: the ack is still owed
+        assert order == ["ack ran, handled []"] and workers.deferred == 1
 
 
-async def test_under_sustained_overload_a_worker_still_starts_a_handler_after_the_longest_wait():
-    clock = ManualClock()
-    ack_first = trt_bot.AckFirst(max_wait=0.05, clock=clock)
+async def test_a_worker_never_waits_for_an_ack_still_owed_and_starts_handler_after_handler():
     handled: list[int] = []
-    async with one_worker(ack_first, handled) as workers:
-        with ack_first:  # owed all along: acks keep coming
-            for update_id in (1, 2):
-                workers.enqueue(queued_item(update_id, 42))
-            for handled_after in ([1], [1, 2]):
-                await eventually(lambda: clock.sleepers == 1)
-                clock.advance(0.049)
-                await asyncio.sleep(0)
-                assert len(handled) == len(handled_after) - 1
-                clock.advance(0.001)
-                await eventually(lambda: handled == handled_after)
-            assert ack_first.deferred == 2 and ack_first.owed == 1
+    async with one_worker(handled) as workers:
+        deadline = time.monotonic() + 1.0  # a 50 ms wait before each handler would take 2.5 s
+        with workers.ack_owed():  # owed all along: the acks wait on the disk, the CPU has room
+            for batch in range(5):
+                for update_id in range(batch * 10 + 1, batch * 10 + 11):
+                    workers.enqueue(queued_item(update_id, 42))
+                await eventually(lambda: len(handled) == batch * 10 + 10, timeout=deadline - time.monotonic())
+        assert handled == list(range(1, 51)) and workers.deferred == 50 and workers.acks_owed == 0
+
+
+async def test_while_acks_are_owed_handlers_run_at_most_their_share_of_each_window_and_are_never_starved():
+    handled: list[int] = []
+    busy: list[float] = []
+
+    async def process(item: trt_bot.InboxItem) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.003:  # a handler that uses the CPU for 3 ms
+            pass
+        busy.append(time.perf_counter() - started)
+        handled.append(item.update_id)
+
+    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(50), process, 2)
+    tasks = workers.start()
+    try:
+        with workers.ack_owed():  # owed all along: a steady stream of acks
+            started = time.perf_counter()
+            for update_id in range(1, 41):
+                workers.enqueue(queued_item(update_id, update_id))
+            await eventually(lambda: len(handled) == 40, timeout=20)  # handled all the same
+            elapsed = time.perf_counter() - started
+        assert elapsed >= 1.25 * sum(busy)  # handlers had at most their share (one may finish past it): acks the rest
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
 
 
 async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
@@ -2305,14 +2327,14 @@ async def test_the_webhook_owes_an_ack_until_the_update_is_stored(make_app):
     try:
         blocker = asyncio.ensure_future(app.db.write(lambda conn: release.wait(10)))  # holds the database thread
         posted = asyncio.ensure_future(post_update(app, update_message(1, 42, "x")))
-        await eventually(lambda: app.pipeline.workers.ack_first.owed == 1)
+        await eventually(lambda: app.pipeline.workers.acks_owed == 1)
         release.set()
         assert (await posted).status_code == 200
         await blocker
-        assert app.pipeline.workers.ack_first.owed == 0
+        assert app.pipeline.workers.acks_owed == 0
         assert (await post_update(app, update_message(1, 42, "x"))).status_code == 200  # a duplicate
         assert (await post_update(app, {"update_id": 2**70})).status_code == 400
-        assert app.pipeline.workers.ack_first.owed == 0  # settled on every answer
+        assert app.pipeline.workers.acks_owed == 0  # settled on every answer
     finally:
         release.set()
 
@@ -2333,7 +2355,7 @@ async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_e
     assert {r.status_code for r in results} == {200}
     await asyncio.wait_for(app.pipeline.idle(), 30)
     assert sorted(handled) == list(range(1, 401))  # none lost, none twice
-    assert app.pipeline.workers.ack_first.deferred > 0 and app.pipeline.workers.ack_first.owed == 0
+    assert app.pipeline.workers.deferred > 0 and app.pipeline.workers.acks_owed == 0
 
 
 async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
@@ -2804,6 +2826,33 @@ async def test_a_reply_waiting_in_the_outbox_survives_kill_9(fake_tg, tmp_path, 
     second = bot_processes({**env, "PORT": str(free_port())})
     await second.wait_healthy()
     await eventually(lambda: [p["chat_id"] for p in fake_tg.calls_of("sendMessage")] == [901], timeout=20)
+
+
+async def test_one_commit_per_update_a_reply_rides_with_its_done_mark_and_one_sent_before_is_never_written(
+        make_app, fake_tg):
+    fake_tg.stall("sendMessage")  # the reply waits in the outbox
+    app = await make_app()
+    outbox_rows = lambda conn: conn.execute("SELECT update_id FROM outbox").fetchall()  # noqa: E731
+    commits = app.role.outbox.writes  # the outbox's writes share the inbox's commits
+    assert commits is app.pipeline.writer.commit
+    before = commits.batches
+    assert (await post_update(app, update_message(1, 901, "/start"))).status_code == 200
+    await asyncio.wait_for(app.pipeline.idle(), 10)  # handled and marked done
+    assert await app.db.read(outbox_rows) == [(1,)]
+    assert commits.batches == before + 2  # the ack's insert, then the reply with the done mark
+    fake_tg.release("sendMessage")
+    await eventually_async(lambda: app.db.read(outbox_rows), lambda rows: rows == [])  # sent: its row goes
+
+    sent_in_handler, before = app.pipeline.handler, commits.batches
+
+    async def handler_waiting_for_its_reply(update: dict) -> None:
+        await sent_in_handler(update)
+        await eventually(lambda: len(fake_tg.calls_of("sendMessage")) == 2)  # Telegram took it before the mark
+
+    app.pipeline.handler = handler_waiting_for_its_reply
+    assert (await post_update(app, update_message(2, 901, "/start"))).status_code == 200
+    await asyncio.wait_for(app.pipeline.idle(), 10)
+    assert await app.db.read(outbox_rows) == [] and commits.batches == before + 2  # never written, nor deleted
 
 
 ###############################################################################

@@ -64,15 +64,11 @@ import sys
 import time
 import urllib.parse
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import httpx
 
-try:  # optional (section 7): without it the Bot API and Kie calls use httpx's own transport
-    from httpx_aiohttp import AiohttpTransport
-    import aiohttp
-except ImportError:
-    aiohttp = AiohttpTransport = None
+aiohttp: Any = None  # imported by AiohttpCalls, only for a bot that sends fast (section 7)
 
 __version__ = "1.0.0"
 
@@ -1995,13 +1991,11 @@ class Database:
 class GroupCommit:
     """Writes items from many coroutines in shared transactions.
 
-    ``submit(item)`` returns a future for that item's result; ``add(item)`` is
-    fire-and-forget, and ``on_batch(items, error)`` hears how each batch went.
-    While one batch is being written, new items gather into the next one, so
-    under load one commit (and one thread hop) serves many requests.
-    ``write_batch(conn, items)`` returns one result per item.  A row the
-    database refuses fails alone: the batch is split until that row is found, its
-    future gets RowRejected (logged once), and the others are written.
+    ``submit(item)`` returns a future for that item's result; ``add(item)`` is fire-and-forget, and
+    ``on_batch(items, error)`` hears how each batch went. While one batch is being written, new items gather into
+    the next one, so under load one commit (and one thread hop) serves many requests. ``write_batch(conn, items)``
+    returns one result per item.  A row the database refuses fails alone: the batch is split until that row is
+    found, its future gets RowRejected (logged once), and the others are written.
     """
 
     def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
@@ -2089,11 +2083,9 @@ INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well un
 def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
     """Insert updates; per item, True if new, False if the update_id was seen (or came earlier in ``items``).
 
-    One statement per INBOX_INSERT_ROWS updates, not one per update: on PostgreSQL
-    each statement is a network round trip inside the ack's commit.  Rows go
-    in update_id order: instances inserting the same ids at once take their
-    locks in one order, so neither waits on the other in a cycle (PostgreSQL
-    would abort one as a deadlock).
+    One statement per INBOX_INSERT_ROWS updates, not one per update: on PostgreSQL each statement is a network round
+    trip inside the ack's commit.  Rows go in update_id order: instances inserting the same ids at once take their
+    locks in one order, so neither waits on the other in a cycle (PostgreSQL would abort one as a deadlock).
     """
     ordered = sorted(range(len(items)), key=lambda index: items[index].update_id)
     inserted: set[int] = set()
@@ -2137,19 +2129,21 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
     return [None] * len(marks)
 
 
-def inbox_write_reading_older(conn: sqlite3.Connection, entries: list[InboxItem | DoneMark]) -> list[bool | None]:
-    """New updates and done marks in one transaction: per entry, is-new for an update, None for a mark.
+def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
+    """Updates, the outbox's writes and done marks in one transaction: per entry, is-new for an update, else None.
 
-    Under load the marks of handled updates ride along with the commit of
-    arriving ones: one transaction and one thread hop for both.  Each new
-    update that ``ask_older`` gets in its ``older`` the ids of its chat's
-    older unhandled updates, read in the same transaction (no round trip of its own).
+    Under load the marks of handled updates and the outbox's writes ride along with the commit of arriving ones: one
+    transaction and one thread hop for all. A handler's replies go in before its update's mark (never the mark
+    without them); one Telegram has taken by now is not written at all.  Each new update that ``ask_older`` gets in
+    its ``older`` the ids of its chat's older unhandled updates, read in the same transaction (no round trip of its
+    own).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
+    outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, OutboxSent, ChatBlocked))])
     if marks:
         inbox_mark_done(conn, marks)
-    results = [None if isinstance(entry, DoneMark) else next(news) for entry in entries]
+    results = [next(news) if isinstance(entry, InboxItem) else None for entry in entries]
     for entry, is_new in zip(entries, results):
         if is_new and isinstance(entry, InboxItem) and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
@@ -2382,6 +2376,9 @@ class AiohttpCalls(httpx.AsyncBaseTransport):
     raising the errors httpx's own transport raises, so a lost answer is still told from a call never sent."""
 
     def __init__(self, limits: httpx.Limits):
+        global aiohttp
+        import aiohttp  # ImportError without httpx-aiohttp (an optional requirement)
+        from httpx_aiohttp import AiohttpTransport
         self._transport = AiohttpTransport(limits=limits)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -2404,16 +2401,18 @@ class AiohttpCalls(httpx.AsyncBaseTransport):
         await self._transport.aclose()
 
 
-def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
-    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over aiohttp when httpx-aiohttp
-    is installed; everything else (result downloads, with their pinned address and SNI) over httpx's own."""
+TELEGRAM_FREE_RATE = 30  # sends/s Telegram allows a bot without paid broadcasts
+
+
+def bot_http_client(api_bases: Iterable[str], fast: bool = True) -> httpx.AsyncClient:
+    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over aiohttp when ``fast`` and
+    httpx-aiohttp is installed (~40% less CPU per call, for ~7 MB of RSS and ~0.15 s of start-up: worth it beyond
+    Telegram's free rate); everything else (result downloads, with their pinned address and SNI) over httpx's own."""
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     mounts: dict[str, httpx.AsyncBaseTransport] = {}
-    if AiohttpTransport is not None:
-        calls = AiohttpCalls(limits)
-        for base in api_bases:
-            parts = urllib.parse.urlsplit(base)
-            mounts[f"{parts.scheme}://{parts.netloc}"] = calls
+    with contextlib.suppress(ImportError):
+        calls = AiohttpCalls(limits) if fast else None
+        mounts = {f"{part.scheme}://{part.netloc}": calls for part in map(urllib.parse.urlsplit, api_bases) if calls}
     return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, limits=limits, mounts=mounts)
 
 
@@ -3121,9 +3120,8 @@ class UpdateState(enum.Enum):
 class UpdateTracker:
     """One state per update the pipeline holds, keyed by update id, and the memory bound.
 
-    ``in_memory`` counts the queued, parked and handled updates, which must
-    stay within ``capacity``; it is kept as states change, so the ack path
-    never walks the map.
+    ``in_memory`` counts the queued, parked and handled updates, which must stay within ``capacity``; it is kept as
+    states change, so the ack path never walks the map.
     """
 
     def __init__(self, capacity: int):
@@ -3183,11 +3181,9 @@ class UpdateTracker:
 class StoredUpdates:
     """What waits in the inbox rather than in memory.
 
-    ``backlog`` is the inbox's unhandled rows (what /health shows, and the
-    bound on admission).  Per chat, how many of its updates wait there: never
-    too low (a later update of the chat could overtake them), too high only
-    until the inbox is next read to its end.  ``spilling`` is true while any
-    might wait.
+    ``backlog`` is the inbox's unhandled rows (what /health shows, and the bound on admission).  Per chat, how many
+    of its updates wait there: never too low (a later update of the chat could overtake them), too high only until
+    the inbox is next read to its end.  ``spilling`` is true while any might wait.
     """
 
     def __init__(self, max_backlog: int):
@@ -3235,33 +3231,34 @@ class StoredUpdates:
 
 
 class InboxWriter:
-    """The inbox's group commit: update inserts from the ack path and done marks from the workers.
+    """The inbox's group commit: update inserts from the ack path, done marks and their replies from the workers.
 
-    A done mark that fails to commit is kept, its update still awaiting it, and
-    sent again by ``retry_failed`` once the database is back.
+    A done mark that fails to commit is kept with its update's replies, its
+    update still awaiting it, and sent again by ``retry_failed`` once the database is back.
     """
 
     def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
         self.tracker = tracker
         self.stored = stored
-        self._commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark] = []
+        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
+        self._failed: list[DoneMark | OutboxMessage] = []
 
     def insert(self, item: InboxItem) -> asyncio.Future:
         """A future for whether the update is new (RowRejected, DatabaseUnavailable on failure)."""
-        return self._commit.submit(item)
+        return self.commit.submit(item)
 
-    def mark_done(self, marks: list[DoneMark]) -> None:
+    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
         for mark in marks:
-            self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self._commit.add(mark)
+            if isinstance(mark, DoneMark):
+                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
+            self.commit.add(mark)
 
     def retry_failed(self) -> None:
         if self._failed:
             retry, self._failed = self._failed, []
             self.mark_done(retry)
 
-    def _on_written(self, entries: list[InboxItem | DoneMark], error: BaseException | None) -> None:
+    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
         marks = [entry for entry in entries if isinstance(entry, DoneMark)]
         if not marks:
             return
@@ -3269,7 +3266,9 @@ class InboxWriter:
             # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
             self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
         elif error is not None:
-            self._failed.extend(marks)  # kept out of refill until the database is back
+            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
+                                and entry.update_id in handled)
             self.tracker.notify()
         else:
             for mark in marks:
@@ -3283,10 +3282,9 @@ WATCHDOG_INTERVAL_S = 1.0  # how late a cut may land
 class HandlerWatchdog:
     """Cuts handlers that run past ``timeout``.
 
-    One check a second for all workers instead of a timer per update (an
-    asyncio.timeout costs a few microseconds on every update); the cut lands at
-    most a second late.  A cut is a cancel the worker withdraws (``uncancel``)
-    when its handler ends, so a shutdown's cancel is still told apart from it.
+    One check a second for all workers instead of a timer per update (an asyncio.timeout costs a few microseconds on
+    every update); the cut lands at most a second late.  A cut is a cancel the worker withdraws (``uncancel``) when
+    its handler ends, so a shutdown's cancel is still told apart from it.
     """
 
     def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK):
@@ -3327,52 +3325,9 @@ class HandlerWatchdog:
             self.cut_overdue()
 
 
-ACK_FIRST_MAX_WAIT_S = 0.05  # under overload a worker still starts a handler this often: handling slows, never stops
-
-
-class AckFirst:
-    """Handlers give way to the webhook's acknowledgements.
-
-    An acknowledgement is owed (``with ack_first:``) from the moment the
-    webhook has an update until its answer is decided.  A worker about to
-    start a handler waits while any is owed, so the event loop runs the ack
-    path first and the inbox absorbs what the handlers cannot take yet
-    (acknowledged updates are stored already).  Under sustained overload acks are nearly always owed:
-    the wait then ends after ``max_wait``, so handling keeps a bounded share
-    of the loop and every update is handled once the load stops.
-    """
-
-    def __init__(self, max_wait: float = ACK_FIRST_MAX_WAIT_S, clock: Clock = SYSTEM_CLOCK):
-        self.max_wait = max_wait
-        self.clock = clock
-        self.owed = 0
-        self.deferred = 0  # handler starts that waited for acks
-        self._settled = asyncio.Event()
-        self._settled.set()
-
-    def __enter__(self) -> None:
-        """An acknowledgement is owed until the block ends."""
-        self.owed += 1
-        self._settled.clear()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.owed -= 1
-        if not self.owed:
-            self._settled.set()
-
-    async def turn(self) -> None:
-        """Return once no acknowledgement is owed, or after ``max_wait`` of waiting for that."""
-        if not self.owed:
-            return
-        self.deferred += 1
-        settled = asyncio.ensure_future(self._settled.wait())
-        waited = asyncio.ensure_future(self.clock.sleep(self.max_wait))
-        try:
-            await asyncio.wait((settled, waited), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            settled.cancel()
-            waited.cancel()
-            await asyncio.wait((settled, waited))
+# While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
+ACK_FIRST_WINDOW_S = 0.01
+HANDLERS_SHARE = 0.5
 
 
 class ChatWorkers:
@@ -3380,13 +3335,17 @@ class ChatWorkers:
 
     A worker that takes an update of a chat another worker is on parks it with
     that worker, which runs the chat's parked updates before taking new work.
+    While an ack is owed, a worker yields one loop turn before each handler (acks whose commit landed go on),
+    and waits only once handlers have had their share of the window: acks get the rest however long a burst
+    lasts.  An earlier rule, wait while any ack is owed (up to 50 ms), all but stopped handling during a burst.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
-                 ack_first: AckFirst):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
         self.tracker = tracker
         self.count = count
-        self.ack_first = ack_first
+        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
+        self.deferred = 0  # handler starts that gave way to acks owed
+        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
         self.active = 0  # workers running a handler now
         self._process = process
         self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
@@ -3398,6 +3357,26 @@ class ChatWorkers:
 
     def start(self) -> list[asyncio.Task]:
         return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
+
+    @contextlib.contextmanager
+    def ack_owed(self) -> Iterator[None]:
+        self.acks_owed += 1
+        try:
+            yield
+        finally:
+            self.acks_owed -= 1
+
+    async def _give_way(self) -> None:
+        """An ack is owed: yield one loop turn (acks whose commit landed go on), and once handlers have had their
+        share of the window, wait for its end while acks are still owed."""
+        self.deferred += 1
+        await asyncio.sleep(0)
+        while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
+            now = time.perf_counter()
+            if now >= self._window_ends:
+                self._window_ends, self._spent = now + ACK_FIRST_WINDOW_S, 0.0
+            else:
+                await asyncio.sleep(self._window_ends - now)
 
     async def _work(self) -> None:
         while True:
@@ -3411,13 +3390,16 @@ class ChatWorkers:
             self._parked[key] = parked = collections.deque()
             try:
                 while item is not None:
-                    await self.ack_first.turn()
+                    if self.acks_owed:
+                        await self._give_way()
                     self.tracker.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
+                    started = time.perf_counter()
                     try:
                         await self._process(item)
                     finally:
                         self.active -= 1
+                        self._spent += time.perf_counter() - started
                     item = parked.popleft() if parked else None
             finally:
                 del self._parked[key]
@@ -3427,9 +3409,8 @@ class ChatWorkers:
 class InboxRefill:
     """Reads the inbox: moves the oldest stored updates into memory as room frees up.
 
-    It also recounts the backlog (picking up what a previous run, another
-    instance or a lost database file left), retries failed done marks and
-    prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
+    It also recounts the backlog (picking up what a previous run, another instance or a lost database file left),
+    retries failed done marks and prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
     """
 
     db: Database
@@ -3515,12 +3496,10 @@ class InboxRefill:
 class UpdatePipeline:
     """Durable, ordered delivery of updates to ``handler``.
 
-    ``ingest`` says whether an update was kept: Admitted once committed to the inbox
-    (or, the database down, held in memory), Duplicate for an id seen before,
-    Rejected when the database refuses it or it cannot be kept.  A chat's
-    updates run one at a time in arrival order, database or not: while a chat
-    has updates waiting in the inbox (spilled), a memory-only update of that
-    chat would overtake them, so it is rejected and Telegram sends it again.
+    ``ingest`` says whether an update was kept: Admitted once committed to the inbox (or, the database down, held in
+    memory), Duplicate for an id seen before, Rejected when the database refuses it or it cannot be kept.  A chat's
+    updates run one at a time in arrival order, database or not: while a chat has updates waiting in the inbox
+    (spilled), a memory-only update of that chat would overtake them, so it is rejected and Telegram sends it again.
     """
 
     def __init__(
@@ -3536,9 +3515,11 @@ class UpdatePipeline:
         clock: Clock = SYSTEM_CLOCK,
         mode: Role | None = None,
         answer_pre_checkout: Callable[[dict, bool], Awaitable[None]] | None = None,
+        outbox: Outbox | None = None,  # its replies are written with their update's done mark
     ):
         self.db = db
         self.handler = handler
+        self.outbox = outbox
         self.answer_pre_checkout = answer_pre_checkout  # (query, whether this instance may record the payment)
         self._answering = OwnedTasks("[QUEUE]")
         self.on_handled = on_handled  # hears how long each handler ran
@@ -3548,8 +3529,10 @@ class UpdatePipeline:
         self.tracker = UpdateTracker(queue_size)
         self.stored = StoredUpdates(max_backlog)
         self.writer = InboxWriter(db, self.tracker, self.stored)
+        if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
+            outbox.writes = self.writer.commit
         self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers, AckFirst(clock=clock))
+        self.workers = ChatWorkers(self.tracker, self._process, workers)
         self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
                                   self._may_take, clock)
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
@@ -3658,6 +3641,8 @@ class UpdatePipeline:
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         self.watchdog.watch(task, started)
         HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
+        if item.durable and self.outbox is not None:
+            self.outbox.hold_replies(item.update_id)
         blocked = False  # the user has blocked the bot
         try:
             if self._expired(item):
@@ -3696,12 +3681,13 @@ class UpdatePipeline:
         """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
+        replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
         if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
             self.tracker.drop(item.update_id)
             self._mark_stored(item.chat_key)
         elif item.durable:
             user_id, lang = update_sender(item.update)
-            self.writer.mark_done([DoneMark(item.update_id, user_id, lang, blocked)])
+            self.writer.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
         else:
             self.tracker.drop(item.update_id)
         if self.stored.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
@@ -3781,7 +3767,7 @@ class UpdatePipeline:
             "memory_only": stats.memory_only,
             "rejected": stats.rejected,
             "inbox_backlog": self.backlog,
-            "handling_deferred": self.workers.ack_first.deferred,
+            "handling_deferred": self.workers.deferred,
         }
 
 
@@ -5988,14 +5974,11 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns every message to a chat, the bot's one sender.  Durable ones keep
-#    their chat's order: the dialog's replies queued durably before their
-#    update counts as handled, a job's (⏳, results, explanations) in memory,
-#    its job row being what survives.  Signs of life (chat actions, elapsed
-#    time) are in memory, one per key, and give way to any durable message
-#    in their chat.  A few senders go at Telegram's limits (section 7), one
-#    chat never holding up another; a message ends sent or at its deadline
-#    (monotonic), whether or not its caller still waits.
+#    Owns every message to a chat, the bot's one sender.  Durable ones keep their chat's order: the dialog's
+#    replies queued durably before their update counts as handled, a job's (⏳, results, explanations) in
+#    memory, its job row being what survives.  Signs of life (chat actions, elapsed time) are in memory, one
+#    per key, and give way to any durable message in their chat.  A few senders go at Telegram's limits
+#    (section 7), one chat never holding up another; a message ends sent or at its deadline (monotonic).
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -6025,6 +6008,7 @@ class OutboxMessage:
     files: dict | None = None  # uploads of ``deliver``
     sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
     on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
+    over: bool = False  # sent or dropped: a row not written yet is then not written at all
 
     def ended(self) -> asyncio.Future:
         """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
@@ -6049,19 +6033,19 @@ class ChatBlocked:
 
 
 def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxSent | ChatBlocked]) -> list[None]:
-    """New messages, the ends of old ones and blocked users, in the order they were queued."""
+    """New messages (not one Telegram has taken by now), the ends of old ones and blocked users, in queued order."""
     now = time.time()
     for entry in entries:
-        if isinstance(entry, OutboxMessage):
+        if isinstance(entry, OutboxSent):
+            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
+        elif isinstance(entry, ChatBlocked):
+            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
+                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
+        elif not entry.over:
             conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id)
                             VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING""",
                          (entry.id, entry.chat_id, entry.method, json.dumps(entry.params, ensure_ascii=False),
                           entry.queued_at, entry.update_id))
-        elif isinstance(entry, OutboxSent):
-            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
-        else:
-            conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
-                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
     return [None] * len(entries)
 
 
@@ -6106,17 +6090,13 @@ class Outbox:
     """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
     a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
 
-    Queued means written to the ``outbox`` table (group commit), or held in
-    memory while the database is unusable, so the update that produced it
-    counts as handled only after its replies are safe; after a restart a
-    reply is sent from the table only if its update counts as handled (else
-    handling it again queues it again).  Senders deliver
-    them through the paced TelegramClient: a chat's messages in order, a
-    chat waiting on its spacing or a failing Telegram set aside so others
-    go on.  A message Telegram refuses for good (400, 403) or still unsent at
-    its deadline (SEND_BY, or ``max_wait_s``) ends, logged and counted;
-    anything else waits.
-    ``answer_callback`` goes out at once (Telegram exempts it from limits).
+    Queued means written to the ``outbox`` table (a handler's reply with its update's done mark, others in a
+    group commit), or held in memory while the database is unusable, so the update that produced it counts as
+    handled only after its replies are safe; after a restart a reply is sent from the table only if its update
+    counts as handled (else handling it again queues it again).  Senders deliver them through the paced
+    TelegramClient: a chat's messages in order, a chat waiting on its spacing or a failing Telegram set aside so
+    others go on.  A message Telegram refuses for good (400, 403) or still unsent at its deadline (SEND_BY, or
+    ``max_wait_s``) ends, logged and counted; anything else waits.  ``answer_callback`` goes out at once.
     """
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
@@ -6133,7 +6113,8 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self._writes = GroupCommit(db, outbox_write, self._on_written)
+        self.writes = GroupCommit(db, outbox_write)
+        self._held: dict[int, list[OutboxMessage]] = {}  # update id -> replies written with its done mark
         # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
         # when it is back, before the table is read again.
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
@@ -6159,9 +6140,12 @@ class Outbox:
         message.on_sent = on_sent
         if not self._push(message) or not self.db.ok:
             return
+        if message.update_id in self._held:
+            self._held[message.update_id].append(message)
+            return
         message.stored = True
         try:
-            await self._writes.submit(message)
+            await self.writes.submit(message)
         except (DatabaseUnavailable, RowRejected):
             message.stored = False  # logged by Database or GroupCommit; sent from memory, written when it is back
 
@@ -6211,6 +6195,17 @@ class Outbox:
             self._ready.put_nowait(message.chat_id)
         return True
 
+    def hold_replies(self, update_id: int) -> None:
+        """The update's handler starts: its replies wait for its done mark's transaction, not a commit of their own."""
+        self._held[update_id] = []
+
+    def held_replies(self, update_id: int) -> list[OutboxMessage]:
+        """The handler ended: its replies still queued, to be written with its done mark (those sent are not)."""
+        replies = [message for message in self._held.pop(update_id, ()) if not message.over]
+        for message in replies:
+            message.stored = True
+        return replies
+
     # -- the senders --------------------------------------------------------------
 
     async def _send_forever(self) -> None:
@@ -6248,7 +6243,7 @@ class Outbox:
                 self._set_aside(chat_id, wait)
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
-                self._writes.add(ChatBlocked(chat_id))
+                self.writes.add(ChatBlocked(chat_id))
             self._end(message, "refused", f"{error.error_code} {error.description}", error)
             return
         self.sent[message.method] += 1
@@ -6267,11 +6262,12 @@ class Outbox:
             message.result.set_exception(error)
         queue = self._chats[message.chat_id]
         queue.popleft()
+        message.over = True
         self._ids.discard(message.id)
         if not self._ids:
             self._emptied.set()
         if message.stored and self.db.ok:
-            self._writes.add(OutboxSent(message.id))
+            self._write_sent(message.id)
         elif message.stored:
             self._unrecorded.append(message.id)
         if queue:
@@ -6279,9 +6275,10 @@ class Outbox:
         else:
             del self._chats[message.chat_id]
 
-    def _on_written(self, entries: list, error: BaseException | None) -> None:
-        if error is not None:
-            self._unrecorded.extend(entry.id for entry in entries if isinstance(entry, OutboxSent))
+    def _write_sent(self, message_id: int) -> None:
+        """The row of a message that is over goes in the next commit (with the inbox's, under load), else later."""
+        written = self.writes.submit(OutboxSent(message_id))
+        written.add_done_callback(lambda done: done.exception() is None or self._unrecorded.append(message_id))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
         self._tasks.start(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
@@ -6311,7 +6308,7 @@ class Outbox:
             for message in unstored:
                 message.stored = True
                 if message.id not in self._ids:  # over while its row was written: the row goes
-                    self._writes.add(OutboxSent(message.id))
+                    self._write_sent(message.id)
         loaded = 0
         for message_id, chat_id, method, params, queued_at, update_id in rows:
             if message_id not in held and message_id not in self._ids:
@@ -6342,7 +6339,7 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self._writes.settled(OUTBOX_FLUSH_S)
+        await self.writes.settled(OUTBOX_FLUSH_S)
 
     @property
     def depth(self) -> int:
@@ -7250,7 +7247,7 @@ class Routes:
         update = parse_update(request.body)
         if self.stopping.is_set():
             return text_response(503, "shutting down", (("Retry-After", "5"),))
-        with self.pipeline.workers.ack_first:  # handlers wait while it is owed
+        with self.pipeline.workers.ack_owed():  # handlers give way while it is owed
             outcome = await self.pipeline.ingest(update, request.body)
         observe(self.histograms, "trt_webhook_ack_seconds", self.clock.monotonic() - started)
         if not isinstance(outcome, Rejected):
@@ -7298,7 +7295,8 @@ class App:
         self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
         self.role = Role(self.db, config.lease_ttl_s, clock)
-        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base),
+                                            fast=config.telegram_send_rate > TELEGRAM_FREE_RATE)
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        send_limits=config.send_limits, acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
@@ -7315,7 +7313,7 @@ class App:
         self.pipeline = UpdatePipeline(self.db, conversation.handle, queue_size=config.queue_size,
                                        workers=config.queue_workers, clock=clock, mode=self.role,
                                        on_handled=functools.partial(observe, histograms, "trt_update_handling_seconds"),
-                                       answer_pre_checkout=conversation.stars.answer_pre_checkout)
+                                       answer_pre_checkout=conversation.stars.answer_pre_checkout, outbox=outbox)
         self.stars = conversation.stars
         self.role.serve(conversation, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
         self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
@@ -7490,14 +7488,6 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args not in ([], ["check"]):
@@ -7509,7 +7499,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trt_bot: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config)
-    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    with asyncio.Runner(loop_factory=uvloop and uvloop.new_event_loop) as runner:
         return runner.run(run_check(config) if args == ["check"] else serve(config))
 
 

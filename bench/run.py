@@ -17,7 +17,9 @@ What each figure measures, and why it is a fair comparison
    the time from the first post to the last sendMessage reaching the fake Bot
    API, so a bot that acknowledges first and answers later is charged for the
    backlog it builds (counting replies inside a fixed window would instead
-   measure how a flooded bot splits its CPU between taking and answering).
+   measure how a flooded bot splits its CPU between taking and answering;
+   that is shown beside it, as answered/s while posting, with the server's
+   CPU per answered update, acks included).
    Ack latency is wrk's, request to webhook 200, while it posts.  Paced: every
    bot gets the same offered rate (3/4 of aiogram's burst answered/s by
    default, so aiogram is busy but keeping up) for a fixed window; this is
@@ -439,6 +441,7 @@ class LoadRun:
     cpu_wrk: float
     total_acked: int  # warm-up included
     seconds: float = 0.0  # burst: first post -> last reply
+    answered_while_posting: float = 0.0  # burst: sendMessage per second while wrk posted
     complete: bool = True  # burst: every acknowledged update was answered before the time limit
 
 
@@ -487,6 +490,7 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
             on_running(running, plan.burst / 1000)
         started = time.monotonic()
         result = bench.wrk_updates(running, "start", 600, script="counted.lua", arg=plan.burst)
+        answered_while_posting = (bench.botapi.stats()["send_message"] - before) / result.seconds
         acked = result.requests - result.status_errors
         complete = _wait_answered(bench, before, acked)
         stats = bench.botapi.stats()
@@ -497,6 +501,7 @@ def measure_burst(bench: Bench, key: str, *, database: str | None = None,
             ack_p50_ms=result.lat_p50_ms, ack_p99_ms=result.lat_p99_ms,
             errors=result.status_errors + result.socket_errors, cpu_server=cpu_server, cpu_fake=cpu_fake,
             cpu_wrk=result.cpu_seconds / seconds, total_acked=warm_acked + acked, seconds=seconds, complete=complete,
+            answered_while_posting=answered_while_posting,
         )
     finally:
         running.stop()
