@@ -1637,18 +1637,7 @@ def _inode(path: str) -> tuple[int, int] | str | None:
 def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
                 migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
-    if path != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
-    try:
-        _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
-        conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        dialect = SqliteFile(path, busy_timeout_ms, migrations)
-        in_transaction(conn, dialect, migrate, dialect)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return SqliteFile(path, busy_timeout_ms, migrations).connect(None)
 
 
 def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
@@ -1733,7 +1722,7 @@ class SqliteFile:
     ddl = staticmethod(str)  # SQLite takes the migrations as they are written
 
     def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
-        """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
+        """Open and migrate the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
         if previous is not None:
             identity = file_identity(self.path)
             if identity != self._identity:
@@ -1741,16 +1730,23 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms, self.migrations)
-        self._identity = file_identity(self.path)
-        if self._salvage:
-            try:
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        timeout = self.busy_timeout_ms / 1000
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+        try:
+            _switch_to_wal(conn, time.monotonic() + timeout)
+            conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            self._identity = None  # the new file's, once migrating has made its -wal and -shm
+            in_transaction(conn, self, migrate, self)
+            self._identity = file_identity(self.path)
+            if self._salvage:
                 restored = in_transaction(conn, self, restore_rows, self._salvage)
-            except BaseException:
-                conn.close()
-                raise
-            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
-                        restored, self.path)
+                log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
+                            restored, self.path)
+        except BaseException:
+            conn.close()
+            raise
         self._salvage = None
         return conn
 
@@ -6667,9 +6663,6 @@ class ProcessIdentity:
         return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
 
 
-PidProbe = Callable[[int], tuple[bool, str]]
-
-
 def probe_pid(pid: int) -> tuple[bool, str]:
     """(runs, start time) of ``pid`` in this PID namespace (a zombie has exited); start time "" when unreadable."""
     try:
@@ -6706,7 +6699,7 @@ def current_process_identity(instance: str) -> ProcessIdentity:
     return ProcessIdentity(socket.gethostname(), pid, instance, pid_namespace, boot_id, start_time)
 
 
-def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
+def lease_owner_is_gone(holder: str, me: str, probe: Callable[[int], tuple[bool, str]] = probe_pid) -> bool:
     """Whether the process that wrote ``holder`` has provably exited, judged by ``me``: only one in my PID namespace
     during this boot can be (its pid gone, or a process started at another time).  Any other may be alive: two
     containers on one host can both be pid 1."""
@@ -6722,15 +6715,14 @@ def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
 LEASE_ROW = "SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'"
 
 
-def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
-                probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
+def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float) -> tuple[bool, str, float]:
     """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
 
     A compare-and-set: on PostgreSQL (READ COMMITTED) two instances may read the same expired row, and the
     upsert's row lock lets the second see the first's win and write nothing.
     """
     row = conn.execute(LEASE_ROW).fetchone()
-    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
+    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner):
         return False, row[0], row[2]
     acquired_at = row[1] if row is not None and row[0] == owner else now
     read_owner, read_expiry = (row[0], row[2]) if row is not None else (None, None)  # no row: insert only
@@ -6817,7 +6809,7 @@ class Role:
                 holder = await self.db.read(lease_holder)  # type: ignore[union-attr]
             except DatabaseUnavailable:
                 continue  # the claim, when due, reports it
-            if holder is None or lease_owner_is_gone(holder, self.owner, probe_pid):
+            if holder is None or lease_owner_is_gone(holder, self.owner):
                 return
 
     async def claim(self) -> bool | None:
@@ -6863,18 +6855,19 @@ class Role:
                     await self._run()
                 return
             if (self.holding and not self.continued) or (first and not held):
-                await self.hand_over()
+                # Hand over: forget the stored work memory holds, the holder takes it up from the database.
+                self.holding = False
+                self.handovers += 1
+                await self.generations.pause()
+                await self.outbox.pause()
             if held and not self.holding:
-                await self.take_over()
+                # Take over: the dialogs first (a step taken while they loaded would be overwritten), then the rest.
+                with contextlib.suppress(DatabaseUnavailable):
+                    log.info("[DB] %d open dialogs loaded", await self.states.load())
+                await self._run(taking_over=True)
+                self.wake()
             elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
                 await self._run()
-
-    async def take_over(self) -> None:
-        """Load the dialogs first (a step taken while they loaded would be overwritten), then take up the rest."""
-        with contextlib.suppress(DatabaseUnavailable):
-            log.info("[DB] %d open dialogs loaded", await self.states.load())
-        await self._run(taking_over=True)
-        self.wake()
 
     async def _run(self, taking_over: bool = False) -> None:
         await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
@@ -6882,13 +6875,6 @@ class Role:
         await self.generations.resume()
         self.set_up, set_up = lambda: None, self.set_up  # only when this process first becomes active
         set_up()
-
-    async def hand_over(self) -> None:
-        """Forget the stored work memory holds: the holder takes it up from the database."""
-        self.holding = False
-        self.handovers += 1
-        await self.generations.pause()
-        await self.outbox.pause()
 
     async def hold(self, stopping: asyncio.Event) -> None:
         """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
