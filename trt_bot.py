@@ -1436,8 +1436,7 @@ class HttpServer:
 #
 # Tables.  inbox: every update by update_id, done_at set once handled (kept INBOX_KEEP_DONE_S so a redelivery is
 # known); outbox: the dialog's replies not yet taken by Telegram; jobs: a generation's row, saved as its state
-# changes; credits: the Stars ledger, a row per change keyed by its cause ("paid:<charge>", "spent:<job>"...),
-# so doing a change twice writes a key that exists; topic_dialogs, user_languages, user_settings, users; lease.
+# changes; credits: the Stars ledger (below); topic_dialogs, user_languages, user_settings, users; lease.
 # What is durable when: an update is committed to the inbox before its 200 is sent (else Telegram keeps it and
 # sends it again); a handler's replies are in the outbox before its update's done mark (both with group commits:
 # one transaction and one fsync for many acks).
@@ -1810,42 +1809,10 @@ def _postgres_params(params: Iterable[Any]) -> list[Any]:
     return [int(value) if isinstance(value, bool) else value for value in params]
 
 
-class PostgresConnection:
-    """A psycopg connection that takes the storage functions' SQL (``?`` placeholders) as they are, in autocommit
-    mode: transactions are ``in_transaction``'s explicit BEGIN ... COMMIT."""
-
-    def __init__(self, conn: Any, programming_error: type[Exception]):
-        self._conn = conn
-        self._programming_error = programming_error
-        status = type(conn.info.transaction_status)
-        self._open_states = {status.INTRANS, status.INERROR}
-
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
-
-    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
-        cursor = self._conn.cursor()
-        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
-        return cursor
-
-    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except self._programming_error as error:
-            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
-                raise
-            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._conn.info.transaction_status in self._open_states
-
-    def close(self) -> None:
-        self._conn.close()
-
-
 class PostgresServer:
-    """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed)."""
+    """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed), and
+    the one connection to it: ``connect`` returns the server itself, which takes the storage functions' SQL
+    (``?`` placeholders) as they are, in autocommit mode (transactions are ``in_transaction``'s BEGIN ... COMMIT)."""
 
     begin = "BEGIN"
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
@@ -1860,42 +1827,67 @@ class PostgresServer:
         # send.  Anything else (the connection lost, a missing table, no rights) makes it unusable until reopened.
         self.row_errors = (self.psycopg.DataError, self.psycopg.IntegrityError, ValueError, OverflowError, TypeError)
         self.failures = (self.psycopg.Error,)
+        status = self.psycopg.pq.TransactionStatus
+        self._open_states = {status.INTRANS, status.INERROR}
+        self._conn: Any = None  # psycopg's
 
     @staticmethod
-    def schema_version(conn: PostgresConnection) -> int:
+    def schema_version(conn: PostgresServer) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(?)", (POSTGRES_MIGRATION_LOCK,))  # held until COMMIT
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
 
     @staticmethod
-    def set_schema_version(conn: PostgresConnection, number: int) -> None:
+    def set_schema_version(conn: PostgresServer, number: int) -> None:
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version(version) VALUES (?)", (number,))
 
     ddl = staticmethod(postgres_ddl)
 
-    def connect(self, previous: PostgresConnection | None) -> PostgresConnection:
+    def connect(self, previous: PostgresServer | None) -> PostgresServer:
         if previous is not None:
             previous.close()
         given = self.psycopg.conninfo.conninfo_to_dict(self.url)
         defaults = {key: value for key, value in POSTGRES_CONNECTION_DEFAULTS.items() if key not in given}
-        conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
-                                  self.psycopg.ProgrammingError)
+        self._conn = self.psycopg.connect(self.url, autocommit=True, **defaults)
         try:
-            in_transaction(conn, self, migrate, self)
+            in_transaction(self, self, migrate, self)
         except BaseException:
-            conn.close()
+            self.close()
             raise
-        return conn
+        return self
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
+        cursor = self._conn.cursor()
+        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
+        return cursor
+
+    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except self.psycopg.ProgrammingError as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.info.transaction_status in self._open_states
+
+    def close(self) -> None:
+        self._conn.close()
 
     vouch = staticmethod(lambda conn: None)  # nothing to check: the server reports COMMIT once it is durable
 
     @staticmethod
-    def check(conn: PostgresConnection) -> None:
+    def check(conn: PostgresServer) -> None:
         conn.execute("SELECT 1")  # a lost connection is noticed without traffic, then reopened
 
     @staticmethod
-    def server_time(conn: PostgresConnection) -> float:
+    def server_time(conn: PostgresServer) -> float:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
@@ -6490,7 +6482,6 @@ ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "pre_checkout_
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
-OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an expired one is taken this fast)
 # How often a passive instance looks (a read, no lock) whether the lease was released or its holder has
 # provably exited: a holder stopping on SIGTERM hands over this fast; the claims, writes, stay a second apart.
@@ -7345,17 +7336,15 @@ async def on_webhook(app: App, request: Request) -> Response:
         outcome = await app.pipeline.ingest(update, request.body)
     observe(app.histograms, "trt_webhook_ack_seconds", app.clock.monotonic() - started)
     if not isinstance(outcome, Rejected):
-        return Response(200, OK_BODY, "application/json")
+        return Response(200, b'{"ok":true}', "application/json")
     if not outcome.retry_later:
         return text_response(400, "update cannot be stored")
     return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
 
 async def on_kie_callback(app: App, request: Request) -> Response:
-    """Kie's completion callback, a hint to ask recordInfo.
-
-    Its URL token was checked from the head; a fresh signature is checked here when KIE_WEBHOOK_HMAC_KEY is set.
-    """
+    """Kie's completion callback, a hint to ask recordInfo.  Its URL token was checked from the head; a fresh
+    signature is checked here when KIE_WEBHOOK_HMAC_KEY is set."""
     body = parse_json_object(request.body)
     data = body.get("data") if isinstance(body.get("data"), dict) else {}
     task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
