@@ -6788,8 +6788,7 @@ class Role:
         return HANDLING_SINCE.get() not in (None, self.handovers)
 
     async def wait_for_turn(self) -> None:
-        """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
-        or less once a peek finds the lease released or its holder gone."""
+        """Wait until the next claim is due; a passive one is due early once a peek finds the lease free."""
         if self.held:
             await self.clock.sleep(self.ttl / 3)
             return
@@ -6822,9 +6821,8 @@ class Role:
         return held
 
     def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float, bool]:
-        """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
-        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
-        and whether no other process held the lease before it (a missing row: a new database file)."""
+        """On the database thread: the claim at the server's time if it has a clock (else every process shares this
+        host's), and whether no other process held the lease before it (a missing row: a new database file)."""
         server_now = self.db.dialect.server_time(conn)  # type: ignore[union-attr]
         ours_before = lease_holder(conn) in (None, self.owner)
         return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
@@ -6923,7 +6921,8 @@ def exposition(families: list[Family]) -> bytes:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for suffix, labels, value in samples:
             label_text = ",".join(f'{key}="{str(v).translate(_LABEL_ESCAPES)}"' for key, v in labels.items())
-            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
+            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels
+                         else f"{name}{suffix} {float(value)!r}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -7294,35 +7293,27 @@ def http_routes(app: App) -> Routes:
     }
 
 
-def route(routes: Routes, request: Request) -> RequestHandler | Response:
-    """The handler for a request, or the refusal its head alone earns (path, method, secret)."""
+def refusal_of_head(routes: Routes, request: Request) -> Response | None:
+    """HttpServer's judge of a request head, before the body is read: the refusal its path, method or token
+    earns, or None."""
     if request.path not in routes:
         if request.path.startswith("/webhook/"):
             return text_response(401, "wrong webhook secret")
         return text_response(404, "not found")
-    method, handler, guard = routes[request.path]
+    method, _, guard = routes[request.path]
     if request.method not in (method, "HEAD" if method == "GET" else method):
         return text_response(405, "method not allowed", (("Allow", "GET, HEAD" if method == "GET" else method),))
     if guard is not None:
         given, expected, reason, headers = guard
         if not hmac.compare_digest(given(request).encode(), expected.encode()):
             return text_response(401, reason, headers)
-    return handler
-
-
-def refusal_of_head(routes: Routes, request: Request) -> Response | None:
-    """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
-    verdict = route(routes, request)
-    return verdict if isinstance(verdict, Response) else None
+    return None
 
 
 async def handle_request(routes: Routes, request: Request) -> Response:
-    """Route a complete request; an HttpError its handler raises becomes the response."""
-    verdict = route(routes, request)
-    if isinstance(verdict, Response):
-        return verdict
+    """A request whose head HttpServer let through; an HttpError its handler raises becomes the response."""
     try:
-        return await verdict(request)
+        return await routes[request.path][1](request)
     except HttpError as error:
         return text_response(error.status, error.reason)
 
