@@ -1433,8 +1433,7 @@ class HttpServer:
 #
 # Tables.  inbox: every update by update_id, done_at set once handled (kept INBOX_KEEP_DONE_S so a redelivery is
 # known); outbox: the dialog's replies not yet taken by Telegram; jobs: a generation's row, saved as its state
-# changes; credits: the Stars ledger, a row per change keyed by its cause ("paid:<charge>", "spent:<job>"...),
-# so doing a change twice writes a key that exists; topic_dialogs, user_languages, user_settings, users; lease.
+# changes; credits: the Stars ledger (below); topic_dialogs, user_languages, user_settings, users; lease.
 # What is durable when: an update is committed to the inbox before its 200 is sent (else Telegram keeps it and
 # sends it again); a handler's replies are in the outbox before its update's done mark (both with group commits:
 # one transaction and one fsync for many acks).
@@ -1634,18 +1633,7 @@ def _inode(path: str) -> tuple[int, int] | str | None:
 def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
                 migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating the folder if needed) and migrate the database at ``path``."""
-    if path != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
-    try:
-        _switch_to_wal(conn, time.monotonic() + busy_timeout_ms / 1000)
-        conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-        dialect = SqliteFile(path, busy_timeout_ms, migrations)
-        in_transaction(conn, dialect, migrate, dialect)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return SqliteFile(path, busy_timeout_ms, migrations).connect(None)
 
 
 def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
@@ -1730,7 +1718,7 @@ class SqliteFile:
     ddl = staticmethod(str)  # SQLite takes the migrations as they are written
 
     def connect(self, previous: sqlite3.Connection | None) -> sqlite3.Connection:
-        """Open the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
+        """Open and migrate the file at ``path``, closing ``previous``; a new file takes what only the lost one held."""
         if previous is not None:
             identity = file_identity(self.path)
             if identity != self._identity:
@@ -1738,16 +1726,23 @@ class SqliteFile:
             previous.close()
             if identity is not None and identity[0] != self._identity[0]:  # type: ignore[index]
                 self._remove_stale_companions()
-        conn = open_sqlite(self.path, self.busy_timeout_ms, self.migrations)
-        self._identity = file_identity(self.path)
-        if self._salvage:
-            try:
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        timeout = self.busy_timeout_ms / 1000
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+        try:
+            _switch_to_wal(conn, time.monotonic() + timeout)
+            conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            self._identity = None  # the new file's, once migrating has made its -wal and -shm
+            in_transaction(conn, self, migrate, self)
+            self._identity = file_identity(self.path)
+            if self._salvage:
                 restored = in_transaction(conn, self, restore_rows, self._salvage)
-            except BaseException:
-                conn.close()
-                raise
-            log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
-                        restored, self.path)
+                log.warning("[DB] %d unhandled updates, open jobs and dialogs of the lost file copied into %s",
+                            restored, self.path)
+        except BaseException:
+            conn.close()
+            raise
         self._salvage = None
         return conn
 
@@ -1811,46 +1806,10 @@ def _postgres_params(params: Iterable[Any]) -> list[Any]:
     return [int(value) if isinstance(value, bool) else value for value in params]
 
 
-class PostgresConnection:
-    """A psycopg connection that takes the storage functions' SQL (``?`` placeholders) as they are, in autocommit
-    mode: transactions are ``in_transaction``'s explicit BEGIN ... COMMIT."""
-
-    def __init__(self, conn: Any, programming_error: type[Exception]):
-        self._conn = conn
-        self._programming_error = programming_error
-        status = type(conn.info.transaction_status)
-        self._open_states = {status.INTRANS, status.INERROR}
-
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
-
-    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
-        cursor = self._conn.cursor()
-        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
-        return cursor
-
-    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except self._programming_error as error:
-            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
-                raise
-            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._conn.info.transaction_status in self._open_states
-
-    def close(self) -> None:
-        self._conn.close()
-
-
 class PostgresServer:
-    """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed).
-
-    At READ COMMITTED the inbox's duplicate check is its unique key (a second insert of an update_id waits for
-    the first, then does nothing) and the lease a compare-and-set (``lease_claim``).
-    """
+    """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed), and
+    the one connection to it: ``connect`` returns the server itself, which takes the storage functions' SQL
+    (``?`` placeholders) as they are, in autocommit mode (transactions are ``in_transaction``'s BEGIN ... COMMIT)."""
 
     begin = "BEGIN"
     fix = ("check DATABASE_URL (host, port, user, password, database name) and that the server accepts "
@@ -1865,42 +1824,67 @@ class PostgresServer:
         # send.  Anything else (the connection lost, a missing table, no rights) makes it unusable until reopened.
         self.row_errors = (self.psycopg.DataError, self.psycopg.IntegrityError, ValueError, OverflowError, TypeError)
         self.failures = (self.psycopg.Error,)
+        status = self.psycopg.pq.TransactionStatus
+        self._open_states = {status.INTRANS, status.INERROR}
+        self._conn: Any = None  # psycopg's
 
     @staticmethod
-    def schema_version(conn: PostgresConnection) -> int:
+    def schema_version(conn: PostgresServer) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(?)", (POSTGRES_MIGRATION_LOCK,))  # held until COMMIT
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
 
     @staticmethod
-    def set_schema_version(conn: PostgresConnection, number: int) -> None:
+    def set_schema_version(conn: PostgresServer, number: int) -> None:
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version(version) VALUES (?)", (number,))
 
     ddl = staticmethod(postgres_ddl)
 
-    def connect(self, previous: PostgresConnection | None) -> PostgresConnection:
+    def connect(self, previous: PostgresServer | None) -> PostgresServer:
         if previous is not None:
             previous.close()
         given = self.psycopg.conninfo.conninfo_to_dict(self.url)
         defaults = {key: value for key, value in POSTGRES_CONNECTION_DEFAULTS.items() if key not in given}
-        conn = PostgresConnection(self.psycopg.connect(self.url, autocommit=True, **defaults),
-                                  self.psycopg.ProgrammingError)
+        self._conn = self.psycopg.connect(self.url, autocommit=True, **defaults)
         try:
-            in_transaction(conn, self, migrate, self)
+            in_transaction(self, self, migrate, self)
         except BaseException:
-            conn.close()
+            self.close()
             raise
-        return conn
+        return self
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
+        cursor = self._conn.cursor()
+        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
+        return cursor
+
+    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except self.psycopg.ProgrammingError as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.info.transaction_status in self._open_states
+
+    def close(self) -> None:
+        self._conn.close()
 
     vouch = staticmethod(lambda conn: None)  # nothing to check: the server reports COMMIT once it is durable
 
     @staticmethod
-    def check(conn: PostgresConnection) -> None:
+    def check(conn: PostgresServer) -> None:
         conn.execute("SELECT 1")  # a lost connection is noticed without traffic, then reopened
 
     @staticmethod
-    def server_time(conn: PostgresConnection) -> float:
+    def server_time(conn: PostgresServer) -> float:
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
 
@@ -6377,7 +6361,6 @@ ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "pre_checkout_
 POLL_TIMEOUT_S = 50  # getUpdates long-poll; Telegram allows up to 50 s
 DIAG_CACHE_S = 5.0  # getWebhookInfo answers reused by /diag/webhook and the red-flag check
 DB_RETRY_S = 1.0  # how often the database file is checked, and an unusable database reopened
-OK_BODY = b'{"ok":true}'
 PASSIVE_RETRY_S = 1.0  # how often a passive instance tries for the lease (an expired one is taken this fast)
 # How often a passive instance looks (a read, no lock) whether the lease was released or its holder has
 # provably exited: a holder stopping on SIGTERM hands over this fast; the claims, writes, stay a second apart.
@@ -6550,9 +6533,6 @@ class ProcessIdentity:
         return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
 
 
-PidProbe = Callable[[int], tuple[bool, str]]
-
-
 def probe_pid(pid: int) -> tuple[bool, str]:
     """(runs, start time) of ``pid`` in this PID namespace (a zombie has exited); start time "" when unreadable."""
     try:
@@ -6589,7 +6569,7 @@ def current_process_identity(instance: str) -> ProcessIdentity:
     return ProcessIdentity(socket.gethostname(), pid, instance, pid_namespace, boot_id, start_time)
 
 
-def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
+def lease_owner_is_gone(holder: str, me: str, probe: Callable[[int], tuple[bool, str]] = probe_pid) -> bool:
     """Whether the process that wrote ``holder`` has provably exited, judged by ``me``: only one in my PID namespace
     during this boot can be (its pid gone, or a process started at another time).  Any other may be alive: two
     containers on one host can both be pid 1."""
@@ -6605,15 +6585,14 @@ def lease_owner_is_gone(holder: str, me: str, probe: PidProbe) -> bool:
 LEASE_ROW = "SELECT owner, acquired_at, expires_at FROM lease WHERE name='active'"
 
 
-def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float,
-                probe: PidProbe = probe_pid) -> tuple[bool, str, float]:
+def lease_claim(conn: sqlite3.Connection, owner: str, ttl: float, now: float) -> tuple[bool, str, float]:
     """Take or renew the lease if it is free, expired, ours or its holder is gone: (held, owner, expires_at).
 
     A compare-and-set: on PostgreSQL (READ COMMITTED) two instances may read the same expired row, and the
     upsert's row lock lets the second see the first's win and write nothing.
     """
     row = conn.execute(LEASE_ROW).fetchone()
-    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner, probe):
+    if row is not None and row[0] != owner and row[2] > now and not lease_owner_is_gone(row[0], owner):
         return False, row[0], row[2]
     acquired_at = row[1] if row is not None and row[0] == owner else now
     read_owner, read_expiry = (row[0], row[2]) if row is not None else (None, None)  # no row: insert only
@@ -6635,7 +6614,7 @@ def lease_release(conn: sqlite3.Connection, owner: str) -> None:
 
 def lease_holder(conn: sqlite3.Connection) -> str | None:
     """Who holds the lease, or None when it was released (or never taken); an expired one still has its row."""
-    row = conn.execute("SELECT owner FROM lease WHERE name='active'").fetchone()
+    row = conn.execute(LEASE_ROW).fetchone()
     return None if row is None else row[0]
 
 
@@ -6688,8 +6667,7 @@ class Role:
         return HANDLING_SINCE.get() not in (None, self.handovers)
 
     async def wait_for_turn(self) -> None:
-        """Wait until the next claim is due: a third of the TTL while held; while passive PASSIVE_RETRY_S,
-        or less once a peek finds the lease released or its holder gone."""
+        """Wait until the next claim is due; a passive one is due early once a peek finds the lease free."""
         if self.held:
             await self.clock.sleep(self.ttl / 3)
             return
@@ -6700,7 +6678,7 @@ class Role:
                 holder = await self.db.read(lease_holder)  # type: ignore[union-attr]
             except DatabaseUnavailable:
                 continue  # the claim, when due, reports it
-            if holder is None or lease_owner_is_gone(holder, self.owner, probe_pid):
+            if holder is None or lease_owner_is_gone(holder, self.owner):
                 return
 
     async def claim(self) -> bool | None:
@@ -6722,9 +6700,8 @@ class Role:
         return held
 
     def _claim(self, conn: Any, local_now: float) -> tuple[bool, str, float, bool]:
-        """On the database thread: the claim at the server's time when it has a clock of its own (PostgreSQL:
-        instances on several hosts), else at this process's clock (SQLite: everyone shares this host's);
-        and whether no other process held the lease before it (a missing row: a new database file)."""
+        """On the database thread: the claim at the server's time if it has a clock (else every process shares this
+        host's), and whether no other process held the lease before it (a missing row: a new database file)."""
         server_now = self.db.dialect.server_time(conn)  # type: ignore[union-attr]
         ours_before = lease_holder(conn) in (None, self.owner)
         return *lease_claim(conn, self.owner, self.ttl, local_now if server_now is None else server_now), ours_before
@@ -6746,18 +6723,19 @@ class Role:
                     await self._run()
                 return
             if (self.holding and not self.continued) or (first and not held):
-                await self.hand_over()
+                # Hand over: forget the stored work memory holds, the holder takes it up from the database.
+                self.holding = False
+                self.handovers += 1
+                await self.generations.pause()
+                await self.outbox.pause()
             if held and not self.holding:
-                await self.take_over()
+                # Take over: the dialogs first (a step taken while they loaded would be overwritten), then the rest.
+                with contextlib.suppress(DatabaseUnavailable):
+                    log.info("[DB] %d open dialogs loaded", await self.states.load())
+                await self._run(taking_over=True)
+                self.wake()
             elif held and recovered:  # what memory queued meanwhile is written, then the rest taken up
                 await self._run()
-
-    async def take_over(self) -> None:
-        """Load the dialogs first (a step taken while they loaded would be overwritten), then take up the rest."""
-        with contextlib.suppress(DatabaseUnavailable):
-            log.info("[DB] %d open dialogs loaded", await self.states.load())
-        await self._run(taking_over=True)
-        self.wake()
 
     async def _run(self, taking_over: bool = False) -> None:
         await self.outbox.resume(taking_over)  # taking over: before a handler queues a reply overtaking a stored one
@@ -6765,13 +6743,6 @@ class Role:
         await self.generations.resume()
         self.set_up, set_up = lambda: None, self.set_up  # only when this process first becomes active
         set_up()
-
-    async def hand_over(self) -> None:
-        """Forget the stored work memory holds: the holder takes it up from the database."""
-        self.holding = False
-        self.handovers += 1
-        await self.generations.pause()
-        await self.outbox.pause()
 
     async def hold(self, stopping: asyncio.Event) -> None:
         """Renew the lease (or try for it) until the release at shutdown, the drain included: a drain longer
@@ -6829,7 +6800,8 @@ def exposition(families: list[Family]) -> bytes:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for suffix, labels, value in samples:
             label_text = ",".join(f'{key}="{str(v).translate(_LABEL_ESCAPES)}"' for key, v in labels.items())
-            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels else f"{name}{suffix} {float(value)!r}")
+            lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if labels
+                         else f"{name}{suffix} {float(value)!r}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -6847,21 +6819,21 @@ UPDATE_COUNTERS = (
 )
 
 
-def metric_families(d: Diagnostics, histograms: Histograms, server: HttpServer) -> list[Family]:
+def metric_families(app: App) -> list[Family]:
     """/metrics: every part's counters and gauges, and the histograms, as Prometheus metric families."""
-    return (_counter_families(d) + _gauge_families(d, server) + _red_flag_families(d)
-            + [histogram_family(name, counts) for name, counts in histograms.items()])
+    return (_counter_families(app) + _gauge_families(app) + _red_flag_families(app.diagnostics)
+            + [histogram_family(name, counts) for name, counts in app.histograms.items()])
 
 
-def _counter_families(d: Diagnostics) -> list[Family]:
-    stats, jobs, outbox = dataclasses.asdict(d.pipeline.stats), d.generations, d.role.outbox
+def _counter_families(app: App) -> list[Family]:
+    stats, jobs, outbox = dataclasses.asdict(app.pipeline.stats), app.generations, app.role.outbox
     families: list[Family] = [
         (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
         for name, help_text in UPDATE_COUNTERS
     ]
     return families + [
         ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
-         [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(d.telegram.calls.items())]),
+         [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(app.telegram.calls.items())]),
         ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
          [("", {"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(jobs.kie.calls.items())]),
         ("trt_jobs_created_total", "counter", "Generation jobs created.", [("", {}, jobs.created)]),
@@ -6876,25 +6848,26 @@ def _counter_families(d: Diagnostics) -> list[Family]:
         ("trt_outbox_dropped_total", "counter", "Queued messages ended unsent: refused (400/403), expired, full.",
          [("", {"reason": r}, outbox.dropped[r]) for r in ("refused", "expired", "full")]),
         ("trt_telegram_429_total", "counter", "Bot API answers 429 (flood control), any method.",
-         [("", {}, sum(n for (_, outcome), n in d.telegram.calls.items() if outcome == "429"))]),
+         [("", {}, sum(n for (_, outcome), n in app.telegram.calls.items() if outcome == "429"))]),
         ("trt_telegram_flood_pauses_total", "counter", "Pauses of every send that a 429 began.",
-         [("", {}, d.telegram.pauses)]),
+         [("", {}, app.telegram.pauses)]),
     ]
 
 
-def _gauge_families(d: Diagnostics, server: HttpServer) -> list[Family]:
+def _gauge_families(app: App) -> list[Family]:
+    server = app.server
     gauges = (
-        ("trt_queue_depth", "Updates in memory waiting for a worker.", d.pipeline.queue_depth),
-        ("trt_inbox_backlog", "Unhandled updates in the SQLite inbox.", d.pipeline.backlog),
-        ("trt_workers_busy", "Workers handling an update now.", d.pipeline.workers_active),
-        ("trt_jobs_in_flight", "Generation jobs not yet delivered.", len(d.generations.jobs)),
-        ("trt_outbox_depth", "Messages queued for Telegram, not yet sent.", d.role.outbox.depth),
+        ("trt_queue_depth", "Updates in memory waiting for a worker.", app.pipeline.queue_depth),
+        ("trt_inbox_backlog", "Unhandled updates in the SQLite inbox.", app.pipeline.backlog),
+        ("trt_workers_busy", "Workers handling an update now.", app.pipeline.workers_active),
+        ("trt_jobs_in_flight", "Generation jobs not yet delivered.", len(app.generations.jobs)),
+        ("trt_outbox_depth", "Messages queued for Telegram, not yet sent.", app.role.outbox.depth),
         ("trt_outbox_oldest_wait_seconds", "How long the oldest queued message has waited.",
-         d.role.outbox.oldest_wait_s()),
-        ("trt_active", "1 if this instance processes updates, 0 if passive.", d.role.may_act()),
-        ("trt_database_ok", "1 if the database is usable, 0 in degraded mode.", d.db.ok),
+         app.role.outbox.oldest_wait_s()),
+        ("trt_active", "1 if this instance processes updates, 0 if passive.", app.role.may_act()),
+        ("trt_database_ok", "1 if the database is usable, 0 in degraded mode.", app.db.ok),
         ("trt_open_connections", "Open HTTP connections.", server.open_connections),
-        ("trt_uptime_seconds", "Seconds since start.", d.uptime()),
+        ("trt_uptime_seconds", "Seconds since start.", app.diagnostics.uptime()),
     )
     return [(name, "gauge", help_text, [("", {}, value)]) for name, help_text, value in gauges] + [
         ("trt_http_connections", "gauge", "HTTP connections by phase (writing: waiting for the client to read).",
@@ -6990,18 +6963,11 @@ class Diagnostics:
     """What the bot tells its operator: /health, /diag/webhook, /diag/lock, and red flags (RED_FLAGS) in the log;
     /diag/webhook requests arriving together and the red-flag check share one getWebhookInfo."""
 
-    def __init__(self, config: Config, db: Database, pipeline: UpdatePipeline, generations: Generations, role: Role,
-                 telegram: TelegramClient, stopping: asyncio.Event, clock: Clock = SYSTEM_CLOCK):
-        self.config = config
-        self.db = db
-        self.pipeline = pipeline
-        self.generations = generations
-        self.role = role
-        self.telegram = telegram
-        self.stopping = stopping
-        self.clock = clock
+    def __init__(self, app: App):
+        self.app = app  # built last: it reports on every other part
+        self.clock = clock = app.clock
         self.webhook_info = SharedCall(self._get_webhook_info, DIAG_CACHE_S, clock)
-        self.kie_credits = SharedCall(lambda: generations.kie.credits(budget_s=0), KIE_CREDITS_CHECK_S, clock)
+        self.kie_credits = SharedCall(lambda: app.generations.kie.credits(budget_s=0), KIE_CREDITS_CHECK_S, clock)
         self.raised: dict[str, dict[str, str]] = {}  # each red flag raised -> its warning, with the latest figures
         self._backlog: int | None = None
         self._growth = 0  # checks in a row at which the backlog grew
@@ -7013,35 +6979,35 @@ class Diagnostics:
 
     async def on_health(self, request: Request) -> Response:
         """200 whatever a restart cannot fix (``status`` and ``warnings`` say it); 503 when one would help."""
-        stopping, failure = self.stopping.is_set(), self._cannot_work()
-        severities = {RED_FLAGS[flag][0] for flag in self.raised} | (set() if self.db.ok else {"degraded"})
+        stopping, failure = self.app.stopping.is_set(), self._cannot_work()
+        severities = {RED_FLAGS[flag][0] for flag in self.raised} | (set() if self.app.db.ok else {"degraded"})
         payload = {
             "status": "stopping" if stopping else "failing" if failure or "failing" in severities
             else "degraded" if severities else "ok",
             "uptime": int(self.uptime()),
-            "active": self.role.may_act(),
-            "webhook_mode": self.config.bot_mode == "webhook",
-            "lock_acquired": self.role.trust_left() > 0,
-            "db_schema_ready": self.db.ok,
-            "queue": self.pipeline.snapshot(),
-            "jobs_in_flight": len(self.generations.jobs),
-            "outbox": self.role.outbox.snapshot(),
+            "active": self.app.role.may_act(),
+            "webhook_mode": self.app.config.bot_mode == "webhook",
+            "lock_acquired": self.app.role.trust_left() > 0,
+            "db_schema_ready": self.app.db.ok,
+            "queue": self.app.pipeline.snapshot(),
+            "jobs_in_flight": len(self.app.generations.jobs),
+            "outbox": self.app.role.outbox.snapshot(),
             "warnings": list(self.raised.values()),
             "version": __version__,
         }
         if failure:
             payload["failure"] = failure
-        if not self.db.ok:
-            payload["database_error"] = mask_secrets(self.db.last_error, self.config.secrets)
+        if not self.app.db.ok:
+            payload["database_error"] = mask_secrets(self.app.db.last_error, self.app.config.secrets)
         return json_response(payload, 503 if stopping or failure else 200)
 
     def _cannot_work(self) -> str:
         """Why this process cannot do its job at all, which a restart ends; "" when it can."""
         beat, late = self._beat
         lag = max(late, time.monotonic() - beat - LOOP_BEAT_S)
-        if not self.pipeline.workers_alive:
+        if not self.app.pipeline.workers_alive:
             return "the update workers have died"
-        if self.pipeline.watchdog.stuck() >= self.pipeline.workers.count:
+        if self.app.pipeline.watchdog.stuck() >= self.app.pipeline.workers.count:
             return "every update worker is stuck in a handler that ignores its timeout"
         return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
 
@@ -7056,24 +7022,24 @@ class Diagnostics:
             self._beat = (time.monotonic(), time.monotonic() - before - LOOP_BEAT_S)
 
     async def _get_webhook_info(self) -> dict:
-        info = await self.telegram.call("getWebhookInfo")
+        info = await self.app.telegram.call("getWebhookInfo")
         return info if isinstance(info, dict) else {}
 
     async def on_diag_webhook(self, request: Request) -> Response:
         try:
             info = await self.webhook_info.get()
         except TelegramError as error:
-            return json_response({"error": mask_secrets(str(error), self.config.secrets)}, 502)
+            return json_response({"error": mask_secrets(str(error), self.app.config.secrets)}, 502)
         return json_response({
-            "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.config.secrets),
+            "url": mask_secrets(mask_webhook_url(info.get("url") or ""), self.app.config.secrets),
             "pending_update_count": info.get("pending_update_count", 0),
-            "last_error_message": mask_secrets(info.get("last_error_message") or "", self.config.secrets),
+            "last_error_message": mask_secrets(info.get("last_error_message") or "", self.app.config.secrets),
             "last_error_date": info.get("last_error_date"),
             "max_connections": info.get("max_connections"),
         })
 
     async def on_diag_lock(self, request: Request) -> Response:
-        role = self.role
+        role = self.app.role
         return json_response({
             "active": role.may_act(),
             "lock_acquired": role.trust_left() > 0,  # an expired lease, or one that may be, is not held
@@ -7082,7 +7048,7 @@ class Diagnostics:
             "owner": role.holder or None,
             "expires_at": iso_utc(role.expires_at),
             "ttl_s": role.ttl,
-            "database_ok": self.db.ok,
+            "database_ok": self.app.db.ok,
         })
 
     async def watch_red_flags(self) -> None:
@@ -7092,17 +7058,17 @@ class Diagnostics:
             await self.clock.sleep(RED_FLAG_CHECK_S)
             self._observe_here()
             webhook_due = self.clock.monotonic() >= last_webhook_check + WEBHOOK_CHECK_S
-            if self.config.bot_mode == "webhook" and webhook_due:
+            if self.app.config.bot_mode == "webhook" and webhook_due:
                 last_webhook_check = self.clock.monotonic()
                 await self._observe_webhook()
-            if self.role.may_act() and self.generations.kie.configured and self.config.kie_credits_low:
+            if self.app.role.may_act() and self.app.generations.kie.configured and self.app.config.kie_credits_low:
                 await self._observe_credits()
 
     def _observe_here(self) -> None:
-        trouble, outbox, fairness = self.telegram.trouble, self.role.outbox, self.generations
+        trouble, outbox, fairness = self.app.telegram.trouble, self.app.role.outbox, self.app.generations
         waited, started, failing = outbox.oldest_wait_s(), fairness.started_today(), self.set_up_failing
         for flag, reason, all_clear in (
-            ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.config.telegram_api_base} "
+            ("telegram_unreachable", trouble == "unreachable" and f"the Bot API at {self.app.config.telegram_api_base} "
              "cannot be reached", "the Bot API answers again"),
             ("token_rejected", trouble == "token_rejected" and "Telegram rejects the bot token",
              "Telegram accepts the bot token again"),
@@ -7114,7 +7080,7 @@ class Diagnostics:
              f"GEN_DAILY_LIMIT={fairness.daily_limit}", "a new day: pictures may start again"),
         ):
             self.flag(flag, reason or None, all_clear)
-        self.observe_backlog(self.pipeline.backlog)
+        self.observe_backlog(self.app.pipeline.backlog)
 
     async def _observe_webhook(self) -> None:
         try:
@@ -7124,18 +7090,20 @@ class Diagnostics:
         pending = info.get("pending_update_count")
         self.observe_pending(pending if isinstance(pending, int) else 0)
         reason, fix = webhook_problem(info, self.clock.time(), self.started_at) or (None, "")
-        self.flag("webhook_error", reason and mask_secrets(reason, self.config.secrets), "Telegram delivers again", fix)
+        masked = reason and mask_secrets(reason, self.app.config.secrets)
+        self.flag("webhook_error", masked, "Telegram delivers again", fix)
 
     async def _observe_credits(self) -> None:
         try:
             credits = self.seen["credits"] = await self.kie_credits.get()
         except KieError:
             return  # counted in trt_kie_calls_total; the flag stays as it was
-        low, shown = self.config.kie_credits_low, f"{credits:g}"
+        low, shown = self.app.config.kie_credits_low, f"{credits:g}"
         reason = f"Kie.ai has {shown} credits left (under KIE_CREDITS_LOW={low})" if credits < low else None
         change = self.flag("kie_credits_low", reason, f"Kie.ai has {shown} credits")
         if change is not None and change[0] == "raised":
-            await self.generations.running.tell_admins(lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
+            await self.app.generations.running.tell_admins(
+                lambda lang: render(lang, "admin_credits_low", credits=shown, low=low))
 
     def flag(self, flag: str, reason: str | None, all_clear: str, fix: str = "") -> tuple[str, str, str] | None:
         """Raise ``flag`` (RED_FLAGS) for ``reason`` (None: it is not, as ``all_clear`` says).  Logged once when its
@@ -7180,106 +7148,94 @@ def diag_token_given(request: Request) -> str:
     return authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
 
 
-class Routes:
-    """What the bot serves over HTTP: the routes table, what each path requires (judged from a request's head,
-    before its body is read), and the server that runs them."""
+# Path -> (its method, its handler, its guard: what a request must carry, as (a function reading the token it
+# gives, the token expected, the refusal's reason and headers), or None).
+Routes = dict[str, tuple[str, RequestHandler, tuple | None]]
 
-    def __init__(self, diagnostics: Diagnostics, histograms: Histograms):
-        self.diagnostics, self.histograms = diagnostics, histograms  # it serves the parts diagnostics reports on
-        self.config = config = diagnostics.config
-        self.pipeline, self.generations = diagnostics.pipeline, diagnostics.generations
-        self.stopping, self.clock = diagnostics.stopping, diagnostics.clock
-        self.table: dict[str, dict[str, RequestHandler]] = {
-            config.webhook_path: {"POST": self.on_webhook},
-            "/" + config.kie_callback_path: {"POST": self.on_kie_callback},
-            "/health": {"GET": diagnostics.on_health},
-            "/diag/webhook": {"GET": diagnostics.on_diag_webhook},
-            "/diag/lock": {"GET": diagnostics.on_diag_lock},
-            "/metrics": {"GET": self.on_metrics},
-            "/": {"GET": self.on_root},
-        }
-        # What a request must carry, by path: (the token it gives, the one expected, the refusal's reason, headers).
-        self.guards: dict[str, tuple[Callable[[Request], str], str, str, tuple]] = {
-            config.webhook_path: (lambda request: request.headers.get("x-telegram-bot-api-secret-token", ""),
-                                  config.webhook_secret, "wrong secret token", ()),
-            "/" + config.kie_callback_path: (lambda request: request.query.get("token", ""),
-                                             config.kie_callback_token, "wrong callback token", ()),
-        }
-        if config.diag_token:
-            self.guards.update(dict.fromkeys(("/diag/webhook", "/diag/lock", "/metrics"), (
-                diag_token_given, config.diag_token, "diagnostics need DIAG_TOKEN", (("WWW-Authenticate", "Bearer"),))))
-        self.server = HttpServer(self.handle_request, check_head=self.check_head, clock=self.clock)
 
-    def check_head(self, request: Request) -> Response | None:
-        """HttpServer's judge of a request head, before the body is read: the refusal it earns, or None."""
-        verdict = self._route(request)
-        return verdict if isinstance(verdict, Response) else None
+def http_routes(app: App) -> Routes:
+    """What the bot serves over HTTP; path, method and guard are judged from a request's head, before its body."""
+    config, diagnostics = app.config, app.diagnostics
+    diag_guard = (diag_token_given, config.diag_token, "diagnostics need DIAG_TOKEN",
+                  (("WWW-Authenticate", "Bearer"),)) if config.diag_token else None
+    return {
+        config.webhook_path: ("POST", functools.partial(on_webhook, app), (
+            lambda request: request.headers.get("x-telegram-bot-api-secret-token", ""), config.webhook_secret,
+            "wrong secret token", ())),
+        "/" + config.kie_callback_path: ("POST", functools.partial(on_kie_callback, app), (
+            lambda request: request.query.get("token", ""), config.kie_callback_token, "wrong callback token", ())),
+        "/health": ("GET", diagnostics.on_health, None),
+        "/diag/webhook": ("GET", diagnostics.on_diag_webhook, diag_guard),
+        "/diag/lock": ("GET", diagnostics.on_diag_lock, diag_guard),
+        "/metrics": ("GET", functools.partial(on_metrics, app), diag_guard),
+        "/": ("GET", on_root, None),
+    }
 
-    async def handle_request(self, request: Request) -> Response:
-        """Route a complete request; an HttpError its handler raises becomes the response."""
-        verdict = self._route(request)
-        if isinstance(verdict, Response):
-            return verdict
-        try:
-            return await verdict(request)
-        except HttpError as error:
-            return text_response(error.status, error.reason)
 
-    def _route(self, request: Request) -> RequestHandler | Response:
-        """The handler for a request, or the refusal its head alone earns (path, method, secret)."""
-        methods = self.table.get(request.path)
-        if methods is None:
-            if request.path.startswith("/webhook/"):
-                return text_response(401, "wrong webhook secret")
-            return text_response(404, "not found")
-        handler = methods.get("GET" if request.method == "HEAD" and "GET" in methods else request.method)
-        if handler is None:
-            allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
-            return text_response(405, "method not allowed", (("Allow", allow),))
-        if request.path in self.guards:
-            given, expected, reason, headers = self.guards[request.path]
-            if not hmac.compare_digest(given(request).encode(), expected.encode()):
-                return text_response(401, reason, headers)
-        return handler
+def refusal_of_head(routes: Routes, request: Request) -> Response | None:
+    """HttpServer's judge of a request head, before the body is read: the refusal its path, method or token
+    earns, or None."""
+    if request.path not in routes:
+        if request.path.startswith("/webhook/"):
+            return text_response(401, "wrong webhook secret")
+        return text_response(404, "not found")
+    method, _, guard = routes[request.path]
+    if request.method not in (method, "HEAD" if method == "GET" else method):
+        return text_response(405, "method not allowed", (("Allow", "GET, HEAD" if method == "GET" else method),))
+    if guard is not None:
+        given, expected, reason, headers = guard
+        if not hmac.compare_digest(given(request).encode(), expected.encode()):
+            return text_response(401, reason, headers)
+    return None
 
-    async def on_webhook(self, request: Request) -> Response:
-        started = self.clock.monotonic()
-        update = parse_update(request.body)
-        if self.stopping.is_set():
-            return text_response(503, "shutting down", (("Retry-After", "5"),))
-        with self.pipeline.workers.ack_owed():  # handlers give way while it is owed
-            outcome = await self.pipeline.ingest(update, request.body)
-        observe(self.histograms, "trt_webhook_ack_seconds", self.clock.monotonic() - started)
-        if not isinstance(outcome, Rejected):
-            return Response(200, OK_BODY, "application/json")
-        if not outcome.retry_later:
-            return text_response(400, "update cannot be stored")
-        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
-    async def on_kie_callback(self, request: Request) -> Response:
-        """Kie's completion callback, a hint to ask recordInfo.
+async def handle_request(routes: Routes, request: Request) -> Response:
+    """A request whose head HttpServer let through; an HttpError its handler raises becomes the response."""
+    try:
+        return await routes[request.path][1](request)
+    except HttpError as error:
+        return text_response(error.status, error.reason)
 
-        Its URL token was checked from the head; a fresh signature is checked here when KIE_WEBHOOK_HMAC_KEY is set.
-        """
-        body = parse_json_object(request.body)
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
-        if not task_id:
-            raise HttpError(400, "no taskId in the callback")
-        if self.config.kie_hmac_key and not kie_callback_signed(
-                self.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
-                request.headers.get("x-webhook-signature", ""), self.clock.time()):
-            return text_response(403, "bad or stale webhook signature")
-        # A passive instance knows no jobs; the active one's poller finds the result.
-        self.generations.on_callback(task_id)
-        return json_response({"code": 200, "msg": "success"})
 
-    async def on_metrics(self, request: Request) -> Response:
-        text = exposition(metric_families(self.diagnostics, self.histograms, self.server))
-        return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
+async def on_webhook(app: App, request: Request) -> Response:
+    started = app.clock.monotonic()
+    update = parse_update(request.body)
+    if app.stopping.is_set():
+        return text_response(503, "shutting down", (("Retry-After", "5"),))
+    with app.pipeline.workers.ack_owed():  # handlers give way while it is owed
+        outcome = await app.pipeline.ingest(update, request.body)
+    observe(app.histograms, "trt_webhook_ack_seconds", app.clock.monotonic() - started)
+    if not isinstance(outcome, Rejected):
+        return Response(200, b'{"ok":true}', "application/json")
+    if not outcome.retry_later:
+        return text_response(400, "update cannot be stored")
+    return text_response(503, "busy, retry later", (("Retry-After", "5"),))
 
-    async def on_root(self, request: Request) -> Response:
-        return text_response(200, f"trt_bot {__version__}")
+
+async def on_kie_callback(app: App, request: Request) -> Response:
+    """Kie's completion callback, a hint to ask recordInfo.  Its URL token was checked from the head; a fresh
+    signature is checked here when KIE_WEBHOOK_HMAC_KEY is set."""
+    body = parse_json_object(request.body)
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    task_id = str(body.get("taskId") or data.get("taskId") or data.get("task_id") or "")
+    if not task_id:
+        raise HttpError(400, "no taskId in the callback")
+    if app.config.kie_hmac_key and not kie_callback_signed(
+            app.config.kie_hmac_key, task_id, request.headers.get("x-webhook-timestamp", ""),
+            request.headers.get("x-webhook-signature", ""), app.clock.time()):
+        return text_response(403, "bad or stale webhook signature")
+    # A passive instance knows no jobs; the active one's poller finds the result.
+    app.generations.on_callback(task_id)
+    return json_response({"code": 200, "msg": "success"})
+
+
+async def on_metrics(app: App, request: Request) -> Response:
+    text = exposition(metric_families(app))
+    return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
+
+
+async def on_root(request: Request) -> Response:
+    return text_response(200, f"trt_bot {__version__}")
 
 
 class App:
@@ -7301,7 +7257,7 @@ class App:
                                        send_limits=config.send_limits, acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,
                              upload_base=config.kie_upload_base)
-        histograms = new_histograms()
+        self.histograms = histograms = new_histograms()
         outbox = Outbox(self.db, self.telegram, senders=outbox_senders(config.telegram_send_rate),
                         max_wait_s=config.outbox_max_wait_s, clock=clock, mode=self.role)
         self.generations = Generations(config, self.db, outbox, self.kie, self.http,
@@ -7316,20 +7272,11 @@ class App:
                                        answer_pre_checkout=conversation.stars.answer_pre_checkout, outbox=outbox)
         self.stars = conversation.stars
         self.role.serve(conversation, self.generations, outbox, self._set_up_bot, self.pipeline.wake)
-        self.diagnostics = Diagnostics(config, self.db, self.pipeline, self.generations, self.role, self.telegram,
-                                       self.stopping, clock)
-        self.routes = Routes(self.diagnostics, histograms)
-        # The loops that run for the life of the process, by task name (the lease's until its release).
-        self._loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "db-watch": self._watch_database, "red-flags": self.diagnostics.watch_red_flags,
-            "loop-beat": self.diagnostics.beat_forever}
-        if config.bot_mode == "polling":
-            self._loops["polling"] = functools.partial(long_poll, self.telegram, self.pipeline, self.role, clock,
-                                                       poll_timeout)
-
-    @property
-    def server(self) -> HttpServer:
-        return self.routes.server
+        self.diagnostics = Diagnostics(self)
+        self.routes = http_routes(self)
+        self.server = HttpServer(functools.partial(handle_request, self.routes),
+                                 check_head=functools.partial(refusal_of_head, self.routes), clock=clock)
+        self.poll_timeout = poll_timeout
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -7342,8 +7289,13 @@ class App:
             log.info("[DB] ready at %s (schema v%d)", self.db.where, SCHEMA_VERSION)
         await self.role.settle()  # the holder loads the dialogs before the workers start
         await self.pipeline.start()
-        for name, loop in self._loops.items():
+        # The loops that run for the life of the process (the lease's until its release).
+        for name, loop in (("db-watch", self._watch_database), ("red-flags", self.diagnostics.watch_red_flags),
+                           ("loop-beat", self.diagnostics.beat_forever)):
             self._background.start(loop(), name)
+        if self.config.bot_mode == "polling":
+            self._background.start(long_poll(self.telegram, self.pipeline, self.role, self.clock, self.poll_timeout),
+                                   "polling")
         self._lease_loop.start(self.role.hold(self.stopping), "lease")
 
     async def stop(self) -> None:
