@@ -22,6 +22,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -320,6 +321,43 @@ async def test_a_bot_started_without_its_database_claims_the_lease_before_resumi
     await app.role.outbox.stop(grace=0)  # a barrier: no sender is left to send anything
     assert not app.role.may_act()
     assert fake_tg.texts_to(91) == [] and fake_tg.calls_of("sendPhoto") == []
+
+
+async def test_an_instance_whose_database_locks_before_its_first_claim_is_answered_does_not_act(tmp_path):
+    # Used to: a new instance whose first claim met a lock held past the busy timeout counted its database as
+    # never usable and acted from memory beside the holder (seen in a deploy on a loaded machine).
+    db = trt_bot.Database(str(tmp_path / "bot.sqlite3"))
+    assert await db.open()
+    role = trt_bot.Role(db, 15)
+    locker = sqlite3.connect(tmp_path / "bot.sqlite3", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the holder's long transaction
+    try:
+        assert await role.claim() is None and not db.ok
+        assert not role.may_act()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        await db.close()
+
+
+async def test_a_database_another_instance_holds_for_a_moment_still_opens(tmp_path):
+    # Used to: an open meeting a holder's commit slower than the 100 ms busy timeout failed, and the new
+    # instance, its database never usable, acted from memory beside the holder.
+    path = tmp_path / "bot.sqlite3"
+    first = trt_bot.Database(str(path))
+    assert await first.open()
+    await first.close()
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(0.3, lambda: (locker.execute("ROLLBACK"), locker.close()))
+    release.start()
+    db = trt_bot.Database(str(path))
+    try:
+        assert await db.open() and db.ok
+        assert not trt_bot.Role(db, 15).may_act()  # shared: it waits for its claim's answer
+    finally:
+        release.join()
+        await db.close()
 
 
 async def test_a_holder_cut_off_from_its_database_stops_acting_before_its_lease_can_expire(make_app, fake_tg,

@@ -1475,6 +1475,9 @@ class HttpServer:
 # The webhook's ack budget is ~100 ms; SQLite's busy handler retries within it, so another process holding
 # the lock for a few tens of milliseconds is waited out.
 SQLITE_BUSY_TIMEOUT_MS = 100
+# Opening waits longer (no ack waits on it): a live holder's commit, slow on a busy machine, must not make a
+# starting instance count its database as never usable and act beside the holder (Role.acting_left).
+SQLITE_OPEN_BUSY_TIMEOUT_S = 1.0
 # FULL: an acknowledged update survives an OS crash or power loss too, not only a kill (NORMAL would not, in WAL
 # mode); bench/durability.py measures what the fsync per commit costs.
 SQLITE_SYNCHRONOUS = "FULL"
@@ -1728,13 +1731,14 @@ class SqliteFile:
                 self._remove_stale_companions()
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        timeout = self.busy_timeout_ms / 1000
+        timeout = max(self.busy_timeout_ms / 1000, SQLITE_OPEN_BUSY_TIMEOUT_S)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
         try:
             _switch_to_wal(conn, time.monotonic() + timeout)
             conn.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
             self._identity = None  # the new file's, once migrating has made its -wal and -shm
             in_transaction(conn, self, migrate, self)
+            conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")  # every later write: the ack's budget
             self._identity = file_identity(self.path)
             if self._salvage:
                 restored = in_transaction(conn, self, restore_rows, self._salvage)
@@ -1900,7 +1904,7 @@ class Database:
                                                      if location.startswith(POSTGRES_SCHEMES)
                                                      else SqliteFile(location, busy_timeout_ms, migrations))
         self.where = self.dialect.where  # the file's path or the server's address and database, no credentials
-        self.ok = False
+        self.ok = self.opened = False  # opened: usable once, so possibly shared with another instance
         self.last_error = "not opened yet"
         self.tried = asyncio.Event()  # set once the first open has succeeded or failed
         self._passwords = database_passwords(location)  # kept out of last_error and the log
@@ -1957,7 +1961,7 @@ class Database:
         except (*self.dialect.failures, OSError, TrtError) as error:
             self._mark_broken(error)
             return False
-        self.ok, self.last_error = True, ""
+        self.ok, self.last_error, self.opened = True, "", True
         return True
 
     def _close(self) -> None:
@@ -6654,8 +6658,9 @@ class Role:
 
     def acting_left(self) -> float:
         """Seconds this instance may still act, by its monotonic clock: every send must end within them.  Until a
-        claim is first answered, a database never usable shares nothing: this instance serves from memory."""
-        if self.db is None or not (self.answered or self.db.ok):
+        claim is first answered, a database never usable shares nothing: this instance serves from memory; one
+        that opened may be shared, so it waits for that answer."""
+        if self.db is None or not (self.answered or self.db.opened):
             return math.inf
         return self.trust_left() if self.holding else 0.0
 
