@@ -1,0 +1,48 @@
+"""Lists the named types (classes of trt_bot.py) one /start passes through, from the socket to the reply.
+
+Run: .venv/bin/python -m pytest -q -s -p no:cacheprovider bench/types_per_start.py
+
+A profiler hook records every call while a second /start goes through a started bot (the first warms it
+up) and the fake Bot API takes the reply; a type counts when one of its methods runs or an instance of it
+is built.  Work a timer happens to start meanwhile (a renewal, a refill) may add a type now and then.
+"""
+
+import asyncio
+import inspect
+import sys
+import threading
+
+import trt_bot
+from conftest import eventually, post_update, update_message
+
+
+async def test_types_one_start_passes_through(make_app, fake_tg):
+    app = await make_app()
+    await post_update(app, update_message(1, 500, "/start", "en"))
+    await eventually(lambda: fake_tg.texts_to(500))
+    seen: dict[str, str] = {}
+
+    def record(frame, event, arg):
+        if event != "call":
+            return
+        owner = frame.f_locals.get("self")
+        if owner is not None and type(owner).__module__ == "trt_bot":
+            seen.setdefault(type(owner).__name__, frame.f_code.co_qualname)
+        if frame.f_code.co_filename == trt_bot.__file__:
+            head = frame.f_code.co_qualname.split(".")[0]
+            if inspect.isclass(getattr(trt_bot, head, None)):
+                seen.setdefault(head, frame.f_code.co_qualname)
+
+    sys.setprofile(record)
+    threading.setprofile(record)
+    try:
+        await post_update(app, update_message(2, 501, "/start", "en"))
+        await eventually(lambda: fake_tg.texts_to(501))
+        await app.pipeline.idle()  # its done mark is committed too
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    for name in sorted(seen):
+        print(f"{name:24} first seen in {seen[name]}")
+    print(f"{len(seen)} named types")
+    assert seen  # the hook saw the /start go through
