@@ -2354,26 +2354,10 @@ class RateLimiter:
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 
 
-def httpx_error_for(error: Exception) -> Exception:
-    """The httpx error httpx's own transport raises for the failure ``error`` (from httpx-aiohttp) reports.
-
-    httpx-aiohttp maps every aiohttp ClientConnectionError, a connection lost
-    after the request went out included, to ConnectTimeout, which reads as
-    "never sent" (UNSENT_REQUEST_ERRORS): a call Telegram may have performed
-    would be repeated.  Only a failure to connect is one.  Some aiohttp errors
-    (an answer that is not HTTP) it lets through unmapped.
-    """
-    cause = error.__cause__ or error
-    if isinstance(cause, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(cause))
-    if isinstance(cause, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(str(cause))
-    return httpx.ReadError(str(cause) or type(cause).__name__)  # sent; its answer was lost
-
-
 class AiohttpCalls(httpx.AsyncBaseTransport):
-    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py),
-    raising the errors httpx's own transport raises, so a lost answer is still told from a call never sent."""
+    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py), raising
+    the errors httpx's own raises: it maps any lost connection, after the request went out too, to ConnectTimeout
+    ("never sent", UNSENT_REQUEST_ERRORS), and lets some aiohttp errors through unmapped."""
 
     def __init__(self, limits: httpx.Limits):
         global aiohttp
@@ -2391,7 +2375,12 @@ class AiohttpCalls(httpx.AsyncBaseTransport):
             async with deadline:
                 return await self._transport.handle_async_request(request)
         except (httpx.ConnectTimeout, aiohttp.ClientError) as error:
-            raise httpx_error_for(error) from error
+            cause = error.__cause__ or error
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                raise httpx.ConnectError(str(cause)) from error
+            if isinstance(cause, aiohttp.ConnectionTimeoutError):
+                raise httpx.ConnectTimeout(str(cause)) from error
+            raise httpx.ReadError(str(cause) or type(cause).__name__) from error  # sent; its answer was lost
         except TimeoutError:
             if deadline.expired():
                 raise httpx.WriteTimeout("not sent and answered within the write and read timeouts") from None
@@ -5978,21 +5967,19 @@ class Generations:
 #    answerCallbackQuery goes straight out).  Three kinds, all in one per-chat queue:
 #    - a dialog's reply (``call``, ``send_message``): durable.  Inside a handler it is held (``hold_replies``)
 #      and written to the ``outbox`` table in the transaction of its update's done mark (``held_replies``), so
-#      the update counts as handled only with its replies safe; outside one, in a group commit of its own.
+#      the update counts as handled only with its replies safe; outside one, in the next group commit.
 #      One Telegram took before that transaction is never written.  Once sent (or ended), its row is deleted
 #      in the next group commit, shared under load with the inbox's.
-#    - a job's message (``deliver``: ⏳, results, explanations): in memory only; the job row is what survives
-#      a restart, and the job sends it again.  Its future gives Telegram's answer or the TelegramError it
-#      ended with; ``SEND_BY`` (the job's delivery deadline) bounds it.
+#    - a job's message (``deliver``: ⏳, results, explanations): in memory only, the job row being what survives
+#      (the job sends it again); its future gives Telegram's answer or the TelegramError it ended with.
 #    - a sign of life (``show``: chat action, elapsed time): never stored, one waiting per key (a newer one
 #      replaces it), and it gives way to any durable message queued behind it in its chat.
 #    Order and pacing: a chat's messages go in queue order, one at a time; ``senders`` tasks share all chats.
 #    The TelegramClient paces every send at Telegram's limits (30/s overall, 1/s per chat, 20/min per group);
 #    a chat waiting on its spacing is set aside so it holds up no other, and a 429 pauses every send.
-#    Fencing: the client sends only while the lease's trust lasts (Role.acting_left), else 503 (retried,
-#    below); a handler's reply whose update was handed over meanwhile is dropped (``mode.void``).  ``pause``
-#    (the lease lost) forgets everything in memory, its rows staying for the new holder; a job's futures
-#    are cancelled.
+#    Fencing: the client sends only while the lease's trust lasts (Role.acting_left; else 503, retried as
+#    below); a reply whose handler's update was handed over is dropped (``mode.void``).  ``pause`` (the lease
+#    lost) forgets all in memory, the rows staying for the new holder, and cancels a job's futures.
 #    Retries and deadlines: 400/403 end a message (refused; a 403 from a private chat marks its user blocked).
 #    A retryable error (429, 5xx, a lost answer, after the client's own retries) sets the chat aside 1, 2,
 #    4 ... 60 s; a photo or document whose answer was lost ends instead (sent at most once), as does a sign
@@ -6011,7 +5998,6 @@ SEND_ROUND_TRIP_S = 0.25
 MIN_SENDERS = 4
 OUTBOX_RETRY_BASE_S = 1.0  # a message Telegram could not take (after the client's own retries) waits 1, 2, 4 ...
 OUTBOX_RETRY_CAP_S = 60.0  # ... at most 60 s before its chat is tried again
-OUTBOX_FLUSH_S = 2.0  # at shutdown, how long the marks of sent messages may take to be written
 
 
 @dataclasses.dataclass(slots=True)
@@ -6054,24 +6040,20 @@ def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | tuple[s
 
 
 def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float, int | None]]:
-    """Every queued message, oldest first."""
     return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
 
 
 def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list[OutboxMessage],
                    taking_over: bool) -> list[tuple[int, int, str, str, float, int | None]]:
-    """The rows to send after a take-over or an outage, once the ends of ``sent_ids`` and the ``unstored`` (queued
-    while the database was down) are written.  Taking over, a row whose update is not done goes (see above); after
-    an outage such an update may be one this run still handles."""
-    conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
-    outbox_write(conn, unstored)
+    """The rows to send, once the ends of ``sent_ids`` and the ``unstored`` (queued while the database was down)
+    are written.  Taking over, a row whose update is not done goes (see above), not after an outage of this run's."""
+    outbox_write(conn, [("sent", message_id) for message_id in sent_ids] + unstored)
     if taking_over:
         conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
     return outbox_pending(conn)
 
 
-# The update the running handler answers (set by the dialog for each update): the messages it queues
-# carry its id.
+# The update the running handler answers (set by the dialog for each): the messages it queues carry its id.
 REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
 # When (monotonic) the messages a job's driver queues must have gone, else they are dropped (None: max_wait_s).
 SEND_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("send_by", default=None)
@@ -6155,26 +6137,25 @@ class Outbox:
             self._queue(method, params, sign_of_life=key)
 
     def _queue(self, method: str, params: dict, **fields: Any) -> OutboxMessage | None:
-        """A new message at the end of its chat's queue; None if the outbox is full (it is dropped)."""
         now, since = self.clock.time(), self.clock.monotonic()
         self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        message = OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(), since,
-                                SEND_BY.get() or since + self.max_wait_s, **fields)
-        return message if self._push(message) else None
+        return self._push(OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(),
+                                        since, SEND_BY.get() or since + self.max_wait_s, **fields))
 
-    def _push(self, message: OutboxMessage) -> bool:
+    def _push(self, message: OutboxMessage) -> OutboxMessage | None:
+        """``message`` at the end of its chat's queue; None if the outbox is full (it is dropped)."""
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
             self.dropped["full"] += 1
             log.error("[OUTBOX] full (%d messages): a %s to %d is dropped", len(self._ids), message.method,
                       message.chat_id)
-            return False
+            return None
         self._ids.add(message.id)
         self._emptied.clear()
         queue = self._chats.setdefault(message.chat_id, collections.deque())
         queue.append(message)
         if len(queue) == 1:
             self._ready.put_nowait(message.chat_id)
-        return True
+        return message
 
     def hold_replies(self, update_id: int) -> None:
         """The update's handler starts: its replies wait for its done mark's transaction, not a commit of their own."""
@@ -6210,7 +6191,6 @@ class Outbox:
                                                   repeatable=message.method not in SENT_ONCE_METHODS)
         except TimeoutError:
             self._end(message, TelegramError(message.method, 504, "expired in the outbox"), "expired")
-            return
         except TelegramError as error:
             once = message.sign_of_life or message.method in SENT_ONCE_METHODS and error.maybe_performed
             if error.retryable and not once:
@@ -6223,11 +6203,11 @@ class Outbox:
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
                 self.writes.add(("blocked", chat_id))
             self._end(message, error, "refused")
-            return
-        self.sent[message.method] += 1
-        if message.on_sent is not None:
-            message.on_sent(result)
-        self._end(message, result)
+        else:
+            self.sent[message.method] += 1
+            if message.on_sent is not None:
+                message.on_sent(result)
+            self._end(message, result)
 
     def _end(self, message: OutboxMessage, outcome: Any, dropped_as: str = "") -> None:
         """The chat's first message is over (``outcome``: Telegram's answer, or why not): its chat's next goes."""
@@ -6288,7 +6268,7 @@ class Outbox:
                 self._last_id = max(self._last_id, message_id)
                 since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
-                                                   update_id, since, since + self.max_wait_s, stored=True))
+                                                   update_id, since, since + self.max_wait_s, stored=True)) is not None
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
@@ -6311,7 +6291,7 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self.writes.settled(OUTBOX_FLUSH_S)
+        await self.writes.settled(2.0)  # the ends of sent messages get 2 s to be written
 
     @property
     def depth(self) -> int:
