@@ -5980,11 +5980,11 @@ class Generations:
 #    Fencing: the client sends only while the lease's trust lasts (Role.acting_left; else 503, retried as
 #    below); a reply whose handler's update was handed over is dropped (``mode.void``).  ``pause`` (the lease
 #    lost) forgets all in memory, the rows staying for the new holder, and cancels a job's futures.
-#    Retries and deadlines: 400/403 end a message (refused; a 403 from a private chat marks its user blocked).
-#    A retryable error (429, 5xx, a lost answer, after the client's own retries) sets the chat aside 1, 2,
-#    4 ... 60 s; a photo or document whose answer was lost ends instead (sent at most once), as does a sign
-#    of life that fails.  A message still unsent at its deadline (SEND_BY, else OUTBOX_MAX_WAIT_S after it
-#    was queued, on the monotonic clock) ends as expired.  Everything that ends is logged and counted.
+#    Retries and deadlines: 400, 403 (any error not retryable) end a message as refused; a 403 from a private chat
+#    marks its user blocked.  A retryable one (429, 5xx, no answer; after the client's own retries) sets the chat
+#    aside 1, 2, 4 ... 60 s; a photo or document whose answer was lost ends instead (sent at most once), as does a
+#    sign of life that fails.  A message still unsent at its deadline (SEND_BY, else OUTBOX_MAX_WAIT_S after it was
+#    queued, on the monotonic clock) ends as expired.  All ends are logged and counted.
 #    kill -9: a stored reply whose update is not marked done is dropped at take-over (``outbox_take_up``):
 #    the update is handled again and queues it again.  Every other row is sent, so at most what was in
 #    flight (sent, its row's delete or its update's done mark not yet committed) is sent twice.
@@ -6171,8 +6171,7 @@ class Outbox:
     async def _send_forever(self) -> None:
         while True:
             chat_id = await self._ready.get()
-            wait = self.telegram.chat_wait(self.clock.monotonic(), chat_id)
-            if wait > 0:
+            if (wait := self.telegram.chat_wait(self.clock.monotonic(), chat_id)) > 0:
                 self._set_aside(chat_id, wait)  # a sender waiting on one chat's spacing would idle
             else:
                 await self._send_first(chat_id)
