@@ -2128,7 +2128,7 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
-    outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, OutboxSent, ChatBlocked))])
+    outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, tuple))])
     if marks:
         inbox_mark_done(conn, marks)
     results = [next(news) if isinstance(entry, InboxItem) else None for entry in entries]
@@ -2342,26 +2342,10 @@ class RateLimiter:
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 
 
-def httpx_error_for(error: Exception) -> Exception:
-    """The httpx error httpx's own transport raises for the failure ``error`` (from httpx-aiohttp) reports.
-
-    httpx-aiohttp maps every aiohttp ClientConnectionError, a connection lost
-    after the request went out included, to ConnectTimeout, which reads as
-    "never sent" (UNSENT_REQUEST_ERRORS): a call Telegram may have performed
-    would be repeated.  Only a failure to connect is one.  Some aiohttp errors
-    (an answer that is not HTTP) it lets through unmapped.
-    """
-    cause = error.__cause__ or error
-    if isinstance(cause, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(cause))
-    if isinstance(cause, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(str(cause))
-    return httpx.ReadError(str(cause) or type(cause).__name__)  # sent; its answer was lost
-
-
 class AiohttpCalls(httpx.AsyncBaseTransport):
-    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py),
-    raising the errors httpx's own transport raises, so a lost answer is still told from a call never sent."""
+    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py), raising
+    the errors httpx's own raises: it maps any lost connection, after the request went out too, to ConnectTimeout
+    ("never sent", UNSENT_REQUEST_ERRORS), and lets some aiohttp errors through unmapped."""
 
     def __init__(self, limits: httpx.Limits):
         global aiohttp
@@ -2379,7 +2363,12 @@ class AiohttpCalls(httpx.AsyncBaseTransport):
             async with deadline:
                 return await self._transport.handle_async_request(request)
         except (httpx.ConnectTimeout, aiohttp.ClientError) as error:
-            raise httpx_error_for(error) from error
+            cause = error.__cause__ or error
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                raise httpx.ConnectError(str(cause)) from error
+            if isinstance(cause, aiohttp.ConnectionTimeoutError):
+                raise httpx.ConnectTimeout(str(cause)) from error
+            raise httpx.ReadError(str(cause) or type(cause).__name__) from error  # sent; its answer was lost
         except TimeoutError:
             if deadline.expired():
                 raise httpx.WriteTimeout("not sent and answered within the write and read timeouts") from None
@@ -5962,11 +5951,33 @@ class Generations:
 
 ###############################################################################
 # 13. Outbox
-#    Owns every message to a chat, the bot's one sender.  Durable ones keep their chat's order: the dialog's
-#    replies queued durably before their update counts as handled, a job's (⏳, results, explanations) in
-#    memory, its job row being what survives.  Signs of life (chat actions, elapsed time) are in memory, one
-#    per key, and give way to any durable message in their chat.  A few senders go at Telegram's limits
-#    (section 7), one chat never holding up another; a message ends sent or at its deadline (monotonic).
+#    Theory of operation.  The Outbox is the one sender: every message to a chat goes through it (only
+#    answerCallbackQuery goes straight out).  Three kinds, all in one per-chat queue:
+#    - a dialog's reply (``call``, ``send_message``): durable.  Inside a handler it is held (``hold_replies``)
+#      and written to the ``outbox`` table in the transaction of its update's done mark (``held_replies``), so
+#      the update counts as handled only with its replies safe; outside one, in the next group commit.
+#      One Telegram took before that transaction is never written.  Once sent (or ended), its row is deleted
+#      in the next group commit, shared under load with the inbox's.
+#    - a job's message (``deliver``: ⏳, results, explanations): in memory only, the job row being what survives
+#      (the job sends it again); its future gives Telegram's answer or the TelegramError it ended with.
+#    - a sign of life (``show``: chat action, elapsed time): never stored, one waiting per key (a newer one
+#      replaces it), and it gives way to any durable message queued behind it in its chat.
+#    Order and pacing: a chat's messages go in queue order, one at a time; ``senders`` tasks share all chats.
+#    The TelegramClient paces every send at Telegram's limits (30/s overall, 1/s per chat, 20/min per group);
+#    a chat waiting on its spacing is set aside so it holds up no other, and a 429 pauses every send.
+#    Fencing: the client sends only while the lease's trust lasts (Role.acting_left; else 503, retried as
+#    below); a reply whose handler's update was handed over is dropped (``mode.void``).  ``pause`` (the lease
+#    lost) forgets all in memory, the rows staying for the new holder, and cancels a job's futures.
+#    Retries and deadlines: 400, 403 (any error not retryable) end a message as refused; a 403 from a private chat
+#    marks its user blocked.  A retryable one (429, 5xx, no answer; after the client's own retries) sets the chat
+#    aside 1, 2, 4 ... 60 s; a photo or document whose answer was lost ends instead (sent at most once), as does a
+#    sign of life that fails.  A message still unsent at its deadline (SEND_BY, else OUTBOX_MAX_WAIT_S after it was
+#    queued, on the monotonic clock) ends as expired.  All ends are logged and counted.
+#    kill -9: a stored reply whose update is not marked done is dropped at take-over (``outbox_take_up``):
+#    the update is handled again and queues it again.  Every other row is sent, so at most what was in
+#    flight (sent, its row's delete or its update's done mark not yet committed) is sent twice.
+#    Database down: replies are sent from memory; those still queued or sent are written or deleted when it
+#    is back (``resume``), before the table is read again.
 ###############################################################################
 
 OUTBOX_MAX_MESSAGES = 100_000  # held in memory; one more is dropped (logged): ~an hour of sending at 30/s
@@ -5975,7 +5986,6 @@ SEND_ROUND_TRIP_S = 0.25
 MIN_SENDERS = 4
 OUTBOX_RETRY_BASE_S = 1.0  # a message Telegram could not take (after the client's own retries) waits 1, 2, 4 ...
 OUTBOX_RETRY_CAP_S = 60.0  # ... at most 60 s before its chat is tried again
-OUTBOX_FLUSH_S = 2.0  # at shutdown, how long the marks of sent messages may take to be written
 
 
 @dataclasses.dataclass(slots=True)
@@ -5992,43 +6002,23 @@ class OutboxMessage:
     expires_at: float
     stored: bool = False  # its row is written, or on its way (the sent mark must then delete it)
     attempts: int = 0
-    result: asyncio.Future | None = None  # for ``deliver``: what Telegram answered, or why it ended unsent
+    result: asyncio.Future | None = None  # a job's (``deliver``): Telegram's answer, or why it ended unsent
     files: dict | None = None  # uploads of ``deliver``
     sign_of_life: str = ""  # its key: a newer sign with the same key replaces it; never stored
     on_sent: Callable[[Any], None] | None = None  # given Telegram's answer once sent (memory only)
     over: bool = False  # sent or dropped: a row not written yet is then not written at all
 
-    def ended(self) -> asyncio.Future:
-        """Settles once the message is over: Telegram's answer, or the TelegramError it ended unsent with."""
-        if self.result is None:
-            self.result = asyncio.get_running_loop().create_future()
-            self.result.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
-        return self.result
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OutboxSent:
-    """A message is over (sent, refused or expired): its row goes."""
-
-    id: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ChatBlocked:
-    """Telegram said the user blocked the bot: remembered in ``users``, like a refused reply in section 9."""
-
-    user_id: int
-
-
-def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxSent | ChatBlocked]) -> list[None]:
-    """New messages (not one Telegram has taken by now), the ends of old ones and blocked users, in queued order."""
+def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | tuple[str, int]]) -> list[None]:
+    """In queued order: new messages (not one already over), ``("sent", id)`` (a message is over: its row goes)
+    and ``("blocked", user_id)`` (Telegram said the user blocked the bot: remembered in ``users``)."""
     now = time.time()
     for entry in entries:
-        if isinstance(entry, OutboxSent):
-            conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
-        elif isinstance(entry, ChatBlocked):
+        if isinstance(entry, tuple) and entry[0] == "sent":
+            conn.execute("DELETE FROM outbox WHERE id=?", (entry[1],))
+        elif isinstance(entry, tuple):
             conn.execute("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,'',?,?,1)
-                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry.user_id, now, now))
+                            ON CONFLICT(user_id) DO UPDATE SET blocked=1""", (entry[1], now, now))
         elif not entry.over:
             conn.execute("""INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id)
                             VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING""",
@@ -6038,31 +6028,20 @@ def outbox_write(conn: sqlite3.Connection, entries: list[OutboxMessage | OutboxS
 
 
 def outbox_pending(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, float, int | None]]:
-    """Every queued message, oldest first."""
     return conn.execute("SELECT id, chat_id, method, params, queued_at, update_id FROM outbox ORDER BY id").fetchall()
 
 
 def outbox_take_up(conn: sqlite3.Connection, sent_ids: list[int], unstored: list[OutboxMessage],
                    taking_over: bool) -> list[tuple[int, int, str, str, float, int | None]]:
-    """The queued messages to send after a restart or an outage of the database, oldest first.
-
-    ``sent_ids`` went out while their rows could not be deleted: they go now.
-    ``unstored`` were queued while the database was down: they are written
-    now, before the pipeline writes the done marks of their updates.
-    Taking over from an earlier run, a message whose update is not marked
-    done goes too: that update is handled again and queues it again, in its
-    place (sending both would repeat it).  After an outage such an update
-    may be one this run still handles.
-    """
-    conn.executemany("DELETE FROM outbox WHERE id=?", [(message_id,) for message_id in sent_ids])
-    outbox_write(conn, unstored)
+    """The rows to send, once the ends of ``sent_ids`` and the ``unstored`` (queued while the database was down)
+    are written.  Taking over, a row whose update is not done goes (see above), not after an outage of this run's."""
+    outbox_write(conn, [("sent", message_id) for message_id in sent_ids] + unstored)
     if taking_over:
         conn.execute("DELETE FROM outbox WHERE update_id IN (SELECT update_id FROM inbox WHERE done_at IS NULL)")
     return outbox_pending(conn)
 
 
-# The update the running handler answers (set by the dialog for each update): the messages it queues
-# carry its id.
+# The update the running handler answers (set by the dialog for each): the messages it queues carry its id.
 REPLYING_TO: contextvars.ContextVar[int | None] = contextvars.ContextVar("replying_to", default=None)
 # When (monotonic) the messages a job's driver queues must have gone, else they are dropped (None: max_wait_s).
 SEND_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("send_by", default=None)
@@ -6075,17 +6054,7 @@ def outbox_senders(rate: int) -> int:
 
 
 class Outbox:
-    """The one way to Telegram.  The dialog's ``send_message`` and ``call`` return once the message is queued;
-    a job's ``deliver`` and ``show`` (signs of life) hold it in memory only.
-
-    Queued means written to the ``outbox`` table (a handler's reply with its update's done mark, others in a
-    group commit), or held in memory while the database is unusable, so the update that produced it counts as
-    handled only after its replies are safe; after a restart a reply is sent from the table only if its update
-    counts as handled (else handling it again queues it again).  Senders deliver them through the paced
-    TelegramClient: a chat's messages in order, a chat waiting on its spacing or a failing Telegram set aside so
-    others go on.  A message Telegram refuses for good (400, 403) or still unsent at its deadline (SEND_BY, or
-    ``max_wait_s``) ends, logged and counted; anything else waits.  ``answer_callback`` goes out at once.
-    """
+    """The one way to Telegram (the theory of operation above)."""
 
     def __init__(self, db: Database, telegram: TelegramClient, *, senders: int = MIN_SENDERS,
                  max_wait_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK, mode: Role | None = None):
@@ -6101,16 +6070,13 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self.writes = GroupCommit(db, outbox_write)
+        self.writes = GroupCommit(db, outbox_write)  # the pipeline's, sharing the inbox's commits
         self._held: dict[int, list[OutboxMessage]] = {}  # update id -> replies written with its done mark
-        # Ids of stored messages sent while their rows could not be deleted (the database down): deleted
-        # when it is back, before the table is read again.
+        # Stored messages over while the database was down: their rows go when it is back (``resume``).
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
         self._tasks = OwnedTasks("[OUTBOX]")  # senders, and chats set aside until their time
         self._emptied = asyncio.Event()  # set while nothing is queued
         self._emptied.set()
-
-    # -- the handler's side -----------------------------------------------------
 
     async def send_message(self, chat_id: int, text: str, reply_markup: dict | None = None, *,
                            on_sent: Callable[[Any], None] | None = None, **extra: Any) -> None:
@@ -6120,13 +6086,12 @@ class Outbox:
         await self.call("sendMessage", params, on_sent)
 
     async def call(self, method: str, params: dict, on_sent: Callable[[Any], None] | None = None) -> None:
-        """Queue a JSON Bot API call to ``params["chat_id"]``; returns once it is durably queued (or in memory).
-        ``on_sent`` gets Telegram's answer if this process sends it (not after a restart)."""
+        """Queue a dialog's reply to ``params["chat_id"]``; ``on_sent`` gets Telegram's answer if this process
+        sends it.  Returns once it is held for its update's done mark, or written, or kept in memory."""
         if self.mode.void():  # its handler's update was handed over: the holder answers it
             return
-        message = self._new_message(method, params)
-        message.on_sent = on_sent
-        if not self._push(message) or not self.db.ok:
+        message = self._queue(method, params, on_sent=on_sent)
+        if message is None or not self.db.ok:
             return
         if message.update_id in self._held:
             self._held[message.update_id].append(message)
@@ -6141,47 +6106,44 @@ class Outbox:
         await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
     def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
-        """Queue a job's message in its chat's order: the future gives Telegram's answer (TelegramError if it
-        ended unsent).  Kept in memory only: the job, stored itself, sends it again after a restart.
+        """Queue a job's message: the future gives Telegram's answer (TelegramError if it ended unsent).
         Cancelling the future does not cancel the message; it ends by SEND_BY at the latest."""
-        message = self._new_message(method, params)
-        message.files = files
-        if not self._push(message):
+        message = self._queue(method, params, files=files, result=asyncio.get_running_loop().create_future())
+        if message is None:
             raise TelegramError(method, 503, "the outbox is full")
-        answer = asyncio.shield(message.ended())
+        answer = asyncio.shield(message.result)  # the shield reads the result even if the caller stops waiting
         answer.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # read if unawaited
         return answer
 
     def show(self, key: str, method: str, params: dict) -> None:
-        """A sign of life: replaces a waiting one with the same ``key`` in its chat, never stored."""
+        """A sign of life: replaces a waiting one with the same ``key`` in its chat."""
         queue = self._chats.get(params["chat_id"], ())
         waiting = next((m for m in itertools.islice(queue, 1, None) if m.sign_of_life == key), None)
         if waiting is not None:
             waiting.params = params
-            return
-        message = self._new_message(method, params)
-        message.sign_of_life = key
-        self._push(message)
+        else:
+            self._queue(method, params, sign_of_life=key)
 
-    def _new_message(self, method: str, params: dict) -> OutboxMessage:
+    def _queue(self, method: str, params: dict, **fields: Any) -> OutboxMessage | None:
         now, since = self.clock.time(), self.clock.monotonic()
         self._last_id = max(self._last_id + 1, int(now * 1_000_000))
-        return OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(), since,
-                             SEND_BY.get() or since + self.max_wait_s)
+        return self._push(OutboxMessage(self._last_id, params["chat_id"], method, params, now, REPLYING_TO.get(),
+                                        since, SEND_BY.get() or since + self.max_wait_s, **fields))
 
-    def _push(self, message: OutboxMessage) -> bool:
+    def _push(self, message: OutboxMessage) -> OutboxMessage | None:
+        """``message`` at the end of its chat's queue; None if the outbox is full (it is dropped)."""
         if len(self._ids) >= OUTBOX_MAX_MESSAGES:
             self.dropped["full"] += 1
             log.error("[OUTBOX] full (%d messages): a %s to %d is dropped", len(self._ids), message.method,
                       message.chat_id)
-            return False
+            return None
         self._ids.add(message.id)
         self._emptied.clear()
         queue = self._chats.setdefault(message.chat_id, collections.deque())
         queue.append(message)
         if len(queue) == 1:
             self._ready.put_nowait(message.chat_id)
-        return True
+        return message
 
     def hold_replies(self, update_id: int) -> None:
         """The update's handler starts: its replies wait for its done mark's transaction, not a commit of their own."""
@@ -6194,13 +6156,10 @@ class Outbox:
             message.stored = True
         return replies
 
-    # -- the senders --------------------------------------------------------------
-
     async def _send_forever(self) -> None:
         while True:
             chat_id = await self._ready.get()
-            wait = self.telegram.chat_wait(self.clock.monotonic(), chat_id)
-            if wait > 0:
+            if (wait := self.telegram.chat_wait(self.clock.monotonic(), chat_id)) > 0:
                 self._set_aside(chat_id, wait)  # a sender waiting on one chat's spacing would idle
             else:
                 await self._send_first(chat_id)
@@ -6209,7 +6168,7 @@ class Outbox:
         queue = self._chats[chat_id]
         message = queue[0]
         if message.sign_of_life and any(not later.sign_of_life for later in itertools.islice(queue, 1, None)):
-            self._end(message, None, "")  # gives way to a durable message; a newer sign comes soon
+            self._end(message, None)  # gives way to a durable message; a newer sign comes soon
             return
         try:
             if self.clock.monotonic() >= message.expires_at:
@@ -6218,9 +6177,7 @@ class Outbox:
                 result = await self.telegram.call(message.method, message.params, message.files,
                                                   repeatable=message.method not in SENT_ONCE_METHODS)
         except TimeoutError:
-            self._end(message, "expired", "still unsent at its deadline",
-                      TelegramError(message.method, 504, "expired in the outbox"))
-            return
+            self._end(message, TelegramError(message.method, 504, "expired in the outbox"), "expired")
         except TelegramError as error:
             once = message.sign_of_life or message.method in SENT_ONCE_METHODS and error.maybe_performed
             if error.retryable and not once:
@@ -6231,23 +6188,25 @@ class Outbox:
                 self._set_aside(chat_id, wait)
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
-                self.writes.add(ChatBlocked(chat_id))
-            self._end(message, "refused", f"{error.error_code} {error.description}", error)
-            return
-        self.sent[message.method] += 1
-        if message.on_sent is not None:
-            message.on_sent(result)
-        if message.result is not None and not message.result.done():
-            message.result.set_result(result)
-        self._end(message, None, "")
+                self.writes.add(("blocked", chat_id))
+            self._end(message, error, "refused")
+        else:
+            self.sent[message.method] += 1
+            if message.on_sent is not None:
+                message.on_sent(result)
+            self._end(message, result)
 
-    def _end(self, message: OutboxMessage, reason: str | None, why: str, error: TelegramError | None = None) -> None:
-        """The chat's first message is over: forget it, delete its row, and let the chat's next one go."""
-        if reason is not None:
-            self.dropped[reason] += 1
-            log.warning("[OUTBOX] %s to %d %s: %s", message.method, message.chat_id, reason, why)
-        if error is not None and message.result is not None and not message.result.done():
-            message.result.set_exception(error)
+    def _end(self, message: OutboxMessage, outcome: Any, dropped_as: str = "") -> None:
+        """The chat's first message is over (``outcome``: Telegram's answer, or why not): its chat's next goes."""
+        if dropped_as:
+            self.dropped[dropped_as] += 1
+            log.warning("[OUTBOX] %s to %d %s: %d %s", message.method, message.chat_id, dropped_as,
+                        outcome.error_code, outcome.description)
+        if message.result is not None and not message.result.done():
+            if isinstance(outcome, TelegramError):
+                message.result.set_exception(outcome)
+            else:
+                message.result.set_result(outcome)
         queue = self._chats[message.chat_id]
         queue.popleft()
         message.over = True
@@ -6264,25 +6223,18 @@ class Outbox:
             del self._chats[message.chat_id]
 
     def _write_sent(self, message_id: int) -> None:
-        """The row of a message that is over goes in the next commit (with the inbox's, under load), else later."""
-        written = self.writes.submit(OutboxSent(message_id))
+        written = self.writes.submit(("sent", message_id))
         written.add_done_callback(lambda done: done.exception() is None or self._unrecorded.append(message_id))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
-        self._tasks.start(self._ready_after(chat_id, seconds), f"outbox-chat-{chat_id}")
+        async def ready_after() -> None:
+            await self.clock.sleep(seconds)
+            self._ready.put_nowait(chat_id)
 
-    async def _ready_after(self, chat_id: int, seconds: float) -> None:
-        await self.clock.sleep(seconds)
-        self._ready.put_nowait(chat_id)
-
-    # -- lifecycle and what /health shows -------------------------------------------
+        self._tasks.start(ready_after(), f"outbox-chat-{chat_id}")
 
     async def resume(self, taking_over: bool = False) -> None:
-        """Take up the messages stored by an earlier run (or before the database failed), and send.
-
-        Called on becoming active (``taking_over``) and when the database
-        comes back; messages already in memory are not taken twice.
-        """
+        """Take up the stored rows (on becoming active, and when the database is back), not those in memory."""
         sent_ids, held = list(self._unrecorded), set(self._ids)  # held now: sent from memory, even if over meanwhile
         unstored = [message for queue in self._chats.values() for message in queue
                     if not message.stored and message.result is None and not message.sign_of_life]
@@ -6303,7 +6255,7 @@ class Outbox:
                 self._last_id = max(self._last_id, message_id)
                 since = self.clock.monotonic() - max(0.0, self.clock.time() - queued_at)  # the row outlived its run
                 loaded += self._push(OutboxMessage(message_id, chat_id, method, json.loads(params), queued_at,
-                                                   update_id, since, since + self.max_wait_s, stored=True))
+                                                   update_id, since, since + self.max_wait_s, stored=True)) is not None
         if loaded:
             log.info("[OUTBOX] %d queued messages taken up", loaded)
         if not any(task.get_name().startswith("outbox-sender") for task in self._tasks.running):
@@ -6313,10 +6265,9 @@ class Outbox:
     async def pause(self) -> None:
         """Stop sending and forget what is queued: another instance has the lease and takes the stored rows."""
         await self._tasks.cancel_all()
-        for queue in self._chats.values():
-            for message in queue:
-                if message.result is not None:
-                    message.result.cancel()
+        for message in itertools.chain.from_iterable(self._chats.values()):
+            if message.result is not None:
+                message.result.cancel()
         self._chats.clear()
         self._ids.clear()
         self._emptied.set()
@@ -6327,15 +6278,14 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self.writes.settled(OUTBOX_FLUSH_S)
+        await self.writes.settled(2.0)  # the ends of sent messages get 2 s to be written
 
     @property
     def depth(self) -> int:
         return len(self._ids)
 
     def oldest_wait_s(self) -> float:
-        """How long the oldest queued message has waited (each chat's first is its oldest)."""
-        oldest = min((queue[0].since for queue in self._chats.values()), default=None)
+        oldest = min((queue[0].since for queue in self._chats.values()), default=None)  # a chat's first is its oldest
         return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def snapshot(self) -> dict:
