@@ -2702,6 +2702,31 @@ async def test_a_message_sent_while_the_outbox_takes_up_its_table_is_not_sent_ag
     assert await database.read(trt_bot.outbox_pending) == []
 
 
+async def test_a_take_up_while_the_database_is_still_down_leaves_replies_held_in_memory_to_be_written(tmp_path,
+                                                                                                   fake_tg):
+    # Used to: a take-up with the database down counted as done: it marked the replies held only in memory as
+    # stored, so they were never written once the database came back (and a kill -9 then lost them).
+    blocker = tmp_path / "not-yet-a-folder"
+    blocker.write_text("")
+    db = trt_bot.Database(str(blocker / "outbox.sqlite3"))
+    assert not await db.open()
+    async with httpx.AsyncClient() as http:
+        outbox = trt_bot.Outbox(db, trt_bot.TelegramClient(TOKEN, fake_tg.base_url, http))
+        fake_tg.stall("sendMessage")
+        await outbox.send_message(5, "kept")  # held in memory only
+        await outbox.resume()  # the database still down
+        await eventually(lambda: fake_tg.held("sendMessage") == 1)
+        blocker.unlink()
+        assert await db.open()
+        await outbox.resume()  # as when the database comes back
+        assert [row[3] for row in await db.read(trt_bot.outbox_pending)] == ['{"chat_id": 5, "text": "kept", '
+                                                                              '"parse_mode": "HTML"}']
+        fake_tg.release("sendMessage")
+        await outbox.stop(grace=5)
+    await db.close()
+    assert fake_tg.texts_to(5) == ["kept"]
+
+
 @respx.mock
 async def test_a_chat_waiting_for_its_spacing_does_not_hold_up_the_sender(database):
     clock, sent = ManualClock(), []

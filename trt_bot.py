@@ -6239,7 +6239,7 @@ class Outbox:
         unstored = [message for queue in self._chats.values() for message in queue
                     if not message.stored and message.result is None and not message.sign_of_life]
         try:
-            rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over) if self.db.ok else []
+            rows = await self.db.write(outbox_take_up, sent_ids, unstored, taking_over)  # raises if it is down
         except (DatabaseUnavailable, RowRejected):
             rows = []
         else:
