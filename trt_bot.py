@@ -1861,10 +1861,11 @@ class PostgresServer:
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
 
-    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
-        cursor = self._conn.cursor()
-        self._sending(cursor.executemany, postgres_sql(sql), [_postgres_params(row) for row in rows])
-        return cursor
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        # One statement at a time, not psycopg's pipeline: a process stopped mid-pipeline (before its Sync) leaves
+        # its session waiting with no idle-in-transaction timeout armed, its row locks blocking the next holder.
+        for row in rows:
+            self.execute(sql, row)
 
     def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
         try:
