@@ -2940,10 +2940,38 @@ class KieClient:
 
 ###############################################################################
 # 9. Update pipeline
-#    Owns an update from the moment it arrives until a handler is done with it:
-#    admission (the durable ack, duplicates, spilling to the inbox when memory
-#    is full), one state per update, the ordered workers, the handler watchdog
-#    and the counters /health shows; handlers give way to the acks owed.
+#    Owns an update from the moment it arrives until a handler is done with it.
+#
+# Theory of operation
+#
+# States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
+# goes to the workers (QUEUED) or, memory full or its chat behind stored updates, stays in the inbox (spilled) until
+# Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand; when the
+# handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is done and no
+# longer held.  A pre-checkout query is answered at once, not stored: Telegram waits 10 s, not for a queue.
+# Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
+# handler's unsent replies are written in its done mark's transaction (never the mark without them).  A done mark
+# that fails to commit is kept, with its replies, until the database is back.
+# Order: a chat's updates run one at a time, in arrival order.  Only one worker is on a chat (the others park its
+# updates with it).  While anything waits in the inbox (``spilling``) new updates are stored behind it, and the
+# refill reads the inbox in update_id order; an update going straight to the workers first learns, in its insert's
+# transaction, of older ones of its chat that another instance stored, and if any waits behind them.
+# Memory only: with the database down, updates are kept in memory (availability over durability) while there is
+# room; duplicates are known among the last RECENT_MEMORY_IDS only; one whose chat has stored updates is refused
+# (CHAT_BEHIND, it would overtake them), and so is everything while passive or shutting down.  A memory-only update
+# is lost if the process dies before it is handled.  Telegram retries every refusal but INVALID.
+# Who may act: only while Role.may_act() (the lease held, its trust not lapsed) does the pipeline take updates from
+# the inbox.  A handler begun while it could not act, or before a hand-over of the lease, is void (Role.void()): it
+# is not run (voided mid-way, its replies are not sent) and its update is left in the inbox, to the lease's holder.
+# kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
+# redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
+# done mark, its replies are in the outbox and are sent.
+# Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
+# ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cancelled by its worker's check.
+# A /start passes through these named types, socket to reply (the trace test's list): HttpServer, RequestParser,
+# Request, Routes, Config, Clock, Admission, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox,
+# GroupCommit, Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, OutboxSent,
+# DoneMark, TelegramClient, AiohttpCalls.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -3061,44 +3089,21 @@ async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
 UpdateHandler = Callable[[dict], Awaitable[None]]
 
 
-# -- what ingest answers -------------------------------------------------------
+class Admission(enum.Enum):
+    """What ``ingest`` did with an update: kept, known already, or not kept and why."""
 
-class RejectReason(enum.Enum):
-    """Why an update was not kept; all but INVALID are worth sending again later."""
+    ADMITTED = ("committed to the inbox, or held in memory while the database is down", False)
+    DUPLICATE = ("an update id seen before: acknowledged, not handled again", False)
+    BACKLOG_FULL = ("the inbox holds too many unhandled updates", True)
+    MEMORY_FULL = ("memory is full and the database is down", True)
+    CHAT_BEHIND = ("its chat has updates waiting in the inbox, which it would overtake", True)
+    PASSIVE = ("another instance holds the lease and the database is down", True)
+    SHUTTING_DOWN = ("shutting down", True)
+    INVALID = ("SQLite refused what it holds: sending it again would not help", False)
 
-    BACKLOG_FULL = "the inbox holds too many unhandled updates"
-    MEMORY_FULL = "memory is full and the database is down"
-    CHAT_BEHIND = "its chat has updates waiting in the inbox, which it would overtake"
-    PASSIVE = "another instance holds the lease and the database is down"
-    SHUTTING_DOWN = "shutting down"
-    INVALID = "SQLite refused what it holds"
-
-
-@dataclasses.dataclass(frozen=True)
-class Admitted:
-    """Kept: committed to the inbox, or held in memory while the database is down."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Duplicate:
-    """An update id seen before: acknowledged, not handled again."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Rejected:
-    """Not kept; Telegram should keep the update and, unless it is invalid, send it again."""
-
-    reason: RejectReason
-
-    @property
-    def retry_later(self) -> bool:
-        return self.reason is not RejectReason.INVALID
-
-
-Admission = Admitted | Duplicate | Rejected
-# Outcomes carry no per-update data: the ack path hands out these instances instead of building new ones.
-ADMITTED, DUPLICATE = Admitted(), Duplicate()
-REJECTED = {reason: Rejected(reason) for reason in RejectReason}
+    def __init__(self, meaning: str, retry_later: bool):
+        self.meaning = meaning
+        self.retry_later = retry_later  # not kept, and Telegram should send it again (a 503)
 
 
 # -- where each update is ------------------------------------------------------
@@ -3118,16 +3123,25 @@ class UpdateState(enum.Enum):
 
 
 class UpdateTracker:
-    """One state per update the pipeline holds, keyed by update id, and the memory bound.
+    """Where the updates are: one state per update the pipeline holds, and what waits in the inbox instead.
 
-    ``in_memory`` counts the queued, parked and handled updates, which must stay within ``capacity``; it is kept as
-    states change, so the ack path never walks the map.
+    ``in_memory`` (queued, parked, handling) must stay within ``capacity``; it is kept as states change, so the ack
+    path never walks the map.  ``backlog`` is the inbox's unhandled rows (what /health shows, and the bound on
+    admission).  ``stored_by_chat`` counts each chat's updates waiting in the inbox: never too low (a later update of
+    the chat could overtake them), too high only until the inbox is next read to its end.  ``spilling`` is true while
+    any might wait.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_backlog: int = INBOX_MAX_BACKLOG):
         self.capacity = capacity
         self.states: dict[int, UpdateState] = {}
         self.in_memory = 0
+        self.max_backlog = max_backlog
+        self.backlog = 0
+        self.spilling = False
+        self.recount_due = True
+        self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
+        self.stored_by_chat: collections.Counter[int] = collections.Counter()
         self._changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
         self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
@@ -3177,47 +3191,26 @@ class UpdateTracker:
         finally:
             self._waiters -= 1
 
+    # -- what waits in the inbox ----------------------------------------------
 
-class StoredUpdates:
-    """What waits in the inbox rather than in memory.
-
-    ``backlog`` is the inbox's unhandled rows (what /health shows, and the bound on admission).  Per chat, how many
-    of its updates wait there: never too low (a later update of the chat could overtake them), too high only until
-    the inbox is next read to its end.  ``spilling`` is true while any might wait.
-    """
-
-    def __init__(self, max_backlog: int):
-        self.max_backlog = max_backlog
-        self.backlog = 0
-        self.spilling = False
-        self.recount_due = True
-        self.marks = 0  # mark() calls so far: a refill that saw none during its read saw everything
-        self._by_chat: collections.Counter[int] = collections.Counter()
-
-    def full(self) -> bool:
-        return self.backlog >= self.max_backlog
-
-    def mark(self, chat_key: int) -> None:
+    def mark_stored(self, chat_key: int) -> None:
         """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
         self.spilling = True
-        self._by_chat[chat_key] += 1
+        self.stored_by_chat[chat_key] += 1
         self.marks += 1
 
-    def waiting(self, chat_key: int) -> int:
-        return self._by_chat[chat_key]
-
-    def take(self, chat_key: int) -> None:
+    def take_stored(self, chat_key: int) -> None:
         """A refill moved one of the chat's updates into memory."""
-        if self._by_chat[chat_key] > 1:
-            self._by_chat[chat_key] -= 1
+        if self.stored_by_chat[chat_key] > 1:
+            self.stored_by_chat[chat_key] -= 1
         else:
-            self._by_chat.pop(chat_key, None)
+            self.stored_by_chat.pop(chat_key, None)
 
     def recounted(self, backlog: int, waiting: collections.Counter[int]) -> None:
         self.recount_due = False
         self.backlog = backlog
         for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
-            self._by_chat[chat_key] = max(self._by_chat[chat_key], count)
+            self.stored_by_chat[chat_key] = max(self.stored_by_chat[chat_key], count)
         if waiting:
             self.spilling = True
 
@@ -3227,77 +3220,104 @@ class StoredUpdates:
             self.spilling = True
         elif self.marks == marks_before:
             self.spilling = False
-            self._by_chat.clear()
+            self.stored_by_chat.clear()
 
 
-class InboxWriter:
-    """The inbox's group commit: update inserts from the ack path, done marks and their replies from the workers.
+WATCHDOG_INTERVAL_S = 1.0  # how late a handler's cut may land
+# While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
+ACK_FIRST_WINDOW_S = 0.01
+HANDLERS_SHARE = 0.5
 
-    A done mark that fails to commit is kept with its update's replies, its
-    update still awaiting it, and sent again by ``retry_failed`` once the database is back.
+
+class ChatWorkers:
+    """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
+
+    A worker that takes an update of a chat another worker is on parks it with that worker, which runs the chat's
+    parked updates before taking new work.  Workers watch their own handlers: one check a second cuts those past
+    ``timeout`` (a timer per update, asyncio.timeout, costs microseconds on every update).  A cut is a cancel the
+    worker withdraws (``uncancel``) when its handler ends, so a shutdown's cancel is still told apart from it.
     """
 
-    def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
+                 timeout: float = 30.0, clock: Clock = SYSTEM_CLOCK):
         self.tracker = tracker
-        self.stored = stored
-        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark | OutboxMessage] = []
-
-    def insert(self, item: InboxItem) -> asyncio.Future:
-        """A future for whether the update is new (RowRejected, DatabaseUnavailable on failure)."""
-        return self.commit.submit(item)
-
-    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
-        for mark in marks:
-            if isinstance(mark, DoneMark):
-                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self.commit.add(mark)
-
-    def retry_failed(self) -> None:
-        if self._failed:
-            retry, self._failed = self._failed, []
-            self.mark_done(retry)
-
-    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
-        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
-        if not marks:
-            return
-        if isinstance(error, RowRejected):
-            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
-            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
-        elif error is not None:
-            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
-            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
-                                and entry.update_id in handled)
-            self.tracker.notify()
-        else:
-            for mark in marks:
-                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
-            self.stored.backlog = max(0, self.stored.backlog - len(marks))
-
-
-WATCHDOG_INTERVAL_S = 1.0  # how late a cut may land
-
-
-class HandlerWatchdog:
-    """Cuts handlers that run past ``timeout``.
-
-    One check a second for all workers instead of a timer per update (an asyncio.timeout costs a few microseconds on
-    every update); the cut lands at most a second late.  A cut is a cancel the worker withdraws (``uncancel``) when
-    its handler ends, so a shutdown's cancel is still told apart from it.
-    """
-
-    def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK):
+        self.count = count
         self.timeout = timeout
         self.clock = clock
+        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
+        self.deferred = 0  # handler starts that gave way to acks owed
+        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
+        self.active = 0  # workers running a handler now
+        self._process = process
+        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
+        self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
-        self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled here
+        self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled for running over
+
+    def enqueue(self, item: InboxItem) -> None:
+        self.tracker.move(item.update_id, UpdateState.QUEUED)
+        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+
+    def start(self) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
+
+    @contextlib.contextmanager
+    def ack_owed(self) -> Iterator[None]:
+        self.acks_owed += 1
+        try:
+            yield
+        finally:
+            self.acks_owed -= 1
+
+    async def _give_way(self) -> None:
+        """An ack is owed: yield one loop turn (acks whose commit landed go on), and once handlers have had their
+        share of the window, wait for its end while acks are still owed.  (Waiting while any ack was owed, up to
+        50 ms, all but stopped handling during a burst.)"""
+        self.deferred += 1
+        await asyncio.sleep(0)
+        while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
+            now = time.perf_counter()
+            if now >= self._window_ends:
+                self._window_ends, self._spent = now + ACK_FIRST_WINDOW_S, 0.0
+            else:
+                await asyncio.sleep(self._window_ends - now)
+
+    async def _work(self) -> None:
+        task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
+        while True:
+            item: InboxItem | None = await self.queue.get()
+            key = item.chat_key  # type: ignore[union-attr]
+            parked = self._parked.get(key)
+            if parked is not None:  # another worker is on this chat; it takes this one next
+                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
+                parked.append(item)  # type: ignore[arg-type]
+                continue
+            self._parked[key] = parked = collections.deque()
+            try:
+                while item is not None:
+                    if self.acks_owed:
+                        await self._give_way()
+                    self.tracker.move(item.update_id, UpdateState.HANDLING)
+                    self.active += 1
+                    started = time.perf_counter()
+                    self.watch(task, self.clock.monotonic())
+                    try:
+                        await self._process(item)
+                    finally:
+                        self.release(task)
+                        self.active -= 1
+                        self._spent += time.perf_counter() - started
+                    item = parked.popleft() if parked else None
+            finally:
+                del self._parked[key]
+
+    # -- the handlers' timeout ------------------------------------------------
 
     def watch(self, task: asyncio.Task, started: float) -> None:
         self._deadlines[task] = started + self.timeout
 
     def cut_alone(self, task: asyncio.Task) -> bool:
-        """Whether the cancel ``task`` is raising came from here only (not also from shutdown)."""
+        """Whether the cancel ``task`` is raising came from a cut only (not also from shutdown)."""
         return task in self._cut and task.cancelling() <= 1
 
     def release(self, task: asyncio.Task) -> None:
@@ -3319,109 +3339,56 @@ class HandlerWatchdog:
                 self._cut.add(task)
                 task.cancel()
 
-    async def run(self) -> None:
+    async def watch_handlers(self) -> None:
         while True:
             await self.clock.sleep(WATCHDOG_INTERVAL_S)
             self.cut_overdue()
 
 
-# While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
-ACK_FIRST_WINDOW_S = 0.01
-HANDLERS_SHARE = 0.5
+class Inbox:
+    """The inbox table as the pipeline uses it: the group commit that writes it and the refill that reads it.
 
-
-class ChatWorkers:
-    """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
-
-    A worker that takes an update of a chat another worker is on parks it with
-    that worker, which runs the chat's parked updates before taking new work.
-    While an ack is owed, a worker yields one loop turn before each handler (acks whose commit landed go on),
-    and waits only once handlers have had their share of the window: acks get the rest however long a burst
-    lasts.  An earlier rule, wait while any ack is owed (up to 50 ms), all but stopped handling during a burst.
+    Writes: update inserts from the ack path, done marks and their replies from the workers.  A done mark that fails
+    to commit is kept with its update's replies, its update still awaiting it, and sent again once the database is
+    back.  Reads, every REFILL_INTERVAL_S and at once when woken: recount the backlog (picking up what a previous run,
+    another instance or a lost database file left), move the oldest stored updates into memory while there is room,
+    and prune old done rows.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
+    def __init__(self, db: Database, tracker: UpdateTracker, stats: PipelineStats,
+                 enqueue: Callable[[InboxItem], None], may_take: Callable[[], bool], clock: Clock):
+        self.db = db
         self.tracker = tracker
-        self.count = count
-        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
-        self.deferred = 0  # handler starts that gave way to acks owed
-        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
-        self.active = 0  # workers running a handler now
-        self._process = process
-        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
-        self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
+        self.stats = stats
+        self.enqueue = enqueue
+        self.may_take = may_take  # whether this instance may take updates now
+        self.clock = clock
+        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
+        self._failed: list[DoneMark | OutboxMessage] = []
+        self._wakeup = asyncio.Event()
 
-    def enqueue(self, item: InboxItem) -> None:
-        self.tracker.move(item.update_id, UpdateState.QUEUED)
-        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
+        for mark in marks:
+            if isinstance(mark, DoneMark):
+                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
+            self.commit.add(mark)
 
-    def start(self) -> list[asyncio.Task]:
-        return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
-
-    @contextlib.contextmanager
-    def ack_owed(self) -> Iterator[None]:
-        self.acks_owed += 1
-        try:
-            yield
-        finally:
-            self.acks_owed -= 1
-
-    async def _give_way(self) -> None:
-        """An ack is owed: yield one loop turn (acks whose commit landed go on), and once handlers have had their
-        share of the window, wait for its end while acks are still owed."""
-        self.deferred += 1
-        await asyncio.sleep(0)
-        while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
-            now = time.perf_counter()
-            if now >= self._window_ends:
-                self._window_ends, self._spent = now + ACK_FIRST_WINDOW_S, 0.0
-            else:
-                await asyncio.sleep(self._window_ends - now)
-
-    async def _work(self) -> None:
-        while True:
-            item: InboxItem | None = await self.queue.get()
-            key = item.chat_key  # type: ignore[union-attr]
-            parked = self._parked.get(key)
-            if parked is not None:  # another worker is on this chat; it takes this one next
-                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
-                parked.append(item)  # type: ignore[arg-type]
-                continue
-            self._parked[key] = parked = collections.deque()
-            try:
-                while item is not None:
-                    if self.acks_owed:
-                        await self._give_way()
-                    self.tracker.move(item.update_id, UpdateState.HANDLING)
-                    self.active += 1
-                    started = time.perf_counter()
-                    try:
-                        await self._process(item)
-                    finally:
-                        self.active -= 1
-                        self._spent += time.perf_counter() - started
-                    item = parked.popleft() if parked else None
-            finally:
-                del self._parked[key]
-
-
-@dataclasses.dataclass(eq=False)
-class InboxRefill:
-    """Reads the inbox: moves the oldest stored updates into memory as room frees up.
-
-    It also recounts the backlog (picking up what a previous run, another instance or a lost database file left),
-    retries failed done marks and prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
-    """
-
-    db: Database
-    tracker: UpdateTracker
-    stored: StoredUpdates
-    writer: InboxWriter
-    stats: PipelineStats
-    enqueue: Callable[[InboxItem], None]
-    may_take: Callable[[], bool]  # whether this instance may take updates now
-    clock: Clock = SYSTEM_CLOCK
-    _wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
+    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+        if not marks:
+            return
+        if isinstance(error, RowRejected):
+            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
+            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+        elif error is not None:
+            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
+                                and entry.update_id in handled)
+            self.tracker.notify()
+        else:
+            for mark in marks:
+                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
+            self.tracker.backlog = max(0, self.tracker.backlog - len(marks))
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -3433,15 +3400,18 @@ class InboxRefill:
             self._wakeup.clear()
             if not self.db.ok:
                 continue
-            self.writer.retry_failed()
-            if self.stored.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
+            if self._failed:
+                retry, self._failed = self._failed, []
+                self.mark_done(retry)
+            if self.tracker.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
                 last_count = self.clock.monotonic()
                 await self.recount()
             if self.may_take():
                 await self.refill()
             if self.clock.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = self.clock.monotonic()
-                await self._prune()
+                with contextlib.suppress(DatabaseUnavailable):
+                    await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
 
     async def recount(self) -> None:
         """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory."""
@@ -3450,7 +3420,7 @@ class InboxRefill:
         except DatabaseUnavailable:
             return
         waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self.tracker.holds(update_id))
-        self.stored.recounted(len(rows), waiting)
+        self.tracker.recounted(len(rows), waiting)
 
     async def refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
@@ -3458,7 +3428,7 @@ class InboxRefill:
         if room <= 0:
             return
         limit = room + len(self.tracker.states)
-        marks_before = self.stored.marks
+        marks_before = self.tracker.marks
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -3470,9 +3440,9 @@ class InboxRefill:
                 break
             if self.tracker.holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
-            self.stored.take(chat_key)
+            self.tracker.take_stored(chat_key)
             taken += self._take(InboxItem(update_id, chat_key, {}, body, received_at))
-        self.stored.read_through(more_left, marks_before)
+        self.tracker.read_through(more_left, marks_before)
         self.tracker.notify()
 
     def _take(self, item: InboxItem) -> bool:
@@ -3481,26 +3451,14 @@ class InboxRefill:
             item.update = parse_update(item.body)
         except HttpError:
             self.stats.dropped += 1
-            self.writer.mark_done([DoneMark(item.update_id)])
+            self.mark_done([DoneMark(item.update_id)])
             return False
         self.enqueue(item)
         return True
 
-    async def _prune(self) -> None:
-        try:
-            await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
-        except DatabaseUnavailable:
-            pass
-
 
 class UpdatePipeline:
-    """Durable, ordered delivery of updates to ``handler``.
-
-    ``ingest`` says whether an update was kept: Admitted once committed to the inbox (or, the database down, held in
-    memory), Duplicate for an id seen before, Rejected when the database refuses it or it cannot be kept.  A chat's
-    updates run one at a time in arrival order, database or not: while a chat has updates waiting in the inbox
-    (spilled), a memory-only update of that chat would overtake them, so it is rejected and Telegram sends it again.
-    """
+    """Durable, ordered delivery of updates to ``handler`` (see the section's notes)."""
 
     def __init__(
         self,
@@ -3526,15 +3484,11 @@ class UpdatePipeline:
         self.clock = clock
         self.mode = mode or Role()
         self.stats = PipelineStats()
-        self.tracker = UpdateTracker(queue_size)
-        self.stored = StoredUpdates(max_backlog)
-        self.writer = InboxWriter(db, self.tracker, self.stored)
+        self.tracker = UpdateTracker(queue_size, max_backlog)
+        self.workers = ChatWorkers(self.tracker, self._process, workers, handler_timeout, clock)
+        self.inbox = Inbox(db, self.tracker, self.stats, self.workers.enqueue, self._may_take, clock)
         if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
-            outbox.writes = self.writer.commit
-        self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers)
-        self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
-                                  self._may_take, clock)
+            outbox.writes = self.inbox.commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
@@ -3556,17 +3510,17 @@ class UpdatePipeline:
             return self._answer_at_once(update["pre_checkout_query"])
         if not self.db.ok:
             return self._ingest_in_memory(item)
-        if self.stored.full():
+        if self.tracker.backlog >= self.tracker.max_backlog:
             self.stats.rejected += 1
-            return REJECTED[RejectReason.BACKLOG_FULL]
+            return Admission.BACKLOG_FULL
         admitting = self.tracker.admit(update_id)
-        item.ask_older = self._may_take() and not self.stored.spilling  # else it waits in the inbox anyway
+        item.ask_older = self._may_take() and not self.tracker.spilling  # else it waits in the inbox anyway
         try:
-            is_new = await self.writer.insert(item)
+            is_new = await self.inbox.commit.submit(item)
         except DatabaseUnavailable:
             pass  # fall through to memory
         except RowRejected:
-            return REJECTED[RejectReason.INVALID]  # logged by GroupCommit; storing it again would fail again
+            return Admission.INVALID  # logged by GroupCommit; storing it again would fail again
         else:
             return self._inserted(item) if is_new else self._stored_before(item)
         finally:
@@ -3575,25 +3529,24 @@ class UpdatePipeline:
         return self._ingest_in_memory(item)
 
     def _answer_at_once(self, query: Any) -> Admission:
-        """A pre-checkout query is answered now, not stored (only the payment that follows changes anything):
-        Telegram waits 10 s, not for a chat's queue or a backlog."""
+        """A pre-checkout query changes nothing (the payment that follows does): it is answered, not stored."""
         self.stats.received += 1
         self.stats.processed += 1
         if isinstance(query, dict):
             self._answering.start(self.answer_pre_checkout(query, self.db.ok and self._may_take()), "pre-checkout")
-        return ADMITTED
+        return Admission.ADMITTED
 
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
-        self.stored.backlog += 1
+        self.tracker.backlog += 1
         # Older updates of its chat that another instance stored (a standby, at a deploy): it waits behind them.
         behind_stored = not all(self.tracker.holds(update_id) for update_id in item.older)
-        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0 and not behind_stored:
+        if self._may_take() and not self.tracker.spilling and self.tracker.room() > 0 and not behind_stored:
             self.workers.enqueue(item)
         else:
             self.stats.spilled += 1
             self._mark_stored(item.chat_key)
-        return ADMITTED
+        return Admission.ADMITTED
 
     def _stored_before(self, item: InboxItem) -> Admission:
         self.stats.duplicates += 1
@@ -3601,21 +3554,21 @@ class UpdatePipeline:
             # Perhaps stored by a run that died before handling it, and skipped by a refill
             # that read it while this insert was under way: the inbox must be read again.
             self._mark_stored(item.chat_key)
-        return DUPLICATE
+        return Admission.DUPLICATE
 
     def _mark_stored(self, chat_key: int) -> None:
-        self.stored.mark(chat_key)
-        self.refill.wake()
+        self.tracker.mark_stored(chat_key)
+        self.inbox.wake()
 
     def _ingest_in_memory(self, item: InboxItem) -> Admission:
         """Degraded mode: availability over durability, as long as memory has room."""
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
-            return DUPLICATE
+            return Admission.DUPLICATE
         refusal = self._memory_refusal(item.chat_key)
         if refusal is not None:
             self.stats.rejected += 1
-            return REJECTED[refusal]
+            return refusal
         self._recent_memory_ids[item.update_id] = None
         if len(self._recent_memory_ids) > RECENT_MEMORY_IDS:
             self._recent_memory_ids.popitem(last=False)
@@ -3623,23 +3576,21 @@ class UpdatePipeline:
         self.stats.received += 1
         self.stats.memory_only += 1
         self.workers.enqueue(item)
-        return ADMITTED
+        return Admission.ADMITTED
 
-    def _memory_refusal(self, chat_key: int) -> RejectReason | None:
+    def _memory_refusal(self, chat_key: int) -> Admission | None:
         if not self._accepting:
-            return RejectReason.SHUTTING_DOWN
+            return Admission.SHUTTING_DOWN
         if not self.mode.may_act():
-            return RejectReason.PASSIVE
+            return Admission.PASSIVE
         if self.tracker.room() <= 0:
-            return RejectReason.MEMORY_FULL
-        return RejectReason.CHAT_BEHIND if self.stored.waiting(chat_key) else None
+            return Admission.MEMORY_FULL
+        return Admission.CHAT_BEHIND if self.tracker.stored_by_chat[chat_key] else None
 
     # -- handling one update --------------------------------------------------
 
     async def _process(self, item: InboxItem) -> None:
         started = self.clock.monotonic()
-        task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
-        self.watchdog.watch(task, started)
         HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
@@ -3650,17 +3601,16 @@ class UpdatePipeline:
             elif not self.mode.void():
                 await self.handler(item.update)
         except asyncio.CancelledError:
-            if not self.watchdog.cut_alone(task):
-                raise  # shutdown, not (only) the watchdog's cut
+            if not self.workers.cut_alone(asyncio.current_task()):  # type: ignore[arg-type]
+                raise  # shutdown, not (only) the timeout's cut
             self.stats.errors += 1
-            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.watchdog.timeout)
+            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.workers.timeout)
         except TelegramError as error:
             blocked = self._telegram_refused(item, error)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
-            self.watchdog.release(task)
             self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
@@ -3687,30 +3637,30 @@ class UpdatePipeline:
             self._mark_stored(item.chat_key)
         elif item.durable:
             user_id, lang = update_sender(item.update)
-            self.writer.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
+            self.inbox.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
         else:
             self.tracker.drop(item.update_id)
-        if self.stored.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
-            self.refill.wake()
+        if self.tracker.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
+            self.inbox.wake()
 
     # -- start, stop and what /health shows ---------------------------------
 
     async def start(self) -> None:
-        await self.refill.recount()
+        await self.inbox.recount()
         self._tasks = [*self.workers.start(),
-                       asyncio.create_task(self.refill.run(), name="inbox-refill"),
-                       asyncio.create_task(self.watchdog.run(), name="handler-watchdog")]
+                       asyncio.create_task(self.inbox.run(), name="inbox-refill"),
+                       asyncio.create_task(self.workers.watch_handlers(), name="handler-watchdog")]
         log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
                  self.workers.count, self.tracker.capacity, self.backlog)
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
-        self.stored.recount_due = True
-        self.refill.wake()
+        self.tracker.recount_due = True
+        self.inbox.wake()
 
     async def idle(self) -> None:
         """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
-        await self.tracker.wait_until(lambda: not self.tracker.states and not self.stored.spilling)
+        await self.tracker.wait_until(lambda: not self.tracker.states and not self.tracker.spilling)
 
     async def stop(self, grace: float) -> None:
         """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
@@ -3737,7 +3687,7 @@ class UpdatePipeline:
     @property
     def backlog(self) -> int:
         """Unhandled rows in the inbox."""
-        return self.stored.backlog
+        return self.tracker.backlog
 
     @property
     def workers_active(self) -> int:
@@ -3754,18 +3704,12 @@ class UpdatePipeline:
     def snapshot(self) -> dict:
         stats = self.stats
         return {
-            "total_received": stats.received,
-            "total_processed": stats.processed,
-            "total_dropped": stats.dropped,
-            "total_errors": stats.errors,
+            **{f"total_{name}": getattr(stats, name) for name in ("received", "processed", "dropped", "errors")},
             "workers_active": self.workers_active,
             "queue_depth": self.queue_depth,
             "queue_max": self.tracker.capacity,
             "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
-            "duplicates": stats.duplicates,
-            "spilled": stats.spilled,
-            "memory_only": stats.memory_only,
-            "rejected": stats.rejected,
+            **{name: getattr(stats, name) for name in ("duplicates", "spilled", "memory_only", "rejected")},
             "inbox_backlog": self.backlog,
             "handling_deferred": self.workers.deferred,
         }
@@ -6512,8 +6456,8 @@ async def ingest_polled(pipeline: UpdatePipeline, clock: Clock, updates: list, o
             outcome = await pipeline.ingest(parse_update(body), body)  # checked as a webhook's
         except HttpError as error:
             log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
-            outcome = REJECTED[RejectReason.INVALID]
-        if isinstance(outcome, Rejected) and outcome.retry_later:
+            outcome = Admission.INVALID
+        if outcome.retry_later:
             await clock.sleep(1.0)  # full: ask again later from this update on
             break
         offset = update["update_id"] + 1
@@ -7041,7 +6985,7 @@ class Diagnostics:
         lag = max(late, time.monotonic() - beat - LOOP_BEAT_S)
         if not self.pipeline.workers_alive:
             return "the update workers have died"
-        if self.pipeline.watchdog.stuck() >= self.pipeline.workers.count:
+        if self.pipeline.workers.stuck() >= self.pipeline.workers.count:
             return "every update worker is stuck in a handler that ignores its timeout"
         return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
 
@@ -7250,11 +7194,11 @@ class Routes:
         with self.pipeline.workers.ack_owed():  # handlers give way while it is owed
             outcome = await self.pipeline.ingest(update, request.body)
         observe(self.histograms, "trt_webhook_ack_seconds", self.clock.monotonic() - started)
-        if not isinstance(outcome, Rejected):
-            return Response(200, OK_BODY, "application/json")
-        if not outcome.retry_later:
+        if outcome.retry_later:
+            return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+        if outcome is Admission.INVALID:
             return text_response(400, "update cannot be stored")
-        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+        return Response(200, OK_BODY, "application/json")
 
     async def on_kie_callback(self, request: Request) -> Response:
         """Kie's completion callback, a hint to ask recordInfo.
