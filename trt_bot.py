@@ -1989,14 +1989,10 @@ class Database:
 
 
 class GroupCommit:
-    """Writes items from many coroutines in shared transactions.
-
-    ``submit(item)`` returns a future for that item's result; ``add(item)`` is fire-and-forget, and
-    ``on_batch(items, error)`` hears how each batch went. While one batch is being written, new items gather into
-    the next one, so under load one commit (and one thread hop) serves many requests. ``write_batch(conn, items)``
-    returns one result per item.  A row the database refuses fails alone: the batch is split until that row is
-    found, its future gets RowRejected (logged once), and the others are written.
-    """
+    """Writes items from many coroutines in shared transactions: while one batch is written, new items gather into
+    the next, so under load one commit (and one thread hop) serves many.  ``write_batch(conn, items)`` returns one
+    result per item; ``submit`` gives a future for it, ``add`` does not wait, ``on_batch(items, error)`` hears each
+    batch.  A row the database refuses fails alone: the batch is split until that row is found (RowRejected)."""
 
     def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
                  on_batch: Callable[[list, BaseException | None], None] | None = None, max_batch: int = 500):
@@ -2132,11 +2128,8 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
 def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     """Updates, the outbox's writes and done marks in one transaction: per entry, is-new for an update, else None.
 
-    Under load the marks of handled updates and the outbox's writes ride along with the commit of arriving ones: one
-    transaction and one thread hop for all. A handler's replies go in before its update's mark (never the mark
-    without them); one Telegram has taken by now is not written at all.  Each new update that ``ask_older`` gets in
-    its ``older`` the ids of its chat's older unhandled updates, read in the same transaction (no round trip of its
-    own).
+    A handler's replies go in before its update's mark (never the mark without them).  Each new update that
+    ``ask_older`` gets in ``older`` its chat's older unhandled ids, read in the same transaction (no round trip).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
@@ -3086,9 +3079,6 @@ async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-UpdateHandler = Callable[[dict], Awaitable[None]]
-
-
 class Admission(enum.Enum):
     """What ``ingest`` did with an update: kept, known already, or not kept and why."""
 
@@ -3102,7 +3092,6 @@ class Admission(enum.Enum):
     INVALID = ("SQLite refused what it holds: sending it again would not help", False)
 
     def __init__(self, meaning: str, retry_later: bool):
-        self.meaning = meaning
         self.retry_later = retry_later  # not kept, and Telegram should send it again (a 503)
 
 
@@ -3117,19 +3106,16 @@ class UpdateState(enum.Enum):
     HANDLING = ("handling", True)  # a handler runs it
     AWAITING_DONE = ("awaiting_done", False)  # handled; its done mark is not committed yet
 
-    def __init__(self, label: str, in_memory: bool):
-        self.label = label
+    def __init__(self, label: str, in_memory: bool):  # the label keeps the values apart
         self.in_memory = in_memory  # counts against the memory bound (queue_size)
 
 
 class UpdateTracker:
     """Where the updates are: one state per update the pipeline holds, and what waits in the inbox instead.
 
-    ``in_memory`` (queued, parked, handling) must stay within ``capacity``; it is kept as states change, so the ack
-    path never walks the map.  ``backlog`` is the inbox's unhandled rows (what /health shows, and the bound on
-    admission).  ``stored_by_chat`` counts each chat's updates waiting in the inbox: never too low (a later update of
-    the chat could overtake them), too high only until the inbox is next read to its end.  ``spilling`` is true while
-    any might wait.
+    ``in_memory`` (queued, parked, handling; at most ``capacity``) is kept as states change: the ack path never walks
+    the map.  ``stored_by_chat``, each chat's updates waiting in the inbox, is never too low (a later update of the
+    chat could overtake them), too high only until the inbox is next read to its end.
     """
 
     def __init__(self, capacity: int, max_backlog: int = INBOX_MAX_BACKLOG):
@@ -3137,8 +3123,8 @@ class UpdateTracker:
         self.states: dict[int, UpdateState] = {}
         self.in_memory = 0
         self.max_backlog = max_backlog
-        self.backlog = 0
-        self.spilling = False
+        self.backlog = 0  # the inbox's unhandled rows (what /health shows, and the bound on admission)
+        self.spilling = False  # whether any update might wait in the inbox
         self.recount_due = True
         self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
         self.stored_by_chat: collections.Counter[int] = collections.Counter()
@@ -3230,12 +3216,11 @@ HANDLERS_SHARE = 0.5
 
 
 class ChatWorkers:
-    """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
+    """A fixed pool of workers over one queue; a chat's updates run one at a time, in order (parked with its worker).
 
-    A worker that takes an update of a chat another worker is on parks it with that worker, which runs the chat's
-    parked updates before taking new work.  Workers watch their own handlers: one check a second cuts those past
-    ``timeout`` (a timer per update, asyncio.timeout, costs microseconds on every update).  A cut is a cancel the
-    worker withdraws (``uncancel``) when its handler ends, so a shutdown's cancel is still told apart from it.
+    Workers watch their own handlers: one check a second cuts those past ``timeout`` (an asyncio.timeout per update
+    costs microseconds each).  A cut is a cancel withdrawn (``uncancel``) when the handler ends, so a shutdown's
+    cancel is still told apart from it.
     """
 
     def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
@@ -3270,9 +3255,8 @@ class ChatWorkers:
             self.acks_owed -= 1
 
     async def _give_way(self) -> None:
-        """An ack is owed: yield one loop turn (acks whose commit landed go on), and once handlers have had their
-        share of the window, wait for its end while acks are still owed.  (Waiting while any ack was owed, up to
-        50 ms, all but stopped handling during a burst.)"""
+        """Yield one loop turn (acks whose commit landed go on); past the handlers' share, wait for the window's end.
+        (Waiting while any ack was owed, up to 50 ms, all but stopped handling during a burst.)"""
         self.deferred += 1
         await asyncio.sleep(0)
         while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
@@ -3348,11 +3332,8 @@ class ChatWorkers:
 class Inbox:
     """The inbox table as the pipeline uses it: the group commit that writes it and the refill that reads it.
 
-    Writes: update inserts from the ack path, done marks and their replies from the workers.  A done mark that fails
-    to commit is kept with its update's replies, its update still awaiting it, and sent again once the database is
-    back.  Reads, every REFILL_INTERVAL_S and at once when woken: recount the backlog (picking up what a previous run,
-    another instance or a lost database file left), move the oldest stored updates into memory while there is room,
-    and prune old done rows.
+    Every REFILL_INTERVAL_S, and at once when woken, it recounts the backlog (picking up what a previous run, another
+    instance or a lost database file left), queues the oldest stored updates while there is room, prunes done rows.
     """
 
     def __init__(self, db: Database, tracker: UpdateTracker, stats: PipelineStats,
@@ -3463,7 +3444,7 @@ class UpdatePipeline:
     def __init__(
         self,
         db: Database,
-        handler: UpdateHandler,
+        handler: Callable[[dict], Awaitable[None]],
         *,
         queue_size: int = 100,
         workers: int = 3,
@@ -3561,7 +3542,6 @@ class UpdatePipeline:
         self.inbox.wake()
 
     def _ingest_in_memory(self, item: InboxItem) -> Admission:
-        """Degraded mode: availability over durability, as long as memory has room."""
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
             return Admission.DUPLICATE
@@ -3594,7 +3574,7 @@ class UpdatePipeline:
         HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
-        blocked = False  # the user has blocked the bot
+        blocked = False
         try:
             if self._expired(item):
                 self.stats.dropped += 1
@@ -3606,7 +3586,13 @@ class UpdatePipeline:
             self.stats.errors += 1
             log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.workers.timeout)
         except TelegramError as error:
-            blocked = self._telegram_refused(item, error)
+            blocked = error.error_code == 403  # the user has blocked the bot
+            if blocked:
+                self.stats.blocked += 1
+                log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
+            else:
+                self.stats.errors += 1
+                log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
@@ -3618,17 +3604,7 @@ class UpdatePipeline:
         age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
         return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
-    def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
-        if error.error_code == 403:
-            self.stats.blocked += 1
-            log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
-            return True
-        self.stats.errors += 1
-        log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
-        return False
-
     def _handled(self, item: InboxItem, started: float, blocked: bool) -> None:
-        """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
         replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
@@ -3686,7 +3662,6 @@ class UpdatePipeline:
 
     @property
     def backlog(self) -> int:
-        """Unhandled rows in the inbox."""
         return self.tracker.backlog
 
     @property
