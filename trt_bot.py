@@ -3012,9 +3012,8 @@ def update_sender(update: dict) -> tuple[int, str]:
     return 0, ""
 
 
-# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8
-# (so SQLite, and the Bot API's JSON) cannot hold it.  Bodies without such an
-# escape, nearly all of them, are not walked.
+# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8 (so SQLite, and the Bot API's
+# JSON) cannot hold it.  Bodies without such an escape, nearly all of them, are not walked.
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -3067,10 +3066,8 @@ class PipelineStats:
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait until ``event`` is set or ``timeout`` passes; True if it was set.
 
-    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that
-    swallows a cancellation arriving as the event fires (CPython gh-86296), and
-    a loop built on it outlives its own cancellation, hanging shutdown.
-    """
+    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that swallows a cancellation arriving as the event
+    fires (CPython gh-86296), and a loop built on it outlives its own cancellation, hanging shutdown."""
     try:
         async with asyncio.timeout(timeout):
             await event.wait()
@@ -3128,7 +3125,7 @@ class UpdateTracker:
         self.recount_due = True
         self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
         self.stored_by_chat: collections.Counter[int] = collections.Counter()
-        self._changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
+        self.changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
         self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
     def holds(self, update_id: int) -> bool:
@@ -3151,7 +3148,7 @@ class UpdateTracker:
         if state.in_memory != (before is not None and before.in_memory):
             self.in_memory += 1 if state.in_memory else -1
             if self._waiters:
-                self._changed.set()
+                self.changed.set()
 
     def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
         """Stop holding the update (only while it is in state ``only_if``, when given)."""
@@ -3162,18 +3159,15 @@ class UpdateTracker:
         if state.in_memory:
             self.in_memory -= 1
         if self._waiters:
-            self._changed.set()
-
-    def notify(self) -> None:
-        self._changed.set()
+            self.changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once ``condition()`` holds, checked as updates move in and out of memory or the map."""
         self._waiters += 1
         try:
             while not condition():
-                self._changed.clear()
-                await self._changed.wait()
+                self.changed.clear()
+                await self.changed.wait()
         finally:
             self._waiters -= 1
 
@@ -3346,7 +3340,7 @@ class Inbox:
         self.clock = clock
         self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
         self._failed: list[DoneMark | OutboxMessage] = []
-        self._wakeup = asyncio.Event()
+        self.wakeup = asyncio.Event()  # set: look at the inbox now
 
     def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
         for mark in marks:
@@ -3365,20 +3359,17 @@ class Inbox:
             handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
             self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
                                 and entry.update_id in handled)
-            self.tracker.notify()
+            self.tracker.changed.set()
         else:
             for mark in marks:
                 self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
             self.tracker.backlog = max(0, self.tracker.backlog - len(marks))
 
-    def wake(self) -> None:
-        self._wakeup.set()
-
     async def run(self) -> None:
         last_prune = last_count = self.clock.monotonic()
         while True:
-            await wait_for_event(self._wakeup, REFILL_INTERVAL_S)
-            self._wakeup.clear()
+            await wait_for_event(self.wakeup, REFILL_INTERVAL_S)
+            self.wakeup.clear()
             if not self.db.ok:
                 continue
             if self._failed:
@@ -3424,7 +3415,7 @@ class Inbox:
             self.tracker.take_stored(chat_key)
             taken += self._take(InboxItem(update_id, chat_key, {}, body, received_at))
         self.tracker.read_through(more_left, marks_before)
-        self.tracker.notify()
+        self.tracker.changed.set()
 
     def _take(self, item: InboxItem) -> bool:
         """Queue a stored update; an unreadable one is dropped and marked done."""
@@ -3539,7 +3530,7 @@ class UpdatePipeline:
 
     def _mark_stored(self, chat_key: int) -> None:
         self.tracker.mark_stored(chat_key)
-        self.inbox.wake()
+        self.inbox.wakeup.set()
 
     def _ingest_in_memory(self, item: InboxItem) -> Admission:
         if item.update_id in self._recent_memory_ids:
@@ -3617,7 +3608,7 @@ class UpdatePipeline:
         else:
             self.tracker.drop(item.update_id)
         if self.tracker.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
-            self.inbox.wake()
+            self.inbox.wakeup.set()
 
     # -- start, stop and what /health shows ---------------------------------
 
@@ -3632,7 +3623,7 @@ class UpdatePipeline:
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
         self.tracker.recount_due = True
-        self.inbox.wake()
+        self.inbox.wakeup.set()
 
     async def idle(self) -> None:
         """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
