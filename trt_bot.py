@@ -3161,13 +3161,16 @@ class UpdateTracker:
         if self._waiters:
             self.changed.set()
 
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Return once ``condition()`` holds, checked as updates move in and out of memory or the map."""
+    async def wait_until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
+        """Return once ``condition()`` holds (or ``seconds`` pass), checked as updates move in memory or the map."""
         self._waiters += 1
         try:
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
+            async with asyncio.timeout(seconds):
+                while not condition():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            pass
         finally:
             self._waiters -= 1
 
@@ -3413,20 +3416,14 @@ class Inbox:
             if self.tracker.holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
             self.tracker.take_stored(chat_key)
-            taken += self._take(InboxItem(update_id, chat_key, {}, body, received_at))
+            try:
+                self.enqueue(InboxItem(update_id, chat_key, parse_update(body), body, received_at))
+                taken += 1
+            except HttpError:  # unreadable: dropped, and marked done
+                self.stats.dropped += 1
+                self.mark_done([DoneMark(update_id)])
         self.tracker.read_through(more_left, marks_before)
         self.tracker.changed.set()
-
-    def _take(self, item: InboxItem) -> bool:
-        """Queue a stored update; an unreadable one is dropped and marked done."""
-        try:
-            item.update = parse_update(item.body)
-        except HttpError:
-            self.stats.dropped += 1
-            self.mark_done([DoneMark(item.update_id)])
-            return False
-        self.enqueue(item)
-        return True
 
 
 class UpdatePipeline:
@@ -3632,7 +3629,7 @@ class UpdatePipeline:
     async def stop(self, grace: float) -> None:
         """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
         self._accepting = False
-        await self._wait_at_most(grace, lambda: self.tracker.in_memory == 0)
+        await self.tracker.wait_until(lambda: self.tracker.in_memory == 0, grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -3642,14 +3639,7 @@ class UpdatePipeline:
         if lost:
             log.error("[QUEUE] %d memory-only updates were not handled before shutdown", lost)
         awaiting = UpdateState.AWAITING_DONE
-        await self._wait_at_most(2.0, lambda: not self.db.ok or awaiting not in self.tracker.states.values())
-
-    async def _wait_at_most(self, seconds: float, condition: Callable[[], bool]) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self.tracker.wait_until(condition)
-        except TimeoutError:
-            pass
+        await self.tracker.wait_until(lambda: not self.db.ok or awaiting not in self.tracker.states.values(), 2.0)
 
     @property
     def backlog(self) -> int:
