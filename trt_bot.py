@@ -2938,8 +2938,8 @@ class KieClient:
 # Theory of operation
 #
 # States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
-# goes to the workers (QUEUED) or, memory full or its chat behind stored updates, stays in the inbox (spilled) until
-# Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand; when the
+# goes to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance
+# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand; when the
 # handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is done and no
 # longer held.  A pre-checkout query is answered at once, not stored: Telegram waits 10 s, not for a queue.
 # Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
@@ -2960,11 +2960,11 @@ class KieClient:
 # redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
 # done mark, its replies are in the outbox and are sent.
 # Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
-# ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cancelled by its worker's check.
-# A /start passes through these named types, socket to reply (the trace test's list): HttpServer, RequestParser,
-# Request, Routes, Config, Clock, Admission, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox,
+# ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
+# A /start passes through these named types, socket to reply (24, as the type trace finds them): HttpServer,
+# RequestParser, Request, Routes, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox,
 # GroupCommit, Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, OutboxSent,
-# DoneMark, TelegramClient, AiohttpCalls.
+# DoneMark, TelegramClient, AiohttpCalls (ingest answers with an Admission member).
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
