@@ -991,7 +991,7 @@ async def test_polling_without_the_bot_api_says_so_once_at_error_and_retries_qui
 async def test_a_worker_stuck_in_a_handler_that_ignores_its_timeout_makes_health_answer_503(make_app, monkeypatch):
     monkeypatch.setattr(trt_bot, "WATCHDOG_INTERVAL_S", 0.05)
     app = await make_app(UPDATE_QUEUE_WORKERS="1")
-    app.pipeline.watchdog.timeout = 0.2
+    app.pipeline.workers.timeout = 0.2
     freed = asyncio.Event()
 
     async def stubborn(method: str, params: dict, on_sent: object = None) -> None:

@@ -1894,7 +1894,7 @@ async def test_a_raising_handler_is_counted_and_the_worker_goes_on(make_app):
 
 async def test_a_hanging_handler_is_cut_by_the_timeout(make_app):
     app = await make_app(UPDATE_QUEUE_WORKERS="1")
-    app.pipeline.watchdog.timeout = 0.2
+    app.pipeline.workers.timeout = 0.2
     handled: list[int] = []
 
     async def hangs_once(update: dict) -> None:
@@ -2067,8 +2067,8 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
     await app.start()
     try:
         await eventually(lambda: redelivery)
-        assert await redelivery[0] == trt_bot.Duplicate()
-        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == trt_bot.Admitted()
+        assert await redelivery[0] == trt_bot.Admission.DUPLICATE
+        assert await app.pipeline.ingest(second, json.dumps(second).encode()) == trt_bot.Admission.ADMITTED
         await eventually(lambda: len(handled) == 2)
         assert handled == [1, 2]
     finally:
@@ -2085,7 +2085,7 @@ async def test_an_update_another_instance_stored_is_not_overtaken_by_its_chats_n
         handled.append(update["update_id"])
 
     app.pipeline.handler = recording_handler
-    await eventually(lambda: not app.pipeline.stored.recount_due)  # its start-up look at the inbox is over
+    await eventually(lambda: not app.pipeline.tracker.recount_due)  # its start-up look at the inbox is over
     first, second = update_message(1, 8, "first"), update_message(2, 8, "second")
     with contextlib.closing(trt_bot.open_sqlite(str(tmp_path / "bot.sqlite3"))) as standby:
         with standby:
@@ -2206,8 +2206,9 @@ def test_update_chat_key_is_the_chat_else_the_sender_else_the_update_alone(updat
 
 
 def test_only_an_update_sqlite_refuses_is_not_worth_sending_again():
-    retry_later = {reason: trt_bot.Rejected(reason).retry_later for reason in trt_bot.RejectReason}
-    assert [reason for reason, again in retry_later.items() if not again] == [trt_bot.RejectReason.INVALID]
+    kept = (trt_bot.Admission.ADMITTED, trt_bot.Admission.DUPLICATE)
+    not_again = [outcome for outcome in trt_bot.Admission if outcome not in kept and not outcome.retry_later]
+    assert not_again == [trt_bot.Admission.INVALID]
 
 
 async def nothing(update: dict) -> None:
@@ -2220,11 +2221,10 @@ async def test_ingest_says_admitted_duplicate_or_rejected_because_the_backlog_is
     pipeline = trt_bot.UpdatePipeline(db, nothing, max_backlog=2)
     one, two, three = (update_message(n, 42, "x") for n in (1, 2, 3))
     try:
-        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Admitted()
-        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Duplicate()
-        assert await pipeline.ingest(two, json.dumps(two).encode()) == trt_bot.Admitted()
-        assert await pipeline.ingest(three, json.dumps(three).encode()) == trt_bot.Rejected(
-            trt_bot.RejectReason.BACKLOG_FULL)
+        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Admission.ADMITTED
+        assert await pipeline.ingest(one, json.dumps(one).encode()) == trt_bot.Admission.DUPLICATE
+        assert await pipeline.ingest(two, json.dumps(two).encode()) == trt_bot.Admission.ADMITTED
+        assert await pipeline.ingest(three, json.dumps(three).encode()) == trt_bot.Admission.BACKLOG_FULL
     finally:
         await db.close()
 
@@ -2240,14 +2240,14 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     async def ingest(update: dict) -> trt_bot.Admission:
         return await pipeline.ingest(update, json.dumps(update).encode())
 
-    assert await ingest(updates[0]) == trt_bot.Admitted()
-    assert await ingest(updates[0]) == trt_bot.Duplicate()
-    assert await ingest(updates[1]) == trt_bot.Rejected(trt_bot.RejectReason.MEMORY_FULL)
+    assert await ingest(updates[0]) == trt_bot.Admission.ADMITTED
+    assert await ingest(updates[0]) == trt_bot.Admission.DUPLICATE
+    assert await ingest(updates[1]) == trt_bot.Admission.MEMORY_FULL
     pipeline.mode = trt_bot.Role(db, 15)
     pipeline.mode.answered = True  # the lease was claimed: another instance holds it
-    assert await ingest(updates[2]) == trt_bot.Rejected(trt_bot.RejectReason.PASSIVE)
+    assert await ingest(updates[2]) == trt_bot.Admission.PASSIVE
     await pipeline.stop(grace=0)
-    assert await ingest(updates[3]) == trt_bot.Rejected(trt_bot.RejectReason.SHUTTING_DOWN)
+    assert await ingest(updates[3]) == trt_bot.Admission.SHUTTING_DOWN
     assert pipeline.stats.rejected == 3
 
 
@@ -2360,7 +2360,7 @@ async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_e
 
 async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
     clock = ManualClock()
-    watchdog = trt_bot.HandlerWatchdog(timeout=30.0, clock=clock)
+    watchdog = trt_bot.ChatWorkers(trt_bot.UpdateTracker(1), nothing, 0, timeout=30.0, clock=clock)
     seen: list[tuple[str, object]] = []
 
     async def handler_run() -> None:
@@ -2859,7 +2859,7 @@ async def test_one_commit_per_update_a_reply_rides_with_its_done_mark_and_one_se
     app = await make_app()
     outbox_rows = lambda conn: conn.execute("SELECT update_id FROM outbox").fetchall()  # noqa: E731
     commits = app.role.outbox.writes  # the outbox's writes share the inbox's commits
-    assert commits is app.pipeline.writer.commit
+    assert commits is app.pipeline.inbox.commit
     before = commits.batches
     assert (await post_update(app, update_message(1, 901, "/start"))).status_code == 200
     await asyncio.wait_for(app.pipeline.idle(), 10)  # handled and marked done

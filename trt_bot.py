@@ -1978,14 +1978,10 @@ class Database:
 
 
 class GroupCommit:
-    """Writes items from many coroutines in shared transactions.
-
-    ``submit(item)`` returns a future for that item's result; ``add(item)`` is fire-and-forget, and
-    ``on_batch(items, error)`` hears how each batch went. While one batch is being written, new items gather into
-    the next one, so under load one commit (and one thread hop) serves many requests. ``write_batch(conn, items)``
-    returns one result per item.  A row the database refuses fails alone: the batch is split until that row is
-    found, its future gets RowRejected (logged once), and the others are written.
-    """
+    """Writes items from many coroutines in shared transactions: while one batch is written, new items gather into
+    the next, so under load one commit (and one thread hop) serves many.  ``write_batch(conn, items)`` returns one
+    result per item; ``submit`` gives a future for it, ``add`` does not wait, ``on_batch(items, error)`` hears each
+    batch.  A row the database refuses fails alone: the batch is split until that row is found (RowRejected)."""
 
     def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
                  on_batch: Callable[[list, BaseException | None], None] | None = None, max_batch: int = 500):
@@ -2121,11 +2117,8 @@ def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[Non
 def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     """Updates, the outbox's writes and done marks in one transaction: per entry, is-new for an update, else None.
 
-    Under load the marks of handled updates and the outbox's writes ride along with the commit of arriving ones: one
-    transaction and one thread hop for all. A handler's replies go in before its update's mark (never the mark
-    without them); one Telegram has taken by now is not written at all.  Each new update that ``ask_older`` gets in
-    its ``older`` the ids of its chat's older unhandled updates, read in the same transaction (no round trip of its
-    own).
+    A handler's replies go in before its update's mark (never the mark without them).  Each new update that
+    ``ask_older`` gets in ``older`` its chat's older unhandled ids, read in the same transaction (no round trip).
     """
     marks = [entry for entry in entries if isinstance(entry, DoneMark)]
     news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
@@ -2918,10 +2911,38 @@ class KieClient:
 
 ###############################################################################
 # 9. Update pipeline
-#    Owns an update from the moment it arrives until a handler is done with it:
-#    admission (the durable ack, duplicates, spilling to the inbox when memory
-#    is full), one state per update, the ordered workers, the handler watchdog
-#    and the counters /health shows; handlers give way to the acks owed.
+#    Owns an update from the moment it arrives until a handler is done with it.
+#
+# Theory of operation
+#
+# States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
+# goes to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance
+# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand; when the
+# handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is done and no
+# longer held.  A pre-checkout query is answered at once, not stored: Telegram waits 10 s, not for a queue.
+# Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
+# handler's unsent replies are written in its done mark's transaction (never the mark without them).  A done mark
+# that fails to commit is kept, with its replies, until the database is back.
+# Order: a chat's updates run one at a time, in arrival order.  Only one worker is on a chat (the others park its
+# updates with it).  While anything waits in the inbox (``spilling``) new updates are stored behind it, and the
+# refill reads the inbox in update_id order; an update going straight to the workers first learns, in its insert's
+# transaction, of older ones of its chat that another instance stored, and if any waits behind them.
+# Memory only: with the database down, updates are kept in memory (availability over durability) while there is
+# room; duplicates are known among the last RECENT_MEMORY_IDS only; one whose chat has stored updates is refused
+# (CHAT_BEHIND, it would overtake them), and so is everything while passive or shutting down.  A memory-only update
+# is lost if the process dies before it is handled.  Telegram retries every refusal but INVALID.
+# Who may act: only while Role.may_act() (the lease held, its trust not lapsed) does the pipeline take updates from
+# the inbox.  A handler begun while it could not act, or before a hand-over of the lease, is void (Role.void()): it
+# is not run (voided mid-way, its replies are not sent) and its update is left in the inbox, to the lease's holder.
+# kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
+# redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
+# done mark, its replies are in the outbox and are sent.
+# Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
+# ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
+# A /start passes through these named types, socket to reply (24, as the type trace finds them): HttpServer,
+# RequestParser, Request, Routes, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox,
+# GroupCommit, Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, OutboxSent,
+# DoneMark, TelegramClient, AiohttpCalls (ingest answers with an Admission member).
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -2969,9 +2990,8 @@ def update_sender(update: dict) -> tuple[int, str]:
     return 0, ""
 
 
-# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8
-# (so SQLite, and the Bot API's JSON) cannot hold it.  Bodies without such an
-# escape, nearly all of them, are not walked.
+# JSON may escape a UTF-16 surrogate alone ("\ud800"); Python keeps it, but UTF-8 (so SQLite, and the Bot API's
+# JSON) cannot hold it.  Bodies without such an escape, nearly all of them, are not walked.
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -3024,10 +3044,8 @@ class PipelineStats:
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait until ``event`` is set or ``timeout`` passes; True if it was set.
 
-    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that
-    swallows a cancellation arriving as the event fires (CPython gh-86296), and
-    a loop built on it outlives its own cancellation, hanging shutdown.
-    """
+    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that swallows a cancellation arriving as the event
+    fires (CPython gh-86296), and a loop built on it outlives its own cancellation, hanging shutdown."""
     try:
         async with asyncio.timeout(timeout):
             await event.wait()
@@ -3036,47 +3054,20 @@ async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-UpdateHandler = Callable[[dict], Awaitable[None]]
+class Admission(enum.Enum):
+    """What ``ingest`` did with an update: kept, known already, or not kept and why."""
 
+    ADMITTED = ("committed to the inbox, or held in memory while the database is down", False)
+    DUPLICATE = ("an update id seen before: acknowledged, not handled again", False)
+    BACKLOG_FULL = ("the inbox holds too many unhandled updates", True)
+    MEMORY_FULL = ("memory is full and the database is down", True)
+    CHAT_BEHIND = ("its chat has updates waiting in the inbox, which it would overtake", True)
+    PASSIVE = ("another instance holds the lease and the database is down", True)
+    SHUTTING_DOWN = ("shutting down", True)
+    INVALID = ("SQLite refused what it holds: sending it again would not help", False)
 
-# -- what ingest answers -------------------------------------------------------
-
-class RejectReason(enum.Enum):
-    """Why an update was not kept; all but INVALID are worth sending again later."""
-
-    BACKLOG_FULL = "the inbox holds too many unhandled updates"
-    MEMORY_FULL = "memory is full and the database is down"
-    CHAT_BEHIND = "its chat has updates waiting in the inbox, which it would overtake"
-    PASSIVE = "another instance holds the lease and the database is down"
-    SHUTTING_DOWN = "shutting down"
-    INVALID = "SQLite refused what it holds"
-
-
-@dataclasses.dataclass(frozen=True)
-class Admitted:
-    """Kept: committed to the inbox, or held in memory while the database is down."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Duplicate:
-    """An update id seen before: acknowledged, not handled again."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Rejected:
-    """Not kept; Telegram should keep the update and, unless it is invalid, send it again."""
-
-    reason: RejectReason
-
-    @property
-    def retry_later(self) -> bool:
-        return self.reason is not RejectReason.INVALID
-
-
-Admission = Admitted | Duplicate | Rejected
-# Outcomes carry no per-update data: the ack path hands out these instances instead of building new ones.
-ADMITTED, DUPLICATE = Admitted(), Duplicate()
-REJECTED = {reason: Rejected(reason) for reason in RejectReason}
+    def __init__(self, meaning: str, retry_later: bool):
+        self.retry_later = retry_later  # not kept, and Telegram should send it again (a 503)
 
 
 # -- where each update is ------------------------------------------------------
@@ -3090,23 +3081,29 @@ class UpdateState(enum.Enum):
     HANDLING = ("handling", True)  # a handler runs it
     AWAITING_DONE = ("awaiting_done", False)  # handled; its done mark is not committed yet
 
-    def __init__(self, label: str, in_memory: bool):
-        self.label = label
+    def __init__(self, label: str, in_memory: bool):  # the label keeps the values apart
         self.in_memory = in_memory  # counts against the memory bound (queue_size)
 
 
 class UpdateTracker:
-    """One state per update the pipeline holds, keyed by update id, and the memory bound.
+    """Where the updates are: one state per update the pipeline holds, and what waits in the inbox instead.
 
-    ``in_memory`` counts the queued, parked and handled updates, which must stay within ``capacity``; it is kept as
-    states change, so the ack path never walks the map.
+    ``in_memory`` (queued, parked, handling; at most ``capacity``) is kept as states change: the ack path never walks
+    the map.  ``stored_by_chat``, each chat's updates waiting in the inbox, is never too low (a later update of the
+    chat could overtake them), too high only until the inbox is next read to its end.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_backlog: int = INBOX_MAX_BACKLOG):
         self.capacity = capacity
         self.states: dict[int, UpdateState] = {}
         self.in_memory = 0
-        self._changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
+        self.max_backlog = max_backlog
+        self.backlog = 0  # the inbox's unhandled rows (what /health shows, and the bound on admission)
+        self.spilling = False  # whether any update might wait in the inbox
+        self.recount_due = True
+        self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
+        self.stored_by_chat: collections.Counter[int] = collections.Counter()
+        self.changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
         self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
     def holds(self, update_id: int) -> bool:
@@ -3129,7 +3126,7 @@ class UpdateTracker:
         if state.in_memory != (before is not None and before.in_memory):
             self.in_memory += 1 if state.in_memory else -1
             if self._waiters:
-                self._changed.set()
+                self.changed.set()
 
     def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
         """Stop holding the update (only while it is in state ``only_if``, when given)."""
@@ -3140,62 +3137,41 @@ class UpdateTracker:
         if state.in_memory:
             self.in_memory -= 1
         if self._waiters:
-            self._changed.set()
+            self.changed.set()
 
-    def notify(self) -> None:
-        self._changed.set()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Return once ``condition()`` holds, checked as updates move in and out of memory or the map."""
+    async def wait_until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
+        """Return once ``condition()`` holds (or ``seconds`` pass), checked as updates move in memory or the map."""
         self._waiters += 1
         try:
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
+            async with asyncio.timeout(seconds):
+                while not condition():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            pass
         finally:
             self._waiters -= 1
 
+    # -- what waits in the inbox ----------------------------------------------
 
-class StoredUpdates:
-    """What waits in the inbox rather than in memory.
-
-    ``backlog`` is the inbox's unhandled rows (what /health shows, and the bound on admission).  Per chat, how many
-    of its updates wait there: never too low (a later update of the chat could overtake them), too high only until
-    the inbox is next read to its end.  ``spilling`` is true while any might wait.
-    """
-
-    def __init__(self, max_backlog: int):
-        self.max_backlog = max_backlog
-        self.backlog = 0
-        self.spilling = False
-        self.recount_due = True
-        self.marks = 0  # mark() calls so far: a refill that saw none during its read saw everything
-        self._by_chat: collections.Counter[int] = collections.Counter()
-
-    def full(self) -> bool:
-        return self.backlog >= self.max_backlog
-
-    def mark(self, chat_key: int) -> None:
+    def mark_stored(self, chat_key: int) -> None:
         """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
         self.spilling = True
-        self._by_chat[chat_key] += 1
+        self.stored_by_chat[chat_key] += 1
         self.marks += 1
 
-    def waiting(self, chat_key: int) -> int:
-        return self._by_chat[chat_key]
-
-    def take(self, chat_key: int) -> None:
+    def take_stored(self, chat_key: int) -> None:
         """A refill moved one of the chat's updates into memory."""
-        if self._by_chat[chat_key] > 1:
-            self._by_chat[chat_key] -= 1
+        if self.stored_by_chat[chat_key] > 1:
+            self.stored_by_chat[chat_key] -= 1
         else:
-            self._by_chat.pop(chat_key, None)
+            self.stored_by_chat.pop(chat_key, None)
 
     def recounted(self, backlog: int, waiting: collections.Counter[int]) -> None:
         self.recount_due = False
         self.backlog = backlog
         for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
-            self._by_chat[chat_key] = max(self._by_chat[chat_key], count)
+            self.stored_by_chat[chat_key] = max(self.stored_by_chat[chat_key], count)
         if waiting:
             self.spilling = True
 
@@ -3205,77 +3181,102 @@ class StoredUpdates:
             self.spilling = True
         elif self.marks == marks_before:
             self.spilling = False
-            self._by_chat.clear()
+            self.stored_by_chat.clear()
 
 
-class InboxWriter:
-    """The inbox's group commit: update inserts from the ack path, done marks and their replies from the workers.
+WATCHDOG_INTERVAL_S = 1.0  # how late a handler's cut may land
+# While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
+ACK_FIRST_WINDOW_S = 0.01
+HANDLERS_SHARE = 0.5
 
-    A done mark that fails to commit is kept with its update's replies, its
-    update still awaiting it, and sent again by ``retry_failed`` once the database is back.
+
+class ChatWorkers:
+    """A fixed pool of workers over one queue; a chat's updates run one at a time, in order (parked with its worker).
+
+    Workers watch their own handlers: one check a second cuts those past ``timeout`` (an asyncio.timeout per update
+    costs microseconds each).  A cut is a cancel withdrawn (``uncancel``) when the handler ends, so a shutdown's
+    cancel is still told apart from it.
     """
 
-    def __init__(self, db: Database, tracker: UpdateTracker, stored: StoredUpdates):
+    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
+                 timeout: float = 30.0, clock: Clock = SYSTEM_CLOCK):
         self.tracker = tracker
-        self.stored = stored
-        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark | OutboxMessage] = []
-
-    def insert(self, item: InboxItem) -> asyncio.Future:
-        """A future for whether the update is new (RowRejected, DatabaseUnavailable on failure)."""
-        return self.commit.submit(item)
-
-    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
-        for mark in marks:
-            if isinstance(mark, DoneMark):
-                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self.commit.add(mark)
-
-    def retry_failed(self) -> None:
-        if self._failed:
-            retry, self._failed = self._failed, []
-            self.mark_done(retry)
-
-    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
-        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
-        if not marks:
-            return
-        if isinstance(error, RowRejected):
-            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
-            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
-        elif error is not None:
-            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
-            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
-                                and entry.update_id in handled)
-            self.tracker.notify()
-        else:
-            for mark in marks:
-                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
-            self.stored.backlog = max(0, self.stored.backlog - len(marks))
-
-
-WATCHDOG_INTERVAL_S = 1.0  # how late a cut may land
-
-
-class HandlerWatchdog:
-    """Cuts handlers that run past ``timeout``.
-
-    One check a second for all workers instead of a timer per update (an asyncio.timeout costs a few microseconds on
-    every update); the cut lands at most a second late.  A cut is a cancel the worker withdraws (``uncancel``) when
-    its handler ends, so a shutdown's cancel is still told apart from it.
-    """
-
-    def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK):
+        self.count = count
         self.timeout = timeout
         self.clock = clock
+        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
+        self.deferred = 0  # handler starts that gave way to acks owed
+        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
+        self.active = 0  # workers running a handler now
+        self._process = process
+        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
+        self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
-        self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled here
+        self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled for running over
+
+    def enqueue(self, item: InboxItem) -> None:
+        self.tracker.move(item.update_id, UpdateState.QUEUED)
+        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+
+    def start(self) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
+
+    @contextlib.contextmanager
+    def ack_owed(self) -> Iterator[None]:
+        self.acks_owed += 1
+        try:
+            yield
+        finally:
+            self.acks_owed -= 1
+
+    async def _give_way(self) -> None:
+        """Yield one loop turn (acks whose commit landed go on); past the handlers' share, wait for the window's end.
+        (Waiting while any ack was owed, up to 50 ms, all but stopped handling during a burst.)"""
+        self.deferred += 1
+        await asyncio.sleep(0)
+        while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
+            now = time.perf_counter()
+            if now >= self._window_ends:
+                self._window_ends, self._spent = now + ACK_FIRST_WINDOW_S, 0.0
+            else:
+                await asyncio.sleep(self._window_ends - now)
+
+    async def _work(self) -> None:
+        task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
+        while True:
+            item: InboxItem | None = await self.queue.get()
+            key = item.chat_key  # type: ignore[union-attr]
+            parked = self._parked.get(key)
+            if parked is not None:  # another worker is on this chat; it takes this one next
+                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
+                parked.append(item)  # type: ignore[arg-type]
+                continue
+            self._parked[key] = parked = collections.deque()
+            try:
+                while item is not None:
+                    if self.acks_owed:
+                        await self._give_way()
+                    self.tracker.move(item.update_id, UpdateState.HANDLING)
+                    self.active += 1
+                    started = time.perf_counter()
+                    self.watch(task, self.clock.monotonic())
+                    try:
+                        await self._process(item)
+                    finally:
+                        self.release(task)
+                        self.active -= 1
+                        self._spent += time.perf_counter() - started
+                    item = parked.popleft() if parked else None
+            finally:
+                del self._parked[key]
+
+    # -- the handlers' timeout ------------------------------------------------
 
     def watch(self, task: asyncio.Task, started: float) -> None:
         self._deadlines[task] = started + self.timeout
 
     def cut_alone(self, task: asyncio.Task) -> bool:
-        """Whether the cancel ``task`` is raising came from here only (not also from shutdown)."""
+        """Whether the cancel ``task`` is raising came from a cut only (not also from shutdown)."""
         return task in self._cut and task.cancelling() <= 1
 
     def release(self, task: asyncio.Task) -> None:
@@ -3297,129 +3298,73 @@ class HandlerWatchdog:
                 self._cut.add(task)
                 task.cancel()
 
-    async def run(self) -> None:
+    async def watch_handlers(self) -> None:
         while True:
             await self.clock.sleep(WATCHDOG_INTERVAL_S)
             self.cut_overdue()
 
 
-# While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
-ACK_FIRST_WINDOW_S = 0.01
-HANDLERS_SHARE = 0.5
+class Inbox:
+    """The inbox table as the pipeline uses it: the group commit that writes it and the refill that reads it.
 
-
-class ChatWorkers:
-    """A fixed pool of workers over one queue; one chat's updates run one at a time, in the order queued.
-
-    A worker that takes an update of a chat another worker is on parks it with
-    that worker, which runs the chat's parked updates before taking new work.
-    While an ack is owed, a worker yields one loop turn before each handler (acks whose commit landed go on),
-    and waits only once handlers have had their share of the window: acks get the rest however long a burst
-    lasts.  An earlier rule, wait while any ack is owed (up to 50 ms), all but stopped handling during a burst.
+    Every REFILL_INTERVAL_S, and at once when woken, it recounts the backlog (picking up what a previous run, another
+    instance or a lost database file left), queues the oldest stored updates while there is room, prunes done rows.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int):
+    def __init__(self, db: Database, tracker: UpdateTracker, stats: PipelineStats,
+                 enqueue: Callable[[InboxItem], None], may_take: Callable[[], bool], clock: Clock):
+        self.db = db
         self.tracker = tracker
-        self.count = count
-        self.acks_owed = 0  # from the webhook's having an update until its answer is decided
-        self.deferred = 0  # handler starts that gave way to acks owed
-        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
-        self.active = 0  # workers running a handler now
-        self._process = process
-        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
-        self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
+        self.stats = stats
+        self.enqueue = enqueue
+        self.may_take = may_take  # whether this instance may take updates now
+        self.clock = clock
+        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
+        self._failed: list[DoneMark | OutboxMessage] = []
+        self.wakeup = asyncio.Event()  # set: look at the inbox now
 
-    def enqueue(self, item: InboxItem) -> None:
-        self.tracker.move(item.update_id, UpdateState.QUEUED)
-        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
+    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
+        for mark in marks:
+            if isinstance(mark, DoneMark):
+                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
+            self.commit.add(mark)
 
-    def start(self) -> list[asyncio.Task]:
-        return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
-
-    @contextlib.contextmanager
-    def ack_owed(self) -> Iterator[None]:
-        self.acks_owed += 1
-        try:
-            yield
-        finally:
-            self.acks_owed -= 1
-
-    async def _give_way(self) -> None:
-        """An ack is owed: yield one loop turn (acks whose commit landed go on), and once handlers have had their
-        share of the window, wait for its end while acks are still owed."""
-        self.deferred += 1
-        await asyncio.sleep(0)
-        while self.acks_owed and self._spent >= HANDLERS_SHARE * ACK_FIRST_WINDOW_S:
-            now = time.perf_counter()
-            if now >= self._window_ends:
-                self._window_ends, self._spent = now + ACK_FIRST_WINDOW_S, 0.0
-            else:
-                await asyncio.sleep(self._window_ends - now)
-
-    async def _work(self) -> None:
-        while True:
-            item: InboxItem | None = await self.queue.get()
-            key = item.chat_key  # type: ignore[union-attr]
-            parked = self._parked.get(key)
-            if parked is not None:  # another worker is on this chat; it takes this one next
-                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
-                parked.append(item)  # type: ignore[arg-type]
-                continue
-            self._parked[key] = parked = collections.deque()
-            try:
-                while item is not None:
-                    if self.acks_owed:
-                        await self._give_way()
-                    self.tracker.move(item.update_id, UpdateState.HANDLING)
-                    self.active += 1
-                    started = time.perf_counter()
-                    try:
-                        await self._process(item)
-                    finally:
-                        self.active -= 1
-                        self._spent += time.perf_counter() - started
-                    item = parked.popleft() if parked else None
-            finally:
-                del self._parked[key]
-
-
-@dataclasses.dataclass(eq=False)
-class InboxRefill:
-    """Reads the inbox: moves the oldest stored updates into memory as room frees up.
-
-    It also recounts the backlog (picking up what a previous run, another instance or a lost database file left),
-    retries failed done marks and prunes old done rows.  It looks every REFILL_INTERVAL_S, and at once when woken.
-    """
-
-    db: Database
-    tracker: UpdateTracker
-    stored: StoredUpdates
-    writer: InboxWriter
-    stats: PipelineStats
-    enqueue: Callable[[InboxItem], None]
-    may_take: Callable[[], bool]  # whether this instance may take updates now
-    clock: Clock = SYSTEM_CLOCK
-    _wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
-
-    def wake(self) -> None:
-        self._wakeup.set()
+    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+        if not marks:
+            return
+        if isinstance(error, RowRejected):
+            # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
+            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+        elif error is not None:
+            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
+                                and entry.update_id in handled)
+            self.tracker.changed.set()
+        else:
+            for mark in marks:
+                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
+            self.tracker.backlog = max(0, self.tracker.backlog - len(marks))
 
     async def run(self) -> None:
         last_prune = last_count = self.clock.monotonic()
         while True:
-            await wait_for_event(self._wakeup, REFILL_INTERVAL_S)
-            self._wakeup.clear()
+            await wait_for_event(self.wakeup, REFILL_INTERVAL_S)
+            self.wakeup.clear()
             if not self.db.ok:
                 continue
-            self.writer.retry_failed()
-            if self.stored.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
+            if self._failed:
+                retry, self._failed = self._failed, []
+                self.mark_done(retry)
+            if self.tracker.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
                 last_count = self.clock.monotonic()
                 await self.recount()
             if self.may_take():
                 await self.refill()
             if self.clock.monotonic() - last_prune > PRUNE_INTERVAL_S:
                 last_prune = self.clock.monotonic()
-                await self._prune()
+                with contextlib.suppress(DatabaseUnavailable):
+                    await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
 
     async def recount(self) -> None:
         """Count the inbox's unhandled updates, and learn which chats have some waiting outside memory."""
@@ -3428,7 +3373,7 @@ class InboxRefill:
         except DatabaseUnavailable:
             return
         waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self.tracker.holds(update_id))
-        self.stored.recounted(len(rows), waiting)
+        self.tracker.recounted(len(rows), waiting)
 
     async def refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
@@ -3436,7 +3381,7 @@ class InboxRefill:
         if room <= 0:
             return
         limit = room + len(self.tracker.states)
-        marks_before = self.stored.marks
+        marks_before = self.tracker.marks
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -3448,42 +3393,24 @@ class InboxRefill:
                 break
             if self.tracker.holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
-            self.stored.take(chat_key)
-            taken += self._take(InboxItem(update_id, chat_key, {}, body, received_at))
-        self.stored.read_through(more_left, marks_before)
-        self.tracker.notify()
-
-    def _take(self, item: InboxItem) -> bool:
-        """Queue a stored update; an unreadable one is dropped and marked done."""
-        try:
-            item.update = parse_update(item.body)
-        except HttpError:
-            self.stats.dropped += 1
-            self.writer.mark_done([DoneMark(item.update_id)])
-            return False
-        self.enqueue(item)
-        return True
-
-    async def _prune(self) -> None:
-        try:
-            await self.db.write(inbox_prune, self.clock.time() - INBOX_KEEP_DONE_S)
-        except DatabaseUnavailable:
-            pass
+            self.tracker.take_stored(chat_key)
+            try:
+                self.enqueue(InboxItem(update_id, chat_key, parse_update(body), body, received_at))
+                taken += 1
+            except HttpError:  # unreadable: dropped, and marked done
+                self.stats.dropped += 1
+                self.mark_done([DoneMark(update_id)])
+        self.tracker.read_through(more_left, marks_before)
+        self.tracker.changed.set()
 
 
 class UpdatePipeline:
-    """Durable, ordered delivery of updates to ``handler``.
-
-    ``ingest`` says whether an update was kept: Admitted once committed to the inbox (or, the database down, held in
-    memory), Duplicate for an id seen before, Rejected when the database refuses it or it cannot be kept.  A chat's
-    updates run one at a time in arrival order, database or not: while a chat has updates waiting in the inbox
-    (spilled), a memory-only update of that chat would overtake them, so it is rejected and Telegram sends it again.
-    """
+    """Durable, ordered delivery of updates to ``handler`` (see the section's notes)."""
 
     def __init__(
         self,
         db: Database,
-        handler: UpdateHandler,
+        handler: Callable[[dict], Awaitable[None]],
         *,
         queue_size: int = 100,
         workers: int = 3,
@@ -3504,15 +3431,11 @@ class UpdatePipeline:
         self.clock = clock
         self.mode = mode or Role()
         self.stats = PipelineStats()
-        self.tracker = UpdateTracker(queue_size)
-        self.stored = StoredUpdates(max_backlog)
-        self.writer = InboxWriter(db, self.tracker, self.stored)
+        self.tracker = UpdateTracker(queue_size, max_backlog)
+        self.workers = ChatWorkers(self.tracker, self._process, workers, handler_timeout, clock)
+        self.inbox = Inbox(db, self.tracker, self.stats, self.workers.enqueue, self._may_take, clock)
         if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
-            outbox.writes = self.writer.commit
-        self.watchdog = HandlerWatchdog(handler_timeout, clock)
-        self.workers = ChatWorkers(self.tracker, self._process, workers)
-        self.refill = InboxRefill(db, self.tracker, self.stored, self.writer, self.stats, self.workers.enqueue,
-                                  self._may_take, clock)
+            outbox.writes = self.inbox.commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
@@ -3534,17 +3457,17 @@ class UpdatePipeline:
             return self._answer_at_once(update["pre_checkout_query"])
         if not self.db.ok:
             return self._ingest_in_memory(item)
-        if self.stored.full():
+        if self.tracker.backlog >= self.tracker.max_backlog:
             self.stats.rejected += 1
-            return REJECTED[RejectReason.BACKLOG_FULL]
+            return Admission.BACKLOG_FULL
         admitting = self.tracker.admit(update_id)
-        item.ask_older = self._may_take() and not self.stored.spilling  # else it waits in the inbox anyway
+        item.ask_older = self._may_take() and not self.tracker.spilling  # else it waits in the inbox anyway
         try:
-            is_new = await self.writer.insert(item)
+            is_new = await self.inbox.commit.submit(item)
         except DatabaseUnavailable:
             pass  # fall through to memory
         except RowRejected:
-            return REJECTED[RejectReason.INVALID]  # logged by GroupCommit; storing it again would fail again
+            return Admission.INVALID  # logged by GroupCommit; storing it again would fail again
         else:
             return self._inserted(item) if is_new else self._stored_before(item)
         finally:
@@ -3553,25 +3476,24 @@ class UpdatePipeline:
         return self._ingest_in_memory(item)
 
     def _answer_at_once(self, query: Any) -> Admission:
-        """A pre-checkout query is answered now, not stored (only the payment that follows changes anything):
-        Telegram waits 10 s, not for a chat's queue or a backlog."""
+        """A pre-checkout query changes nothing (the payment that follows does): it is answered, not stored."""
         self.stats.received += 1
         self.stats.processed += 1
         if isinstance(query, dict):
             self._answering.start(self.answer_pre_checkout(query, self.db.ok and self._may_take()), "pre-checkout")
-        return ADMITTED
+        return Admission.ADMITTED
 
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
-        self.stored.backlog += 1
+        self.tracker.backlog += 1
         # Older updates of its chat that another instance stored (a standby, at a deploy): it waits behind them.
         behind_stored = not all(self.tracker.holds(update_id) for update_id in item.older)
-        if self._may_take() and not self.stored.spilling and self.tracker.room() > 0 and not behind_stored:
+        if self._may_take() and not self.tracker.spilling and self.tracker.room() > 0 and not behind_stored:
             self.workers.enqueue(item)
         else:
             self.stats.spilled += 1
             self._mark_stored(item.chat_key)
-        return ADMITTED
+        return Admission.ADMITTED
 
     def _stored_before(self, item: InboxItem) -> Admission:
         self.stats.duplicates += 1
@@ -3579,21 +3501,20 @@ class UpdatePipeline:
             # Perhaps stored by a run that died before handling it, and skipped by a refill
             # that read it while this insert was under way: the inbox must be read again.
             self._mark_stored(item.chat_key)
-        return DUPLICATE
+        return Admission.DUPLICATE
 
     def _mark_stored(self, chat_key: int) -> None:
-        self.stored.mark(chat_key)
-        self.refill.wake()
+        self.tracker.mark_stored(chat_key)
+        self.inbox.wakeup.set()
 
     def _ingest_in_memory(self, item: InboxItem) -> Admission:
-        """Degraded mode: availability over durability, as long as memory has room."""
         if item.update_id in self._recent_memory_ids:
             self.stats.duplicates += 1
-            return DUPLICATE
+            return Admission.DUPLICATE
         refusal = self._memory_refusal(item.chat_key)
         if refusal is not None:
             self.stats.rejected += 1
-            return REJECTED[refusal]
+            return refusal
         self._recent_memory_ids[item.update_id] = None
         if len(self._recent_memory_ids) > RECENT_MEMORY_IDS:
             self._recent_memory_ids.popitem(last=False)
@@ -3601,44 +3522,47 @@ class UpdatePipeline:
         self.stats.received += 1
         self.stats.memory_only += 1
         self.workers.enqueue(item)
-        return ADMITTED
+        return Admission.ADMITTED
 
-    def _memory_refusal(self, chat_key: int) -> RejectReason | None:
+    def _memory_refusal(self, chat_key: int) -> Admission | None:
         if not self._accepting:
-            return RejectReason.SHUTTING_DOWN
+            return Admission.SHUTTING_DOWN
         if not self.mode.may_act():
-            return RejectReason.PASSIVE
+            return Admission.PASSIVE
         if self.tracker.room() <= 0:
-            return RejectReason.MEMORY_FULL
-        return RejectReason.CHAT_BEHIND if self.stored.waiting(chat_key) else None
+            return Admission.MEMORY_FULL
+        return Admission.CHAT_BEHIND if self.tracker.stored_by_chat[chat_key] else None
 
     # -- handling one update --------------------------------------------------
 
     async def _process(self, item: InboxItem) -> None:
         started = self.clock.monotonic()
-        task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
-        self.watchdog.watch(task, started)
         HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
-        blocked = False  # the user has blocked the bot
+        blocked = False
         try:
             if self._expired(item):
                 self.stats.dropped += 1
             elif not self.mode.void():
                 await self.handler(item.update)
         except asyncio.CancelledError:
-            if not self.watchdog.cut_alone(task):
-                raise  # shutdown, not (only) the watchdog's cut
+            if not self.workers.cut_alone(asyncio.current_task()):  # type: ignore[arg-type]
+                raise  # shutdown, not (only) the timeout's cut
             self.stats.errors += 1
-            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.watchdog.timeout)
+            log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.workers.timeout)
         except TelegramError as error:
-            blocked = self._telegram_refused(item, error)
+            blocked = error.error_code == 403  # the user has blocked the bot
+            if blocked:
+                self.stats.blocked += 1
+                log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
+            else:
+                self.stats.errors += 1
+                log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
         except Exception:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
-            self.watchdog.release(task)
             self._handled(item, started, blocked)
 
     def _expired(self, item: InboxItem) -> bool:
@@ -3646,17 +3570,7 @@ class UpdatePipeline:
         age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
         return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
-    def _telegram_refused(self, item: InboxItem, error: TelegramError) -> bool:
-        if error.error_code == 403:
-            self.stats.blocked += 1
-            log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
-            return True
-        self.stats.errors += 1
-        log.error("[QUEUE] update %d: Telegram refused: %s", item.update_id, error)
-        return False
-
     def _handled(self, item: InboxItem, started: float, blocked: bool) -> None:
-        """Count it, send its done mark, and wake the refill once a quarter of memory is free."""
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
         replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
@@ -3665,35 +3579,35 @@ class UpdatePipeline:
             self._mark_stored(item.chat_key)
         elif item.durable:
             user_id, lang = update_sender(item.update)
-            self.writer.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
+            self.inbox.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
         else:
             self.tracker.drop(item.update_id)
-        if self.stored.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
-            self.refill.wake()
+        if self.tracker.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
+            self.inbox.wakeup.set()
 
     # -- start, stop and what /health shows ---------------------------------
 
     async def start(self) -> None:
-        await self.refill.recount()
+        await self.inbox.recount()
         self._tasks = [*self.workers.start(),
-                       asyncio.create_task(self.refill.run(), name="inbox-refill"),
-                       asyncio.create_task(self.watchdog.run(), name="handler-watchdog")]
+                       asyncio.create_task(self.inbox.run(), name="inbox-refill"),
+                       asyncio.create_task(self.workers.watch_handlers(), name="handler-watchdog")]
         log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
                  self.workers.count, self.tracker.capacity, self.backlog)
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
-        self.stored.recount_due = True
-        self.refill.wake()
+        self.tracker.recount_due = True
+        self.inbox.wakeup.set()
 
     async def idle(self) -> None:
         """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
-        await self.tracker.wait_until(lambda: not self.tracker.states and not self.stored.spilling)
+        await self.tracker.wait_until(lambda: not self.tracker.states and not self.tracker.spilling)
 
     async def stop(self, grace: float) -> None:
         """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
         self._accepting = False
-        await self._wait_at_most(grace, lambda: self.tracker.in_memory == 0)
+        await self.tracker.wait_until(lambda: self.tracker.in_memory == 0, grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -3703,19 +3617,11 @@ class UpdatePipeline:
         if lost:
             log.error("[QUEUE] %d memory-only updates were not handled before shutdown", lost)
         awaiting = UpdateState.AWAITING_DONE
-        await self._wait_at_most(2.0, lambda: not self.db.ok or awaiting not in self.tracker.states.values())
-
-    async def _wait_at_most(self, seconds: float, condition: Callable[[], bool]) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self.tracker.wait_until(condition)
-        except TimeoutError:
-            pass
+        await self.tracker.wait_until(lambda: not self.db.ok or awaiting not in self.tracker.states.values(), 2.0)
 
     @property
     def backlog(self) -> int:
-        """Unhandled rows in the inbox."""
-        return self.stored.backlog
+        return self.tracker.backlog
 
     @property
     def workers_active(self) -> int:
@@ -3732,18 +3638,12 @@ class UpdatePipeline:
     def snapshot(self) -> dict:
         stats = self.stats
         return {
-            "total_received": stats.received,
-            "total_processed": stats.processed,
-            "total_dropped": stats.dropped,
-            "total_errors": stats.errors,
+            **{f"total_{name}": getattr(stats, name) for name in ("received", "processed", "dropped", "errors")},
             "workers_active": self.workers_active,
             "queue_depth": self.queue_depth,
             "queue_max": self.tracker.capacity,
             "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
-            "duplicates": stats.duplicates,
-            "spilled": stats.spilled,
-            "memory_only": stats.memory_only,
-            "rejected": stats.rejected,
+            **{name: getattr(stats, name) for name in ("duplicates", "spilled", "memory_only", "rejected")},
             "inbox_backlog": self.backlog,
             "handling_deferred": self.workers.deferred,
         }
@@ -6450,8 +6350,8 @@ async def ingest_polled(pipeline: UpdatePipeline, clock: Clock, updates: list, o
             outcome = await pipeline.ingest(parse_update(body), body)  # checked as a webhook's
         except HttpError as error:
             log.warning("[POLL] update %d skipped: %s", update["update_id"], error.reason)
-            outcome = REJECTED[RejectReason.INVALID]
-        if isinstance(outcome, Rejected) and outcome.retry_later:
+            outcome = Admission.INVALID
+        if outcome.retry_later:
             await clock.sleep(1.0)  # full: ask again later from this update on
             break
         offset = update["update_id"] + 1
@@ -6963,7 +6863,7 @@ class Diagnostics:
         lag = max(late, time.monotonic() - beat - LOOP_BEAT_S)
         if not self.app.pipeline.workers_alive:
             return "the update workers have died"
-        if self.app.pipeline.watchdog.stuck() >= self.app.pipeline.workers.count:
+        if self.app.pipeline.workers.stuck() >= self.app.pipeline.workers.count:
             return "every update worker is stuck in a handler that ignores its timeout"
         return f"the event loop runs {lag:.1f} s late" if lag > LOOP_LAG_FAIL_S else ""
 
@@ -7161,11 +7061,11 @@ async def on_webhook(app: App, request: Request) -> Response:
     with app.pipeline.workers.ack_owed():  # handlers give way while it is owed
         outcome = await app.pipeline.ingest(update, request.body)
     observe(app.histograms, "trt_webhook_ack_seconds", app.clock.monotonic() - started)
-    if not isinstance(outcome, Rejected):
-        return Response(200, b'{"ok":true}', "application/json")
-    if not outcome.retry_later:
+    if outcome.retry_later:
+        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+    if outcome is Admission.INVALID:
         return text_response(400, "update cannot be stored")
-    return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+    return Response(200, b'{"ok":true}', "application/json")
 
 
 async def on_kie_callback(app: App, request: Request) -> Response:

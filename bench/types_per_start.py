@@ -7,7 +7,6 @@ up) and the fake Bot API takes the reply; a type counts when one of its methods 
 is built.  Work a timer happens to start meanwhile (a renewal, a refill) may add a type now and then.
 """
 
-import asyncio
 import inspect
 import sys
 import threading
