@@ -1978,7 +1978,7 @@ async def test_jobs_stored_in_a_database_that_was_locked_at_start_resume_when_it
         make_app, fake_tg, fake_kie, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_bot, "DB_RETRY_S", 0.1)
     path = str(tmp_path / "bot.sqlite3")
-    conn = trt_bot.open_sqlite(path)
+    conn = trt_bot.SqliteFile(path).connect(None)
     job = trt_bot.Job("00112233aabbccdd", 81, 81, "ru", "zimage", "маяк", "1:1", state="succeeded",
                       result_url=fake_kie.image_url(), created_at=time.time(), updated_at=time.time())
     conn.execute("BEGIN")
@@ -2291,7 +2291,7 @@ async def test_a_delivery_telegram_keeps_failing_ends_within_the_budget(make_app
 
 def store_job(database: str, job: trt_bot.Job) -> None:
     """Write a job row as an earlier process would have left it."""
-    conn = trt_bot.open_sqlite(database)
+    conn = trt_bot.SqliteFile(database).connect(None)
     conn.execute("BEGIN")
     trt_bot.jobs_save(conn, [dataclasses.astuple(job)])
     conn.execute("COMMIT")

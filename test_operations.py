@@ -226,7 +226,7 @@ async def test_a_standby_takes_the_lease_of_a_holder_that_exited_at_its_next_pee
     try:
         identity = dataclasses.replace(trt_bot.current_process_identity("holder"), pid=holder.pid,
                                        start_time=trt_bot.probe_pid(holder.pid)[1])
-        with contextlib.closing(trt_bot.open_sqlite(database)) as conn, conn:
+        with contextlib.closing(trt_bot.SqliteFile(database).connect(None)) as conn, conn:
             assert trt_bot.lease_claim(conn, identity.owner(), 60, time.time())[0]
         await standby.start()
         assert not standby.role.may_act()  # the holder runs
@@ -293,7 +293,7 @@ ALIVE_ELSEWHERE = "otherhost:7:holder:4026531999:another-boot:1"  # in another P
 
 def stored_work_of_a_live_holder(path: str, photo_url: str) -> None:
     """The lease of a holder that may be alive, one reply it queued and one finished job it has to deliver."""
-    with contextlib.closing(trt_bot.open_sqlite(path)) as conn, conn:
+    with contextlib.closing(trt_bot.SqliteFile(path).connect(None)) as conn, conn:
         assert trt_bot.lease_claim(conn, ALIVE_ELSEWHERE, 600, time.time())[0]
         conn.execute("INSERT INTO outbox(id, chat_id, method, params, queued_at, update_id) VALUES (1, 91, "
                      "'sendMessage', ?, ?, NULL)", (json.dumps({"chat_id": 91, "text": "the holder's"}), time.time()))

@@ -179,7 +179,8 @@ def readme_settings_table() -> list[tuple[str, str, str]]:
 
 def test_the_readme_lists_every_setting_with_its_default_and_nothing_else():
     documented = readme_settings_table()
-    in_code = [(s.name, s.readme_default, s.help) for s in trt_bot.SETTINGS]
+    in_code = [(s.name, s.shown_default or (f"`{s.default}`" if s.default else "empty"), s.help)
+               for s in trt_bot.SETTINGS]
     assert [row for row in in_code if row not in documented] == []  # a setting the README lacks or misstates
     assert [row for row in documented if row not in in_code] == []  # a README row no setting backs
     assert [f.name for f in dataclasses.fields(trt_bot.Config)] == [s.field for s in trt_bot.SETTINGS]
@@ -794,8 +795,8 @@ async def test_an_idle_connection_is_closed_when_the_servers_clock_passes_its_de
 
 async def test_schema_is_versioned_and_migrating_twice_is_harmless(tmp_path):
     path = str(tmp_path / "x.sqlite3")
-    trt_bot.open_sqlite(path).close()
-    conn = trt_bot.open_sqlite(path)
+    trt_bot.SqliteFile(path).connect(None).close()
+    conn = trt_bot.SqliteFile(path).connect(None)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == trt_bot.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
@@ -803,7 +804,7 @@ async def test_schema_is_versioned_and_migrating_twice_is_harmless(tmp_path):
 
 def test_commits_are_fsynced_before_they_are_reported(tmp_path):
     # NORMAL (1) in WAL mode loses the last commits when the machine loses power.
-    conn = trt_bot.open_sqlite(str(tmp_path / "x.sqlite3"))
+    conn = trt_bot.SqliteFile(str(tmp_path / "x.sqlite3")).connect(None)
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     conn.close()
 
@@ -1109,7 +1110,7 @@ def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same
     def item(update_id: int, chat_key: int, ask: bool = False) -> trt_bot.InboxItem:
         return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask)
 
-    with contextlib.closing(trt_bot.open_sqlite(":memory:")) as conn:
+    with contextlib.closing(trt_bot.SqliteFile(":memory:").connect(None)) as conn:
         trt_bot.inbox_insert(conn, [item(1, 7), item(2, 8), item(3, 7), item(4, 7)])
         trt_bot.inbox_mark_done(conn, [trt_bot.DoneMark(3)])
         asking, again, silent = item(5, 7, ask=True), item(4, 7, ask=True), item(6, 7)
@@ -2044,7 +2045,7 @@ async def test_a_redelivered_update_read_by_a_refill_mid_insert_keeps_its_chats_
     # and the chat's next update ran first.
     database = str(tmp_path / "bot.sqlite3")
     first, second = update_message(1, 7, "first"), update_message(2, 7, "second")
-    conn = trt_bot.open_sqlite(database)
+    conn = trt_bot.SqliteFile(database).connect(None)
     trt_bot.inbox_insert(conn, [trt_bot.InboxItem(1, 7, first, json.dumps(first).encode(), time.time())])
     conn.close()
     app = trt_bot.App(trt_bot.load_config(bot_env(fake_tg, database)))
@@ -2087,7 +2088,7 @@ async def test_an_update_another_instance_stored_is_not_overtaken_by_its_chats_n
     app.pipeline.handler = recording_handler
     await eventually(lambda: not app.pipeline.tracker.recount_due)  # its start-up look at the inbox is over
     first, second = update_message(1, 8, "first"), update_message(2, 8, "second")
-    with contextlib.closing(trt_bot.open_sqlite(str(tmp_path / "bot.sqlite3"))) as standby:
+    with contextlib.closing(trt_bot.SqliteFile(str(tmp_path / "bot.sqlite3")).connect(None)) as standby:
         with standby:
             trt_bot.inbox_insert(standby, [trt_bot.InboxItem(1, 8, first, json.dumps(first).encode(), time.time())])
     assert (await post_update(app, second)).status_code == 200

@@ -541,8 +541,6 @@ SECRET_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 MIN_SECRET_CHARS = 8  # a shorter secret is guessable, and masking it in logs would hide ordinary words
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-BOT_MODES = ("webhook", "polling")
 DEFAULT_DATABASE_URL = "sqlite:///./data/trt_bot.sqlite3"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_CALLBACK_PATH = "callbacks/kie"
@@ -571,10 +569,6 @@ class Setting(NamedTuple):
     help: str  # the README's "meaning" column, word for word
     secret: bool = False  # never shown; masked in every log line (Config.secrets)
     shown_default: str = ""  # the README's "default" column when it is not the default itself
-
-    @property
-    def readme_default(self) -> str:
-        return self.shown_default or (f"`{self.default}`" if self.default else "empty")
 
 
 def _text(name: str, raw: str) -> str:
@@ -640,12 +634,13 @@ def _bot_token(name: str, raw: str) -> str:
     return raw
 
 
-def _bot_mode(name: str, raw: str) -> str:
-    """A mode, or "" for "chosen from the base URL" (see load_config)."""
-    mode = raw.lower()
-    if mode and mode not in BOT_MODES:
-        raise ConfigError(f"{name} must be 'webhook' or 'polling', got {mode!r}")
-    return mode
+def _one_of(*words: str) -> Callable[[str, str], str]:
+    """A reader of one of ``words``, in any case ("" among them: the variable may be left empty)."""
+    def read(name: str, raw: str) -> str:
+        if raw.lower() not in (known := {word.lower(): word for word in words}):
+            raise ConfigError(f"{name} must be one of {', '.join(filter(None, words))}; got {raw!r}")
+        return known[raw.lower()]
+    return read
 
 
 def _webhook_secret(name: str, raw: str) -> str:
@@ -722,13 +717,6 @@ def _stars_packs(name: str, raw: str) -> tuple[tuple[int, int], ...]:
     return tuple((int(pack.split(":")[0]), int(pack.split(":")[1])) for pack in packs)
 
 
-def _log_level(name: str, raw: str) -> str:
-    level = raw.upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"{name} must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
-    return level
-
-
 DERIVED_FROM_TOKEN = "derived from the bot token"
 
 # Every variable the bot reads, in the README's order.  load_config reads them in this order, so a
@@ -738,7 +726,7 @@ SETTINGS = (
             secret=True, shown_default="required"),
     Setting("KIE_API_KEY", "kie_api_key", "", _secret,
             "Kie.ai key; without it the bot runs and says generation is not configured", secret=True),
-    Setting("BOT_MODE", "bot_mode", "", _bot_mode, "`webhook` or `polling`",
+    Setting("BOT_MODE", "bot_mode", "", _one_of("", "webhook", "polling"), "`webhook` or `polling`",
             shown_default="`webhook` if a base URL is known, else `polling`"),
     Setting("WEBHOOK_BASE_URL", "webhook_base_url", "", _text,
             "public `https://` base URL; the webhook is `<base>/webhook/<secret path>`",
@@ -799,7 +787,8 @@ SETTINGS = (
             "seconds to finish in-flight work after SIGTERM (keep it under the platform's kill delay)"),
     Setting("LEASE_TTL_S", "lease_ttl_s", "15", _seconds(2, 600),
             "lifetime of the single-active-instance lease; the holder renews it every third of that"),
-    Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "`DEBUG`, `INFO`, `WARNING`, `ERROR`"),
+    Setting("LOG_LEVEL", "log_level", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+            "`DEBUG`, `INFO`, `WARNING`, `ERROR`"),
     Setting("RESULT_DOWNLOAD_ALLOW_PRIVATE", "result_download_allow_private", "0", _flag,
             "`1`: result downloads may reach loopback and private addresses (for tests whose fakes run on "
             "127.0.0.1; never in production)"),
@@ -1631,12 +1620,6 @@ def _inode(path: str) -> tuple[int, int] | str | None:
     except OSError as error:  # cannot see the file, so cannot vouch for it
         return f"unreadable ({error.strerror})"
     return status.st_dev, status.st_ino
-
-
-def open_sqlite(path: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-                migrations: list[list[str]] = MIGRATIONS) -> sqlite3.Connection:
-    """Open (creating the folder if needed) and migrate the database at ``path``."""
-    return SqliteFile(path, busy_timeout_ms, migrations).connect(None)
 
 
 def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> sqlite3.Cursor:
@@ -2917,9 +2900,9 @@ class KieClient:
 #
 # States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
 # goes to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance
-# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand; when the
-# handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is done and no
-# longer held.  A pre-checkout query is answered at once, not stored: Telegram waits 10 s, not for a queue.
+# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in
+# hand; when the handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is
+# done and no longer held.  A pre-checkout query is answered at once, not stored: Telegram waits only 10 s.
 # Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
 # handler's unsent replies are written in its done mark's transaction (never the mark without them).  A done mark
 # that fails to commit is kept, with its replies, until the database is back.
@@ -2939,10 +2922,10 @@ class KieClient:
 # done mark, its replies are in the outbox and are sent.
 # Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
 # ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
-# A /start passes through these named types, socket to reply (24, as the type trace finds them): HttpServer,
-# RequestParser, Request, Routes, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox,
-# GroupCommit, Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, OutboxSent,
-# DoneMark, TelegramClient, AiohttpCalls (ingest answers with an Admission member).
+# A /start passes through these named types, socket to reply (22 as bench/types_per_start.py lists them): HttpServer,
+# RequestParser, Request, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox, GroupCommit,
+# Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, DoneMark, TelegramClient and,
+# above Telegram's free send rate, AiohttpCalls; ingest answers with an Admission member.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -3624,23 +3607,15 @@ class UpdatePipeline:
         return self.tracker.backlog
 
     @property
-    def workers_active(self) -> int:
-        return self.workers.active
-
-    @property
     def workers_alive(self) -> bool:
         return bool(self._tasks) and not any(task.done() for task in self._tasks)
-
-    @property
-    def queue_depth(self) -> int:
-        return self.tracker.in_memory - self.workers.active
 
     def snapshot(self) -> dict:
         stats = self.stats
         return {
             **{f"total_{name}": getattr(stats, name) for name in ("received", "processed", "dropped", "errors")},
-            "workers_active": self.workers_active,
-            "queue_depth": self.queue_depth,
+            "workers_active": self.workers.active,
+            "queue_depth": self.tracker.in_memory - self.workers.active,
             "queue_max": self.tracker.capacity,
             "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
             **{name: getattr(stats, name) for name in ("duplicates", "spilled", "memory_only", "rejected")},
@@ -6711,11 +6686,11 @@ def _counter_families(app: App) -> list[Family]:
 
 
 def _gauge_families(app: App) -> list[Family]:
-    server = app.server
+    server, queue = app.server, app.pipeline.snapshot()
     gauges = (
-        ("trt_queue_depth", "Updates in memory waiting for a worker.", app.pipeline.queue_depth),
-        ("trt_inbox_backlog", "Unhandled updates in the SQLite inbox.", app.pipeline.backlog),
-        ("trt_workers_busy", "Workers handling an update now.", app.pipeline.workers_active),
+        ("trt_queue_depth", "Updates in memory waiting for a worker.", queue["queue_depth"]),
+        ("trt_inbox_backlog", "Unhandled updates in the SQLite inbox.", queue["inbox_backlog"]),
+        ("trt_workers_busy", "Workers handling an update now.", queue["workers_active"]),
         ("trt_jobs_in_flight", "Generation jobs not yet delivered.", len(app.generations.jobs)),
         ("trt_outbox_depth", "Messages queued for Telegram, not yet sent.", app.role.outbox.depth),
         ("trt_outbox_oldest_wait_seconds", "How long the oldest queued message has waited.",
