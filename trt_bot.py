@@ -7,8 +7,8 @@ Quick edits: each is one place, in section 0 unless said; run ``pytest -m "not s
    add a command     COMMAND_MENUS for Telegram's "/" menu; what it does: Conversation.commands (section 11)
    change a limit    SETTINGS (section 1): one row per environment variable, as README's table
 
-One file, read top-down: first what a forker changes, then the engine in the
-order data flows through it.  Find a section by grepping for its banner (``#####``):
+One file, read top-down: what a forker changes, then the engine in the order data flows through
+it; sections 5, 9, 12 and 13 open with a theory of operation.  Grep for a banner (``#####``):
 
    0. What a forker changes  TEXTS, CATALOG, COMMAND_MENUS, the result buttons
    1. Configuration        SETTINGS: environment variables -> a frozen Config
@@ -2310,8 +2310,8 @@ class RateLimiter:
 
 ###############################################################################
 # 7. Telegram client
-#    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
-#    calls over aiohttp when httpx-aiohttp is installed), response parsing,
+#    Owns talking to the Bot API: one shared httpx client (over aiohttp, when
+#    installed, for a bot sending above Telegram's free 30/s), response parsing,
 #    which failures are retried (TELEGRAM_RETRY), sends paced at Telegram's
 #    limits.  The token lives only in request URLs.
 ###############################################################################
