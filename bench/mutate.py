@@ -36,7 +36,7 @@ PARTS = {
                    [("test_trt_bot.py", "# 6. Retry and pacing", "# 7. Telegram client")]),
     "Bot API parsing": (["parse_bot_api_response", "_telegram_wait_asked"],
                         [("test_trt_bot.py", "# 6. Retry and pacing", "# 9. Update pipeline")]),
-    "Kie parsing, URL checks": (["parse_kie_envelope", "parse_task_record", "split_result_url", "_is_host"],
+    "Kie parsing, URL checks": (["parse_kie_envelope", "parse_task_record", "split_result_url", "_is_ip_literal"],
                                 [("test_generation.py", "# 8. Kie client", "# 11. Dialog")]),
     "settings parsers": (["_integer", "_fractional_seconds", "_flag", "_secret", "_webhook_secret",
                           "parse_database_url", "database_passwords"],
