@@ -751,7 +751,8 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(make_app, 
         before = metric_values((await client.get("/metrics", headers=bearer)).text)
         await post_update(app, update_message(1, 42, "/start"))
         await eventually(lambda: fake_tg.calls_of("sendMessage"))
-        await eventually(lambda: app.pipeline.stats.processed == 1)
+        # Handled, and its reply over: a handler returns before its reply is sent (the outbox sends it).
+        await eventually(lambda: app.pipeline.stats.processed == 1 and app.role.outbox.depth == 0)
         response = await client.get("/metrics", headers=bearer)
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     after = metric_values(response.text)
