@@ -2252,6 +2252,42 @@ async def test_ingest_without_a_database_says_why_memory_cannot_take_an_update(t
     assert pipeline.stats.rejected == 3
 
 
+class LapsingRole(trt_bot.Role):
+    """The lease held, but its trust lapses for the next ``lapses`` looks (a renewal late on a loaded machine)."""
+
+    lapses = 0
+
+    def acting_left(self) -> float:
+        if self.lapses:
+            self.lapses -= 1
+            return 0.0
+        return math.inf
+
+
+async def test_an_update_left_to_the_inbox_in_a_lapse_is_not_overtaken_by_its_chats_next_one(tmp_path):
+    db = trt_bot.Database(str(tmp_path / "bot.sqlite3"))
+    assert await db.open()
+    role, handled, go = LapsingRole(), [], asyncio.Event()
+
+    async def handler(update: dict) -> None:
+        handled.append(update["update_id"])
+        if update["update_id"] == 1:
+            await go.wait()  # updates 2 and 3 of the chat are in memory behind it
+            role.lapses = 1  # the worker goes straight on to update 2: that look finds the trust lapsed
+
+    pipeline = trt_bot.UpdatePipeline(db, handler, workers=1, mode=role)
+    await pipeline.start()
+    try:
+        for update in (update_message(n, 42, "x") for n in (1, 2, 3)):
+            assert await pipeline.ingest(update, json.dumps(update).encode()) == trt_bot.Admission.ADMITTED
+        go.set()
+        await eventually(lambda: len(handled) == 3 and not pipeline.tracker.states)
+        assert handled == [1, 2, 3]  # 2 went back to the inbox, and 3 with it: the refill gives them back in order
+    finally:
+        await pipeline.stop(grace=1)
+        await db.close()
+
+
 def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
     update = update_message(update_id, chat, "x")
     return trt_bot.InboxItem(update_id, chat, update, json.dumps(update).encode(), 0.0)

@@ -2043,6 +2043,7 @@ class InboxItem:
     # its chat's older unhandled updates, which another instance may have stored.
     ask_older: bool = False
     older: tuple[int, ...] = ()
+    queued_after: int = 0  # how many updates had been left to the inbox (ChatWorkers.leaves) when it was queued
 
 
 INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
@@ -2917,6 +2918,8 @@ class KieClient:
 # Who may act: only while Role.may_act() (the lease held, its trust not lapsed) does the pipeline take updates from
 # the inbox.  A handler begun while it could not act, or before a hand-over of the lease, is void (Role.void()): it
 # is not run (voided mid-way, its replies are not sent) and its update is left in the inbox, to the lease's holder.
+# Every durable update queued before then follows it there (ChatWorkers.leaves), its chat's later ones among them:
+# a lapse of the lease's trust for one moment must not let them overtake it.
 # kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
 # redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
 # done mark, its replies are in the outbox and are sent.
@@ -3189,6 +3192,7 @@ class ChatWorkers:
         self.clock = clock
         self.acks_owed = 0  # from the webhook's having an update until its answer is decided
         self.deferred = 0  # handler starts that gave way to acks owed
+        self.leaves = 0  # updates left to the inbox: each takes along every update queued before it was left
         self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
         self.active = 0  # workers running a handler now
         self._process = process
@@ -3198,6 +3202,7 @@ class ChatWorkers:
         self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled for running over
 
     def enqueue(self, item: InboxItem) -> None:
+        item.queued_after = self.leaves
         self.tracker.move(item.update_id, UpdateState.QUEUED)
         self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
 
@@ -3520,7 +3525,9 @@ class UpdatePipeline:
 
     async def _process(self, item: InboxItem) -> None:
         started = self.clock.monotonic()
-        HANDLING_SINCE.set(self.mode.handovers if self.mode.may_act() or not item.durable else -1)
+        follows = item.queued_after < self.workers.leaves  # an update of its chat might have been left before it
+        acting = not item.durable or (self.mode.may_act() and not follows)
+        HANDLING_SINCE.set(self.mode.handovers if acting else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
         blocked = False
@@ -3558,6 +3565,8 @@ class UpdatePipeline:
         self.on_handled(self.clock.monotonic() - started)
         replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
         if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
+            if item.queued_after == self.workers.leaves:  # the first left since it was queued: the rest follow
+                self.workers.leaves += 1
             self.tracker.drop(item.update_id)
             self._mark_stored(item.chat_key)
         elif item.durable:
