@@ -1188,7 +1188,8 @@ def test_dockerfile_runs_trt_bot_as_non_root_with_an_exec_form_cmd():
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     (cmd,) = [arg for op, arg in instructions if op == "CMD"]
-    assert json.loads(cmd) == ["python", "trt_bot.py"]
+    assert json.loads(cmd) == ["python", "-m", "trt_bot"]  # the bytecode compiled at build, not the source each start
+    assert any(op == "RUN" and arg == "python -m compileall -q trt_bot.py" for op, arg in instructions)
     env = " ".join(arg for op, arg in instructions if op == "ENV")
     assert "PYTHONUNBUFFERED=1" in env and "sqlite:////var/data/" in env
     assert any(op == "RUN" and "--no-cache-dir" in arg for op, arg in instructions)

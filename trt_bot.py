@@ -2923,8 +2923,8 @@ class KieClient:
 # kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
 # redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
 # done mark, its replies are in the outbox and are sent.
-# Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
-# ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
+# Acks first within a budget: while a webhook's ack is owed, handlers use at most HANDLERS_SHARE of each
+# ACK_FIRST_WINDOW_S window's CPU; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
 # A /start passes through these named types, socket to reply (22 as bench/types_per_start.py lists them): HttpServer,
 # RequestParser, Request, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox, GroupCommit,
 # Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, DoneMark, TelegramClient and,
@@ -3193,7 +3193,9 @@ class ChatWorkers:
         self.acks_owed = 0  # from the webhook's having an update until its answer is decided
         self.deferred = 0  # handler starts that gave way to acks owed
         self.leaves = 0  # updates left to the inbox: each takes along every update queued before it was left
-        self._window_ends, self._spent = 0.0, 0.0  # the current window, and the handlers' seconds in it
+        # The current window, and the handlers' CPU seconds in it: the event loop thread's CPU time while one ran,
+        # so a handler waiting on the disk or Telegram while nothing else runs is not charged for the idle CPU.
+        self._window_ends, self._spent = 0.0, 0.0
         self.active = 0  # workers running a handler now
         self._process = process
         self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
@@ -3246,14 +3248,14 @@ class ChatWorkers:
                         await self._give_way()
                     self.tracker.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
-                    started = time.perf_counter()
+                    started = time.thread_time()
                     self.watch(task, self.clock.monotonic())
                     try:
                         await self._process(item)
                     finally:
                         self.release(task)
                         self.active -= 1
-                        self._spent += time.perf_counter() - started
+                        self._spent += time.thread_time() - started
                     item = parked.popleft() if parked else None
             finally:
                 del self._parked[key]
