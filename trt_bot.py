@@ -1881,11 +1881,10 @@ class Database:
     network or a lock.  ``write`` runs ``fn(conn, *args)`` inside one transaction, ``read`` outside one; storage
     functions call only ``conn.execute`` and ``conn.executemany`` and work on both dialects.
 
-    Group commit (``submit``, whose future gets the item's result, and ``add``): items that many coroutines write
-    with the same ``write_batch(conn, items)`` (one result per item) share transactions.  While one batch is written
-    new items gather into the next, so under load one commit (one fsync, one thread hop) serves many.  A row the
-    database refuses fails alone: the batch is split in halves until it is found (RowRejected).  ``batched`` sets a
-    write function's batch size and ``on_batch(items, error)``, told of each batch.
+    Group commit: items many coroutines ``submit`` (a future gets the item's result) or ``add`` with the same
+    ``write_batch(conn, items)`` (a result per item) share transactions.  While one batch is written new items gather
+    into the next, so under load one commit (one fsync, one thread hop) serves many.  A row the database refuses fails
+    alone: the batch is split in halves until it is found (RowRejected).  ``batched`` sets who hears of each batch.
     """
 
     def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
@@ -3419,8 +3418,6 @@ class UpdatePipeline:
         self.tracker = UpdateTracker(queue_size, max_backlog)
         self.workers = ChatWorkers(self.tracker, self._process, workers, handler_timeout, clock)
         self.inbox = Inbox(db, self.tracker, self.stats, self.workers.enqueue, self._may_take, clock)
-        if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
-            outbox.writes = inbox_write_reading_older
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
@@ -5951,7 +5948,6 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self.writes = outbox_write  # the pipeline's inbox_write_reading_older: sharing the inbox's commits
         self._held: dict[int, list[OutboxMessage]] = {}  # update id -> replies written with its done mark
         # Stored messages over while the database was down: their rows go when it is back (``resume``).
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
@@ -5979,7 +5975,7 @@ class Outbox:
             return
         message.stored = True
         try:
-            await self.db.submit(self.writes, message)
+            await self.db.submit(inbox_write_reading_older, message)  # the inbox's: one commit serves both
         except (DatabaseUnavailable, RowRejected):
             message.stored = False  # logged by Database; sent from memory, written when it is back
 
@@ -6069,7 +6065,7 @@ class Outbox:
                 self._set_aside(chat_id, wait)
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
-                self.db.add(self.writes, ("blocked", chat_id))
+                self.db.add(inbox_write_reading_older, ("blocked", chat_id))
             self._end(message, error, "refused")
         else:
             self.sent[message.method] += 1
@@ -6104,7 +6100,7 @@ class Outbox:
             del self._chats[message.chat_id]
 
     def _write_sent(self, message_id: int) -> None:
-        written = self.db.submit(self.writes, ("sent", message_id))
+        written = self.db.submit(inbox_write_reading_older, ("sent", message_id))
         written.add_done_callback(lambda done: done.exception() is None or self._unrecorded.append(message_id))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
@@ -6159,7 +6155,7 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self.db.settled(self.writes, 2.0)  # the ends of sent messages get 2 s to be written
+        await self.db.settled(inbox_write_reading_older, 2.0)  # the ends of sent messages get 2 s to be written
 
     @property
     def depth(self) -> int:
