@@ -1899,7 +1899,7 @@ class Database:
         self._passwords = database_passwords(location)  # kept out of last_error and the log
         self._conn: Any = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
-        # By write function: what waits for its next batch, the task writing, ``batched``'s, the batches committed.
+        # Group commit, by write function: items waiting, the task writing them, (on_batch, max_batch), batches done.
         self._pending: dict[Callable, list[tuple[Any, asyncio.Future | None]]] = collections.defaultdict(list)
         self._writers: dict[Callable, asyncio.Task] = {}
         self._batching: dict[Callable, tuple[Callable | None, int]] = collections.defaultdict(lambda: (None, 500))
