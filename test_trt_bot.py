@@ -891,11 +891,10 @@ def test_storage_sql_is_spelled_for_postgresql_placeholders_percent_signs_and_ty
 async def test_concurrent_inserts_share_commits_and_duplicates_are_detected(database_url):
     db = open_database(database_url)
     assert await db.open()
-    inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n % 150, 1, {}, b"{}", time.time()) for n in range(300)]
-    results = await asyncio.gather(*(inserts.submit(item) for item in items))
+    results = await asyncio.gather(*(db.submit(trt_bot.inbox_insert, item) for item in items))
     assert sum(results) == 150  # each id is new exactly once
-    assert inserts.batches < 50  # grouped, not one commit per insert
+    assert db.batches[trt_bot.inbox_insert] < 50  # grouped, not one commit per insert
     await db.close()
 
 
@@ -908,9 +907,10 @@ async def test_two_instances_inserting_the_same_updates_at_once_store_each_once(
     assert await first.open() and await second.open()
     ids = list(range(1, 201))
     orders = [random.Random(seed).sample(ids, len(ids)) for seed in (1, 2)]
-    writers = [trt_bot.GroupCommit(db, trt_bot.inbox_insert, max_batch=20) for db in (first, second)]
-    results = await asyncio.gather(*(writer.submit(trt_bot.InboxItem(n, n, {}, b"{}", time.time()))
-                                     for writer, order in zip(writers, orders) for n in order))
+    for db in (first, second):
+        db.batched(trt_bot.inbox_insert, max_batch=20)
+    results = await asyncio.gather(*(db.submit(trt_bot.inbox_insert, trt_bot.InboxItem(n, n, {}, b"{}", time.time()))
+                                     for db, order in zip((first, second), orders) for n in order))
     new_ids = sorted(n for n, new in zip([n for order in orders for n in order], results) if new)
     assert new_ids == ids and first.ok and second.ok  # each id new exactly once, nobody degraded
     await first.close()
@@ -1035,10 +1035,9 @@ async def test_a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_
     # Used to fail every item of the shared commit, with the database still "ok".
     db = open_database(database_url)
     assert await db.open()
-    inserts = trt_bot.GroupCommit(db, trt_bot.inbox_insert)
     items = [trt_bot.InboxItem(n, 2**70 if n == 13 else n, {}, b"{}", time.time()) for n in range(40)]
     first_record = len(ALL_RECORDS.records)
-    results = await asyncio.gather(*(inserts.submit(item) for item in items), return_exceptions=True)
+    results = await asyncio.gather(*(db.submit(trt_bot.inbox_insert, item) for item in items), return_exceptions=True)
     assert isinstance(results[13], trt_bot.RowRejected)
     assert results[:13] + results[14:] == [True] * 39 and db.ok
     assert len(await db.read(trt_bot.inbox_unhandled)) == 39
@@ -2895,17 +2894,16 @@ async def test_one_commit_per_update_a_reply_rides_with_its_done_mark_and_one_se
     fake_tg.stall("sendMessage")  # the reply waits in the outbox
     app = await make_app()
     outbox_rows = lambda conn: conn.execute("SELECT update_id FROM outbox").fetchall()  # noqa: E731
-    commits = app.role.outbox.writes  # the outbox's writes share the inbox's commits
-    assert commits is app.pipeline.inbox.commit
-    before = commits.batches
+    shared = trt_bot.inbox_write_reading_older  # the outbox's writes share the inbox's commits
+    before = app.db.batches[shared]
     assert (await post_update(app, update_message(1, 901, "/start"))).status_code == 200
     await asyncio.wait_for(app.pipeline.idle(), 10)  # handled and marked done
     assert await app.db.read(outbox_rows) == [(1,)]
-    assert commits.batches == before + 2  # the ack's insert, then the reply with the done mark
+    assert app.db.batches[shared] == before + 2  # the ack's insert, then the reply with the done mark
     fake_tg.release("sendMessage")
     await eventually_async(lambda: app.db.read(outbox_rows), lambda rows: rows == [])  # sent: its row goes
 
-    sent_in_handler, before = app.pipeline.handler, commits.batches
+    sent_in_handler, before = app.pipeline.handler, app.db.batches[shared]
 
     async def handler_waiting_for_its_reply(update: dict) -> None:
         await sent_in_handler(update)
@@ -2914,7 +2912,7 @@ async def test_one_commit_per_update_a_reply_rides_with_its_done_mark_and_one_se
     app.pipeline.handler = handler_waiting_for_its_reply
     assert (await post_update(app, update_message(2, 901, "/start"))).status_code == 200
     await asyncio.wait_for(app.pipeline.idle(), 10)
-    assert await app.db.read(outbox_rows) == [] and commits.batches == before + 2  # never written, nor deleted
+    assert await app.db.read(outbox_rows) == [] and app.db.batches[shared] == before + 2  # never written, nor deleted
 
 
 ###############################################################################

@@ -1880,6 +1880,11 @@ class Database:
     """The one database connection, used only from its own thread, so the event loop never waits on the disk, the
     network or a lock.  ``write`` runs ``fn(conn, *args)`` inside one transaction, ``read`` outside one; storage
     functions call only ``conn.execute`` and ``conn.executemany`` and work on both dialects.
+
+    Group commit: items many coroutines ``submit`` (a future gets the item's result) or ``add`` with the same
+    ``write_batch(conn, items)`` (a result per item) share transactions.  While one batch is written new items gather
+    into the next, so under load one commit (one fsync, one thread hop) serves many.  A row the database refuses fails
+    alone: the batch is split in halves until it is found (RowRejected).  ``batched`` sets who hears of each batch.
     """
 
     def __init__(self, location: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, migrations: list = MIGRATIONS):
@@ -1894,6 +1899,11 @@ class Database:
         self._passwords = database_passwords(location)  # kept out of last_error and the log
         self._conn: Any = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trt-db")
+        # Group commit, by write function: items waiting, the task writing them, (on_batch, max_batch), batches done.
+        self._pending: dict[Callable, list[tuple[Any, asyncio.Future | None]]] = collections.defaultdict(list)
+        self._writers: dict[Callable, asyncio.Task] = {}
+        self._batching: dict[Callable, tuple[Callable | None, int]] = collections.defaultdict(lambda: (None, 500))
+        self.batches: collections.Counter[Callable] = collections.Counter()
 
     async def open(self) -> bool:
         """Open or reopen; on failure log loudly and stay unavailable (never raise)."""
@@ -1959,73 +1969,59 @@ class Database:
             log.error("[DB] unusable, running degraded (memory only): %s", message)
         self.ok, self.last_error = False, message
 
+    def batched(self, write_batch: Callable[[Any, list], list],
+                on_batch: Callable[[list, BaseException | None], None] | None = None, max_batch: int = 500) -> None:
+        self._batching[write_batch] = on_batch, max_batch
 
-class GroupCommit:
-    """Writes items from many coroutines in shared transactions: while one batch is written, new items gather into
-    the next, so under load one commit (and one thread hop) serves many.  ``write_batch(conn, items)`` returns one
-    result per item; ``submit`` gives a future for it, ``add`` does not wait, ``on_batch(items, error)`` hears each
-    batch.  A row the database refuses fails alone: the batch is split until that row is found (RowRejected)."""
-
-    def __init__(self, db: Database, write_batch: Callable[[sqlite3.Connection, list], list],
-                 on_batch: Callable[[list, BaseException | None], None] | None = None, max_batch: int = 500):
-        self.db = db
-        self.write_batch = write_batch
-        self.on_batch = on_batch
-        self.max_batch = max_batch
-        self.batches = 0
-        self._pending: list[tuple[Any, asyncio.Future | None]] = []
-        self._writer: asyncio.Task | None = None
-
-    async def settled(self, timeout: float) -> None:
-        """Wait at most ``timeout`` seconds for everything queued so far to be written (or fail)."""
-        if self._writer is not None:
-            await asyncio.wait({self._writer}, timeout=timeout)
-
-    def submit(self, item: Any) -> asyncio.Future:
+    def submit(self, write_batch: Callable[[Any, list], list], item: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self.add(item, future)
+        self.add(write_batch, item, future)
         return future
 
-    def add(self, item: Any, future: asyncio.Future | None = None) -> None:
-        self._pending.append((item, future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all())
+    def add(self, write_batch: Callable[[Any, list], list], item: Any, future: asyncio.Future | None = None) -> None:
+        self._pending[write_batch].append((item, future))
+        if write_batch not in self._writers:
+            self._writers[write_batch] = asyncio.create_task(self._write_pending(write_batch))
 
-    async def _write_all(self) -> None:
+    async def settled(self, write_batch: Callable[[Any, list], list], timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for what ``write_batch`` has queued so far to be written (or fail)."""
+        if write_batch in self._writers:
+            await asyncio.wait({self._writers[write_batch]}, timeout=timeout)
+
+    async def _write_pending(self, write_batch: Callable) -> None:
+        pending, max_batch = self._pending[write_batch], self._batching[write_batch][1]
         try:
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                await self._write(batch)
+            while pending:
+                batch, pending[:] = pending[:max_batch], pending[max_batch:]
+                await self._write_batch(write_batch, batch)
         finally:
-            self._writer = None
+            del self._writers[write_batch]
 
-    async def _write(self, batch: list[tuple[Any, asyncio.Future | None]]) -> None:
+    async def _write_batch(self, write_batch: Callable, batch: list[tuple[Any, asyncio.Future | None]]) -> None:
         items = [item for item, _ in batch]
+        error: BaseException | None = None
         try:
-            results = await self.db.write(self.write_batch, items)
-        except RowRejected as error:
+            results = await self.write(write_batch, items)
+        except RowRejected as refused:
             if len(batch) > 1:
                 for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
-                    await self._write(half)
+                    await self._write_batch(write_batch, half)
                 return
-            log.error("[DB] %s refused a row, the rest of its batch is written: %s", self.write_batch.__name__, error)
-            self._settle(batch, None, error)
-        except Exception as error:
-            self._settle(batch, None, error)
+            log.error("[DB] %s refused a row, the rest of its batch is written: %s", write_batch.__name__, refused)
+            error = refused
+        except Exception as failed:
+            error = failed
         else:
-            self.batches += 1
-            self._settle(batch, results, None)
-
-    def _settle(self, batch: list[tuple[Any, asyncio.Future | None]], results: list | None,
-                error: BaseException | None) -> None:
+            self.batches[write_batch] += 1
         for index, (_, future) in enumerate(batch):
             if future is not None and not future.done():
                 if error is None:
-                    future.set_result(results[index])  # type: ignore[index]
+                    future.set_result(results[index])
                 else:
                     future.set_exception(error)
-        if self.on_batch is not None:
-            self.on_batch([item for item, _ in batch], error)
+        on_batch = self._batching[write_batch][0]
+        if on_batch is not None:
+            on_batch(items, error)
 
 
 @dataclasses.dataclass(slots=True)
@@ -3309,7 +3305,7 @@ class Inbox:
         self.enqueue = enqueue
         self.may_take = may_take  # whether this instance may take updates now
         self.clock = clock
-        self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
+        db.batched(inbox_write_reading_older, on_batch=self._on_written)
         self._failed: list[DoneMark | OutboxMessage] = []
         self.wakeup = asyncio.Event()  # set: look at the inbox now
 
@@ -3317,7 +3313,7 @@ class Inbox:
         for mark in marks:
             if isinstance(mark, DoneMark):
                 self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self.commit.add(mark)
+            self.db.add(inbox_write_reading_older, mark)
 
     def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
         marks = [entry for entry in entries if isinstance(entry, DoneMark)]
@@ -3424,8 +3420,6 @@ class UpdatePipeline:
         self.tracker = UpdateTracker(queue_size, max_backlog)
         self.workers = ChatWorkers(self.tracker, self._process, workers, handler_timeout, clock)
         self.inbox = Inbox(db, self.tracker, self.stats, self.workers.enqueue, self._may_take, clock)
-        if outbox is not None:  # its writes share the inbox's commits: under load one serves many updates
-            outbox.writes = self.inbox.commit
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
@@ -3453,11 +3447,11 @@ class UpdatePipeline:
         admitting = self.tracker.admit(update_id)
         item.ask_older = self._may_take() and not self.tracker.spilling  # else it waits in the inbox anyway
         try:
-            is_new = await self.inbox.commit.submit(item)
+            is_new = await self.db.submit(inbox_write_reading_older, item)
         except DatabaseUnavailable:
             pass  # fall through to memory
         except RowRejected:
-            return Admission.INVALID  # logged by GroupCommit; storing it again would fail again
+            return Admission.INVALID  # logged by Database; storing it again would fail again
         else:
             return self._inserted(item) if is_new else self._stored_before(item)
         finally:
@@ -4254,7 +4248,6 @@ class Conversation:
         self.dialogs: dict[DialogKey, tuple[float, dict]] = {}  # key -> (written at, wall clock: it is stored)
         self.languages: dict[int, str] = {}  # user id -> their /language
         self.user_settings: dict[int, dict] = {}  # user id -> their /settings
-        self._dialog_writes = GroupCommit(db, dialogs_save)
         self.models = (Z_IMAGE,) if config.single_model_only else CATALOG
         self.models_by_key = {model.key: model for model in self.models}
         self.queue_stats = queue_stats  # the pipeline's snapshot, for /stats
@@ -4314,7 +4307,7 @@ class Conversation:
             del self.dialogs[next(iter(self.dialogs))]
         if self.db.ok:
             with contextlib.suppress(DatabaseUnavailable, RowRejected):  # logged there
-                await self._dialog_writes.submit((key, state, now))
+                await self.db.submit(dialogs_save, (key, state, now))
 
     async def choose(self, table: str, user_id: int, value: str | dict) -> None:
         """A user's /language (``table`` user_languages) or /settings (user_settings), held in memory until a
@@ -5092,7 +5085,7 @@ class JobBook:
         self._active_by_user: dict[int, str] = {}
         self._stored: set[str] = set()  # unfinished jobs the database has a row of
         self._unsaved: dict[str, tuple] = {}  # job id -> latest row the database failed to take
-        self._writes = GroupCommit(db, jobs_save, on_batch=self._on_rows_written)
+        db.batched(jobs_save, on_batch=self._on_rows_written)
 
     def track(self, job: Job) -> None:
         self.jobs[job.id] = job
@@ -5122,12 +5115,12 @@ class JobBook:
 
     def save(self, job: Job) -> None:
         """Write the job's current state; failures are logged by Database, memory stays authoritative."""
-        self._writes.add(dataclasses.astuple(job))
+        self.db.add(jobs_save, dataclasses.astuple(job))
 
     async def save_durably(self, job: Job) -> bool:
         """Write the job's state and wait for the commit; False when the database is unusable or refuses it."""
         try:
-            await self._writes.submit(dataclasses.astuple(job))
+            await self.db.submit(jobs_save, dataclasses.astuple(job))
         except (DatabaseUnavailable, RowRejected):
             return False
         return True
@@ -5156,7 +5149,7 @@ class JobBook:
         """Write the rows kept while the database was unusable, then read unfinished jobs not in memory."""
         rows = list(self._unsaved.values())
         if rows:  # through the group commit, so a row the database refuses fails alone
-            await asyncio.gather(*map(self._writes.submit, rows), return_exceptions=True)
+            await asyncio.gather(*(self.db.submit(jobs_save, row) for row in rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
         jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
         jobs = [job for job in jobs if job.id not in self.jobs]
@@ -5957,7 +5950,6 @@ class Outbox:
         self._ready: asyncio.Queue[int] = asyncio.Queue()  # chats whose first message may be tried now
         self._ids: set[int] = set()
         self._last_id = 0
-        self.writes = GroupCommit(db, outbox_write)  # the pipeline's, sharing the inbox's commits
         self._held: dict[int, list[OutboxMessage]] = {}  # update id -> replies written with its done mark
         # Stored messages over while the database was down: their rows go when it is back (``resume``).
         self._unrecorded: collections.deque[int] = collections.deque(maxlen=OUTBOX_MAX_MESSAGES)
@@ -5985,9 +5977,9 @@ class Outbox:
             return
         message.stored = True
         try:
-            await self.writes.submit(message)
+            await self.db.submit(inbox_write_reading_older, message)  # the inbox's: one commit serves both
         except (DatabaseUnavailable, RowRejected):
-            message.stored = False  # logged by Database or GroupCommit; sent from memory, written when it is back
+            message.stored = False  # logged by Database; sent from memory, written when it is back
 
     async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
         await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
@@ -6075,7 +6067,7 @@ class Outbox:
                 self._set_aside(chat_id, wait)
                 return
             if error.error_code == 403 and chat_id > 0 and self.db.ok:
-                self.writes.add(("blocked", chat_id))
+                self.db.add(inbox_write_reading_older, ("blocked", chat_id))
             self._end(message, error, "refused")
         else:
             self.sent[message.method] += 1
@@ -6110,7 +6102,7 @@ class Outbox:
             del self._chats[message.chat_id]
 
     def _write_sent(self, message_id: int) -> None:
-        written = self.writes.submit(("sent", message_id))
+        written = self.db.submit(inbox_write_reading_older, ("sent", message_id))
         written.add_done_callback(lambda done: done.exception() is None or self._unrecorded.append(message_id))
 
     def _set_aside(self, chat_id: int, seconds: float) -> None:
@@ -6165,7 +6157,7 @@ class Outbox:
         if self._tasks.running:
             await wait_for_event(self._emptied, grace)
         await self._tasks.cancel_all()
-        await self.writes.settled(2.0)  # the ends of sent messages get 2 s to be written
+        await self.db.settled(inbox_write_reading_older, 2.0)  # the ends of sent messages get 2 s to be written
 
     @property
     def depth(self) -> int:
