@@ -921,8 +921,9 @@ async def test_handled_updates_are_pruned_after_the_redelivery_window_and_unhand
     db = open_database(database_url)
     assert await db.open()
     now = time.time()
-    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)])
-    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1), trt_bot.DoneMark(2)])
+    items = [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)]
+    await db.write(trt_bot.inbox_insert, items)
+    await db.write(trt_bot.inbox_mark_done, items[:2])
     assert await db.write(trt_bot.inbox_prune, now - trt_bot.INBOX_KEEP_DONE_S) == 0  # within the window: kept
     assert await db.write(trt_bot.inbox_prune, time.time() + 1) == 2
     assert await db.read(trt_bot.inbox_unhandled) == [(3, 3)]
@@ -1084,8 +1085,9 @@ async def test_a_deleted_database_file_is_noticed_and_a_new_file_takes_over_what
     path = str(tmp_path / "x.sqlite3")
     db = trt_bot.Database(path)
     assert await db.open()
-    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", time.time()) for n in (1, 2, 3)])
-    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1)])
+    items = [trt_bot.InboxItem(n, n, {}, b"{}", time.time()) for n in (1, 2, 3)]
+    await db.write(trt_bot.inbox_insert, items)
+    await db.write(trt_bot.inbox_mark_done, items[:1])
     for suffix in ("", "-wal", "-shm"):
         os.unlink(path + suffix)
     assert await db.verify() is False and not db.ok and "deleted or replaced" in db.last_error
@@ -1107,14 +1109,14 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
 
 
 def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same_transaction():
-    def item(update_id: int, chat_key: int, ask: bool = False) -> trt_bot.InboxItem:
-        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask)
+    def item(update_id: int, chat_key: int, ask: bool = False, done: bool = False) -> trt_bot.InboxItem:
+        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask, done=done)
 
     with contextlib.closing(trt_bot.SqliteFile(":memory:").connect(None)) as conn:
         trt_bot.inbox_insert(conn, [item(1, 7), item(2, 8), item(3, 7), item(4, 7)])
-        trt_bot.inbox_mark_done(conn, [trt_bot.DoneMark(3)])
+        trt_bot.inbox_mark_done(conn, [item(3, 7)])
         asking, again, silent = item(5, 7, ask=True), item(4, 7, ask=True), item(6, 7)
-        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, trt_bot.DoneMark(2)]) == [
+        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, item(2, 8, done=True)]) == [
             True, False, True, None]
         assert (asking.older, again.older, silent.older) == ((1, 4), (), ())  # not 3 (done), 2 (another chat)
         statements: list[str] = []

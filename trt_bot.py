@@ -2030,7 +2030,7 @@ class GroupCommit:
 
 @dataclasses.dataclass(slots=True)
 class InboxItem:
-    """One update on its way from the webhook to a handler."""
+    """One update on its way from the webhook to a handler; once handled (``done``), it is written as its done mark."""
 
     update_id: int
     chat_key: int
@@ -2044,6 +2044,11 @@ class InboxItem:
     ask_older: bool = False
     older: tuple[int, ...] = ()
     queued_after: int = 0  # how many updates had been left to the inbox (ChatWorkers.leaves) when it was queued
+    done: bool = False  # handled: written as a done mark, not inserted
+    # Its sender, remembered in ``users`` with the done mark, and whether our reply found them blocking the bot.
+    user_id: int = 0
+    lang: str = ""
+    blocked: bool = False
 
 
 INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
@@ -2072,17 +2077,7 @@ def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
     return results
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DoneMark:
-    """An update handled; who sent it, and whether our reply found them blocking the bot."""
-
-    update_id: int
-    user_id: int = 0
-    lang: str = ""
-    blocked: bool = False
-
-
-def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[None]:
+def inbox_mark_done(conn: sqlite3.Connection, marks: list[InboxItem]) -> list[None]:
     """Mark updates handled and remember their senders in ``users``."""
     now = time.time()
     conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
@@ -2104,14 +2099,15 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     A handler's replies go in before its update's mark (never the mark without them).  Each new update that
     ``ask_older`` gets in ``older`` its chat's older unhandled ids, read in the same transaction (no round trip).
     """
-    marks = [entry for entry in entries if isinstance(entry, DoneMark)]
-    news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
+    items = [entry for entry in entries if isinstance(entry, InboxItem)]
+    news = iter(inbox_insert(conn, [item for item in items if not item.done]))
     outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, tuple))])
+    marks = [item for item in items if item.done]
     if marks:
         inbox_mark_done(conn, marks)
-    results = [next(news) if isinstance(entry, InboxItem) else None for entry in entries]
+    results = [next(news) if isinstance(entry, InboxItem) and not entry.done else None for entry in entries]
     for entry, is_new in zip(entries, results):
-        if is_new and isinstance(entry, InboxItem) and entry.ask_older:
+        if is_new and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
     return results
 
@@ -3308,26 +3304,29 @@ class Inbox:
         self.may_take = may_take  # whether this instance may take updates now
         self.clock = clock
         self.commit = GroupCommit(db, inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark | OutboxMessage] = []
+        self._failed: list[InboxItem | OutboxMessage] = []
         self.wakeup = asyncio.Event()  # set: look at the inbox now
 
-    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
-        for mark in marks:
-            if isinstance(mark, DoneMark):
-                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self.commit.add(mark)
+    def mark_done(self, entries: list[InboxItem | OutboxMessage]) -> None:
+        """Handled updates, each after the replies it holds: each is written as its done mark."""
+        for entry in entries:
+            if isinstance(entry, InboxItem):
+                entry.done = True
+                self.tracker.move(entry.update_id, UpdateState.AWAITING_DONE)
+            self.commit.add(entry)
 
-    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
-        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+    def _on_written(self, entries: list[InboxItem | OutboxMessage], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, InboxItem) and entry.done]
         if not marks:
             return
         if isinstance(error, RowRejected):
             # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
-            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+            self.mark_done([dataclasses.replace(mark, user_id=0) for mark in marks if mark.user_id])
         elif error is not None:
             handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
-            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
-                                and entry.update_id in handled)
+            self._failed.extend(entry for entry in entries
+                                if isinstance(entry, OutboxMessage) and entry.update_id in handled)
+            self._failed.extend(marks)
             self.tracker.changed.set()
         else:
             for mark in marks:
@@ -3387,7 +3386,7 @@ class Inbox:
                 taken += 1
             except HttpError:  # unreadable: dropped, and marked done
                 self.stats.dropped += 1
-                self.mark_done([DoneMark(update_id)])
+                self.mark_done([InboxItem(update_id, chat_key, {}, body, received_at)])
         self.tracker.read_through(more_left, marks_before)
         self.tracker.changed.set()
 
@@ -3570,8 +3569,9 @@ class UpdatePipeline:
             self.tracker.drop(item.update_id)
             self._mark_stored(item.chat_key)
         elif item.durable:
-            user_id, lang = update_sender(item.update)
-            self.inbox.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
+            item.user_id, item.lang = update_sender(item.update)
+            item.blocked = blocked
+            self.inbox.mark_done([*replies, item])
         else:
             self.tracker.drop(item.update_id)
         if self.tracker.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
