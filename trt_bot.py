@@ -2043,12 +2043,11 @@ class InboxItem:
     # its chat's older unhandled updates, which another instance may have stored.
     ask_older: bool = False
     older: tuple[int, ...] = ()
-    queued_after: int = 0  # how many updates had been left to the inbox (ChatWorkers.leaves) when it was queued
+    queued_after: int = 0  # how many updates had been left to the inbox (Inbox.leaves) when it was queued
     done: bool = False  # handled: written as a done mark, not inserted
-    # Its sender, remembered in ``users`` with the done mark, and whether our reply found them blocking the bot.
-    user_id: int = 0
+    user_id: int = 0  # its sender and their language, remembered in ``users`` with the done mark
     lang: str = ""
-    blocked: bool = False
+    blocked: bool = False  # our reply found the sender blocking the bot
 
 
 INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
@@ -2099,10 +2098,9 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     A handler's replies go in before its update's mark (never the mark without them).  Each new update that
     ``ask_older`` gets in ``older`` its chat's older unhandled ids, read in the same transaction (no round trip).
     """
-    items = [entry for entry in entries if isinstance(entry, InboxItem)]
-    news = iter(inbox_insert(conn, [item for item in items if not item.done]))
+    marks = [entry for entry in entries if isinstance(entry, InboxItem) and entry.done]
+    news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem) and not entry.done]))
     outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, tuple))])
-    marks = [item for item in items if item.done]
     if marks:
         inbox_mark_done(conn, marks)
     results = [next(news) if isinstance(entry, InboxItem) and not entry.done else None for entry in entries]
@@ -2895,11 +2893,11 @@ class KieClient:
 #
 # Theory of operation
 #
-# States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
-# goes to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance
-# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in
-# hand; when the handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is
-# done and no longer held.  A pre-checkout query is answered at once, not stored: Telegram waits only 10 s.
+# States (UpdateState, kept by the Inbox).  ingest marks an update ADMITTING while its inbox row commits; then it goes
+# to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance may
+# not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand;
+# when the handler ends, its InboxItem goes to the group commit as its done mark (AWAITING_DONE); once committed the
+# update is done and no longer held.  A pre-checkout query is answered at once, not stored: Telegram waits only 10 s.
 # Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
 # handler's unsent replies are written in its done mark's transaction (never the mark without them).  A done mark
 # that fails to commit is kept, with its replies, until the database is back.
@@ -2914,17 +2912,17 @@ class KieClient:
 # Who may act: only while Role.may_act() (the lease held, its trust not lapsed) does the pipeline take updates from
 # the inbox.  A handler begun while it could not act, or before a hand-over of the lease, is void (Role.void()): it
 # is not run (voided mid-way, its replies are not sent) and its update is left in the inbox, to the lease's holder.
-# Every durable update queued before then follows it there (ChatWorkers.leaves), its chat's later ones among them:
+# Every durable update queued before then follows it there (Inbox.leaves), its chat's later ones among them:
 # a lapse of the lease's trust for one moment must not let them overtake it.
 # kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
 # redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
 # done mark, its replies are in the outbox and are sent.
 # Acks first within a budget: while a webhook's ack is owed, handlers run at most HANDLERS_SHARE of each
 # ACK_FIRST_WINDOW_S window; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
-# A /start passes through these named types, socket to reply (22 as bench/types_per_start.py lists them): HttpServer,
-# RequestParser, Request, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox, GroupCommit,
-# Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, DoneMark, TelegramClient and,
-# above Telegram's free send rate, AiohttpCalls; ingest answers with an Admission member.
+# A /start passes through these named types, socket to reply (20 as bench/types_per_start.py lists them): HttpServer,
+# RequestParser, Request, Config, Clock, UpdatePipeline, ChatWorkers, InboxItem, Inbox, GroupCommit, Database, Role,
+# Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, TelegramClient and, above Telegram's free
+# send rate, AiohttpCalls; ingest answers with an Admission member.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -3290,10 +3288,9 @@ class Inbox:
             # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
             self.mark_done([dataclasses.replace(mark, user_id=0) for mark in marks if mark.user_id])
         elif error is not None:
-            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
-            self._failed.extend(entry for entry in entries
-                                if isinstance(entry, OutboxMessage) and entry.update_id in handled)
-            self._failed.extend(marks)
+            ids = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed += [entry for entry in entries if isinstance(entry, OutboxMessage) and entry.update_id in ids]
+            self._failed += marks  # after the replies: a retry never writes a mark before them
             self.changed.set()
         else:
             for mark in marks:
@@ -3352,10 +3349,9 @@ class Inbox:
                 break
             if self.holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
-            if self.stored_by_chat[chat_key] > 1:
-                self.stored_by_chat[chat_key] -= 1
-            else:
-                self.stored_by_chat.pop(chat_key, None)
+            self.stored_by_chat[chat_key] -= 1
+            if self.stored_by_chat[chat_key] <= 0:
+                del self.stored_by_chat[chat_key]
             try:
                 self.enqueue(InboxItem(update_id, chat_key, parse_update(body), body, received_at))
                 taken += 1
@@ -3503,7 +3499,6 @@ class UpdatePipeline:
         HANDLING_SINCE.set(self.mode.handovers if acting else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
-        blocked = False
         try:
             if self._expired(item):
                 self.stats.dropped += 1
@@ -3515,8 +3510,8 @@ class UpdatePipeline:
             self.stats.errors += 1
             log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.workers.timeout)
         except TelegramError as error:
-            blocked = error.error_code == 403  # the user has blocked the bot
-            if blocked:
+            item.blocked = error.error_code == 403  # the user has blocked the bot
+            if item.blocked:
                 self.stats.blocked += 1
                 log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
             else:
@@ -3526,14 +3521,14 @@ class UpdatePipeline:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
-            self._handled(item, started, blocked)
+            self._handled(item, started)
 
     def _expired(self, item: InboxItem) -> bool:
         """A callback query too old for Telegram to accept its answer (by the wall clock only if read back)."""
         age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
         return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
-    def _handled(self, item: InboxItem, started: float, blocked: bool) -> None:
+    def _handled(self, item: InboxItem, started: float) -> None:
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
         replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
@@ -3544,7 +3539,6 @@ class UpdatePipeline:
             self.inbox.mark_stored(item.chat_key)
         elif item.durable:
             item.user_id, item.lang = update_sender(item.update)
-            item.blocked = blocked
             self.inbox.mark_done([*replies, item])
         else:
             self.inbox.drop(item.update_id)
