@@ -921,8 +921,9 @@ async def test_handled_updates_are_pruned_after_the_redelivery_window_and_unhand
     db = open_database(database_url)
     assert await db.open()
     now = time.time()
-    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)])
-    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1), trt_bot.DoneMark(2)])
+    items = [trt_bot.InboxItem(n, n, {}, b"{}", now) for n in (1, 2, 3)]
+    await db.write(trt_bot.inbox_insert, items)
+    await db.write(trt_bot.inbox_mark_done, items[:2])
     assert await db.write(trt_bot.inbox_prune, now - trt_bot.INBOX_KEEP_DONE_S) == 0  # within the window: kept
     assert await db.write(trt_bot.inbox_prune, time.time() + 1) == 2
     assert await db.read(trt_bot.inbox_unhandled) == [(3, 3)]
@@ -1083,8 +1084,9 @@ async def test_a_deleted_database_file_is_noticed_and_a_new_file_takes_over_what
     path = str(tmp_path / "x.sqlite3")
     db = trt_bot.Database(path)
     assert await db.open()
-    await db.write(trt_bot.inbox_insert, [trt_bot.InboxItem(n, n, {}, b"{}", time.time()) for n in (1, 2, 3)])
-    await db.write(trt_bot.inbox_mark_done, [trt_bot.DoneMark(1)])
+    items = [trt_bot.InboxItem(n, n, {}, b"{}", time.time()) for n in (1, 2, 3)]
+    await db.write(trt_bot.inbox_insert, items)
+    await db.write(trt_bot.inbox_mark_done, items[:1])
     for suffix in ("", "-wal", "-shm"):
         os.unlink(path + suffix)
     assert await db.verify() is False and not db.ok and "deleted or replaced" in db.last_error
@@ -1106,14 +1108,14 @@ async def test_a_write_into_a_file_deleted_under_us_fails_instead_of_being_ackno
 
 
 def test_an_insert_that_asks_reads_its_chats_older_unhandled_updates_in_the_same_transaction():
-    def item(update_id: int, chat_key: int, ask: bool = False) -> trt_bot.InboxItem:
-        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask)
+    def item(update_id: int, chat_key: int, ask: bool = False, done: bool = False) -> trt_bot.InboxItem:
+        return trt_bot.InboxItem(update_id, chat_key, {}, b"{}", time.time(), ask_older=ask, done=done)
 
     with contextlib.closing(trt_bot.SqliteFile(":memory:").connect(None)) as conn:
         trt_bot.inbox_insert(conn, [item(1, 7), item(2, 8), item(3, 7), item(4, 7)])
-        trt_bot.inbox_mark_done(conn, [trt_bot.DoneMark(3)])
+        trt_bot.inbox_mark_done(conn, [item(3, 7)])
         asking, again, silent = item(5, 7, ask=True), item(4, 7, ask=True), item(6, 7)
-        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, trt_bot.DoneMark(2)]) == [
+        assert trt_bot.inbox_write_reading_older(conn, [asking, again, silent, item(2, 8, done=True)]) == [
             True, False, True, None]
         assert (asking.older, again.older, silent.older) == ((1, 4), (), ())  # not 3 (done), 2 (another chat)
         statements: list[str] = []
@@ -1912,7 +1914,7 @@ async def test_a_hanging_handler_is_cut_by_the_timeout(make_app):
 async def test_expired_callback_query_is_dropped_not_answered(make_app, fake_tg):
     app = await make_app()
     item = trt_bot.InboxItem(9, 5, update_callback(9, 5, "help"), b"{}", time.time() - 200, durable=False)
-    app.pipeline.workers.enqueue(item)
+    app.pipeline.inbox.enqueue(item)
     await eventually(lambda: app.pipeline.stats.dropped == 1)
     assert fake_tg.calls_of("answerCallbackQuery") == []
 
@@ -2085,7 +2087,7 @@ async def test_an_update_another_instance_stored_is_not_overtaken_by_its_chats_n
         handled.append(update["update_id"])
 
     app.pipeline.handler = recording_handler
-    await eventually(lambda: not app.pipeline.tracker.recount_due)  # its start-up look at the inbox is over
+    await eventually(lambda: not app.pipeline.inbox.recount_due)  # its start-up look at the inbox is over
     first, second = update_message(1, 8, "first"), update_message(2, 8, "second")
     with contextlib.closing(trt_bot.SqliteFile(str(tmp_path / "bot.sqlite3")).connect(None)) as standby:
         with standby:
@@ -2280,11 +2282,17 @@ async def test_an_update_left_to_the_inbox_in_a_lapse_is_not_overtaken_by_its_ch
         for update in (update_message(n, 42, "x") for n in (1, 2, 3)):
             assert await pipeline.ingest(update, json.dumps(update).encode()) == trt_bot.Admission.ADMITTED
         go.set()
-        await eventually(lambda: len(handled) == 3 and not pipeline.tracker.states)
+        await eventually(lambda: len(handled) == 3 and not pipeline.inbox.states)
         assert handled == [1, 2, 3]  # 2 went back to the inbox, and 3 with it: the refill gives them back in order
     finally:
         await pipeline.stop(grace=1)
         await db.close()
+
+
+def memory_inbox(capacity: int) -> trt_bot.Inbox:
+    """An inbox whose table is never opened: the workers take updates from its queue and move them through its
+    states."""
+    return trt_bot.Inbox(trt_bot.Database(":memory:"), capacity, trt_bot.PipelineStats(), lambda: True)
 
 
 def queued_item(update_id: int, chat: int) -> trt_bot.InboxItem:
@@ -2298,7 +2306,7 @@ async def one_worker(handled: list[int]):
     async def process(item: trt_bot.InboxItem) -> None:
         handled.append(item.update_id)
 
-    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(10), process, 1)
+    workers = trt_bot.ChatWorkers(memory_inbox(10), process, 1)
     (worker,) = workers.start()
     try:
         yield workers
@@ -2312,7 +2320,7 @@ async def test_while_an_ack_is_owed_a_worker_lets_the_ready_acks_run_first_then_
     handled: list[int] = []
     async with one_worker(handled) as workers:
         with workers.ack_owed():
-            workers.enqueue(queued_item(1, 42))
+            workers.inbox.enqueue(queued_item(1, 42))
             asyncio.get_running_loop().call_soon(lambda: order.append(f"ack ran, handled {handled}"))
             await eventually(lambda: handled == [1])  # no timed wait: the ack is still owed
         assert order == ["ack ran, handled []"] and workers.deferred == 1
@@ -2325,7 +2333,7 @@ async def test_a_worker_never_waits_for_an_ack_still_owed_and_starts_handler_aft
         with workers.ack_owed():  # owed all along: the acks wait on the disk, the CPU has room
             for batch in range(5):
                 for update_id in range(batch * 10 + 1, batch * 10 + 11):
-                    workers.enqueue(queued_item(update_id, 42))
+                    workers.inbox.enqueue(queued_item(update_id, 42))
                 await eventually(lambda: len(handled) == batch * 10 + 10, timeout=deadline - time.monotonic())
         assert handled == list(range(1, 51)) and workers.deferred == 50 and workers.acks_owed == 0
 
@@ -2341,13 +2349,13 @@ async def test_while_acks_are_owed_handlers_run_at_most_their_share_of_each_wind
         busy.append(time.perf_counter() - started)
         handled.append(item.update_id)
 
-    workers = trt_bot.ChatWorkers(trt_bot.UpdateTracker(50), process, 2)
+    workers = trt_bot.ChatWorkers(memory_inbox(50), process, 2)
     tasks = workers.start()
     try:
         with workers.ack_owed():  # owed all along: a steady stream of acks
             started = time.perf_counter()
             for update_id in range(1, 41):
-                workers.enqueue(queued_item(update_id, update_id))
+                workers.inbox.enqueue(queued_item(update_id, update_id))
             await eventually(lambda: len(handled) == 40, timeout=20)  # handled all the same
             elapsed = time.perf_counter() - started
         assert elapsed >= 1.25 * sum(busy)  # handlers had at most their share (one may finish past it): acks the rest
@@ -2396,7 +2404,7 @@ async def test_updates_posted_while_handlers_give_way_to_acks_are_each_handled_e
 
 async def test_the_watchdog_cuts_a_handler_only_past_its_deadline_and_withdraws_the_cut_after():
     clock = ManualClock()
-    watchdog = trt_bot.ChatWorkers(trt_bot.UpdateTracker(1), nothing, 0, timeout=30.0, clock=clock)
+    watchdog = trt_bot.ChatWorkers(memory_inbox(1), nothing, 0, timeout=30.0, clock=clock)
     seen: list[tuple[str, object]] = []
 
     async def handler_run() -> None:

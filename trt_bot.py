@@ -2026,7 +2026,7 @@ class Database:
 
 @dataclasses.dataclass(slots=True)
 class InboxItem:
-    """One update on its way from the webhook to a handler."""
+    """One update on its way from the webhook to a handler; once handled (``done``), it is written as its done mark."""
 
     update_id: int
     chat_key: int
@@ -2039,7 +2039,11 @@ class InboxItem:
     # its chat's older unhandled updates, which another instance may have stored.
     ask_older: bool = False
     older: tuple[int, ...] = ()
-    queued_after: int = 0  # how many updates had been left to the inbox (ChatWorkers.leaves) when it was queued
+    queued_after: int = 0  # how many updates had been left to the inbox (Inbox.leaves) when it was queued
+    done: bool = False  # handled: written as a done mark, not inserted
+    user_id: int = 0  # its sender and their language, remembered in ``users`` with the done mark
+    lang: str = ""
+    blocked: bool = False  # our reply found the sender blocking the bot
 
 
 INBOX_INSERT_ROWS = 200  # updates per INSERT statement: 800 parameters, well under SQLite's limit (32766)
@@ -2068,17 +2072,7 @@ def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
     return results
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DoneMark:
-    """An update handled; who sent it, and whether our reply found them blocking the bot."""
-
-    update_id: int
-    user_id: int = 0
-    lang: str = ""
-    blocked: bool = False
-
-
-def inbox_mark_done(conn: sqlite3.Connection, marks: list[DoneMark]) -> list[None]:
+def inbox_mark_done(conn: sqlite3.Connection, marks: list[InboxItem]) -> list[None]:
     """Mark updates handled and remember their senders in ``users``."""
     now = time.time()
     conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
@@ -2100,14 +2094,14 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
     A handler's replies go in before its update's mark (never the mark without them).  Each new update that
     ``ask_older`` gets in ``older`` its chat's older unhandled ids, read in the same transaction (no round trip).
     """
-    marks = [entry for entry in entries if isinstance(entry, DoneMark)]
-    news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem)]))
+    marks = [entry for entry in entries if isinstance(entry, InboxItem) and entry.done]
+    news = iter(inbox_insert(conn, [entry for entry in entries if isinstance(entry, InboxItem) and not entry.done]))
     outbox_write(conn, [entry for entry in entries if isinstance(entry, (OutboxMessage, tuple))])
     if marks:
         inbox_mark_done(conn, marks)
-    results = [next(news) if isinstance(entry, InboxItem) else None for entry in entries]
+    results = [next(news) if isinstance(entry, InboxItem) and not entry.done else None for entry in entries]
     for entry, is_new in zip(entries, results):
-        if is_new and isinstance(entry, InboxItem) and entry.ask_older:
+        if is_new and entry.ask_older:
             entry.older = tuple(inbox_unhandled_before(conn, entry.chat_key, entry.update_id))
     return results
 
@@ -2895,11 +2889,11 @@ class KieClient:
 #
 # Theory of operation
 #
-# States (UpdateState, kept by UpdateTracker).  ingest marks an update ADMITTING while its inbox row commits; then it
-# goes to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance
-# may not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in
-# hand; when the handler ends, its done mark goes to the group commit (AWAITING_DONE); once committed the update is
-# done and no longer held.  A pre-checkout query is answered at once, not stored: Telegram waits only 10 s.
+# States (UpdateState, kept by the Inbox).  ingest marks an update ADMITTING while its inbox row commits; then it goes
+# to the workers (QUEUED) or stays in the inbox (spilled: memory full, others stored before it, or this instance may
+# not act) until Inbox.refill queues it.  A worker takes it (HANDLING), or PARKS it behind its chat's update in hand;
+# when the handler ends, its InboxItem goes to the group commit as its done mark (AWAITING_DONE); once committed the
+# update is done and no longer held.  A pre-checkout query is answered at once, not stored: Telegram waits only 10 s.
 # Durable when: the inbox row is committed before the 200 (else Telegram keeps the update and sends it again); the
 # handler's unsent replies are written in its done mark's transaction (never the mark without them).  A done mark
 # that fails to commit is kept, with its replies, until the database is back.
@@ -2914,17 +2908,19 @@ class KieClient:
 # Who may act: only while Role.may_act() (the lease held, its trust not lapsed) does the pipeline take updates from
 # the inbox.  A handler begun while it could not act, or before a hand-over of the lease, is void (Role.void()): it
 # is not run (voided mid-way, its replies are not sent) and its update is left in the inbox, to the lease's holder.
-# Every durable update queued before then follows it there (ChatWorkers.leaves), its chat's later ones among them:
+# Every durable update queued before then follows it there (Inbox.leaves), its chat's later ones among them:
 # a lapse of the lease's trust for one moment must not let them overtake it.
 # kill -9: before the commit, Telegram still has the update; after it, the row is handled at the next start (a
 # redelivery is a duplicate); during a handler, the update runs again (replies it had sent may repeat); after the
 # done mark, its replies are in the outbox and are sent.
 # Acks first within a budget: while a webhook's ack is owed, handlers use at most HANDLERS_SHARE of each
-# ACK_FIRST_WINDOW_S window's CPU; the rest is the acks'.  A handler past its timeout is cut by its worker's check (<= 1 s).
-# A /start passes through these named types, socket to reply (22 as bench/types_per_start.py lists them): HttpServer,
-# RequestParser, Request, Config, Clock, UpdatePipeline, ChatWorkers, UpdateTracker, InboxItem, Inbox, GroupCommit,
-# Database, Role, Conversation, Context, Generations, OwnedTasks, Outbox, OutboxMessage, DoneMark, TelegramClient and,
-# above Telegram's free send rate, AiohttpCalls; ingest answers with an Admission member.
+# ACK_FIRST_WINDOW_S window's CPU; the rest is the acks'.  A handler past its timeout is cut by its worker's check
+# (<= 1 s).
+# A /start passes through these 17 named types, socket to reply (as bench/types_per_start.py lists them):
+# HttpServer, RequestParser, Request, Response, Clock, UpdatePipeline, ChatWorkers, InboxItem, Inbox, Database,
+# Role, Conversation, Context, Generations, Outbox, OutboxMessage, TelegramClient.  Along the way it reads Config's
+# fields, ingest answers with an Admission member, a timer may add OwnedTasks, and above Telegram's free send rate
+# AiohttpCalls carries the reply.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -3067,105 +3063,6 @@ class UpdateState(enum.Enum):
         self.in_memory = in_memory  # counts against the memory bound (queue_size)
 
 
-class UpdateTracker:
-    """Where the updates are: one state per update the pipeline holds, and what waits in the inbox instead.
-
-    ``in_memory`` (queued, parked, handling; at most ``capacity``) is kept as states change: the ack path never walks
-    the map.  ``stored_by_chat``, each chat's updates waiting in the inbox, is never too low (a later update of the
-    chat could overtake them), too high only until the inbox is next read to its end.
-    """
-
-    def __init__(self, capacity: int, max_backlog: int = INBOX_MAX_BACKLOG):
-        self.capacity = capacity
-        self.states: dict[int, UpdateState] = {}
-        self.in_memory = 0
-        self.max_backlog = max_backlog
-        self.backlog = 0  # the inbox's unhandled rows (what /health shows, and the bound on admission)
-        self.spilling = False  # whether any update might wait in the inbox
-        self.recount_due = True
-        self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
-        self.stored_by_chat: collections.Counter[int] = collections.Counter()
-        self.changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
-        self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
-
-    def holds(self, update_id: int) -> bool:
-        """Whether the update is admitted, in memory or awaiting its done mark: a refill must not take it."""
-        return update_id in self.states
-
-    def room(self) -> int:
-        return self.capacity - self.in_memory
-
-    def admit(self, update_id: int) -> bool:
-        """Mark the update as being committed; False if it was already held (then its state stays)."""
-        if update_id in self.states:
-            return False
-        self.states[update_id] = UpdateState.ADMITTING
-        return True
-
-    def move(self, update_id: int, state: UpdateState) -> None:
-        before = self.states.get(update_id)
-        self.states[update_id] = state
-        if state.in_memory != (before is not None and before.in_memory):
-            self.in_memory += 1 if state.in_memory else -1
-            if self._waiters:
-                self.changed.set()
-
-    def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
-        """Stop holding the update (only while it is in state ``only_if``, when given)."""
-        state = self.states.get(update_id)
-        if state is None or (only_if is not None and state is not only_if):
-            return
-        del self.states[update_id]
-        if state.in_memory:
-            self.in_memory -= 1
-        if self._waiters:
-            self.changed.set()
-
-    async def wait_until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
-        """Return once ``condition()`` holds (or ``seconds`` pass), checked as updates move in memory or the map."""
-        self._waiters += 1
-        try:
-            async with asyncio.timeout(seconds):
-                while not condition():
-                    self.changed.clear()
-                    await self.changed.wait()
-        except TimeoutError:
-            pass
-        finally:
-            self._waiters -= 1
-
-    # -- what waits in the inbox ----------------------------------------------
-
-    def mark_stored(self, chat_key: int) -> None:
-        """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
-        self.spilling = True
-        self.stored_by_chat[chat_key] += 1
-        self.marks += 1
-
-    def take_stored(self, chat_key: int) -> None:
-        """A refill moved one of the chat's updates into memory."""
-        if self.stored_by_chat[chat_key] > 1:
-            self.stored_by_chat[chat_key] -= 1
-        else:
-            self.stored_by_chat.pop(chat_key, None)
-
-    def recounted(self, backlog: int, waiting: collections.Counter[int]) -> None:
-        self.recount_due = False
-        self.backlog = backlog
-        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
-            self.stored_by_chat[chat_key] = max(self.stored_by_chat[chat_key], count)
-        if waiting:
-            self.spilling = True
-
-    def read_through(self, more_left: bool, marks_before: int) -> None:
-        """A refill read the inbox; with nothing left unread and no mark since, nothing waits outside memory."""
-        if more_left:
-            self.spilling = True
-        elif self.marks == marks_before:
-            self.spilling = False
-            self.stored_by_chat.clear()
-
-
 WATCHDOG_INTERVAL_S = 1.0  # how late a handler's cut may land
 # While acks are owed, handlers may run HANDLERS_SHARE of each window: acks get the rest, handlers are never starved.
 ACK_FIRST_WINDOW_S = 0.01
@@ -3173,36 +3070,29 @@ HANDLERS_SHARE = 0.5
 
 
 class ChatWorkers:
-    """A fixed pool of workers over one queue; a chat's updates run one at a time, in order (parked with its worker).
+    """A fixed pool of workers on the inbox's queue: a chat's updates run one by one, in order (parked with its worker).
 
     Workers watch their own handlers: one check a second cuts those past ``timeout`` (an asyncio.timeout per update
     costs microseconds each).  A cut is a cancel withdrawn (``uncancel``) when the handler ends, so a shutdown's
     cancel is still told apart from it.
     """
 
-    def __init__(self, tracker: UpdateTracker, process: Callable[[InboxItem], Awaitable[None]], count: int,
+    def __init__(self, inbox: Inbox, process: Callable[[InboxItem], Awaitable[None]], count: int,
                  timeout: float = 30.0, clock: Clock = SYSTEM_CLOCK):
-        self.tracker = tracker
+        self.inbox = inbox
         self.count = count
         self.timeout = timeout
         self.clock = clock
         self.acks_owed = 0  # from the webhook's having an update until its answer is decided
         self.deferred = 0  # handler starts that gave way to acks owed
-        self.leaves = 0  # updates left to the inbox: each takes along every update queued before it was left
         # The current window, and the handlers' CPU seconds in it: the event loop thread's CPU time while one ran,
         # so a handler waiting on the disk or Telegram while nothing else runs is not charged for the idle CPU.
         self._window_ends, self._spent = 0.0, 0.0
         self.active = 0  # workers running a handler now
         self._process = process
-        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=tracker.capacity)
         self._parked: dict[int, collections.deque[InboxItem]] = {}  # chat key -> waiting behind the one in hand
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its handler is overdue
         self._cut: set[asyncio.Task] = set()  # workers whose handler was cancelled for running over
-
-    def enqueue(self, item: InboxItem) -> None:
-        item.queued_after = self.leaves
-        self.tracker.move(item.update_id, UpdateState.QUEUED)
-        self.queue.put_nowait(item)  # never full: it holds at most tracker.in_memory items
 
     def start(self) -> list[asyncio.Task]:
         return [asyncio.create_task(self._work(), name=f"worker-{n}") for n in range(self.count)]
@@ -3230,11 +3120,11 @@ class ChatWorkers:
     async def _work(self) -> None:
         task: asyncio.Task = asyncio.current_task()  # type: ignore[assignment]
         while True:
-            item: InboxItem | None = await self.queue.get()
+            item: InboxItem | None = await self.inbox.queue.get()
             key = item.chat_key  # type: ignore[union-attr]
             parked = self._parked.get(key)
             if parked is not None:  # another worker is on this chat; it takes this one next
-                self.tracker.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
+                self.inbox.move(item.update_id, UpdateState.PARKED)  # type: ignore[union-attr]
                 parked.append(item)  # type: ignore[arg-type]
                 continue
             self._parked[key] = parked = collections.deque()
@@ -3242,7 +3132,7 @@ class ChatWorkers:
                 while item is not None:
                     if self.acks_owed:
                         await self._give_way()
-                    self.tracker.move(item.update_id, UpdateState.HANDLING)
+                    self.inbox.move(item.update_id, UpdateState.HANDLING)
                     self.active += 1
                     started = time.thread_time()
                     self.watch(task, self.clock.monotonic())
@@ -3291,46 +3181,121 @@ class ChatWorkers:
 
 
 class Inbox:
-    """The inbox table as the pipeline uses it: the group commit that writes it and the refill that reads it.
+    """Where each update is: one state per update the pipeline holds (UpdateState), and what waits in the inbox table.
 
-    Every REFILL_INTERVAL_S, and at once when woken, it recounts the backlog (picking up what a previous run, another
-    instance or a lost database file left), queues the oldest stored updates while there is room, prunes done rows.
+    ``in_memory`` (queued, parked, handling; at most ``capacity``) is kept as states change: the ack path never walks
+    the map.  ``stored_by_chat``, each chat's updates waiting in the inbox, is never too low (a later update of the
+    chat could overtake them), too high only until the inbox is next read to its end.  The group commit writes the
+    table; every REFILL_INTERVAL_S, and at once when woken, ``run`` recounts the backlog (picking up what a previous
+    run, another instance or a lost database file left), queues the oldest stored updates while there is room, and
+    prunes done rows.
     """
 
-    def __init__(self, db: Database, tracker: UpdateTracker, stats: PipelineStats,
-                 enqueue: Callable[[InboxItem], None], may_take: Callable[[], bool], clock: Clock):
+    def __init__(self, db: Database, capacity: int, stats: PipelineStats, may_take: Callable[[], bool],
+                 clock: Clock = SYSTEM_CLOCK, max_backlog: int = INBOX_MAX_BACKLOG):
         self.db = db
-        self.tracker = tracker
+        self.capacity = capacity
         self.stats = stats
-        self.enqueue = enqueue
         self.may_take = may_take  # whether this instance may take updates now
         self.clock = clock
         db.batched(inbox_write_reading_older, on_batch=self._on_written)
-        self._failed: list[DoneMark | OutboxMessage] = []
+        self._failed: list[InboxItem | OutboxMessage] = []
         self.wakeup = asyncio.Event()  # set: look at the inbox now
+        self.queue: asyncio.Queue[InboxItem] = asyncio.Queue(maxsize=capacity)  # updates QUEUED for the workers
+        self.states: dict[int, UpdateState] = {}
+        self.in_memory = 0
+        self.leaves = 0  # updates left to the inbox: each takes along every update queued before it was left
+        self.max_backlog = max_backlog
+        self.backlog = 0  # the inbox's unhandled rows (what /health shows, and the bound on admission)
+        self.spilling = False  # whether any update might wait in the inbox
+        self.recount_due = True
+        self.marks = 0  # mark_stored() calls so far: a refill that saw none during its read saw everything
+        self.stored_by_chat: collections.Counter[int] = collections.Counter()
+        self.changed = asyncio.Event()  # an update moved, or what waits in the inbox may have changed
+        self._waiters = 0  # wait_until calls under way: with none, nobody needs to hear of a change
 
-    def mark_done(self, marks: list[DoneMark | OutboxMessage]) -> None:
-        for mark in marks:
-            if isinstance(mark, DoneMark):
-                self.tracker.move(mark.update_id, UpdateState.AWAITING_DONE)
-            self.db.add(inbox_write_reading_older, mark)
+    def holds(self, update_id: int) -> bool:
+        """Whether the update is admitted, in memory or awaiting its done mark: a refill must not take it."""
+        return update_id in self.states
 
-    def _on_written(self, entries: list[InboxItem | DoneMark | OutboxMessage], error: BaseException | None) -> None:
-        marks = [entry for entry in entries if isinstance(entry, DoneMark)]
+    def room(self) -> int:
+        return self.capacity - self.in_memory
+
+    def admit(self, update_id: int) -> bool:
+        """Mark the update as being committed; False if it was already held (then its state stays)."""
+        if update_id in self.states:
+            return False
+        self.states[update_id] = UpdateState.ADMITTING
+        return True
+
+    def enqueue(self, item: InboxItem) -> None:
+        item.queued_after = self.leaves
+        self.move(item.update_id, UpdateState.QUEUED)
+        self.queue.put_nowait(item)  # never full: it holds at most in_memory items
+
+    def move(self, update_id: int, state: UpdateState) -> None:
+        before = self.states.get(update_id)
+        self.states[update_id] = state
+        if state.in_memory != (before is not None and before.in_memory):
+            self.in_memory += 1 if state.in_memory else -1
+            if self._waiters:
+                self.changed.set()
+
+    def drop(self, update_id: int, only_if: UpdateState | None = None) -> None:
+        """Stop holding the update (only while it is in state ``only_if``, when given)."""
+        state = self.states.get(update_id)
+        if state is None or (only_if is not None and state is not only_if):
+            return
+        del self.states[update_id]
+        if state.in_memory:
+            self.in_memory -= 1
+        if self._waiters:
+            self.changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
+        """Return once ``condition()`` holds (or ``seconds`` pass), checked as updates move in memory or the map."""
+        self._waiters += 1
+        try:
+            async with asyncio.timeout(seconds):
+                while not condition():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    def mark_stored(self, chat_key: int) -> None:
+        """An update of ``chat_key`` waits in the inbox: later ones wait behind it until a refill reads it."""
+        self.spilling = True
+        self.stored_by_chat[chat_key] += 1
+        self.marks += 1
+        self.wakeup.set()
+
+    def mark_done(self, entries: list[InboxItem | OutboxMessage]) -> None:
+        """Handled updates, each after the replies it holds: each is written as its done mark."""
+        for entry in entries:
+            if isinstance(entry, InboxItem):
+                entry.done = True
+                self.move(entry.update_id, UpdateState.AWAITING_DONE)
+            self.db.add(inbox_write_reading_older, entry)
+
+    def _on_written(self, entries: list[InboxItem | OutboxMessage], error: BaseException | None) -> None:
+        marks = [entry for entry in entries if isinstance(entry, InboxItem) and entry.done]
         if not marks:
             return
         if isinstance(error, RowRejected):
             # Only the sender's details can be refused (the id was checked on the way in): mark it done without.
-            self.mark_done([DoneMark(mark.update_id) for mark in marks if mark != DoneMark(mark.update_id)])
+            self.mark_done([dataclasses.replace(mark, user_id=0) for mark in marks if mark.user_id])
         elif error is not None:
-            handled = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
-            self._failed.extend(entry for entry in entries if isinstance(entry, (DoneMark, OutboxMessage))
-                                and entry.update_id in handled)
-            self.tracker.changed.set()
+            ids = {mark.update_id for mark in marks}  # kept with their replies, out of refill until it is back
+            self._failed += [entry for entry in entries if isinstance(entry, OutboxMessage) and entry.update_id in ids]
+            self._failed += marks  # after the replies: a retry never writes a mark before them
+            self.changed.set()
         else:
             for mark in marks:
-                self.tracker.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
-            self.tracker.backlog = max(0, self.tracker.backlog - len(marks))
+                self.drop(mark.update_id, only_if=UpdateState.AWAITING_DONE)
+            self.backlog = max(0, self.backlog - len(marks))
 
     async def run(self) -> None:
         last_prune = last_count = self.clock.monotonic()
@@ -3342,7 +3307,7 @@ class Inbox:
             if self._failed:
                 retry, self._failed = self._failed, []
                 self.mark_done(retry)
-            if self.tracker.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
+            if self.recount_due or self.clock.monotonic() - last_count > BACKLOG_RECOUNT_S:
                 last_count = self.clock.monotonic()
                 await self.recount()
             if self.may_take():
@@ -3358,16 +3323,21 @@ class Inbox:
             rows = await self.db.read(inbox_unhandled)
         except DatabaseUnavailable:
             return
-        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self.tracker.holds(update_id))
-        self.tracker.recounted(len(rows), waiting)
+        self.recount_due = False
+        self.backlog = len(rows)
+        waiting = collections.Counter(chat_key for update_id, chat_key in rows if not self.holds(update_id))
+        for chat_key, count in waiting.items():  # never lower: what spilled during the read is not in it
+            self.stored_by_chat[chat_key] = max(self.stored_by_chat[chat_key], count)
+        if waiting:
+            self.spilling = True
 
     async def refill(self) -> None:
         """Move the oldest stored updates into memory while there is room."""
-        room = self.tracker.room()
+        room = self.room()
         if room <= 0:
             return
-        limit = room + len(self.tracker.states)
-        marks_before = self.tracker.marks
+        limit = room + len(self.states)
+        marks_before = self.marks
         try:
             rows = await self.db.read(inbox_pending, limit)
         except DatabaseUnavailable:
@@ -3377,17 +3347,23 @@ class Inbox:
             if taken == room:
                 more_left = True
                 break
-            if self.tracker.holds(update_id):  # checked now, not before the read: ids change hands while we wait
+            if self.holds(update_id):  # checked now, not before the read: ids change hands while we wait
                 continue
-            self.tracker.take_stored(chat_key)
+            self.stored_by_chat[chat_key] -= 1
+            if self.stored_by_chat[chat_key] <= 0:
+                del self.stored_by_chat[chat_key]
             try:
                 self.enqueue(InboxItem(update_id, chat_key, parse_update(body), body, received_at))
                 taken += 1
             except HttpError:  # unreadable: dropped, and marked done
                 self.stats.dropped += 1
-                self.mark_done([DoneMark(update_id)])
-        self.tracker.read_through(more_left, marks_before)
-        self.tracker.changed.set()
+                self.mark_done([InboxItem(update_id, chat_key, {}, body, received_at)])
+        if more_left:
+            self.spilling = True
+        elif self.marks == marks_before:  # read to its end, and nothing marked since: nothing waits outside memory
+            self.spilling = False
+            self.stored_by_chat.clear()
+        self.changed.set()
 
 
 class UpdatePipeline:
@@ -3417,9 +3393,8 @@ class UpdatePipeline:
         self.clock = clock
         self.mode = mode or Role()
         self.stats = PipelineStats()
-        self.tracker = UpdateTracker(queue_size, max_backlog)
-        self.workers = ChatWorkers(self.tracker, self._process, workers, handler_timeout, clock)
-        self.inbox = Inbox(db, self.tracker, self.stats, self.workers.enqueue, self._may_take, clock)
+        self.inbox = Inbox(db, queue_size, self.stats, self._may_take, clock, max_backlog)
+        self.workers = ChatWorkers(self.inbox, self._process, workers, handler_timeout, clock)
         self._recent_memory_ids: collections.OrderedDict[int, None] = collections.OrderedDict()  # degraded dedup
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
@@ -3441,11 +3416,11 @@ class UpdatePipeline:
             return self._answer_at_once(update["pre_checkout_query"])
         if not self.db.ok:
             return self._ingest_in_memory(item)
-        if self.tracker.backlog >= self.tracker.max_backlog:
+        if self.inbox.backlog >= self.inbox.max_backlog:
             self.stats.rejected += 1
             return Admission.BACKLOG_FULL
-        admitting = self.tracker.admit(update_id)
-        item.ask_older = self._may_take() and not self.tracker.spilling  # else it waits in the inbox anyway
+        admitting = self.inbox.admit(update_id)
+        item.ask_older = self._may_take() and not self.inbox.spilling  # else it waits in the inbox anyway
         try:
             is_new = await self.db.submit(inbox_write_reading_older, item)
         except DatabaseUnavailable:
@@ -3456,7 +3431,7 @@ class UpdatePipeline:
             return self._inserted(item) if is_new else self._stored_before(item)
         finally:
             if admitting:
-                self.tracker.drop(update_id, only_if=UpdateState.ADMITTING)
+                self.inbox.drop(update_id, only_if=UpdateState.ADMITTING)
         return self._ingest_in_memory(item)
 
     def _answer_at_once(self, query: Any) -> Admission:
@@ -3469,27 +3444,23 @@ class UpdatePipeline:
 
     def _inserted(self, item: InboxItem) -> Admission:
         self.stats.received += 1
-        self.tracker.backlog += 1
+        self.inbox.backlog += 1
         # Older updates of its chat that another instance stored (a standby, at a deploy): it waits behind them.
-        behind_stored = not all(self.tracker.holds(update_id) for update_id in item.older)
-        if self._may_take() and not self.tracker.spilling and self.tracker.room() > 0 and not behind_stored:
-            self.workers.enqueue(item)
+        behind_stored = not all(self.inbox.holds(update_id) for update_id in item.older)
+        if self._may_take() and not self.inbox.spilling and self.inbox.room() > 0 and not behind_stored:
+            self.inbox.enqueue(item)
         else:
             self.stats.spilled += 1
-            self._mark_stored(item.chat_key)
+            self.inbox.mark_stored(item.chat_key)
         return Admission.ADMITTED
 
     def _stored_before(self, item: InboxItem) -> Admission:
         self.stats.duplicates += 1
-        if self.tracker.states.get(item.update_id) in (None, UpdateState.ADMITTING):
+        if self.inbox.states.get(item.update_id) in (None, UpdateState.ADMITTING):
             # Perhaps stored by a run that died before handling it, and skipped by a refill
             # that read it while this insert was under way: the inbox must be read again.
-            self._mark_stored(item.chat_key)
+            self.inbox.mark_stored(item.chat_key)
         return Admission.DUPLICATE
-
-    def _mark_stored(self, chat_key: int) -> None:
-        self.tracker.mark_stored(chat_key)
-        self.inbox.wakeup.set()
 
     def _ingest_in_memory(self, item: InboxItem) -> Admission:
         if item.update_id in self._recent_memory_ids:
@@ -3505,7 +3476,7 @@ class UpdatePipeline:
         item.durable = False
         self.stats.received += 1
         self.stats.memory_only += 1
-        self.workers.enqueue(item)
+        self.inbox.enqueue(item)
         return Admission.ADMITTED
 
     def _memory_refusal(self, chat_key: int) -> Admission | None:
@@ -3513,20 +3484,19 @@ class UpdatePipeline:
             return Admission.SHUTTING_DOWN
         if not self.mode.may_act():
             return Admission.PASSIVE
-        if self.tracker.room() <= 0:
+        if self.inbox.room() <= 0:
             return Admission.MEMORY_FULL
-        return Admission.CHAT_BEHIND if self.tracker.stored_by_chat[chat_key] else None
+        return Admission.CHAT_BEHIND if self.inbox.stored_by_chat[chat_key] else None
 
     # -- handling one update --------------------------------------------------
 
     async def _process(self, item: InboxItem) -> None:
         started = self.clock.monotonic()
-        follows = item.queued_after < self.workers.leaves  # an update of its chat might have been left before it
+        follows = item.queued_after < self.inbox.leaves  # an update of its chat might have been left before it
         acting = not item.durable or (self.mode.may_act() and not follows)
         HANDLING_SINCE.set(self.mode.handovers if acting else -1)
         if item.durable and self.outbox is not None:
             self.outbox.hold_replies(item.update_id)
-        blocked = False
         try:
             if self._expired(item):
                 self.stats.dropped += 1
@@ -3538,8 +3508,8 @@ class UpdatePipeline:
             self.stats.errors += 1
             log.error("[QUEUE] update %d: handler timed out after %.0fs", item.update_id, self.workers.timeout)
         except TelegramError as error:
-            blocked = error.error_code == 403  # the user has blocked the bot
-            if blocked:
+            item.blocked = error.error_code == 403  # the user has blocked the bot
+            if item.blocked:
                 self.stats.blocked += 1
                 log.info("[QUEUE] update %d: the user blocked the bot", item.update_id)
             else:
@@ -3549,28 +3519,28 @@ class UpdatePipeline:
             self.stats.errors += 1
             log.exception("[QUEUE] update %d: handler failed", item.update_id)
         finally:
-            self._handled(item, started, blocked)
+            self._handled(item, started)
 
     def _expired(self, item: InboxItem) -> bool:
         """A callback query too old for Telegram to accept its answer (by the wall clock only if read back)."""
         age = self.clock.time() - item.received_at if item.arrived is None else self.clock.monotonic() - item.arrived
         return "callback_query" in item.update and age > CALLBACK_QUERY_TTL_S
 
-    def _handled(self, item: InboxItem, started: float, blocked: bool) -> None:
+    def _handled(self, item: InboxItem, started: float) -> None:
         self.stats.processed += 1
         self.on_handled(self.clock.monotonic() - started)
         replies = self.outbox.held_replies(item.update_id) if self.outbox is not None else []
         if item.durable and self.mode.void():  # left in the inbox, to whoever holds the lease
-            if item.queued_after == self.workers.leaves:  # the first left since it was queued: the rest follow
-                self.workers.leaves += 1
-            self.tracker.drop(item.update_id)
-            self._mark_stored(item.chat_key)
+            if item.queued_after == self.inbox.leaves:  # the first left since it was queued: the rest follow
+                self.inbox.leaves += 1
+            self.inbox.drop(item.update_id)
+            self.inbox.mark_stored(item.chat_key)
         elif item.durable:
-            user_id, lang = update_sender(item.update)
-            self.inbox.mark_done([*replies, DoneMark(item.update_id, user_id, lang, blocked)])
+            item.user_id, item.lang = update_sender(item.update)
+            self.inbox.mark_done([*replies, item])
         else:
-            self.tracker.drop(item.update_id)
-        if self.tracker.spilling and self.tracker.room() >= max(1, self.tracker.capacity // 4):
+            self.inbox.drop(item.update_id)
+        if self.inbox.spilling and self.inbox.room() >= max(1, self.inbox.capacity // 4):
             self.inbox.wakeup.set()
 
     # -- start, stop and what /health shows ---------------------------------
@@ -3581,35 +3551,35 @@ class UpdatePipeline:
                        asyncio.create_task(self.inbox.run(), name="inbox-refill"),
                        asyncio.create_task(self.workers.watch_handlers(), name="handler-watchdog")]
         log.info("[QUEUE] Workers started: %d workers, queue max %d, inbox backlog %d",
-                 self.workers.count, self.tracker.capacity, self.backlog)
+                 self.workers.count, self.inbox.capacity, self.backlog)
 
     def wake(self) -> None:
         """Look at the inbox now (after the database recovers or the lease is won)."""
-        self.tracker.recount_due = True
+        self.inbox.recount_due = True
         self.inbox.wakeup.set()
 
     async def idle(self) -> None:
         """Return once no update is held (admitted, in memory, awaiting its done mark) or known to be stored."""
-        await self.tracker.wait_until(lambda: not self.tracker.states and not self.tracker.spilling)
+        await self.inbox.wait_until(lambda: not self.inbox.states and not self.inbox.spilling)
 
     async def stop(self, grace: float) -> None:
         """Finish what is in memory within ``grace`` seconds; the rest stays in the inbox."""
         self._accepting = False
-        await self.tracker.wait_until(lambda: self.tracker.in_memory == 0, grace)
+        await self.inbox.wait_until(lambda: self.inbox.in_memory == 0, grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._answering.cancel_all()
-        lost = sum(1 for update_id, state in self.tracker.states.items()
+        lost = sum(1 for update_id, state in self.inbox.states.items()
                    if state.in_memory and update_id in self._recent_memory_ids)
         if lost:
             log.error("[QUEUE] %d memory-only updates were not handled before shutdown", lost)
         awaiting = UpdateState.AWAITING_DONE
-        await self.tracker.wait_until(lambda: not self.db.ok or awaiting not in self.tracker.states.values(), 2.0)
+        await self.inbox.wait_until(lambda: not self.db.ok or awaiting not in self.inbox.states.values(), 2.0)
 
     @property
     def backlog(self) -> int:
-        return self.tracker.backlog
+        return self.inbox.backlog
 
     @property
     def workers_alive(self) -> bool:
@@ -3620,8 +3590,8 @@ class UpdatePipeline:
         return {
             **{f"total_{name}": getattr(stats, name) for name in ("received", "processed", "dropped", "errors")},
             "workers_active": self.workers.active,
-            "queue_depth": self.tracker.in_memory - self.workers.active,
-            "queue_max": self.tracker.capacity,
+            "queue_depth": self.inbox.in_memory - self.workers.active,
+            "queue_max": self.inbox.capacity,
             "drop_rate": round(100.0 * stats.dropped / stats.received, 2) if stats.received else 0.0,
             **{name: getattr(stats, name) for name in ("duplicates", "spilled", "memory_only", "rejected")},
             "inbox_backlog": self.backlog,

@@ -4,7 +4,7 @@ Run: .venv/bin/python -m pytest -q -s -p no:cacheprovider bench/types_per_start.
 
 A profiler hook records every call while a second /start goes through a started bot (the first warms it
 up) and the fake Bot API takes the reply; a type counts when one of its methods runs or an instance of it
-is built.  The bot runs at Telegram's default send rate, as deployed, and the request is prepared before the
+is built (a NamedTuple's too).  The bot runs at Telegram's default send rate, as deployed, and the request is prepared before the
 hook is set (the harness reading the webhook path would count Config).  Work a timer happens to start
 meanwhile (a renewal, a refill) may add a type now and then.
 """
@@ -32,6 +32,9 @@ async def test_types_one_start_passes_through(make_app, fake_tg):
         owner = frame.f_locals.get("self")
         if owner is not None and type(owner).__module__ == "trt_bot":
             seen.setdefault(type(owner).__name__, frame.f_code.co_qualname)
+        built = frame.f_locals.get("_cls")  # a NamedTuple's __new__ has no ``self``
+        if frame.f_code.co_filename == "<string>" and getattr(built, "__module__", "") == "trt_bot":
+            seen.setdefault(built.__name__, f"{built.__name__}.__new__")
         if frame.f_code.co_filename == trt_bot.__file__:
             head = frame.f_code.co_qualname.split(".")[0]
             if inspect.isclass(getattr(trt_bot, head, None)):
