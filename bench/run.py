@@ -327,8 +327,9 @@ class Bench:
         peers = BENCH_DIR / "peers"
         ptb_env = (("BENCH_PTB_CONCURRENT", str(self.args.ptb_concurrent)),)
         return {
-            "trt_bot": ServerSpec("trt_bot", f"trt_bot {trt_bot.__version__}", (python, str(REPO_DIR / "trt_bot.py")),
-                                  "/health"),
+            # As the image runs it: the module from its cached bytecode, not the script compiled at every start.
+            "trt_bot": ServerSpec("trt_bot", f"trt_bot {trt_bot.__version__}", (python, "-m", "trt_bot"), "/health",
+                                  env=(("PYTHONPATH", str(REPO_DIR)),)),
             "aiogram": ServerSpec("aiogram", f"aiogram {_version('aiogram')}", (python, str(peers / "aiogram_peer.py")),
                                   "/health"),
             "ptb": ServerSpec("ptb", f"PTB {_version('python-telegram-bot')}", (python, str(peers / "ptb_peer.py")),
