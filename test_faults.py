@@ -220,14 +220,29 @@ def is_status(call: Performed) -> bool:
     return call.method == "editMessageText" and reply_token(call.params.get("text", "")) == "generating"
 
 
-def replies_by_process(performed: list[Performed], chat_id: int) -> list[list[str]]:
-    runs: dict[int, list[str]] = collections.defaultdict(list)
+def reply_calls_by_process(performed: list[Performed], chat_id: int) -> list[list[Performed]]:
+    runs: dict[int, list[Performed]] = collections.defaultdict(list)
     for call in performed:
         if int(call.params.get("chat_id") or 0) != chat_id:
             continue
         if (call.method == "sendMessage" and not again_job_id(call.params)) or is_status(call):
-            runs[call.life].append(reply_token(call.params["text"]))
+            runs[call.life].append(call)
     return [runs[life] for life in sorted(runs)]
+
+
+def replies_by_process(performed: list[Performed], chat_id: int) -> list[list[str]]:
+    return [[reply_token(call.params["text"]) for call in run] for run in reply_calls_by_process(performed, chat_id)]
+
+
+def sent_again(chat: Chat, performed: list[Performed]) -> list[tuple[int, Performed]]:
+    """(update id, the first process's send) of each reply a second process sent again (see ``follow``)."""
+    runs = reply_calls_by_process(performed, chat.chat_id)
+    if len(runs) != 2:
+        return []
+    first, second = runs[0], [reply_token(call.params["text"]) for call in runs[1]]
+    starts = [s for s in range(min(len(first), len(chat.expected) - len(second)), -1, -1)
+              if chat.expected[s:s + len(second)] == second]
+    return [(chat.updates[index]["update_id"], first[index]) for index in range(starts[0], len(first))] if starts else []
 
 
 def job_outcomes(performed: list[Performed]) -> dict[str, collections.Counter]:
@@ -1083,7 +1098,10 @@ async def test_rows_the_database_refuses_fail_alone_and_nothing_else_is_lost(mak
 async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_nothing_is_lost(
         postgres, tmp_path, fault_bots, faulty_tg, client):
     """Telegram has no idempotency key: a send in flight at the pause may land and be sent again by the
-    successor (counted), but the woken bot must start no send, and every update must be answered."""
+    successor, but the woken bot must start no send, and every update must be answered.  In flight, as the
+    outbox's essay says: sent, and its update's done mark or its row's delete not yet committed.  So a reply
+    sent again is one whose update the successor handled again (its done mark after the cut), or one sent
+    just before the cut (its row's delete in flight)."""
     faulty_tg.delay_s = 0.02  # answers take a while: sends are in flight when the pause comes
     # A TTL long enough that a successor starved of CPU (a loaded machine) does not lapse its own lease's trust.
     env = bot_env(faulty_tg, str(tmp_path / "unused.sqlite3"), DATABASE_URL=postgres.new_database_url(),
@@ -1101,7 +1119,7 @@ async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_
         sending = asyncio.create_task(send_all(quick, lives.target, chats))
         await eventually(lambda: len(faulty_tg.performed_of("sendMessage")) >= 12, timeout=30)
         os.kill(paused.process.pid, signal.SIGSTOP)
-        cut = time.monotonic()
+        cut, cut_wall = time.monotonic(), time.time()
         lives.current = successor
         FAULT_KINDS["process paused past its lease"] += 1
         try:
@@ -1119,7 +1137,13 @@ async def test_an_active_bot_paused_past_its_lease_sends_nothing_once_woken_and_
     tally.check_chats(chats, faulty_tg.performed, killed=True)  # sent again by the successor: "replayed"
     FAULT_TOTALS.update(cut_in_flight=len(in_flight), cut_duplicates=tally.replayed)
     tally.problems += [f"the woken bot started {call.method} to {call.params.get('chat_id')}" for call in after_waking]
-    if tally.replayed > len(in_flight):
-        tally.problems.append(f"{tally.replayed} replies sent twice, {len(in_flight)} sends in flight at the cut")
+    import psycopg  # (the postgres fixture has it)
+    again = [replay for chat in chats for replay in sent_again(chat, faulty_tg.performed)]
+    with psycopg.connect(env["DATABASE_URL"]) as conn:
+        done_at = dict(conn.execute("SELECT update_id, done_at FROM inbox WHERE update_id = ANY(%s)",
+                                    ([update_id for update_id, _ in again],)).fetchall())
+    tally.problems += [f"update {update_id}'s reply, sent {cut - call.at:.3f} s before the cut and marked done "
+                       "before it, was sent again" for update_id, call in again
+                       if done_at[update_id] < cut_wall and call.at < cut - 0.01]
     tally.replayed = 0  # counted above as sent twice after a cut-off, not as replays after kill -9
     tally.report()
