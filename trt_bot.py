@@ -2311,25 +2311,22 @@ TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 
 
 class StreamCalls(httpx.AsyncBaseTransport):
-    """HTTP/1.1 over asyncio streams for the Bot API and Kie: httpx builds each request and decodes each answer
-    (Content-Encoding too), this only carries the bytes, at a fraction of the CPU per call of httpx's own transport
-    (bench/transport.py).
+    """HTTP/1.1 over asyncio streams for the Bot API and Kie calls: httpx builds each request and decodes each
+    answer (Content-Encoding too), this carries the bytes, for a fraction of the CPU of httpx's own transport.
 
-    Invariants: at most ``max_connections`` are open at once (a slot per open connection, waited for within the
-    pool timeout; an idle one of another origin is closed to free one).  A connection goes back to its origin's
-    idle list only once its answer was read to the end and the server did not say ``Connection: close``; any
-    other end (an error, a cancellation) closes it.  The request is written within the write timeout and its whole
-    answer read within the read timeout; an answer is at most MAX_ANSWER_BYTES.  Errors are httpx's: "never sent"
-    (UNSENT_REQUEST_ERRORS) only while no byte of the request was written; after that a lost connection or an
-    answer that is not HTTP means its answer was lost (ReadError, RemoteProtocolError, ReadTimeout, WriteTimeout).
-    A pooled connection the server closed while idle is seen before writing, when its EOF has arrived."""
+    Invariants: at most ``max_connections`` are open (a slot each, waited for within the pool timeout; an idle one
+    of another origin is closed to free one).  A connection is pooled again only once its answer was read to the
+    end without ``Connection: close``; any other end (an error, a cancellation) closes it, and a pooled one whose
+    EOF has come is dropped before use.  Every wait has its timeout (the whole answer: the read timeout), every
+    answer a bound.  Errors are httpx's: UNSENT_REQUEST_ERRORS only while no byte of the request was written;
+    after that the answer is lost (ReadError, RemoteProtocolError, ReadTimeout, WriteTimeout)."""
 
     MAX_ANSWER_BYTES = 64 * 2**20
 
     def __init__(self, max_connections: int):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[str, str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = ssl.create_default_context(cafile=certifi.where())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
@@ -2339,11 +2336,10 @@ class StreamCalls(httpx.AsyncBaseTransport):
         reusable = False
         try:
             await self._send(writer, request, timeout.get("write"))
-            try:
-                async with asyncio.timeout(timeout.get("read")):
-                    status, headers, content, reusable = await self._read_answer(reader, request.method)
-            except TimeoutError:
-                raise httpx.ReadTimeout("no whole answer within the read timeout") from None
+            async with asyncio.timeout(timeout.get("read")):
+                status, headers, content, reusable = await self._read_answer(reader, request.method)
+        except TimeoutError:  # (an OSError: caught first)
+            raise httpx.ReadTimeout("no whole answer within the read timeout") from None
         except (OSError, EOFError) as error:
             raise httpx.ReadError(str(error) or type(error).__name__) from error  # it may have gone out
         except (ValueError, asyncio.LimitOverrunError) as error:
@@ -2372,8 +2368,6 @@ class StreamCalls(httpx.AsyncBaseTransport):
         except TimeoutError:
             raise httpx.PoolTimeout("no connection free within the pool timeout") from None
         scheme, host, port = origin
-        if scheme == "https" and self._tls is None:
-            self._tls = ssl.create_default_context(cafile=certifi.where())
         try:
             async with asyncio.timeout(timeout.get("connect")):
                 return await asyncio.open_connection(host, port, ssl=self._tls if scheme == "https" else None,
@@ -2419,24 +2413,23 @@ class StreamCalls(httpx.AsyncBaseTransport):
             return status, headers, await self._read_chunks(reader), keep_alive
         if b"content-length" in fields:
             return status, headers, await reader.readexactly(self._bounded(int(fields[b"content-length"]))), keep_alive
-        parts = []  # neither: the body ends with the connection
+        body = bytearray()  # neither: the body ends with the connection
         while part := await reader.read(2**16):
-            parts.append(part)
-            self._bounded(sum(map(len, parts)))
-        return status, headers, b"".join(parts), False
+            self._bounded(len(part), len(body))
+            body += part
+        return status, headers, bytes(body), False
 
     async def _read_chunks(self, reader: asyncio.StreamReader) -> bytes:
-        parts: list[bytes] = []
-        while size := self._bounded(int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)):
-            parts.append((await reader.readexactly(size + 2))[:-2])
-            self._bounded(sum(map(len, parts)))
+        body = bytearray()
+        while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+            body += (await reader.readexactly(self._bounded(size, len(body)) + 2))[:-2]
         while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, not kept
             pass
-        return b"".join(parts)
+        return bytes(body)
 
-    def _bounded(self, size: int) -> int:
-        if not 0 <= size <= self.MAX_ANSWER_BYTES:
-            raise httpx.RemoteProtocolError(f"an answer body of {size} bytes: over {self.MAX_ANSWER_BYTES}")
+    def _bounded(self, size: int, so_far: int = 0) -> int:
+        if not 0 <= size <= self.MAX_ANSWER_BYTES - so_far:
+            raise httpx.RemoteProtocolError(f"an answer body over {self.MAX_ANSWER_BYTES} bytes")
         return size
 
     def _close(self, writer: asyncio.StreamWriter) -> None:
