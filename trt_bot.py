@@ -2386,11 +2386,11 @@ class StreamCalls(httpx.AsyncBaseTransport):
         if "transfer-encoding" in request.headers:  # a stream of unknown length: sent as one chunk
             body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
         head = b"".join(b"%s: %s\r\n" % header for header in request.headers.raw)  # Host among them
-        writer.write(b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), request.url.raw_path, head))
-        writer.write(body)
+        writer.write(b"%s %s HTTP/1.1\r\n%s\r\n%s" % (request.method.encode(), request.url.raw_path, head, body))
         try:
-            async with asyncio.timeout(write_timeout):
-                await writer.drain()
+            if writer.transport.get_write_buffer_size():  # (else it all went out at once)
+                async with asyncio.timeout(write_timeout):
+                    await writer.drain()
         except TimeoutError:
             raise httpx.WriteTimeout("the request was not sent within the write timeout") from None
 
