@@ -3006,10 +3006,11 @@ class KieClient:
 # Acks first within a budget: while a webhook's ack is owed, handlers use at most HANDLERS_SHARE of each
 # ACK_FIRST_WINDOW_S window's CPU; the rest is the acks'.  A handler past its timeout is cut by its worker's check
 # (<= 1 s).
-# A /start passes through these 17 named types, socket to reply (as bench/types_per_start.py lists them):
+# A /start passes through these 18 named types, socket to reply (as bench/types_per_start.py lists them):
 # HttpServer, RequestParser, Request, Response, Clock, UpdatePipeline, ChatWorkers, InboxItem, Inbox, Database,
-# Role, Conversation, Context, Generations, Outbox, OutboxMessage, TelegramClient.  Along the way it reads Config's
-# fields, ingest answers with an Admission member, a timer may add OwnedTasks, and StreamCalls carries the reply.
+# Role, Conversation, Context, Generations, Outbox, OutboxMessage, TelegramClient, StreamCalls (which carries the
+# reply).  Along the way it reads Config's fields, ingest answers with an Admission member, and a timer may add
+# OwnedTasks.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
