@@ -19,9 +19,11 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import string
 import subprocess
 import sys
@@ -1645,6 +1647,35 @@ async def test_stream_calls_refuse_an_answer_over_their_bound_as_a_lost_answer()
         server.close()
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with openssl")
+async def test_stream_calls_speak_tls_and_check_the_servers_name(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    requests: list[bytes] = []
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(CONTENT_LENGTH_ANSWER)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(transport=trt_bot.StreamCalls(2, trusting)) as http:
+            assert (await http.post(f"https://localhost:{port}/bot{TOKEN}/getMe")).json()["ok"] is True
+            with pytest.raises(httpx.ConnectError):  # the certificate names localhost, not 127.0.0.1
+                await http.post(f"https://127.0.0.1:{port}/bot{TOKEN}/getMe")
+    finally:
+        server.close()
+    assert requests[0].startswith(b"POST /bot")
+
+
 async def test_stream_calls_time_out_a_slow_answer_as_a_read_timeout():
     server, base = await serve_raw(never_answer)
     try:
@@ -1746,7 +1777,7 @@ async def test_a_bot_api_call_that_waited_too_long_for_a_connection_was_not_perf
 
     server, base = await serve_raw(hold)
     try:
-        async with httpx.AsyncClient(transport=trt_bot.StreamCalls(max_connections=1)) as http:
+        async with httpx.AsyncClient(transport=trt_bot.StreamCalls(1, ssl.create_default_context())) as http:
             telegram = trt_bot.TelegramClient(TOKEN, base, http, trt_bot.ONE_TRY)
             first = asyncio.ensure_future(telegram.call("getMe", timeout=5.0))  # takes the only connection
             await asyncio.wait_for(holding.wait(), 5)

@@ -2314,19 +2314,19 @@ class StreamCalls(httpx.AsyncBaseTransport):
     """HTTP/1.1 over asyncio streams for the Bot API and Kie calls: httpx builds each request and decodes each
     answer (Content-Encoding too), this carries the bytes, for a fraction of the CPU of httpx's own transport.
 
-    Invariants: at most ``max_connections`` are open (a slot each, waited for within the pool timeout; an idle one
-    of another origin is closed to free one).  A connection is pooled again only once its answer was read to the
-    end without ``Connection: close``; any other end (an error, a cancellation) closes it, and a pooled one whose
-    EOF has come is dropped before use.  Every wait has its timeout (the whole answer: the read timeout), every
-    answer a bound.  Errors are httpx's: UNSENT_REQUEST_ERRORS only while no byte of the request was written;
-    after that the answer is lost (ReadError, RemoteProtocolError, ReadTimeout, WriteTimeout)."""
+    Invariants: at most ``max_connections`` open, a slot each (an idle one of another origin is closed to free
+    one).  A connection is pooled again only once its answer was read to the end without ``Connection: close``;
+    any other end (an error, a cancellation) closes it; a pooled one whose EOF has come is dropped before use.
+    Every wait has its timeout (the whole answer: the read one), every answer a bound.  UNSENT_REQUEST_ERRORS
+    only before the first byte of the request is written; after that, a lost answer: ReadError,
+    RemoteProtocolError, ReadTimeout or WriteTimeout."""
 
     MAX_ANSWER_BYTES = 64 * 2**20
 
-    def __init__(self, max_connections: int):
+    def __init__(self, max_connections: int, tls: ssl.SSLContext):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[str, str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
-        self._tls = ssl.create_default_context(cafile=certifi.where())
+        self._tls = tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
@@ -2335,7 +2335,17 @@ class StreamCalls(httpx.AsyncBaseTransport):
         reader, writer = await self._connection(origin, timeout)
         reusable = False
         try:
-            await self._send(writer, request, timeout.get("write"))
+            body = await request.aread()  # a multipart upload too: httpx built it, with its Content-Length
+            if "transfer-encoding" in request.headers:  # a stream of unknown length: sent as one chunk
+                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            head = b"".join(b"%s: %s\r\n" % header for header in request.headers.raw)  # Host among them
+            writer.write(b"%s %s HTTP/1.1\r\n%s\r\n%s" % (request.method.encode(), url.raw_path, head, body))
+            if writer.transport.get_write_buffer_size():  # (else it all went out at once)
+                try:
+                    async with asyncio.timeout(timeout.get("write")):
+                        await writer.drain()
+                except TimeoutError:
+                    raise httpx.WriteTimeout("the request was not sent within the write timeout") from None
             async with asyncio.timeout(timeout.get("read")):
                 status, headers, content, reusable = await self._read_answer(reader, request.method)
         except TimeoutError:  # (an OSError: caught first)
@@ -2380,20 +2390,6 @@ class StreamCalls(httpx.AsyncBaseTransport):
                 raise httpx.ConnectError(str(error)) from error
             raise
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, request: httpx.Request, write_timeout: float | None) -> None:
-        body = await request.aread()  # a multipart upload too: httpx built it, with its Content-Length
-        if "transfer-encoding" in request.headers:  # a stream of unknown length: sent as one chunk
-            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-        head = b"".join(b"%s: %s\r\n" % header for header in request.headers.raw)  # Host among them
-        writer.write(b"%s %s HTTP/1.1\r\n%s\r\n%s" % (request.method.encode(), request.url.raw_path, head, body))
-        try:
-            if writer.transport.get_write_buffer_size():  # (else it all went out at once)
-                async with asyncio.timeout(write_timeout):
-                    await writer.drain()
-        except TimeoutError:
-            raise httpx.WriteTimeout("the request was not sent within the write timeout") from None
-
     async def _read_answer(self, reader: asyncio.StreamReader, method: str
                            ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """Status, headers, body, and whether the connection may carry another call; 1xx answers skipped."""
@@ -2410,7 +2406,12 @@ class StreamCalls(httpx.AsyncBaseTransport):
         if method == "HEAD" or status in (204, 304):
             return status, headers, b"", keep_alive
         if b"chunked" in fields.get(b"transfer-encoding", b""):
-            return status, headers, await self._read_chunks(reader), keep_alive
+            body = bytearray()
+            while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+                body += (await reader.readexactly(self._bounded(size, len(body)) + 2))[:-2]
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, not kept
+                pass
+            return status, headers, bytes(body), keep_alive
         if b"content-length" in fields:
             return status, headers, await reader.readexactly(self._bounded(int(fields[b"content-length"]))), keep_alive
         body = bytearray()  # neither: the body ends with the connection
@@ -2418,14 +2419,6 @@ class StreamCalls(httpx.AsyncBaseTransport):
             self._bounded(len(part), len(body))
             body += part
         return status, headers, bytes(body), False
-
-    async def _read_chunks(self, reader: asyncio.StreamReader) -> bytes:
-        body = bytearray()
-        while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
-            body += (await reader.readexactly(self._bounded(size, len(body)) + 2))[:-2]
-        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, not kept
-            pass
-        return bytes(body)
 
     def _bounded(self, size: int, so_far: int = 0) -> int:
         if not 0 <= size <= self.MAX_ANSWER_BYTES - so_far:
@@ -2445,10 +2438,10 @@ class StreamCalls(httpx.AsyncBaseTransport):
 def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
     """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over StreamCalls; everything else
     (result downloads, with their pinned address and SNI) over httpx's own transport."""
-    calls = StreamCalls(max_connections=100)
+    tls = ssl.create_default_context(cafile=certifi.where())  # the CA bundle loaded once, for both transports
+    calls = StreamCalls(max_connections=100, tls=tls)
     mounts = {f"{part.scheme}://{part.netloc}": calls for part in map(urllib.parse.urlsplit, api_bases)}
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, limits=limits, mounts=mounts)
+    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, verify=tls, mounts=mounts)
 
 
 class TelegramError(TrtError):
