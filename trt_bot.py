@@ -2303,8 +2303,8 @@ class RateLimiter:
 # 7. Telegram client
 #    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
 #    calls carried by StreamCalls, our HTTP/1.1 over asyncio streams), response
-#    parsing, which failures are retried (TELEGRAM_RETRY), sends paced at Telegram's
-#    limits.  The token lives only in request URLs.
+#    parsing, which failures are retried (TELEGRAM_RETRY), sends paced at
+#    Telegram's limits.  The token lives only in request URLs.
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
