@@ -60,15 +60,15 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import time
 import urllib.parse
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, NamedTuple
 
+import certifi
 import httpx
-
-aiohttp: Any = None  # imported by AiohttpCalls, only for a bot that sends fast (section 7)
 
 __version__ = "1.0.0"
 
@@ -2301,64 +2301,147 @@ class RateLimiter:
 
 ###############################################################################
 # 7. Telegram client
-#    Owns talking to the Bot API: one shared httpx client (over aiohttp, when
-#    installed, for a bot sending above Telegram's free 30/s), response parsing,
-#    which failures are retried (TELEGRAM_RETRY), sends paced at Telegram's
-#    limits.  The token lives only in request URLs.
+#    Owns talking to the Bot API: one shared httpx client (its Bot API and Kie
+#    calls carried by StreamCalls, our HTTP/1.1 over asyncio streams), response
+#    parsing, which failures are retried (TELEGRAM_RETRY), sends paced at
+#    Telegram's limits.  The token lives only in request URLs.
 ###############################################################################
 
 TELEGRAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 
 
-class AiohttpCalls(httpx.AsyncBaseTransport):
-    """httpx-aiohttp's transport (a fraction of the CPU per call of httpx's own, bench/transport.py), raising
-    the errors httpx's own raises: it maps any lost connection, after the request went out too, to ConnectTimeout
-    ("never sent", UNSENT_REQUEST_ERRORS), and lets some aiohttp errors through unmapped."""
+class StreamCalls(httpx.AsyncBaseTransport):
+    """HTTP/1.1 over asyncio streams for the Bot API and Kie calls: httpx builds each request and decodes each
+    answer (Content-Encoding too), this carries the bytes, for a fraction of the CPU of httpx's own transport.
 
-    def __init__(self, limits: httpx.Limits):
-        global aiohttp
-        import aiohttp  # ImportError without httpx-aiohttp (an optional requirement)
-        from httpx_aiohttp import AiohttpTransport
-        self._transport = AiohttpTransport(limits=limits)
+    Invariants: at most ``max_connections`` open, a slot each (an idle one of another origin is closed to free
+    one).  A connection is pooled again only once its answer was read to the end without ``Connection: close``;
+    any other end (an error, a cancellation) closes it; a pooled one whose EOF has come is dropped before use.
+    Every wait has its timeout (the whole answer: the read one), every answer a bound.  UNSENT_REQUEST_ERRORS
+    only before the first byte of the request is written; after that, a lost answer: ReadError,
+    RemoteProtocolError, ReadTimeout or WriteTimeout."""
+
+    MAX_ANSWER_BYTES = 64 * 2**20
+
+    def __init__(self, max_connections: int, tls: ssl.SSLContext):
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: dict[tuple[str, str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self._tls = tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        # httpx-aiohttp ignores the write timeout, so an upload the peer stops reading would wait
-        # forever: the request must be sent and answered within its write and read timeouts together.
         timeout = request.extensions.get("timeout", {})
-        write, read = timeout.get("write"), timeout.get("read")
-        deadline = asyncio.timeout(None if write is None or read is None else write + read)
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        reader, writer = await self._connection(origin, timeout)
+        reusable = False
         try:
-            async with deadline:
-                return await self._transport.handle_async_request(request)
-        except (httpx.ConnectTimeout, aiohttp.ClientError) as error:
-            cause = error.__cause__ or error
-            if isinstance(cause, aiohttp.ClientConnectorError):
-                raise httpx.ConnectError(str(cause)) from error
-            if isinstance(cause, aiohttp.ConnectionTimeoutError):
-                raise httpx.ConnectTimeout(str(cause)) from error
-            raise httpx.ReadError(str(cause) or type(cause).__name__) from error  # sent; its answer was lost
+            body = await request.aread()  # a multipart upload too: httpx built it, with its Content-Length
+            if "transfer-encoding" in request.headers:  # a stream of unknown length: sent as one chunk
+                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            head = b"".join(b"%s: %s\r\n" % header for header in request.headers.raw)  # Host among them
+            writer.write(b"%s %s HTTP/1.1\r\n%s\r\n%s" % (request.method.encode(), url.raw_path, head, body))
+            if writer.transport.get_write_buffer_size():  # (else it all went out at once)
+                try:
+                    async with asyncio.timeout(timeout.get("write")):
+                        await writer.drain()
+                except TimeoutError:
+                    raise httpx.WriteTimeout("the request was not sent within the write timeout") from None
+            async with asyncio.timeout(timeout.get("read")):
+                status, headers, content, reusable = await self._read_answer(reader, request.method)
+        except TimeoutError:  # (an OSError: caught first)
+            raise httpx.ReadTimeout("no whole answer within the read timeout") from None
+        except (OSError, EOFError) as error:
+            raise httpx.ReadError(str(error) or type(error).__name__) from error  # it may have gone out
+        except (ValueError, asyncio.LimitOverrunError) as error:
+            raise httpx.RemoteProtocolError(f"not an HTTP answer: {error}") from error
+        finally:
+            if reusable:
+                self._idle.setdefault(origin, []).append((reader, writer))
+            else:
+                self._close(writer)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
+
+    async def _connection(self, origin: tuple[str, str, int], timeout: Mapping[str, float | None]
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An idle connection to ``origin`` the server has not closed, else a new one."""
+        idle = self._idle.get(origin, [])
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof():
+                return reader, writer
+            self._close(writer)
+        if self._slots.locked() and (other := next((pool for pool in self._idle.values() if pool), None)):
+            self._close(other.pop(0)[1])
+        try:
+            async with asyncio.timeout(timeout.get("pool")):
+                await self._slots.acquire()
         except TimeoutError:
-            if deadline.expired():
-                raise httpx.WriteTimeout("not sent and answered within the write and read timeouts") from None
+            raise httpx.PoolTimeout("no connection free within the pool timeout") from None
+        scheme, host, port = origin
+        try:
+            async with asyncio.timeout(timeout.get("connect")):
+                return await asyncio.open_connection(host, port, ssl=self._tls if scheme == "https" else None,
+                                                     server_hostname=host if scheme == "https" else None)
+        except BaseException as error:
+            self._slots.release()
+            if isinstance(error, TimeoutError):
+                raise httpx.ConnectTimeout(f"no connection to {host} within the connect timeout") from None
+            if isinstance(error, OSError):
+                raise httpx.ConnectError(str(error)) from error
             raise
 
+    async def _read_answer(self, reader: asyncio.StreamReader, method: str
+                           ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Status, headers, body, and whether the connection may carry another call; 1xx answers skipped."""
+        status = 100
+        while 100 <= status < 200:
+            lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[:-2]
+            version, status_text = lines[0].split(b" ", 2)[:2]
+            status = int(status_text) if version.startswith(b"HTTP/1.") else -1
+            if status < 100:
+                raise ValueError(lines[0][:80])
+        headers = [(name.strip(), value.strip()) for name, value in (line.split(b":", 1) for line in lines[1:])]
+        fields = {name.lower(): value.lower() for name, value in headers}
+        keep_alive = version == b"HTTP/1.1" and b"close" not in fields.get(b"connection", b"")
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b"", keep_alive
+        if b"chunked" in fields.get(b"transfer-encoding", b""):
+            body = bytearray()
+            while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+                body += (await reader.readexactly(self._bounded(size, len(body)) + 2))[:-2]
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, not kept
+                pass
+            return status, headers, bytes(body), keep_alive
+        if b"content-length" in fields:
+            return status, headers, await reader.readexactly(self._bounded(int(fields[b"content-length"]))), keep_alive
+        body = bytearray()  # neither: the body ends with the connection
+        while part := await reader.read(2**16):
+            self._bounded(len(part), len(body))
+            body += part
+        return status, headers, bytes(body), False
+
+    def _bounded(self, size: int, so_far: int = 0) -> int:
+        if not 0 <= size <= self.MAX_ANSWER_BYTES - so_far:
+            raise httpx.RemoteProtocolError(f"an answer body over {self.MAX_ANSWER_BYTES} bytes")
+        return size
+
+    def _close(self, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        self._slots.release()
+
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        for pool in self._idle.values():
+            while pool:
+                self._close(pool.pop()[1])
 
 
-TELEGRAM_FREE_RATE = 30  # sends/s Telegram allows a bot without paid broadcasts
-
-
-def bot_http_client(api_bases: Iterable[str], fast: bool = True) -> httpx.AsyncClient:
-    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over aiohttp when ``fast`` and
-    httpx-aiohttp is installed (~40% less CPU per call, for ~7 MB of RSS and ~0.15 s of start-up: worth it beyond
-    Telegram's free rate); everything else (result downloads, with their pinned address and SNI) over httpx's own."""
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-    mounts: dict[str, httpx.AsyncBaseTransport] = {}
-    with contextlib.suppress(ImportError):
-        calls = AiohttpCalls(limits) if fast else None
-        mounts = {f"{part.scheme}://{part.netloc}": calls for part in map(urllib.parse.urlsplit, api_bases) if calls}
-    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, limits=limits, mounts=mounts)
+def bot_http_client(api_bases: Iterable[str]) -> httpx.AsyncClient:
+    """The bot's httpx client: calls to ``api_bases`` (the Bot API, Kie) over StreamCalls; everything else
+    (result downloads, with their pinned address and SNI) over httpx's own transport."""
+    tls = ssl.create_default_context(cafile=certifi.where())  # the CA bundle loaded once, for both transports
+    calls = StreamCalls(max_connections=100, tls=tls)
+    mounts = {f"{part.scheme}://{part.netloc}": calls for part in map(urllib.parse.urlsplit, api_bases)}
+    return httpx.AsyncClient(timeout=TELEGRAM_TIMEOUT, verify=tls, mounts=mounts)
 
 
 class TelegramError(TrtError):
@@ -2916,11 +2999,11 @@ class KieClient:
 # Acks first within a budget: while a webhook's ack is owed, handlers use at most HANDLERS_SHARE of each
 # ACK_FIRST_WINDOW_S window's CPU; the rest is the acks'.  A handler past its timeout is cut by its worker's check
 # (<= 1 s).
-# A /start passes through these 17 named types, socket to reply (as bench/types_per_start.py lists them):
+# A /start passes through these 18 named types, socket to reply (as bench/types_per_start.py lists them):
 # HttpServer, RequestParser, Request, Response, Clock, UpdatePipeline, ChatWorkers, InboxItem, Inbox, Database,
-# Role, Conversation, Context, Generations, Outbox, OutboxMessage, TelegramClient.  Along the way it reads Config's
-# fields, ingest answers with an Admission member, a timer may add OwnedTasks, and above Telegram's free send rate
-# AiohttpCalls carries the reply.
+# Role, Conversation, Context, Generations, Outbox, OutboxMessage, TelegramClient, StreamCalls (which carries the
+# reply).  Along the way it reads Config's fields, ingest answers with an Admission member, and a timer may add
+# OwnedTasks.
 ###############################################################################
 
 CALLBACK_QUERY_TTL_S = 150.0  # Telegram refuses to answer older callback queries
@@ -7055,8 +7138,7 @@ class App:
         self._lease_loop = OwnedTasks("[LOCK]")  # renewed until the release, after the drain
         self.db = Database(config.database)
         self.role = Role(self.db, config.lease_ttl_s, clock)
-        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base),
-                                            fast=config.telegram_send_rate > TELEGRAM_FREE_RATE)
+        self.http = http or bot_http_client((config.telegram_api_base, config.kie_api_base, config.kie_upload_base))
         self.telegram = TelegramClient(config.telegram_token, config.telegram_api_base, self.http, clock=clock,
                                        send_limits=config.send_limits, acting_left=self.role.acting_left)
         self.kie = KieClient(config.kie_api_key, config.kie_api_base, self.http, clock=clock,

@@ -2,8 +2,7 @@
 
     python bench/gc_pauses.py              # 4,000 sendMessage calls per case
 
-Each case is a fresh child process that imports trt_bot (with httpx-aiohttp,
-or with it hidden so httpx's own transport is used), optionally runs
+Each case is a fresh child process that imports trt_bot, optionally runs
 trt_bot.freeze_start_up_objects() as serve() does after start-up, then sends
 the /start reply 4,000 times from 4 concurrent callers through the bot's
 client to the fake Bot API.  gc.callbacks time every collection; the table
@@ -26,7 +25,7 @@ import time
 
 from harness import REPO_DIR, Placement, start_fake
 
-CASES = (("default", False), ("default", True), ("aiohttp", False), ("aiohttp", True))
+CASES = (("streams", False), ("streams", True))  # the bot's client: StreamCalls under httpx
 CALLS = 4000
 FULL_COLLECTIONS = 5  # after the calls, timed one by one: what each full collection costs the loop
 CALLERS = 4
@@ -34,8 +33,6 @@ TOKEN = "123456789:AAbenchmarkTOKEN_for_a_fake_bot_api_0123"
 
 
 def child(transport: str, freeze: bool, base: str) -> dict:
-    if transport == "default":
-        sys.modules["httpx_aiohttp"] = sys.modules["aiohttp"] = None  # trt_bot falls back to httpx's own
     sys.path.insert(0, str(REPO_DIR))
     import uvloop
     import trt_bot

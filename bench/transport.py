@@ -1,16 +1,16 @@
-"""CPU per Bot API call: httpx's default transport against httpx-aiohttp's AiohttpTransport.
+"""CPU per Bot API call: httpx's default transport against trt_bot's StreamCalls.
 
     python bench/transport.py                 # 3 rounds of 5,000 calls per transport, then start-up and RSS
     python bench/transport.py --calls 1000 --runs 1
 
 Per transport and round, a fresh child process (uvloop, as trt_bot runs)
-imports httpx-aiohttp (timed) or hides it, imports trt_bot, then sends
+imports trt_bot (timed), then sends
 ``--calls`` sendMessage calls with the /start reply through trt_bot's own
 TelegramClient to the fake Bot API (bench/fakes.py, another process), from 4
 concurrent callers, after a warm-up of 200.  It reports its CPU time (user + system, all threads) over the calls
-divided by the calls, the time importing httpx-aiohttp (with aiohttp) took
-on top of httpx, and its RSS at the end.  "default" is httpx.AsyncClient as it
-comes; "aiohttp" is trt_bot.bot_http_client, the client the bot uses.  The
+divided by the calls, the time importing trt_bot took on top of httpx, and its
+RSS at the end.  "default" is httpx.AsyncClient as it comes; "streams" is
+trt_bot.bot_http_client, the client the bot uses (StreamCalls under httpx).  The
 fake runs on another CPU when there are two, as in run.py.
 
 Then trt_bot itself (this tree's, and any --compare PATH) is started the way
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import statistics
@@ -35,7 +34,7 @@ from typing import Any
 
 from harness import REPO_DIR, Placement, read_rss_kib, start_fake
 
-TRANSPORTS = ("default", "aiohttp")
+TRANSPORTS = ("default", "streams")
 TOKEN = "123456789:AAbenchmarkTOKEN_for_a_fake_bot_api_0123"
 CALLERS = 4
 WARMUP_CALLS = 200
@@ -45,19 +44,13 @@ def child(transport: str, base: str, calls: int) -> dict:
     """Runs in its own process: nothing of the client stack is imported before it starts timing."""
     import httpx
     import uvloop
-    started = time.perf_counter()
-    if transport == "aiohttp":
-        import httpx_aiohttp  # noqa: F401  (and aiohttp with it)
-    else:
-        sys.modules["httpx_aiohttp"] = sys.modules["aiohttp"] = None  # trt_bot falls back to httpx's own
-    imported_s = time.perf_counter() - started
     sys.path.insert(0, str(REPO_DIR))
+    started = time.perf_counter()
     import trt_bot
-    if transport == "aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
-        raise SystemExit("httpx-aiohttp is not installed")
+    imported_s = time.perf_counter() - started
 
     def client() -> httpx.AsyncClient:
-        if transport == "aiohttp":
+        if transport == "streams":
             return trt_bot.bot_http_client([base])  # what the bot uses
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
         return httpx.AsyncClient(timeout=trt_bot.TELEGRAM_TIMEOUT, limits=limits)
@@ -143,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 starts.setdefault(key, []).append(measure_start(bench, key))
     print(f"{args.calls} sendMessage calls per round from {CALLERS} callers, median (min-max) of {args.runs}; "
           f"{placement.describe()}\n")
-    print("| transport | CPU µs per call | extra import ms | RSS MiB after the calls |")
+    print("| transport | CPU µs per call | trt_bot import ms | RSS MiB after the calls |")
     print("|---|---|---|---|")
     for transport, rows in calls.items():
         print(f"| {transport} | {_median(rows, 'cpu_us_per_call')} | {_median(rows, 'import_ms')} | "

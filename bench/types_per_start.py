@@ -21,7 +21,7 @@ from conftest import eventually, post_update, secret_header, update_message
 
 
 async def test_types_one_start_passes_through(make_app, fake_tg):
-    app = await make_app(TELEGRAM_SEND_RATE=str(trt_bot.TELEGRAM_FREE_RATE))
+    app = await make_app()
     await post_update(app, update_message(1, 500, "/start", "en"))
     await eventually(lambda: fake_tg.texts_to(500))
     seen: dict[str, str] = {}
