@@ -1596,12 +1596,11 @@ class RowRejected(TrtError):
     """The database refused a row for what it holds (a number out of range, text it cannot encode); it is fine."""
 
 
-SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")  # the files SQLite writes in WAL mode, through handles it keeps open
 
 
 def fits_sqlite_integer(value: object) -> bool:
-    return isinstance(value, int) and SQLITE_INTEGER_MIN <= value <= SQLITE_INTEGER_MAX
+    return isinstance(value, int) and -(2**63) <= value < 2**63  # INTEGER is a signed 64-bit number
 
 
 def file_identity(path: str) -> tuple | None:
@@ -1788,11 +1787,6 @@ def postgres_ddl(statement: str) -> str:
                    for index, part in enumerate(parts))
 
 
-def _postgres_params(params: Iterable[Any]) -> list[Any]:
-    # A bool would go out as PostgreSQL's boolean, which an INTEGER (BIGINT) column refuses.
-    return [int(value) if isinstance(value, bool) else value for value in params]
-
-
 class PostgresServer:
     """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed), and
     the one connection to it: ``connect`` returns the server itself, which takes the storage functions' SQL
@@ -1842,21 +1836,20 @@ class PostgresServer:
         return self
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
+        # A bool would go out as PostgreSQL's boolean, which an INTEGER (BIGINT) column refuses.
+        values = [int(value) if isinstance(value, bool) else value for value in params]
+        try:
+            return self._conn.execute(postgres_sql(sql), values)
+        except self.psycopg.ProgrammingError as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         # One statement at a time, not psycopg's pipeline: a process stopped mid-pipeline (before its Sync) leaves
         # its session waiting with no idle-in-transaction timeout armed, its row locks blocking the next holder.
         for row in rows:
             self.execute(sql, row)
-
-    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except self.psycopg.ProgrammingError as error:
-            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
-                raise
-            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
 
     @property
     def in_transaction(self) -> bool:
@@ -2073,18 +2066,15 @@ def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
 
 
 def inbox_mark_done(conn: sqlite3.Connection, marks: list[InboxItem]) -> list[None]:
-    """Mark updates handled and remember their senders in ``users``."""
     now = time.time()
     conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
     # last_seen is kept to the hour, so most updates of a known user write nothing.
-    conn.executemany(
-        """INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
+    conn.executemany("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
            ON CONFLICT(user_id) DO UPDATE SET last_seen=excluded.last_seen, blocked=excluded.blocked,
                lang=CASE WHEN excluded.lang='' THEN users.lang ELSE excluded.lang END
            WHERE users.blocked != excluded.blocked OR users.last_seen < excluded.last_seen - 3600
                OR (excluded.lang != '' AND users.lang != excluded.lang)""",
-        [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id],
-    )
+                     [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id])
     return [None] * len(marks)
 
 
@@ -2107,23 +2097,18 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
 
 
 def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
-    """The oldest unhandled updates, in update_id (arrival) order."""
-    return conn.execute(
-        "SELECT update_id, chat_key, body, received_at FROM inbox WHERE done_at IS NULL ORDER BY update_id LIMIT ?",
-        (limit,),
-    ).fetchall()
+    return conn.execute("SELECT update_id, chat_key, body, received_at FROM inbox WHERE done_at IS NULL "
+                        "ORDER BY update_id LIMIT ?", (limit,)).fetchall()
 
 
 def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-    """(update_id, chat_key) of every unhandled update."""
     return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
 
 
 def inbox_unhandled_before(conn: sqlite3.Connection, chat_key: int, update_id: int) -> list[int]:
     """The ids of the chat's unhandled updates older than ``update_id`` (this instance's or another's)."""
-    rows = conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? AND chat_key = ?",
-                        (update_id, chat_key)).fetchall()
-    return [row[0] for row in rows]
+    return [row[0] for row in conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? "
+                                           "AND chat_key = ?", (update_id, chat_key)).fetchall()]
 
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
@@ -2211,14 +2196,12 @@ def ledger_write(conn: sqlite3.Connection, changes: list[tuple]) -> tuple[list[t
 
 def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
     """Jobs that spent credits, ended without a picture delivered, and got nothing back (a kill -9 came between)."""
-    rows = conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
+    return [row[0] for row in conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
         WHERE (j.state = 'cancelled' OR (j.state = 'delivered' AND (j.outcome != 'success' OR j.error = 'delivery')))
-          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()
-    return [row[0] for row in rows]
+          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()]
 
 
 def ledger_balances(conn: sqlite3.Connection) -> dict[int, int]:
-    """Every user the ledger has rows of, with their balance."""
     rows = conn.execute("SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall()
     return {user_id: int(total) for user_id, total in rows}
 
