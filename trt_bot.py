@@ -687,7 +687,6 @@ def database_passwords(location: str) -> set[str]:
 
 
 def _callback_path(name: str, raw: str) -> str:
-    """The path without its slashes: unreserved characters, and not one of the bot's own routes."""
     path = raw.strip("/")
     route = "/" + path
     for builtin, with_subtree in BUILTIN_ROUTES.items():
@@ -1252,10 +1251,15 @@ class HttpServer:
         self._deadlines[writer] = math.inf
         try:
             try:
-                if self._admit(writer):
-                    await self._serve_requests(reader, writer)
-                else:
+                if not self._admit(writer):
                     await self._turn_away(writer)
+                    return
+                if (sock := writer.get_extra_info("socket")) is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
+                parser = RequestParser(self.limits.max_head, self.limits.max_body)
+                while await self._serve_one(reader, parser, writer):
+                    pass
             finally:  # unsent bytes have until the closing phase's deadline to leave, then the sweeper resets
                 if self._phases[writer] != CLOSING:
                     self._enter(writer, CLOSING, self.limits.linger)
@@ -1308,15 +1312,6 @@ class HttpServer:
             now = self.clock.monotonic()
             for writer in [w for w, deadline in self._deadlines.items() if deadline < now]:
                 self._cut(writer)
-
-    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
-        parser = RequestParser(self.limits.max_head, self.limits.max_body)
-        while await self._serve_one(reader, parser, writer):
-            pass
 
     async def _serve_one(self, reader: asyncio.StreamReader, parser: RequestParser,
                          writer: asyncio.StreamWriter) -> bool:
