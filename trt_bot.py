@@ -6393,8 +6393,7 @@ class ProcessIdentity:
         parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
         if len(parts) != 6 or not parts[1].isdigit() or not 0 < int(parts[1]) <= PID_MAX_LIMIT:
             return None
-        host, pid, instance, pid_namespace, boot_id, start_time = parts
-        return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
+        return cls(parts[0], int(parts[1]), *parts[2:])
 
 
 def probe_pid(pid: int) -> tuple[bool, str]:
@@ -6692,11 +6691,8 @@ def metric_families(app: App) -> list[Family]:
 
 def _counter_families(app: App) -> list[Family]:
     stats, jobs, outbox = dataclasses.asdict(app.pipeline.stats), app.generations, app.role.outbox
-    families: list[Family] = [
-        (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
-        for name, help_text in UPDATE_COUNTERS
-    ]
-    return families + [
+    return [(f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
+            for name, help_text in UPDATE_COUNTERS] + [
         ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
          [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(app.telegram.calls.items())]),
         ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
@@ -7002,13 +6998,8 @@ class Diagnostics:
             return self.flag("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
         return None
 
-    def close(self) -> None:
-        self.webhook_info.cancel()
-        self.kie_credits.cancel()
-
 
 def diag_token_given(request: Request) -> str:
-    """The diagnostics token a request gives: as a Bearer token or ?token=."""
     authorization = request.headers.get("authorization", "")
     return authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
 
@@ -7066,12 +7057,12 @@ async def on_webhook(app: App, request: Request) -> Response:
     started = app.clock.monotonic()
     update = parse_update(request.body)
     if app.stopping.is_set():
-        return text_response(503, "shutting down", (("Retry-After", "5"),))
+        return text_response(503, "shutting down", RETRY_LATER)
     with app.pipeline.workers.ack_owed():  # handlers give way while it is owed
         outcome = await app.pipeline.ingest(update, request.body)
     observe(app.histograms, "trt_webhook_ack_seconds", app.clock.monotonic() - started)
     if outcome.retry_later:
-        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+        return text_response(503, "busy, retry later", RETRY_LATER)
     if outcome is Admission.INVALID:
         return text_response(400, "update cannot be stored")
     return Response(200, b'{"ok":true}', "application/json")
@@ -7095,8 +7086,7 @@ async def on_kie_callback(app: App, request: Request) -> Response:
 
 
 async def on_metrics(app: App, request: Request) -> Response:
-    text = exposition(metric_families(app))
-    return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
+    return Response(200, exposition(metric_families(app)), "text/plain; version=0.0.4; charset=utf-8")
 
 
 async def on_root(request: Request) -> Response:
@@ -7170,7 +7160,8 @@ class App:
         deadline = self.clock.monotonic() + self.config.shutdown_grace_s
         log.info("[APP] shutting down")
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        self.diagnostics.close()
+        self.diagnostics.webhook_info.cancel()
+        self.diagnostics.kie_credits.cancel()
         await self._background.cancel_all()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
@@ -7256,8 +7247,7 @@ async def _check_webhook(config: Config, telegram: TelegramClient, report: Calla
     pending, error = info.get("pending_update_count") or 0, info.get("last_error_message") or ""
     status = "ok" if not error else "warn"
     detail = f"{url}, {pending} pending" + (f", last error: {error}" if error else "")
-    problem = webhook_problem(info, time.time())
-    if problem is not None:
+    if (problem := webhook_problem(info, time.time())) is not None:
         status, detail = "FAIL", f"{url}, {pending} pending; {problem[0]}: {problem[1]}"
     elif config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
         status, detail = "warn", detail + "; the bot will register its own URL when it starts"
@@ -7291,12 +7281,10 @@ def freeze_start_up_objects() -> None:
 
 
 async def serve(config: Config) -> int:
-    """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
     app = App(config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     await app.start()
     freeze_start_up_objects()
     await stop.wait()
