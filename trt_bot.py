@@ -687,7 +687,6 @@ def database_passwords(location: str) -> set[str]:
 
 
 def _callback_path(name: str, raw: str) -> str:
-    """The path without its slashes: unreserved characters, and not one of the bot's own routes."""
     path = raw.strip("/")
     route = "/" + path
     for builtin, with_subtree in BUILTIN_ROUTES.items():
@@ -1252,10 +1251,15 @@ class HttpServer:
         self._deadlines[writer] = math.inf
         try:
             try:
-                if self._admit(writer):
-                    await self._serve_requests(reader, writer)
-                else:
+                if not self._admit(writer):
                     await self._turn_away(writer)
+                    return
+                if (sock := writer.get_extra_info("socket")) is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
+                parser = RequestParser(self.limits.max_head, self.limits.max_body)
+                while await self._serve_one(reader, parser, writer):
+                    pass
             finally:  # unsent bytes have until the closing phase's deadline to leave, then the sweeper resets
                 if self._phases[writer] != CLOSING:
                     self._enter(writer, CLOSING, self.limits.linger)
@@ -1308,15 +1312,6 @@ class HttpServer:
             now = self.clock.monotonic()
             for writer in [w for w, deadline in self._deadlines.items() if deadline < now]:
                 self._cut(writer)
-
-    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.transport.set_write_buffer_limits(high=self.limits.max_unsent)
-        parser = RequestParser(self.limits.max_head, self.limits.max_body)
-        while await self._serve_one(reader, parser, writer):
-            pass
 
     async def _serve_one(self, reader: asyncio.StreamReader, parser: RequestParser,
                          writer: asyncio.StreamWriter) -> bool:
@@ -1596,12 +1591,11 @@ class RowRejected(TrtError):
     """The database refused a row for what it holds (a number out of range, text it cannot encode); it is fine."""
 
 
-SQLITE_INTEGER_MIN, SQLITE_INTEGER_MAX = -(2**63), 2**63 - 1  # INTEGER is a signed 64-bit number
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")  # the files SQLite writes in WAL mode, through handles it keeps open
 
 
 def fits_sqlite_integer(value: object) -> bool:
-    return isinstance(value, int) and SQLITE_INTEGER_MIN <= value <= SQLITE_INTEGER_MAX
+    return isinstance(value, int) and -(2**63) <= value < 2**63  # INTEGER is a signed 64-bit number
 
 
 def file_identity(path: str) -> tuple | None:
@@ -1788,11 +1782,6 @@ def postgres_ddl(statement: str) -> str:
                    for index, part in enumerate(parts))
 
 
-def _postgres_params(params: Iterable[Any]) -> list[Any]:
-    # A bool would go out as PostgreSQL's boolean, which an INTEGER (BIGINT) column refuses.
-    return [int(value) if isinstance(value, bool) else value for value in params]
-
-
 class PostgresServer:
     """The PostgreSQL dialect, through psycopg 3 (imported only here: SQLite alone needs nothing installed), and
     the one connection to it: ``connect`` returns the server itself, which takes the storage functions' SQL
@@ -1842,21 +1831,20 @@ class PostgresServer:
         return self
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self._sending(self._conn.execute, postgres_sql(sql), _postgres_params(params))
+        # A bool would go out as PostgreSQL's boolean, which an INTEGER (BIGINT) column refuses.
+        values = [int(value) if isinstance(value, bool) else value for value in params]
+        try:
+            return self._conn.execute(postgres_sql(sql), values)
+        except self.psycopg.ProgrammingError as error:
+            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
+                raise
+            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         # One statement at a time, not psycopg's pipeline: a process stopped mid-pipeline (before its Sync) leaves
         # its session waiting with no idle-in-transaction timeout armed, its row locks blocking the next holder.
         for row in rows:
             self.execute(sql, row)
-
-    def _sending(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except self.psycopg.ProgrammingError as error:
-            if error.sqlstate is not None:  # the server's: a statement it cannot run (a missing table, no rights)
-                raise
-            raise TypeError(f"a value psycopg cannot send: {error}") from error  # a row's fault, as in SQLite
 
     @property
     def in_transaction(self) -> bool:
@@ -2073,18 +2061,15 @@ def inbox_insert(conn: Any, items: list[InboxItem]) -> list[bool]:
 
 
 def inbox_mark_done(conn: sqlite3.Connection, marks: list[InboxItem]) -> list[None]:
-    """Mark updates handled and remember their senders in ``users``."""
     now = time.time()
     conn.executemany("UPDATE inbox SET done_at=? WHERE update_id=?", [(now, m.update_id) for m in marks])
     # last_seen is kept to the hour, so most updates of a known user write nothing.
-    conn.executemany(
-        """INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
+    conn.executemany("""INSERT INTO users(user_id, lang, first_seen, last_seen, blocked) VALUES (?,?,?,?,?)
            ON CONFLICT(user_id) DO UPDATE SET last_seen=excluded.last_seen, blocked=excluded.blocked,
                lang=CASE WHEN excluded.lang='' THEN users.lang ELSE excluded.lang END
            WHERE users.blocked != excluded.blocked OR users.last_seen < excluded.last_seen - 3600
                OR (excluded.lang != '' AND users.lang != excluded.lang)""",
-        [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id],
-    )
+                     [(m.user_id, m.lang, now, now, int(m.blocked)) for m in marks if m.user_id])
     return [None] * len(marks)
 
 
@@ -2107,23 +2092,18 @@ def inbox_write_reading_older(conn: sqlite3.Connection, entries: list) -> list:
 
 
 def inbox_pending(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, float]]:
-    """The oldest unhandled updates, in update_id (arrival) order."""
-    return conn.execute(
-        "SELECT update_id, chat_key, body, received_at FROM inbox WHERE done_at IS NULL ORDER BY update_id LIMIT ?",
-        (limit,),
-    ).fetchall()
+    return conn.execute("SELECT update_id, chat_key, body, received_at FROM inbox WHERE done_at IS NULL "
+                        "ORDER BY update_id LIMIT ?", (limit,)).fetchall()
 
 
 def inbox_unhandled(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-    """(update_id, chat_key) of every unhandled update."""
     return conn.execute("SELECT update_id, chat_key FROM inbox WHERE done_at IS NULL").fetchall()
 
 
 def inbox_unhandled_before(conn: sqlite3.Connection, chat_key: int, update_id: int) -> list[int]:
     """The ids of the chat's unhandled updates older than ``update_id`` (this instance's or another's)."""
-    rows = conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? AND chat_key = ?",
-                        (update_id, chat_key)).fetchall()
-    return [row[0] for row in rows]
+    return [row[0] for row in conn.execute("SELECT update_id FROM inbox WHERE done_at IS NULL AND update_id < ? "
+                                           "AND chat_key = ?", (update_id, chat_key)).fetchall()]
 
 
 def inbox_prune(conn: sqlite3.Connection, older_than: float) -> int:
@@ -2211,14 +2191,12 @@ def ledger_write(conn: sqlite3.Connection, changes: list[tuple]) -> tuple[list[t
 
 def ledger_unreturned(conn: sqlite3.Connection) -> list[str]:
     """Jobs that spent credits, ended without a picture delivered, and got nothing back (a kill -9 came between)."""
-    rows = conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
+    return [row[0] for row in conn.execute("""SELECT j.id FROM credits c JOIN jobs j ON c.entry = 'spent:' || j.id
         WHERE (j.state = 'cancelled' OR (j.state = 'delivered' AND (j.outcome != 'success' OR j.error = 'delivery')))
-          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()
-    return [row[0] for row in rows]
+          AND NOT EXISTS (SELECT 1 FROM credits r WHERE r.entry = 'returned:' || j.id)""").fetchall()]
 
 
 def ledger_balances(conn: sqlite3.Connection) -> dict[int, int]:
-    """Every user the ledger has rows of, with their balance."""
     rows = conn.execute("SELECT user_id, SUM(credits) FROM credits GROUP BY user_id").fetchall()
     return {user_id: int(total) for user_id, total in rows}
 
@@ -6415,8 +6393,7 @@ class ProcessIdentity:
         parts = owner.rsplit(":", 5)  # a hostname is the only part that might hold a ':'
         if len(parts) != 6 or not parts[1].isdigit() or not 0 < int(parts[1]) <= PID_MAX_LIMIT:
             return None
-        host, pid, instance, pid_namespace, boot_id, start_time = parts
-        return cls(host, int(pid), instance, pid_namespace, boot_id, start_time)
+        return cls(parts[0], int(parts[1]), *parts[2:])
 
 
 def probe_pid(pid: int) -> tuple[bool, str]:
@@ -6714,11 +6691,8 @@ def metric_families(app: App) -> list[Family]:
 
 def _counter_families(app: App) -> list[Family]:
     stats, jobs, outbox = dataclasses.asdict(app.pipeline.stats), app.generations, app.role.outbox
-    families: list[Family] = [
-        (f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
-        for name, help_text in UPDATE_COUNTERS
-    ]
-    return families + [
+    return [(f"trt_updates_{name}_total", "counter", help_text, [("", {}, stats[name])])
+            for name, help_text in UPDATE_COUNTERS] + [
         ("trt_telegram_calls_total", "counter", "Bot API calls by method and outcome (ok or error code).",
          [("", {"method": m, "outcome": o}, n) for (m, o), n in sorted(app.telegram.calls.items())]),
         ("trt_kie_calls_total", "counter", "Kie.ai calls by endpoint and outcome (ok or error kind).",
@@ -7024,13 +6998,8 @@ class Diagnostics:
             return self.flag("inbox_backlog", None, f"the inbox backlog is going down ({backlog} updates)")
         return None
 
-    def close(self) -> None:
-        self.webhook_info.cancel()
-        self.kie_credits.cancel()
-
 
 def diag_token_given(request: Request) -> str:
-    """The diagnostics token a request gives: as a Bearer token or ?token=."""
     authorization = request.headers.get("authorization", "")
     return authorization[7:] if authorization.lower().startswith("bearer ") else request.query.get("token", "")
 
@@ -7088,12 +7057,12 @@ async def on_webhook(app: App, request: Request) -> Response:
     started = app.clock.monotonic()
     update = parse_update(request.body)
     if app.stopping.is_set():
-        return text_response(503, "shutting down", (("Retry-After", "5"),))
+        return text_response(503, "shutting down", RETRY_LATER)
     with app.pipeline.workers.ack_owed():  # handlers give way while it is owed
         outcome = await app.pipeline.ingest(update, request.body)
     observe(app.histograms, "trt_webhook_ack_seconds", app.clock.monotonic() - started)
     if outcome.retry_later:
-        return text_response(503, "busy, retry later", (("Retry-After", "5"),))
+        return text_response(503, "busy, retry later", RETRY_LATER)
     if outcome is Admission.INVALID:
         return text_response(400, "update cannot be stored")
     return Response(200, b'{"ok":true}', "application/json")
@@ -7117,8 +7086,7 @@ async def on_kie_callback(app: App, request: Request) -> Response:
 
 
 async def on_metrics(app: App, request: Request) -> Response:
-    text = exposition(metric_families(app))
-    return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
+    return Response(200, exposition(metric_families(app)), "text/plain; version=0.0.4; charset=utf-8")
 
 
 async def on_root(request: Request) -> Response:
@@ -7192,7 +7160,8 @@ class App:
         deadline = self.clock.monotonic() + self.config.shutdown_grace_s
         log.info("[APP] shutting down")
         await self.server.close(grace=min(5.0, self.config.shutdown_grace_s / 4))
-        self.diagnostics.close()
+        self.diagnostics.webhook_info.cancel()
+        self.diagnostics.kie_credits.cancel()
         await self._background.cancel_all()
         await self.pipeline.stop(grace=max(0.0, deadline - self.clock.monotonic()))
         # Deliveries under way get half of what is left (the outbox sends their messages), the replies the rest;
@@ -7278,8 +7247,7 @@ async def _check_webhook(config: Config, telegram: TelegramClient, report: Calla
     pending, error = info.get("pending_update_count") or 0, info.get("last_error_message") or ""
     status = "ok" if not error else "warn"
     detail = f"{url}, {pending} pending" + (f", last error: {error}" if error else "")
-    problem = webhook_problem(info, time.time())
-    if problem is not None:
+    if (problem := webhook_problem(info, time.time())) is not None:
         status, detail = "FAIL", f"{url}, {pending} pending; {problem[0]}: {problem[1]}"
     elif config.bot_mode == "webhook" and info.get("url") != config.webhook_url:
         status, detail = "warn", detail + "; the bot will register its own URL when it starts"
@@ -7313,12 +7281,10 @@ def freeze_start_up_objects() -> None:
 
 
 async def serve(config: Config) -> int:
-    """Run the bot until SIGTERM or SIGINT, then shut down gracefully."""
     app = App(config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     await app.start()
     freeze_start_up_objects()
     await stop.wait()
