@@ -3733,8 +3733,8 @@ def keyboard(*rows: list[dict]) -> dict:
     return {"inline_keyboard": [row for row in rows if row]}
 
 
-def in_rows(buttons: list[dict], per_row: int) -> list[list[dict]]:
-    return [buttons[i:i + per_row] for i in range(0, len(buttons), per_row)]
+def in_rows(items: list, per_row: int) -> list[list]:
+    return [items[i:i + per_row] for i in range(0, len(items), per_row)]
 
 
 def main_menu(lang: str) -> dict:
@@ -3759,7 +3759,6 @@ def option_keyboard(option: ModelOption, lang: str) -> dict:
 
 
 def marked(label: str, chosen: bool) -> str:
-    """A button's label with ✅ when it is the current choice."""
     return f"✅ {label}" if chosen else label
 
 
@@ -3796,27 +3795,25 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
     return render(lang, "limits_up_to" if fewest <= 1 else "limits_between", fewest=fewest, most=most)
 
 
-def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
-    return [button(TEXTS[lang][RESULT_BUTTONS[name][0]], f"{RESULT_BUTTONS[name][1]}:{job_id}") for name in names]
-
-
-def new_picture_button(model_key: str, lang: str) -> dict:
-    """"New picture" keeps the model last used (after an edit: the default one)."""
+def job_keyboard(rows: Iterable[Iterable[str]], job_id: str, model_key: str, lang: str) -> dict:
+    """Rows of RESULT_BUTTONS naming the job, then "New picture", which keeps the model last used (after an edit:
+    the default one)."""
     edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits
-    return button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")
+    buttons = [[button(TEXTS[lang][RESULT_BUTTONS[name][0]], f"{RESULT_BUTTONS[name][1]}:{job_id}") for name in row]
+               for row in rows]
+    return keyboard(*buttons, [button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")])
 
 
 def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
-    names = ("again", "ratio", "model", "edit", "retouch", "file") if catalog else (
-        "again", "ratio", "edit", "retouch", "file")
+    names = ["again", "ratio", "model", "edit", "retouch", "file"] if catalog else [
+        "again", "ratio", "edit", "retouch", "file"]
     if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits:  # an edit keeps the photo's proportions
-        names = ("again", "edit", "retouch", "file")
-    return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
+        names = ["again", "edit", "retouch", "file"]
+    return job_keyboard(in_rows(names, 2), job_id, model_key, lang)
 
 
 def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict:
-    names = FAILURE_BUTTONS.get(error, ("retry",))
-    return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
+    return job_keyboard([FAILURE_BUTTONS.get(error, ("retry",))], job_id, model_key, lang)
 
 
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
@@ -3969,19 +3966,17 @@ class Context:
 
     @property
     def state(self) -> dict:
-        """The dialog's state; {} when none is open."""
         return self.conversation.get(self.dialog) or {}
 
     @property
     def settings(self) -> dict:
-        """The user's /settings; {} when they never chose any."""
         return self.conversation.user_settings.get(self.user_id, {})
 
     async def answer(self, text: str = "", alert: bool = False) -> None:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         answered, self.answered = self.answered, True
         if self.callback_id and not answered:  # (a message, not a press: nothing to answer)
-            await self.telegram.answer_callback(self.callback_id, text, show_alert=alert)
+            await self.telegram.telegram.answer_callback(self.callback_id, text, show_alert=alert)
 
     async def send(self, key: str, markup: dict | None = None, **values: Any) -> None:
         await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup, **self.placement)
@@ -3999,7 +3994,6 @@ class Context:
             log.info("[BOT] could not edit message %d: %s", message_id, error.description)
 
     async def reply(self, key: str, markup: dict | None = None, **values: Any) -> None:
-        """Answer in the pressed message when there is one, else in a new message."""
         if self.message_id:
             await self.edit(self.message_id, render(self.lang, key, **values), markup)
         else:
@@ -4094,7 +4088,6 @@ class PictureSteps:
                       model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_draw_command(self, ctx: Context, message: dict) -> None:
-        """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
         description = command_argument(message.get("text", ""))
         if description:
             await self.draw(ctx, description, message.get("message_id"))
@@ -4162,12 +4155,12 @@ class PictureSteps:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
             await ctx.ask(state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
-    async def on_edit(self, ctx: Context, message: dict) -> None:
+    async def on_edit(self, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
+        ctx = self.dialog.message_context(message)
         text, message_id = message.get("text"), message.get("message_id")
-        state = ctx.state
-        if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
-                and message_id == state.get("prompt_message_id")
+        if (ctx is not None and ctx.state.get("step") in ("ratio", "option") and isinstance(message_id, int)
+                and message_id == ctx.state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
             await self.take(ctx, text, message_id)
 
@@ -4262,7 +4255,6 @@ class PictureSteps:
         await ctx.ask(state, "ask_edit", keyboard(cancel_row(ctx.lang)))
 
     async def start_edit(self, ctx: Context, photo: str, text: str) -> None:
-        """Start an edit of ``photo`` with ``text`` as the instruction."""
         if not await self.may_draw(ctx):
             return
         problem = check_prompt(text, EDIT_MODEL)
@@ -4325,7 +4317,7 @@ class Conversation:
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
-        for kind, handler in (("message", self.on_message), ("edited_message", self.on_edited_message),
+        for kind, handler in (("message", self.on_message), ("edited_message", self.steps.on_edit),
                               ("callback_query", self.on_callback_query)):
             if isinstance(update.get(kind), dict):
                 return await handler(update[kind])
@@ -4374,7 +4366,6 @@ class Conversation:
             log.warning("[DB] a choice of %d not stored: %s", user_id, error)
 
     def language(self, user_id: int, user: dict) -> str:
-        """The language the user chose with /language, else their Telegram app's."""
         chosen = self.languages.get(user_id, "")
         return chosen if chosen in TEXTS else user_language(user)
 
@@ -4420,8 +4411,10 @@ class Conversation:
             return  # group chatter, or another bot's command: not ours to answer
         elif command in ADMIN_COMMANDS and ctx.user_id not in self.config.admin_ids:
             await ctx.send_hint()
-        elif command is not None:  # never a prompt, even a command the bot does not know
-            await self.commands.get(command, self.on_unknown_command)(ctx, message)
+        elif command in self.commands:
+            await self.commands[command](ctx, message)
+        elif command is not None:  # never a prompt; an open dialog stays open
+            await ctx.send("unknown_command")
         elif private and any(photo_to_edit(message)):
             await self.steps.on_photo(ctx, message)
         elif not isinstance(text, str):
@@ -4434,11 +4427,6 @@ class Conversation:
             await self.steps.draw(ctx, text, message.get("message_id"))
         else:
             await ctx.send_hint()
-
-    async def on_edited_message(self, message: dict) -> None:
-        ctx = self.message_context(message)
-        if ctx is not None:
-            await self.steps.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
         user, pressed = query.get("from") or {}, query.get("message") or {}
@@ -4506,9 +4494,6 @@ class Conversation:
         values = stats_values(usage, self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
-
-    async def on_unknown_command(self, ctx: Context, message: dict) -> None:
-        await ctx.send("unknown_command")  # an open dialog stays open
 
     async def on_language_button(self, ctx: Context, lang: str) -> None:
         """The user's choice of RU or EN, remembered, and applied to an open dialog."""
