@@ -4972,11 +4972,6 @@ def jobs_save(conn: sqlite3.Connection, rows: list[tuple]) -> list[None]:
     return [None] * len(rows)
 
 
-def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
-    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered' "
-                        "AND state != 'cancelled'").fetchall()
-
-
 def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: float) -> list[tuple[int, float]]:
     """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts
     (``created_since`` bounds the rows read: a job is delivered within its timeout and budget of its creation)."""
@@ -4992,12 +4987,6 @@ def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
     return {"users": users, "blocked": blocked, "jobs_today": {outcome or "in_flight": n for outcome, n in outcomes}}
 
 
-def language_codes(conn: sqlite3.Connection, user_ids: list[int]) -> dict[int, str]:
-    """The Telegram language code last seen from each of ``user_ids`` (absent when never seen)."""
-    marks = ",".join("?" * len(user_ids))
-    return dict(conn.execute(f"SELECT user_id, lang FROM users WHERE user_id IN ({marks})", user_ids).fetchall())
-
-
 # -- result downloads: public addresses only ------------------------------------
 
 class DownloadError(TrtError):
@@ -5006,7 +4995,6 @@ class DownloadError(TrtError):
 
 # Prefixes whose addresses carry an IPv4 address that the traffic really goes to.
 NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def address_is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -5064,11 +5052,10 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
                            resolve: Callable[[str, int], Awaitable[list[str]]] = resolve_host) -> bytes:
     """GET ``url`` into memory: at most ``limit`` bytes, within ``deadline_s`` in all, from public addresses only.
 
-    The host is resolved once and the request goes to the address that was
-    checked, with the name kept in the Host header and TLS SNI (so the
-    certificate is still verified for it): a DNS answer that changes in
-    between cannot point it elsewhere.  Redirects are not followed, and the
-    connection is not reused for another name.  Every failure is a DownloadError.
+    The host is resolved once and the request goes to the address that was checked, with the name kept in the
+    Host header and TLS SNI (so the certificate is still verified for it): a DNS answer that changes in between
+    cannot point it elsewhere.  Redirects are not followed, and the connection is not reused for another name.
+    Every failure is a DownloadError.
     """
     parts = split_result_url(url)
     if parts is None:
@@ -5077,7 +5064,7 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
     sni = {"sni_hostname": host} if parts.scheme == "https" and not _is_ip_literal(host) else {}
     try:
         async with asyncio.timeout(deadline_s):
-            resolved = await resolve(host, parts.port or DEFAULT_PORTS[parts.scheme])
+            resolved = await resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
             address = choose_download_address(resolved, allow_private)
             headers = {"Host": parts.netloc, "Connection": "close"}
             async with http.stream("GET", pinned_url(parts, address), headers=headers, extensions=sni,
@@ -5092,7 +5079,6 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
 
 
 async def read_bounded(response: httpx.Response, limit: int) -> bytes:
-    """A 200 answer's body, at most ``limit`` bytes; DownloadError otherwise."""
     if response.status_code != 200:
         raise DownloadError(f"HTTP {response.status_code}")
     chunks, size = [], 0
@@ -5105,7 +5091,6 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
 
 
 def image_file_name(url: str) -> tuple[str, str]:
-    """A file name and MIME type for an uploaded result, from the URL's extension."""
     extension = os.path.splitext(urllib.parse.urlsplit(url).path)[1].lower()
     mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(extension, "image/png")
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
@@ -5189,8 +5174,9 @@ class JobBook:
         if rows:  # through the group commit, so a row the database refuses fails alone
             await asyncio.gather(*(self.db.submit(jobs_save, row) for row in rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
-        jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
-        jobs = [job for job in jobs if job.id not in self.jobs]
+        query = f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered' AND state != 'cancelled'"
+        rows = await self.db.read(lambda conn: conn.execute(query).fetchall())
+        jobs = [Job(*row) for row in rows if row[0] not in self.jobs]
         for job in jobs:
             self.track(job)
             self._stored.add(job.id)
@@ -5324,10 +5310,11 @@ class RunningJobs:
             self.tell_admins(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason])))
 
     async def tell_admins(self, text: Callable[[str], str]) -> None:
-        """Send every admin ``text(language)``, in the admin's language."""
+        """Send every admin ``text(language)``, in the language their Telegram app last said (else Russian)."""
         admin_ids = sorted(self.generations.config.admin_ids)
+        sql = f"SELECT user_id, lang FROM users WHERE user_id IN ({','.join('?' * len(admin_ids))})"
         try:
-            languages = await self.generations.book.db.read(language_codes, admin_ids) if admin_ids else {}
+            languages = dict(await self.generations.book.db.read(lambda conn: conn.execute(sql, admin_ids).fetchall()))
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
@@ -5472,7 +5459,6 @@ class Delivery:
         self.generations.apply(job, DELIVERED)
 
     async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
-        """Deliver, or tell the user it failed."""
         clock = self.generations.clock
         give_up_at = job.created_at + self.generations.config.gen_timeout_s + self.budget_s - self.notice_s
         try:
@@ -6018,9 +6004,6 @@ class Outbox:
             await self.db.submit(inbox_write_reading_older, message)  # the inbox's: one commit serves both
         except (DatabaseUnavailable, RowRejected):
             message.stored = False  # logged by Database; sent from memory, written when it is back
-
-    async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
-        await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
     def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
         """Queue a job's message: the future gives Telegram's answer (TelegramError if it ended unsent).
