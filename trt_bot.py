@@ -4264,14 +4264,6 @@ class PictureSteps:
             await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
 
 
-def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
-    """A button that does what its command does, the press answered first."""
-    async def on_button(ctx: Context, argument: str) -> None:
-        await ctx.answer()
-        await command(ctx, {})
-    return on_button
-
-
 class Conversation:
     """Routes each update to a handler: commands, dialog steps and buttons by table; keeps each open dialog, each
     user's language and /settings in memory, written through (reads never touch the database: /start needs none).
@@ -4312,8 +4304,7 @@ class Conversation:
             "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
             "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
             "set": self.steps.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
-            **{verb: menu_button(command) for verb, command in (
-                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.steps.on_settings))}}
+            **{verb: functools.partial(self.on_menu_button, f"/{verb}") for verb in ("cancel", "help", "settings")}}
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
@@ -4455,6 +4446,11 @@ class Conversation:
                 await ctx.answer(TEXTS[ctx.lang]["stale_button"])
 
     # -- commands -----------------------------------------------------------
+
+    async def on_menu_button(self, command: str, ctx: Context, argument: str) -> None:
+        """A menu button does what its command does, the press answered first."""
+        await ctx.answer()
+        await self.commands[command](ctx, {})
 
     async def on_start(self, ctx: Context, message: dict) -> None:
         """Must answer whatever else is broken: no database read, a fallback menu."""
@@ -5256,7 +5252,6 @@ class RunningJobs:
         self._slot_freed.set()
 
     async def submit_forever(self) -> None:
-        """Send created jobs to createTask in order, each once a slot is free."""
         while True:
             job = await self.queue.get()
             if job.state != "created":
