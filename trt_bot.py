@@ -3711,8 +3711,8 @@ def keyboard(*rows: list[dict]) -> dict:
     return {"inline_keyboard": [row for row in rows if row]}
 
 
-def in_rows(buttons: list[dict], per_row: int) -> list[list[dict]]:
-    return [buttons[i:i + per_row] for i in range(0, len(buttons), per_row)]
+def in_rows(items: list, per_row: int) -> list[list]:
+    return [items[i:i + per_row] for i in range(0, len(items), per_row)]
 
 
 def main_menu(lang: str) -> dict:
@@ -3737,7 +3737,6 @@ def option_keyboard(option: ModelOption, lang: str) -> dict:
 
 
 def marked(label: str, chosen: bool) -> str:
-    """A button's label with ✅ when it is the current choice."""
     return f"✅ {label}" if chosen else label
 
 
@@ -3774,27 +3773,25 @@ def prompt_limits(model: ImageModel, lang: str) -> str:
     return render(lang, "limits_up_to" if fewest <= 1 else "limits_between", fewest=fewest, most=most)
 
 
-def job_buttons(names: Iterable[str], job_id: str, lang: str) -> list[dict]:
-    return [button(TEXTS[lang][RESULT_BUTTONS[name][0]], f"{RESULT_BUTTONS[name][1]}:{job_id}") for name in names]
-
-
-def new_picture_button(model_key: str, lang: str) -> dict:
-    """"New picture" keeps the model last used (after an edit: the default one)."""
+def job_keyboard(rows: Iterable[Iterable[str]], job_id: str, model_key: str, lang: str) -> dict:
+    """Rows of RESULT_BUTTONS naming the job, then "New picture", which keeps the model last used (after an edit:
+    the default one)."""
     edit = model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits
-    return button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")
+    buttons = [[button(TEXTS[lang][RESULT_BUTTONS[name][0]], f"{RESULT_BUTTONS[name][1]}:{job_id}") for name in row]
+               for row in rows]
+    return keyboard(*buttons, [button(TEXTS[lang]["btn_new"], f"model:{Z_IMAGE.key if edit else model_key}")])
 
 
 def result_keyboard(job_id: str, model_key: str, lang: str, catalog: bool = False) -> dict:
-    names = ("again", "ratio", "model", "edit", "retouch", "file") if catalog else (
-        "again", "ratio", "edit", "retouch", "file")
+    names = ["again", "ratio", "model", "edit", "retouch", "file"] if catalog else [
+        "again", "ratio", "edit", "retouch", "file"]
     if model_key in MODELS_BY_KEY and MODELS_BY_KEY[model_key].edits:  # an edit keeps the photo's proportions
-        names = ("again", "edit", "retouch", "file")
-    return keyboard(*in_rows(job_buttons(names, job_id, lang), 2), [new_picture_button(model_key, lang)])
+        names = ["again", "edit", "retouch", "file"]
+    return job_keyboard(in_rows(names, 2), job_id, model_key, lang)
 
 
 def failure_keyboard(job_id: str, model_key: str, error: str, lang: str) -> dict:
-    names = FAILURE_BUTTONS.get(error, ("retry",))
-    return keyboard(job_buttons(names, job_id, lang), [new_picture_button(model_key, lang)])
+    return job_keyboard([FAILURE_BUTTONS.get(error, ("retry",))], job_id, model_key, lang)
 
 
 def status_text(model: ImageModel, ratio: str, option: str, lang: str, elapsed_s: float) -> str:
@@ -3947,19 +3944,17 @@ class Context:
 
     @property
     def state(self) -> dict:
-        """The dialog's state; {} when none is open."""
         return self.conversation.get(self.dialog) or {}
 
     @property
     def settings(self) -> dict:
-        """The user's /settings; {} when they never chose any."""
         return self.conversation.user_settings.get(self.user_id, {})
 
     async def answer(self, text: str = "", alert: bool = False) -> None:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         answered, self.answered = self.answered, True
         if self.callback_id and not answered:  # (a message, not a press: nothing to answer)
-            await self.telegram.answer_callback(self.callback_id, text, show_alert=alert)
+            await self.telegram.telegram.answer_callback(self.callback_id, text, show_alert=alert)
 
     async def send(self, key: str, markup: dict | None = None, **values: Any) -> None:
         await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup, **self.placement)
@@ -3977,7 +3972,6 @@ class Context:
             log.info("[BOT] could not edit message %d: %s", message_id, error.description)
 
     async def reply(self, key: str, markup: dict | None = None, **values: Any) -> None:
-        """Answer in the pressed message when there is one, else in a new message."""
         if self.message_id:
             await self.edit(self.message_id, render(self.lang, key, **values), markup)
         else:
@@ -4072,7 +4066,6 @@ class PictureSteps:
                       model=model.title, limits=prompt_limits(model, ctx.lang))
 
     async def on_draw_command(self, ctx: Context, message: dict) -> None:
-        """``/draw <description>`` starts a picture; a bare ``/draw`` asks for the description."""
         description = command_argument(message.get("text", ""))
         if description:
             await self.draw(ctx, description, message.get("message_id"))
@@ -4140,12 +4133,12 @@ class PictureSteps:
             key = "ask_ratio" if step == "prompt" else "prompt_replaced"
             await ctx.ask(state, key, ratio_keyboard(model, ctx.lang), prompt=shown)
 
-    async def on_edit(self, ctx: Context, message: dict) -> None:
+    async def on_edit(self, message: dict) -> None:
         """Only an edit of the message that gave the prompt counts; other edits get no answer."""
+        ctx = self.dialog.message_context(message)
         text, message_id = message.get("text"), message.get("message_id")
-        state = ctx.state
-        if (state.get("step") in ("ratio", "option") and isinstance(message_id, int)
-                and message_id == state.get("prompt_message_id")
+        if (ctx is not None and ctx.state.get("step") in ("ratio", "option") and isinstance(message_id, int)
+                and message_id == ctx.state.get("prompt_message_id")
                 and isinstance(text, str) and parse_command(text) is None):
             await self.take(ctx, text, message_id)
 
@@ -4240,7 +4233,6 @@ class PictureSteps:
         await ctx.ask(state, "ask_edit", keyboard(cancel_row(ctx.lang)))
 
     async def start_edit(self, ctx: Context, photo: str, text: str) -> None:
-        """Start an edit of ``photo`` with ``text`` as the instruction."""
         if not await self.may_draw(ctx):
             return
         problem = check_prompt(text, EDIT_MODEL)
@@ -4248,14 +4240,6 @@ class PictureSteps:
             await ctx.send(problem[0], **problem[1])
         else:
             await self.generate(ctx, EDIT_MODEL, text.strip(), "", "", 0, image=photo)
-
-
-def menu_button(command: Callable[[Context, dict], Awaitable[None]]) -> Callable[[Context, str], Awaitable[None]]:
-    """A button that does what its command does, the press answered first."""
-    async def on_button(ctx: Context, argument: str) -> None:
-        await ctx.answer()
-        await command(ctx, {})
-    return on_button
 
 
 class Conversation:
@@ -4298,12 +4282,11 @@ class Conversation:
             "ratio": self.steps.on_ratio_button, "opt": self.steps.on_option_button,
             "long": self.steps.on_long_prompt_button, "lang": self.on_language_button,
             "set": self.steps.on_settings_button, "buy": self.stars.on_pack_button, **JobButtons(self).handlers(),
-            **{verb: menu_button(command) for verb, command in (
-                ("cancel", self.on_cancel), ("help", self.commands["/help"]), ("settings", self.steps.on_settings))}}
+            **{verb: functools.partial(self.on_menu_button, f"/{verb}") for verb in ("cancel", "help", "settings")}}
 
     async def handle(self, update: dict) -> None:
         REPLYING_TO.set(update.get("update_id"))
-        for kind, handler in (("message", self.on_message), ("edited_message", self.on_edited_message),
+        for kind, handler in (("message", self.on_message), ("edited_message", self.steps.on_edit),
                               ("callback_query", self.on_callback_query)):
             if isinstance(update.get(kind), dict):
                 return await handler(update[kind])
@@ -4352,7 +4335,6 @@ class Conversation:
             log.warning("[DB] a choice of %d not stored: %s", user_id, error)
 
     def language(self, user_id: int, user: dict) -> str:
-        """The language the user chose with /language, else their Telegram app's."""
         chosen = self.languages.get(user_id, "")
         return chosen if chosen in TEXTS else user_language(user)
 
@@ -4398,8 +4380,10 @@ class Conversation:
             return  # group chatter, or another bot's command: not ours to answer
         elif command in ADMIN_COMMANDS and ctx.user_id not in self.config.admin_ids:
             await ctx.send_hint()
-        elif command is not None:  # never a prompt, even a command the bot does not know
-            await self.commands.get(command, self.on_unknown_command)(ctx, message)
+        elif command in self.commands:
+            await self.commands[command](ctx, message)
+        elif command is not None:  # never a prompt; an open dialog stays open
+            await ctx.send("unknown_command")
         elif private and any(photo_to_edit(message)):
             await self.steps.on_photo(ctx, message)
         elif not isinstance(text, str):
@@ -4412,11 +4396,6 @@ class Conversation:
             await self.steps.draw(ctx, text, message.get("message_id"))
         else:
             await ctx.send_hint()
-
-    async def on_edited_message(self, message: dict) -> None:
-        ctx = self.message_context(message)
-        if ctx is not None:
-            await self.steps.on_edit(ctx, message)
 
     async def on_callback_query(self, query: dict) -> None:
         user, pressed = query.get("from") or {}, query.get("message") or {}
@@ -4445,6 +4424,11 @@ class Conversation:
                 await ctx.answer(TEXTS[ctx.lang]["stale_button"])
 
     # -- commands -----------------------------------------------------------
+
+    async def on_menu_button(self, command: str, ctx: Context, argument: str) -> None:
+        """A menu button does what its command does, the press answered first."""
+        await ctx.answer()
+        await self.commands[command](ctx, {})
 
     async def on_start(self, ctx: Context, message: dict) -> None:
         """Must answer whatever else is broken: no database read, a fallback menu."""
@@ -4484,9 +4468,6 @@ class Conversation:
         values = stats_values(usage, self.queue_stats(), TEXTS[ctx.lang])
         await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
-
-    async def on_unknown_command(self, ctx: Context, message: dict) -> None:
-        await ctx.send("unknown_command")  # an open dialog stays open
 
     async def on_language_button(self, ctx: Context, lang: str) -> None:
         """The user's choice of RU or EN, remembered, and applied to an open dialog."""
@@ -4965,11 +4946,6 @@ def jobs_save(conn: sqlite3.Connection, rows: list[tuple]) -> list[None]:
     return [None] * len(rows)
 
 
-def jobs_unfinished(conn: sqlite3.Connection) -> list[tuple]:
-    return conn.execute(f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered' "
-                        "AND state != 'cancelled'").fetchall()
-
-
 def jobs_delivered_since(conn: sqlite3.Connection, since: float, created_since: float) -> list[tuple[int, float]]:
     """(user, when) of each picture that reached its user since ``since``: what the hourly limit counts
     (``created_since`` bounds the rows read: a job is delivered within its timeout and budget of its creation)."""
@@ -4985,12 +4961,6 @@ def usage_counts(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
     return {"users": users, "blocked": blocked, "jobs_today": {outcome or "in_flight": n for outcome, n in outcomes}}
 
 
-def language_codes(conn: sqlite3.Connection, user_ids: list[int]) -> dict[int, str]:
-    """The Telegram language code last seen from each of ``user_ids`` (absent when never seen)."""
-    marks = ",".join("?" * len(user_ids))
-    return dict(conn.execute(f"SELECT user_id, lang FROM users WHERE user_id IN ({marks})", user_ids).fetchall())
-
-
 # -- result downloads: public addresses only ------------------------------------
 
 class DownloadError(TrtError):
@@ -4999,7 +4969,6 @@ class DownloadError(TrtError):
 
 # Prefixes whose addresses carry an IPv4 address that the traffic really goes to.
 NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def address_is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -5057,11 +5026,10 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
                            resolve: Callable[[str, int], Awaitable[list[str]]] = resolve_host) -> bytes:
     """GET ``url`` into memory: at most ``limit`` bytes, within ``deadline_s`` in all, from public addresses only.
 
-    The host is resolved once and the request goes to the address that was
-    checked, with the name kept in the Host header and TLS SNI (so the
-    certificate is still verified for it): a DNS answer that changes in
-    between cannot point it elsewhere.  Redirects are not followed, and the
-    connection is not reused for another name.  Every failure is a DownloadError.
+    The host is resolved once and the request goes to the address that was checked, with the name kept in the
+    Host header and TLS SNI (so the certificate is still verified for it): a DNS answer that changes in between
+    cannot point it elsewhere.  Redirects are not followed, and the connection is not reused for another name.
+    Every failure is a DownloadError.
     """
     parts = split_result_url(url)
     if parts is None:
@@ -5070,7 +5038,7 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
     sni = {"sni_hostname": host} if parts.scheme == "https" and not _is_ip_literal(host) else {}
     try:
         async with asyncio.timeout(deadline_s):
-            resolved = await resolve(host, parts.port or DEFAULT_PORTS[parts.scheme])
+            resolved = await resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
             address = choose_download_address(resolved, allow_private)
             headers = {"Host": parts.netloc, "Connection": "close"}
             async with http.stream("GET", pinned_url(parts, address), headers=headers, extensions=sni,
@@ -5085,7 +5053,6 @@ async def download_bounded(http: httpx.AsyncClient, url: str, limit: int, *,
 
 
 async def read_bounded(response: httpx.Response, limit: int) -> bytes:
-    """A 200 answer's body, at most ``limit`` bytes; DownloadError otherwise."""
     if response.status_code != 200:
         raise DownloadError(f"HTTP {response.status_code}")
     chunks, size = [], 0
@@ -5098,7 +5065,6 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
 
 
 def image_file_name(url: str) -> tuple[str, str]:
-    """A file name and MIME type for an uploaded result, from the URL's extension."""
     extension = os.path.splitext(urllib.parse.urlsplit(url).path)[1].lower()
     mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(extension, "image/png")
     return "image" + (extension if extension in (".jpg", ".jpeg", ".webp", ".png") else ".png"), mime
@@ -5182,8 +5148,9 @@ class JobBook:
         if rows:  # through the group commit, so a row the database refuses fails alone
             await asyncio.gather(*(self.db.submit(jobs_save, row) for row in rows), return_exceptions=True)
             log.info("[JOB] wrote %d job states kept while the database was unusable", len(rows))
-        jobs = [Job(*row) for row in await self.db.read(jobs_unfinished)]
-        jobs = [job for job in jobs if job.id not in self.jobs]
+        query = f"SELECT {','.join(JOB_COLUMNS)} FROM jobs WHERE state != 'delivered' AND state != 'cancelled'"
+        rows = await self.db.read(lambda conn: conn.execute(query).fetchall())
+        jobs = [Job(*row) for row in rows if row[0] not in self.jobs]
         for job in jobs:
             self.track(job)
             self._stored.add(job.id)
@@ -5263,7 +5230,6 @@ class RunningJobs:
         self._slot_freed.set()
 
     async def submit_forever(self) -> None:
-        """Send created jobs to createTask in order, each once a slot is free."""
         while True:
             job = await self.queue.get()
             if job.state != "created":
@@ -5317,10 +5283,11 @@ class RunningJobs:
             self.tell_admins(lambda lang: render(lang, "admin_alert", reason=TEXTS[lang][reason])))
 
     async def tell_admins(self, text: Callable[[str], str]) -> None:
-        """Send every admin ``text(language)``, in the admin's language."""
+        """Send every admin ``text(language)``, in the language their Telegram app last said (else Russian)."""
         admin_ids = sorted(self.generations.config.admin_ids)
+        sql = f"SELECT user_id, lang FROM users WHERE user_id IN ({','.join('?' * len(admin_ids))})"
         try:
-            languages = await self.generations.book.db.read(language_codes, admin_ids) if admin_ids else {}
+            languages = dict(await self.generations.book.db.read(lambda conn: conn.execute(sql, admin_ids).fetchall()))
         except DatabaseUnavailable:
             languages = {}
         for admin_id in admin_ids:
@@ -5465,7 +5432,6 @@ class Delivery:
         self.generations.apply(job, DELIVERED)
 
     async def _attempt(self, job: Job, step: Callable[[Job], Awaitable[None]]) -> None:
-        """Deliver, or tell the user it failed."""
         clock = self.generations.clock
         give_up_at = job.created_at + self.generations.config.gen_timeout_s + self.budget_s - self.notice_s
         try:
@@ -6011,9 +5977,6 @@ class Outbox:
             await self.db.submit(inbox_write_reading_older, message)  # the inbox's: one commit serves both
         except (DatabaseUnavailable, RowRejected):
             message.stored = False  # logged by Database; sent from memory, written when it is back
-
-    async def answer_callback(self, callback_query_id: str, text: str = "", show_alert: bool = False) -> None:
-        await self.telegram.answer_callback(callback_query_id, text, show_alert=show_alert)
 
     def deliver(self, method: str, params: dict, files: dict | None = None) -> asyncio.Future:
         """Queue a job's message: the future gives Telegram's answer (TelegramError if it ended unsent).
