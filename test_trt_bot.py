@@ -2464,10 +2464,10 @@ async def test_while_acks_are_owed_handlers_run_at_most_their_share_of_each_wind
     busy: list[float] = []
 
     async def process(item: trt_bot.InboxItem) -> None:
-        started = time.perf_counter()
-        while time.perf_counter() - started < 0.003:  # a handler that uses the CPU for 3 ms
+        started = time.thread_time()  # CPU time, as the share is counted: another process's turns are not the handler's
+        while time.thread_time() - started < 0.003:  # a handler that uses the CPU for 3 ms
             pass
-        busy.append(time.perf_counter() - started)
+        busy.append(time.thread_time() - started)
         handled.append(item.update_id)
 
     workers = trt_bot.ChatWorkers(memory_inbox(50), process, 2)
