@@ -1128,6 +1128,14 @@ async def test_stats_are_for_admins_only_and_read_in_the_admins_language(make_ap
     assert not says(fake_tg.texts_to(77)[0], "ru", "stats")
 
 
+async def test_an_admin_alert_without_admins_reads_and_sends_nothing_on_postgresql(make_app, fake_tg, postgres):
+    # The admins' languages are read with one IN (...) of their ids: an empty one is an error on PostgreSQL.
+    app = await make_app(DATABASE_URL=postgres.new_database_url())
+    sent_before = fake_tg.calls_of("sendMessage")
+    await app.generations.running.tell_admins(lambda lang: "alert")
+    assert app.db.ok and fake_tg.calls_of("sendMessage") == sent_before
+
+
 @pytest.mark.parametrize("lang", ["ru", "en"])
 def test_stats_name_every_job_outcome_in_the_admins_language(lang):
     for outcome in {*trt_bot.OUTCOMES.values(), "in_flight"}:

@@ -5285,6 +5285,8 @@ class RunningJobs:
     async def tell_admins(self, text: Callable[[str], str]) -> None:
         """Send every admin ``text(language)``, in the language their Telegram app last said (else Russian)."""
         admin_ids = sorted(self.generations.config.admin_ids)
+        if not admin_ids:  # (an empty IN () is an error on PostgreSQL)
+            return
         sql = f"SELECT user_id, lang FROM users WHERE user_id IN ({','.join('?' * len(admin_ids))})"
         try:
             languages = dict(await self.generations.book.db.read(lambda conn: conn.execute(sql, admin_ids).fetchall()))
