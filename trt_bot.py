@@ -3929,7 +3929,7 @@ class Context:
     chat_id: int
     user_id: int
     lang: str
-    telegram: Outbox
+    outbox: Outbox
     conversation: Conversation  # keeps the dialog's state
     callback_id: str = ""
     answered: bool = False
@@ -3954,10 +3954,10 @@ class Context:
         """Answer the button press, once: a popup with ``text`` (a box to close when ``alert``), or nothing shown."""
         answered, self.answered = self.answered, True
         if self.callback_id and not answered:  # (a message, not a press: nothing to answer)
-            await self.telegram.telegram.answer_callback(self.callback_id, text, show_alert=alert)
+            await self.outbox.telegram.answer_callback(self.callback_id, text, show_alert=alert)
 
     async def send(self, key: str, markup: dict | None = None, **values: Any) -> None:
-        await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup, **self.placement)
+        await self.outbox.send_message(self.chat_id, render(self.lang, key, **values), markup, **self.placement)
 
     async def send_hint(self) -> None:
         await self.send("hint", main_menu(self.lang))
@@ -3967,7 +3967,7 @@ class Context:
         params = {"chat_id": self.chat_id, "message_id": message_id, "text": text, "parse_mode": "HTML",
                   "reply_markup": markup or {"inline_keyboard": []}}
         try:
-            await self.telegram.call("editMessageText", params)
+            await self.outbox.call("editMessageText", params)
         except TelegramError as error:  # gone, too old or unchanged: the dialog goes on without it
             log.info("[BOT] could not edit message %d: %s", message_id, error.description)
 
@@ -3984,7 +3984,7 @@ class Context:
         if message_id:
             await self.edit(message_id, render(self.lang, key, **values), markup)
         else:
-            await self.telegram.send_message(self.chat_id, render(self.lang, key, **values), markup,
+            await self.outbox.send_message(self.chat_id, render(self.lang, key, **values), markup,
                                              **self.placement, on_sent=functools.partial(self._asked, question))
 
     def _asked(self, question: str, message: Any) -> None:
@@ -4002,7 +4002,7 @@ class Context:
 
     async def retire(self, message_id: int) -> None:
         """Take the keyboard off a message whose buttons no longer mean anything."""
-        await self.telegram.call("editMessageReplyMarkup", {"chat_id": self.chat_id, "message_id": message_id,
+        await self.outbox.call("editMessageReplyMarkup", {"chat_id": self.chat_id, "message_id": message_id,
                                                             "reply_markup": {"inline_keyboard": []}})
 
 
@@ -4076,7 +4076,7 @@ class PictureSteps:
         """The user's default model, format and quality.  With a default format a description is drawn at once;
         without one ("ask every time", the default) the format question follows it."""
         text, markup = settings_screen(ctx.settings, self.dialog.models, ctx.lang)
-        await self.dialog.telegram.send_message(ctx.chat_id, text, markup, **ctx.placement)
+        await self.dialog.outbox.send_message(ctx.chat_id, text, markup, **ctx.placement)
 
     async def on_settings_button(self, ctx: Context, argument: str) -> None:
         """A choice on the /settings screen: remembered durably, and the screen edited to show it."""
@@ -4253,10 +4253,10 @@ class Conversation:
     not matching the user's step is answered politely and changes nothing.
     """
 
-    def __init__(self, config: Config, telegram: Outbox, db: Database, generations: Generations, *,
+    def __init__(self, config: Config, outbox: Outbox, db: Database, generations: Generations, *,
                  clock: Clock = SYSTEM_CLOCK, queue_stats: Callable[[], dict] = dict):
         self.config = config
-        self.telegram = telegram
+        self.outbox = outbox
         self.db = db
         self.clock = clock
         self.generations = generations
@@ -4341,7 +4341,7 @@ class Conversation:
     def context(self, chat: dict, user_id: int, user: dict, requester: dict, callback_id: str = "") -> Context:
         """Who and where (in a group, the ``requester``'s message is replied to); an open dialog keeps its
         language even if the user's app changes its own."""
-        ctx = Context(chat["id"], user_id, "", self.telegram, self, callback_id, placement=group_reply(chat, requester))
+        ctx = Context(chat["id"], user_id, "", self.outbox, self, callback_id, placement=group_reply(chat, requester))
         lang = ctx.state.get("lang")
         ctx.lang = lang if lang in TEXTS else self.language(user_id, user)
         return ctx
@@ -4356,7 +4356,7 @@ class Conversation:
         """The bot's username (getMe, asked once it answers): '' while Telegram cannot say."""
         if not self.username:
             try:
-                self.username = str((await self.telegram.telegram.call("getMe") or {}).get("username") or "")
+                self.username = str((await self.outbox.telegram.call("getMe") or {}).get("username") or "")
             except TelegramError as error:
                 log.warning("[BOT] getMe failed: %s", error.description)
         return self.username
@@ -4446,7 +4446,7 @@ class Conversation:
             await ctx.set_state(None)
         except Exception:
             log.exception("[BOT] could not reset the dialog of %d", ctx.user_id)
-        await self.telegram.send_message(ctx.chat_id, text, menu, **ctx.placement)
+        await self.outbox.send_message(ctx.chat_id, text, menu, **ctx.placement)
 
     async def on_cancel(self, ctx: Context, message: dict | None = None) -> None:
         """Close the open question or stop the running picture, and say truthfully which it was."""
@@ -4466,7 +4466,7 @@ class Conversation:
     async def on_stats(self, ctx: Context, message: dict) -> None:
         usage = await self.generations.book.usage(self.generations.kie, self.generations.clock.time())
         values = stats_values(usage, self.queue_stats(), TEXTS[ctx.lang])
-        await self.telegram.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
+        await self.outbox.send_message(ctx.chat_id, render(ctx.lang, "stats", **values) + await self.stars.stats(ctx),
                                          **ctx.placement)
 
     async def on_language_button(self, ctx: Context, lang: str) -> None:
@@ -4544,7 +4544,7 @@ class StarsShop:
         text = lead + render(ctx.lang, "buy_offer", balance=self.generations.balance(ctx.user_id))
         packs = [[button(render(ctx.lang, "btn_pack", credits=credits, stars=stars), f"buy:{credits}:{stars}")]
                  for credits, stars in self.packs]
-        await self.dialog.telegram.send_message(ctx.chat_id, text, keyboard(*packs))
+        await self.dialog.outbox.send_message(ctx.chat_id, text, keyboard(*packs))
 
     async def on_pack_button(self, ctx: Context, argument: str) -> None:
         """⭐ pressed: the invoice for that pack, if it is still on sale (else the press is stale)."""
@@ -4553,7 +4553,7 @@ class StarsShop:
             return
         await ctx.answer()
         title = render(ctx.lang, "btn_pack", credits=pack[0], stars=pack[1])
-        await self.dialog.telegram.call("sendInvoice", {
+        await self.dialog.outbox.call("sendInvoice", {
             "chat_id": ctx.chat_id, "title": title, "payload": "pack:{}:{}".format(*pack), "provider_token": "",
             "description": render(ctx.lang, "invoice_description", credits=pack[0]), "currency": "XTR",
             "prices": [{"label": title, "amount": pack[1]}]})
@@ -4567,7 +4567,7 @@ class StarsShop:
             params["error_message"] = TEXTS[self.dialog.language(user.get("id") or 0, user)][refusal]
             log.info("[STARS] checkout of user %s refused: %s", user.get("id"), refusal)
         async with asyncio.timeout(PRE_CHECKOUT_ANSWER_S):
-            await self.dialog.telegram.telegram.call("answerPreCheckoutQuery", params)
+            await self.dialog.outbox.telegram.call("answerPreCheckoutQuery", params)
 
     async def on_payment(self, ctx: Context, payment: dict) -> None:
         pack, charge_id = paid_pack(payment.get("invoice_payload")), payment.get("telegram_payment_charge_id")
@@ -4594,7 +4594,7 @@ class StarsShop:
             await ctx.send("refund_unknown")
             return
         try:
-            await self.dialog.telegram.telegram.call(
+            await self.dialog.outbox.telegram.call(
                 "refundStarPayment", {"user_id": paid[0], "telegram_payment_charge_id": words[1]})
         except TelegramError as error:
             await ctx.send("refund_failed", reason=html.escape(error.description))
@@ -4617,14 +4617,14 @@ class StarsShop:
     async def tell(self, user_id: int, key: str, lang: str = "", **values: Any) -> None:
         """A message to a user in their private chat, in ``lang`` or else the language they chose."""
         text = render(lang or self.dialog.language(user_id, {}), key, **values)
-        await self.dialog.telegram.send_message(user_id, text)
+        await self.dialog.outbox.send_message(user_id, text)
 
     async def reconcile(self) -> None:
         """Credit the payments Telegram lists and the ledger lacks (a flushed backlog dropped their updates),
         and apply the refunds it lists; each user hears of what changed."""
         transactions: list = []
         while len(transactions) < STAR_TRANSACTIONS_MAX:
-            page = (await self.dialog.telegram.telegram.call(
+            page = (await self.dialog.outbox.telegram.call(
                 "getStarTransactions", {"offset": len(transactions), "limit": 100}) or {}).get("transactions") or []
             transactions += page
             if len(page) < 100:
