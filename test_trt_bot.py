@@ -7,6 +7,7 @@ HTTP out to the fake Bot API in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import gc
@@ -1317,6 +1318,20 @@ def test_the_pacer_spaces_sends_at_the_global_rate_whatever_the_chat():
     assert pacer.chat_wait(100.0, 2) == 0  # the shared spacing is ``send_wait``'s, not a chat's
     pacer.take_send(100.1, 2)
     assert pacer.send_wait(100.1) == pytest.approx(0.1)
+
+
+def test_a_sender_woken_late_keeps_its_place_so_the_rate_holds_and_no_second_holds_more():
+    pacer = paced_client(rate=1000, chat_interval_s=0, group_per_minute=0)
+    now, stamps = 0.0, []
+    for _ in range(3000):  # every wake 0.3 ms late, as a busy event loop wakes its timers
+        now += pacer.send_wait(now) + 0.0003
+        pacer.take_send(now, 1)
+        stamps.append(now)
+    assert stamps[-1] - stamps[0] < 3.0  # at the rate: 3,000 in 3 s (without the slack: 3.9 s)
+    most = max(bisect.bisect_left(stamps, stamp + 1.0) - i for i, stamp in enumerate(stamps))
+    assert most <= 1000 * (1 + trt_bot.PACE_SLACK_S) + 1
+    pacer.take_send(now + 1.0, 1)  # after a second without sends: a full spacing, nothing to catch up
+    assert pacer.send_wait(now + 1.0) == pytest.approx(0.001)
 
 
 def test_the_pacer_spaces_one_chat_by_its_interval_and_holds_a_group_to_20_in_any_minute():
